@@ -1,0 +1,40 @@
+# Two commands on a fresh machine:  make demo  (the main job)  and  make test  (the suite).
+# torch/torchvision are pinned in pyproject.toml to releases that install from local disk.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+DEMO_ARGS ?=
+
+.PHONY: demo test install install-dev data lint bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(PY)
+	$(PIP) install -q -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+# Fashion-MNIST from Debian's package (70k images, no download at run time).
+data:
+	@bash scripts/get-data.sh
+
+demo: install-dev data
+	$(VENV)/bin/kdkit demo $(DEMO_ARGS)
+
+test: install-dev data
+	$(PY) -m pytest -q
+
+lint: install-dev
+	$(VENV)/bin/ruff check kdkit tests benchmarks
+	$(VENV)/bin/ruff format --check kdkit tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs

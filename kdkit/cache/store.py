@@ -1,0 +1,241 @@
+"""On-disk format of the teacher cache (see docs/cache-format.md).
+
+A cache is a directory: ``meta.json`` (format version, fingerprints, layout, shard list with
+sha256) and per-shard ``.npy`` arrays read through ``np.load(mmap_mode="r")``, never pickle.
+Shard ``i`` holds samples ``[start, stop)``: ``values`` (n, K, C) full logits or (n, K, k)
+top-k logits, and for top-k ``indices`` (n, K, k) int16/int32, where K is views per sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdkit.errors import KDError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "META_NAME",
+    "INDEX_NAME",
+    "DTYPES",
+    "read_meta",
+    "open_shards",
+    "open_index",
+    "verify",
+    "sha256_file",
+    "atomic_write_json",
+    "index_dtype_for",
+    "teacher_fingerprint",
+    "dataset_fingerprint",
+    "first_difference",
+    "stat_json",
+]
+
+FORMAT_NAME = "kdkit-teacher-cache"
+FORMAT_VERSION = 1
+META_NAME = "meta.json"
+INDEX_NAME = "index.npy"
+DTYPES = {"fp16": np.float16, "fp32": np.float32}
+_REQUIRED = (
+    "format_version",
+    "teacher_fingerprint",
+    "dataset_fingerprint",
+    "num_samples",
+    "views",
+    "num_views",
+    "dtype",
+    "topk",
+    "num_classes",
+    "shard_size",
+    "shards",
+)
+
+
+def index_dtype_for(num_classes: int) -> str:
+    """Smallest signed integer type that holds every class index."""
+    return "int16" if num_classes <= np.iinfo(np.int16).max + 1 else "int32"
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary name in the same directory, fsync, then ``os.replace``."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def first_difference(have: Mapping[str, Any], want: Mapping[str, Any]) -> str | None:
+    """The first key (in ``want``'s order) whose values differ, as ``key: have vs want``."""
+    for key, value in want.items():
+        if have.get(key) != value:
+            return f"{key}: cache has {have.get(key)!r}, this run has {value!r}"
+    return None
+
+
+def teacher_fingerprint(teacher: Any) -> str:
+    """Fingerprint of a Teacher backend, an ``nn.Module``, or a fingerprint string."""
+    if isinstance(teacher, str):
+        return teacher
+    if isinstance(teacher, nn.Module):
+        from kdkit.teachers.torch_teacher import module_fingerprint
+
+        return module_fingerprint(teacher)
+    fingerprint = getattr(teacher, "fingerprint", None)
+    if not callable(fingerprint):
+        raise KDError(f"cannot fingerprint a teacher of type {type(teacher).__name__}")
+    return str(fingerprint())
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """``dataset.fingerprint()`` when it has one, else sha256 over every item (a full pass).
+
+    A string is taken as an already computed fingerprint.
+    """
+    if isinstance(dataset, str):
+        return dataset
+    fingerprint = getattr(dataset, "fingerprint", None)
+    if callable(fingerprint):
+        return str(fingerprint())
+    h = hashlib.sha256(f"{type(dataset).__qualname__}:{len(dataset)}".encode())
+    for i in range(len(dataset)):
+        item = dataset[i]
+        image = torch.as_tensor(item[0]).contiguous()
+        h.update(f"{tuple(image.shape)}:{image.dtype}:{int(item[1])}".encode())
+        h.update(image.numpy().tobytes())
+    return h.hexdigest()
+
+
+def stat_json(v: Any) -> float | list[float] | None:
+    """Per-channel mean/std as JSON (float, list of floats or None) for the meta file."""
+    if v is None:
+        return None
+    t = torch.as_tensor(v, dtype=torch.float64)
+    return float(t) if t.dim() == 0 else [float(e) for e in t.reshape(-1)]
+
+
+def read_meta(cache_dir: str | os.PathLike) -> dict[str, Any]:
+    """Parse and sanity-check ``meta.json``; :class:`KDError` on anything unexpected."""
+    path = Path(cache_dir) / META_NAME
+    if not path.is_file():
+        raise KDError(
+            f"{cache_dir} is not a teacher cache: no {META_NAME} (an unfinished precompute "
+            "writes it last; rerun precompute to finish it)"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise KDError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise KDError(f"{path} is not a kdkit teacher cache (format != {FORMAT_NAME!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise KDError(
+            f"format_version: cache has {meta.get('format_version')!r}, this kdkit reads "
+            f"{FORMAT_VERSION}; precompute the cache again"
+        )
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise KDError(f"{path} lacks fields {missing}")
+    if meta["dtype"] not in DTYPES:
+        raise KDError(f"{path}: dtype must be one of {list(DTYPES)}, got {meta['dtype']!r}")
+    meta.setdefault("index_file", None)
+    _check_coverage(meta, path)
+    return meta
+
+
+def _check_coverage(meta: dict[str, Any], path: Path) -> None:
+    expected_start = 0
+    for i, shard in enumerate(meta["shards"]):
+        if shard.get("start") != expected_start or not shard.get("stop", 0) > shard["start"]:
+            raise KDError(
+                f"{path}: shard {i} covers {shard.get('start')}..{shard.get('stop')}, "
+                f"expected to start at {expected_start}"
+            )
+        expected_start = shard["stop"]
+    if expected_start != meta["num_samples"]:
+        raise KDError(
+            f"{path}: shards cover {expected_start} samples, num_samples is {meta['num_samples']}"
+        )
+
+
+def _open_array(cache_dir: Path, entry: Mapping[str, Any], check_sha: bool) -> np.ndarray:
+    path = cache_dir / entry["file"]
+    if not path.is_file():
+        raise KDError(f"shard file {path} is missing; rerun precompute to rebuild it")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise KDError(f"shard file {path} is truncated or unreadable ({err})") from None
+    if list(array.shape) != list(entry["shape"]) or str(array.dtype) != entry["dtype"]:
+        raise KDError(
+            f"shard file {path} holds {array.dtype} {list(array.shape)}, meta says "
+            f"{entry['dtype']} {entry['shape']}"
+        )
+    if path.stat().st_size != entry["bytes"]:
+        raise KDError(
+            f"shard file {path} is truncated or extended: {path.stat().st_size} bytes, "
+            f"meta says {entry['bytes']}"
+        )
+    if check_sha:
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            raise KDError(
+                f"shard file {path} fails its checksum (sha256 {digest[:12]}..., meta says "
+                f"{entry['sha256'][:12]}...): the file was modified or corrupted; rerun "
+                "precompute to rebuild it"
+            )
+    return array
+
+
+def open_shards(
+    cache_dir: str | os.PathLike, meta: Mapping[str, Any], check_sha: bool = True
+) -> list[dict[str, np.ndarray]]:
+    """Memory-map every shard's arrays (``{"values": ..., "indices": ...}`` per shard).
+
+    Sizes, shapes and dtypes are always checked; ``check_sha`` also hashes every byte (one
+    sequential read of the whole cache).
+    """
+    cache_dir = Path(cache_dir)
+    return [
+        {name: _open_array(cache_dir, entry, check_sha) for name, entry in s["files"].items()}
+        for s in meta["shards"]
+    ]
+
+
+def open_index(
+    cache_dir: str | os.PathLike, meta: Mapping[str, Any], check_sha: bool = True
+) -> np.ndarray | None:
+    """The sample index of every row (int64 (N,)), or ``None`` when row ``i`` is index ``i``."""
+    if meta.get("index_file") is None:
+        return None
+    keys = np.array(_open_array(Path(cache_dir), meta["index_file"], check_sha))
+    if keys.shape != (meta["num_samples"],):
+        raise KDError(f"{INDEX_NAME} holds {keys.shape[0]} indices for {meta['num_samples']} rows")
+    return keys
+
+
+def verify(cache_dir: str | os.PathLike) -> dict[str, Any]:
+    """Check meta, coverage, every shard's size, shape and sha256; return the meta.
+
+    Raises :class:`KDError` naming the first problem found.
+    """
+    meta = read_meta(cache_dir)
+    open_shards(cache_dir, meta, check_sha=True)
+    open_index(cache_dir, meta, check_sha=True)
+    return meta

@@ -1,0 +1,48 @@
+"""The ``kdkit`` command: ``kdkit demo | export | bench | precompute | cache ...``.
+
+Each subcommand lives in its own ``kdkit/cli/_<name>.py`` with ``add_parser(subparsers)``
+(which sets ``func``) and imports heavy modules only inside its ``run``. A :class:`KDError`
+is printed as one line, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from kdkit.errors import KDError
+
+__all__ = ["main", "build_parser"]
+
+# one entry per module kdkit/cli/_<name>.py
+_COMMANDS: tuple[str, ...] = ("demo", "precompute", "cache", "export", "bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdkit", description="Knowledge distillation for PyTorch: train a small student."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _COMMANDS:
+        importlib.import_module(f"kdkit.cli._{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KDError as err:
+        print(f"kdkit: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kdkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

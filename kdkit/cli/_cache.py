@@ -1,0 +1,88 @@
+"""``kdkit cache verify | check | info DIR``: inspect a teacher cache."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from kdkit.cli._precompute import add_teacher_args
+
+    p = sub.add_parser("cache", help="verify, check or describe a teacher cache")
+    cmds = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    verify = cmds.add_parser("verify", help="check meta, shard sizes and sha256 checksums")
+    verify.add_argument("dir")
+    verify.set_defaults(func=run_verify)
+    info = cmds.add_parser("info", help="print what the cache holds")
+    info.add_argument("dir")
+    info.set_defaults(func=run_info)
+    check = cmds.add_parser(
+        "check", help="compare the cache with the live teacher on a probe of (index, view)"
+    )
+    check.add_argument("dir")
+    add_teacher_args(check)
+    check.add_argument("--data", help="dataset (default: the one recorded at precompute)")
+    check.add_argument("--n-probe", type=int, default=256)
+    check.add_argument("--max-disagreement", type=float, default=0.01)
+    check.add_argument("--max-kl", type=float, default=0.01)
+    check.set_defaults(func=run_check)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from kdkit.cache import verify
+
+    meta = verify(args.dir)
+    print(f"ok: {args.dir}: {len(meta['shards'])} shards, {meta['num_samples']} samples")
+    return 0
+
+
+def _size_bytes(directory: str) -> int:
+    return sum(p.stat().st_size for p in Path(directory).iterdir() if p.is_file())
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from kdkit.cache import read_meta
+
+    meta = read_meta(args.dir)
+    size = _size_bytes(args.dir)
+    rows = meta["num_samples"] * meta["num_views"]
+    kind = f"top-{meta['topk']} ({meta['index_dtype']} indices)" if meta["topk"] else "full"
+    lines = [
+        f"cache           {args.dir} (format version {meta['format_version']})",
+        f"samples         {meta['num_samples']} x {meta['num_views']} views",
+        f"logits          {kind}, {meta['dtype']} values, {meta['num_classes']} classes",
+        f"views           {meta['views']}",
+        f"normalization   {meta.get('normalization')}",
+        f"teacher         {meta['teacher_fingerprint'][:16]}...",
+        f"dataset         {meta['dataset_fingerprint'][:16]}...",
+        f"shards          {len(meta['shards'])} of <= {meta['shard_size']} samples",
+        f"size on disk    {size / 2**20:.1f} MiB ({size / rows:.1f} bytes per sample-view)",
+        f"source          {meta.get('source')}",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from kdkit.cache import check, read_meta
+    from kdkit.cli._precompute import load_data, load_teacher
+    from kdkit.errors import KDError
+
+    meta = read_meta(args.dir)
+    data = args.data or (meta.get("source") or {}).get("data")
+    if not data:
+        raise KDError("the cache records no dataset; pass --data")
+    dataset, _, _ = load_data(data)
+    teacher = load_teacher(args.teacher, args.arch, args.device)
+    report = check(
+        args.dir,
+        teacher,
+        dataset,
+        n_probe=args.n_probe,
+        max_disagreement=args.max_disagreement,
+        max_kl=args.max_kl,
+        device=args.device,
+    )
+    print(f"ok: {report}")
+    return 0

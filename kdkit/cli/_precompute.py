@@ -1,0 +1,142 @@
+"""``kdkit precompute``: store a teacher's outputs (K augmentation views per sample) on disk."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Any
+
+from kdkit.errors import KDError
+
+DATASETS = ("fashion-mnist",)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "precompute",
+        help="precompute a teacher cache (full or top-k logits, K views per sample)",
+        description="Run the teacher once over a dataset and store its logits for K "
+        "augmentation views per sample, so training can replay them (kdkit.cache).",
+    )
+    add_teacher_args(p)
+    p.add_argument("--data", default="fashion-mnist:train", help="fashion-mnist[:train|test]")
+    p.add_argument("--out", required=True, help="cache directory")
+    p.add_argument("--views", type=int, default=0, help="views per sample (0: no augmentation)")
+    p.add_argument("--topk", type=int, help="store only the k largest logits")
+    p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--shard-size", type=int, default=16384, help="samples per shard file")
+    p.add_argument("--view-seed", type=int, default=0, help="seed of the view sampler")
+    p.add_argument("--crop", choices=("pad", "resized", "none"), default="pad")
+    p.add_argument("--pad", type=int, default=2, help="pixels of pad-and-crop (--crop pad)")
+    p.add_argument("--scale", type=float, nargs=2, default=(0.35, 1.0), metavar=("LO", "HI"))
+    p.add_argument("--flip-p", type=float, default=0.5, help="horizontal flip probability")
+    p.add_argument("--overwrite", action="store_true", help="replace a different cache in --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def add_teacher_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="a .onnx file or a kdkit checkpoint (.pt)")
+    p.add_argument(
+        "--arch",
+        default="kdkit.models:fmnist_teacher",
+        help="pkg.module:factory building the teacher when the checkpoint names none",
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
+def _factory(spec: str) -> Any:
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise KDError(f"cannot import the model factory {spec!r} ({err})") from None
+
+
+def load_teacher(path: str, arch: str, device: str | None) -> Any:
+    """A Teacher for ``path``: an ONNX file or a checkpoint holding ``"student"`` weights."""
+    import torch
+
+    from kdkit.teachers import TorchTeacher
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if path.endswith(".onnx"):
+        import kdkit.teachers as teachers
+
+        backend = getattr(teachers, "OnnxTeacher", None)
+        if backend is None:
+            raise KDError("this kdkit has no ONNX teacher backend; give a .pt checkpoint")
+        return backend(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as err:
+        raise KDError(f"cannot read the teacher checkpoint {path} ({err})") from None
+    if isinstance(state, dict) and state.get("student_spec"):
+        from kdkit.export import load_student  # rebuilds the module the checkpoint names
+
+        return TorchTeacher(load_student(path)[0]).to(device)
+    model = _factory(arch)()
+    weights = state.get("student", state) if isinstance(state, dict) else state
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise KDError(f"{path} does not fit the teacher architecture {arch} ({err})") from None
+    return TorchTeacher(model).to(device)
+
+
+def load_data(spec: str) -> tuple[Any, tuple[float, ...], tuple[float, ...]]:
+    """``(dataset, mean, std)`` for ``name[:split]``."""
+    name, _, split = spec.partition(":")
+    if name not in DATASETS:
+        raise KDError(f"unknown dataset {name!r}; available: {list(DATASETS)}")
+    from kdkit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
+
+    return load_fashion_mnist(split or "train"), FASHION_MNIST_MEAN, FASHION_MNIST_STD
+
+
+def build_views(args: argparse.Namespace, image_size: tuple[int, int]) -> Any:
+    if args.views <= 0:
+        return None
+    from kdkit.data.views import ViewSampler
+
+    return ViewSampler(
+        seed=args.view_seed,
+        num_views=args.views,
+        crop=args.crop,
+        scale=tuple(args.scale),
+        pad=args.pad,
+        size=image_size,
+        flip_p=args.flip_p,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from kdkit.cache import precompute, read_meta
+
+    teacher = load_teacher(args.teacher, args.arch, args.device)
+    dataset, mean, std = load_data(args.data)
+    views = build_views(args, tuple(dataset[0][0].shape[-2:]))
+    out = precompute(
+        teacher,
+        dataset,
+        args.out,
+        views=views,
+        topk=args.topk,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        mean=mean,
+        std=std,
+        shard_size=args.shard_size,
+        device=args.device,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+        source={"teacher": args.teacher, "data": args.data, "arch": args.arch},
+    )
+    meta = read_meta(out)
+    print(
+        f"wrote {out}: {meta['num_samples']} samples x {meta['num_views']} views, "
+        f"{'top-' + str(meta['topk']) if meta['topk'] else 'full'} {meta['dtype']} logits, "
+        f"{len(meta['shards'])} shards"
+    )
+    return 0

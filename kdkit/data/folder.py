@@ -1,0 +1,223 @@
+"""Image-folder datasets in the ImageNet layout, with train and validation loaders.
+
+``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``. Loaders yield uint8 batches
+``(images (B, 3, H, W), labels, indices)``; normalisation with :attr:`ImageFolderManager.mean`
+and ``.std`` happens on the device (:func:`~kdkit.data.to_float`). Decoding here is PIL on CPU
+worker processes, which caps throughput at a few hundred images/s per core (see DESIGN.md);
+it is the simple, portable path, not the fast one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from kdkit.data.arrays import Batch
+from kdkit.errors import KDError
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataset", "ImageFolderManager"]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def _layout(root: Path, train_dir: str, val_dir: str) -> str:
+    return (
+        "expected an ImageNet-style tree:\n"
+        f"  {root}/{train_dir}/<class_name>/<image>.jpg (or .png, .jpeg, .webp, .bmp)\n"
+        f"  {root}/{val_dir}/<class_name>/<image>.jpg\n"
+        "with one folder per class, the same class names in both."
+    )
+
+
+def _scan(split_dir: Path, layout: str) -> dict[str, list[Path]]:
+    """Map class name -> sorted image files; an error for anything off the expected layout."""
+    if not split_dir.is_dir():
+        raise KDError(f"no folder {split_dir}; {layout}")
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    if not classes:
+        raise KDError(f"{split_dir} has no class folders; {layout}")
+    files: dict[str, list[Path]] = {}
+    for name in classes:
+        class_dir = split_dir / name
+        images = sorted(
+            class_dir / e.name
+            for e in os.scandir(class_dir)
+            if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        if not images:
+            raise KDError(f"class folder {class_dir} holds no images; {layout}")
+        files[name] = images
+    return files
+
+
+class ImageFolderDataset(Dataset):
+    """Image files with labels; item ``i`` is ``(uint8 image (3, H, W), label, i)``.
+
+    Args:
+        samples: ``(path, label)`` pairs; the position is the sample's index.
+        classes: class names, ``classes[label]``.
+        transform: applied to the PIL image; must end in a uint8 CHW tensor.
+        draft_size: for JPEGs, let the decoder skip detail below this (width, height), which
+            makes decoding several times faster when images are much larger than needed.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[Path, int]],
+        classes: Sequence[str],
+        transform: Callable[[Image.Image], torch.Tensor],
+        draft_size: tuple[int, int] | None = None,
+    ) -> None:
+        self.samples = list(samples)
+        self.classes = list(classes)
+        self.transform = transform
+        self.draft_size = draft_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as image:
+                if self.draft_size is not None:
+                    image.draft("RGB", self.draft_size)  # no-op for formats other than JPEG
+                rgb = image.convert("RGB")
+        except (OSError, UnidentifiedImageError) as exc:
+            raise KDError(f"cannot decode image {path}: {exc}") from exc
+        return self.transform(rgb), label, i
+
+
+def _collate(items: list[tuple[torch.Tensor, int, int]]) -> Batch:
+    images, labels, indices = zip(*items, strict=True)
+    return Batch(
+        torch.stack(images),
+        torch.tensor(labels, dtype=torch.int64),
+        torch.tensor(indices, dtype=torch.int64),
+    )
+
+
+class ImageFolderManager:
+    """Train and validation loaders over an ImageNet-layout folder (darklight-compatible).
+
+    Args:
+        root: folder holding ``train/`` and ``val/`` (names configurable).
+        size: output (height, width), or one int for square images.
+        batch_size: images per batch (``bsize`` is accepted as an alias).
+        workers: DataLoader worker processes (``num_workers`` is an alias).
+        seed: seeds the training shuffle and the workers' augmentation.
+        crop_pct: evaluation resizes the shorter side to ``max(size) / crop_pct`` and then
+            center-crops ``size`` (the standard 0.875 = 224/256).
+        drop_last: drop the incomplete last training batch (validation keeps everything).
+
+    Training augmentation is RandomResizedCrop + horizontal flip; both loaders yield
+    :class:`~kdkit.data.Batch` ``(uint8 images, int64 labels, int64 indices)``.
+    """
+
+    mean = IMAGENET_MEAN
+    std = IMAGENET_STD
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        size: int | Sequence[int] = (224, 224),
+        batch_size: int = 128,
+        workers: int = 2,
+        *,
+        bsize: int | None = None,
+        num_workers: int | None = None,
+        seed: int = 0,
+        crop_pct: float = 0.875,
+        drop_last: bool = True,
+        train_dir: str = "train",
+        val_dir: str = "val",
+    ) -> None:
+        batch_size = bsize if bsize is not None else batch_size
+        workers = num_workers if num_workers is not None else workers
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        if batch_size < 1 or workers < 0 or min(height, width) < 1 or not 0 < crop_pct <= 1:
+            raise KDError(
+                f"need batch_size >= 1, workers >= 0, a positive size and 0 < crop_pct <= 1; "
+                f"got {batch_size=}, {workers=}, size={(height, width)}, {crop_pct=}"
+            )
+        self.root = Path(root)
+        self.size = (height, width)
+        self.batch_size = batch_size
+        self.workers = workers
+        layout = _layout(self.root, train_dir, val_dir)
+        if not self.root.is_dir():
+            raise KDError(f"image folder root {self.root} does not exist; {layout}")
+        train_files = _scan(self.root / train_dir, layout)
+        val_files = _scan(self.root / val_dir, layout)
+        unknown = sorted(set(val_files) - set(train_files))
+        if unknown:
+            raise KDError(
+                f"{self.root / val_dir} has classes missing from {train_dir}/: "
+                f"{unknown[:5]}; {layout}"
+            )
+        self.classes = list(train_files)
+        self.num_classes = len(self.classes)
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+        resize_to = round(max(height, width) / crop_pct)
+        self.train_dataset = ImageFolderDataset(
+            self._samples(train_files), self.classes, self.train_transform()
+        )
+        self.val_dataset = ImageFolderDataset(
+            self._samples(val_files),
+            self.classes,
+            self.eval_transform(crop_pct),
+            draft_size=(resize_to, resize_to),
+        )
+        common = dict(
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+        )
+        self.train_loader = DataLoader(
+            self.train_dataset,
+            shuffle=True,
+            drop_last=drop_last,
+            generator=torch.Generator().manual_seed(seed),
+            **common,
+        )
+        self.val_loader = DataLoader(self.val_dataset, shuffle=False, **common)
+
+    @property
+    def valid_loader(self) -> DataLoader:
+        """darklight's name for :attr:`val_loader`."""
+        return self.val_loader
+
+    def _samples(self, files: dict[str, list[Path]]) -> list[tuple[Path, int]]:
+        return [(p, self.class_to_idx[name]) for name, paths in files.items() for p in paths]
+
+    def train_transform(self) -> v2.Compose:
+        """PIL image -> uint8 (3, H, W): random resized crop and horizontal flip."""
+        return v2.Compose(
+            [
+                v2.RandomResizedCrop(self.size, antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.PILToTensor(),
+            ]
+        )
+
+    def eval_transform(self, crop_pct: float = 0.875) -> v2.Compose:
+        """PIL image -> uint8 (3, H, W): resize the shorter side to ``max(size) / crop_pct``,
+        then center-crop ``size``."""
+        resize_to = round(max(self.size) / crop_pct)
+        return v2.Compose(
+            [v2.Resize(resize_to, antialias=True), v2.CenterCrop(self.size), v2.PILToTensor()]
+        )
+
+
+ImageNetManager = ImageFolderManager

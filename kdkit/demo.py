@@ -1,0 +1,201 @@
+"""``kdkit demo``: the Jetson tutorial's experiment on Fashion-MNIST, on a CPU.
+
+1. train a ResNet-style teacher on all 60k labels (or reuse the one cached under
+   ``~/.cache/kdkit`` by an earlier run with the same recipe: fingerprinted);
+2. train a small student from scratch on 1,000 labels;
+3. distill the same student on the same 1,000 labels + the 59,000 other images unlabeled
+   (function matching: the teacher sees exactly the student's augmented view);
+4. report test accuracy, parameters, CPU latency and throughput, as Markdown and a plot.
+
+Hyper-parameters are fixed here, not tuned on the test set (see benchmarks/ for the
+validation-split sweeps that chose them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdkit.balance import LossBalancer
+from kdkit.distiller import Distiller
+from kdkit.train.checkpoint import load_checkpoint, save_checkpoint
+from kdkit.train.trainer import Trainer
+
+__all__ = ["DemoConfig", "RunResult", "run_demo", "train_model"]
+
+log = logging.getLogger(__name__)
+
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Every knob of the demo; ``quick()`` is the ~3-minute variant."""
+
+    teacher_epochs: int = 4
+    scratch_epochs: int = 40
+    kd_epochs: int = 4
+    n_labeled: int = 1000
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 5e-4
+    temperature: float = 4.0
+    seed: int = 0
+    augment: bool = True
+    out_dir: str = "runs/demo"
+    cache_dir: str = str(Path.home() / ".cache" / "kdkit")
+    retrain: bool = False
+    progress: bool = True
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> DemoConfig:
+        return cls(**{"teacher_epochs": 1, "scratch_epochs": 15, "kd_epochs": 1, **overrides})
+
+
+@dataclass
+class RunResult:
+    """One trained model of the report."""
+
+    name: str
+    data: str
+    model: nn.Module = field(repr=False)
+    test_top1: float
+    history: list[dict[str, Any]]
+    train_time_s: float
+
+
+def _views(cfg: DemoConfig, size: int = 28):
+    from kdkit.data.views import ViewSampler
+
+    if not cfg.augment:
+        return None
+    return ViewSampler(seed=cfg.seed, crop="pad", pad=2, size=size, flip_p=0.5)
+
+
+def train_model(
+    model: nn.Module,
+    train_set: Any,
+    test_set: Any,
+    epochs: int,
+    cfg: DemoConfig,
+    teacher: nn.Module | None = None,
+    checkpoint_dir: Path | None = None,
+) -> tuple[list[dict[str, Any]], float]:
+    """Train ``model`` (supervised, or distilled from ``teacher``) with the demo's recipe.
+
+    Returns the per-epoch history and the final test top-1. The same loop, optimizer and
+    schedule serve every row of the report, so the comparison is only about the teacher.
+    """
+    from kdkit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FastLoader
+    from kdkit.losses import SoftTargetKL
+
+    criterion = SoftTargetKL(temperature=cfg.temperature) if teacher is not None else None
+    distiller = Distiller(model, teacher, criterion, LossBalancer())
+    train_loader = FastLoader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    test_loader = FastLoader(test_set, 1000, shuffle=False)
+    steps = epochs * len(train_loader)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps)
+    trainer = Trainer(
+        distiller,
+        train_loader,
+        test_loader,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scheduler_interval="step",
+        epochs=epochs,
+        seed=cfg.seed,
+        views=_views(cfg),
+        mean=FASHION_MNIST_MEAN,
+        std=FASHION_MNIST_STD,
+        device="cpu",
+        checkpoint_dir=checkpoint_dir,
+        progress=cfg.progress,
+    )
+    history = trainer.fit(resume=checkpoint_dir is not None)
+    return history, history[-1]["val_top1"]
+
+
+def _fingerprint(cfg: DemoConfig, data_fp: str) -> str:
+    recipe = {
+        "version": RECIPE_VERSION,
+        "arch": "fmnist_teacher",
+        "epochs": cfg.teacher_epochs,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+        "seed": cfg.seed,
+        "augment": cfg.augment,
+        "data": data_fp,
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _teacher(cfg: DemoConfig, train_set: Any, test_set: Any) -> RunResult:
+    """Train the teacher, or load it from the fingerprinted cache."""
+    from kdkit.models import fmnist_teacher
+
+    fp = _fingerprint(cfg, train_set.fingerprint())
+    cached = Path(cfg.cache_dir) / "demo" / f"teacher-{fp}.pt"
+    model = fmnist_teacher()
+    if cached.exists() and not cfg.retrain:
+        state = load_checkpoint(cached)
+        model.load_state_dict(state["student"])
+        log.info("teacher: reusing %s (test top-1 %.2f%%)", cached, state["test_top1"])
+        return RunResult("teacher", "60k labels", model, state["test_top1"], state["history"], 0.0)
+    log.info("teacher: training %d epochs on 60k labels", cfg.teacher_epochs)
+    torch.manual_seed(cfg.seed)
+    model = fmnist_teacher()
+    start = time.perf_counter()
+    run_dir = cached.with_suffix(".run")
+    history, top1 = train_model(model, train_set, test_set, cfg.teacher_epochs, cfg, None, run_dir)
+    elapsed = time.perf_counter() - start
+    save_checkpoint(cached, {"student": model.state_dict(), "test_top1": top1, "history": history})
+    return RunResult("teacher", "60k labels", model, top1, history, elapsed)
+
+
+def _student(name: str, data: str, train_set, test_set, epochs, cfg, teacher=None) -> RunResult:
+    from kdkit.models import fmnist_student
+
+    log.info("%s: %d epochs on %s", name, epochs, data)
+    torch.manual_seed(cfg.seed)
+    model = fmnist_student()
+    start = time.perf_counter()
+    history, top1 = train_model(model, train_set, test_set, epochs, cfg, teacher)
+    return RunResult(name, data, model, top1, history, time.perf_counter() - start)
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    """Run the whole demo; returns the path of the Markdown report."""
+    from kdkit.data import concat, load_fashion_mnist, split_labeled
+    from kdkit.report import write_report
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    train_set, test_set = load_fashion_mnist("train"), load_fashion_mnist("test")
+    teacher = _teacher(cfg, train_set, test_set)
+    labeled, unlabeled = split_labeled(train_set, cfg.n_labeled, seed=cfg.seed)
+    n_lab, n_unl = len(labeled), len(unlabeled)
+    scratch = _student(
+        "student, scratch", f"{n_lab} labels", labeled, test_set, cfg.scratch_epochs, cfg
+    )
+    kd = _student(
+        "student, KD",
+        f"{n_lab} labels + {n_unl} unlabeled",
+        concat(labeled, unlabeled),
+        test_set,
+        cfg.kd_epochs,
+        cfg,
+        teacher=teacher.model,
+    )
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    return write_report([teacher, scratch, kd], out)

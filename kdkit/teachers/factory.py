@@ -1,0 +1,105 @@
+"""``kdkit.teacher(obj)``: turn whatever the user has into the right backend."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from kdkit.errors import KDError
+from kdkit.teachers.base import Teacher
+from kdkit.teachers.torch_teacher import TorchTeacher
+
+__all__ = ["teacher", "BACKENDS"]
+
+BACKENDS = ("torch", "onnx", "tensorrt")
+_ENGINE_SUFFIXES = (".engine", ".plan")
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def teacher(obj: Any, *, backend: str | None = None, **kwargs: Any) -> Teacher:
+    """A :class:`Teacher` for ``obj``.
+
+    - a :class:`Teacher`: returned as is;
+    - an ``nn.Module``: :class:`TorchTeacher` (``backend="onnx"``: exported and run by
+      :class:`OnnxTeacher`, which then needs ``input_shape=(C, H, W)``);
+    - an ``.onnx`` path: :class:`OnnxTeacher` (``backend="tensorrt"``: :class:`TensorRTTeacher`
+      builds and caches an engine from it);
+    - an ``.engine`` / ``.plan`` path: :meth:`TensorRTTeacher.from_engine`;
+    - a kdkit checkpoint (``.pt`` / ``.pth`` / ``.ckpt``): the trained student it holds, as a
+      :class:`TorchTeacher` (a distilled model can teach the next one);
+    - a list or tuple of any of these: :class:`EnsembleTeacher` (``weights=``, ``combine=``).
+
+    Other keyword arguments go to the backend's constructor (e.g. ``precision="bf16"``).
+    Optional runtimes (onnxruntime, tensorrt) are imported only when such a backend is made.
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise KDError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if isinstance(obj, Teacher):
+        if kwargs or backend is not None:
+            raise KDError(f"options {sorted(kwargs)} cannot be applied to an existing Teacher")
+        return obj
+    if isinstance(obj, (list, tuple)):
+        from kdkit.teachers.ensemble import EnsembleTeacher
+
+        _no_backend(backend, "a list of teachers")
+        return EnsembleTeacher(obj, **kwargs)
+    if isinstance(obj, nn.Module):
+        return _from_module(obj, backend, kwargs)
+    if isinstance(obj, (str, os.PathLike)):
+        return _from_path(Path(obj), backend, kwargs)
+    raise KDError(
+        f"cannot make a teacher from {type(obj).__name__}; give an nn.Module, an .onnx or "
+        ".engine path, a kdkit checkpoint, a list of those, or a kdkit Teacher"
+    )
+
+
+def _no_backend(backend: str | None, what: str) -> None:
+    if backend is not None:
+        raise KDError(f"backend={backend!r} does not apply to {what}")
+
+
+def _from_module(module: nn.Module, backend: str | None, kwargs: dict[str, Any]) -> Teacher:
+    if backend in (None, "torch"):
+        return TorchTeacher(module, **kwargs)
+    if backend == "onnx":
+        from kdkit.teachers.onnx_teacher import OnnxTeacher
+
+        return OnnxTeacher(module, **kwargs)
+    raise KDError(
+        "a TensorRT teacher is built from an ONNX file: kdkit.export_onnx(module, 'teacher.onnx', "
+        "input_shape) first, then kdkit.teacher('teacher.onnx', backend='tensorrt')"
+    )
+
+
+def _from_path(path: Path, backend: str | None, kwargs: dict[str, Any]) -> Teacher:
+    if not path.exists():
+        raise KDError(f"no teacher file at {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        if backend == "tensorrt":
+            from kdkit.teachers.tensorrt_teacher import TensorRTTeacher
+
+            return TensorRTTeacher(path, **kwargs)
+        if backend == "torch":
+            raise KDError(f"{path} is an ONNX file; it runs with backend='onnx' or 'tensorrt'")
+        from kdkit.teachers.onnx_teacher import OnnxTeacher
+
+        return OnnxTeacher(path, **kwargs)
+    if suffix in _ENGINE_SUFFIXES:
+        from kdkit.teachers.tensorrt_teacher import TensorRTTeacher
+
+        if backend not in (None, "tensorrt"):
+            raise KDError(f"{path} is a TensorRT engine; only backend='tensorrt' can run it")
+        return TensorRTTeacher.from_engine(path, **kwargs)
+    if suffix in _CHECKPOINT_SUFFIXES:
+        from kdkit.export import load_student
+
+        module, _ = load_student(path)
+        return _from_module(module, backend, kwargs)
+    raise KDError(
+        f"cannot tell what {path} holds from its suffix {suffix!r}; expected .onnx, "
+        f"{' / '.join(_ENGINE_SUFFIXES)} or a kdkit checkpoint ({' / '.join(_CHECKPOINT_SUFFIXES)})"
+    )

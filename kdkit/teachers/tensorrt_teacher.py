@@ -1,0 +1,371 @@
+"""TensorRT teacher: an engine built from the ONNX file, run on PyTorch's current CUDA stream.
+
+The engine is built once with TensorRT's Python API (``OnnxParser``, one optimization
+profile spanning ``min_batch..max_batch``, precision flags) and cached next to the ONNX
+file. The cache file name carries a hash of everything that makes an engine valid: the ONNX
+file's sha256, the TensorRT version, the GPU name, the precision and the batch range. A
+sidecar JSON records the format version and that key in clear; a mismatch rebuilds.
+
+At run time the input and output are torch tensors on the GPU: their ``data_ptr()`` goes to
+``context.set_tensor_address`` and the engine is enqueued with ``execute_async_v3`` on
+``torch.cuda.current_stream()``, so it is ordered with the student's kernels like any torch
+op. No pycuda, no host round trip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdkit.errors import KDError
+from kdkit.teachers.base import Teacher, TeacherOutput
+
+__all__ = [
+    "TensorRTTeacher",
+    "import_tensorrt",
+    "engine_cache_key",
+    "engine_cache_path",
+    "ENGINE_FORMAT_VERSION",
+]
+
+log = logging.getLogger(__name__)
+
+ENGINE_FORMAT_VERSION = 1
+TRT_PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def import_tensorrt() -> Any:
+    """``tensorrt``, or a :class:`KDError` with the install command."""
+    try:
+        import tensorrt
+    except ImportError as err:
+        raise KDError(
+            f"TensorRT is not installed ({err}); TensorRTTeacher needs an NVIDIA GPU and "
+            "`pip install kdkit[tensorrt]`; OnnxTeacher or TorchTeacher run anywhere"
+        ) from None
+    return tensorrt
+
+
+def engine_cache_key(
+    onnx_sha256: str,
+    trt_version: str,
+    gpu_name: str,
+    precision: str,
+    min_batch: int,
+    opt_batch: int,
+    max_batch: int,
+) -> dict[str, Any]:
+    """Everything that decides whether a serialized engine can be reused."""
+    return {
+        "format_version": ENGINE_FORMAT_VERSION,
+        "onnx_sha256": onnx_sha256,
+        "tensorrt": trt_version,
+        "gpu": gpu_name,
+        "precision": precision,
+        "batch": [int(min_batch), int(opt_batch), int(max_batch)],
+    }
+
+
+def engine_cache_path(onnx_path: str | os.PathLike, key: dict[str, Any]) -> Path:
+    """``<dir>/<stem>.<precision>.b<min>-<opt>-<max>.<hash of key>.engine`` next to the ONNX."""
+    onnx_path = Path(onnx_path)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    lo, opt, hi = key["batch"]
+    name = f"{onnx_path.stem}.{key['precision']}.b{lo}-{opt}-{hi}.{digest}.engine"
+    return onnx_path.with_name(name)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600; give the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _cuda_device(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise KDError(
+            f"TensorRTTeacher runs on an NVIDIA GPU; device {str(device)!r} is not a CUDA device "
+            "(or no CUDA device is visible). Use OnnxTeacher or TorchTeacher on CPU"
+        )
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.device("cuda", index)
+
+
+def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
+    table = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16}
+    table |= {"INT32": torch.int32, "INT64": torch.int64, "INT8": torch.int8, "BOOL": torch.bool}
+    for name, torch_dtype in table.items():
+        if getattr(trt.DataType, name, None) == dtype:
+            return torch_dtype
+    raise KDError(f"TensorRT tensor type {dtype} has no torch equivalent")
+
+
+def _build_engine(
+    trt: Any,
+    onnx_path: Path,
+    precision: str,
+    batch: tuple[int, int, int],
+    workspace_gb: float,
+) -> bytes:
+    """Parse the ONNX file and build a serialized engine with one batch profile."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise KDError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
+    if precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32, comparable to eager
+    else:
+        flag = getattr(trt.BuilderFlag, precision.upper(), None)
+        if flag is None:
+            raise KDError(f"TensorRT {trt.__version__} has no {precision} builder flag")
+        config.set_flag(flag)
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        dims = tuple(tensor.shape)
+        if dims[0] != -1 or any(d < 0 for d in dims[1:]):
+            raise KDError(
+                f"{onnx_path}: input {tensor.name!r} has shape {dims}; TensorRTTeacher needs a "
+                "dynamic batch axis and fixed other axes (export with kdkit.export_onnx)"
+            )
+        lo, opt, hi = ((b, *dims[1:]) for b in batch)
+        profile.set_shape(tensor.name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    log.info("building TensorRT %s engine for %s (batch %s..%s)", precision, onnx_path, *batch[::2])
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise KDError(f"TensorRT failed to build an engine for {onnx_path} (see its log above)")
+    return bytes(serialized)
+
+
+class TensorRTTeacher(Teacher):
+    """A TensorRT engine as a teacher (NVIDIA GPUs only).
+
+    ``precision``: ``"fp16"`` (default), ``"bf16"`` or ``"fp32"`` (TF32 disabled, so it
+    matches eager fp32 closely). The engine accepts batches ``min_batch..max_batch`` and is
+    tuned for ``opt_batch`` (default ``max_batch``); larger batches are run in chunks.
+    ``workspace_gb`` caps TensorRT's scratch memory while building. The input must be a CUDA
+    tensor; logits come back float32 on the same device.
+    """
+
+    def __init__(
+        self,
+        onnx_path: str | os.PathLike,
+        precision: str = "fp16",
+        max_batch: int = 256,
+        opt_batch: int | None = None,
+        min_batch: int = 1,
+        workspace_gb: float = 4.0,
+        *,
+        device: torch.device | str = "cuda",
+        input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        trt = import_tensorrt()
+        if precision not in TRT_PRECISIONS:
+            raise KDError(f"precision must be one of {list(TRT_PRECISIONS)}, got {precision!r}")
+        opt_batch = max_batch if opt_batch is None else opt_batch
+        if not 1 <= min_batch <= opt_batch <= max_batch:
+            raise KDError(
+                f"need 1 <= min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, "
+                f"{max_batch}"
+            )
+        device = _cuda_device(device)
+        onnx_path = Path(onnx_path)
+        if not onnx_path.is_file():
+            raise KDError(f"no ONNX file at {onnx_path}")
+        onnx_sha = _file_sha256(onnx_path)
+        key = engine_cache_key(
+            onnx_sha,
+            trt.__version__,
+            torch.cuda.get_device_name(device),
+            precision,
+            min_batch,
+            opt_batch,
+            max_batch,
+        )
+        self.engine_path = engine_cache_path(onnx_path, key)
+        with torch.cuda.device(device):
+            data = self._cached_engine(key)
+            if data is None:
+                data = _build_engine(
+                    trt, onnx_path, precision, (min_batch, opt_batch, max_batch), workspace_gb
+                )
+                self._store_engine(data, key)
+        self._setup(trt, data, device, input_transform, f"{onnx_sha}:{precision}")
+        self.precision = precision
+
+    @classmethod
+    def from_engine(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: torch.device | str = "cuda",
+        input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> TensorRTTeacher:
+        """Load an already-built engine (``.engine`` / ``.plan``), e.g. from ``trtexec``."""
+        trt = import_tensorrt()
+        device = _cuda_device(device)
+        path = Path(path)
+        if not path.is_file():
+            raise KDError(f"no TensorRT engine at {path}")
+        self = cls.__new__(cls)
+        Teacher.__init__(self)
+        self.engine_path = path
+        self.precision = "unknown"
+        sidecar = path.with_name(path.name + ".json")
+        if sidecar.is_file():
+            key = json.loads(sidecar.read_text()).get("key", {})
+            self.precision = key.get("precision", "unknown")
+        data = path.read_bytes()
+        self._setup(trt, data, device, input_transform, hashlib.sha256(data).hexdigest())
+        return self
+
+    # -- engine cache -----------------------------------------------------------------------
+    def _cached_engine(self, key: dict[str, Any]) -> bytes | None:
+        sidecar = self.engine_path.with_name(self.engine_path.name + ".json")
+        if not (self.engine_path.is_file() and sidecar.is_file()):
+            return None
+        try:
+            meta = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            meta = {}
+        if meta.get("format_version") != ENGINE_FORMAT_VERSION or meta.get("key") != key:
+            log.warning("%s does not match this build; rebuilding", self.engine_path)
+            return None
+        log.info("using cached TensorRT engine %s", self.engine_path)
+        return self.engine_path.read_bytes()
+
+    def _store_engine(self, data: bytes, key: dict[str, Any]) -> None:
+        sidecar = self.engine_path.with_name(self.engine_path.name + ".json")
+        meta = {"format_version": ENGINE_FORMAT_VERSION, "key": key, "bytes": len(data)}
+        try:
+            _atomic_write(self.engine_path, data)
+            _atomic_write(sidecar, json.dumps(meta, indent=1).encode())
+        except OSError as err:  # a read-only model directory: keep the engine in memory
+            log.warning("could not cache the engine at %s (%s)", self.engine_path, err)
+
+    # -- runtime ----------------------------------------------------------------------------
+    def _setup(
+        self,
+        trt: Any,
+        data: bytes,
+        device: torch.device,
+        input_transform: Callable[[torch.Tensor], torch.Tensor] | None,
+        fingerprint: str,
+    ) -> None:
+        self._trt = trt
+        self.device = device
+        self.input_transform = input_transform
+        self._fingerprint = hashlib.sha256(f"tensorrt:{fingerprint}".encode()).hexdigest()
+        with torch.cuda.device(device):
+            self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+            self.engine = self._runtime.deserialize_cuda_engine(data)
+            if self.engine is None:
+                raise KDError(
+                    f"TensorRT {trt.__version__} could not load the engine {self.engine_path} "
+                    "(built by another TensorRT version or for another GPU?)"
+                )
+            self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if n not in inputs]
+        if len(inputs) != 1 or not outputs:
+            raise KDError(f"{self.engine_path}: need one input and an output, got {names}")
+        self.input_name, self.output_name = inputs[0], outputs[0]
+        self._extra_outputs = outputs[1:]
+        self.input_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.input_name))
+        self.output_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.output_name))
+        if tuple(self.engine.get_tensor_shape(self.input_name))[0] == -1:
+            lo, opt, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)
+            self.min_batch, self.opt_batch, self.max_batch = int(lo[0]), int(opt[0]), int(hi[0])
+        else:
+            fixed = int(self.engine.get_tensor_shape(self.input_name)[0])
+            self.min_batch = self.opt_batch = self.max_batch = fixed
+
+    def to(self, device: torch.device | str) -> TensorRTTeacher:
+        if _cuda_device(device) != self.device:
+            raise KDError(
+                f"this engine was loaded on {self.device}; build a TensorRTTeacher for {device}"
+            )
+        return self
+
+    def forward(self, x, *, index=None, view=None) -> TeacherOutput:
+        if not x.is_cuda:
+            raise KDError(
+                f"TensorRTTeacher needs its input on {self.device}, got a {x.device} tensor"
+            )
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        n = x.shape[0]
+        if n < self.min_batch:
+            raise KDError(f"batch {n} is below the engine's min_batch={self.min_batch}")
+        with torch.cuda.device(self.device):
+            x = x.to(self.device, self.input_dtype).contiguous()
+            chunks = [self._run(c) for c in x.split(self.max_batch)]
+        logits = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        return TeacherOutput(logits=logits.float())
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = self.context
+        if not ctx.set_input_shape(self.input_name, tuple(x.shape)):
+            raise KDError(f"the engine rejects input shape {tuple(x.shape)}")
+        ctx.set_tensor_address(self.input_name, x.data_ptr())
+        out = torch.empty(
+            tuple(ctx.get_tensor_shape(self.output_name)), dtype=self.output_dtype, device=x.device
+        )
+        ctx.set_tensor_address(self.output_name, out.data_ptr())
+        keep = []  # outputs we do not return still need a buffer while the engine runs
+        for name in self._extra_outputs:
+            dtype = _torch_dtype(self._trt, self.engine.get_tensor_dtype(name))
+            buf = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=dtype, device=x.device)
+            ctx.set_tensor_address(name, buf.data_ptr())
+            keep.append(buf)
+        # Enqueued on torch's current stream: ordered after the kernels that produced ``x``
+        # and before whatever reads ``out``; the caching allocator reuses x/out/keep only on
+        # this stream, after the engine is done with them.
+        if not ctx.execute_async_v3(torch.cuda.current_stream(x.device).cuda_stream):
+            raise RuntimeError(f"TensorRT failed to enqueue {self.engine_path}")
+        return out
+
+    def fingerprint(self) -> str:
+        """Hash of the ONNX file's sha256 and the precision (engine bytes for ``from_engine``)."""
+        return self._fingerprint
+
+    def __repr__(self) -> str:
+        return (
+            f"TensorRTTeacher({str(self.engine_path)!r}, precision={self.precision!r}, "
+            f"batch={self.min_batch}..{self.max_batch}, device={self.device})"
+        )

@@ -1,0 +1,78 @@
+"""Accuracy and per-epoch metric logs (CSV always, TensorBoard when installed)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import torch
+
+__all__ = ["topk_correct", "MetricLog"]
+
+log = logging.getLogger(__name__)
+
+
+def topk_correct(
+    logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)
+) -> list[int]:
+    """Number of rows whose label is among the top-k predictions, for each k (k capped at C)."""
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices
+    hits = top == labels[:, None]
+    return [int(hits[:, : min(k, kmax)].any(dim=1).sum()) for k in ks]
+
+
+class MetricLog:
+    """Appends one row per epoch to ``metrics.csv``; mirrors scalars to TensorBoard if present.
+
+    On resume, rows from epochs at or after the resumed epoch are dropped first, so the file
+    never holds an epoch twice.
+    """
+
+    def __init__(self, directory: str | Path | None, resume_epoch: int | None = None) -> None:
+        self.path = Path(directory) / "metrics.csv" if directory else None
+        self._tb = None
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_epoch is not None and self.path.exists():
+            with self.path.open(newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < resume_epoch]
+            self._write_all(rows)
+        elif self.path.exists():
+            self.path.unlink()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.path.parent / "tb"))
+        except Exception:  # tensorboard is optional
+            self._tb = None
+
+    def _write_all(self, rows: list[dict]) -> None:
+        if not rows:
+            self.path.unlink(missing_ok=True)
+            return
+        with self.path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+    def append(self, row: dict) -> None:
+        if self.path is None:
+            return
+        new = not self.path.exists()
+        with self.path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self._tb.add_scalar(k, v, row["epoch"])
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()

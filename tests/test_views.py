@@ -1,0 +1,168 @@
+"""kdkit.data.views: deterministic per-sample views, applied identically on any batch."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdkit.data.views import Views, ViewSampler, prepare_input, splitmix64
+from kdkit.errors import KDError
+
+
+def _splitmix64_reference(x: int) -> int:
+    mask = (1 << 64) - 1
+    z = (x + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def _bilinear_reference(img: np.ndarray, box, flip: bool, out_h: int, out_w: int) -> np.ndarray:
+    """One image (C, H, W): sample the crop box at output pixel centres, zeros outside."""
+    c, h, w = img.shape
+    x0, y0, x1, y1 = (float(v) for v in box)
+    u = (np.arange(out_w) + 0.5) / out_w
+    u = 1.0 - u if flip else u
+    v = (np.arange(out_h) + 0.5) / out_h
+    sx = (x0 + u * (x1 - x0)) * w - 0.5  # pixel centres at integers
+    sy = (y0 + v * (y1 - y0)) * h - 0.5
+    out = np.zeros((c, out_h, out_w))
+    for dy in (0, 1):
+        for dx in (0, 1):
+            ix = np.floor(sx).astype(int) + dx
+            iy = np.floor(sy).astype(int) + dy
+            wx = 1.0 - np.abs(sx - ix)
+            wy = 1.0 - np.abs(sy - iy)
+            inside = (iy[:, None] >= 0) & (iy[:, None] < h) & (ix[None] >= 0) & (ix[None] < w)
+            vals = img[:, iy.clip(0, h - 1)[:, None], ix.clip(0, w - 1)[None]]
+            out += vals * (wy[:, None] * wx[None]) * inside
+    return out
+
+
+def test_splitmix64_matches_the_reference_on_uint64_bit_patterns():
+    xs = [0, 1, 12345, 2**62 + 7, -1, -(2**63)]
+    got = splitmix64(torch.tensor(xs, dtype=torch.int64))
+    for x, g in zip(xs, got.tolist(), strict=True):
+        assert g % 2**64 == _splitmix64_reference(x % 2**64)
+
+
+def test_same_config_gives_identical_views_and_pixels_other_seed_differs():
+    index, ids = torch.arange(50), torch.arange(50) % 4
+    x = torch.rand(50, 3, 16, 16)
+    a = ViewSampler(seed=7, num_views=4, size=12)
+    b = ViewSampler.from_config(a.config())
+    va, vb = a.sample(index, ids), b.sample(index, ids)
+    assert a == b
+    assert torch.equal(va.box, vb.box) and torch.equal(va.flip, vb.flip)
+    assert torch.equal(a.apply(x, va), b.apply(x, vb))
+    vc = ViewSampler(seed=8, num_views=4, size=12).sample(index, ids)
+    assert not torch.allclose(va.box, vc.box)
+    # a view depends only on (seed, view id, index), not on which batch it arrives in
+    part = a.sample(index[10:20].flip(0), ids[10:20].flip(0))
+    assert torch.equal(part.box, va.box[10:20].flip(0))
+
+
+def test_views_cover_their_ranges():
+    s = ViewSampler(seed=1, scale=(0.2, 0.6), ratio=(0.5, 2.0), flip_p=0.3)
+    v = s.sample(torch.arange(4000), 0)
+    w, h = v.box[:, 2] - v.box[:, 0], v.box[:, 3] - v.box[:, 1]
+    assert bool((v.box >= -1e-6).all() and (v.box <= 1 + 1e-6).all())
+    area = w * h
+    assert area.min() >= 0.2 - 1e-4 and area.max() <= 0.6 + 1e-4
+    assert abs(float(v.flip.float().mean()) - 0.3) < 0.03
+    pad = ViewSampler(seed=1, crop="pad", pad=2, size=(8, 10)).sample(torch.arange(2000), 3)
+    shifts_x = torch.round(pad.box[:, 0] * 10).long()
+    assert set(shifts_x.tolist()) == {-2, -1, 0, 1, 2}
+    assert torch.allclose(pad.box[:, 2] - pad.box[:, 0], torch.ones(2000))
+
+
+def test_view_ids_cycle_through_k_views_and_default_to_the_epoch():
+    index = torch.arange(100)
+    s = ViewSampler(seed=3, num_views=4)
+    seen = torch.stack([s.view_ids(index, e) for e in range(4)])
+    assert torch.equal(seen.sort(0).values, torch.arange(4)[:, None].expand(4, 100))
+    assert len(set(s.view_ids(index, 0).tolist())) == 4  # a batch mixes view ids
+    assert torch.equal(s.view_ids(index, 5), s.view_ids(index, 1))
+    assert torch.equal(ViewSampler().view_ids(index, 9), torch.full((100,), 9))
+    with pytest.raises(KDError, match=r"view ids must be in \[0, 4\)"):
+        s.sample(index, 4)
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        ViewSampler(seed=0, num_views=3, scale=(0.3, 1.0), size=(9, 7)),
+        ViewSampler(seed=5, crop="pad", pad=3, size=(10, 12), flip_p=0.5),
+    ],
+    ids=["resized", "pad"],
+)
+def test_vectorised_apply_equals_per_sample_reference(sampler):
+    x = torch.rand(12, 2, 10, 12, dtype=torch.float64)
+    index = torch.arange(100, 112)
+    views = sampler.sample(index, index % 3)
+    got = sampler.apply(x, views)
+    out_h, out_w = sampler.size
+    for i in range(12):
+        ref = _bilinear_reference(x[i].numpy(), views.box[i], bool(views.flip[i]), out_h, out_w)
+        np.testing.assert_allclose(got[i].numpy(), ref, atol=1e-6)
+
+
+def test_pad_crop_copies_pixels_like_pad_then_slice():
+    s = ViewSampler(seed=2, crop="pad", pad=2, size=8, flip_p=0.5)
+    x = torch.rand(20, 1, 8, 8)
+    views = s.sample(torch.arange(20), 0)
+    got = s.apply(x, views)
+    padded = F.pad(x, (2, 2, 2, 2))
+    for i in range(20):
+        dx, dy = (int(round(float(v) * 8)) for v in views.box[i, :2])
+        ref = padded[i, :, 2 + dy : 10 + dy, 2 + dx : 10 + dx]
+        ref = ref.flip(-1) if views.flip[i] else ref
+        torch.testing.assert_close(got[i], ref, atol=1e-5, rtol=0)
+
+
+def test_identity_view_reproduces_the_input_and_flip_flips():
+    x = torch.rand(5, 3, 9, 11)
+    identity = Views(
+        box=torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(5, 1), flip=torch.zeros(5, dtype=torch.bool)
+    )
+    s = ViewSampler(crop="none", flip_p=0.0)
+    torch.testing.assert_close(s.apply(x, identity), x, atol=1e-5, rtol=0)
+    flipped = Views(box=identity.box, flip=torch.ones(5, dtype=torch.bool))
+    torch.testing.assert_close(s.apply(x, flipped), x.flip(-1), atol=1e-5, rtol=0)
+    always = ViewSampler(crop="none", flip_p=1.0)
+    out = always.apply(x, always.sample(torch.arange(5), 0))
+    torch.testing.assert_close(out, x.flip(-1), atol=1e-5, rtol=0)
+
+
+def test_prepare_input_scales_applies_views_and_normalises():
+    images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    index, ids = torch.arange(6), torch.zeros(6, dtype=torch.int64)
+    plain = prepare_input(images, None, None, None, (0.5,), (0.25,), "cpu")
+    torch.testing.assert_close(plain, (images.float() / 255 - 0.5) / 0.25)
+    s = ViewSampler(seed=1, num_views=1, crop="pad", pad=1, size=8)
+    got = prepare_input(images, index, ids, s, (0.5,), (0.25,), "cpu")
+    ref = (s.apply(images.float() / 255, s.sample(index, ids)) - 0.5) / 0.25
+    torch.testing.assert_close(got, ref)
+    floats = images.float() / 255
+    before = floats.clone()
+    prepare_input(floats, index, ids, s, 0.5, 0.25, None)
+    assert torch.equal(floats, before)  # the caller's tensor is never modified
+    with pytest.raises(KDError, match="view ids"):
+        prepare_input(images, index, None, s, None, None, "cpu")
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(KDError, match="crop must be one of"):
+        ViewSampler(crop="zoom")
+    with pytest.raises(KDError, match="needs size"):
+        ViewSampler(crop="pad", pad=2)
+    with pytest.raises(KDError, match="configured for size"):
+        s = ViewSampler(crop="pad", pad=2, size=8)
+        s.apply(torch.rand(2, 1, 9, 9), s.sample(torch.arange(2), 0))
+    with pytest.raises(KDError, match="num_views"):
+        ViewSampler(num_views=0)
+    assert math.isclose(ViewSampler(ratio=1.0).ratio[0], 1.0)
