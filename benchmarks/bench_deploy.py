@@ -27,6 +27,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--backends", nargs="+", default=["eager", "ort"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per core)")
     args = p.parse_args()
     common = {
         "input_shape": (1, 28, 28),
@@ -34,13 +35,15 @@ def main() -> None:
         "backends": args.backends,
         "device": args.device,
         "repeats": args.repeats,
+        "threads": args.threads,
     }
     torch.manual_seed(0)
     teacher = bench_model(fmnist_teacher(), name="fmnist_teacher", **common)
     student = bench_model(fmnist_student(), name="fmnist_student", **common)
     device = describe_device(args.device)
     header = (
-        f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"device: {device}, torch {torch.__version__}, {args.threads or torch.get_num_threads()} "
+        "threads, "
         f"load average {os.getloadavg()[0]:.2f}, {args.repeats} timed calls per row"
     )
     table = compare(teacher, student)

@@ -30,7 +30,13 @@ def _cpu_rows(name: str, model: torch.nn.Module, shape, batch: int, args) -> lis
     backends = ["eager", "ort"] + ([] if args.no_compile else ["compiled"])
     t0 = time.perf_counter()
     results = bench_model(
-        model, shape, batch_sizes=(batch,), backends=backends, repeats=args.repeats, warmup=1
+        model,
+        shape,
+        batch_sizes=(batch,),
+        backends=backends,
+        repeats=args.repeats,
+        warmup=1,
+        threads=args.threads,
     )
     eager = next(r for r in results if r.backend == "eager").img_per_s
     rows = []
@@ -44,7 +50,7 @@ def _cpu_rows(name: str, model: torch.nn.Module, shape, batch: int, args) -> lis
 
 
 def run_cpu(args: argparse.Namespace) -> None:
-    threads, load = torch.get_num_threads(), os.getloadavg()[0]
+    threads, load = args.threads or torch.get_num_threads(), os.getloadavg()[0]
     print(
         f"device: {describe_device('cpu')}, torch {torch.__version__}, {threads} threads, "
         f"load average {load:.2f}"
@@ -114,6 +120,7 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true", help="resnet152 on CUDA instead of the CPU runs")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per row (default 3)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow on CPUs)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per core)")
     p.add_argument("--skip-resnet50", action="store_true", help="CPU: fmnist_teacher only")
     p.add_argument("--work", default="/tmp", help="GPU: where the ONNX/engine files go")
     args = p.parse_args()

@@ -1,13 +1,15 @@
 """What the student buys at deploy time: parameters, FLOPs, throughput, latency, memory.
 
-:func:`bench_model` measures one model on each requested backend (``"eager"``,
-``"compiled"``, ``"ort"``, ``"tensorrt"``) and batch size, through kdkit's own teacher
-backends, so the numbers are those of the code path we ship. :func:`compare` turns a
+:func:`bench_model` measures one model on each requested backend and batch size through
+kdkit's own teacher backends, so the numbers are those of the code path we ship:
+``"eager"`` and ``"compiled"`` (:class:`TorchTeacher`, fp32, without / with
+``torch.compile``), ``"ort"`` (:class:`OnnxTeacher`, the model exported with
+:func:`kdkit.export_onnx`) and ``"tensorrt"`` (:class:`TensorRTTeacher`, fp16). :func:`compare` turns a
 teacher's and a student's results into a Markdown table and a one-line summary;
 :func:`plot_comparison` draws them.
 
 Method. Each (backend, batch) is warmed up, then timed ``repeats`` times, one call per
-sample with the device synchronised after it; throughput is ``batch / median(call time)``,
+timing with the device synchronised after it; throughput is ``batch / median(call time)``,
 latency p50/p95 are percentiles of the same call times. FLOPs are counted by
 ``torch.utils.flop_counter.FlopCounterMode`` on one image (convolutions and matmuls, 2 FLOPs
 per multiply-add). Peak memory is what the backend adds to the process, from loading its own
@@ -236,7 +238,12 @@ def _onnx_for(src: _Source, shape: tuple[int, ...], workdir: Path) -> Path:
 
 
 def _build_runner(
-    src: _Source, backend: str, device: torch.device, max_batch: int, onnx_path: Path | None
+    src: _Source,
+    backend: str,
+    device: torch.device,
+    max_batch: int,
+    onnx_path: Path | None,
+    threads: int | None,
 ) -> Runner | None:
     """The backend's own copy of the model, loaded now (inside the memory window)."""
     from kdkit.teachers import OnnxTeacher, TensorRTTeacher, TorchTeacher
@@ -253,7 +260,7 @@ def _build_runner(
         if device.type == "cuda" and len(providers) == 1:
             log.warning("onnxruntime has no CUDA provider here; skipping ort on %s", device)
             return None
-        return OnnxTeacher(onnx_path, providers=providers)
+        return OnnxTeacher(onnx_path, providers=providers, threads=threads)
     if backend == "tensorrt":
         if src.engine is not None:
             return TensorRTTeacher.from_engine(src.engine, device=device)
@@ -301,13 +308,15 @@ def bench_model(
     *,
     warmup: int = 3,
     name: str | None = None,
+    threads: int | None = None,
 ) -> list[BenchResult]:
     """Measure ``model_or_path`` on each backend and batch size (see the module docstring).
 
     ``model_or_path``: an ``nn.Module``, an ``.onnx`` or ``.engine`` path, a kdkit
     checkpoint (its ``input_shape`` is used when ``input_shape`` is None), or a
     ``"package.module:factory"`` spec (random weights). Backends that cannot run here (no
-    module for eager, no GPU for TensorRT...) are skipped with a log message.
+    module for eager, no GPU for TensorRT...) are skipped with a log message. ``threads``
+    sets PyTorch's and ONNX Runtime's CPU threads for the measurement (default: theirs).
     """
     src = _resolve(model_or_path, name)
     shape = tuple(input_shape) if input_shape is not None else src.input_shape
@@ -321,52 +330,62 @@ def bench_model(
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KDError("device='cuda' but no CUDA device is visible")
-    params, flops = _count_params(src), _count_flops(src.module, shape)
+    plan = _Plan(device, shape, sorted(set(batch_sizes)), warmup, repeats, threads)
+    counts = (_count_params(src), _count_flops(src.module, shape))
     results: list[BenchResult] = []
-    with tempfile.TemporaryDirectory(prefix="kdkit-bench-") as workdir:
-        for backend in backends:
-            reason = _skip_reason(src, backend, device)
-            if reason:
-                log.warning("%s: skipping %s: %s", src.name, backend, reason)
-                continue
-            onnx_path = None
-            if backend in ("ort", "tensorrt") and src.engine is None:
-                onnx_path = _onnx_for(src, shape, Path(workdir))  # before the memory baseline
-            batches = sorted(set(batch_sizes))
-            counts = (params, flops)
-            results += _bench_backend(
-                src, backend, device, shape, batches, onnx_path, counts, warmup, repeats
-            )
+    saved_threads = torch.get_num_threads()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        with tempfile.TemporaryDirectory(prefix="kdkit-bench-") as workdir:
+            for backend in backends:
+                reason = _skip_reason(src, backend, device)
+                if reason:
+                    log.warning("%s: skipping %s: %s", src.name, backend, reason)
+                    continue
+                onnx_path = None
+                if backend in ("ort", "tensorrt") and src.engine is None:
+                    onnx_path = _onnx_for(src, shape, Path(workdir))  # outside the memory window
+                results += _bench_backend(src, backend, plan, onnx_path, counts)
+    finally:
+        torch.set_num_threads(saved_threads)
     if not results:
         raise KDError(f"no backend among {list(backends)} can run {src.name} on {device}")
     return results
 
 
+@dataclass(frozen=True)
+class _Plan:
+    device: torch.device
+    shape: tuple[int, ...]
+    batch_sizes: list[int]
+    warmup: int
+    repeats: int
+    threads: int | None
+
+
 def _bench_backend(
     src: _Source,
     backend: str,
-    device: torch.device,
-    shape: tuple[int, ...],
-    batch_sizes: list[int],
+    plan: _Plan,
     onnx_path: Path | None,
     counts: tuple[int | None, float | None],
-    warmup: int,
-    repeats: int,
 ) -> list[BenchResult]:
-    memory = _Memory(device, backend)
-    runner = _build_runner(src, backend, device, max(batch_sizes), onnx_path)
+    memory = _Memory(plan.device, backend)
+    max_batch = max(plan.batch_sizes)
+    runner = _build_runner(src, backend, plan.device, max_batch, onnx_path, plan.threads)
     if runner is None:
         return []
     out = []
-    for b in batch_sizes:
-        x = torch.randn((b, *shape), device=device)
+    for b in plan.batch_sizes:
+        x = torch.randn((b, *plan.shape), device=plan.device)
         memory.reset_peak()
-        times = _time_calls(runner, x, warmup, repeats)
+        times = _time_calls(runner, x, plan.warmup, plan.repeats)
         out.append(
             BenchResult(
                 model=src.name,
                 backend=backend,
-                device=str(device),
+                device=str(plan.device),
                 batch_size=b,
                 params=counts[0],
                 flops_per_image=counts[1],
@@ -376,8 +395,7 @@ def _bench_backend(
                 peak_mem_mb=memory.peak_mb(),
             )
         )
-        r = out[-1]
-        log.info("%s %s batch %d: %.1f img/s", src.name, backend, b, r.img_per_s)
+        log.info("%s %s batch %d: %.1f img/s", src.name, backend, b, out[-1].img_per_s)
         del x
     del runner
     return out
@@ -402,14 +420,12 @@ def _table(results: Sequence[BenchResult]) -> list[str]:
         rows.append(
             f"| {r.model} | {r.backend} | {r.batch_size} | {_fmt(r.params, ',')} "
             f"| {_fmt(gflop, '.3f')} | {r.img_per_s:,.0f} | {r.latency_p50_ms:.2f} "
-            f"| {r.latency_p95_ms:.2f} | {_fmt(r.peak_mem_mb, ',.0f')} |"
+            f"| {r.latency_p95_ms:.2f} | {_fmt(r.peak_mem_mb, ',.1f')} |"
         )
     return rows
 
 
-def _times(x: float | None, more: str, less: str) -> str:
-    if x is None:
-        return f"n/a {more}"
+def _times(x: float, more: str, less: str) -> str:
     return f"{x:.1f}x {more}" if x >= 1 else f"{1 / x:.1f}x {less}"
 
 
@@ -439,13 +455,13 @@ def compare(teacher_results: Sequence[BenchResult], student_results: Sequence[Be
     batch = max(k[1] for k in common)
     backend = max((k for k in common if k[1] == batch), key=lambda k: student[k].img_per_s)[0]
     t, s = teacher[(backend, batch)], student[(backend, batch)]
-    parts = [
-        _times(s.img_per_s / t.img_per_s, "faster", "slower") + f" (batch {batch}, {backend})",
-        _times(_ratio(t.peak_mem_mb, s.peak_mem_mb), "less memory", "more memory"),
-        _times(_ratio(t.params, s.params), "fewer parameters", "more parameters"),
-    ]
-    if t.flops_per_image and s.flops_per_image:
-        parts.append(_times(t.flops_per_image / s.flops_per_image, "fewer FLOPs", "more FLOPs"))
+    parts = [_times(s.img_per_s / t.img_per_s, "faster", "slower") + f" (batch {batch}, {backend})"]
+    ratios = (
+        (_ratio(t.peak_mem_mb, s.peak_mem_mb), "less memory", "more memory"),
+        (_ratio(t.params, s.params), "fewer parameters", "more parameters"),
+        (_ratio(t.flops_per_image, s.flops_per_image), "fewer FLOPs", "more FLOPs"),
+    )
+    parts += [_times(x, more, less) for x, more, less in ratios if x is not None]
     lines += ["", f"**student is {', '.join(parts)}**"]
     return "\n".join(lines)
 

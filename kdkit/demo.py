@@ -26,6 +26,8 @@ from torch import nn
 
 from kdkit.balance import LossBalancer
 from kdkit.distiller import Distiller
+from kdkit.errors import KDError
+from kdkit.teachers.base import Teacher
 from kdkit.train.checkpoint import load_checkpoint, save_checkpoint
 from kdkit.train.trainer import Trainer
 
@@ -34,6 +36,19 @@ __all__ = ["DemoConfig", "RunResult", "run_demo", "train_model"]
 log = logging.getLogger(__name__)
 
 RECIPE_VERSION = 1
+INPUT_SHAPE = (1, 28, 28)
+TEACHER_SPEC = {"factory": "kdkit.models:fmnist_teacher", "kwargs": {}}
+STUDENT_SPEC = {"factory": "kdkit.models:fmnist_student", "kwargs": {}}
+
+
+def _spec_state(model: nn.Module, spec: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A checkpoint payload that ``kdkit export`` / ``kdkit.load_student`` can rebuild."""
+    return {
+        "student": model.state_dict(),
+        "student_spec": spec,
+        "input_shape": list(INPUT_SHAPE),
+        **extra,
+    }
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,9 @@ class DemoConfig:
     cache_dir: str = str(Path.home() / ".cache" / "kdkit")
     retrain: bool = False
     progress: bool = True
+    #: "onnx" runs the frozen teacher with ONNX Runtime (2-2.4x eager on this CPU, see
+    #: docs/benchmarks.md), darklight's idea of an accelerated teacher; "torch" runs it eager.
+    teacher_backend: str = "onnx"
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
@@ -86,18 +104,22 @@ def train_model(
     test_set: Any,
     epochs: int,
     cfg: DemoConfig,
-    teacher: nn.Module | None = None,
+    teacher: nn.Module | Teacher | None = None,
     checkpoint_dir: Path | None = None,
+    criterion: nn.Module | None = None,
+    spec: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
     """Train ``model`` (supervised, or distilled from ``teacher``) with the demo's recipe.
 
     Returns the per-epoch history and the final test top-1. The same loop, optimizer and
     schedule serve every row of the report, so the comparison is only about the teacher.
+    ``criterion`` defaults to Hinton soft targets at ``cfg.temperature``.
     """
     from kdkit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FastLoader
     from kdkit.losses import SoftTargetKL
 
-    criterion = SoftTargetKL(temperature=cfg.temperature) if teacher is not None else None
+    if teacher is not None and criterion is None:
+        criterion = SoftTargetKL(temperature=cfg.temperature)
     distiller = Distiller(model, teacher, criterion, LossBalancer())
     train_loader = FastLoader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed)
     test_loader = FastLoader(test_set, 1000, shuffle=False)
@@ -119,6 +141,8 @@ def train_model(
         device="cpu",
         checkpoint_dir=checkpoint_dir,
         progress=cfg.progress,
+        student_spec=spec,
+        input_shape=INPUT_SHAPE,
     )
     history = trainer.fit(resume=checkpoint_dir is not None)
     return history, history[-1]["val_top1"]
@@ -150,8 +174,9 @@ def _teacher(cfg: DemoConfig, train_set: Any, test_set: Any) -> RunResult:
         state = load_checkpoint(cached)
         model.load_state_dict(state["student"])
         log.info("teacher: reusing %s (test top-1 %.2f%%)", cached, state["test_top1"])
-        return RunResult("teacher", "60k labels", model, state["test_top1"], state["history"], 0.0)
-    log.info("teacher: training %d epochs on 60k labels", cfg.teacher_epochs)
+        data = f"{len(train_set):,} labels"
+        return RunResult("teacher", data, model, state["test_top1"], state["history"], 0.0)
+    log.info("teacher: training %d epochs on %d labels", cfg.teacher_epochs, len(train_set))
     torch.manual_seed(cfg.seed)
     model = fmnist_teacher()
     start = time.perf_counter()
@@ -159,7 +184,7 @@ def _teacher(cfg: DemoConfig, train_set: Any, test_set: Any) -> RunResult:
     history, top1 = train_model(model, train_set, test_set, cfg.teacher_epochs, cfg, None, run_dir)
     elapsed = time.perf_counter() - start
     save_checkpoint(cached, {"student": model.state_dict(), "test_top1": top1, "history": history})
-    return RunResult("teacher", "60k labels", model, top1, history, elapsed)
+    return RunResult("teacher", f"{len(train_set):,} labels", model, top1, history, elapsed)
 
 
 def _student(name: str, data: str, train_set, test_set, epochs, cfg, teacher=None) -> RunResult:
@@ -173,6 +198,18 @@ def _student(name: str, data: str, train_set, test_set, epochs, cfg, teacher=Non
     return RunResult(name, data, model, top1, history, time.perf_counter() - start)
 
 
+def fast_teacher(model: nn.Module, cfg: DemoConfig) -> Teacher:
+    """The trained teacher behind the fastest backend this machine has (ORT, else eager)."""
+    from kdkit.teachers import OnnxTeacher, TorchTeacher
+
+    if cfg.teacher_backend == "onnx":
+        try:
+            return OnnxTeacher(model, input_shape=INPUT_SHAPE)
+        except KDError as err:  # onnxruntime not installed: say so, keep going
+            log.warning("teacher: %s; running it in PyTorch instead", err)
+    return TorchTeacher(model)
+
+
 def run_demo(cfg: DemoConfig) -> Path:
     """Run the whole demo; returns the path of the Markdown report."""
     from kdkit.data import concat, load_fashion_mnist, split_labeled
@@ -184,18 +221,20 @@ def run_demo(cfg: DemoConfig) -> Path:
     labeled, unlabeled = split_labeled(train_set, cfg.n_labeled, seed=cfg.seed)
     n_lab, n_unl = len(labeled), len(unlabeled)
     scratch = _student(
-        "student, scratch", f"{n_lab} labels", labeled, test_set, cfg.scratch_epochs, cfg
+        "student, scratch", f"{n_lab:,} labels", labeled, test_set, cfg.scratch_epochs, cfg
     )
     kd = _student(
         "student, KD",
-        f"{n_lab} labels + {n_unl} unlabeled",
+        f"{n_lab:,} labels + {n_unl:,} unlabeled",
         concat(labeled, unlabeled),
         test_set,
         cfg.kd_epochs,
         cfg,
-        teacher=teacher.model,
+        teacher=fast_teacher(teacher.model, cfg),
     )
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    save_checkpoint(out / "student.pt", _spec_state(kd.model, STUDENT_SPEC, test_top1=kd.test_top1))
+    save_checkpoint(out / "teacher.pt", _spec_state(teacher.model, TEACHER_SPEC))
     return write_report([teacher, scratch, kd], out)

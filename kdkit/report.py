@@ -83,8 +83,16 @@ def write_report(results: Sequence[Any], out_dir: Path) -> Path:
     table = accuracy_table(results)
     plot = plot_accuracy(results, out_dir / "accuracy.png")
     report = out_dir / "report.md"
+    next_steps = (
+        "Ship the student:\n\n"
+        f"    kdkit export {out_dir / 'student.pt'} --onnx {out_dir / 'student.onnx'}\n"
+        f"    kdkit bench --teacher {out_dir / 'teacher.pt'} --student {out_dir / 'student.pt'}\n"
+    )
     report.write_text(
-        "# kdkit demo: Fashion-MNIST\n\n" + table + f"\n\n![accuracy per epoch]({plot.name})\n"
+        "# kdkit demo: Fashion-MNIST\n\n"
+        + table
+        + f"\n\n![accuracy per epoch]({plot.name})\n\n"
+        + next_steps
     )
     log.info("\n%s\n\nreport: %s\nplot:   %s", table, report, plot)
     return report

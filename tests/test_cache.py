@@ -169,7 +169,9 @@ def test_cache_of_another_teacher_or_dataset_or_views_is_refused(tmp_path):
     with pytest.raises(KDError, match="mismatch in views"):
         CachedTeacher(tmp_path, expect_views=_views(num_views=4))
     with pytest.raises(KDError, match="mismatch in views"):
-        CachedTeacher(tmp_path, expect_views=None)
+        CachedTeacher(tmp_path, expect_views=False)  # a run without augmentation
+    CachedTeacher(tmp_path, expect_views=_views(), verify=False)
+    CachedTeacher(tmp_path, expect_views=None, verify=False)  # None: not checked
     meta = json.loads((tmp_path / "meta.json").read_text())
     meta["format_version"] = 99
     (tmp_path / "meta.json").write_text(json.dumps(meta))
@@ -206,6 +208,35 @@ def test_subset_cache_is_keyed_by_original_index(tmp_path):
     # a cache of the whole dataset serves its subsets
     _precompute(tmp_path / "full", teacher=model, dataset=base)
     CachedTeacher(tmp_path / "full", expect_dataset=sub)
+
+
+class _PlainDataset(torch.utils.data.Dataset):
+    """Items (image, label) only: no .images, no .indices, no fingerprint()."""
+
+    def __init__(self, base: ArrayDataset) -> None:
+        self.base_images, self.labels = base.images, base.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.base_images[i], int(self.labels[i])
+
+
+def test_plain_dataset_is_read_item_by_item_and_fingerprinted_by_content(tmp_path):
+    model, ds = _teacher(), _dataset()
+    _precompute(tmp_path / "plain", teacher=model, dataset=_PlainDataset(ds), dtype="fp32")
+    _precompute(tmp_path / "array", teacher=model, dataset=ds, dtype="fp32")
+    plain, array = CachedTeacher(tmp_path / "plain"), CachedTeacher(tmp_path / "array")
+    index, view = torch.arange(N), torch.arange(N) % 3
+    torch.testing.assert_close(
+        plain(torch.zeros(N), index=index, view=view).logits,
+        array(torch.zeros(N), index=index, view=view).logits,
+    )
+    CachedTeacher(tmp_path / "plain", expect_dataset=_PlainDataset(ds))
+    other = _PlainDataset(_dataset(seed=1))
+    with pytest.raises(KDError, match="mismatch in dataset_fingerprint"):
+        CachedTeacher(tmp_path / "plain", expect_dataset=other)
 
 
 def test_check_passes_on_a_fresh_cache_and_names_causes_otherwise(tmp_path):
@@ -412,3 +443,23 @@ def test_cli_loads_fashion_mnist_with_its_statistics():
     except KDError as err:
         pytest.skip(f"Fashion-MNIST is not installed: {err}")
     assert len(dataset) == 10000 and mean == FASHION_MNIST_MEAN
+
+
+def test_cli_precompute_from_an_onnx_teacher(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import kdkit.cli._precompute as cli_precompute
+    from kdkit.export import export_onnx
+
+    monkeypatch.setattr(cli_precompute, "load_data", lambda spec: (_dataset(), MEAN, STD))
+    onnx_path = tmp_path / "teacher.onnx"
+    export_onnx(_teacher(), onnx_path, (1, SIZE, SIZE))
+    out = tmp_path / "cache"
+    args = ["precompute", "--teacher", str(onnx_path), "--data", "tiny", "--views", "2"]
+    assert cli_main([*args, "--pad", "1", "--dtype", "fp32", "--out", str(out)]) == 0
+    index, view = torch.arange(N), torch.arange(N) % 2
+    views = ViewSampler.from_config(read_meta(out)["views"])
+    x = prepare_input(_dataset().images, index, view, views, MEAN, STD, "cpu")
+    got = CachedTeacher(out)(x, index=index, view=view).logits
+    torch.testing.assert_close(got, _teacher()(x), atol=1e-4, rtol=1e-4)
+    assert cli_main(["cache", "check", str(out), "--teacher", str(onnx_path)]) == 0
+    assert "top-1 agreement 100.00%" in capsys.readouterr().out

@@ -55,12 +55,12 @@ def check_expectations(
     meta: dict[str, Any],
     expect_teacher: Any = None,
     expect_dataset: Any = None,
-    expect_views: ViewSampler | dict | None | str = "any",
+    expect_views: ViewSampler | dict | bool | None = None,
 ) -> None:
     """Raise :class:`KDError` naming the field where the cache differs from the run.
 
-    ``None`` for teacher or dataset skips that check; ``expect_views="any"`` skips the view
-    check, while ``None`` asserts the cache was precomputed without views.
+    ``None`` skips a check. ``expect_views=False`` asserts the cache was precomputed without
+    views (a run without augmentation); a sampler or config dict must equal the cache's.
     """
     stale = "the cache is stale or belongs to another run: precompute it again"
     if expect_dataset is not None:
@@ -69,8 +69,9 @@ def check_expectations(
         fp = teacher_fingerprint(expect_teacher)
         if fp != meta["teacher_fingerprint"]:
             raise _mismatch("teacher_fingerprint", meta["teacher_fingerprint"], fp, stale)
-    if not (isinstance(expect_views, str) and expect_views == "any"):
+    if expect_views is not None:
         want = expect_views.config() if isinstance(expect_views, ViewSampler) else expect_views
+        want = None if want is False else want
         if want != meta["views"]:
             raise _mismatch(
                 "views",
@@ -90,7 +91,8 @@ class CachedTeacher(Teacher):
     a one-view cache. Reads are vectorised: one fancy-indexed memmap read per shard touched.
 
     Opening checks the format version and, when given, the expected teacher, dataset
-    (length and fingerprint) and view sampler, naming the differing field. ``verify=True``
+    (length and fingerprint) and view sampler (``False``: no views), naming the differing
+    field; a subset of the cached dataset is accepted (its ``.base``). ``verify=True``
     (default) hashes every shard once on open: a sequential read of the whole cache (about
     1 s per GB per core), in exchange for refusing a corrupted shard before training starts;
     ``verify=False`` checks only sizes, shapes and dtypes.
@@ -101,7 +103,7 @@ class CachedTeacher(Teacher):
         cache_dir: str | os.PathLike,
         expect_teacher: Any = None,
         expect_dataset: Any = None,
-        expect_views: ViewSampler | dict | None | str = "any",
+        expect_views: ViewSampler | dict | bool | None = None,
         device: torch.device | str | None = None,
         verify: bool = True,
     ) -> None:

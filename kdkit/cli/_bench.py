@@ -27,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per batch size")
+    p.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime")
     p.add_argument("--json", action="store_true", help="also write bench.json and print JSON")
     p.add_argument("--out", default="runs/bench", help="output directory (default: runs/bench)")
     p.set_defaults(func=run)
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         "backends": args.backends,
         "device": args.device,
         "repeats": args.repeats,
+        "threads": args.threads,
     }
     teacher = bench_model(args.teacher, name="teacher", **common)
     student = bench_model(args.student, name="student", **common)

@@ -37,7 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def add_teacher_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--teacher", required=True, help="a .onnx file or a kdkit checkpoint (.pt)")
+    p.add_argument(
+        "--teacher", required=True, help="an .onnx / .engine file or a kdkit checkpoint (.pt)"
+    )
     p.add_argument(
         "--arch",
         default="kdkit.models:fmnist_teacher",
@@ -55,27 +57,22 @@ def _factory(spec: str) -> Any:
 
 
 def load_teacher(path: str, arch: str, device: str | None) -> Any:
-    """A Teacher for ``path``: an ONNX file or a checkpoint holding ``"student"`` weights."""
+    """A Teacher for ``path``: ``.onnx`` / ``.engine`` files and checkpoints that name their
+    model (``student_spec``) go through :func:`kdkit.teachers.teacher`; a checkpoint holding
+    only weights (``{"student": state_dict}``, as the demo writes) is loaded into ``arch``."""
     import torch
 
-    from kdkit.teachers import TorchTeacher
+    from kdkit.teachers import TorchTeacher, teacher
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if path.endswith(".onnx"):
-        import kdkit.teachers as teachers
-
-        backend = getattr(teachers, "OnnxTeacher", None)
-        if backend is None:
-            raise KDError("this kdkit has no ONNX teacher backend; give a .pt checkpoint")
-        return backend(path)
+    if path.endswith((".onnx", ".engine", ".plan")):
+        return teacher(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError) as err:
         raise KDError(f"cannot read the teacher checkpoint {path} ({err})") from None
     if isinstance(state, dict) and state.get("student_spec"):
-        from kdkit.export import load_student  # rebuilds the module the checkpoint names
-
-        return TorchTeacher(load_student(path)[0]).to(device)
+        return teacher(path).to(device)
     model = _factory(arch)()
     weights = state.get("student", state) if isinstance(state, dict) else state
     try:

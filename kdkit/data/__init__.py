@@ -20,6 +20,7 @@ from kdkit.data.folder import (
     ImageNetManager,
 )
 from kdkit.data.split import concat, holdout, split_labeled
+from kdkit.data.views import Views, ViewSampler, prepare_input
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -38,4 +39,7 @@ __all__ = [
     "load_fashion_mnist",
     "split_labeled",
     "to_float",
+    "ViewSampler",
+    "Views",
+    "prepare_input",
 ]

@@ -58,13 +58,23 @@ def default_providers(ort: Any, device: torch.device | None = None) -> list[Prov
     return providers
 
 
-def load_session(path: str | os.PathLike, providers: Sequence[Provider], ort: Any) -> Any:
-    """An ``InferenceSession`` for ``path``; a file that does not load raises :class:`KDError`."""
+def load_session(
+    path: str | os.PathLike, providers: Sequence[Provider], ort: Any, threads: int | None = None
+) -> Any:
+    """An ``InferenceSession`` for ``path``; a file that does not load raises :class:`KDError`.
+
+    ``threads``: ONNX Runtime's intra-op threads (default: one per physical core).
+    """
     path = Path(path)
     if not path.is_file():
         raise KDError(f"no ONNX file at {path}")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: provider fallbacks are reported by us
+    # ORT's worker threads spin for a while after each run by default; a teacher alternates
+    # with the student's PyTorch step, whose threads would then find the cores taken.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
     try:
         return ort.InferenceSession(str(path), options, providers=list(providers))
     except Exception as err:  # onnxruntime raises its own exception types
@@ -80,7 +90,8 @@ class OnnxTeacher(Teacher):
 
     ``path_or_model``: an ``.onnx`` path, or an ``nn.Module`` that is exported (with
     :func:`kdkit.export_onnx`, dynamic batch, verified) to a temporary file; a module needs
-    ``input_shape=(C, H, W)``. ``providers`` default to CUDA then CPU where available.
+    ``input_shape=(C, H, W)``. ``providers`` default to CUDA then CPU where available;
+    ``threads`` sets ONNX Runtime's intra-op threads on CPU (default: one per core).
     Logits come back as float32 on the input's device. Only final outputs are available:
     :meth:`request_features` refuses intermediate layer names.
     """
@@ -92,9 +103,11 @@ class OnnxTeacher(Teacher):
         input_shape: Sequence[int] | None = None,
         *,
         input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        threads: int | None = None,
     ) -> None:
         super().__init__()
         self._ort = import_onnxruntime()
+        self._threads = threads
         self._tmpdir: tempfile.TemporaryDirectory | None = None
         if isinstance(path_or_model, nn.Module):
             if input_shape is None:
@@ -117,7 +130,7 @@ class OnnxTeacher(Teacher):
         self._open(self._user_providers or default_providers(self._ort))
 
     def _open(self, providers: Sequence[Provider]) -> None:
-        self.session = load_session(self.path, providers, self._ort)
+        self.session = load_session(self.path, providers, self._ort, self._threads)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1:
             raise KDError(

@@ -170,6 +170,14 @@ def _build_engine(
     return bytes(serialized)
 
 
+def _deserialize(trt: Any, data: bytes) -> tuple[Any, Any] | None:
+    """``(engine, runtime)`` for ``data`` on the current CUDA device; ``None`` if TensorRT
+    rejects it. The runtime is returned so it can be kept alive as long as the engine."""
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(data)
+    return None if engine is None else (engine, runtime)
+
+
 class TensorRTTeacher(Teacher):
     """A TensorRT engine as a teacher (NVIDIA GPUs only).
 
@@ -219,12 +227,15 @@ class TensorRTTeacher(Teacher):
         self.engine_path = engine_cache_path(onnx_path, key)
         with torch.cuda.device(device):
             data = self._cached_engine(key)
-            if data is None:
-                data = _build_engine(
-                    trt, onnx_path, precision, (min_batch, opt_batch, max_batch), workspace_gb
-                )
+            engine = _deserialize(trt, data) if data is not None else None
+            if engine is None:
+                if data is not None:
+                    log.warning("cached engine %s does not load; rebuilding", self.engine_path)
+                batches = (min_batch, opt_batch, max_batch)
+                data = _build_engine(trt, onnx_path, precision, batches, workspace_gb)
                 self._store_engine(data, key)
-        self._setup(trt, data, device, input_transform, f"{onnx_sha}:{precision}")
+                engine = _deserialize(trt, data)
+        self._setup(trt, engine, device, input_transform, f"{onnx_sha}:{precision}")
         self.precision = precision
 
     @classmethod
@@ -250,7 +261,9 @@ class TensorRTTeacher(Teacher):
             key = json.loads(sidecar.read_text()).get("key", {})
             self.precision = key.get("precision", "unknown")
         data = path.read_bytes()
-        self._setup(trt, data, device, input_transform, hashlib.sha256(data).hexdigest())
+        with torch.cuda.device(device):
+            engine = _deserialize(trt, data)
+        self._setup(trt, engine, device, input_transform, hashlib.sha256(data).hexdigest())
         return self
 
     # -- engine cache -----------------------------------------------------------------------
@@ -281,23 +294,22 @@ class TensorRTTeacher(Teacher):
     def _setup(
         self,
         trt: Any,
-        data: bytes,
+        loaded: tuple[Any, Any] | None,
         device: torch.device,
         input_transform: Callable[[torch.Tensor], torch.Tensor] | None,
         fingerprint: str,
     ) -> None:
+        if loaded is None:
+            raise KDError(
+                f"TensorRT {trt.__version__} could not load the engine {self.engine_path} "
+                "(built by another TensorRT version or for another GPU?)"
+            )
         self._trt = trt
         self.device = device
         self.input_transform = input_transform
         self._fingerprint = hashlib.sha256(f"tensorrt:{fingerprint}".encode()).hexdigest()
+        self.engine, self._runtime = loaded
         with torch.cuda.device(device):
-            self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-            self.engine = self._runtime.deserialize_cuda_engine(data)
-            if self.engine is None:
-                raise KDError(
-                    f"TensorRT {trt.__version__} could not load the engine {self.engine_path} "
-                    "(built by another TensorRT version or for another GPU?)"
-                )
             self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]

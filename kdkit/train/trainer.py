@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from kdkit.capture import unwrap
 from kdkit.distiller import Distiller
 from kdkit.errors import KDError
+from kdkit.train import distributed
 from kdkit.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from kdkit.train.metrics import MetricLog, topk_correct
 from kdkit.train.optim import build_optimizer, build_scheduler
@@ -121,6 +122,9 @@ class Trainer:
         self.scheduler = build_scheduler(scheduler, self.optimizer, opt_params)
         if compile:
             distiller.student = torch.compile(distiller.student)
+        # DDP wraps the distiller (student + adapters): the teacher is not in its module tree.
+        self._model = distributed.wrap(distiller, self.device)
+        self.is_main = distributed.is_main()
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.history: list[dict[str, Any]] = []
         self.best_top1 = -math.inf
@@ -165,7 +169,7 @@ class Trainer:
         idx_dev = index.to(self.device, non_blocking=True) if index is not None else None
         view_dev = view_ids.to(self.device) if view_ids is not None else None
         with self.precision.autocast():
-            logits = self.distiller(x, index=idx_dev, view=view_dev, labels=y_dev)
+            logits = self._model(x, index=idx_dev, view=view_dev, labels=y_dev)
             task = None
             if n_labeled:
                 task = F.cross_entropy(logits.float(), y_dev, ignore_index=-1)
@@ -194,7 +198,8 @@ class Trainer:
         """Train for ``epochs``; with ``resume=True`` continue from ``checkpoint_dir/last.pt``."""
         if resume:
             self._resume()
-        metrics = MetricLog(self.checkpoint_dir, resume_epoch=self.epoch if resume else None)
+        log_dir = self.checkpoint_dir if self.is_main else None
+        metrics = MetricLog(log_dir, resume_epoch=self.epoch if resume else None)
         try:
             while self.epoch < self.epochs:
                 row = self._train_epoch()
@@ -236,7 +241,7 @@ class Trainer:
             self._batches(),
             total=None if n_batches is None else n_batches - self.batch_in_epoch,
             desc=f"epoch {self.epoch + 1}/{self.epochs}",
-            disable=not self.progress,
+            disable=not (self.progress and self.is_main),
             leave=False,
         )
         for batch in bar:
@@ -329,8 +334,8 @@ class Trainer:
         }
 
     def save(self, name: str = "last.pt") -> Path | None:
-        """Atomically write the current state to ``checkpoint_dir/name``."""
-        if self.checkpoint_dir is None:
+        """Atomically write the current state to ``checkpoint_dir/name`` (rank 0 only)."""
+        if self.checkpoint_dir is None or not self.is_main:
             return None
         return save_checkpoint(self.checkpoint_dir / name, self.state())
 

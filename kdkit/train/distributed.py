@@ -1,0 +1,71 @@
+"""Multi-GPU (or multi-process CPU) training with ``torchrun`` and DistributedDataParallel.
+
+Only the trainable part is wrapped: :class:`~kdkit.Distiller` keeps its teacher outside the
+module tree, so ``DistributedDataParallel(distiller)`` syncs the student's and the adapters'
+gradients and never touches the frozen teacher, which every rank holds a copy of.
+
+    torchrun --nproc_per_node 8 train.py   # in train.py: kdkit.train.distributed.init()
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["init", "is_distributed", "rank", "world_size", "is_main", "wrap", "barrier"]
+
+
+def init(backend: str | None = None) -> torch.device:
+    """Join the process group ``torchrun`` describes (RANK, WORLD_SIZE, LOCAL_RANK...).
+
+    Returns this process's device: ``cuda:LOCAL_RANK`` with NCCL where CUDA is available, else
+    the CPU with gloo. Without torchrun's variables it does nothing and returns the default
+    device, so the same script runs on one process.
+    """
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return torch.device("cuda" if cuda else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
+    return device
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """Rank 0 writes checkpoints, metrics and progress bars."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def wrap(module: nn.Module, device: torch.device) -> nn.Module:
+    """DDP around ``module`` when running distributed, else ``module`` itself.
+
+    ``find_unused_parameters`` stays off: every parameter of a distiller (student and
+    adapters) takes part in every step once distillation is on.
+    """
+    if not is_distributed():
+        return module
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
