@@ -9,7 +9,6 @@ DEMO_ARGS ?=
 
 $(PY):
 	python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip setuptools wheel
 
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install -q -e .

@@ -230,18 +230,24 @@ class Distiller(nn.Module):
     # -- set-up and inspection -------------------------------------------------------------
     @torch.no_grad()
     def describe(
-        self, example_input: torch.Tensor, labels: torch.Tensor | None = None
+        self,
+        example_input: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        index: torch.Tensor | None = None,
+        view: torch.Tensor | None = None,
     ) -> PairTable:
         """Dry-run one batch (student in eval mode) and tabulate every pair.
 
         Also materialises lazily created adapters, so call it before building an optimizer.
+        ``index``/``view`` are needed by cache-backed teachers (``CachedTeacher``).
         """
         was_training = self.training
         was_active_epoch = self.balancer.epoch
         self.balancer.set_epoch(max(self.balancer.epoch, self.balancer.start_epoch))
         self.eval()
         try:
-            self.forward(example_input, labels=labels)
+            self.forward(example_input, index=index, view=view, labels=labels)
             table = PairTable()
             for (s_name, t_name), loss in zip(self.pairs, self.criterion, strict=True):
                 s_out = self._capture[s_name]
@@ -265,9 +271,15 @@ class Distiller(nn.Module):
             self.train(was_training)
         return table
 
-    def prepare(self, example_input: torch.Tensor) -> None:
+    def prepare(
+        self,
+        example_input: torch.Tensor,
+        *,
+        index: torch.Tensor | None = None,
+        view: torch.Tensor | None = None,
+    ) -> None:
         """Materialise lazy adapters with one dry run (see the class docstring)."""
-        self.describe(example_input)
+        self.describe(example_input, index=index, view=view)
 
     def to(self, *args: Any, **kwargs: Any) -> Distiller:
         super().to(*args, **kwargs)

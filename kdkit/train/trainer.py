@@ -59,7 +59,9 @@ class Trainer:
     :class:`~kdkit.data.views.ViewSampler` (function matching: the teacher sees exactly the
     student's augmented view). ``mean``/``std`` normalise the uint8 batch on the device.
     ``student_spec`` (``{"factory": "pkg.mod:fn", "kwargs": {...}}``) and ``input_shape`` are
-    stored in checkpoints so ``kdkit export`` can rebuild the student.
+    stored in checkpoints so ``kdkit export`` can rebuild the student. With a
+    :class:`~kdkit.cache.CachedTeacher`, ``cache_check_teacher=`` (the live teacher) runs the
+    fidelity gate on ``cache_check_probe`` samples before training starts.
     """
 
     def __init__(
@@ -89,6 +91,8 @@ class Trainer:
         input_shape: tuple[int, ...] | None = None,
         callbacks: Iterable[Callable[[Trainer, StepOutput], None]] = (),
         epoch_callbacks: Iterable[Callable[[Trainer, dict], None]] = (),
+        cache_check_teacher: Any = None,
+        cache_check_probe: int = 64,
     ) -> None:
         if not isinstance(distiller, Distiller):
             raise KDError(f"Trainer needs a kdkit.Distiller, got {type(distiller).__name__}")
@@ -113,6 +117,8 @@ class Trainer:
         self.student_spec, self.input_shape = student_spec, input_shape
         self.callbacks = list(callbacks)
         self.epoch_callbacks = list(epoch_callbacks)
+        if cache_check_teacher is not None:
+            self._check_cache(cache_check_teacher, cache_check_probe)
         torch.manual_seed(seed)
         if channels_last:
             distiller.student.to(memory_format=torch.channels_last)
@@ -136,7 +142,35 @@ class Trainer:
         if batch is None:
             raise KDError("the training loader yielded no batch")
         x, _, index = self._unpack(batch)
-        self.distiller.prepare(self._input(x, index, epoch=0)[0])
+        x, view_ids = self._input(x, index, epoch=0)
+        self.distiller.prepare(
+            x,
+            index=None if index is None else index.to(self.device),
+            view=None if view_ids is None else view_ids.to(self.device),
+        )
+
+    def _check_cache(self, live_teacher: Any, n_probe: int) -> None:
+        """The fidelity gate: a cached teacher must agree with the live one on this run's
+        views and normalisation, or training stops before it learns from stale targets."""
+        from kdkit.cache import CachedTeacher, check
+
+        cached = self.distiller.teacher
+        if not isinstance(cached, CachedTeacher):
+            raise KDError("cache_check_teacher= is for runs whose teacher is a CachedTeacher")
+        dataset = getattr(self.train_loader, "dataset", None)
+        if dataset is None:
+            raise KDError("the cache check needs a loader with a .dataset")
+        report = check(
+            cached.cache_dir,
+            live_teacher,
+            getattr(dataset, "base", dataset),
+            n_probe=n_probe,
+            views=self.views,
+            mean=self.mean,
+            std=self.std,
+            device=self.device,
+        )
+        log.info("cache check passed: %s", report)
 
     @staticmethod
     def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
