@@ -62,7 +62,9 @@ class DemoConfig:
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 5e-4
-    temperature: float = 4.0
+    #: chosen on a 5k validation split carved from train (2 epochs of KD, 1k labels + 54k
+    #: unlabeled): T=1 88.14%, T=2 87.98%, T=4 87.18%; never on the test set.
+    temperature: float = 1.0
     seed: int = 0
     augment: bool = True
     out_dir: str = "runs/demo"

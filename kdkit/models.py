@@ -51,7 +51,7 @@ class ResNetCNN(nn.Module):
         super().__init__()
         self.stem = _conv_bn(in_channels, widths[0])
         blocks, c = [], widths[0]
-        for i, w in enumerate(widths):
+        for w in widths:
             # every stage halves the resolution: 28 -> 14 -> 7 -> 4 -> 2 on Fashion-MNIST keeps
             # the FLOPs CPU-friendly while the deep stages carry the parameters.
             blocks.append(BasicBlock(c, w, stride=2))

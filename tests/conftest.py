@@ -8,6 +8,17 @@ def _seed_and_threads():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One PyTorch thread for a module. Timings are never asserted, and on a shared 2-core box
+    OpenMP barriers stall whenever another process holds a core (measured: 200 training steps
+    took 0.7 s on 1 thread, 31 s on 2 under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

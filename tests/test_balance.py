@@ -9,7 +9,9 @@ def t(v):
 
 
 def test_static_weights_and_student_weight():
-    b = LossBalancer(weights={"output": 2.0, ("layer1", "layer2"): 3.0}, student_weight=0.25, distill_weight=0.75)
+    b = LossBalancer(
+        weights={"output": 2.0, ("layer1", "layer2"): 3.0}, student_weight=0.25, distill_weight=0.75
+    )
     total = b(
         {"output": t(1.0), "layer1<-layer2": t(2.0), "x<-y": t(4.0)},
         t(8.0),

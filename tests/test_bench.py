@@ -6,7 +6,6 @@ import json
 import sys
 
 import pytest
-import torch
 from torch import nn
 
 from kdkit.bench import BenchResult, bench_model, compare, plot_comparison, results_to_json
@@ -16,13 +15,7 @@ from kdkit.export import export_onnx
 FAST = {"repeats": 2, "warmup": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Timings are not asserted; on a shared 2-core box one thread avoids OpenMP stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _linear(n_in: int = 16, n_out: int = 4) -> nn.Module:

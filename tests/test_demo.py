@@ -24,8 +24,14 @@ def small_fmnist(monkeypatch):
 
 def test_demo_writes_report_and_reuses_cached_teacher(small_fmnist, tmp_path):
     cfg = DemoConfig(
-        teacher_epochs=1, scratch_epochs=3, kd_epochs=1, n_labeled=100, batch_size=64,
-        out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), progress=False,
+        teacher_epochs=1,
+        scratch_epochs=3,
+        kd_epochs=1,
+        n_labeled=100,
+        batch_size=64,
+        out_dir=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
     )
     report = run_demo(cfg)
     text = report.read_text()

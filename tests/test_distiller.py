@@ -93,8 +93,10 @@ def test_teacher_skipped_before_start_epoch():
     te.register_forward_hook(lambda *a: calls.append(1))
     d = Distiller(Net(8), te, SoftTargetKL(), LossBalancer(start_epoch=1))
     out = d(torch.randn(2, 6))
-    loss = d.compute_loss(F.cross_entropy(out, torch.tensor([0, 1])))
+    task = F.cross_entropy(out, torch.tensor([0, 1]))
+    loss = d.compute_loss(task)
     assert not calls and set(d.last_losses) == {"student", "total"}
+    assert loss.item() == task.item()  # the task loss at full weight before distillation
     d.set_epoch(1)
     d(torch.randn(2, 6))
     assert calls
@@ -116,8 +118,8 @@ def test_state_dict_round_trip_with_lazy_adapter(tmp_path):
     d.prepare(torch.randn(2, 6))
     path = tmp_path / "d.pt"
     torch.save(d.state_dict(), path)
-    s2, _, d2 = make()
-    d2.teacher  # same teacher architecture, never saved
+    s2, _, d2 = make()  # a fresh distiller: its adapter does not exist yet
+    assert d2.criterion[1].adapter is None
     d2.load_state_dict(torch.load(path, weights_only=True))
     for (k, v), (k2, v2) in zip(d.state_dict().items(), d2.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)

@@ -19,13 +19,7 @@ from kdkit.train.checkpoint import save_checkpoint
 SPEC = {"factory": "kdkit.models:fmnist_student", "kwargs": {}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On a shared 2-core box one thread avoids OpenMP stalls when the other core is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small() -> nn.Module:

@@ -48,18 +48,11 @@ def _synthetic(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor
     return protos[y] + 0.8 * torch.randn((n, *SHAPE), generator=gen), y
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On a shared 2-core box, OpenMP barriers stall whenever another process holds a core
-    (measured: 200 training steps took 0.7 s on 1 thread, 31 s on 2 under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def trained(_one_thread) -> nn.Module:
+def trained(one_thread) -> nn.Module:
     """A tiny CNN trained 200 steps (under a second): confident, like a real teacher."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)

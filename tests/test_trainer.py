@@ -30,7 +30,10 @@ def blobs(n=256, classes=4, seed=0, unlabeled_every=0):
 
 def net(width=8, classes=4):
     return nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Conv2d(1, width, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
         nn.Linear(4 * width, classes),
     )
 
@@ -38,8 +41,13 @@ def net(width=8, classes=4):
 def trained_teacher():
     train, _ = blobs()
     t = net(16)
-    trainer = Trainer(Distiller(t, None), FastLoader(train, 32), epochs=3, progress=False,
-                      optimizer={"optimizer": torch.optim.Adam, "okwargs": {"lr": 1e-2}})
+    trainer = Trainer(
+        Distiller(t, None),
+        FastLoader(train, 32),
+        epochs=3,
+        progress=False,
+        optimizer={"optimizer": torch.optim.Adam, "okwargs": {"lr": 1e-2}},
+    )
     trainer.fit()
     return t
 
@@ -52,9 +60,17 @@ def test_supervised_and_distilled_training_learn():
     )
     assert t_acc["top1"] > 90
     unlabeled = ArrayDataset(train.images, torch.full_like(train.labels, -1))
-    d = Distiller(net(), teacher, SoftTargetKL(temperature=2.0), kdkit.LossBalancer(distill_weight=1))
-    tr = Trainer(d, FastLoader(unlabeled, 32), FastLoader(evalset, 64, shuffle=False), epochs=4,
-                 optimizer={"optimizer": torch.optim.Adam, "okwargs": {"lr": 1e-2}}, progress=False)
+    d = Distiller(
+        net(), teacher, SoftTargetKL(temperature=2.0), kdkit.LossBalancer(distill_weight=1)
+    )
+    tr = Trainer(
+        d,
+        FastLoader(unlabeled, 32),
+        FastLoader(evalset, 64, shuffle=False),
+        epochs=4,
+        optimizer={"optimizer": torch.optim.Adam, "okwargs": {"lr": 1e-2}},
+        progress=False,
+    )
     hist = tr.fit()
     assert "loss_student" not in hist[0]  # label-free: distillation loss only
     assert hist[-1]["val_top1"] > 85 and hist[-1]["loss_output"] < hist[0]["loss_output"]
@@ -115,9 +131,16 @@ def test_nan_loss_stops_with_step_and_component(tmp_path):
 def test_best_and_last_checkpoints_and_csv(tmp_path):
     train, evalset = blobs()
     d = Distiller(net(), None)
-    tr = Trainer(d, FastLoader(train, 32), FastLoader(evalset, 64, shuffle=False), epochs=2,
-                 checkpoint_dir=tmp_path, progress=False, student_spec={"factory": "x:y"},
-                 input_shape=(1, 8, 8))
+    tr = Trainer(
+        d,
+        FastLoader(train, 32),
+        FastLoader(evalset, 64, shuffle=False),
+        epochs=2,
+        checkpoint_dir=tmp_path,
+        progress=False,
+        student_spec={"factory": "x:y"},
+        input_shape=(1, 8, 8),
+    )
     tr.fit()
     assert {"last.pt", "best.pt", "metrics.csv"} <= {p.name for p in tmp_path.iterdir()}
     assert not list(tmp_path.glob("*.tmp"))
@@ -160,10 +183,16 @@ def test_student_trainer_facade_saves_each_epoch(tmp_path):
     train, evalset = blobs()
     teacher = trained_teacher()
     st = kdkit.StudentTrainer(
-        net(), (FastLoader(train, 32), FastLoader(evalset, 64, shuffle=False)), teacher,
-        opt_params={"optimizer": torch.optim.AdamW, "okwargs": {"lr": 1e-2},
-                    "scheduler": torch.optim.lr_scheduler.CosineAnnealingWarmRestarts,
-                    "skwargs": {"T_0": 10, "T_mult": 2}, "amplevel": None},
+        net(),
+        (FastLoader(train, 32), FastLoader(evalset, 64, shuffle=False)),
+        teacher,
+        opt_params={
+            "optimizer": torch.optim.AdamW,
+            "okwargs": {"lr": 1e-2},
+            "scheduler": torch.optim.lr_scheduler.CosineAnnealingWarmRestarts,
+            "skwargs": {"T_0": 10, "T_mult": 2},
+            "amplevel": None,
+        },
         progress=False,
     )
     hist = st.train(epochs=2, save=str(tmp_path / "ckpt_{}.pth"))

@@ -14,7 +14,10 @@ MEAN, STD = (0.4,), (0.3,)
 def net(width, seed):
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Conv2d(1, width, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
         nn.Linear(4 * width, 5),
     )
 
@@ -28,16 +31,33 @@ def setup(tmp_path):
     )
     views = ViewSampler(seed=3, num_views=2, crop="pad", pad=2, size=10)
     teacher = net(8, seed=1)
-    cache = precompute(teacher, data, tmp_path / "cache", views=views, dtype="fp32",
-                       mean=MEAN, std=STD, batch_size=32, progress=False)
+    cache = precompute(
+        teacher,
+        data,
+        tmp_path / "cache",
+        views=views,
+        dtype="fp32",
+        mean=MEAN,
+        std=STD,
+        batch_size=32,
+        progress=False,
+    )
     return data, views, teacher, cache
 
 
 def train(data, views, teacher, **kw):
     student = net(4, seed=2)
-    tr = Trainer(Distiller(student, teacher, SoftTargetKL(temperature=2.0)),
-                 FastLoader(data, 16, seed=0), epochs=2, views=views, mean=MEAN, std=STD,
-                 progress=False, device="cpu", **kw)
+    tr = Trainer(
+        Distiller(student, teacher, SoftTargetKL(temperature=2.0)),
+        FastLoader(data, 16, seed=0),
+        epochs=2,
+        views=views,
+        mean=MEAN,
+        std=STD,
+        progress=False,
+        device="cpu",
+        **kw,
+    )
     hist = tr.fit()
     return student, hist
 
@@ -45,8 +65,9 @@ def train(data, views, teacher, **kw):
 def test_cached_replay_trains_like_the_live_teacher(setup):
     data, views, teacher, cache = setup
     live, h_live = train(data, views, teacher)
-    cached, h_cached = train(data, views, CachedTeacher(cache, expect_views=views),
-                             cache_check_teacher=teacher)
+    cached, h_cached = train(
+        data, views, CachedTeacher(cache, expect_views=views), cache_check_teacher=teacher
+    )
     assert h_live[-1]["loss_output"] == pytest.approx(h_cached[-1]["loss_output"], rel=1e-5)
     for a, b in zip(live.state_dict().values(), cached.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-5)

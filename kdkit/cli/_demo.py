@@ -20,7 +20,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher-epochs", type=int)
     p.add_argument("--scratch-epochs", type=int)
     p.add_argument("--kd-epochs", type=int)
-    p.add_argument("--temperature", type=float, help="soft-target temperature (default 4)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        help="soft-target temperature (default 1, chosen on a validation split)",
+    )
     p.add_argument("--no-augment", action="store_true", help="no crop/flip views")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
