@@ -57,7 +57,7 @@ class DemoConfig:
 
     teacher_epochs: int = 4
     scratch_epochs: int = 40
-    kd_epochs: int = 4
+    kd_epochs: int = 6
     n_labeled: int = 1000
     batch_size: int = 128
     lr: float = 3e-3
