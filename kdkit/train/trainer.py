@@ -181,15 +181,19 @@ class Trainer:
             return x, y, idx
         raise KDError("batches must be images, (images, labels) or (images, labels, indices)")
 
-    def _input(self, x, index, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _input(
+        self, x, index, epoch: int, augment: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raw batch -> model input; ``augment=False`` (evaluation) skips the views."""
         from kdkit.data.views import prepare_input
 
+        views = self.views if augment else None
         view_ids = None
-        if self.views is not None:
+        if views is not None:
             if index is None:
                 raise KDError("augmentation views need dataset indices: yield (x, y, index)")
-            view_ids = self.views.view_ids(index, epoch)
-        x = prepare_input(x, index, view_ids, self.views, self.mean, self.std, self.device)
+            view_ids = views.view_ids(index, epoch)
+        x = prepare_input(x, index, view_ids, views, self.mean, self.std, self.device)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, view_ids
@@ -329,7 +333,7 @@ class Trainer:
                 x, y, _ = self._unpack(batch)
                 if y is None:
                     raise KDError("evaluation needs labels: yield (images, labels[, indices])")
-                x = self._eval_input(x)
+                x, _ = self._input(x, None, self.epoch, augment=False)
                 y = y.to(self.device)
                 with self.precision.autocast():
                     logits = student(x).float()
@@ -343,14 +347,6 @@ class Trainer:
         if n == 0:
             raise KDError("the evaluation loader holds no labeled samples")
         return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n}
-
-    def _eval_input(self, x: torch.Tensor) -> torch.Tensor:
-        from kdkit.data.views import prepare_input
-
-        x = prepare_input(x, None, None, None, self.mean, self.std, self.device)
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
 
     # -- checkpoints ----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
