@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from kdkit.registry import register_model
+
 __all__ = ["ResNetCNN", "SmallCNN", "fmnist_teacher", "fmnist_student"]
 
 
@@ -86,11 +88,13 @@ class SmallCNN(nn.Module):
         return self.fc(self.pool(self.features(x)))
 
 
+@register_model
 def fmnist_teacher(num_classes: int = 10, in_channels: int = 1) -> ResNetCNN:
     """The demo teacher: about 1.2M parameters."""
     return ResNetCNN(num_classes, in_channels)
 
 
+@register_model
 def fmnist_student(num_classes: int = 10, in_channels: int = 1) -> SmallCNN:
     """The demo student: about 15x fewer parameters than :func:`fmnist_teacher`."""
     return SmallCNN(num_classes, in_channels)

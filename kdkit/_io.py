@@ -1,0 +1,144 @@
+"""Files kdkit writes: one atomic writer and one checksum for the whole package.
+
+Every artifact (checkpoint, cache shard, meta.json, ONNX file, engine, report) is written to a
+temporary name in its final directory, flushed, fsynced and ``os.replace``d into place, so a
+kill at any moment leaves the previous good file or the new verified one, never a torn file.
+A writer that must verify its output first (ONNX export, int8 models) writes through
+:func:`atomic_path`, checks the temporary file, and only then lets it replace the old one.
+
+Temporary names are ``.<name>.kdkit-tmp-<pid>``; :func:`clean_stale_temps` removes those left
+by killed processes the next time a directory is written. Files get the user's umask
+(``mkstemp`` alone would make them 0600).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "TMP_MARKER",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "atomic_torch_save",
+    "clean_stale_temps",
+    "sha256_bytes",
+    "sha256_file",
+]
+
+TMP_MARKER = ".kdkit-tmp-"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Remove temporary files of killed writes in ``directory``; return what was removed.
+
+    A temp file whose writer process is still alive is left alone (another writer at work).
+    """
+    directory = Path(directory)
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    for path in directory.iterdir():
+        name = path.name
+        if TMP_MARKER not in name or not path.is_file():
+            continue
+        pid_text = name.rsplit(TMP_MARKER, 1)[1]
+        pid = int(pid_text) if pid_text.isdigit() else -1
+        if pid == os.getpid() or (pid > 0 and _pid_alive(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, clean: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
+
+    Write (and verify) the file at the yielded path inside the ``with`` block. If the block
+    raises, the temporary file is removed and ``path`` is untouched. The parent directory is
+    created if needed; stale temporaries of killed writers there are cleaned first.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if clean:
+        clean_stale_temps(path.parent)
+    tmp = path.parent / f".{path.name}{TMP_MARKER}{os.getpid()}"
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Atomically write ``data`` to ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through :func:`atomic_path` (torch is imported only here)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
