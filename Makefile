@@ -1,8 +1,10 @@
 # Two commands on a fresh machine:  make demo  (the main job)  and  make test  (the suite).
-# torch/torchvision are pinned in pyproject.toml to releases that install from local disk.
+# pyproject.toml states ranges; constraints.txt pins torch/torchvision to the releases that
+# install from local disk here (-c pins versions, it adds no packages).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
+PIN    := -c constraints.txt
 DEMO_ARGS ?=
 
 .PHONY: demo test install install-dev data lint bench clean
@@ -10,12 +12,12 @@ DEMO_ARGS ?=
 $(PY):
 	python3 -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(PY)
-	$(PIP) install -q -e .
+$(VENV)/.installed: pyproject.toml constraints.txt | $(PY)
+	$(PIP) install -q $(PIN) -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(PY)
-	$(PIP) install -q -e '.[dev]'
+$(VENV)/.installed-dev: pyproject.toml constraints.txt | $(PY)
+	$(PIP) install -q $(PIN) -e '.[dev]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

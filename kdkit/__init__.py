@@ -6,20 +6,24 @@ Train a small, fast student to match a large teacher, then ship the student::
     kdkit.Trainer(d, train_loader, val_loader, epochs=10).fit()
     student = d.export()
 
-Optional backends (ONNX Runtime, TensorRT) are imported only when used.
+The names below are what a user imports; everything else lives in its subpackage
+(``kdkit.data``, ``kdkit.teachers``, ``kdkit.cache``, ``kdkit.bench``...). Other tools' APIs
+(ModelOpt, darklight, Intel Distiller's flags) are in :mod:`kdkit.compat`. Optional backends
+(ONNX Runtime, TensorRT) are imported only when used.
 """
 
-from kdkit.args import KDPolicy, add_distillation_args, distillation_from_args
 from kdkit.balance import LossBalancer
-from kdkit.bench import BenchResult, bench_model, compare, plot_comparison
+from kdkit.bench import bench_model
 from kdkit.cache import CachedTeacher
-from kdkit.capture import Capture, capture
-from kdkit.data import FastLoader, ImageFolderManager, ImageNetManager, ViewSampler
-from kdkit.distiller import Distiller, PairInfo, PairTable
+from kdkit.compat import StudentTrainer, add_distillation_args, distillation_from_args
+from kdkit.data import FastLoader, ImageFolderManager, ViewSampler
+from kdkit.distiller import Distiller
 from kdkit.errors import KDError
-from kdkit.export import ExportReport, export_onnx, load_student
+from kdkit.export import export_onnx
+from kdkit.load import load_model, load_student
 from kdkit.losses import (
     DKD,
+    MGD,
     RKD,
     AttentionTransfer,
     CosineEmbedding,
@@ -28,58 +32,54 @@ from kdkit.losses import (
     SoftTargetKL,
 )
 from kdkit.teachers import (
+    ClipTeacher,
     EnsembleTeacher,
     OnnxTeacher,
     Teacher,
     TeacherOutput,
     TensorRTTeacher,
-    TopK,
     TorchTeacher,
     teacher,
 )
-from kdkit.train import StepOutput, StudentTrainer, Trainer
+from kdkit.train import Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "KDError",
+    # the core: a distiller, its losses and balancer, the loop
     "Distiller",
-    "PairInfo",
-    "PairTable",
     "LossBalancer",
-    "Capture",
-    "capture",
-    "add_distillation_args",
-    "distillation_from_args",
-    "KDPolicy",
+    "Trainer",
+    "KDError",
     "SoftTargetKL",
     "HardLabel",
     "DKD",
     "FeatureMSE",
     "CosineEmbedding",
     "AttentionTransfer",
+    "MGD",
     "RKD",
+    # teachers
+    "teacher",
     "Teacher",
     "TeacherOutput",
-    "TopK",
     "TorchTeacher",
     "OnnxTeacher",
     "TensorRTTeacher",
     "EnsembleTeacher",
+    "ClipTeacher",
     "CachedTeacher",
-    "teacher",
+    # data
     "FastLoader",
     "ViewSampler",
     "ImageFolderManager",
-    "ImageNetManager",
+    # shipping the student
     "export_onnx",
-    "ExportReport",
-    "load_student",
     "bench_model",
-    "BenchResult",
-    "compare",
-    "plot_comparison",
-    "Trainer",
+    "load_model",
+    "load_student",
+    # other tools' entry points (kdkit.compat)
     "StudentTrainer",
-    "StepOutput",
+    "add_distillation_args",
+    "distillation_from_args",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "atomic_torch_save",
+    "check_output_path",
     "clean_stale_temps",
     "sha256_bytes",
     "sha256_file",
@@ -142,3 +143,34 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
+
+
+def check_output_path(
+    path: str | os.PathLike, *, what: str = "the output", directory: bool = False
+) -> Path:
+    """Check, before any work, that ``path`` (a file, or with ``directory`` a folder) can be
+    written: its folder is created and a probe file written and removed there. Raises
+    :class:`~kdkit.errors.KDError` naming the path and the fix; returns ``Path(path)``.
+    """
+    from kdkit.errors import KDError
+
+    path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        raise KDError(f"{what} {path} is an existing file, not a directory; choose a directory")
+    if not directory and path.is_dir():
+        raise KDError(f"{what} {path} is a directory; give a file name inside it")
+    folder = path if directory else path.parent
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise KDError(f"cannot write {what} {path}: {existing} is a file, not a directory")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe{TMP_MARKER}{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise KDError(
+            f"cannot write {what} {path}: {err.strerror or err} ({folder}); choose a writable "
+            "location"
+        ) from None
+    return path

@@ -27,6 +27,14 @@ class LossBalancer:
     - ``warmup_epochs`` ramps the distillation weight linearly from 0 to 1 after
       ``start_epoch``; the trainer sets fractional epochs so the ramp is smooth per step.
     - With no task loss (unlabeled data) the total is the distillation term alone.
+
+    When the user gives no balancer (``Distiller(student, teacher, loss)``), the Distiller
+    uses :meth:`default`: the same 0.5 / 0.5 weighting, except that **one pair with no
+    student loss gives that pair's raw loss** (weight 1, not 0.5). That is ModelOpt's rule:
+    "if distillation loss is only applied to a single pair of layer outputs, and no student
+    loss is available, a loss balancer should not be provided"; the loss then reaches the
+    optimizer exactly as written. An explicit ``LossBalancer(...)`` always applies its
+    weights.
     """
 
     def __init__(
@@ -51,6 +59,14 @@ class LossBalancer:
         self.start_epoch = float(start_epoch)
         self.warmup_epochs = float(warmup_epochs)
         self.epoch = 0.0
+        self._implicit = False
+
+    @classmethod
+    def default(cls) -> LossBalancer:
+        """The balancer a Distiller uses when none is given (see the class docstring)."""
+        balancer = cls()
+        balancer._implicit = True
+        return balancer
 
     def set_epoch(self, epoch: float) -> None:
         """Tell the schedule where training is (fractional epochs allowed)."""
@@ -88,6 +104,8 @@ class LossBalancer:
                     f"epoch {self.start_epoch:g} and no student (task) loss was given"
                 )
             return student_loss
+        if self._implicit and student_loss is None and len(distill_losses) == 1:
+            return next(iter(distill_losses.values()))
         kd = sum(self.weight_for(k, pairs.get(k)) * v for k, v in distill_losses.items())
         total = self.distill_weight * self.ramp() * kd
         if student_loss is not None:

@@ -4,9 +4,10 @@
 kdkit's own teacher backends, so the numbers are those of the code path we ship:
 ``"eager"`` and ``"compiled"`` (:class:`TorchTeacher`, fp32, without / with
 ``torch.compile``), ``"ort"`` (:class:`OnnxTeacher`, the model exported with
-:func:`kdkit.export_onnx`) and ``"tensorrt"`` (:class:`TensorRTTeacher`, fp16). :func:`compare` turns a
-teacher's and a student's results into a Markdown table and a one-line summary;
-:func:`plot_comparison` draws them.
+:func:`kdkit.export_onnx`), ``"ort-int8"`` (the same file statically quantized to int8 by
+:mod:`kdkit.teachers.quantize`, calibrated on random inputs) and ``"tensorrt"``
+(:class:`TensorRTTeacher`, fp16). :func:`compare` turns a teacher's and a student's results
+into a Markdown table and a one-line summary; :func:`plot_comparison` draws them.
 
 Method. Each (backend, batch) is warmed up, then timed ``repeats`` times, one call per
 timing with the device synchronised after it; throughput is ``batch / median(call time)``,
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdkit._io import atomic_path
 from kdkit.capture import unwrap
 from kdkit.errors import KDError
 
@@ -56,11 +58,12 @@ __all__ = [
     "plot_comparison",
     "results_to_json",
     "describe_device",
+    "resolve_model",
 ]
 
 log = logging.getLogger(__name__)
 
-BENCH_BACKENDS = ("eager", "compiled", "ort", "tensorrt")
+BENCH_BACKENDS = ("eager", "compiled", "ort", "ort-int8", "tensorrt")
 
 
 @dataclass
@@ -103,27 +106,57 @@ class _Source:
     input_shape: tuple[int, ...] | None = None
 
 
-def _resolve(obj: Any, name: str | None) -> _Source:
-    """A module, an .onnx / .engine path, a kdkit checkpoint, or ``"pkg.mod:factory"``."""
+def _resolve(obj: Any, name: str | None, trust_code: bool = False) -> _Source:
+    """A module, an .onnx / .engine path, a kdkit checkpoint, or a model spec such as
+    ``"kdkit:fmnist_teacher"`` / ``"torchvision:resnet18"`` (random weights)."""
+    if isinstance(obj, _Source):
+        return obj
     if isinstance(obj, nn.Module):
         return _Source(name or type(unwrap(obj)).__name__, module=unwrap(obj))
     if not isinstance(obj, (str, os.PathLike)):
         raise KDError(f"cannot benchmark {type(obj).__name__}; give a module or a path")
-    from kdkit.export import build_from_spec, load_student
+    from kdkit.load import load_model, spec_from_text
+    from kdkit.registry import build_model
 
     path = Path(obj)
-    if not path.exists() and ":" in str(obj):  # a factory spec, random weights
-        return _Source(name or str(obj).rsplit(":", 1)[-1], module=build_from_spec(str(obj)))
+    if not path.exists() and ":" in str(obj):  # a model spec, random weights
+        spec = spec_from_text(str(obj), where=f"model {str(obj)!r}")
+        return _Source(name or spec.name, module=build_model(spec, trust_code=trust_code))
     if not path.is_file():
-        raise KDError(f"no model file at {path} (and not a 'package.module:factory' spec)")
+        raise KDError(
+            f"no model file at {path} (and not a model spec such as 'kdkit:fmnist_student')"
+        )
     suffix = path.suffix.lower()
     if suffix == ".onnx":
+        _check_onnx(path)
         return _Source(name or path.stem, onnx=path)
     if suffix in (".engine", ".plan"):
         return _Source(name or path.stem, engine=path)
-    module, meta = load_student(path)
+    module, meta = load_model(path, trust_code=trust_code)
     shape = tuple(meta["input_shape"]) if meta.get("input_shape") else None
     return _Source(name or path.stem, module=module, input_shape=shape)
+
+
+def _check_onnx(path: Path) -> None:
+    """A truncated or foreign .onnx is refused when named, not deep inside a measurement."""
+    try:
+        import onnx
+    except ImportError:  # onnxruntime alone: its session load will say it
+        return
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError and friends
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise KDError(
+            f"{path} is not a readable ONNX model ({first[:200]}); it may be truncated or "
+            "another file: export it again"
+        ) from None
+
+
+def resolve_model(obj: Any, name: str | None = None, *, trust_code: bool = False) -> _Source:
+    """Load what :func:`bench_model` would measure, without measuring it: lets a caller
+    refuse a bad second model before spending minutes on the first."""
+    return _resolve(obj, name, trust_code)
 
 
 def _count_params(src: _Source) -> int | None:
@@ -140,6 +173,14 @@ def _count_params(src: _Source) -> int | None:
     return None
 
 
+def _shape_error(what: str, shape: tuple[int, ...], err: Exception) -> KDError:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return KDError(
+        f"{what} does not run on input (N, {', '.join(map(str, shape))}): {first[:200]}; "
+        "pass the model's own --input-shape / input_shape"
+    )
+
+
 def _count_flops(module: nn.Module | None, shape: tuple[int, ...]) -> float | None:
     if module is None:
         return None
@@ -152,6 +193,8 @@ def _count_flops(module: nn.Module | None, shape: tuple[int, ...]) -> float | No
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             module(x)
+    except RuntimeError as err:
+        raise _shape_error(type(module).__name__, shape, err) from None
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -253,7 +296,7 @@ def _build_runner(
             return None
         module = copy.deepcopy(src.module).to(device)
         return TorchTeacher(module, compile=backend == "compiled")
-    if backend == "ort":
+    if backend in ("ort", "ort-int8"):  # ort-int8: onnx_path is the int8 file (_int8_for)
         from kdkit.teachers.onnx_teacher import default_providers, import_onnxruntime
 
         providers = default_providers(import_onnxruntime(), device)
@@ -266,6 +309,26 @@ def _build_runner(
             return TensorRTTeacher.from_engine(src.engine, device=device)
         return TensorRTTeacher(onnx_path, max_batch=max_batch, device=device)
     raise KDError(f"unknown backend {backend!r}; choose from {list(BENCH_BACKENDS)}")
+
+
+def _int8_for(onnx_path: Path, shape: tuple[int, ...], workdir: Path) -> Path:
+    """The ONNX file quantized to int8 (:mod:`kdkit.teachers.quantize`), calibrated on random
+    inputs: bench models may have random weights and only speed is measured here; training
+    calibrates on real images behind the fidelity gate."""
+    from kdkit.teachers.calibration import Calibration, CalibrationArrays
+    from kdkit.teachers.onnx_teacher import import_onnxruntime, load_session
+    from kdkit.teachers.quantize import int8_model
+
+    ort = import_onnxruntime()
+    x = torch.randn((64, *shape), generator=torch.Generator().manual_seed(0)).numpy()
+    model = int8_model(
+        onnx_path,
+        CalibrationArrays(x, x[:1]),
+        Calibration(x, samples=len(x)),
+        lambda p: load_session(p, ["CPUExecutionProvider"], ort),
+        cache_dir=workdir,
+    )
+    return model.path
 
 
 def _time_calls(run: Runner, x: torch.Tensor, warmup: int, repeats: int) -> np.ndarray:
@@ -293,6 +356,8 @@ def _skip_reason(src: _Source, backend: str, device: torch.device) -> str | None
             return "TensorRT runs on CUDA devices only"
         if importlib.util.find_spec("tensorrt") is None:
             return "tensorrt is not installed (pip install kdkit[tensorrt])"
+    if backend == "ort-int8" and device.type != "cpu":
+        return "int8 on a GPU is TensorRT's (TensorRTTeacher(precision='int8'))"
     if src.engine is not None and backend != "tensorrt":
         return "a TensorRT engine runs only on the tensorrt backend"
     return None
@@ -309,27 +374,37 @@ def bench_model(
     warmup: int = 3,
     name: str | None = None,
     threads: int | None = None,
+    trust_code: bool = False,
 ) -> list[BenchResult]:
     """Measure ``model_or_path`` on each backend and batch size (see the module docstring).
 
     ``model_or_path``: an ``nn.Module``, an ``.onnx`` or ``.engine`` path, a kdkit
-    checkpoint (its ``input_shape`` is used when ``input_shape`` is None), or a
-    ``"package.module:factory"`` spec (random weights). Backends that cannot run here (no
-    module for eager, no GPU for TensorRT...) are skipped with a log message. ``threads``
-    sets PyTorch's and ONNX Runtime's CPU threads for the measurement (default: theirs).
+    checkpoint (its ``input_shape`` is used when ``input_shape`` is None), or a model spec
+    such as ``"kdkit:fmnist_student"`` (random weights; ``python:`` specs and checkpoints
+    naming them need ``trust_code=True``). Backends that cannot run here (no module for
+    eager, no GPU for TensorRT...) are skipped with a log message. ``threads`` sets
+    PyTorch's and ONNX Runtime's CPU threads for the measurement (default: theirs).
     """
-    src = _resolve(model_or_path, name)
-    shape = tuple(input_shape) if input_shape is not None else src.input_shape
-    if not shape:
-        raise KDError(f"give input_shape=(C, H, W) for {src.name}")
     for b in backends:
         if b not in BENCH_BACKENDS:
             raise KDError(f"unknown backend {b!r}; choose from {list(BENCH_BACKENDS)}")
-    if repeats < 1 or not batch_sizes or min(batch_sizes) < 1:
-        raise KDError("need repeats >= 1 and batch sizes >= 1")
-    device = torch.device(device)
+    if repeats < 1 or warmup < 0 or not batch_sizes or min(batch_sizes) < 1:
+        raise KDError(
+            f"need repeats >= 1, warmup >= 0 and batch sizes >= 1; got repeats={repeats}, "
+            f"warmup={warmup}, batch_sizes={list(batch_sizes)}"
+        )
+    if threads is not None and threads < 1:
+        raise KDError(f"threads must be >= 1 (or None for the default), got {threads}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise KDError(f"device {device!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KDError("device='cuda' but no CUDA device is visible")
+    src = _resolve(model_or_path, name, trust_code)
+    shape = tuple(input_shape) if input_shape is not None else src.input_shape
+    if not shape or any(int(d) < 1 for d in shape):
+        raise KDError(f"give input_shape=(C, H, W) with positive sizes for {src.name}")
     plan = _Plan(device, shape, sorted(set(batch_sizes)), warmup, repeats, threads)
     counts = (_count_params(src), _count_flops(src.module, shape))
     results: list[BenchResult] = []
@@ -344,8 +419,10 @@ def bench_model(
                     log.warning("%s: skipping %s: %s", src.name, backend, reason)
                     continue
                 onnx_path = None
-                if backend in ("ort", "tensorrt") and src.engine is None:
+                if backend in ("ort", "ort-int8", "tensorrt") and src.engine is None:
                     onnx_path = _onnx_for(src, shape, Path(workdir))  # outside the memory window
+                if backend == "ort-int8" and onnx_path is not None:
+                    onnx_path = _int8_for(onnx_path, shape, Path(workdir))
                 results += _bench_backend(src, backend, plan, onnx_path, counts)
     finally:
         torch.set_num_threads(saved_threads)
@@ -380,7 +457,12 @@ def _bench_backend(
     for b in plan.batch_sizes:
         x = torch.randn((b, *plan.shape), device=plan.device)
         memory.reset_peak()
-        times = _time_calls(runner, x, plan.warmup, plan.repeats)
+        try:
+            times = _time_calls(runner, x, plan.warmup, plan.repeats)
+        except KDError:
+            raise
+        except Exception as err:  # onnxruntime / TensorRT raise their own types
+            raise _shape_error(f"{src.name} ({backend})", plan.shape, err) from None
         out.append(
             BenchResult(
                 model=src.name,
@@ -515,6 +597,6 @@ def plot_comparison(
     fig.suptitle(title or f"teacher vs student on {device}", fontsize=11)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path

@@ -13,9 +13,9 @@ validation-split sweeps that chose them).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdkit._io import atomic_write_json, check_output_path, sha256_bytes
 from kdkit.balance import LossBalancer
 from kdkit.distiller import Distiller
 from kdkit.errors import KDError
@@ -37,15 +38,19 @@ log = logging.getLogger(__name__)
 
 RECIPE_VERSION = 1
 INPUT_SHAPE = (1, 28, 28)
-TEACHER_SPEC = {"factory": "kdkit.models:fmnist_teacher", "kwargs": {}}
-STUDENT_SPEC = {"factory": "kdkit.models:fmnist_student", "kwargs": {}}
+TEACHER_SPEC = {"model": "kdkit:fmnist_teacher", "kwargs": {}}
+STUDENT_SPEC = {"model": "kdkit:fmnist_student", "kwargs": {}}
 
 
-def _spec_state(model: nn.Module, spec: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """A checkpoint payload that ``kdkit export`` / ``kdkit.load_student`` can rebuild."""
+def _spec_state(
+    model: nn.Module, spec: dict[str, Any], role: str = "student", **extra: Any
+) -> dict[str, Any]:
+    """A checkpoint payload that ``kdkit export`` / ``kdkit.load_model`` can rebuild; the
+    weights sit under ``role`` ("student" or "teacher"), the spec under ``<role>_spec``."""
     return {
-        "student": model.state_dict(),
-        "student_spec": spec,
+        "role": role,
+        role: model.state_dict(),
+        f"{role}_spec": spec,
         "input_shape": list(INPUT_SHAPE),
         **extra,
     }
@@ -74,6 +79,26 @@ class DemoConfig:
     #: "onnx" runs the frozen teacher with ONNX Runtime (2-2.4x eager on this CPU, see
     #: docs/benchmarks.md), darklight's idea of an accelerated teacher; "torch" runs it eager.
     teacher_backend: str = "onnx"
+
+    def __post_init__(self) -> None:
+        counts = {
+            "teacher_epochs": self.teacher_epochs,
+            "scratch_epochs": self.scratch_epochs,
+            "kd_epochs": self.kd_epochs,
+            "n_labeled": self.n_labeled,
+            "batch_size": self.batch_size,
+        }
+        bad = {k: v for k, v in counts.items() if not isinstance(v, int) or v < 1}
+        if bad:
+            raise KDError(f"demo options must be integers >= 1, got {bad}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise KDError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise KDError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.teacher_backend not in ("onnx", "torch"):
+            raise KDError(
+                f"teacher_backend must be 'onnx' or 'torch', got {self.teacher_backend!r}"
+            )
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
@@ -146,7 +171,7 @@ def train_model(
         student_spec=spec,
         input_shape=INPUT_SHAPE,
     )
-    history = trainer.fit(resume=checkpoint_dir is not None)
+    history = trainer.fit(resume="auto" if checkpoint_dir is not None else False)
     return history, history[-1]["val_top1"]
 
 
@@ -162,7 +187,7 @@ def _fingerprint(cfg: DemoConfig, data_fp: str) -> str:
         "augment": cfg.augment,
         "data": data_fp,
     }
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    return sha256_bytes(json.dumps(recipe, sort_keys=True).encode())[:16]
 
 
 def _teacher(cfg: DemoConfig, train_set: Any, test_set: Any) -> RunResult:
@@ -174,7 +199,8 @@ def _teacher(cfg: DemoConfig, train_set: Any, test_set: Any) -> RunResult:
     model = fmnist_teacher()
     if cached.exists() and not cfg.retrain:
         state = load_checkpoint(cached)
-        model.load_state_dict(state["student"])
+        # role "teacher" since format version 2; older files kept the weights under "student"
+        model.load_state_dict(state.get("teacher", state.get("student")))
         log.info("teacher: reusing %s (test top-1 %.2f%%)", cached, state["test_top1"])
         data = f"{len(train_set):,} labels"
         return RunResult("teacher", data, model, state["test_top1"], state["history"], 0.0)
@@ -185,7 +211,8 @@ def _teacher(cfg: DemoConfig, train_set: Any, test_set: Any) -> RunResult:
     run_dir = cached.with_suffix(".run")
     history, top1 = train_model(model, train_set, test_set, cfg.teacher_epochs, cfg, None, run_dir)
     elapsed = time.perf_counter() - start
-    save_checkpoint(cached, {"student": model.state_dict(), "test_top1": top1, "history": history})
+    state = {"teacher": model.state_dict(), "test_top1": top1, "history": history}
+    save_checkpoint(cached, state, role="teacher")
     return RunResult("teacher", f"{len(train_set):,} labels", model, top1, history, elapsed)
 
 
@@ -218,6 +245,8 @@ def run_demo(cfg: DemoConfig) -> Path:
     from kdkit.report import write_report
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = check_output_path(cfg.out_dir, what="the demo's out_dir", directory=True)
+    check_output_path(cfg.cache_dir, what="the demo's cache_dir", directory=True)
     train_set, test_set = load_fashion_mnist("train"), load_fashion_mnist("test")
     teacher = _teacher(cfg, train_set, test_set)
     labeled, unlabeled = split_labeled(train_set, cfg.n_labeled, seed=cfg.seed)
@@ -234,9 +263,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         cfg,
         teacher=fast_teacher(teacher.model, cfg),
     )
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    atomic_write_json(out / "config.json", asdict(cfg))
     save_checkpoint(out / "student.pt", _spec_state(kd.model, STUDENT_SPEC, test_top1=kd.test_top1))
-    save_checkpoint(out / "teacher.pt", _spec_state(teacher.model, TEACHER_SPEC))
+    save_checkpoint(out / "teacher.pt", _spec_state(teacher.model, TEACHER_SPEC, role="teacher"))
     return write_report([teacher, scratch, kd], out)

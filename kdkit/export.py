@@ -1,4 +1,4 @@
-"""Ship the student: ONNX export verified against ONNX Runtime, and checkpoint loading.
+"""Ship the student: ONNX export verified against ONNX Runtime before it replaces anything.
 
 ``export_onnx`` writes a model with a dynamic batch axis and checks it right away: the same
 random batch goes through PyTorch and ONNX Runtime and the largest absolute difference is
@@ -16,11 +16,10 @@ release and already has LayerNormalization. ``dynamo=True`` selects the new expo
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
+import math
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,16 +29,29 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdkit._fingerprint import module_fingerprint
+from kdkit._io import atomic_path, check_output_path, sha256_file
+from kdkit._ort import import_onnxruntime
 from kdkit.capture import unwrap
 from kdkit.errors import KDError
+from kdkit.load import load_model, load_student
 
-__all__ = ["ExportReport", "export_onnx", "load_student", "DEFAULT_OPSET", "ONNX_FORMAT_VERSION"]
+__all__ = [
+    "ExportReport",
+    "export_onnx",
+    "load_model",
+    "load_student",
+    "DEFAULT_OPSET",
+    "ONNX_FORMAT_VERSION",
+]
 
 log = logging.getLogger(__name__)
 
 #: opset of the TorchScript exporter (see the module docstring for the measurements)
 DEFAULT_OPSET = 17
 _DYNAMO_DEFAULT_OPSET = 18
+#: opsets the exporters accept (the TorchScript exporter refuses < 7; ONNX 1.17 stops at 23)
+_MIN_OPSET, _MAX_OPSET = 7, 23
 #: written into the ONNX file's metadata as ``kdkit.format_version``
 ONNX_FORMAT_VERSION = 1
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -71,12 +83,6 @@ class ExportReport:
             f"{self.exporter} exporter, input (N, {', '.join(map(str, self.input_shape))})); "
             f"max abs diff vs PyTorch at batch {self.verify_batch}: {diff}"
         )
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
@@ -155,11 +161,27 @@ def _stamp_metadata(path: Path, props: dict[str, str]) -> None:
     onnx.save(proto, str(path))
 
 
-def _verify(model: nn.Module, path: Path, shape: tuple[int, ...], batch: int) -> float:
-    from kdkit.teachers.onnx_teacher import import_onnxruntime, load_session
+def _check_opset_atol(opset: int, atol: float) -> None:
+    if not isinstance(opset, int) or not _MIN_OPSET <= opset <= _MAX_OPSET:
+        raise KDError(
+            f"opset must be an integer in [{_MIN_OPSET}, {_MAX_OPSET}] (default "
+            f"{DEFAULT_OPSET}), got {opset!r}"
+        )
+    if not (isinstance(atol, (int, float)) and math.isfinite(atol) and atol >= 0):
+        raise KDError(f"atol must be a finite number >= 0, got {atol!r}")
 
+
+def _verify(model: nn.Module, path: Path, shape: tuple[int, ...], batch: int, label: Path) -> float:
+    """Max abs difference between ONNX Runtime (the file at ``path``) and PyTorch."""
     ort = import_onnxruntime()
-    session = load_session(path, ["CPUExecutionProvider"], ort)
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise KDError(
+            f"ONNX Runtime cannot load the exported {label.name} ({first[:300]}); {label} was "
+            "left as it was"
+        ) from None
     device, dtype = _model_device_dtype(model)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((batch, *shape), generator=gen).to(dtype)
@@ -169,7 +191,7 @@ def _verify(model: nn.Module, path: Path, shape: tuple[int, ...], batch: int) ->
     got = torch.from_numpy(got).float()
     if got.shape != ref.shape:
         raise KDError(
-            f"{path}: ONNX Runtime returned shape {tuple(got.shape)} at batch {batch}, PyTorch "
+            f"{label}: ONNX Runtime returned shape {tuple(got.shape)} at batch {batch}, PyTorch "
             f"{tuple(ref.shape)}; the batch axis may have been traced as a constant"
         )
     return float((got - ref).abs().max())
@@ -194,168 +216,64 @@ def export_onnx(
     metadata. With ``verify`` (fp32 models), a batch of 3 (the export traces batch 2) goes
     through both runtimes; a max abs difference above ``atol`` raises :class:`KDError`.
     """
-    from kdkit.teachers.torch_teacher import module_fingerprint
-
     shape = _check_shape(input_shape)
-    model = unwrap(model)
     opset = opset or (_DYNAMO_DEFAULT_OPSET if dynamo else DEFAULT_OPSET)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _check_opset_atol(opset, atol)
+    model = unwrap(model)
+    path = check_output_path(path, what="the ONNX file")
     device, dtype = _model_device_dtype(model)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".onnx.tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        x = torch.randn((2, *shape), device=device, dtype=dtype)
-        with torch.no_grad():
-            try:
-                _torch_export(model, x, tmp, opset, dynamo)
-            except KDError:
-                raise
-            except Exception as err:
-                raise KDError(
-                    f"ONNX export of {type(model).__name__} failed at opset {opset}: {err}"
-                ) from err
-        _stamp_metadata(
-            tmp,
-            {
-                "kdkit.format_version": str(ONNX_FORMAT_VERSION),
-                "kdkit.model_fingerprint": module_fingerprint(model),
-                "kdkit.model_class": type(model).__qualname__,
-                "kdkit.input_shape": ",".join(map(str, shape)),
-            },
-        )
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual mode
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        for m, mode in modes.items():
-            m.training = mode
-    diff = None
     if verify and dtype != torch.float32:
         log.warning(
             "%s: %s weights; ONNX Runtime verification runs for fp32 models only", path, dtype
         )
-    elif verify:
-        modes = {m: m.training for m in model.modules()}
-        model.eval()
-        try:
-            diff = _verify(model, path, shape, batch=3)
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
-        if diff > atol:
-            raise KDError(
-                f"{path}: ONNX Runtime differs from PyTorch by {diff:.3g} (> atol={atol:g}); "
-                "the export is not faithful (try another opset, or dynamo=True)"
+    verify = verify and dtype == torch.float32
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    diff = None
+    try:
+        # the file replaces ``path`` only after it was written, stamped and verified
+        with atomic_path(path) as tmp:
+            x = torch.randn((2, *shape), device=device, dtype=dtype)
+            with torch.no_grad():
+                try:
+                    _torch_export(model, x, tmp, opset, dynamo)
+                except KDError:
+                    raise
+                except Exception as err:
+                    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                    raise KDError(
+                        f"ONNX export of {type(model).__name__} failed at opset {opset} "
+                        f"({first[:300]}); {path} was left as it was"
+                    ) from err
+            _stamp_metadata(
+                tmp,
+                {
+                    "kdkit.format_version": str(ONNX_FORMAT_VERSION),
+                    "kdkit.model_fingerprint": module_fingerprint(model),
+                    "kdkit.model_class": type(model).__qualname__,
+                    "kdkit.input_shape": ",".join(map(str, shape)),
+                },
             )
-    data = path.read_bytes()
+            if verify:
+                diff = _verify(model, tmp, shape, batch=3, label=path)
+                if diff > atol:
+                    raise KDError(
+                        f"{path}: ONNX Runtime differs from PyTorch by {diff:.3g} (> atol="
+                        f"{atol:g}); the export is not faithful (try another opset, or "
+                        f"dynamo=True); {path} was left as it was"
+                    )
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
     report = ExportReport(
         path=path,
         opset=opset,
         max_abs_diff=diff,
         input_shape=shape,
-        size_bytes=len(data),
+        size_bytes=path.stat().st_size,
         exporter="dynamo" if dynamo else "torchscript",
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=sha256_file(path),
         verify_batch=3,
     )
     log.info("%s", report.summary())
     return report
-
-
-# -- checkpoints -> student modules -------------------------------------------------------
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _resolve_factory(spec: str) -> Any:
-    """``"package.module:callable"`` (the callable may be dotted: ``"pkg.mod:Class.build"``)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise KDError(f"factory spec must look like 'package.module:callable', got {spec!r}")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as err:
-        raise KDError(f"cannot import {module_name!r} for factory {spec!r}: {err}") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise KDError(f"{module_name!r} has no attribute {attr!r} (factory {spec!r})")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise KDError(f"factory {spec!r} is not callable")
-    return obj
-
-
-def build_from_spec(spec: dict[str, Any] | str) -> nn.Module:
-    """Build a module from ``{"factory": "pkg.mod:fn", "kwargs": {...}}`` or ``"pkg.mod:fn"``."""
-    if isinstance(spec, str):
-        spec = {"factory": spec, "kwargs": {}}
-    if not isinstance(spec, dict) or not isinstance(spec.get("factory"), str):
-        raise KDError(f"student_spec must be {{'factory': 'pkg.mod:fn', 'kwargs': {{}}}}: {spec!r}")
-    kwargs = spec.get("kwargs") or {}
-    module = _resolve_factory(spec["factory"])(**kwargs)
-    if not isinstance(module, nn.Module):
-        raise KDError(f"factory {spec['factory']!r} returned {type(module).__name__}, not a module")
-    return module
-
-
-def _strip_wrappers(state: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key, value in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix) :], True
-        out[key.replace("._orig_mod.", ".")] = value
-    return out
-
-
-def _holds_tensors(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return True
-    if isinstance(value, dict):
-        return any(_holds_tensors(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_holds_tensors(v) for v in value)
-    return False
-
-
-def load_student(checkpoint_path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the trained student from a trainer checkpoint: ``(module in eval mode, meta)``.
-
-    The checkpoint (``torch.load(weights_only=True)``) must have ``format ==
-    "kdkit-checkpoint"``, ``student`` (a state dict) and ``student_spec`` (``{"factory":
-    "pkg.mod:callable", "kwargs": {...}}``); the factory is imported and called, then the
-    weights are loaded strictly. ``meta`` holds the checkpoint's plain values
-    (``input_shape``, ``student_spec``, ``mean``/``std``, ``epoch``...), not its state dicts.
-    """
-    from kdkit.train.checkpoint import load_checkpoint
-
-    path = Path(checkpoint_path)
-    ckpt = load_checkpoint(path)
-    missing = [k for k in ("student", "student_spec") if ckpt.get(k) is None]
-    if missing:
-        raise KDError(
-            f"{path} has no {' / '.join(missing)}; it was not written by a Trainer that knows "
-            "how to rebuild the student (pass student_spec= to the Trainer)"
-        )
-    if not isinstance(ckpt["student"], dict):
-        raise KDError(f"{path}: 'student' is {type(ckpt['student']).__name__}, not a state dict")
-    module = build_from_spec(ckpt["student_spec"])
-    spec = ckpt["student_spec"]
-    factory = spec.get("factory") if isinstance(spec, dict) else spec
-    try:
-        result = module.load_state_dict(_strip_wrappers(ckpt["student"]), strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise KDError(f"{path}: the weights do not fit {factory}: {err}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise KDError(
-            f"{path}: the weights do not fit {factory}: missing "
-            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
-    meta = {k: v for k, v in ckpt.items() if k != "student" and not _holds_tensors(v)}
-    return module.eval(), meta

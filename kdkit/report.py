@@ -1,4 +1,5 @@
-"""The demo's report: a Markdown table of accuracy and speed, and a plot per epoch."""
+"""Reports: the demo's accuracy / speed table and plot, and a ``kdkit train`` run's table and
+curves (train loss, val top-1, the teacher's top-1 as a line)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kdkit._io import atomic_path, atomic_write_text
+
 log = logging.getLogger(__name__)
 
-__all__ = ["write_report", "accuracy_table", "plot_accuracy"]
+__all__ = [
+    "write_report",
+    "accuracy_table",
+    "plot_accuracy",
+    "plot_run_curves",
+    "run_report_text",
+]
 
 
 def _speed(model: Any, input_shape: tuple[int, ...]) -> dict[str, float]:
@@ -72,7 +81,8 @@ def plot_accuracy(results: Sequence[Any], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
 
@@ -88,11 +98,83 @@ def write_report(results: Sequence[Any], out_dir: Path) -> Path:
         f"    kdkit export {out_dir / 'student.pt'} --onnx {out_dir / 'student.onnx'}\n"
         f"    kdkit bench --teacher {out_dir / 'teacher.pt'} --student {out_dir / 'student.pt'}\n"
     )
-    report.write_text(
+    atomic_write_text(
+        report,
         "# kdkit demo: Fashion-MNIST\n\n"
         + table
         + f"\n\n![accuracy per epoch]({plot.name})\n\n"
-        + next_steps
+        + next_steps,
     )
     log.info("\n%s\n\nreport: %s\nplot:   %s", table, report, plot)
     return report
+
+
+# -- `kdkit train` run reports ----------------------------------------------------------------
+
+
+def plot_run_curves(
+    history: Sequence[dict[str, Any]], path: Path, teacher_top1: float | None = None
+) -> Path:
+    """Train loss and val top-1 per epoch (two panels); the teacher's top-1 as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=110)
+    for key in sorted({k for h in history for k in h if k.startswith("loss_")}):
+        ax_loss.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o",
+                     label=key.removeprefix("loss_"))  # fmt: skip
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("train loss (epoch mean)")
+    ax_loss.legend(fontsize=8)
+    acc = [h.get("val_top1", float("nan")) for h in history]
+    ax_acc.plot(epochs, acc, marker="o", label="student")
+    if teacher_top1 is not None:
+        ax_acc.axhline(teacher_top1, color="gray", ls="--", label=f"teacher {teacher_top1:.2f}%")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("val top-1 (%)")
+    ax_acc.legend(fontsize=8, loc="lower right")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def run_report_text(
+    name: str,
+    history: Sequence[dict[str, Any]],
+    rows: Sequence[tuple[str, str, str, str]],
+    notes: Sequence[str] = (),
+) -> str:
+    """Markdown of a run: the final table (model, params, val top-1, val top-5) + curves."""
+    lines = [
+        f"# kdkit run: {name}",
+        "",
+        "| model | params | val top-1 (%) | val top-5 (%) |",
+        "|---|---:|---:|---:|",
+        *(f"| {m} | {p} | {t1} | {t5} |" for m, p, t1, t5 in rows),
+        "",
+        "| epoch | " + " | ".join(k for k in _columns(history)) + " |",
+        "|---:|" + "---:|" * len(_columns(history)),
+    ]
+    for h in history:
+        cells = [_fmt(h.get(k)) for k in _columns(history)]
+        lines.append(f"| {h['epoch'] + 1} | " + " | ".join(cells) + " |")
+    lines += ["", "![train loss and val top-1 per epoch](curves.png)", "", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def _columns(history: Sequence[dict[str, Any]]) -> list[str]:
+    keys = [k for k in (history[0] if history else {}) if k.startswith(("loss_", "val_"))]
+    return keys + [k for k in ("epoch_time_s", "img_per_s") if history and k in history[0]]
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)

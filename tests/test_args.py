@@ -37,7 +37,10 @@ def test_policy_drives_a_distiller():
     x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
     out = d(x)
     loss = d.compute_loss(torch.nn.functional.cross_entropy(out, y))
-    assert loss.requires_grad and set(d.last_losses) == {"output", "student", "total"}
+    comps = d.last_losses
+    assert loss.requires_grad and set(comps) == {"output", "output_unscaled", "student", "total"}
+    assert comps["output_unscaled"] == pytest.approx(comps["output"] / 4)  # logged without T^2
+    assert policy.teacher is None  # no --kd-teacher / --kd-resume given
 
 
 def test_teacher_weight_must_be_zero():

@@ -414,7 +414,8 @@ def test_cli_precompute_and_check_a_checkpoint_teacher(tmp_path, capsys, monkeyp
     ckpt = tmp_path / "teacher.pt"
     torch.save({"student": _teacher().state_dict()}, ckpt)  # a demo-style checkpoint
     out = tmp_path / "cache"
-    teacher_args = ["--teacher", str(ckpt), "--arch", "tiny_teacher:build", "--device", "cpu"]
+    arch = "python:tiny_teacher:build"  # the test's own code: needs --trust-code
+    teacher_args = ["--teacher", str(ckpt), "--arch", arch, "--device", "cpu", "--trust-code"]
     args = ["precompute", *teacher_args, "--data", "tiny", "--views", "2", "--pad", "1"]
     args += ["--topk", "3", "--out", str(out), "--no-progress"]
     assert cli_main(args) == 0
@@ -429,7 +430,7 @@ def test_cli_precompute_and_check_a_checkpoint_teacher(tmp_path, capsys, monkeyp
     assert "disagrees with the live teacher" in capsys.readouterr().err
     wrong = ["--teacher", str(ckpt), "--arch", "kdkit.models:fmnist_student"]
     assert cli_main(["cache", "check", str(out), *wrong]) == 2
-    assert "does not fit the teacher architecture" in capsys.readouterr().err
+    assert "the weights do not fit SmallCNN" in capsys.readouterr().err
 
 
 def test_cli_loads_fashion_mnist_with_its_statistics():

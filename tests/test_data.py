@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Subset
 
+from kdkit.compat import ImageNetManager
 from kdkit.data import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_MEAN,
@@ -18,7 +19,6 @@ from kdkit.data import (
     ArrayDataset,
     FastLoader,
     ImageFolderManager,
-    ImageNetManager,
     concat,
     holdout,
     load_fashion_mnist,

@@ -47,7 +47,8 @@ def test_compute_loss_components_and_gradients():
     loss = d.compute_loss(F.cross_entropy(out, y))
     loss.backward()
     comps = d.last_losses
-    assert set(comps) == {"output", "body<-body", "student", "total"}
+    assert set(comps) == {"output", "output_unscaled", "body<-body", "student", "total"}
+    assert comps["output_unscaled"] == pytest.approx(comps["output"] / 4)  # T = 2
     expected = 0.5 * (comps["output"] + comps["body<-body"]) + 0.5 * comps["student"]
     assert comps["total"] == pytest.approx(expected, rel=1e-6)
     assert all(p.grad is not None for p in s.parameters())

@@ -1,20 +1,27 @@
-"""Two gloo processes on the CPU: DDP keeps the students identical and the teacher unwrapped."""
+"""Two gloo processes on the CPU, started once for the whole module (~3 s of torch import per
+process): DDP trains the student and a lazy adapter identically on both ranks, the teacher is
+never wrapped, only rank 0 writes files, and an image folder is read one shard per rank."""
 
-import os
+from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 from torch import nn
+from torch.utils.data import DistributedSampler
 
-from kdkit import Distiller, FeatureMSE, SoftTargetKL, Trainer
-from kdkit.data import ArrayDataset, FastLoader
-from kdkit.train import distributed
+from kdkit import Distiller, FeatureMSE, LossBalancer, SoftTargetKL, Trainer
+from kdkit.data import ArrayDataset, FastLoader, ImageFolderManager
+from kdkit.train import distributed, load_checkpoint
+
+N_TRAIN_IMAGES = 8
 
 
-def net(width):
+def net(width, channels=1):
     return nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1),
+        nn.Conv2d(channels, width, 3, padding=1),
         nn.ReLU(),
         nn.AdaptiveAvgPool2d(2),
         nn.Flatten(),
@@ -22,39 +29,146 @@ def net(width):
     )
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _distill(rank: int, world: int, mine: Path) -> dict:
+    """A logit pair + a feature pair whose 4 -> 8 adapter is created lazily; distillation
+    starts at epoch 1, so the adapter idles (no gradient on any rank) through epoch 0."""
+    g = torch.Generator().manual_seed(0)
+    data = ArrayDataset(
+        torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8, generator=g),
+        torch.randint(0, 3, (64,), generator=g),
+    )
+    torch.manual_seed(0)  # same initial weights on every rank
+    teacher, student = net(8), net(4)
+    pairs = {("", ""): SoftTargetKL(), ("1", "1"): FeatureMSE()}
+    d = Distiller(student, teacher, pairs, LossBalancer(start_epoch=1))
+    loader = FastLoader(data, 8, seed=1, num_replicas=world, rank=rank)
+    snapshots = []
+    tr = Trainer(
+        d,
+        loader,
+        FastLoader(data, 32, shuffle=False),
+        epochs=2,
+        progress=False,
+        device="cpu",
+        checkpoint_dir=mine,  # one folder per rank, to see which rank writes
+        epoch_callbacks=[lambda t, row: snapshots.append(_copy(d.state_dict()))],
+    )
+    assert isinstance(tr._model, nn.parallel.DistributedDataParallel)
+    assert distributed.world_size() == world
+    wrapped = {id(p) for p in tr._model.parameters()}
+    assert not wrapped & {id(p) for p in teacher.parameters()}  # the teacher is never in DDP
+    assert {id(p) for p in d.criterion.parameters()} <= wrapped  # the adapter is
+    adapter_init = d.criterion[1].adapter.weight.detach().clone()
+    tr.fit(restore_best=True)
+    return {"epochs": snapshots, "final": _copy(d.state_dict()), "adapter_init": adapter_init}
+
+
+def _image_folder(rank: int, root: Path) -> dict:
+    manager = ImageFolderManager(root, size=8, batch_size=2, workers=0, seed=0)
+    sampler = manager.train_loader.sampler
+    assert isinstance(sampler, DistributedSampler)
+    shards = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        shards.append(torch.cat([batch[2] for batch in manager.train_loader]))
+    return {"shards": shards}
+
+
+def _darklight(rank: int, root: Path, mine: Path) -> None:
+    """darklight's per-epoch save under DDP (each rank is given its own folder)."""
+    import kdkit.compat.darklight as dl
+
+    torch.manual_seed(0)
+    manager = dl.ImageNetManager(root, size=8, batch_size=2, workers=0)
+    trainer = dl.StudentTrainer(net(4, 3), manager, net(8, 3), device="cpu", progress=False)
+    trainer.train(epochs=1, save=str(mine / "ckpt_{}.pth"))
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str, root: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        g = torch.Generator().manual_seed(0)
-        data = ArrayDataset(
-            torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8, generator=g),
-            torch.randint(0, 3, (64,), generator=g),
-        )
-        torch.manual_seed(0)  # same initial weights on every rank
-        teacher, student = net(8), net(4)
-        d = Distiller(student, teacher, {("", ""): SoftTargetKL(), ("1", "1"): FeatureMSE()})
-        loader = FastLoader(data, 8, seed=1, num_replicas=world, rank=rank)
-        tr = Trainer(d, loader, epochs=2, progress=False, device="cpu", checkpoint_dir=out_dir)
-        assert isinstance(tr._model, nn.parallel.DistributedDataParallel)
-        assert distributed.world_size() == world
-        tr.fit()
-        torch.save(d.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+        out = Path(out_dir)
+        mine = out / f"rank{rank}"
+        result = _distill(rank, world, mine)
+        result.update(_image_folder(rank, Path(root)))
+        _darklight(rank, Path(root), mine)
+        torch.save(result, out / f"result{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_students_stay_identical(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    assert set(a) == set(b) and any(".adapter." in k for k in a)
+def _copy(state):
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _image_tree(root: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    for split, per_class in (("train", N_TRAIN_IMAGES // 2), ("val", 2)):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 256, (8, 8, 3), dtype=torch.uint8, generator=g)
+                Image.fromarray(pixels.numpy()).save(root / split / c / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    _image_tree(out / "images")
+    mp.spawn(
+        _worker,
+        args=(2, str(out / "init"), str(out), str(out / "images")),
+        nprocs=2,
+        join=True,
+    )
+    results = [torch.load(out / f"result{r}.pt", weights_only=True) for r in (0, 1)]
+    return out, results
+
+
+def _assert_same(a, b):
+    assert set(a) == set(b)
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6), k
-    assert (tmp_path / "last.pt").exists()  # written once, by rank 0
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_ddp_student_and_adapter_stay_identical(ddp_run):
+    _, (r0, r1) = ddp_run
+    assert any(".adapter." in k for k in r0["final"])
+    for a, b in zip(r0["epochs"], r1["epochs"], strict=True):
+        _assert_same(a, b)  # after every epoch, before any final broadcast
+    _assert_same(r0["final"], r1["final"])
+
+
+def test_adapter_idles_before_start_epoch_then_trains(ddp_run):
+    _, (r0, _) = ddp_run
+    key = "criterion.1.adapter.weight"
+    after_epoch0, after_epoch1 = (s[key] for s in r0["epochs"])
+    assert torch.equal(after_epoch0, r0["adapter_init"])  # no gradient, no decay
+    assert not torch.equal(after_epoch1, after_epoch0)
+
+
+def test_only_rank0_writes_and_restore_best_loads_best(ddp_run):
+    out, (r0, _) = ddp_run
+    assert not (out / "rank1").exists() or not any((out / "rank1").iterdir())
+    written = {p.name for p in (out / "rank0").iterdir()}
+    assert {"last.pt", "best.pt", "metrics.csv", "ckpt_0.pth"} <= written
+    best = load_checkpoint(out / "rank0" / "best.pt")
+    for k, v in best["student"].items():
+        assert torch.equal(r0["final"][f"student.{k}"], v), k
+
+
+def test_image_folder_ranks_read_disjoint_shards(ddp_run):
+    _, (r0, r1) = ddp_run
+    for epoch in (0, 1):
+        a, b = r0["shards"][epoch].tolist(), r1["shards"][epoch].tolist()
+        assert len(a) == len(b) == N_TRAIN_IMAGES // 2
+        assert sorted(a + b) == list(range(N_TRAIN_IMAGES))
+    assert r0["shards"][0].tolist() != r0["shards"][1].tolist()  # set_epoch reshuffles
 
 
 def test_single_process_is_not_wrapped():
     assert not distributed.is_distributed() and distributed.is_main()
     m = nn.Linear(2, 2)
     assert distributed.wrap(m, torch.device("cpu")) is m
+    distributed.broadcast_state(m)  # a no-op without a process group

@@ -126,8 +126,10 @@ def test_load_student_errors(tmp_path):
     bad = save_checkpoint(
         tmp_path / "b.pt", {"student": model.state_dict(), "student_spec": {"factory": "nope:fn"}}
     )
-    with pytest.raises(KDError, match="cannot import 'nope'"):
+    with pytest.raises(KDError, match="it would import 'nope'"):
         load_student(bad)
+    with pytest.raises(KDError, match="cannot import 'nope'"):
+        load_student(bad, trust_code=True)
     other = {"factory": "kdkit.models:fmnist_student", "kwargs": {"num_classes": 5}}
     wrong = save_checkpoint(
         tmp_path / "w.pt", {"student": model.state_dict(), "student_spec": other}

@@ -11,6 +11,8 @@ from torch import nn
 from kdkit.errors import KDError
 from kdkit.losses import (
     DKD,
+    LOSSES,
+    MGD,
     RKD,
     AttentionTransfer,
     CosineEmbedding,
@@ -20,6 +22,7 @@ from kdkit.losses import (
     topk_to_logits,
     topk_to_probs,
 )
+from kdkit.losses._call import as_loss_module, takes_labels
 from kdkit.teachers.base import TopK
 
 # -- independent references (numpy, float64) -------------------------------------------------
@@ -379,3 +382,94 @@ def test_half_precision_inputs_give_fp32_accurate_results():
     assert AttentionTransfer()(f_s, f_t).item() == pytest.approx(ref.mean(), rel=1e-4)
     e_s, e_t = torch.randn(5, 4).bfloat16(), torch.randn(5, 6).bfloat16()
     assert RKD()(e_s, e_t).item() == pytest.approx(ref_rkd(e_s, e_t, 25.0, 50.0), rel=1e-4)
+
+
+# -- MGD, CosineEmbedding adapters, how a Distiller calls a loss ------------------------------
+
+
+def ref_conv3x3(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Zero-padded 3x3 convolution by shifted sums: (N, Ci, H, W) x (Co, Ci, 3, 3)."""
+    n, _, h, wd = x.shape
+    pad = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    out = np.zeros((n, w.shape[0], h, wd)) + b[None, :, None, None]
+    for dy in range(3):
+        for dx in range(3):
+            out += np.einsum("nchw,oc->nohw", pad[:, :, dy : dy + h, dx : dx + wd], w[:, :, dy, dx])
+    return out
+
+
+def ref_mgd(loss: MGD, s, t, keep: np.ndarray, reduction: str) -> float:
+    """Yang et al. 2022: align (1x1), mask positions, conv3x3-ReLU-conv3x3, squared error."""
+    p = {k: np64(v) for k, v in loss.state_dict().items()}
+    x = np64(s)
+    if loss.align is not None:
+        x = np.einsum("nchw,oc->nohw", x, p["align.weight"][:, :, 0, 0])
+        x = x + p["align.bias"][None, :, None, None]
+    x = x * keep
+    hid = np.maximum(ref_conv3x3(x, p["generation.0.weight"], p["generation.0.bias"]), 0)
+    gen = ref_conv3x3(hid, p["generation.2.weight"], p["generation.2.bias"])
+    sq = (gen - np64(t)) ** 2
+    return loss.alpha * (sq.mean() if reduction == "mean" else sq.sum() / len(x))
+
+
+@pytest.mark.parametrize(
+    ("c_s", "reduction", "alpha", "ratio"), [(3, "mean", 1.0, 0.65), (5, "sum", 7e-5, 0.15)]
+)
+def test_mgd_matches_reference(c_s, reduction, alpha, ratio):
+    loss = MGD(c_s, 5, alpha=alpha, mask_ratio=ratio, reduction=reduction)
+    assert (loss.align is None) == (c_s == 5)
+    s, t = torch.randn(2, c_s, 6, 6), torch.randn(2, 5, 6, 6)
+    torch.manual_seed(3)
+    keep = (torch.rand(2, 1, 6, 6) >= ratio).double().numpy()  # the draw MGD makes
+    torch.manual_seed(3)
+    got = loss(s, t)
+    assert 0 < keep.mean() < 1
+    assert got.item() == pytest.approx(ref_mgd(loss, s, t, keep, reduction), rel=1e-5)
+    got.backward()
+    assert loss.generation[0].weight.grad is not None
+    assert LOSSES["mgd"] is MGD
+
+
+def test_mgd_masks_about_mask_ratio_and_refuses_bad_shapes():
+    loss = MGD(4, 4, mask_ratio=0.65)
+    keep = loss.mask(torch.zeros(64, 4, 8, 8))
+    assert keep.shape == (64, 1, 8, 8) and abs(1 - keep.mean().item() - 0.65) < 0.03
+    with pytest.raises(KDError, match="spatial"):
+        loss(torch.randn(2, 4, 4, 4), torch.randn(2, 4, 2, 2))
+    with pytest.raises(KDError, match="built for"):
+        loss(torch.randn(2, 3, 4, 4), torch.randn(2, 4, 4, 4))
+    with pytest.raises(KDError, match="mask_ratio"):
+        MGD(4, 4, mask_ratio=1.0)
+
+
+def test_cosine_embedding_adapter_projects_like_feature_mse():
+    s, t = torch.randn(3, 4, 6, 6), torch.randn(3, 8, 3, 3)
+    loss = CosineEmbedding(adapter="auto")
+    got = loss(s, t)
+    w, b = np64(loss.adapter.weight)[:, :, 0, 0], np64(loss.adapter.bias)
+    proj = np.einsum("nchw,oc->nohw", np64(s), w) + b[None, :, None, None]
+    small = F.interpolate(torch.from_numpy(proj), size=(3, 3), mode="bilinear")
+    a, c = small.numpy().reshape(3, -1), np64(t).reshape(3, -1)
+    cos = (a * c).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(c, axis=1)
+    assert got.item() == pytest.approx((1 - cos).mean(), rel=1e-5)
+    assert "conv1x1 4->8" in loss.adapter_summary((3, 4, 6, 6), (3, 8, 3, 3))
+    vec = CosineEmbedding(adapter="linear", student_dim=6, teacher_dim=7)
+    assert isinstance(vec.adapter, nn.Linear) and vec(torch.randn(2, 6), torch.randn(2, 7)) >= 0
+    with pytest.raises(KDError, match="adapter='auto'"):
+        CosineEmbedding()(torch.randn(4, 6), torch.randn(4, 7))
+
+
+def test_losses_get_labels_only_when_their_signature_asks():
+    def two(s, t):
+        return (s - t).abs().mean()
+
+    def with_labels(s, t, labels=None):
+        return s.sum()
+
+    assert not takes_labels(nn.MSELoss()) and not takes_labels(as_loss_module(two))
+    assert takes_labels(DKD()) and takes_labels(with_labels)
+    assert takes_labels(lambda s, t, **kw: s) and not takes_labels(F.mse_loss)
+    with pytest.raises(KDError, match="instance"):
+        as_loss_module(nn.MSELoss)
+    with pytest.raises(KDError, match="callable"):
+        as_loss_module(3)

@@ -166,3 +166,206 @@ def test_bad_configs_are_refused():
     with pytest.raises(KDError, match="num_views"):
         ViewSampler(num_views=0)
     assert math.isclose(ViewSampler(ratio=1.0).ratio[0], 1.0)
+
+
+# -- mixing views (mixup / CutMix) ----------------------------------------------------------
+
+
+def _mix_sampler(**kw) -> ViewSampler:
+    args = dict(seed=3, num_views=2, crop="pad", pad=1, size=8, mixup=0.4, cutmix=1.0)
+    args.update(kw)
+    return ViewSampler(**args)
+
+
+def test_mixing_config_round_trips_and_old_configs_still_read():
+    from kdkit.data.views import MixPool
+
+    s = _mix_sampler()
+    cfg = s.config()
+    assert cfg["version"] == 2 and cfg["mixup"] == 0.4 and cfg["cutmix"] == 1.0
+    assert ViewSampler.from_config(cfg) == s
+    plain = ViewSampler(seed=3, num_views=2)
+    assert plain.config()["version"] == 1 and "mixup" not in plain.config()  # as before
+    assert ViewSampler.from_config({**plain.config(), "version": 1}) == plain
+    with pytest.raises(KDError, match="no mixing keys"):
+        ViewSampler.from_config({**plain.config(), "mixup": 0.2})
+    with pytest.raises(KDError, match="mixup"):
+        ViewSampler(mixup=-1.0)
+    with pytest.raises(KDError, match="partner pool"):
+        s.sample(torch.arange(4), 0)
+    with pytest.raises(KDError, match="repeat"):
+        MixPool(torch.zeros(2, 1, 8, 8), torch.tensor([3, 3]))
+
+
+def test_partner_and_weight_depend_only_on_seed_view_and_index():
+    pool = torch.arange(0, 300, 3)  # dataset indices, not positions
+    s = _mix_sampler()
+    index, ids = pool[:60], torch.arange(60) % 2
+    v = s.sample(index, ids, pool)
+    assert bool(torch.isin(v.partner, pool).all())
+    assert float(v.lam.min()) >= 0.5 - 1e-6 and float(v.lam.max()) <= 1.0
+    cut = (v.cut[:, 2] > v.cut[:, 0]).float().mean()
+    assert 0.2 < float(cut) < 0.8  # both kinds of mixing occur
+    part = s.sample(index[10:20].flip(0), ids[10:20].flip(0), pool.flip(0)[torch.randperm(100)])
+    for name in ("partner", "blend", "cut", "box", "flip"):
+        assert torch.equal(getattr(part, name), getattr(v, name)[10:20].flip(0)), name
+    other = _mix_sampler(seed=4).sample(index, ids, pool)
+    assert not torch.equal(other.partner, v.partner)
+    # the pool is a set: its order does not matter, its members do
+    v2 = s.sample(index, ids, pool[:-1])
+    assert not torch.equal(v2.partner, v.partner)
+
+
+def test_mixed_pixels_are_the_blend_then_the_pasted_box():
+    s = _mix_sampler(crop="none", flip_p=0.0, mixup=0.5, cutmix=0.5, size=None)
+    g = torch.Generator().manual_seed(0)
+    x, p = torch.rand(40, 1, 8, 8, generator=g), torch.rand(40, 1, 8, 8, generator=g)
+    v = s.sample(torch.arange(40), 0, torch.arange(40))
+    out = s.apply(x, v, p)
+    for i in range(40):
+        b = float(v.blend[i])
+        want = b * x[i] + (1 - b) * p[i]
+        x0, y0, x1, y1 = (float(c) * 8 for c in v.cut[i])
+        for r in range(8):
+            for c in range(8):
+                if x0 <= c + 0.5 < x1 and y0 <= r + 0.5 < y1:
+                    want[:, r, c] = p[i, :, r, c]
+        assert torch.allclose(out[i], want, atol=1e-6)
+    with pytest.raises(KDError, match="partner images"):
+        s.apply(x, v)
+
+
+def test_prepare_input_fetches_partners_by_dataset_index():
+    from kdkit.data.arrays import ArrayDataset
+    from kdkit.data.views import MixPool
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (30, 1, 8, 8), dtype=torch.uint8, generator=g)
+    ds = ArrayDataset(images, torch.zeros(30, dtype=torch.int64)).subset(torch.arange(5, 30))
+    pool = MixPool.from_dataset(ds)
+    assert torch.equal(pool.pool, torch.arange(5, 30))
+    s = _mix_sampler(crop="none", flip_p=0.0, size=None)
+    index, ids = torch.tensor([7, 9, 29]), torch.tensor([0, 1, 1])
+    v = s.sample(index, ids, pool)
+    x = prepare_input(images[index], index, ids, s, None, None, "cpu", pool)
+    want = s.apply(images[index].float() / 255, v, images[v.partner].float() / 255)
+    assert torch.equal(x, want)
+    with pytest.raises(KDError, match="outside the pool"):
+        pool.fetch(torch.tensor([0]))
+
+
+def _tiny_setup():
+    from torch import nn
+
+    from kdkit.data.arrays import ArrayDataset
+
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (24, 1, 8, 8), dtype=torch.uint8, generator=g)
+    ds = ArrayDataset(images, torch.randint(0, 5, (24,), generator=g))
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 5)).eval()
+    return ds, teacher
+
+
+def test_cached_teacher_replays_mixed_views_exactly(tmp_path):
+    from kdkit.cache import CachedTeacher, check, precompute, read_meta
+    from kdkit.cache.cached_teacher import check_partners
+    from kdkit.data.views import MixPool
+
+    ds, teacher = _tiny_setup()
+    part = ds.subset(torch.arange(4, 24))  # indices 4..23: an index file, a partial pool
+    s = _mix_sampler()
+    out = precompute(
+        teacher, part, tmp_path / "c", views=s, dtype="fp32", batch_size=7, shard_size=8,
+        mean=0.5, std=0.25, progress=False,
+    )  # fmt: skip
+    meta = read_meta(out)
+    assert meta["format_version"] == 3 and set(meta["shards"][0]["files"]) == {
+        "values", "partner", "lam",
+    }  # fmt: skip
+    cached = CachedTeacher(out, expect_views=s, expect_dataset=part)
+    pool = MixPool.from_dataset(part)
+    index = torch.arange(4, 24).flip(0)  # another order and batch than precompute's
+    for v in range(2):
+        ids = torch.full_like(index, v)
+        x = prepare_input(part.base.images[index], index, ids, s, 0.5, 0.25, "cpu", pool)
+        with torch.no_grad():
+            live = teacher(x)
+        stored = cached(x, index=index, view=ids).logits
+        assert torch.allclose(stored, live, atol=1e-5, rtol=0)
+        partner, lam = cached.read_mix(index, ids)
+        mine = s.sample(index, ids, pool)
+        assert np.array_equal(partner, mine.partner.numpy())
+        assert np.array_equal(lam, mine.lam.numpy())
+    check(out, teacher, part)  # the fidelity gate on mixed views
+    check_partners(cached, s, part)
+    # a run drawing partners from another pool would mix other images: refused
+    with pytest.raises(KDError, match="other mixed views"):
+        check_partners(cached, s, part.subset(torch.arange(0, 19)))
+    with pytest.raises(KDError, match="mixing"):
+        check_partners(cached, ViewSampler(seed=3, num_views=2, crop="pad", pad=1, size=8), part)
+
+
+def test_trainer_mixes_views_from_its_loader_and_checks_a_mixed_cache(tmp_path):
+    from torch import nn
+
+    from kdkit.cache import CachedTeacher, precompute
+    from kdkit.data.arrays import FastLoader
+    from kdkit.distiller import Distiller
+    from kdkit.losses import SoftTargetKL
+    from kdkit.train.trainer import Trainer
+
+    ds, teacher = _tiny_setup()
+    s = _mix_sampler()
+    out = precompute(teacher, ds, tmp_path / "c", views=s, dtype="fp32", progress=False)
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
+
+    def fit(views):
+        d = Distiller(student, CachedTeacher(out), SoftTargetKL(1.0))
+        t = Trainer(
+            d, FastLoader(ds, 8, shuffle=True, seed=0), None, epochs=1, views=views,
+            device="cpu", progress=False,
+        )  # fmt: skip
+        return t.fit()
+
+    assert len(fit(s)) == 1
+    with pytest.raises(KDError, match="mixing"):
+        fit(ViewSampler(seed=3, num_views=2, crop="pad", pad=1, size=8))
+
+
+def test_version_2_caches_without_mixing_still_read(tmp_path):
+    import json
+
+    from kdkit.cache import CachedTeacher, precompute
+    from kdkit.cache.store import META_NAME, seal_meta
+
+    ds, teacher = _tiny_setup()
+    plain = ViewSampler(seed=3, num_views=2, crop="pad", pad=1, size=8)
+    out = precompute(teacher, ds, tmp_path / "c", views=plain, dtype="fp32", progress=False)
+    meta = json.loads((out / META_NAME).read_text())
+    meta.pop("meta_sha256")
+    meta["format_version"] = 2  # what the previous kdkit wrote: same layout, no mixing
+    (out / META_NAME).write_text(json.dumps(seal_meta(meta)))
+    cached = CachedTeacher(out, expect_views=plain, expect_dataset=ds)
+    assert not cached.mixes and cached.views() == plain
+    # a version 2 meta claiming mixing views is not a layout any kdkit wrote
+    meta["views"] = _mix_sampler().config()
+    (out / META_NAME).write_text(json.dumps(seal_meta(meta)))
+    with pytest.raises(KDError, match="format_version >= 3"):
+        CachedTeacher(out)
+
+
+def test_patient_config_is_valid_and_builds_a_mixing_sampler():
+    from pathlib import Path
+
+    from kdkit.config import load_config
+    from kdkit.run.data import build_views
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "fmnist_patient.yaml"
+    cfg = load_config(path, check_paths=False)
+    views = build_views(cfg.data, cfg.train.seed, 28)
+    assert views is not None and views.mixes
+    assert ViewSampler.from_config(views.config()) == views
+    with pytest.raises(KDError, match="mixup"):
+        load_config(path, ["data.views.mixup=-1"], check_paths=False)

@@ -1,4 +1,4 @@
-"""Shard files of a cache being written: temp name, fsync, sha256, ``os.replace``, sidecar.
+"""Shard files of a cache being written: through :func:`kdkit._io.atomic_path`, then a sidecar.
 
 Split from :mod:`kdkit.cache.precompute` so the resumability rules live in one place: a shard
 counts as done only when its sidecar carries this run's key and range and its files still hash
@@ -7,21 +7,24 @@ to the recorded sha256; ``meta.json`` is assembled from the sidecars, last.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kdkit._io import atomic_path, atomic_write_json, sha256_file
 from kdkit.cache.store import (
     DTYPES,
     INDEX_NAME,
     META_NAME,
-    atomic_write_json,
+    MIX_ARRAYS,
     first_difference,
-    sha256_file,
+    seal_meta,
+    shard_file_name,
+    views_mix,
 )
 from kdkit.errors import KDError
 
@@ -56,20 +59,35 @@ def shard_is_done(
 
 
 class ShardWriter:
-    """Writes one shard's arrays through ``open_memmap`` into temporary files."""
+    """Writes one shard's arrays through ``open_memmap`` into temporary files.
+
+    Use as a context manager: the files replace the final names only in :meth:`commit`; an
+    exception before that removes the temporaries (a killed process leaves them to
+    :func:`kdkit._io.clean_stale_temps`).
+    """
 
     def __init__(self, out: Path, i: int, n: int, spec: dict[str, Any]) -> None:
-        self.out, self.name = out, _shard_name(i)
+        self.out, self.i, self.name = out, i, _shard_name(i)
         k, width = spec["num_views"], spec["topk"] or spec["num_classes"]
         shapes = {"values": ((n, k, width), DTYPES[spec["dtype"]])}
         if spec["topk"]:
             shapes["indices"] = ((n, k, width), np.dtype(spec["index_dtype"]))
+        if views_mix(spec.get("views")):  # the partner and share of every mixed view
+            shapes.update({key: ((n, k), np.dtype(dt)) for key, dt in MIX_ARRAYS.items()})
         self.arrays: dict[str, np.memmap] = {}
         self.tmp: dict[str, Path] = {}
+        self._files = contextlib.ExitStack()
         for key, (shape, dtype) in shapes.items():
-            tmp = out / f"{self.name}.{key}.npy.tmp-{os.getpid()}"
+            tmp = self._files.enter_context(atomic_path(out / shard_file_name(i, key)))
             self.tmp[key] = tmp
             self.arrays[key] = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        self.arrays.clear()
+        return bool(self._files.__exit__(*exc))
 
     def commit(self, start: int, stop: int, run_key: str) -> dict[str, Any]:
         files = {}
@@ -78,18 +96,15 @@ class ShardWriter:
             array.flush()
             shape, dtype = list(array.shape), str(array.dtype)
             del array
-            tmp, final = self.tmp[key], self.out / f"{self.name}.{key}.npy"
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            digest = sha256_file(tmp)
-            os.replace(tmp, final)
+            tmp = self.tmp[key]
             files[key] = {
-                "file": final.name,
+                "file": shard_file_name(self.i, key),
                 "shape": shape,
                 "dtype": dtype,
-                "bytes": final.stat().st_size,
-                "sha256": digest,
+                "bytes": tmp.stat().st_size,
+                "sha256": sha256_file(tmp),
             }
+        self._files.close()  # fsync and os.replace every array
         record = {"run_key": run_key, "start": start, "stop": stop, "files": files}
         atomic_write_json(self.out / f"{self.name}.json", record)
         return record
@@ -117,19 +132,16 @@ def check_existing(out: Path, spec: dict[str, Any], overwrite: bool, rank: int) 
 
 
 def _write_index(out: Path, keys: np.ndarray) -> dict[str, Any]:
-    tmp = out / f"{INDEX_NAME}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.save(f, keys, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    entry = {
-        "file": INDEX_NAME,
-        "shape": list(keys.shape),
-        "dtype": str(keys.dtype),
-        "bytes": tmp.stat().st_size,
-        "sha256": sha256_file(tmp),
-    }
-    os.replace(tmp, out / INDEX_NAME)
+    with atomic_path(out / INDEX_NAME) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, keys, allow_pickle=False)
+        entry = {
+            "file": INDEX_NAME,
+            "shape": list(keys.shape),
+            "dtype": str(keys.dtype),
+            "bytes": tmp.stat().st_size,
+            "sha256": sha256_file(tmp),
+        }
     return entry
 
 
@@ -153,4 +165,4 @@ def finish(
     if keys is None:
         (out / INDEX_NAME).unlink(missing_ok=True)
     meta = {**spec, "shards": shards, "index_file": index_file, "source": source or {}}
-    atomic_write_json(out / META_NAME, meta)
+    atomic_write_json(out / META_NAME, seal_meta(meta))

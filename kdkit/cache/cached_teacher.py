@@ -15,12 +15,13 @@ from kdkit.cache.store import (
     open_shards,
     read_meta,
     teacher_fingerprint,
+    views_mix,
 )
 from kdkit.data.views import ViewSampler
 from kdkit.errors import KDError
 from kdkit.teachers.base import Teacher, TeacherOutput, TopK
 
-__all__ = ["CachedTeacher", "check_expectations"]
+__all__ = ["CachedTeacher", "check_expectations", "check_run_dataset", "check_partners"]
 
 
 def _mismatch(field: str, have: Any, want: Any, hint: str) -> KDError:
@@ -49,6 +50,26 @@ def _check_dataset(meta: dict[str, Any], dataset: Any, hint: str) -> None:
     ]
     if want_fp not in fps:
         raise _mismatch("dataset_fingerprint", want_fp, fps[0], hint)
+
+
+def check_run_dataset(meta: dict[str, Any], dataset: Any) -> None:
+    """The Trainer's default check: the loader's dataset (or its ``.base``) has the cache's
+    length, and its fingerprint when it can give one cheaply (``dataset.fingerprint()``);
+    datasets without one are checked by length (pass ``expect_dataset=`` for a full pass)."""
+    base = getattr(dataset, "base", dataset)
+    if callable(getattr(base, "fingerprint", None)) or callable(
+        getattr(dataset, "fingerprint", None)
+    ):
+        _check_dataset(meta, dataset, _WRONG_DATA)
+        return
+    if meta["num_samples"] not in (len(dataset), len(base)):
+        raise _mismatch("num_samples", meta["num_samples"], len(dataset), _WRONG_DATA)
+
+
+_WRONG_DATA = (
+    "the cache was precomputed on another dataset or split than this run's training loader; "
+    "precompute it on the training data (or pass cache_dataset_check=False to the Trainer)"
+)
 
 
 def check_expectations(
@@ -114,6 +135,8 @@ class CachedTeacher(Teacher):
         shards = open_shards(self.cache_dir, self.meta, check_sha=verify)
         self._values = [s["values"] for s in shards]
         self._indices = [s.get("indices") for s in shards]
+        self._partner = [s.get("partner") for s in shards]
+        self._lam = [s.get("lam") for s in shards]
         self._stops = np.array([s["stop"] for s in self.meta["shards"]], dtype=np.int64)
         self._starts = np.array([s["start"] for s in self.meta["shards"]], dtype=np.int64)
         keys = open_index(self.cache_dir, self.meta, check_sha=verify)
@@ -202,6 +225,26 @@ class CachedTeacher(Teacher):
                 indices[rows] = self._indices[s][local, vid[rows]]
         return values, indices
 
+    @property
+    def mixes(self) -> bool:
+        """Whether the cache was precomputed on mixed views (and stores their partners)."""
+        return views_mix(self.meta["views"])
+
+    def read_mix(self, index: Any, view: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """The stored partner (int64 (N,)) and share ``lam`` (float32 (N,)) of mixed views."""
+        if not self.mixes:
+            raise KDError(f"the cache in {self.cache_dir} was not precomputed on mixed views")
+        idx, vid = self._rows(index, view)
+        shard_of = np.searchsorted(self._stops, idx, side="right")
+        partner = np.empty(idx.size, np.int64)
+        lam = np.empty(idx.size, np.float32)
+        for s in np.unique(shard_of):
+            rows = np.flatnonzero(shard_of == s)
+            local = idx[rows] - self._starts[s]
+            partner[rows] = self._partner[s][local, vid[rows]]
+            lam[rows] = self._lam[s][local, vid[rows]]
+        return partner, lam
+
     def forward(self, x, *, index=None, view=None) -> TeacherOutput:
         if isinstance(x, torch.Tensor) and index is not None and x.shape[0] != len(index):
             raise KDError(f"batch has {x.shape[0]} rows but index has {len(index)}")
@@ -212,3 +255,45 @@ class CachedTeacher(Teacher):
             return TeacherOutput(logits=v)
         i = torch.from_numpy(indices).to(device, non_blocking=True).long()
         return TeacherOutput(logits=TopK(values=v, indices=i))
+
+
+def check_partners(
+    cached: CachedTeacher, sampler: ViewSampler | None, dataset: Any, n_probe: int = 512
+) -> None:
+    """A mixing cache replays a run's mixed views only if the run draws the same partners.
+
+    Partners come from the run's partner pool (its training dataset's sample indices), so a
+    run on a subset of the cached dataset, or with another sampler, mixes other images than
+    the cached teacher saw. Compares the stored partner and ``lam`` with ``sampler``'s on
+    ``n_probe`` seeded (index, view) pairs of ``dataset``; :class:`KDError` on any difference.
+    Nothing to check when neither the cache nor the sampler mixes.
+    """
+    from kdkit.cache.precompute import dataset_keys
+    from kdkit.data.views import MixPool
+
+    run_mixes = sampler is not None and sampler.mixes
+    if not cached.mixes and not run_mixes:
+        return
+    if cached.mixes != run_mixes:
+        raise _mismatch(
+            "views (mixing)",
+            cached.meta["views"],
+            None if sampler is None else sampler.config(),
+            "the student would see other images than the cached teacher did; precompute again",
+        )
+    keys = dataset_keys(dataset)
+    rng = np.random.default_rng(0)
+    rows = np.sort(rng.choice(keys.size, min(n_probe, keys.size), replace=False))
+    index = torch.from_numpy(keys[rows])
+    view = torch.from_numpy(rng.integers(0, cached.num_views, size=rows.size))
+    stored_partner, stored_lam = cached.read_mix(index, view)
+    pool = MixPool.from_dataset(dataset)
+    mine = sampler.sample(index, view, pool)  # type: ignore[union-attr]
+    same_partner = np.array_equal(mine.partner.numpy(), stored_partner)
+    if not same_partner or not np.array_equal(mine.lam.numpy(), stored_lam):
+        raise KDError(
+            f"teacher cache {cached.cache_dir} stores other mixed views than this run draws "
+            f"(partner {'ok' if same_partner else 'differs'}, lam differs or not): the run's "
+            f"partner pool ({len(pool)} samples) or sampler is not the precompute's; train on "
+            "the dataset the cache was precomputed on, or precompute again"
+        )

@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from kdkit.cache.cached_teacher import CachedTeacher
 from kdkit.cache.precompute import dataset_keys
 from kdkit.cache.store import stat_json
-from kdkit.data.views import ViewSampler, prepare_input
+from kdkit.data.views import MixPool, ViewSampler, prepare_input
 from kdkit.errors import KDError
 from kdkit.teachers.base import TopK
 from kdkit.teachers.factory import teacher as make_teacher
+from kdkit.teachers.fidelity import FidelityTally, kl_sum
 
 __all__ = ["CacheCheckReport", "check"]
 
@@ -106,11 +107,19 @@ def check(
     rows = np.sort(rng.choice(cached.num_samples, min(n_probe, cached.num_samples), replace=False))
     index = torch.from_numpy(dataset_keys(dataset)[rows])
     view = torch.from_numpy(rng.integers(0, cached.num_views, size=rows.size))
-    agree, kl, max_diff = 0.0, 0.0, 0.0
+    pool = MixPool.from_dataset(dataset) if views is not None and views.mixes else None
+    tally = FidelityTally()  # the comparison the int8 gate uses too
     for b in range(0, rows.size, 256):
         sl = slice(b, b + 256)
         x = prepare_input(
-            _probe_images(dataset, rows[sl]), index[sl], view[sl], views, mean, std, in_device
+            _probe_images(dataset, rows[sl]),
+            index[sl],
+            view[sl],
+            views,
+            mean,
+            std,
+            in_device,
+            pool,
         )
         live = t(x, index=index[sl], view=view[sl]).logits.float().cpu()
         stored = cached(x, index=index[sl], view=view[sl]).logits
@@ -118,15 +127,17 @@ def check(
             values, indices = torch.topk(live, cached.topk, dim=1)
             live = TopK(values, indices)
             stored = TopK(stored.values.cpu(), stored.indices.cpu())
-            agree += float((indices[:, 0] == stored.indices[:, 0]).sum())
-            max_diff = max(max_diff, float((values - stored.values).abs().max()))
+            p_live, p_cached = _probs(live, cached.num_classes), _probs(stored, cached.num_classes)
+            tally.add(
+                n=len(values),
+                agree=float((indices[:, 0] == stored.indices[:, 0]).sum()),
+                kl=kl_sum(p_live, p_cached),
+                max_abs_diff=float((values - stored.values).abs().max()),
+            )
         else:
-            stored = stored.cpu()
-            agree += float((live.argmax(1) == stored.argmax(1)).sum())
-            max_diff = max(max_diff, float((live - stored).abs().max()))
-        p_live, p_cached = _probs(live, cached.num_classes), _probs(stored, cached.num_classes)
-        kl += float(F.kl_div(p_cached.clamp_min(1e-30).log(), p_live, reduction="sum"))
-    report = CacheCheckReport(int(rows.size), agree / rows.size, kl / rows.size, max_diff)
+            tally.add_logits(live, stored.cpu())
+    r = tally.report()
+    report = CacheCheckReport(r.n_probe, r.top1_agreement, r.mean_kl, r.max_abs_diff)
     if 1.0 - report.top1_agreement > max_disagreement or report.mean_kl > max_kl:
         causes = _CAUSES.format(norm=norm, views=meta["views"])
         run_views = None if views is None else views.config()

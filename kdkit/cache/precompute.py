@@ -12,7 +12,6 @@ the meta file after a barrier.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ import torch.distributed as dist
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
+from kdkit._io import sha256_bytes
 from kdkit.cache._shards import ShardWriter, check_existing, finish, shard_is_done
 from kdkit.cache.store import (
     DTYPES,
@@ -36,7 +36,7 @@ from kdkit.cache.store import (
     stat_json,
     teacher_fingerprint,
 )
-from kdkit.data.views import ViewSampler, prepare_input
+from kdkit.data.views import MixPool, ViewSampler, prepare_input
 from kdkit.errors import KDError
 from kdkit.teachers.base import Teacher
 from kdkit.teachers.factory import teacher as make_teacher
@@ -83,11 +83,14 @@ def _batches(dataset: Any, start: int, stop: int, batch_size: int) -> Iterator[t
             yield torch.stack([torch.as_tensor(dataset[i][0]) for i in range(b0, b1)])
 
 
-def _probe_num_classes(t: Teacher, dataset: Any, key: int, views, mean, std, device) -> int:
+def _probe_num_classes(
+    t: Teacher, dataset: Any, key: int, views, mean, std, device, pool: MixPool | None = None
+) -> int:
     images = next(_batches(dataset, 0, 1, 1))
     index = torch.tensor([key], dtype=torch.int64)
     view = torch.zeros_like(index)
-    logits = t(prepare_input(images, index, view, views, mean, std, device), index=index, view=view)
+    x = prepare_input(images, index, view, views, mean, std, device, pool)
+    logits = t(x, index=index, view=view)
     logits = logits.logits
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise KDError(
@@ -114,21 +117,32 @@ def _store(writer: ShardWriter, rows: slice, view: int, logits: torch.Tensor, sp
 
 def _compute_shard(ctx: dict[str, Any], i: int, start: int, stop: int, bar: tqdm) -> dict:
     spec = ctx["spec"]
-    writer = ShardWriter(ctx["out"], i, stop - start, spec)
-    b0 = start
-    for images in _batches(ctx["dataset"], start, stop, ctx["batch_size"]):
-        rows = slice(b0 - start, b0 - start + len(images))
-        index = torch.from_numpy(ctx["keys"][b0 : b0 + len(images)])
-        b0 += len(images)
-        for v in range(spec["num_views"]):
-            view = torch.full_like(index, v)
-            x = prepare_input(
-                images, index, view, ctx["views"], ctx["mean"], ctx["std"], ctx["device"]
-            )
-            logits = ctx["teacher"](x, index=index, view=view).logits
-            _store(writer, rows, v, logits, spec)
-        bar.update(len(index))
-    return writer.commit(start, stop, ctx["run_key"])
+    with ShardWriter(ctx["out"], i, stop - start, spec) as writer:
+        b0 = start
+        for images in _batches(ctx["dataset"], start, stop, ctx["batch_size"]):
+            rows = slice(b0 - start, b0 - start + len(images))
+            index = torch.from_numpy(ctx["keys"][b0 : b0 + len(images)])
+            b0 += len(images)
+            for v in range(spec["num_views"]):
+                view = torch.full_like(index, v)
+                x = prepare_input(
+                    images,
+                    index,
+                    view,
+                    ctx["views"],
+                    ctx["mean"],
+                    ctx["std"],
+                    ctx["device"],
+                    ctx["pool"],
+                )
+                logits = ctx["teacher"](x, index=index, view=view).logits
+                _store(writer, rows, v, logits, spec)
+                if ctx["pool"] is not None:  # the partner each mixed view used (format 3)
+                    mixed = ctx["views"].sample(index, view, ctx["pool"])
+                    writer.arrays["partner"][rows, v] = mixed.partner.numpy()
+                    writer.arrays["lam"][rows, v] = mixed.lam.numpy()
+            bar.update(len(index))
+        return writer.commit(start, stop, ctx["run_key"])
 
 
 def precompute(
@@ -175,7 +189,10 @@ def precompute(
     identity = bool(np.array_equal(keys, np.arange(n)))
     if not identity and len(np.unique(keys)) != n:
         raise KDError("the dataset's sample indices are not unique; a cache needs one row each")
-    num_classes = _probe_num_classes(t, dataset, int(keys[0]), views, mean, std, in_device)
+    # mixing views draw partners from this dataset's own samples: a cache entry (index, view)
+    # is then one fixed mixed image (see kdkit.data.views)
+    pool = MixPool.from_dataset(dataset) if views is not None and views.mixes else None
+    num_classes = _probe_num_classes(t, dataset, int(keys[0]), views, mean, std, in_device, pool)
     if topk is not None and not 1 <= topk <= num_classes:
         raise KDError(f"topk must be in [1, {num_classes}], got {topk}")
     spec = {
@@ -192,9 +209,9 @@ def precompute(
         "num_classes": num_classes,
         "normalization": {"mean": stat_json(mean), "std": stat_json(std)},
         "shard_size": shard_size,
-        "index_sha256": None if identity else hashlib.sha256(keys.tobytes()).hexdigest(),
+        "index_sha256": None if identity else sha256_bytes(keys.astype(np.int64).tobytes()),
     }
-    run_key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    run_key = sha256_bytes(json.dumps(spec, sort_keys=True).encode())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rank, world, own_group = _rank_world()
@@ -223,6 +240,7 @@ def precompute(
             "teacher": t,
             "run_key": run_key,
             "keys": keys,
+            "pool": pool,
         }
         with tqdm(
             total=total,

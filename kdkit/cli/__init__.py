@@ -1,4 +1,4 @@
-"""The ``kdkit`` command: ``kdkit demo | export | bench | precompute | cache ...``.
+"""The ``kdkit`` command: ``kdkit train | eval | init | demo | export | bench | precompute | cache``.
 
 Each subcommand lives in its own ``kdkit/cli/_<name>.py`` with ``add_parser(subparsers)``
 (which sets ``func``) and imports heavy modules only inside its ``run``. A :class:`KDError`
@@ -17,11 +17,27 @@ from kdkit.errors import KDError
 __all__ = ["main", "build_parser"]
 
 # one entry per module kdkit/cli/_<name>.py
-_COMMANDS: tuple[str, ...] = ("demo", "precompute", "cache", "export", "bench")
+_COMMANDS: tuple[str, ...] = (
+    "train",
+    "eval",
+    "init",
+    "demo",
+    "precompute",
+    "cache",
+    "export",
+    "bench",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors printed as one line (like every other kdkit error)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"kdkit: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kdkit", description="Knowledge distillation for PyTorch: train a small student."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -32,12 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a usage error (printed as one line) or --help
+        return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return int(args.func(args) or 0)
     except KDError as err:
-        print(f"kdkit: error: {err}", file=sys.stderr)
+        lines = (line.strip() for line in str(err).splitlines())
+        print(f"kdkit: error: {'; '.join(line for line in lines if line)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the environment: a full disk, a permission, a vanished file
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"kdkit: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kdkit: interrupted", file=sys.stderr)

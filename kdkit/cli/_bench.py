@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from kdkit.cli._checks import add_trust_code, check_device, check_min, check_shape
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -11,34 +13,60 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="compare teacher and student: params, FLOPs, throughput, latency, memory",
         description="Benchmark a teacher and a student on each backend and batch size; write "
         "bench.md and bench.png (and bench.json with --json) to --out. X and Y may be kdkit "
-        "checkpoints, .onnx files, TensorRT engines or 'package.module:factory' (random "
-        "weights), e.g. kdkit.models:fmnist_teacher.",
+        "checkpoints, .onnx files, TensorRT engines or model specs (random weights), e.g. "
+        "kdkit:fmnist_teacher or torchvision:resnet18.",
     )
-    p.add_argument("--teacher", required=True, metavar="X")
-    p.add_argument("--student", required=True, metavar="Y")
+    p.add_argument("run", nargs="?", metavar="RUN_DIR",
+                   help="a kdkit train run: its teacher and student (instead of --teacher/--student)")  # fmt: skip
+    p.add_argument("--teacher", metavar="X")
+    p.add_argument("--student", metavar="Y")
     p.add_argument("--input-shape", type=int, nargs="+", metavar="D", help="e.g. 1 28 28")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64], metavar="N")
     p.add_argument(
         "--backends",
         nargs="+",
         default=["eager", "ort"],
-        choices=["eager", "compiled", "ort", "tensorrt"],
-        help="default: eager ort (compiled is slow to start on CPUs)",
+        choices=["eager", "compiled", "ort", "ort-int8", "tensorrt"],
+        help="default: eager ort (compiled is slow to start on CPUs; ort-int8 is ort "
+        "statically quantized to int8)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per batch size")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime")
     p.add_argument("--json", action="store_true", help="also write bench.json and print JSON")
     p.add_argument("--out", default="runs/bench", help="output directory (default: runs/bench)")
+    add_trust_code(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
-    from kdkit.bench import bench_model, compare, describe_device, plot_comparison, results_to_json
+    from kdkit._io import atomic_write_text, check_output_path
+    from kdkit.bench import (
+        bench_model,
+        compare,
+        describe_device,
+        plot_comparison,
+        resolve_model,
+        results_to_json,
+    )
+    from kdkit.errors import KDError
 
+    if args.run is not None:  # a run directory names both models
+        from kdkit.run.models import run_models
+
+        args.teacher, args.student, shape = run_models(args.run, trust_code=args.trust_code)
+        args.input_shape = args.input_shape or shape
+    elif args.teacher is None or args.student is None:
+        raise KDError("kdkit bench needs RUN_DIR, or --teacher X and --student Y")
+    teacher_label = args.teacher if isinstance(args.teacher, str) else f"{args.run} (teacher)"
+    check_shape(args.input_shape)
+    check_device(args.device)
+    check_min(args.repeats, 1, "--repeats")
+    check_min(args.threads, 1, "--threads")
+    check_min(min(args.batch_sizes), 1, "--batch-sizes")
+    out = check_output_path(args.out, what="--out", directory=True)  # before the measurements
     common = {
         "input_shape": args.input_shape,
         "batch_sizes": args.batch_sizes,
@@ -46,22 +74,30 @@ def run(args: argparse.Namespace) -> int:
         "device": args.device,
         "repeats": args.repeats,
         "threads": args.threads,
+        "trust_code": args.trust_code,
     }
-    teacher = bench_model(args.teacher, name="teacher", **common)
-    student = bench_model(args.student, name="student", **common)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # both models load (and are refused) before either is measured
+    sources = [
+        resolve_model(m, n, trust_code=args.trust_code)
+        for m, n in ((args.teacher, "teacher"), (args.student, "student"))
+    ]
+    for src in sources:
+        if args.input_shape is None and not src.input_shape:
+            raise KDError(f"{src.name} records no input shape; pass --input-shape C H W")
+    teacher = bench_model(sources[0], **common)
+    student = bench_model(sources[1], **common)
     device = describe_device(args.device)
     table = compare(teacher, student)
     md = out / "bench.md"
-    md.write_text(
-        f"# teacher vs student\n\nteacher: `{args.teacher}`  \nstudent: `{args.student}`  \n"
-        f"device: {device}, {args.repeats} timed calls per row\n\n{table}\n\n![bench](bench.png)\n"
+    atomic_write_text(
+        md,
+        f"# teacher vs student\n\nteacher: `{teacher_label}`  \nstudent: `{args.student}`  \n"
+        f"device: {device}, {args.repeats} timed calls per row\n\n{table}\n\n![bench](bench.png)\n",
     )
     plot_comparison(teacher, student, out / "bench.png", title=f"teacher vs student, {device}")
     if args.json:
         data = {"device": device, **results_to_json(teacher, student)}
-        (out / "bench.json").write_text(json.dumps(data, indent=1))
+        atomic_write_text(out / "bench.json", json.dumps(data, indent=1))
         print(json.dumps(data, indent=1))
     else:
         print(table)

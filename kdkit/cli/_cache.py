@@ -66,15 +66,19 @@ def run_info(args: argparse.Namespace) -> int:
 
 def run_check(args: argparse.Namespace) -> int:
     from kdkit.cache import check, read_meta
+    from kdkit.cli._checks import check_min, check_range
     from kdkit.cli._precompute import load_data, load_teacher
     from kdkit.errors import KDError
 
+    check_min(args.n_probe, 1, "--n-probe")
+    check_range(args.max_disagreement, 0.0, 1.0, "--max-disagreement")
+    check_min(args.max_kl, 0.0, "--max-kl")
     meta = read_meta(args.dir)
     data = args.data or (meta.get("source") or {}).get("data")
     if not data:
         raise KDError("the cache records no dataset; pass --data")
     dataset, _, _ = load_data(data)
-    teacher = load_teacher(args.teacher, args.arch, args.device)
+    teacher = load_teacher(args.teacher, args.arch, args.device, args.trust_code)
     report = check(
         args.dir,
         teacher,

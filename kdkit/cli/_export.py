@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from kdkit.cli._checks import add_trust_code, check_min, check_shape
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -12,7 +14,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Rebuild the student from a kdkit checkpoint, export it with a dynamic "
         "batch axis and check ONNX Runtime against PyTorch on a random batch.",
     )
-    p.add_argument("checkpoint", help="a checkpoint written by kdkit's Trainer (e.g. best.pt)")
+    p.add_argument(
+        "checkpoint",
+        help="a kdkit checkpoint (e.g. best.pt from a Trainer, or a teacher.pt) or a kdkit "
+        "train run directory (its best.pt, else last.pt)",
+    )
     p.add_argument("--onnx", required=True, metavar="PATH", help="where to write the .onnx file")
     p.add_argument("--opset", type=int, help="ONNX opset (default: 17)")
     p.add_argument(
@@ -24,14 +30,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--atol", type=float, default=1e-4, help="refuse a larger max abs difference")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check")
+    add_trust_code(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from kdkit._io import check_output_path
     from kdkit.errors import KDError
-    from kdkit.export import export_onnx, load_student
+    from kdkit.export import export_onnx
+    from kdkit.load import load_model
 
-    module, meta = load_student(args.checkpoint)
+    check_shape(args.input_shape)
+    check_min(args.atol, 0.0, "--atol")
+    check_output_path(args.onnx, what="--onnx")
+    from kdkit.run.models import checkpoint_in  # a run directory -> its best.pt / last.pt
+
+    module, meta = load_model(checkpoint_in(args.checkpoint), trust_code=args.trust_code)
     shape = args.input_shape or meta.get("input_shape")
     if not shape:
         raise KDError(f"{args.checkpoint} records no input_shape; pass --input-shape C H W")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 from typing import Any
 
+from kdkit.cli._checks import add_trust_code, check_device, check_min, check_range
 from kdkit.errors import KDError
 
 DATASETS = ("fashion-mnist",)
@@ -42,44 +42,44 @@ def add_teacher_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--arch",
-        default="kdkit.models:fmnist_teacher",
-        help="pkg.module:factory building the teacher when the checkpoint names none",
+        default="kdkit:fmnist_teacher",
+        help="registered model (kdkit:NAME, torchvision:NAME, ...) for a checkpoint that holds "
+        "only weights (default: kdkit:fmnist_teacher)",
     )
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    add_trust_code(p)
 
 
-def _factory(spec: str) -> Any:
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise KDError(f"cannot import the model factory {spec!r} ({err})") from None
-
-
-def load_teacher(path: str, arch: str, device: str | None) -> Any:
+def load_teacher(path: str, arch: str, device: str | None, trust_code: bool = False) -> Any:
     """A Teacher for ``path``: ``.onnx`` / ``.engine`` files and checkpoints that name their
-    model (``student_spec``) go through :func:`kdkit.teachers.teacher`; a checkpoint holding
-    only weights (``{"student": state_dict}``, as the demo writes) is loaded into ``arch``."""
+    model (``<role>_spec``) go through :func:`kdkit.teachers.teacher`; a file holding only
+    weights (a kdkit checkpoint without a spec, or a plain state dict) is loaded into
+    ``arch``, a registered model spec. Nothing a file names is imported without
+    ``trust_code``."""
     import torch
 
+    from kdkit.load import spec_from_text
+    from kdkit.registry import build_model, load_weights
     from kdkit.teachers import TorchTeacher, teacher
 
+    check_device(device)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if path.endswith((".onnx", ".engine", ".plan")):
         return teacher(path)
+    from kdkit.load import load_checkpoint
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as err:
-        raise KDError(f"cannot read the teacher checkpoint {path} ({err})") from None
-    if isinstance(state, dict) and state.get("student_spec"):
-        return teacher(path).to(device)
-    model = _factory(arch)()
-    weights = state.get("student", state) if isinstance(state, dict) else state
-    try:
-        model.load_state_dict(weights)
-    except (RuntimeError, TypeError, AttributeError) as err:
-        raise KDError(f"{path} does not fit the teacher architecture {arch} ({err})") from None
-    return TorchTeacher(model).to(device)
+        ckpt = load_checkpoint(path)
+    except KDError as err:
+        if "not a kdkit checkpoint" not in str(err):
+            raise
+        ckpt = None  # a plain state dict: weights for --arch
+    if ckpt is not None and any(ckpt.get(f"{r}_spec") for r in ("student", "teacher")):
+        return teacher(path, trust_code=trust_code).to(device)
+    spec = spec_from_text(arch, where="--arch")
+    model = build_model(spec, trust_code=trust_code, where="--arch")
+    load_weights(model, path)
+    return TorchTeacher(model.eval()).to(device)
 
 
 def load_data(spec: str) -> tuple[Any, tuple[float, ...], tuple[float, ...]]:
@@ -109,10 +109,21 @@ def build_views(args: argparse.Namespace, image_size: tuple[int, int]) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kdkit._io import check_output_path
     from kdkit.cache import precompute, read_meta
 
-    teacher = load_teacher(args.teacher, args.arch, args.device)
+    check_min(args.views, 0, "--views")
+    check_min(args.topk, 1, "--topk")
+    check_min(args.batch_size, 1, "--batch-size")
+    check_min(args.shard_size, 1, "--shard-size")
+    check_min(args.pad, 0, "--pad")
+    check_range(args.flip_p, 0.0, 1.0, "--flip-p")
+    lo, hi = args.scale
+    if not 0 < lo <= hi <= 1:
+        raise KDError(f"--scale LO HI needs 0 < LO <= HI <= 1, got {lo:g} {hi:g}")
+    check_output_path(args.out, what="--out", directory=True)
     dataset, mean, std = load_data(args.data)
+    teacher = load_teacher(args.teacher, args.arch, args.device, args.trust_code)
     views = build_views(args, tuple(dataset[0][0].shape[-2:]))
     out = precompute(
         teacher,

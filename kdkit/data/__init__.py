@@ -6,6 +6,8 @@ DataLoaders. Normalisation happens on the device with :func:`to_float`.
 """
 
 from kdkit.data.arrays import ArrayDataset, Batch, FastLoader, to_float
+from kdkit.data.bytes_loader import ImageBytesLoader
+from kdkit.data.decode import DecodedImageDataset, EncodedImageDataset, ImageDecoder
 from kdkit.data.fashion_mnist import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_MEAN,
@@ -17,9 +19,10 @@ from kdkit.data.folder import (
     IMAGENET_STD,
     ImageFolderDataset,
     ImageFolderManager,
-    ImageNetManager,
 )
+from kdkit.data.prefetch import DevicePrefetcher
 from kdkit.data.split import concat, holdout, split_labeled
+from kdkit.data.stl10 import STL10_CLASSES, load_stl10
 from kdkit.data.views import Views, ViewSampler, prepare_input
 
 __all__ = [
@@ -33,10 +36,16 @@ __all__ = [
     "FastLoader",
     "ImageFolderDataset",
     "ImageFolderManager",
-    "ImageNetManager",
     "concat",
+    "DecodedImageDataset",
+    "DevicePrefetcher",
+    "EncodedImageDataset",
+    "ImageBytesLoader",
+    "ImageDecoder",
     "holdout",
     "load_fashion_mnist",
+    "load_stl10",
+    "STL10_CLASSES",
     "split_labeled",
     "to_float",
     "ViewSampler",

@@ -9,19 +9,32 @@ it is the simple, portable path, not the fast one.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 from kdkit.data.arrays import Batch
+from kdkit.data.bytes_loader import folder_loaders
 from kdkit.errors import KDError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataset", "ImageFolderManager"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageFolderDataset",
+    "ImageFolderManager",
+    "UnlabeledFolderDataset",
+    "find_images",
+    "shard_sampler",
+]
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -38,23 +51,39 @@ def _layout(root: Path, train_dir: str, val_dir: str) -> str:
 
 
 def _scan(split_dir: Path, layout: str) -> dict[str, list[Path]]:
-    """Map class name -> sorted image files; an error for anything off the expected layout."""
+    """Map class name -> sorted image files; an error for anything off the expected layout.
+
+    Hidden entries (``.ipynb_checkpoints``, ``.DS_Store``) are skipped: a hidden folder taken
+    as class 0 would shift every label. Skipped entries (hidden, not an image, empty and so
+    unreadable) are logged once with their counts.
+    """
     if not split_dir.is_dir():
         raise KDError(f"no folder {split_dir}; {layout}")
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    skipped = {"hidden": 0, "not an image": 0, "empty (unreadable)": 0}
+    entries = list(os.scandir(split_dir))
+    skipped["hidden"] += sum(e.name.startswith(".") for e in entries)
+    classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise KDError(f"{split_dir} has no class folders; {layout}")
     files: dict[str, list[Path]] = {}
     for name in classes:
         class_dir = split_dir / name
-        images = sorted(
-            class_dir / e.name
-            for e in os.scandir(class_dir)
-            if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
-        )
+        images = []
+        for e in os.scandir(class_dir):
+            if e.name.startswith("."):
+                skipped["hidden"] += 1
+            elif not (e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)):
+                skipped["not an image"] += 1
+            elif e.stat().st_size == 0:
+                skipped["empty (unreadable)"] += 1
+            else:
+                images.append(class_dir / e.name)
         if not images:
             raise KDError(f"class folder {class_dir} holds no images; {layout}")
-        files[name] = images
+        files[name] = sorted(images)
+    counts = ", ".join(f"{n} {what}" for what, n in skipped.items() if n)
+    if counts:
+        log.warning("%s: skipped %s", split_dir, counts)
     return files
 
 
@@ -96,6 +125,47 @@ class ImageFolderDataset(Dataset):
         return self.transform(rgb), label, i
 
 
+def find_images(root: str | os.PathLike) -> list[Path]:
+    """Every image file under ``root`` at any depth, sorted; hidden files and folders
+    (``.name``, e.g. ``.DS_Store``, ``.ipynb_checkpoints``) are skipped."""
+    root = Path(root)
+    if not root.is_dir():
+        raise KDError(f"no folder {root} (expected a folder of images, at any depth)")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [
+            Path(dirpath) / f
+            for f in filenames
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+    if not found:
+        raise KDError(f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return sorted(found)
+
+
+class UnlabeledFolderDataset(ImageFolderDataset):
+    """A flat folder of unlabeled images (any depth, no class folders): every label is -1,
+    so only the distillation loss sees them (darklight's "wild" images)."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Callable[[Image.Image], torch.Tensor],
+        draft_size: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__([(p, -1) for p in find_images(root)], [], transform, draft_size)
+
+
+def shard_sampler(dataset: Dataset, seed: int, drop_last: bool) -> DistributedSampler | None:
+    """A shuffling DistributedSampler when torch.distributed runs more than one process, else
+    None (then shuffle as usual): each rank reads its own shard; call ``set_epoch`` on it
+    every epoch (the Trainer does) or every epoch repeats the same order."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    return DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=drop_last)
+
+
 def _collate(items: list[tuple[torch.Tensor, int, int]]) -> Batch:
     images, labels, indices = zip(*items, strict=True)
     return Batch(
@@ -117,9 +187,15 @@ class ImageFolderManager:
         crop_pct: evaluation resizes the shorter side to ``max(size) / crop_pct`` and then
             center-crops ``size`` (the standard 0.875 = 224/256).
         drop_last: drop the incomplete last training batch (validation keeps everything).
+        decode: ``"pil"`` (default): PIL decodes, RandomResizedCrop + flip augment, in the
+            workers. ``"cpu"`` / ``"gpu"`` / ``"auto"`` (gpu on CUDA, else cpu): workers read
+            bytes; torchvision's CPU decoders (in the workers) or batched nvJPEG (on
+            ``device``) decode; training batches come at ``work_size`` (default square
+            ``max(size) / crop_pct``) on ``device`` without augmentation, so pass
+            ``views=ViewSampler(size=size)`` to the Trainer (see :mod:`kdkit.data.decode`).
 
-    Training augmentation is RandomResizedCrop + horizontal flip; both loaders yield
-    :class:`~kdkit.data.Batch` ``(uint8 images, int64 labels, int64 indices)``.
+    Training augmentation (``decode="pil"``) is RandomResizedCrop + horizontal flip; both
+    loaders yield :class:`~kdkit.data.Batch` ``(uint8 images, int64 labels, int64 indices)``.
     """
 
     mean = IMAGENET_MEAN
@@ -139,6 +215,9 @@ class ImageFolderManager:
         drop_last: bool = True,
         train_dir: str = "train",
         val_dir: str = "val",
+        decode: str = "pil",
+        device: str | torch.device | None = None,
+        work_size: int | Sequence[int] | None = None,
     ) -> None:
         batch_size = bsize if bsize is not None else batch_size
         workers = num_workers if num_workers is not None else workers
@@ -166,6 +245,25 @@ class ImageFolderManager:
         self.classes = list(train_files)
         self.num_classes = len(self.classes)
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        self.decode = decode
+        if decode != "pil":  # bytes in the workers, batched decode (kdkit.data.bytes_loader)
+            self.train_loader, self.val_loader = folder_loaders(
+                self._samples(train_files),
+                self._samples(val_files),
+                self.classes,
+                self.size,
+                decode=decode,
+                device=device,
+                work_size=work_size,
+                crop_pct=crop_pct,
+                batch_size=batch_size,
+                workers=workers,
+                seed=seed,
+                drop_last=drop_last,
+            )
+            self.train_dataset = self.train_loader.dataset
+            self.val_dataset = self.val_loader.dataset
+            return
 
         resize_to = round(max(height, width) / crop_pct)
         self.train_dataset = ImageFolderDataset(
@@ -184,9 +282,14 @@ class ImageFolderManager:
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
         )
+        # Under DDP each rank reads its own shard of the training set (the Trainer calls
+        # sampler.set_epoch each epoch); every rank evaluates the whole val set, so all
+        # ranks agree on val top-1 and on which epoch is best.
+        sampler = shard_sampler(self.train_dataset, seed, drop_last)
         self.train_loader = DataLoader(
             self.train_dataset,
-            shuffle=True,
+            shuffle=sampler is None,
+            sampler=sampler,
             drop_last=drop_last,
             generator=torch.Generator().manual_seed(seed),
             **common,
@@ -219,5 +322,3 @@ class ImageFolderManager:
             [v2.Resize(resize_to, antialias=True), v2.CenterCrop(self.size), v2.PILToTensor()]
         )
 
-
-ImageNetManager = ImageFolderManager

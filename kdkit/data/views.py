@@ -13,6 +13,21 @@ View ids: with ``num_views=K`` a sample has K fixed views (what a cache stores) 
 ``offset`` is a hashed per-sample phase, so any K consecutive epochs show every sample each of
 its K views exactly once while a batch mixes view ids. With ``num_views=None`` the view id is
 the epoch: fresh views every epoch (online function matching).
+
+Mixing (mixup, CutMix): Beyer et al. mix *images* (not labels) and let the teacher label the
+mixture, which only helps when the teacher sees exactly the student's mixture. The partner
+of sample ``i`` under view ``v`` is therefore derived like the crop, from ``(seed, v, i)``:
+``partner = pool[h % len(pool)]`` where ``h`` is a hash of that key and ``pool`` is the
+sorted set of sample indices of the training dataset (:class:`MixPool`). It is *not* chosen
+within the batch: batch composition depends on the shuffle, so a cache keyed by ``(i, v)``
+could never replay a batch-mate mixture, while a partner fixed by ``(i, v)`` and the dataset
+makes ``(i, v)`` name one mixed image, whose teacher output a cache can store. The cache also
+stores the partner and weight it used, so a run on another pool (another dataset, a subset)
+is caught instead of silently learning from other images' targets. The mixing weight
+``lam`` ~ Beta(alpha, alpha) comes from the same key and is folded to ``max(lam, 1 - lam)``:
+the sample itself always owns at least half of the pixels, so its hard label (when it has
+one) stays the majority label. Mixing happens on the raw ``[0, 1]`` images before the crop:
+the mixture is then cropped and flipped with the sample's own view.
 """
 
 from __future__ import annotations
@@ -27,10 +42,13 @@ import torch.nn.functional as F
 
 from kdkit.errors import KDError
 
-__all__ = ["Views", "ViewSampler", "prepare_input", "splitmix64", "CROPS"]
+__all__ = ["Views", "ViewSampler", "MixPool", "prepare_input", "splitmix64", "CROPS"]
 
 CROPS = ("resized", "pad", "none")
-_CONFIG_VERSION = 1
+#: version 2 adds ``mixup``/``cutmix``; a sampler that does not mix still writes version 1,
+#: byte-for-byte what older kdkit wrote, so old caches' meta compares equal
+_CONFIG_VERSION = 2
+_READABLE_CONFIG_VERSIONS = (1, 2)
 
 
 def _signed(c: int) -> int:
@@ -42,6 +60,9 @@ _GOLDEN = _signed(0x9E3779B97F4A7C15)
 _MIX1 = _signed(0xBF58476D1CE4E5B9)
 _MIX2 = _signed(0x94D049BB133111EB)
 _OFFSET_STREAM = 0x5EED0FF5E7  # salt of the per-sample view-id phase
+# counters of _uniform per key: 0..4 crop and flip, 8 mixup-or-CutMix coin, 9 partner,
+# 10..13 CutMix box, 16.. Beta draws (two per try)
+_BETA_TRIES = 48
 
 
 def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -65,6 +86,24 @@ def _uniform(key: torch.Tensor, counter: int) -> torch.Tensor:
     return _shr(splitmix64(key + counter), 11).double() * (2.0**-53)
 
 
+def _beta_symmetric(key: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Beta(alpha, alpha) per key from counter streams (Johnk's method, vectorised tries).
+
+    Try ``t`` accepts when ``u^(1/a) + v^(1/a) <= 1``; the first accepted try wins. Each try
+    accepts with probability >= 1/6 for alpha <= 2, so 48 tries all fail less than once in
+    10^3 samples at alpha = 2 (about never at alpha <= 1); those rare keys get 0.5.
+    """
+    counters = torch.arange(_BETA_TRIES, dtype=torch.int64) * 2 + 16
+    u = _uniform(key[:, None], counters[None])  # broadcast: (N, tries)
+    v = _uniform(key[:, None], counters[None] + 1)
+    a = u.clamp_min(1e-300) ** (1.0 / alpha)
+    b = v.clamp_min(1e-300) ** (1.0 / alpha)
+    ok = (a + b <= 1.0) & (a + b > 0.0)
+    first = torch.argmax(ok.to(torch.int8), dim=1, keepdim=True)
+    lam = (a / (a + b).clamp_min(1e-300)).gather(1, first).squeeze(1)
+    return torch.where(ok.any(dim=1), lam, torch.full_like(lam, 0.5))
+
+
 @dataclass(frozen=True)
 class Views:
     """Augmentation parameters of N samples.
@@ -72,16 +111,100 @@ class Views:
     ``box`` (N, 4) float32 is the crop ``(x0, y0, x1, y1)`` in units of the input image
     (``(0, 0, 1, 1)`` is the whole image; a box reaching past 0..1 reads zeros there, which is
     how pad-and-crop is expressed). ``flip`` (N,) bool mirrors the crop horizontally.
+
+    Mixing (``None`` when the sampler does not mix): ``partner`` (N,) int64 is the dataset
+    index of the image mixed in, ``blend`` (N,) float32 the sample's weight in a mixup blend
+    (1 for CutMix samples), ``cut`` (N, 4) float32 the box, in input units, where the
+    partner's pixels replace the sample's (empty for mixup samples). ``lam`` is the sample's
+    share of the mixture, ``blend * (1 - area(cut))``, in [0.5, 1].
     """
 
     box: torch.Tensor
     flip: torch.Tensor
+    partner: torch.Tensor | None = None
+    blend: torch.Tensor | None = None
+    cut: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.box.shape[0])
 
+    @property
+    def mixed(self) -> bool:
+        return self.partner is not None
+
+    @property
+    def lam(self) -> torch.Tensor | None:
+        """The sample's own share of each mixed image (``None`` without mixing)."""
+        if self.blend is None or self.cut is None:
+            return None
+        area = (self.cut[:, 2] - self.cut[:, 0]) * (self.cut[:, 3] - self.cut[:, 1])
+        return self.blend * (1.0 - area)
+
     def to(self, device: torch.device | str) -> Views:
-        return Views(self.box.to(device), self.flip.to(device))
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Views(
+            self.box.to(device),
+            self.flip.to(device),
+            move(self.partner),
+            move(self.blend),
+            move(self.cut),
+        )
+
+
+class MixPool:
+    """The images partners are drawn from: a dataset's rows, looked up by sample index.
+
+    ``keys`` (M,) int64 are the samples' dataset indices (unique) and ``images`` (M, C, H, W)
+    their images in the same order. :attr:`pool` is ``keys`` sorted: the candidate partner
+    indices :meth:`ViewSampler.sample` draws from, a function of the *set* of samples only,
+    so a training run and a cache precompute over the same dataset draw the same partners
+    whatever the row order. :meth:`fetch` returns the images of partner indices (on the
+    device the images live on).
+    """
+
+    def __init__(self, images: torch.Tensor, keys: torch.Tensor) -> None:
+        keys = torch.as_tensor(keys, dtype=torch.int64).reshape(-1).cpu()
+        if images.shape[0] != keys.numel() or keys.numel() == 0:
+            raise KDError(
+                f"MixPool needs one index per image, got {keys.numel()} for {images.shape[0]}"
+            )
+        order = torch.argsort(keys)
+        self.pool = keys[order]
+        if bool((self.pool[1:] == self.pool[:-1]).any()):
+            raise KDError("MixPool: sample indices repeat; partners need unique indices")
+        self._order = order
+        self.images = images
+
+    @classmethod
+    def from_dataset(cls, dataset: Any) -> MixPool:
+        """The pool of an in-memory dataset (``.images``/``.labels`` tensors, optional
+        ``.indices``, or a ``torch.utils.data.Subset`` of one), e.g. a FastLoader's."""
+        from kdkit.data.arrays import _resolve
+
+        try:
+            images, _, indices, rows = _resolve(dataset)
+        except KDError as err:
+            raise KDError(
+                "mixup/cutmix views fetch partner images by index, which needs an in-memory "
+                f"training dataset (such as Fashion-MNIST or an ArrayDataset): {err}"
+            ) from None
+        if rows is not None:
+            images, indices = images[rows], indices[rows]
+        return cls(images, indices)
+
+    def __len__(self) -> int:
+        return int(self.pool.numel())
+
+    def fetch(self, partner: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, H, W) of the samples with dataset indices ``partner`` (N,)."""
+        idx = torch.as_tensor(partner, dtype=torch.int64).reshape(-1).cpu()
+        pos = torch.searchsorted(self.pool, idx).clamp(max=len(self) - 1)
+        if bool((self.pool[pos] != idx).any()):
+            raise KDError("MixPool.fetch: partner indices outside the pool")
+        rows = self._order[pos]
+        return self.images[rows.to(self.images.device)]
 
 
 def _pair(v: float | Sequence[float], name: str) -> tuple[float, float]:
@@ -117,6 +240,8 @@ class ViewSampler:
         pad: int = 0,
         size: int | Sequence[int] | None = None,
         flip_p: float = 0.5,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
     ) -> None:
         if crop not in CROPS:
             raise KDError(f"crop must be one of {list(CROPS)}, got {crop!r}")
@@ -142,13 +267,27 @@ class ViewSampler:
         if crop == "pad" and self.size is None:
             raise KDError("crop='pad' needs size=(H, W) of the images, to shift by whole pixels")
         self.flip_p = float(flip_p)
+        for name, alpha in (("mixup", mixup), ("cutmix", cutmix)):
+            if not (math.isfinite(float(alpha)) and float(alpha) >= 0.0):
+                raise KDError(f"{name} is a Beta(alpha, alpha) alpha >= 0 (0: off), got {alpha}")
+        self.mixup = float(mixup)
+        self.cutmix = float(cutmix)
+
+    @property
+    def mixes(self) -> bool:
+        """Whether views mix in a partner image (then sampling needs a :class:`MixPool`)."""
+        return self.mixup > 0.0 or self.cutmix > 0.0
 
     # -- description ----------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        """JSON-able description; equal configs give equal views (stored in cache meta)."""
-        return {
+        """JSON-able description; equal configs give equal views (stored in cache meta).
+
+        A sampler that does not mix writes the version 1 description (no mixing keys), so
+        caches precomputed before mixing existed still compare equal to it.
+        """
+        cfg: dict[str, Any] = {
             "type": "ViewSampler",
-            "version": _CONFIG_VERSION,
+            "version": _CONFIG_VERSION if self.mixes else 1,
             "seed": self.seed,
             "num_views": self.num_views,
             "crop": self.crop,
@@ -158,6 +297,9 @@ class ViewSampler:
             "size": None if self.size is None else list(self.size),
             "flip_p": self.flip_p,
         }
+        if self.mixes:
+            cfg["mixup"], cfg["cutmix"] = self.mixup, self.cutmix
+        return cfg
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ViewSampler:
@@ -166,12 +308,17 @@ class ViewSampler:
         if cfg.pop("type", "ViewSampler") != "ViewSampler":
             raise KDError(f"not a ViewSampler config: {config!r}")
         version = cfg.pop("version", _CONFIG_VERSION)
-        if version != _CONFIG_VERSION:
+        if version not in _READABLE_CONFIG_VERSIONS:
             raise KDError(
                 f"ViewSampler config version {version} is not supported "
-                f"(this kdkit reads {_CONFIG_VERSION})"
+                f"(this kdkit reads {list(_READABLE_CONFIG_VERSIONS)})"
             )
-        return cls(**cfg)
+        if version == 1 and ({"mixup", "cutmix"} & set(cfg)):
+            raise KDError(f"ViewSampler config version 1 has no mixing keys: {config!r}")
+        try:
+            return cls(**cfg)
+        except TypeError as err:
+            raise KDError(f"not a ViewSampler config ({err}): {config!r}") from None
 
     def __repr__(self) -> str:
         cfg = {k: v for k, v in self.config().items() if k not in ("type", "version")}
@@ -196,11 +343,18 @@ class ViewSampler:
         seed_key = splitmix64(torch.tensor(self.seed, dtype=torch.int64))
         return splitmix64(splitmix64(seed_key ^ view_ids) ^ index)
 
-    def sample(self, index: torch.Tensor, view_ids: torch.Tensor | int) -> Views:
+    def sample(
+        self,
+        index: torch.Tensor,
+        view_ids: torch.Tensor | int,
+        pool: MixPool | torch.Tensor | None = None,
+    ) -> Views:
         """The views of samples ``index`` (N,) under ``view_ids`` (N,) or one id for all.
 
-        Computed on the CPU (a few hundred integer ops per batch) and returned there;
-        :meth:`apply` moves them to the images' device.
+        ``pool``: the candidate partners when the sampler mixes, a :class:`MixPool` or a
+        tensor of dataset indices (a set: its order does not matter). Computed on the CPU
+        (a few hundred integer ops per batch) and returned there; :meth:`apply` moves them to
+        the images' device.
         """
         index = torch.as_tensor(index, dtype=torch.int64).reshape(-1).cpu()
         ids = torch.as_tensor(view_ids, dtype=torch.int64).reshape(-1).cpu()
@@ -220,7 +374,48 @@ class ViewSampler:
         elif self.crop == "pad":
             box = self._pad_boxes(key)
         flip = _uniform(key, 4) < self.flip_p
-        return Views(box=box.float(), flip=flip)
+        if not self.mixes:
+            return Views(box=box.float(), flip=flip)
+        if pool is None:
+            raise KDError(
+                "a mixing ViewSampler (mixup/cutmix) needs the partner pool: "
+                "MixPool.from_dataset(training dataset)"
+            )
+        if isinstance(pool, MixPool):
+            keys = pool.pool
+        else:  # a set of indices: its order must not matter
+            keys = torch.sort(torch.as_tensor(pool, dtype=torch.int64).reshape(-1).cpu()).values
+        partner, blend, cut = self._mix(key, keys)
+        return Views(box.float(), flip, partner, blend.float(), cut.float())
+
+    def _mix(self, key: torch.Tensor, pool: torch.Tensor):
+        n = key.numel()
+        pos = torch.floor(_uniform(key, 9) * pool.numel()).long().clamp(max=pool.numel() - 1)
+        partner = pool[pos]
+        use_cut = torch.zeros(n, dtype=torch.bool)
+        if self.cutmix > 0.0 and self.mixup > 0.0:
+            use_cut = _uniform(key, 8) < 0.5
+        elif self.cutmix > 0.0:
+            use_cut = torch.ones(n, dtype=torch.bool)
+        lam_mix = _beta_symmetric(key, self.mixup) if self.mixup > 0 else torch.ones(n).double()
+        lam_cut = _beta_symmetric(key, self.cutmix) if self.cutmix > 0 else torch.ones(n).double()
+        lam_mix = torch.maximum(lam_mix, 1.0 - lam_mix)
+        lam_cut = torch.maximum(lam_cut, 1.0 - lam_cut)
+        # CutMix box: a square (in input units) of area 1 - lam, centre uniform, clipped
+        side = torch.sqrt(1.0 - lam_cut)
+        cx, cy = _uniform(key, 10), _uniform(key, 11)
+        cut = torch.stack(
+            [
+                (cx - side / 2).clamp(0.0, 1.0),
+                (cy - side / 2).clamp(0.0, 1.0),
+                (cx + side / 2).clamp(0.0, 1.0),
+                (cy + side / 2).clamp(0.0, 1.0),
+            ],
+            dim=1,
+        )
+        cut = torch.where(use_cut[:, None], cut, torch.zeros_like(cut))
+        blend = torch.where(use_cut, torch.ones_like(lam_mix), lam_mix)
+        return partner, blend, cut
 
     def _resized_boxes(self, key: torch.Tensor) -> torch.Tensor:
         area = self.scale[0] + (self.scale[1] - self.scale[0]) * _uniform(key, 0)
@@ -240,12 +435,17 @@ class ViewSampler:
         return torch.stack([dx / w, dy / h, 1.0 + dx / w, 1.0 + dy / h], dim=1)
 
     # -- applying -------------------------------------------------------------------------
-    def apply(self, x: torch.Tensor, views: Views) -> torch.Tensor:
-        """Crop, resize and flip float images ``x`` (N, C, H, W) -> (N, C, H', W').
+    def apply(
+        self, x: torch.Tensor, views: Views, partner_images: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(Mix,) crop, resize and flip float images ``x`` (N, C, H, W) -> (N, C, H', W').
 
-        One ``affine_grid`` + bilinear ``grid_sample`` for the whole batch on ``x``'s device
-        (no antialiasing; zeros outside the image). Whole-pixel shifts and flips of an
-        unresized crop land on pixel centres, so they copy pixels (up to float rounding).
+        Mixed views first combine ``x`` with ``partner_images`` (the partners' images, same
+        shape and scale) on ``x``'s device: the blend ``b*x + (1-b)*p``, then inside the cut
+        box (pixel centres) the partner's pixels. Then one ``affine_grid`` + bilinear
+        ``grid_sample`` for the whole batch (no antialiasing; zeros outside the image).
+        Whole-pixel shifts and flips of an unresized crop land on pixel centres, so they copy
+        pixels (up to float rounding).
         """
         if x.dim() != 4 or not x.is_floating_point():
             raise KDError(
@@ -256,6 +456,8 @@ class ViewSampler:
             raise KDError(f"{len(views)} views for a batch of {n} images")
         if self.crop == "pad" and (h, w) != self.size:
             raise KDError(f"crop='pad' was configured for size {self.size}, got images {(h, w)}")
+        if views.mixed:
+            x = _mix_images(x, views, partner_images)
         out_h, out_w = self.size or (h, w)
         box = views.box.to(device=x.device, dtype=x.dtype)
         x0, y0, x1, y1 = box.unbind(1)
@@ -273,6 +475,23 @@ class ViewSampler:
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def _mix_images(x: torch.Tensor, views: Views, partner: torch.Tensor | None) -> torch.Tensor:
+    if partner is None or partner.shape != x.shape:
+        got = None if partner is None else tuple(partner.shape)
+        raise KDError(f"mixed views need partner images of shape {tuple(x.shape)}, got {got}")
+    n, _, h, w = x.shape
+    partner = partner.to(device=x.device, dtype=x.dtype)
+    blend = views.blend.to(device=x.device, dtype=x.dtype).reshape(n, 1, 1, 1)
+    cut = views.cut.to(device=x.device, dtype=x.dtype)
+    u = (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5) / w
+    v = (torch.arange(h, device=x.device, dtype=x.dtype) + 0.5) / h
+    in_x = (u[None] >= cut[:, 0:1]) & (u[None] < cut[:, 2:3])  # (N, W)
+    in_y = (v[None] >= cut[:, 1:2]) & (v[None] < cut[:, 3:4])  # (N, H)
+    inside = (in_y[:, :, None] & in_x[:, None, :]).unsqueeze(1)  # (N, 1, H, W)
+    mixed = blend * x + (1.0 - blend) * partner
+    return torch.where(inside, partner, mixed)
+
+
 def _channel_stat(v: float | Sequence[float] | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     t = torch.as_tensor(v, dtype=x.dtype).to(x.device, non_blocking=True)
     return t.reshape(1, -1, 1, 1) if t.dim() == 1 else t
@@ -286,23 +505,33 @@ def prepare_input(
     mean: float | Sequence[float] | torch.Tensor | None,
     std: float | Sequence[float] | torch.Tensor | None,
     device: torch.device | str | None,
+    pool: MixPool | None = None,
 ) -> torch.Tensor:
     """Raw batch -> model input; the single path shared by training and cache precompute.
 
     ``images`` (N, C, H, W) uint8 (scaled to [0, 1]) or float (taken as already in [0, 1])
     moves to ``device`` once; then the views of ``(index, view_ids)`` are applied when
-    ``sampler`` is given, then ``(x - mean) / std`` per channel (``None``: skip that part).
-    Returns float32 (N, C, H', W') on ``device``.
+    ``sampler`` is given (a mixing sampler fetches its partners' images from ``pool``), then
+    ``(x - mean) / std`` per channel (``None``: skip that part). Returns float32
+    (N, C, H', W') on ``device``.
     """
-    x = images.to(device, non_blocking=True) if device is not None else images
-    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+    def to_unit(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device, non_blocking=True) if device is not None else t
+        return t.float().div_(255.0) if t.dtype == torch.uint8 else t.float()
+
+    x = to_unit(images)
     if sampler is not None:
         if index is None or view_ids is None:
             raise KDError(
                 "a ViewSampler needs the batch's sample index and view ids "
                 "(view_ids = sampler.view_ids(index, epoch))"
             )
-        x = sampler.apply(x, sampler.sample(index, view_ids))
+        views = sampler.sample(index, view_ids, pool)
+        partner = None
+        if views.mixed:
+            partner = to_unit(pool.fetch(views.partner)).to(x.device)  # type: ignore[union-attr]
+        x = sampler.apply(x, views, partner)
     if mean is not None:
         x = x - _channel_stat(mean, x)
     if std is not None:

@@ -59,6 +59,97 @@ def _apply_channelwise(adapter: nn.Conv2d | nn.Linear, x: torch.Tensor) -> torch
     return _upcast(y)
 
 
+def _adapt(loss: nn.Module, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Project the student's channels onto the teacher's with ``loss.adapter``, building it on
+    the first call when ``loss.adapter_kind`` allows (FeatureMSE and CosineEmbedding share it).
+    """
+    c_s, c_t = _channels(student.shape), _channels(teacher.shape)
+    what = type(loss).__name__
+    if loss.adapter is None:
+        if c_s == c_t:
+            return student
+        if loss.adapter_kind is None:
+            raise KDError(
+                f"{what}: student features {tuple(student.shape)} have {c_s} channels and "
+                f"teacher features {tuple(teacher.shape)} have {c_t}, but adapter=None; use "
+                "adapter='auto' (a learnable 1x1 conv / Linear) or project them yourself"
+            )
+        for name, given, actual in (
+            ("student", loss.student_dim, c_s),
+            ("teacher", loss.teacher_dim, c_t),
+        ):
+            if given is not None and given != actual:
+                raise KDError(f"{name}_dim={given} but the {name} features have {actual} channels")
+        kind = loss.adapter_kind
+        if kind == "auto":
+            kind = "conv1x1" if student.dim() == 4 else "linear"
+        dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+        loss.adapter = _make_adapter(kind, c_s, c_t).to(student.device, dtype)
+    weight = loss.adapter.weight
+    if (weight.shape[1], weight.shape[0]) != (c_s, c_t):
+        raise KDError(
+            f"{what}: adapter maps {weight.shape[1]}->{weight.shape[0]} channels but student "
+            f"features are {tuple(student.shape)} and teacher features {tuple(teacher.shape)}"
+        )
+    return _apply_channelwise(loss.adapter, student)
+
+
+def _make_adapter(kind: str, c_in: int, c_out: int) -> nn.Conv2d | nn.Linear:
+    return nn.Conv2d(c_in, c_out, 1) if kind == "conv1x1" else nn.Linear(c_in, c_out)
+
+
+def _init_adapter(
+    loss: nn.Module, adapter: str | None, student_dim: int | None, teacher_dim: int | None
+) -> None:
+    """Set the adapter attributes; build the adapter now when both dims are known."""
+    if adapter not in _ADAPTER_KINDS:
+        raise KDError(f"adapter must be one of {_ADAPTER_KINDS}, got {adapter!r}")
+    loss.adapter_kind = adapter
+    loss.student_dim, loss.teacher_dim = student_dim, teacher_dim
+    loss.register_module("adapter", None)
+    if student_dim is not None and teacher_dim is not None and student_dim != teacher_dim:
+        if adapter is None:
+            raise KDError(
+                f"student_dim={student_dim} and teacher_dim={teacher_dim} differ but "
+                "adapter=None; use adapter='auto' or project the features yourself"
+            )
+        kind = "linear" if adapter == "linear" else "conv1x1"
+        loss.adapter = _make_adapter(kind, student_dim, teacher_dim)
+
+
+def _summary(loss: nn.Module, student_shape: Sequence[int], teacher_shape: Sequence[int]) -> str:
+    """What is done to the student features, e.g. ``"conv1x1 64->128 + resize 8x8->4x4"``."""
+    parts = []
+    if loss.adapter is not None:
+        w = loss.adapter.weight
+        parts.append(f"{_adapter_name(loss.adapter)} {w.shape[1]}->{w.shape[0]}")
+    elif len(student_shape) in (2, 3, 4) and len(student_shape) == len(teacher_shape):
+        c_s, c_t = _channels(student_shape), _channels(teacher_shape)
+        if c_s != c_t and loss.adapter_kind is not None:
+            kind = loss.adapter_kind
+            if kind == "auto":
+                kind = "conv1x1" if len(student_shape) == 4 else "linear"
+            parts.append(f"{kind} {c_s}->{c_t} (made on first call)")
+    if len(student_shape) == 4 and len(teacher_shape) == 4:
+        (h, w), (ht, wt) = student_shape[2:], teacher_shape[2:]
+        if (h, w) != (ht, wt):
+            parts.append(f"resize {h}x{w}->{ht}x{wt}")
+    return " + ".join(parts) or "none"
+
+
+def _adapt_and_resize(
+    loss: nn.Module, student: torch.Tensor, teacher: torch.Tensor
+) -> torch.Tensor:
+    """:func:`_adapt`, then bilinear resizing of a student map to the teacher's size."""
+    _check_pair(student, teacher, type(loss).__name__)
+    student = _adapt(loss, student, teacher)
+    if student.dim() == 4 and student.shape[2:] != teacher.shape[2:]:
+        student = F.interpolate(
+            student, size=teacher.shape[2:], mode="bilinear", align_corners=False
+        )
+    return student
+
+
 class FeatureMSE(nn.Module):
     """FitNets hint loss: mean squared error between student and teacher features.
 
@@ -85,88 +176,20 @@ class FeatureMSE(nn.Module):
         teacher_dim: int | None = None,
     ) -> None:
         super().__init__()
-        if adapter not in _ADAPTER_KINDS:
-            raise KDError(f"adapter must be one of {_ADAPTER_KINDS}, got {adapter!r}")
-        self.adapter_kind = adapter
-        self.student_dim, self.teacher_dim = student_dim, teacher_dim
-        self.register_module("adapter", None)
-        if student_dim is not None and teacher_dim is not None and student_dim != teacher_dim:
-            if adapter is None:
-                raise KDError(
-                    f"student_dim={student_dim} and teacher_dim={teacher_dim} differ but "
-                    "adapter=None; use adapter='auto' or project the features yourself"
-                )
-            kind = "linear" if adapter == "linear" else "conv1x1"
-            self.adapter = self._make_adapter(kind, student_dim, teacher_dim)
+        _init_adapter(self, adapter, student_dim, teacher_dim)
 
     def extra_repr(self) -> str:
         return f"adapter={self.adapter_kind!r}"
 
-    @staticmethod
-    def _make_adapter(kind: str, c_in: int, c_out: int) -> nn.Conv2d | nn.Linear:
-        return nn.Conv2d(c_in, c_out, 1) if kind == "conv1x1" else nn.Linear(c_in, c_out)
-
-    def _adapt(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        c_s, c_t = _channels(student.shape), _channels(teacher.shape)
-        if self.adapter is None:
-            if c_s == c_t:
-                return student
-            if self.adapter_kind is None:
-                raise KDError(
-                    f"student features {tuple(student.shape)} have {c_s} channels and teacher "
-                    f"features {tuple(teacher.shape)} have {c_t}, but adapter=None; use "
-                    "adapter='auto' (a learnable 1x1 conv / Linear) or project them yourself"
-                )
-            for name, given, actual in (
-                ("student", self.student_dim, c_s),
-                ("teacher", self.teacher_dim, c_t),
-            ):
-                if given is not None and given != actual:
-                    raise KDError(
-                        f"{name}_dim={given} but the {name} features have {actual} channels"
-                    )
-            kind = self.adapter_kind
-            if kind == "auto":
-                kind = "conv1x1" if student.dim() == 4 else "linear"
-            dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-            self.adapter = self._make_adapter(kind, c_s, c_t).to(student.device, dtype)
-        weight = self.adapter.weight
-        if (weight.shape[1], weight.shape[0]) != (c_s, c_t):
-            raise KDError(
-                f"adapter maps {weight.shape[1]}->{weight.shape[0]} channels but student "
-                f"features are {tuple(student.shape)} and teacher features {tuple(teacher.shape)}"
-            )
-        return _apply_channelwise(self.adapter, student)
-
     def adapter_summary(self, student_shape: Sequence[int], teacher_shape: Sequence[int]) -> str:
         """What is done to the student features, e.g. ``"conv1x1 64->128 + resize 8x8->4x4"``."""
-        parts = []
-        if self.adapter is not None:
-            w = self.adapter.weight
-            parts.append(f"{_adapter_name(self.adapter)} {w.shape[1]}->{w.shape[0]}")
-        elif len(student_shape) in (2, 3, 4) and len(student_shape) == len(teacher_shape):
-            c_s, c_t = _channels(student_shape), _channels(teacher_shape)
-            if c_s != c_t and self.adapter_kind is not None:
-                kind = self.adapter_kind
-                if kind == "auto":
-                    kind = "conv1x1" if len(student_shape) == 4 else "linear"
-                parts.append(f"{kind} {c_s}->{c_t} (made on first call)")
-        if len(student_shape) == 4 and len(teacher_shape) == 4:
-            (h, w), (ht, wt) = student_shape[2:], teacher_shape[2:]
-            if (h, w) != (ht, wt):
-                parts.append(f"resize {h}x{w}->{ht}x{wt}")
-        return " + ".join(parts) or "none"
+        return _summary(self, student_shape, teacher_shape)
 
     def forward(
         self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
         student, teacher = _upcast(student), _upcast(teacher)
-        _check_pair(student, teacher, "FeatureMSE")
-        student = self._adapt(student, teacher)
-        if student.dim() == 4 and student.shape[2:] != teacher.shape[2:]:
-            student = F.interpolate(
-                student, size=teacher.shape[2:], mode="bilinear", align_corners=False
-            )
+        student = _adapt_and_resize(self, student, teacher)
         if student.shape != teacher.shape:
             raise KDError(
                 f"FeatureMSE: student features {tuple(student.shape)} (after the adapter) and "
@@ -179,17 +202,44 @@ class CosineEmbedding(nn.Module):
     """``1 - cos(s, t)`` per sample (non-batch dims flattened), averaged over the batch.
 
     Scale-free, so it matches the direction of embeddings whose norms differ between models.
-    Student and teacher must have the same number of features per sample.
+    With the default ``adapter=None`` student and teacher must have the same number of
+    features per sample. ``adapter="auto"`` / ``"conv1x1"`` / ``"linear"`` (and
+    ``student_dim`` / ``teacher_dim``) work as in :class:`FeatureMSE`: a learnable
+    projection of the student's channels onto the teacher's (CRD-style embedding heads), and
+    a bilinear resize of maps of another size. It is opt-in because the projection changes
+    what is compared: the direction of the *projected* student, not of the student itself.
     """
+
+    def __init__(
+        self,
+        adapter: str | None = None,
+        student_dim: int | None = None,
+        teacher_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        _init_adapter(self, adapter, student_dim, teacher_dim)
+
+    def extra_repr(self) -> str:
+        return f"adapter={self.adapter_kind!r}" if self.adapter_kind is not None else ""
+
+    def adapter_summary(self, student_shape: Sequence[int], teacher_shape: Sequence[int]) -> str:
+        """What is done to the student features before the cosine (``"none"`` without one)."""
+        if self.adapter_kind is None:
+            return "none"
+        return _summary(self, student_shape, teacher_shape)
 
     def forward(
         self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        s, t = _promote(_upcast(student).flatten(1), _upcast(teacher).flatten(1))
+        student, teacher = _upcast(student), _upcast(teacher)
+        if self.adapter_kind is not None or self.adapter is not None:
+            student = _adapt_and_resize(self, student, teacher)
+        s, t = _promote(student.flatten(1), teacher.flatten(1))
         if s.shape != t.shape:
             raise KDError(
                 f"CosineEmbedding needs the same number of features per sample; student "
-                f"{tuple(student.shape)} vs teacher {tuple(teacher.shape)} (add an adapter)"
+                f"{tuple(student.shape)} vs teacher {tuple(teacher.shape)} (use "
+                "adapter='auto' to learn a projection)"
             )
         return (1.0 - F.cosine_similarity(s, t, dim=1, eps=1e-8)).mean()
 

@@ -11,6 +11,8 @@ The teacher may also be a :class:`~kdkit.teachers.base.TopK` (from a top-k cache
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +32,23 @@ _K1_GAP = 50.0
 def _upcast(x: torch.Tensor) -> torch.Tensor:
     """fp32 for half types (softmax in bf16 loses ~3 digits); fp64 stays fp64 (gradcheck)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def check_temperature(temperature: float) -> float:
+    """A finite number > 0 (NaN, inf, 0, negatives and non-numbers are refused)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise KDError(f"temperature must be a number > 0, got {temperature!r}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise KDError(f"temperature must be a finite number > 0 (e.g. 4.0), got {temperature}")
+    return float(temperature)
+
+
+def _kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``p * (log p - log q)`` with ``0 * log 0 = 0``: a teacher logit of -inf (a masked
+    class) has p = 0 and contributes nothing, instead of NaN from ``0 * -inf``."""
+    p = log_p.exp()
+    # ``p == 0`` (not ``p > 0``) so that a NaN teacher still propagates NaN and is caught
+    return torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q))
 
 
 def _check_logits(student: torch.Tensor) -> None:
@@ -103,6 +122,11 @@ def topk_to_logits(
     if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise KDError(f"top-k indices must be integers, got {indices.dtype}")
     k = values.shape[1]
+    if indices.numel() and int(indices.min()) < 0:
+        raise KDError(
+            f"top-k class indices must be >= 0, got {int(indices.min())}; the cache or "
+            "teacher output is corrupt (verify it with `kdkit cache verify`)"
+        )
     if k > num_classes or (indices.numel() and int(indices.max()) >= num_classes):
         raise KDError(
             f"top-k teacher (values {tuple(values.shape)}, class indices up to "
@@ -172,9 +196,7 @@ class SoftTargetKL(nn.Module):
 
     def __init__(self, temperature: float = 1.0, teacher_probs: bool = False) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise KDError(f"temperature must be positive, got {temperature}")
-        self.temperature = float(temperature)
+        self.temperature = check_temperature(temperature)
         self.teacher_probs = bool(teacher_probs)
 
     def extra_repr(self) -> str:
@@ -195,7 +217,7 @@ class SoftTargetKL(nn.Module):
             kl = torch.xlogy(p, p) - p * log_q
         else:
             log_p = F.log_softmax(_full_teacher_logits(teacher, student, t) / t, dim=1)
-            kl = log_p.exp() * (log_p - log_q)
+            kl = _kl_terms(log_p, log_q)
         return kl.sum(dim=1).mean() * (t * t)
 
 
@@ -225,7 +247,7 @@ class HardLabel(nn.Module):
                     f"top-k teacher {tuple(topk.values.shape)} does not match student logits "
                     f"{tuple(student.shape)} outside the class dim"
                 )
-            if target.numel() and int(target.max()) >= student.shape[1]:
+            if target.numel() and (int(target.min()) < 0 or int(target.max()) >= student.shape[1]):
                 raise KDError(
                     f"top-k teacher predicts class {int(target.max())} but the student has "
                     f"{student.shape[1]} classes (logits {tuple(student.shape)})"
@@ -249,9 +271,11 @@ class DKD(nn.Module):
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise KDError(f"temperature must be positive, got {temperature}")
-        self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
+        self.temperature = check_temperature(temperature)
+        for name, w in (("alpha", alpha), ("beta", beta)):
+            if not math.isfinite(w) or w < 0:
+                raise KDError(f"{name} must be a finite number >= 0, got {w}")
+        self.alpha, self.beta = float(alpha), float(beta)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}"
@@ -293,7 +317,7 @@ class DKD(nn.Module):
         log_q = F.log_softmax((student / t).masked_fill(mask, float("-inf")), 1).masked_fill(
             mask, 0
         )
-        nckd = (log_p.exp().masked_fill(mask, 0) * (log_p - log_q)).sum(dim=1)
+        nckd = _kl_terms(log_p, log_q).masked_fill(mask, 0).sum(dim=1)
         return (self.alpha * tckd + self.beta * nckd).mean() * (t * t)
 
 
@@ -311,4 +335,4 @@ def _binary_kl(
 
     lp_gt, lp_rest = log_split(zt)
     lq_gt, lq_rest = log_split(zs)
-    return lp_gt.exp() * (lp_gt - lq_gt) + lp_rest.exp() * (lp_rest - lq_rest)
+    return _kl_terms(lp_gt, lq_gt) + _kl_terms(lp_rest, lq_rest)

@@ -4,6 +4,7 @@ onnxruntime and tensorrt are imported only when an OnnxTeacher / TensorRTTeacher
 """
 
 from kdkit.teachers.base import Teacher, TeacherOutput, TopK
+from kdkit.teachers.clip_teacher import ClipInput, ClipTeacher
 from kdkit.teachers.ensemble import EnsembleTeacher
 from kdkit.teachers.factory import teacher
 from kdkit.teachers.onnx_teacher import OnnxTeacher
@@ -14,6 +15,8 @@ __all__ = [
     "Teacher",
     "TeacherOutput",
     "TopK",
+    "ClipTeacher",
+    "ClipInput",
     "TorchTeacher",
     "OnnxTeacher",
     "TensorRTTeacher",

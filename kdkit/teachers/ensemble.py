@@ -12,17 +12,34 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from kdkit.errors import KDError
 from kdkit.teachers.base import Teacher, TeacherOutput
+from kdkit.teachers.torch_teacher import TorchTeacher
 
 __all__ = ["EnsembleTeacher", "COMBINES"]
 
 COMBINES = ("mean_probs", "mean_logits")
 
 
+def _member(i: int, obj: Any) -> Teacher:
+    if isinstance(obj, Teacher):
+        return obj
+    if isinstance(obj, nn.Module):
+        return TorchTeacher(obj)
+    raise KDError(
+        f"ensemble member {i} is a {type(obj).__name__}; EnsembleTeacher takes Teachers or "
+        "nn.Modules. For files use kdkit.teacher([...]), which opens each one first"
+    )
+
+
 class EnsembleTeacher(Teacher):
-    """Combine teachers (anything :func:`kdkit.teacher` accepts) into one.
+    """Combine teachers into one.
+
+    Members are :class:`Teacher` objects or ``nn.Module`` s (run as :class:`TorchTeacher`);
+    for files (``.onnx``, checkpoints) build the ensemble with ``kdkit.teacher([...])``,
+    which makes each member first.
 
     ``weights`` (default: equal) are normalised to sum to 1. ``combine``:
 
@@ -43,8 +60,6 @@ class EnsembleTeacher(Teacher):
         combine: str = "mean_probs",
     ) -> None:
         super().__init__()
-        from kdkit.teachers.factory import teacher as make_teacher
-
         if isinstance(teachers, (str, bytes)) or not isinstance(teachers, Sequence):
             raise KDError("EnsembleTeacher takes a list of teachers")
         if len(teachers) == 0:
@@ -61,7 +76,7 @@ class EnsembleTeacher(Teacher):
         total = sum(weights)
         self.weights = tuple(w / total for w in weights)
         self.combine = combine
-        self.members = [make_teacher(t) for t in teachers]
+        self.members = [_member(i, t) for i, t in enumerate(teachers)]
 
     def to(self, device: torch.device | str) -> EnsembleTeacher:
         self.members = [m.to(device) for m in self.members]

@@ -9,7 +9,11 @@ from typing import Any
 from torch import nn
 
 from kdkit.errors import KDError
+from kdkit.load import load_model
 from kdkit.teachers.base import Teacher
+from kdkit.teachers.ensemble import EnsembleTeacher
+from kdkit.teachers.onnx_teacher import OnnxTeacher
+from kdkit.teachers.tensorrt_teacher import TensorRTTeacher
 from kdkit.teachers.torch_teacher import TorchTeacher
 
 __all__ = ["teacher", "BACKENDS"]
@@ -19,7 +23,9 @@ _ENGINE_SUFFIXES = (".engine", ".plan")
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
-def teacher(obj: Any, *, backend: str | None = None, **kwargs: Any) -> Teacher:
+def teacher(
+    obj: Any, *, backend: str | None = None, trust_code: bool = False, **kwargs: Any
+) -> Teacher:
     """A :class:`Teacher` for ``obj``.
 
     - a :class:`Teacher`: returned as is;
@@ -28,11 +34,15 @@ def teacher(obj: Any, *, backend: str | None = None, **kwargs: Any) -> Teacher:
     - an ``.onnx`` path: :class:`OnnxTeacher` (``backend="tensorrt"``: :class:`TensorRTTeacher`
       builds and caches an engine from it);
     - an ``.engine`` / ``.plan`` path: :meth:`TensorRTTeacher.from_engine`;
-    - a kdkit checkpoint (``.pt`` / ``.pth`` / ``.ckpt``): the trained student it holds, as a
-      :class:`TorchTeacher` (a distilled model can teach the next one);
+    - a kdkit checkpoint (``.pt`` / ``.pth`` / ``.ckpt``): the model it holds (teacher or
+      student: a distilled model can teach the next one), as a :class:`TorchTeacher`. Its
+      spec must name a registered builder; ``trust_code=True`` allows ``python:`` specs
+      (see :mod:`kdkit.registry`);
     - a list or tuple of any of these: :class:`EnsembleTeacher` (``weights=``, ``combine=``).
 
     Other keyword arguments go to the backend's constructor (e.g. ``precision="bf16"``).
+    ``precision="int8", calibration=...`` quantizes for ONNX Runtime (a module's default
+    backend then) or TensorRT, behind a fidelity gate (:mod:`kdkit.teachers.quantize`).
     Optional runtimes (onnxruntime, tensorrt) are imported only when such a backend is made.
     """
     if backend is not None and backend not in BACKENDS:
@@ -42,14 +52,13 @@ def teacher(obj: Any, *, backend: str | None = None, **kwargs: Any) -> Teacher:
             raise KDError(f"options {sorted(kwargs)} cannot be applied to an existing Teacher")
         return obj
     if isinstance(obj, (list, tuple)):
-        from kdkit.teachers.ensemble import EnsembleTeacher
-
         _no_backend(backend, "a list of teachers")
-        return EnsembleTeacher(obj, **kwargs)
+        # the factory makes the members; EnsembleTeacher only combines Teachers
+        return EnsembleTeacher([teacher(o, trust_code=trust_code) for o in obj], **kwargs)
     if isinstance(obj, nn.Module):
         return _from_module(obj, backend, kwargs)
     if isinstance(obj, (str, os.PathLike)):
-        return _from_path(Path(obj), backend, kwargs)
+        return _from_path(Path(obj), backend, trust_code, kwargs)
     raise KDError(
         f"cannot make a teacher from {type(obj).__name__}; give an nn.Module, an .onnx or "
         ".engine path, a kdkit checkpoint, a list of those, or a kdkit Teacher"
@@ -62,11 +71,13 @@ def _no_backend(backend: str | None, what: str) -> None:
 
 
 def _from_module(module: nn.Module, backend: str | None, kwargs: dict[str, Any]) -> Teacher:
+    if kwargs.get("precision") == "int8":  # int8 runs in ONNX Runtime (see teachers.quantize)
+        if backend == "torch":
+            raise KDError("precision='int8' runs with backend='onnx' (ONNX Runtime), not 'torch'")
+        backend = backend or "onnx"
     if backend in (None, "torch"):
         return TorchTeacher(module, **kwargs)
     if backend == "onnx":
-        from kdkit.teachers.onnx_teacher import OnnxTeacher
-
         return OnnxTeacher(module, **kwargs)
     raise KDError(
         "a TensorRT teacher is built from an ONNX file: kdkit.export_onnx(module, 'teacher.onnx', "
@@ -74,30 +85,24 @@ def _from_module(module: nn.Module, backend: str | None, kwargs: dict[str, Any])
     )
 
 
-def _from_path(path: Path, backend: str | None, kwargs: dict[str, Any]) -> Teacher:
+def _from_path(
+    path: Path, backend: str | None, trust_code: bool, kwargs: dict[str, Any]
+) -> Teacher:
     if not path.exists():
         raise KDError(f"no teacher file at {path}")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         if backend == "tensorrt":
-            from kdkit.teachers.tensorrt_teacher import TensorRTTeacher
-
             return TensorRTTeacher(path, **kwargs)
         if backend == "torch":
             raise KDError(f"{path} is an ONNX file; it runs with backend='onnx' or 'tensorrt'")
-        from kdkit.teachers.onnx_teacher import OnnxTeacher
-
         return OnnxTeacher(path, **kwargs)
     if suffix in _ENGINE_SUFFIXES:
-        from kdkit.teachers.tensorrt_teacher import TensorRTTeacher
-
         if backend not in (None, "tensorrt"):
             raise KDError(f"{path} is a TensorRT engine; only backend='tensorrt' can run it")
         return TensorRTTeacher.from_engine(path, **kwargs)
     if suffix in _CHECKPOINT_SUFFIXES:
-        from kdkit.export import load_student
-
-        module, _ = load_student(path)
+        module, _ = load_model(path, trust_code=trust_code)
         return _from_module(module, backend, kwargs)
     raise KDError(
         f"cannot tell what {path} holds from its suffix {suffix!r}; expected .onnx, "

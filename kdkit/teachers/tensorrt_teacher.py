@@ -14,19 +14,22 @@ op. No pycuda, no host round trip.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kdkit._io import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
 from kdkit.errors import KDError
+from kdkit.teachers import quantize
 from kdkit.teachers.base import Teacher, TeacherOutput
+from kdkit.teachers.calibration import draw_calibration
+from kdkit.teachers.fidelity import FidelityReport
+from kdkit.teachers.onnx_teacher import import_onnxruntime, load_session
 
 __all__ = [
     "TensorRTTeacher",
@@ -39,7 +42,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ENGINE_FORMAT_VERSION = 1
-TRT_PRECISIONS = ("fp32", "fp16", "bf16")
+TRT_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 def import_tensorrt() -> Any:
@@ -77,34 +80,31 @@ def engine_cache_key(
 def engine_cache_path(onnx_path: str | os.PathLike, key: dict[str, Any]) -> Path:
     """``<dir>/<stem>.<precision>.b<min>-<opt>-<max>.<hash of key>.engine`` next to the ONNX."""
     onnx_path = Path(onnx_path)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    digest = sha256_bytes(json.dumps(key, sort_keys=True).encode())[:16]
     lo, opt, hi = key["batch"]
     name = f"{onnx_path.stem}.{key['precision']}.b{lo}-{opt}-{hi}.{digest}.engine"
     return onnx_path.with_name(name)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600; give the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _int8_onnx(
+    onnx_path: Path,
+    calibration: Any,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None,
+    cache_dir: str | os.PathLike | None,
+) -> tuple[Any, Path]:
+    """(probe inputs, symmetric-int8 QDQ file of ``onnx_path``) for an int8 engine."""
+    ort = import_onnxruntime()
+    cal = quantize.as_calibration(calibration)
+    arrays = draw_calibration(cal, transform)
+    model = quantize.int8_model(
+        onnx_path,
+        arrays,
+        cal,
+        lambda p: load_session(p, ["CPUExecutionProvider"], ort),
+        target="tensorrt",
+        cache_dir=cache_dir,
+    )
+    return arrays.probe, model.path
 
 
 def _cuda_device(device: torch.device | str) -> torch.device:
@@ -145,12 +145,20 @@ def _build_engine(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
     if precision == "fp32":
-        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32, comparable to eager
+        if hasattr(trt.BuilderFlag, "TF32"):
+            config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32, comparable to eager
     else:
         flag = getattr(trt.BuilderFlag, precision.upper(), None)
-        if flag is None:
-            raise KDError(f"TensorRT {trt.__version__} has no {precision} builder flag")
+        if flag is None:  # TensorRT 11 builds strongly typed networks only
+            raise KDError(
+                f"TensorRT {trt.__version__} has no {precision} builder flag (TensorRT 11 "
+                "removed them: the ONNX file's own types decide the precision). Install "
+                "TensorRT 10 (pip install 'kdkit[tensorrt]'), or build an engine from an "
+                f"{precision} ONNX with trtexec and load it with TensorRTTeacher.from_engine"
+            )
         config.set_flag(flag)
+        if precision == "int8":  # explicit (QDQ) quantization; other layers may run in fp16
+            config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
@@ -181,9 +189,13 @@ def _deserialize(trt: Any, data: bytes) -> tuple[Any, Any] | None:
 class TensorRTTeacher(Teacher):
     """A TensorRT engine as a teacher (NVIDIA GPUs only).
 
-    ``precision``: ``"fp16"`` (default), ``"bf16"`` or ``"fp32"`` (TF32 disabled, so it
-    matches eager fp32 closely). The engine accepts batches ``min_batch..max_batch`` and is
-    tuned for ``opt_batch`` (default ``max_batch``); larger batches are run in chunks.
+    ``precision``: ``"fp16"`` (default), ``"bf16"``, ``"fp32"`` (TF32 disabled, so it
+    matches eager fp32 closely) or ``"int8"``: the ONNX file is quantized on ``calibration``
+    images into a symmetric-int8 QDQ file (cached beside it, see
+    :mod:`kdkit.teachers.quantize`; needs onnxruntime), the engine is built from that
+    (explicit quantization), and the fidelity ``gate`` compares it with the fp32 file run by
+    ONNX Runtime on a held-out probe (report in :attr:`fidelity`). The engine accepts
+    batches ``min_batch..max_batch`` and is tuned for ``opt_batch`` (default ``max_batch``); larger batches are run in chunks.
     ``workspace_gb`` caps TensorRT's scratch memory while building. The input must be a CUDA
     tensor; logits come back float32 on the same device.
     """
@@ -199,6 +211,9 @@ class TensorRTTeacher(Teacher):
         *,
         device: torch.device | str = "cuda",
         input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        calibration: Any = None,
+        gate: Any = None,
+        cache_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         trt = import_tensorrt()
@@ -214,7 +229,11 @@ class TensorRTTeacher(Teacher):
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():
             raise KDError(f"no ONNX file at {onnx_path}")
-        onnx_sha = _file_sha256(onnx_path)
+        self.fidelity: FidelityReport | None = None
+        if precision == "int8":
+            fp32_path = onnx_path
+            probe, onnx_path = _int8_onnx(onnx_path, calibration, input_transform, cache_dir)
+        onnx_sha = sha256_file(onnx_path)
         key = engine_cache_key(
             onnx_sha,
             trt.__version__,
@@ -237,6 +256,19 @@ class TensorRTTeacher(Teacher):
                 engine = _deserialize(trt, data)
         self._setup(trt, engine, device, input_transform, f"{onnx_sha}:{precision}")
         self.precision = precision
+        if precision == "int8":
+            self.fidelity = self._gate(fp32_path, probe, gate)
+
+    def _gate(self, fp32_path: Path, probe: Any, gate: Any) -> FidelityReport:
+        """The int8 engine against the fp32 ONNX file (ONNX Runtime, CPU) on the probe."""
+        reference = load_session(fp32_path, ["CPUExecutionProvider"], import_onnxruntime())
+        return quantize.check_fidelity(
+            lambda x: quantize.run_session(reference, x),
+            lambda x: self._engine_logits(torch.from_numpy(x).to(self.device)).cpu(),
+            probe,
+            quantize.as_gate(gate),
+            f"the TensorRT int8 engine {self.engine_path.name}",
+        )
 
     @classmethod
     def from_engine(
@@ -263,7 +295,7 @@ class TensorRTTeacher(Teacher):
         data = path.read_bytes()
         with torch.cuda.device(device):
             engine = _deserialize(trt, data)
-        self._setup(trt, engine, device, input_transform, hashlib.sha256(data).hexdigest())
+        self._setup(trt, engine, device, input_transform, sha256_bytes(data))
         return self
 
     # -- engine cache -----------------------------------------------------------------------
@@ -278,15 +310,24 @@ class TensorRTTeacher(Teacher):
         if meta.get("format_version") != ENGINE_FORMAT_VERSION or meta.get("key") != key:
             log.warning("%s does not match this build; rebuilding", self.engine_path)
             return None
+        data = self.engine_path.read_bytes()
+        if meta.get("sha256") != sha256_bytes(data):  # torn or edited: never deserialize it
+            log.warning("%s fails its checksum; rebuilding", self.engine_path)
+            return None
         log.info("using cached TensorRT engine %s", self.engine_path)
-        return self.engine_path.read_bytes()
+        return data
 
     def _store_engine(self, data: bytes, key: dict[str, Any]) -> None:
         sidecar = self.engine_path.with_name(self.engine_path.name + ".json")
-        meta = {"format_version": ENGINE_FORMAT_VERSION, "key": key, "bytes": len(data)}
+        meta = {
+            "format_version": ENGINE_FORMAT_VERSION,
+            "key": key,
+            "bytes": len(data),
+            "sha256": sha256_bytes(data),
+        }
         try:
-            _atomic_write(self.engine_path, data)
-            _atomic_write(sidecar, json.dumps(meta, indent=1).encode())
+            atomic_write_bytes(self.engine_path, data)
+            atomic_write_json(sidecar, meta)
         except OSError as err:  # a read-only model directory: keep the engine in memory
             log.warning("could not cache the engine at %s (%s)", self.engine_path, err)
 
@@ -307,7 +348,7 @@ class TensorRTTeacher(Teacher):
         self._trt = trt
         self.device = device
         self.input_transform = input_transform
-        self._fingerprint = hashlib.sha256(f"tensorrt:{fingerprint}".encode()).hexdigest()
+        self._fingerprint = sha256_bytes(f"tensorrt:{fingerprint}".encode())
         self.engine, self._runtime = loaded
         with torch.cuda.device(device):
             self.context = self.engine.create_execution_context()
@@ -341,6 +382,9 @@ class TensorRTTeacher(Teacher):
             )
         if self.input_transform is not None:
             x = self.input_transform(x)
+        return TeacherOutput(logits=self._engine_logits(x))
+
+    def _engine_logits(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         if n < self.min_batch:
             raise KDError(f"batch {n} is below the engine's min_batch={self.min_batch}")
@@ -348,7 +392,7 @@ class TensorRTTeacher(Teacher):
             x = x.to(self.device, self.input_dtype).contiguous()
             chunks = [self._run(c) for c in x.split(self.max_batch)]
         logits = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-        return TeacherOutput(logits=logits.float())
+        return logits.float()
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self.context

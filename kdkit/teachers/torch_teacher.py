@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from kdkit._fingerprint import module_fingerprint
 from kdkit.capture import Capture, unwrap
 from kdkit.teachers.base import Teacher, TeacherOutput
 
 __all__ = ["TorchTeacher", "PRECISIONS", "module_fingerprint"]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def module_fingerprint(model: nn.Module) -> str:
-    """sha256 over the class name and every parameter/buffer (name, shape, dtype, bytes)."""
-    h = hashlib.sha256(type(unwrap(model)).__qualname__.encode())
-    for name, tensor in unwrap(model).state_dict().items():
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        # reshape(-1): 0-dim buffers (BatchNorm's num_batches_tracked) cannot be viewed as bytes
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 class TorchTeacher(Teacher):

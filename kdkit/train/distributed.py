@@ -15,7 +15,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["init", "is_distributed", "rank", "world_size", "is_main", "wrap", "barrier"]
+__all__ = [
+    "init",
+    "is_distributed",
+    "rank",
+    "world_size",
+    "is_main",
+    "wrap",
+    "barrier",
+    "broadcast_state",
+]
 
 
 def init(backend: str | None = None) -> torch.device:
@@ -59,13 +68,30 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wrap(module: nn.Module, device: torch.device) -> nn.Module:
+def wrap(
+    module: nn.Module, device: torch.device, find_unused_parameters: bool = False
+) -> nn.Module:
     """DDP around ``module`` when running distributed, else ``module`` itself.
 
-    ``find_unused_parameters`` stays off: every parameter of a distiller (student and
-    adapters) takes part in every step once distillation is on.
+    Once distillation is on, every parameter of a distiller (student and adapters) takes
+    part in every step, so ``find_unused_parameters`` stays off unless the caller knows some
+    will idle (adapters before ``start_epoch``); it costs one graph walk per step.
     """
     if not is_distributed():
         return module
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=ids, find_unused_parameters=find_unused_parameters
+    )
+
+
+def broadcast_state(module: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers into every rank's ``module``, in place.
+
+    For weights that only ``src`` loaded (the best checkpoint, which only rank 0 wrote and
+    which another node may not see); a no-op on one process.
+    """
+    if not is_distributed():
+        return
+    for tensor in module.state_dict().values():  # detached views of the live tensors
+        dist.broadcast(tensor, src)

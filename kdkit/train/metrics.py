@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from pathlib import Path
 
 import torch
+
+from kdkit._io import atomic_write_text
 
 __all__ = ["topk_correct", "MetricLog"]
 
@@ -27,7 +30,7 @@ class MetricLog:
     """Appends one row per epoch to ``metrics.csv``; mirrors scalars to TensorBoard if present.
 
     On resume, rows from epochs at or after the resumed epoch are dropped first, so the file
-    never holds an epoch twice.
+    never holds an epoch twice; a column that appears in a later epoch widens the header.
     """
 
     def __init__(self, directory: str | Path | None, resume_epoch: int | None = None) -> None:
@@ -49,24 +52,39 @@ class MetricLog:
         except Exception:  # tensorboard is optional
             self._tb = None
 
-    def _write_all(self, rows: list[dict]) -> None:
+    def _read(self) -> tuple[list[str], list[dict]]:
+        if not self.path.exists():
+            return [], []
+        with self.path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            return list(reader.fieldnames or []), rows
+
+    def _write_all(self, rows: list[dict], fieldnames: list[str] | None = None) -> None:
         if not rows:
             self.path.unlink(missing_ok=True)
             return
-        with self.path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        if fieldnames is None:
+            fieldnames = list(dict.fromkeys(k for r in rows for k in r))
+        out = io.StringIO()
+        w = csv.DictWriter(out, fieldnames=fieldnames, restval="")
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(self.path, out.getvalue())
 
     def append(self, row: dict) -> None:
+        """Add one epoch's row. A column that appears later (a distillation loss starting
+        at ``start_epoch > 0``) rewrites the file under the widened header, earlier rows
+        left empty there, so no value ever sits under another column's name."""
         if self.path is None:
             return
-        new = not self.path.exists()
-        with self.path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        header, rows = self._read()
+        if not header or not set(row) <= set(header):
+            fieldnames = list(dict.fromkeys([*header, *row]))
+            self._write_all([*rows, row], fieldnames)
+        else:
+            with self.path.open("a", newline="") as f:
+                csv.DictWriter(f, fieldnames=header, restval="").writerow(row)
         if self._tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "epoch":

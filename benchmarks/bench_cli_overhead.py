@@ -1,0 +1,111 @@
+"""What `kdkit train` costs over the Python API, on the demo's KD recipe.
+
+Runs the same Fashion-MNIST KD recipe twice, each in a fresh process so both pay the same
+interpreter and torch start-up:
+
+- API: ``kdkit.demo.train_model`` (what ``kdkit demo`` runs for its "student, KD" row);
+- CLI: ``kdkit train configs/fmnist_kd.yaml`` (config parsing and validation, building from
+  the config, run directory, the teacher's own val pass and report.md/curves.png).
+
+Prints wall time, the CLI's overhead in percent and both test top-1s (which should be equal:
+same seed, same order, same arithmetic). The teacher is the demo's (trained once and cached
+under ~/.cache/kdkit/demo by the first run).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_cli_overhead.py [--epochs 6] [--repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+API_JOB = """
+import json, sys, torch
+from kdkit.data import concat, load_fashion_mnist, split_labeled
+from kdkit.demo import DemoConfig, fast_teacher, train_model
+from kdkit.models import fmnist_student, fmnist_teacher
+from kdkit.registry import load_weights
+epochs, weights = int(sys.argv[1]), sys.argv[2]
+cfg = DemoConfig(kd_epochs=epochs, progress=False)
+train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
+labeled, unlabeled = split_labeled(train, cfg.n_labeled, seed=cfg.seed)
+teacher = load_weights(fmnist_teacher(), weights).eval()
+torch.manual_seed(cfg.seed)
+student = fmnist_student()
+history, top1 = train_model(
+    student, concat(labeled, unlabeled), test, epochs, cfg, teacher=fast_teacher(teacher, cfg)
+)
+print(json.dumps({"top1": top1, "history": [h["val_top1"] for h in history]}))
+"""
+
+
+def demo_teacher() -> Path:
+    """The demo's cached teacher (trained here on first use: ~10 minutes on 2 cores)."""
+    from kdkit.data import load_fashion_mnist
+    from kdkit.demo import DemoConfig, _fingerprint, _teacher
+
+    cfg = DemoConfig(progress=False)
+    train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
+    _teacher(cfg, train, test)
+    return Path(cfg.cache_dir) / "demo" / f"teacher-{_fingerprint(cfg, train.fingerprint())}.pt"
+
+
+def timed(cmd: list[str]) -> tuple[float, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
+    return wall, done.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", default="runs/bench_cli")
+    parser.add_argument("--teacher", help="the demo teacher's weights (default: train or reuse "
+                        "the demo's cached teacher)")  # fmt: skip
+    args = parser.parse_args()
+    weights = Path(args.teacher) if args.teacher else demo_teacher()
+    out = ROOT / args.out
+    rows = []
+    for r in range(args.repeats):
+        api_s, api_out = timed([sys.executable, "-c", API_JOB, str(args.epochs), str(weights)])
+        api = json.loads(api_out.strip().splitlines()[-1])
+        run_dir = out / f"cli-{r}"
+        cli_s, _ = timed(
+            [sys.executable, "-m", "kdkit", "train", "configs/fmnist_kd.yaml",
+             "--set", f"teacher.weights={weights}", "--set", f"train.epochs={args.epochs}",
+             "--set", "train.progress=false", "--run-dir", str(run_dir)]
+        )  # fmt: skip
+        with (run_dir / "metrics.csv").open() as f:
+            cli_top1 = float(list(csv.DictReader(f))[-1]["val_top1"])
+        rows.append((api_s, cli_s, api["top1"], cli_top1))
+        print(
+            f"repeat {r}: API {api_s:.1f} s, top-1 {api['top1']:.2f} | CLI {cli_s:.1f} s, "
+            f"top-1 {cli_top1:.2f} | overhead {100 * (cli_s / api_s - 1):+.1f}%",
+            flush=True,
+        )
+    api_s = sum(r[0] for r in rows) / len(rows)
+    cli_s = sum(r[1] for r in rows) / len(rows)
+    print(
+        f"\n| path | wall time (s) | test top-1 (%) |\n|---|---:|---:|\n"
+        f"| Python API (`kdkit.demo.train_model`) | {api_s:.1f} | {rows[-1][2]:.2f} |\n"
+        f"| `kdkit train configs/fmnist_kd.yaml` | {cli_s:.1f} | {rows[-1][3]:.2f} |\n\n"
+        f"CLI overhead: {100 * (cli_s / api_s - 1):+.1f}% of wall time "
+        f"({args.epochs} epochs, mean of {len(rows)} run(s) each)"
+    )
+
+
+if __name__ == "__main__":
+    main()

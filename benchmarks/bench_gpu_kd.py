@@ -1,0 +1,702 @@
+"""The GPU path end to end, one command: every way to distill, same models, batch and data.
+
+    python benchmarks/bench_gpu_kd.py                         # CUDA: resnet152 -> resnet18, 224 px,
+                                                              # batch 256, 10k JPEGs of 500x375
+    python benchmarks/bench_gpu_kd.py --json gpu_kd.json      # + machine-readable rows
+    python benchmarks/bench_gpu_kd.py --device cpu --small    # the same code paths, tiny models
+                                                              # and images, < 1 min on a CPU
+
+One process, one run. Phase 1 feeds every row from GPU-resident uint8 tensors (the JPEGs below,
+decoded once at the working size); phase 2 reads the JPEG folder the script generates (kept in
+``--data-dir`` and reused). Rows, each as img/s and the ratio to its phase's naive row:
+
+* naive: the tutorials' loop (fp32 eager teacher and student, KL * T^2 + CE, ``loss.item()``
+  each step for the running loss); in phase 2 fed by the PIL loader (decode + RandomResizedCrop
+  in DataLoader workers), the tutorials' data path;
+* timm ``LogitDistillationTask`` (fp32 and bf16 autocast), when timm imports;
+* kdkit online through ``Trainer.train_step``, one row per teacher backend that is available:
+  ``TorchTeacher`` bf16 + channels_last eager and compiled, ``OnnxTeacher`` (CUDA I/O binding
+  needs onnxruntime-gpu), ``TensorRTTeacher`` fp16 (when tensorrt imports);
+* kdkit cached replay: ``kdkit.cache.precompute`` (K views, its own rate is a row), then
+  ``CachedTeacher`` with the same ViewSampler;
+* the teacher alone (bf16 inference) and the student alone (supervised step, no teacher);
+* phase 2 only: each loader alone (PIL, kdkit ``decode="cpu"``, ``decode="gpu"`` nvJPEG).
+
+Every kdkit and peer row applies the same device-side ViewSampler views (K fixed views, so the
+cache can serve them); the phase-2 naive/timm rows take the PIL loader's own augmentation.
+Models have random weights: speed does not depend on them. A row that cannot run on this
+machine is listed with the reason; a row that fails is listed with the error (``--strict``
+raises instead). Timings use ``torch.cuda.synchronize`` around ``--steps`` steps after
+``--warmup`` (which absorbs torch.compile and worker start-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import logging
+import os
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch import nn
+
+from kdkit import Distiller, SoftTargetKL, Trainer
+from kdkit._io import atomic_write_json
+from kdkit.bench import describe_device
+from kdkit.cache import CachedTeacher, precompute
+from kdkit.data import ArrayDataset, Batch, ImageFolderManager, ViewSampler, prepare_input, to_float
+from kdkit.data.decode import ImageDecoder, read_image_bytes
+from kdkit.errors import KDError
+from kdkit.teachers import TorchTeacher
+
+log = logging.getLogger("bench_gpu_kd")
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TEMPERATURE = 4.0
+NUM_VIEWS = 2  # views per sample in the cache (and for every row, so all rows see the same)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What one run compares (see ``--help``)."""
+
+    device: str
+    small: bool
+    batch: int
+    size: int
+    work_size: int
+    num_classes: int
+    images: int
+    image_w: int
+    image_h: int
+    warmup: int
+    steps: int
+    workers: int
+    compile: bool
+    data_dir: str
+
+
+@dataclass
+class Row:
+    phase: str
+    path: str
+    img_per_s: float | None
+    vs_naive: float | None = None
+    peak_mem_gib: float | None = None
+    note: str = ""
+
+
+class Skip(Exception):
+    """A row this machine cannot run (no CUDA, a backend not installed): listed, not an error."""
+
+
+# -- models ---------------------------------------------------------------------------------
+def _tiny(widths: tuple[int, ...], classes: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    c_in = 3
+    for i, w in enumerate(widths):
+        layers += [nn.Conv2d(c_in, w, 3, stride=1 if i == 0 else 2, padding=1), nn.BatchNorm2d(w)]
+        layers.append(nn.ReLU())
+        c_in = w
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, classes))
+
+
+def build_models(setup: Setup) -> tuple[nn.Module, nn.Module, str]:
+    """(teacher, student, description), random weights, on the device."""
+    torch.manual_seed(0)
+    if setup.small:
+        teacher, student = _tiny((16, 32, 32), setup.num_classes), _tiny((8, 16), setup.num_classes)
+        name = "tiny CNN (3 convs) -> tiny CNN (2 convs)"
+    else:
+        teacher = torchvision.models.resnet152(num_classes=setup.num_classes)
+        student = torchvision.models.resnet18(num_classes=setup.num_classes)
+        name = "torchvision resnet152 -> resnet18"
+    return teacher.to(setup.device).eval(), student.to(setup.device), name
+
+
+class TimmStudent(nn.Module):
+    """The three attributes timm's task reads from a timm model, around a torchvision one."""
+
+    def __init__(self, model: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.model, self.num_classes, self.in_chans = model, num_classes, 3
+        self.pretrained_cfg = {"mean": MEAN, "std": STD}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+# -- data -----------------------------------------------------------------------------------
+def _jpeg(args: tuple[Path, int, int, int]) -> None:
+    """One smooth synthetic photo-like JPEG (quality 90): blocks of colour, blurred, with noise,
+    so it compresses like a photo (~100 KB at 500x375) rather than like white noise."""
+    path, seed, w, h = args
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (h // 24 + 2, w // 24 + 2, 3), dtype=np.uint8))
+    base = np.asarray(coarse.resize((w, h), Image.BICUBIC), dtype=np.int16)
+    noisy = np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(noisy).save(path, "JPEG", quality=90)
+
+
+def make_jpeg_folder(setup: Setup) -> Path:
+    """``data_dir/train/cNN/*.jpg`` (+ one ``val`` image per class), reused when complete."""
+    root = Path(setup.data_dir)
+    spec = {
+        "images": setup.images,
+        "w": setup.image_w,
+        "h": setup.image_h,
+        "classes": setup.num_classes,
+    }
+    marker = root / "complete.json"
+    if marker.is_file() and json.loads(marker.read_text()) == spec:
+        return root
+    jobs = []
+    for i in range(setup.images):
+        folder = root / "train" / f"c{i % setup.num_classes:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        jobs.append((folder / f"{i:06d}.jpg", i, setup.image_w, setup.image_h))
+    for c in range(setup.num_classes):
+        (root / "val" / f"c{c:03d}").mkdir(parents=True, exist_ok=True)
+        jobs.append((root / "val" / f"c{c:03d}" / "v.jpg", 10**7 + c, setup.image_w, setup.image_h))
+    t0 = time.perf_counter()
+    if setup.workers > 1:
+        with Pool(setup.workers) as pool:
+            pool.map(_jpeg, jobs, chunksize=64)
+    else:
+        for job in jobs:
+            _jpeg(job)
+    log.info("wrote %d JPEGs to %s in %.1f s", len(jobs), root, time.perf_counter() - t0)
+    marker.write_text(json.dumps(spec))
+    return root
+
+
+def decode_all(setup: Setup, samples: list[tuple[Path, int]]) -> torch.Tensor:
+    """Every training image at the working size, uint8 on the CPU, in the loaders' order."""
+    backend = "gpu" if setup.device.startswith("cuda") else "cpu"
+    decoder = ImageDecoder(setup.work_size, backend=backend, device=setup.device)
+    out = []
+    for b0 in range(0, len(samples), 256):
+        chunk = decoder([read_image_bytes(p) for p, _ in samples[b0 : b0 + 256]])
+        if chunk.failures:
+            raise KDError(f"generated images failed to decode: {chunk.failures[:3]}")
+        out.append(chunk.images.cpu())
+    return torch.cat(out)
+
+
+def cycle(loader: Any) -> Iterator[Any]:
+    """Batches of ``loader`` over as many epochs as asked for."""
+    for epoch in itertools.count():
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+
+
+def resident_batches(images: torch.Tensor, labels: torch.Tensor, batch: int) -> Iterator[Batch]:
+    """Random batches gathered from GPU-resident images; labels and indices stay on the host
+    (as kdkit's loaders yield them: the trainer reads them without a device sync)."""
+    g = torch.Generator().manual_seed(0)
+    n = images.shape[0]
+    while True:
+        for idx in torch.randperm(n, generator=g).split(batch):
+            if len(idx) == batch:
+                yield Batch(images[idx.to(images.device, non_blocking=True)], labels[idx], idx)
+
+
+# -- timing ---------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(step: Callable[[Any], Any], batches: Iterator[Any], setup: Setup) -> float:
+    """img/s of ``step`` over ``setup.steps`` batches after ``setup.warmup``."""
+    device = torch.device(setup.device)
+    for _ in range(setup.warmup):
+        step(next(batches))
+    _sync(device)
+    images, start = 0, time.perf_counter()
+    for _ in range(setup.steps):
+        batch = next(batches)
+        step(batch)
+        images += len(batch[0])
+    _sync(device)
+    return images / (time.perf_counter() - start)
+
+
+def stepped(make: Callable[[], tuple[Callable, Iterator]], setup: Setup) -> Callable[[], float]:
+    """A row that times a step function over batches."""
+    return lambda: measure(*make(), setup)
+
+
+# -- the rows' steps ------------------------------------------------------------------------
+class Bench:
+    """The shared state of one run: models, views, data; one method per kind of row."""
+
+    def __init__(self, setup: Setup, teacher: nn.Module, student: nn.Module) -> None:
+        self.setup = setup
+        self.device = torch.device(setup.device)
+        self.teacher, self.student0 = teacher, student
+        self.views = ViewSampler(seed=0, num_views=NUM_VIEWS, size=setup.size)
+        self.bf16 = "bf16"
+        self.channels_last = True
+        self._compiled_teacher: TorchTeacher | None = None
+        self.cache_dir = Path(tempfile.gettempdir()) / "kdkit-bench-cache-unset"
+
+    def student(self) -> nn.Module:
+        return copy.deepcopy(self.student0)
+
+    def augmented(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kdkit rows' input: views + normalisation on the device; labels to the device."""
+        ids = self.views.view_ids(batch.indices, 0)
+        x = prepare_input(batch.images, batch.indices, ids, self.views, MEAN, STD, self.device)
+        return x, batch.labels.to(self.device, non_blocking=True)
+
+    def pil_input(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The PIL loader's batches are augmented already: move and normalise only."""
+        x = to_float(batch.images.to(self.device, non_blocking=True), MEAN, STD)
+        return x, batch.labels.to(self.device, non_blocking=True)
+
+    # naive: the tutorials' loop
+    def naive(self, prep: Callable) -> Callable[[Batch], None]:
+        student, teacher = self.student(), self.teacher
+        opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+        running = [0.0]
+        t = TEMPERATURE
+
+        def step(batch: Batch) -> None:
+            x, y = prep(batch)
+            with torch.no_grad():
+                t_logits = teacher(x)
+            s_logits = student(x)
+            soft = F.kl_div(
+                F.log_softmax(s_logits / t, 1), F.softmax(t_logits / t, 1), reduction="batchmean"
+            )
+            loss = 0.5 * soft * t * t + 0.5 * F.cross_entropy(s_logits, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            running[0] += loss.item()
+
+        return step
+
+    def timm(self, prep: Callable, bf16: bool) -> Callable[[Batch], None]:
+        try:
+            from timm.task import LogitDistillationTask
+        except ImportError as err:
+            raise Skip(f"timm does not import ({err})") from None
+        task = LogitDistillationTask(
+            TimmStudent(self.student(), self.setup.num_classes),
+            self.teacher,
+            criterion=nn.CrossEntropyLoss(),
+            temperature=TEMPERATURE,
+            task_loss_weight=0.5,
+            device=self.device,
+            verbose=False,
+        )
+        opt = torch.optim.SGD(task.trainable_module.parameters(), lr=0.01, momentum=0.9)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+        def step(batch: Batch) -> None:
+            x, y = prep(batch)
+            with autocast:
+                out = task(x, y)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+
+        return step
+
+    def trainer(self, teacher: Any, compile: bool) -> Trainer:
+        first = Batch(
+            torch.zeros(2, 3, self.setup.work_size, self.setup.work_size, dtype=torch.uint8),
+            torch.zeros(2, dtype=torch.int64),
+            torch.arange(2),
+        )
+        loss = SoftTargetKL(temperature=TEMPERATURE) if teacher is not None else None
+        return Trainer(
+            Distiller(self.student(), teacher, loss),
+            [first],
+            optimizer={"optimizer": torch.optim.SGD, "okwargs": {"lr": 0.01, "momentum": 0.9}},
+            precision=self.bf16,
+            channels_last=self.channels_last,
+            compile=compile,
+            views=self.views,
+            mean=MEAN,
+            std=STD,
+            device=self.device,
+            progress=False,
+        )
+
+    def torch_teacher(self, compile: bool) -> TorchTeacher:
+        if compile and self._compiled_teacher is not None:
+            return self._compiled_teacher
+        t = TorchTeacher(self.teacher, self.bf16, channels_last=self.channels_last, compile=compile)
+        if compile:
+            self._compiled_teacher = t
+        return t
+
+    def onnx_teacher(self) -> Any:
+        from kdkit.teachers import OnnxTeacher
+        from kdkit.teachers.onnx_teacher import import_onnxruntime
+
+        try:
+            ort = import_onnxruntime()
+        except KDError as err:
+            raise Skip(str(err)) from None
+        if (
+            self.device.type == "cuda"
+            and "CUDAExecutionProvider" not in ort.get_available_providers()
+        ):
+            raise Skip("onnxruntime has no CUDAExecutionProvider (pip install kdkit[onnx-gpu])")
+        shape = (3, self.setup.size, self.setup.size)
+        return OnnxTeacher(copy.deepcopy(self.teacher).float(), input_shape=shape).to(self.device)
+
+    def tensorrt_teacher(self, workdir: Path) -> Any:
+        if self.device.type != "cuda":
+            raise Skip("TensorRT needs a CUDA device")
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError as err:
+            raise Skip(f"tensorrt does not import ({err})") from None
+        from kdkit.export import export_onnx
+        from kdkit.teachers import TensorRTTeacher
+
+        path = workdir / "teacher.onnx"
+        export_onnx(
+            copy.deepcopy(self.teacher).float().cpu(), path, (3, self.setup.size, self.setup.size)
+        )
+        b = self.setup.batch
+        return TensorRTTeacher(path, "fp16", max_batch=b, opt_batch=b, device=self.device)
+
+    def teacher_alone(self, compile: bool) -> Callable[[Batch], None]:
+        t = self.torch_teacher(compile)
+
+        def step(batch: Batch) -> None:
+            t(self.augmented(batch)[0])
+
+        return step
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def run_row(
+    rows: list[Row], phase: str, path: str, rate: Callable[[], float], setup: Setup, strict: bool
+) -> None:
+    """Time one row (``rate()`` returns img/s) and append it, or why it did not run."""
+    device = torch.device(setup.device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    try:
+        rows.append(Row(phase, path, rate(), peak_mem_gib=_peak_gib(device)))
+    except Skip as why:
+        rows.append(Row(phase, path, None, note=f"skipped: {why}"))
+    except Exception as err:  # a row's failure is a result; --strict makes it fatal
+        if strict:
+            raise
+        log.error("row %r failed:\n%s", path, traceback.format_exc())
+        rows.append(Row(phase, path, None, note=f"failed: {type(err).__name__}: {err}"[:300]))
+    last = rows[-1]
+    log.info(
+        "%s | %s: %s (%.0f s)", phase, path, last.img_per_s or last.note, time.perf_counter() - t0
+    )
+
+
+def _ratios(rows: list[Row]) -> None:
+    for phase in dict.fromkeys(r.phase for r in rows):
+        base = next(
+            (r.img_per_s for r in rows if r.phase == phase and r.path.startswith("naive")), None
+        )
+        for r in rows:
+            if r.phase == phase and base and r.img_per_s and not r.path.startswith("loader"):
+                r.vs_naive = r.img_per_s / base
+
+
+# -- the two phases -------------------------------------------------------------------------
+def phase_tensors(
+    b: Bench,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    workdir: Path,
+    rows: list[Row],
+    strict: bool,
+) -> None:
+    setup = b.setup
+    phase = "GPU-resident tensors" if b.device.type == "cuda" else "resident tensors (CPU)"
+    dev_images = images.to(b.device)
+    tag = "compiled" if setup.compile else "compile off"
+
+    def data() -> Iterator[Batch]:
+        return resident_batches(dev_images, labels, setup.batch)
+
+    def row(path: str, make: Callable[[], tuple[Callable, Iterator]]) -> None:
+        run_row(rows, phase, path, stepped(make, setup), setup, strict)
+
+    def kd(teacher_fn: Callable[[], Any], compile: bool) -> Callable[[], tuple[Callable, Iterator]]:
+        return lambda: (b.trainer(teacher_fn(), compile).train_step, data())
+
+    row("naive: fp32 eager (the tutorials' loop)", lambda: (b.naive(b.augmented), data()))
+    row("timm LogitDistillationTask fp32", lambda: (b.timm(b.augmented, False), data()))
+    row("timm LogitDistillationTask bf16 autocast", lambda: (b.timm(b.augmented, True), data()))
+    row("kdkit online, TorchTeacher bf16+cl eager", kd(lambda: b.torch_teacher(False), False))
+    row(
+        f"kdkit online, TorchTeacher bf16+cl {tag}",
+        kd(lambda: b.torch_teacher(setup.compile), setup.compile),
+    )
+    row(f"kdkit online, OnnxTeacher (student {tag})", kd(b.onnx_teacher, setup.compile))
+    row(
+        f"kdkit online, TensorRTTeacher fp16 (student {tag})",
+        kd(lambda: b.tensorrt_teacher(workdir), setup.compile),
+    )
+
+    def precompute_rate() -> float:
+        """One pass of ``kdkit.cache.precompute`` over every image, ``NUM_VIEWS`` views each."""
+        teacher = b.torch_teacher(setup.compile)
+        dataset = ArrayDataset(images, labels)
+        dataset.fingerprint()  # hashing the pixels is not the teacher's time
+        start = time.perf_counter()
+        precompute(
+            teacher,
+            dataset,
+            b.cache_dir,
+            views=b.views,
+            batch_size=setup.batch,
+            mean=MEAN,
+            std=STD,
+            device=b.device,
+            progress=False,
+            overwrite=True,
+        )
+        _sync(b.device)
+        return len(dataset) * NUM_VIEWS / (time.perf_counter() - start)
+
+    b.cache_dir = workdir / "cache"
+    run_row(
+        rows,
+        phase,
+        f"kdkit.cache.precompute, {NUM_VIEWS} views, teacher bf16+cl {tag}",
+        precompute_rate,
+        setup,
+        strict,
+    )
+    row(f"kdkit cached replay (student {tag})", kd(lambda: _cached(b), setup.compile))
+    row(
+        f"teacher alone, bf16+cl {tag} (inference)",
+        lambda: (b.teacher_alone(setup.compile), data()),
+    )
+    row(f"student alone, bf16+cl {tag} (no teacher)", kd(lambda: None, setup.compile))
+
+
+def _cached(b: Bench) -> CachedTeacher:
+    if not (Path(b.cache_dir) / "meta.json").is_file():
+        raise Skip("no cache: the precompute row did not run")
+    return CachedTeacher(b.cache_dir, device=b.device)
+
+
+def phase_files(b: Bench, root: Path, rows: list[Row], strict: bool) -> None:
+    setup = b.setup
+    phase = f"JPEG files ({setup.images} x {setup.image_w}x{setup.image_h})"
+    cuda = b.device.type == "cuda"
+    managers: dict[str, ImageFolderManager] = {}
+
+    def loader(decode: str) -> Any:
+        if decode == "gpu" and not cuda:
+            raise Skip("nvJPEG decode needs a CUDA device")
+        if decode not in managers:
+            managers[decode] = ImageFolderManager(
+                root,
+                size=setup.size,
+                batch_size=setup.batch,
+                workers=setup.workers,
+                decode=decode,
+                device=b.device if decode != "pil" else None,
+                work_size=setup.work_size,
+            )
+        return cycle(managers[decode].train_loader)
+
+    def loader_alone(decode: str) -> Callable:
+        def make():
+            batches = loader(decode)
+            touch = (
+                (lambda x: x.to(b.device, non_blocking=True)) if decode == "pil" else (lambda x: x)
+            )
+            return (lambda batch: touch(batch.images)), batches
+
+        return make
+
+    def trainer_row(teacher_fn: Callable[[], Any], decode: str) -> Callable:
+        def make():
+            batches = loader(decode)
+            return b.trainer(teacher_fn(), setup.compile).train_step, batches
+
+        return make
+
+    tag = "compiled" if setup.compile else "compile off"
+    best = "gpu" if cuda else "cpu"
+
+    def row(path: str, make: Callable[[], tuple[Callable, Iterator]]) -> None:
+        run_row(rows, phase, path, stepped(make, setup), setup, strict)
+
+    row(
+        "naive: fp32 eager + PIL loader (the tutorials' data path)",
+        lambda: (b.naive(b.pil_input), loader("pil")),
+    )
+    row(
+        "timm LogitDistillationTask bf16 + PIL loader",
+        lambda: (b.timm(b.pil_input, True), loader("pil")),
+    )
+    for decode in ("pil", "cpu", "gpu"):
+        row(f"loader alone: decode={decode}", loader_alone(decode))
+    for decode in ("cpu", "gpu"):
+        row(
+            f"kdkit online, TorchTeacher bf16+cl {tag}, decode={decode}",
+            trainer_row(lambda: b.torch_teacher(setup.compile), decode),
+        )
+    row(f"kdkit cached replay ({tag}), decode={best}", trainer_row(lambda: _cached(b), best))
+    row(f"student alone ({tag}), decode={best}", trainer_row(lambda: None, best))
+
+
+# -- report ---------------------------------------------------------------------------------
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"device: {result['device']}", result["versions"], result["workload"], ""]
+    for phase in dict.fromkeys(r["phase"] for r in result["rows"]):
+        lines += [
+            f"### {phase}",
+            "",
+            "| path | img/s | vs naive | peak GiB | note |",
+            "|---|---:|---:|---:|---|",
+        ]
+        for r in (r for r in result["rows"] if r["phase"] == phase):
+            rate = f"{r['img_per_s']:,.1f}" if r["img_per_s"] else "-"
+            ratio = f"{r['vs_naive']:.2f}x" if r["vs_naive"] else "-"
+            mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+            lines.append(f"| {r['path']} | {rate} | {ratio} | {mem} | {r['note']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _versions() -> str:
+    parts = [f"torch {torch.__version__}", f"torchvision {torchvision.__version__}"]
+    for mod in ("timm", "onnxruntime", "tensorrt"):
+        try:
+            parts.append(f"{mod} {__import__(mod).__version__}")
+        except ImportError:
+            parts.append(f"{mod} -")
+    return ", ".join(parts) + f"; load average {os.getloadavg()[0]:.2f}"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--small", action="store_true", help="tiny models, 48 tiny images, 2 steps")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--images", type=int, default=None, help="JPEGs to generate (default 10000)")
+    p.add_argument("--image-size", default=None, help="WxH of the JPEGs (default 500x375)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cores)")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (on in full mode)")
+    p.add_argument("--data-dir", default=None, help="where the JPEGs live (reused if complete)")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--skip-files", action="store_true", help="phase 1 only")
+    p.add_argument("--strict", action="store_true", help="a failing row raises (tests)")
+    return p.parse_args(argv)
+
+
+def make_setup(args: argparse.Namespace) -> Setup:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here; run with --device cpu --small for the CPU check")
+    if device == "cpu" and not args.small:
+        raise SystemExit("the full benchmark is for a GPU; on a CPU use --device cpu --small")
+    small = args.small
+    w, h = map(int, (args.image_size or ("40x30" if small else "500x375")).split("x"))
+    size = 32 if small else 224
+    cores = len(os.sched_getaffinity(0))
+    return Setup(
+        device=device,
+        small=small,
+        batch=args.batch or (8 if small else 256),
+        size=size,
+        work_size=36 if small else 256,
+        num_classes=10 if small else 1000,
+        images=args.images or (48 if small else 10_000),
+        image_w=w,
+        image_h=h,
+        warmup=args.warmup if args.warmup is not None else (1 if small else 10),
+        steps=args.steps or (2 if small else 30),
+        workers=args.workers if args.workers is not None else (0 if small else min(cores, 16)),
+        compile=not (args.no_compile or small),
+        data_dir=args.data_dir
+        or os.path.join(tempfile.gettempdir(), f"kdkit-bench-jpegs-{'small' if small else 'full'}"),
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; print Markdown; return (and with ``--json`` write) the result."""
+    args = parse_args(argv)
+    setup = make_setup(args)
+    threads = torch.get_num_threads()
+    if setup.device == "cpu":
+        torch.set_num_threads(1)  # tiny models: threads only add barriers (a shared machine)
+    try:
+        result = _run(setup, args)
+    finally:
+        torch.set_num_threads(threads)
+    print(markdown(result))
+    if args.json:
+        atomic_write_json(args.json, result)
+    return result
+
+
+def _run(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
+    teacher, student, models = build_models(setup)
+    root = make_jpeg_folder(setup)
+    probe = ImageFolderManager(
+        root, size=setup.size, batch_size=setup.batch, workers=0, decode="cpu", device="cpu"
+    )
+    samples = probe.train_loader.encoded.samples
+    images = decode_all(setup, samples)
+    labels = torch.tensor([y for _, y in samples], dtype=torch.int64)
+    bench = Bench(setup, teacher, student)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="kdkit-bench-") as work:
+        phase_tensors(bench, images, labels, Path(work), rows, args.strict)
+        if not args.skip_files:
+            phase_files(bench, root, rows, args.strict)
+    _ratios(rows)
+    return {
+        "device": describe_device(setup.device),
+        "versions": _versions(),
+        "workload": (
+            f"{models}, {setup.size} px (views cropped from {setup.work_size} px), batch "
+            f"{setup.batch}, {setup.warmup} warm-up + {setup.steps} timed steps per row, "
+            f"{setup.workers} loader workers, torch.compile {'on' if setup.compile else 'off'}"
+        ),
+        "setup": asdict(setup),
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main()

@@ -1,0 +1,83 @@
+"""``kdkit train CONFIG.yaml``: one distillation job from one config file."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from kdkit.cli._checks import add_trust_code
+
+    p = sub.add_parser(
+        "train",
+        help="distill a teacher into a student as a YAML config describes",
+        description="Validate CONFIG (every key, name and path) before building anything, then "
+        "train into a run directory (default runs/NAME): config.yaml, metrics.csv, last.pt, "
+        "best.pt, report.md, curves.png. Works the same under torchrun --nproc_per_node N. "
+        "Start from a template: kdkit init.",
+    )
+    p.add_argument("config", nargs="?", help="YAML config (optional with --resume)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key, e.g. --set train.epochs=1 --set distill.pairs.0.args.temperature=2 "
+        "(the value is read as YAML); repeatable",
+    )
+    p.add_argument("--run-dir", metavar="DIR", help="run directory (default: runs/NAME)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in the run directory exactly; its saved config is used, and a "
+        "different CONFIG is refused with the differing keys listed",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved, validated config and exit (writes nothing)",
+    )
+    add_trust_code(p)
+    p.set_defaults(func=run)
+
+
+def resolved_config(args: argparse.Namespace):
+    """CONFIG + --set + --run-dir -> validated config with absolute paths."""
+    import dataclasses
+    from pathlib import Path
+
+    from kdkit.config import load_config, read_yaml, resolve_paths, validate
+    from kdkit.errors import KDError
+
+    if args.config is None:
+        if not (args.resume and args.run_dir):
+            raise KDError("kdkit train needs CONFIG.yaml (or --resume --run-dir DIR)")
+        saved = Path(args.run_dir) / "config.yaml"
+        if not saved.is_file():
+            raise KDError(f"nothing to resume in {args.run_dir}: it has no config.yaml")
+        cfg = load_config(data=read_yaml(saved), overrides=args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    if args.run_dir:
+        cfg = dataclasses.replace(cfg, run_dir=args.run_dir)
+    return validate(resolve_paths(cfg))
+
+
+def run(args: argparse.Namespace) -> int:
+    from kdkit.config import to_yaml
+    from kdkit.run import train_run
+
+    cfg = resolved_config(args)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    result = train_run(cfg, resume=args.resume, trust_code=args.trust_code)
+    from kdkit.train import distributed
+
+    if distributed.is_main():
+        best = "n/a (no val data)" if result.best_top1 is None else f"{result.best_top1:.2f}%"
+        teacher = "" if result.teacher_top1 is None else f", teacher {result.teacher_top1:.2f}%"
+        print(f"best val top-1: {best}{teacher}")
+        print(f"run directory:  {result.run_dir}")
+    return 0

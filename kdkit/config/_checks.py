@@ -1,0 +1,189 @@
+"""Cross-field rules a type cannot say: model strings, loss/optimizer/scheduler names and
+their arguments, the data sources, and (optionally) that every named file exists. Imports
+torch and kdkit.losses to read names and signatures; builds nothing."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from kdkit.config.schema import MODEL_PREFIXES, TEACHER_ONLY_PREFIXES, RunConfig, SourceConfig
+from kdkit.errors import KDError, closest_names
+
+__all__ = ["validate", "looks_like_path"]
+
+# -- cross-field validation -----------------------------------------------------------------
+
+
+def _model_string(model: str, key: str, *, teacher: bool, check_paths: bool = True) -> None:
+    prefix, sep, name = model.partition(":")
+    if looks_like_path(model):
+        if check_paths and not Path(model).expanduser().exists():
+            raise KDError(f"config key {key!r}: no kdkit checkpoint or run directory at {model}")
+        return
+    allowed = MODEL_PREFIXES + (TEACHER_ONLY_PREFIXES if teacher else ())
+    if not sep or prefix not in allowed or not name:
+        hint = ""
+        if sep and prefix in TEACHER_ONLY_PREFIXES:
+            hint = f"; {prefix}: is for the teacher only"
+        elif sep and prefix:
+            close = closest_names(prefix, allowed, 1)
+            hint = f"; did you mean '{close[0]}:{name}'?" if close else ""
+        raise KDError(
+            f"config key {key!r} expects 'PREFIX:NAME' with PREFIX in {list(allowed)} or a "
+            f"path to a kdkit checkpoint / run directory, got {model!r}{hint}"
+        )
+    if prefix in TEACHER_ONLY_PREFIXES:
+        if check_paths and not Path(name).expanduser().exists():
+            raise KDError(f"config key {key!r}: {prefix}:{name} does not exist")
+        return
+    if prefix in ("kdkit", "torchvision"):  # cheap to list; timm/open_clip are checked at build
+        from kdkit.registry import list_models
+
+        names = list_models(prefix)
+        if name not in names:
+            raise KDError(
+                f"config key {key!r}: no model {name!r} under {prefix}:; did you mean "
+                f"{closest_names(name, names, 1)[0]!r}?"
+            )
+
+
+def looks_like_path(model: str) -> bool:
+    return (
+        model.endswith((".pt", ".pth", ".ckpt"))
+        or os.sep in model.partition(":")[0]
+        or (":" not in model and (os.sep in model or Path(model).exists()))
+    )
+
+
+def _check_args(cls: Any, args: Mapping[str, Any], key: str) -> None:
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    for name in args:
+        if name not in params:
+            close = closest_names(name, list(params), 1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise KDError(
+                f"unknown config key '{key}.{name}': {cls.__name__} takes {sorted(params)}{hint}"
+            )
+
+
+def _check_path(path: str | None, key: str, *, folder: bool = False) -> None:
+    if path is None:
+        return
+    p = Path(path)
+    ok = p.is_dir() if folder else p.exists()
+    if not ok:
+        raise KDError(f"config key {key!r}: no {'folder' if folder else 'file'} at {path}")
+
+
+def _check_source(src: SourceConfig, key: str, *, allow_split: bool) -> None:
+    given = [n for n in ("image_folder", "fashion_mnist", "split") if getattr(src, n) is not None]
+    if len(given) != 1:
+        options = "image_folder, fashion_mnist" + (" or split" if allow_split else "")
+        raise KDError(f"config key {key!r} needs exactly one of {options}, got {given or 'none'}")
+    if src.split is not None and not allow_split:
+        raise KDError(f"config key '{key}.split' is only for data.val (a part carved from train)")
+
+
+def validate(cfg: RunConfig, *, check_paths: bool = True) -> RunConfig:
+    """Cross-field rules, loss/optimizer/scheduler names, and (``check_paths``) that every file
+    and folder the config names exists. Imports torch and kdkit.losses, builds nothing."""
+    import torch
+
+    from kdkit.losses import LOSSES
+
+    _model_string(cfg.teacher.model, "teacher.model", teacher=True, check_paths=check_paths)
+    _model_string(cfg.student.model, "student.model", teacher=False, check_paths=check_paths)
+    if cfg.teacher.backend == "tensorrt" and not cfg.teacher.model.startswith(
+        ("onnx:", "tensorrt:")
+    ):
+        raise KDError(
+            "config key 'teacher.backend': tensorrt builds from an ONNX file; set teacher.model "
+            "to onnx:PATH (export the teacher first) or tensorrt:ENGINE"
+        )
+    if cfg.teacher.zero_shot is not None and not cfg.teacher.model.startswith("open_clip:"):
+        raise KDError("config key 'teacher.zero_shot' applies to open_clip: teachers only")
+    if cfg.teacher.precision == "int8" and cfg.teacher.backend == "torch":
+        pass  # int8 runs through ONNX Runtime; the builder picks that backend
+    d = cfg.data
+    _check_source(d.train, "data.train", allow_split=False)
+    if d.val is not None:
+        _check_source(d.val, "data.val", allow_split=True)
+    if d.train.fashion_mnist is not None and d.unlabeled:
+        raise KDError("config key 'data.unlabeled' (image folders) needs data.train.image_folder")
+    for name, v in (("mean", d.mean), ("std", d.std)):
+        if v is not None and len(v) not in (1, 3):
+            raise KDError(f"config key 'data.{name}' expects 1 or 3 numbers, got {list(v)}")
+    if not cfg.distill.pairs:
+        raise KDError("config key 'distill.pairs' is empty: name at least one loss pair")
+    seen: dict[tuple[str, str], int] = {}
+    for i, pair in enumerate(cfg.distill.pairs):
+        key = f"distill.pairs.{i}"
+        if (pair.student, pair.teacher) in seen:
+            raise KDError(
+                f"config key {key!r} repeats the layers of distill.pairs."
+                f"{seen[(pair.student, pair.teacher)]} ({pair.student!r}, {pair.teacher!r}); "
+                "one loss per pair of layers"
+            )
+        seen[(pair.student, pair.teacher)] = i
+        if pair.loss.startswith("python:"):
+            continue
+        if pair.loss not in LOSSES:
+            close = closest_names(pair.loss, list(LOSSES), 1)
+            raise KDError(
+                f"config key '{key}.loss' expects one of {sorted(LOSSES)} or "
+                f"python:pkg.module:Class, got {pair.loss!r}; did you mean {close[0]!r}?"
+            )
+        _check_args(LOSSES[pair.loss], pair.args, f"{key}.args")
+    t = cfg.train
+    if cfg.distill.start_epoch >= t.epochs:
+        raise KDError(
+            f"config key 'distill.start_epoch' ({cfg.distill.start_epoch}) must be below "
+            f"train.epochs ({t.epochs}), or no epoch would distill"
+        )
+    optimizers = [
+        n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type) and n[0].isupper()
+    ]
+    if t.optimizer.name not in optimizers or t.optimizer.name == "Optimizer":
+        same = [n for n in optimizers if n.lower() == t.optimizer.name.lower()]
+        close = same or closest_names(t.optimizer.name, optimizers, 1)
+        raise KDError(
+            f"config key 'train.optimizer.name': torch.optim has no {t.optimizer.name!r}; "
+            f"did you mean {close[0]!r}?"
+        )
+    _check_args(getattr(torch.optim, t.optimizer.name), t.optimizer.args, "train.optimizer.args")
+    if t.scheduler.name is not None:
+        sched = torch.optim.lr_scheduler
+        names = [  # ReduceLROnPlateau is left out: its step() needs a metric
+            n
+            for n, o in vars(sched).items()
+            if isinstance(o, type)
+            and issubclass(o, sched.LRScheduler)
+            and n[0] != "_"
+            and n not in ("LRScheduler", "ReduceLROnPlateau")
+        ]
+        if t.scheduler.name not in names:
+            close = closest_names(t.scheduler.name, names, 1)
+            raise KDError(
+                f"config key 'train.scheduler.name': torch.optim.lr_scheduler has no "
+                f"{t.scheduler.name!r}; did you mean {close[0]!r}?"
+            )
+        _check_args(getattr(sched, t.scheduler.name), t.scheduler.args, "train.scheduler.args")
+    if check_paths:
+        for src, key in ((d.train, "data.train"), (d.val, "data.val")):
+            if src is not None:
+                _check_path(src.image_folder, f"{key}.image_folder", folder=True)
+        _check_path(cfg.teacher.weights, "teacher.weights")
+        _check_path(cfg.teacher.probe, "teacher.probe")
+        _check_path(cfg.student.weights, "student.weights")
+        for i, folder in enumerate(d.unlabeled):
+            _check_path(folder, f"data.unlabeled.{i}", folder=True)
+    return cfg

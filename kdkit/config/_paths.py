@@ -1,0 +1,82 @@
+"""Absolute paths (a run directory is self-contained) and key-by-key comparison (resume)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kdkit.config._checks import looks_like_path
+from kdkit.config._yaml import to_dict
+from kdkit.config.schema import TEACHER_ONLY_PREFIXES, RunConfig, SourceConfig
+
+__all__ = ["resolve_paths", "diff"]
+
+# -- paths, comparison, loading ------------------------------------------------------------
+
+
+def _abs(path: str | None, base: Path) -> str | None:
+    if path is None:
+        return None
+    return str((base / Path(path).expanduser()).resolve())
+
+
+def _abs_model(model: str, base: Path) -> str:
+    prefix, sep, rest = model.partition(":")
+    if sep and prefix in TEACHER_ONLY_PREFIXES:
+        return f"{prefix}:{_abs(rest, base)}"
+    if looks_like_path(model):
+        return _abs(model, base)
+    return model
+
+
+def resolve_paths(cfg: RunConfig, base: str | os.PathLike | None = None) -> RunConfig:
+    """The same config with every file/folder path absolute (relative ones are taken from
+    ``base``, default the working directory), so a run directory is self-contained."""
+    base = Path(base) if base is not None else Path.cwd()
+    rep = dataclasses.replace
+    t, s, d = cfg.teacher, cfg.student, cfg.data
+
+    def src(x: SourceConfig | None) -> SourceConfig | None:
+        return None if x is None else rep(x, image_folder=_abs(x.image_folder, base))
+
+    return rep(
+        cfg,
+        teacher=rep(
+            t,
+            model=_abs_model(t.model, base),
+            weights=_abs(t.weights, base),
+            probe=_abs(t.probe, base),
+        ),
+        student=rep(s, model=_abs_model(s.model, base), weights=_abs(s.weights, base)),
+        data=rep(
+            d,
+            train=src(d.train),
+            val=src(d.val),
+            unlabeled=tuple(_abs(u, base) for u in d.unlabeled),
+        ),
+        run_dir=_abs(cfg.run_dir or f"runs/{cfg.name}", base),
+    )
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, Mapping) and obj:
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(obj, list) and obj:
+        out = {}
+        for i, v in enumerate(obj):
+            out.update(_flatten(v, f"{prefix}.{i}"))
+        return out
+    return {prefix: obj}
+
+
+def diff(a: RunConfig, b: RunConfig, ignore: Sequence[str] = ("versions",)) -> dict[str, tuple]:
+    """Keys whose values differ: ``{"train.epochs": (3, 4)}`` (``ignore``: top-level keys)."""
+    fa = _flatten({k: v for k, v in to_dict(a).items() if k not in ignore})
+    fb = _flatten({k: v for k, v in to_dict(b).items() if k not in ignore})
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}

@@ -1,0 +1,231 @@
+"""The config schema: one frozen dataclass per section, type hints say what each key takes.
+
+Field metadata ``check``/``expected`` add value ranges (``epochs >= 1``); the walk in
+:mod:`kdkit.config._yaml` reads both. Adding a key = adding a field here (and a line in the
+README's key table).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "RunConfig",
+    "TeacherConfig",
+    "StudentConfig",
+    "ZeroShotConfig",
+    "CalibrationConfig",
+    "SourceConfig",
+    "ViewsConfig",
+    "DataConfig",
+    "PairConfig",
+    "DistillConfig",
+    "OptimizerConfig",
+    "SchedulerConfig",
+    "TrainConfig",
+    "MODEL_PREFIXES",
+    "TEACHER_ONLY_PREFIXES",
+]
+
+Precision = Literal["fp32", "bf16", "fp16"]
+MODEL_PREFIXES = ("kdkit", "torchvision", "timm", "open_clip", "python")
+TEACHER_ONLY_PREFIXES = ("onnx", "tensorrt", "cache")
+
+MODEL_PREFIXES = ("kdkit", "torchvision", "timm", "open_clip", "python")
+TEACHER_ONLY_PREFIXES = ("onnx", "tensorrt", "cache")
+
+
+def _check(test, expected: str) -> dict[str, Any]:
+    """Field metadata: a value test and the words that describe what it expects."""
+    return {"check": test, "expected": expected}
+
+
+def _positive(expected: str = "an integer >= 1"):
+    return field(default=None, metadata=_check(lambda v: v is None or v >= 1, expected))
+
+
+# -- teacher and student ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ZeroShotConfig:
+    """Class names (and prompt templates) that turn an image-text teacher into a classifier."""
+
+    classes: tuple[str, ...] = ()
+    templates: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """int8 calibration: how many training images the quantiser sees."""
+
+    samples: int = field(default=512, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The frozen model. ``model``: ``PREFIX:NAME``, a kdkit checkpoint or run directory,
+    ``onnx:PATH``, ``tensorrt:PATH`` or ``cache:DIR``."""
+
+    model: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    backend: Literal["torch", "onnx", "tensorrt"] = "torch"
+    precision: Literal["fp32", "bf16", "fp16", "int8"] = "fp32"
+    pretrained: str | bool | None = None
+    zero_shot: ZeroShotConfig | None = None
+    probe: str | None = None
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """The model to train: ``PREFIX:NAME`` + ``kwargs``, or a kdkit checkpoint / run dir."""
+
+    model: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    pretrained: str | bool | None = None
+
+
+# -- data -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where images come from: exactly one of the keys (``split`` only for ``data.val``)."""
+
+    image_folder: str | None = None
+    fashion_mnist: Literal["train", "test"] | None = None
+    split: float | None = field(
+        default=None, metadata=_check(lambda v: v is None or 0 < v < 1, "a fraction in (0, 1)")
+    )
+
+
+@dataclass(frozen=True)
+class ViewsConfig:
+    """Per-sample augmentation applied on the device, the same view for teacher and student.
+
+    ``crop``: ``resized`` (random-resized crop with area fraction in ``scale``), ``pad``
+    (shift by up to ``pad`` pixels with zero fill) or ``none``. ``num_views``: K fixed views
+    per sample (what a teacher cache stores); null draws a fresh view every epoch.
+    ``mixup``/``cutmix``: Beta(alpha, alpha) of mixing in a partner image shared by teacher
+    and student (0: off; in-memory datasets only), the "patient and consistent" recipe.
+    """
+
+    crop: Literal["resized", "pad", "none"] = "resized"
+    flip: bool = True
+    num_views: int | None = _positive()
+    pad: int = field(default=4, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
+    scale: tuple[float, ...] = field(
+        default=(0.35, 1.0),
+        metadata=_check(lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "[low, high] in (0, 1]"),
+    )
+    mixup: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+    cutmix: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training images (+ unlabeled folders), validation images, size and batching."""
+
+    train: SourceConfig
+    unlabeled: tuple[str, ...] = ()
+    val: SourceConfig | None = None
+    labeled: int | None = _positive()
+    image_size: int | None = _positive()
+    batch_size: int = field(default=128, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
+    val_batch_size: int | None = _positive()
+    workers: int = field(default=2, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
+    views: ViewsConfig | None = field(default_factory=ViewsConfig)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    seed: int = 0
+
+
+# -- distillation -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    """One ``(student layer, teacher layer) -> loss``; ``""`` is a model's output."""
+
+    loss: str
+    student: str = ""
+    teacher: str = ""
+    args: Mapping[str, Any] = field(default_factory=dict)
+    weight: float = field(default=1.0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The loss pairs and how they are balanced against the labels."""
+
+    pairs: tuple[PairConfig, ...] = (PairConfig(loss="soft_kl"),)
+    student_weight: float = field(default=0.5, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+    distill_weight: float = field(default=0.5, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+    start_epoch: float = field(default=0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+    warmup_epochs: float = field(default=0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+
+
+# -- training ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """A ``torch.optim`` class by name; ``args`` go to its constructor (e.g. momentum)."""
+
+    name: str = "AdamW"
+    lr: float = field(default=1e-3, metadata=_check(lambda v: v > 0, "a number > 0"))
+    weight_decay: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """A ``torch.optim.lr_scheduler`` class by name, or null for a constant rate.
+
+    ``OneCycleLR`` gets ``max_lr`` = the optimizer's lr and ``total_steps`` filled in,
+    ``CosineAnnealingLR`` gets ``T_max``; ``interval``: stepped per ``step`` or ``epoch``.
+    """
+
+    name: str | None = None
+    interval: Literal["step", "epoch"] = "step"
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The loop: epochs, optimizer, schedule, precision, seed, device, checkpoints."""
+
+    epochs: int = field(default=10, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    precision: Precision = "fp32"
+    seed: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
+    device: str | None = None
+    channels_last: bool = False
+    compile: bool = False
+    grad_accum: int = field(default=1, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
+    max_grad_norm: float | None = field(
+        default=None, metadata=_check(lambda v: v is None or v > 0, "a number > 0")
+    )
+    checkpoint_every: int | None = _positive()
+    progress: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """A whole run. ``run_dir`` defaults to ``runs/NAME``; ``versions`` is written by kdkit
+    into the resolved config (kdkit, torch) and ignored when configs are compared."""
+
+    name: str = "run"
+    teacher: TeacherConfig
+    student: StudentConfig
+    data: DataConfig
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run_dir: str | None = None
+    versions: Mapping[str, str] = field(default_factory=dict)

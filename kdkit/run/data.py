@@ -1,0 +1,217 @@
+"""Config ``data:`` section -> training and validation loaders.
+
+Fashion-MNIST lives in memory (:class:`~kdkit.data.FastLoader`); image folders stream from
+disk (:class:`~kdkit.data.epoch_loader.EpochLoader`), each image decoded to ``image_size``
+(shorter side resized, center crop) as uint8. Augmentation is not done here: the
+:class:`~kdkit.data.ViewSampler` built from ``data.views`` crops and flips on the device, the
+same view for teacher and student, as a pure function of (seed, epoch, index), which is what
+makes a killed run resume to the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdkit.config import DataConfig, SourceConfig
+from kdkit.errors import KDError
+
+__all__ = ["RunData", "build_data", "build_views"]
+
+log = logging.getLogger(__name__)
+
+_FOLDER_LAYOUT = "expected <folder>/<class_name>/<image>.jpg (one folder per class)"
+
+
+@dataclass
+class RunData:
+    """Loaders plus what the models need to know about the images."""
+
+    train_loader: Any
+    val_loader: Any | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_shape: tuple[int, int, int]
+    classes: list[str] | None
+    train_dataset: Any
+
+
+def build_views(d: DataConfig, seed: int, size: int):
+    """The device-side augmentation of ``data.views`` (None when disabled)."""
+    from kdkit.data.views import ViewSampler
+
+    v = d.views
+    if v is None or (v.crop == "none" and not v.flip and not (v.mixup or v.cutmix)):
+        return None
+    return ViewSampler(
+        seed=seed,
+        num_views=v.num_views,
+        crop=v.crop,
+        scale=tuple(v.scale),
+        pad=v.pad,
+        size=size,
+        flip_p=0.5 if v.flip else 0.0,
+        mixup=v.mixup,
+        cutmix=v.cutmix,
+    )
+
+
+def build_data(d: DataConfig, *, seed: int, rank: int = 0, world: int = 1) -> RunData:
+    """Loaders for ``d``; ``seed`` (``train.seed``) orders the batches, ``d.seed`` the splits."""
+    if d.train.fashion_mnist is not None:
+        return _fashion_mnist(d, seed, rank, world)
+    return _folders(d, seed, rank, world)
+
+
+# -- Fashion-MNIST --------------------------------------------------------------------------
+
+
+def _fashion_mnist(d: DataConfig, seed: int, rank: int, world: int) -> RunData:
+    from kdkit.data import (
+        FASHION_MNIST_CLASSES,
+        FASHION_MNIST_MEAN,
+        FASHION_MNIST_STD,
+        FastLoader,
+        concat,
+        holdout,
+        load_fashion_mnist,
+        split_labeled,
+    )
+
+    if d.image_size not in (None, 28):
+        raise KDError(
+            f"config key 'data.image_size': Fashion-MNIST images are 28 px, got {d.image_size}"
+        )
+    train = load_fashion_mnist(d.train.fashion_mnist)
+    val = None
+    if d.val is not None:
+        if d.val.split is not None:
+            train, val = holdout(train, max(1, round(d.val.split * len(train))), seed=d.seed)
+        elif d.val.fashion_mnist is not None:
+            val = load_fashion_mnist(d.val.fashion_mnist)
+        else:
+            raise KDError("config key 'data.val.image_folder' cannot validate a Fashion-MNIST run")
+    if d.labeled is not None:
+        _check_labeled(d.labeled, len(train))
+        labeled, unlabeled = split_labeled(train, d.labeled, seed=d.seed)
+        train = concat(labeled, unlabeled) if len(unlabeled) else labeled
+    loader = FastLoader(train, d.batch_size, shuffle=True, seed=seed, num_replicas=world, rank=rank)
+    val_loader = None if val is None else FastLoader(val, d.val_batch_size or d.batch_size, False)
+    return RunData(
+        loader,
+        val_loader,
+        tuple(d.mean or FASHION_MNIST_MEAN),
+        tuple(d.std or FASHION_MNIST_STD),
+        (1, 28, 28),
+        list(FASHION_MNIST_CLASSES),
+        train,
+    )
+
+
+def _check_labeled(n: int, total: int) -> None:
+    if n > total:
+        raise KDError(f"config key 'data.labeled' is {n} but the training set has {total} images")
+
+
+# -- image folders --------------------------------------------------------------------------
+
+
+def _classes(folder: str) -> dict[str, list[Path]]:
+    from kdkit.data.folder import _scan
+
+    return _scan(Path(folder), _FOLDER_LAYOUT)
+
+
+def _carve(
+    samples: list[tuple[Path, int]], fraction: float, gen: torch.Generator
+) -> tuple[list, list]:
+    """Per class, ``fraction`` of the samples (at least one of classes with two or more)."""
+    keep, carved = [], []
+    for label in sorted({y for _, y in samples}):
+        rows = [s for s in samples if s[1] == label]
+        k = min(len(rows) - 1, max(1, round(fraction * len(rows)))) if len(rows) > 1 else 0
+        pick = set(torch.randperm(len(rows), generator=gen)[:k].tolist())
+        carved += [r for i, r in enumerate(rows) if i in pick]
+        keep += [r for i, r in enumerate(rows) if i not in pick]
+    return keep, carved
+
+
+def _folders(d: DataConfig, seed: int, rank: int, world: int) -> RunData:
+    from torchvision.transforms import v2
+
+    from kdkit.data import IMAGENET_MEAN, IMAGENET_STD
+    from kdkit.data.epoch_loader import EpochLoader
+    from kdkit.data.folder import ImageFolderDataset, _collate, find_images
+
+    size = d.image_size or 224
+    transform = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.PILToTensor()])
+    files = _classes(d.train.image_folder)
+    classes = list(files)
+    index = {c: i for i, c in enumerate(classes)}
+    samples = [(p, index[c]) for c, paths in files.items() for p in paths]
+    gen = torch.Generator().manual_seed(d.seed)
+    val_samples = None
+    if d.val is not None:
+        if d.val.split is not None:
+            samples, val_samples = _carve(samples, d.val.split, gen)
+        elif d.val.image_folder is not None:
+            val_files = _classes(d.val.image_folder)
+            unknown = sorted(set(val_files) - set(classes))
+            if unknown:
+                raise KDError(
+                    f"{d.val.image_folder} has classes missing from {d.train.image_folder}: "
+                    f"{unknown[:5]}"
+                )
+            val_samples = [(p, index[c]) for c, paths in val_files.items() for p in paths]
+        else:
+            raise KDError("config key 'data.val.fashion_mnist' cannot validate an image-folder run")
+    if d.labeled is not None:
+        _check_labeled(d.labeled, len(samples))
+        keep = set(torch.randperm(len(samples), generator=gen)[: d.labeled].tolist())
+        samples = [(p, y if i in keep else -1) for i, (p, y) in enumerate(samples)]
+    for folder in d.unlabeled:
+        samples += [(p, -1) for p in find_images(folder)]
+    draft = (size, size)
+    train = ImageFolderDataset(samples, classes, transform, draft_size=draft)
+    loader = EpochLoader(
+        train, d.batch_size, True, False, seed, workers=d.workers, collate_fn=_collate,
+        num_replicas=world, rank=rank,
+    )  # fmt: skip
+    val_loader = None
+    if val_samples:
+        val = ImageFolderDataset(val_samples, classes, transform, draft_size=draft)
+        val_loader = EpochLoader(
+            val, d.val_batch_size or d.batch_size, False, workers=d.workers, collate_fn=_collate
+        )
+    log.info(
+        "data: %d training images (%d labeled), %d validation, %d classes, %d px",
+        len(train),
+        sum(y >= 0 for _, y in samples),
+        len(val_samples or ()),
+        len(classes),
+        size,
+    )
+    return RunData(
+        loader,
+        val_loader,
+        tuple(d.mean or IMAGENET_MEAN),
+        tuple(d.std or IMAGENET_STD),
+        (3, size, size),
+        classes,
+        train,
+    )
+
+
+def source_of(src: SourceConfig | None) -> str:
+    """A short description of a source for reports."""
+    if src is None:
+        return "none"
+    if src.image_folder is not None:
+        return src.image_folder
+    if src.fashion_mnist is not None:
+        return f"Fashion-MNIST {src.fashion_mnist}"
+    return f"{src.split:.0%} of train"

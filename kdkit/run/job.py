@@ -1,0 +1,196 @@
+"""One ``kdkit train`` job: validated config -> data -> models -> Trainer -> run directory.
+
+Order matters: the config is validated before anything is built, data and models are built
+before anything is written, and the run directory gets ``config.yaml`` only once training is
+about to start, so a bad config or a missing folder leaves no trace. The directory then holds
+``config.yaml`` (resolved, absolute paths, kdkit/torch versions), ``metrics.csv``,
+``last.pt`` / ``best.pt`` (student, teacher section and config: ``kdkit eval/export/bench``
+rebuild both models from them alone) and ``report.md`` + ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdkit.config import RunConfig, diff, parse, read_yaml, to_dict, to_yaml, validate
+from kdkit.errors import KDError
+
+__all__ = ["RunResult", "build_trainer", "train_run", "check_run_dir", "saved_config"]
+
+log = logging.getLogger(__name__)
+
+_IGNORED = ("versions", "run_dir")  # differ between machines without changing the run
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    history: list[dict[str, Any]]
+    best_top1: float | None
+    teacher_top1: float | None
+
+
+def saved_config(run_dir: Path) -> RunConfig:
+    """The resolved config a run directory was started with."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise KDError(f"nothing to resume in {run_dir}: it has no config.yaml")
+    return parse(read_yaml(path))
+
+
+def check_run_dir(cfg: RunConfig, resume: bool) -> None:
+    """Refuse to overwrite a run, or to resume one with a different config (keys listed)."""
+    run_dir = Path(cfg.run_dir)
+    if resume:
+        changed = diff(saved_config(run_dir), cfg, ignore=_IGNORED)
+        if changed:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:8])
+            raise KDError(
+                f"--resume: this config differs from the one {run_dir} was started with "
+                f"({len(changed)} key(s): {listed}); resume with the same config, or start a "
+                "new run with another --run-dir"
+            )
+        return
+    taken = [n for n in ("config.yaml", "last.pt") if (run_dir / n).exists()]
+    if taken:
+        raise KDError(
+            f"{run_dir} already holds a run ({', '.join(taken)}); pass --resume to continue "
+            "it, or --run-dir NEW (or --set name=NEW) for a new one"
+        )
+
+
+def _device(cfg: RunConfig) -> torch.device:
+    from kdkit.train import distributed
+
+    device = distributed.init()  # torchrun: joins the group; alone: the default device
+    if cfg.train.device is not None and not distributed.is_distributed():
+        device = torch.device(cfg.train.device)
+    return device
+
+
+def build_trainer(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False):
+    """Data, models, Distiller and Trainer for ``cfg`` (written nowhere yet)."""
+    from kdkit.run.data import build_data, build_views
+    from kdkit.run.models import build_distiller, build_student, build_teacher
+    from kdkit.train import Trainer, distributed
+
+    device = _device(cfg)
+    t = cfg.train
+    data = build_data(
+        cfg.data, seed=t.seed, rank=distributed.rank(), world=distributed.world_size()
+    )
+    views = build_views(cfg.data, t.seed, data.input_shape[-1])
+    teacher = build_teacher(
+        cfg.teacher,
+        trust_code=trust_code,
+        input_shape=data.input_shape,
+        mean=data.mean,
+        std=data.std,
+        calibration=data.train_dataset,
+        views=views,
+    )
+    torch.manual_seed(t.seed)  # the student's initial weights depend on the seed alone
+    student, student_spec = build_student(cfg.student, trust_code=trust_code)
+    distiller = build_distiller(cfg, student, teacher, trust_code=trust_code)
+    # the train: section -> Trainer keywords (optimizer, schedule, precision...) in one place
+    trainer = Trainer.from_config(
+        cfg,
+        distiller,
+        data.train_loader,
+        data.val_loader,
+        device=device,
+        checkpoint_dir=cfg.run_dir,
+        views=views,
+        mean=data.mean,
+        std=data.std,
+        student_spec=student_spec,
+        input_shape=data.input_shape,
+        teacher_spec=to_dict(cfg.teacher),
+        run_config=to_dict(cfg),
+    )
+    return trainer, data
+
+
+def train_run(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False) -> RunResult:
+    """Run ``cfg`` (already validated, paths resolved) into ``cfg.run_dir``."""
+    import kdkit
+    from kdkit._io import atomic_write_text
+    from kdkit.train import distributed
+
+    validate(cfg)
+    check_run_dir(cfg, resume)
+    start = time.perf_counter()
+    trainer, data = build_trainer(cfg, resume=resume, trust_code=trust_code)
+    run_dir = Path(cfg.run_dir)
+    if distributed.is_main():
+        versions = {"kdkit": str(kdkit.__version__), "torch": str(torch.__version__)}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        text = to_yaml(dataclasses.replace(cfg, versions=versions))
+        atomic_write_text(run_dir / "config.yaml", text)
+    distributed.barrier()
+    # config.yaml exists (checked): no last.pt yet means killed before the first checkpoint
+    history = trainer.fit(resume="auto" if resume else False)
+    result = RunResult(run_dir, history, None, None)
+    if trainer.best_top1 > float("-inf"):
+        result.best_top1 = trainer.best_top1
+    if distributed.is_main():
+        result.teacher_top1 = _teacher_top1(trainer, data)
+        _write_report(cfg, trainer, data, result, time.perf_counter() - start)
+    distributed.barrier()
+    return result
+
+
+def _teacher_top1(trainer, data) -> float | None:
+    from kdkit.cache import CachedTeacher
+    from kdkit.run.evaluate import evaluate_logits
+
+    teacher = trainer.distiller.teacher
+    if data.val_loader is None or teacher is None or isinstance(teacher, CachedTeacher):
+        return None  # a cache holds training images only
+    scores = evaluate_logits(
+        lambda x: teacher(x).logits, data.val_loader, data.mean, data.std, trainer.device
+    )
+    return scores["top1"]
+
+
+def _params(module) -> str:
+    return f"{sum(p.numel() for p in module.parameters()):,}"
+
+
+def _write_report(cfg: RunConfig, trainer, data, result: RunResult, wall_s: float) -> None:
+    from kdkit._io import atomic_write_text
+    from kdkit.report import plot_run_curves, run_report_text
+
+    history = trainer.history
+    best = max((h for h in history if "val_top1" in h), key=lambda h: h["val_top1"], default=None)
+    rows = []
+    if result.teacher_top1 is not None:
+        teacher_model = getattr(trainer.distiller.teacher, "model", None)
+        params = _params(teacher_model) if teacher_model is not None else "-"
+        rows.append((f"teacher `{cfg.teacher.model}`", params, f"{result.teacher_top1:.2f}", "-"))
+    if best is not None:
+        rows.append(
+            (
+                f"student `{cfg.student.model}` (best epoch {best['epoch'] + 1})",
+                _params(trainer.distiller.student),
+                f"{best['val_top1']:.2f}",
+                f"{best['val_top5']:.2f}",
+            )
+        )
+    plot_run_curves(history, result.run_dir / "curves.png", result.teacher_top1)
+    notes = [
+        f"{cfg.train.epochs} epochs, wall time {wall_s:.1f} s (this invocation). Next:",
+        "",
+        f"    kdkit eval {result.run_dir}",
+        f"    kdkit export {result.run_dir} --onnx {result.run_dir / 'student.onnx'}",
+        f"    kdkit bench {result.run_dir}",
+    ]
+    text = run_report_text(cfg.name, history, rows, notes)
+    atomic_write_text(result.run_dir / "report.md", text)

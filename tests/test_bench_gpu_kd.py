@@ -1,0 +1,50 @@
+"""benchmarks/bench_gpu_kd.py --device cpu --small: every row's code path runs, so the GPU
+benchmark cannot rot in CI (in-process: no second torch import)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu_kd.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_gpu_kd", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_small_mode_runs_every_row(bench, tmp_path, one_thread):
+    out = tmp_path / "rows.json"
+    argv = ["--device", "cpu", "--small", "--data-dir", str(tmp_path / "jpegs")]
+    result = bench.main([*argv, "--json", str(out), "--strict"])
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    rows = {r["path"]: r for r in result["rows"]}
+    phases = list(dict.fromkeys(r["phase"] for r in result["rows"]))
+    assert len(phases) == 2  # resident tensors, then the generated JPEG folder
+    for r in result["rows"]:
+        # on a CPU only the CUDA-only rows may be missing, and they say why
+        ran = r["img_per_s"] is not None and r["img_per_s"] > 0
+        assert ran or r["note"].startswith("skipped:"), r
+    skipped = {p for p, r in rows.items() if r["img_per_s"] is None}
+    assert all("TensorRT" in p or "decode=gpu" in p for p in skipped), skipped
+    naive = [r for r in result["rows"] if r["path"].startswith("naive")]
+    assert len(naive) == 2 and all(r["vs_naive"] == 1.0 for r in naive)
+    for needed in ("timm", "OnnxTeacher", "cached replay", "precompute", "teacher alone"):
+        assert any(needed in p and rows[p]["img_per_s"] for p in rows), needed
+    assert sum(1 for _ in (tmp_path / "jpegs" / "train").rglob("*.jpg")) == 48
+
+
+def test_full_mode_refuses_a_cpu(bench):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit, match="--device cpu --small"):
+        bench.main([])
