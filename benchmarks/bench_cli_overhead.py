@@ -68,6 +68,39 @@ def timed(cmd: list[str]) -> tuple[float, str]:
     return wall, done.stdout
 
 
+def cli_only_costs(weights: Path, run_dir: Path) -> dict[str, float]:
+    """Seconds of the work only the CLI does, timed in-process (less noisy than comparing
+    two long runs on a shared machine): config parse + validation, the teacher's val pass
+    and report.md + curves.png. Building data, models and the Trainer is shared work."""
+    import torch
+
+    from kdkit.config import load_config, resolve_paths
+    from kdkit.run.job import RunResult, _teacher_top1, _write_report, build_trainer
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    sets = [
+        "teacher.model=kdkit:fmnist_teacher",
+        f"teacher.weights={weights}",
+        "train.progress=false",
+        f"run_dir={run_dir}",
+    ]
+    cfg = resolve_paths(load_config(ROOT / "configs/fmnist_kd.yaml", sets))
+    config_s = time.perf_counter() - start
+    trainer, data = build_trainer(cfg)
+    with (run_dir / "metrics.csv").open() as f:
+        trainer.history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    for row in trainer.history:
+        row["epoch"] = int(row["epoch"])
+    start = time.perf_counter()
+    teacher_top1 = _teacher_top1(trainer, data)
+    teacher_s = time.perf_counter() - start
+    start = time.perf_counter()
+    _write_report(cfg, trainer, data, RunResult(run_dir, trainer.history, None, teacher_top1), 0)
+    report_s = time.perf_counter() - start
+    return {"config_s": config_s, "teacher_val_s": teacher_s, "report_s": report_s}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=6)
@@ -75,9 +108,18 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_cli")
     parser.add_argument("--teacher", help="the demo teacher's weights (default: train or reuse "
                         "the demo's cached teacher)")  # fmt: skip
+    parser.add_argument("--costs-only", action="store_true",
+                        help="only time the CLI-only work, reusing OUT/cli-0 from a full run")  # fmt: skip
     args = parser.parse_args()
     weights = Path(args.teacher) if args.teacher else demo_teacher()
     out = ROOT / args.out
+    if args.costs_only:
+        costs = cli_only_costs(weights, out / "cli-0")
+        print(
+            ", ".join(f"{k} {v:.2f}" for k, v in costs.items()),
+            f"(total {sum(costs.values()):.2f} s)",
+        )
+        return
     rows = []
     for r in range(args.repeats):
         api_s, api_out = timed([sys.executable, "-c", API_JOB, str(args.epochs), str(weights)])
@@ -85,7 +127,7 @@ def main() -> None:
         run_dir = out / f"cli-{r}"
         cli_s, _ = timed(
             [sys.executable, "-m", "kdkit", "train", "configs/fmnist_kd.yaml",
-             "--set", f"teacher.weights={weights}", "--set", f"train.epochs={args.epochs}",
+             "--set", "teacher.model=kdkit:fmnist_teacher", "--set", f"teacher.weights={weights}", "--set", f"train.epochs={args.epochs}",
              "--set", "train.progress=false", "--run-dir", str(run_dir)]
         )  # fmt: skip
         with (run_dir / "metrics.csv").open() as f:

@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ __all__ = [
     "clean_stale_temps",
     "sha256_bytes",
     "sha256_file",
+    "state_checksum",
 ]
 
 TMP_MARKER = ".kdkit-tmp-"
@@ -50,6 +51,36 @@ def sha256_bytes(data: bytes) -> str:
 def sha256_file(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _feed(h: Any, value: Any) -> None:
+    """Hash ``value`` in a fixed walk order (dict keys sorted by repr)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu").contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, Mapping):
+        h.update(f"D{len(value)}".encode())
+        for key in sorted(value, key=repr):
+            h.update(repr(key).encode())
+            _feed(h, value[key])
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__[0]}{len(value)}".encode())
+        for item in value:
+            _feed(h, item)
+    else:
+        h.update(f"V{type(value).__name__}:{value!r}".encode())
+
+
+def state_checksum(state: Mapping[str, Any], *, exclude: tuple[str, ...] = ()) -> str:
+    """sha256 over a checkpoint-like mapping: every tensor's dtype, shape and bytes and every
+    plain value, except the top-level keys in ``exclude`` (the header that holds the sum)."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in state.items() if k not in exclude})
+    return h.hexdigest()
 
 
 def _pid_alive(pid: int) -> bool:

@@ -24,7 +24,6 @@ bench and the trainer all read checkpoints through it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdkit._io import atomic_torch_save
+from kdkit._io import atomic_torch_save, state_checksum
 from kdkit.errors import KDError
 from kdkit.registry import ModelSpec, build_model, strip_wrapper_prefixes
 
@@ -55,31 +54,9 @@ ROLES = ("student", "teacher")
 _HEADER = ("format", "version", "checksum")
 
 
-def _feed(h: Any, value: Any) -> None:
-    """Hash ``value`` in a fixed walk order (dict keys sorted by repr)."""
-    if isinstance(value, torch.Tensor):
-        t = value.detach().to("cpu").contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(value, Mapping):
-        h.update(f"D{len(value)}".encode())
-        for key in sorted(value, key=repr):
-            h.update(repr(key).encode())
-            _feed(h, value[key])
-    elif isinstance(value, (list, tuple)):
-        h.update(f"{type(value).__name__[0]}{len(value)}".encode())
-        for item in value:
-            _feed(h, item)
-    else:
-        h.update(f"V{type(value).__name__}:{value!r}".encode())
-
-
 def checksum(state: Mapping[str, Any]) -> str:
     """sha256 over every entry of ``state`` except the header (format, version, checksum)."""
-    h = hashlib.sha256()
-    _feed(h, {k: v for k, v in state.items() if k not in _HEADER})
-    return h.hexdigest()
+    return state_checksum(state, exclude=_HEADER)
 
 
 def save_checkpoint(

@@ -33,6 +33,7 @@ from typing import Any
 
 from torch import nn
 
+from kdkit._io import state_checksum
 from kdkit.errors import KDError, closest_names
 
 __all__ = [
@@ -81,14 +82,18 @@ class ModelSpec:
         if isinstance(obj, str):
             obj = {"model": obj}
         if not isinstance(obj, Mapping):
-            raise KDError(f"{where} must be a string like 'torchvision:resnet18' or a mapping "
-                          f"with 'model' and 'kwargs', got {type(obj).__name__}")
+            raise KDError(
+                f"{where} must be a string like 'torchvision:resnet18' or a mapping "
+                f"with 'model' and 'kwargs', got {type(obj).__name__}"
+            )
         obj = dict(obj)
         if "factory" in obj and "model" not in obj:
             obj["model"] = _from_legacy_factory(obj.pop("factory"), where)
         unknown = sorted(set(obj) - {"model", "kwargs"})
         if unknown:
-            raise KDError(f"{where}: unknown key(s) {unknown}; a model spec has 'model' and 'kwargs'")
+            raise KDError(
+                f"{where}: unknown key(s) {unknown}; a model spec has 'model' and 'kwargs'"
+            )
         model, kwargs = obj.get("model"), obj.get("kwargs") or {}
         if not isinstance(model, str) or ":" not in model:
             raise KDError(
@@ -124,8 +129,10 @@ def check_plain(value: Any, where: str) -> None:
                 raise KDError(f"{where}: keys must be strings, got {k!r}")
             check_plain(v, f"{where}.{k}")
         return
-    raise KDError(f"{where}: {type(value).__name__} is not a plain value (None, bool, number, "
-                  "string, list or mapping)")
+    raise KDError(
+        f"{where}: {type(value).__name__} is not a plain value (None, bool, number, "
+        "string, list or mapping)"
+    )
 
 
 # -- registration -----------------------------------------------------------------------
@@ -290,7 +297,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     """A state dict from a ``.safetensors`` file or a torch file (``weights_only=True``).
 
     A torch file holding ``{"state_dict": ...}`` or ``{"model": ...}`` (common trainer
-    layouts) or a kdkit checkpoint (``"student"``) is unwrapped to the state dict inside.
+    layouts) or a kdkit checkpoint (``"student"`` or ``"teacher"``) is unwrapped to the state
+    dict inside.
     """
     import torch
 
@@ -307,8 +315,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise KDError(f"{path} is not a readable torch weights file ({err})") from None
+    if isinstance(obj, Mapping) and obj.get("format") == "kdkit-checkpoint":
+        _verify_kdkit_checkpoint(obj, path)
     if isinstance(obj, Mapping):
-        for key in ("state_dict", "model", "student"):
+        for key in ("state_dict", "model", "student", "teacher"):
             inner = obj.get(key)
             if isinstance(inner, Mapping) and inner:
                 obj = inner
@@ -316,6 +326,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise KDError(f"{path} does not hold a state dict (name -> tensor)")
     return dict(obj)
+
+
+def _verify_kdkit_checkpoint(obj: Mapping[str, Any], path: Path) -> None:
+    """A kdkit checkpoint used as a weights file is checked like any other load of it."""
+    if obj.get("version", 0) >= 2 and obj.get("checksum") != state_checksum(
+        obj, exclude=("format", "version", "checksum")
+    ):
+        raise KDError(
+            f"{path} fails its checksum: its weights were modified or corrupted after it was "
+            "written; use another checkpoint"
+        )
 
 
 def load_weights(module: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:

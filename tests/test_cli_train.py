@@ -174,7 +174,10 @@ def test_init_writes_a_template_that_validates(tmp_path, capsys):
     assert main(["init", "fmnist_kd", "-o", str(out)]) == 2  # no silent overwrite
     assert main(["init", "fmnist_kdd"]) == 2
     assert "did you mean 'fmnist_kd'" in capsys.readouterr().err
-    assert main(["train", str(out), "--print-config", "--set", "teacher.weights=null"]) == 0
+    assert (
+        main(["train", str(out), "--print-config", "--set", "teacher.model=kdkit:fmnist_teacher"])
+        == 0
+    )
 
 
 def test_folder_data_split_labeled_and_unlabeled(tree):

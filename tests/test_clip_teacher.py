@@ -204,6 +204,8 @@ def test_from_pretrained_local_file_and_config(tiny, tmp_path):
         clip_teacher_from_config(f"open_clip:{TINY}", str(weights), {"clases": CLASSES}, None, {})
     with pytest.raises(KDError, match="zero_shot"):
         clip_teacher_from_config(f"open_clip:{TINY}", str(weights), None, None, {})
+    with pytest.raises(KDError, match="open_clip tag"):
+        clip_teacher_from_config(f"open_clip:{TINY}", True, {"classes": CLASSES}, None, {})
     with pytest.raises(KDError, match="no CLIP weights file"):
         ClipTeacher.from_pretrained(TINY, tmp_path / "missing.pt", CLASSES)
 
@@ -240,3 +242,17 @@ def test_stl10_recipe_validates_and_builds_its_teacher(tiny, tmp_path):
     assert isinstance(teacher, ClipTeacher) and teacher.class_names[0] == "airplane"
     out = teacher(torch.randn(2, 3, 96, 96))  # a 96 px student view, resized to 32 px inside
     assert out.logits.shape == (2, 10) and out.features["embedding"].shape == (2, 16)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_matches_cpu_fp32(tiny):
+    model, tok = tiny
+    prep = ClipInput.from_model(model, (0.5,) * 3, (0.25,) * 3)
+    cpu = ClipTeacher.zero_shot(model, tok, CLASSES, preprocess=prep)
+    gpu = ClipTeacher.zero_shot(
+        copy.deepcopy(model), tok, CLASSES, preprocess=prep, precision="bf16"
+    ).to("cuda")
+    x = torch.randn(8, 3, 16, 16)
+    out = gpu(x.to("cuda"))
+    assert out.logits.device.type == "cuda" and out.logits.dtype == torch.float32
+    torch.testing.assert_close(out.logits.cpu(), cpu(x).logits, rtol=0.05, atol=0.1)

@@ -40,8 +40,12 @@ def test_permissions_follow_the_umask(tmp_path):
 
 
 def test_temps_of_killed_writers_are_removed_on_the_next_write(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     stale = tmp_path / f".last.pt{TMP_MARKER}{dead.stdout.strip()}"
     live = tmp_path / f".other.pt{TMP_MARKER}{os.getppid()}"  # a writer still running
     stale.write_bytes(b"x" * 10)

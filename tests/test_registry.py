@@ -96,3 +96,16 @@ def test_bad_weights_files_are_refused(tmp_path):
     torch.save(build_model("kdkit:fmnist_teacher").state_dict(), tmp_path / "teacher.pt")
     with pytest.raises(KDError, match="do not fit SmallCNN"):
         load_weights(build_model("kdkit:fmnist_student"), tmp_path / "teacher.pt")
+
+
+def test_a_kdkit_checkpoint_as_weights_is_checksummed(tmp_path):
+    from kdkit.load import save_checkpoint
+
+    model = build_model("kdkit:fmnist_student")
+    path = save_checkpoint(tmp_path / "t.pt", {"teacher": model.state_dict()}, role="teacher")
+    load_weights(build_model("kdkit:fmnist_student"), path)  # unwraps "teacher"
+    state = torch.load(path, weights_only=True)
+    state["teacher"]["fc.weight"][0, 0] += 1.0
+    torch.save(state, path)
+    with pytest.raises(KDError, match="fails its checksum"):
+        load_weights(build_model("kdkit:fmnist_student"), path)

@@ -86,3 +86,24 @@ def test_truncated_and_missing_files(stl):
         load_stl10(root, "val")
     with pytest.raises(KDError, match="no STL-10 binary files"):
         load_stl10(root / "nowhere", "train")
+
+
+def test_stl10_is_a_kdkit_train_data_source(stl):
+    from pathlib import Path
+
+    from kdkit.config import load_config
+    from kdkit.run.data import build_data
+
+    root, _, _ = stl
+    recipe = Path(__file__).parents[1] / "configs" / "stl10_clip_resnet18.yaml"
+    cfg = load_config(
+        recipe,
+        [f"data.train.root={root}", f"data.val.root={root}", "data.batch_size=4"],
+    )
+    data = build_data(cfg.data, seed=0)
+    assert data.input_shape == (3, 96, 96) and data.classes[0] == "airplane"
+    assert len(data.train_dataset) == 12 + 5 and len(data.val_loader.dataset) == 7
+    labels = torch.cat([b[1] for b in data.train_loader])
+    assert int((labels == -1).sum()) == 5
+    with pytest.raises(KDError, match="stl10 needs root"):
+        load_config(recipe, ["data.train.root=null"], check_paths=False)

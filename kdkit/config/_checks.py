@@ -85,10 +85,16 @@ def _check_path(path: str | None, key: str, *, folder: bool = False) -> None:
 
 
 def _check_source(src: SourceConfig, key: str, *, allow_split: bool) -> None:
-    given = [n for n in ("image_folder", "fashion_mnist", "split") if getattr(src, n) is not None]
+    names = ("image_folder", "fashion_mnist", "stl10", "split")
+    given = [n for n in names if getattr(src, n) is not None]
     if len(given) != 1:
-        options = "image_folder, fashion_mnist" + (" or split" if allow_split else "")
+        options = "image_folder, fashion_mnist, stl10" + (" or split" if allow_split else "")
         raise KDError(f"config key {key!r} needs exactly one of {options}, got {given or 'none'}")
+    if (src.stl10 is None) != (src.root is None):
+        raise KDError(
+            f"config key '{key}': stl10 needs root (the folder of train_X.bin ...) and root "
+            f"is only for stl10, e.g. {{stl10: train+unlabeled, root: data/stl10}}"
+        )
     if src.split is not None and not allow_split:
         raise KDError(f"config key '{key}.split' is only for data.val (a part carved from train)")
 
@@ -117,7 +123,7 @@ def validate(cfg: RunConfig, *, check_paths: bool = True) -> RunConfig:
     _check_source(d.train, "data.train", allow_split=False)
     if d.val is not None:
         _check_source(d.val, "data.val", allow_split=True)
-    if d.train.fashion_mnist is not None and d.unlabeled:
+    if d.train.image_folder is None and d.unlabeled:
         raise KDError("config key 'data.unlabeled' (image folders) needs data.train.image_folder")
     for name, v in (("mean", d.mean), ("std", d.std)):
         if v is not None and len(v) not in (1, 3):
@@ -181,6 +187,7 @@ def validate(cfg: RunConfig, *, check_paths: bool = True) -> RunConfig:
         for src, key in ((d.train, "data.train"), (d.val, "data.val")):
             if src is not None:
                 _check_path(src.image_folder, f"{key}.image_folder", folder=True)
+                _check_path(src.root, f"{key}.root", folder=True)
         _check_path(cfg.teacher.weights, "teacher.weights")
         _check_path(cfg.teacher.probe, "teacher.probe")
         _check_path(cfg.student.weights, "student.weights")

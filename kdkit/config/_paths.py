@@ -40,7 +40,9 @@ def resolve_paths(cfg: RunConfig, base: str | os.PathLike | None = None) -> RunC
     t, s, d = cfg.teacher, cfg.student, cfg.data
 
     def src(x: SourceConfig | None) -> SourceConfig | None:
-        return None if x is None else rep(x, image_folder=_abs(x.image_folder, base))
+        if x is None:
+            return None
+        return rep(x, image_folder=_abs(x.image_folder, base), root=_abs(x.root, base))
 
     return rep(
         cfg,

@@ -99,6 +99,8 @@ class SourceConfig:
 
     image_folder: str | None = None
     fashion_mnist: Literal["train", "test"] | None = None
+    stl10: Literal["train", "test", "unlabeled", "train+unlabeled"] | None = None
+    root: str | None = None  # the STL-10 binaries' folder (``stl10`` only)
     split: float | None = field(
         default=None, metadata=_check(lambda v: v is None or 0 < v < 1, "a fraction in (0, 1)")
     )

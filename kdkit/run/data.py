@@ -62,39 +62,72 @@ def build_views(d: DataConfig, seed: int, size: int):
 
 def build_data(d: DataConfig, *, seed: int, rank: int = 0, world: int = 1) -> RunData:
     """Loaders for ``d``; ``seed`` (``train.seed``) orders the batches, ``d.seed`` the splits."""
-    if d.train.fashion_mnist is not None:
-        return _fashion_mnist(d, seed, rank, world)
+    if d.train.fashion_mnist is not None or d.train.stl10 is not None:
+        return _arrays(d, seed, rank, world)
     return _folders(d, seed, rank, world)
 
 
-# -- Fashion-MNIST --------------------------------------------------------------------------
+# -- in-memory / memory-mapped arrays: Fashion-MNIST, STL-10 --------------------------------
 
 
-def _fashion_mnist(d: DataConfig, seed: int, rank: int, world: int) -> RunData:
-    from kdkit.data import (
-        FASHION_MNIST_CLASSES,
-        FASHION_MNIST_MEAN,
-        FASHION_MNIST_STD,
-        FastLoader,
-        concat,
-        holdout,
-        load_fashion_mnist,
-        split_labeled,
+@dataclass(frozen=True)
+class _ArraySource:
+    """What differs between the array datasets: how to load a split, and their constants."""
+
+    name: str
+    load: Any  # (SourceConfig) -> ArrayDataset
+    size: int
+    shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: list[str]
+
+
+def _array_source(src: SourceConfig) -> _ArraySource:
+    from kdkit import data
+
+    if src.fashion_mnist is not None:
+        return _ArraySource(
+            "fashion_mnist",
+            lambda s: data.load_fashion_mnist(s.fashion_mnist),
+            28,
+            (1, 28, 28),
+            data.FASHION_MNIST_MEAN,
+            data.FASHION_MNIST_STD,
+            list(data.FASHION_MNIST_CLASSES),
+        )
+    return _ArraySource(
+        "stl10",
+        lambda s: data.load_stl10(s.root, s.stl10),
+        96,
+        (3, 96, 96),
+        data.IMAGENET_MEAN,
+        data.IMAGENET_STD,
+        list(data.STL10_CLASSES),
     )
 
-    if d.image_size not in (None, 28):
+
+def _arrays(d: DataConfig, seed: int, rank: int, world: int) -> RunData:
+    from kdkit.data import FastLoader, concat, holdout, split_labeled
+
+    source = _array_source(d.train)
+    if d.image_size not in (None, source.size):
         raise KDError(
-            f"config key 'data.image_size': Fashion-MNIST images are 28 px, got {d.image_size}"
+            f"config key 'data.image_size': {source.name} images are {source.size} px, "
+            f"got {d.image_size}"
         )
-    train = load_fashion_mnist(d.train.fashion_mnist)
+    train = source.load(d.train)
     val = None
     if d.val is not None:
         if d.val.split is not None:
             train, val = holdout(train, max(1, round(d.val.split * len(train))), seed=d.seed)
-        elif d.val.fashion_mnist is not None:
-            val = load_fashion_mnist(d.val.fashion_mnist)
+        elif getattr(d.val, source.name) is not None:
+            val = source.load(d.val)
         else:
-            raise KDError("config key 'data.val.image_folder' cannot validate a Fashion-MNIST run")
+            raise KDError(
+                f"config key 'data.val': a {source.name} run validates on {source.name} "
+                f"(or {{split: F}}), got {source_of(d.val)}"
+            )
     if d.labeled is not None:
         _check_labeled(d.labeled, len(train))
         labeled, unlabeled = split_labeled(train, d.labeled, seed=d.seed)
@@ -104,10 +137,10 @@ def _fashion_mnist(d: DataConfig, seed: int, rank: int, world: int) -> RunData:
     return RunData(
         loader,
         val_loader,
-        tuple(d.mean or FASHION_MNIST_MEAN),
-        tuple(d.std or FASHION_MNIST_STD),
-        (1, 28, 28),
-        list(FASHION_MNIST_CLASSES),
+        tuple(d.mean or source.mean),
+        tuple(d.std or source.std),
+        source.shape,
+        source.classes,
         train,
     )
 
@@ -168,7 +201,9 @@ def _folders(d: DataConfig, seed: int, rank: int, world: int) -> RunData:
                 )
             val_samples = [(p, index[c]) for c, paths in val_files.items() for p in paths]
         else:
-            raise KDError("config key 'data.val.fashion_mnist' cannot validate an image-folder run")
+            raise KDError(
+                f"config key 'data.val': {source_of(d.val)} cannot validate an image-folder run"
+            )
     if d.labeled is not None:
         _check_labeled(d.labeled, len(samples))
         keep = set(torch.randperm(len(samples), generator=gen)[: d.labeled].tolist())
@@ -214,4 +249,6 @@ def source_of(src: SourceConfig | None) -> str:
         return src.image_folder
     if src.fashion_mnist is not None:
         return f"Fashion-MNIST {src.fashion_mnist}"
+    if src.stl10 is not None:
+        return f"STL-10 {src.stl10} ({src.root})"
     return f"{src.split:.0%} of train"

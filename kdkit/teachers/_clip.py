@@ -152,6 +152,11 @@ def _build_open_clip(
 ) -> tuple[nn.Module, Any]:
     """An open_clip model (through kdkit's ``open_clip:`` registry builder) and its tokenizer."""
     open_clip = _open_clip()
+    if isinstance(pretrained, bool):
+        raise KDError(
+            f"pretrained for open_clip:{name} is an open_clip tag (e.g. laion2b_s34b_b79k) or a "
+            f"weights file, not {pretrained}"
+        )
     if pretrained is not None:
         pretrained = os.fspath(pretrained)
         looks_like_file = os.sep in pretrained or Path(pretrained).suffix in (

@@ -195,10 +195,14 @@ class TensorRTTeacher(Teacher):
     :mod:`kdkit.teachers.quantize`; needs onnxruntime), the engine is built from that
     (explicit quantization), and the fidelity ``gate`` compares it with the fp32 file run by
     ONNX Runtime on a held-out probe (report in :attr:`fidelity`). The engine accepts
-    batches ``min_batch..max_batch`` and is tuned for ``opt_batch`` (default ``max_batch``); larger batches are run in chunks.
-    ``workspace_gb`` caps TensorRT's scratch memory while building. The input must be a CUDA
-    tensor; logits come back float32 on the same device.
+    batches ``min_batch..max_batch`` and is tuned for ``opt_batch`` (default
+    ``max_batch``); larger batches are run in chunks. ``workspace_gb`` caps TensorRT's
+    scratch memory while building. The input must be a CUDA tensor; logits come back float32
+    on the same device.
     """
+
+    #: the int8 gate's report (``None`` for other precisions and for :meth:`from_engine`)
+    fidelity: FidelityReport | None = None
 
     def __init__(
         self,
