@@ -230,3 +230,23 @@ def test_tensorrt_int8_passes_the_gate(trained, onnx_file):
         max_batch=256,
     )
     assert t.precision == "int8" and t.fidelity.top1_agreement >= 0.98
+
+
+def test_config_onnx_teacher_with_int8_is_quantized_and_gated(trained, onnx_file):
+    """``teacher: {model: onnx:PATH, precision: int8, calibration: {...}}`` in kdkit train."""
+    from kdkit.config.schema import CalibrationConfig, TeacherConfig
+    from kdkit.run.models import build_teacher
+
+    _, train, _ = trained
+    views = ViewSampler(seed=0, crop="pad", pad=1, size=SIZE)
+    common = dict(input_shape=(1, SIZE, SIZE), mean=(MEAN,), std=(STD,), views=views)
+    tc = TeacherConfig(model=f"onnx:{onnx_file}", precision="int8",
+                       calibration=CalibrationConfig(samples=128, min_agreement=0.9))  # fmt: skip
+    t = build_teacher(tc, calibration=train, temperature=4.0, **common)
+    assert t.int8 is not None and t.fidelity.top1_agreement >= 0.9
+    assert t.fidelity.temperature == 4.0  # the gate's KL is at the run's temperature
+    strict = TeacherConfig(model=f"onnx:{onnx_file}", precision="int8",
+                           calibration=CalibrationConfig(samples=128, min_agreement=1.0))  # fmt: skip
+    if t.fidelity.top1_agreement < 1.0:  # the config's threshold reaches the gate
+        with pytest.raises(KDError, match="agreement"):
+            build_teacher(strict, calibration=train, **common)

@@ -356,7 +356,7 @@ def test_version_2_caches_without_mixing_still_read(tmp_path):
         CachedTeacher(out)
 
 
-def test_patient_config_is_valid_and_builds_a_mixing_sampler():
+def test_patient_config_is_valid_and_its_mixing_keys_build_the_sampler():
     from pathlib import Path
 
     from kdkit.config import load_config
@@ -364,8 +364,11 @@ def test_patient_config_is_valid_and_builds_a_mixing_sampler():
 
     path = Path(__file__).resolve().parents[1] / "configs" / "fmnist_patient.yaml"
     cfg = load_config(path, check_paths=False)
+    assert cfg.data.views.mixup == 0.0 and not build_views(cfg.data, 0, 28).mixes
+    on = ["data.views.mixup=1", "data.views.cutmix=0.5"]
+    cfg = load_config(path, on, check_paths=False)
     views = build_views(cfg.data, cfg.train.seed, 28)
-    assert views is not None and views.mixes
+    assert views is not None and (views.mixup, views.cutmix) == (1.0, 0.5)
     assert ViewSampler.from_config(views.config()) == views
     with pytest.raises(KDError, match="mixup"):
         load_config(path, ["data.views.mixup=-1"], check_paths=False)

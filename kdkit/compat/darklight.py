@@ -132,6 +132,11 @@ class _Unlabeled:
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(epoch)
 
+    @property
+    def sampler(self) -> Any:
+        """The wrapped loader's sampler, so the Trainer can ``set_epoch`` a DDP shard."""
+        return getattr(self.loader, "sampler", None)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
         for batch in self.loader:
             x, *rest = batch if isinstance(batch, (tuple, list)) else (batch,)

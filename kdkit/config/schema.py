@@ -59,9 +59,13 @@ class ZeroShotConfig:
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """int8 calibration: how many training images the quantiser sees."""
+    """int8 calibration: how many training images the quantiser sees, and the fidelity gate:
+    the int8 teacher must agree with fp32 on at least ``min_agreement`` of held-out top-1s."""
 
     samples: int = field(default=512, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
+    min_agreement: float = field(
+        default=0.99, metadata=_check(lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+    )
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,15 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> None:
         )
 
 
+def _run_temperature(cfg: RunConfig) -> float:
+    """The temperature of the run's first logit pair that has one (the int8 gate's KL)."""
+    for pair in cfg.distill.pairs:
+        t = dict(pair.args).get("temperature")
+        if isinstance(t, (int, float)) and not isinstance(t, bool):
+            return float(t)
+    return 1.0
+
+
 def _device(cfg: RunConfig) -> torch.device:
     from kdkit.train import distributed
 
@@ -95,6 +104,7 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False, trust_code: bool = Fa
         std=data.std,
         calibration=data.train_dataset,
         views=views,
+        temperature=_run_temperature(cfg),
     )
     torch.manual_seed(t.seed)  # the student's initial weights depend on the seed alone
     student, student_spec = build_student(cfg.student, trust_code=trust_code)

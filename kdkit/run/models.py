@@ -134,11 +134,13 @@ def build_teacher(
     std: tuple[float, ...] | None = None,
     calibration: Any = None,
     views: Any = None,
+    temperature: float = 1.0,
 ) -> Any:
     """A frozen :class:`~kdkit.teachers.Teacher` for the ``teacher:`` section.
 
-    ``calibration`` (a dataset or loader) is used only for ``precision: int8``; ``views`` is
-    checked against a ``cache:`` teacher's meta (a cache of other views is refused).
+    ``calibration`` (a dataset or loader) is used only for ``precision: int8``, whose
+    fidelity gate compares KL at the run's ``temperature``; ``views`` is checked against a
+    ``cache:`` teacher's meta (a cache of other views is refused).
     """
     import kdkit
 
@@ -147,8 +149,22 @@ def build_teacher(
         from kdkit.cache import CachedTeacher
 
         return CachedTeacher(rest, expect_views=views if views is not None else None)
+    int8 = {}
+    if tc.precision == "int8":
+        int8 = {
+            "precision": "int8",
+            # calibrated on training images through the run's views and normalisation
+            "calibration": {
+                "data": calibration,
+                "samples": tc.calibration.samples,
+                "views": views,
+                "mean": mean,
+                "std": std,
+            },
+            "gate": {"min_agreement": tc.calibration.min_agreement, "temperature": temperature},
+        }
     if prefix in ("onnx", "tensorrt") and prefix in TEACHER_ONLY_PREFIXES:
-        return kdkit.teacher(rest, backend=prefix)
+        return kdkit.teacher(rest, backend=prefix, **int8)
     if prefix == "open_clip":
         from kdkit.teachers.clip_teacher import clip_teacher_from_config
 
@@ -163,21 +179,8 @@ def build_teacher(
             precision=tc.precision if tc.precision != "int8" else "fp32",
         )
     module = teacher_module(tc, trust_code=trust_code)
-    if tc.precision == "int8":
-        return kdkit.teacher(
-            module,
-            backend="onnx",
-            precision="int8",
-            # calibrated on training images through the run's views and normalisation
-            calibration={
-                "data": calibration,
-                "samples": tc.calibration.samples,
-                "views": views,
-                "mean": mean,
-                "std": std,
-            },
-            input_shape=input_shape,
-        )
+    if int8:
+        return kdkit.teacher(module, backend="onnx", input_shape=input_shape, **int8)
     if tc.backend == "onnx":
         return kdkit.teacher(module, backend="onnx", input_shape=input_shape)
     if tc.backend == "tensorrt":
