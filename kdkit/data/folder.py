@@ -321,4 +321,3 @@ class ImageFolderManager:
         return v2.Compose(
             [v2.Resize(resize_to, antialias=True), v2.CenterCrop(self.size), v2.PILToTensor()]
         )
-
