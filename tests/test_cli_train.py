@@ -133,9 +133,11 @@ def test_print_config_and_resume_refuses_other_config(tree, tmp_path, capsys):
     assert not run.exists()  # --print-config writes nothing
     assert main(argv) == 0
     capsys.readouterr()
-    assert main([*argv, "--set", "train.optimizer.lr=0.1", "--resume"]) == 2
+    assert main([*argv, "--set", "train.optimizer.lr=0.1", "--set", "train.progress=true",
+                 "--resume"]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "train.optimizer.lr" in err and "0.05 -> 0.1" in err
+    assert "progress" not in err  # a progress bar does not change the run
     assert main(argv) == 2  # a finished run is not overwritten
     assert "already holds a run" in capsys.readouterr().err
 

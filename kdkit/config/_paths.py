@@ -78,7 +78,9 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def diff(a: RunConfig, b: RunConfig, ignore: Sequence[str] = ("versions",)) -> dict[str, tuple]:
-    """Keys whose values differ: ``{"train.epochs": (3, 4)}`` (``ignore``: top-level keys)."""
+    """Keys whose values differ: ``{"train.epochs": (3, 4)}`` (``ignore``: top-level keys, or
+    dotted keys such as ``train.progress`` that do not change the result)."""
     fa = _flatten({k: v for k, v in to_dict(a).items() if k not in ignore})
     fb = _flatten({k: v for k, v in to_dict(b).items() if k not in ignore})
-    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
+    keys = sorted(k for k in set(fa) | set(fb) if k not in ignore)
+    return {k: (fa.get(k), fb.get(k)) for k in keys if fa.get(k) != fb.get(k)}

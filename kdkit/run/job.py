@@ -26,7 +26,7 @@ __all__ = ["RunResult", "build_trainer", "train_run", "check_run_dir", "saved_co
 
 log = logging.getLogger(__name__)
 
-_IGNORED = ("versions", "run_dir")  # differ between machines without changing the run
+_IGNORED = ("versions", "run_dir", "train.progress")  # do not change the result
 
 
 @dataclass
