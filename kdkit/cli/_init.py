@@ -9,8 +9,9 @@ DEFAULT_TEMPLATE = "folder_resnet50_to_resnet18"
 
 
 def templates_dir() -> Path:
-    """The shipped configs (``configs/`` at the repository root)."""
-    return Path(__file__).resolve().parents[2] / "configs"
+    """The shipped configs: ``kdkit/configs/`` (package data, so a wheel has them too; the
+    repository's ``configs/`` is a link to it)."""
+    return Path(__file__).resolve().parents[1] / "configs"
 
 
 def templates() -> list[str]:
