@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdkit._fingerprint import module_fingerprint
 from kdkit._io import atomic_write_json, sha256_bytes, sha256_file
 from kdkit.errors import KDError
 
@@ -120,8 +121,6 @@ def teacher_fingerprint(teacher: Any) -> str:
     if isinstance(teacher, str):
         return teacher
     if isinstance(teacher, nn.Module):
-        from kdkit.teachers.torch_teacher import module_fingerprint
-
         return module_fingerprint(teacher)
     fingerprint = getattr(teacher, "fingerprint", None)
     if not callable(fingerprint):

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdkit._fingerprint import module_fingerprint
 from kdkit._io import atomic_torch_save
 from kdkit.errors import KDError, closest_names
 from kdkit.teachers._clip import (
@@ -47,7 +48,7 @@ from kdkit.teachers._clip import (
     zero_shot_weights,
 )
 from kdkit.teachers.base import Teacher, TeacherOutput
-from kdkit.teachers.torch_teacher import PRECISIONS, module_fingerprint
+from kdkit.teachers.torch_teacher import PRECISIONS
 
 __all__ = [
     "ClipInput",

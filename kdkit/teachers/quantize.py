@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdkit._fingerprint import module_fingerprint
 from kdkit._io import atomic_path, atomic_write_json, sha256_bytes, sha256_file
 from kdkit.capture import unwrap
 from kdkit.errors import KDError
@@ -48,7 +49,6 @@ from kdkit.teachers.calibration import (
     from_mapping,
 )
 from kdkit.teachers.fidelity import FidelityReport, FidelityTally
-from kdkit.teachers.torch_teacher import module_fingerprint
 
 __all__ = [
     "Calibration",
