@@ -45,6 +45,7 @@ __all__ = [
     "read_state_dict",
     "register_builder",
     "register_model",
+    "resolve_python_callable",
     "strip_wrapper_prefixes",
 ]
 
@@ -227,7 +228,9 @@ register_builder("timm", _resolve_timm)
 register_builder("open_clip", _resolve_open_clip)
 
 
-def _resolve_python(target: str, trust_code: bool, where: str) -> Builder:
+def resolve_python_callable(target: str, trust_code: bool, where: str) -> Builder:
+    """The callable ``python:pkg.module:attr`` names, imported only with ``trust_code``;
+    otherwise a KDError naming the import it would have run."""
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise KDError(f"{where}: expected 'python:package.module:callable', got 'python:{target}'")
@@ -259,7 +262,7 @@ def build_model(spec: Any, *, trust_code: bool = False, where: str = "model spec
     spec = ModelSpec.parse(spec, where=where)
     prefix, name = spec.prefix, spec.name
     if prefix == "python":
-        builder = _resolve_python(name, trust_code, where)
+        builder = resolve_python_callable(name, trust_code, where)
     elif prefix in _RESOLVERS:
         builder = _RESOLVERS[prefix](name)
     else:

@@ -25,6 +25,7 @@ from kdkit.config import (
     to_dict,
 )
 from kdkit.errors import KDError
+from kdkit.registry import resolve_python_callable
 
 __all__ = [
     "build_distiller",
@@ -197,9 +198,7 @@ def build_loss(pair: PairConfig, *, trust_code: bool = False) -> nn.Module:
     from kdkit.losses import LOSSES
 
     if pair.loss.startswith("python:"):
-        from kdkit.registry import _resolve_python
-
-        cls = _resolve_python(pair.loss.removeprefix("python:"), trust_code, "distill loss")
+        cls = resolve_python_callable(pair.loss.removeprefix("python:"), trust_code, "distill loss")
     else:
         cls = LOSSES[pair.loss]
     try:
