@@ -31,6 +31,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from bench_fmnist_kd import fmt  # mean ± std over seeds, one format for every table
 from torch import nn
 
 from kdkit.balance import LossBalancer
@@ -233,12 +234,6 @@ def select(cfg: DemoConfig, train, enc: nn.Module, hp: dict, grid: list[float]) 
         "student_probe_lr": max(s_scores, key=s_scores.get),
         "selection": {"probe_lr": scores, "temperature": t_scores, "student_probe_lr": s_scores},
     }
-
-
-def fmt(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def main() -> None:
