@@ -334,6 +334,61 @@ def test_trainer_mixes_views_from_its_loader_and_checks_a_mixed_cache(tmp_path):
         fit(ViewSampler(seed=3, num_views=2, crop="pad", pad=1, size=8))
 
 
+def test_a_cache_of_a_split_serves_its_labeled_plus_unlabeled_reordering(tmp_path):
+    """The patient study's shape: the mixing cache holds the train-minus-val split in index
+    order; each run trains on concat(labeled, unlabeled) of it, the same samples reordered."""
+    from torch import nn
+
+    from kdkit.cache import CachedTeacher, precompute
+    from kdkit.cache.cached_teacher import check_run_dataset
+    from kdkit.data import concat, split_labeled
+    from kdkit.data.arrays import FastLoader
+    from kdkit.distiller import Distiller
+    from kdkit.losses import SoftTargetKL
+    from kdkit.train.trainer import Trainer
+
+    ds, teacher = _tiny_setup()
+    train = ds.subset(torch.arange(4, 24))  # a holdout's rest: a subset, in index order
+    s = _mix_sampler()
+    out = precompute(teacher, train, tmp_path / "c", views=s, dtype="fp32", progress=False)
+    labeled, unlabeled = split_labeled(train, 5, seed=1)
+    run_set = concat(labeled, unlabeled)
+    assert not torch.equal(run_set.indices, train.indices)  # reordered
+    cached = CachedTeacher(out)
+    check_run_dataset(cached.meta, run_set)  # accepted: the same images, keyed by index
+    changed = run_set.images.clone()
+    changed[0, 0, 0, 0] ^= 1  # one pixel: another dataset
+    other = type(run_set)(changed, run_set.labels, indices=run_set.indices, base=run_set.base)
+    with pytest.raises(KDError, match="dataset_fingerprint"):
+        check_run_dataset(cached.meta, other)
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
+    t = Trainer(
+        Distiller(student, cached, SoftTargetKL(1.0)), FastLoader(run_set, 8, seed=0), None,
+        epochs=1, views=s, device="cpu", progress=False, cache_check_teacher=teacher,
+    )  # fmt: skip
+    assert len(t.fit()) == 1  # the fidelity gate probes this dataset, not its 24-sample base
+
+
+def test_cli_precompute_mixes_views_when_asked(tmp_path, monkeypatch):
+    import kdkit.cli._precompute as cli_precompute
+    from kdkit.cache import read_meta
+    from kdkit.cli import main as cli_main
+
+    ds, teacher = _tiny_setup()
+    monkeypatch.setattr(cli_precompute, "load_data", lambda spec: (ds, 0.5, 0.25))
+    monkeypatch.setattr(cli_precompute, "load_teacher", lambda *a, **k: teacher)
+    base = ["precompute", "--teacher", "t.pt", "--data", "tiny", "--no-progress"]
+    out = tmp_path / "c"
+    args = ["--views", "2", "--pad", "1", "--mixup", "0.4", "--cutmix", "1", "--out", str(out)]
+    assert cli_main([*base, *args]) == 0
+    meta = read_meta(out)
+    assert (meta["views"]["mixup"], meta["views"]["cutmix"]) == (0.4, 1.0)
+    assert set(meta["shards"][0]["files"]) == {"values", "partner", "lam"}
+    assert cli_main([*base, "--mixup", "1", "--out", str(tmp_path / "d")]) == 2  # no --views
+    assert cli_main([*base, "--views", "2", "--cutmix", "-1", "--out", str(tmp_path / "e")]) == 2
+
+
 def test_version_2_caches_without_mixing_still_read(tmp_path):
     import json
 

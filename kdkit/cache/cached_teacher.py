@@ -30,9 +30,26 @@ def _mismatch(field: str, have: Any, want: Any, hint: str) -> KDError:
     )
 
 
+def _in_index_order(dataset: Any) -> Any:
+    """``dataset`` sorted by sample index, or ``None`` when it has no ``indices`` to sort by.
+
+    A cache is keyed by sample index, so a reordering of the cached dataset (labeled rows
+    first, then unlabeled: :func:`kdkit.data.concat`) replays the same rows; comparing the
+    index-ordered copy with a cache precomputed in index order (a split, holdout or subset)
+    accepts it without accepting other images."""
+    indices = getattr(dataset, "indices", None)
+    if not isinstance(indices, torch.Tensor) or not callable(getattr(dataset, "subset", None)):
+        return None
+    order = torch.argsort(indices)
+    if torch.equal(order, torch.arange(len(order))):
+        return None  # already in index order: the plain fingerprint said it all
+    return dataset.subset(order)
+
+
 def _check_dataset(meta: dict[str, Any], dataset: Any, hint: str) -> None:
-    """The run's dataset must be the cached one, or a subset whose ``.base`` is (the subset's
-    items carry the base's indices, which the cache is keyed by)."""
+    """The run's dataset must be the cached one (in any order, see :func:`_in_index_order`),
+    or a subset whose ``.base`` is (the subset's items carry the base's indices, which the
+    cache is keyed by)."""
     want_fp = meta["dataset_fingerprint"]
     if isinstance(dataset, str):
         if dataset != want_fp:
@@ -48,7 +65,10 @@ def _check_dataset(meta: dict[str, Any], dataset: Any, hint: str) -> None:
         for d, n in zip(candidates, lengths, strict=True)
         if n == meta["num_samples"]
     ]
-    if want_fp not in fps:
+    if want_fp in fps:
+        return
+    ordered = _in_index_order(dataset) if len(dataset) == meta["num_samples"] else None
+    if ordered is None or dataset_fingerprint(ordered) != want_fp:
         raise _mismatch("dataset_fingerprint", want_fp, fps[0], hint)
 
 

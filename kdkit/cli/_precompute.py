@@ -31,6 +31,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pad", type=int, default=2, help="pixels of pad-and-crop (--crop pad)")
     p.add_argument("--scale", type=float, nargs=2, default=(0.35, 1.0), metavar=("LO", "HI"))
     p.add_argument("--flip-p", type=float, default=0.5, help="horizontal flip probability")
+    p.add_argument(
+        "--mixup",
+        type=float,
+        default=0.0,
+        help="mixup Beta(a, a) with a partner image per view (0: off; the training run's "
+        "data.views.mixup)",
+    )
+    p.add_argument(
+        "--cutmix", type=float, default=0.0, help="CutMix Beta(a, a), as --mixup (0: off)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a different cache in --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -105,6 +115,8 @@ def build_views(args: argparse.Namespace, image_size: tuple[int, int]) -> Any:
         pad=args.pad,
         size=image_size,
         flip_p=args.flip_p,
+        mixup=args.mixup,
+        cutmix=args.cutmix,
     )
 
 
@@ -118,6 +130,10 @@ def run(args: argparse.Namespace) -> int:
     check_min(args.shard_size, 1, "--shard-size")
     check_min(args.pad, 0, "--pad")
     check_range(args.flip_p, 0.0, 1.0, "--flip-p")
+    check_min(args.mixup, 0.0, "--mixup")
+    check_min(args.cutmix, 0.0, "--cutmix")
+    if (args.mixup or args.cutmix) and args.views <= 0:
+        raise KDError("--mixup/--cutmix mix views: give --views K (K >= 1) too")
     lo, hi = args.scale
     if not 0 < lo <= hi <= 1:
         raise KDError(f"--scale LO HI needs 0 < LO <= HI <= 1, got {lo:g} {hi:g}")

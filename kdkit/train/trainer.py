@@ -284,10 +284,14 @@ class Trainer:
         dataset = getattr(self.train_loader, "dataset", None)
         if dataset is None:
             raise KDError("the cache check needs a loader with a .dataset")
+        # the cache was precomputed on this dataset (any order: check() looks rows up by
+        # sample index) or on the dataset it is a subset of
+        if len(dataset) != cached.num_samples:
+            dataset = getattr(dataset, "base", dataset)
         report = check(
             cached.cache_dir,
             live_teacher,
-            getattr(dataset, "base", dataset),
+            dataset,
             n_probe=n_probe,
             views=self.views,
             mean=self.mean,

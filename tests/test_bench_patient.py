@@ -1,0 +1,61 @@
+"""benchmarks/bench_patient.py on a tiny synthetic Fashion-MNIST: every kind of row (cached,
+mixed, DKD, feature pair, two-teacher ensemble) runs, so the study cannot rot in CI."""
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kdkit.data import holdout
+from kdkit.data.arrays import ArrayDataset
+from kdkit.demo import DemoConfig
+from kdkit.models import fmnist_teacher
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_patient.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_patient", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_rows_parse_into_their_recipe(bench):
+    assert bench.parse_row("soft-T2-mix-e20") == {
+        "loss": "soft", "mix": True, "feat": False, "ens": False, "epochs": 20,
+        "warmup": 0.0, "temperature": 2.0, "alpha": 1.0, "beta": 8.0,
+    }  # fmt: skip
+    dkd = bench.parse_row("dkd-a0.5-b2-w1-e4")
+    assert (dkd["temperature"], dkd["alpha"], dkd["beta"], dkd["warmup"]) == (4.0, 0.5, 2.0, 1.0)
+    assert [p["loss"] for p in bench.criterion(bench.parse_row("soft-feat"))] == [
+        "soft_kl", "feature_mse",
+    ]  # fmt: skip
+    for bad in ("hard-e2", "soft-x3", "soft-eX"):
+        with pytest.raises(SystemExit):
+            bench.parse_row(bad)
+
+
+def test_every_kind_of_row_trains_on_a_tiny_dataset(bench, tmp_path, monkeypatch, one_thread):
+    monkeypatch.setattr(bench, "CACHE_ROOT", tmp_path)
+    monkeypatch.setattr(bench, "NUM_VIEWS", 2)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (120, 1, 28, 28), dtype=torch.uint8, generator=g)
+    full = ArrayDataset(images, torch.arange(120) % 10)
+    train, val = holdout(full, 20, seed=123)
+    torch.manual_seed(0)
+    teachers = {"demo": SimpleNamespace(model=fmnist_teacher().eval(), test_top1=50.0)}
+    teachers["seed1"] = SimpleNamespace(model=fmnist_teacher().eval())
+    for mix in (False, True):  # the plain cache covers the whole split, the mixed one `train`
+        bench.build_cache(mix, full, train, teachers["demo"].model)
+    cfg = DemoConfig(n_labeled=20, batch_size=32, progress=False)
+    data = {"train": train, "val": val, "test": val}
+    for row in ("soft-T1-e1", "soft-mix-e1", "dkd-b2-w1-e1", "soft-feat-e1", "soft-ens-e1"):
+        r = bench.run(row, 0, cfg, data, teachers)
+        assert len(r["top1"]) == 1 and 0 <= r["test_top1"] <= 100, row
