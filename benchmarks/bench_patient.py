@@ -27,6 +27,7 @@ Rows (``--rows``): dash-separated tokens, the loss first.
     python benchmarks/bench_patient.py --precompute mix       # 60 mixed views x 55k, once
     python benchmarks/bench_patient.py --rows soft-T1-e20 soft-T1-mix-e20 --seeds 0 1 2
     python benchmarks/bench_patient.py --table                # reads runs/bench_patient.jsonl
+    python benchmarks/bench_patient.py --teachers             # both teachers + ensemble, test
 
 Single-threaded (``torch.set_num_threads(1)``): run at most one process per core. Results
 are appended as JSON lines to ``--log`` (one per run, so a cut-short study keeps what it
@@ -219,6 +220,18 @@ def table(log: Path) -> str:
     return "\n".join(lines)
 
 
+def teacher_accuracies(teachers: dict, test) -> dict[str, float]:
+    """Test top-1 of each teacher and of their ensemble (what the ``ens`` rows distill)."""
+    members = {name: fast_teacher(t.model, DemoConfig()) for name, t in teachers.items()}
+    members["ensemble"] = EnsembleTeacher(list(members.values()))
+    x = (test.images.float() / 255 - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
+    top1 = {}
+    for name, t in members.items():
+        pred = torch.cat([t(x[i : i + 1000]).logits.argmax(1) for i in range(0, len(x), 1000)])
+        top1[name] = round(100 * (pred == test.labels).float().mean().item(), 2)
+    return top1
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rows", nargs="+", default=["soft-T1-e2", "soft-T1-mix-e2"])
@@ -226,6 +239,7 @@ def main() -> None:
     p.add_argument("--precompute", choices=("plain", "mix"), help="build a teacher cache, exit")
     p.add_argument("--log", type=Path, default=LOG)
     p.add_argument("--table", action="store_true", help="print the table of --log and exit")
+    p.add_argument("--teachers", action="store_true", help="print the teachers' test top-1")
     args = p.parse_args()
     if args.table:
         print(table(args.log))
@@ -242,8 +256,11 @@ def main() -> None:
         out = build_cache(args.precompute == "mix", full_train, train, live)
         print(f"{out}: {time.perf_counter() - start:.0f} s", flush=True)
         return
-    if any(parse_row(r)["ens"] for r in args.rows):
+    if args.teachers or any(parse_row(r)["ens"] for r in args.rows):
         teachers["seed1"] = _teacher(replace(cfg, seed=1), full_train, test)
+    if args.teachers:
+        print(json.dumps(teacher_accuracies(teachers, test)))
+        return
     data = {"train": train, "val": val, "test": test}
     args.log.parent.mkdir(parents=True, exist_ok=True)
     for row in args.rows:

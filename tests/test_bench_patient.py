@@ -59,3 +59,5 @@ def test_every_kind_of_row_trains_on_a_tiny_dataset(bench, tmp_path, monkeypatch
     for row in ("soft-T1-e1", "soft-mix-e1", "dkd-b2-w1-e1", "soft-feat-e1", "soft-ens-e1"):
         r = bench.run(row, 0, cfg, data, teachers)
         assert len(r["top1"]) == 1 and 0 <= r["test_top1"] <= 100, row
+    top1 = bench.teacher_accuracies(teachers, val)
+    assert set(top1) == {"demo", "seed1", "ensemble"}
