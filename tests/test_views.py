@@ -427,3 +427,7 @@ def test_patient_config_is_valid_and_its_mixing_keys_build_the_sampler():
     assert ViewSampler.from_config(views.config()) == views
     with pytest.raises(KDError, match="mixup"):
         load_config(path, ["data.views.mixup=-1"], check_paths=False)
+    # the config's comment: the same run with the teacher replayed from a 60-view cache
+    cached = ["teacher.model=cache:runs/fmnist-teacher-views", "data.views.num_views=60"]
+    cfg = load_config(path, cached, check_paths=False)
+    assert cfg.train.epochs == 60 and build_views(cfg.data, 0, 28).num_views == 60
