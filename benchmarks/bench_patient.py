@@ -63,6 +63,7 @@ from kdkit.data.views import ViewSampler
 from kdkit.demo import DemoConfig, _teacher, fast_teacher
 from kdkit.distiller import Distiller
 from kdkit.models import fmnist_student
+from kdkit.run.evaluate import evaluate_logits
 from kdkit.teachers import EnsembleTeacher, TorchTeacher
 from kdkit.train.trainer import Trainer
 
@@ -224,11 +225,13 @@ def teacher_accuracies(teachers: dict, test) -> dict[str, float]:
     """Test top-1 of each teacher and of their ensemble (what the ``ens`` rows distill)."""
     members = {name: fast_teacher(t.model, DemoConfig()) for name, t in teachers.items()}
     members["ensemble"] = EnsembleTeacher(list(members.values()))
-    x = (test.images.float() / 255 - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
+    loader = FastLoader(test, 1000, shuffle=False)
     top1 = {}
     for name, t in members.items():
-        pred = torch.cat([t(x[i : i + 1000]).logits.argmax(1) for i in range(0, len(x), 1000)])
-        top1[name] = round(100 * (pred == test.labels).float().mean().item(), 2)
+        scores = evaluate_logits(
+            lambda x, t=t: t(x).logits, loader, FASHION_MNIST_MEAN, FASHION_MNIST_STD, "cpu"
+        )
+        top1[name] = round(scores["top1"], 2)
     return top1
 
 
