@@ -330,7 +330,7 @@ class Bench:
         return Trainer(
             Distiller(self.student(), teacher, loss),
             [first],
-            optimizer={"optimizer": torch.optim.SGD, "okwargs": {"lr": 0.01, "momentum": 0.9}},
+            optimizer=lambda p: torch.optim.SGD(p, **{"lr": 0.01, "momentum": 0.9}),
             precision=self.bf16,
             channels_last=self.channels_last,
             compile=compile,

@@ -50,6 +50,7 @@ import torch
 from torch.optim.lr_scheduler import OneCycleLR
 
 from kdkit.cache import CachedTeacher, precompute
+from kdkit.compat.modelopt import from_config
 from kdkit.data import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
@@ -61,7 +62,6 @@ from kdkit.data import (
 )
 from kdkit.data.views import ViewSampler
 from kdkit.demo import DemoConfig, _teacher, fast_teacher
-from kdkit.distiller import Distiller
 from kdkit.models import fmnist_student
 from kdkit.run.evaluate import evaluate_logits
 from kdkit.teachers import EnsembleTeacher, TorchTeacher
@@ -158,7 +158,7 @@ def run(row: str, seed: int, cfg: DemoConfig, data: dict, teachers: dict) -> dic
     torch.manual_seed(seed)
     model = fmnist_student()
     balancer = {"student_weight": 0.5, "distill_weight": 0.5, "warmup_epochs": spec["warmup"]}
-    distiller = Distiller.from_config(
+    distiller = from_config(  # the YAML-shaped dict, as kdkit train gives it
         model,
         {
             "teacher_model": make_teacher(spec, teachers),
@@ -173,7 +173,7 @@ def run(row: str, seed: int, cfg: DemoConfig, data: dict, teachers: dict) -> dic
         distiller,
         loader,
         FastLoader(data["val"], 1000, shuffle=False),
-        optimizer={"optimizer": torch.optim.AdamW, "okwargs": okwargs},
+        optimizer=lambda p: torch.optim.AdamW(p, **okwargs),
         scheduler=lambda opt: OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps),
         scheduler_interval="step",
         epochs=spec["epochs"],

@@ -7,79 +7,88 @@ Train a small, fast student to match a large teacher, then ship the student::
     student = d.export()
 
 The names below are what a user imports; everything else lives in its subpackage
-(``kdkit.data``, ``kdkit.teachers``, ``kdkit.cache``, ``kdkit.bench``...). Other tools' APIs
-(ModelOpt, darklight, Intel Distiller's flags) are in :mod:`kdkit.compat`. Optional backends
-(ONNX Runtime, TensorRT) are imported only when used.
+(``kdkit.data``, ``kdkit.teachers``, ``kdkit.cache``, ``kdkit.lm``, ``kdkit.bench``...). Other
+tools' APIs (ModelOpt, darklight, Intel Distiller's flags) are in :mod:`kdkit.compat`. Names
+load lazily (PEP 562): ``import kdkit`` costs neither torchvision nor the CLI, and optional
+backends (ONNX Runtime, TensorRT, transformers) are imported only when used.
 """
 
-from kdkit.balance import LossBalancer
-from kdkit.bench import bench_model
-from kdkit.cache import CachedTeacher
-from kdkit.compat import StudentTrainer, add_distillation_args, distillation_from_args
-from kdkit.data import FastLoader, ImageFolderManager, ViewSampler
-from kdkit.distiller import Distiller
-from kdkit.errors import KDError
-from kdkit.export import export_onnx
-from kdkit.load import load_model, load_student
-from kdkit.losses import (
-    DKD,
-    MGD,
-    RKD,
-    AttentionTransfer,
-    CosineEmbedding,
-    FeatureMSE,
-    HardLabel,
-    SoftTargetKL,
-)
-from kdkit.teachers import (
-    ClipTeacher,
-    EnsembleTeacher,
-    OnnxTeacher,
-    Teacher,
-    TeacherOutput,
-    TensorRTTeacher,
-    TorchTeacher,
-    teacher,
-)
-from kdkit.train import Trainer
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    # the core: a distiller, its losses and balancer, the loop
-    "Distiller",
-    "LossBalancer",
-    "Trainer",
-    "KDError",
-    "SoftTargetKL",
-    "HardLabel",
-    "DKD",
-    "FeatureMSE",
-    "CosineEmbedding",
-    "AttentionTransfer",
-    "MGD",
-    "RKD",
+#: public name -> module that defines it
+_PUBLIC = {
+    # the core: a task (image KD), its pairs and balancer, the loop
+    "Distiller": "kdkit.distiller",
+    "Pair": "kdkit.pairs",
+    "LossBalancer": "kdkit.balance",
+    "Trainer": "kdkit.train.trainer",
+    "LoopOptions": "kdkit.train.options",
+    "KDError": "kdkit.errors",
+    # the losses configs name
+    "SoftTargetKL": "kdkit.losses",
+    "HardLabel": "kdkit.losses",
+    "DKD": "kdkit.losses",
+    "FeatureMSE": "kdkit.losses",
+    "CosineEmbedding": "kdkit.losses",
+    "AttentionTransfer": "kdkit.losses",
+    "MGD": "kdkit.losses",
+    "RKD": "kdkit.losses",
     # teachers
-    "teacher",
-    "Teacher",
-    "TeacherOutput",
-    "TorchTeacher",
-    "OnnxTeacher",
-    "TensorRTTeacher",
-    "EnsembleTeacher",
-    "ClipTeacher",
-    "CachedTeacher",
-    # data
-    "FastLoader",
-    "ViewSampler",
-    "ImageFolderManager",
+    "make_teacher": "kdkit.teachers.factory",
+    "Teacher": "kdkit.teachers.base",
+    "TeacherOutput": "kdkit.teachers.base",
     # shipping the student
-    "export_onnx",
-    "bench_model",
-    "load_model",
-    "load_student",
-    # other tools' entry points (kdkit.compat)
-    "StudentTrainer",
-    "add_distillation_args",
-    "distillation_from_args",
-]
+    "export_onnx": "kdkit.export",
+    "load_model": "kdkit.load",
+    "bench_model": "kdkit.bench",
+}
+
+#: names of earlier releases, still importable for one release (with a DeprecationWarning)
+_MOVED = {
+    "teacher": ("kdkit.teachers.factory", "teacher", "kdkit.make_teacher"),
+    "TorchTeacher": ("kdkit.teachers", "TorchTeacher", "kdkit.teachers.TorchTeacher"),
+    "OnnxTeacher": ("kdkit.teachers", "OnnxTeacher", "kdkit.teachers.OnnxTeacher"),
+    "TensorRTTeacher": ("kdkit.teachers", "TensorRTTeacher", "kdkit.teachers.TensorRTTeacher"),
+    "EnsembleTeacher": ("kdkit.teachers", "EnsembleTeacher", "kdkit.teachers.EnsembleTeacher"),
+    "ClipTeacher": ("kdkit.teachers", "ClipTeacher", "kdkit.teachers.ClipTeacher"),
+    "CachedTeacher": ("kdkit.cache", "CachedTeacher", "kdkit.cache.CachedTeacher"),
+    "FastLoader": ("kdkit.data", "FastLoader", "kdkit.data.FastLoader"),
+    "ViewSampler": ("kdkit.data", "ViewSampler", "kdkit.data.ViewSampler"),
+    "ImageFolderManager": ("kdkit.data", "ImageFolderManager", "kdkit.data.ImageFolderManager"),
+    "load_student": ("kdkit.load", "load_student", "kdkit.load_model(path, role='student')"),
+    "StudentTrainer": ("kdkit.compat", "StudentTrainer", "kdkit.compat.StudentTrainer"),
+    "add_distillation_args": (
+        "kdkit.compat",
+        "add_distillation_args",
+        "kdkit.compat.add_distillation_args",
+    ),
+    "distillation_from_args": (
+        "kdkit.compat",
+        "distillation_from_args",
+        "kdkit.compat.distillation_from_args",
+    ),
+}
+
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value  # resolved once
+        return value
+    if name in _MOVED:
+        module, attr, new = _MOVED[name]
+        warnings.warn(f"kdkit.{name} moved: use {new}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'kdkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, *_MOVED, "__version__"])

@@ -1,85 +1,53 @@
-"""Run a frozen teacher beside a student and turn their outputs into one loss.
+"""Image-classification distillation: a frozen teacher beside a student, pairs of outputs, one loss.
 
 Modelled on ModelOpt's distillation API (wrap, map layer pairs to losses, balance, export the
 bare student) without its class swapping: the user's student stays an instance of its own
 class, hooks live in one :class:`~kdkit.capture.Capture` that :meth:`Distiller.export`
 removes, and the teacher is held outside the module tree, so it is never in a state dict,
-an optimizer, DDP or ``train()`` mode.
+an optimizer, DDP or ``train()`` mode. ModelOpt's own two-call ``forward`` / ``compute_loss``
+(with the state it carries between the calls) is :mod:`kdkit.compat.modelopt`'s; this class
+is the :class:`~kdkit.task.Task` the :class:`~kdkit.Trainer` runs, one call per step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kdkit._distill_config import parse_distill_config
 from kdkit.balance import LossBalancer
 from kdkit.capture import Capture, resolve_module, unwrap
+from kdkit.data.pipeline import ModelInput
 from kdkit.errors import KDError
-from kdkit.losses._call import as_loss_module, call_loss, takes_labels, without_t2
-from kdkit.teachers.base import Teacher, TeacherOutput, TopK
-from kdkit.teachers.factory import teacher as make_teacher
+from kdkit.losses._call import call_loss, without_t2
+from kdkit.losses.task import check_labels, labeled_cross_entropy
+from kdkit.pairs import Pair, PairInfo, PairTable, as_pairs, shape_of
+from kdkit.task import StepOutput
+from kdkit.teachers.base import Teacher, TeacherOutput
+from kdkit.teachers.torch_teacher import TorchTeacher
+from kdkit.train.evaluate import classification_metrics
 
-__all__ = ["Distiller", "PairInfo", "PairTable", "StepOutput", "labeled_cross_entropy"]
+__all__ = ["Distiller", "Pair", "PairInfo", "PairTable", "StepOutput", "labeled_cross_entropy"]
 
 Loss = nn.Module | Callable[..., torch.Tensor]
 
 
-def pair_name(student_name: str, teacher_name: str) -> str:
-    """Component name used in logs and balancer weights: ``"output"`` for the final outputs."""
-    if student_name == "" and teacher_name == "":
-        return "output"
-    return f"{student_name or 'output'}<-{teacher_name or 'output'}"
-
-
-def _shape(t: object) -> tuple[int, ...]:
-    if isinstance(t, TopK):
-        return tuple(t.values.shape)
-    if isinstance(t, torch.Tensor):
-        return tuple(t.shape)
-    raise KDError(f"expected a tensor output, got {type(t).__name__}")
-
-
-def _count_params(module: nn.Module) -> int:
-    return sum(1 for _ in module.parameters())
-
-
-def check_labels(labels: torch.Tensor, num_classes: int | None = None) -> None:
-    """Labels are integer class ids in ``[0, num_classes)`` or ``-1`` (unlabeled); anything
-    else (float labels, -5, a class id past the logits) is refused instead of being taken as
-    unlabeled or failing deep in cross-entropy. Read on the CPU copy: no device sync."""
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise KDError(
-            f"labels must be integer class ids (int64), got {labels.dtype}; convert them with "
-            "labels.long() (use -1 for unlabeled rows)"
-        )
-    if labels.device.type != "cpu" or not labels.numel():
-        return
-    low, high = int(labels.min()), int(labels.max())
-    if low < -1 or (num_classes is not None and high >= num_classes):
-        limit = f"[0, {num_classes})" if num_classes is not None else ">= 0"
-        raise KDError(
-            f"labels must be class ids in {limit} or -1 for unlabeled rows; got values in "
-            f"[{low}, {high}]"
-        )
-
-
-def labeled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy summed over the labeled rows (label >= 0), divided by ALL rows (N).
-
-    Per-sample weighting: the batch loss is the mean over every row of (task_i if labeled) +
-    distill_i. A mean over the labeled rows alone would give each of the ~2 labeled rows in a
-    1k-of-60k batch 60x the weight of an unlabeled one (measured on Fashion-MNIST: 81.1% vs
-    87.2% after 2 epochs). Logits (N, C) are upcast to fp32.
-    """
-    summed = F.cross_entropy(logits.float(), labels, ignore_index=-1, reduction="sum")
-    return summed / labels.shape[0]
+def _as_teacher(teacher: nn.Module | Teacher | None) -> Teacher | None:
+    """A module becomes a :class:`TorchTeacher`; paths, engines and lists are
+    :func:`kdkit.make_teacher`'s job (the Distiller does not import every backend)."""
+    if teacher is None or isinstance(teacher, Teacher):
+        return teacher
+    if isinstance(teacher, nn.Module):
+        return TorchTeacher(teacher)
+    raise KDError(
+        f"the teacher must be an nn.Module or a kdkit Teacher, got {type(teacher).__name__}; "
+        "build one from a path, engine or list with kdkit.make_teacher(...)"
+    )
 
 
 def _check_not_the_student(student: nn.Module, teacher: Any) -> None:
@@ -97,19 +65,7 @@ def _check_not_the_student(student: nn.Module, teacher: Any) -> None:
 
 
 @dataclass(frozen=True)
-class StepOutput:
-    """What one batch produced: ``loss`` (with its graph, from :meth:`Distiller.step`; the
-    Trainer hands callbacks a detached copy), ``components`` (detached scalars: one per pair
-    by :func:`pair_name`, ``"student"`` when the batch had labeled rows, ``"total"``) and
-    ``logits``, the student's output."""
-
-    loss: torch.Tensor
-    components: dict[str, torch.Tensor]
-    logits: torch.Tensor
-
-
-@dataclass(frozen=True)
-class _Forward:
+class Forward:
     """One forward pass: the student's output, its captured features by module name, and
     the teacher's output (None while distillation is off)."""
 
@@ -130,8 +86,7 @@ class _Forward:
 
 
 def _target_device(args: tuple, kwargs: dict) -> torch.device | None:
-    """The device in a ``Module.to(...)`` call (``to(device)``, ``to(tensor)``,
-    ``to(device, dtype)``, ``to(device=...)``), None for a dtype-only call."""
+    """The device in a ``Module.to(...)`` call, None for a dtype-only call."""
     target = kwargs.get("device", kwargs.get("tensor"))
     for arg in (target, *args):
         if isinstance(arg, torch.Tensor):
@@ -141,142 +96,84 @@ def _target_device(args: tuple, kwargs: dict) -> torch.device | None:
     return None
 
 
-def _criterion_items(criterion, teacher_given: bool) -> list[tuple[tuple[str, str], nn.Module]]:
-    """Normalise ``criterion`` to ``[((student_name, teacher_name), loss), ...]``."""
-    if not teacher_given:
-        if criterion is not None:
-            raise KDError("a criterion needs a teacher: pass teacher=, or criterion=None")
-        return []
-    if not isinstance(criterion, Mapping):
-        criterion = {("", ""): criterion}  # one loss on the two models' outputs
-    if not criterion:
-        raise KDError("criterion must be a loss (module or callable) or a dict {(s, t): loss}")
-    items = []
-    for key, loss in criterion.items():
-        if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key)):
-            raise KDError(f"criterion keys must be (student_name, teacher_name), got {key!r}")
-        items.append((key, as_loss_module(loss, where=f"the loss for {key}")))
-    return items
-
-
-@dataclass
-class PairInfo:
-    """One row of :meth:`Distiller.describe`."""
-
-    name: str
-    student: str
-    teacher: str
-    student_shape: tuple[int, ...]
-    teacher_shape: tuple[int, ...]
-    adapter: str
-    loss: str
-
-
-class PairTable(list):
-    """A list of :class:`PairInfo` that prints as a table."""
-
-    def __str__(self) -> str:
-        head = ("pair", "student shape", "teacher shape", "adapter", "loss")
-        rows = [
-            (p.name, str(p.student_shape), str(p.teacher_shape), p.adapter, p.loss) for p in self
-        ]
-        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-        lines += [fmt.format(*r) for r in rows]
-        return "\n".join(lines)
-
-
 class Distiller(nn.Module):
-    """Student + frozen teacher + ``{(student_layer, teacher_layer): loss}``.
+    """Student + frozen teacher + typed loss :class:`~kdkit.Pair` records + a balancer.
 
-    ``criterion`` is one loss (applied to the two models' final outputs) or a dict mapping
-    ``(student_module_name, teacher_module_name)`` to a loss; ``""`` names a model's own
-    output. A loss is any module or callable called as ``loss(student_out, teacher_out)``;
-    ``labels=`` is passed only to losses whose signature has a ``labels`` parameter (or
-    ``**kwargs``), so ``nn.MSELoss()`` and plain functions work as in ModelOpt. With no
-    ``loss_balancer``, one pair and no student loss the total is that pair's raw loss (see
-    :class:`~kdkit.LossBalancer`). ``teacher`` is an ``nn.Module`` or any
-    :class:`~kdkit.teachers.Teacher` backend; :meth:`from_config` takes ModelOpt's dict.
+    Args:
+        student: the model to train (an ``nn.Module``; it stays an instance of its class).
+        teacher: an ``nn.Module`` (run as a :class:`~kdkit.teachers.TorchTeacher`), any
+            :class:`~kdkit.Teacher` backend (:func:`kdkit.make_teacher` builds them from
+            paths, engines and lists), or None for plain supervised training.
+        pairs: a list of :class:`~kdkit.Pair` (``Pair("layer3", "layer3", FeatureMSE(),
+            weight=0.5)``; ``""`` names a model's output), one loss (the two outputs), or
+            the shortcut ``{(student_layer, teacher_layer): loss}``.
+        balancer: a :class:`~kdkit.LossBalancer`; None: one pair and no student loss give
+            that pair's raw loss, else 0.5 / 0.5 (ModelOpt's rule).
 
-    A step, all in one call (what the :class:`~kdkit.Trainer` runs; nothing is kept
+    One step, all in one call (what the :class:`~kdkit.Trainer` runs; nothing is kept
     between calls)::
 
         out = distiller.step(x, y)               # y: -1 marks unlabeled rows
         out.loss.backward()                      # out.components: each loss, detached
 
-    or ModelOpt's two calls, with your own task loss::
-
-        logits = distiller(x)                    # teacher (no grad) + student
-        loss = distiller.compute_loss(F.cross_entropy(logits, y))
-        loss.backward()
-
     Losses with lazily created adapters (``FeatureMSE``) get their parameters on the first
-    forward: call :meth:`prepare` (or :meth:`describe`) with an example batch *before*
-    building the optimizer, or the adapters will not be trained (a forward that creates
-    them warns once). The :class:`~kdkit.Trainer` does this for you.
+    forward: :meth:`prepare` with an example batch before building the optimizer (the
+    Trainer does it when :attr:`has_lazy_parameters`).
     """
+
+    best_metric = ("top1", True)
+    unit = "img"
 
     def __init__(
         self,
         student: nn.Module,
         teacher: nn.Module | Teacher | None,
-        criterion: Loss | Mapping[tuple[str, str], Loss] | None = None,
-        loss_balancer: LossBalancer | None = None,
+        pairs: Loss | Sequence[Pair] | Mapping[tuple[str, str], Loss] | None = None,
+        balancer: LossBalancer | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(student, nn.Module):
             raise KDError(f"the student must be an nn.Module, got {type(student).__name__}")
         self.student = student
-        # Stored outside the module tree on purpose: see the module docstring. ``None`` means
-        # plain supervised training through the same loop (the honest from-scratch baseline).
         _check_not_the_student(student, teacher)
-        object.__setattr__(self, "teacher", None if teacher is None else make_teacher(teacher))
-        self.pairs: list[tuple[str, str]] = []
-        losses = []
-        for key, loss in _criterion_items(criterion, teacher_given=teacher is not None):
-            self.pairs.append(key)
-            losses.append(loss)
-        self.criterion = nn.ModuleList(losses)
-        # ModelOpt's custom losses are loss(student, teacher): pass labels only where asked
-        self._loss_takes_labels = [takes_labels(loss) for loss in losses]
-        self.balancer = loss_balancer if loss_balancer is not None else LossBalancer.default()
-        for s_name, _ in self.pairs:
-            if s_name:
-                resolve_module(student, s_name, role="student")
+        if teacher is None and pairs is not None:
+            raise KDError("loss pairs need a teacher: pass teacher=, or pairs=None")
+        # Outside the module tree on purpose: see the module docstring. ``None`` means plain
+        # supervised training through the same loop (the honest from-scratch baseline).
+        object.__setattr__(self, "teacher", _as_teacher(teacher))
+        if teacher is not None and pairs is None:
+            raise KDError("a teacher needs at least one loss pair: pass pairs=")
+        self.pair_list: list[Pair] = as_pairs(pairs)
+        self.criterion = nn.ModuleList([p.loss for p in self.pair_list])  # state dict keys
+        self._takes_labels = [p.takes_labels for p in self.pair_list]
+        self.balancer = balancer if balancer is not None else LossBalancer.default()
+        for p in self.pair_list:
+            if p.student:
+                resolve_module(student, p.student, role="student")
         if self.teacher is not None:
-            self.teacher.request_features([t for _, t in self.pairs])
+            self.teacher.request_features([p.teacher for p in self.pair_list])
         self._teacher_hooked = True
         self._capture: Capture | None = None
-        # Only for the ModelOpt-style pair forward() -> compute_loss(); step() never reads it.
-        self._pending: tuple[_Forward, torch.Tensor | None] | None = None
-        # Written by every loss computation for `last_losses` (logging); never read back.
-        self._components: dict[str, torch.Tensor] = {}
         self._warned_late_params = False
 
-    @classmethod
-    def from_config(
-        cls, student: nn.Module, config: Mapping[str, Any], *, trust_code: bool = False
-    ) -> Distiller:
-        """A Distiller from ModelOpt's config dict, ``{"teacher_model": ..., "criterion": ...,
-        "loss_balancer": ...}``; the ``kdkit train`` YAML comes through here too.
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """``[(student_name, teacher_name), ...]`` in order (the balancer's keys)."""
+        return [(p.student, p.teacher) for p in self.pair_list]
 
-        ``teacher_model`` may be a module, a class or callable (called with no arguments), a
-        tuple ``(callable, args, kwargs)``, a model string or a teacher file; see
-        :mod:`kdkit._distill_config` for every accepted form. ``trust_code`` allows
-        ``python:`` model strings.
-        """
-        teacher, criterion, balancer = parse_distill_config(config, trust_code=trust_code)
-        return cls(student, teacher, criterion, balancer)
+    @property
+    def has_lazy_parameters(self) -> bool:
+        """Whether a loss still has to create its parameters on a first forward."""
+        return any(getattr(loss, "adapter", "none") is None for loss in self.criterion)
 
     # -- running --------------------------------------------------------------------------
     def _student_capture(self) -> Capture:
         if not self._teacher_hooked and self.teacher is not None:
             # hooks were removed by export()/close(): restore them
-            self.teacher.request_features([t for _, t in self.pairs])
+            self.teacher.request_features([p.teacher for p in self.pair_list])
             self._teacher_hooked = True
         if self._capture is None or not self._capture.active:
-            names = [s for s, _ in self.pairs]
+            names = [p.student for p in self.pair_list]
             self._capture = Capture(self.student, names, role="student")
         return self._capture
 
@@ -284,9 +181,9 @@ class Distiller(nn.Module):
         """Forward the training position to the loss balancer's schedule."""
         self.balancer.set_epoch(epoch)
 
-    def _run(
-        self, x: torch.Tensor, index: torch.Tensor | None, view: torch.Tensor | None
-    ) -> _Forward:
+    def forward_both(
+        self, x: torch.Tensor, index: torch.Tensor | None = None, view: torch.Tensor | None = None
+    ) -> Forward:
         """Teacher (only while distillation is active) and student on ``x``, features taken
         out of the hooks so nothing of this batch stays behind in them."""
         cap = self._student_capture()
@@ -298,7 +195,7 @@ class Distiller(nn.Module):
             features = dict(cap.outputs)
         finally:
             cap.clear()
-        return _Forward(out, features, teacher_out)
+        return Forward(out, features, teacher_out)
 
     def _teacher_forward(self, x: torch.Tensor, index, view) -> TeacherOutput:
         try:
@@ -317,7 +214,7 @@ class Distiller(nn.Module):
 
     def step(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | ModelInput,
         labels: torch.Tensor | None = None,
         *,
         index: torch.Tensor | None = None,
@@ -325,91 +222,64 @@ class Distiller(nn.Module):
     ) -> StepOutput:
         """One batch's loss, from its inputs alone: nothing is kept for the next call.
 
-        The task loss is :func:`labeled_cross_entropy` (rows labeled ``-1`` are unlabeled and
-        get only the distillation losses); every pair's loss and the task loss are combined
-        by the balancer. ``index``/``view`` identify the samples for cache-backed teachers.
-        Keep ``labels`` on the CPU: whether any row is labeled is then decided without a
-        device sync.
-
-        ``step`` is what :class:`~kdkit.Trainer` runs (inside DDP, so the adapters' gradients
-        are averaged like the student's); a hand-written loop can call it too::
-
-            out = distiller.step(x, y)
-            out.loss.backward()
+        ``x`` is an image batch (with ``labels``, ``index``, ``view``) or the
+        :class:`~kdkit.data.pipeline.ModelInput` the Trainer's pipeline made. The task loss is
+        :func:`labeled_cross_entropy` (rows labeled ``-1`` get only the distillation losses);
+        every pair's loss and the task loss are combined by the balancer. Keep ``labels`` on
+        the CPU: whether any row is labeled is then decided without a device sync.
         """
+        if isinstance(x, ModelInput):
+            labeled, labels, index, view, x = x.labeled, x.labels, x.index, x.view_ids, x.x
+        else:
+            if labels is not None:
+                check_labels(labels)
+            labeled = labels is not None and bool((labels >= 0).any())
+        run = self.forward_both(x, index, view)
+        task = None
+        device_labels = None
         if labels is not None:
-            check_labels(labels)
-        labeled = labels is not None and bool((labels >= 0).any())
-        host_labels = labels
-        if labels is not None:
-            labels = labels.to(x.device, non_blocking=True)
-        run = self._run(x, index, view)
-        if labeled and isinstance(run.output, torch.Tensor) and run.output.dim() >= 2:
-            check_labels(host_labels, run.output.shape[1])
-        task = labeled_cross_entropy(run.output, labels) if labeled else None
-        total, components = self._combine(run, task, labels)
+            device_labels = labels.to(x.device, non_blocking=True)
+        if labeled:
+            if isinstance(run.output, torch.Tensor) and run.output.dim() >= 2:
+                check_labels(labels, run.output.shape[1])
+            task = labeled_cross_entropy(run.output, device_labels)
+        total, components = self.combine(run, task, device_labels)
         return StepOutput(total, components, run.output)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        *,
-        index: torch.Tensor | None = None,
-        view: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> Any:
-        """The student's output on ``x``, for ModelOpt-style loops that then call
-        :meth:`compute_loss` (new code can use :meth:`step`, which needs no second call).
+    def forward(self, x: torch.Tensor) -> Any:
+        """The student's output (no teacher): a Distiller evaluates like its student."""
+        return self.student(x)
 
-        The teacher runs too (only while distillation is active); its output and ``labels``
-        (``-1`` for unlabeled rows, passed to losses that take them, e.g. DKD) are held until
-        :meth:`compute_loss`.
-        """
-        run = self._run(x, index, view)
-        self._pending = (run, labels)
-        return run.output
-
-    def compute_loss(
-        self, student_loss: torch.Tensor | None = None, labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Distillation losses of the last :meth:`forward`, combined with ``student_loss``."""
-        if self._pending is None:
-            raise KDError("call the distiller on a batch (distiller(x)) before compute_loss()")
-        run, forward_labels = self._pending
-        total, _ = self._combine(run, student_loss, forward_labels if labels is None else labels)
-        return total
-
-    def _combine(
-        self, run: _Forward, student_loss: torch.Tensor | None, labels: torch.Tensor | None
+    def combine(
+        self, run: Forward, student_loss: torch.Tensor | None, labels: torch.Tensor | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Every pair's loss + the task loss -> (total, detached components)."""
+        """Every pair's loss + the task loss -> (total, detached components), in one pass."""
         distill: dict[str, torch.Tensor] = {}
-        names: dict[str, tuple[str, str]] = {}
+        weighted: dict[str, torch.Tensor] = {}
+        keys: dict[str, tuple[str, str]] = {}
+        components: dict[str, torch.Tensor] = {}
         if run.teacher is not None:
-            n_params = _count_params(self.criterion)
-            for (s_name, t_name), loss in zip(self.pairs, self.criterion, strict=True):
-                name = pair_name(s_name, t_name)
-                distill[name] = self._pair_loss(run, s_name, t_name, loss, labels)
-                names[name] = (s_name, t_name)
-            if _count_params(self.criterion) != n_params:
+            n_params = sum(1 for _ in self.criterion.parameters())
+            for pair, with_labels in zip(self.pair_list, self._takes_labels, strict=True):
+                value = self._pair_loss(run, pair, labels, with_labels)
+                distill[pair.name] = value
+                weighted[pair.name] = value * pair.weight if pair.weight != 1.0 else value
+                keys[pair.name] = (pair.student, pair.teacher)
+                unscaled = without_t2(pair.loss, value)
+                if unscaled is not None:  # logged both ways: with T^2 and without
+                    components[f"{pair.name}_unscaled"] = unscaled
+            if sum(1 for _ in self.criterion.parameters()) != n_params:
                 self._warn_late_params()
-        total = self.balancer(distill, student_loss, names)
-        components = dict(distill)
-        for (s_name, t_name), loss in zip(self.pairs, self.criterion, strict=True):
-            name = pair_name(s_name, t_name)
-            unscaled = without_t2(loss, distill[name]) if name in distill else None
-            if unscaled is not None:  # logged both ways: with T^2 and without (issue 11)
-                components[f"{name}_unscaled"] = unscaled
+        total = self.balancer(weighted, student_loss, keys)
+        components = {**distill, **components}
         if student_loss is not None:
             components["student"] = student_loss
         components["total"] = total
-        components = {k: v.detach() for k, v in components.items()}
-        self._components = components
-        return total, components
+        return total, {k: v.detach() for k, v in components.items()}
 
     def _warn_late_params(self) -> None:
         """Loss parameters created by a training forward cannot be in an optimizer built
-        before it: they would silently never train (issue 11). Say so once, loudly."""
+        before it: they would silently never train. Say so once, loudly."""
         if self._warned_late_params:
             return
         self._warned_late_params = True
@@ -422,39 +292,47 @@ class Distiller(nn.Module):
             stacklevel=4,
         )
 
-    def _pair_loss(
-        self, run: _Forward, s_name: str, t_name: str, loss: nn.Module, labels
-    ) -> torch.Tensor:
-        s_out = run.feature(s_name)
-        t_out = run.teacher.get(t_name)
+    def _pair_loss(self, run: Forward, pair: Pair, labels, with_labels: bool) -> torch.Tensor:
+        s_out = run.feature(pair.student)
+        t_out = run.teacher.get(pair.teacher)
+        where = f"pair {pair.student or '<output>'!r} <- {pair.teacher or '<output>'!r}"
         try:
-            index = next(i for i, c in enumerate(self.criterion) if c is loss)
-            return call_loss(loss, s_out, t_out, labels, self._loss_takes_labels[index])
+            return call_loss(pair.loss, s_out, t_out, labels, with_labels)
         except KDError as err:
-            raise KDError(
-                f"pair {s_name or '<output>'!r} <- {t_name or '<output>'!r}: {err}"
-            ) from None
+            raise KDError(f"{where}: {err}") from None
         except RuntimeError as err:
             raise KDError(
-                f"pair {s_name or '<output>'!r} <- {t_name or '<output>'!r}: student shape "
-                f"{_shape(s_out)} and teacher shape {_shape(t_out)} do not fit "
-                f"{type(loss).__name__} ({err})"
+                f"{where}: student shape {shape_of(s_out)} and teacher shape {shape_of(t_out)} "
+                f"do not fit {type(pair.loss).__name__} ({err})"
             ) from None
 
-    @property
-    def last_losses(self) -> dict[str, float]:
-        """Each loss component of the last :meth:`step` or :meth:`compute_loss`, as floats,
-        for hand-written loops that log (the Trainer uses :attr:`StepOutput.components`).
+    # -- the Task protocol: evaluation and checkpoint parts ----------------------------------
+    @torch.no_grad()
+    def evaluate(
+        self, batches: Iterable[ModelInput], autocast: Callable = contextlib.nullcontext
+    ) -> dict[str, float]:
+        """Top-1 / top-5 accuracy (%) and cross-entropy of the student on labeled rows."""
+        student = self.student
+        was_training = student.training
+        student.eval()
+        try:
+            scores = classification_metrics(((b.x, b.labels) for b in batches), student, autocast)
+        finally:
+            student.train(was_training)
+        scores.pop("images")
+        return scores
 
-        Converted on access, not every step, so a training loop pays a device sync only when
-        it actually logs.
-        """
-        return {k: float(v) for k, v in self._components.items()}
+    def checkpoint_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {
+            "student": unwrap(self.student).state_dict(),
+            "adapters": self.criterion.state_dict(),
+        }
 
-    @property
-    def last_loss_tensors(self) -> dict[str, torch.Tensor]:
-        """:attr:`last_losses` as detached tensors (kept for existing callers)."""
-        return dict(self._components)
+    def load_checkpoint_state(self, state: Mapping[str, Any], where: str = "") -> None:
+        from kdkit.train.resume import restore_part
+
+        restore_part(where, "student", unwrap(self.student), state.get("student"))
+        restore_part(where, "adapters", self.criterion, state.get("adapters"))
 
     # -- set-up and inspection -------------------------------------------------------------
     @torch.no_grad()
@@ -471,43 +349,51 @@ class Distiller(nn.Module):
         Also materialises lazily created adapters, so call it before building an optimizer.
         ``index``/``view`` are needed by cache-backed teachers (``CachedTeacher``).
         """
+        if self.teacher is None:
+            return PairTable()
         was_training = self.training
-        was_active_epoch = self.balancer.epoch
+        was_epoch = self.balancer.epoch
         self.balancer.set_epoch(max(self.balancer.epoch, self.balancer.start_epoch))
         self.eval()
         try:
-            run = self._run(example_input, index, view)
+            run = self.forward_both(example_input, index, view)
             table = PairTable()
-            for (s_name, t_name), loss in zip(self.pairs, self.criterion, strict=True):
-                s_out = run.feature(s_name)
-                t_out = run.teacher.get(t_name)
-                self._pair_loss(run, s_name, t_name, loss, labels)
-                summary = getattr(loss, "adapter_summary", None)
-                adapter = summary(_shape(s_out), _shape(t_out)) if callable(summary) else "none"
+            for pair, with_labels in zip(self.pair_list, self._takes_labels, strict=True):
+                s_out, t_out = run.feature(pair.student), run.teacher.get(pair.teacher)
+                self._pair_loss(run, pair, labels, with_labels)
+                summary = getattr(pair.loss, "adapter_summary", None)
+                s_shape, t_shape = shape_of(s_out), shape_of(t_out)
+                adapter = summary(s_shape, t_shape) if callable(summary) else "none"
                 table.append(
                     PairInfo(
-                        pair_name(s_name, t_name),
-                        s_name or "<output>",
-                        t_name or "<output>",
-                        _shape(s_out),
-                        _shape(t_out),
+                        pair.name,
+                        pair.student or "<output>",
+                        pair.teacher or "<output>",
+                        s_shape,
+                        t_shape,
                         adapter,
-                        repr(loss).replace("\n", " "),
+                        repr(pair.loss).replace("\n", " "),
                     )
                 )
         finally:
-            self.balancer.set_epoch(was_active_epoch)
+            self.balancer.set_epoch(was_epoch)
             self.train(was_training)
         return table
 
     def prepare(
         self,
-        example_input: torch.Tensor,
+        example_input: torch.Tensor | ModelInput,
         *,
         index: torch.Tensor | None = None,
         view: torch.Tensor | None = None,
     ) -> None:
         """Materialise lazy adapters with one dry run (see the class docstring)."""
+        if isinstance(example_input, ModelInput):
+            example_input, index, view = (
+                example_input.x,
+                example_input.index,
+                example_input.view_ids,
+            )
         self.describe(example_input, index=index, view=view)
 
     def to(self, *args: Any, **kwargs: Any) -> Distiller:
@@ -525,7 +411,6 @@ class Distiller(nn.Module):
 
     def close(self) -> None:
         """Remove every hook kdkit placed on the student and the teacher."""
-        self._pending = None
         if self._capture is not None:
             self._capture.remove()
             self._capture = None

@@ -46,7 +46,7 @@ def main():
     trainer = Trainer(
         Distiller(student, teacher, SoftTargetKL(temperature=2.0)),
         FastLoader(data, 16, seed=3),
-        optimizer={"optimizer": torch.optim.SGD, "okwargs": {"lr": 0.05, "momentum": 0.9}},
+        optimizer=lambda p: torch.optim.SGD(p, **{"lr": 0.05, "momentum": 0.9}),
         scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5),
         epochs=3,
         checkpoint_dir=ckpt_dir,

@@ -35,9 +35,8 @@ def test_policy_drives_a_distiller():
     s, te = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
     d = kdkit.Distiller(s, te, policy.criterion, policy.balancer)
     x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
-    out = d(x)
-    loss = d.compute_loss(torch.nn.functional.cross_entropy(out, y))
-    comps = d.last_losses
+    out = d.step(x, y)
+    loss, comps = out.loss, {k: float(v) for k, v in out.components.items()}
     assert loss.requires_grad and set(comps) == {"output", "output_unscaled", "student", "total"}
     assert comps["output_unscaled"] == pytest.approx(comps["output"] / 4)  # logged without T^2
     assert policy.teacher is None  # no --kd-teacher / --kd-resume given

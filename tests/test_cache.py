@@ -358,8 +358,7 @@ def test_distiller_loss_with_cached_teacher_equals_live_teacher(tmp_path):
             index = torch.randperm(N, generator=torch.Generator().manual_seed(step))[:16]
             view = views.view_ids(index, epoch=step)
             x = prepare_input(ds.images[index], index, view, views, MEAN, STD, "cpu")
-            d(x, index=index, view=view)
-            loss = d.compute_loss()
+            loss = d.step(x, index=index, view=view).loss
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -5,6 +5,12 @@ from torch import nn
 
 import kdkit
 from kdkit import Distiller, FeatureMSE, KDError, LossBalancer, SoftTargetKL
+from kdkit.compat.modelopt import DistillationModel
+
+
+def two_call(*args):
+    """ModelOpt's forward -> compute_loss pair lives in kdkit.compat.modelopt."""
+    return DistillationModel(Distiller(*args))
 
 
 class Net(nn.Module):
@@ -20,7 +26,7 @@ class Net(nn.Module):
 def make(classes_t=5, width_s=8, width_t=16):
     s, te = Net(width_s), Net(width_t, classes_t)
     crit = {("", ""): SoftTargetKL(temperature=2.0), ("body", "body"): FeatureMSE()}
-    return s, te, Distiller(s, te, crit)
+    return s, te, two_call(s, te, crit)
 
 
 def hooks(m):
@@ -69,9 +75,9 @@ def test_describe_lists_pairs_and_materialises_adapter():
 def test_wrong_module_names_suggest_valid_ones():
     s, te = Net(8), Net(16)
     with pytest.raises(KDError, match="student; did you mean"):
-        Distiller(s, te, {("bdy", "body"): FeatureMSE()})
+        two_call(s, te, {("bdy", "body"): FeatureMSE()})
     with pytest.raises(KDError, match="teacher; did you mean"):
-        Distiller(s, te, {("body", "hed"): FeatureMSE()})
+        two_call(s, te, {("body", "hed"): FeatureMSE()})
 
 
 def test_mismatched_class_counts_name_pair_and_shapes():
@@ -93,7 +99,7 @@ def test_teacher_skipped_before_start_epoch():
     calls = []
     te = Net(16)
     te.register_forward_hook(lambda *a: calls.append(1))
-    d = Distiller(Net(8), te, SoftTargetKL(), LossBalancer(start_epoch=1))
+    d = two_call(Net(8), te, SoftTargetKL(), LossBalancer(start_epoch=1))
     out = d(torch.randn(2, 6))
     task = F.cross_entropy(out, torch.tensor([0, 1]))
     loss = d.compute_loss(task)
@@ -117,11 +123,11 @@ def test_export_returns_users_class_without_hooks():
 
 
 def test_state_dict_round_trip_with_lazy_adapter(tmp_path):
-    s, te, d = make()
+    d = make()[2].distiller
     d.prepare(torch.randn(2, 6))
     path = tmp_path / "d.pt"
     torch.save(d.state_dict(), path)
-    s2, _, d2 = make()  # a fresh distiller: its adapter does not exist yet
+    d2 = make()[2].distiller  # a fresh distiller: its adapter does not exist yet
     assert d2.criterion[1].adapter is None
     d2.load_state_dict(torch.load(path, weights_only=True))
     for (k, v), (k2, v2) in zip(d.state_dict().items(), d2.state_dict().items(), strict=True):
@@ -131,7 +137,7 @@ def test_state_dict_round_trip_with_lazy_adapter(tmp_path):
 @pytest.mark.filterwarnings("ignore:a loss created new parameters")  # lazy adapters on purpose
 def test_names_work_through_dataparallel_wrapper():
     s, te = Net(8), Net(16)
-    d = Distiller(nn.DataParallel(s), te, {("module.body", "body"): FeatureMSE()})
+    d = two_call(nn.DataParallel(s), te, {("module.body", "body"): FeatureMSE()})
     d(torch.randn(2, 6))
     assert d.compute_loss().requires_grad
     assert type(d.export()) is Net
@@ -139,6 +145,6 @@ def test_names_work_through_dataparallel_wrapper():
 
 def test_any_teacher_backend_is_accepted():
     te = kdkit.TorchTeacher(Net(16))
-    d = Distiller(Net(8, 5), te, SoftTargetKL())
+    d = two_call(Net(8, 5), te, SoftTargetKL())
     d(torch.randn(2, 6))
     assert d.compute_loss().ndim == 0

@@ -53,9 +53,9 @@ def _distill(rank: int, world: int, mine: Path) -> dict:
         checkpoint_dir=mine,  # one folder per rank, to see which rank writes
         epoch_callbacks=[lambda t, row: snapshots.append(_copy(d.state_dict()))],
     )
-    assert isinstance(tr._model, nn.parallel.DistributedDataParallel)
+    assert isinstance(tr._ddp_step, nn.parallel.DistributedDataParallel)
     assert distributed.world_size() == world
-    wrapped = {id(p) for p in tr._model.parameters()}
+    wrapped = {id(p) for p in tr._ddp_step.parameters()}
     assert not wrapped & {id(p) for p in teacher.parameters()}  # the teacher is never in DDP
     assert {id(p) for p in d.criterion.parameters()} <= wrapped  # the adapter is
     adapter_init = d.criterion[1].adapter.weight.detach().clone()

@@ -64,8 +64,7 @@ def test_distillation_moves_student_towards_teacher():
     d.train()
     for _ in range(300):  # no labels at all: the teacher is the only signal
         i = torch.randint(0, len(x), (128,), generator=gen)
-        d(x[i])
-        loss = d.compute_loss()
+        loss = d.step(x[i]).loss
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -602,7 +602,7 @@ def _resume_other_architecture(fx):
 def _resume_other_optimizer(fx):
     d = fx.root / "work" / "opt"
     _trainer(d).fit()
-    sgd = {"optimizer": torch.optim.SGD, "okwargs": {"lr": 0.1, "momentum": 0.9}}
+    sgd = lambda p: torch.optim.SGD(p, **{"lr": 0.1, "momentum": 0.9})
     _trainer(d, optimizer=sgd).fit(resume=True)
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdkit import Distiller, FeatureMSE, KDError, LossBalancer, SoftTargetKL, Trainer
+from kdkit.compat.modelopt import DistillationModel
 from kdkit.distiller import StepOutput, labeled_cross_entropy
 
 CLASSES = 5
@@ -44,15 +45,16 @@ def test_step_equals_modelopt_forward_then_compute_loss():
     x, y = batch()
     out = d.step(x, y)
     assert isinstance(out, StepOutput) and out.loss.requires_grad
-    logits = d(x, labels=y)
-    total = d.compute_loss(labeled_cross_entropy(logits, y))
+    m = DistillationModel(d)  # ModelOpt's two calls live in kdkit.compat.modelopt
+    logits = m(x, labels=y)
+    total = m.compute_loss(labeled_cross_entropy(logits, y))
     assert torch.allclose(out.logits, logits)
     assert torch.allclose(out.loss, total)
     assert {"output", "body<-body", "student", "total"} <= set(out.components)
     c = out.components
     expected = 0.7 * (c["output"] + c["body<-body"]) + 0.3 * c["student"]
     assert torch.allclose(c["total"], expected)
-    assert d.last_losses["total"] == pytest.approx(
+    assert m.last_losses["total"] == pytest.approx(
         float(total.detach())
     )  # kept for hand-written loops
 
@@ -72,13 +74,14 @@ def test_step_keeps_nothing_between_calls():
     d = make()
     x1, y1 = batch(seed=1)
     x2, y2 = batch(seed=2)
-    logits1 = d(x1, labels=y1)  # a ModelOpt-style forward waiting for compute_loss()
-    expected = d.compute_loss(labeled_cross_entropy(logits1, y1))
+    m = DistillationModel(d)
+    logits1 = m(x1, labels=y1)  # a ModelOpt-style forward waiting for compute_loss()
+    expected = m.compute_loss(labeled_cross_entropy(logits1, y1))
     first = d.step(x2, y2)
     assert d._capture.outputs == {}  # no activations of the batch left in the hooks
     assert torch.equal(d.step(x2, y2).loss, first.loss)  # history does not matter
     # the step did not disturb the pending forward
-    assert torch.equal(d.compute_loss(labeled_cross_entropy(logits1, y1)), expected)
+    assert torch.equal(m.compute_loss(labeled_cross_entropy(logits1, y1)), expected)
 
 
 def test_lazy_adapter_created_in_a_hand_written_loop_warns_once():
@@ -86,8 +89,9 @@ def test_lazy_adapter_created_in_a_hand_written_loop_warns_once():
     x, y = batch()
     torch.optim.SGD(d.parameters(), lr=0.1)  # built too early: the adapter does not exist
     with pytest.warns(UserWarning, match=r"prepare\(example_batch\)"):
-        d(x)
-        d.compute_loss()
+        m = DistillationModel(d)
+        m(x)
+        m.compute_loss()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         d.step(x, y)  # once only
@@ -133,7 +137,7 @@ def test_restore_best_loads_the_best_epoch(tmp_path, on_disk):
         device="cpu",
         progress=False,
         checkpoint_dir=tmp_path if on_disk else None,
-        optimizer={"optimizer": torch.optim.SGD, "okwargs": {"lr": 0.5}},
+        optimizer=lambda p: torch.optim.SGD(p, **{"lr": 0.5}),
         epoch_callbacks=[lambda t, row: snapshots.append(_copy(d.state_dict()))],
     )
     history = tr.fit(restore_best=True)
@@ -196,7 +200,7 @@ def test_from_config_maps_the_train_section_onto_the_keywords():
         b,
         train,
         epochs=2,
-        optimizer={"optimizer": torch.optim.SGD, "okwargs": {"lr": 0.05, "momentum": 0.9}},
+        optimizer=lambda p: torch.optim.SGD(p, **{"lr": 0.05, "momentum": 0.9}),
         scheduler=lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, 0.05, total_steps=6),
         scheduler_interval="step",
         seed=3,
@@ -224,7 +228,7 @@ def test_from_config_takes_a_run_config_and_refuses_duplicated_keys():
     )
     train = [batch()]
     tr = Trainer.from_config(run, make(), train, device="cpu")  # device= may override
-    assert tr.scheduler.T_max == 1 and tr.scheduler_interval == "epoch"
+    assert tr.scheduler.T_max == 1 and tr.options.scheduler_interval == "epoch"
     with pytest.raises(KDError, match="epochs"):
         Trainer.from_config(run, make(), train, epochs=3)
 
@@ -236,6 +240,6 @@ def test_reduce_on_plateau_steps_per_epoch_on_the_val_loss():
     train = [batch(seed=s) for s in range(2)]
     x, y = batch(seed=9, unlabeled=())
     tr = Trainer.from_config(cfg, make(), train, [(x, y)])
-    assert tr.scheduler_interval == "epoch"
+    assert tr.options.scheduler_interval == "epoch"
     history = tr.fit()
     assert tr.scheduler.best == min(row["val_loss"] for row in history)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from kdkit.data.folder import (
     UnlabeledFolderDataset,
     shard_sampler,
 )
+from kdkit.data.pipeline import InputPipeline
 from kdkit.distiller import Distiller
 from kdkit.errors import KDError
 from kdkit.export import export_onnx
@@ -175,6 +176,56 @@ def _spec_for(student: nn.Module, spec: Any) -> dict[str, Any] | None:
     return parsed.to_dict()
 
 
+_OPT_KEYS = {"optimizer", "okwargs", "scheduler", "skwargs", "amplevel"}
+
+
+def from_opt_params(
+    opt_params: Mapping[str, Any] | None,
+) -> tuple[Callable[[Any], torch.optim.Optimizer], Callable[[Any], Any] | None]:
+    """darklight's ``opt_params`` dict -> ``(optimizer factory, scheduler factory or None)``,
+    the typed form :class:`kdkit.Trainer` takes (``optimizer=``, ``scheduler=``).
+
+    ``optimizer`` is a ``torch.optim`` class (default AdamW with lr 1e-3, weight decay 0.01
+    when neither it nor ``okwargs`` is given), ``okwargs`` its keywords; ``scheduler`` /
+    ``skwargs`` likewise; ``amplevel`` is read by :func:`precision_for_amplevel`.
+    """
+    spec = dict(opt_params or {})
+    unknown = set(spec) - _OPT_KEYS
+    if unknown:
+        raise KDError(f"unknown opt_params keys {sorted(unknown)}; expected {sorted(_OPT_KEYS)}")
+    cls = spec.get("optimizer", torch.optim.AdamW)
+    default = {"lr": 1e-3, "weight_decay": 0.01} if "optimizer" not in spec else {}
+    okwargs = dict(spec.get("okwargs") or default)
+
+    def optimizer(params: Any) -> torch.optim.Optimizer:
+        try:
+            return cls(params, **okwargs)
+        except TypeError as err:
+            name = getattr(cls, "__name__", cls)
+            raise KDError(f"cannot build {name} with {okwargs}: {err}") from None
+
+    sched_cls = spec.get("scheduler")
+    if sched_cls is None:
+        return optimizer, None
+    skwargs = dict(spec.get("skwargs") or {})
+
+    def scheduler(opt: torch.optim.Optimizer) -> Any:
+        try:
+            return sched_cls(opt, **skwargs)
+        except TypeError as err:
+            raise KDError(f"cannot build scheduler {sched_cls}: {err}") from None
+
+    return optimizer, scheduler
+
+
+class _SaveEachEpoch:
+    def __init__(self, fn: Callable[[dict], None]) -> None:
+        self.fn = fn
+
+    def on_epoch(self, trainer: Trainer, row: dict) -> None:
+        self.fn(row)
+
+
 class StudentTrainer:
     """Train ``student`` against ``teacher`` with Hinton soft targets (or DeiT hard labels).
 
@@ -234,16 +285,29 @@ class StudentTrainer:
     def train(self, epochs: int, save: str | None = "ckpt_{}.pth") -> list[dict]:
         """Train for ``epochs``; after each, write a kdkit checkpoint to ``save.format(epoch)``
         (on rank 0 only under DDP)."""
+        kwargs = dict(self.trainer_kwargs)
+        optimizer, scheduler = from_opt_params(self.opt_params)
         self.trainer = Trainer(
             self.distiller,
             self.train_loader,
             self.val_loader,
-            optimizer=self.opt_params or None,
+            optimizer=optimizer,
+            scheduler=scheduler,
             epochs=epochs,
             device=self.device,
-            student_spec=self.student_spec,
-            epoch_callbacks=[lambda trainer, row: self._save(save, row["epoch"])],
-            **self.trainer_kwargs,
+            inputs=InputPipeline(
+                kwargs.pop("views", None),
+                kwargs.pop("mean", None),
+                kwargs.pop("std", None),
+                channels_last=bool(kwargs.pop("channels_last", False)),
+                dataset=getattr(self.train_loader, "dataset", None),
+            ),
+            run_info={
+                "student_spec": self.student_spec,
+                "input_shape": kwargs.pop("input_shape", None),
+            },
+            callbacks=[_SaveEachEpoch(lambda row: self._save(save, row["epoch"]))],
+            **kwargs,
         )
         return self.trainer.fit()
 

@@ -12,9 +12,11 @@
     loss = distillation_model.compute_loss(student_loss=task_loss)   # kdkit's name
     model_exported = mtd.export(distillation_model)
 
-The mapping (see docs/coming-from-modelopt.md): ``convert`` is
-:meth:`kdkit.Distiller.from_config`, ``export`` is :meth:`kdkit.Distiller.export` (the
-user's own class, hooks removed), ``LogitsDistillationLoss`` is
+The mapping (see docs/coming-from.md): ``convert`` is :func:`from_config` (ModelOpt's dict,
+translated in :mod:`kdkit.compat._modelopt_config` into a :class:`kdkit.Distiller`), and
+returns a :class:`DistillationModel`, which holds ModelOpt's two-call state (``forward`` keeps
+the teacher output for ``compute_loss``) so the core Distiller never does; ``export`` is
+:meth:`kdkit.Distiller.export` (the user's own class, hooks removed), ``LogitsDistillationLoss`` is
 :class:`kdkit.SoftTargetKL`, ``MGDLoss`` is :class:`kdkit.MGD`, ``StaticLossBalancer`` is a
 :class:`kdkit.LossBalancer` with ModelOpt's weights. Unlike ModelOpt, the student's class is
 never swapped (``type(model)`` stays what it was) and the teacher is never saved.
@@ -22,18 +24,22 @@ never swapped (``type(model)`` stays what it was) and the teacher is never saved
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from kdkit.balance import LossBalancer
-from kdkit.distiller import Distiller
+from kdkit.compat._modelopt_config import parse_distill_config
+from kdkit.distiller import Distiller, Forward
 from kdkit.errors import KDError
 from kdkit.losses import MGD, SoftTargetKL
+from kdkit.task import StepOutput
 
 __all__ = [
     "DistillationModel",
+    "from_config",
     "LogitsDistillationLoss",
     "MGDLoss",
     "StaticLossBalancer",
@@ -41,8 +47,129 @@ __all__ = [
     "export",
 ]
 
-#: ModelOpt's meta-model class; in kdkit the wrapper is a :class:`~kdkit.Distiller`
-DistillationModel = Distiller
+
+def from_config(
+    student: nn.Module, config: Mapping[str, Any], *, trust_code: bool = False
+) -> Distiller:
+    """A :class:`kdkit.Distiller` from ModelOpt's dict, ``{"teacher_model": ...,
+    "criterion": ..., "loss_balancer": ...}`` (every accepted form: see
+    :mod:`kdkit.compat._modelopt_config`). ``trust_code`` allows ``python:`` model strings."""
+    teacher, criterion, balancer = parse_distill_config(config, trust_code=trust_code)
+    return Distiller(student, teacher, criterion, balancer)
+
+
+class DistillationModel(nn.Module):
+    """ModelOpt's meta-model: a :class:`kdkit.Distiller` with ModelOpt's two calls.
+
+    ``model(x)`` runs the teacher (no grad, while distillation is active) and the student and
+    returns the student's output; ``model.compute_loss(student_loss)`` (or ModelOpt's guide's
+    ``compute_kd_loss``) then combines the held teacher output with the distillation losses.
+    That state between the two calls lives here, not in the core. Everything else (``step``,
+    ``export``, ``describe``, the Trainer's task protocol) is the Distiller's. The state dict
+    is the Distiller's (``student.*``, ``criterion.*``): the teacher is never in it.
+    """
+
+    def __init__(self, distiller: Distiller) -> None:
+        super().__init__()
+        self.student = distiller.student
+        self.criterion = distiller.criterion
+        object.__setattr__(self, "distiller", distiller)
+        self._pending: tuple[Forward, torch.Tensor | None] | None = None
+        self._components: dict[str, torch.Tensor] = {}
+
+    # ModelOpt's two calls ------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        index: torch.Tensor | None = None,
+        view: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> Any:
+        """The student's output on ``x``; the teacher's is held for :meth:`compute_loss`
+        (with ``labels``, ``-1`` for unlabeled rows, for losses that take them, e.g. DKD)."""
+        run = self.distiller.forward_both(x, index, view)
+        self._pending = (run, labels)
+        return run.output
+
+    def compute_loss(
+        self, student_loss: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Distillation losses of the last :meth:`forward`, combined with ``student_loss``."""
+        if self._pending is None:
+            raise KDError("call the distiller on a batch (distiller(x)) before compute_loss()")
+        run, forward_labels = self._pending
+        total, self._components = self.distiller.combine(
+            run, student_loss, forward_labels if labels is None else labels
+        )
+        return total
+
+    compute_kd_loss = compute_loss  # the name ModelOpt's guide uses
+
+    @property
+    def last_losses(self) -> dict[str, float]:
+        """Each loss component of the last :meth:`compute_loss` (or :meth:`step`), as floats;
+        converted on access, so a loop pays a device sync only when it logs."""
+        return {k: float(v) for k, v in self._components.items()}
+
+    @property
+    def last_loss_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self._components)
+
+    # the Distiller underneath ----------------------------------------------------------------
+    def step(self, *args: Any, **kwargs: Any) -> StepOutput:
+        out = self.distiller.step(*args, **kwargs)
+        self._components = dict(out.components)
+        return out
+
+    best_metric = Distiller.best_metric
+    unit = Distiller.unit
+
+    @property
+    def teacher(self) -> Any:
+        return self.distiller.teacher
+
+    @property
+    def balancer(self) -> LossBalancer:
+        return self.distiller.balancer
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        return self.distiller.pairs
+
+    @property
+    def has_lazy_parameters(self) -> bool:
+        return self.distiller.has_lazy_parameters
+
+    def evaluate(self, batches: Iterable[Any], autocast: Callable | None = None) -> dict:
+        return self.distiller.evaluate(batches, *(() if autocast is None else (autocast,)))
+
+    def set_epoch(self, epoch: float) -> None:
+        self.distiller.set_epoch(epoch)
+
+    def checkpoint_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        return self.distiller.checkpoint_state()
+
+    def load_checkpoint_state(self, state: Mapping[str, Any], where: str = "") -> None:
+        self.distiller.load_checkpoint_state(state, where)
+
+    def describe(self, *args: Any, **kwargs: Any) -> Any:
+        return self.distiller.describe(*args, **kwargs)
+
+    def prepare(self, *args: Any, **kwargs: Any) -> None:
+        self.distiller.prepare(*args, **kwargs)
+
+    def to(self, *args: Any, **kwargs: Any) -> DistillationModel:
+        self.distiller.to(*args, **kwargs)
+        return self
+
+    def export(self) -> nn.Module:
+        self._pending = None
+        return self.distiller.export()
+
+    def close(self) -> None:
+        self._pending = None
+        self.distiller.close()
 
 
 def LogitsDistillationLoss(temperature: float = 1.0) -> SoftTargetKL:  # noqa: N802
@@ -78,13 +205,12 @@ def StaticLossBalancer(kd_loss_weight: float | Sequence[float] = 0.5) -> LossBal
     )
 
 
-def convert(model: nn.Module, mode: Any) -> Distiller:
-    """``mtd.convert(model, mode=[("kd_loss", config)])``: a :class:`~kdkit.Distiller`.
+def convert(model: nn.Module, mode: Any) -> DistillationModel:
+    """``mtd.convert(model, mode=[("kd_loss", config)])``: a :class:`DistillationModel`.
 
     ``mode`` may also be ``("kd_loss", config)`` or the config dict itself.
     """
-    config = _kd_config(mode)
-    return Distiller.from_config(model, config)
+    return DistillationModel(from_config(model, _kd_config(mode)))
 
 
 def _kd_config(mode: Any) -> Mapping[str, Any]:
@@ -102,8 +228,8 @@ def _kd_config(mode: Any) -> Mapping[str, Any]:
     )
 
 
-def export(model: Distiller) -> nn.Module:
+def export(model: DistillationModel | Distiller) -> nn.Module:
     """The student in its original class, weights trained, kdkit's hooks removed."""
-    if not isinstance(model, Distiller):
+    if not isinstance(model, (DistillationModel, Distiller)):
         raise KDError(f"export() takes the model convert() returned, got {type(model).__name__}")
     return model.export()

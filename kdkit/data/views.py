@@ -40,68 +40,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kdkit.data._hash import OFFSET_STREAM as _OFFSET_STREAM
+from kdkit.data._hash import beta_symmetric as _beta_symmetric
+from kdkit.data._hash import splitmix64
+from kdkit.data._hash import uniform as _uniform
+from kdkit.data.mixing import MixPool, mix_images
+from kdkit.data.pipeline import prepare_input
 from kdkit.errors import KDError
 
 __all__ = ["Views", "ViewSampler", "MixPool", "prepare_input", "splitmix64", "CROPS"]
+
+# moved out of this module; still importable from here
+_ = (MixPool, prepare_input)
 
 CROPS = ("resized", "pad", "none")
 #: version 2 adds ``mixup``/``cutmix``; a sampler that does not mix still writes version 1,
 #: byte-for-byte what older kdkit wrote, so old caches' meta compares equal
 _CONFIG_VERSION = 2
 _READABLE_CONFIG_VERSIONS = (1, 2)
-
-
-def _signed(c: int) -> int:
-    """A uint64 constant as the int64 with the same bits (torch has no uint64 arithmetic)."""
-    return c - (1 << 64) if c >= (1 << 63) else c
-
-
-_GOLDEN = _signed(0x9E3779B97F4A7C15)
-_MIX1 = _signed(0xBF58476D1CE4E5B9)
-_MIX2 = _signed(0x94D049BB133111EB)
-_OFFSET_STREAM = 0x5EED0FF5E7  # salt of the per-sample view-id phase
-# counters of _uniform per key: 0..4 crop and flip, 8 mixup-or-CutMix coin, 9 partner,
-# 10..13 CutMix box, 16.. Beta draws (two per try)
-_BETA_TRIES = 48
-
-
-def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 bits (``>>`` on int64 is arithmetic)."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
-def splitmix64(x: torch.Tensor) -> torch.Tensor:
-    """The splitmix64 finaliser on int64 tensors (two's-complement wrap-around = uint64 math).
-
-    Ref: Steele, Lea, Flood 2014, "Fast splittable pseudorandom number generators".
-    """
-    z = x + _GOLDEN
-    z = (z ^ _shr(z, 30)) * _MIX1
-    z = (z ^ _shr(z, 27)) * _MIX2
-    return z ^ _shr(z, 31)
-
-
-def _uniform(key: torch.Tensor, counter: int) -> torch.Tensor:
-    """Uniform float64 in [0, 1) from stream ``counter`` of each key (53 exact bits)."""
-    return _shr(splitmix64(key + counter), 11).double() * (2.0**-53)
-
-
-def _beta_symmetric(key: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Beta(alpha, alpha) per key from counter streams (Johnk's method, vectorised tries).
-
-    Try ``t`` accepts when ``u^(1/a) + v^(1/a) <= 1``; the first accepted try wins. Each try
-    accepts with probability >= 1/6 for alpha <= 2, so 48 tries all fail less than once in
-    10^3 samples at alpha = 2 (about never at alpha <= 1); those rare keys get 0.5.
-    """
-    counters = torch.arange(_BETA_TRIES, dtype=torch.int64) * 2 + 16
-    u = _uniform(key[:, None], counters[None])  # broadcast: (N, tries)
-    v = _uniform(key[:, None], counters[None] + 1)
-    a = u.clamp_min(1e-300) ** (1.0 / alpha)
-    b = v.clamp_min(1e-300) ** (1.0 / alpha)
-    ok = (a + b <= 1.0) & (a + b > 0.0)
-    first = torch.argmax(ok.to(torch.int8), dim=1, keepdim=True)
-    lam = (a / (a + b).clamp_min(1e-300)).gather(1, first).squeeze(1)
-    return torch.where(ok.any(dim=1), lam, torch.full_like(lam, 0.5))
 
 
 @dataclass(frozen=True)
@@ -151,60 +107,6 @@ class Views:
             move(self.blend),
             move(self.cut),
         )
-
-
-class MixPool:
-    """The images partners are drawn from: a dataset's rows, looked up by sample index.
-
-    ``keys`` (M,) int64 are the samples' dataset indices (unique) and ``images`` (M, C, H, W)
-    their images in the same order. :attr:`pool` is ``keys`` sorted: the candidate partner
-    indices :meth:`ViewSampler.sample` draws from, a function of the *set* of samples only,
-    so a training run and a cache precompute over the same dataset draw the same partners
-    whatever the row order. :meth:`fetch` returns the images of partner indices (on the
-    device the images live on).
-    """
-
-    def __init__(self, images: torch.Tensor, keys: torch.Tensor) -> None:
-        keys = torch.as_tensor(keys, dtype=torch.int64).reshape(-1).cpu()
-        if images.shape[0] != keys.numel() or keys.numel() == 0:
-            raise KDError(
-                f"MixPool needs one index per image, got {keys.numel()} for {images.shape[0]}"
-            )
-        order = torch.argsort(keys)
-        self.pool = keys[order]
-        if bool((self.pool[1:] == self.pool[:-1]).any()):
-            raise KDError("MixPool: sample indices repeat; partners need unique indices")
-        self._order = order
-        self.images = images
-
-    @classmethod
-    def from_dataset(cls, dataset: Any) -> MixPool:
-        """The pool of an in-memory dataset (``.images``/``.labels`` tensors, optional
-        ``.indices``, or a ``torch.utils.data.Subset`` of one), e.g. a FastLoader's."""
-        from kdkit.data.arrays import _resolve
-
-        try:
-            images, _, indices, rows = _resolve(dataset)
-        except KDError as err:
-            raise KDError(
-                "mixup/cutmix views fetch partner images by index, which needs an in-memory "
-                f"training dataset (such as Fashion-MNIST or an ArrayDataset): {err}"
-            ) from None
-        if rows is not None:
-            images, indices = images[rows], indices[rows]
-        return cls(images, indices)
-
-    def __len__(self) -> int:
-        return int(self.pool.numel())
-
-    def fetch(self, partner: torch.Tensor) -> torch.Tensor:
-        """Images (N, C, H, W) of the samples with dataset indices ``partner`` (N,)."""
-        idx = torch.as_tensor(partner, dtype=torch.int64).reshape(-1).cpu()
-        pos = torch.searchsorted(self.pool, idx).clamp(max=len(self) - 1)
-        if bool((self.pool[pos] != idx).any()):
-            raise KDError("MixPool.fetch: partner indices outside the pool")
-        rows = self._order[pos]
-        return self.images[rows.to(self.images.device)]
 
 
 def _pair(v: float | Sequence[float], name: str) -> tuple[float, float]:
@@ -457,7 +359,7 @@ class ViewSampler:
         if self.crop == "pad" and (h, w) != self.size:
             raise KDError(f"crop='pad' was configured for size {self.size}, got images {(h, w)}")
         if views.mixed:
-            x = _mix_images(x, views, partner_images)
+            x = mix_images(x, views, partner_images)
         out_h, out_w = self.size or (h, w)
         box = views.box.to(device=x.device, dtype=x.dtype)
         x0, y0, x1, y1 = box.unbind(1)
@@ -473,67 +375,3 @@ class ViewSampler:
         )
         grid = F.affine_grid(theta, [n, c, out_h, out_w], align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def _mix_images(x: torch.Tensor, views: Views, partner: torch.Tensor | None) -> torch.Tensor:
-    if partner is None or partner.shape != x.shape:
-        got = None if partner is None else tuple(partner.shape)
-        raise KDError(f"mixed views need partner images of shape {tuple(x.shape)}, got {got}")
-    n, _, h, w = x.shape
-    partner = partner.to(device=x.device, dtype=x.dtype)
-    blend = views.blend.to(device=x.device, dtype=x.dtype).reshape(n, 1, 1, 1)
-    cut = views.cut.to(device=x.device, dtype=x.dtype)
-    u = (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5) / w
-    v = (torch.arange(h, device=x.device, dtype=x.dtype) + 0.5) / h
-    in_x = (u[None] >= cut[:, 0:1]) & (u[None] < cut[:, 2:3])  # (N, W)
-    in_y = (v[None] >= cut[:, 1:2]) & (v[None] < cut[:, 3:4])  # (N, H)
-    inside = (in_y[:, :, None] & in_x[:, None, :]).unsqueeze(1)  # (N, 1, H, W)
-    mixed = blend * x + (1.0 - blend) * partner
-    return torch.where(inside, partner, mixed)
-
-
-def _channel_stat(v: float | Sequence[float] | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(v, dtype=x.dtype).to(x.device, non_blocking=True)
-    return t.reshape(1, -1, 1, 1) if t.dim() == 1 else t
-
-
-def prepare_input(
-    images: torch.Tensor,
-    index: torch.Tensor | None,
-    view_ids: torch.Tensor | None,
-    sampler: ViewSampler | None,
-    mean: float | Sequence[float] | torch.Tensor | None,
-    std: float | Sequence[float] | torch.Tensor | None,
-    device: torch.device | str | None,
-    pool: MixPool | None = None,
-) -> torch.Tensor:
-    """Raw batch -> model input; the single path shared by training and cache precompute.
-
-    ``images`` (N, C, H, W) uint8 (scaled to [0, 1]) or float (taken as already in [0, 1])
-    moves to ``device`` once; then the views of ``(index, view_ids)`` are applied when
-    ``sampler`` is given (a mixing sampler fetches its partners' images from ``pool``), then
-    ``(x - mean) / std`` per channel (``None``: skip that part). Returns float32
-    (N, C, H', W') on ``device``.
-    """
-
-    def to_unit(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(device, non_blocking=True) if device is not None else t
-        return t.float().div_(255.0) if t.dtype == torch.uint8 else t.float()
-
-    x = to_unit(images)
-    if sampler is not None:
-        if index is None or view_ids is None:
-            raise KDError(
-                "a ViewSampler needs the batch's sample index and view ids "
-                "(view_ids = sampler.view_ids(index, epoch))"
-            )
-        views = sampler.sample(index, view_ids, pool)
-        partner = None
-        if views.mixed:
-            partner = to_unit(pool.fetch(views.partner)).to(x.device)  # type: ignore[union-attr]
-        x = sampler.apply(x, views, partner)
-    if mean is not None:
-        x = x - _channel_stat(mean, x)
-    if std is not None:
-        x = x / _channel_stat(std, x)
-    return x

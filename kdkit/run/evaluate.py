@@ -1,6 +1,6 @@
-"""Top-1 / top-5 / cross-entropy of any logits function on a labeled loader.
+"""Top-1 / top-5 / cross-entropy of any logits function on a labeled loader (``kdkit eval``).
 
-The same arithmetic as :meth:`kdkit.Trainer.evaluate` (counts, then one division), so
+The counting is :func:`kdkit.train.evaluate.classification_metrics`, the Trainer's own, so
 ``kdkit eval RUN`` reproduces the val top-1 stored in the run's ``best.pt`` exactly.
 """
 
@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 
-from kdkit.errors import KDError
+from kdkit.data.pipeline import InputPipeline
+from kdkit.train.evaluate import classification_metrics
+from kdkit.train.precision import Precision
 
 __all__ = ["evaluate_logits"]
 
@@ -26,29 +27,6 @@ def evaluate_logits(
     precision: str = "fp32",
 ) -> dict[str, float]:
     """``logits_of(normalised batch)`` scored on ``loader``'s labeled rows (-1 rows skipped)."""
-    from kdkit.data.views import prepare_input
-    from kdkit.train.metrics import topk_correct
-    from kdkit.train.precision import Precision
-
-    autocast = Precision(precision, device).autocast
-    correct1 = correct5 = n = 0
-    loss_sum = 0.0
-    for batch in loader:
-        x, y = batch[0], batch[1]
-        x = prepare_input(x, None, None, None, mean, std, device)
-        y = y.to(device)
-        with autocast():
-            logits = logits_of(x).float()
-        keep = y >= 0
-        logits, y = logits[keep], y[keep]
-        c1, c5 = topk_correct(logits, y)
-        correct1, correct5, n = correct1 + c1, correct5 + c5, n + y.numel()
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-    if n == 0:
-        raise KDError("the evaluation data holds no labeled images")
-    return {
-        "top1": 100.0 * correct1 / n,
-        "top5": 100.0 * correct5 / n,
-        "loss": loss_sum / n,
-        "images": n,
-    }
+    inputs = InputPipeline(None, mean, std, device=device)
+    batches = ((b.x, b.labels) for b in (inputs(batch, augment=False) for batch in loader))
+    return classification_metrics(batches, logits_of, Precision(precision, device).autocast)

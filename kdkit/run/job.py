@@ -85,7 +85,13 @@ def _device(cfg: RunConfig) -> torch.device:
 
 
 def build_trainer(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False):
-    """Data, models, Distiller and Trainer for ``cfg`` (written nowhere yet)."""
+    """Data, models, Distiller, input pipeline and Trainer for ``cfg`` (written nowhere yet).
+
+    The builder, not the loop, seeds torch (the student's initial weights depend on the seed
+    alone), checks a teacher cache against the run, and sets the student's memory format.
+    """
+    from kdkit.cache.run_check import check_cache_for_run
+    from kdkit.data.pipeline import InputPipeline
     from kdkit.run.data import build_data, build_views
     from kdkit.run.models import build_distiller, build_student, build_teacher
     from kdkit.train import Trainer, distributed
@@ -106,24 +112,29 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False, trust_code: bool = Fa
         views=views,
         temperature=_run_temperature(cfg),
     )
-    torch.manual_seed(t.seed)  # the student's initial weights depend on the seed alone
+    dataset = getattr(data.train_loader, "dataset", None)
+    check_cache_for_run(teacher, dataset, sampler=views, device=device)
+    torch.manual_seed(t.seed)
     student, student_spec = build_student(cfg.student, trust_code=trust_code)
     distiller = build_distiller(cfg, student, teacher, trust_code=trust_code)
-    # the train: section -> Trainer keywords (optimizer, schedule, precision...) in one place
+    inputs = InputPipeline(
+        views, data.mean, data.std, device=device, channels_last=t.channels_last, dataset=dataset
+    )
+    # the train: section -> loop options, optimizer, schedule (Trainer.from_config)
     trainer = Trainer.from_config(
         cfg,
         distiller,
         data.train_loader,
         data.val_loader,
         device=device,
+        inputs=inputs,
         checkpoint_dir=cfg.run_dir,
-        views=views,
-        mean=data.mean,
-        std=data.std,
-        student_spec=student_spec,
-        input_shape=data.input_shape,
-        teacher_spec=to_dict(cfg.teacher),
-        run_config=to_dict(cfg),
+        run_info={
+            "student_spec": student_spec,
+            "input_shape": data.input_shape,
+            "teacher_spec": to_dict(cfg.teacher),
+            "config": to_dict(cfg),
+        },
     )
     return trainer, data
 

@@ -26,6 +26,7 @@ from kdkit.config import (
 )
 from kdkit.errors import KDError
 from kdkit.registry import resolve_python_callable
+from kdkit.teachers.factory import make_teacher
 
 __all__ = [
     "build_distiller",
@@ -143,8 +144,6 @@ def build_teacher(
     fidelity gate compares KL at the run's ``temperature``; ``views`` is checked against a
     ``cache:`` teacher's meta (a cache of other views is refused).
     """
-    import kdkit
-
     prefix, _, rest = tc.model.partition(":")
     if prefix == "cache":
         from kdkit.cache import CachedTeacher
@@ -165,7 +164,7 @@ def build_teacher(
             "gate": {"min_agreement": tc.calibration.min_agreement, "temperature": temperature},
         }
     if prefix in ("onnx", "tensorrt") and prefix in TEACHER_ONLY_PREFIXES:
-        return kdkit.teacher(rest, backend=prefix, **int8)
+        return make_teacher(rest, backend=prefix, **int8)
     if prefix == "open_clip":
         from kdkit.teachers.clip_teacher import clip_teacher_from_config
 
@@ -181,16 +180,16 @@ def build_teacher(
         )
     module = teacher_module(tc, trust_code=trust_code)
     if int8:
-        return kdkit.teacher(module, backend="onnx", input_shape=input_shape, **int8)
+        return make_teacher(module, backend="onnx", input_shape=input_shape, **int8)
     if tc.backend == "onnx":
-        return kdkit.teacher(module, backend="onnx", input_shape=input_shape)
+        return make_teacher(module, backend="onnx", input_shape=input_shape)
     if tc.backend == "tensorrt":
         raise KDError(
             "teacher.backend: tensorrt builds from an ONNX file: export the teacher "
             "(kdkit export) and set teacher.model: onnx:PATH with backend: tensorrt, or "
             "teacher.model: tensorrt:ENGINE"
         )
-    return kdkit.teacher(module, backend="torch", precision=tc.precision)
+    return make_teacher(module, backend="torch", precision=tc.precision)
 
 
 def build_loss(pair: PairConfig, *, trust_code: bool = False) -> nn.Module:
@@ -211,25 +210,22 @@ def build_loss(pair: PairConfig, *, trust_code: bool = False) -> nn.Module:
 
 
 def build_distiller(cfg: RunConfig, student: nn.Module, teacher: Any, *, trust_code=False):
-    """Student + teacher + ``{(student layer, teacher layer): loss}`` + balancer."""
+    """Student + teacher + the typed :class:`~kdkit.Pair` list + balancer, from the config."""
     from kdkit.balance import LossBalancer
     from kdkit.distiller import Distiller
+    from kdkit.pairs import Pair
 
     d = cfg.distill
-    criterion = {(p.student, p.teacher): build_loss(p, trust_code=trust_code) for p in d.pairs}
-    weights = {(p.student, p.teacher): p.weight for p in d.pairs if p.weight != 1.0}
+    pairs = [
+        Pair(p.student, p.teacher, build_loss(p, trust_code=trust_code), p.weight) for p in d.pairs
+    ]
     balancer = LossBalancer(
-        weights=weights or None,
         student_weight=d.student_weight,
         distill_weight=d.distill_weight,
         start_epoch=d.start_epoch,
         warmup_epochs=d.warmup_epochs,
     )
-    if hasattr(Distiller, "from_config"):
-        return Distiller.from_config(
-            student, {"teacher_model": teacher, "criterion": criterion, "loss_balancer": balancer}
-        )
-    return Distiller(student, teacher, criterion, balancer)
+    return Distiller(student, teacher, pairs, balancer)
 
 
 def run_models(run: str | os.PathLike, *, trust_code: bool = False):

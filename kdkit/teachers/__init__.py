@@ -6,7 +6,7 @@ onnxruntime and tensorrt are imported only when an OnnxTeacher / TensorRTTeacher
 from kdkit.teachers.base import Teacher, TeacherOutput, TopK
 from kdkit.teachers.clip_teacher import ClipInput, ClipTeacher
 from kdkit.teachers.ensemble import EnsembleTeacher
-from kdkit.teachers.factory import teacher
+from kdkit.teachers.factory import make_teacher, teacher
 from kdkit.teachers.onnx_teacher import OnnxTeacher
 from kdkit.teachers.tensorrt_teacher import TensorRTTeacher
 from kdkit.teachers.torch_teacher import PRECISIONS, TorchTeacher, module_fingerprint
@@ -24,4 +24,5 @@ __all__ = [
     "PRECISIONS",
     "module_fingerprint",
     "teacher",
+    "make_teacher",
 ]

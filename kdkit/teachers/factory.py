@@ -16,7 +16,7 @@ from kdkit.teachers.onnx_teacher import OnnxTeacher
 from kdkit.teachers.tensorrt_teacher import TensorRTTeacher
 from kdkit.teachers.torch_teacher import TorchTeacher
 
-__all__ = ["teacher", "BACKENDS"]
+__all__ = ["make_teacher", "teacher", "BACKENDS"]
 
 BACKENDS = ("torch", "onnx", "tensorrt")
 _ENGINE_SUFFIXES = (".engine", ".plan")
@@ -108,3 +108,7 @@ def _from_path(
         f"cannot tell what {path} holds from its suffix {suffix!r}; expected .onnx, "
         f"{' / '.join(_ENGINE_SUFFIXES)} or a kdkit checkpoint ({' / '.join(_CHECKPOINT_SUFFIXES)})"
     )
+
+
+#: the factory's name in kdkit's public face (``kdkit.make_teacher``; timm's ``create_model``)
+make_teacher = teacher

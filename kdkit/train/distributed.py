@@ -58,6 +58,16 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def all_reduce_sum(value: float) -> float:
+    """``value`` summed over every rank (itself on one process): one collective."""
+    if not is_distributed():
+        return float(value)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
 def is_main() -> bool:
     """Rank 0 writes checkpoints, metrics and progress bars."""
     return rank() == 0

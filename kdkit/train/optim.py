@@ -1,4 +1,8 @@
-"""Build an optimizer and scheduler from objects or darklight's ``opt_params`` dict."""
+"""The optimizer and scheduler of a run, from objects or factories (typed; no dialects).
+
+darklight's ``opt_params`` dict is translated by :func:`kdkit.compat.darklight.from_opt_params`;
+a config's ``train.optimizer`` by :func:`kdkit.train.options.optimizer_factory`.
+"""
 
 from __future__ import annotations
 
@@ -7,58 +11,40 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from kdkit.errors import KDError
 
-__all__ = ["build_optimizer", "build_scheduler", "include_missing_params"]
+__all__ = ["OptimizerArg", "build_optimizer", "build_scheduler", "include_missing_params"]
 
 log = logging.getLogger(__name__)
 
-_OPT_KEYS = {"optimizer", "okwargs", "scheduler", "skwargs", "amplevel"}
+OptimizerArg = torch.optim.Optimizer | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
-def build_optimizer(
-    spec: torch.optim.Optimizer | Mapping[str, Any] | None, params: Iterable[torch.nn.Parameter]
-) -> torch.optim.Optimizer:
-    """``spec`` is an optimizer, a darklight dict (``optimizer``, ``okwargs``...) or None.
-
-    None means AdamW(lr=1e-3, weight_decay=0.01), a safe default for small students.
-    """
-    params = [p for p in params if p.requires_grad]
-    if isinstance(spec, torch.optim.Optimizer):
-        return include_missing_params(spec, params)
-    spec = dict(spec or {})
-    unknown = set(spec) - _OPT_KEYS
-    if unknown:
-        raise KDError(f"unknown opt_params keys {sorted(unknown)}; expected {sorted(_OPT_KEYS)}")
-    cls = spec.get("optimizer", torch.optim.AdamW)
-    kwargs = dict(
-        spec.get("okwargs")
-        or ({"lr": 1e-3, "weight_decay": 0.01} if "optimizer" not in spec else {})
-    )
-    try:
-        return cls(params, **kwargs)
-    except TypeError as err:
+def build_optimizer(optimizer: Any, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if optimizer is None:  # a safe default for small students
+        return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return include_missing_params(optimizer, params)
+    if isinstance(optimizer, Mapping):
         raise KDError(
-            f"cannot build {getattr(cls, '__name__', cls)} with {kwargs}: {err}"
-        ) from None
+            "optimizer= takes an optimizer or a function params -> optimizer; darklight's "
+            "opt_params dict is translated by kdkit.compat.darklight.from_opt_params(opt_params)"
+        )
+    if callable(optimizer):
+        return optimizer(params)
+    raise KDError(f"optimizer must be an optimizer, a callable(params) or None, got {optimizer!r}")
 
 
-def build_scheduler(
-    spec: Any, optimizer: torch.optim.Optimizer, opt_params: Mapping[str, Any] | None = None
-) -> Any:
-    """A scheduler object, a callable ``f(optimizer)``, None, or the ``opt_params`` one."""
-    if spec is None and opt_params and opt_params.get("scheduler") is not None:
-        cls = opt_params["scheduler"]
-        try:
-            return cls(optimizer, **dict(opt_params.get("skwargs") or {}))
-        except TypeError as err:
-            raise KDError(f"cannot build scheduler {cls}: {err}") from None
-    if spec is None or hasattr(spec, "step"):
-        return spec
-    if isinstance(spec, Callable):
-        return spec(optimizer)
-    raise KDError(f"scheduler must be a scheduler, a callable(optimizer) or None, got {spec!r}")
+def build_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> Any:
+    if scheduler is None or hasattr(scheduler, "step"):
+        return scheduler
+    if callable(scheduler):
+        return scheduler(optimizer)
+    raise KDError(
+        f"scheduler must be a scheduler, a callable(optimizer) or None, got {scheduler!r}"
+    )
 
 
 def include_missing_params(

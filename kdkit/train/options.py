@@ -1,46 +1,133 @@
-"""The ``train:`` section of a config (:class:`~kdkit.config.TrainConfig`) as Trainer keywords.
+"""The loop's options, and the one translation of a ``train:`` section into them.
 
-One mapping for every caller (``kdkit train``, :meth:`kdkit.Trainer.from_config`, a user's
-script), so a config means the same run wherever it is read. Only builders read config
-(STYLE.md): the Trainer's constructor keeps taking plain keywords.
+:class:`LoopOptions` is what the :class:`~kdkit.Trainer` loop itself needs (epochs, precision,
+accumulation, clipping, when to step the scheduler, checkpoint and NaN-check cadence,
+progress, device), with the same range checks as the config schema. Only builders read config
+(STYLE.md): :func:`loop_options`, :func:`optimizer_factory` and :func:`scheduler_factory` turn a
+:class:`~kdkit.config.TrainConfig` into typed objects, for ``kdkit train``,
+:meth:`kdkit.Trainer.from_config` and a user's script alike. :func:`split_trainer_kwargs` maps
+the Trainer's older flat keywords onto the typed collaborators.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from collections.abc import Callable
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from kdkit.config import OptimizerConfig, SchedulerConfig, TrainConfig
-from kdkit.errors import KDError
+from kdkit.errors import KDError, closest_names
 
-__all__ = ["trainer_options", "optimizer_spec", "scheduler_factory", "CONFIG_KEYWORDS"]
+__all__ = [
+    "LoopOptions",
+    "loop_options",
+    "optimizer_factory",
+    "scheduler_factory",
+    "split_trainer_kwargs",
+    "RUN_INFO_KEYS",
+]
 
-#: Trainer keywords that the train section sets (``device`` may still be overridden).
-CONFIG_KEYWORDS = (
-    "epochs",
-    "optimizer",
-    "scheduler",
-    "scheduler_interval",
-    "precision",
-    "seed",
-    "device",
-    "channels_last",
-    "compile",
-    "grad_accum",
-    "max_grad_norm",
-    "checkpoint_every",
-    "progress",
-)
+log = logging.getLogger(__name__)
 
 _PLATEAU = "ReduceLROnPlateau"
 
+#: plain data a checkpoint stores beside the weights (``kdkit eval/export/bench`` read them)
+RUN_INFO_KEYS = ("student_spec", "teacher_spec", "config", "input_shape", "mean", "std")
 
-def optimizer_spec(opt: OptimizerConfig) -> dict[str, Any]:
-    """``{"optimizer": torch.optim.NAME, "okwargs": {lr, weight_decay, **args}}``, the form
-    :func:`~kdkit.train.optim.build_optimizer` takes."""
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How the loop runs, whatever the task.
+
+    Args:
+        epochs: passes over the training loader (>= 1).
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; fp16 adds a grad scaler).
+        grad_accum: micro-batches per optimizer step (>= 1).
+        max_grad_norm: clip the gradient norm to this (None: no clipping).
+        scheduler_interval: ``epoch`` or ``step``: when the scheduler steps.
+        checkpoint_every: also write ``last.pt`` every N steps (None: at epoch ends only).
+        nan_check_every: read the non-finite flag every N steps (None: 50 on CUDA, where
+            reading it is a host sync, 1 elsewhere).
+        progress: show a progress bar (rank 0).
+        device: where the task runs (None: CUDA when available, else CPU).
+    """
+
+    epochs: int = 1
+    precision: str = "fp32"
+    grad_accum: int = 1
+    max_grad_norm: float | None = None
+    scheduler_interval: str = "epoch"
+    checkpoint_every: int | None = None
+    nan_check_every: int | None = None
+    progress: bool = True
+    device: str | torch.device | None = None
+
+    def __post_init__(self) -> None:
+        from kdkit.train.precision import PRECISION_DTYPES
+
+        checks = (
+            ("epochs", self.epochs >= 1, "an integer >= 1"),
+            ("grad_accum", self.grad_accum >= 1, "an integer >= 1"),
+            ("precision", self.precision in PRECISION_DTYPES, f"one of {list(PRECISION_DTYPES)}"),
+            (
+                "scheduler_interval",
+                self.scheduler_interval in ("epoch", "step"),
+                "'epoch' or 'step'",
+            ),
+            (
+                "checkpoint_every",
+                self.checkpoint_every is None or self.checkpoint_every >= 1,
+                "None or >= 1",
+            ),
+            (
+                "nan_check_every",
+                self.nan_check_every is None or self.nan_check_every >= 1,
+                "None or >= 1",
+            ),
+            (
+                "max_grad_norm",
+                self.max_grad_norm is None or self.max_grad_norm > 0,
+                "None or > 0",
+            ),
+        )
+        for name, ok, expected in checks:
+            if not ok:
+                raise KDError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def loop_options(train: TrainConfig, **overrides: Any) -> LoopOptions:
+    """The :class:`LoopOptions` of a ``train:`` section. ``ReduceLROnPlateau`` steps once per
+    epoch on the validation loss whatever ``interval`` says (a per-step plateau has nothing to
+    measure)."""
+    interval = "epoch" if train.scheduler.name == _PLATEAU else train.scheduler.interval
+    options = LoopOptions(
+        epochs=train.epochs,
+        precision=train.precision,
+        grad_accum=train.grad_accum,
+        max_grad_norm=train.max_grad_norm,
+        scheduler_interval=interval,
+        checkpoint_every=train.checkpoint_every,
+        progress=train.progress,
+        device=train.device,
+    )
+    return dataclasses.replace(options, **overrides)
+
+
+def optimizer_factory(
+    opt: OptimizerConfig,
+) -> Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]:
+    """``f(params) -> torch.optim.NAME(params, lr=, weight_decay=, **args)`` for
+    ``train.optimizer``."""
     cls = getattr(torch.optim, opt.name, None)
     if not isinstance(cls, type) or not issubclass(cls, torch.optim.Optimizer):
         raise KDError(f"config key 'train.optimizer.name': torch.optim has no {opt.name!r}")
@@ -48,7 +135,15 @@ def optimizer_spec(opt: OptimizerConfig) -> dict[str, Any]:
     if opt.weight_decay or "weight_decay" in inspect.signature(cls).parameters:
         kwargs["weight_decay"] = opt.weight_decay
     kwargs.update(opt.args)
-    return {"optimizer": cls, "okwargs": kwargs}
+
+    def make(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        try:
+            return cls(params, **kwargs)
+        except (TypeError, ValueError) as err:
+            raise KDError(f"train.optimizer: cannot build {opt.name}({kwargs}): {err}") from None
+
+    make.spec = {"name": opt.name, **kwargs}  # type: ignore[attr-defined]
+    return make
 
 
 def scheduler_factory(
@@ -93,27 +188,56 @@ def scheduler_factory(
     return make
 
 
-def trainer_options(train: TrainConfig, steps_per_epoch: int | None) -> dict[str, Any]:
-    """The Trainer keywords in :data:`CONFIG_KEYWORDS`, from the train section.
+#: the Trainer's flat keywords of earlier releases that are not LoopOptions fields
+_PIPELINE_KEYS = ("views", "mean", "std", "channels_last")
+_MODEL_KEYS = ("compile", "seed")
+_CACHE_KEYS = ("cache_check_teacher", "cache_check_probe", "cache_dataset_check")
+_RUN_INFO_ALIASES = {"run_config": "config"}
 
-    ``ReduceLROnPlateau`` steps once per epoch on the validation loss whatever ``interval``
-    says (a per-step plateau has nothing to measure).
+
+def split_trainer_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The Trainer's flat keywords -> ``{"options": {...}, "pipeline": {...}, "run_info":
+    {...}, "epoch_callbacks": [...], "model": {...}, "cache": {...}}``.
+
+    ``LoopOptions`` fields (``epochs=10``, ``precision="bf16"``) are a supported shorthand.
+    The others (``views``, ``mean``, ``std``, ``channels_last``, ``student_spec``,
+    ``input_shape``, ``teacher_spec``, ``run_config``, ``epoch_callbacks``, ``compile``,
+    ``seed``, ``cache_check_*``) still work and warn once: pass ``inputs=InputPipeline(...)``,
+    ``run_info={...}``, ``callbacks=[...]``, and compile / seed / check caches in the builder.
     """
-    interval = "epoch" if train.scheduler.name == _PLATEAU else train.scheduler.interval
-    return {
-        "epochs": train.epochs,
-        "optimizer": optimizer_spec(train.optimizer),
-        "scheduler": scheduler_factory(
-            train.scheduler, train.epochs, train.optimizer.lr, steps_per_epoch
-        ),
-        "scheduler_interval": interval,
-        "precision": train.precision,
-        "seed": train.seed,
-        "device": train.device,
-        "channels_last": train.channels_last,
-        "compile": train.compile,
-        "grad_accum": train.grad_accum,
-        "max_grad_norm": train.max_grad_norm,
-        "checkpoint_every": train.checkpoint_every,
-        "progress": train.progress,
+    known = (
+        set(LoopOptions.fields())
+        | set(_PIPELINE_KEYS)
+        | set(_MODEL_KEYS)
+        | set(_CACHE_KEYS)
+        | {"student_spec", "input_shape", "teacher_spec", "run_config", "epoch_callbacks"}
+    )
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        hint = closest_names(unknown[0], sorted(known))
+        raise KDError(
+            f"Trainer got an unexpected keyword {unknown[0]!r}"
+            + (f"; did you mean {hint[0]!r}?" if hint else "")
+        )
+    out: dict[str, Any] = {
+        "options": {k: v for k, v in kwargs.items() if k in LoopOptions.fields()},
+        "pipeline": {k: kwargs[k] for k in _PIPELINE_KEYS if k in kwargs},
+        "model": {k: kwargs[k] for k in _MODEL_KEYS if k in kwargs},
+        "cache": {k: kwargs[k] for k in _CACHE_KEYS if k in kwargs},
+        "epoch_callbacks": list(kwargs.get("epoch_callbacks", ())),
+        "run_info": {
+            _RUN_INFO_ALIASES.get(k, k): kwargs[k]
+            for k in ("student_spec", "input_shape", "teacher_spec", "run_config")
+            if k in kwargs
+        },
     }
+    older = sorted(set(kwargs) - set(LoopOptions.fields()) - {"seed"} - set(_CACHE_KEYS))
+    if older:
+        warnings.warn(
+            f"Trainer({', '.join(k + '=' for k in older)}...) is the older flat form; pass "
+            "inputs=InputPipeline(sampler, mean, std, channels_last=...), run_info={...} and "
+            "callbacks=[...] (see kdkit.Trainer)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    return out

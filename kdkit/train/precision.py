@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 
 from kdkit.errors import KDError
+from kdkit.train import distributed
 
 __all__ = ["Precision", "PRECISION_DTYPES"]
 
@@ -43,6 +44,7 @@ class Precision:
         self.grad_accum = grad_accum
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self._micro = 0
+        self._items = 0.0  # items (tokens) of the pending step's micro-batches, this rank
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
@@ -55,13 +57,22 @@ class Precision:
         optimizer: torch.optim.Optimizer,
         params: Iterable[torch.Tensor] | None = None,
         max_grad_norm: float | None = None,
+        normalizer: float | None = None,
     ) -> bool:
         """Backward ``loss``; step and zero the optimizer at accumulation boundaries.
+
+        ``normalizer``: ``loss`` is a sum over that many items (tokens); the gradients are
+        then divided, at the boundary, by the items of every micro-batch of this step and
+        every DDP rank (one all-reduce), instead of ``loss / grad_accum`` per micro-batch. So
+        splitting a batch 1x8 or 8x1, or over ranks, gives the same gradient.
 
         Returns True when the optimizer stepped (the scaler may still skip an fp16 step whose
         gradients overflowed; that is the scaler's documented behaviour).
         """
-        loss = loss / self.grad_accum
+        if normalizer is None:
+            loss = loss / self.grad_accum
+        else:
+            self._items += float(normalizer)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
         else:
@@ -69,10 +80,19 @@ class Precision:
         self._micro += 1
         if self._micro % self.grad_accum:
             return False
-        if max_grad_norm is not None:
+        params = [p for p in (params or []) if p.grad is not None]
+        unscaled = False
+        if self._items:
             if self.scaler is not None:
                 self.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(list(params or []), max_grad_norm)
+                unscaled = True
+            scale = distributed.world_size() / max(distributed.all_reduce_sum(self._items), 1.0)
+            torch._foreach_mul_([p.grad for p in params], scale)
+            self._items = 0.0
+        if max_grad_norm is not None:
+            if self.scaler is not None and not unscaled:
+                self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         if self.scaler is not None:
             self.scaler.step(optimizer)
             self.scaler.update()

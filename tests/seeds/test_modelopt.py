@@ -111,7 +111,7 @@ def test_pairwise_criterion_with_module_names_and_kldiv():
         "loss_balancer": mtd.StaticLossBalancer([0.3, 0.5]),
     }
     student = Tiny(width=8)
-    d = kdkit.Distiller.from_config(student, config)
+    d = mtd.convert(student, config)
     d(torch.randn(4, 5))
     loss = d.compute_loss(student_loss=torch.tensor(2.0))
     c = d.last_losses
@@ -125,18 +125,18 @@ def test_pairwise_criterion_with_module_names_and_kldiv():
     ids=["class", "tuple1", "tuple2", "tuple3", "callable", "module"],
 )
 def test_every_teacher_model_form(teacher_model):
-    d = kdkit.Distiller.from_config(Tiny(), {"teacher_model": teacher_model})
+    d = mtd.convert(Tiny(), {"teacher_model": teacher_model})
     assert isinstance(d.teacher.module, Tiny)
     assert isinstance(d.criterion[0], kdkit.SoftTargetKL)  # ModelOpt's default criterion
 
 
 def test_bad_configs_say_what_is_wrong():
     with pytest.raises(KDError, match="teacher_model"):
-        kdkit.Distiller.from_config(Tiny(), {"criterion": nn.MSELoss()})
+        mtd.convert(Tiny(), {"criterion": nn.MSELoss()})
     with pytest.raises(KDError, match="did you mean 'criterion'"):
-        kdkit.Distiller.from_config(Tiny(), {"teacher_model": Tiny, "criterium": nn.MSELoss()})
+        mtd.convert(Tiny(), {"teacher_model": Tiny, "criterium": nn.MSELoss()})
     with pytest.raises(KDError, match="returned int"):
-        kdkit.Distiller.from_config(Tiny(), {"teacher_model": lambda: 3})
+        mtd.convert(Tiny(), {"teacher_model": lambda: 3})
     with pytest.raises(KDError, match="mode"):
         mtd.convert(Tiny(), mode=[("quantize", {})])
     with pytest.raises(KDError, match="sum to at most 1"):
@@ -153,7 +153,7 @@ def test_mgd_loss_name_and_a_yaml_shaped_config():
         ],
         "loss_balancer": {"student_weight": 0.0, "distill_weight": 1.0},
     }
-    d = kdkit.Distiller.from_config(student, config)
+    d = mtd.convert(student, config)
     assert isinstance(d.criterion[0], kdkit.MGD)
     d(torch.randn(2, 3, 5, 5))
     assert d.compute_loss().item() == pytest.approx(2.0 * d.last_losses["output"], rel=1e-6)

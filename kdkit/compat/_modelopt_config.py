@@ -1,4 +1,4 @@
-"""The config dict behind :meth:`kdkit.Distiller.from_config`, ModelOpt's shape, one path.
+"""ModelOpt's config dict, translated at the edge into what :class:`kdkit.Distiller` takes.
 
 ModelOpt's users write ``{"teacher_model": ..., "criterion": ..., "loss_balancer": ...}``; the
 ``kdkit train`` YAML describes the same three things as data. Both come through
