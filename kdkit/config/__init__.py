@@ -30,6 +30,13 @@ from typing import Any
 from kdkit.config._checks import looks_like_path, validate
 from kdkit.config._paths import diff, resolve_paths
 from kdkit.config._yaml import apply_overrides, build_section, parse, read_yaml, to_dict, to_yaml
+from kdkit.config.lm_schema import (
+    LMDataConfig,
+    LMDistillConfig,
+    LMModelConfig,
+    LMRunConfig,
+    LMValConfig,
+)
 from kdkit.config.schema import (
     MODEL_PREFIXES,
     TEACHER_ONLY_PREFIXES,
@@ -49,6 +56,11 @@ from kdkit.config.schema import (
 )
 
 __all__ = [
+    "LMRunConfig",
+    "LMModelConfig",
+    "LMDataConfig",
+    "LMValConfig",
+    "LMDistillConfig",
     "RunConfig",
     "TeacherConfig",
     "StudentConfig",

@@ -10,7 +10,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kdkit.config.schema import MODEL_PREFIXES, TEACHER_ONLY_PREFIXES, RunConfig, SourceConfig
+from kdkit.config.lm_schema import LM_PREFIXES, LMModelConfig, LMRunConfig
+from kdkit.config.schema import (
+    MODEL_PREFIXES,
+    TEACHER_ONLY_PREFIXES,
+    RunConfig,
+    SourceConfig,
+    TrainConfig,
+)
 from kdkit.errors import KDError, closest_names
 
 __all__ = ["validate", "looks_like_path"]
@@ -99,10 +106,11 @@ def _check_source(src: SourceConfig, key: str, *, allow_split: bool) -> None:
         raise KDError(f"config key '{key}.split' is only for data.val (a part carved from train)")
 
 
-def validate(cfg: RunConfig, *, check_paths: bool = True) -> RunConfig:
+def validate(cfg: RunConfig | LMRunConfig, *, check_paths: bool = True) -> RunConfig:
     """Cross-field rules, loss/optimizer/scheduler names, and (``check_paths``) that every file
     and folder the config names exists. Imports torch and kdkit.losses, builds nothing."""
-    import torch
+    if isinstance(cfg, LMRunConfig):
+        return validate_lm(cfg, check_paths=check_paths)
 
     from kdkit.losses import LOSSES
 
@@ -155,6 +163,24 @@ def validate(cfg: RunConfig, *, check_paths: bool = True) -> RunConfig:
             f"config key 'distill.start_epoch' ({cfg.distill.start_epoch}) must be below "
             f"train.epochs ({t.epochs}), or no epoch would distill"
         )
+    check_train_section(t)
+    if check_paths:
+        for src, key in ((d.train, "data.train"), (d.val, "data.val")):
+            if src is not None:
+                _check_path(src.image_folder, f"{key}.image_folder", folder=True)
+                _check_path(src.root, f"{key}.root", folder=True)
+        _check_path(cfg.teacher.weights, "teacher.weights")
+        _check_path(cfg.teacher.probe, "teacher.probe")
+        _check_path(cfg.student.weights, "student.weights")
+        for i, folder in enumerate(d.unlabeled):
+            _check_path(folder, f"data.unlabeled.{i}", folder=True)
+    return cfg
+
+
+def check_train_section(t: TrainConfig) -> None:
+    """The ``train:`` section's optimizer and scheduler names and args (every task)."""
+    import torch
+
     optimizers = [
         n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type) and n[0].isupper()
     ]
@@ -183,14 +209,57 @@ def validate(cfg: RunConfig, *, check_paths: bool = True) -> RunConfig:
                 f"{t.scheduler.name!r}; did you mean {close[0]!r}?"
             )
         _check_args(getattr(sched, t.scheduler.name), t.scheduler.args, "train.scheduler.args")
+
+
+def _lm_model(mc: LMModelConfig, key: str, check_paths: bool) -> None:
+    prefix, sep, path = mc.model.partition(":")
+    if not sep or prefix not in LM_PREFIXES or not path:
+        close = closest_names(prefix, LM_PREFIXES, 1)
+        raise KDError(
+            f"config key '{key}.model' expects 'hf:DIR' (a save_pretrained folder) or "
+            f"'hf-config:DIR' (random init from its config.json), got {mc.model!r}"
+            + (f"; did you mean '{close[0]}:{path}'?" if sep and close else "")
+        )
+    if mc.dtype not in (None, "float32", "bfloat16", "float16"):
+        raise KDError(
+            f"config key '{key}.dtype' expects float32, bfloat16 or float16, got {mc.dtype!r}"
+        )
     if check_paths:
-        for src, key in ((d.train, "data.train"), (d.val, "data.val")):
-            if src is not None:
-                _check_path(src.image_folder, f"{key}.image_folder", folder=True)
-                _check_path(src.root, f"{key}.root", folder=True)
-        _check_path(cfg.teacher.weights, "teacher.weights")
-        _check_path(cfg.teacher.probe, "teacher.probe")
-        _check_path(cfg.student.weights, "student.weights")
-        for i, folder in enumerate(d.unlabeled):
-            _check_path(folder, f"data.unlabeled.{i}", folder=True)
+        if not (Path(path).expanduser() / "config.json").is_file():
+            raise KDError(
+                f"config key '{key}.model': {path} has no config.json (not a model folder)"
+            )
+        _check_path(mc.tokenizer, f"{key}.tokenizer", folder=True)
+
+
+def _globs_match(patterns: tuple[str, ...], key: str) -> None:
+    import glob
+
+    for i, pattern in enumerate(patterns):
+        if not glob.glob(os.path.expanduser(pattern), recursive=True):
+            raise KDError(f"config key '{key}.{i}': no file matches {pattern!r}")
+
+
+def validate_lm(cfg: LMRunConfig, *, check_paths: bool = True) -> LMRunConfig:
+    """The ``task: lm`` rules: model strings and folders, text globs, the val source, and
+    that ``loss_on`` fits ``format``; the train section as for every task."""
+    _lm_model(cfg.student, "student", check_paths)
+    if cfg.teacher is not None:
+        _lm_model(cfg.teacher, "teacher", check_paths)
+    d = cfg.data
+    if not d.text_files:
+        raise KDError("config key 'data.text_files' is empty: name at least one file or glob")
+    needs = {"completion": "prompt_completion", "assistant": "chat"}
+    if d.loss_on in needs and d.format != needs[d.loss_on]:
+        raise KDError(
+            f"config key 'data.loss_on': {d.loss_on!r} needs data.format "
+            f"{needs[d.loss_on]!r}, got {d.format!r}"
+        )
+    if d.val is not None and (d.val.text_files is None) == (d.val.split is None):
+        raise KDError("config key 'data.val' takes one of text_files: [...] or split: F")
+    check_train_section(cfg.train)
+    if check_paths:
+        _globs_match(d.text_files, "data.text_files")
+        if d.val is not None and d.val.text_files:
+            _globs_match(d.val.text_files, "data.val.text_files")
     return cfg

@@ -10,6 +10,7 @@ from typing import Any
 
 from kdkit.config._checks import looks_like_path
 from kdkit.config._yaml import to_dict
+from kdkit.config.lm_schema import LMModelConfig, LMRunConfig
 from kdkit.config.schema import TEACHER_ONLY_PREFIXES, RunConfig, SourceConfig
 
 __all__ = ["resolve_paths", "diff"]
@@ -32,10 +33,39 @@ def _abs_model(model: str, base: Path) -> str:
     return model
 
 
+def _abs_glob(pattern: str, base: Path) -> str:
+    path = Path(pattern).expanduser()
+    return str(path if path.is_absolute() else Path(os.path.abspath(base / path)))
+
+
+def _resolve_lm(cfg: LMRunConfig, base: Path) -> LMRunConfig:
+    rep = dataclasses.replace
+
+    def model(mc: LMModelConfig | None) -> LMModelConfig | None:
+        if mc is None:
+            return None
+        prefix, _, path = mc.model.partition(":")
+        return rep(mc, model=f"{prefix}:{_abs(path, base)}", tokenizer=_abs(mc.tokenizer, base))
+
+    d = cfg.data
+    val = d.val
+    if val is not None and val.text_files:
+        val = rep(val, text_files=tuple(_abs_glob(p, base) for p in val.text_files))
+    return rep(
+        cfg,
+        student=model(cfg.student),
+        teacher=model(cfg.teacher),
+        data=rep(d, text_files=tuple(_abs_glob(p, base) for p in d.text_files), val=val),
+        run_dir=_abs(cfg.run_dir or f"runs/{cfg.name}", base),
+    )
+
+
 def resolve_paths(cfg: RunConfig, base: str | os.PathLike | None = None) -> RunConfig:
     """The same config with every file/folder path absolute (relative ones are taken from
     ``base``, default the working directory), so a run directory is self-contained."""
     base = Path(base) if base is not None else Path.cwd()
+    if isinstance(cfg, LMRunConfig):
+        return _resolve_lm(cfg, base)
     rep = dataclasses.replace
     t, s, d = cfg.teacher, cfg.student, cfg.data
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
+from kdkit.config.lm_schema import LMModelConfig, LMRunConfig
 from kdkit.config.schema import RunConfig, SourceConfig, StudentConfig, TeacherConfig
 from kdkit.errors import KDError, closest_names
 
@@ -113,7 +114,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
 
 
 def _build(cls: type, data: Any, key: str) -> Any:
-    if isinstance(data, str) and cls in (TeacherConfig, StudentConfig):
+    if isinstance(data, str) and cls in (TeacherConfig, StudentConfig, LMModelConfig):
         data = {"model": data}  # shorthand: `teacher: torchvision:resnet50`
     if not isinstance(data, Mapping):
         where = f"config key {key!r}" if key else "the config"
@@ -150,9 +151,25 @@ def build_section(cls: type, data: Any, key: str) -> Any:
     return _build(cls, data, key)
 
 
-def parse(data: Any) -> RunConfig:
-    """Map plain data (parsed YAML) onto :class:`RunConfig`: types and value ranges only."""
-    return _build(RunConfig, data if data is not None else {}, "")
+TASKS = ("classify", "lm")
+
+
+def parse(data: Any) -> RunConfig | LMRunConfig:
+    """Map plain data (parsed YAML) onto :class:`RunConfig` (or, with ``task: lm``,
+    :class:`~kdkit.config.lm_schema.LMRunConfig`): types and value ranges only."""
+    data = data if data is not None else {}
+    if isinstance(data, Mapping) and "task" in data:
+        task = data["task"]
+        if task not in TASKS:
+            close = closest_names(str(task), TASKS, 1)
+            raise KDError(
+                f"config key 'task' expects one of {list(TASKS)}, got {task!r}; did you mean "
+                f"{close[0]!r}?"
+            )
+        if task == "lm":
+            return _build(LMRunConfig, data, "")
+        data = {k: v for k, v in data.items() if k != "task"}
+    return _build(RunConfig, data, "")
 
 
 # -- dataclasses -> YAML ----------------------------------------------------------------

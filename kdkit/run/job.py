@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,19 @@ from typing import Any
 
 import torch
 
-from kdkit.config import RunConfig, diff, parse, read_yaml, to_dict, to_yaml, validate
+from kdkit.config import (
+    LMRunConfig,
+    RunConfig,
+    diff,
+    parse,
+    read_yaml,
+    to_dict,
+    to_yaml,
+    validate,
+)
 from kdkit.errors import KDError
+from kdkit.run.lm_job import build_lm_trainer
+from kdkit.run.lm_report import lm_teacher_ppl, write_lm_report
 
 __all__ = ["RunResult", "build_trainer", "train_run", "check_run_dir", "saved_config"]
 
@@ -31,10 +43,14 @@ _IGNORED = ("versions", "run_dir", "train.progress")  # do not change the result
 
 @dataclass
 class RunResult:
+    """What a run reached: the best val score (``best_top1`` for image runs, the lowest val
+    perplexity for ``task: lm``: ``metric`` says which) and the teacher's on the same data."""
+
     run_dir: Path
     history: list[dict[str, Any]]
     best_top1: float | None
     teacher_top1: float | None
+    metric: str = "top1"
 
 
 def saved_config(run_dir: Path) -> RunConfig:
@@ -148,7 +164,11 @@ def train_run(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False)
     validate(cfg)
     check_run_dir(cfg, resume)
     start = time.perf_counter()
-    trainer, data = build_trainer(cfg, resume=resume, trust_code=trust_code)
+    lm = isinstance(cfg, LMRunConfig)
+    if lm:
+        trainer, data = build_lm_trainer(cfg, _device(cfg))
+    else:
+        trainer, data = build_trainer(cfg, resume=resume, trust_code=trust_code)
     run_dir = Path(cfg.run_dir)
     if distributed.is_main():
         versions = {"kdkit": str(kdkit.__version__), "torch": str(torch.__version__)}
@@ -158,9 +178,15 @@ def train_run(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False)
     distributed.barrier()
     # config.yaml exists (checked): no last.pt yet means killed before the first checkpoint
     history = trainer.fit(resume="auto" if resume else False)
-    result = RunResult(run_dir, history, None, None)
-    if trainer.best_top1 > float("-inf"):
-        result.best_top1 = trainer.best_top1
+    result = RunResult(run_dir, history, None, None, trainer.best_metric)
+    if math.isfinite(trainer.best_score):
+        result.best_top1 = trainer.best_score
+    if lm:
+        if distributed.is_main():
+            result.teacher_top1 = lm_teacher_ppl(trainer, data)
+            write_lm_report(cfg, trainer, result, time.perf_counter() - start)
+        distributed.barrier()
+        return result
     if distributed.is_main():
         result.teacher_top1 = _teacher_top1(trainer, data)
         _write_report(cfg, trainer, data, result, time.perf_counter() - start)

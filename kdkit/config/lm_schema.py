@@ -1,0 +1,85 @@
+"""The ``task: lm`` config: token-level distillation of a causal language model.
+
+Same walk, messages and validation-before-work as the image config (:mod:`kdkit.config.schema`);
+the ``train:`` section is the very same :class:`~kdkit.config.TrainConfig`. The key names are
+the contract (``kdkit train`` with ``task: lm``)::
+
+    task: lm
+    student: {model: "hf-config:DIR"}      # or "hf:DIR" (a save_pretrained folder)
+    teacher: {model: "hf:DIR"}             # null: the scratch baseline (cross-entropy only)
+    data: {text_files: [GLOB, ...], val: {split: 0.05}, format: text, max_length: 256,
+           pack: true, loss_on: all, batch_size: 8}
+    distill: {divergence: fkl, temperature: 1.0, ce_weight: 0.0, memory_budget_mb: 256}
+    train: {epochs: 1, optimizer: {name: AdamW, lr: 0.001}}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kdkit.config.schema import TrainConfig, _check
+
+__all__ = ["LMModelConfig", "LMValConfig", "LMDataConfig", "LMDistillConfig", "LMRunConfig"]
+
+LM_PREFIXES = ("hf", "hf-config")
+Divergence = Literal["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "ce"]
+
+
+@dataclass(frozen=True)
+class LMModelConfig:
+    """``model``: ``hf:DIR`` (a local ``save_pretrained`` folder: model + tokenizer) or
+    ``hf-config:DIR`` (random init from its ``config.json``); ``tokenizer``: another local
+    folder to take the tokenizer from; ``dtype``: ``float32`` / ``bfloat16`` / ``float16``."""
+
+    model: str
+    tokenizer: str | None = None
+    dtype: str | None = None
+
+
+@dataclass(frozen=True)
+class LMValConfig:
+    """Held-out text: its own ``text_files``, or a ``split`` fraction of the training rows."""
+
+    text_files: tuple[str, ...] | None = None
+    split: float | None = field(
+        default=None, metadata=_check(lambda v: 0 < v < 1, "a fraction in (0, 1)")
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LMDataConfig:
+    text_files: tuple[str, ...]
+    val: LMValConfig | None = None
+    format: Literal["text", "prompt_completion", "chat"] = "text"
+    max_length: int = field(default=256, metadata=_check(lambda v: v >= 2, "an integer >= 2"))
+    pack: bool = True
+    loss_on: Literal["all", "completion", "assistant"] = "all"
+    batch_size: int = field(default=8, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LMDistillConfig:
+    divergence: Divergence = "fkl"
+    beta: float = field(default=0.5, metadata=_check(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    skew: float = field(default=0.1, metadata=_check(lambda v: 0 <= v < 1, "in [0, 1)"))
+    temperature: float = field(default=1.0, metadata=_check(lambda v: v > 0, "a number > 0"))
+    ce_weight: float = field(default=0.0, metadata=_check(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    memory_budget_mb: float = field(default=256, metadata=_check(lambda v: v > 0, "> 0"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LMRunConfig:
+    """A whole ``task: lm`` run (``run_dir`` defaults to ``runs/NAME``)."""
+
+    task: Literal["lm"] = "lm"
+    name: str = "lm"
+    student: LMModelConfig
+    teacher: LMModelConfig | None = None
+    data: LMDataConfig
+    distill: LMDistillConfig = field(default_factory=LMDistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run_dir: str | None = None
+    versions: Mapping[str, str] = field(default_factory=dict)

@@ -1,0 +1,199 @@
+"""Token-level distillation of a causal language model, as a :class:`~kdkit.task.Task`.
+
+The loop (:class:`kdkit.Trainer`) runs it like the image task: ``step(batch)`` returns the
+loss, ``evaluate`` the held-out metrics. One step, one room per line::
+
+    s = hidden_and_head(student, batch...)             # lm/models.py: hidden states, no logits
+    t = hidden_and_head(teacher, batch...)             # the frozen teacher, under no_grad
+    out = token_divergence(s.hidden[m], s.head, DenseTeacher(t.hidden[m], t.head), ...)
+    return StepOutput(out.loss, {...}, normalizer=out.tokens)   # lm/fused.py
+
+The loss is a *sum* over the batch's trained tokens with ``normalizer`` = their count, so the
+loop divides by the tokens of the whole optimizer step (every micro-batch, every rank): 1x8
+and 8x1 give the same gradient. Only positions the :class:`~kdkit.lm.align.Aligner` marked
+(``mask``) are selected, before the head, so padding and prompts cost nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from kdkit.lm.align import TokenBatch
+from kdkit.lm.divergence import DIVERGENCES
+from kdkit.lm.fused import DenseTeacher, LossOutput, token_divergence
+from kdkit.lm.models import freeze_teacher, hidden_and_head
+from torch import nn
+
+from kdkit.errors import KDError
+from kdkit.task import StepOutput
+from kdkit.train.resume import restore_part
+
+__all__ = ["LMTask", "TokenInputs"]
+
+
+class TokenInputs:
+    """The LM input pipeline: an :class:`~kdkit.lm.align.TokenBatch` (what the DataLoader's
+    :class:`~kdkit.lm.align.Aligner` collated) moved to the device once."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+
+    def to(self, device: torch.device | str) -> TokenInputs:
+        self.device = torch.device(device)
+        return self
+
+    def __call__(self, batch: TokenBatch, epoch: int = 0, *, augment: bool = True) -> TokenBatch:
+        if not isinstance(batch, TokenBatch):
+            raise KDError(
+                f"the LM task trains on kdkit.lm.TokenBatch (collate with kdkit.lm.Aligner), "
+                f"got {type(batch).__name__}"
+            )
+        return batch.to(self.device, non_blocking=True)
+
+
+class LMTask(nn.Module):
+    """A student LM distilled from a frozen teacher LM on the same tokens.
+
+    Args:
+        student: a causal LM (Hugging Face, or any module with the
+            :func:`~kdkit.lm.models.hidden_and_head` protocol).
+        teacher: the teacher LM, or None (the scratch baseline: cross-entropy only). It is
+            frozen, kept in eval mode and in its own dtype, and held outside the module tree
+            (never in the optimizer, a checkpoint or DDP).
+        divergence: ``fkl``, ``rkl``, ``jsd``, ``skew_fkl``, ``skew_rkl``, ``tvd`` or ``ce``.
+        temperature: the KD temperature (T^2 scaled); sampling temperatures are elsewhere.
+        beta, skew: the ``jsd`` and ``skew_*`` parameters.
+        ce_weight: weight of the hard-label cross-entropy mix (1 - ce_weight on the KD term).
+        memory_budget_mb: the fused loss's working memory (sizes its token chunks).
+        vocab_size: the real shared vocabulary when a head has padded rows
+            (:func:`kdkit.lm.vocab.check_vocab`).
+    """
+
+    best_metric = ("ppl", False)
+    unit = "tok"
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        *,
+        divergence: str = "fkl",
+        temperature: float = 1.0,
+        beta: float = 0.5,
+        skew: float = 0.1,
+        ce_weight: float = 0.0,
+        memory_budget_mb: float = 256,
+        vocab_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if divergence not in DIVERGENCES:
+            from kdkit.errors import closest_names
+
+            hint = closest_names(divergence, DIVERGENCES, 1)
+            raise KDError(
+                f"unknown divergence {divergence!r}; expected one of {list(DIVERGENCES)}"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+            )
+        if teacher is student:
+            raise KDError("the teacher is the student; distillation needs a separate teacher")
+        self.student = student
+        object.__setattr__(self, "teacher", None if teacher is None else freeze_teacher(teacher))
+        self.options = {
+            "divergence": divergence,
+            "temperature": temperature,
+            "beta": beta,
+            "skew": skew,
+            "memory_budget_mb": memory_budget_mb,
+            "vocab_size": vocab_size,
+        }
+        self.ce_weight = 1.0 if teacher is None else float(ce_weight)
+
+    def to(self, *args: Any, **kwargs: Any) -> LMTask:
+        super().to(*args, **kwargs)
+        device = next(
+            (a for a in (*args, kwargs.get("device")) if isinstance(a, (str, torch.device))), None
+        )
+        if device is not None and self.teacher is not None:
+            self.teacher.to(device)  # its dtype stays its own
+        return self
+
+    def set_epoch(self, epoch: float) -> None:
+        """Nothing is scheduled by epoch in the LM task."""
+
+    # -- the step ----------------------------------------------------------------------------
+    def _loss(self, batch: TokenBatch, *, reduction: str) -> LossOutput:
+        if batch.n_tokens == 0:
+            raise KDError(
+                "every token of this batch is masked (nothing to train on): check data.loss_on "
+                "and that completions / assistant turns are not truncated away"
+            )
+        mask = batch.mask
+        s = hidden_and_head(self.student, batch.input_ids, batch.position_ids, batch.attention_mask)
+        labels = batch.labels[mask]
+        hidden = s.hidden[mask]
+        if self.teacher is None:  # the scratch baseline: ce_weight 1, the KD term weighs 0
+            target = DenseTeacher(hidden.detach(), s.head.weight.detach())
+        else:
+            with torch.no_grad():
+                t = hidden_and_head(
+                    self.teacher, batch.input_ids, batch.position_ids, batch.attention_mask
+                )
+            target = DenseTeacher(t.hidden[mask], t.head)
+        return token_divergence(
+            hidden,
+            s.head,
+            target,
+            labels=labels,
+            ce_weight=self.ce_weight,
+            reduction=reduction,
+            **self.options,
+        )
+
+    def step(self, batch: TokenBatch) -> StepOutput:
+        """The summed loss of the batch's trained tokens; the loop normalizes by the step's
+        token count (see the module docstring)."""
+        out = self._loss(batch, reduction="sum")
+        components = {"loss": out.loss.detach() / max(out.tokens, 1), "kl": out.kl}
+        if out.ce is not None:
+            components["ce"] = out.ce
+        return StepOutput(out.loss, components, None, count=out.tokens, normalizer=out.tokens)
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(
+        self, batches: Iterable[TokenBatch], autocast: Callable = contextlib.nullcontext
+    ) -> dict[str, float]:
+        """Held-out perplexity (exp of the token-mean cross-entropy), top-1 agreement with the
+        teacher and the mean forward KL, over every trained token of ``batches``."""
+        was = self.student.training
+        self.student.eval()
+        tokens = 0
+        ce_sum = kl_sum = agree_sum = 0.0
+        try:
+            for batch in batches:
+                with autocast():
+                    out = self._loss(batch, reduction="sum")
+                n = out.tokens
+                tokens += n
+                ce_sum += float(out.ce) * n
+                kl_sum += float(out.kl) * n
+                agree_sum += float(out.agree) * n if out.agree is not None else 0.0
+        finally:
+            self.student.train(was)
+        if tokens == 0:
+            raise KDError("the evaluation data holds no trained tokens")
+        scores = {"ppl": math.exp(ce_sum / tokens), "ce": ce_sum / tokens, "tokens": float(tokens)}
+        if self.teacher is not None:
+            scores.update({"kl": kl_sum / tokens, "agree": 100.0 * agree_sum / tokens})
+        return scores
+
+    # -- checkpoint parts ------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"student": self.student.state_dict()}
+
+    def load_checkpoint_state(self, state: Mapping[str, Any], where: str = "") -> None:
+        restore_part(where, "student", self.student, state.get("student"))

@@ -1,0 +1,67 @@
+"""The ``task: lm`` run's closing numbers: the teacher's held-out perplexity and ``report.md``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kdkit._io import atomic_write_text
+from kdkit.lm.task import LMTask
+
+__all__ = ["lm_teacher_ppl", "write_lm_report"]
+
+
+def lm_teacher_ppl(trainer: Any, data: Any) -> float | None:
+    """The teacher's perplexity on the run's val tokens (None without a teacher or val data)."""
+    teacher = getattr(trainer.task, "teacher", None)
+    if teacher is None or data.val_loader is None:
+        return None
+    scorer = LMTask(teacher, None).to(trainer.device)
+    batches = (trainer.inputs(b, augment=False) for b in data.val_loader)
+    return scorer.evaluate(batches, trainer.precision.autocast)["ppl"]
+
+
+def _params(module: Any) -> str:
+    return f"{sum(p.numel() for p in module.parameters()):,}"
+
+
+def write_lm_report(cfg: Any, trainer: Any, result: Any, wall_s: float) -> None:
+    history = trainer.history
+    rows = [("model", "params", "val ppl", "val KL", "val agree (%)")]
+    if result.teacher_top1 is not None:
+        rows.append(
+            (
+                f"teacher `{cfg.teacher.model}`",
+                _params(trainer.task.teacher),
+                f"{result.teacher_top1:.3f}",
+                "-",
+                "-",
+            )
+        )
+    best = min((h for h in history if "val_ppl" in h), key=lambda h: h["val_ppl"], default=None)
+    if best is not None:
+        rows.append(
+            (
+                f"student `{cfg.student.model}` (best epoch {best['epoch'] + 1})",
+                _params(trainer.task.student),
+                f"{best['val_ppl']:.3f}",
+                f"{best['val_kl']:.4f}" if "val_kl" in best else "-",
+                f"{best['val_agree']:.2f}" if "val_agree" in best else "-",
+            )
+        )
+    table = [f"| {' | '.join(rows[0])} |", "|" + "---|" * len(rows[0])]
+    table += [f"| {' | '.join(r)} |" for r in rows[1:]]
+    tok_s = history[-1].get("tok_per_s") if history else None
+    lines = [
+        f"# {cfg.name}",
+        "",
+        *table,
+        "",
+        f"{cfg.train.epochs} epochs, divergence {cfg.distill.divergence}, "
+        f"T {cfg.distill.temperature:g}, wall time {wall_s:.1f} s"
+        + (f", {tok_s:,.0f} tokens/s (last epoch)" if tok_s else ""),
+        "",
+        f"    kdkit eval {result.run_dir}",
+        f"    kdkit export {result.run_dir} --hf {result.run_dir / 'student-hf'}",
+        "",
+    ]
+    atomic_write_text(result.run_dir / "report.md", "\n".join(lines))
