@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     path = checkpoint_in(args.run)
     meta = {k: v for k, v in load_checkpoint(path).items() if not isinstance(v, dict) or k in
             ("config", "teacher_spec")}  # fmt: skip
+    if (meta.get("config") or {}).get("task") == "lm":
+        return _run_lm(args, path)
     data_cfg, seed, train_cfg = _data_section(meta, args.data)
     device = torch.device(
         check_device(args.device) or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -93,4 +95,36 @@ def run(args: argparse.Namespace) -> int:
     for who, s in scores.items():
         print(f"{who + ':':9} top-1 {s['top1']:.2f}%  top-5 {s['top5']:.2f}%  "
               f"loss {s['loss']:.4f}  ({s['images']:,} images)")  # fmt: skip
+    return 0
+
+
+def _run_lm(args: argparse.Namespace, path) -> int:
+    """``task: lm`` runs: perplexity, top-1 agreement with the teacher, mean KL."""
+    import json
+
+    import torch
+
+    from kdkit.cli._checks import check_device
+    from kdkit.errors import KDError
+    from kdkit.run.lm_tools import evaluate_lm_run
+
+    files = []
+    for item in args.data:
+        key, _, value = item.partition("=")
+        if key not in ("text_files", "val.text_files") or not value:
+            raise KDError(f"--data for a task: lm run takes text_files=GLOB, got {item!r}")
+        files.append(value)
+    device = torch.device(
+        check_device(args.device) or ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    scores = evaluate_lm_run(path, device, teacher=True, data=files)
+    if args.json:
+        print(json.dumps({"checkpoint": str(path), **scores}, indent=1))
+        return 0
+    print(f"checkpoint: {path}")
+    for who, s in scores.items():
+        extra = ""
+        if "kl" in s:
+            extra = f"  agreement {s['agree']:.2f}%  KL {s['kl']:.4f}"
+        print(f"{who + ':':9} perplexity {s['ppl']:.3f}{extra}  ({int(s['tokens']):,} tokens)")
     return 0

@@ -19,7 +19,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="a kdkit checkpoint (e.g. best.pt from a Trainer, or a teacher.pt) or a kdkit "
         "train run directory (its best.pt, else last.pt)",
     )
-    p.add_argument("--onnx", required=True, metavar="PATH", help="where to write the .onnx file")
+    p.add_argument("--onnx", metavar="PATH", help="where to write the .onnx file")
+    p.add_argument(
+        "--hf",
+        metavar="DIR",
+        help="task: lm runs: write the student as a save_pretrained folder (safetensors)",
+    )
     p.add_argument("--opset", type=int, help="ONNX opset (default: 17)")
     p.add_argument(
         "--input-shape",
@@ -40,6 +45,14 @@ def run(args: argparse.Namespace) -> int:
     from kdkit.export import export_onnx
     from kdkit.load import load_model
 
+    if (args.onnx is None) == (args.hf is None):
+        raise KDError("kdkit export needs one of --onnx PATH or --hf DIR")
+    if args.hf is not None:
+        from kdkit.run.lm_tools import export_hf
+
+        out = export_hf(args.checkpoint, args.hf)
+        print(f"wrote {out} (AutoModelForCausalLM.from_pretrained loads it without kdkit)")
+        return 0
     check_shape(args.input_shape)
     check_min(args.atol, 0.0, "--atol")
     check_output_path(args.onnx, what="--onnx")

@@ -76,8 +76,13 @@ def run(args: argparse.Namespace) -> int:
     from kdkit.train import distributed
 
     if distributed.is_main():
-        best = "n/a (no val data)" if result.best_top1 is None else f"{result.best_top1:.2f}%"
-        teacher = "" if result.teacher_top1 is None else f", teacher {result.teacher_top1:.2f}%"
-        print(f"best val top-1: {best}{teacher}")
+        if result.metric == "ppl":
+            best = "n/a (no val data)" if result.best_top1 is None else f"{result.best_top1:.3f}"
+            teacher = "" if result.teacher_top1 is None else f", teacher {result.teacher_top1:.3f}"
+            print(f"best val perplexity: {best}{teacher}")
+        else:
+            best = "n/a (no val data)" if result.best_top1 is None else f"{result.best_top1:.2f}%"
+            teacher = "" if result.teacher_top1 is None else f", teacher {result.teacher_top1:.2f}%"
+            print(f"best val top-1: {best}{teacher}")
         print(f"run directory:  {result.run_dir}")
     return 0

@@ -1,0 +1,93 @@
+"""``kdkit eval`` and ``kdkit export --hf`` for a ``task: lm`` run directory.
+
+A run's checkpoint holds the student's weights and the resolved config; the student is rebuilt
+from ``student.model`` (its config, random init) and the weights loaded, so a run directory is
+all these commands need. The exported folder is a plain ``save_pretrained`` folder
+(safetensors + tokenizer) that ``transformers.AutoModelForCausalLM.from_pretrained`` loads with
+no kdkit installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdkit._io import check_output_path
+from kdkit.config import LMRunConfig, parse
+from kdkit.errors import KDError
+from kdkit.lm.models import load_lm, max_positions
+from kdkit.lm.task import LMTask, TokenInputs
+from kdkit.load import load_checkpoint
+from kdkit.run.lm_job import build_lm_data
+from kdkit.run.models import checkpoint_in
+
+__all__ = ["is_lm_checkpoint", "lm_run_config", "load_lm_student", "evaluate_lm_run", "export_hf"]
+
+
+def is_lm_checkpoint(meta: dict[str, Any]) -> bool:
+    return (meta.get("config") or {}).get("task") == "lm"
+
+
+def lm_run_config(ckpt: dict[str, Any]) -> LMRunConfig:
+    cfg = parse(ckpt["config"])
+    if not isinstance(cfg, LMRunConfig):
+        raise KDError("this checkpoint is not from a task: lm run")
+    return cfg
+
+
+def load_lm_student(path: str | Path) -> tuple[torch.nn.Module, Any, LMRunConfig]:
+    """``(student with the run's weights, tokenizer, config)`` from a run dir or checkpoint."""
+    ckpt = load_checkpoint(checkpoint_in(path), map_location="cpu")
+    cfg = lm_run_config(ckpt)
+    student, tokenizer = load_lm(
+        cfg.student.model, dtype=cfg.student.dtype, tokenizer=cfg.student.tokenizer
+    )
+    if tokenizer is None and cfg.teacher is not None:
+        _, tokenizer = load_lm(cfg.teacher.model, tokenizer=cfg.teacher.tokenizer)
+    student.load_state_dict(ckpt["student"])
+    return student.eval(), tokenizer, cfg
+
+
+def evaluate_lm_run(
+    path: str | Path, device: torch.device, *, teacher: bool = True, data: list[str] = ()
+) -> dict[str, dict[str, float]]:
+    """The student's held-out perplexity, top-1 agreement with the teacher and mean KL (and,
+    with ``teacher``, the teacher's perplexity) on the run's val tokens (``data``: other
+    text files)."""
+    student, tokenizer, cfg = load_lm_student(path)
+    if data:
+        cfg = dataclasses.replace(
+            cfg, data=dataclasses.replace(cfg.data, text_files=tuple(data), val=None)
+        )
+    teacher_model = None
+    if cfg.teacher is not None:
+        teacher_model, _ = load_lm(cfg.teacher.model, dtype=cfg.teacher.dtype)
+    run_data = build_lm_data(cfg, tokenizer, max_positions(student))
+    loader = run_data.val_loader if run_data.val_loader is not None else run_data.train_loader
+    if loader is None:
+        raise KDError("the run has no val data: pass --data FILES")
+    inputs = TokenInputs(device)
+    scores = {
+        "student": LMTask(student, teacher_model).to(device).evaluate(inputs(b) for b in loader)
+    }
+    if teacher and teacher_model is not None:
+        scores["teacher"] = LMTask(teacher_model, None).to(device).evaluate(
+            inputs(b) for b in loader
+        )
+    return scores
+
+
+def export_hf(path: str | Path, out_dir: str | Path) -> Path:
+    """Write the run's student as a ``save_pretrained`` folder (safetensors + tokenizer)."""
+    out = Path(out_dir)
+    check_output_path(out, what="--hf", directory=True)
+    if out.exists() and any(out.iterdir()):
+        raise KDError(f"--hf {out} is not empty; give a new folder")
+    student, tokenizer, _ = load_lm_student(path)
+    student.save_pretrained(str(out), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
