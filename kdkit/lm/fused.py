@@ -1,0 +1,518 @@
+"""The fused, memory-bounded token-level distillation loss: LM head + divergence in one pass.
+
+Why fused: a language model's logits are the largest tensor of a distillation step. At N=2048
+tokens and V=32000 a dense loss (student logits, teacher logits, softmaxes, their gradients)
+peaked at 2,250 MiB of CPU memory, 9x the 250 MiB logits tensor (docs: LM-ANCHORS.md, finding
+3). :func:`token_divergence` instead walks the tokens in chunks; for each chunk it projects the
+student (and, for :class:`DenseTeacher`, the teacher) hidden states through the head, computes
+the divergence and its closed-form gradient (:func:`kdkit.lm.divergence.value_and_grad`), pushes
+that gradient through the head at once (``dL/dh = G W``, ``dL/dW += G^T h``, ``dL/db += sum G``)
+and drops the chunk. Nothing of size ``[tokens, V]`` is ever alive; the backward pass only scales
+the stored gradients by ``grad_output``.
+
+Chunk size comes from a memory budget, not a fixed row count (Liger's default of 1024 rows is
+the whole problem at V=128256 and peaks at 0.81x dense): the gradient accumulators (``[V, H]``
+for the head, ``[N, H]`` for the hidden states) are charged to the budget first, and the rest is
+split into rows of ``_TEMPS`` fp32 ``[rows, V]`` temporaries (the number this loop keeps alive at
+once, counted from the code and checked by ``benchmarks/bench_lm_loss.py``), never fewer than
+``_MIN_ROWS`` rows.
+
+Vocabulary: with ``vocab_size`` set, head rows ``>= vocab_size`` (padded vocabularies, e.g.
+Qwen2.5's 152064 vs 151936) are excluded from both softmaxes, which is exactly masking them with
+``-inf`` (they get probability 0 and gradient 0), never zero-padding (a zero logit would take
+student mass). They are excluded by slicing the head, so they also cost no compute.
+
+Matmuls run in the head's dtype (bf16 heads stay bf16, as under autocast); every softmax,
+divergence and gradient accumulator is fp32 (float64 when the inputs are float64, which is how
+the tests check the loop against a float64 dense reference to 1e-6).
+
+Targets are a small protocol (:class:`TeacherTarget`): the loop asks a target only for the
+teacher's log-probabilities of a set of token rows. :class:`DenseTeacher` projects teacher
+hidden states chunk by chunk under ``no_grad``; :class:`DenseLogits` slices precomputed logits.
+A top-k cached target (``TopKTarget(ids, logprobs, tail_logmass)`` with its tail policies) is
+one more implementation of :meth:`TeacherTarget.log_probs`; the loop does not change.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from kdkit.errors import KDError
+from kdkit.lm.divergence import _xlog_ratio, check_divergence, value_and_grad
+from kdkit.losses.response import check_temperature
+
+__all__ = [
+    "TeacherTarget",
+    "DenseTeacher",
+    "DenseLogits",
+    "LossOutput",
+    "token_divergence",
+    "chunk_rows",
+]
+
+log = logging.getLogger(__name__)
+
+# fp32 [rows, V] temporaries alive at once in one chunk: student log q, teacher log p, q (reused
+# as the gradient), p, and up to four transient ones (logsumexp, the divergence's terms, log m)
+_TEMPS = 8
+_MIN_ROWS = 8
+_IGNORE = -100
+
+
+# -- targets ---------------------------------------------------------------------------------
+@runtime_checkable
+class TeacherTarget(Protocol):
+    """What the fused loop needs from a teacher: log-probabilities for a set of token rows.
+
+    ``shape`` is the leading (token) shape the target covers, e.g. ``(B, L)`` or ``(N,)``;
+    ``vocab_rows`` the width of the teacher's vocabulary (head rows or logits columns).
+    """
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def vocab_rows(self) -> int: ...
+
+    def log_probs(
+        self, rows: torch.Tensor, *, vocab_size: int, temperature: float, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``log_softmax(teacher_logits[rows, :vocab_size] / temperature)`` in ``dtype``,
+        ``[len(rows), vocab_size]``, without autograd. ``rows`` index the flattened tokens."""
+        ...
+
+
+def _head_parts(head: nn.Linear | torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(head, nn.Linear):
+        return head.weight, head.bias
+    if isinstance(head, torch.Tensor) and head.dim() == 2 and head.is_floating_point():
+        return head, None
+    got = tuple(head.shape) if isinstance(head, torch.Tensor) else type(head).__name__
+    raise KDError(f"{what} must be an nn.Linear or its [V, H] float weight tensor, got {got}")
+
+
+def _log_softmax_(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """In-place ``log_softmax(x / T)`` over the last dim (keeps one [rows, V] buffer)."""
+    if temperature != 1.0:
+        x.div_(temperature)
+    return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
+
+
+@dataclass(frozen=True)
+class DenseTeacher:
+    """An online teacher given as its final hidden states ``[..., Ht]`` and its LM head.
+
+    The teacher's logits are computed chunk by chunk under ``no_grad`` (never all at once).
+    """
+
+    hidden: torch.Tensor
+    head: nn.Linear | torch.Tensor
+
+    def __post_init__(self) -> None:
+        weight, _ = _head_parts(self.head, "DenseTeacher head")
+        if not isinstance(self.hidden, torch.Tensor) or self.hidden.dim() < 2:
+            raise KDError("DenseTeacher hidden must be a tensor [tokens, Ht] or [B, L, Ht]")
+        if self.hidden.shape[-1] != weight.shape[1]:
+            raise KDError(
+                f"DenseTeacher hidden size {self.hidden.shape[-1]} does not match its head's "
+                f"input size {weight.shape[1]} (head weight {tuple(weight.shape)})"
+            )
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.hidden.shape[:-1])
+
+    @property
+    def vocab_rows(self) -> int:
+        return _head_parts(self.head, "DenseTeacher head")[0].shape[0]
+
+    def log_probs(
+        self, rows: torch.Tensor, *, vocab_size: int, temperature: float, dtype: torch.dtype
+    ) -> torch.Tensor:
+        weight, bias = _head_parts(self.head, "DenseTeacher head")
+        with torch.no_grad():
+            h = self.hidden.reshape(-1, self.hidden.shape[-1]).index_select(0, rows)
+            h = h.to(device=weight.device, dtype=weight.dtype)
+            w = weight[:vocab_size]
+            if bias is None:
+                logits = h @ w.T
+            else:
+                logits = torch.addmm(bias[:vocab_size], h, w.T)
+            return _log_softmax_(logits.to(dtype), temperature)
+
+
+@dataclass(frozen=True)
+class DenseLogits:
+    """Precomputed teacher logits ``[..., Vt]`` (any float dtype)."""
+
+    logits: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.logits, torch.Tensor) or self.logits.dim() < 2:
+            raise KDError("DenseLogits logits must be a tensor [tokens, V] or [B, L, V]")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.logits.shape[:-1])
+
+    @property
+    def vocab_rows(self) -> int:
+        return self.logits.shape[-1]
+
+    def log_probs(
+        self, rows: torch.Tensor, *, vocab_size: int, temperature: float, dtype: torch.dtype
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            flat = self.logits.reshape(-1, self.logits.shape[-1])
+            # index_select copies, so the in-place softmax never touches the caller's logits
+            chunk = flat[:, :vocab_size].index_select(0, rows.to(flat.device))
+            return _log_softmax_(chunk.to(dtype), temperature)
+
+
+# -- output ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LossOutput:
+    """The loss and its detached diagnostics.
+
+    ``loss``: scalar, differentiable w.r.t. the student hidden states and head. ``kl``: mean over
+    the masked tokens of the chosen divergence at the temperature, without T^2 (for ``"ce"`` the
+    true forward KL). ``tokens``: masked token count. ``ce``: mean hard-label cross-entropy at
+    T=1 over masked tokens with a label, or None without labels. ``agree``: fraction of masked
+    tokens where the student's and the teacher's argmax agree.
+    """
+
+    loss: torch.Tensor
+    kl: torch.Tensor
+    tokens: int
+    ce: torch.Tensor | None = None
+    agree: torch.Tensor | None = field(default=None)
+
+
+# -- the loop ----------------------------------------------------------------------------------
+def chunk_rows(
+    memory_budget_mb: float, vocab: int, *, tokens: int, hidden: int, head_rows: int, itemsize: int
+) -> int:
+    """Rows per chunk so that the loss's working memory stays within ``memory_budget_mb``.
+
+    The gradient accumulators (head ``[head_rows, hidden]``, hidden ``[tokens, hidden]``) are
+    charged first; the rest buys rows of ``_TEMPS`` ``[rows, vocab]`` temporaries. At least
+    ``_MIN_ROWS`` rows (logged when the budget asks for fewer), at most ``tokens``.
+    """
+    budget = memory_budget_mb * 2**20
+    fixed = (head_rows + tokens) * hidden * itemsize
+    rows = int((budget - fixed) // (_TEMPS * vocab * itemsize))
+    if rows < _MIN_ROWS:
+        log.info(
+            "memory_budget_mb=%s leaves room for %d rows at V=%d; using %d rows per chunk",
+            memory_budget_mb,
+            max(rows, 0),
+            vocab,
+            _MIN_ROWS,
+        )
+        rows = _MIN_ROWS
+    return max(1, min(rows, tokens))
+
+
+@dataclass
+class _Stats:
+    value_sum: float = 0.0
+    kl_sum: float = 0.0
+    ce_sum: float = 0.0
+    ce_count: int = 0
+    agree: int = 0
+    chunks: int = 0
+
+
+@dataclass(frozen=True)
+class _Plan:
+    divergence: str
+    temperature: float
+    beta: float
+    skew: float
+    vocab: int
+    kd_scale: float  # (1 - ce_weight) * T^2 (or 1) / denominator
+    ce_scale: float  # ce_weight / denominator
+    rows: int
+    need_h: bool
+    need_w: bool
+    need_b: bool
+
+
+def _chunk(
+    plan: _Plan,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lp: torch.Tensor,
+    labels: torch.Tensor | None,
+    dtype: torch.dtype,
+    stats: _Stats,
+) -> torch.Tensor:
+    """One chunk: the divergence and ``dL/ds`` ``[rows, V]`` for the rows of ``h``."""
+    w = weight[: plan.vocab]
+    z = h @ w.T if bias is None else torch.addmm(bias[: plan.vocab], h, w.T)
+    lq = _log_softmax_(z.to(dtype), plan.temperature)
+    stats.agree += int((lq.argmax(-1) == lp.argmax(-1)).sum())
+    p = lp.exp()
+    value, grad = value_and_grad(
+        plan.divergence, lq, lp, beta=plan.beta, skew=plan.skew, q=lq.exp(), p=p
+    )
+    stats.value_sum += float(value.sum())
+    if plan.divergence == "ce":
+        stats.kl_sum += float(_xlog_ratio(p, lp, lq).sum())
+    else:
+        stats.kl_sum += float(value.sum())
+    del p
+    # dD/ds = dD/dz / T
+    grad.mul_(plan.kd_scale / plan.temperature)
+    if labels is not None:
+        valid = labels != _IGNORE
+        if bool(valid.any()):
+            # hard-label CE at T=1: log_softmax(s) = log_softmax(T * log q); its gradient is
+            # softmax(s) - onehot(label), added into the same buffer
+            ls = lq if plan.temperature == 1.0 else _log_softmax_(lq.mul_(plan.temperature), 1.0)
+            rows = valid.nonzero().squeeze(-1)
+            picked = labels.index_select(0, rows)
+            nll = -ls[rows, picked]
+            stats.ce_sum += float(nll.sum())
+            stats.ce_count += int(rows.numel())
+            if plan.ce_scale:
+                soft = ls.index_select(0, rows).exp_()
+                soft[torch.arange(rows.numel(), device=soft.device), picked] -= 1.0
+                grad.index_add_(0, rows, soft, alpha=plan.ce_scale)
+    return grad
+
+
+class _FusedLoss(torch.autograd.Function):
+    """Forward computes the loss and all gradients; backward scales them by ``grad_output``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        target: TeacherTarget,
+        index: torch.Tensor,
+        labels: torch.Tensor | None,
+        plan: _Plan,
+        stats: _Stats,
+    ) -> torch.Tensor:
+        dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        mm = weight.dtype
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        g_h = torch.zeros_like(flat) if plan.need_h else None
+        g_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if plan.need_w else None
+        g_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if plan.need_b else None
+        w = weight[: plan.vocab]
+        for start in range(0, index.numel(), plan.rows):
+            rows = index[start : start + plan.rows]
+            h = flat.index_select(0, rows).to(mm)
+            lp = target.log_probs(rows, vocab_size=plan.vocab, temperature=plan.temperature, dtype=dtype)
+            lab = None if labels is None else labels.index_select(0, rows)
+            grad = _chunk(plan, h, weight, bias, lp, lab, dtype, stats)
+            del lp
+            stats.chunks += 1
+            gm = grad.to(mm)
+            if g_h is not None:
+                g_h.index_copy_(0, rows, (gm @ w).to(g_h.dtype))
+            if g_w is not None:
+                if acc == mm:
+                    g_w[: plan.vocab].addmm_(gm.T, h)
+                else:
+                    g_w[: plan.vocab] += (gm.T @ h).to(acc)
+            if g_b is not None:
+                g_b[: plan.vocab] += grad.sum(0).to(acc)
+            del grad, gm
+        loss = plan.kd_scale * stats.value_sum + plan.ce_scale * stats.ce_sum
+        ctx.grads = [
+            None if g_h is None else g_h.view_as(hidden),
+            None if g_w is None else g_w.to(weight.dtype),
+            None if g_b is None else g_b.to(bias.dtype),
+        ]
+        return torch.tensor(loss, dtype=dtype, device=hidden.device)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        grads, ctx.grads = ctx.grads, None  # drop ctx's reference so autograd can take the storage
+        if grads is None:
+            raise RuntimeError("kdkit.lm fused loss: backward called twice (retain_graph is not supported)")
+        if not bool(grad_output == 1):
+            grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
+        return (*grads, None, None, None, None, None)
+
+
+# -- validation ------------------------------------------------------------------------------
+def _check_number(name: str, x: object, lo: float, hi: float) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not (lo <= x <= hi):
+        raise KDError(f"{name} must be a number in [{lo:g}, {hi:g}], got {x!r}")
+    return float(x)
+
+
+def _resolve_vocab(vocab_size: int | None, student_rows: int, teacher_rows: int) -> int:
+    if vocab_size is None:
+        if student_rows != teacher_rows:
+            raise KDError(
+                f"student head has {student_rows} vocabulary rows but the teacher has "
+                f"{teacher_rows}; pass vocab_size= (the real shared vocabulary, e.g. the "
+                "tokenizer's length) to mask the padded rows"
+            )
+        return student_rows
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise KDError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    if vocab_size > min(student_rows, teacher_rows):
+        raise KDError(
+            f"vocab_size={vocab_size} is larger than the student head ({student_rows} rows) or "
+            f"the teacher ({teacher_rows}); use at most {min(student_rows, teacher_rows)}"
+        )
+    return vocab_size
+
+
+def _flat_tokens(name: str, x: torch.Tensor | None, lead: tuple[int, ...]) -> torch.Tensor | None:
+    """``x`` of the leading shape (or already flat), flattened to ``[tokens]``."""
+    if x is None:
+        return None
+    n = math.prod(lead)
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) not in (lead, (n,)):
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise KDError(f"{name} must have the tokens' shape {lead} (or ({n},)), got {got}")
+    return x.reshape(-1)
+
+
+# -- public ----------------------------------------------------------------------------------
+def token_divergence(
+    student_hidden: torch.Tensor,
+    student_head: nn.Linear | torch.Tensor,
+    target: TeacherTarget,
+    *,
+    divergence: str = "fkl",
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    memory_budget_mb: float = 256,
+    vocab_size: int | None = None,
+    labels: torch.Tensor | None = None,
+    ce_weight: float = 0.0,
+    reduction: str = "mean",
+    t2: bool = True,
+) -> LossOutput:
+    """Token-level distillation loss through the student's LM head, never materializing [N, V].
+
+    ``loss = (1 - ce_weight) * T^2 * mean_or_sum(D) + ce_weight * mean_or_sum(CE)``, both sums
+    over the masked tokens (CE is 0 on tokens whose label is -100) and, for ``"mean"``, both
+    divided by the masked token count, so ``mean == sum / tokens`` always.
+
+    Args:
+        student_hidden: final hidden states ``[tokens, H]`` or ``[B, L, H]``, any float dtype.
+        student_head: the student's ``nn.Linear`` LM head (bias allowed) or its ``[V, H]`` weight.
+        target: :class:`DenseTeacher`, :class:`DenseLogits` or any :class:`TeacherTarget`.
+        divergence: one of :data:`kdkit.lm.divergence.DIVERGENCES`.
+        mask: bool, the tokens' leading shape, True = train on it; None = every token.
+        temperature: distillation temperature T (> 0), applied to both sides.
+        beta: ``jsd`` teacher weight in the mixture (TRL/GKD: 0 = forward KL, 1 = reverse KL).
+        skew: DistiLLM skew for ``skew_fkl`` / ``skew_rkl``, in [0, 1].
+        memory_budget_mb: working memory for the loss (gradient accumulators + chunk buffers).
+        vocab_size: the real shared vocabulary; head rows / logits columns beyond it are masked.
+            None: student and teacher must have the same number of rows.
+        labels: next-token ids (int, -100 = ignore) of the tokens' shape, for the hard-label CE.
+        ce_weight: weight of the hard-label CE (at T=1), in [0, 1]; needs ``labels`` when > 0.
+        reduction: ``"mean"`` (over masked tokens) or ``"sum"`` (divide by a global count later).
+        t2: multiply the divergence by T^2 (keeps gradient scale independent of T).
+    """
+    divergence = check_divergence(divergence, beta=beta, skew=skew)
+    temperature = check_temperature(temperature)
+    ce_weight = _check_number("ce_weight", ce_weight, 0.0, 1.0)
+    if reduction not in ("mean", "sum"):
+        raise KDError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, (int, float)):
+        raise KDError(f"memory_budget_mb must be a number > 0 (e.g. 256), got {memory_budget_mb!r}")
+    if not memory_budget_mb > 0:
+        raise KDError(f"memory_budget_mb must be > 0 (e.g. 256), got {memory_budget_mb}")
+    if not isinstance(student_hidden, torch.Tensor) or student_hidden.dim() not in (2, 3):
+        got = tuple(student_hidden.shape) if isinstance(student_hidden, torch.Tensor) else student_hidden
+        raise KDError(f"student_hidden must be [tokens, H] or [B, L, H], got {got}")
+    if not student_hidden.is_floating_point():
+        raise KDError(f"student_hidden must be a float tensor, got {student_hidden.dtype}")
+    weight, bias = _head_parts(student_head, "student_head")
+    if weight.shape[1] != student_hidden.shape[-1]:
+        raise KDError(
+            f"student_hidden size {student_hidden.shape[-1]} does not match the student head's "
+            f"input size {weight.shape[1]} (head weight {tuple(weight.shape)})"
+        )
+    if not isinstance(target, TeacherTarget):
+        raise KDError(
+            f"target must be DenseTeacher(hidden, head), DenseLogits(logits) or a TeacherTarget, "
+            f"got {type(target).__name__}"
+        )
+    lead = tuple(student_hidden.shape[:-1])
+    if tuple(target.shape) != lead:
+        raise KDError(f"teacher tokens {tuple(target.shape)} do not match the student's {lead}")
+    vocab = _resolve_vocab(vocab_size, weight.shape[0], target.vocab_rows)
+    flat_mask = _flat_tokens("mask", mask, lead)
+    if flat_mask is not None and flat_mask.dtype != torch.bool:
+        raise KDError(f"mask must be a bool tensor (True = train on the token), got {flat_mask.dtype}")
+    flat_labels = _flat_tokens("labels", labels, lead)
+    if flat_labels is not None:
+        if flat_labels.is_floating_point() or flat_labels.dtype == torch.bool:
+            raise KDError(f"labels must be integer token ids (-100 = ignore), got {flat_labels.dtype}")
+        bad = (flat_labels != _IGNORE) & ((flat_labels < 0) | (flat_labels >= vocab))
+        if bool(bad.any()):
+            raise KDError(f"labels must be in [0, {vocab}) or -100, got {int(flat_labels[bad][0])}")
+        flat_labels = flat_labels.to(device=student_hidden.device, dtype=torch.long)
+    if ce_weight > 0 and flat_labels is None:
+        raise KDError(f"ce_weight={ce_weight} needs labels= (next-token ids, -100 = ignore)")
+
+    n_all = math.prod(lead)
+    if flat_mask is None:
+        index = torch.arange(n_all, device=student_hidden.device)
+    else:
+        index = flat_mask.to(student_hidden.device).nonzero().squeeze(-1)
+    tokens = int(index.numel())
+    if tokens == 0:
+        raise KDError(
+            "every token is masked (mask is all False): nothing to distill; check the mask / "
+            "labels alignment, or skip the batch"
+        )
+    denom = float(tokens) if reduction == "mean" else 1.0
+    t_sq = temperature**2 if t2 else 1.0
+    itemsize = 8 if student_hidden.dtype == torch.float64 else 4
+    grad_on = torch.is_grad_enabled()
+    plan = _Plan(
+        divergence=divergence,
+        temperature=temperature,
+        beta=float(beta),
+        skew=float(skew),
+        vocab=vocab,
+        kd_scale=(1.0 - ce_weight) * t_sq / denom,
+        ce_scale=ce_weight / denom,
+        rows=chunk_rows(
+            memory_budget_mb,
+            vocab,
+            tokens=tokens,
+            hidden=weight.shape[1],
+            head_rows=weight.shape[0],
+            itemsize=itemsize,
+        ),
+        need_h=grad_on and student_hidden.requires_grad,
+        need_w=grad_on and weight.requires_grad,
+        need_b=grad_on and bias is not None and bias.requires_grad,
+    )
+    stats = _Stats()
+    loss = _FusedLoss.apply(student_hidden, weight, bias, target, index, flat_labels, plan, stats)
+    log.debug("token_divergence: %d tokens in %d chunks of %d rows", tokens, stats.chunks, plan.rows)
+    ref = dict(dtype=torch.float64, device=student_hidden.device)
+    return LossOutput(
+        loss=loss,
+        kl=torch.tensor(stats.kl_sum / tokens, **ref),
+        tokens=tokens,
+        ce=torch.tensor(stats.ce_sum / stats.ce_count, **ref) if stats.ce_count else None,
+        agree=torch.tensor(stats.agree / tokens, **ref),
+    )
