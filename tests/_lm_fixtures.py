@@ -48,9 +48,16 @@ def tiny_llama(vocab: int = VOCAB, attn: str = "eager", seed: int = 0, **overrid
     """A random-init Llama: hidden 32, 2 layers, 2 heads, 64 positions."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-               num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=64,
-               attn_implementation=attn)
+    cfg = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=64,
+        attn_implementation=attn,
+    )
     cfg.update(overrides)
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()

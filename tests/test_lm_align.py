@@ -47,7 +47,7 @@ def test_mask_and_labels_properties(seed):
                 assert b.labels[i, j] == b.input_ids[i, j + 1]
             else:
                 assert b.labels[i, j] == IGNORE_INDEX
-        assert not b.mask[i, n - 1:].any()  # the last token before padding has no target
+        assert not b.mask[i, n - 1 :].any()  # the last token before padding has no target
         assert (b.input_ids[i, n:] == PAD).all() and (b.doc_ids[i, n:] == -1).all()
         edges = (r.doc_ids[1:] != r.doc_ids[:-1]).nonzero().flatten()
         assert not b.mask[i, edges].any()  # never trained across a document edge
@@ -75,8 +75,10 @@ def test_block_mask_is_causal_and_block_diagonal():
     row = TokenRow.of([5, 6, 7, 8, 9], doc_ids=[0, 0, 1, 1, 1])
     m = Aligner(pad_id=PAD, max_length=8)([row, TokenRow.of([5, 6])]).attention_mask
     assert m.shape == (2, 1, 5, 5) and m.dtype == torch.bool
-    expect = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0],
-                           [0, 0, 1, 1, 1]], dtype=torch.bool)
+    expect = torch.tensor(
+        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]],
+        dtype=torch.bool,
+    )
     assert torch.equal(m[0, 0], expect)
     assert not m[1, 0, :2, 2:].any()  # tokens never attend to padding
 

@@ -5,21 +5,32 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import _lm_fixtures as fx
 import pytest
-from _lm_fixtures import PARAGRAPH, VOCAB, corpus, lm_tokenizer, lm_tokenizer_dir  # noqa: F401
 
 from kdkit.errors import KDError
 from kdkit.lm.data import load_lm_dataset
 from kdkit.lm.tokenizer import CHATML_TEMPLATE, train_bpe_tokenizer
 
+PARAGRAPH, VOCAB, corpus = fx.PARAGRAPH, fx.VOCAB, fx.corpus
+lm_tokenizer, lm_tokenizer_dir = fx.lm_tokenizer, fx.lm_tokenizer_dir  # fixtures
+
 CHATS = [
-    {"messages": [{"role": "user", "content": "What is a teacher?"},
-                  {"role": "assistant", "content": "A large model."}]},
-    {"messages": [{"role": "system", "content": "Be brief."},
-                  {"role": "user", "content": "Name a loss."},
-                  {"role": "assistant", "content": "KL divergence."},
-                  {"role": "user", "content": "Another?"},
-                  {"role": "assistant", "content": "Cross-entropy, with T."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "What is a teacher?"},
+            {"role": "assistant", "content": "A large model."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name a loss."},
+            {"role": "assistant", "content": "KL divergence."},
+            {"role": "user", "content": "Another?"},
+            {"role": "assistant", "content": "Cross-entropy, with T."},
+        ]
+    },
 ]
 
 
@@ -28,7 +39,9 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def test_tokenizer_loads_with_specials_and_is_deterministic(lm_tokenizer, lm_tokenizer_dir, tmp_path):
+def test_tokenizer_loads_with_specials_and_is_deterministic(
+    lm_tokenizer, lm_tokenizer_dir, tmp_path
+):
     tok = lm_tokenizer
     assert len(tok) == VOCAB
     assert tok.eos_token == tok.bos_token == "<|endoftext|>" and tok.pad_token == "<|pad|>"
@@ -36,7 +49,9 @@ def test_tokenizer_loads_with_specials_and_is_deterministic(lm_tokenizer, lm_tok
     assert tok.chat_template == CHATML_TEMPLATE
     assert tok.decode(tok(PARAGRAPH)["input_ids"]) == PARAGRAPH  # byte level: accents, emoji
     again = train_bpe_tokenizer(corpus(), VOCAB, tmp_path / "again")
-    assert (again / "tokenizer.json").read_bytes() == (lm_tokenizer_dir / "tokenizer.json").read_bytes()
+    assert (again / "tokenizer.json").read_bytes() == (
+        lm_tokenizer_dir / "tokenizer.json"
+    ).read_bytes()
     with pytest.raises(KDError, match="vocab_size 100"):
         train_bpe_tokenizer(["x"], 100, tmp_path / "small")
 
@@ -57,11 +72,13 @@ def test_text_files_glob_eos_truncate_and_split(lm_tokenizer, tmp_path):
 
 
 def test_prompt_completion_masks_exactly_the_completion(lm_tokenizer, tmp_path):
-    rows = [{"prompt": "Question: what is KD?\nAnswer:", "completion": " matching a teacher."},
-            {"prompt": "2 + 2 =", "completion": " 4"}]
+    rows = [
+        {"prompt": "Question: what is KD?\nAnswer:", "completion": " matching a teacher."},
+        {"prompt": "2 + 2 =", "completion": " 4"},
+    ]
     f = _jsonl(tmp_path / "pc.jsonl", rows)
     ds = load_lm_dataset(f, lm_tokenizer, format="prompt_completion", loss_on="completion")
-    for row, r in zip(ds, rows):
+    for row, r in zip(ds, rows, strict=True):
         p = lm_tokenizer(r["prompt"])["input_ids"]
         c = lm_tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
         assert row.input_ids.tolist() == p + c + [lm_tokenizer.eos_token_id]
@@ -80,16 +97,20 @@ def test_chat_assistant_spans_template_and_incremental_agree(lm_tokenizer, tmp_p
     ds = load_lm_dataset(f, lm_tokenizer, format="chat", loss_on="assistant", max_length=200)
     assert ds.description["assistant_mask"] == "template"
     texts = [lm_tokenizer.decode(r.input_ids[r.trainable]) for r in ds]
-    assert texts == ["A large model.<|im_end|>", "KL divergence.<|im_end|>Cross-entropy, with T.<|im_end|>"]
+    assert texts == [
+        "A large model.<|im_end|>",
+        "KL divergence.<|im_end|>Cross-entropy, with T.<|im_end|>",
+    ]
     plain = CHATML_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
     lm_tokenizer.chat_template = plain
     try:
-        inc = load_lm_dataset(f, lm_tokenizer, format="chat", loss_on="assistant_spans",
-                              max_length=200)
+        inc = load_lm_dataset(
+            f, lm_tokenizer, format="chat", loss_on="assistant_spans", max_length=200
+        )
     finally:
         lm_tokenizer.chat_template = CHATML_TEMPLATE
     assert inc.description["assistant_mask"] == "incremental"
-    for a, b in zip(ds, inc):
+    for a, b in zip(ds, inc, strict=True):
         assert a.input_ids.tolist() == b.input_ids.tolist()
         assert a.trainable.tolist() == b.trainable.tolist()
 
@@ -109,7 +130,9 @@ def test_pack_keeps_documents_whole_and_in_order(lm_tokenizer, tmp_path):
     assert docs == [r.input_ids.tolist() for r in plain]
     assert packed.description["fill"] > 0.7
     assert packed.fingerprint != plain.fingerprint
-    assert load_lm_dataset(f, lm_tokenizer, max_length=32, pack=True).fingerprint == packed.fingerprint
+    assert (
+        load_lm_dataset(f, lm_tokenizer, max_length=32, pack=True).fingerprint == packed.fingerprint
+    )
 
 
 def test_errors_name_the_file_line_and_fix(lm_tokenizer, tmp_path):
@@ -123,7 +146,7 @@ def test_errors_name_the_file_line_and_fix(lm_tokenizer, tmp_path):
     assert "no file matches" in err(str(tmp_path / "*.txt"))
     (tmp_path / "empty.txt").write_text("  \n")
     assert "empty.txt: the file is empty" in err(tmp_path / "empty.txt")
-    (tmp_path / "latin.txt").write_bytes("caf".encode() + "é ok".encode("latin-1"))
+    (tmp_path / "latin.txt").write_bytes(b"caf" + "é ok".encode("latin-1"))
     assert "not UTF-8 at byte offset 3" in err(tmp_path / "latin.txt")
     f = _jsonl(tmp_path / "pc.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "only"}])
     msg = err(f, format="prompt_completion", loss_on="completion")
@@ -135,5 +158,6 @@ def test_errors_name_the_file_line_and_fix(lm_tokenizer, tmp_path):
     assert "did you mean ['chat']" in err(f, format="chats")
     # prompts longer than max_length leave no completion token: every token masked
     long = _jsonl(tmp_path / "long.jsonl", [{"prompt": PARAGRAPH, "completion": " x"}])
-    assert "every token is masked" in err(long, format="prompt_completion", loss_on="completion",
-                                          max_length=8)
+    assert "every token is masked" in err(
+        long, format="prompt_completion", loss_on="completion", max_length=8
+    )

@@ -7,16 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _lm_fixtures as fx
 import pytest
 import torch
-from _lm_fixtures import (  # noqa: F401
-    VOCAB,
-    corpus,
-    lm_tokenizer,
-    lm_tokenizer_dir,
-    tiny_llama,
-    tiny_llama_dir,
-)
 from torch import nn
 
 from kdkit.errors import KDError
@@ -25,6 +18,14 @@ from kdkit.lm.data import TokenRow
 from kdkit.lm.models import freeze_teacher, hidden_and_head, load_lm, logit_transform, max_positions
 from kdkit.lm.tokenizer import train_bpe_tokenizer
 from kdkit.lm.vocab import check_vocab
+
+VOCAB, corpus, tiny_llama = fx.VOCAB, fx.corpus, fx.tiny_llama
+# fixtures
+lm_tokenizer, lm_tokenizer_dir, tiny_llama_dir = (
+    fx.lm_tokenizer,
+    fx.lm_tokenizer_dir,
+    fx.tiny_llama_dir,
+)
 
 
 def test_hf_folder_loads_model_and_tokenizer(tiny_llama_dir, lm_tokenizer):
@@ -107,8 +108,10 @@ def test_plain_module_protocol():
 
 
 def test_importing_kdkit_lm_does_not_import_transformers():
-    code = ("import sys, kdkit.lm, kdkit.lm.data, kdkit.lm.align, kdkit.lm.models, "
-            "kdkit.lm.vocab, kdkit.lm.tokenizer; print('transformers' in sys.modules)")
+    code = (
+        "import sys, kdkit.lm, kdkit.lm.data, kdkit.lm.align, kdkit.lm.models, "
+        "kdkit.lm.vocab, kdkit.lm.tokenizer; print('transformers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -33,7 +33,9 @@ def assistant_mode(tokenizer: Any) -> str:
             f"{type(tokenizer).__name__} has no chat template; format 'chat' needs one "
             "(kdkit.lm.tokenizer.train_bpe_tokenizer writes ChatML)"
         )
-    return "template" if isinstance(template, str) and _GENERATION.search(template) else "incremental"
+    return (
+        "template" if isinstance(template, str) and _GENERATION.search(template) else "incremental"
+    )
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], gen: bool = False) -> str:
@@ -42,8 +44,9 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], gen: bool = False) -
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]], mode: str, where: str
-                ) -> tuple[list[int], list[bool]]:
+def render_chat(
+    tokenizer: Any, messages: list[dict[str, str]], mode: str, where: str
+) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation and, per token, whether it is assistant output."""
     if mode == "template":
         enc = tokenizer.apply_chat_template(
@@ -55,13 +58,16 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], mode: str, where
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before, upto = _render(tokenizer, messages[:k], gen=True), _render(tokenizer, messages[: k + 1])
+        before, upto = (
+            _render(tokenizer, messages[:k], gen=True),
+            _render(tokenizer, messages[: k + 1]),
+        )
         if not (full.startswith(upto) and upto.startswith(before)):
             raise KDError(
                 f"{where}: the chat template does not render turn by turn (a prefix of the "
                 "conversation is not a prefix of its text); add {% generation %} tags to it"
             )
-        spans.append((len(before), len(before) + len(upto[len(before):].rstrip())))
+        spans.append((len(before), len(before) + len(upto[len(before) :].rstrip())))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     mask = [any(s <= start < e for s, e in spans) for start, _ in enc["offset_mapping"]]
     return list(enc["input_ids"]), mask

@@ -81,12 +81,20 @@ def _check_fields(where: str, obj: Any, fmt: str) -> dict[str, Any]:
         )
     if fmt == "chat":
         msgs = obj["messages"]
-        ok = isinstance(msgs, list) and msgs and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str) for m in msgs
+        ok = (
+            isinstance(msgs, list)
+            and msgs
+            and all(
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+                for m in msgs
+            )
         )
         if not ok:
-            raise KDError(f"{where}: 'messages' must be a non-empty list of {{role, content}} strings")
+            raise KDError(
+                f"{where}: 'messages' must be a non-empty list of {{role, content}} strings"
+            )
     else:
         bad = [k for k in need if not isinstance(obj[k], str)]
         if bad:

@@ -55,12 +55,18 @@ class TokenRow:
     doc_ids: torch.Tensor
 
     @classmethod
-    def of(cls, ids: Sequence[int], trainable: Sequence[bool] | None = None,
-           doc_ids: Sequence[int] | None = None) -> TokenRow:
+    def of(
+        cls,
+        ids: Sequence[int],
+        trainable: Sequence[bool] | None = None,
+        doc_ids: Sequence[int] | None = None,
+    ) -> TokenRow:
         n = len(ids)
         return cls(
             torch.as_tensor(list(ids), dtype=torch.long),
-            torch.as_tensor(list(trainable) if trainable is not None else [True] * n, dtype=torch.bool),
+            torch.as_tensor(
+                list(trainable) if trainable is not None else [True] * n, dtype=torch.bool
+            ),
             torch.as_tensor(list(doc_ids) if doc_ids is not None else [0] * n, dtype=torch.long),
         )
 
@@ -92,13 +98,16 @@ class LMDataset(Dataset):
         return h.hexdigest()
 
 
-def _check_options(fmt: str, loss_on: str, overflow: str, max_length: int,
-                   max_positions: int | None) -> str:
+def _check_options(
+    fmt: str, loss_on: str, overflow: str, max_length: int, max_positions: int | None
+) -> str:
     if fmt not in FORMATS:
         raise KDError(f"unknown data format {fmt!r}; did you mean {closest_names(fmt, FORMATS)}?")
     loss_on = _ALIASES.get(loss_on, loss_on)
     if loss_on not in LOSS_ON:
-        raise KDError(f"unknown loss_on {loss_on!r}; did you mean {closest_names(loss_on, LOSS_ON)}?")
+        raise KDError(
+            f"unknown loss_on {loss_on!r}; did you mean {closest_names(loss_on, LOSS_ON)}?"
+        )
     if fmt not in LOSS_ON[loss_on]:
         raise KDError(f"loss_on {loss_on!r} needs format {LOSS_ON[loss_on][0]!r}, not {fmt!r}")
     if overflow not in ("truncate", "split") or (overflow == "split" and fmt != "text"):
@@ -118,18 +127,22 @@ def _eos(tokenizer: Any) -> list[int]:
     return [] if eos is None else [int(eos)]
 
 
-def _tokenize(records: list[Record], tokenizer: Any, fmt: str, loss_on: str,
-              chat_mode: str | None) -> list[tuple[str, list[int], list[bool]]]:
+def _tokenize(
+    records: list[Record], tokenizer: Any, fmt: str, loss_on: str, chat_mode: str | None
+) -> list[tuple[str, list[int], list[bool]]]:
     """(where, ids, trainable) per document, before truncation."""
     eos = _eos(tokenizer)
     if fmt == "text":
         ids = tokenizer([r.fields["text"] for r in records], add_special_tokens=True)["input_ids"]
-        return [(r.where, list(x) + eos, [True] * (len(x) + len(eos))) for r, x in zip(records, ids)]
+        return [
+            (r.where, list(x) + eos, [True] * (len(x) + len(eos)))
+            for r, x in zip(records, ids, strict=True)
+        ]
     if fmt == "prompt_completion":
         prompts = tokenizer([r.fields["prompt"] for r in records], add_special_tokens=True)
         comps = tokenizer([r.fields["completion"] for r in records], add_special_tokens=False)
         docs = []
-        for r, p, c in zip(records, prompts["input_ids"], comps["input_ids"]):
+        for r, p, c in zip(records, prompts["input_ids"], comps["input_ids"], strict=True):
             c = list(c) + eos
             docs.append((r.where, list(p) + c, [loss_on == "all"] * len(p) + [True] * len(c)))
         return docs
@@ -194,8 +207,10 @@ def load_lm_dataset(
         pieces = [(ids, tr)]
         if len(ids) > max_length:
             if overflow == "split":
-                pieces = [(ids[i : i + max_length], tr[i : i + max_length])
-                          for i in range(0, len(ids), max_length)]
+                pieces = [
+                    (ids[i : i + max_length], tr[i : i + max_length])
+                    for i in range(0, len(ids), max_length)
+                ]
             else:
                 truncated += len(ids) - max_length
                 pieces = [(ids[:max_length], tr[:max_length])]
@@ -211,19 +226,32 @@ def load_lm_dataset(
             f"(loss_on {loss_on!r}, max_length {max_length}); raise max_length or use loss_on all"
         )
     if truncated or dropped:
-        log.warning("lm data: %d tokens truncated, %d documents without targets dropped",
-                    truncated, dropped)
+        log.warning(
+            "lm data: %d tokens truncated, %d documents without targets dropped", truncated, dropped
+        )
     rows = _pack(docs, max_length, pack)
     n_tokens = sum(len(r) for r in rows)
     description = {
-        "format": format, "loss_on": loss_on, "max_length": max_length, "pack": pack,
-        "overflow": overflow, "assistant_mask": chat_mode,
+        "format": format,
+        "loss_on": loss_on,
+        "max_length": max_length,
+        "pack": pack,
+        "overflow": overflow,
+        "assistant_mask": chat_mode,
         "files": [file_info(f) for f in files],
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "documents": len(docs), "rows": len(rows), "tokens": n_tokens,
-        "truncated_tokens": truncated, "dropped_documents": dropped,
+        "documents": len(docs),
+        "rows": len(rows),
+        "tokens": n_tokens,
+        "truncated_tokens": truncated,
+        "dropped_documents": dropped,
         "fill": round(n_tokens / (len(rows) * max_length), 4),
     }
-    log.info("lm data: %d documents -> %d rows, %d tokens (fill %.2f)", len(docs), len(rows),
-             n_tokens, description["fill"])
+    log.info(
+        "lm data: %d documents -> %d rows, %d tokens (fill %.2f)",
+        len(docs),
+        len(rows),
+        n_tokens,
+        description["fill"],
+    )
     return LMDataset(rows, description)

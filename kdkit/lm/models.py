@@ -43,8 +43,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _PREFIXES = ("hf", "hf-config")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -124,8 +130,12 @@ def load_lm(
         raise KDError(f"{spec}: cannot load the model: {e}".splitlines()[0]) from None
     tok_path = Path(tokenizer) if tokenizer is not None else path
     tok = _load_tokenizer(tok_path, required=prefix == "hf" or tokenizer is not None)
-    log.info("%s: %s, %.2fM parameters", spec, type(model).__name__,
-             sum(p.numel() for p in model.parameters()) / 1e6)
+    log.info(
+        "%s: %s, %.2fM parameters",
+        spec,
+        type(model).__name__,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+    )
     return model, tok
 
 
@@ -140,7 +150,9 @@ def freeze_teacher(model: nn.Module) -> nn.Module:
 def max_positions(model: nn.Module) -> int | None:
     """The model's ``max_position_embeddings`` (``None`` if it does not say)."""
     config = getattr(model, "config", None)
-    value = getattr(config, "max_position_embeddings", None) or getattr(model, "max_positions", None)
+    value = getattr(config, "max_position_embeddings", None) or getattr(
+        model, "max_positions", None
+    )
     return int(value) if value else None
 
 

@@ -117,7 +117,9 @@ def train_bpe_tokenizer(
 
 
 def tokenizer_json(tokenizer: Any) -> dict[str, Any]:
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(
+        tokenizer, "_tokenizer", None
+    )
     if backend is None:
         raise KDError(f"{type(tokenizer).__name__} is not a fast tokenizer (no tokenizer.json)")
     data = json.loads(backend.to_str())
@@ -134,4 +136,3 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     h.update(json.dumps(specials, sort_keys=True).encode())
     h.update((getattr(tokenizer, "chat_template", None) or "").encode())
     return h.hexdigest()
-

@@ -33,8 +33,9 @@ def _first_difference(s_vocab: dict[str, int], t_vocab: dict[str, int]) -> tuple
     raise AssertionError("vocabularies differ but no id does")  # pragma: no cover
 
 
-def check_vocab(student_tokenizer: Any, teacher_tokenizer: Any, student_rows: int,
-                teacher_rows: int) -> int:
+def check_vocab(
+    student_tokenizer: Any, teacher_tokenizer: Any, student_rows: int, teacher_rows: int
+) -> int:
     """The real vocab size both heads share, to pass to the loss as ``vocab_size``.
 
     ``student_rows`` / ``teacher_rows`` are the heads' output rows (``head.out_features``),
@@ -66,6 +67,10 @@ def check_vocab(student_tokenizer: Any, teacher_tokenizer: Any, student_rows: in
                 f"resize its embeddings (model.resize_token_embeddings({n}))"
             )
     if student_rows != teacher_rows:
-        log.info("padded heads (student %d, teacher %d rows): distilling the %d real tokens",
-                 student_rows, teacher_rows, n)
+        log.info(
+            "padded heads (student %d, teacher %d rows): distilling the %d real tokens",
+            student_rows,
+            teacher_rows,
+            n,
+        )
     return n
