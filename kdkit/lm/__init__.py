@@ -1,7 +1,14 @@
-"""Language-model distillation: token-level losses over a vocabulary (``kdkit.lm``).
+"""Token-level distillation of language models (``task: lm``).
 
-Imports are lazy (PEP 562) so that ``import kdkit.lm`` stays cheap; each public name is loaded
-from its module on first use.
+Local Hugging Face models and tokenizers only (nothing downloads): tokenizers trained offline
+(:mod:`kdkit.lm.tokenizer`), model strings ``hf:PATH`` / ``hf-config:PATH``
+(:mod:`kdkit.lm.models`), text / prompt-completion / chat data (:mod:`kdkit.lm.data`), the one
+aligner that owns the causal shift, padding, packing and masks (:mod:`kdkit.lm.align`), the
+vocabulary check (:mod:`kdkit.lm.vocab`), the divergences (:mod:`kdkit.lm.divergence`), the
+fused loss that never holds ``[tokens, vocab]`` logits (:mod:`kdkit.lm.fused`) and the task the
+Trainer runs (:mod:`kdkit.lm.task`).
+
+Names are loaded lazily (PEP 562) so ``import kdkit.lm`` does not import ``transformers``.
 """
 
 from __future__ import annotations
@@ -10,6 +17,8 @@ import importlib
 from typing import Any
 
 _LAZY = {
+    "LMTask": "kdkit.lm.task",
+    "TokenInputs": "kdkit.lm.task",
     "DIVERGENCES": "kdkit.lm.divergence",
     "divergence_value": "kdkit.lm.divergence",
     "value_and_grad": "kdkit.lm.divergence",
@@ -18,6 +27,20 @@ _LAZY = {
     "DenseTeacher": "kdkit.lm.fused",
     "DenseLogits": "kdkit.lm.fused",
     "TeacherTarget": "kdkit.lm.fused",
+    "train_bpe_tokenizer": "kdkit.lm.tokenizer",
+    "tokenizer_fingerprint": "kdkit.lm.tokenizer",
+    "CHATML_TEMPLATE": "kdkit.lm.tokenizer",
+    "load_lm": "kdkit.lm.models",
+    "hidden_and_head": "kdkit.lm.models",
+    "freeze_teacher": "kdkit.lm.models",
+    "max_positions": "kdkit.lm.models",
+    "HiddenAndHead": "kdkit.lm.models",
+    "TokenRow": "kdkit.lm.data",
+    "LMDataset": "kdkit.lm.data",
+    "load_lm_dataset": "kdkit.lm.data",
+    "Aligner": "kdkit.lm.align",
+    "TokenBatch": "kdkit.lm.align",
+    "check_vocab": "kdkit.lm.vocab",
 }
 
 __all__ = sorted(_LAZY)

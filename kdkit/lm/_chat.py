@@ -1,0 +1,73 @@
+"""Chat rendering with the assistant spans known (``loss_on: assistant``).
+
+Two ways, chosen per tokenizer:
+
+- ``template``: the chat template marks assistant turns with ``{% generation %}`` (kdkit's
+  ChatML does), so ``apply_chat_template(..., return_assistant_tokens_mask=True)`` gives the
+  mask directly.
+- ``incremental``: any other template. The conversation is rendered to text once; each
+  assistant turn ``k`` spans the characters between ``render(messages[:k],
+  add_generation_prompt=True)`` and ``render(messages[:k+1])`` (trailing whitespace dropped);
+  the full text is tokenized once with offsets and a token is trained iff it starts inside a
+  span. Diffing characters, not token lists, keeps BPE merges across a turn boundary from
+  shifting the span. Both ways give the same ids.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from kdkit.errors import KDError
+
+__all__ = ["assistant_mode", "render_chat"]
+
+_GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def assistant_mode(tokenizer: Any) -> str:
+    """``template`` or ``incremental`` (see the module docstring)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise KDError(
+            f"{type(tokenizer).__name__} has no chat template; format 'chat' needs one "
+            "(kdkit.lm.tokenizer.train_bpe_tokenizer writes ChatML)"
+        )
+    return (
+        "template" if isinstance(template, str) and _GENERATION.search(template) else "incremental"
+    )
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], gen: bool = False) -> str:
+    if not messages and not gen:
+        return ""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+
+
+def render_chat(
+    tokenizer: Any, messages: list[dict[str, str]], mode: str, where: str
+) -> tuple[list[int], list[bool]]:
+    """Token ids of the rendered conversation and, per token, whether it is assistant output."""
+    if mode == "template":
+        enc = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        return list(enc["input_ids"]), [bool(m) for m in enc["assistant_masks"]]
+    full = _render(tokenizer, messages)
+    spans = []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, upto = (
+            _render(tokenizer, messages[:k], gen=True),
+            _render(tokenizer, messages[: k + 1]),
+        )
+        if not (full.startswith(upto) and upto.startswith(before)):
+            raise KDError(
+                f"{where}: the chat template does not render turn by turn (a prefix of the "
+                "conversation is not a prefix of its text); add {% generation %} tags to it"
+            )
+        spans.append((len(before), len(before) + len(upto[len(before) :].rstrip())))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [any(s <= start < e for s, e in spans) for start, _ in enc["offset_mapping"]]
+    return list(enc["input_ids"]), mask

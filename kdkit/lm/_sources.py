@@ -1,0 +1,135 @@
+"""Reading LM data files: globs, UTF-8 text and JSONL records, with errors that name the place.
+
+Every problem is a one-line KDError naming the file and, where there is one, the line or byte
+offset, because a corpus is usually many files and a traceback into ``json`` does not say which.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdkit.errors import KDError
+
+__all__ = ["FORMAT_KEYS", "Record", "expand_paths", "file_info", "read_records"]
+
+# The JSONL keys each format needs.
+FORMAT_KEYS: dict[str, tuple[str, ...]] = {
+    "text": ("text",),
+    "prompt_completion": ("prompt", "completion"),
+    "chat": ("messages",),
+}
+_JSONL = (".jsonl", ".ndjson")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One document before tokenization; ``where`` is ``file`` or ``file:line``."""
+
+    where: str
+    fields: dict[str, Any]
+
+
+def expand_paths(patterns: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Files matched by each pattern (globs, ``**`` recursive), sorted within a pattern, each once."""
+    if isinstance(patterns, (str, os.PathLike)):
+        patterns = [patterns]
+    seen: dict[Path, None] = {}
+    for pattern in patterns:
+        p = os.fspath(pattern)
+        if glob.has_magic(p):
+            matches = sorted(Path(m) for m in glob.glob(p, recursive=True) if Path(m).is_file())
+        elif Path(p).is_dir():
+            raise KDError(f"{p!r} is a folder; give a glob such as '{p}/*.txt'")
+        else:
+            matches = [Path(p)] if Path(p).is_file() else []
+        if not matches:
+            raise KDError(f"no file matches {p!r} (relative to {os.getcwd()!r})")
+        seen.update(dict.fromkeys(matches))
+    return list(seen)
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    if not data.strip():
+        raise KDError(f"{path}: the file is empty")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise KDError(
+            f"{path}: not UTF-8 at byte offset {e.start} (line {line}, byte 0x{data[e.start]:02x}); "
+            "re-encode the file as UTF-8 (e.g. iconv -t utf-8)"
+        ) from None
+
+
+def _check_fields(where: str, obj: Any, fmt: str) -> dict[str, Any]:
+    need = FORMAT_KEYS[fmt]
+    if not isinstance(obj, dict):
+        raise KDError(f"{where}: a JSON object is needed, got {type(obj).__name__}")
+    missing = [k for k in need if k not in obj]
+    if missing:
+        raise KDError(
+            f"{where}: format {fmt!r} needs keys {list(need)}; missing {missing}, "
+            f"the line has {sorted(obj)}"
+        )
+    if fmt == "chat":
+        msgs = obj["messages"]
+        ok = (
+            isinstance(msgs, list)
+            and msgs
+            and all(
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+                for m in msgs
+            )
+        )
+        if not ok:
+            raise KDError(
+                f"{where}: 'messages' must be a non-empty list of {{role, content}} strings"
+            )
+    else:
+        bad = [k for k in need if not isinstance(obj[k], str)]
+        if bad:
+            raise KDError(f"{where}: keys {bad} must be strings")
+    return obj
+
+
+def _jsonl(path: Path, fmt: str) -> Iterator[Record]:
+    any_line = False
+    for n, line in enumerate(_decode(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        any_line = True
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise KDError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        yield Record(where, _check_fields(where, obj, fmt))
+    if not any_line:  # pragma: no cover - _decode already rejects blank files
+        raise KDError(f"{path}: the file is empty")
+
+
+def read_records(paths: Iterable[Path], fmt: str) -> Iterator[Record]:
+    """Records of ``fmt`` from each file: JSONL lines, or a whole plain-text file (``text``)."""
+    for path in paths:
+        if path.suffix.lower() in _JSONL:
+            yield from _jsonl(path, fmt)
+        elif fmt == "text":
+            yield Record(str(path), {"text": _decode(path)})
+        else:
+            raise KDError(f"{path}: format {fmt!r} reads JSONL files (.jsonl); this is plain text")
+
+
+def file_info(path: Path) -> dict[str, Any]:
+    """Path, size and sha256 of a data file, for the dataset's fingerprint."""
+    data = path.read_bytes()
+    return {"path": str(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}

@@ -1,0 +1,136 @@
+"""The one aligner: causal shift, padding, packing and loss masks for token-level KD.
+
+The anchors' bug history is in this layer (shared/LM-ANCHORS.md C.9-C.12): DistillKit takes its
+mask from *unshifted* labels (one-position offset at every prompt/completion/padding boundary),
+Liger ignored ``ignore_index``, ModelOpt ignored loss masks. So every loss in kdkit reads the
+same :class:`TokenBatch`, built here and pinned by property tests (``tests/test_lm_align.py``).
+
+Convention: position ``j`` predicts token ``x[j+1]``. ``mask[j]`` is True iff ``x[j+1]`` is
+trainable, ``x[j+1]`` is in the same document as ``x[j]`` and neither is padding; then
+``labels[j] == input_ids[j+1]``, else ``labels[j] == -100``. A student's and a teacher's hidden
+state at ``j`` are compared wherever ``mask[j]``; ``n_tokens = mask.sum()`` is the local count
+(the trainer sums it over micro-batches and ranks for global normalization).
+
+Packed rows (several documents in one row) get per-document ``position_ids`` and a
+block-diagonal causal ``[B, 1, L, L]`` bool mask, so a document's hidden states equal those of
+the document run alone (to 1e-5, tested with HF Llama eager and sdpa on CPU). Batches with one
+document per row keep the plain ``[B, L]`` padding mask, which lets sdpa use its fast path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from kdkit.errors import KDError
+from kdkit.lm.data import TokenRow
+
+__all__ = ["IGNORE_INDEX", "Aligner", "TokenBatch"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """A collated batch; ``B`` rows of ``L`` tokens (right padded).
+
+    Attributes:
+        input_ids: ``[B, L]`` int64, padding = ``pad_id``.
+        position_ids: ``[B, L]`` int64, restarting at 0 at each document (0 on padding).
+        attention_mask: ``[B, L]`` int64 (1 = token) when no row is packed, else ``[B, 1, L, L]``
+            bool block-diagonal causal mask (True = may attend).
+        labels: ``[B, L]`` int64, ``input_ids[:, j+1]`` where ``mask[:, j]``, else -100.
+        mask: ``[B, L]`` bool, position ``j`` is trained (see the module docstring).
+        doc_ids: ``[B, L]`` int64, document index within its row, -1 on padding.
+        n_tokens: ``int(mask.sum())``.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+    doc_ids: torch.Tensor
+    n_tokens: int
+
+    @property
+    def packed(self) -> bool:
+        return self.attention_mask.dim() == 4
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TokenBatch:
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **moved)
+
+
+def _positions(doc: torch.Tensor) -> torch.Tensor:
+    """Per-document positions for one row's doc ids (contiguous runs)."""
+    n = doc.numel()
+    idx = torch.arange(n)
+    starts = torch.ones(n, dtype=torch.bool)
+    starts[1:] = doc[1:] != doc[:-1]
+    start_idx = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=0).values
+    return idx - start_idx
+
+
+@dataclass(frozen=True)
+class Aligner:
+    """Collate :class:`~kdkit.lm.data.TokenRow` s into a :class:`TokenBatch` (a ``collate_fn``).
+
+    Args:
+        pad_id: token id written on padding (never trained, never attended to by tokens).
+        max_length: longest row accepted; a longer row is an error (the dataset truncates).
+        pad_to_multiple_of: round ``L`` up (e.g. 8 for tensor cores); ``None`` = longest row.
+        pad_to_max_length: always ``L = max_length`` (fixed shapes, e.g. for compiled steps).
+    """
+
+    pad_id: int
+    max_length: int
+    pad_to_multiple_of: int | None = None
+    pad_to_max_length: bool = False
+
+    def _width(self, longest: int) -> int:
+        if self.pad_to_max_length:
+            return self.max_length
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            return min(-(-longest // m) * m, max(self.max_length, longest))
+        return longest
+
+    def __call__(self, rows: Sequence[TokenRow]) -> TokenBatch:
+        if not rows:
+            raise KDError("cannot collate an empty list of rows")
+        longest = max(len(r) for r in rows)
+        if longest > self.max_length:
+            raise KDError(
+                f"a row has {longest} tokens > the aligner's max_length {self.max_length}; "
+                "build the dataset with the same max_length"
+            )
+        b, width = len(rows), self._width(longest)
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        trainable = torch.zeros((b, width), dtype=torch.bool)
+        doc = torch.full((b, width), -1, dtype=torch.long)
+        pos = torch.zeros((b, width), dtype=torch.long)
+        packed = False
+        for i, r in enumerate(rows):
+            n = len(r)
+            ids[i, :n] = r.input_ids
+            trainable[i, :n] = r.trainable
+            doc[i, :n] = r.doc_ids
+            pos[i, :n] = _positions(r.doc_ids)
+            packed = packed or bool((r.doc_ids[1:] != r.doc_ids[:-1]).any())
+        mask = torch.zeros((b, width), dtype=torch.bool)
+        mask[:, :-1] = trainable[:, 1:] & (doc[:, 1:] == doc[:, :-1]) & (doc[:, :-1] >= 0)
+        labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
+        labels[:, :-1] = torch.where(mask[:, :-1], ids[:, 1:], IGNORE_INDEX)
+        if packed:
+            causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+            attention = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+        else:
+            attention = (doc >= 0).long()
+        return TokenBatch(ids, pos, attention, labels, mask, doc, int(mask.sum()))

@@ -1,0 +1,257 @@
+"""LM datasets: text, prompt/completion and chat files, tokenized once, truncated, packed.
+
+Formats (``format``): ``text`` (plain text files, one document per file, or JSONL ``{"text"}``),
+``prompt_completion`` (JSONL ``{"prompt", "completion"}``), ``chat`` (JSONL ``{"messages":
+[{role, content}, ...]}``, rendered by the tokenizer's chat template; assistant spans from
+``return_assistant_tokens_mask`` when the template has ``{% generation %}`` tags, else by
+incremental rendering, see :mod:`kdkit.lm._chat`; ``description["assistant_mask"]`` says which).
+
+``loss_on``: ``all`` | ``completion`` (prompt_completion) | ``assistant`` (chat; alias
+``assistant_spans``). A row marks which tokens are *targets* (``trainable``); the causal shift is
+left to :class:`kdkit.lm.align.Aligner`, the one place that owns it.
+
+Text and completions end with eos (so students learn to stop); prompt and completion are
+tokenized separately and concatenated, so the boundary is exact (no BPE merge across it).
+``overflow: truncate`` keeps the first ``max_length`` tokens; ``split`` (format text only) cuts a
+long text into ``max_length`` pieces. ``pack`` fills rows of ``max_length`` with whole documents
+in order (next fit; no document is split across rows) and keeps their boundaries in ``doc_ids``.
+The dataset is tokenized once, in memory; ``fingerprint`` names files, tokenizer, settings and ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from kdkit.errors import KDError, closest_names
+from kdkit.lm._chat import assistant_mode, render_chat
+from kdkit.lm._sources import Record, expand_paths, file_info, read_records
+from kdkit.lm.tokenizer import tokenizer_fingerprint
+
+__all__ = ["FORMATS", "LOSS_ON", "LMDataset", "TokenRow", "load_lm_dataset"]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("text", "prompt_completion", "chat")
+LOSS_ON = {"all": FORMATS, "completion": ("prompt_completion",), "assistant": ("chat",)}
+_ALIASES = {"assistant_spans": "assistant"}
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    """One row: ``input_ids`` int64 [n], ``trainable`` bool [n] (token is a target), ``doc_ids``
+    int64 [n] (document index within the row, contiguous runs from 0)."""
+
+    input_ids: torch.Tensor
+    trainable: torch.Tensor
+    doc_ids: torch.Tensor
+
+    @classmethod
+    def of(
+        cls,
+        ids: Sequence[int],
+        trainable: Sequence[bool] | None = None,
+        doc_ids: Sequence[int] | None = None,
+    ) -> TokenRow:
+        n = len(ids)
+        return cls(
+            torch.as_tensor(list(ids), dtype=torch.long),
+            torch.as_tensor(
+                list(trainable) if trainable is not None else [True] * n, dtype=torch.bool
+            ),
+            torch.as_tensor(list(doc_ids) if doc_ids is not None else [0] * n, dtype=torch.long),
+        )
+
+    def __len__(self) -> int:
+        return int(self.input_ids.numel())
+
+
+class LMDataset(Dataset):
+    """Tokenized rows (:class:`TokenRow`) and the ``description`` they were built from."""
+
+    def __init__(self, rows: list[TokenRow], description: dict[str, Any]) -> None:
+        self.rows = rows
+        self.description = description
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> TokenRow:
+        return self.rows[i]
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the description (files' sha256, tokenizer, settings) and every row's ids."""
+        h = hashlib.sha256(json.dumps(self.description, sort_keys=True).encode())
+        for r in self.rows:
+            h.update(r.input_ids.numpy().tobytes())
+            h.update(r.trainable.numpy().tobytes())
+            h.update(r.doc_ids.numpy().tobytes())
+        return h.hexdigest()
+
+
+def _check_options(
+    fmt: str, loss_on: str, overflow: str, max_length: int, max_positions: int | None
+) -> str:
+    if fmt not in FORMATS:
+        raise KDError(f"unknown data format {fmt!r}; did you mean {closest_names(fmt, FORMATS)}?")
+    loss_on = _ALIASES.get(loss_on, loss_on)
+    if loss_on not in LOSS_ON:
+        raise KDError(
+            f"unknown loss_on {loss_on!r}; did you mean {closest_names(loss_on, LOSS_ON)}?"
+        )
+    if fmt not in LOSS_ON[loss_on]:
+        raise KDError(f"loss_on {loss_on!r} needs format {LOSS_ON[loss_on][0]!r}, not {fmt!r}")
+    if overflow not in ("truncate", "split") or (overflow == "split" and fmt != "text"):
+        raise KDError(f"overflow {overflow!r}: use 'truncate' ('split' works for format text only)")
+    if max_length < 2:
+        raise KDError(f"max_length {max_length} leaves no next-token target; use >= 2")
+    if max_positions is not None and max_length > max_positions:
+        raise KDError(
+            f"max_length {max_length} > the model's max_position_embeddings {max_positions}; "
+            f"sequences cannot be truncated to fit: set max_length <= {max_positions}"
+        )
+    return loss_on
+
+
+def _eos(tokenizer: Any) -> list[int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return [] if eos is None else [int(eos)]
+
+
+def _tokenize(
+    records: list[Record], tokenizer: Any, fmt: str, loss_on: str, chat_mode: str | None
+) -> list[tuple[str, list[int], list[bool]]]:
+    """(where, ids, trainable) per document, before truncation."""
+    eos = _eos(tokenizer)
+    if fmt == "text":
+        ids = tokenizer([r.fields["text"] for r in records], add_special_tokens=True)["input_ids"]
+        return [
+            (r.where, list(x) + eos, [True] * (len(x) + len(eos)))
+            for r, x in zip(records, ids, strict=True)
+        ]
+    if fmt == "prompt_completion":
+        prompts = tokenizer([r.fields["prompt"] for r in records], add_special_tokens=True)
+        comps = tokenizer([r.fields["completion"] for r in records], add_special_tokens=False)
+        docs = []
+        for r, p, c in zip(records, prompts["input_ids"], comps["input_ids"], strict=True):
+            c = list(c) + eos
+            docs.append((r.where, list(p) + c, [loss_on == "all"] * len(p) + [True] * len(c)))
+        return docs
+    docs = []
+    for r in records:
+        ids, assistant = render_chat(tokenizer, r.fields["messages"], chat_mode or "", r.where)
+        docs.append((r.where, ids, assistant if loss_on == "assistant" else [True] * len(ids)))
+    return docs
+
+
+def _pack(docs: list[tuple[list[int], list[bool]]], max_length: int, pack: bool) -> list[TokenRow]:
+    if not pack:
+        return [TokenRow.of(ids, tr) for ids, tr in docs]
+    rows: list[TokenRow] = []
+    cur_ids: list[int] = []
+    cur_tr: list[bool] = []
+    cur_doc: list[int] = []
+    for ids, tr in docs:
+        if cur_ids and len(cur_ids) + len(ids) > max_length:
+            rows.append(TokenRow.of(cur_ids, cur_tr, cur_doc))
+            cur_ids, cur_tr, cur_doc = [], [], []
+        d = cur_doc[-1] + 1 if cur_doc else 0
+        cur_ids += ids
+        cur_tr += tr
+        cur_doc += [d] * len(ids)
+    if cur_ids:
+        rows.append(TokenRow.of(cur_ids, cur_tr, cur_doc))
+    return rows
+
+
+def load_lm_dataset(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    tokenizer: Any,
+    *,
+    format: str = "text",  # noqa: A002 - the config key's name
+    max_length: int = 512,
+    pack: bool = False,
+    loss_on: str = "all",
+    overflow: str = "truncate",
+    max_positions: int | None = None,
+) -> LMDataset:
+    """Read, tokenize, truncate and (optionally) pack LM data into an :class:`LMDataset`.
+
+    Args:
+        paths: files or globs (``docs/**/*.txt``, ``chat.jsonl``); a glob matching nothing errs.
+        tokenizer: the student's Hugging Face tokenizer (fast; the teacher's must be the same,
+            see :func:`kdkit.lm.vocab.check_vocab`).
+        format: ``text`` | ``prompt_completion`` | ``chat``.
+        max_length: tokens per row (and per document).
+        pack: fill rows with several documents (boundaries kept in ``doc_ids``).
+        loss_on: ``all`` | ``completion`` | ``assistant``.
+        overflow: ``truncate`` | ``split`` (text only) for documents over ``max_length``.
+        max_positions: the model's ``max_position_embeddings`` (:func:`kdkit.lm.models.max_positions`).
+    """
+    loss_on = _check_options(format, loss_on, overflow, max_length, max_positions)
+    files = expand_paths(paths)
+    records = list(read_records(files, format))
+    chat_mode = assistant_mode(tokenizer) if format == "chat" else None
+    docs: list[tuple[list[int], list[bool]]] = []
+    truncated = dropped = 0
+    for where, ids, tr in _tokenize(records, tokenizer, format, loss_on, chat_mode):
+        pieces = [(ids, tr)]
+        if len(ids) > max_length:
+            if overflow == "split":
+                pieces = [
+                    (ids[i : i + max_length], tr[i : i + max_length])
+                    for i in range(0, len(ids), max_length)
+                ]
+            else:
+                truncated += len(ids) - max_length
+                pieces = [(ids[:max_length], tr[:max_length])]
+        for p_ids, p_tr in pieces:
+            if any(p_tr[1:]):  # position 0 of a document predicts nothing
+                docs.append((p_ids, p_tr))
+            else:
+                dropped += 1
+                log.debug("%s: no trainable target after truncation; dropped", where)
+    if not docs:
+        raise KDError(
+            f"every token is masked: no document in {[str(f) for f in files][:3]} has a target "
+            f"(loss_on {loss_on!r}, max_length {max_length}); raise max_length or use loss_on all"
+        )
+    if truncated or dropped:
+        log.warning(
+            "lm data: %d tokens truncated, %d documents without targets dropped", truncated, dropped
+        )
+    rows = _pack(docs, max_length, pack)
+    n_tokens = sum(len(r) for r in rows)
+    description = {
+        "format": format,
+        "loss_on": loss_on,
+        "max_length": max_length,
+        "pack": pack,
+        "overflow": overflow,
+        "assistant_mask": chat_mode,
+        "files": [file_info(f) for f in files],
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "documents": len(docs),
+        "rows": len(rows),
+        "tokens": n_tokens,
+        "truncated_tokens": truncated,
+        "dropped_documents": dropped,
+        "fill": round(n_tokens / (len(rows) * max_length), 4),
+    }
+    log.info(
+        "lm data: %d documents -> %d rows, %d tokens (fill %.2f)",
+        len(docs),
+        len(rows),
+        n_tokens,
+        description["fill"],
+    )
+    return LMDataset(rows, description)

@@ -1,0 +1,76 @@
+"""The vocabulary check between student and teacher: the shared real vocab size, or an error.
+
+Vocab mismatch is the most common LM-KD complaint, almost always the padded-head case
+(Qwen2.5-7B's head has 152064 rows, 0.5B/3B 151936, one tokenizer of 151665 tokens): TRL raises,
+DistillKit truncates silently, Liger pads with zeros, torchtune and ModelOpt crash with a shape
+error (shared/LM-ANCHORS.md finding 7). kdkit verifies that the two tokenizers are the same (token
+strings id by id, then merges and normalizer) and returns ``len(tokenizer)``: the loss slices both
+heads to that many rows (rows past it are padding that no text produces). Different tokenizers
+are an error until the cross-tokenizer path exists.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kdkit.errors import KDError
+from kdkit.lm.tokenizer import tokenizer_json
+
+__all__ = ["check_vocab"]
+
+log = logging.getLogger(__name__)
+
+_TOKENIZATION_KEYS = ("model", "normalizer", "pre_tokenizer", "added_tokens")
+
+
+def _first_difference(s_vocab: dict[str, int], t_vocab: dict[str, int]) -> tuple[int, str, str]:
+    s_inv = {i: t for t, i in s_vocab.items()}
+    t_inv = {i: t for t, i in t_vocab.items()}
+    for i in sorted(set(s_inv) | set(t_inv)):
+        if s_inv.get(i) != t_inv.get(i):
+            return i, s_inv.get(i, "<none>"), t_inv.get(i, "<none>")
+    raise AssertionError("vocabularies differ but no id does")  # pragma: no cover
+
+
+def check_vocab(
+    student_tokenizer: Any, teacher_tokenizer: Any, student_rows: int, teacher_rows: int
+) -> int:
+    """The real vocab size both heads share, to pass to the loss as ``vocab_size``.
+
+    ``student_rows`` / ``teacher_rows`` are the heads' output rows (``head.out_features``),
+    which may exceed the tokenizer (padded heads). Raises KDError if the tokenizers differ
+    (cross-tokenizer KD is not supported yet) or a head has fewer rows than the tokenizer.
+    """
+    s_vocab, t_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if s_vocab != t_vocab:
+        i, s_tok, t_tok = _first_difference(s_vocab, t_vocab)
+        raise KDError(
+            f"student and teacher tokenizers differ (sizes {len(s_vocab)} vs {len(t_vocab)}; "
+            f"first at id {i}: {s_tok!r} vs {t_tok!r}); cross-tokenizer KD is not supported "
+            "yet: use a student with the teacher's tokenizer"
+        )
+    s_json, t_json = tokenizer_json(student_tokenizer), tokenizer_json(teacher_tokenizer)
+    for key in _TOKENIZATION_KEYS:
+        if s_json.get(key) != t_json.get(key):
+            raise KDError(
+                f"student and teacher tokenizers have the same vocabulary but a different "
+                f"{key!r} in tokenizer.json, so they split text differently; use one tokenizer"
+            )
+    n = len(student_tokenizer)
+    if max(s_vocab.values(), default=-1) >= n:
+        raise KDError(f"the tokenizer has ids up to {max(s_vocab.values())} but len() {n}")
+    for who, rows in (("student", student_rows), ("teacher", teacher_rows)):
+        if rows < n:
+            raise KDError(
+                f"the {who} head has {rows} rows but the tokenizer has {n} tokens; "
+                f"resize its embeddings (model.resize_token_embeddings({n}))"
+            )
+    if student_rows != teacher_rows:
+        log.info(
+            "padded heads (student %d, teacher %d rows): distilling the %d real tokens",
+            student_rows,
+            teacher_rows,
+            n,
+        )
+    return n

@@ -1,0 +1,147 @@
+"""kdkit.lm.models (model strings, hidden states without logits) and kdkit.lm.vocab."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import _lm_fixtures as fx
+import pytest
+import torch
+from torch import nn
+
+from kdkit.errors import KDError
+from kdkit.lm.align import Aligner
+from kdkit.lm.data import TokenRow
+from kdkit.lm.models import freeze_teacher, hidden_and_head, load_lm, logit_transform, max_positions
+from kdkit.lm.tokenizer import train_bpe_tokenizer
+from kdkit.lm.vocab import check_vocab
+
+VOCAB, corpus, tiny_llama = fx.VOCAB, fx.corpus, fx.tiny_llama
+# fixtures
+lm_tokenizer, lm_tokenizer_dir, tiny_llama_dir = (
+    fx.lm_tokenizer,
+    fx.lm_tokenizer_dir,
+    fx.tiny_llama_dir,
+)
+
+
+def test_hf_folder_loads_model_and_tokenizer(tiny_llama_dir, lm_tokenizer):
+    model, tok = load_lm(f"hf:{tiny_llama_dir}")
+    assert type(model).__name__ == "LlamaForCausalLM" and len(tok) == len(lm_tokenizer)
+    ref = tiny_llama()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ref(ids).logits, atol=1e-6)
+    half, _ = load_lm(f"hf:{tiny_llama_dir}", dtype="bfloat16")
+    assert next(half.parameters()).dtype == torch.bfloat16
+    assert max_positions(model) == 64 and logit_transform(model) == (1.0, None)
+
+
+def test_hf_config_builds_random_init_reproducibly(tiny_llama_dir, tmp_path):
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir()
+    (cfg_dir / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
+    a, tok = load_lm(f"hf-config:{cfg_dir}", seed=3)
+    b, _ = load_lm(f"hf-config:{cfg_dir / 'config.json'}", seed=3)
+    c, tok_c = load_lm(f"hf-config:{tiny_llama_dir}", seed=4)
+    assert tok is None and tok_c is not None
+    wa, wb, wc = (m.model.embed_tokens.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    assert a.config.hidden_size == 32
+
+
+def test_model_string_errors(tmp_path):
+    for spec, expect in [
+        ("hff:./x", "did you mean ['hf"),
+        (f"hf:{tmp_path / 'missing'}", "no such folder"),
+        (f"hf:{tmp_path}", "has no config.json"),
+    ]:
+        with pytest.raises(KDError, match=expect.replace("[", r"\[")):
+            load_lm(spec)
+
+
+def test_hidden_and_head_never_computes_logits_and_matches_them(tiny_llama_dir):
+    model, _ = load_lm(f"hf:{tiny_llama_dir}")
+    calls = []
+    model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        hidden, head = hidden_and_head(model, ids, attention_mask=mask)
+        assert not calls and hidden.shape == (2, 5, 32) and head.out_features == VOCAB
+        logits = model(ids, attention_mask=mask).logits
+    assert torch.allclose(head(hidden), logits, atol=1e-5)
+
+
+def test_freeze_teacher():
+    model = tiny_llama().train()
+    assert freeze_teacher(model) is model
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+class _Plain(nn.Module):
+    """The protocol: forward(ids) -> hidden, plus an lm_head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.lm_head = nn.Linear(8, VOCAB, bias=False)
+
+    def forward(self, input_ids, position_ids=None):
+        return self.embed(input_ids) + (0 if position_ids is None else position_ids[..., None])
+
+
+def test_plain_module_protocol():
+    model = _Plain()
+    ids = torch.tensor([[3, 4, 5]])
+    hidden, head = hidden_and_head(model, ids, position_ids=torch.tensor([[0, 1, 2]]))
+    assert head is model.lm_head
+    assert torch.allclose(hidden, model.embed(ids) + torch.tensor([0.0, 1, 2])[None, :, None])
+    packed = Aligner(pad_id=1, max_length=4)([TokenRow.of([3, 4, 5], doc_ids=[0, 0, 1])])
+    with pytest.raises(KDError, match="attend across documents"):
+        hidden_and_head(model, packed.input_ids, packed.position_ids, packed.attention_mask)
+    with pytest.raises(KDError, match="no output head"):
+        hidden_and_head(nn.Identity(), ids)
+
+
+def test_importing_kdkit_lm_does_not_import_transformers():
+    code = (
+        "import sys, kdkit.lm, kdkit.lm.data, kdkit.lm.align, kdkit.lm.models, "
+        "kdkit.lm.vocab, kdkit.lm.tokenizer; print('transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_vocab_same_tokenizer_with_padded_heads(tiny_llama_dir, lm_tokenizer):
+    _, teacher_tok = load_lm(f"hf:{tiny_llama_dir}")  # a second copy, loaded from another folder
+    assert check_vocab(lm_tokenizer, teacher_tok, VOCAB, VOCAB + 64) == VOCAB
+    with pytest.raises(KDError, match=f"student head has {VOCAB - 1} rows"):
+        check_vocab(lm_tokenizer, teacher_tok, VOCAB - 1, VOCAB)
+
+
+def test_vocab_different_tokenizers_name_the_first_differing_id(lm_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    other_dir = train_bpe_tokenizer(corpus()[1:], VOCAB, tmp_path / "other")
+    other = AutoTokenizer.from_pretrained(str(other_dir), local_files_only=True)
+    s_inv = {i: t for t, i in lm_tokenizer.get_vocab().items()}
+    o_inv = {i: t for t, i in other.get_vocab().items()}
+    first = min(i for i in s_inv if s_inv[i] != o_inv.get(i))
+    with pytest.raises(KDError) as e:
+        check_vocab(lm_tokenizer, other, VOCAB, VOCAB)
+    msg = str(e.value)
+    assert "cross-tokenizer KD is not supported" in msg and f"id {first}:" in msg
+    assert repr(s_inv[first]) in msg and "\n" not in msg
+    # same vocabulary, different merges: tokenization differs, still an error
+    data = json.loads((tmp_path / "other" / "tokenizer.json").read_text())
+    mine = json.loads(Path(lm_tokenizer.name_or_path, "tokenizer.json").read_text())
+    mine["model"]["merges"] = mine["model"]["merges"][::-1]
+    (tmp_path / "other" / "tokenizer.json").write_text(json.dumps(mine))
+    swapped = AutoTokenizer.from_pretrained(str(other_dir), local_files_only=True)
+    assert data != mine and swapped.get_vocab() == lm_tokenizer.get_vocab()
+    with pytest.raises(KDError, match="different 'model'"):
+        check_vocab(lm_tokenizer, swapped, VOCAB, VOCAB)
