@@ -55,6 +55,8 @@ class LMDataConfig:
     format: Literal["text", "prompt_completion", "chat"] = "text"
     max_length: int = field(default=256, metadata=_check(lambda v: v >= 2, "an integer >= 2"))
     pack: bool = True
+    #: a document longer than max_length: ``split`` into rows (plain text) or ``truncate``
+    overflow: Literal["split", "truncate"] = "split"
     loss_on: Literal["all", "completion", "assistant"] = "all"
     batch_size: int = field(default=8, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
     seed: int = 0

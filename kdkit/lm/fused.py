@@ -88,7 +88,9 @@ class TeacherTarget(Protocol):
         ...
 
 
-def _head_parts(head: nn.Linear | torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _head_parts(
+    head: nn.Linear | torch.Tensor, what: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(head, nn.Linear):
         return head.weight, head.bias
     if isinstance(head, torch.Tensor) and head.dim() == 2 and head.is_floating_point():
@@ -315,7 +317,9 @@ class _FusedLoss(torch.autograd.Function):
         for start in range(0, index.numel(), plan.rows):
             rows = index[start : start + plan.rows]
             h = flat.index_select(0, rows).to(mm)
-            lp = target.log_probs(rows, vocab_size=plan.vocab, temperature=plan.temperature, dtype=dtype)
+            lp = target.log_probs(
+                rows, vocab_size=plan.vocab, temperature=plan.temperature, dtype=dtype
+            )
             lab = None if labels is None else labels.index_select(0, rows)
             grad = _chunk(plan, h, weight, bias, lp, lab, dtype, stats)
             del lp
@@ -343,7 +347,9 @@ class _FusedLoss(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
         grads, ctx.grads = ctx.grads, None  # drop ctx's reference so autograd can take the storage
         if grads is None:
-            raise RuntimeError("kdkit.lm fused loss: backward called twice (retain_graph is not supported)")
+            raise RuntimeError(
+                "kdkit.lm fused loss: backward called twice (retain_graph is not supported)"
+            )
         if not bool(grad_output == 1):
             grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
         return (*grads, None, None, None, None, None)
@@ -437,7 +443,11 @@ def token_divergence(
     if not memory_budget_mb > 0:
         raise KDError(f"memory_budget_mb must be > 0 (e.g. 256), got {memory_budget_mb}")
     if not isinstance(student_hidden, torch.Tensor) or student_hidden.dim() not in (2, 3):
-        got = tuple(student_hidden.shape) if isinstance(student_hidden, torch.Tensor) else student_hidden
+        got = (
+            tuple(student_hidden.shape)
+            if isinstance(student_hidden, torch.Tensor)
+            else student_hidden
+        )
         raise KDError(f"student_hidden must be [tokens, H] or [B, L, H], got {got}")
     if not student_hidden.is_floating_point():
         raise KDError(f"student_hidden must be a float tensor, got {student_hidden.dtype}")
@@ -458,11 +468,15 @@ def token_divergence(
     vocab = _resolve_vocab(vocab_size, weight.shape[0], target.vocab_rows)
     flat_mask = _flat_tokens("mask", mask, lead)
     if flat_mask is not None and flat_mask.dtype != torch.bool:
-        raise KDError(f"mask must be a bool tensor (True = train on the token), got {flat_mask.dtype}")
+        raise KDError(
+            f"mask must be a bool tensor (True = train on the token), got {flat_mask.dtype}"
+        )
     flat_labels = _flat_tokens("labels", labels, lead)
     if flat_labels is not None:
         if flat_labels.is_floating_point() or flat_labels.dtype == torch.bool:
-            raise KDError(f"labels must be integer token ids (-100 = ignore), got {flat_labels.dtype}")
+            raise KDError(
+                f"labels must be integer token ids (-100 = ignore), got {flat_labels.dtype}"
+            )
         bad = (flat_labels != _IGNORE) & ((flat_labels < 0) | (flat_labels >= vocab))
         if bool(bad.any()):
             raise KDError(f"labels must be in [0, {vocab}) or -100, got {int(flat_labels[bad][0])}")
@@ -507,7 +521,9 @@ def token_divergence(
     )
     stats = _Stats()
     loss = _FusedLoss.apply(student_hidden, weight, bias, target, index, flat_labels, plan, stats)
-    log.debug("token_divergence: %d tokens in %d chunks of %d rows", tokens, stats.chunks, plan.rows)
+    log.debug(
+        "token_divergence: %d tokens in %d chunks of %d rows", tokens, stats.chunks, plan.rows
+    )
     ref = dict(dtype=torch.float64, device=student_hidden.device)
     return LossOutput(
         loss=loss,

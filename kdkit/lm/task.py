@@ -22,13 +22,13 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+from torch import nn
+
+from kdkit.errors import KDError
 from kdkit.lm.align import TokenBatch
 from kdkit.lm.divergence import DIVERGENCES
 from kdkit.lm.fused import DenseTeacher, LossOutput, token_divergence
 from kdkit.lm.models import freeze_teacher, hidden_and_head
-from torch import nn
-
-from kdkit.errors import KDError
 from kdkit.task import StepOutput
 from kdkit.train.resume import restore_part
 

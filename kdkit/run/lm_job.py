@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
 
 from kdkit.config import LMRunConfig, to_dict
 from kdkit.errors import KDError
@@ -55,6 +56,8 @@ def build_lm_data(cfg: LMRunConfig, tokenizer: Any, positions: int | None) -> LM
         "max_length": d.max_length,
         "pack": d.pack,
         "loss_on": d.loss_on,
+        # prompt/completion and chat records are never split (a split would orphan a reply)
+        "overflow": d.overflow if d.format == "text" else "truncate",
         "max_positions": positions,
     }
     train = load_lm_dataset(list(d.text_files), tokenizer, **kwargs)
@@ -65,20 +68,16 @@ def build_lm_data(cfg: LMRunConfig, tokenizer: Any, positions: int | None) -> LM
         val = load_lm_dataset(list(d.val.text_files), tokenizer, **kwargs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = Aligner(pad_id=int(pad), max_length=d.max_length)
-    g = torch.Generator().manual_seed(cfg.train.seed)
-    sampler = None
-    if distributed.is_distributed():
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler = DistributedSampler(train, seed=cfg.train.seed)
-    train_loader = DataLoader(
+    # the order is a function of (seed, epoch) alone (the Trainer calls set_epoch), so a
+    # resumed run sees the same batches; under torchrun each rank reads its own share
+    sampler = DistributedSampler(
         train,
-        batch_size=d.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        collate_fn=collate,
-        generator=g,
+        num_replicas=distributed.world_size(),
+        rank=distributed.rank(),
+        seed=cfg.train.seed,
+        shuffle=True,
     )
+    train_loader = DataLoader(train, batch_size=d.batch_size, sampler=sampler, collate_fn=collate)
     val_loader = None
     if val is not None:
         val_loader = DataLoader(val, batch_size=d.batch_size, shuffle=False, collate_fn=collate)

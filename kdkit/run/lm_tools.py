@@ -74,8 +74,8 @@ def evaluate_lm_run(
         "student": LMTask(student, teacher_model).to(device).evaluate(inputs(b) for b in loader)
     }
     if teacher and teacher_model is not None:
-        scores["teacher"] = LMTask(teacher_model, None).to(device).evaluate(
-            inputs(b) for b in loader
+        scores["teacher"] = (
+            LMTask(teacher_model, None).to(device).evaluate(inputs(b) for b in loader)
         )
     return scores
 
