@@ -145,3 +145,40 @@ def test_vocab_different_tokenizers_name_the_first_differing_id(lm_tokenizer, tm
     assert data != mine and swapped.get_vocab() == lm_tokenizer.get_vocab()
     with pytest.raises(KDError, match="different 'model'"):
         check_vocab(lm_tokenizer, swapped, VOCAB, VOCAB)
+
+
+def test_kd_step_contract(tiny_llama_dir, lm_tokenizer, tmp_path):
+    """The call pattern of a training step: one TokenBatch feeds the student and the teacher."""
+    from torch.utils.data import DataLoader
+
+    from kdkit.lm.data import load_lm_dataset
+
+    (tmp_path / "a.txt").write_text(fx.PARAGRAPH * 3, encoding="utf-8")
+    (tmp_path / "b.txt").write_text("A short second document.", encoding="utf-8")
+    teacher = freeze_teacher(load_lm(f"hf:{tiny_llama_dir}")[0])
+    student = tiny_llama(seed=5, hidden_size=16, intermediate_size=32).train()
+    ds = load_lm_dataset(
+        str(tmp_path / "*.txt"),
+        lm_tokenizer,
+        max_length=48,
+        pack=True,
+        overflow="split",
+        max_positions=max_positions(student),
+    )
+    vocab = check_vocab(
+        lm_tokenizer, lm_tokenizer, student.lm_head.out_features, teacher.lm_head.out_features
+    )
+    loader = DataLoader(ds, batch_size=len(ds), collate_fn=Aligner(lm_tokenizer.pad_token_id, 48))
+    batch = next(iter(loader))
+    assert batch.packed and batch.n_tokens > 0
+    with torch.no_grad():
+        t_hidden, t_head = hidden_and_head(teacher, **batch.model_inputs())
+    s_hidden, s_head = hidden_and_head(student, **batch.model_inputs())
+    m = batch.mask
+    t_logp = t_head(t_hidden[m]).float()[:, :vocab].log_softmax(-1)
+    s_logp = s_head(s_hidden[m]).float()[:, :vocab].log_softmax(-1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).sum() / batch.n_tokens
+    ce = torch.nn.functional.cross_entropy(s_head(s_hidden).flatten(0, 1), batch.labels.flatten())
+    (kl + ce).backward()
+    assert kl > 0 and torch.isfinite(ce)
+    assert student.lm_head.weight.grad is not None and teacher.lm_head.weight.grad is None

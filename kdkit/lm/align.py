@@ -59,6 +59,15 @@ class TokenBatch:
     def packed(self) -> bool:
         return self.attention_mask.dim() == 4
 
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """``input_ids``, ``position_ids``, ``attention_mask``: the keywords of
+        :func:`kdkit.lm.models.hidden_and_head` (``hidden_and_head(model, **b.model_inputs())``)."""
+        return {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "attention_mask": self.attention_mask,
+        }
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TokenBatch:
         moved = {
             f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)

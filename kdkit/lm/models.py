@@ -203,7 +203,13 @@ def hidden_and_head(
     """
     head = _head(model)
     if attention_mask is not None and attention_mask.dim() == 4:
-        attention_mask = _additive_mask(attention_mask.bool(), head.weight.dtype)
+        attn = str(getattr(getattr(model, "config", None), "_attn_implementation", ""))
+        if "flash" in attn and position_ids is not None:
+            # flash-attention takes no dense mask: HF derives the document boundaries from
+            # position_ids that restart at 0 (not run here: no GPU on these machines)
+            attention_mask = None
+        else:
+            attention_mask = _additive_mask(attention_mask.bool(), head.weight.dtype)
     decoder = None
     if hasattr(model, "config"):
         get = getattr(model, "get_decoder", None)
