@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 PIN    := -c constraints.txt
 DEMO_ARGS ?=
 
-.PHONY: demo test install install-dev data lint bench clean
+.PHONY: demo demo-lm test install install-dev data data-lm lint bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -27,8 +27,15 @@ install-dev: $(VENV)/.installed-dev
 data:
 	@bash scripts/get-data.sh
 
+data-lm:
+	@bash scripts/get-data.sh lm
+
 demo: install-dev data
 	$(VENV)/bin/kdkit demo $(DEMO_ARGS)
+
+# A tiny Llama distilled on the Python docs' reST sources (Debian python3.11-doc).
+demo-lm: install-dev data-lm
+	$(VENV)/bin/kdkit demo lm $(DEMO_ARGS)
 
 test: install-dev data
 	$(PY) -m pytest -q

@@ -118,11 +118,13 @@ class RunResult:
 
 
 def _views(cfg: DemoConfig, size: int = 28):
-    from kdkit.data.views import ViewSampler
+    """The demo's views (pad-2 shifts and flips) through ``kdkit train``'s one builder."""
+    from kdkit.config import ViewsConfig
+    from kdkit.run.data import build_views
 
     if not cfg.augment:
         return None
-    return ViewSampler(seed=cfg.seed, crop="pad", pad=2, size=size, flip_p=0.5)
+    return build_views(ViewsConfig(crop="pad", pad=2, flip=True), cfg.seed, size)
 
 
 def train_model(

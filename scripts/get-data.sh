@@ -1,20 +1,32 @@
 #!/usr/bin/env bash
-# Install Debian's dataset-fashion-mnist when it is missing; never fail the build over it
-# (tests that need the data skip with a reason, and kdkit says how to install it).
+# Install Debian's dataset-fashion-mnist (the vision demo and tests) and, with `lm`,
+# python3.11-doc (the reST sources of the Python docs: `kdkit demo lm`) when missing; never
+# fail the build over them (tests that need the data skip with a reason, and kdkit says how
+# to install it; the LM demo falls back to the stdlib's own sources).
 set -u
-dir=/usr/share/datasets/fashion-mnist
-if [ -n "${KDKIT_DATA:-}" ] || [ -f "$dir/train-images-idx3-ubyte.gz" ]; then
-  exit 0
-fi
+want=${1:-vision}
 sudo=""
 if [ "$(id -u)" != 0 ]; then
-  command -v sudo >/dev/null 2>&1 && sudo="sudo -n" || {
-    echo "kdkit: Fashion-MNIST missing; install it with: sudo apt-get install dataset-fashion-mnist" >&2
-    exit 0
-  }
+  if command -v sudo >/dev/null 2>&1; then sudo="sudo -n"; else sudo="none"; fi
 fi
-echo "kdkit: installing dataset-fashion-mnist with apt-get" >&2
-$sudo apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
-  || { $sudo apt-get update -q >/dev/null 2>&1 && $sudo apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } \
-  || echo "kdkit: could not install dataset-fashion-mnist; tests that need it will skip" >&2
+
+install() {  # install PACKAGE, once, quietly
+  if [ "$sudo" = none ]; then
+    echo "kdkit: $1 missing; install it with: sudo apt-get install $1" >&2
+    return 0
+  fi
+  echo "kdkit: installing $1 with apt-get" >&2
+  $sudo apt-get install -y -q "$1" >/dev/null 2>&1 \
+    || { $sudo apt-get update -q >/dev/null 2>&1 && $sudo apt-get install -y -q "$1" >/dev/null 2>&1; } \
+    || echo "kdkit: could not install $1" >&2
+}
+
+if [ "$want" = lm ]; then
+  [ -d /usr/share/doc/python3.11/html/_sources ] || install python3.11-doc
+  exit 0
+fi
+dir=/usr/share/datasets/fashion-mnist
+if [ -z "${KDKIT_DATA:-}" ] && [ ! -f "$dir/train-images-idx3-ubyte.gz" ]; then
+  install dataset-fashion-mnist
+fi
 exit 0

@@ -602,7 +602,10 @@ def _resume_other_architecture(fx):
 def _resume_other_optimizer(fx):
     d = fx.root / "work" / "opt"
     _trainer(d).fit()
-    sgd = lambda p: torch.optim.SGD(p, **{"lr": 0.1, "momentum": 0.9})
+
+    def sgd(p):
+        return torch.optim.SGD(p, lr=0.1, momentum=0.9)
+
     _trainer(d, optimizer=sgd).fit(resume=True)
 
 

@@ -12,9 +12,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Train a teacher, a student from 1k labels, and a student distilled from "
         "1k labels + 59k unlabeled images; print test accuracy, latency and throughput.",
     )
+    p.add_argument(
+        "what",
+        nargs="?",
+        choices=("vision", "lm"),
+        default="vision",
+        help="vision (Fashion-MNIST, default) or lm (a tiny Llama on the Python docs)",
+    )
     p.add_argument("--quick", action="store_true", help="about 3 minutes instead of 15")
     p.add_argument("--retrain", action="store_true", help="ignore the cached teacher")
-    p.add_argument("--out", default="runs/demo", help="report directory (default: runs/demo)")
+    p.add_argument("--out", help="report directory (default: runs/demo, runs/demo-lm)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-labeled", type=int, default=1000, help="labels the students get")
     p.add_argument("--teacher-epochs", type=int)
@@ -31,10 +38,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.what == "lm":
+        return _run_lm(args)
     from kdkit.demo import DemoConfig, run_demo
 
     overrides = {
-        "out_dir": args.out,
+        "out_dir": args.out or "runs/demo",
         "seed": args.seed,
         "n_labeled": args.n_labeled,
         "retrain": args.retrain,
@@ -46,5 +55,20 @@ def run(args: argparse.Namespace) -> int:
             overrides[name] = getattr(args, name)
     cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
     report = run_demo(cfg)
+    print(report.read_text())
+    return 0
+
+
+def _run_lm(args: argparse.Namespace) -> int:
+    from kdkit.run.lm_demo import LMDemoConfig, run_lm_demo
+
+    overrides = {
+        "out_dir": args.out or "runs/demo-lm",
+        "seed": args.seed,
+        "retrain": args.retrain,
+        "progress": not args.no_progress,
+    }
+    cfg = LMDemoConfig.quick(**overrides) if args.quick else LMDemoConfig(**overrides)
+    report = run_lm_demo(cfg)
     print(report.read_text())
     return 0

@@ -103,21 +103,21 @@ def load_data(spec: str) -> tuple[Any, tuple[float, ...], tuple[float, ...]]:
 
 
 def build_views(args: argparse.Namespace, image_size: tuple[int, int]) -> Any:
+    """The flags' views through the same builder as ``kdkit train``'s ``data.views``."""
     if args.views <= 0:
         return None
-    from kdkit.data.views import ViewSampler
+    from kdkit.config import ViewsConfig
+    from kdkit.run.data import build_views as views_from
 
-    return ViewSampler(
-        seed=args.view_seed,
-        num_views=args.views,
+    section = ViewsConfig(
         crop=args.crop,
-        scale=tuple(args.scale),
+        num_views=args.views,
         pad=args.pad,
-        size=image_size,
-        flip_p=args.flip_p,
+        scale=tuple(args.scale),
         mixup=args.mixup,
         cutmix=args.cutmix,
     )
+    return views_from(section, args.view_seed, image_size, flip_p=args.flip_p)
 
 
 def run(args: argparse.Namespace) -> int:

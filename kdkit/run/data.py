@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from kdkit.config import DataConfig, SourceConfig
+from kdkit.config import DataConfig, SourceConfig, ViewsConfig
 from kdkit.errors import KDError
 
 __all__ = ["RunData", "build_data", "build_views"]
@@ -40,12 +40,17 @@ class RunData:
     train_dataset: Any
 
 
-def build_views(d: DataConfig, seed: int, size: int):
-    """The device-side augmentation of ``data.views`` (None when disabled)."""
+def build_views(
+    views: DataConfig | ViewsConfig | None, seed: int, size: int, *, flip_p: float | None = None
+):
+    """The device-side augmentation of a ``data.views`` section (None when disabled): the one
+    ViewSampler builder of every front door (``kdkit train``, ``kdkit precompute``, the demo).
+    ``flip_p`` overrides the flip probability (``flip: true`` is 0.5)."""
     from kdkit.data.views import ViewSampler
 
-    v = d.views
-    if v is None or (v.crop == "none" and not v.flip and not (v.mixup or v.cutmix)):
+    v = views.views if isinstance(views, DataConfig) else views
+    p = (0.5 if v.flip else 0.0) if v is not None and flip_p is None else flip_p
+    if v is None or (v.crop == "none" and not p and not (v.mixup or v.cutmix)):
         return None
     return ViewSampler(
         seed=seed,
@@ -54,7 +59,7 @@ def build_views(d: DataConfig, seed: int, size: int):
         scale=tuple(v.scale),
         pad=v.pad,
         size=size,
-        flip_p=0.5 if v.flip else 0.0,
+        flip_p=p,
         mixup=v.mixup,
         cutmix=v.cutmix,
     )

@@ -23,6 +23,7 @@ import torch
 
 from kdkit.config import OptimizerConfig, SchedulerConfig, TrainConfig
 from kdkit.errors import KDError, closest_names
+from kdkit.train.resume import RUN_INFO_KEYS
 
 __all__ = [
     "LoopOptions",
@@ -36,9 +37,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _PLATEAU = "ReduceLROnPlateau"
-
-#: plain data a checkpoint stores beside the weights (``kdkit eval/export/bench`` read them)
-RUN_INFO_KEYS = ("student_spec", "teacher_spec", "config", "input_shape", "mean", "std")
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,11 @@ class Precision:
         return True
 
     @property
+    def steps_next(self) -> bool:
+        """True when the next :meth:`backward_step` ends an accumulation (and steps)."""
+        return (self._micro + 1) % self.grad_accum == 0
+
+    @property
     def at_step_boundary(self) -> bool:
         """True when no accumulated gradient is pending (safe to checkpoint)."""
         return self._micro % self.grad_accum == 0

@@ -9,6 +9,7 @@ floor (:mod:`kdkit.load`), so export and teachers read checkpoints without the l
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,23 @@ import numpy as np
 import torch
 
 from kdkit.errors import KDError
+from kdkit.load import load_checkpoint
+from kdkit.train import distributed
 
-__all__ = ["rng_state", "set_rng_state", "restore_part", "cpu_copy"]
+#: plain data a checkpoint stores beside the weights (``kdkit eval/export/bench`` read them)
+RUN_INFO_KEYS = ("student_spec", "teacher_spec", "config", "input_shape", "mean", "std")
+
+__all__ = [
+    "rng_state",
+    "set_rng_state",
+    "restore_part",
+    "cpu_copy",
+    "trainer_state",
+    "resume_trainer",
+    "restore_best",
+]
+
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict[str, Any]:
@@ -65,3 +81,93 @@ def restore_part(path: Path | str, part: str, target: Any, state: Any) -> None:
             f"cannot resume from {path}: its {part} does not fit this run's ({detail}); resume "
             "with the same model, losses and optimizer, or use another checkpoint_dir"
         ) from None
+
+
+def trainer_state(trainer: Any) -> dict[str, Any]:
+    """What ``last.pt`` holds: the task's parts, the run info, optimizer, scheduler, scaler,
+    RNG, position, the unfinished epoch's loss sums, the best score and the history."""
+    scheduler = trainer.scheduler.state_dict() if trainer.scheduler is not None else None
+    info = {k: trainer.run_info.get(k) for k in RUN_INFO_KEYS}
+    for k in ("input_shape", "mean", "std"):
+        if info[k] is None:
+            info[k] = getattr(trainer.inputs, k, None)
+        info[k] = list(info[k]) if info[k] else None
+    partial = None
+    if trainer.batch_in_epoch:  # a resumed epoch's metrics row averages all of its steps
+        sums = {k: float(v) for k, v in trainer._epoch_sums.items()}
+        partial = {"sums": sums, "steps": trainer.batch_in_epoch}
+    return {
+        **trainer.task.checkpoint_state(),
+        **info,
+        "optimizer": trainer.optimizer.state_dict(),
+        "optimizer_class": type(trainer.optimizer).__name__,
+        "scheduler": scheduler,
+        "precision": trainer.precision.state_dict(),
+        "rng": rng_state(),
+        "epoch": trainer.epoch,
+        "step": trainer.step,
+        "batch_in_epoch": trainer.batch_in_epoch,
+        "epoch_partial": partial,
+        "best_top1": trainer.best_score,  # the key's old name: it holds the best_metric's value
+        "best_metric": trainer.best_metric,
+        "history": trainer.history,
+    }
+
+
+def restore_best(trainer: Any) -> None:
+    """Load the best epoch's weights into the task. Rank 0 reads them and broadcasts, so every
+    rank ends identical even without a shared file system."""
+    best = trainer._best_weights
+    if trainer.checkpoint_dir is not None:
+        distributed.barrier()  # rank 0 has finished writing best.pt
+        path = trainer.checkpoint_dir / "best.pt"
+        exists = trainer.is_main and path.exists()
+        best = load_checkpoint(path, map_location="cpu") if exists else None
+    if trainer.is_main:
+        if best is None:
+            log.warning("restore_best: no best weights were recorded; keeping the last")
+        else:
+            trainer.task.load_checkpoint_state(best, "best.pt")
+            log.info(
+                "restored the best weights (val %s %.4g)", trainer.best_metric, trainer.best_score
+            )
+    distributed.broadcast_state(trainer.task)
+
+
+def resume_trainer(trainer: Any, required: bool = True) -> bool:
+    """Load ``checkpoint_dir/last.pt`` into ``trainer``; False when there is none and
+    ``required`` is off (a missing file is an error otherwise: a typo'd directory must not
+    silently start from scratch)."""
+    if trainer.checkpoint_dir is None:
+        raise KDError("resume needs checkpoint_dir")
+    path = Path(trainer.checkpoint_dir) / "last.pt"
+    if not path.exists():
+        if required:
+            raise KDError(
+                f"resume=True but there is no checkpoint at {path}; check checkpoint_dir, "
+                "or pass resume='auto' to start from scratch when there is none"
+            )
+        log.info("no checkpoint at %s: starting from scratch", path)
+        return False
+    # on the CPU: load_state_dict copies weights to their device, and the RNG states must be
+    # CPU tensors (a CUDA map_location would break set_rng_state)
+    state = load_checkpoint(path, map_location="cpu")
+    trainer.task.load_checkpoint_state(state, str(path))
+    this = type(trainer.optimizer).__name__
+    saved = state.get("optimizer_class", this)
+    if saved != this:
+        raise KDError(
+            f"cannot resume from {path}: it was trained with {saved}, this run builds {this}; "
+            "resume with the same optimizer, or use another checkpoint_dir"
+        )
+    restore_part(path, "optimizer", trainer.optimizer, state.get("optimizer"))
+    if trainer.scheduler is not None and state["scheduler"] is not None:
+        restore_part(path, "scheduler", trainer.scheduler, state["scheduler"])
+    trainer.precision.load_state_dict(state["precision"])
+    trainer._partial = state.get("epoch_partial")
+    set_rng_state(state["rng"])
+    trainer.epoch, trainer.step = state["epoch"], state["step"]
+    trainer.batch_in_epoch = state["batch_in_epoch"]
+    trainer.best_score, trainer.history = state["best_top1"], list(state["history"])
+    log.info("resumed from %s at epoch %d, step %d", path, trainer.epoch, trainer.step)
+    return True

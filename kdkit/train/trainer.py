@@ -16,6 +16,7 @@ Checkpoints are atomic and complete (:mod:`kdkit.train.resume`), so a killed run
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from kdkit._io import check_output_path
 from kdkit.data.pipeline import InputPipeline
 from kdkit.errors import KDError
-from kdkit.load import load_checkpoint, save_checkpoint
+from kdkit.load import save_checkpoint
 from kdkit.registry import ModelSpec
 from kdkit.task import StepOutput, Task
 from kdkit.train import distributed
@@ -41,7 +42,7 @@ from kdkit.train.nan_guard import NanGuard
 from kdkit.train.optim import OptimizerArg, build_optimizer, build_scheduler
 from kdkit.train.options import RUN_INFO_KEYS, LoopOptions, split_trainer_kwargs
 from kdkit.train.precision import Precision
-from kdkit.train.resume import cpu_copy, restore_part, rng_state, set_rng_state
+from kdkit.train.resume import cpu_copy, restore_best, resume_trainer, trainer_state
 
 __all__ = ["Trainer", "StepOutput", "LoopOptions"]
 
@@ -275,7 +276,12 @@ class Trainer:
         """One optimisation step on a raw ``batch``: the task's step (through DDP when
         distributed), the NaN guard, then backward and (at accumulation boundaries) step."""
         inputs = self.inputs(batch, self.epoch)
-        with self.precision.autocast():
+        # DDP all-reduces gradients only on the micro-step that ends an accumulation
+        sync = self.precision.steps_next or not hasattr(self._ddp_step, "no_sync")
+        with (
+            self.precision.autocast(),
+            contextlib.nullcontext() if sync else self._ddp_step.no_sync(),
+        ):
             out = StepOutput(**self._ddp_step(inputs))
         self.nan_guard.record(out.loss, out.components, self.step, self.epoch)
         self.precision.backward_step(
@@ -411,39 +417,10 @@ class Trainer:
         batches = (self.inputs(b, self.epoch, augment=False) for b in loader)
         return self.task.evaluate(batches, self.precision.autocast)
 
-    # -- checkpoints ----------------------------------------------------------------------
+    # -- checkpoints (kdkit/train/resume.py) ----------------------------------------------------
     def state(self) -> dict[str, Any]:
         """Everything needed to continue exactly where training is now."""
-        scheduler = self.scheduler.state_dict() if self.scheduler is not None else None
-        info = {k: self.run_info.get(k) for k in RUN_INFO_KEYS}
-        for k in ("input_shape", "mean", "std"):
-            if info[k] is None:
-                info[k] = getattr(self.inputs, k, None)
-            info[k] = list(info[k]) if info[k] else None
-        return {
-            **self.task.checkpoint_state(),
-            **info,
-            "optimizer": self.optimizer.state_dict(),
-            "optimizer_class": type(self.optimizer).__name__,
-            "scheduler": scheduler,
-            "precision": self.precision.state_dict(),
-            "rng": rng_state(),
-            "epoch": self.epoch,
-            "step": self.step,
-            "batch_in_epoch": self.batch_in_epoch,
-            "epoch_partial": self._epoch_partial(),
-            "best_top1": self.best_score,
-            "best_metric": self.best_metric,
-            "history": self.history,
-        }
-
-    def _epoch_partial(self) -> dict[str, Any] | None:
-        """Loss sums of the unfinished epoch (floats), so a resumed epoch's metrics row
-        averages every step of the epoch, not only those after the resume."""
-        if not self.batch_in_epoch:
-            return None
-        sums = self._epoch_sums
-        return {"sums": {k: float(v) for k, v in sums.items()}, "steps": self.batch_in_epoch}
+        return trainer_state(self)
 
     def save(self, name: str = "last.pt") -> Path | None:
         """Atomically write the current state to ``checkpoint_dir/name`` (rank 0 only)."""
@@ -452,78 +429,26 @@ class Trainer:
             return None
         return save_checkpoint(self.checkpoint_dir / name, self.state())
 
-    def _is_better(self, score: float | None) -> bool:
-        if score is None:
-            return False
-        return score > self.best_score if self.higher_is_better else score < self.best_score
-
     def _save_epoch(self, row: dict[str, Any]) -> None:
         self.nan_guard.check()  # an epoch never ends with a NaN unreported
         score = row.get(f"val_{self.best_metric}")
-        is_best = self._is_better(score)
-        if is_best:
+        better = score is not None and (
+            score > self.best_score if self.higher_is_better else score < self.best_score
+        )
+        if better:
             self.best_score = score
         if self.checkpoint_dir is not None:
             self.save("last.pt")
-            if is_best:
+            if better:
                 self.save("best.pt")
-        elif is_best and self._keep_best_in_memory:
+        elif better and self._keep_best_in_memory:
             self._best_weights = {k: cpu_copy(v) for k, v in self.task.checkpoint_state().items()}
 
     def _restore_best(self) -> None:
-        """Load the best epoch's weights (see :meth:`fit`). Rank 0 reads them and broadcasts,
-        so every rank ends identical even without a shared file system."""
-        best = self._best_weights
-        if self.checkpoint_dir is not None:
-            distributed.barrier()  # rank 0 has finished writing best.pt
-            path = self.checkpoint_dir / "best.pt"
-            exists = self.is_main and path.exists()
-            best = load_checkpoint(path, map_location="cpu") if exists else None
-        if self.is_main:
-            if best is None:
-                log.warning("restore_best: no best weights were recorded; keeping the last")
-            else:
-                self.task.load_checkpoint_state(best, "best.pt")
-                log.info(
-                    "restored the best weights (val %s %.4g)", self.best_metric, self.best_score
-                )
-        distributed.broadcast_state(self.task)
+        restore_best(self)
 
     def _resume(self, required: bool = True) -> bool:
-        """Load ``last.pt``; ``False`` when there is none and ``required`` is off."""
-        if self.checkpoint_dir is None:
-            raise KDError("resume needs checkpoint_dir")
-        path = self.checkpoint_dir / "last.pt"
-        if not path.exists():
-            if required:
-                raise KDError(
-                    f"resume=True but there is no checkpoint at {path}; check checkpoint_dir, "
-                    "or pass resume='auto' to start from scratch when there is none"
-                )
-            log.info("no checkpoint at %s: starting from scratch", path)
-            return False
-        # on the CPU: load_state_dict copies weights to their device, and the RNG states
-        # must be CPU tensors (a CUDA map_location would break set_rng_state)
-        state = load_checkpoint(path, map_location="cpu")
-        self.task.load_checkpoint_state(state, str(path))
-        saved_opt = state.get("optimizer_class", type(self.optimizer).__name__)
-        if saved_opt != type(self.optimizer).__name__:
-            raise KDError(
-                f"cannot resume from {path}: it was trained with {saved_opt}, this run builds "
-                f"{type(self.optimizer).__name__}; resume with the same optimizer, or use "
-                "another checkpoint_dir"
-            )
-        restore_part(path, "optimizer", self.optimizer, state.get("optimizer"))
-        if self.scheduler is not None and state["scheduler"] is not None:
-            restore_part(path, "scheduler", self.scheduler, state["scheduler"])
-        self.precision.load_state_dict(state["precision"])
-        self._partial = state.get("epoch_partial")
-        set_rng_state(state["rng"])
-        self.epoch, self.step = state["epoch"], state["step"]
-        self.batch_in_epoch = state["batch_in_epoch"]
-        self.best_score, self.history = state["best_top1"], list(state["history"])
-        log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
-        return True
+        return resume_trainer(self, required)
 
 
 def _may_idle(task: nn.Module) -> bool:

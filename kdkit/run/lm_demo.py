@@ -1,0 +1,257 @@
+"""``kdkit demo lm``: distill a tiny Llama on the Python documentation, through ``kdkit train``.
+
+Real text (the reStructuredText sources of Debian's ``python3.11-doc``, ~11 M characters; the
+CPython standard library's own sources when that package is missing), a byte-level BPE
+tokenizer trained here, a teacher Llama trained once on the text and cached under
+``~/.cache/kdkit/lm-demo`` (as the vision demo caches its teacher), and a smaller student
+trained four ways on the same tokens: from scratch (cross-entropy) and distilled with forward
+KL, reverse KL and JSD. Every run is a ``task: lm`` config run through the same front door as
+``kdkit train`` (:func:`kdkit.run.train_run`); the table reports held-out perplexity, the
+share of the scratch-to-teacher gap each student closes, parameters and tokens/s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sysconfig
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from kdkit.config import load_config, resolve_paths
+
+__all__ = ["LMDemoConfig", "run_lm_demo", "demo_corpus"]
+
+log = logging.getLogger(__name__)
+
+DOC_DIRS = ("/usr/share/doc/python3.11/html/_sources", "/usr/share/doc/python3.11-doc")
+
+
+@dataclass(frozen=True)
+class LMDemoConfig:
+    out_dir: str = "runs/demo-lm"
+    cache_dir: str = str(
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kdkit" / "lm-demo"
+    )
+    chars: int = 2_000_000  # of the corpus, split 90/5/5 into train / val / test
+    vocab: int = 2048
+    max_length: int = 128
+    batch_size: int = 16
+    teacher: tuple[int, int, int] = (192, 4, 4)  # hidden, layers, heads
+    student: tuple[int, int, int] = (96, 2, 2)
+    teacher_epochs: int = 3
+    student_epochs: int = 1
+    lr: float = 3e-3
+    seed: int = 0
+    divergences: tuple[str, ...] = ("fkl", "rkl", "jsd")
+    retrain: bool = False
+    progress: bool = True
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> LMDemoConfig:
+        return replace(cls(chars=400_000, teacher_epochs=2, divergences=("fkl",)), **overrides)
+
+
+def demo_corpus() -> tuple[list[Path], str]:
+    """The demo's text files and where they come from."""
+    for root in DOC_DIRS:
+        files = sorted(Path(root).rglob("*.txt")) + sorted(Path(root).rglob("*.rst"))
+        if files:
+            return files, f"Python documentation sources ({root})"
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.glob("*.py"))
+    return (
+        files,
+        f"CPython standard library sources ({stdlib}; apt-get install python3.11-doc for the docs)",
+    )
+
+
+def _write_splits(cfg: LMDemoConfig, root: Path) -> tuple[Path, Path, Path, str]:
+    files, source = demo_corpus()
+    docs = []
+    for f in files:
+        try:
+            docs.append(f.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+    random.Random(cfg.seed).shuffle(docs)
+    text = "\n\n".join(docs)[: cfg.chars]
+    cut1, cut2 = int(len(text) * 0.9), int(len(text) * 0.95)
+    out = []
+    for name, part in (("train", text[:cut1]), ("val", text[cut1:cut2]), ("test", text[cut2:])):
+        path = root / f"{name}.txt"
+        path.write_text(part, encoding="utf-8")
+        out.append(path)
+    return out[0], out[1], out[2], source
+
+
+def _llama_folder(path: Path, tokenizer: Any, shape: tuple[int, int, int], ctx: int) -> Path:
+    from transformers import LlamaConfig
+
+    hidden, layers, heads = shape
+    path.mkdir(parents=True, exist_ok=True)
+    LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=ctx,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _run(cfg: LMDemoConfig, name: str, student: Path, teacher: Path | None, files, **distill):
+    """One ``task: lm`` config through kdkit train's front door; returns (result, seconds)."""
+    from kdkit.run import train_run
+
+    train, val, _ = files
+    epochs = distill.pop("epochs")
+    data = {
+        "task": "lm",
+        "name": name,
+        "student": {"model": f"hf-config:{student}"},
+        "teacher": None if teacher is None else {"model": f"hf:{teacher}"},
+        "data": {
+            "text_files": [str(train)],
+            "val": {"text_files": [str(val)]},
+            "max_length": cfg.max_length,
+            "batch_size": cfg.batch_size,
+        },
+        "distill": distill,
+        "train": {
+            "epochs": epochs,
+            "seed": cfg.seed,
+            "optimizer": {"name": "AdamW", "lr": cfg.lr, "weight_decay": 0.01},
+            "scheduler": {"name": "CosineAnnealingLR", "interval": "step"},
+            "max_grad_norm": 1.0,
+            "progress": cfg.progress,
+        },
+        "run_dir": str(Path(cfg.out_dir) / name),
+    }
+    run_cfg = resolve_paths(load_config(data=data))
+    start = time.perf_counter()
+    result = train_run(run_cfg)
+    return result, time.perf_counter() - start
+
+
+def _test_ppl(run_dir: Path, test: Path) -> dict[str, float]:
+    import torch
+
+    from kdkit.run.lm_tools import evaluate_lm_run
+
+    return evaluate_lm_run(run_dir, torch.device("cpu"), teacher=False, data=[str(test)])["student"]
+
+
+def run_lm_demo(cfg: LMDemoConfig) -> Path:
+    """Run the demo; returns the path of its Markdown report (also printed by the CLI)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from kdkit.lm.tokenizer import train_bpe_tokenizer
+
+    out = Path(cfg.out_dir)
+    if out.exists():
+        shutil.rmtree(out)  # the demo's own directory: every run starts clean
+    out.mkdir(parents=True)
+    data_dir = out / "data"
+    data_dir.mkdir()
+    train, val, test, source = _write_splits(cfg, data_dir)
+    cache = Path(cfg.cache_dir)
+    key = (
+        f"v1-{cfg.chars}-{cfg.vocab}-{cfg.max_length}-{cfg.teacher}-{cfg.teacher_epochs}-{cfg.seed}"
+    )
+    teacher_dir = cache / key / "teacher"
+    start = time.perf_counter()
+    if cfg.retrain or not (teacher_dir / "config.json").is_file():
+        tok_dir = train_bpe_tokenizer([train], cfg.vocab, cache / key / "tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+        init = _llama_folder(cache / key / "teacher-init", tokenizer, cfg.teacher, cfg.max_length)
+        result, _ = _run(cfg, "teacher", init, None, (train, val, test), epochs=cfg.teacher_epochs)
+        from kdkit.run.lm_tools import export_hf
+
+        if teacher_dir.exists():
+            shutil.rmtree(teacher_dir)
+        export_hf(result.run_dir, teacher_dir)
+    teacher_s = time.perf_counter() - start
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir), local_files_only=True)
+    student_dir = _llama_folder(out / "student-init", tokenizer, cfg.student, cfg.max_length)
+    rows = []
+    runs = [("scratch", None, {"epochs": cfg.student_epochs})]
+    runs += [
+        (f"kd-{d}", teacher_dir, {"epochs": cfg.student_epochs, "divergence": d})
+        for d in cfg.divergences
+    ]
+    for name, teacher, distill in runs:
+        result, wall = _run(cfg, name, student_dir, teacher, (train, val, test), **distill)
+        scores = _test_ppl(result.run_dir, test)
+        tok_s = result.history[-1].get("tok_per_s", 0.0)
+        rows.append((name, scores["ppl"], tok_s, wall))
+    teacher_ppl = _teacher_test_ppl(teacher_dir, test, cfg)
+    return _report(cfg, out, source, rows, teacher_ppl, teacher_dir, student_dir, teacher_s)
+
+
+def _teacher_test_ppl(teacher_dir: Path, test: Path, cfg: LMDemoConfig) -> float:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from kdkit.lm.align import Aligner
+    from kdkit.lm.data import load_lm_dataset
+    from kdkit.lm.models import load_lm
+    from kdkit.lm.task import LMTask
+
+    model, tok = load_lm(f"hf:{teacher_dir}")
+    ds = load_lm_dataset([test], tok, max_length=cfg.max_length, overflow="split")
+    loader = DataLoader(
+        ds, batch_size=cfg.batch_size, collate_fn=Aligner(tok.pad_token_id, cfg.max_length)
+    )
+    with torch.no_grad():
+        return LMTask(model, None).evaluate(iter(loader))["ppl"]
+
+
+def _params(folder: Path) -> int:
+    from kdkit.lm.models import load_lm
+
+    model, _ = load_lm(f"hf-config:{folder}")
+    return sum(p.numel() for p in model.parameters())
+
+
+def _report(cfg, out, source, rows, teacher_ppl, teacher_dir, student_dir, teacher_s) -> Path:
+    scratch = next(r[1] for r in rows if r[0] == "scratch")
+    n_teacher, n_student = _params(teacher_dir), _params(student_dir)
+    lines = [
+        "# kdkit demo lm",
+        "",
+        f"Corpus: {source}, {cfg.chars:,} characters (90% train, 5% val, 5% test). "
+        f"Byte-level BPE, {cfg.vocab} tokens, rows of {cfg.max_length}. "
+        f"Students: {cfg.student_epochs} epoch(s) on the same tokens, chosen on val, scored on test.",
+        "",
+        "| model | params | test perplexity | gap closed | tokens/s (train) | wall (s) |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| teacher | {n_teacher:,} | {teacher_ppl:.2f} | - | - | {teacher_s:.0f} (cached after the first run) |",
+    ]
+    for name, ppl, tok_s, wall in rows:
+        gap = (
+            "-"
+            if name == "scratch"
+            else f"{(scratch - ppl) / max(scratch - teacher_ppl, 1e-9):.0%}"
+        )
+        lines.append(
+            f"| student, {name} | {n_student:,} | {ppl:.2f} | {gap} | {tok_s:,.0f} | {wall:.0f} |"
+        )
+    lines += ["", "gap closed = (scratch - student) / (scratch - teacher) test perplexity.", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    (out / "results.json").write_text(json.dumps({"rows": rows, "teacher_ppl": teacher_ppl}))
+    return path
