@@ -6,7 +6,8 @@ A model spec is a string ``"PREFIX:NAME"`` plus plain keyword values::
 
 Registered prefixes build models without running anything the file chose:
 
-- ``kdkit:NAME``       a builder registered with :func:`register_model` (``kdkit.models``)
+- ``kdkit:NAME``       a builder in ``kdkit.models.MODELS`` or one registered with
+  :func:`register_model`
 - ``torchvision:NAME`` ``torchvision.models.get_model(NAME, **kwargs)``
 - ``timm:NAME``        ``timm.create_model(NAME, **kwargs)`` (extra ``timm``)
 - ``open_clip:NAME``   ``open_clip.create_model(NAME, **kwargs)`` (extra ``clip``)
@@ -35,6 +36,7 @@ from torch import nn
 
 from kdkit._io import state_checksum
 from kdkit.errors import KDError, closest_names
+from kdkit.models import MODELS
 
 __all__ = [
     "ModelSpec",
@@ -52,7 +54,7 @@ __all__ = [
 Builder = Callable[..., nn.Module]
 # prefix -> function(name) -> builder (raises KDError for an unknown name)
 _RESOLVERS: dict[str, Callable[[str], Builder]] = {}
-_KDKIT_MODELS: dict[str, Builder] = {}
+_KDKIT_MODELS: dict[str, Builder] = {}  # users' register_model builders (kdkit's: MODELS)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -159,8 +161,7 @@ def register_model(fn: Builder | None = None, *, name: str | None = None) -> Any
 def list_models(prefix: str = "kdkit") -> list[str]:
     """Names buildable under ``prefix`` (may import the optional package)."""
     if prefix == "kdkit":
-        _load_kdkit_models()
-        return sorted(_KDKIT_MODELS)
+        return sorted(_kdkit_models())
     if prefix == "torchvision":
         import torchvision
 
@@ -172,8 +173,9 @@ def list_models(prefix: str = "kdkit") -> list[str]:
     raise KDError(f"unknown model prefix {prefix!r}; known: {sorted(_RESOLVERS)}")
 
 
-def _load_kdkit_models() -> None:
-    importlib.import_module("kdkit.models")  # its @register_model decorators fill the table
+def _kdkit_models() -> dict[str, Builder]:
+    """kdkit's own models, then the user's (a user's builder of the same name wins)."""
+    return {**MODELS, **_KDKIT_MODELS}
 
 
 def _unknown(prefix: str, name: str, names: list[str]) -> KDError:
@@ -183,10 +185,10 @@ def _unknown(prefix: str, name: str, names: list[str]) -> KDError:
 
 
 def _resolve_kdkit(name: str) -> Builder:
-    _load_kdkit_models()
-    if name not in _KDKIT_MODELS:
-        raise _unknown("kdkit", name, sorted(_KDKIT_MODELS))
-    return _KDKIT_MODELS[name]
+    models = _kdkit_models()
+    if name not in models:
+        raise _unknown("kdkit", name, sorted(models))
+    return models[name]
 
 
 def _resolve_torchvision(name: str) -> Builder:

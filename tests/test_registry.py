@@ -109,3 +109,28 @@ def test_a_kdkit_checkpoint_as_weights_is_checksummed(tmp_path):
     torch.save(state, path)
     with pytest.raises(KDError, match="fails its checksum"):
         load_weights(build_model("kdkit:fmnist_student"), path)
+
+
+def test_the_model_zoo_is_a_plain_table_and_user_builders_still_register(monkeypatch):
+    import ast
+    import inspect
+
+    import kdkit.models
+    from kdkit import registry
+
+    tree = ast.parse(inspect.getsource(kdkit.models))
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m and m.startswith("kdkit")]
+    assert set(kdkit.models.MODELS) == {"fmnist_teacher", "fmnist_student"}
+
+    monkeypatch.setattr(registry, "_KDKIT_MODELS", {})
+
+    @registry.register_model(name="tiny_linear")
+    def tiny(width: int = 3) -> nn.Module:
+        return nn.Linear(2, width)
+
+    assert build_model({"model": "kdkit:tiny_linear", "kwargs": {"width": 5}}).out_features == 5
+    assert list_models("kdkit") == ["fmnist_student", "fmnist_teacher", "tiny_linear"]
+    with pytest.raises(KDError, match="did you mean"):
+        build_model("kdkit:tiny_linea")
