@@ -134,3 +134,17 @@ def test_the_model_zoo_is_a_plain_table_and_user_builders_still_register(monkeyp
     assert list_models("kdkit") == ["fmnist_student", "fmnist_teacher", "tiny_linear"]
     with pytest.raises(KDError, match="did you mean"):
         build_model("kdkit:tiny_linea")
+
+
+def test_the_weights_file_half_lives_in_load_and_registry_still_names_it():
+    import kdkit.load
+    from kdkit import registry
+    from kdkit.capture import _strip_prefixes
+
+    for name in ("strip_wrapper_prefixes", "read_state_dict", "load_weights"):
+        assert getattr(registry, name) is getattr(kdkit.load, name)
+    keys = ["module._orig_mod.a", "_orig_mod.module.b.c", "d._orig_mod.e", "f"]
+    stripped = kdkit.load.strip_wrapper_prefixes(dict.fromkeys(keys, 0))
+    assert list(stripped) == [_strip_prefixes(k) for k in keys] == ["a", "b.c", "d.e", "f"]
+    with pytest.raises(AttributeError):
+        registry.load_weight  # noqa: B018
