@@ -34,24 +34,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
-import json
 import logging
 import os
 import tempfile
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from multiprocessing import Pool
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
+from _harness import Row, Skip, cycle, markdown, ratios, run_row, stepped, sync, versions
+from _synthetic import decode_all, make_jpeg_folder, resident_batches, tiny_cnn
 from torch import nn
 
 from kdkit import Distiller, SoftTargetKL, Trainer
@@ -59,7 +55,6 @@ from kdkit._io import atomic_write_json
 from kdkit.bench import describe_device
 from kdkit.cache import CachedTeacher, precompute
 from kdkit.data import ArrayDataset, Batch, ImageFolderManager, ViewSampler, prepare_input, to_float
-from kdkit.data.decode import ImageDecoder, read_image_bytes
 from kdkit.errors import KDError
 from kdkit.teachers import TorchTeacher
 
@@ -90,36 +85,15 @@ class Setup:
     data_dir: str
 
 
-@dataclass
-class Row:
-    phase: str
-    path: str
-    img_per_s: float | None
-    vs_naive: float | None = None
-    peak_mem_gib: float | None = None
-    note: str = ""
-
-
-class Skip(Exception):
-    """A row this machine cannot run (no CUDA, a backend not installed): listed, not an error."""
-
-
 # -- models ---------------------------------------------------------------------------------
-def _tiny(widths: tuple[int, ...], classes: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    c_in = 3
-    for i, w in enumerate(widths):
-        layers += [nn.Conv2d(c_in, w, 3, stride=1 if i == 0 else 2, padding=1), nn.BatchNorm2d(w)]
-        layers.append(nn.ReLU())
-        c_in = w
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, classes))
-
-
 def build_models(setup: Setup) -> tuple[nn.Module, nn.Module, str]:
     """(teacher, student, description), random weights, on the device."""
     torch.manual_seed(0)
     if setup.small:
-        teacher, student = _tiny((16, 32, 32), setup.num_classes), _tiny((8, 16), setup.num_classes)
+        teacher, student = (
+            tiny_cnn((16, 32, 32), setup.num_classes),
+            tiny_cnn((8, 16), setup.num_classes),
+        )
         name = "tiny CNN (3 convs) -> tiny CNN (2 convs)"
     else:
         teacher = torchvision.models.resnet152(num_classes=setup.num_classes)
@@ -138,108 +112,6 @@ class TimmStudent(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
-
-
-# -- data -----------------------------------------------------------------------------------
-def _jpeg(args: tuple[Path, int, int, int]) -> None:
-    """One smooth synthetic photo-like JPEG (quality 90): blocks of colour, blurred, with noise,
-    so it compresses like a photo (~100 KB at 500x375) rather than like white noise."""
-    path, seed, w, h = args
-    rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 256, (h // 24 + 2, w // 24 + 2, 3), dtype=np.uint8))
-    base = np.asarray(coarse.resize((w, h), Image.BICUBIC), dtype=np.int16)
-    noisy = np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
-    Image.fromarray(noisy).save(path, "JPEG", quality=90)
-
-
-def make_jpeg_folder(setup: Setup) -> Path:
-    """``data_dir/train/cNN/*.jpg`` (+ one ``val`` image per class), reused when complete."""
-    root = Path(setup.data_dir)
-    spec = {
-        "images": setup.images,
-        "w": setup.image_w,
-        "h": setup.image_h,
-        "classes": setup.num_classes,
-    }
-    marker = root / "complete.json"
-    if marker.is_file() and json.loads(marker.read_text()) == spec:
-        return root
-    jobs = []
-    for i in range(setup.images):
-        folder = root / "train" / f"c{i % setup.num_classes:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        jobs.append((folder / f"{i:06d}.jpg", i, setup.image_w, setup.image_h))
-    for c in range(setup.num_classes):
-        (root / "val" / f"c{c:03d}").mkdir(parents=True, exist_ok=True)
-        jobs.append((root / "val" / f"c{c:03d}" / "v.jpg", 10**7 + c, setup.image_w, setup.image_h))
-    t0 = time.perf_counter()
-    if setup.workers > 1:
-        with Pool(setup.workers) as pool:
-            pool.map(_jpeg, jobs, chunksize=64)
-    else:
-        for job in jobs:
-            _jpeg(job)
-    log.info("wrote %d JPEGs to %s in %.1f s", len(jobs), root, time.perf_counter() - t0)
-    marker.write_text(json.dumps(spec))
-    return root
-
-
-def decode_all(setup: Setup, samples: list[tuple[Path, int]]) -> torch.Tensor:
-    """Every training image at the working size, uint8 on the CPU, in the loaders' order."""
-    backend = "gpu" if setup.device.startswith("cuda") else "cpu"
-    decoder = ImageDecoder(setup.work_size, backend=backend, device=setup.device)
-    out = []
-    for b0 in range(0, len(samples), 256):
-        chunk = decoder([read_image_bytes(p) for p, _ in samples[b0 : b0 + 256]])
-        if chunk.failures:
-            raise KDError(f"generated images failed to decode: {chunk.failures[:3]}")
-        out.append(chunk.images.cpu())
-    return torch.cat(out)
-
-
-def cycle(loader: Any) -> Iterator[Any]:
-    """Batches of ``loader`` over as many epochs as asked for."""
-    for epoch in itertools.count():
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        yield from loader
-
-
-def resident_batches(images: torch.Tensor, labels: torch.Tensor, batch: int) -> Iterator[Batch]:
-    """Random batches gathered from GPU-resident images; labels and indices stay on the host
-    (as kdkit's loaders yield them: the trainer reads them without a device sync)."""
-    g = torch.Generator().manual_seed(0)
-    n = images.shape[0]
-    while True:
-        for idx in torch.randperm(n, generator=g).split(batch):
-            if len(idx) == batch:
-                yield Batch(images[idx.to(images.device, non_blocking=True)], labels[idx], idx)
-
-
-# -- timing ---------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(step: Callable[[Any], Any], batches: Iterator[Any], setup: Setup) -> float:
-    """img/s of ``step`` over ``setup.steps`` batches after ``setup.warmup``."""
-    device = torch.device(setup.device)
-    for _ in range(setup.warmup):
-        step(next(batches))
-    _sync(device)
-    images, start = 0, time.perf_counter()
-    for _ in range(setup.steps):
-        batch = next(batches)
-        step(batch)
-        images += len(batch[0])
-    _sync(device)
-    return images / (time.perf_counter() - start)
-
-
-def stepped(make: Callable[[], tuple[Callable, Iterator]], setup: Setup) -> Callable[[], float]:
-    """A row that times a step function over batches."""
-    return lambda: measure(*make(), setup)
 
 
 # -- the rows' steps ------------------------------------------------------------------------
@@ -391,44 +263,6 @@ class Bench:
         return step
 
 
-def _peak_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def run_row(
-    rows: list[Row], phase: str, path: str, rate: Callable[[], float], setup: Setup, strict: bool
-) -> None:
-    """Time one row (``rate()`` returns img/s) and append it, or why it did not run."""
-    device = torch.device(setup.device)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    try:
-        rows.append(Row(phase, path, rate(), peak_mem_gib=_peak_gib(device)))
-    except Skip as why:
-        rows.append(Row(phase, path, None, note=f"skipped: {why}"))
-    except Exception as err:  # a row's failure is a result; --strict makes it fatal
-        if strict:
-            raise
-        log.error("row %r failed:\n%s", path, traceback.format_exc())
-        rows.append(Row(phase, path, None, note=f"failed: {type(err).__name__}: {err}"[:300]))
-    last = rows[-1]
-    log.info(
-        "%s | %s: %s (%.0f s)", phase, path, last.img_per_s or last.note, time.perf_counter() - t0
-    )
-
-
-def _ratios(rows: list[Row]) -> None:
-    for phase in dict.fromkeys(r.phase for r in rows):
-        base = next(
-            (r.img_per_s for r in rows if r.phase == phase and r.path.startswith("naive")), None
-        )
-        for r in rows:
-            if r.phase == phase and base and r.img_per_s and not r.path.startswith("loader"):
-                r.vs_naive = r.img_per_s / base
-
-
 # -- the two phases -------------------------------------------------------------------------
 def phase_tensors(
     b: Bench,
@@ -447,7 +281,9 @@ def phase_tensors(
         return resident_batches(dev_images, labels, setup.batch)
 
     def row(path: str, make: Callable[[], tuple[Callable, Iterator]]) -> None:
-        run_row(rows, phase, path, stepped(make, setup), setup, strict)
+        run_row(
+            rows, phase, path, stepped(make, b.device, setup.warmup, setup.steps), b.device, strict
+        )
 
     def kd(teacher_fn: Callable[[], Any], compile: bool) -> Callable[[], tuple[Callable, Iterator]]:
         return lambda: (b.trainer(teacher_fn(), compile).train_step, data())
@@ -484,7 +320,7 @@ def phase_tensors(
             progress=False,
             overwrite=True,
         )
-        _sync(b.device)
+        sync(b.device)
         return len(dataset) * NUM_VIEWS / (time.perf_counter() - start)
 
     b.cache_dir = workdir / "cache"
@@ -493,7 +329,7 @@ def phase_tensors(
         phase,
         f"kdkit.cache.precompute, {NUM_VIEWS} views, teacher bf16+cl {tag}",
         precompute_rate,
-        setup,
+        b.device,
         strict,
     )
     row(f"kdkit cached replay (student {tag})", kd(lambda: _cached(b), setup.compile))
@@ -552,7 +388,9 @@ def phase_files(b: Bench, root: Path, rows: list[Row], strict: bool) -> None:
     best = "gpu" if cuda else "cpu"
 
     def row(path: str, make: Callable[[], tuple[Callable, Iterator]]) -> None:
-        run_row(rows, phase, path, stepped(make, setup), setup, strict)
+        run_row(
+            rows, phase, path, stepped(make, b.device, setup.warmup, setup.steps), b.device, strict
+        )
 
     row(
         "naive: fp32 eager + PIL loader (the tutorials' data path)",
@@ -571,35 +409,6 @@ def phase_files(b: Bench, root: Path, rows: list[Row], strict: bool) -> None:
         )
     row(f"kdkit cached replay ({tag}), decode={best}", trainer_row(lambda: _cached(b), best))
     row(f"student alone ({tag}), decode={best}", trainer_row(lambda: None, best))
-
-
-# -- report ---------------------------------------------------------------------------------
-def markdown(result: dict[str, Any]) -> str:
-    lines = [f"device: {result['device']}", result["versions"], result["workload"], ""]
-    for phase in dict.fromkeys(r["phase"] for r in result["rows"]):
-        lines += [
-            f"### {phase}",
-            "",
-            "| path | img/s | vs naive | peak GiB | note |",
-            "|---|---:|---:|---:|---|",
-        ]
-        for r in (r for r in result["rows"] if r["phase"] == phase):
-            rate = f"{r['img_per_s']:,.1f}" if r["img_per_s"] else "-"
-            ratio = f"{r['vs_naive']:.2f}x" if r["vs_naive"] else "-"
-            mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
-            lines.append(f"| {r['path']} | {rate} | {ratio} | {mem} | {r['note']} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _versions() -> str:
-    parts = [f"torch {torch.__version__}", f"torchvision {torchvision.__version__}"]
-    for mod in ("timm", "onnxruntime", "tensorrt"):
-        try:
-            parts.append(f"{mod} {__import__(mod).__version__}")
-        except ImportError:
-            parts.append(f"{mod} -")
-    return ", ".join(parts) + f"; load average {os.getloadavg()[0]:.2f}"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -670,12 +479,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _run(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
     teacher, student, models = build_models(setup)
-    root = make_jpeg_folder(setup)
+    root = make_jpeg_folder(
+        setup.data_dir, setup.images, setup.image_w, setup.image_h, setup.num_classes, setup.workers
+    )
     probe = ImageFolderManager(
         root, size=setup.size, batch_size=setup.batch, workers=0, decode="cpu", device="cpu"
     )
     samples = probe.train_loader.encoded.samples
-    images = decode_all(setup, samples)
+    images = decode_all(samples, setup.work_size, setup.device)
     labels = torch.tensor([y for _, y in samples], dtype=torch.int64)
     bench = Bench(setup, teacher, student)
     rows: list[Row] = []
@@ -683,10 +494,10 @@ def _run(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
         phase_tensors(bench, images, labels, Path(work), rows, args.strict)
         if not args.skip_files:
             phase_files(bench, root, rows, args.strict)
-    _ratios(rows)
+    ratios(rows)
     return {
         "device": describe_device(setup.device),
-        "versions": _versions(),
+        "versions": versions(),
         "workload": (
             f"{models}, {setup.size} px (views cropped from {setup.work_size} px), batch "
             f"{setup.batch}, {setup.warmup} warm-up + {setup.steps} timed steps per row, "

@@ -3,7 +3,8 @@
 No CLIP weights can be fetched here, so the tutorial's structure is rebuilt with a teacher we
 train: the demo's ResNet-style teacher (kdkit/demo.py, cached under ~/.cache/kdkit/demo),
 cut at its penultimate layer, plays OpenCLIP's image encoder. Every row goes through
-:class:`kdkit.teachers.ClipTeacher` (its probe is fitted by ``fit_probe``) and kdkit's Trainer.
+:class:`kdkit.teachers.ClipTeacher` (its probe is fitted by
+``kdkit.run.clip_probe.fit_probe``) and kdkit's Trainer.
 
   1 probe-teacher   the frozen teacher embedding (256-d) + a linear probe on 1k labels
   2 kd-logits       student distilled from row 1's logits, 1k labeled + 59k unlabeled
@@ -49,6 +50,7 @@ from kdkit.demo import INPUT_SHAPE, DemoConfig, _teacher, _views
 from kdkit.distiller import Distiller
 from kdkit.losses import CosineEmbedding, FeatureMSE, SoftTargetKL
 from kdkit.models import fmnist_student
+from kdkit.run.clip_probe import embed, fit_probe
 from kdkit.teachers import ClipTeacher, OnnxTeacher
 from kdkit.train.trainer import Trainer
 
@@ -114,13 +116,13 @@ def top1(model: nn.Module, data) -> float:
 
 
 def probe_top1(teacher: ClipTeacher, data) -> float:
-    emb, labels = teacher.embed(data, **NORM)
+    emb, labels = embed(teacher, data, **NORM)
     return 100.0 * float((teacher.head(emb).argmax(1) == labels).float().mean())
 
 
 def probe(encoder: nn.Module, labeled, lr: float, epochs: int, seed: int) -> ClipTeacher:
     t = ClipTeacher.linear_probe(encoder, FASHION_MNIST_CLASSES)
-    t.fit_probe(labeled, epochs=epochs, lr=lr, seed=seed, device="cpu", **NORM)
+    fit_probe(t, labeled, epochs=epochs, lr=lr, seed=seed, device="cpu", **NORM)
     return t
 
 

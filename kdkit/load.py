@@ -18,8 +18,12 @@ The checksum covers every tensor's bytes, dtype and shape and every plain value,
 exponent bit in a weight (weights off by 1e37 that would load, resume and export) is refused.
 Version 1 files (no role, no checksum, ``{"factory": "pkg.mod:fn"}`` specs) still load.
 
-This module sits on the ground floor (torch, registry, _io): the teacher factory, export,
-bench and the trainer all read checkpoints through it.
+It also reads plain weights files (:func:`read_state_dict`, :func:`load_weights`: a
+``.safetensors`` file, another trainer's ``{"state_dict": ...}``, or a kdkit checkpoint,
+checksummed like any load of it).
+
+This module sits on the ground floor (torch, registry, capture, _io): the teacher factory,
+export, bench and the trainer all read checkpoints through it.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ import torch
 from torch import nn
 
 from kdkit._io import atomic_torch_save, state_checksum
+from kdkit.capture import _strip_prefixes
 from kdkit.errors import KDError
-from kdkit.registry import ModelSpec, build_model, strip_wrapper_prefixes
+from kdkit.registry import ModelSpec, _import_optional, build_model
 
 __all__ = [
     "FORMAT",
@@ -44,8 +49,11 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "load_student",
+    "load_weights",
+    "read_state_dict",
     "save_checkpoint",
     "spec_from_text",
+    "strip_wrapper_prefixes",
 ]
 
 FORMAT = "kdkit-checkpoint"
@@ -209,3 +217,68 @@ def load_student(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """:func:`load_model` with ``role="student"`` (the trained student of a Trainer run)."""
     return load_model(checkpoint_path, role="student", trust_code=trust_code)
+
+
+# -- weights files (any state dict: a kdkit checkpoint, safetensors, other trainers') --
+
+
+def strip_wrapper_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) from state-dict keys."""
+    return {_strip_prefixes(key): value for key, value in state.items()}
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """A state dict from a ``.safetensors`` file or a torch file (``weights_only=True``).
+
+    A torch file holding ``{"state_dict": ...}`` or ``{"model": ...}`` (common trainer
+    layouts) or a kdkit checkpoint (``"student"`` or ``"teacher"``) is unwrapped to the state
+    dict inside.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise KDError(f"no weights file at {path}")
+    if path.suffix == ".safetensors":
+        st = _import_optional("safetensors.torch", "safetensors")
+        try:
+            return dict(st.load_file(str(path)))
+        except Exception as err:
+            raise KDError(f"{path} is not a readable safetensors file ({err})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise KDError(f"{path} is not a readable torch weights file ({err})") from None
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        _verify_kdkit_checkpoint(obj, path)
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model", "student", "teacher"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner:
+                obj = inner
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise KDError(f"{path} does not hold a state dict (name -> tensor)")
+    return dict(obj)
+
+
+def _verify_kdkit_checkpoint(obj: Mapping[str, Any], path: Path) -> None:
+    """A kdkit checkpoint used as a weights file is checked like any other load of it."""
+    if obj.get("version", 0) >= 2 and obj.get("checksum") != checksum(obj):
+        raise KDError(
+            f"{path} fails its checksum: its weights were modified or corrupted after it was "
+            "written; use another checkpoint"
+        )
+
+
+def load_weights(module: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
+    """Load a weights file into ``module``; a mismatch names the missing/unexpected keys."""
+    state = strip_wrapper_prefixes(read_state_dict(path))
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatch
+        raise KDError(f"{path}: the weights do not fit {type(module).__name__}: {err}") from None
+    if strict and (result.missing_keys or result.unexpected_keys):
+        raise KDError(
+            f"{path}: the weights do not fit {type(module).__name__}: missing "
+            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    return module

@@ -4,15 +4,20 @@
 plain CNN with roughly 15x fewer parameters. Both take (N, C, H, W) float input and return
 logits; both are ordinary ``nn.Module`` classes, so ``named_modules()`` names
 (``"stages.3"``, ``"features.2"``...) can be used for feature pairs.
+
+This module imports nothing from kdkit: it is on the ground floor, and ends with a plain
+``MODELS`` table that :mod:`kdkit.registry` reads with an ordinary import (``kdkit:NAME``).
+Registering by decorator here made registry and models a circle, and made the table an
+import side effect.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
-from kdkit.registry import register_model
-
-__all__ = ["ResNetCNN", "SmallCNN", "fmnist_teacher", "fmnist_student"]
+__all__ = ["MODELS", "ResNetCNN", "SmallCNN", "fmnist_teacher", "fmnist_student"]
 
 
 def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -88,13 +93,18 @@ class SmallCNN(nn.Module):
         return self.fc(self.pool(self.features(x)))
 
 
-@register_model
 def fmnist_teacher(num_classes: int = 10, in_channels: int = 1) -> ResNetCNN:
     """The demo teacher: about 1.2M parameters."""
     return ResNetCNN(num_classes, in_channels)
 
 
-@register_model
 def fmnist_student(num_classes: int = 10, in_channels: int = 1) -> SmallCNN:
     """The demo student: about 15x fewer parameters than :func:`fmnist_teacher`."""
     return SmallCNN(num_classes, in_channels)
+
+
+# what ``kdkit:NAME`` builds; users' own ``register_model`` builders live in the registry
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "fmnist_teacher": fmnist_teacher,
+    "fmnist_student": fmnist_student,
+}

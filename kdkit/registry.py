@@ -6,7 +6,8 @@ A model spec is a string ``"PREFIX:NAME"`` plus plain keyword values::
 
 Registered prefixes build models without running anything the file chose:
 
-- ``kdkit:NAME``       a builder registered with :func:`register_model` (``kdkit.models``)
+- ``kdkit:NAME``       a builder in ``kdkit.models.MODELS`` or one registered with
+  :func:`register_model`
 - ``torchvision:NAME`` ``torchvision.models.get_model(NAME, **kwargs)``
 - ``timm:NAME``        ``timm.create_model(NAME, **kwargs)`` (extra ``timm``)
 - ``open_clip:NAME``   ``open_clip.create_model(NAME, **kwargs)`` (extra ``clip``)
@@ -25,35 +26,32 @@ trust).
 from __future__ import annotations
 
 import importlib
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from kdkit._io import state_checksum
 from kdkit.errors import KDError, closest_names
+from kdkit.models import MODELS
 
 __all__ = [
     "ModelSpec",
     "build_model",
     "check_plain",
     "list_models",
-    "load_weights",
-    "read_state_dict",
+    "load_weights",  # noqa: F822  (kdkit.load, through __getattr__)
+    "read_state_dict",  # noqa: F822
     "register_builder",
     "register_model",
     "resolve_python_callable",
-    "strip_wrapper_prefixes",
+    "strip_wrapper_prefixes",  # noqa: F822
 ]
 
 Builder = Callable[..., nn.Module]
 # prefix -> function(name) -> builder (raises KDError for an unknown name)
 _RESOLVERS: dict[str, Callable[[str], Builder]] = {}
-_KDKIT_MODELS: dict[str, Builder] = {}
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_KDKIT_MODELS: dict[str, Builder] = {}  # users' register_model builders (kdkit's: MODELS)
 
 
 @dataclass(frozen=True)
@@ -159,8 +157,7 @@ def register_model(fn: Builder | None = None, *, name: str | None = None) -> Any
 def list_models(prefix: str = "kdkit") -> list[str]:
     """Names buildable under ``prefix`` (may import the optional package)."""
     if prefix == "kdkit":
-        _load_kdkit_models()
-        return sorted(_KDKIT_MODELS)
+        return sorted(_kdkit_models())
     if prefix == "torchvision":
         import torchvision
 
@@ -172,8 +169,9 @@ def list_models(prefix: str = "kdkit") -> list[str]:
     raise KDError(f"unknown model prefix {prefix!r}; known: {sorted(_RESOLVERS)}")
 
 
-def _load_kdkit_models() -> None:
-    importlib.import_module("kdkit.models")  # its @register_model decorators fill the table
+def _kdkit_models() -> dict[str, Builder]:
+    """kdkit's own models, then the user's (a user's builder of the same name wins)."""
+    return {**MODELS, **_KDKIT_MODELS}
 
 
 def _unknown(prefix: str, name: str, names: list[str]) -> KDError:
@@ -183,10 +181,10 @@ def _unknown(prefix: str, name: str, names: list[str]) -> KDError:
 
 
 def _resolve_kdkit(name: str) -> Builder:
-    _load_kdkit_models()
-    if name not in _KDKIT_MODELS:
-        raise _unknown("kdkit", name, sorted(_KDKIT_MODELS))
-    return _KDKIT_MODELS[name]
+    models = _kdkit_models()
+    if name not in models:
+        raise _unknown("kdkit", name, sorted(models))
+    return models[name]
 
 
 def _resolve_torchvision(name: str) -> Builder:
@@ -279,79 +277,12 @@ def build_model(spec: Any, *, trust_code: bool = False, where: str = "model spec
     return module
 
 
-# -- weights files ----------------------------------------------------------------------
+# The weights-file half (strip_wrapper_prefixes, read_state_dict, load_weights) lives next to
+# the checkpoint code in kdkit.load, which imports this module: re-exported lazily.
+_MOVED_TO_LOAD = ("strip_wrapper_prefixes", "read_state_dict", "load_weights")
 
 
-def strip_wrapper_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) from state-dict keys."""
-    out = {}
-    for key, value in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix) :], True
-        out[key.replace("._orig_mod.", ".")] = value
-    return out
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
-    """A state dict from a ``.safetensors`` file or a torch file (``weights_only=True``).
-
-    A torch file holding ``{"state_dict": ...}`` or ``{"model": ...}`` (common trainer
-    layouts) or a kdkit checkpoint (``"student"`` or ``"teacher"``) is unwrapped to the state
-    dict inside.
-    """
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise KDError(f"no weights file at {path}")
-    if path.suffix == ".safetensors":
-        st = _import_optional("safetensors.torch", "safetensors")
-        try:
-            return dict(st.load_file(str(path)))
-        except Exception as err:
-            raise KDError(f"{path} is not a readable safetensors file ({err})") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise KDError(f"{path} is not a readable torch weights file ({err})") from None
-    if isinstance(obj, Mapping) and obj.get("format") == "kdkit-checkpoint":
-        _verify_kdkit_checkpoint(obj, path)
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model", "student", "teacher"):
-            inner = obj.get(key)
-            if isinstance(inner, Mapping) and inner:
-                obj = inner
-                break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise KDError(f"{path} does not hold a state dict (name -> tensor)")
-    return dict(obj)
-
-
-def _verify_kdkit_checkpoint(obj: Mapping[str, Any], path: Path) -> None:
-    """A kdkit checkpoint used as a weights file is checked like any other load of it."""
-    if obj.get("version", 0) >= 2 and obj.get("checksum") != state_checksum(
-        obj, exclude=("format", "version", "checksum")
-    ):
-        raise KDError(
-            f"{path} fails its checksum: its weights were modified or corrupted after it was "
-            "written; use another checkpoint"
-        )
-
-
-def load_weights(module: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
-    """Load a weights file into ``module``; a mismatch names the missing/unexpected keys."""
-    state = strip_wrapper_prefixes(read_state_dict(path))
-    try:
-        result = module.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatch
-        raise KDError(f"{path}: the weights do not fit {type(module).__name__}: {err}") from None
-    if strict and (result.missing_keys or result.unexpected_keys):
-        raise KDError(
-            f"{path}: the weights do not fit {type(module).__name__}: missing "
-            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
-    return module
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_LOAD or name == "_verify_kdkit_checkpoint":
+        return getattr(importlib.import_module("kdkit.load"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,17 +4,20 @@ curves (train loss, val top-1, the teacher's top-1 as a line)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from kdkit._io import atomic_path, atomic_write_text
+from kdkit.bench import bench_model
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "write_report",
     "accuracy_table",
+    "measure_speeds",
     "plot_accuracy",
     "plot_run_curves",
     "run_report_text",
@@ -23,8 +26,6 @@ __all__ = [
 
 def _speed(model: Any, input_shape: tuple[int, ...]) -> dict[str, float]:
     """CPU latency at batch 1 (p50, ms) and throughput at batch 64 (img/s), torch eager."""
-    from kdkit.bench import bench_model
-
     results = bench_model(model, input_shape, batch_sizes=(1, 64), backends=("eager",))
     by_batch = {r.batch_size: r for r in results}
     return {
@@ -34,14 +35,39 @@ def _speed(model: Any, input_shape: tuple[int, ...]) -> dict[str, float]:
     }
 
 
-def accuracy_table(results: Sequence[Any], input_shape: tuple[int, ...] = (1, 28, 28)) -> str:
-    """Markdown: model, training data, parameters, test accuracy, latency, throughput."""
+def measure_speeds(
+    results: Sequence[Any], input_shape: tuple[int, ...] = (1, 28, 28)
+) -> list[dict[str, float]]:
+    """Each run's ``params``, CPU ``latency_ms`` (batch 1, p50) and ``img_per_s`` (batch 64),
+    measured with :func:`kdkit.bench.bench_model` (torch eager): the numbers
+    :func:`accuracy_table` formats."""
+    return [_speed(r.model, input_shape) for r in results]
+
+
+def accuracy_table(
+    results: Sequence[Any],
+    input_shape: tuple[int, ...] = (1, 28, 28),
+    *,
+    speeds: Sequence[Mapping[str, float]] | None = None,
+) -> str:
+    """Markdown: model, training data, parameters, test accuracy, latency, throughput.
+
+    ``speeds``: :func:`measure_speeds` of ``results``, measured by the caller (a table only
+    formats). Without them the table measures them itself, as before; that is deprecated.
+    """
     rows = [
         "| model | training data | params | test top-1 (%) | CPU latency, batch 1 (ms) "
         "| CPU throughput, batch 64 (img/s) |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    speeds = [_speed(r.model, input_shape) for r in results]
+    if speeds is None:
+        warnings.warn(
+            "accuracy_table() without speeds= measures the models itself; pass "
+            "speeds=measure_speeds(results, input_shape)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        speeds = measure_speeds(results, input_shape)
     for r, s in zip(results, speeds, strict=True):
         rows.append(
             f"| {r.name} | {r.data} | {s['params']:,} | {r.test_top1:.2f} "
@@ -90,7 +116,7 @@ def plot_accuracy(results: Sequence[Any], path: Path) -> Path:
 def write_report(results: Sequence[Any], out_dir: Path) -> Path:
     """Write ``report.md`` and ``accuracy.png`` to ``out_dir``; log the table."""
     out_dir = Path(out_dir)
-    table = accuracy_table(results)
+    table = accuracy_table(results, speeds=measure_speeds(results))  # measure, then format
     plot = plot_accuracy(results, out_dir / "accuracy.png")
     report = out_dir / "report.md"
     next_steps = (

@@ -132,3 +132,23 @@ def test_bench_checkpoint_uses_recorded_shape(tmp_path):
     results = bench_model(path, batch_sizes=(2,), backends=("eager",), **FAST)
     n_params = sum(p.numel() for p in fmnist_student().parameters())
     assert results[0].model == "s" and results[0].params == n_params
+
+
+def test_plot_title_is_the_callers_and_the_panels_keep_theirs(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    seen: dict[str, list[str]] = {"suptitle": [], "panels": []}
+    real_suptitle, real_set_title = Figure.suptitle, Axes.set_title
+    monkeypatch.setattr(
+        Figure, "suptitle", lambda s, t, **kw: seen["suptitle"].append(t) or real_suptitle(s, t)
+    )
+    monkeypatch.setattr(
+        Axes, "set_title", lambda s, t, **kw: seen["panels"].append(t) or real_set_title(s, t)
+    )
+    teacher = [_result("t", "eager", 1, 10.0, 40.0, 1000)]
+    student = [_result("s", "eager", 1, 50.0, 4.0, 100)]
+    plot_comparison(teacher, student, tmp_path / "a.png", title="resnet vs cnn")
+    plot_comparison(teacher, student, tmp_path / "b.png")
+    assert seen["suptitle"] == ["resnet vs cnn", "teacher vs student on cpu"]
+    assert seen["panels"][:2] == ["throughput (img/s, log scale)", "peak memory (MB)"]

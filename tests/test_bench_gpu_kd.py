@@ -14,12 +14,15 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu_kd.py"
 
 @pytest.fixture(scope="module")
 def bench():
+    sys.path.insert(0, str(SCRIPT.parent))  # as `python benchmarks/bench_gpu_kd.py` has it
     spec = importlib.util.spec_from_file_location("bench_gpu_kd", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     yield module
-    sys.modules.pop(spec.name, None)
+    for name in (spec.name, "_harness", "_synthetic"):
+        sys.modules.pop(name, None)
+    sys.path.remove(str(SCRIPT.parent))
 
 
 def test_small_mode_runs_every_row(bench, tmp_path, one_thread):

@@ -13,6 +13,7 @@ from torch import nn
 
 from kdkit import CosineEmbedding, Distiller, FeatureMSE, KDError, Trainer
 from kdkit.data import ArrayDataset, FastLoader
+from kdkit.run.clip_probe import embed, fit_probe
 from kdkit.teachers import ClipTeacher
 from kdkit.teachers.clip_teacher import ClipInput, clip_teacher_from_config
 
@@ -113,11 +114,11 @@ def test_fit_probe_raises_accuracy_and_round_trips(tiny, tmp_path):
     teacher = ClipTeacher.zero_shot(model, tok, CLASSES)
 
     def accuracy(t: ClipTeacher) -> float:
-        emb, labels = t.embed(test)
+        emb, labels = embed(t, test)
         return float((t.head(emb).argmax(1) == labels).float().mean())
 
     before = accuracy(teacher)
-    history = teacher.fit_probe(train, epochs=30, lr=0.05, val=test)
+    history = fit_probe(teacher, train, epochs=30, lr=0.05, val=test)
     after = accuracy(teacher)
     assert after >= 0.95 > before
     assert history[-1]["val_top1"] == pytest.approx(100 * after)
@@ -256,3 +257,22 @@ def test_cuda_bf16_matches_cpu_fp32(tiny):
     out = gpu(x.to("cuda"))
     assert out.logits.device.type == "cuda" and out.logits.dtype == torch.float32
     torch.testing.assert_close(out.logits.cpu(), cpu(x).logits, rtol=0.05, atol=0.1)
+
+
+def test_probe_training_moved_to_run_and_the_old_names_forward_with_a_warning(tiny):
+    import kdkit.run.clip_probe as new
+    import kdkit.teachers.clip_teacher as old
+
+    model, tok = tiny
+    with pytest.warns(DeprecationWarning, match="kdkit.run.clip_probe.fit_probe"):
+        assert old.fit_probe is new.fit_probe
+    with pytest.warns(DeprecationWarning, match="kdkit.run.clip_probe.embed"):
+        assert old.embed is new.embed
+    teacher = ClipTeacher.linear_probe(model, CLASSES)
+    with pytest.warns(DeprecationWarning, match="fit_probe"):
+        history = teacher.fit_probe(_toy(12, 3), epochs=1)
+    assert len(history) == 1 and teacher.probe is not None
+    with pytest.raises(AttributeError, match="no attribute 'fit_prob'"):
+        old.fit_prob  # noqa: B018
+    src = open(old.__file__).read() + open(sys.modules["kdkit.teachers.clip_probe"].__file__).read()
+    assert "kdkit.train" not in src and "kdkit.distiller" not in src

@@ -473,3 +473,21 @@ def test_losses_get_labels_only_when_their_signature_asks():
         as_loss_module(nn.MSELoss)
     with pytest.raises(KDError, match="callable"):
         as_loss_module(3)
+
+
+def test_losses_import_nothing_from_teachers_and_old_paths_still_work():
+    import ast
+    import pathlib
+
+    import kdkit.losses
+    import kdkit.losses.response as response
+    import kdkit.losses.topk as topk
+    import kdkit.teachers.base as base
+
+    for path in pathlib.Path(kdkit.losses.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        mods = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in mods if m.startswith("kdkit.teachers")], path.name
+    assert response.TopK is topk.TopK is base.TopK
+    assert response._upcast(torch.ones(2, dtype=torch.bfloat16)).dtype == torch.float32
+    assert response.topk_to_logits is topk.topk_to_logits

@@ -109,3 +109,42 @@ def test_a_kdkit_checkpoint_as_weights_is_checksummed(tmp_path):
     torch.save(state, path)
     with pytest.raises(KDError, match="fails its checksum"):
         load_weights(build_model("kdkit:fmnist_student"), path)
+
+
+def test_the_model_zoo_is_a_plain_table_and_user_builders_still_register(monkeypatch):
+    import ast
+    import inspect
+
+    import kdkit.models
+    from kdkit import registry
+
+    tree = ast.parse(inspect.getsource(kdkit.models))
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m and m.startswith("kdkit")]
+    assert set(kdkit.models.MODELS) == {"fmnist_teacher", "fmnist_student"}
+
+    monkeypatch.setattr(registry, "_KDKIT_MODELS", {})
+
+    @registry.register_model(name="tiny_linear")
+    def tiny(width: int = 3) -> nn.Module:
+        return nn.Linear(2, width)
+
+    assert build_model({"model": "kdkit:tiny_linear", "kwargs": {"width": 5}}).out_features == 5
+    assert list_models("kdkit") == ["fmnist_student", "fmnist_teacher", "tiny_linear"]
+    with pytest.raises(KDError, match="did you mean"):
+        build_model("kdkit:tiny_linea")
+
+
+def test_the_weights_file_half_lives_in_load_and_registry_still_names_it():
+    import kdkit.load
+    from kdkit import registry
+    from kdkit.capture import _strip_prefixes
+
+    for name in ("strip_wrapper_prefixes", "read_state_dict", "load_weights"):
+        assert getattr(registry, name) is getattr(kdkit.load, name)
+    keys = ["module._orig_mod.a", "_orig_mod.module.b.c", "d._orig_mod.e", "f"]
+    stripped = kdkit.load.strip_wrapper_prefixes(dict.fromkeys(keys, 0))
+    assert list(stripped) == [_strip_prefixes(k) for k in keys] == ["a", "b.c", "d.e", "f"]
+    with pytest.raises(AttributeError):
+        registry.load_weight  # noqa: B018

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import subprocess
 import sys
@@ -301,6 +302,21 @@ def test_engine_cache_key_and_path():
         key[i] = value
         seen.add(engine_cache_path("/m/teacher.onnx", engine_cache_key(*key)))
     assert len(seen) == 1 + len(changes)  # every field changes the file name
+
+
+def test_engine_cache_files_are_checked_before_reuse(tmp_path):
+    from kdkit.teachers._trt_engine import load_cached_engine, store_engine
+
+    key = engine_cache_key("ab" * 32, "10.3.0", "gpu", "fp16", 1, 8, 16)
+    path = engine_cache_path(tmp_path / "t.onnx", key)
+    assert load_cached_engine(path, key) is None  # nothing cached yet
+    store_engine(path, b"engine bytes", key)
+    sidecar = json.loads(path.with_name(path.name + ".json").read_text())
+    assert sidecar["bytes"] == 12 and sidecar["key"] == key
+    assert load_cached_engine(path, key) == b"engine bytes"
+    assert load_cached_engine(path, {**key, "precision": "bf16"}) is None  # another build
+    path.write_bytes(b"engine bytez")  # torn or edited
+    assert load_cached_engine(path, key) is None
 
 
 @pytest.mark.gpu

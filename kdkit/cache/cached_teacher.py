@@ -1,7 +1,12 @@
-"""A teacher that reads its answers from a precomputed cache instead of running a model."""
+"""A teacher that reads its answers from a precomputed cache instead of running a model.
+
+Whether a cache belongs to a run is :mod:`kdkit.cache.match`; whether a mixing cache replays
+the run's partners is :func:`kdkit.cache.check.check_partners`.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -9,118 +14,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdkit.cache.store import (
-    dataset_fingerprint,
-    open_index,
-    open_shards,
-    read_meta,
-    teacher_fingerprint,
-    views_mix,
+from kdkit.cache.match import (  # re-exported: their old home
+    _WRONG_DATA,  # noqa: F401
+    _check_dataset,  # noqa: F401
+    _in_index_order,  # noqa: F401
+    _mismatch,  # noqa: F401
+    check_expectations,
+    check_run_dataset,
 )
+from kdkit.cache.store import open_index, open_shards, read_meta, views_mix
 from kdkit.data.views import ViewSampler
 from kdkit.errors import KDError
 from kdkit.teachers.base import Teacher, TeacherOutput, TopK
 
-__all__ = ["CachedTeacher", "check_expectations", "check_run_dataset", "check_partners"]
-
-
-def _mismatch(field: str, have: Any, want: Any, hint: str) -> KDError:
-    return KDError(
-        f"teacher cache mismatch in {field}: cache has {have!r}, this run expects {want!r}; {hint}"
-    )
-
-
-def _in_index_order(dataset: Any) -> Any:
-    """``dataset`` sorted by sample index, or ``None`` when it has no ``indices`` to sort by.
-
-    A cache is keyed by sample index, so a reordering of the cached dataset (labeled rows
-    first, then unlabeled: :func:`kdkit.data.concat`) replays the same rows; comparing the
-    index-ordered copy with a cache precomputed in index order (a split, holdout or subset)
-    accepts it without accepting other images."""
-    indices = getattr(dataset, "indices", None)
-    if not isinstance(indices, torch.Tensor) or not callable(getattr(dataset, "subset", None)):
-        return None
-    order = torch.argsort(indices)
-    if torch.equal(order, torch.arange(len(order))):
-        return None  # already in index order: the plain fingerprint said it all
-    return dataset.subset(order)
-
-
-def _check_dataset(meta: dict[str, Any], dataset: Any, hint: str) -> None:
-    """The run's dataset must be the cached one (in any order, see :func:`_in_index_order`),
-    or a subset whose ``.base`` is (the subset's items carry the base's indices, which the
-    cache is keyed by)."""
-    want_fp = meta["dataset_fingerprint"]
-    if isinstance(dataset, str):
-        if dataset != want_fp:
-            raise _mismatch("dataset_fingerprint", want_fp, dataset, hint)
-        return
-    base = getattr(dataset, "base", dataset)
-    candidates = [dataset] if base is dataset else [dataset, base]
-    lengths = [len(d) for d in candidates]
-    if meta["num_samples"] not in lengths:
-        raise _mismatch("num_samples", meta["num_samples"], len(dataset), hint)
-    fps = [
-        dataset_fingerprint(d)
-        for d, n in zip(candidates, lengths, strict=True)
-        if n == meta["num_samples"]
-    ]
-    if want_fp in fps:
-        return
-    ordered = _in_index_order(dataset) if len(dataset) == meta["num_samples"] else None
-    if ordered is None or dataset_fingerprint(ordered) != want_fp:
-        raise _mismatch("dataset_fingerprint", want_fp, fps[0], hint)
-
-
-def check_run_dataset(meta: dict[str, Any], dataset: Any) -> None:
-    """The Trainer's default check: the loader's dataset (or its ``.base``) has the cache's
-    length, and its fingerprint when it can give one cheaply (``dataset.fingerprint()``);
-    datasets without one are checked by length (pass ``expect_dataset=`` for a full pass)."""
-    base = getattr(dataset, "base", dataset)
-    if callable(getattr(base, "fingerprint", None)) or callable(
-        getattr(dataset, "fingerprint", None)
-    ):
-        _check_dataset(meta, dataset, _WRONG_DATA)
-        return
-    if meta["num_samples"] not in (len(dataset), len(base)):
-        raise _mismatch("num_samples", meta["num_samples"], len(dataset), _WRONG_DATA)
-
-
-_WRONG_DATA = (
-    "the cache was precomputed on another dataset or split than this run's training loader; "
-    "precompute it on the training data (or pass cache_dataset_check=False to the Trainer)"
-)
-
-
-def check_expectations(
-    meta: dict[str, Any],
-    expect_teacher: Any = None,
-    expect_dataset: Any = None,
-    expect_views: ViewSampler | dict | bool | None = None,
-) -> None:
-    """Raise :class:`KDError` naming the field where the cache differs from the run.
-
-    ``None`` skips a check. ``expect_views=False`` asserts the cache was precomputed without
-    views (a run without augmentation); a sampler or config dict must equal the cache's.
-    """
-    stale = "the cache is stale or belongs to another run: precompute it again"
-    if expect_dataset is not None:
-        _check_dataset(meta, expect_dataset, stale)
-    if expect_teacher is not None:
-        fp = teacher_fingerprint(expect_teacher)
-        if fp != meta["teacher_fingerprint"]:
-            raise _mismatch("teacher_fingerprint", meta["teacher_fingerprint"], fp, stale)
-    if expect_views is not None:
-        want = expect_views.config() if isinstance(expect_views, ViewSampler) else expect_views
-        want = None if want is False else want
-        if want != meta["views"]:
-            raise _mismatch(
-                "views",
-                meta["views"],
-                want,
-                "the student would see other augmentations than the cached teacher did; "
-                "use the cache's ViewSampler.from_config(meta['views']) or precompute again",
-            )
+__all__ = ["CachedTeacher", "check_expectations", "check_run_dataset", "check_partners"]  # noqa: F822
 
 
 class CachedTeacher(Teacher):
@@ -277,43 +184,8 @@ class CachedTeacher(Teacher):
         return TeacherOutput(logits=TopK(values=v, indices=i))
 
 
-def check_partners(
-    cached: CachedTeacher, sampler: ViewSampler | None, dataset: Any, n_probe: int = 512
-) -> None:
-    """A mixing cache replays a run's mixed views only if the run draws the same partners.
-
-    Partners come from the run's partner pool (its training dataset's sample indices), so a
-    run on a subset of the cached dataset, or with another sampler, mixes other images than
-    the cached teacher saw. Compares the stored partner and ``lam`` with ``sampler``'s on
-    ``n_probe`` seeded (index, view) pairs of ``dataset``; :class:`KDError` on any difference.
-    Nothing to check when neither the cache nor the sampler mixes.
-    """
-    from kdkit.cache.precompute import dataset_keys
-    from kdkit.data.views import MixPool
-
-    run_mixes = sampler is not None and sampler.mixes
-    if not cached.mixes and not run_mixes:
-        return
-    if cached.mixes != run_mixes:
-        raise _mismatch(
-            "views (mixing)",
-            cached.meta["views"],
-            None if sampler is None else sampler.config(),
-            "the student would see other images than the cached teacher did; precompute again",
-        )
-    keys = dataset_keys(dataset)
-    rng = np.random.default_rng(0)
-    rows = np.sort(rng.choice(keys.size, min(n_probe, keys.size), replace=False))
-    index = torch.from_numpy(keys[rows])
-    view = torch.from_numpy(rng.integers(0, cached.num_views, size=rows.size))
-    stored_partner, stored_lam = cached.read_mix(index, view)
-    pool = MixPool.from_dataset(dataset)
-    mine = sampler.sample(index, view, pool)  # type: ignore[union-attr]
-    same_partner = np.array_equal(mine.partner.numpy(), stored_partner)
-    if not same_partner or not np.array_equal(mine.lam.numpy(), stored_lam):
-        raise KDError(
-            f"teacher cache {cached.cache_dir} stores other mixed views than this run draws "
-            f"(partner {'ok' if same_partner else 'differs'}, lam differs or not): the run's "
-            f"partner pool ({len(pool)} samples) or sampler is not the precompute's; train on "
-            "the dataset the cache was precomputed on, or precompute again"
-        )
+def __getattr__(name: str) -> Any:
+    # check_partners lives in kdkit.cache.check, which imports this module: resolved lazily
+    if name == "check_partners":
+        return importlib.import_module("kdkit.cache.check").check_partners
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

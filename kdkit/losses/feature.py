@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdkit.errors import KDError
-from kdkit.losses.response import _upcast
+from kdkit.losses._common import _upcast
 
 __all__ = ["FeatureMSE", "CosineEmbedding", "AttentionTransfer"]
 

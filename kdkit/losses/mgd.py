@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdkit.errors import KDError
-from kdkit.losses.response import _upcast
+from kdkit.losses._common import _upcast
 
 __all__ = ["MGD"]
 

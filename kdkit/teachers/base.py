@@ -11,24 +11,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 
 from kdkit.errors import KDError
+from kdkit.losses.topk import TopK
 
 __all__ = ["TopK", "TeacherOutput", "Teacher"]
-
-
-class TopK(NamedTuple):
-    """Top-k teacher logits: ``values`` (N, k, ...) and their class ``indices`` (N, k, ...).
-
-    The probability mass not covered by the k classes is spread evenly over the others (see
-    :class:`kdkit.losses.SoftTargetKL`).
-    """
-
-    values: torch.Tensor
-    indices: torch.Tensor
 
 
 @dataclass

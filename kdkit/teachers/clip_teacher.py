@@ -8,7 +8,8 @@ logits come from one of two heads on the L2-normalised embedding ``z``:
   ``model.logit_scale.exp() * z @ W.T`` (Radford et al. 2021, arXiv:2103.00020). The text
   side runs once, at construction.
 - **linear probe**: a ``Linear(D, C)`` on ``z``, fitted on the teacher's embeddings of a few
-  labeled images (:meth:`ClipTeacher.fit_probe`). On a zero-shot teacher it starts from the
+  labeled images (:func:`kdkit.run.clip_probe.fit_probe`; the file format is
+  :mod:`kdkit.teachers.clip_probe`). On a zero-shot teacher it starts from the
   zero-shot weights, so it can only move away from them where labels say so.
 
 Either way the :class:`~kdkit.teachers.TeacherOutput` carries the logits and the raw image
@@ -25,8 +26,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import logging
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,8 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdkit._fingerprint import module_fingerprint
-from kdkit._io import atomic_torch_save
 from kdkit.errors import KDError, closest_names
+from kdkit.teachers import clip_probe
 from kdkit.teachers._clip import (
     DEFAULT_TEMPLATES,
     EMBEDDING,
@@ -48,6 +51,7 @@ from kdkit.teachers._clip import (
     zero_shot_weights,
 )
 from kdkit.teachers.base import Teacher, TeacherOutput
+from kdkit.teachers.clip_probe import PROBE_FORMAT, PROBE_VERSION  # noqa: F401  (re-exported)
 from kdkit.teachers.torch_teacher import PRECISIONS
 
 __all__ = [
@@ -60,9 +64,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-PROBE_FORMAT = "kdkit-clip-probe"
-PROBE_VERSION = 1
 
 
 class ClipTeacher(Teacher):
@@ -161,7 +162,8 @@ class ClipTeacher(Teacher):
         **kwargs: Any,
     ) -> ClipTeacher:
         """A probe teacher: with ``probe=PATH`` the head saved by :meth:`save_probe` (class
-        names from the file), else an unfitted head: call :meth:`fit_probe` before use."""
+        names from the file), else an unfitted head: fit it with
+        :func:`kdkit.run.clip_probe.fit_probe` before use."""
         if probe is None:
             if class_names is None:
                 raise KDError("linear_probe needs class_names (or probe=PATH to load a head)")
@@ -235,157 +237,51 @@ class ClipTeacher(Teacher):
         return h.hexdigest()
 
     # -- the linear probe ---------------------------------------------------------------
-    @torch.no_grad()
-    def embed(self, dataset: Any, *, batch_size: int = 256, mean=None, std=None, device=None):
-        """``(embeddings (N, D), labels (N,))`` of every image of ``dataset`` (uint8 images,
-        normalised with ``mean``/``std`` as the student's input is; None: ``preprocess``'s
-        ``student_mean``/``student_std``). No augmentation: one view per image."""
-        from torch.utils.data import DataLoader
+    def embed(self, dataset: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Deprecated: :func:`kdkit.run.clip_probe.embed` (``embed(teacher, dataset)``)."""
+        return _probe_training("embed")(self, dataset, **kwargs)
 
-        from kdkit.data.arrays import FastLoader
-        from kdkit.data.views import prepare_input
-
-        mean = getattr(self.preprocess, "student_mean", None) if mean is None else mean
-        std = getattr(self.preprocess, "student_std", None) if std is None else std
-        device = torch.device(device) if device is not None else self.device
-        self.to(device)
-        if isinstance(getattr(dataset, "images", None), torch.Tensor):
-            loader = FastLoader(dataset, batch_size, shuffle=False)
-        else:
-            loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-        embs, labels = [], []
-        for batch in loader:
-            images, y = batch[0], batch[1]
-            x = prepare_input(images, None, None, None, mean, std, device)
-            embs.append(self.encode(x))
-            labels.append(torch.as_tensor(y, dtype=torch.int64).cpu())
-        if not embs:
-            raise KDError("the dataset is empty")
-        return torch.cat(embs), torch.cat(labels)
-
-    def fit_probe(
-        self,
-        labeled: Any,
-        *,
-        epochs: int = 100,
-        lr: float = 1e-2,
-        weight_decay: float = 0.0,
-        batch_size: int = 256,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        val: Any = None,
-        seed: int = 0,
-        device: torch.device | str | None = None,
-    ) -> list[dict[str, Any]]:
-        """Fit the linear head on the teacher's embeddings of the labeled rows of ``labeled``.
-
-        The embeddings are computed once (:meth:`embed`, held in memory: the teacher cache of
-        this job) and the head is trained by kdkit's :class:`~kdkit.Trainer` (AdamW,
-        cosine schedule), so it shares the loop every student uses. Returns its history
-        (``val_top1`` per epoch when ``val`` is given).
-        """
-        # The train floor is imported here, not at module level: importing a teacher must
-        # not load the training stack (layering rule in DESIGN.md).
-        from kdkit.data.arrays import FastLoader
-        from kdkit.distiller import Distiller
-        from kdkit.train.trainer import Trainer
-
-        if epochs < 1:
-            raise KDError(f"epochs must be >= 1, got {epochs}")
-        emb, labels = self.embed(labeled, batch_size=batch_size, mean=mean, std=std, device=device)
-        keep = labels >= 0
-        if not bool(keep.any()):
-            raise KDError("fit_probe needs labeled rows (label >= 0); every label is -1")
-        if int(labels.max()) >= len(self.class_names):
-            raise KDError(
-                f"labels reach {int(labels.max())} but there are {len(self.class_names)} classes"
-            )
-        train = _Embeddings(F.normalize(emb[keep], dim=-1), labels[keep])
-        val_loader = None
-        if val is not None:
-            v_emb, v_lab = self.embed(val, batch_size=batch_size, mean=mean, std=std, device=device)
-            val_loader = FastLoader(_Embeddings(F.normalize(v_emb, dim=-1), v_lab), 4096, False)
-        torch.manual_seed(seed)
-        probe = self._initial_probe(emb.shape[1]).to(emb.device)
-        loader = FastLoader(train, batch_size, shuffle=True, seed=seed)
-        optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
-        steps = epochs * len(loader)
-        trainer = Trainer(
-            Distiller(probe, None),
-            loader,
-            val_loader,
-            optimizer=optimizer,
-            scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps),
-            scheduler_interval="step",
-            epochs=epochs,
-            seed=seed,
-            device=emb.device,
-            progress=False,
-        )
-        history = trainer.fit()
-        self.probe = probe.eval().requires_grad_(False)
-        return history
-
-    def _initial_probe(self, dim: int) -> nn.Linear:
-        probe = nn.Linear(dim, len(self.class_names))
-        if self.class_weights is not None:  # start at the zero-shot classifier
-            with torch.no_grad():
-                probe.weight.copy_(self.logit_scale.cpu() * self.class_weights.cpu())
-                probe.bias.zero_()
-        return probe
+    def fit_probe(self, labeled: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        """Deprecated: :func:`kdkit.run.clip_probe.fit_probe` (``fit_probe(teacher, data)``),
+        which fits the linear head with kdkit's Trainer and returns its history."""
+        return _probe_training("fit_probe")(self, labeled, **kwargs)
 
     def save_probe(self, path: str | os.PathLike) -> Path:
         """Write the fitted head, the class names and the encoder fingerprint atomically."""
         if self.probe is None:
             raise KDError("no probe to save: call fit_probe(labeled_dataset) first")
-        payload = {
-            "format": PROBE_FORMAT,
-            "version": PROBE_VERSION,
-            "class_names": list(self.class_names),
-            "encoder_fingerprint": self.encoder_fingerprint(),
-            "weight": self.probe.weight.detach().cpu(),
-            "bias": self.probe.bias.detach().cpu(),
-        }
-        return atomic_torch_save(payload, path)
+        return clip_probe.save_probe(path, self.probe, self.class_names, self.encoder_fingerprint())
 
     def load_probe(self, path: str | os.PathLike, class_names: Sequence[str] | None = None) -> None:
         """Load a head written by :meth:`save_probe`; a head fitted on another encoder, or
         for other classes than ``class_names``, is refused."""
-        path = Path(path)
-        if not path.is_file():
-            raise KDError(f"no probe file at {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise KDError(f"{path} is not a readable probe file ({err})") from None
-        if not isinstance(state, dict) or state.get("format") != PROBE_FORMAT:
-            raise KDError(f"{path} is not a kdkit probe file (save one with save_probe)")
-        if state.get("version") != PROBE_VERSION:
-            raise KDError(f"{path}: probe format version {state.get('version')} is not supported")
-        names = _check_classes(state["class_names"])
-        if class_names is not None and tuple(class_names) != names:
-            raise KDError(f"{path} was fitted for classes {list(names)}, not {list(class_names)}")
-        if state["encoder_fingerprint"] != self.encoder_fingerprint():
-            raise KDError(
-                f"{path} was fitted on another image encoder (fingerprint "
-                f"{state['encoder_fingerprint'][:12]}, this one {self.encoder_fingerprint()[:12]})"
-            )
-        weight, bias = state["weight"], state["bias"]
-        probe = nn.Linear(weight.shape[1], weight.shape[0])
-        with torch.no_grad():
-            probe.weight.copy_(weight)
-            probe.bias.copy_(bias)
+        probe, names = clip_probe.load_probe(path, self.encoder_fingerprint(), class_names)
         self.class_names = names
         if self.class_weights is not None and self.class_weights.shape[0] != len(names):
             self.class_weights = None
         self.probe = probe.to(self.device).eval().requires_grad_(False)
 
 
-class _Embeddings:
-    """Cached embeddings in the shape FastLoader reads (``.images`` is (N, D) float)."""
+# Fitting a probe trains with the Trainer, a floor above the teachers: it lives in
+# kdkit.run.clip_probe. The old names still resolve here, lazily and with a warning, so that
+# importing a teacher never loads the training stack.
+_MOVED = {"embed", "fit_probe", "_initial_probe", "_Embeddings"}
 
-    def __init__(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images, self.labels = embeddings, labels.to(embeddings.device)
+
+def _probe_training(name: str) -> Any:
+    warnings.warn(
+        f"kdkit.teachers.clip_teacher.{name} moved to kdkit.run.clip_probe.{name}; "
+        f"import it from there (the ClipTeacher method form is deprecated too)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return getattr(importlib.import_module("kdkit.run.clip_probe"), name)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        return _probe_training(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _ZERO_SHOT_KEYS = ("classes", "templates")

@@ -1,0 +1,35 @@
+"""What the student buys at deploy time: parameters, FLOPs, throughput, latency, memory.
+
+:func:`bench_model` measures one model on each requested backend and batch size through
+kdkit's own teacher backends, so the numbers are those of the code path we ship:
+``"eager"`` and ``"compiled"`` (:class:`TorchTeacher`, fp32, without / with
+``torch.compile``), ``"ort"`` (:class:`OnnxTeacher`, the model exported with
+:func:`kdkit.export_onnx`), ``"ort-int8"`` (the same file statically quantized to int8 by
+:mod:`kdkit.teachers.quantize`, calibrated on random inputs) and ``"tensorrt"``
+(:class:`TensorRTTeacher`, fp16). :func:`compare` turns a teacher's and a student's results
+into a Markdown table and a one-line summary; :func:`plot_comparison` draws them.
+
+
+The package's rooms: :mod:`~kdkit.bench.source` (what is measured),
+:mod:`~kdkit.bench.memory` (peak-memory probes), :mod:`~kdkit.bench.runners` (the backends),
+:mod:`~kdkit.bench.measure` (timing, and the method behind the numbers) and
+:mod:`~kdkit.bench.report` (tables and plots).
+"""
+
+from kdkit.bench.measure import BenchResult, bench_model, describe_device
+from kdkit.bench.report import compare, plot_comparison, results_to_json
+from kdkit.bench.runners import BENCH_BACKENDS, Runner
+from kdkit.bench.source import ModelSource, resolve_model
+
+__all__ = [
+    "BenchResult",
+    "BENCH_BACKENDS",
+    "ModelSource",
+    "Runner",
+    "bench_model",
+    "compare",
+    "plot_comparison",
+    "results_to_json",
+    "describe_device",
+    "resolve_model",
+]
