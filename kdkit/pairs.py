@@ -16,7 +16,7 @@ from torch import nn
 
 from kdkit.errors import KDError
 from kdkit.losses._call import as_loss_module, takes_labels
-from kdkit.teachers.base import TopK  # moves to kdkit.losses.topk
+from kdkit.losses.topk import TopK
 
 __all__ = ["Pair", "PairInfo", "PairTable", "as_pairs", "pair_name", "shape_of"]
 

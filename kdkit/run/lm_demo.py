@@ -37,13 +37,13 @@ class LMDemoConfig:
     cache_dir: str = str(
         Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kdkit" / "lm-demo"
     )
-    chars: int = 2_000_000  # of the corpus, split 90/5/5 into train / val / test
+    chars: int = 1_500_000  # of the corpus, split 90/5/5 into train / val / test
     vocab: int = 2048
     max_length: int = 128
     batch_size: int = 16
-    teacher: tuple[int, int, int] = (192, 4, 4)  # hidden, layers, heads
-    student: tuple[int, int, int] = (96, 2, 2)
-    teacher_epochs: int = 3
+    teacher: tuple[int, int, int] = (128, 4, 4)  # hidden, layers, heads
+    student: tuple[int, int, int] = (64, 2, 2)
+    teacher_epochs: int = 4
     student_epochs: int = 1
     lr: float = 3e-3
     seed: int = 0
@@ -53,7 +53,7 @@ class LMDemoConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> LMDemoConfig:
-        return replace(cls(chars=400_000, teacher_epochs=2, divergences=("fkl",)), **overrides)
+        return replace(cls(chars=400_000, teacher_epochs=3, divergences=("fkl",)), **overrides)
 
 
 def demo_corpus() -> tuple[list[Path], str]:
@@ -169,8 +169,9 @@ def run_lm_demo(cfg: LMDemoConfig) -> Path:
     data_dir.mkdir()
     train, val, test, source = _write_splits(cfg, data_dir)
     cache = Path(cfg.cache_dir)
+    shape = "x".join(map(str, cfg.teacher))
     key = (
-        f"v1-{cfg.chars}-{cfg.vocab}-{cfg.max_length}-{cfg.teacher}-{cfg.teacher_epochs}-{cfg.seed}"
+        f"v1-{cfg.chars}c-{cfg.vocab}v-{cfg.max_length}l-{shape}-{cfg.teacher_epochs}e-{cfg.seed}s"
     )
     teacher_dir = cache / key / "teacher"
     start = time.perf_counter()
@@ -242,11 +243,9 @@ def _report(cfg, out, source, rows, teacher_ppl, teacher_dir, student_dir, teach
         f"| teacher | {n_teacher:,} | {teacher_ppl:.2f} | - | - | {teacher_s:.0f} (cached after the first run) |",
     ]
     for name, ppl, tok_s, wall in rows:
-        gap = (
-            "-"
-            if name == "scratch"
-            else f"{(scratch - ppl) / max(scratch - teacher_ppl, 1e-9):.0%}"
-        )
+        gap = "-"
+        if name != "scratch" and teacher_ppl < scratch:
+            gap = f"{(scratch - ppl) / (scratch - teacher_ppl):.0%}"
         lines.append(
             f"| student, {name} | {n_student:,} | {ppl:.2f} | {gap} | {tok_s:,.0f} | {wall:.0f} |"
         )
