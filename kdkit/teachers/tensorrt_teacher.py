@@ -51,6 +51,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
 def _int8_onnx(
     onnx_path: Path,
     calibration: Any,
