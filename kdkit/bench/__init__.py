@@ -16,6 +16,9 @@ The package's rooms: :mod:`~kdkit.bench.source` (what is measured),
 :mod:`~kdkit.bench.report` (tables and plots).
 """
 
+import importlib
+from typing import Any
+
 from kdkit.bench.measure import BenchResult, bench_model, describe_device
 from kdkit.bench.report import compare, plot_comparison, results_to_json
 from kdkit.bench.runners import BENCH_BACKENDS, Runner
@@ -33,3 +36,27 @@ __all__ = [
     "describe_device",
     "resolve_model",
 ]
+
+# The private names of the single-module kdkit.bench, for code that imported them from there
+# (``from kdkit.bench import _Memory``): resolved in their new module on first use.
+_MOVED = {
+    "source": (
+        "_Source",
+        "_resolve",
+        "_check_onnx",
+        "_count_params",
+        "_count_flops",
+        "_shape_error",
+    ),
+    "memory": ("_status_kb", "_trim", "_Memory"),
+    "runners": ("_onnx_for", "_build_runner", "_int8_for", "_skip_reason"),
+    "measure": ("_Plan", "_bench_backend", "_time_calls"),
+    "report": ("_fmt", "_ratio", "_table", "_times"),
+}
+_HOME = {name: module for module, names in _MOVED.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        return getattr(importlib.import_module(f"kdkit.bench.{_HOME[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,6 +20,7 @@ from torch import nn
 
 from kdkit._io import sha256_file
 from kdkit._ort import import_onnxruntime
+from kdkit._precision import ONNX_PRECISIONS
 from kdkit.errors import KDError
 from kdkit.export import export_onnx
 from kdkit.teachers import quantize
@@ -109,7 +110,7 @@ class OnnxTeacher(Teacher):
         cache_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
-        if precision not in ("fp32", "int8"):
+        if precision not in ONNX_PRECISIONS:
             raise KDError(f"OnnxTeacher precision must be 'fp32' or 'int8', got {precision!r}")
         self._ort = import_onnxruntime()
         self._threads = threads

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from kdkit._io import sha256_bytes, sha256_file
+from kdkit._precision import TRT_PRECISIONS
 from kdkit.errors import KDError
 from kdkit.teachers import quantize
 from kdkit.teachers._trt_engine import (
@@ -49,8 +50,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-TRT_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 def _int8_onnx(

@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from kdkit._fingerprint import module_fingerprint
+from kdkit._precision import FLOAT_DTYPES
 from kdkit.capture import Capture, unwrap
 from kdkit.teachers.base import Teacher, TeacherOutput
 
 __all__ = ["TorchTeacher", "PRECISIONS", "module_fingerprint"]
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = FLOAT_DTYPES  # the one table, kdkit._precision
 
 
 class TorchTeacher(Teacher):
