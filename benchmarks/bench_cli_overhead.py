@@ -32,7 +32,7 @@ import json, sys, torch
 from kdkit.data import concat, load_fashion_mnist, split_labeled
 from kdkit.demo import DemoConfig, fast_teacher, train_model
 from kdkit.models import fmnist_student, fmnist_teacher
-from kdkit.registry import load_weights
+from kdkit.load import load_weights
 epochs, weights = int(sys.argv[1]), sys.argv[2]
 cfg = DemoConfig(kd_epochs=epochs, progress=False)
 train, test = load_fashion_mnist("train"), load_fashion_mnist("test")

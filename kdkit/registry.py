@@ -40,12 +40,9 @@ __all__ = [
     "build_model",
     "check_plain",
     "list_models",
-    "load_weights",  # noqa: F822  (kdkit.load, through __getattr__)
-    "read_state_dict",  # noqa: F822
     "register_builder",
     "register_model",
     "resolve_python_callable",
-    "strip_wrapper_prefixes",  # noqa: F822
 ]
 
 Builder = Callable[..., nn.Module]
@@ -283,6 +280,6 @@ _MOVED_TO_LOAD = ("strip_wrapper_prefixes", "read_state_dict", "load_weights")
 
 
 def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_LOAD or name == "_verify_kdkit_checkpoint":
-        return getattr(importlib.import_module("kdkit.load"), name)
+    if name in _MOVED_TO_LOAD:  # kdkit.load imports this module: no import back
+        raise KDError(f"kdkit.registry.{name} moved to kdkit.load.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -259,20 +259,20 @@ def test_cuda_bf16_matches_cpu_fp32(tiny):
     torch.testing.assert_close(out.logits.cpu(), cpu(x).logits, rtol=0.05, atol=0.1)
 
 
-def test_probe_training_moved_to_run_and_the_old_names_forward_with_a_warning(tiny):
-    import kdkit.run.clip_probe as new
+def test_probe_training_moved_to_run_and_the_old_names_say_where(tiny):
     import kdkit.teachers.clip_teacher as old
 
     model, tok = tiny
-    with pytest.warns(DeprecationWarning, match="kdkit.run.clip_probe.fit_probe"):
-        assert old.fit_probe is new.fit_probe
-    with pytest.warns(DeprecationWarning, match="kdkit.run.clip_probe.embed"):
-        assert old.embed is new.embed
+    with pytest.raises(KDError, match="kdkit.run.clip_probe.fit_probe"):
+        old.fit_probe  # noqa: B018
     teacher = ClipTeacher.linear_probe(model, CLASSES)
-    with pytest.warns(DeprecationWarning, match="fit_probe"):
-        history = teacher.fit_probe(_toy(12, 3), epochs=1)
-    assert len(history) == 1 and teacher.probe is not None
+    with pytest.raises(KDError, match="kdkit.run.clip_probe.fit_probe"):
+        teacher.fit_probe(_toy(12, 3), epochs=1)
     with pytest.raises(AttributeError, match="no attribute 'fit_prob'"):
         old.fit_prob  # noqa: B018
     src = open(old.__file__).read() + open(sys.modules["kdkit.teachers.clip_probe"].__file__).read()
-    assert "kdkit.train" not in src and "kdkit.distiller" not in src
+    assert (
+        "kdkit.train" not in src
+        and "kdkit.distiller" not in src
+        and "kdkit.run" not in src.replace("kdkit.run.clip_probe", "")
+    )

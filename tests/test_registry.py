@@ -7,15 +7,8 @@ import torch
 from torch import nn
 
 from kdkit.errors import KDError
-from kdkit.registry import (
-    ModelSpec,
-    build_model,
-    check_plain,
-    list_models,
-    load_weights,
-    read_state_dict,
-    strip_wrapper_prefixes,
-)
+from kdkit.load import load_weights, read_state_dict, strip_wrapper_prefixes
+from kdkit.registry import ModelSpec, build_model, check_plain, list_models
 
 
 def test_registered_prefixes_build_modules():

@@ -269,7 +269,7 @@ def _tiny_setup():
 
 def test_cached_teacher_replays_mixed_views_exactly(tmp_path):
     from kdkit.cache import CachedTeacher, check, precompute, read_meta
-    from kdkit.cache.cached_teacher import check_partners
+    from kdkit.cache.check import check_partners
     from kdkit.data.views import MixPool
 
     ds, teacher = _tiny_setup()

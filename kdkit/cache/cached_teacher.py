@@ -6,7 +6,6 @@ the run's partners is :func:`kdkit.cache.check.check_partners`.
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from kdkit.data.views import ViewSampler
 from kdkit.errors import KDError
 from kdkit.teachers.base import Teacher, TeacherOutput, TopK
 
-__all__ = ["CachedTeacher", "check_expectations", "check_run_dataset", "check_partners"]  # noqa: F822
+__all__ = ["CachedTeacher", "check_expectations", "check_run_dataset"]
 
 
 class CachedTeacher(Teacher):
@@ -185,7 +184,6 @@ class CachedTeacher(Teacher):
 
 
 def __getattr__(name: str) -> Any:
-    # check_partners lives in kdkit.cache.check, which imports this module: resolved lazily
-    if name == "check_partners":
-        return importlib.import_module("kdkit.cache.check").check_partners
+    if name == "check_partners":  # kdkit.cache.check imports this module: no import back
+        raise KDError("kdkit.cache.cached_teacher.check_partners moved to kdkit.cache.check")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from kdkit.cache.cached_teacher import CachedTeacher, check_partners, check_run_dataset
-from kdkit.cache.check import check
+from kdkit.cache.cached_teacher import CachedTeacher
+from kdkit.cache.check import check, check_partners
+from kdkit.cache.match import check_run_dataset
 from kdkit.errors import KDError
 
 __all__ = ["check_cache_for_run"]

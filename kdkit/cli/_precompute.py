@@ -68,8 +68,8 @@ def load_teacher(path: str, arch: str, device: str | None, trust_code: bool = Fa
     ``trust_code``."""
     import torch
 
-    from kdkit.load import spec_from_text
-    from kdkit.registry import build_model, load_weights
+    from kdkit.load import load_weights, spec_from_text
+    from kdkit.registry import build_model
     from kdkit.teachers import TorchTeacher, teacher
 
     check_device(device)

@@ -34,9 +34,9 @@ from torch import nn
 
 from kdkit.balance import LossBalancer
 from kdkit.errors import KDError
-from kdkit.load import load_model
+from kdkit.load import load_model, load_weights
 from kdkit.losses import DKD, HardLabel, SoftTargetKL
-from kdkit.registry import ModelSpec, build_model, load_weights
+from kdkit.registry import ModelSpec, build_model
 
 __all__ = ["add_distillation_args", "distillation_from_args", "KDPolicy", "KD_LOSSES"]
 

@@ -83,7 +83,8 @@ def _spec_kwargs(model: str, kwargs: dict[str, Any], pretrained: Any) -> dict[st
 
 
 def _registry_model(model: str, kwargs, weights, pretrained, trust_code: bool, where: str):
-    from kdkit.registry import ModelSpec, build_model, load_weights
+    from kdkit.load import load_weights
+    from kdkit.registry import ModelSpec, build_model
 
     spec = ModelSpec.parse({"model": model, "kwargs": dict(kwargs)}, where=where)
     module = build_model(
@@ -102,7 +103,7 @@ def build_student(sc: StudentConfig, *, trust_code: bool = False) -> tuple[nn.Mo
         module, meta = load_model_file(sc.model, trust_code=trust_code)
         spec = meta.get("student_spec") or meta.get("teacher_spec")
         if sc.weights is not None:
-            from kdkit.registry import load_weights
+            from kdkit.load import load_weights
 
             load_weights(module, sc.weights)
         return module.train(), spec
@@ -117,7 +118,7 @@ def teacher_module(tc: TeacherConfig, *, trust_code: bool = False) -> nn.Module:
     if _is_path(tc.model):
         module, _ = load_model_file(tc.model, trust_code=trust_code)
         if tc.weights is not None:
-            from kdkit.registry import load_weights
+            from kdkit.load import load_weights
 
             load_weights(module, tc.weights)
         return module

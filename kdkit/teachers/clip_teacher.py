@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
 import logging
 import os
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -239,12 +237,12 @@ class ClipTeacher(Teacher):
     # -- the linear probe ---------------------------------------------------------------
     def embed(self, dataset: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Deprecated: :func:`kdkit.run.clip_probe.embed` (``embed(teacher, dataset)``)."""
-        return _probe_training("embed")(self, dataset, **kwargs)
+        raise _moved("embed")
 
     def fit_probe(self, labeled: Any, **kwargs: Any) -> list[dict[str, Any]]:
         """Deprecated: :func:`kdkit.run.clip_probe.fit_probe` (``fit_probe(teacher, data)``),
         which fits the linear head with kdkit's Trainer and returns its history."""
-        return _probe_training("fit_probe")(self, labeled, **kwargs)
+        raise _moved("fit_probe")
 
     def save_probe(self, path: str | os.PathLike) -> Path:
         """Write the fitted head, the class names and the encoder fingerprint atomically."""
@@ -263,24 +261,21 @@ class ClipTeacher(Teacher):
 
 
 # Fitting a probe trains with the Trainer, a floor above the teachers: it lives in
-# kdkit.run.clip_probe. The old names still resolve here, lazily and with a warning, so that
-# importing a teacher never loads the training stack.
+# kdkit.run.clip_probe. The old names say where they went (importing them from here would
+# run an import back up a floor).
 _MOVED = {"embed", "fit_probe", "_initial_probe", "_Embeddings"}
 
 
-def _probe_training(name: str) -> Any:
-    warnings.warn(
-        f"kdkit.teachers.clip_teacher.{name} moved to kdkit.run.clip_probe.{name}; "
-        f"import it from there (the ClipTeacher method form is deprecated too)",
-        DeprecationWarning,
-        stacklevel=3,
+def _moved(name: str) -> KDError:
+    return KDError(
+        f"kdkit.teachers.clip_teacher.{name} moved to kdkit.run.clip_probe.{name}: "
+        f"from kdkit.run.clip_probe import {name}; {name}(teacher, ...)"
     )
-    return getattr(importlib.import_module("kdkit.run.clip_probe"), name)
 
 
 def __getattr__(name: str) -> Any:
     if name in _MOVED:
-        return _probe_training(name)
+        raise _moved(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
