@@ -162,6 +162,14 @@ class Distiller(nn.Module):
         return [(p.student, p.teacher) for p in self.pair_list]
 
     @property
+    def has_idle_parameters(self) -> bool:
+        """Whether trainable loss parameters get no gradient in some steps (adapters before
+        the balancer's ``start_epoch``): DDP must then look for unused parameters."""
+        if self.balancer.start_epoch <= 0:
+            return False
+        return any(p.requires_grad for p in self.criterion.parameters())
+
+    @property
     def has_lazy_parameters(self) -> bool:
         """Whether a loss still has to create its parameters on a first forward."""
         return any(getattr(loss, "adapter", "none") is None for loss in self.criterion)

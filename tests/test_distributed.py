@@ -93,9 +93,41 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, root: str) -> N
         result = _distill(rank, world, mine)
         result.update(_image_folder(rank, Path(root)))
         _darklight(rank, Path(root), mine)
+        result["lm_grads"] = _lm_grads(rank, world)
         torch.save(result, out / f"result{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+LM_ROWS = (9, 17, 5, 30, 12, 8, 21, 14)  # unequal lengths: per-rank means would differ
+
+
+def _lm_grads(rank: int, world: int) -> list[torch.Tensor]:
+    """The LM task's normalized gradients with this rank's share of 8 rows (DDP + the loop's
+    token normalization: one all-reduce of the token count per step)."""
+    from _lm_fixtures import tiny_llama
+
+    from kdkit.lm import Aligner, LMTask, TokenRow
+    from kdkit.train.precision import Precision
+    from kdkit.train.trainer import _StepModule
+
+    g = torch.Generator().manual_seed(0)
+    rows = [TokenRow.of(torch.randint(0, 300, (n,), generator=g).tolist()) for n in LM_ROWS]
+    mine = rows[rank::world]
+    task = LMTask(tiny_llama(seed=2, hidden_size=16, intermediate_size=32), tiny_llama(seed=1))
+    step = distributed.wrap(_StepModule(task), torch.device("cpu"))
+    seen = []
+
+    class Recorder(torch.optim.SGD):
+        def step(self, closure=None):
+            seen.extend(p.grad.clone() for grp in self.param_groups for p in grp["params"])
+
+    opt = Recorder(task.parameters(), lr=0.0)
+    out = step(Aligner(pad_id=0, max_length=32)(mine))
+    Precision("fp32", torch.device("cpu")).backward_step(
+        out["loss"], opt, list(task.parameters()), None, out["normalizer"]
+    )
+    return seen
 
 
 def _copy(state):
@@ -172,3 +204,22 @@ def test_single_process_is_not_wrapped():
     m = nn.Linear(2, 2)
     assert distributed.wrap(m, torch.device("cpu")) is m
     distributed.broadcast_state(m)  # a no-op without a process group
+
+
+def test_lm_gradient_over_two_ranks_equals_one_process(ddp_run):
+    pytest.importorskip("transformers")
+    from _lm_fixtures import tiny_llama
+
+    from kdkit.lm import Aligner, LMTask, TokenRow
+    from kdkit.train.precision import Precision
+
+    _, results = ddp_run
+    g = torch.Generator().manual_seed(0)
+    rows = [TokenRow.of(torch.randint(0, 300, (n,), generator=g).tolist()) for n in LM_ROWS]
+    task = LMTask(tiny_llama(seed=2, hidden_size=16, intermediate_size=32), tiny_llama(seed=1))
+    out = task.step(Aligner(pad_id=0, max_length=32)(rows))
+    out.loss.backward()
+    alone = [p.grad / out.normalizer for p in task.parameters()]
+    for r in (0, 1):
+        for a, b in zip(alone, results[r]["lm_grads"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

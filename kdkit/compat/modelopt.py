@@ -141,6 +141,10 @@ class DistillationModel(nn.Module):
     def has_lazy_parameters(self) -> bool:
         return self.distiller.has_lazy_parameters
 
+    @property
+    def has_idle_parameters(self) -> bool:
+        return self.distiller.has_idle_parameters
+
     def evaluate(self, batches: Iterable[Any], autocast: Callable | None = None) -> dict:
         return self.distiller.evaluate(batches, *(() if autocast is None else (autocast,)))
 

@@ -33,9 +33,6 @@ Precision = Literal["fp32", "bf16", "fp16"]
 MODEL_PREFIXES = ("kdkit", "torchvision", "timm", "open_clip", "python")
 TEACHER_ONLY_PREFIXES = ("onnx", "tensorrt", "cache")
 
-MODEL_PREFIXES = ("kdkit", "torchvision", "timm", "open_clip", "python")
-TEACHER_ONLY_PREFIXES = ("onnx", "tensorrt", "cache")
-
 
 def _check(test, expected: str) -> dict[str, Any]:
     """Field metadata: a value test and the words that describe what it expects."""

@@ -89,9 +89,11 @@ def wrap(
     """
     if not is_distributed():
         return module
-    ids = [device.index] if device.type == "cuda" else None
+    # device_ids=None: DDP then leaves the inputs where the pipeline put them (x on the
+    # device; labels, index and view ids on the host, so the step reads them without a
+    # sync). With device_ids it would copy every tensor in the batch to the GPU.
     return nn.parallel.DistributedDataParallel(
-        module, device_ids=ids, find_unused_parameters=find_unused_parameters
+        module, device_ids=None, find_unused_parameters=find_unused_parameters
     )
 
 

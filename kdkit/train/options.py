@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
-from kdkit.config import OptimizerConfig, SchedulerConfig, TrainConfig
+from kdkit.config import OptimizerConfig, RunConfig, SchedulerConfig, TrainConfig
 from kdkit.errors import KDError, closest_names
 from kdkit.train.resume import RUN_INFO_KEYS
 
@@ -31,6 +32,7 @@ __all__ = [
     "optimizer_factory",
     "scheduler_factory",
     "split_trainer_kwargs",
+    "trainer_from_config",
     "RUN_INFO_KEYS",
 ]
 
@@ -239,3 +241,54 @@ def split_trainer_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
             stacklevel=3,
         )
     return out
+
+
+def trainer_from_config(
+    trainer_cls: type,
+    config: TrainConfig | RunConfig,
+    task: Any,
+    train_loader: Iterable,
+    val_loader: Iterable | None = None,
+    **kwargs: Any,
+) -> Any:
+    """:meth:`kdkit.Trainer.from_config`: the builder that reads the ``train:`` section."""
+    train = config.train if isinstance(config, RunConfig) else config
+    if not isinstance(train, TrainConfig):
+        raise KDError(f"from_config needs a TrainConfig or RunConfig, got {type(config)}")
+    set_by_section = set(LoopOptions.fields()) | {"optimizer", "scheduler", "seed"}
+    set_by_section |= {"compile", "channels_last", "options"}
+    clash = sorted(set(kwargs) & set_by_section - {"device"})
+    if clash:
+        raise KDError(
+            f"Trainer.from_config: {clash} come from the config's train section; change "
+            "them there (kdkit train: --set train.KEY=VALUE)"
+        )
+    try:
+        steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+    except TypeError:
+        steps_per_epoch = None
+    device = kwargs.pop("device", None)
+    options = loop_options(train, **({"device": device} if device is not None else {}))
+    scheduler = scheduler_factory(
+        train.scheduler, train.epochs, train.optimizer.lr, steps_per_epoch
+    )
+    torch.manual_seed(train.seed)
+    student = getattr(task, "student", None)
+    if train.channels_last and isinstance(student, nn.Module):
+        student.to(memory_format=torch.channels_last)
+        if kwargs.get("inputs") is not None:
+            kwargs["inputs"].channels_last = True
+        else:
+            kwargs["channels_last"] = True
+    trainer = trainer_cls(
+        task,
+        train_loader,
+        val_loader,
+        optimizer_factory(train.optimizer),
+        scheduler,
+        options=options,
+        **kwargs,
+    )
+    if train.compile and isinstance(student, nn.Module):
+        task.student = torch.compile(student)
+    return trainer

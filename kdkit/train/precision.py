@@ -11,12 +11,14 @@ from collections.abc import Iterable
 
 import torch
 
+from kdkit._precision import AUTOCAST_DTYPES
 from kdkit.errors import KDError
 from kdkit.train import distributed
 
 __all__ = ["Precision", "PRECISION_DTYPES"]
 
-PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: precision name -> autocast dtype (None: fp32, no autocast), from the one table
+PRECISION_DTYPES = AUTOCAST_DTYPES
 
 
 class Precision:

@@ -40,7 +40,12 @@ from kdkit.train.legacy import EpochCallback, apply_older_keywords
 from kdkit.train.metrics import MetricLog
 from kdkit.train.nan_guard import NanGuard
 from kdkit.train.optim import OptimizerArg, build_optimizer, build_scheduler
-from kdkit.train.options import RUN_INFO_KEYS, LoopOptions, split_trainer_kwargs
+from kdkit.train.options import (
+    RUN_INFO_KEYS,
+    LoopOptions,
+    split_trainer_kwargs,
+    trainer_from_config,
+)
 from kdkit.train.precision import Precision
 from kdkit.train.resume import cpu_copy, restore_best, resume_trainer, trainer_state
 
@@ -146,7 +151,9 @@ class Trainer:
             )
         # DDP wraps the step of the trainable part; a teacher is not in the task's module tree
         self._ddp_step = distributed.wrap(
-            _StepModule(task), self.device, find_unused_parameters=_may_idle(task)
+            _StepModule(task),
+            self.device,
+            find_unused_parameters=getattr(task, "has_idle_parameters", False),
         )
         self.is_main = distributed.is_main()
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
@@ -227,49 +234,7 @@ class Trainer:
         RNG and ``train.compile`` / ``train.channels_last`` are applied to the student here,
         in the builder, not in the loop.
         """
-        from kdkit.config import RunConfig, TrainConfig
-        from kdkit.train.options import loop_options, optimizer_factory, scheduler_factory
-
-        train = config.train if isinstance(config, RunConfig) else config
-        if not isinstance(train, TrainConfig):
-            raise KDError(f"from_config needs a TrainConfig or RunConfig, got {type(config)}")
-        set_by_section = set(LoopOptions.fields()) | {"optimizer", "scheduler", "seed"}
-        set_by_section |= {"compile", "channels_last", "options"}
-        clash = sorted(set(kwargs) & set_by_section - {"device"})
-        if clash:
-            raise KDError(
-                f"Trainer.from_config: {clash} come from the config's train section; change "
-                "them there (kdkit train: --set train.KEY=VALUE)"
-            )
-        try:
-            steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
-        except TypeError:
-            steps_per_epoch = None
-        device = kwargs.pop("device", None)
-        options = loop_options(train, **({"device": device} if device is not None else {}))
-        scheduler = scheduler_factory(
-            train.scheduler, train.epochs, train.optimizer.lr, steps_per_epoch
-        )
-        torch.manual_seed(train.seed)
-        student = getattr(task, "student", None)
-        if train.channels_last and isinstance(student, nn.Module):
-            student.to(memory_format=torch.channels_last)
-            if kwargs.get("inputs") is not None:
-                kwargs["inputs"].channels_last = True
-            else:
-                kwargs["channels_last"] = True
-        trainer = cls(
-            task,
-            train_loader,
-            val_loader,
-            optimizer_factory(train.optimizer),
-            scheduler,
-            options=options,
-            **kwargs,
-        )
-        if train.compile and isinstance(student, nn.Module):
-            task.student = torch.compile(student)
-        return trainer
+        return trainer_from_config(cls, config, task, train_loader, val_loader, **kwargs)
 
     # -- one step -------------------------------------------------------------------------
     def train_step(self, batch: Any) -> StepOutput:
@@ -449,13 +414,3 @@ class Trainer:
 
     def _resume(self, required: bool = True) -> bool:
         return resume_trainer(self, required)
-
-
-def _may_idle(task: nn.Module) -> bool:
-    """Whether some trainable parameters get no gradient in some steps (adapters before the
-    balancer's ``start_epoch``): DDP must then look for unused parameters."""
-    balancer = getattr(task, "balancer", None)
-    criterion = getattr(task, "criterion", None)
-    if balancer is None or criterion is None or balancer.start_epoch <= 0:
-        return False
-    return any(p.requires_grad for p in criterion.parameters())
