@@ -211,7 +211,6 @@ def test_lm_gradient_over_two_ranks_equals_one_process(ddp_run):
     from _lm_fixtures import tiny_llama
 
     from kdkit.lm import Aligner, LMTask, TokenRow
-    from kdkit.train.precision import Precision
 
     _, results = ddp_run
     g = torch.Generator().manual_seed(0)
