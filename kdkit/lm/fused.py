@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from kdkit.errors import KDError
-from kdkit.lm.divergence import _xlog_ratio, check_divergence, value_and_grad
+from kdkit.lm.divergence import check_divergence, log_softmax_, value_and_grad_into
 from kdkit.losses.response import check_temperature
 
 __all__ = [
@@ -58,9 +58,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# fp32 [rows, V] temporaries alive at once in one chunk: student log q, teacher log p, q (reused
-# as the gradient), p, and up to four transient ones (logsumexp, the divergence's terms, log m)
-_TEMPS = 8
+# [rows, V] buffers of the fused loop, allocated once per call and reused by every chunk:
+# teacher log p, student log q, and the three of value_and_grad_into
+_TEMPS = 5
 _MIN_ROWS = 8
 _IGNORE = -100
 
@@ -81,10 +81,17 @@ class TeacherTarget(Protocol):
     def vocab_rows(self) -> int: ...
 
     def log_probs(
-        self, rows: torch.Tensor, *, vocab_size: int, temperature: float, dtype: torch.dtype
+        self,
+        rows: torch.Tensor,
+        *,
+        vocab_size: int,
+        temperature: float,
+        out: torch.Tensor,
+        scratch: torch.Tensor,
     ) -> torch.Tensor:
-        """``log_softmax(teacher_logits[rows, :vocab_size] / temperature)`` in ``dtype``,
-        ``[len(rows), vocab_size]``, without autograd. ``rows`` index the flattened tokens."""
+        """Write ``log_softmax(teacher_logits[rows, :vocab_size] / temperature)`` into ``out``
+        (``[len(rows), vocab_size]``, the loop's dtype) and return it, without autograd.
+        ``rows`` index the flattened tokens; ``scratch`` (same shape) may be clobbered."""
         ...
 
 
@@ -99,11 +106,17 @@ def _head_parts(
     raise KDError(f"{what} must be an nn.Linear or its [V, H] float weight tensor, got {got}")
 
 
-def _log_softmax_(x: torch.Tensor, temperature: float) -> torch.Tensor:
-    """In-place ``log_softmax(x / T)`` over the last dim (keeps one [rows, V] buffer)."""
-    if temperature != 1.0:
-        x.div_(temperature)
-    return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
+def _project_into(
+    out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
+) -> None:
+    """``out = h @ w.T (+ b)``, straight into ``out`` when the dtypes allow."""
+    if h.dtype == out.dtype and w.dtype == out.dtype:
+        if b is None:
+            torch.matmul(h, w.T, out=out)
+        else:
+            torch.addmm(b.to(out.dtype), h, w.T, out=out)
+    else:  # half-precision heads: the matmul in the head's dtype, then upcast (as autocast)
+        out.copy_(h @ w.T if b is None else torch.addmm(b, h, w.T))
 
 
 @dataclass(frozen=True)
@@ -135,18 +148,21 @@ class DenseTeacher:
         return _head_parts(self.head, "DenseTeacher head")[0].shape[0]
 
     def log_probs(
-        self, rows: torch.Tensor, *, vocab_size: int, temperature: float, dtype: torch.dtype
+        self,
+        rows: torch.Tensor,
+        *,
+        vocab_size: int,
+        temperature: float,
+        out: torch.Tensor,
+        scratch: torch.Tensor,
     ) -> torch.Tensor:
         weight, bias = _head_parts(self.head, "DenseTeacher head")
         with torch.no_grad():
             h = self.hidden.reshape(-1, self.hidden.shape[-1]).index_select(0, rows)
             h = h.to(device=weight.device, dtype=weight.dtype)
-            w = weight[:vocab_size]
-            if bias is None:
-                logits = h @ w.T
-            else:
-                logits = torch.addmm(bias[:vocab_size], h, w.T)
-            return _log_softmax_(logits.to(dtype), temperature)
+            b = None if bias is None else bias[:vocab_size]
+            _project_into(out, h, weight[:vocab_size], b)
+            return log_softmax_(out, temperature, scratch)
 
 
 @dataclass(frozen=True)
@@ -168,13 +184,22 @@ class DenseLogits:
         return self.logits.shape[-1]
 
     def log_probs(
-        self, rows: torch.Tensor, *, vocab_size: int, temperature: float, dtype: torch.dtype
+        self,
+        rows: torch.Tensor,
+        *,
+        vocab_size: int,
+        temperature: float,
+        out: torch.Tensor,
+        scratch: torch.Tensor,
     ) -> torch.Tensor:
         with torch.no_grad():
-            flat = self.logits.reshape(-1, self.logits.shape[-1])
-            # index_select copies, so the in-place softmax never touches the caller's logits
-            chunk = flat[:, :vocab_size].index_select(0, rows.to(flat.device))
-            return _log_softmax_(chunk.to(dtype), temperature)
+            flat = self.logits.reshape(-1, self.logits.shape[-1])[:, :vocab_size]
+            rows = rows.to(flat.device)
+            if flat.dtype == out.dtype:
+                torch.index_select(flat, 0, rows, out=out)
+            else:
+                out.copy_(flat.index_select(0, rows))
+            return log_softmax_(out, temperature, scratch)
 
 
 # -- output ----------------------------------------------------------------------------------
@@ -253,41 +278,49 @@ def _chunk(
     bias: torch.Tensor | None,
     lp: torch.Tensor,
     labels: torch.Tensor | None,
-    dtype: torch.dtype,
+    work: list[torch.Tensor],
     stats: _Stats,
 ) -> torch.Tensor:
-    """One chunk: the divergence and ``dL/ds`` ``[rows, V]`` for the rows of ``h``."""
-    w = weight[: plan.vocab]
-    z = h @ w.T if bias is None else torch.addmm(bias[: plan.vocab], h, w.T)
-    lq = _log_softmax_(z.to(dtype), plan.temperature)
+    """One chunk: the divergence and ``dL/ds`` (a view of one of ``work``) for the rows of ``h``.
+
+    ``work`` holds four ``[rows, V]`` buffers: the student's log q and three for the divergence;
+    ``lp`` is clobbered.
+    """
+    lq, *bufs = work
+    b = None if bias is None else bias[: plan.vocab]
+    _project_into(lq, h, weight[: plan.vocab], b)
+    log_softmax_(lq, plan.temperature, bufs[0])
+    # an explicit -inf teacher logit (DenseLogits) would make 0 * -inf; a finite floor keeps
+    # p = 0 and every 0 * log 0 term exactly 0
+    floor = torch.finfo(lp.dtype).min / 4
+    lp.clamp_(min=floor)
     stats.agree += int((lq.argmax(-1) == lp.argmax(-1)).sum())
-    p = lp.exp()
-    value, grad = value_and_grad(
-        plan.divergence, lq, lp, beta=plan.beta, skew=plan.skew, q=lq.exp(), p=p
+    value, kl, grad, free = value_and_grad_into(
+        plan.divergence, lq, lp, tuple(bufs), beta=plan.beta, skew=plan.skew
     )
     stats.value_sum += float(value.sum())
-    if plan.divergence == "ce":
-        stats.kl_sum += float(_xlog_ratio(p, lp, lq).sum())
-    else:
-        stats.kl_sum += float(value.sum())
-    del p
+    stats.kl_sum += float(kl.sum())
     # dD/ds = dD/dz / T
     grad.mul_(plan.kd_scale / plan.temperature)
     if labels is not None:
         valid = labels != _IGNORE
         if bool(valid.any()):
-            # hard-label CE at T=1: log_softmax(s) = log_softmax(T * log q); its gradient is
-            # softmax(s) - onehot(label), added into the same buffer
-            ls = lq if plan.temperature == 1.0 else _log_softmax_(lq.mul_(plan.temperature), 1.0)
-            rows = valid.nonzero().squeeze(-1)
-            picked = labels.index_select(0, rows)
-            nll = -ls[rows, picked]
-            stats.ce_sum += float(nll.sum())
-            stats.ce_count += int(rows.numel())
+            # hard-label CE at T=1: log_softmax(s) = log_softmax(T * log q); its gradient
+            # softmax(s) - onehot(label) is added into the same buffer
+            if plan.temperature == 1.0:
+                ls = lq
+            else:
+                ls = log_softmax_(torch.mul(lq, plan.temperature, out=free[0]), 1.0, free[1])
+            safe = labels.clamp(min=0)
+            nll = -ls.gather(1, safe.unsqueeze(1)).squeeze(1)
+            stats.ce_sum += float(nll[valid].sum())
+            stats.ce_count += int(valid.sum())
             if plan.ce_scale:
-                soft = ls.index_select(0, rows).exp_()
-                soft[torch.arange(rows.numel(), device=soft.device), picked] -= 1.0
-                grad.index_add_(0, rows, soft, alpha=plan.ce_scale)
+                soft = ls.exp_()
+                arange = torch.arange(soft.shape[0], device=soft.device)
+                soft[arange, safe] -= 1.0
+                soft.mul_(valid.unsqueeze(1).to(soft.dtype))
+                grad.add_(soft, alpha=plan.ce_scale)
     return grad
 
 
@@ -314,15 +347,22 @@ class _FusedLoss(torch.autograd.Function):
         g_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if plan.need_w else None
         g_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if plan.need_b else None
         w = weight[: plan.vocab]
+        rows_max = min(plan.rows, index.numel())
+        # one allocation for every [rows, V] buffer, reused by all chunks (see value_and_grad_into)
+        workspace = torch.empty(_TEMPS, rows_max, plan.vocab, dtype=dtype, device=hidden.device)
         for start in range(0, index.numel(), plan.rows):
             rows = index[start : start + plan.rows]
+            work = [buf[: rows.numel()] for buf in workspace]
             h = flat.index_select(0, rows).to(mm)
             lp = target.log_probs(
-                rows, vocab_size=plan.vocab, temperature=plan.temperature, dtype=dtype
+                rows,
+                vocab_size=plan.vocab,
+                temperature=plan.temperature,
+                out=work[0],
+                scratch=work[1],
             )
             lab = None if labels is None else labels.index_select(0, rows)
-            grad = _chunk(plan, h, weight, bias, lp, lab, dtype, stats)
-            del lp
+            grad = _chunk(plan, h, weight, bias, lp, lab, work[1:], stats)
             stats.chunks += 1
             gm = grad.to(mm)
             if g_h is not None:
@@ -334,7 +374,8 @@ class _FusedLoss(torch.autograd.Function):
                     g_w[: plan.vocab] += (gm.T @ h).to(acc)
             if g_b is not None:
                 g_b[: plan.vocab] += grad.sum(0).to(acc)
-            del grad, gm
+            del grad, gm, work
+        del workspace
         loss = plan.kd_scale * stats.value_sum + plan.ce_scale * stats.ce_sum
         ctx.grads = [
             None if g_h is None else g_h.view_as(hidden),
