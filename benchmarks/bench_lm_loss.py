@@ -34,7 +34,15 @@ import time
 
 SHAPES = [(2048, 32000), (1024, 128256)]
 H_S, H_T = 256, 512
-ROWS = ["dense", "liger c128", "liger c256", "liger c1024", "torchtune c8", "kdkit jsd", "kdkit fkl"]
+ROWS = [
+    "dense",
+    "liger c128",
+    "liger c256",
+    "liger c1024",
+    "torchtune c8",
+    "kdkit jsd",
+    "kdkit fkl",
+]
 
 
 # -- one row (child process) -------------------------------------------------------------------
@@ -188,7 +196,16 @@ def main() -> None:
     for n, v in shapes:
         results = []
         for row in args.rows:
-            cmd = [sys.executable, __file__, "--reps", str(args.reps), "--child", row, str(n), str(v)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--reps",
+                str(args.reps),
+                "--child",
+                row,
+                str(n),
+                str(v),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode:
                 tail = (proc.stderr.strip().splitlines() or ["?"])[-1]

@@ -89,7 +89,8 @@ def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor
         both = torch.isneginf(log_a) & torch.isneginf(log_b)
         zero = torch.zeros((), dtype=log_a.dtype, device=log_a.device)
         mixed = torch.logaddexp(
-            torch.where(both, zero, log_a) + math.log(w), torch.where(both, zero, log_b) + math.log1p(-w)
+            torch.where(both, zero, log_a) + math.log(w),
+            torch.where(both, zero, log_b) + math.log1p(-w),
         )
         return torch.where(both, log_a, mixed)
     return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
