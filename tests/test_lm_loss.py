@@ -34,7 +34,9 @@ def _setup(dtype=torch.float64, lead=(29,), seed=0):
     return h, head, t_head, ht, mask, labels
 
 
-def _dense(name, h, head, t_logits, mask, *, T, labels=None, ce_weight=0.0, reduction="mean", t2=True):
+def _dense(
+    name, h, head, t_logits, mask, *, T, labels=None, ce_weight=0.0, reduction="mean", t2=True
+):
     """The dense reference: full logits, -inf beyond V, autograd."""
     s = head(h).reshape(-1, VS)
     t = t_logits.reshape(-1, t_logits.shape[-1]).detach()
@@ -105,7 +107,7 @@ def test_fused_equals_float64_dense(name):
     got = _grads(out.loss, h, head)
     ref_loss = _dense(name, h, head, t_head(ht), mask, T=2.5, labels=labels, ce_weight=0.3)
     _close(out.loss.detach(), ref_loss.detach(), 1e-6)
-    for a, b in zip(got, _grads(ref_loss, h, head)):
+    for a, b in zip(got, _grads(ref_loss, h, head), strict=True):
         _close(a, b, 1e-6)
     assert out.tokens == int(mask.sum())
     assert got[1][V:].abs().max() == 0 and got[2][V:].abs().max() == 0  # padded rows: no gradient
@@ -126,7 +128,7 @@ def test_fp32_close_to_float64(name):
     )  # fmt: skip
     assert out.loss.dtype == torch.float32
     got = [out.loss.detach()] + _grads(out.loss, h32, head32)
-    for a, b in zip(got, ref):
+    for a, b in zip(got, ref, strict=True):
         _close(a.double(), b, 1e-4)
 
 
@@ -140,7 +142,7 @@ def test_batched_input_dense_logits_and_metrics():
     )  # fmt: skip
     got = _grads(out.loss, h, head)
     ref_loss = _dense("ce", h, head, t_logits, mask, T=2.0)
-    for a, b in zip(got, _grads(ref_loss, h, head)):
+    for a, b in zip(got, _grads(ref_loss, h, head), strict=True):
         _close(a, b, 1e-6)
     assert got[0].shape == (3, 8, H)
     m = mask.reshape(-1)
@@ -152,14 +154,18 @@ def test_batched_input_dense_logits_and_metrics():
         ce = F.cross_entropy(s[lab != -100], lab[lab != -100])
         agree = (s.argmax(-1) == t.argmax(-1)).double().mean()
     assert abs(float(out.kl) - float(kl)) < 1e-10  # the true KL, not the cross-entropy
-    assert float(out.kl) < float(out.loss.detach()) / 4  # the loss (CE, T^2=4) carries the teacher entropy
+    assert (
+        float(out.kl) < float(out.loss.detach()) / 4
+    )  # the loss (CE, T^2=4) carries the teacher entropy
     assert abs(float(out.ce) - float(ce)) < 1e-10
     assert abs(float(out.agree) - float(agree)) < 1e-12
 
 
 def test_sum_is_mean_times_tokens_and_t2_off():
     h, head, t_head, ht, mask, labels = _setup()
-    kw = dict(divergence="jsd", mask=mask, temperature=3.0, vocab_size=V, labels=labels, ce_weight=0.5)
+    kw = dict(
+        divergence="jsd", mask=mask, temperature=3.0, vocab_size=V, labels=labels, ce_weight=0.5
+    )
     kw |= PARAMS
     mean = token_divergence(h, head, DenseTeacher(ht, t_head), **kw)
     total = token_divergence(h, head, DenseTeacher(ht, t_head), reduction="sum", **kw)
@@ -167,7 +173,7 @@ def test_sum_is_mean_times_tokens_and_t2_off():
     g_sum = _grads(total.loss, h, head)
     n = int(mask.sum())
     _close(total.loss.detach(), mean.loss.detach() * n, 1e-12)
-    for a, b in zip(g_sum, g_mean):
+    for a, b in zip(g_sum, g_mean, strict=True):
         _close(a, b * n, 1e-12)
     no_t2 = token_divergence(h, head, DenseTeacher(ht, t_head), t2=False, **kw)
     ref = _dense("jsd", h, head, t_head(ht), mask, T=3.0, labels=labels, ce_weight=0.5, t2=False)
@@ -233,3 +239,21 @@ def test_shape_mismatches():
         DenseTeacher(ht[:, :-1], t_head)
     with pytest.raises(KDError, match="target must be"):
         token_divergence(h, head, t_head(ht), vocab_size=V)
+
+
+@pytest.mark.parametrize("name", ["fkl", "jsd", "skew_fkl", "tvd", "ce"])
+def test_explicit_minus_inf_teacher_logits(name):
+    """A teacher that rules tokens out with -inf (p = 0) gives finite, exact values: 0 log 0 = 0."""
+    h, head, t_head, ht, mask, _ = _setup()
+    t_logits = t_head(ht).detach()
+    t_logits[:, 3:9] = float("-inf")
+    out = token_divergence(
+        h, head, DenseLogits(t_logits), divergence=name, mask=mask, vocab_size=V,
+        memory_budget_mb=1e-4, **PARAMS,
+    )  # fmt: skip
+    got = [out.loss.detach()] + _grads(out.loss, h, head)
+    ref_loss = _dense(name, h, head, t_logits, mask, T=1.0)
+    ref = [ref_loss.detach()] + _grads(ref_loss, h, head)
+    for a, b in zip(got, ref, strict=True):
+        assert torch.isfinite(a).all()
+        _close(a, b, 1e-6)

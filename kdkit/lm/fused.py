@@ -8,7 +8,15 @@ student (and, for :class:`DenseTeacher`, the teacher) hidden states through the 
 the divergence and its closed-form gradient (:func:`kdkit.lm.divergence.value_and_grad`), pushes
 that gradient through the head at once (``dL/dh = G W``, ``dL/dW += G^T h``, ``dL/db += sum G``)
 and drops the chunk. Nothing of size ``[tokens, V]`` is ever alive; the backward pass only scales
-the stored gradients by ``grad_output``.
+the stored gradients by ``grad_output``. Measured (benchmarks/bench_lm_loss.py, CPU, fp32, one
+thread, jsd beta=0.5, default budget; peak RSS over 4 calls): 268 MiB at N=2048/V=32000 and
+266 MiB at N=1024/V=128256, against TRL's dense ``generalized_jsd_loss`` 4,303 / 8,538 MiB
+(0.062x / 0.031x) and Liger's chunked loss at its best chunk (128 rows) 826 / 1,266 MiB
+(0.33x / 0.21x), at 0.35x / 0.40x the dense time; same loss to 6 digits.
+
+All ``[rows, V]`` buffers (five) are one workspace allocated per call and reused by every chunk
+(:func:`kdkit.lm.divergence.value_and_grad_into`): with per-chunk temporaries glibc's heap
+fragmented and the same call peaked at 461 MiB instead of 246 MiB.
 
 Chunk size comes from a memory budget, not a fixed row count (Liger's default of 1024 rows is
 the whole problem at V=128256 and peaks at 0.81x dense): the gradient accumulators (``[V, H]``
