@@ -70,26 +70,81 @@ def test_train_eval_export_roundtrip(lm_run, capsys):
     assert (root / "hf" / "tokenizer.json").is_file()
 
 
-def test_resume_continues_to_identical_weights(lm_run, tmp_path):
-    root, path, config = lm_run
-    straight = {**config, "run_dir": str(tmp_path / "straight")}
-    halves = {**config, "run_dir": str(tmp_path / "halves")}
-    for cfg in (straight, halves):
-        (tmp_path / f"{Path(cfg['run_dir']).name}.yaml").write_text(yaml.safe_dump(cfg))
-    assert main(["train", str(tmp_path / "straight.yaml")]) == 0
-    halves_yaml = str(tmp_path / "halves.yaml")
-    assert main(["train", halves_yaml, "--set", "train.epochs=1"]) == 0
-    # resume with the whole schedule: the config differs only in epochs, so start it anew
-    # from the one-epoch run's last.pt through the library path
-    from kdkit.config import load_config, resolve_paths
-    from kdkit.run.lm_job import build_lm_trainer
+def _in_process(argv: list[str]) -> int:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the killed job runs single-threaded: the same arithmetic
+    try:
+        return main(argv)
+    finally:
+        torch.set_num_threads(threads)
 
-    cfg = resolve_paths(load_config(halves_yaml))
-    trainer, _ = build_lm_trainer(cfg, torch.device("cpu"))
-    trainer.fit(resume=True)
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["student"]
-    b = trainer.task.student.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+
+def test_sigkill_mid_epoch_then_resume_gives_bitwise_equal_weights(lm_run, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    _, _, config = lm_run
+    cfg = {**config, "train": {**config["train"], "checkpoint_every": 2}}
+    path = tmp_path / "lm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert _in_process(["train", str(path), "--run-dir", str(ref)]) == 0
+    job = [sys.executable, str(Path(__file__).parent / "_train_kill_job.py"), "5", "train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([*job, str(path), "--run-dir", str(run)], env=env, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 4
+    assert _in_process(["train", str(path), "--run-dir", str(run), "--resume"]) == 0
+    a = torch.load(ref / "last.pt", weights_only=True)
+    b = torch.load(run / "last.pt", weights_only=True)
+    assert a["step"] == b["step"]
+    for k, v in a["student"].items():
+        assert torch.equal(v, b["student"][k]), k  # bitwise on the CPU
+
+
+def test_cli_refuses_bad_lm_inputs_in_one_line_and_writes_nothing(lm_run, tmp_path, capsys):
+    root, _, config = lm_run
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    jsonl = tmp_path / "pc.jsonl"
+    jsonl.write_text('{"prompt": "a"}\n')
+    other_tok = tmp_path / "other"
+    from transformers import AutoTokenizer
+
+    from kdkit.lm.tokenizer import train_bpe_tokenizer
+
+    train_bpe_tokenizer([PARAGRAPH * 30], 280, other_tok)
+    tiny_llama(vocab=len(AutoTokenizer.from_pretrained(str(other_tok)))).save_pretrained(other_tok)
+    cases = {
+        "unknown divergence": {"distill": {"divergence": "kll"}},
+        "empty file": {"data": {**config["data"], "text_files": [str(empty)]}},
+        "non-UTF-8 file": {"data": {**config["data"], "text_files": [str(latin)]}},
+        "missing JSONL keys": {
+            "data": {
+                **config["data"],
+                "text_files": [str(jsonl)],
+                "format": "prompt_completion",
+                "loss_on": "completion",
+            }  # fmt: skip
+        },
+        "too long for the model": {"data": {**config["data"], "max_length": 4096}},
+        "different tokenizers": {"teacher": {"model": f"hf:{other_tok}"}},
+        "no file matches": {"data": {**config["data"], "text_files": [str(tmp_path / "*.md")]}},
+    }
+    capsys.readouterr()
+    for name, change in cases.items():
+        run_dir = tmp_path / name.replace(" ", "-")
+        bad = {**config, **change, "run_dir": str(run_dir)}
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+        assert main(["train", str(tmp_path / "bad.yaml")]) == 2, name
+        # transformers' own loading bars may precede it; kdkit says one line
+        said = [x for x in capsys.readouterr().err.splitlines() if x.startswith("kdkit")]
+        assert len(said) == 1 and said[0].startswith("kdkit: error:"), (name, said)
+        assert not run_dir.exists(), name  # nothing written
 
 
 class _Recorder(torch.optim.Optimizer):
