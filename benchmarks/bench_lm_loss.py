@@ -146,7 +146,7 @@ def _build_step(row: str, h, w, ht, wt, labels):
 def run_row(row: str, n: int, v: int, reps: int) -> dict:
     import torch
 
-    from kdkit.bench import _Memory
+    from kdkit.bench.memory import _Memory
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
