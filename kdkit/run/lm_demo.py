@@ -204,21 +204,22 @@ def run_lm_demo(cfg: LMDemoConfig) -> Path:
 
 
 def _teacher_test_ppl(teacher_dir: Path, test: Path, cfg: LMDemoConfig) -> float:
-    import torch
-    from torch.utils.data import DataLoader
-
-    from kdkit.lm.align import Aligner
-    from kdkit.lm.data import load_lm_dataset
-    from kdkit.lm.models import load_lm
+    """The teacher's test perplexity, on the rows the students' test scores read
+    (:func:`kdkit.run.lm_job.build_lm_data`: the same split, packing and batches)."""
+    from kdkit.config import LMDataConfig, LMModelConfig, LMRunConfig
+    from kdkit.lm.models import load_lm, max_positions
     from kdkit.lm.task import LMTask
+    from kdkit.run.lm_job import build_lm_data
 
     model, tok = load_lm(f"hf:{teacher_dir}")
-    ds = load_lm_dataset([test], tok, max_length=cfg.max_length, overflow="split")
-    loader = DataLoader(
-        ds, batch_size=cfg.batch_size, collate_fn=Aligner(tok.pad_token_id, cfg.max_length)
+    run = LMRunConfig(
+        student=LMModelConfig(model=f"hf:{teacher_dir}"),
+        data=LMDataConfig(
+            text_files=(str(test),), max_length=cfg.max_length, batch_size=cfg.batch_size
+        ),
     )
-    with torch.no_grad():
-        return LMTask(model, None).evaluate(iter(loader))["ppl"]
+    loader = build_lm_data(run, tok, max_positions(model)).train_loader
+    return LMTask(model, None).evaluate(iter(loader))["ppl"]
 
 
 def _params(folder: Path) -> int:

@@ -15,9 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdkit.cache.cached_teacher import CachedTeacher
 from kdkit.cache.run_check import check_cache_for_run
-from kdkit.errors import KDError
 
 __all__ = ["EpochCallback", "apply_older_keywords"]
 
@@ -39,20 +37,17 @@ def apply_older_keywords(task: nn.Module, older: dict[str, Any], trainer: Any) -
     student = getattr(task, "student", None)
     if older["pipeline"].get("channels_last") and isinstance(student, nn.Module):
         student.to(memory_format=torch.channels_last)
-    teacher = getattr(task, "teacher", None)
-    if teacher is not None and isinstance(teacher, CachedTeacher):
-        check_cache_for_run(
-            teacher,
-            getattr(trainer.train_loader, "dataset", None),
-            sampler=getattr(trainer.inputs, "sampler", None),
-            live_teacher=cache.get("cache_check_teacher"),
-            n_probe=cache.get("cache_check_probe", 64),
-            mean=getattr(trainer.inputs, "mean", None),
-            std=getattr(trainer.inputs, "std", None),
-            device=trainer.device,
-            dataset_check=cache.get("cache_dataset_check", True),
-        )
-    elif cache.get("cache_check_teacher") is not None:
-        raise KDError("cache_check_teacher= is for runs whose teacher is a CachedTeacher")
+    # a no-op for any teacher but a CachedTeacher (and the live_teacher misuse is refused there)
+    check_cache_for_run(
+        getattr(task, "teacher", None),
+        getattr(trainer.train_loader, "dataset", None),
+        sampler=getattr(trainer.inputs, "sampler", None),
+        live_teacher=cache.get("cache_check_teacher"),
+        n_probe=cache.get("cache_check_probe", 64),
+        mean=getattr(trainer.inputs, "mean", None),
+        std=getattr(trainer.inputs, "std", None),
+        device=trainer.device,
+        dataset_check=cache.get("cache_dataset_check", True),
+    )
     if model.get("compile") and isinstance(student, nn.Module):
         task.student = torch.compile(student)

@@ -192,6 +192,7 @@ def scheduler_factory(
 _PIPELINE_KEYS = ("views", "mean", "std", "channels_last")
 _MODEL_KEYS = ("compile", "seed")
 _CACHE_KEYS = ("cache_check_teacher", "cache_check_probe", "cache_dataset_check")
+_RUN_INFO_OLD = ("student_spec", "input_shape", "teacher_spec", "run_config")
 _RUN_INFO_ALIASES = {"run_config": "config"}
 
 
@@ -210,7 +211,8 @@ def split_trainer_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
         | set(_PIPELINE_KEYS)
         | set(_MODEL_KEYS)
         | set(_CACHE_KEYS)
-        | {"student_spec", "input_shape", "teacher_spec", "run_config", "epoch_callbacks"}
+        | set(_RUN_INFO_OLD)
+        | {"epoch_callbacks"}
     )
     unknown = sorted(set(kwargs) - known)
     if unknown:
@@ -225,11 +227,7 @@ def split_trainer_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
         "model": {k: kwargs[k] for k in _MODEL_KEYS if k in kwargs},
         "cache": {k: kwargs[k] for k in _CACHE_KEYS if k in kwargs},
         "epoch_callbacks": list(kwargs.get("epoch_callbacks", ())),
-        "run_info": {
-            _RUN_INFO_ALIASES.get(k, k): kwargs[k]
-            for k in ("student_spec", "input_shape", "teacher_spec", "run_config")
-            if k in kwargs
-        },
+        "run_info": {_RUN_INFO_ALIASES.get(k, k): kwargs[k] for k in _RUN_INFO_OLD if k in kwargs},
     }
     older = sorted(set(kwargs) - set(LoopOptions.fields()) - {"seed"} - set(_CACHE_KEYS))
     if older:
@@ -274,12 +272,13 @@ def trainer_from_config(
     )
     torch.manual_seed(train.seed)
     student = getattr(task, "student", None)
-    if train.channels_last and isinstance(student, nn.Module):
-        student.to(memory_format=torch.channels_last)
-        if kwargs.get("inputs") is not None:
-            kwargs["inputs"].channels_last = True
+    if train.channels_last:
+        if kwargs.get("inputs") is None:
+            kwargs["channels_last"] = True  # the older keyword: it sets the student's format
         else:
-            kwargs["channels_last"] = True
+            kwargs["inputs"].channels_last = True
+            if isinstance(student, nn.Module):
+                student.to(memory_format=torch.channels_last)
     trainer = trainer_cls(
         task,
         train_loader,

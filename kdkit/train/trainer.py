@@ -17,6 +17,7 @@ Checkpoints are atomic and complete (:mod:`kdkit.train.resume`), so a killed run
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -120,8 +121,6 @@ class Trainer:
         older = split_trainer_kwargs(option_keywords)
         options = options or LoopOptions()
         if older["options"]:
-            import dataclasses
-
             options = dataclasses.replace(options, **older["options"])
         self.options = options
         self.device = torch.device(options.device) if options.device else _default_device()
