@@ -102,8 +102,8 @@ class InputPipeline:
         labeled = False
         if labels is not None:
             labels = torch.as_tensor(labels)
-            check_labels(labels.cpu() if labels.device.type != "cpu" else labels)
-            labeled = bool((labels >= 0).any())  # host tensor: no device sync
+            check_labels(labels)  # its range check reads host labels only: no device copy
+            labeled = bool((labels >= 0).any())  # host labels (the loaders'): no device sync
         sampler = self.sampler if augment else None
         view_ids = None
         if sampler is not None:

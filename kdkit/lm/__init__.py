@@ -31,6 +31,7 @@ _LAZY = {
     "tokenizer_fingerprint": "kdkit.lm.tokenizer",
     "CHATML_TEMPLATE": "kdkit.lm.tokenizer",
     "load_lm": "kdkit.lm.models",
+    "load_tokenizer": "kdkit.lm.models",
     "hidden_and_head": "kdkit.lm.models",
     "freeze_teacher": "kdkit.lm.models",
     "max_positions": "kdkit.lm.models",

@@ -36,6 +36,7 @@ __all__ = [
     "freeze_teacher",
     "hidden_and_head",
     "load_lm",
+    "load_tokenizer",
     "logit_transform",
     "max_positions",
 ]
@@ -84,6 +85,13 @@ def _parse(spec: str) -> tuple[str, Path]:
     if not (path / "config.json").is_file():
         raise KDError(f"{spec}: {str(path)!r} has no config.json; save it with save_pretrained")
     return prefix, path
+
+
+def load_tokenizer(spec: str, tokenizer: str | os.PathLike[str] | None = None) -> Any:
+    """The tokenizer of a model string (``hf:PATH`` / ``hf-config:PATH``), or of the folder
+    ``tokenizer``, without loading the model."""
+    _, path = _parse(spec)
+    return _load_tokenizer(Path(tokenizer) if tokenizer is not None else path, required=True)
 
 
 def _load_tokenizer(path: Path, *, required: bool) -> Any:

@@ -18,7 +18,7 @@ import torch
 from kdkit._io import check_output_path
 from kdkit.config import LMRunConfig, parse
 from kdkit.errors import KDError
-from kdkit.lm.models import load_lm, max_positions
+from kdkit.lm.models import load_lm, load_tokenizer, max_positions
 from kdkit.lm.task import LMTask, TokenInputs
 from kdkit.load import load_checkpoint
 from kdkit.run.lm_job import build_lm_data
@@ -45,8 +45,8 @@ def load_lm_student(path: str | Path) -> tuple[torch.nn.Module, Any, LMRunConfig
     student, tokenizer = load_lm(
         cfg.student.model, dtype=cfg.student.dtype, tokenizer=cfg.student.tokenizer
     )
-    if tokenizer is None and cfg.teacher is not None:
-        _, tokenizer = load_lm(cfg.teacher.model, tokenizer=cfg.teacher.tokenizer)
+    if tokenizer is None and cfg.teacher is not None:  # the teacher's, without its weights
+        tokenizer = load_tokenizer(cfg.teacher.model, cfg.teacher.tokenizer)
     student.load_state_dict(ckpt["student"])
     return student.eval(), tokenizer, cfg
 
