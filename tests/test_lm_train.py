@@ -200,3 +200,25 @@ def test_every_token_masked_is_a_clear_error():
     batch = Aligner(pad_id=0, max_length=8)([TokenRow.of([5, 6, 7], [False, False, False])])
     with pytest.raises(KDError, match="every token"):
         task.step(batch)
+
+
+def test_torchrun_fsdp_cli(lm_run):
+    """``torchrun -m kdkit train`` with ``train.fsdp: true`` on 2 gloo ranks: one run
+    directory written by rank 0, whose best.pt exports like a one-process run's."""
+    import os
+    import subprocess
+    import sys
+
+    root, path, _ = lm_run
+    run = root / "fsdp-run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "kdkit", "train", str(path), "--set", "train.fsdp=true", "--set"]
+    cmd += [f"run_dir={run}", "--set", "train.epochs=1"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    assert "sharded over 2 ranks" in done.stderr
+    assert done.stdout.count("best val perplexity") == 1  # rank 0 alone prints the summary
+    rows = (run / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 2  # header + the one epoch, written once
+    assert main(["export", str(run), "--hf", str(root / "fsdp-hf")]) == 0

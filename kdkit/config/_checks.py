@@ -114,6 +114,11 @@ def validate(cfg: RunConfig | LMRunConfig, *, check_paths: bool = True) -> RunCo
 
     from kdkit.losses import LOSSES
 
+    if cfg.train.fsdp:
+        raise KDError(
+            "config key 'train.fsdp' shards language models (task: lm); an image student "
+            "trains with DDP under torchrun, no key needed"
+        )
     _model_string(cfg.teacher.model, "teacher.model", teacher=True, check_paths=check_paths)
     _model_string(cfg.student.model, "student.model", teacher=False, check_paths=check_paths)
     if cfg.teacher.backend == "tensorrt" and not cfg.teacher.model.startswith(

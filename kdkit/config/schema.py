@@ -217,6 +217,8 @@ class TrainConfig:
     )
     checkpoint_every: int | None = _positive()
     progress: bool = True
+    #: FSDP2 under torchrun (``task: lm``): student and teacher sharded over the ranks
+    fsdp: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

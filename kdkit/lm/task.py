@@ -28,8 +28,9 @@ from kdkit.errors import KDError
 from kdkit.lm.align import TokenBatch
 from kdkit.lm.divergence import DIVERGENCES
 from kdkit.lm.fused import DenseTeacher, LossOutput, token_divergence
-from kdkit.lm.models import freeze_teacher, hidden_and_head
+from kdkit.lm.models import HiddenAndHead, freeze_teacher, hidden_and_head
 from kdkit.task import StepOutput
+from kdkit.train import fsdp
 from kdkit.train.resume import restore_part
 
 __all__ = ["LMTask", "TokenInputs"]
@@ -53,6 +54,18 @@ class TokenInputs:
                 f"got {type(batch).__name__}"
             )
         return batch.to(self.device, non_blocking=True)
+
+
+class _Hidden(nn.Module):
+    """A causal LM whose ``forward`` is :func:`hidden_and_head`: the root unit a sharded
+    teacher runs through, so FSDP2 gathers its embeddings, norm and head for the step."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch: TokenBatch) -> HiddenAndHead:
+        return hidden_and_head(self.lm, batch.input_ids, batch.position_ids, batch.attention_mask)
 
 
 class LMTask(nn.Module):
@@ -111,6 +124,17 @@ class LMTask(nn.Module):
             "vocab_size": vocab_size,
         }
         self.ce_weight = 1.0 if teacher is None else float(ce_weight)
+        object.__setattr__(self, "_teacher_root", None if teacher is None else _Hidden(teacher))
+
+    def shard(self) -> LMTask:
+        """FSDP2 over every rank (``train.fsdp: true``): each decoder layer of the student and
+        of the teacher is a unit; the student's embeddings, norm and head form the root unit
+        with this task (the step runs through :meth:`forward`), the frozen teacher's the root
+        of its own. Call it under torchrun, after moving the models to this rank's device."""
+        if self.teacher is not None:
+            fsdp.shard(self._teacher_root, fsdp.blocks_of(self.teacher))
+        fsdp.shard(self, fsdp.blocks_of(self.student))
+        return self
 
     def to(self, *args: Any, **kwargs: Any) -> LMTask:
         super().to(*args, **kwargs)
@@ -135,28 +159,34 @@ class LMTask(nn.Module):
         s = hidden_and_head(self.student, batch.input_ids, batch.position_ids, batch.attention_mask)
         labels = batch.labels[mask]
         hidden = s.hidden[mask]
+        teacher = contextlib.nullcontext()
         if self.teacher is None:  # the scratch baseline: ce_weight 1, the KD term weighs 0
             target = DenseTeacher(hidden.detach(), s.head.weight.detach())
         else:
+            # sharded, the teacher's head stays gathered until the fused loss has read it
+            teacher = fsdp.gathered(self._teacher_root)
             with torch.no_grad():
-                t = hidden_and_head(
-                    self.teacher, batch.input_ids, batch.position_ids, batch.attention_mask
-                )
+                t = self._teacher_root(batch)
             target = DenseTeacher(t.hidden[mask], t.head)
-        return token_divergence(
-            hidden,
-            s.head,
-            target,
-            labels=labels,
-            ce_weight=self.ce_weight,
-            reduction=reduction,
-            **self.options,
-        )
+        with teacher:
+            return token_divergence(
+                hidden,
+                s.head,
+                target,
+                labels=labels,
+                ce_weight=self.ce_weight,
+                reduction=reduction,
+                **self.options,
+            )
+
+    def forward(self, batch: TokenBatch, reduction: str = "sum") -> LossOutput:
+        """The loss of ``batch`` (a module call, so FSDP2's hooks run around it when sharded)."""
+        return self._loss(batch, reduction=reduction)
 
     def step(self, batch: TokenBatch) -> StepOutput:
         """The summed loss of the batch's trained tokens; the loop normalizes by the step's
         token count (see the module docstring)."""
-        out = self._loss(batch, reduction="sum")
+        out = self(batch)
         components = {"loss": out.loss.detach() / max(out.tokens, 1), "kl": out.kl}
         if out.ce is not None:
             components["ce"] = out.ce
@@ -176,7 +206,7 @@ class LMTask(nn.Module):
         try:
             for batch in batches:
                 with autocast():
-                    out = self._loss(batch, reduction="sum")
+                    out = self(batch)
                 n = out.tokens
                 tokens += n
                 ce_sum += float(out.ce) * n
@@ -191,9 +221,24 @@ class LMTask(nn.Module):
             scores.update({"kl": kl_sum / tokens, "agree": 100.0 * agree_sum / tokens})
         return scores
 
+    def score_teacher(
+        self, batches: Iterable[TokenBatch], autocast: Callable = contextlib.nullcontext
+    ) -> dict[str, float]:
+        """The teacher's own held-out perplexity on ``batches``, as :meth:`evaluate` scores the
+        student's (sharded: every rank calls it; the teacher's root stays gathered meanwhile)."""
+        if self.teacher is None:
+            raise KDError("this task has no teacher to score")
+        with fsdp.gathered(self._teacher_root):
+            return LMTask(self.teacher, None).evaluate(batches, autocast)
+
     # -- checkpoint parts ------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {"student": self.student.state_dict()}
+        """The student's weights; sharded, gathered whole on rank 0 (every rank calls this)."""
+        return {"student": fsdp.full_state(self.student)}
 
     def load_checkpoint_state(self, state: Mapping[str, Any], where: str = "") -> None:
+        """Sharded, rank 0's copy is broadcast into every rank's shards (every rank calls it)."""
+        if fsdp.is_sharded(self):
+            fsdp.load_full_state(self.student, state.get("student") or {})
+            return
         restore_part(where, "student", self.student, state.get("student"))

@@ -182,8 +182,8 @@ def train_run(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False)
     if math.isfinite(trainer.best_score):
         result.best_top1 = trainer.best_score
     if lm:
+        result.teacher_top1 = lm_teacher_ppl(trainer, data)  # every rank (a sharded teacher)
         if distributed.is_main():
-            result.teacher_top1 = lm_teacher_ppl(trainer, data)
             write_lm_report(cfg, trainer, result, time.perf_counter() - start)
         distributed.barrier()
         return result

@@ -123,6 +123,11 @@ def build_lm_trainer(cfg: LMRunConfig, device: torch.device) -> tuple[Trainer, L
         memory_budget_mb=dc.memory_budget_mb,
         vocab_size=vocab_size,
     )
+    if t.fsdp and distributed.is_distributed():
+        task.to(device).shard()
+        log.info("FSDP2: student and teacher sharded over %d ranks", distributed.world_size())
+    elif t.fsdp:
+        log.warning("train.fsdp: one process has nothing to shard over; run under torchrun")
     trainer = Trainer.from_config(
         cfg.train,
         task,

@@ -5,19 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from kdkit._io import atomic_write_text
-from kdkit.lm.task import LMTask
 
 __all__ = ["lm_teacher_ppl", "write_lm_report"]
 
 
 def lm_teacher_ppl(trainer: Any, data: Any) -> float | None:
-    """The teacher's perplexity on the run's val tokens (None without a teacher or val data)."""
-    teacher = getattr(trainer.task, "teacher", None)
-    if teacher is None or data.val_loader is None:
+    """The teacher's perplexity on the run's val tokens (None without a teacher or val data).
+    Every rank calls it: a sharded teacher is gathered by all of them."""
+    if getattr(trainer.task, "teacher", None) is None or data.val_loader is None:
         return None
-    scorer = LMTask(teacher, None).to(trainer.device)
     batches = (trainer.inputs(b, augment=False) for b in data.val_loader)
-    return scorer.evaluate(batches, trainer.precision.autocast)["ppl"]
+    return trainer.task.score_teacher(batches, trainer.precision.autocast)["ppl"]
 
 
 def _params(module: Any) -> str:

@@ -89,6 +89,10 @@ def wrap(
     """
     if not is_distributed():
         return module
+    from kdkit.train import fsdp
+
+    if fsdp.is_sharded(module):  # FSDP2 reduce-scatters its own gradients: never also DDP
+        return module
     # device_ids=None: DDP then leaves the inputs where the pipeline put them (x on the
     # device; labels, index and view ids on the host, so the step reads them without a
     # sync). With device_ids it would copy every tensor in the batch to the GPU.

@@ -19,7 +19,7 @@ import torch
 
 from kdkit.errors import KDError
 from kdkit.load import load_checkpoint
-from kdkit.train import distributed
+from kdkit.train import distributed, fsdp
 
 #: plain data a checkpoint stores beside the weights (``kdkit eval/export/bench`` read them)
 RUN_INFO_KEYS = ("student_spec", "teacher_spec", "config", "input_shape", "mean", "std")
@@ -99,7 +99,7 @@ def trainer_state(trainer: Any) -> dict[str, Any]:
     return {
         **trainer.task.checkpoint_state(),
         **info,
-        "optimizer": trainer.optimizer.state_dict(),
+        "optimizer": fsdp.optimizer_state(trainer.task, trainer.optimizer),
         "optimizer_class": type(trainer.optimizer).__name__,
         "scheduler": scheduler,
         "precision": trainer.precision.state_dict(),
@@ -123,7 +123,11 @@ def restore_best(trainer: Any) -> None:
         path = trainer.checkpoint_dir / "best.pt"
         exists = trainer.is_main and path.exists()
         best = load_checkpoint(path, map_location="cpu") if exists else None
-    if trainer.is_main:
+    sharded = fsdp.is_sharded(trainer.task)
+    if sharded:  # every rank loads (a collective): rank 0's copy is broadcast into the shards
+        found = distributed.all_reduce_sum(float(trainer.is_main and best is not None)) > 0
+        best = (best or {}) if found else None
+    if trainer.is_main or sharded:
         if best is None:
             log.warning("restore_best: no best weights were recorded; keeping the last")
         else:
@@ -131,7 +135,8 @@ def restore_best(trainer: Any) -> None:
             log.info(
                 "restored the best weights (val %s %.4g)", trainer.best_metric, trainer.best_score
             )
-    distributed.broadcast_state(trainer.task)
+    if not sharded:
+        distributed.broadcast_state(trainer.task)
 
 
 def resume_trainer(trainer: Any, required: bool = True) -> bool:
@@ -160,7 +165,10 @@ def resume_trainer(trainer: Any, required: bool = True) -> bool:
             f"cannot resume from {path}: it was trained with {saved}, this run builds {this}; "
             "resume with the same optimizer, or use another checkpoint_dir"
         )
-    restore_part(path, "optimizer", trainer.optimizer, state.get("optimizer"))
+    if fsdp.is_sharded(trainer.task):
+        fsdp.load_optimizer_state(trainer.task, trainer.optimizer, state["optimizer"])
+    else:
+        restore_part(path, "optimizer", trainer.optimizer, state.get("optimizer"))
     if trainer.scheduler is not None and state["scheduler"] is not None:
         restore_part(path, "scheduler", trainer.scheduler, state["scheduler"])
     trainer.precision.load_state_dict(state["precision"])

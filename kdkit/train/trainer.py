@@ -36,7 +36,7 @@ from kdkit.errors import KDError
 from kdkit.load import save_checkpoint
 from kdkit.registry import ModelSpec
 from kdkit.task import StepOutput, Task
-from kdkit.train import distributed
+from kdkit.train import distributed, fsdp
 from kdkit.train.legacy import EpochCallback, apply_older_keywords
 from kdkit.train.metrics import MetricLog
 from kdkit.train.nan_guard import NanGuard
@@ -155,6 +155,7 @@ class Trainer:
             find_unused_parameters=getattr(task, "has_idle_parameters", False),
         )
         self.is_main = distributed.is_main()
+        self._sharded = fsdp.is_sharded(task)
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.history: list[dict[str, Any]] = []
         self.best_metric, self.higher_is_better = getattr(task, "best_metric", ("top1", True))
@@ -389,9 +390,10 @@ class Trainer:
     def save(self, name: str = "last.pt") -> Path | None:
         """Atomically write the current state to ``checkpoint_dir/name`` (rank 0 only)."""
         self.nan_guard.check()  # never overwrite a good checkpoint with a NaN state
-        if self.checkpoint_dir is None or not self.is_main:
+        if self.checkpoint_dir is None or not (self.is_main or self._sharded):
             return None
-        return save_checkpoint(self.checkpoint_dir / name, self.state())
+        state = self.state()  # sharded, every rank takes part in gathering it
+        return save_checkpoint(self.checkpoint_dir / name, state) if self.is_main else None
 
     def _save_epoch(self, row: dict[str, Any]) -> None:
         self.nan_guard.check()  # an epoch never ends with a NaN unreported
