@@ -118,12 +118,20 @@ def chunk_rows(
 
 @dataclass
 class _Stats:
-    value_sum: float = 0.0
-    kl_sum: float = 0.0
-    ce_sum: float = 0.0
-    ce_count: int = 0
-    agree: int = 0
+    """Sums over the chunks, kept on the device (float64): the loss never reads the host in
+    its chunk loop, so a GPU step does not stall once per chunk."""
+
+    value_sum: torch.Tensor
+    kl_sum: torch.Tensor
+    ce_sum: torch.Tensor
+    ce_count: torch.Tensor
+    agree: torch.Tensor
     chunks: int = 0
+
+    @classmethod
+    def on(cls, device: torch.device) -> _Stats:
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        return cls(*(zero.clone() for _ in range(5)))
 
 
 @dataclass(frozen=True)
@@ -164,33 +172,33 @@ def _chunk(
     # p = 0 and every 0 * log 0 term exactly 0
     floor = torch.finfo(lp.dtype).min / 4
     lp.clamp_(min=floor)
-    stats.agree += int((lq.argmax(-1) == lp.argmax(-1)).sum())
+    stats.agree += (lq.argmax(-1) == lp.argmax(-1)).sum()
     value, kl, grad, free = value_and_grad_into(
         plan.divergence, lq, lp, tuple(bufs), beta=plan.beta, skew=plan.skew
     )
-    stats.value_sum += float(value.sum())
-    stats.kl_sum += float(kl.sum())
+    stats.value_sum += value.sum(dtype=torch.float64)
+    stats.kl_sum += kl.sum(dtype=torch.float64)
     # dD/ds = dD/dz / T
     grad.mul_(plan.kd_scale / plan.temperature)
     if labels is not None:
         valid = labels != _IGNORE
-        if bool(valid.any()):
-            # hard-label CE at T=1: log_softmax(s) = log_softmax(T * log q); its gradient
-            # softmax(s) - onehot(label) is added into the same buffer
-            if plan.temperature == 1.0:
-                ls = lq
-            else:
-                ls = log_softmax_(torch.mul(lq, plan.temperature, out=free[0]), 1.0, free[1])
-            safe = labels.clamp(min=0)
-            nll = -ls.gather(1, safe.unsqueeze(1)).squeeze(1)
-            stats.ce_sum += float(nll[valid].sum())
-            stats.ce_count += int(valid.sum())
-            if plan.ce_scale:
-                soft = ls.exp_()
-                arange = torch.arange(soft.shape[0], device=soft.device)
-                soft[arange, safe] -= 1.0
-                soft.mul_(valid.unsqueeze(1).to(soft.dtype))
-                grad.add_(soft, alpha=plan.ce_scale)
+        # (no `if valid.any()`: a host read per chunk; ignored rows are zeroed below)
+        # hard-label CE at T=1: log_softmax(s) = log_softmax(T * log q); its gradient
+        # softmax(s) - onehot(label) is added into the same buffer
+        if plan.temperature == 1.0:
+            ls = lq
+        else:
+            ls = log_softmax_(torch.mul(lq, plan.temperature, out=free[0]), 1.0, free[1])
+        safe = labels.clamp(min=0)
+        nll = -ls.gather(1, safe.unsqueeze(1)).squeeze(1)
+        stats.ce_sum += torch.where(valid, nll, 0.0).sum(dtype=torch.float64)
+        stats.ce_count += valid.sum()
+        if plan.ce_scale:
+            soft = ls.exp_()
+            arange = torch.arange(soft.shape[0], device=soft.device)
+            soft[arange, safe] -= 1.0
+            soft.mul_(valid.unsqueeze(1).to(soft.dtype))
+            grad.add_(soft, alpha=plan.ce_scale)
     return grad
 
 
@@ -246,13 +254,13 @@ class _FusedLoss(torch.autograd.Function):
                 g_b[: plan.vocab] += grad.sum(0).to(acc)
             del grad, gm, work
         del workspace
-        loss = plan.kd_scale * stats.value_sum + plan.ce_scale * stats.ce_sum
+        loss = (plan.kd_scale * stats.value_sum + plan.ce_scale * stats.ce_sum).to(dtype)
         ctx.grads = [
             None if g_h is None else g_h.view_as(hidden),
             None if g_w is None else g_w.to(weight.dtype),
             None if g_b is None else g_b.to(bias.dtype),
         ]
-        return torch.tensor(loss, dtype=dtype, device=hidden.device)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
@@ -261,8 +269,8 @@ class _FusedLoss(torch.autograd.Function):
             raise RuntimeError(
                 "kdkit.lm fused loss: backward called twice (retain_graph is not supported)"
             )
-        if not bool(grad_output == 1):
-            grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
+        # always scaled (no `if grad_output == 1`: that comparison is a host read per step)
+        grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
         return (*grads, None, None, None, None, None)
 
 
@@ -388,8 +396,11 @@ def token_divergence(
             raise KDError(
                 f"labels must be integer token ids (-100 = ignore), got {flat_labels.dtype}"
             )
+        # checked where it costs no device sync: on the host. Labels already on an accelerator
+        # are trusted (kdkit's own come from a tokenizer that check_vocab bounded by the head)
+        on_host = flat_labels.device.type == "cpu"
         bad = (flat_labels != _IGNORE) & ((flat_labels < 0) | (flat_labels >= vocab))
-        if bool(bad.any()):
+        if on_host and bool(bad.any()):
             raise KDError(f"labels must be in [0, {vocab}) or -100, got {int(flat_labels[bad][0])}")
         flat_labels = flat_labels.to(device=student_hidden.device, dtype=torch.long)
     if ce_weight > 0 and flat_labels is None:
@@ -430,16 +441,16 @@ def token_divergence(
         need_w=grad_on and weight.requires_grad,
         need_b=grad_on and bias is not None and bias.requires_grad,
     )
-    stats = _Stats()
+    stats = _Stats.on(student_hidden.device)
     loss = _FusedLoss.apply(student_hidden, weight, bias, target, index, flat_labels, plan, stats)
     log.debug(
         "token_divergence: %d tokens in %d chunks of %d rows", tokens, stats.chunks, plan.rows
     )
-    ref = dict(dtype=torch.float64, device=student_hidden.device)
-    return LossOutput(
+    return LossOutput(  # device tensors: nothing here waits for the device
         loss=loss,
-        kl=torch.tensor(stats.kl_sum / tokens, **ref),
+        kl=stats.kl_sum / tokens,
         tokens=tokens,
-        ce=torch.tensor(stats.ce_sum / stats.ce_count, **ref) if stats.ce_count else None,
-        agree=torch.tensor(stats.agree / tokens, **ref),
+        # NaN when every label is -100 (no hard label to score)
+        ce=None if flat_labels is None else stats.ce_sum / stats.ce_count,
+        agree=stats.agree / tokens,
     )
