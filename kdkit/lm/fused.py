@@ -398,10 +398,11 @@ def token_divergence(
             )
         # checked where it costs no device sync: on the host. Labels already on an accelerator
         # are trusted (kdkit's own come from a tokenizer that check_vocab bounded by the head)
-        on_host = flat_labels.device.type == "cpu"
-        bad = (flat_labels != _IGNORE) & ((flat_labels < 0) | (flat_labels >= vocab))
-        if on_host and bool(bad.any()):
-            raise KDError(f"labels must be in [0, {vocab}) or -100, got {int(flat_labels[bad][0])}")
+        if flat_labels.device.type == "cpu":
+            bad = (flat_labels != _IGNORE) & ((flat_labels < 0) | (flat_labels >= vocab))
+            if bool(bad.any()):
+                first = int(flat_labels[bad][0])
+                raise KDError(f"labels must be in [0, {vocab}) or -100, got {first}")
         flat_labels = flat_labels.to(device=student_hidden.device, dtype=torch.long)
     if ce_weight > 0 and flat_labels is None:
         raise KDError(f"ce_weight={ce_weight} needs labels= (next-token ids, -100 = ignore)")
