@@ -218,11 +218,20 @@ def check_train_section(t: TrainConfig) -> None:
 
 def _lm_model(mc: LMModelConfig, key: str, check_paths: bool) -> None:
     prefix, sep, path = mc.model.partition(":")
+    if key == "teacher" and prefix == "cache" and path:  # a kdkit lm capture folder
+        if check_paths and not (Path(path).expanduser() / "manifest.json").is_file():
+            raise KDError(
+                f"config key 'teacher.model': {path} is not an LM teacher cache (no "
+                "manifest.json); make one with kdkit lm capture CONFIG.yaml --out DIR"
+            )
+        return
     if not sep or prefix not in LM_PREFIXES or not path:
         close = closest_names(prefix, LM_PREFIXES, 1)
         raise KDError(
             f"config key '{key}.model' expects 'hf:DIR' (a save_pretrained folder) or "
-            f"'hf-config:DIR' (random init from its config.json), got {mc.model!r}"
+            f"'hf-config:DIR' (random init from its config.json)"
+            + (" or 'cache:DIR' (a kdkit lm capture)" if key == "teacher" else "")
+            + f", got {mc.model!r}"
             + (f"; did you mean '{close[0]}:{path}'?" if sep and close else "")
         )
     if mc.dtype not in (None, "float32", "bfloat16", "float16"):

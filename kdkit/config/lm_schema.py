@@ -6,7 +6,7 @@ the contract (``kdkit train`` with ``task: lm``)::
 
     task: lm
     student: {model: "hf-config:DIR"}      # or "hf:DIR" (a save_pretrained folder)
-    teacher: {model: "hf:DIR"}             # null: the scratch baseline (cross-entropy only)
+    teacher: {model: "hf:DIR"}             # or "cache:DIR" (kdkit lm capture); null: scratch
     data: {text_files: [GLOB, ...], val: {split: 0.05}, format: text, max_length: 256,
            pack: true, loss_on: all, batch_size: 8}
     distill: {divergence: fkl, temperature: 1.0, ce_weight: 0.0, memory_budget_mb: 256}
@@ -70,6 +70,8 @@ class LMDistillConfig:
     temperature: float = field(default=1.0, metadata=_check(lambda v: v > 0, "a number > 0"))
     ce_weight: float = field(default=0.0, metadata=_check(lambda v: 0 <= v <= 1, "in [0, 1]"))
     memory_budget_mb: float = field(default=256, metadata=_check(lambda v: v > 0, "> 0"))
+    #: beyond a cached teacher's top k (``teacher: {model: "cache:DIR"}``), see kdkit.lm.cache
+    tail: Literal["bucket", "renorm", "uniform", "drop"] = "bucket"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -46,6 +46,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -158,24 +159,41 @@ def _chunk(
     labels: torch.Tensor | None,
     work: list[torch.Tensor],
     stats: _Stats,
+    sparse: tuple[Any, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One chunk: the divergence and ``dL/ds`` (a view of one of ``work``) for the rows of ``h``.
 
     ``work`` holds four ``[rows, V]`` buffers: the student's log q and three for the divergence;
-    ``lp`` is clobbered.
+    ``lp`` is clobbered. ``sparse`` = ``(target, rows)`` for a target that gives the value and
+    gradient itself (a top-k cache's ``bucket`` / ``drop`` tail policy); ``lp`` is unused then.
     """
     lq, *bufs = work
     b = None if bias is None else bias[: plan.vocab]
     project_into(lq, h, weight[: plan.vocab], b)
     log_softmax_(lq, plan.temperature, bufs[0])
-    # an explicit -inf teacher logit (DenseLogits) would make 0 * -inf; a finite floor keeps
-    # p = 0 and every 0 * log 0 term exactly 0
-    floor = torch.finfo(lp.dtype).min / 4
-    lp.clamp_(min=floor)
-    stats.agree += (lq.argmax(-1) == lp.argmax(-1)).sum()
-    value, kl, grad, free = value_and_grad_into(
-        plan.divergence, lq, lp, tuple(bufs), beta=plan.beta, skew=plan.skew
-    )
+    if sparse is not None:
+        target, rows = sparse
+        value, kl, grad = target.value_and_grad(
+            plan.divergence,
+            lq,
+            rows,
+            temperature=plan.temperature,
+            beta=plan.beta,
+            skew=plan.skew,
+            grad_out=bufs[0],
+        )
+        top1 = target.ids.index_select(0, rows.to(target.ids.device))[:, 0]
+        stats.agree += (lq.argmax(-1) == top1.to(lq.device)).sum()
+        free = bufs[1:]
+    else:
+        # an explicit -inf teacher logit (DenseLogits) would make 0 * -inf; a finite floor
+        # keeps p = 0 and every 0 * log 0 term exactly 0
+        floor = torch.finfo(lp.dtype).min / 4
+        lp.clamp_(min=floor)
+        stats.agree += (lq.argmax(-1) == lp.argmax(-1)).sum()
+        value, kl, grad, free = value_and_grad_into(
+            plan.divergence, lq, lp, tuple(bufs), beta=plan.beta, skew=plan.skew
+        )
     stats.value_sum += value.sum(dtype=torch.float64)
     stats.kl_sum += kl.sum(dtype=torch.float64)
     # dD/ds = dD/dz / T
@@ -232,15 +250,18 @@ class _FusedLoss(torch.autograd.Function):
             rows = index[start : start + plan.rows]
             work = [buf[: rows.numel()] for buf in workspace]
             h = flat.index_select(0, rows).to(mm)
-            lp = target.log_probs(
-                rows,
-                vocab_size=plan.vocab,
-                temperature=plan.temperature,
-                out=work[0],
-                scratch=work[1],
-            )
+            sparse = (target, rows) if getattr(target, "sparse", False) else None
+            lp = work[0]
+            if sparse is None:
+                lp = target.log_probs(
+                    rows,
+                    vocab_size=plan.vocab,
+                    temperature=plan.temperature,
+                    out=work[0],
+                    scratch=work[1],
+                )
             lab = None if labels is None else labels.index_select(0, rows)
-            grad = _chunk(plan, h, weight, bias, lp, lab, work[1:], stats)
+            grad = _chunk(plan, h, weight, bias, lp, lab, work[1:], stats, sparse)
             stats.chunks += 1
             gm = grad.to(mm)
             if g_h is not None:
@@ -381,6 +402,9 @@ def token_divergence(
             f"target must be DenseTeacher(hidden, head), DenseLogits(logits) or a TeacherTarget, "
             f"got {type(target).__name__}"
         )
+    check = getattr(target, "check_use", None)
+    if check is not None:  # a cached target says what it can give exactly
+        check(temperature, divergence)
     lead = tuple(student_hidden.shape[:-1])
     if tuple(target.shape) != lead:
         raise KDError(f"teacher tokens {tuple(target.shape)} do not match the student's {lead}")

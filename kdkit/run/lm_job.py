@@ -48,8 +48,9 @@ def _split(dataset: Any, fraction: float, seed: int) -> tuple[Subset, Subset]:
     return Subset(dataset, order[n_val:]), Subset(dataset, order[:n_val])
 
 
-def build_lm_data(cfg: LMRunConfig, tokenizer: Any, positions: int | None) -> LMRunData:
-    """Token rows of ``data.text_files`` (and the val source), tokenized once, in loaders."""
+def lm_datasets(cfg: LMRunConfig, tokenizer: Any, positions: int | None) -> tuple[Any, Any]:
+    """The rows of ``data.text_files`` and of a separate ``data.val.text_files`` (None when
+    there is none), tokenized once: what training reads and ``kdkit lm capture`` caches."""
     d = cfg.data
     kwargs = {
         "format": d.format,
@@ -62,12 +63,24 @@ def build_lm_data(cfg: LMRunConfig, tokenizer: Any, positions: int | None) -> LM
     }
     train = load_lm_dataset(list(d.text_files), tokenizer, **kwargs)
     val = None
+    if d.val is not None and d.val.text_files:
+        val = load_lm_dataset(list(d.val.text_files), tokenizer, **kwargs)
+    return train, val
+
+
+def build_lm_data(
+    cfg: LMRunConfig, tokenizer: Any, positions: int | None, cache: Any = None
+) -> LMRunData:
+    """Token rows of ``data.text_files`` (and the val source) in loaders; with a top-k
+    ``cache`` (:class:`kdkit.lm.cache.TopKCache`) every batch carries its cached targets."""
+    d = cfg.data
+    train, val = lm_datasets(cfg, tokenizer, positions)
     if d.val is not None and d.val.split is not None:
         train, val = _split(train, d.val.split, d.seed)
-    elif d.val is not None:
-        val = load_lm_dataset(list(d.val.text_files), tokenizer, **kwargs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collate = Aligner(pad_id=int(pad), max_length=d.max_length)
+    collate: Any = Aligner(pad_id=int(pad), max_length=d.max_length)
+    if cache is not None:
+        collate = cache.collate(collate, policy=cfg.distill.tail)
     # the order is a function of (seed, epoch) alone (the Trainer calls set_epoch), so a
     # resumed run sees the same batches; under torchrun each rank reads its own share
     sampler = DistributedSampler(

@@ -1,0 +1,233 @@
+"""``kdkit lm capture``: run the teacher over the corpus once, write its top-k cache.
+
+Resumable and safe under kill -9, as ``kdkit precompute`` is: every shard is written to a temp
+file and renamed, then the manifest (sealed with its own sha256) is rewritten atomically with
+that shard's checksum. A killed capture leaves finished shards and a manifest that lists
+exactly them; run the same command again and it computes only the rest. The computation is a
+function of the rows and the teacher alone, so a resumed cache is byte-identical to one made in
+a single go (tested).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kdkit._fingerprint import module_fingerprint
+from kdkit._io import atomic_path, atomic_write_json, check_output_path, sha256_file
+from kdkit.errors import KDError
+from kdkit.lm.align import Aligner
+from kdkit.lm.cache.codec import ENCODINGS, encode_logp, id_bits, pack_ids
+from kdkit.lm.cache.format import (
+    ALIGNMENT,
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    data_settings,
+    differences,
+    read_manifest,
+    row_hash,
+    seal,
+    shard_name,
+    tokenizer_fingerprint,
+)
+from kdkit.lm.cache.target import _log1mexp
+from kdkit.lm.models import freeze_teacher, hidden_and_head, load_lm, max_positions
+from kdkit.lm.targets import head_parts
+
+__all__ = ["capture", "run_tokenizer"]
+
+log = logging.getLogger(__name__)
+
+#: token rows projected onto the vocabulary at once (a [rows, V] fp32 block)
+_CHUNK = 256
+
+
+def run_tokenizer(cfg: Any, teacher_tokenizer: Any = None) -> Any:
+    """The tokenizer a run tokenizes its text with: the student's, else the teacher's (as
+    :func:`kdkit.run.lm_job.build_lm_trainer` picks it)."""
+    from kdkit.lm.models import load_tokenizer
+
+    try:
+        return load_tokenizer(cfg.student.model, cfg.student.tokenizer)
+    except KDError:
+        if teacher_tokenizer is None:
+            raise
+        return teacher_tokenizer
+
+
+@torch.no_grad()
+def _teacher_topk(
+    teacher: torch.nn.Module, batch: Any, vocab: int, k: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ids [E, k], logp [E, k], tail [E])`` at the batch's trained positions, in order."""
+    out = hidden_and_head(teacher, batch.input_ids, batch.position_ids, batch.attention_mask)
+    weight, bias = head_parts(out.head, "teacher head")
+    hidden = out.hidden[batch.mask]
+    ids, logp, tail = [], [], []
+    for start in range(0, hidden.shape[0], _CHUNK):
+        h = hidden[start : start + _CHUNK].to(weight.dtype)
+        logits = h @ weight[:vocab].T
+        if bias is not None:
+            logits = logits + bias[:vocab]
+        lp = torch.log_softmax(logits.float() / temperature, dim=-1)
+        values, index = lp.topk(k, dim=-1)
+        ids.append(index)
+        logp.append(values)
+        tail.append(_log1mexp(torch.logsumexp(values.double(), dim=-1)).float())
+    return torch.cat(ids), torch.cat(logp), torch.cat(tail)
+
+
+def _shard_arrays(
+    rows: list[Any], teacher: Any, aligner: Aligner, settings: dict[str, Any], batch_size: int
+) -> dict[str, np.ndarray]:
+    vocab, k = settings["teacher"]["vocab"], settings["capture"]["k"]
+    temperature = settings["capture"]["temperature"]
+    ids, logp, tail, entries = [], [], [], []
+    for start in range(0, len(rows), batch_size):
+        batch = aligner(rows[start : start + batch_size])
+        i, lp, t = _teacher_topk(teacher, batch, vocab, k, temperature)
+        ids.append(i)
+        logp.append(lp)
+        tail.append(t)
+        entries.extend(batch.mask.sum(1).tolist())
+    lengths = [len(r) for r in rows]
+    arrays = {
+        "row_offsets": np.concatenate([[0], np.cumsum(entries)]).astype(np.int64),
+        "token_offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        "token_ids": np.concatenate([r.input_ids.numpy() for r in rows]).astype(np.uint32),
+        "row_hash": np.asarray([row_hash(r) for r in rows], dtype=np.uint64),
+        "topk_ids": pack_ids(torch.cat(ids).numpy(), settings["capture"]["id_bits"]),
+        "tail_logmass": torch.cat(tail).numpy().astype(np.float16),
+    }
+    arrays.update(encode_logp(torch.cat(logp).numpy(), settings["capture"]["encoding"]))
+    return arrays
+
+
+def _write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(arrays, str(tmp))
+
+
+def capture(
+    cfg: Any,
+    out: str | Path,
+    *,
+    topk: int = 32,
+    encoding: str = "q8",
+    temperature: float = 1.0,
+    shard_rows: int = 256,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Capture the teacher of ``cfg`` (a ``task: lm`` :class:`~kdkit.config.LMRunConfig`) over
+    its corpus into ``out``; resumes an unfinished capture there. Returns the manifest."""
+    from kdkit.run.lm_job import lm_datasets
+
+    if cfg.teacher is None or cfg.teacher.model.startswith("cache:"):
+        raise KDError("kdkit lm capture needs a live teacher: teacher: {model: 'hf:DIR'}")
+    if encoding not in ENCODINGS:
+        raise KDError(f"--encoding must be one of {list(ENCODINGS)}, got {encoding!r}")
+    if not (isinstance(topk, int) and topk >= 1):
+        raise KDError(f"--topk must be an integer >= 1, got {topk!r}")
+    if not temperature > 0:
+        raise KDError(f"--temperature must be > 0, got {temperature!r}")
+    out = check_output_path(out, what="the cache folder", directory=True)
+    teacher, teacher_tok = load_lm(
+        cfg.teacher.model, dtype=cfg.teacher.dtype, tokenizer=cfg.teacher.tokenizer
+    )
+    freeze_teacher(teacher)
+    tokenizer = run_tokenizer(cfg, teacher_tok)
+    head_rows = teacher.get_output_embeddings().out_features
+    vocab = min(head_rows, len(tokenizer))  # padded head rows are never a target
+    if topk > vocab:
+        raise KDError(f"--topk {topk} is larger than the vocabulary ({vocab})")
+    train, val = lm_datasets(cfg, tokenizer, max_positions(teacher))
+    rows = list(train.rows) + (list(val.rows) if val is not None else [])
+    num_shards = max(1, math.ceil(len(rows) / shard_rows))
+    settings = {
+        "format": FORMAT,
+        "version": VERSION,
+        "alignment": ALIGNMENT,
+        "teacher": {
+            "model": cfg.teacher.model,
+            "weights_sha256": module_fingerprint(teacher),
+            "dtype": str(next(teacher.parameters()).dtype).removeprefix("torch."),
+            "vocab_rows": head_rows,
+            "vocab": vocab,
+        },
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "capture": {
+            "k": topk,
+            "temperature": float(temperature),
+            "precision": "fp32 log-softmax",
+            "encoding": encoding,
+            "id_bits": id_bits(vocab),
+            "tail": "float16",
+        },
+        "data": data_settings(cfg.data),
+        "num_rows": len(rows),
+        "shard_rows": shard_rows,
+        "num_shards": num_shards,
+    }
+    done = _resume(out, settings)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    aligner = Aligner(pad_id=int(pad), max_length=cfg.data.max_length)
+    bar = tqdm(
+        total=len(rows), unit="row", desc="capture", disable=not progress, dynamic_ncols=True
+    )
+    bar.update(sum(s["rows"][1] - s["rows"][0] for s in done))
+    for i in range(len(done), num_shards):
+        lo, hi = i * shard_rows, min((i + 1) * shard_rows, len(rows))
+        arrays = _shard_arrays(rows[lo:hi], teacher, aligner, settings, cfg.data.batch_size)
+        path = out / shard_name(i)
+        _write_shard(path, arrays)
+        done.append(
+            {
+                "file": path.name,
+                "rows": [lo, hi],
+                "entries": int(arrays["row_offsets"][-1]),
+                "bytes": path.stat().st_size,
+                "sha256": sha256_file(path),
+            }
+        )
+        manifest = {**settings, "shards": done, "complete": i == num_shards - 1}
+        if manifest["complete"]:
+            entries = sum(s["entries"] for s in done)
+            manifest["entries"] = entries
+            manifest["bytes_per_token"] = sum(s["bytes"] for s in done) / max(entries, 1)
+        atomic_write_json(out / MANIFEST, seal(manifest))
+        bar.update(hi - lo)
+    bar.close()
+    return read_manifest(out)
+
+
+def _resume(out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The shards already finished in ``out`` (verified), or [] for a fresh capture."""
+    if not (out / MANIFEST).exists():
+        if any(out.iterdir()):
+            raise KDError(f"{out} is not empty and holds no capture; choose an empty --out")
+        return []
+    have = read_manifest(out, complete=False)
+    changed = differences(have, settings)
+    if changed:
+        raise KDError(
+            f"{out} holds a capture made with other settings ({'; '.join(changed)}); use "
+            "another --out, or remove it to capture again"
+        )
+    done = []
+    for shard in have.get("shards", []):
+        path = out / shard["file"]
+        if not path.is_file() or sha256_file(path) != shard["sha256"]:
+            break  # recompute from here: the same rows give the same bytes
+        done.append(shard)
+    if have.get("complete") and len(done) == settings["num_shards"]:
+        log.info("the capture in %s is already complete", out)
+    return done

@@ -1,0 +1,165 @@
+"""Reading a top-k cache: rows found by their hash, checked, decoded into a :class:`TopKTarget`.
+
+A training batch's rows are looked up by :func:`~kdkit.lm.cache.format.row_hash` (their ids,
+trained flags and documents), so order, shuffling and val splits do not matter, and a row the
+cache does not hold (another tokenizer, chat template, truncation or packing) is an error, never
+a silently wrong target. The stored ids of a found row are compared too (a hash collision would
+be caught). Each shard's sha256 is verified the first time a process reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdkit._io import sha256_file
+from kdkit.errors import KDError
+from kdkit.lm.cache.codec import decode_logp, unpack_ids
+from kdkit.lm.cache.format import data_settings, differences, read_manifest, row_hash
+from kdkit.lm.cache.target import TopKTarget
+from kdkit.lm.data import TokenRow
+
+__all__ = ["TopKCache", "CachedAligner"]
+
+_INDEX_KEYS = ("row_offsets", "token_offsets", "row_hash")
+
+
+class _Shard:
+    """One shard file: its small index arrays in memory, the rest memory-mapped."""
+
+    def __init__(self, path: Path, sha256: str) -> None:
+        self.path, self.sha256 = path, sha256
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:
+            if not self.path.is_file():
+                raise KDError(f"the cache is missing {self.path.name} ({self.path.parent})")
+            if sha256_file(self.path) != self.sha256:
+                raise KDError(
+                    f"{self.path} does not match its checksum in the manifest (damaged or "
+                    "replaced); capture it again"
+                )
+            from safetensors.numpy import load_file
+
+            try:
+                self._arrays = load_file(str(self.path))
+            except Exception as err:  # safetensors raises its own error types
+                raise KDError(f"cannot read {self.path}: {err}".splitlines()[0]) from None
+        return self._arrays
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers reopen lazily
+        return {"path": self.path, "sha256": self.sha256, "_arrays": None}
+
+
+class TopKCache:
+    """An opened ``kdkit lm capture`` folder.
+
+    Args:
+        cache_dir: the folder.
+    """
+
+    def __init__(self, cache_dir: str | Path) -> None:
+        self.dir = Path(cache_dir)
+        self.manifest = read_manifest(self.dir)
+        cap = self.manifest["capture"]
+        self.k, self.bits, self.encoding = cap["k"], cap["id_bits"], cap["encoding"]
+        self.temperature = float(cap["temperature"])
+        self.vocab = int(self.manifest["teacher"]["vocab"])
+        self.shards = [_Shard(self.dir / s["file"], s["sha256"]) for s in self.manifest["shards"]]
+        self._index: dict[int, tuple[int, int]] | None = None
+
+    # -- checks against a run ----------------------------------------------------------------
+    def check_run(self, data_cfg: Any, tokenizer: Any, student_rows: int) -> None:
+        """Refuse a run this cache was not made for, naming every difference and its key."""
+        from kdkit.lm.cache.format import tokenizer_fingerprint
+
+        changed = differences(self.manifest["data"], data_settings(data_cfg))
+        if changed:
+            raise KDError(
+                f"the teacher cache {self.dir} was captured with other data settings ("
+                + "; ".join(f"data.{c}" for c in changed)
+                + "); set them as captured, or capture again with this config"
+            )
+        mine = tokenizer_fingerprint(tokenizer)
+        theirs = self.manifest["tokenizer"]
+        diff = [k for k in mine if mine[k] != theirs.get(k)]
+        if diff:
+            raise KDError(
+                f"the teacher cache {self.dir} was captured with another tokenizer (differs in "
+                f"{', '.join(diff)}); train with the tokenizer it was captured with"
+            )
+        if student_rows < self.vocab:
+            raise KDError(
+                f"the student's head has {student_rows} rows < the cache's vocabulary "
+                f"{self.vocab}: its top-k ids would fall outside the student's head"
+            )
+
+    # -- lookup -----------------------------------------------------------------------------
+    def _rows(self) -> dict[int, tuple[int, int]]:
+        if self._index is None:
+            index: dict[int, tuple[int, int]] = {}
+            for s, shard in enumerate(self.shards):
+                for r, h in enumerate(shard.arrays()["row_hash"].tolist()):
+                    index.setdefault(int(h), (s, r))
+            self._index = index
+        return self._index
+
+    def entries(self, row: TokenRow) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(ids [E, k], logp [E, k], tail [E])`` of ``row`` (its trained positions)."""
+        where = self._rows().get(row_hash(row))
+        if where is None:
+            raise KDError(
+                f"a batch row ({len(row)} tokens) is not in the teacher cache {self.dir}: it was "
+                "captured with another tokenizer, chat template, max_length, truncation or "
+                "packing; capture again with this config (kdkit lm capture)"
+            )
+        arrays = self.shards[where[0]].arrays()
+        r = where[1]
+        t0, t1 = arrays["token_offsets"][r : r + 2].tolist()
+        if not np.array_equal(arrays["token_ids"][t0:t1], row.input_ids.numpy()):
+            raise KDError(f"a batch row's ids differ from the cached row with its hash ({self.dir})")
+        e0, e1 = arrays["row_offsets"][r : r + 2].tolist()
+        ids = unpack_ids(arrays["topk_ids"], self.bits, e0 * self.k, (e1 - e0) * self.k)
+        logp = decode_logp(arrays, self.encoding, slice(e0, e1))
+        tail = np.asarray(arrays["tail_logmass"][e0:e1], dtype=np.float32)
+        return ids.reshape(e1 - e0, self.k), logp, tail
+
+    def target(self, rows: list[TokenRow], policy: str = "bucket") -> TopKTarget:
+        """The cached targets of ``rows``' trained positions, concatenated in row order."""
+        parts = [self.entries(r) for r in rows]
+        return TopKTarget(
+            torch.from_numpy(np.concatenate([p[0] for p in parts])),
+            torch.from_numpy(np.concatenate([p[1] for p in parts])),
+            torch.from_numpy(np.concatenate([p[2] for p in parts])),
+            self.vocab,
+            policy=policy,
+            capture_temperature=self.temperature,
+        )
+
+    def collate(self, aligner: Any, policy: str = "bucket") -> CachedAligner:
+        return CachedAligner(aligner, self, policy)
+
+
+@dataclass(frozen=True)
+class CachedAligner:
+    """A ``collate_fn``: the :class:`~kdkit.lm.align.Aligner`'s batch with its cached teacher
+    targets attached (``batch.teacher``), decoded in the DataLoader's workers."""
+
+    aligner: Any
+    cache: TopKCache
+    policy: str = "bucket"
+
+    def __call__(self, rows: list[TokenRow]) -> Any:
+        batch = self.aligner(rows)
+        target = self.cache.target(list(rows), self.policy)
+        if target.shape[0] != batch.n_tokens:
+            raise KDError(
+                f"the teacher cache holds {target.shape[0]} entries for this batch, which trains "
+                f"{batch.n_tokens} tokens: data.loss_on differs from the capture's"
+            )
+        return replace(batch, teacher=target)

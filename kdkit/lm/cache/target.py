@@ -1,0 +1,184 @@
+"""A cached top-k teacher as a target of the fused loss, with every tail policy exact.
+
+The cache stores, per trained token, the teacher's top-k ids, their log-probabilities and the
+log of the mass left outside them, ``tail = log(1 - sum_k p)``. What the student is trained
+against beyond the top k is the *tail policy*; each is a definition, computed exactly:
+
+- ``renorm``: the teacher renormalized over its top k (zero outside). Every divergence.
+- ``uniform``: the tail mass spread evenly over the ``V - k`` other ids. Every divergence.
+- ``bucket``: a ``k + 1``-way distribution, the top k and one "rest" bucket, against the
+  student's top-k probabilities and its summed rest; the gradient reaches each rest id in
+  proportion to the student's own probability there. Every divergence.
+- ``drop``: the sparse forward term ``sum_k p_i log(p_i / q_i)`` (teacher not renormalized, as
+  DistillKit's sparse KL); its gradient is ``q * sum_k p - p``. ``fkl`` and ``ce`` only.
+
+``renorm`` and ``uniform`` are full distributions over the vocabulary, written into the loop's
+buffer like any :class:`~kdkit.lm.targets.TeacherTarget`. ``bucket`` and ``drop`` are not, so
+they give the loop the value and gradient themselves (:meth:`TopKTarget.value_and_grad`).
+
+The cache holds log-probabilities at its capture temperature. At another KD temperature only
+``renorm`` stays exact (the top-k logits are known up to a constant; the tail's shape is not),
+so the others are refused then.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from kdkit.errors import KDError
+from kdkit.lm.divergence import divergence_value, value_and_grad
+
+__all__ = ["TAIL_POLICIES", "TopKTarget"]
+
+TAIL_POLICIES = ("renorm", "uniform", "bucket", "drop")
+_SPARSE = ("bucket", "drop")
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, stable at both ends; -inf at x == 0."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+@dataclass(frozen=True)
+class TopKTarget:
+    """The cached top-k teacher for ``N`` trained tokens (in the batch's mask order).
+
+    Attributes:
+        ids: ``[N, k]`` int64 teacher token ids, by decreasing probability.
+        logp: ``[N, k]`` float32 log-probabilities at ``capture_temperature``.
+        tail: ``[N]`` float32 ``log(1 - sum exp(logp))`` (the mass outside the top k).
+        vocab: the teacher's vocabulary rows (``uniform`` spreads over ``vocab - k``).
+        policy: one of :data:`TAIL_POLICIES`.
+        capture_temperature: the temperature the teacher's distribution was captured at.
+    """
+
+    ids: torch.Tensor
+    logp: torch.Tensor
+    tail: torch.Tensor
+    vocab: int
+    policy: str = "bucket"
+    capture_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.policy not in TAIL_POLICIES:
+            raise KDError(
+                f"unknown tail policy {self.policy!r}; expected one of {list(TAIL_POLICIES)}"
+            )
+        if self.ids.shape != self.logp.shape or self.tail.shape != self.ids.shape[:1]:
+            raise KDError(
+                f"top-k target arrays disagree: ids {tuple(self.ids.shape)}, logp "
+                f"{tuple(self.logp.shape)}, tail {tuple(self.tail.shape)}"
+            )
+
+    # -- the TeacherTarget protocol ------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.ids.shape[0],)
+
+    @property
+    def vocab_rows(self) -> int:
+        return self.vocab
+
+    @property
+    def sparse(self) -> bool:
+        """True for the policies that give the loop a value and gradient (not a distribution)."""
+        return self.policy in _SPARSE
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TopKTarget:
+        moved = {
+            k: getattr(self, k).to(device, non_blocking=non_blocking)
+            for k in ("ids", "logp", "tail")
+        }
+        return replace(self, **moved)
+
+    def check_use(self, temperature: float, divergence: str) -> None:
+        """Refuse what would not be exact (see the module docstring)."""
+        if self.policy == "renorm" and divergence == "rkl":
+            raise KDError(
+                "tail policy 'renorm' puts zero teacher mass outside the top k, where reverse KL "
+                "is infinite; use distill.tail: bucket or uniform with divergence 'rkl'"
+            )
+        if self.policy == "drop" and divergence not in ("fkl", "ce"):
+            raise KDError(
+                f"tail policy 'drop' is the sparse forward KL; divergence {divergence!r} needs "
+                "distill.tail: renorm, uniform or bucket"
+            )
+        if temperature != self.capture_temperature and self.policy != "renorm":
+            raise KDError(
+                f"the cache was captured at temperature {self.capture_temperature:g}; "
+                f"distill.temperature {temperature:g} is exact only with distill.tail: renorm "
+                f"(the tail's shape is not stored), or capture again at {temperature:g}"
+            )
+
+    def _top(self, rows: torch.Tensor, temperature: float, dtype: torch.dtype):
+        rows = rows.to(self.ids.device)
+        ids = self.ids.index_select(0, rows)
+        logp = self.logp.index_select(0, rows).to(dtype)
+        tail = self.tail.index_select(0, rows).to(dtype)
+        if temperature != self.capture_temperature:  # renorm only (checked)
+            logp = logp * (self.capture_temperature / temperature)
+        return ids, logp, tail
+
+    def log_probs(
+        self,
+        rows: torch.Tensor,
+        *,
+        vocab_size: int,
+        temperature: float,
+        out: torch.Tensor,
+        scratch: torch.Tensor,
+    ) -> torch.Tensor:
+        """``renorm`` / ``uniform``: the full ``[rows, vocab_size]`` log-distribution."""
+        if self.sparse:
+            raise KDError(f"tail policy {self.policy!r} gives a value and gradient, not log_probs")
+        ids, logp, tail = self._top(rows, temperature, out.dtype)
+        k = ids.shape[1]
+        if self.policy == "renorm":
+            out.fill_(float("-inf"))
+            logp = logp - torch.logsumexp(logp, dim=1, keepdim=True)
+        else:  # uniform: normalize the stored mass (decoded values may be off by rounding)
+            rest = max(vocab_size - k, 1)
+            total = torch.logaddexp(torch.logsumexp(logp, dim=1), tail)
+            out.copy_((tail - total - math.log(rest)).unsqueeze(1))
+            logp = logp - total.unsqueeze(1)
+        return out.scatter_(1, ids, logp)
+
+    # -- bucket / drop: value and gradient straight from the student's log q --------------------
+    def value_and_grad(
+        self,
+        divergence: str,
+        log_q: torch.Tensor,
+        rows: torch.Tensor,
+        *,
+        temperature: float,
+        beta: float,
+        skew: float,
+        grad_out: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(value [rows], forward KL [rows], dD/dz)`` with ``dD/dz`` written into ``grad_out``
+        (``[rows, V]``; z = student logits / T), for ``log_q = log_softmax(z)``."""
+        ids, logp, tail = self._top(rows, temperature, log_q.dtype)
+        lq_k = log_q.gather(1, ids)
+        q = torch.exp(log_q, out=grad_out)
+        if self.policy == "drop":
+            p = logp.exp()
+            value = (p * (logp - lq_k)).sum(1)
+            if divergence == "ce":
+                value = -(p * lq_k).sum(1)
+            grad = q.mul_(p.sum(1, keepdim=True)).scatter_add_(1, ids, -p)
+            return value, (p * (logp - lq_k)).sum(1), grad
+        # bucket: the (k+1)-way distributions
+        total = torch.logaddexp(torch.logsumexp(logp, dim=1), tail)  # normalize rounding
+        lp_b = torch.cat([logp, tail.unsqueeze(1)], 1) - total.unsqueeze(1)
+        lq_rest = _log1mexp(torch.logsumexp(lq_k, dim=1))
+        lq_b = torch.cat([lq_k, lq_rest.unsqueeze(1)], 1)
+        value, g_b = value_and_grad(divergence, lq_b, lp_b, beta=beta, skew=skew)
+        kl = divergence_value("fkl", lq_b, lp_b)
+        # rest ids: g_rest * q_j / (1 - Q); top-k ids: their own bucket's gradient
+        scale = g_b[:, -1:] * torch.exp(-lq_rest).unsqueeze(1)
+        grad = q.mul_(torch.nan_to_num(scale, nan=0.0, posinf=0.0))
+        return value, kl, grad.scatter_(1, ids, g_b[:, :-1])
