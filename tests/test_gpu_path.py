@@ -36,13 +36,13 @@ def _blobs(n: int = 64, seed: int = 0) -> ArrayDataset:
     )
 
 
-def _net(width: int = 8) -> nn.Sequential:
+def _net(width: int = 8, classes: int = 4) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(1, width, 3, padding=1),
         nn.ReLU(),
         nn.AdaptiveAvgPool2d(2),
         nn.Flatten(),
-        nn.Linear(4 * width, 4),
+        nn.Linear(4 * width, classes),
     )
 
 
@@ -165,3 +165,199 @@ def test_prefetcher_holds_no_cycle(no_gc):
     ref = weakref.ref(prefetcher)
     del prefetcher
     assert ref() is None
+
+
+# -- 3. a compiled model warms up once: the dry run is under training's autocast and shapes ----
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile with Dynamo's "eager" backend (no codegen: seconds on a CPU), and its
+    graph counter cleared: ``unique_graphs`` counts every (re)compile."""
+    dynamo = pytest.importorskip("torch._dynamo")
+    from torch._dynamo.utils import counters
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="eager", **kw))
+    dynamo.reset()
+    counters.clear()
+    yield counters["stats"]
+    dynamo.reset()
+
+
+def test_compiled_teacher_and_student_compile_once_each(eager_compile):
+    """The adapters' dry run (FeatureMSE's lazy projection) is the compiled models' first
+    call: under the run's bf16 autocast, on a training batch, so training reuses its graphs.
+    Graphs: the teacher once (its own autocast state, the same in the dry run and the steps),
+    the student once in train mode and once in eval mode (dry run and validation)."""
+    from kdkit import FeatureMSE
+    from kdkit.teachers import TorchTeacher
+
+    teacher = TorchTeacher(_net(16, classes=6), compile=True)
+    task = Distiller(_net(), teacher, FeatureMSE())  # 4 -> 6 logits: a lazy Linear adapter
+    tr = Trainer(
+        task,
+        FastLoader(_blobs(48), 16, drop_last=True),
+        FastLoader(_blobs(32, seed=1), 16, shuffle=False),
+        precision="bf16",
+        compile=True,
+        epochs=1,
+        progress=False,
+    )
+    assert eager_compile["unique_graphs"] == 2  # the dry run: teacher + student (eval)
+    tr.fit()
+    assert eager_compile["unique_graphs"] == 3  # + the student's training graph, nothing else
+
+
+def test_compiled_teacher_keeps_a_static_batch(eager_compile):
+    """A partial batch compiles one more static graph instead of turning the batch dimension
+    dynamic for every later call (slower kernels); one per batch size, each reused."""
+    from kdkit.teachers import TorchTeacher
+
+    teacher = TorchTeacher(_net(16), compile=True)
+    for n in (8, 5, 7, 8, 5):
+        teacher(torch.randn(n, 1, 8, 8))
+    assert eager_compile["unique_graphs"] == 3
+
+
+def test_compile_drops_the_partial_last_batch(tmp_path):
+    """``kdkit train`` with ``train.compile`` builds its training loader with ``drop_last``
+    (no partial batch to compile for), unless the data holds less than one batch."""
+    from kdkit.config import load_config
+    from kdkit.run.data import build_data
+
+    for label in ("a", "b", "c"):
+        (tmp_path / label).mkdir()
+    for i, (path, label) in enumerate(_jpeg_files(tmp_path)):  # 9 images
+        path.rename(tmp_path / "abc"[label] / f"{i}.jpg")
+
+    def batches(batch_size: int, drop_last: bool) -> int:
+        raw = {"train": {"image_folder": str(tmp_path)}, "batch_size": batch_size, "workers": 0}
+        model = {"model": "torchvision:resnet18"}
+        cfg = load_config(data={"teacher": model, "student": model, "data": raw}).data
+        return len(build_data(cfg, seed=0, drop_last=drop_last).train_loader)
+
+    assert (batches(4, False), batches(4, True)) == (3, 2)
+    assert batches(16, True) == 1  # fewer images than a batch: kept, not an empty epoch
+
+
+# -- 4. the teacher runs in the precision it was given -------------------------------------
+def _record_dtype(module: nn.Module, seen: dict, name: str) -> None:
+    def hook(mod, args, out):
+        seen[name] = (out.dtype, torch.is_autocast_enabled("cpu"))
+
+    module.register_forward_hook(hook)
+
+
+def test_teacher_precision_under_the_trainers_bf16_autocast():
+    """CPU autocast supports bfloat16: an fp32 teacher inside the Trainer's bf16 step still
+    runs its convolutions in fp32 (autocast off around it), a bf16 teacher runs under
+    autocast in bf16, and the student in the run's bf16."""
+    from kdkit.teachers import TorchTeacher
+
+    seen: dict = {}
+    fp32_net = _net(16)
+    fp32, bf16 = TorchTeacher(fp32_net), TorchTeacher(_net(16), "bf16")
+    _record_dtype(fp32.module[0], seen, "fp32")
+    _record_dtype(bf16.module[0], seen, "bf16")
+    x = torch.randn(4, 1, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fp32(x)
+    assert seen["fp32"] == (torch.float32, False)
+    assert torch.equal(out.logits, fp32_net(x))  # bit for bit the fp32 model
+    bf16(x)  # no autocast around the call: the teacher turns it on for itself
+    assert seen["bf16"] == (torch.bfloat16, True)
+
+    student = _net()
+    _record_dtype(student[0], seen, "student")
+    tr = Trainer(Distiller(student, fp32, SoftTargetKL()), [], precision="bf16", progress=False)
+    x, y = _blobs(8).images, _blobs(8).labels
+    tr.train_step((x, y, torch.arange(8)))
+    assert seen["fp32"] == (torch.float32, False) and seen["student"] == (torch.bfloat16, True)
+
+
+# -- 5. no host sync in the step -----------------------------------------------------------
+_SYNCS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__"}
+_MOVES = {"to", "cuda", "copy_"}
+
+
+class _SyncSpy(torch.overrides.TorchFunctionMode):
+    """Records what would make the host wait for the GPU: a value read from a float tensor
+    (the loss, logits: device-side on a GPU) and a copy to a device that is not
+    ``non_blocking``. Host-side integer tensors (labels, indices) may be read: they are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        self_t = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if self_t is not None and name in _SYNCS and self_t.is_floating_point():
+            self.calls.append(f"{name} on a {self_t.dtype} tensor")
+        if self_t is not None and name in _MOVES and not kwargs.get("non_blocking"):
+            targets = [a for a in (*args[1:], kwargs.get("device")) if a is not None]
+            if any(isinstance(a, (str, torch.device)) for a in targets):
+                self.calls.append(f"blocking {name}({targets})")
+        return func(*args, **kwargs)
+
+
+def _views_trainer(device: str, teacher=None) -> Trainer:
+    from kdkit.data import ViewSampler
+
+    return Trainer(
+        Distiller(_net(), teacher if teacher is not None else _net(16), SoftTargetKL()),
+        FastLoader(_blobs(64), 16),
+        # SGD: AdamW reads its step count with .item(), a host tensor on CUDA too
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
+        views=ViewSampler(size=8, num_views=2),
+        mean=(0.5,),
+        std=(0.25,),
+        device=device,
+        progress=False,
+        nan_check_every=1000,
+    )
+
+
+def test_train_step_reads_no_device_value_and_copies_non_blocking():
+    """The CPU stand-in for ``torch.cuda.set_sync_debug_mode("error")``: every step of a
+    distillation with device-side views reads no float value and copies non-blocking."""
+    tr = _views_trainer("cpu")
+    batches = list(FastLoader(_blobs(64), 16))
+    tr.train_step(batches[0])
+    spy = _SyncSpy()
+    with spy:
+        for b in batches[1:]:
+            tr.train_step(b)
+    assert spy.calls == []
+
+
+@pytest.mark.gpu
+def test_train_step_makes_no_host_sync_on_cuda(tmp_path):
+    """Online (TorchTeacher) and cached replay (CachedTeacher), views on the device, batches
+    as the loaders yield them (images on the GPU, labels and indices on the host)."""
+    from kdkit.cache import CachedTeacher, precompute
+
+    data = _blobs(64)
+    precompute(
+        _net(16).cuda(),
+        data,
+        tmp_path / "cache",
+        views=_views_trainer("cpu").inputs.sampler,
+        batch_size=16,
+        mean=(0.5,),
+        std=(0.25,),
+        device="cuda",
+        progress=False,
+    )
+    for teacher in (None, CachedTeacher(tmp_path / "cache", device="cuda")):
+        tr = _views_trainer("cuda", teacher)
+        batches = [(x.cuda(), y, i) for x, y, i in FastLoader(data, 16)]
+        for b in batches[:2]:
+            tr.train_step(b)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for b in batches[2:]:
+                tr.train_step(b)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
