@@ -361,3 +361,45 @@ def test_train_step_makes_no_host_sync_on_cuda(tmp_path):
                 tr.train_step(b)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+# -- 6. byte batches travel as one buffer; mixed sizes resize in one batch -----------------
+def test_byte_batches_travel_as_one_buffer_with_offsets(tmp_path):
+    from kdkit.data.bytes_loader import _Collate, _Finish, unpack_bytes
+    from kdkit.data.decode import read_image_bytes
+
+    files = _jpeg_files(tmp_path, per_shape=1)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    files.append((tmp_path / "empty.jpg", 0))
+    dataset = EncodedImageDataset(files, ["a", "b", "c"])
+    raw = _Collate(None)([dataset[i] for i in range(len(dataset))])
+    assert raw.data.dim() == 1 and raw.offsets.tolist()[0] == 0 and len(raw.offsets) == 5
+    parts = unpack_bytes(raw.data, raw.offsets)
+    for part, (path, _) in zip(parts, files, strict=True):
+        assert torch.equal(part, read_image_bytes(path))
+        assert part.numel() == 0 or part.data_ptr() >= raw.data.data_ptr()  # views, no copy
+    decoder = ImageDecoder(16, backend="cpu")
+    batch = _Finish(decoder, dataset)(raw)
+    direct = decoder([read_image_bytes(p) for p, _ in files[:3]])
+    assert torch.equal(batch.images, direct.images)
+    assert batch.indices.tolist() == [0, 1, 2]  # the empty file is skipped, not fatal
+
+
+@pytest.mark.parametrize("fit", ["squash", "center"])
+def test_mixed_sizes_resize_in_one_batch_like_torchvision(fit, monkeypatch):
+    """The batched path (two matmuls, what a GPU decoder runs on a batch of mixed shapes)
+    against torchvision's resize of each image alone; a small memory budget splits the
+    batch into chunks without changing the result."""
+    from kdkit.data import _resize
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(30, 40), (40, 30), (23, 57), (64, 64), (16, 16), (30, 40)]
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in shapes]
+    decoder = ImageDecoder((20, 24), fit=fit, crop_pct=0.875)
+    shorter = None if fit == "squash" else round(24 / 0.875)
+    batched = _resize.resize_mixed(images, (20, 24), shorter=shorter)
+    alone = torch.cat([decoder.fit_images(image[None]) for image in images])
+    assert batched.shape == alone.shape == (6, 3, 20, 24) and batched.dtype == torch.uint8
+    assert (batched.int() - alone.int()).abs().max() <= 1
+    monkeypatch.setattr(_resize, "_BUDGET_BYTES", 3 * 64 * 64 * 4)  # one image per chunk
+    assert torch.equal(_resize.resize_mixed(images, (20, 24), shorter=shorter), batched)
