@@ -26,7 +26,7 @@ __all__ = ["resize_mixed", "resized_shape"]
 _BUDGET_BYTES = 256 * 2**20  # float32 padded images resized at once
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=256)  # (n_out, n_in) floats each: <= ~0.5 MB for photos
 def _filter(n_in: int, n_out: int) -> torch.Tensor:
     """(n_out, n_in) float32 weights of torch's antialiased bilinear resize, on the CPU."""
     eye = torch.eye(n_in).reshape(1, 1, n_in, n_in)
