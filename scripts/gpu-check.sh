@@ -5,18 +5,20 @@
 #                                    then are listed as skipped, killed at 400 s; the JSON is
 #                                    rewritten after every row, so a kill keeps what ran)
 # Run from the repository root: OUT=/some/dir scripts/gpu-check.sh  (OUT defaults to
-# ./gpu-check-out). Outputs: $OUT/device.txt, pytest-gpu.txt, gpu.json, bench.md, bench.log,
+# $TMPDIR/kdkit-gpu-check). Outputs: $OUT/device.txt, pytest-gpu.txt, gpu.json, bench.md, bench.log,
 # summary.txt. Rerun failed or skipped rows only, merged into the same JSON:
 #   PYTHONPATH=. python benchmarks/bench_gpu_kd.py --json $OUT/gpu.json --only ID,ID
 set -u
-OUT="${OUT:-$PWD/gpu-check-out}"
+OUT="${OUT:-${TMPDIR:-/tmp}/kdkit-gpu-check}"
 PY="${PYTHON:-python}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
 {
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+  fi
   "$PY" - <<'PY' 2>&1
 import torch, torchvision
 print("torch", torch.__version__, "torchvision", torchvision.__version__,
