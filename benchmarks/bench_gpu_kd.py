@@ -5,6 +5,9 @@
     python benchmarks/bench_gpu_kd.py --json gpu_kd.json      # + machine-readable rows
     python benchmarks/bench_gpu_kd.py --device cpu --small    # the same code paths, tiny models
                                                               # and images, < 1 min on a CPU
+    python benchmarks/bench_gpu_kd.py --device cpu --smoke --only naive,student  # seconds
+    python benchmarks/bench_gpu_kd.py --json gpu_kd.json --only cached,files-cached  # rerun
+                                                              # rows; merged into the JSON
 
 One process, one run. Phase 1 feeds every row from GPU-resident uint8 tensors (the JPEGs below,
 decoded once at the working size); phase 2 reads the JPEG folder the script generates (kept in
@@ -26,14 +29,24 @@ Every kdkit and peer row applies the same device-side ViewSampler views (K fixed
 cache can serve them); the phase-2 naive/timm rows take the PIL loader's own augmentation.
 Models have random weights: speed does not depend on them. A row that cannot run on this
 machine is listed with the reason; a row that fails is listed with the error (``--strict``
-raises instead). Timings use ``torch.cuda.synchronize`` around ``--steps`` steps after
-``--warmup`` (which absorbs torch.compile and worker start-up).
+raises instead).
+
+Timing: every row first runs warm-up steps on the shapes it will be timed on (torch.compile,
+worker start-up and the precompute's partial last batch happen there), then up to
+``--steps`` steps between two ``torch.cuda.synchronize`` calls, stopping after
+``--row-budget-s`` seconds of timed work; rows left when ``--total-budget-s`` has passed are
+skipped (the defaults fit the whole run in 8 minutes on an H100, compile included). Peak
+memory is what the row allocated above what was resident when it started (the GPU-resident
+dataset, the shared teacher). With ``--json`` the file is rewritten after every row, so a
+killed run still returns what it measured; ``--only ID,...`` reruns some rows (ids in the
+table) and merges them into an existing JSON file.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import os
 import tempfile
@@ -46,7 +59,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import torchvision
-from _harness import Row, Skip, cycle, markdown, ratios, run_row, stepped, sync, versions
+from _harness import Budget, Row, Runner, Skip, cycle, markdown, ratios, stepped, sync, versions
 from _synthetic import decode_all, make_jpeg_folder, resident_batches, tiny_cnn
 from torch import nn
 
@@ -83,6 +96,37 @@ class Setup:
     workers: int
     compile: bool
     data_dir: str
+    row_budget_s: float = 12.0
+    total_budget_s: float = 450.0
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(self.warmup, self.steps, self.row_budget_s)
+
+
+#: every row's id, in the order they run (``--only`` takes these)
+ROW_IDS = (
+    "naive",
+    "timm-fp32",
+    "timm-bf16",
+    "online-eager",
+    "online-compiled",
+    "online-onnx",
+    "online-tensorrt",
+    "precompute",
+    "cached",
+    "teacher",
+    "student",
+    "files-naive",
+    "files-timm",
+    "loader-pil",
+    "loader-cpu",
+    "loader-gpu",
+    "files-online-cpu",
+    "files-online-gpu",
+    "files-cached",
+    "files-student",
+)
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -193,15 +237,12 @@ class Bench:
         return step
 
     def trainer(self, teacher: Any, compile: bool) -> Trainer:
-        first = Batch(
-            torch.zeros(2, 3, self.setup.work_size, self.setup.work_size, dtype=torch.uint8),
-            torch.zeros(2, dtype=torch.int64),
-            torch.arange(2),
-        )
+        # no probe batch: SoftTargetKL has no lazy adapter, so there is no dry run, and the
+        # first step a compiled model sees is a timed row's first warm-up batch
         loss = SoftTargetKL(temperature=TEMPERATURE) if teacher is not None else None
         return Trainer(
             Distiller(self.student(), teacher, loss),
-            [first],
+            [],
             optimizer=lambda p: torch.optim.SGD(p, **{"lr": 0.01, "momentum": 0.9}),
             precision=self.bf16,
             channels_last=self.channels_last,
@@ -264,13 +305,15 @@ class Bench:
 
 
 # -- the two phases -------------------------------------------------------------------------
+def _warm_teacher(teacher: Any, sizes: set[int], setup: Setup, device: torch.device) -> None:
+    """Call ``teacher`` once per batch size it will see, so no compile is timed."""
+    for n in sorted(sizes - {0}):
+        teacher(torch.zeros(n, 3, setup.size, setup.size, device=device))
+    sync(device)
+
+
 def phase_tensors(
-    b: Bench,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    workdir: Path,
-    rows: list[Row],
-    strict: bool,
+    b: Bench, images: torch.Tensor, labels: torch.Tensor, workdir: Path, runner: Runner
 ) -> None:
     setup = b.setup
     phase = "GPU-resident tensors" if b.device.type == "cuda" else "resident tensors (CPU)"
@@ -280,24 +323,33 @@ def phase_tensors(
     def data() -> Iterator[Batch]:
         return resident_batches(dev_images, labels, setup.batch)
 
-    def row(path: str, make: Callable[[], tuple[Callable, Iterator]]) -> None:
-        run_row(
-            rows, phase, path, stepped(make, b.device, setup.warmup, setup.steps), b.device, strict
-        )
+    def row(row_id: str, path: str, make: Callable[[], tuple[Callable, Iterator]]) -> None:
+        runner.run(row_id, phase, path, stepped(make, b.device, setup.budget))
 
     def kd(teacher_fn: Callable[[], Any], compile: bool) -> Callable[[], tuple[Callable, Iterator]]:
         return lambda: (b.trainer(teacher_fn(), compile).train_step, data())
 
-    row("naive: fp32 eager (the tutorials' loop)", lambda: (b.naive(b.augmented), data()))
-    row("timm LogitDistillationTask fp32", lambda: (b.timm(b.augmented, False), data()))
-    row("timm LogitDistillationTask bf16 autocast", lambda: (b.timm(b.augmented, True), data()))
-    row("kdkit online, TorchTeacher bf16+cl eager", kd(lambda: b.torch_teacher(False), False))
+    row("naive", "naive: fp32 eager (the tutorials' loop)", lambda: (b.naive(b.augmented), data()))
     row(
-        f"kdkit online, TorchTeacher bf16+cl {tag}",
-        kd(lambda: b.torch_teacher(setup.compile), setup.compile),
+        "timm-fp32", "timm LogitDistillationTask fp32", lambda: (b.timm(b.augmented, False), data())
     )
-    row(f"kdkit online, OnnxTeacher (student {tag})", kd(b.onnx_teacher, setup.compile))
     row(
+        "timm-bf16",
+        "timm LogitDistillationTask bf16 autocast",
+        lambda: (b.timm(b.augmented, True), data()),
+    )
+    eager = kd(lambda: b.torch_teacher(False), False)
+    row("online-eager", "kdkit online, TorchTeacher bf16+cl eager", eager)
+    if setup.compile:  # with --no-compile this row would repeat the eager one
+        compiled = kd(lambda: b.torch_teacher(True), True)
+        row("online-compiled", "kdkit online, TorchTeacher bf16+cl compiled", compiled)
+    row(
+        "online-onnx",
+        f"kdkit online, OnnxTeacher (student {tag})",
+        kd(b.onnx_teacher, setup.compile),
+    )
+    row(
+        "online-tensorrt",
         f"kdkit online, TensorRTTeacher fp16 (student {tag})",
         kd(lambda: b.tensorrt_teacher(workdir), setup.compile),
     )
@@ -307,6 +359,8 @@ def phase_tensors(
         teacher = b.torch_teacher(setup.compile)
         dataset = ArrayDataset(images, labels)
         dataset.fingerprint()  # hashing the pixels is not the teacher's time
+        # full batches (its probe is one) and the partial last batch: compiled here, untimed
+        _warm_teacher(teacher, {setup.batch, len(dataset) % setup.batch}, setup, b.device)
         start = time.perf_counter()
         precompute(
             teacher,
@@ -324,29 +378,28 @@ def phase_tensors(
         return len(dataset) * NUM_VIEWS / (time.perf_counter() - start)
 
     b.cache_dir = workdir / "cache"
-    run_row(
-        rows,
+    runner.run(
+        "precompute",
         phase,
         f"kdkit.cache.precompute, {NUM_VIEWS} views, teacher bf16+cl {tag}",
         precompute_rate,
-        b.device,
-        strict,
     )
-    row(f"kdkit cached replay (student {tag})", kd(lambda: _cached(b), setup.compile))
+    row("cached", f"kdkit cached replay (student {tag})", kd(lambda: _cached(b), setup.compile))
     row(
+        "teacher",
         f"teacher alone, bf16+cl {tag} (inference)",
         lambda: (b.teacher_alone(setup.compile), data()),
     )
-    row(f"student alone, bf16+cl {tag} (no teacher)", kd(lambda: None, setup.compile))
+    row("student", f"student alone, bf16+cl {tag} (no teacher)", kd(lambda: None, setup.compile))
 
 
 def _cached(b: Bench) -> CachedTeacher:
     if not (Path(b.cache_dir) / "meta.json").is_file():
-        raise Skip("no cache: the precompute row did not run")
+        raise Skip("no cache: the precompute row did not run (--only: add precompute)")
     return CachedTeacher(b.cache_dir, device=b.device)
 
 
-def phase_files(b: Bench, root: Path, rows: list[Row], strict: bool) -> None:
+def phase_files(b: Bench, root: Path, runner: Runner) -> None:
     setup = b.setup
     phase = f"JPEG files ({setup.images} x {setup.image_w}x{setup.image_h})"
     cuda = b.device.type == "cuda"
@@ -387,28 +440,37 @@ def phase_files(b: Bench, root: Path, rows: list[Row], strict: bool) -> None:
     tag = "compiled" if setup.compile else "compile off"
     best = "gpu" if cuda else "cpu"
 
-    def row(path: str, make: Callable[[], tuple[Callable, Iterator]]) -> None:
-        run_row(
-            rows, phase, path, stepped(make, b.device, setup.warmup, setup.steps), b.device, strict
-        )
+    def row(row_id: str, path: str, make: Callable[[], tuple[Callable, Iterator]]) -> None:
+        runner.run(row_id, phase, path, stepped(make, b.device, setup.budget))
 
     row(
+        "files-naive",
         "naive: fp32 eager + PIL loader (the tutorials' data path)",
         lambda: (b.naive(b.pil_input), loader("pil")),
     )
     row(
+        "files-timm",
         "timm LogitDistillationTask bf16 + PIL loader",
         lambda: (b.timm(b.pil_input, True), loader("pil")),
     )
     for decode in ("pil", "cpu", "gpu"):
-        row(f"loader alone: decode={decode}", loader_alone(decode))
+        row(f"loader-{decode}", f"loader alone: decode={decode}", loader_alone(decode))
     for decode in ("cpu", "gpu"):
         row(
+            f"files-online-{decode}",
             f"kdkit online, TorchTeacher bf16+cl {tag}, decode={decode}",
             trainer_row(lambda: b.torch_teacher(setup.compile), decode),
         )
-    row(f"kdkit cached replay ({tag}), decode={best}", trainer_row(lambda: _cached(b), best))
-    row(f"student alone ({tag}), decode={best}", trainer_row(lambda: None, best))
+    row(
+        "files-cached",
+        f"kdkit cached replay ({tag}), decode={best}",
+        trainer_row(lambda: _cached(b), best),
+    )
+    row("files-student", f"student alone ({tag}), decode={best}", trainer_row(lambda: None, best))
+    for manager in managers.values():  # stop the loaders' persistent workers now
+        close = getattr(manager.train_loader, "close", None)
+        if callable(close):
+            close()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -417,68 +479,136 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--small", action="store_true", help="tiny models, 48 tiny images, 2 steps")
+    p.add_argument(
+        "--smoke", action="store_true", help="--small with 16 images and 1 step: seconds on a CPU"
+    )
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--images", type=int, default=None, help="JPEGs to generate (default 10000)")
     p.add_argument("--image-size", default=None, help="WxH of the JPEGs (default 500x375)")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per row, at most")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per row, at most")
+    p.add_argument("--row-budget-s", type=float, default=None, help="timed seconds per row")
+    p.add_argument(
+        "--total-budget-s", type=float, default=None, help="skip the rows left after this"
+    )
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cores)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (on in full mode)")
     p.add_argument("--data-dir", default=None, help="where the JPEGs live (reused if complete)")
-    p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--json", default=None, help="also write the rows here (after every row)")
+    p.add_argument("--only", default=None, help=f"comma-separated row ids: {', '.join(ROW_IDS)}")
     p.add_argument("--skip-files", action="store_true", help="phase 1 only")
     p.add_argument("--strict", action="store_true", help="a failing row raises (tests)")
     return p.parse_args(argv)
+
+
+def _only(text: str | None) -> frozenset[str] | None:
+    if text is None:
+        return None
+    ids = frozenset(t.strip() for t in text.split(",") if t.strip())
+    unknown = sorted(ids - set(ROW_IDS))
+    if unknown or not ids:
+        raise SystemExit(f"--only: unknown row ids {unknown}; the ids are {', '.join(ROW_IDS)}")
+    return ids
 
 
 def make_setup(args: argparse.Namespace) -> Setup:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here; run with --device cpu --small for the CPU check")
-    if device == "cpu" and not args.small:
+    small = args.small or args.smoke
+    if device == "cpu" and not small:
         raise SystemExit("the full benchmark is for a GPU; on a CPU use --device cpu --small")
-    small = args.small
     w, h = map(int, (args.image_size or ("40x30" if small else "500x375")).split("x"))
     size = 32 if small else 224
     cores = len(os.sched_getaffinity(0))
+    tiny = {"images": 16, "batch": 4, "steps": 1} if args.smoke else {}
     return Setup(
         device=device,
         small=small,
-        batch=args.batch or (8 if small else 256),
+        batch=args.batch or tiny.get("batch", 8 if small else 256),
         size=size,
         work_size=36 if small else 256,
         num_classes=10 if small else 1000,
-        images=args.images or (48 if small else 10_000),
+        images=args.images or tiny.get("images", 48 if small else 10_000),
         image_w=w,
         image_h=h,
         warmup=args.warmup if args.warmup is not None else (1 if small else 10),
-        steps=args.steps or (2 if small else 30),
+        steps=args.steps or tiny.get("steps", 2 if small else 30),
         workers=args.workers if args.workers is not None else (0 if small else min(cores, 16)),
         compile=not (args.no_compile or small),
         data_dir=args.data_dir
         or os.path.join(tempfile.gettempdir(), f"kdkit-bench-jpegs-{'small' if small else 'full'}"),
+        row_budget_s=args.row_budget_s if args.row_budget_s is not None else 12.0,
+        total_budget_s=args.total_budget_s if args.total_budget_s is not None else 450.0,
     )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; print Markdown; return (and with ``--json`` write) the result."""
     args = parse_args(argv)
+    only = _only(args.only)
     setup = make_setup(args)
     threads = torch.get_num_threads()
     if setup.device == "cpu":
         torch.set_num_threads(1)  # tiny models: threads only add barriers (a shared machine)
     try:
-        result = _run(setup, args)
+        result = _run(setup, args, only)
     finally:
         torch.set_num_threads(threads)
     print(markdown(result))
-    if args.json:
-        atomic_write_json(args.json, result)
     return result
 
 
-def _run(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
+def _earlier_rows(path: str | None, only: frozenset[str] | None) -> list[Row]:
+    """With ``--only``, the rows of an earlier ``--json`` file that this run does not redo."""
+    if path is None or only is None or not Path(path).is_file():
+        return []
+    try:
+        rows = json.loads(Path(path).read_text())["rows"]
+    except (ValueError, KeyError, TypeError):
+        return []
+    fields = set(Row.__dataclass_fields__)
+    kept = [Row(**{k: v for k, v in r.items() if k in fields}) for r in rows]
+    return [r for r in kept if r.id not in only]
+
+
+def _ordered(rows: list[Row]) -> list[Row]:
+    order = {row_id: i for i, row_id in enumerate(ROW_IDS)}
+    return sorted(rows, key=lambda r: order.get(r.id, len(order)))
+
+
+def _run(setup: Setup, args: argparse.Namespace, only: frozenset[str] | None) -> dict[str, Any]:
+    start = time.perf_counter()
     teacher, student, models = build_models(setup)
+    earlier = _earlier_rows(args.json, only)
+    result: dict[str, Any] = {
+        "device": describe_device(setup.device),
+        "versions": versions(),
+        "workload": (
+            f"{models}, {setup.size} px (views cropped from {setup.work_size} px), batch "
+            f"{setup.batch}, up to {setup.warmup} warm-up + {setup.steps} timed steps or "
+            f"{setup.row_budget_s:g} s per row, {setup.workers} loader workers, torch.compile "
+            f"{'on' if setup.compile else 'off'}"
+        ),
+        "setup": asdict(setup),
+        "complete": False,
+        "rows": [],
+    }
+
+    def record(rows: list[Row]) -> None:
+        merged = _ordered(earlier + [copy.copy(r) for r in rows])
+        ratios(merged)
+        result["rows"] = [asdict(r) for r in merged]
+        if args.json:
+            atomic_write_json(args.json, result)
+
+    runner = Runner(
+        torch.device(setup.device),
+        strict=args.strict,
+        only=only,
+        deadline=start + setup.total_budget_s,
+        on_row=record,
+    )
     root = make_jpeg_folder(
         setup.data_dir, setup.images, setup.image_w, setup.image_h, setup.num_classes, setup.workers
     )
@@ -488,24 +618,15 @@ def _run(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
     samples = probe.train_loader.encoded.samples
     images = decode_all(samples, setup.work_size, setup.device)
     labels = torch.tensor([y for _, y in samples], dtype=torch.int64)
+    result["workload"] += f"; resident dataset {images.numel() / 2**30:.2f} GiB (not in peaks)"
     bench = Bench(setup, teacher, student)
-    rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="kdkit-bench-") as work:
-        phase_tensors(bench, images, labels, Path(work), rows, args.strict)
+        phase_tensors(bench, images, labels, Path(work), runner)
         if not args.skip_files:
-            phase_files(bench, root, rows, args.strict)
-    ratios(rows)
-    return {
-        "device": describe_device(setup.device),
-        "versions": versions(),
-        "workload": (
-            f"{models}, {setup.size} px (views cropped from {setup.work_size} px), batch "
-            f"{setup.batch}, {setup.warmup} warm-up + {setup.steps} timed steps per row, "
-            f"{setup.workers} loader workers, torch.compile {'on' if setup.compile else 'off'}"
-        ),
-        "setup": asdict(setup),
-        "rows": [asdict(r) for r in rows],
-    }
+            phase_files(bench, root, runner)
+    result["complete"] = True
+    record(runner.rows)
+    return result
 
 
 if __name__ == "__main__":

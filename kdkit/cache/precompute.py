@@ -84,10 +84,19 @@ def _batches(dataset: Any, start: int, stop: int, batch_size: int) -> Iterator[t
 
 
 def _probe_num_classes(
-    t: Teacher, dataset: Any, key: int, views, mean, std, device, pool: MixPool | None = None
+    t: Teacher,
+    dataset: Any,
+    keys: np.ndarray,
+    views,
+    mean,
+    std,
+    device,
+    pool: MixPool | None = None,
 ) -> int:
-    images = next(_batches(dataset, 0, 1, 1))
-    index = torch.tensor([key], dtype=torch.int64)
+    """The teacher's class count, from the first batch (``keys``: its rows' keys): a whole
+    batch, so a compiled teacher is compiled for the shape the pass then runs at."""
+    images = next(_batches(dataset, 0, len(keys), len(keys)))
+    index = torch.from_numpy(np.asarray(keys, dtype=np.int64))
     view = torch.zeros_like(index)
     x = prepare_input(images, index, view, views, mean, std, device, pool)
     logits = t(x, index=index, view=view)
@@ -192,7 +201,8 @@ def precompute(
     # mixing views draw partners from this dataset's own samples: a cache entry (index, view)
     # is then one fixed mixed image (see kdkit.data.views)
     pool = MixPool.from_dataset(dataset) if views is not None and views.mixes else None
-    num_classes = _probe_num_classes(t, dataset, int(keys[0]), views, mean, std, in_device, pool)
+    first = keys[: min(batch_size, len(keys))]
+    num_classes = _probe_num_classes(t, dataset, first, views, mean, std, in_device, pool)
     if topk is not None and not 1 <= topk <= num_classes:
         raise KDError(f"topk must be in [1, {num_classes}], got {topk}")
     spec = {

@@ -4,9 +4,12 @@
 the decoder's device, int64 labels, int64 indices)``; labels and indices stay on the host.
 With ``backend="cpu"`` the DataLoader workers decode and resize (torchvision's decoders),
 the main process only copies the pinned batch to the device on a side stream. With
-``backend="gpu"`` workers only read bytes; the main process decodes the whole batch with
-nvJPEG on the side stream while the previous step computes. Unreadable files are dropped
-from their batch, logged once each and counted in :attr:`ImageBytesLoader.skipped`.
+``backend="gpu"`` workers only read bytes and send them as one concatenated buffer with
+offsets (one pinned copy per batch, not one per file); the main process decodes the whole
+batch with one batched nvJPEG call on the side stream while the previous step computes.
+Unreadable files are dropped from their batch, logged once each and counted in
+:attr:`ImageBytesLoader.skipped`. The loader holds no reference cycle, so dropping it stops
+its persistent workers at once; :meth:`ImageBytesLoader.close` stops them explicitly.
 :func:`folder_loaders` builds the train / validation pair for ``ImageFolderManager``.
 """
 
@@ -28,12 +31,20 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
+from kdkit.data._workers import stop_workers
 from kdkit.data.arrays import Batch
 from kdkit.data.decode import DecodedImageDataset, EncodedImageDataset, ImageDecoder
 from kdkit.data.prefetch import DevicePrefetcher
 from kdkit.errors import KDError
 
-__all__ = ["DECODE_CHOICES", "ImageBytesLoader", "folder_loaders", "resolve_decode"]
+__all__ = [
+    "DECODE_CHOICES",
+    "ImageBytesLoader",
+    "folder_loaders",
+    "pack_bytes",
+    "resolve_decode",
+    "unpack_bytes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +52,33 @@ DECODE_CHOICES = ("pil", "cpu", "gpu", "auto")
 
 
 class _Raw(NamedTuple):
-    """What a worker sends: decoded ``images`` (CPU backend) or the files' bytes ``data``."""
+    """What a worker sends: decoded ``images`` (CPU backend), or the batch's file bytes
+    concatenated into one uint8 buffer ``data`` with ``offsets`` (int64 (N + 1,): file ``i``
+    is ``data[offsets[i]:offsets[i + 1]]``). One buffer is one pinned copy per batch instead
+    of one per file, and nvJPEG reads the whole batch from it."""
 
     images: torch.Tensor | None
-    data: list[torch.Tensor] | None
+    data: torch.Tensor | None
+    offsets: torch.Tensor | None
     labels: torch.Tensor
     indices: torch.Tensor
     failures: list[tuple[int, str]]  # (dataset index, reason)
 
 
+def pack_bytes(files: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Byte strings -> (one uint8 buffer, int64 offsets (N + 1,)); :func:`unpack_bytes` undoes it."""
+    sizes = torch.tensor([0] + [int(f.numel()) for f in files], dtype=torch.int64)
+    data = torch.cat(list(files)) if files else torch.empty(0, dtype=torch.uint8)
+    return data, sizes.cumsum(0)
+
+
+def unpack_bytes(data: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
+    """The files of a :func:`pack_bytes` buffer, as views into it (no copies)."""
+    return list(torch.split(data, offsets.diff().tolist()))
+
+
 class _Collate:
-    """Runs in the workers: stack the bytes, or decode them when ``decoder`` is given."""
+    """Runs in the workers: pack the bytes, or decode them when ``decoder`` is given."""
 
     def __init__(self, decoder: ImageDecoder | None) -> None:
         self.decoder = decoder
@@ -61,10 +88,51 @@ class _Collate:
         labels_t = torch.tensor(labels, dtype=torch.int64)
         indices_t = torch.tensor(indices, dtype=torch.int64)
         if self.decoder is None:
-            return _Raw(None, list(data), labels_t, indices_t, [])
+            buffer, offsets = pack_bytes(data)
+            return _Raw(None, buffer, offsets, labels_t, indices_t, [])
         out = self.decoder(list(data))
         failures = [(int(indices[i]), why) for i, why in out.failures]
-        return _Raw(out.images, None, labels_t[out.keep], indices_t[out.keep], failures)
+        return _Raw(out.images, None, None, labels_t[out.keep], indices_t[out.keep], failures)
+
+
+class _Finish:
+    """Main process, on the prefetch stream: decode (GPU) or move (CPU-decoded) one worker
+    batch, and count the files that could not be read.
+
+    Its own object rather than a bound method of the loader: the prefetcher that calls it
+    then holds no reference back to the loader, which is freed by refcount (its workers
+    stopped at once) when its last user drops it."""
+
+    def __init__(self, decoder: ImageDecoder, encoded: EncodedImageDataset) -> None:
+        self.decoder, self.encoded = decoder, encoded
+        self.skipped = 0
+        self._reported: set[int] = set()
+
+    def __call__(self, raw: _Raw) -> Batch:
+        failures = list(raw.failures)
+        if raw.images is not None:
+            images, labels, indices = raw.images, raw.labels, raw.indices
+            images = images.to(self.decoder.device, non_blocking=True)
+        else:
+            files = unpack_bytes(raw.data, raw.offsets) if raw.data is not None else []
+            out = self.decoder(files)
+            images = out.images
+            failures += [(int(raw.indices[i]), why) for i, why in out.failures]
+            labels, indices = raw.labels[out.keep], raw.indices[out.keep]
+        for index, why in failures:
+            self._skip(index, why)
+        return Batch(images, labels, indices)
+
+    def _skip(self, index: int, why: str) -> None:
+        self.skipped += 1
+        if index not in self._reported:
+            self._reported.add(index)
+            log.warning(
+                "skipping unreadable image %s (%s); %d skipped so far",
+                self.encoded.path(index),
+                why,
+                self.skipped,
+            )
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -99,8 +167,7 @@ class ImageBytesLoader:
         self.decoder = decoder
         self.device = decoder.device
         self.seed, self.epoch = seed, 0
-        self.skipped = 0
-        self._reported: set[int] = set()
+        self._finish = _Finish(decoder, dataset)
         in_workers = decoder.backend == "cpu"
         worker_decoder = (
             ImageDecoder(decoder.size, backend="cpu", fit=decoder.fit, crop_pct=decoder.crop_pct)
@@ -122,12 +189,28 @@ class ImageBytesLoader:
             drop_last=drop_last,
             num_workers=workers,
             collate_fn=_Collate(worker_decoder),
-            pin_memory=in_workers and self.device.type == "cuda",
+            pin_memory=self.device.type == "cuda",  # pixels, or the one buffer of bytes
             persistent_workers=workers > 0,
         )
         self._prefetcher = (
             DevicePrefetcher(self._loader, self.device, self._finish) if prefetch else None
         )
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable files dropped from their batches so far (each logged once)."""
+        return self._finish.skipped
+
+    def close(self) -> None:
+        """Stop the DataLoader workers now (they persist across epochs otherwise, until the
+        loader is freed); iterating again starts new ones."""
+        stop_workers(self._loader)
+
+    def __enter__(self) -> ImageBytesLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def dataset(self) -> DecodedImageDataset:
@@ -155,32 +238,6 @@ class ImageBytesLoader:
                 "skipped %d unreadable images in this pass over %d files (%d in total so far)",
                 self.skipped - before,
                 len(self.encoded),
-                self.skipped,
-            )
-
-    def _finish(self, raw: _Raw) -> Batch:
-        """Main process, on the prefetch stream: decode (GPU) or move (CPU-decoded) a batch."""
-        failures = list(raw.failures)
-        if raw.images is not None:
-            images, labels, indices = raw.images, raw.labels, raw.indices
-            images = images.to(self.device, non_blocking=True)
-        else:
-            out = self.decoder(raw.data or [])
-            images = out.images
-            failures += [(int(raw.indices[i]), why) for i, why in out.failures]
-            labels, indices = raw.labels[out.keep], raw.indices[out.keep]
-        for index, why in failures:
-            self._skip(index, why)
-        return Batch(images, labels, indices)
-
-    def _skip(self, index: int, why: str) -> None:
-        self.skipped += 1
-        if index not in self._reported:
-            self._reported.add(index)
-            log.warning(
-                "skipping unreadable image %s (%s); %d skipped so far",
-                self.encoded.path(index),
-                why,
                 self.skipped,
             )
 

@@ -42,6 +42,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from kdkit._io import sha256_file
+from kdkit.data._resize import resize_mixed
 from kdkit.errors import KDError
 
 __all__ = [
@@ -157,9 +158,11 @@ class ImageDecoder:
     ``backend="cpu"``: torchvision's CPU decoders (PIL as the fallback), run where the call
     is (a DataLoader worker). ``backend="gpu"``: complete grey or YCbCr JPEGs are decoded
     together by nvJPEG on ``device`` (CUDA), one call per batch; anything nvJPEG refuses is
-    retried alone, then on the CPU, as are CMYK JPEGs and other formats. Resizing (antialiased bilinear) is batched over images of equal
-    shape and runs on the images' device. ``fit``: ``"squash"`` (whole image to ``size``) or
-    ``"center"`` (shorter side to ``max(size) / crop_pct``, then center crop).
+    retried alone, then on the CPU, as are CMYK JPEGs and other formats. Resizing (antialiased
+    bilinear) runs on the images' device, batched over images of equal shape; on a GPU a
+    batch of mixed shapes is resized at once (:func:`kdkit.data._resize.resize_mixed`).
+    ``fit``: ``"squash"`` (whole image to ``size``) or ``"center"`` (shorter side to
+    ``max(size) / crop_pct``, then center crop).
     """
 
     def __init__(
@@ -244,6 +247,11 @@ class ImageDecoder:
         groups: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):
             groups.setdefault(tuple(image.shape[-2:]), []).append(i)
+        if len(groups) > 1 and self.device.type == "cuda":
+            # mixed shapes on the GPU: two batched matmuls, not one kernel chain per shape
+            # (kdkit.data._resize); on a CPU worker the per-shape uint8 resize is cheaper
+            shorter = None if self.fit == "squash" else round(max(h, w) / self.crop_pct)
+            return resize_mixed(images, (h, w), shorter=shorter)
         chunks = [self.fit_images(torch.stack([images[i] for i in g])) for g in groups.values()]
         if len(chunks) == 1:
             return chunks[0]

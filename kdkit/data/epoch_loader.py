@@ -10,12 +10,14 @@ a :class:`~kdkit.data.ViewSampler`), a killed run resumes to the same weights.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from kdkit.data._workers import stop_workers
 from kdkit.data.arrays import _epoch_seed
 from kdkit.errors import KDError
 
@@ -23,18 +25,30 @@ __all__ = ["EpochLoader"]
 
 
 class _EpochBatches:
-    """The batch sampler: this epoch's batches of positions, from ``start`` on."""
+    """The batch sampler: this epoch's batches of positions, from ``start`` on.
+
+    It reads the loader through a weak reference: the loader holds the DataLoader that holds
+    this sampler, and a strong reference back would make a cycle that only the cyclic GC
+    frees (keeping the persistent workers alive until then)."""
 
     def __init__(self, loader: EpochLoader) -> None:
-        self.loader = loader
+        self._loader = weakref.ref(loader)
+
+    @property
+    def loader(self) -> EpochLoader:
+        loader = self._loader()
+        if loader is None:
+            raise KDError("the EpochLoader of this DataLoader was freed; iterate the EpochLoader")
+        return loader
 
     def __len__(self) -> int:
         return len(self.loader) - self.loader._start
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = self.loader.epoch_order().tolist()
-        bs = self.loader.batch_size
-        for b in range(self.loader._start, len(self.loader)):
+        loader = self.loader
+        order = loader.epoch_order().tolist()
+        bs = loader.batch_size
+        for b in range(loader._start, len(loader)):
             yield order[b * bs : (b + 1) * bs]
 
 
@@ -111,6 +125,17 @@ class EpochLoader:
 
     def __iter__(self) -> Iterator[Any]:
         return self.iter_from(0)
+
+    def close(self) -> None:
+        """Stop the DataLoader workers now (they persist across epochs otherwise, until the
+        loader is freed); iterating again starts new ones."""
+        stop_workers(self._loader)
+
+    def __enter__(self) -> EpochLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def iter_from(self, batch_index: int) -> Iterator[Any]:
         """This epoch's batches from ``batch_index`` on; skipped batches are never decoded."""

@@ -67,7 +67,7 @@ class MixPool:
         if bool((self.pool[pos] != idx).any()):
             raise KDError("MixPool.fetch: partner indices outside the pool")
         rows = self._order[pos]
-        return self.images[rows.to(self.images.device)]
+        return self.images[rows.to(self.images.device, non_blocking=True)]
 
 
 def mix_images(x: torch.Tensor, views: Any, partner: torch.Tensor | None) -> torch.Tensor:
@@ -75,9 +75,10 @@ def mix_images(x: torch.Tensor, views: Any, partner: torch.Tensor | None) -> tor
         got = None if partner is None else tuple(partner.shape)
         raise KDError(f"mixed views need partner images of shape {tuple(x.shape)}, got {got}")
     n, _, h, w = x.shape
-    partner = partner.to(device=x.device, dtype=x.dtype)
-    blend = views.blend.to(device=x.device, dtype=x.dtype).reshape(n, 1, 1, 1)
-    cut = views.cut.to(device=x.device, dtype=x.dtype)
+    # non_blocking: the views come from the host; a blocking copy would wait for the GPU
+    partner = partner.to(device=x.device, dtype=x.dtype, non_blocking=True)
+    blend = views.blend.to(device=x.device, dtype=x.dtype, non_blocking=True).reshape(n, 1, 1, 1)
+    cut = views.cut.to(device=x.device, dtype=x.dtype, non_blocking=True)
     u = (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5) / w
     v = (torch.arange(h, device=x.device, dtype=x.dtype) + 0.5) / h
     in_x = (u[None] >= cut[:, 0:1]) & (u[None] < cut[:, 2:3])  # (N, W)

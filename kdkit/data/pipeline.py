@@ -156,7 +156,7 @@ def prepare_input(
         views = sampler.sample(index, view_ids, pool)
         partner = None
         if views.mixed:
-            partner = to_unit(pool.fetch(views.partner)).to(x.device)  # type: ignore[union-attr]
+            partner = to_unit(pool.fetch(views.partner)).to(x.device, non_blocking=True)  # type: ignore[union-attr]
         x = sampler.apply(x, views, partner)
     if mean is not None:
         x = x - _channel_stat(mean, x)

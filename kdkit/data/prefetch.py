@@ -63,7 +63,8 @@ class DevicePrefetcher:
     ) -> None:
         self.loader = loader
         self.device = torch.device(device)
-        self.move = move if move is not None else (lambda b: move_images(b, self.device))
+        # no lambda over self here: that would be a reference cycle, freed only by the GC
+        self.move = move
         self._stream: torch.cuda.Stream | None = None
 
     def __len__(self) -> int:
@@ -77,17 +78,20 @@ class DevicePrefetcher:
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(epoch)
 
+    def _move(self, batch: Any) -> Any:
+        return self.move(batch) if self.move is not None else move_images(batch, self.device)
+
     def __iter__(self) -> Iterator[Any]:
         if self.device.type != "cuda":
             for batch in self.loader:
-                yield self.move(batch)
+                yield self._move(batch)
             return
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
         side = self._stream
         for batch in self.loader:
             with torch.cuda.stream(side):
-                staged = self.move(batch)
+                staged = self._move(batch)
             compute = torch.cuda.current_stream(self.device)
             compute.wait_stream(side)
             for t in _cuda_tensors(staged):

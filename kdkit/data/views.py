@@ -98,11 +98,11 @@ class Views:
 
     def to(self, device: torch.device | str) -> Views:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
+            return None if t is None else t.to(device, non_blocking=True)
 
         return Views(
-            self.box.to(device),
-            self.flip.to(device),
+            self.box.to(device, non_blocking=True),
+            self.flip.to(device, non_blocking=True),
             move(self.partner),
             move(self.blend),
             move(self.cut),
@@ -238,7 +238,9 @@ class ViewSampler:
         if self.num_views is None:
             return torch.full_like(index, int(epoch))
         seed_key = splitmix64(torch.tensor(self.seed ^ _OFFSET_STREAM, dtype=torch.int64))
-        offset = torch.remainder(splitmix64(seed_key.to(index.device) ^ index), self.num_views)
+        offset = torch.remainder(
+            splitmix64(seed_key.to(index.device, non_blocking=True) ^ index), self.num_views
+        )
         return torch.remainder(offset + int(epoch), self.num_views)
 
     def _keys(self, index: torch.Tensor, view_ids: torch.Tensor) -> torch.Tensor:
@@ -361,9 +363,10 @@ class ViewSampler:
         if views.mixed:
             x = mix_images(x, views, partner_images)
         out_h, out_w = self.size or (h, w)
-        box = views.box.to(device=x.device, dtype=x.dtype)
+        # non_blocking: a blocking host-to-device copy waits for the whole GPU queue
+        box = views.box.to(device=x.device, dtype=x.dtype, non_blocking=True)
         x0, y0, x1, y1 = box.unbind(1)
-        sx = torch.where(views.flip.to(x.device), x0 - x1, x1 - x0)
+        sx = torch.where(views.flip.to(x.device, non_blocking=True), x0 - x1, x1 - x0)
         zero = torch.zeros_like(x0)
         # output coordinate u in [-1, 1] samples input coordinate s*u + t (grid units)
         theta = torch.stack(

@@ -65,11 +65,21 @@ def build_views(
     )
 
 
-def build_data(d: DataConfig, *, seed: int, rank: int = 0, world: int = 1) -> RunData:
-    """Loaders for ``d``; ``seed`` (``train.seed``) orders the batches, ``d.seed`` the splits."""
+def build_data(
+    d: DataConfig, *, seed: int, rank: int = 0, world: int = 1, drop_last: bool = False
+) -> RunData:
+    """Loaders for ``d``; ``seed`` (``train.seed``) orders the batches, ``d.seed`` the splits.
+
+    ``drop_last`` (the run builder sets it when ``train.compile`` is on) drops the partial
+    last training batch, which a compiled student would otherwise compile again for, when
+    the data holds at least one whole batch per rank."""
     if d.train.fashion_mnist is not None or d.train.stl10 is not None:
-        return _arrays(d, seed, rank, world)
-    return _folders(d, seed, rank, world)
+        return _arrays(d, seed, rank, world, drop_last)
+    return _folders(d, seed, rank, world, drop_last)
+
+
+def _drop_last(wanted: bool, n: int, batch_size: int, world: int) -> bool:
+    return wanted and n >= batch_size * world
 
 
 # -- in-memory / memory-mapped arrays: Fashion-MNIST, STL-10 --------------------------------
@@ -112,7 +122,7 @@ def _array_source(src: SourceConfig) -> _ArraySource:
     )
 
 
-def _arrays(d: DataConfig, seed: int, rank: int, world: int) -> RunData:
+def _arrays(d: DataConfig, seed: int, rank: int, world: int, drop_last: bool) -> RunData:
     from kdkit.data import FastLoader, concat, holdout, split_labeled
 
     source = _array_source(d.train)
@@ -137,7 +147,10 @@ def _arrays(d: DataConfig, seed: int, rank: int, world: int) -> RunData:
         _check_labeled(d.labeled, len(train))
         labeled, unlabeled = split_labeled(train, d.labeled, seed=d.seed)
         train = concat(labeled, unlabeled) if len(unlabeled) else labeled
-    loader = FastLoader(train, d.batch_size, shuffle=True, seed=seed, num_replicas=world, rank=rank)
+    drop = _drop_last(drop_last, len(train), d.batch_size, world)
+    loader = FastLoader(
+        train, d.batch_size, True, drop, seed=seed, num_replicas=world, rank=rank
+    )  # fmt: skip
     val_loader = None if val is None else FastLoader(val, d.val_batch_size or d.batch_size, False)
     return RunData(
         loader,
@@ -178,7 +191,7 @@ def _carve(
     return keep, carved
 
 
-def _folders(d: DataConfig, seed: int, rank: int, world: int) -> RunData:
+def _folders(d: DataConfig, seed: int, rank: int, world: int, drop_last: bool) -> RunData:
     from torchvision.transforms import v2
 
     from kdkit.data import IMAGENET_MEAN, IMAGENET_STD
@@ -217,8 +230,9 @@ def _folders(d: DataConfig, seed: int, rank: int, world: int) -> RunData:
         samples += [(p, -1) for p in find_images(folder)]
     draft = (size, size)
     train = ImageFolderDataset(samples, classes, transform, draft_size=draft)
+    drop = _drop_last(drop_last, len(train), d.batch_size, world)
     loader = EpochLoader(
-        train, d.batch_size, True, False, seed, workers=d.workers, collate_fn=_collate,
+        train, d.batch_size, True, drop, seed, workers=d.workers, collate_fn=_collate,
         num_replicas=world, rank=rank,
     )  # fmt: skip
     val_loader = None

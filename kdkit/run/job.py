@@ -114,8 +114,12 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False, trust_code: bool = Fa
 
     device = _device(cfg)
     t = cfg.train
-    data = build_data(
-        cfg.data, seed=t.seed, rank=distributed.rank(), world=distributed.world_size()
+    data = build_data(  # compiled: no partial last batch to compile again for
+        cfg.data,
+        seed=t.seed,
+        rank=distributed.rank(),
+        world=distributed.world_size(),
+        drop_last=t.compile,
     )
     views = build_views(cfg.data, t.seed, data.input_shape[-1])
     teacher = build_teacher(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from kdkit._compile import compile_static
 from kdkit._fingerprint import module_fingerprint
 from kdkit._precision import FLOAT_DTYPES
 from kdkit.capture import Capture, unwrap
@@ -22,7 +24,12 @@ class TorchTeacher(Teacher):
     """A frozen ``nn.Module`` run in eval mode under ``no_grad``.
 
     ``precision`` casts the weights once (not per step, as autocast would) and the input per
-    batch; outputs come back as float32 so losses see one dtype. ``channels_last`` and
+    batch; outputs come back as float32 so losses see one dtype. The teacher runs in the
+    precision it was given whatever the caller's autocast: autocast is off around an fp32
+    teacher (the Trainer's bf16 autocast would otherwise run it in bf16 without saying so)
+    and on, in the teacher's dtype, around a bf16 / fp16 one. A compiled teacher therefore
+    sees one autocast state in a dry run and in training (Dynamo guards on it), and its batch
+    dimension is static (:func:`kdkit._compile.compile_static`). ``channels_last`` and
     ``compile`` are the two cheap speed-ups on GPUs. ``input_transform`` converts the
     student's batch when the teacher expects another normalisation or resolution, so both
     models still see the same augmented image.
@@ -55,7 +62,7 @@ class TorchTeacher(Teacher):
         self.module = module
         self.channels_last = channels_last
         self.input_transform = input_transform
-        self._run: Callable[[torch.Tensor], object] = torch.compile(module) if compile else module
+        self._run: Callable[[torch.Tensor], object] = compile_static(module) if compile else module
         self._capture: Capture | None = None
         try:
             self.device = next(module.parameters()).device
@@ -88,10 +95,19 @@ class TorchTeacher(Teacher):
         cap = self._capture
         if cap is not None:
             cap.clear()
-        out = self._run(x)
+        with self._autocast(x.device.type):
+            out = self._run(x)
         logits = _to_fp32(out)
         feats = {n: _to_fp32(cap[n]) for n in self.feature_names} if cap is not None else {}
         return TeacherOutput(logits=logits, features=feats)
+
+    def _autocast(self, device_type: str) -> contextlib.AbstractContextManager:
+        """Autocast off for an fp32 teacher, on in its dtype for a half-precision one."""
+        if not torch.amp.is_autocast_available(device_type):
+            return contextlib.nullcontext()
+        if self.dtype == torch.float32:
+            return torch.autocast(device_type, enabled=False)
+        return torch.autocast(device_type, dtype=self.dtype)
 
     def fingerprint(self) -> str:
         return module_fingerprint(self.module)

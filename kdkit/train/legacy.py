@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdkit._compile import compile_static
 from kdkit.cache.run_check import check_cache_for_run
 
 __all__ = ["EpochCallback", "apply_older_keywords"]
@@ -50,4 +51,4 @@ def apply_older_keywords(task: nn.Module, older: dict[str, Any], trainer: Any) -
         dataset_check=cache.get("cache_dataset_check", True),
     )
     if model.get("compile") and isinstance(student, nn.Module):
-        task.student = torch.compile(student)
+        task.student = compile_static(student)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdkit._compile import compile_static
 from kdkit.config import OptimizerConfig, RunConfig, SchedulerConfig, TrainConfig
 from kdkit.errors import KDError, closest_names
 from kdkit.train.resume import RUN_INFO_KEYS
@@ -289,5 +290,5 @@ def trainer_from_config(
         **kwargs,
     )
     if train.compile and isinstance(student, nn.Module):
-        task.student = torch.compile(student)
+        task.student = compile_static(student)
     return trainer

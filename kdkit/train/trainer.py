@@ -196,11 +196,14 @@ class Trainer:
 
     def _materialize_lazy_parameters(self) -> None:
         """One dry run on the first batch, so lazily created loss adapters exist before the
-        optimizer is built (they would never train otherwise)."""
+        optimizer is built (they would never train otherwise). Under the run's autocast, with
+        a training batch: a compiled model is warmed in the state it trains and evaluates in
+        (Dynamo guards on the autocast state and the shapes)."""
         batch = next(iter(self.train_loader), None)
         if batch is None:
             raise KDError("the training loader yielded no batch")
-        self.task.prepare(self.inputs(batch, 0))
+        with self.precision.autocast():
+            self.task.prepare(self.inputs(batch, 0))
 
     @property
     def distiller(self) -> Task:
