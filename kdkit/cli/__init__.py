@@ -1,4 +1,4 @@
-"""The ``kdkit`` command: ``kdkit train | eval | init | demo | export | bench | precompute | cache``.
+"""The ``kdkit`` command: ``kdkit train | eval | init | demo | export | bench | precompute | cache | lm``.
 
 Each subcommand lives in its own ``kdkit/cli/_<name>.py`` with ``add_parser(subparsers)``
 (which sets ``func``) and imports heavy modules only inside its ``run``. A :class:`KDError`
@@ -26,6 +26,7 @@ _COMMANDS: tuple[str, ...] = (
     "cache",
     "export",
     "bench",
+    "lm",
 )
 
 

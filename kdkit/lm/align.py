@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 
@@ -45,6 +46,8 @@ class TokenBatch:
         mask: ``[B, L]`` bool, position ``j`` is trained (see the module docstring).
         doc_ids: ``[B, L]`` int64, document index within its row, -1 on padding.
         n_tokens: ``int(mask.sum())``.
+        teacher: the cached teacher targets of the trained positions (a
+            :class:`~kdkit.lm.cache.TopKTarget`, attached by the cache's collate), else None.
     """
 
     input_ids: torch.Tensor
@@ -54,6 +57,7 @@ class TokenBatch:
     mask: torch.Tensor
     doc_ids: torch.Tensor
     n_tokens: int
+    teacher: Any = None
 
     @property
     def packed(self) -> bool:
@@ -73,6 +77,7 @@ class TokenBatch:
             f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
             for f in fields(self)
             if isinstance(getattr(self, f.name), torch.Tensor)
+            or (f.name == "teacher" and getattr(self, f.name) is not None)
         }
         return replace(self, **moved)
 

@@ -76,7 +76,9 @@ class LMTask(nn.Module):
             :func:`~kdkit.lm.models.hidden_and_head` protocol).
         teacher: the teacher LM, or None (the scratch baseline: cross-entropy only). It is
             frozen, kept in eval mode and in its own dtype, and held outside the module tree
-            (never in the optimizer, a checkpoint or DDP).
+            (never in the optimizer, a checkpoint or DDP). Or a
+            :class:`~kdkit.lm.cache.TopKCache`: the teacher is then never run; every batch
+            brings its cached targets (collate with ``cache.collate(aligner)``).
         divergence: ``fkl``, ``rkl``, ``jsd``, ``skew_fkl``, ``skew_rkl``, ``tvd`` or ``ce``.
         temperature: the KD temperature (T^2 scaled); sampling temperatures are elsewhere.
         beta, skew: the ``jsd`` and ``skew_*`` parameters.
@@ -113,6 +115,8 @@ class LMTask(nn.Module):
             )
         if teacher is student:
             raise KDError("the teacher is the student; distillation needs a separate teacher")
+        self.cache = None if isinstance(teacher, nn.Module) or teacher is None else teacher
+        teacher = None if self.cache is not None else teacher
         self.student = student
         object.__setattr__(self, "teacher", None if teacher is None else freeze_teacher(teacher))
         self.options = {
@@ -121,9 +125,9 @@ class LMTask(nn.Module):
             "beta": beta,
             "skew": skew,
             "memory_budget_mb": memory_budget_mb,
-            "vocab_size": vocab_size,
+            "vocab_size": vocab_size if self.cache is None else (vocab_size or self.cache.vocab),
         }
-        self.ce_weight = 1.0 if teacher is None else float(ce_weight)
+        self.ce_weight = 1.0 if teacher is None and self.cache is None else float(ce_weight)
         object.__setattr__(self, "_teacher_root", None if teacher is None else _Hidden(teacher))
 
     def shard(self) -> LMTask:
@@ -160,7 +164,14 @@ class LMTask(nn.Module):
         labels = batch.labels[mask]
         hidden = s.hidden[mask]
         teacher = contextlib.nullcontext()
-        if self.teacher is None:  # the scratch baseline: ce_weight 1, the KD term weighs 0
+        if self.cache is not None:
+            if batch.teacher is None:
+                raise KDError(
+                    "this batch carries no cached teacher targets: collate with the cache's "
+                    "collate (TopKCache.collate(aligner))"
+                )
+            target = batch.teacher
+        elif self.teacher is None:  # the scratch baseline: ce_weight 1, the KD term weighs 0
             target = DenseTeacher(hidden.detach(), s.head.weight.detach())
         else:
             # sharded, the teacher's head stays gathered until the fused loss has read it
@@ -217,7 +228,7 @@ class LMTask(nn.Module):
         if tokens == 0:
             raise KDError("the evaluation data holds no trained tokens")
         scores = {"ppl": math.exp(ce_sum / tokens), "ce": ce_sum / tokens, "tokens": float(tokens)}
-        if self.teacher is not None:
+        if self.teacher is not None or self.cache is not None:
             scores.update({"kl": kl_sum / tokens, "agree": 100.0 * agree_sum / tokens})
         return scores
 

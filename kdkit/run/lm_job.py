@@ -26,7 +26,7 @@ from kdkit.lm.task import LMTask, TokenInputs
 from kdkit.lm.vocab import check_vocab
 from kdkit.train import Trainer, distributed
 
-__all__ = ["LMRunData", "build_lm_trainer"]
+__all__ = ["LMRunData", "build_lm_trainer", "build_lm_data", "lm_datasets", "load_lm_teacher"]
 
 log = logging.getLogger(__name__)
 
@@ -97,33 +97,46 @@ def build_lm_data(
     return LMRunData(train_loader, val_loader, tokenizer, len(train))
 
 
+def load_lm_teacher(cfg: LMRunConfig) -> tuple[Any, Any]:
+    """``(teacher, its tokenizer)`` of ``cfg.teacher``: a frozen-to-be model for ``hf:DIR``, a
+    :class:`~kdkit.lm.cache.TopKCache` for ``cache:DIR`` (never a model), ``(None, None)``
+    without a teacher."""
+    if cfg.teacher is None:
+        return None, None
+    if cfg.teacher.model.startswith("cache:"):
+        from kdkit.lm.cache import TopKCache
+
+        cache = TopKCache(cfg.teacher.model.removeprefix("cache:"))
+        return cache, cache.tokenizer()
+    return load_lm(cfg.teacher.model, dtype=cfg.teacher.dtype, tokenizer=cfg.teacher.tokenizer)
+
+
 def build_lm_trainer(cfg: LMRunConfig, device: torch.device) -> tuple[Trainer, LMRunData]:
     """Tokenizer, student, teacher (frozen), vocabulary check, data, LMTask and Trainer."""
     t = cfg.train
     student, tokenizer = load_lm(
         cfg.student.model, dtype=cfg.student.dtype, tokenizer=cfg.student.tokenizer, seed=t.seed
     )
-    teacher = None
+    teacher, teacher_tok = load_lm_teacher(cfg)
+    tokenizer = tokenizer or teacher_tok
     vocab_size = None
-    if cfg.teacher is not None:
-        teacher, teacher_tok = load_lm(
-            cfg.teacher.model, dtype=cfg.teacher.dtype, tokenizer=cfg.teacher.tokenizer
+    cache = None if teacher is None or isinstance(teacher, torch.nn.Module) else teacher
+    if cache is not None:
+        cache.check_run(cfg.data, tokenizer, student.get_output_embeddings().out_features)
+    elif teacher is not None and teacher_tok is not None:
+        vocab_size = check_vocab(
+            tokenizer,
+            teacher_tok,
+            student.get_output_embeddings().out_features,
+            teacher.get_output_embeddings().out_features,
         )
-        tokenizer = tokenizer or teacher_tok
-        if teacher_tok is not None:
-            vocab_size = check_vocab(
-                tokenizer,
-                teacher_tok,
-                student.get_output_embeddings().out_features,
-                teacher.get_output_embeddings().out_features,
-            )
     if tokenizer is None:
         raise KDError(
             "no tokenizer: the student folder has none and there is no teacher; set "
             "student.tokenizer: DIR (a save_pretrained tokenizer folder)"
         )
     positions = max_positions(student)
-    data = build_lm_data(cfg, tokenizer, positions)
+    data = build_lm_data(cfg, tokenizer, positions, cache)
     dc = cfg.distill
     task = LMTask(
         student,

@@ -21,7 +21,7 @@ from kdkit.errors import KDError
 from kdkit.lm.models import load_lm, load_tokenizer, max_positions
 from kdkit.lm.task import LMTask, TokenInputs
 from kdkit.load import load_checkpoint
-from kdkit.run.lm_job import build_lm_data
+from kdkit.run.lm_job import build_lm_data, load_lm_teacher
 from kdkit.run.models import checkpoint_in
 
 __all__ = ["is_lm_checkpoint", "lm_run_config", "load_lm_student", "evaluate_lm_run", "export_hf"]
@@ -46,7 +46,12 @@ def load_lm_student(path: str | Path) -> tuple[torch.nn.Module, Any, LMRunConfig
         cfg.student.model, dtype=cfg.student.dtype, tokenizer=cfg.student.tokenizer
     )
     if tokenizer is None and cfg.teacher is not None:  # the teacher's, without its weights
-        tokenizer = load_tokenizer(cfg.teacher.model, cfg.teacher.tokenizer)
+        if cfg.teacher.model.startswith("cache:"):
+            from kdkit.lm.cache import TopKCache
+
+            tokenizer = TopKCache(cfg.teacher.model.removeprefix("cache:")).tokenizer()
+        else:
+            tokenizer = load_tokenizer(cfg.teacher.model, cfg.teacher.tokenizer)
     student.load_state_dict(ckpt["student"])
     return student.eval(), tokenizer, cfg
 
@@ -62,10 +67,9 @@ def evaluate_lm_run(
         cfg = dataclasses.replace(
             cfg, data=dataclasses.replace(cfg.data, text_files=tuple(data), val=None)
         )
-    teacher_model = None
-    if cfg.teacher is not None:
-        teacher_model, _ = load_lm(cfg.teacher.model, dtype=cfg.teacher.dtype)
-    run_data = build_lm_data(cfg, tokenizer, max_positions(student))
+    teacher_model, _ = load_lm_teacher(cfg)  # a model, or a top-k cache (kl and agree from it)
+    cache = None if isinstance(teacher_model, torch.nn.Module) else teacher_model
+    run_data = build_lm_data(cfg, tokenizer, max_positions(student), cache)
     loader = run_data.val_loader if run_data.val_loader is not None else run_data.train_loader
     if loader is None:
         raise KDError("the run has no val data: pass --data FILES")
@@ -73,7 +77,7 @@ def evaluate_lm_run(
     scores = {
         "student": LMTask(student, teacher_model).to(device).evaluate(inputs(b) for b in loader)
     }
-    if teacher and teacher_model is not None:
+    if teacher and isinstance(teacher_model, torch.nn.Module):
         scores["teacher"] = (
             LMTask(teacher_model, None).to(device).evaluate(inputs(b) for b in loader)
         )

@@ -102,6 +102,11 @@ def _shard_arrays(
         "row_offsets": np.concatenate([[0], np.cumsum(entries)]).astype(np.int64),
         "token_offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         "token_ids": np.concatenate([r.input_ids.numpy() for r in rows]).astype(np.uint32),
+        # with the ids, what rebuilds each row exactly (for `kdkit lm cache check`)
+        "token_trainable": np.packbits(
+            np.concatenate([r.trainable.numpy() for r in rows]), bitorder="little"
+        ),
+        "token_doc": np.concatenate([r.doc_ids.numpy() for r in rows]).astype(np.uint16),
         "row_hash": np.asarray([row_hash(r) for r in rows], dtype=np.uint64),
         "topk_ids": pack_ids(torch.cat(ids).numpy(), settings["capture"]["id_bits"]),
         "tail_logmass": torch.cat(tail).numpy().astype(np.float16),
@@ -178,6 +183,8 @@ def capture(
         "num_shards": num_shards,
     }
     done = _resume(out, settings)
+    if not done:  # the tokenizer travels with the cache: a student from hf-config can use it
+        tokenizer.save_pretrained(str(out / "tokenizer"))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     aligner = Aligner(pad_id=int(pad), max_length=cfg.data.max_length)
     bar = tqdm(
@@ -212,7 +219,7 @@ def capture(
 def _resume(out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
     """The shards already finished in ``out`` (verified), or [] for a fresh capture."""
     if not (out / MANIFEST).exists():
-        if any(out.iterdir()):
+        if any(p.name != "tokenizer" for p in out.iterdir()):
             raise KDError(f"{out} is not empty and holds no capture; choose an empty --out")
         return []
     have = read_manifest(out, complete=False)

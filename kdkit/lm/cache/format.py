@@ -11,6 +11,8 @@ array               dtype       meaning
 ``token_offsets``   int64 R+1   token range of each row in ``token_ids``
 ``token_ids``       uint32 T    the exact ids the entries align to (after template, truncation,
                                 packing)
+``token_trainable`` uint8       each token's trained flag, 1 bit (``np.packbits``, little)
+``token_doc``       uint16 T    each token's document index within its row (packing)
 ``row_hash``        uint64 R    :func:`row_hash` of each row's ids, trained flags and documents
 ``topk_ids``        uint8       the top-k ids of every entry, bit-packed, ``id_bits`` each
 ``topk_logp``       float16     ``f16``: ``[E, k]`` log-probabilities, sorted
@@ -100,8 +102,10 @@ def read_manifest(cache_dir: str | Path, *, complete: bool = True) -> dict[str, 
     capture; a one-line :class:`KDError` naming the cause otherwise."""
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
-        raise KDError(f"{cache_dir} is not an LM teacher cache (no {MANIFEST}); make one with "
-                      "kdkit lm capture CONFIG.yaml --out DIR")
+        raise KDError(
+            f"{cache_dir} is not an LM teacher cache (no {MANIFEST}); make one with "
+            "kdkit lm capture CONFIG.yaml --out DIR"
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -134,9 +138,7 @@ def seal(manifest: Mapping[str, Any]) -> dict[str, Any]:
 
 def differences(have: Mapping[str, Any], want: Mapping[str, Any]) -> list[str]:
     """``key: cache X, config Y`` for every key of ``want`` whose value differs."""
-    return [
-        f"{k}: cache {have.get(k)!r}, here {v!r}" for k, v in want.items() if have.get(k) != v
-    ]
+    return [f"{k}: cache {have.get(k)!r}, here {v!r}" for k, v in want.items() if have.get(k) != v]
 
 
 def as_u64(values: list[int]) -> np.ndarray:

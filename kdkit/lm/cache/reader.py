@@ -73,6 +73,12 @@ class TopKCache:
         self.shards = [_Shard(self.dir / s["file"], s["sha256"]) for s in self.manifest["shards"]]
         self._index: dict[int, tuple[int, int]] | None = None
 
+    def tokenizer(self) -> Any:
+        """The tokenizer the cache was captured with (saved beside the shards)."""
+        from kdkit.lm.models import _load_tokenizer
+
+        return _load_tokenizer(self.dir / "tokenizer", required=True)
+
     # -- checks against a run ----------------------------------------------------------------
     def check_run(self, data_cfg: Any, tokenizer: Any, student_rows: int) -> None:
         """Refuse a run this cache was not made for, naming every difference and its key."""
@@ -122,12 +128,30 @@ class TopKCache:
         r = where[1]
         t0, t1 = arrays["token_offsets"][r : r + 2].tolist()
         if not np.array_equal(arrays["token_ids"][t0:t1], row.input_ids.numpy()):
-            raise KDError(f"a batch row's ids differ from the cached row with its hash ({self.dir})")
+            raise KDError(
+                f"a batch row's ids differ from the cached row with its hash ({self.dir})"
+            )
         e0, e1 = arrays["row_offsets"][r : r + 2].tolist()
         ids = unpack_ids(arrays["topk_ids"], self.bits, e0 * self.k, (e1 - e0) * self.k)
         logp = decode_logp(arrays, self.encoding, slice(e0, e1))
         tail = np.asarray(arrays["tail_logmass"][e0:e1], dtype=np.float32)
         return ids.reshape(e1 - e0, self.k), logp, tail
+
+    def __len__(self) -> int:
+        return int(self.manifest["num_rows"])
+
+    def row(self, index: int) -> TokenRow:
+        """Corpus row ``index`` rebuilt from the cache (ids, trained flags, documents)."""
+        rows = self.manifest["shard_rows"]
+        arrays = self.shards[index // rows].arrays()
+        r = index % rows
+        t0, t1 = arrays["token_offsets"][r : r + 2].tolist()
+        bits = np.unpackbits(arrays["token_trainable"], bitorder="little")[t0:t1]
+        return TokenRow(
+            torch.from_numpy(arrays["token_ids"][t0:t1].astype(np.int64)),
+            torch.from_numpy(bits.astype(bool)),
+            torch.from_numpy(arrays["token_doc"][t0:t1].astype(np.int64)),
+        )
 
     def target(self, rows: list[TokenRow], policy: str = "bucket") -> TopKTarget:
         """The cached targets of ``rows``' trained positions, concatenated in row order."""

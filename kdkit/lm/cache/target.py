@@ -163,6 +163,13 @@ class TopKTarget:
         (``[rows, V]``; z = student logits / T), for ``log_q = log_softmax(z)``."""
         ids, logp, tail = self._top(rows, temperature, log_q.dtype)
         lq_k = log_q.gather(1, ids)
+        if self.policy == "bucket":
+            # the student's rest as a logsumexp over the other ids (no 1 - Q cancellation when
+            # the top k hold nearly all of it; exactly -inf when they are the whole vocabulary)
+            rest = grad_out.copy_(log_q).scatter_(1, ids, float("-inf"))
+            lq_rest = torch.logsumexp(rest, dim=1)
+            if ids.shape[1] >= log_q.shape[1]:  # no rest: the stored tail is rounding only
+                tail = torch.full_like(tail, float("-inf"))
         q = torch.exp(log_q, out=grad_out)
         if self.policy == "drop":
             p = logp.exp()
@@ -174,11 +181,14 @@ class TopKTarget:
         # bucket: the (k+1)-way distributions
         total = torch.logaddexp(torch.logsumexp(logp, dim=1), tail)  # normalize rounding
         lp_b = torch.cat([logp, tail.unsqueeze(1)], 1) - total.unsqueeze(1)
-        lq_rest = _log1mexp(torch.logsumexp(lq_k, dim=1))
         lq_b = torch.cat([lq_k, lq_rest.unsqueeze(1)], 1)
+        # an empty rest (-inf: the top k hold all the mass) on either side: a finite floor keeps
+        # every 0 * log 0 term exactly 0, as the dense loop does
+        floor = torch.finfo(lq_b.dtype).min / 4
+        lp_b, lq_b = lp_b.clamp(min=floor), lq_b.clamp(min=floor)
         value, g_b = value_and_grad(divergence, lq_b, lp_b, beta=beta, skew=skew)
         kl = divergence_value("fkl", lq_b, lp_b)
         # rest ids: g_rest * q_j / (1 - Q); top-k ids: their own bucket's gradient
-        scale = g_b[:, -1:] * torch.exp(-lq_rest).unsqueeze(1)
+        scale = g_b[:, -1:] * torch.exp(-lq_b[:, -1:])
         grad = q.mul_(torch.nan_to_num(scale, nan=0.0, posinf=0.0))
         return value, kl, grad.scatter_(1, ids, g_b[:, :-1])
