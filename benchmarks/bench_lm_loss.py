@@ -19,6 +19,7 @@ covers every rep, and includes the head's ``.grad``. Time = median of ``--reps``
 forward+backward calls after one warm-up. Ratios are against the dense row of the same run.
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/bench_lm_loss.py [--reps 3]
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/bench_lm_loss.py --offline   # issue 20
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ import time
 
 SHAPES = [(2048, 32000), (1024, 128256)]
 H_S, H_T = 256, 512
+OFFLINE_ROWS = [
+    "distillkit top128",
+    "cached top128 drop b256",
+    "cached top128 bucket b256",
+    "cached top128 bucket b64",
+]
 ROWS = [
     "dense",
     "liger c128",
@@ -140,7 +147,49 @@ def _build_step(row: str, h, w, ht, wt, labels):
             return float(out.loss)
 
         return step, f"token_divergence({div!r}, memory_budget_mb=256)"
+    if row.startswith(("distillkit", "cached")):
+        return _offline_step(row, h, w, ht, wt)
     raise SystemExit(f"unknown row {row!r}")
+
+
+def _offline_step(row: str, h, w, ht, wt):
+    """The offline rows: a cached top-128 teacher (ids, log-probs, tail), built here from the
+    teacher's logits before the memory probe starts.
+
+    - ``distillkit top128``: DistillKit's offline loss shape: the student's full ``[N, V]``
+      logits materialized, log-softmax, gathered at the cached ids, sparse forward KL
+      (``sum_k p log(p / q)``), token mean (``distillkit/lossfuncs``, read not run).
+    - ``cached top128 TAIL bBUDGET``: kdkit's fused loss on the same cached targets, tail policy
+      TAIL, ``memory_budget_mb`` BUDGET.
+    """
+    import torch
+
+    from kdkit.lm import token_divergence
+    from kdkit.lm.cache import TopKTarget
+
+    with torch.no_grad():
+        logp, ids = torch.log_softmax(ht @ wt.T, -1).topk(128, dim=-1)
+        tail = torch.log1p(-logp.exp().sum(-1).clamp(max=1 - 1e-7))
+    if row.startswith("distillkit"):
+
+        def step():
+            lq = torch.log_softmax(h @ w.T, -1).gather(1, ids)
+            p = logp.exp()
+            loss = (p * (logp - lq)).sum() / h.shape[0]
+            loss.backward()
+            return float(loss)
+
+        return step, "student logits materialized, sparse fkl over the cached top-128"
+    _, _, policy, budget = row.split()
+    target = TopKTarget(ids, logp, tail, w.shape[0], policy=policy)
+    mb = float(budget.removeprefix("b"))
+
+    def step():
+        out = token_divergence(h, w, target, divergence="fkl", memory_budget_mb=mb)
+        out.loss.backward()
+        return float(out.loss)
+
+    return step, f"token_divergence(TopKTarget tail={policy!r}, memory_budget_mb={mb:g})"
 
 
 def run_row(row: str, n: int, v: int, reps: int) -> dict:
@@ -184,6 +233,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rows", nargs="*", default=ROWS)
+    ap.add_argument(
+        "--offline", action="store_true", help="the cached top-k rows (issue 20) instead"
+    )
     ap.add_argument("--shape", action="append", help="N,V (repeatable); default both E4 shapes")
     ap.add_argument("--child", nargs=3, metavar=("ROW", "N", "V"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -192,6 +244,8 @@ def main() -> None:
         print(json.dumps(run_row(row, int(n), int(v), args.reps)))
         return
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape] if args.shape else SHAPES
+    if args.offline:
+        args.rows = OFFLINE_ROWS
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     for n, v in shapes:
         results = []
@@ -213,9 +267,10 @@ def main() -> None:
             else:
                 results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             sys.stderr.write(f"  {n}x{v} {row}: {results[-1]}\n")
-        dense = next((r for r in results if r["row"] == "dense" and "skip" not in r), None)
+        base = "distillkit top128" if args.offline else "dense"
+        dense = next((r for r in results if r["row"] == base and "skip" not in r), None)
         print(f"\nN={n} V={v} H_s={H_S} H_t={H_T} fp32, 1 thread, fwd+bwd, {args.reps} reps")
-        print("| row | peak MiB | x dense | time s | x dense | loss | note |")
+        print(f"| row | peak MiB | x {base} | time s | x {base} | loss | note |")
         print("|---|---:|---:|---:|---:|---:|---|")
         for r in results:
             if "skip" in r:

@@ -34,10 +34,52 @@ RECIPES = {
 }
 
 
+#: ``--cache``: students trained from top-k captures of the same teacher (issue 20), beside
+#: the live teacher; forward KL at T=1 (the recipe chosen on val above). "k32 drop" etc. run
+#: with the first seed only (``--policy-seeds``).
+CACHE_RECIPES = {
+    "scratch": {},
+    "live fkl": {"divergence": "fkl"},
+    "cache k8 bucket": {"divergence": "fkl", "tail": "bucket", "k": 8},
+    "cache k32 bucket": {"divergence": "fkl", "tail": "bucket", "k": 32},
+    "cache k128 bucket": {"divergence": "fkl", "tail": "bucket", "k": 128},
+    "cache k32 renorm": {"divergence": "fkl", "tail": "renorm", "k": 32, "one_seed": True},
+    "cache k32 uniform": {"divergence": "fkl", "tail": "uniform", "k": 32, "one_seed": True},
+    "cache k32 drop": {"divergence": "fkl", "tail": "drop", "k": 32, "one_seed": True},
+}
+
+
+def _captures(base, teacher: Path, files, out: Path) -> dict[int, str]:
+    """One top-k capture of the demo teacher over its train + val text per k."""
+    from kdkit.config import load_config, resolve_paths
+    from kdkit.lm.cache import capture
+
+    train, val, _ = files
+    raw = {
+        "task": "lm",
+        "student": {"model": f"hf:{teacher}"},
+        "teacher": {"model": f"hf:{teacher}"},
+        "data": {
+            "text_files": [str(train)],
+            "val": {"text_files": [str(val)]},
+            "max_length": base.max_length,
+            "batch_size": base.batch_size,
+        },
+    }
+    cfg = resolve_paths(load_config(data=raw))
+    found = {}
+    for k in sorted({r["k"] for r in CACHE_RECIPES.values() if "k" in r}):
+        m = capture(cfg, out / f"cache-k{k}", topk=k, progress=False)
+        print(f"captured k={k}: {m['bytes_per_token']:.1f} B/token", flush=True)
+        found[k] = f"cache:{out / f'cache-k{k}'}"
+    return found
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="runs/bench-lm-quality")
+    p.add_argument("--cache", action="store_true", help="students from top-k captures instead")
     args = p.parse_args()
     from transformers import AutoTokenizer
 
@@ -51,16 +93,22 @@ def main() -> None:
     teacher = next(Path(base.cache_dir).glob("*/teacher/config.json")).parent
     tok = AutoTokenizer.from_pretrained(str(teacher), local_files_only=True)
     student = _llama_folder(out / "student-init", tok, base.student, base.max_length)
-    rows: dict[str, list[tuple[float, float]]] = {name: [] for name in RECIPES}
+    recipes = CACHE_RECIPES if args.cache else RECIPES
+    caches = _captures(base, teacher, files, out) if args.cache else {}
+    rows: dict[str, list[tuple[float, float]]] = {name: [] for name in recipes}
     for seed in args.seeds:
         cfg = dataclasses.replace(base, seed=seed)
-        for name, distill in RECIPES.items():
+        for name, recipe in recipes.items():
+            distill = {k: v for k, v in recipe.items() if k not in ("k", "one_seed")}
+            if recipe.get("one_seed") and seed != args.seeds[0]:
+                continue
+            source = caches[recipe["k"]] if "k" in recipe else teacher
             run_name = f"s{seed}-{name.replace(' ', '')}"
             result, _ = _run(
                 cfg,
                 run_name,
                 student,
-                None if name == "scratch" else teacher,
+                None if name == "scratch" else source,
                 files,
                 epochs=base.student_epochs,
                 **distill,

@@ -111,6 +111,11 @@ def _llama_folder(path: Path, tokenizer: Any, shape: tuple[int, int, int], ctx: 
     return path
 
 
+def _model_string(teacher: Path | str) -> str:
+    """A teacher folder as ``hf:DIR``; a model string (``cache:DIR``) as it is."""
+    return str(teacher) if str(teacher).startswith("cache:") else f"hf:{teacher}"
+
+
 def _run(cfg: LMDemoConfig, name: str, student: Path, teacher: Path | None, files, **distill):
     """One ``task: lm`` config through kdkit train's front door; returns (result, seconds)."""
     from kdkit.run import train_run
@@ -121,7 +126,7 @@ def _run(cfg: LMDemoConfig, name: str, student: Path, teacher: Path | None, file
         "task": "lm",
         "name": name,
         "student": {"model": f"hf-config:{student}"},
-        "teacher": None if teacher is None else {"model": f"hf:{teacher}"},
+        "teacher": None if teacher is None else {"model": _model_string(teacher)},
         "data": {
             "text_files": [str(train)],
             "val": {"text_files": [str(val)]},

@@ -1,0 +1,151 @@
+"""Size and fidelity of the LM top-k cache on the demo's real teacher and corpus, against
+DistillKit's recommended setting by its own bit formula, in the same run.
+
+For each k and log-prob encoding, ``kdkit lm capture`` (the real code path) writes a cache of
+the demo's val split; bytes per token are the shard bytes over the trained tokens (everything
+on disk: ids, log-probs, tail, row index, token ids). Reconstruction KL is
+``KL(p || p_hat)`` per token against the teacher's full distribution, where ``p_hat`` is what
+the cache can rebuild: the top k as decoded, and the stored tail mass spread uniformly over the
+other ids (the ``uniform`` policy: the only one that is a full distribution with no zero).
+
+DistillKit (arcee-ai/DistillKit, ``compression/config.py total_bits``, read not run): ids
+bit-packed at ``ceil(log2 V)`` bits, the top ``exact_k`` log-probs in bf16, the rest of the top
+k as a polynomial of ``poly_terms`` float32 coefficients in the rank: bytes per token =
+``(k * ceil(log2 V) + exact_k * 16 + poly_terms * 32) / 8``; its recommended setting is k=128,
+exact_k=16, 6 terms. Its reconstruction here: the top 16 rounded to bf16, ranks 16..127 from a
+least-squares degree-5 polynomial fitted per token, and (to put it on the same footing) the mass
+outside its top 128 spread uniformly like ours. Token ids and row offsets, which DistillKit stores
+as uint64 beside the values, are not counted for it.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/bench_lm_cache.py [--rows 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+
+KS = (8, 16, 32, 64, 128)
+
+
+def _demo(rows: int):
+    """The demo's teacher (trained and cached by ``kdkit demo lm``) and a config over its val
+    split, first ``rows`` rows."""
+    from kdkit.config import load_config, resolve_paths
+    from kdkit.run.lm_demo import LMDemoConfig, _write_splits
+
+    base = LMDemoConfig(progress=False)
+    found = sorted(Path(base.cache_dir).glob("*/teacher/config.json"))
+    if not found:
+        raise SystemExit("no demo teacher: run `make demo-lm` (or kdkit demo lm) once first")
+    teacher = found[0].parent
+    data = Path(tempfile.mkdtemp(prefix="bench-lm-cache-"))
+    _, val, _, _ = _write_splits(base, data)
+    text = val.read_text(encoding="utf-8")
+    part = data / "part.txt"
+    part.write_text(text[: rows * base.max_length * 4], encoding="utf-8")
+    raw = {
+        "task": "lm",
+        "student": {"model": f"hf:{teacher}"},
+        "teacher": {"model": f"hf:{teacher}"},
+        "data": {"text_files": [str(part)], "max_length": base.max_length, "batch_size": 16},
+    }
+    return resolve_paths(load_config(data=raw)), data
+
+
+def _full_logp(cfg, cache) -> list[torch.Tensor]:
+    """The teacher's full log-distribution at every trained token of every cached row."""
+    from kdkit.lm.align import Aligner
+    from kdkit.lm.models import hidden_and_head, load_lm
+
+    teacher, _ = load_lm(cfg.teacher.model)
+    aligner = Aligner(pad_id=0, max_length=cfg.data.max_length)
+    out = []
+    with torch.no_grad():
+        for i in range(len(cache)):
+            b = aligner([cache.row(i)])
+            s = hidden_and_head(teacher, b.input_ids, b.position_ids, b.attention_mask)
+            logits = s.hidden[b.mask] @ s.head.weight[: cache.vocab].T
+            out.append(torch.log_softmax(logits.double(), -1))
+    return out
+
+
+def _kl_uniform_tail(full: torch.Tensor, ids, logp, vocab: int) -> torch.Tensor:
+    """KL(p || p_hat) per token: p_hat = decoded top k + the rest of the mass uniform."""
+    k = ids.shape[1]
+    top = torch.logsumexp(logp, -1)
+    rest = torch.log(-torch.expm1(top.clamp(max=-1e-12))) - math.log(vocab - k)
+    hat = rest.unsqueeze(1).expand(-1, vocab).clone().scatter_(1, ids, logp)
+    hat = hat - torch.logsumexp(hat, -1, keepdim=True)
+    return (full.exp() * (full - hat)).sum(-1)
+
+
+def _distillkit(full: torch.Tensor, k=128, exact=16, terms=6) -> torch.Tensor:
+    """DistillKit's recommended reconstruction (see the module docstring), per-token KL."""
+    logp, ids = full.topk(k, dim=-1)
+    head = logp[:, :exact].to(torch.bfloat16).double()
+    ranks = torch.arange(exact, k, dtype=torch.float64)
+    x = (ranks - ranks.mean()) / ranks.std()
+    basis = torch.stack([x**d for d in range(terms)], 1)  # [k - exact, terms]
+    coef = torch.linalg.lstsq(basis, logp[:, exact:].T).solution.float().double()
+    approx = torch.cat([head, (basis @ coef).T], 1)
+    return _kl_uniform_tail(full, ids, approx, full.shape[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=128)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    from kdkit.lm.cache import TopKCache, capture
+
+    cfg, work = _demo(args.rows)
+    results = []
+    full = None
+    for encoding in ("q8", "f16"):
+        for k in KS:
+            out = work / f"k{k}-{encoding}"
+            manifest = capture(cfg, out, topk=k, encoding=encoding, progress=False)
+            cache = TopKCache(out)
+            if full is None:
+                full = _full_logp(cfg, cache)
+            kls = []
+            for i, f in enumerate(full):
+                ids, logp, _ = (torch.from_numpy(a) for a in cache.entries(cache.row(i)))
+                kls.append(_kl_uniform_tail(f, ids, logp.double(), cache.vocab))
+            kl = torch.cat(kls)
+            mass = float(torch.cat([f.exp().topk(k, -1).values.sum(-1) for f in full]).mean())
+            results.append((f"kdkit k={k} {encoding}", manifest["bytes_per_token"], kl, mass))
+    vocab = full[0].shape[1]
+    dk_bytes = (128 * math.ceil(math.log2(vocab)) + 16 * 16 + 6 * 32) / 8
+    dk_kl = torch.cat([_distillkit(f) for f in full])
+    mass = float(torch.cat([f.exp().topk(128, -1).values.sum(-1) for f in full]).mean())
+    results.append(("DistillKit k=128 (16 exact + 6-term poly)", dk_bytes, dk_kl, mass))
+    tokens = sum(f.shape[0] for f in full)
+    print(f"\ndemo teacher, V={vocab}, {len(full)} val rows, {tokens} tokens; 1 thread")
+    print("| cache | bytes/token | x DistillKit | KL(p || p_hat) mean | p99 | top-k mass |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, b, kl, m in results:
+        print(
+            f"| {name} | {b:.1f} | {b / dk_bytes:.2f} | {float(kl.mean()):.4f} | "
+            f"{float(kl.quantile(0.99)):.4f} | {m:.3f} |"
+        )
+    best = [
+        r for r in results[:-1] if float(r[2].mean()) <= float(dk_kl.mean())
+    ]  # equal or lower reconstruction KL
+    if best:
+        small = min(best, key=lambda r: r[1])
+        print(
+            f"smallest kdkit cache at <= DistillKit's KL: {small[0]}, "
+            f"{small[1] / dk_bytes:.2f}x its bytes per token"
+        )
+    else:
+        print("no kdkit setting here reaches DistillKit's reconstruction KL")
+
+
+if __name__ == "__main__":
+    main()
