@@ -74,18 +74,24 @@ def run_trl(teacher_dir, tok, data, epochs: int) -> float:
         return time.perf_counter() - start
 
 
-def run_kdkit(teacher_dir, tok, data, epochs: int) -> tuple[float, int]:
+def run_kdkit(teacher_dir, tok, data, epochs: int, cache=None) -> tuple[float, int]:
+    """kdkit's loop with the online teacher, or (``cache``) from the top-k cache: the teacher
+    is then never loaded or run."""
     from torch.utils.data import DataLoader
 
     from kdkit import Trainer
     from kdkit.lm import Aligner, LMTask, TokenInputs, load_lm_dataset
 
     student, teacher = models(teacher_dir, tok)
+    teacher = teacher if cache is None else cache  # the same weights, captured once
     with tempfile.TemporaryDirectory() as out:
         path = Path(out) / "chat.jsonl"
         path.write_text("\n".join(json.dumps(e) for e in data) + "\n")
         ds = load_lm_dataset([path], tok, format="chat", loss_on="assistant", max_length=128)
-    loader = DataLoader(ds, batch_size=16, collate_fn=Aligner(tok.pad_token_id, 128))
+    collate = Aligner(tok.pad_token_id, 128)
+    if cache is not None:
+        collate = cache.collate(collate, "bucket")
+    loader = DataLoader(ds, batch_size=16, collate_fn=collate)
     task = LMTask(student, teacher, divergence="jsd", beta=0.5)
     trainer = Trainer(
         task, loader, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
@@ -116,30 +122,6 @@ def capture_cache(teacher_dir, data, out: Path) -> tuple[object, float]:
     return TopKCache(out / "cache"), time.perf_counter() - start
 
 
-def run_kdkit_cached(teacher_dir, tok, data, epochs: int, cache) -> float:
-    """kdkit trained from the top-k cache: the teacher is never loaded or run."""
-    from torch.utils.data import DataLoader
-
-    from kdkit import Trainer
-    from kdkit.lm import Aligner, LMTask, TokenInputs, load_lm_dataset
-
-    student, _ = models(teacher_dir, tok)
-    with tempfile.TemporaryDirectory() as out:
-        path = Path(out) / "chat.jsonl"
-        path.write_text("\n".join(json.dumps(e) for e in data) + "\n")
-        ds = load_lm_dataset([path], tok, format="chat", loss_on="assistant", max_length=128)
-    collate = cache.collate(Aligner(tok.pad_token_id, 128), "bucket")
-    loader = DataLoader(ds, batch_size=16, collate_fn=collate)
-    task = LMTask(student, cache, divergence="jsd", beta=0.5)
-    trainer = Trainer(
-        task, loader, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
-        inputs=TokenInputs("cpu"), epochs=epochs, progress=False, device="cpu",
-    )  # fmt: skip
-    start = time.perf_counter()
-    trainer.fit()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
@@ -160,7 +142,7 @@ def main() -> None:
     for r in range(args.rounds + 1):  # round 0 warms up
         t_trl = run_trl(teacher_dir, tok, data, args.epochs)
         t_kd, tokens = run_kdkit(teacher_dir, tok, data, args.epochs)
-        t_cached = run_kdkit_cached(teacher_dir, tok, data, args.epochs, cache)
+        t_cached, _ = run_kdkit(teacher_dir, tok, data, args.epochs, cache)
         if r:
             times["trl"].append(t_trl)
             times["kdkit"].append(t_kd)
