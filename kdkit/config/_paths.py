@@ -74,14 +74,16 @@ def resolve_paths(cfg: RunConfig, base: str | os.PathLike | None = None) -> RunC
             return None
         return rep(x, image_folder=_abs(x.image_folder, base), root=_abs(x.root, base))
 
-    return rep(
-        cfg,
-        teacher=rep(
+    if t is not None:
+        t = rep(
             t,
             model=_abs_model(t.model, base),
             weights=_abs(t.weights, base),
             probe=_abs(t.probe, base),
-        ),
+        )
+    return rep(
+        cfg,
+        teacher=t,
         student=rep(s, model=_abs_model(s.model, base), weights=_abs(s.weights, base)),
         data=rep(
             d,

@@ -222,10 +222,14 @@ class TrainConfig:
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """A whole run. ``run_dir`` defaults to ``runs/NAME``; ``versions`` is written by kdkit
-    into the resolved config (kdkit, torch) and ignored when configs are compared."""
+    into the resolved config (kdkit, torch) and ignored when configs are compared.
+
+    ``teacher: null`` (or no ``teacher:`` section) trains the student on the labels alone
+    (fine-tuning the future teacher, or the scratch baseline): ``distill:`` is then unused.
+    """
 
     name: str = "run"
-    teacher: TeacherConfig
+    teacher: TeacherConfig | None = None
     student: StudentConfig
     data: DataConfig
     distill: DistillConfig = field(default_factory=DistillConfig)

@@ -118,18 +118,21 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False, trust_code: bool = Fa
         cfg.data, seed=t.seed, rank=distributed.rank(), world=distributed.world_size()
     )
     views = build_views(cfg.data, t.seed, data.input_shape[-1])
-    teacher = build_teacher(
-        cfg.teacher,
-        trust_code=trust_code,
-        input_shape=data.input_shape,
-        mean=data.mean,
-        std=data.std,
-        calibration=data.train_dataset,
-        views=views,
-        temperature=_run_temperature(cfg),
-    )
+    teacher = None
+    if cfg.teacher is not None:  # teacher: null trains on the labels alone
+        teacher = build_teacher(
+            cfg.teacher,
+            trust_code=trust_code,
+            input_shape=data.input_shape,
+            mean=data.mean,
+            std=data.std,
+            calibration=data.train_dataset,
+            views=views,
+            temperature=_run_temperature(cfg),
+        )
     dataset = getattr(data.train_loader, "dataset", None)
-    check_cache_for_run(teacher, dataset, sampler=views, device=device)
+    if teacher is not None:
+        check_cache_for_run(teacher, dataset, sampler=views, device=device)
     torch.manual_seed(t.seed)
     student, student_spec = build_student(cfg.student, trust_code=trust_code)
     distiller = build_distiller(cfg, student, teacher, trust_code=trust_code)
@@ -148,7 +151,7 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False, trust_code: bool = Fa
         run_info={
             "student_spec": student_spec,
             "input_shape": data.input_shape,
-            "teacher_spec": to_dict(cfg.teacher),
+            "teacher_spec": None if cfg.teacher is None else to_dict(cfg.teacher),
             "config": to_dict(cfg),
         },
     )

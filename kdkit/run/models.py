@@ -216,6 +216,8 @@ def build_distiller(cfg: RunConfig, student: nn.Module, teacher: Any, *, trust_c
     from kdkit.distiller import Distiller
     from kdkit.pairs import Pair
 
+    if teacher is None:  # labels alone: the task loss, no pairs
+        return Distiller(student, None, None, LossBalancer(student_weight=1.0))
     d = cfg.distill
     pairs = [
         Pair(p.student, p.teacher, build_loss(p, trust_code=trust_code), p.weight) for p in d.pairs
