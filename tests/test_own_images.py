@@ -76,3 +76,41 @@ def test_train_without_a_teacher_then_distill_from_its_run_dir(clean, tmp_path, 
     assert main(["train", str(_write(tmp_path / "kd.yaml", kd)), "--run-dir", str(kd_run)]) == 0
     assert load_checkpoint(kd_run / "best.pt")["teacher_spec"]["model"] == str(teacher_run)
     assert f"teacher `{teacher_run}`" in (kd_run / "report.md").read_text()
+
+
+def test_bad_files_are_skipped_counted_and_named(photos, tmp_path, caplog):
+    raw = _config(photos, name="bad", train={"epochs": 1, "device": "cpu", "progress": False})
+    raw["teacher"] = tiny_model()
+    raw["data"]["unlabeled"] = [str(photos.wild)]
+    run = tmp_path / "bad"
+    with caplog.at_level("WARNING"):
+        assert main(["train", str(_write(tmp_path / "bad.yaml", raw)), "--run-dir", str(run)]) == 0
+    logged = caplog.text
+    assert "truncated.jpg" in logged and "notes.jpg" in logged  # named when met
+    assert "skipped 1 empty" in logged  # an empty file: skipped when the folder is scanned
+    metrics = (run / "metrics.csv").read_text().splitlines()
+    header, row = metrics[0].split(","), metrics[1].split(",")
+    assert row[header.index("skipped_files")] == "2"  # truncated.jpg + notes.jpg, once each
+    assert row[header.index("val_skipped_files")] == "0"
+    report = (run / "report.md").read_text()
+    assert "2 unreadable images skipped" in report and "truncated.jpg" in report
+
+
+@pytest.mark.parametrize("decode", ["pil", "cpu"])
+def test_every_loader_skips_and_a_wholly_unreadable_batch_stops(photos, tmp_path, decode):
+    from kdkit.data import ImageFolderManager
+    from kdkit.errors import KDError
+
+    kw = dict(batch_size=4, workers=0, decode=decode, drop_last=False)
+    manager = ImageFolderManager(photos.root, 32, **kw)
+    seen = sum(len(b.labels) for b in manager.train_loader)
+    assert seen == len(manager.train_dataset) - 1  # the truncated JPEG; empty.png: at scan
+    # a folder whose class holds nothing but broken files
+    junk = tmp_path / "junk"
+    for split in ("train", "val"):
+        (junk / split / "a").mkdir(parents=True)
+        for i in range(3):
+            (junk / split / "a" / f"{i}.jpg").write_text("not an image")
+    manager = ImageFolderManager(junk, 32, **kw)
+    with pytest.raises(KDError, match="no image of a whole batch"):
+        next(iter(manager.train_loader))

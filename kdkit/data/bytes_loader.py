@@ -6,7 +6,8 @@ With ``backend="cpu"`` the DataLoader workers decode and resize (torchvision's d
 the main process only copies the pinned batch to the device on a side stream. With
 ``backend="gpu"`` workers only read bytes; the main process decodes the whole batch with
 nvJPEG on the side stream while the previous step computes. Unreadable files are dropped
-from their batch, logged once each and counted in :attr:`ImageBytesLoader.skipped`.
+from their batch, the first few named, and counted in :attr:`ImageBytesLoader.unreadable`
+(a batch with none left stops with a KDError naming files).
 :func:`folder_loaders` builds the train / validation pair for ``ImageFolderManager``.
 """
 
@@ -31,6 +32,7 @@ from torch.utils.data import (
 from kdkit.data.arrays import Batch
 from kdkit.data.decode import DecodedImageDataset, EncodedImageDataset, ImageDecoder
 from kdkit.data.prefetch import DevicePrefetcher
+from kdkit.data.unreadable import Unreadable, UnreadableLog
 from kdkit.errors import KDError
 
 __all__ = ["DECODE_CHOICES", "ImageBytesLoader", "folder_loaders", "resolve_decode"]
@@ -99,8 +101,8 @@ class ImageBytesLoader:
         self.decoder = decoder
         self.device = decoder.device
         self.seed, self.epoch = seed, 0
-        self.skipped = 0
-        self._reported: set[int] = set()
+        self.skipped = 0  # unreadable rows over every pass; distinct files: self.unreadable
+        self.unreadable = UnreadableLog()
         in_workers = decoder.backend == "cpu"
         worker_decoder = (
             ImageDecoder(decoder.size, backend="cpu", fit=decoder.fit, crop_pct=decoder.crop_pct)
@@ -147,9 +149,12 @@ class ImageBytesLoader:
         batches = (
             self._prefetcher if self._prefetcher is not None else map(self._finish, self._loader)
         )
+        kept = 0
         for batch in batches:
             if batch.images.shape[0]:
+                kept += int(batch.images.shape[0])
                 yield batch
+        self.unreadable.end_pass(kept, self.skipped - before)  # nothing decoded: KDError
         if self.skipped > before:
             log.warning(
                 "skipped %d unreadable images in this pass over %d files (%d in total so far)",
@@ -169,20 +174,10 @@ class ImageBytesLoader:
             images = out.images
             failures += [(int(raw.indices[i]), why) for i, why in out.failures]
             labels, indices = raw.labels[out.keep], raw.indices[out.keep]
-        for index, why in failures:
-            self._skip(index, why)
+        self.skipped += len(failures)
+        bad = [Unreadable(str(self.encoded.path(index)), why) for index, why in failures]
+        self.unreadable.record(bad, kept=int(images.shape[0]))  # a whole batch: KDError
         return Batch(images, labels, indices)
-
-    def _skip(self, index: int, why: str) -> None:
-        self.skipped += 1
-        if index not in self._reported:
-            self._reported.add(index)
-            log.warning(
-                "skipping unreadable image %s (%s); %d skipped so far",
-                self.encoded.path(index),
-                why,
-                self.skipped,
-            )
 
 
 def resolve_decode(decode: str, device: torch.device) -> str:

@@ -216,14 +216,16 @@ def _folders(d: DataConfig, seed: int, rank: int, world: int) -> RunData:
     for folder in d.unlabeled:
         samples += [(p, -1) for p in find_images(folder)]
     draft = (size, size)
-    train = ImageFolderDataset(samples, classes, transform, draft_size=draft)
+    train = ImageFolderDataset(samples, classes, transform, draft_size=draft, skip_unreadable=True)
     loader = EpochLoader(
         train, d.batch_size, True, False, seed, workers=d.workers, collate_fn=_collate,
         num_replicas=world, rank=rank,
     )  # fmt: skip
     val_loader = None
     if val_samples:
-        val = ImageFolderDataset(val_samples, classes, transform, draft_size=draft)
+        val = ImageFolderDataset(
+            val_samples, classes, transform, draft_size=draft, skip_unreadable=True
+        )
         val_loader = EpochLoader(
             val, d.val_batch_size or d.batch_size, False, workers=d.workers, collate_fn=_collate
         )

@@ -242,5 +242,16 @@ def _write_report(cfg: RunConfig, trainer, data, result: RunResult, wall_s: floa
         f"    kdkit export {result.run_dir} --onnx {result.run_dir / 'student.onnx'}",
         f"    kdkit bench {result.run_dir}",
     ]
+    notes += _unreadable_notes(data)
     text = run_report_text(cfg.name, history, rows, notes)
     atomic_write_text(result.run_dir / "report.md", text)
+
+
+def _unreadable_notes(data) -> list[str]:
+    """The report's line on files no decoder could read (skipped, so the run went on)."""
+    lines = []
+    for split, loader in (("train", data.train_loader), ("val", data.val_loader)):
+        record = getattr(loader, "unreadable", None)
+        if record is not None and record.count:
+            lines.append(f"- {split}: {record.summary()}")
+    return ["", "Unreadable files (skipped, the run went on):", *lines] if lines else []

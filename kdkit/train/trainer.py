@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from kdkit._io import check_output_path
 from kdkit.data.pipeline import InputPipeline
+from kdkit.data.unreadable import skip_counts
 from kdkit.errors import KDError
 from kdkit.load import save_checkpoint
 from kdkit.registry import ModelSpec
@@ -282,6 +283,7 @@ class Trainer:
                 row = self._train_epoch()
                 if self.val_loader is not None:
                     row.update({f"val_{k}": v for k, v in self.evaluate().items()})
+                row.update(skip_counts(self.train_loader, self.val_loader))  # unreadable files
                 if self._plateau:  # once per epoch, on the val loss (else the train loss)
                     self.scheduler.step(row.get("val_loss", row.get("loss_total")))
                 self.history.append(row)
