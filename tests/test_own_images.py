@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _images import make_photos, tiny_model
+from _images import CLASSES, make_photos, tiny_model
 
 from kdkit.cli import main
-from kdkit.load import load_checkpoint
+from kdkit.load import load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +51,20 @@ def _write(path: Path, cfg: dict) -> Path:
     return path
 
 
-def test_train_without_a_teacher_then_distill_from_its_run_dir(clean, tmp_path, capsys):
-    photos = clean
-    raw = _config(photos)
+@pytest.fixture(scope="module")
+def teacher_run(clean, tmp_path_factory) -> Path:
+    """A teacher fine-tuned on the labels alone (no teacher: section at all)."""
+    tmp = tmp_path_factory.mktemp("teacher")
+    raw = _config(clean)
     del raw["teacher"]  # no teacher: section at all is the same as teacher: null
-    teacher_run = tmp_path / "my-teacher"
-    assert (
-        main(["train", str(_write(tmp_path / "t.yaml", raw)), "--run-dir", str(teacher_run)]) == 0
-    )
+    run = tmp / "my-teacher"
+    assert main(["train", str(_write(tmp / "t.yaml", raw)), "--run-dir", str(run)]) == 0
+    return run
+
+
+def test_train_without_a_teacher_then_distill_from_its_run_dir(
+    clean, teacher_run, tmp_path, capsys
+):
     best = load_checkpoint(teacher_run / "best.pt")
     assert best["teacher_spec"] is None and best["student_spec"]["model"] == "kdkit:fmnist_student"
     report = (teacher_run / "report.md").read_text()
@@ -68,14 +74,83 @@ def test_train_without_a_teacher_then_distill_from_its_run_dir(clean, tmp_path, 
     assert json.loads(capsys.readouterr().out)["student"]["top1"] == best["best_top1"]
     assert main(["eval", str(teacher_run), "--teacher"]) == 2  # it has none: one line
     assert "no teacher" in capsys.readouterr().err
-    assert main(["export", str(teacher_run), "--onnx", str(tmp_path / "t.onnx")]) == 0
 
-    kd = _config(photos, name="kd", teacher={"model": str(teacher_run)})
-    kd["data"]["unlabeled"] = [str(photos.wild)]
+    kd = _config(clean, name="kd", teacher={"model": str(teacher_run)})
+    kd["data"]["unlabeled"] = [str(clean.wild)]
+    kd["train"]["epochs"] = 1
     kd_run = tmp_path / "kd"
     assert main(["train", str(_write(tmp_path / "kd.yaml", kd)), "--run-dir", str(kd_run)]) == 0
     assert load_checkpoint(kd_run / "best.pt")["teacher_spec"]["model"] == str(teacher_run)
     assert f"teacher `{teacher_run}`" in (kd_run / "report.md").read_text()
+
+
+def test_class_names_travel_to_checkpoint_run_dir_and_onnx(teacher_run, clean, tmp_path, capsys):
+    import onnx
+
+    assert load_checkpoint(teacher_run / "best.pt")["classes"] == list(CLASSES)
+    assert json.loads((teacher_run / "classes.json").read_text()) == list(CLASSES)
+    out = tmp_path / "student.onnx"
+    assert main(["export", str(teacher_run), "--onnx", str(out)]) == 0
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(props["kdkit.classes"]) == list(CLASSES)
+    capsys.readouterr()
+
+    answers = {}
+    for source in (teacher_run, teacher_run / "best.pt", out):
+        assert main(["predict", str(source), str(clean.val), "--json", "--topk", "2"]) == 0
+        answers[source] = json.loads(capsys.readouterr().out)
+    rows = answers[teacher_run]
+    assert len(rows) == 9 and all(len(r["top"]) == 2 for r in rows)
+    assert {r["top"][0]["class"] for r in rows} <= set(CLASSES)
+    for other in (teacher_run / "best.pt", out):  # one preprocessing, three model files
+        for a, b in zip(rows, answers[other], strict=True):
+            assert a["path"] == b["path"] and a["top"][0]["index"] == b["top"][0]["index"]
+            assert abs(a["top"][0]["prob"] - b["top"][0]["prob"]) < 1e-4
+    # predict agrees with eval: the val top-1 is the share of rows whose class folder wins
+    hits = sum(Path(r["path"]).parent.name == r["top"][0]["class"] for r in rows)
+    best = load_checkpoint(teacher_run / "best.pt")
+    assert abs(100 * hits / 9 - best["best_top1"]) < 1e-6
+
+    assert main(["predict", str(out), str(clean.val / "cat" / "0.png"), "--csv"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "path,rank,class,index,prob" and len(lines) == 4  # default top 3
+
+
+def test_predict_skips_broken_files(teacher_run, photos, capsys):
+    assert main(["predict", str(teacher_run), str(photos.wild)]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.strip().splitlines()) == 6  # notes.jpg skipped
+    assert "1 unreadable images skipped: notes.jpg" in captured.err
+
+
+def test_eval_moved_run_dir_and_recorded_input_size(teacher_run, clean, tmp_path, capsys, caplog):
+    import shutil
+
+    assert main(["eval", str(teacher_run), "--json"]) == 0
+    reference = json.loads(capsys.readouterr().out)["student"]
+    moved, data = tmp_path / "elsewhere" / "run", tmp_path / "elsewhere" / "val"
+    shutil.copytree(teacher_run, moved)
+    shutil.copytree(clean.val, data)
+    gone = clean.root.with_name(clean.root.name + ".moved")
+    shutil.move(clean.root, gone)  # the old data is gone
+    try:
+        assert main(["eval", str(moved)]) == 2
+        assert "--data val.image_folder" in capsys.readouterr().err
+        shutil.rmtree(data / "dog")  # a val folder lacking a class keeps the others' indices
+        assert main(["eval", str(moved), "--json", "--data", f"val.image_folder={data}"]) == 0
+        scores = json.loads(capsys.readouterr().out)["student"]
+    finally:
+        shutil.move(gone, clean.root)
+    assert scores["images"] == 6
+
+    ckpt = load_checkpoint(teacher_run / "best.pt")
+    bare = tmp_path / "bare.pt"  # a checkpoint without its run config: 32 px from input_shape
+    save_checkpoint(bare, {k: v for k, v in ckpt.items() if k not in ("config", "checksum")})
+    assert main(["eval", str(bare), "--json", "--data", f"val.image_folder={clean.val}"]) == 0
+    assert json.loads(capsys.readouterr().out)["student"]["top1"] == reference["top1"]
+    with caplog.at_level("WARNING"):
+        assert main(["eval", str(teacher_run), "--data", "image_size=40"]) == 0
+    assert "trained at 32 px" in caplog.text
 
 
 def test_bad_files_are_skipped_counted_and_named(photos, tmp_path, caplog):

@@ -63,7 +63,13 @@ def run(args: argparse.Namespace) -> int:
     if not shape:
         raise KDError(f"{args.checkpoint} records no input_shape; pass --input-shape C H W")
     report = export_onnx(
-        module, args.onnx, shape, opset=args.opset, verify=not args.no_verify, atol=args.atol
+        module,
+        args.onnx,
+        shape,
+        opset=args.opset,
+        verify=not args.no_verify,
+        atol=args.atol,
+        metadata=onnx_metadata(meta),
     )
     diff = "skipped" if report.max_abs_diff is None else f"{report.max_abs_diff:.3g}"
     print(f"path:         {report.path}")
@@ -76,3 +82,15 @@ def run(args: argparse.Namespace) -> int:
             f"note: the model expects input normalised with mean={meta['mean']} std={meta['std']}"
         )
     return 0
+
+
+def onnx_metadata(meta: dict) -> dict[str, str]:
+    """What a checkpoint knows that the ONNX file should carry: class names (``kdkit.classes``,
+    a JSON list) and the input normalisation (``kdkit.mean`` / ``kdkit.std``, JSON lists)."""
+    import json
+
+    return {
+        f"kdkit.{key}": json.dumps(list(meta[key]))
+        for key in ("classes", "mean", "std")
+        if meta.get(key)
+    }

@@ -11,6 +11,7 @@ rebuild both models from them alone) and ``report.md`` + ``curves.png``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -151,6 +152,7 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False, trust_code: bool = Fa
         run_info={
             "student_spec": student_spec,
             "input_shape": data.input_shape,
+            "classes": data.classes,
             "teacher_spec": None if cfg.teacher is None else to_dict(cfg.teacher),
             "config": to_dict(cfg),
         },
@@ -178,6 +180,8 @@ def train_run(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False)
         run_dir.mkdir(parents=True, exist_ok=True)
         text = to_yaml(dataclasses.replace(cfg, versions=versions))
         atomic_write_text(run_dir / "config.yaml", text)
+        if not lm and data.classes:  # kdkit predict / export read them (also in every .pt)
+            atomic_write_text(run_dir / "classes.json", json.dumps(list(data.classes)) + "\n")
     distributed.barrier()
     # config.yaml exists (checked): no last.pt yet means killed before the first checkpoint
     history = trainer.fit(resume="auto" if resume else False)
