@@ -189,3 +189,32 @@ def test_every_loader_skips_and_a_wholly_unreadable_batch_stops(photos, tmp_path
     manager = ImageFolderManager(junk, 32, **kw)
     with pytest.raises(KDError, match="no image of a whole batch"):
         next(iter(manager.train_loader))
+
+
+def test_precompute_and_cache_check_take_the_train_config(teacher_run, photos, tmp_path, capsys):
+    kd = _config(
+        photos, name="kd", teacher={"model": str(teacher_run)}, run_dir=str(tmp_path / "kd")
+    )
+    kd["data"]["unlabeled"] = [str(photos.wild)]
+    kd["data"]["views"] = {"crop": "pad", "pad": 2, "num_views": 2}
+    kd["train"]["epochs"] = 1
+    kd_yaml = _write(tmp_path / "kd.yaml", kd)
+    assert main(["precompute", str(kd_yaml), "--topk", "2", "--no-progress"]) == 0
+    out = tmp_path / "kd-teacher-cache"
+    printed = capsys.readouterr().out
+    assert f"wrote {out}: 26 samples x 2 views, top-2" in printed  # 19 + 7 wild
+    assert "2 unreadable images skipped" in printed  # placeholder rows, never read
+    assert main(["cache", "check", str(kd_yaml)]) == 0
+    assert "top-1 agreement 100.00%" in capsys.readouterr().out
+
+    student = dict(kd, run_dir=str(tmp_path / "student"), teacher={"model": f"cache:{out}"})
+    student["data"] = dict(kd["data"], views={"crop": "pad", "pad": 2})  # num_views: the cache's
+    s_yaml = _write(tmp_path / "student.yaml", student)
+    assert main(["cache", "check", str(s_yaml)]) == 0  # live teacher from the cache's record
+    assert main(["train", str(s_yaml)]) == 0
+    assert (tmp_path / "student" / "best.pt").is_file()
+    capsys.readouterr()
+    argv = ["train", str(s_yaml), "--run-dir", str(tmp_path / "other"), "--set"]
+    assert main([*argv, "data.views.pad=3"]) == 2
+    err = capsys.readouterr().err
+    assert "pad (cache 2, run 3; config key data.views.pad)" in err and len(err.splitlines()) == 1

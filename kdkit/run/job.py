@@ -35,7 +35,7 @@ from kdkit.errors import KDError
 from kdkit.run.lm_job import build_lm_trainer
 from kdkit.run.lm_report import lm_teacher_ppl, write_lm_report
 
-__all__ = ["RunResult", "build_trainer", "train_run", "check_run_dir", "saved_config"]
+__all__ = ["RunResult", "build_trainer", "train_run", "check_run_dir", "run_views", "saved_config"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,21 @@ def _device(cfg: RunConfig) -> torch.device:
     return device
 
 
+def run_views(cfg: RunConfig):
+    """The run's ``data.views``; with a ``cache:`` teacher and no ``num_views`` set, the
+    cache's own number of views (the config need not repeat what the cache says)."""
+    v = cfg.data.views
+    model = cfg.teacher.model if cfg.teacher is not None else ""
+    prefix, _, cache_dir = model.partition(":")
+    if v is not None and v.num_views is None and prefix == "cache":
+        from kdkit.cache import read_meta
+
+        meta = read_meta(cache_dir)
+        if meta.get("views") is not None:
+            v = dataclasses.replace(v, num_views=int(meta["num_views"]))
+    return v
+
+
 def build_trainer(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False):
     """Data, models, Distiller, input pipeline and Trainer for ``cfg`` (written nowhere yet).
 
@@ -118,7 +133,7 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False, trust_code: bool = Fa
     data = build_data(
         cfg.data, seed=t.seed, rank=distributed.rank(), world=distributed.world_size()
     )
-    views = build_views(cfg.data, t.seed, data.input_shape[-1])
+    views = build_views(run_views(cfg), t.seed, data.input_shape[-1])
     teacher = None
     if cfg.teacher is not None:  # teacher: null trains on the labels alone
         teacher = build_teacher(
