@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from _images import CLASSES, make_photos, tiny_model
 
@@ -218,3 +219,47 @@ def test_precompute_and_cache_check_take_the_train_config(teacher_run, photos, t
     assert main([*argv, "data.views.pad=3"]) == 2
     err = capsys.readouterr().err
     assert "pad (cache 2, run 3; config key data.views.pad)" in err and len(err.splitlines()) == 1
+
+
+def test_relative_paths_resume_extension_and_init_from(
+    clean, teacher_run, tmp_path, monkeypatch, capsys
+):
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(clean.train, project / "data" / "train")
+    shutil.copytree(clean.val, project / "data" / "val")
+    raw = _config(clean, run_dir="runs/scratch")
+    raw["data"]["train"] = {"image_folder": "data/train"}  # relative to the config's folder
+    raw["data"]["val"] = {"image_folder": "data/val"}
+    raw["train"]["epochs"] = 1
+    cfg = _write(project / "scratch.yaml", raw)
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    assert main(["train", str(cfg)]) == 0
+    run = project / "runs" / "scratch"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["train"]["image_folder"] == str(project / "data" / "train")
+    capsys.readouterr()
+    assert (
+        main(["train", str(cfg), "--set", "data.val.image_folder=data/test", "--print-config"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert f"no folder at {project / 'data' / 'test'}" in err and f"folder {project}" in err
+
+    # --resume --set train.epochs=N extends the finished run; fewer epochs are refused
+    assert main(["train", str(cfg), "--resume", "--set", "train.epochs=2"]) == 0
+    state = load_checkpoint(run / "last.pt")
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+    assert "extended with --resume (from 1 to 2 epochs)" in (run / "report.md").read_text()
+    assert main(["train", str(cfg), "--resume", "--set", "train.epochs=1"]) == 2
+    assert "can only grow" in capsys.readouterr().err
+    assert main(["train", str(cfg), "--resume", "--set", "train.optimizer.lr=0.5"]) == 2
+
+    # --init-from RUN: a new run starting from another run's best student
+    argv = ["train", str(cfg), "--run-dir", str(tmp_path / "init"), "--init-from", str(teacher_run)]
+    assert main([*argv, "--set", "train.optimizer.lr=0.000000001"]) == 0  # lr ~0: stays the teacher
+    got = load_checkpoint(tmp_path / "init" / "best.pt")["student"]
+    want = load_checkpoint(teacher_run / "best.pt")["student"]
+    assert all(
+        torch.allclose(got[k].float(), want[k].float(), atol=1e-5) for k in want if "weight" in k
+    )

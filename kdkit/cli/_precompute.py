@@ -134,9 +134,9 @@ def build_views(args: argparse.Namespace, image_size: tuple[int, int]) -> Any:
 
 def config_of(args: argparse.Namespace):
     """CONFIG + ``--set`` -> the validated config with absolute paths (as kdkit train)."""
-    from kdkit.config import LMRunConfig, load_config, resolve_paths, validate
+    from kdkit.config import LMRunConfig, load_resolved
 
-    cfg = validate(resolve_paths(load_config(args.config, args.overrides)))
+    cfg = load_resolved(args.config, args.overrides)
     if isinstance(cfg, LMRunConfig):
         raise KDError("kdkit precompute CONFIG takes an image (task: classify) config")
     if args.teacher is not None:

@@ -62,11 +62,40 @@ def saved_config(run_dir: Path) -> RunConfig:
     return parse(read_yaml(path))
 
 
-def check_run_dir(cfg: RunConfig, resume: bool) -> None:
-    """Refuse to overwrite a run, or to resume one with a different config (keys listed)."""
+#: schedulers whose schedule is fitted to train.epochs (total_steps / T_max filled in)
+_FITTED = ("OneCycleLR", "CosineAnnealingLR")
+
+
+def _extension(saved: RunConfig, cfg: RunConfig, changed: dict) -> dict[str, tuple]:
+    """The keys of ``changed`` that only lengthen a run (more ``train.epochs``), checked."""
+    old, new = changed.get("train.epochs", (None, None))
+    if old is None or new is None:
+        return {}
+    if new < old:
+        raise KDError(
+            f"--resume: train.epochs can only grow ({old} -> {new}); start a new run from "
+            "this one's best student with --init-from RUN instead"
+        )
+    name = cfg.train.scheduler.name
+    if name in _FITTED and not dict(cfg.train.scheduler.args):
+        raise KDError(
+            f"--resume --set train.epochs={new}: the {name} schedule was fitted to {old} "
+            "epochs and cannot be extended; start a new run from this one's best student "
+            "with --init-from RUN"
+        )
+    return {"train.epochs": (old, new)}
+
+
+def check_run_dir(cfg: RunConfig, resume: bool) -> dict[str, tuple]:
+    """Refuse to overwrite a run, or to resume one with a different config (keys listed).
+    Returns the keys that extend a resumed run (``{"train.epochs": (3, 5)}``), the only
+    change ``--resume`` accepts."""
     run_dir = Path(cfg.run_dir)
     if resume:
-        changed = diff(saved_config(run_dir), cfg, ignore=_IGNORED)
+        saved = saved_config(run_dir)
+        changed = diff(saved, cfg, ignore=_IGNORED)
+        extended = _extension(saved, cfg, changed)
+        changed = {k: v for k, v in changed.items() if k not in extended}
         if changed:
             listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:8])
             raise KDError(
@@ -74,13 +103,14 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> None:
                 f"({len(changed)} key(s): {listed}); resume with the same config, or start a "
                 "new run with another --run-dir"
             )
-        return
+        return extended
     taken = [n for n in ("config.yaml", "last.pt") if (run_dir / n).exists()]
     if taken:
         raise KDError(
             f"{run_dir} already holds a run ({', '.join(taken)}); pass --resume to continue "
             "it, or --run-dir NEW (or --set name=NEW) for a new one"
         )
+    return {}
 
 
 def _run_temperature(cfg: RunConfig) -> float:
@@ -182,7 +212,7 @@ def train_run(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False)
     from kdkit.train import distributed
 
     validate(cfg)
-    check_run_dir(cfg, resume)
+    extended = check_run_dir(cfg, resume)
     start = time.perf_counter()
     lm = isinstance(cfg, LMRunConfig)
     if lm:
@@ -211,7 +241,7 @@ def train_run(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False)
         return result
     if distributed.is_main():
         result.teacher_top1 = _teacher_top1(trainer, data)
-        _write_report(cfg, trainer, data, result, time.perf_counter() - start)
+        _write_report(cfg, trainer, data, result, time.perf_counter() - start, extended)
     distributed.barrier()
     return result
 
@@ -233,7 +263,9 @@ def _params(module) -> str:
     return f"{sum(p.numel() for p in module.parameters()):,}"
 
 
-def _write_report(cfg: RunConfig, trainer, data, result: RunResult, wall_s: float) -> None:
+def _write_report(
+    cfg: RunConfig, trainer, data, result: RunResult, wall_s: float, extended=None
+) -> None:
     from kdkit._io import atomic_write_text
     from kdkit.report import plot_run_curves, run_report_text
 
@@ -262,6 +294,8 @@ def _write_report(cfg: RunConfig, trainer, data, result: RunResult, wall_s: floa
         f"    kdkit bench {result.run_dir}",
     ]
     notes += _unreadable_notes(data)
+    if extended or (result.run_dir / "extended.json").is_file():
+        notes += ["", _extension_note(result.run_dir, extended)]
     text = run_report_text(cfg.name, history, rows, notes)
     atomic_write_text(result.run_dir / "report.md", text)
 
@@ -274,3 +308,17 @@ def _unreadable_notes(data) -> list[str]:
         if record is not None and record.count:
             lines.append(f"- {split}: {record.summary()}")
     return ["", "Unreadable files (skipped, the run went on):", *lines] if lines else []
+
+
+def _extension_note(run_dir: Path, extended) -> str:
+    """The report's record of ``--resume --set train.epochs=N`` (kept across later resumes
+    in ``extended.json``)."""
+    from kdkit._io import atomic_write_text
+
+    path = Path(run_dir) / "extended.json"
+    steps = json.loads(path.read_text()) if path.is_file() else []
+    if extended:
+        steps.append(list(extended["train.epochs"]))
+        atomic_write_text(path, json.dumps(steps) + "\n")
+    chain = ", then ".join(f"from {a} to {b} epochs" for a, b in steps)
+    return f"The schedule was extended with --resume ({chain})."
