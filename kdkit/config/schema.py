@@ -211,6 +211,7 @@ class TrainConfig:
     device: str | None = None
     channels_last: bool = False
     compile: bool = False
+    sync_batchnorm: bool = False  # torchrun on GPUs: the student's BatchNorm -> SyncBatchNorm
     grad_accum: int = field(default=1, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
     max_grad_norm: float | None = field(
         default=None, metadata=_check(lambda v: v is None or v > 0, "a number > 0")

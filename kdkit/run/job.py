@@ -126,6 +126,8 @@ def _device(cfg: RunConfig) -> torch.device:
     from kdkit.train import distributed
 
     device = distributed.init()  # torchrun: joins the group; alone: the default device
+    if not distributed.is_main():  # rank 0 alone prints (and writes)
+        logging.getLogger("kdkit").setLevel(logging.ERROR)
     if cfg.train.device is not None and not distributed.is_distributed():
         device = torch.device(cfg.train.device)
     return device
@@ -181,6 +183,8 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False, trust_code: bool = Fa
         check_cache_for_run(teacher, dataset, sampler=views, device=device)
     torch.manual_seed(t.seed)
     student, student_spec = build_student(cfg.student, trust_code=trust_code)
+    if t.sync_batchnorm:  # before DDP wraps it; the checkpoint keys stay BatchNorm's
+        student = distributed.sync_batchnorm(student, device)
     distiller = build_distiller(cfg, student, teacher, trust_code=trust_code)
     inputs = InputPipeline(
         views, data.mean, data.std, device=device, channels_last=t.channels_last, dataset=dataset

@@ -380,6 +380,13 @@ class Trainer:
         loader = loader if loader is not None else self.val_loader
         if loader is None:
             raise KDError("no validation loader: pass val_loader= or evaluate(loader)")
+        if distributed.is_distributed() and loader is self.val_loader:
+            # one evaluation of rank 0's model (its buffers on every rank), one answer for all
+            distributed.broadcast_buffers(self.task)
+            return distributed.on_main(lambda: self._evaluate(loader))
+        return self._evaluate(loader)
+
+    def _evaluate(self, loader: Iterable) -> dict[str, float]:
         batches = (self.inputs(b, self.epoch, augment=False) for b in loader)
         return self.task.evaluate(batches, self.precision.autocast)
 
