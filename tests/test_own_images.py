@@ -112,6 +112,24 @@ def test_class_names_travel_to_checkpoint_run_dir_and_onnx(teacher_run, clean, t
     best = load_checkpoint(teacher_run / "best.pt")
     assert abs(100 * hits / 9 - best["best_top1"]) < 1e-6
 
+    int8 = tmp_path / "student.int8.onnx"  # behind the fidelity gate, on the run's val images
+    assert main(["export", str(teacher_run), "--onnx", str(int8), "--int8"]) in (0, 2)
+    gate = capsys.readouterr()
+    if int8.exists():
+        assert "fidelity:" in gate.out and "top-1 agreement" in gate.out
+    else:  # refused below 99% agreement: one line, nothing written
+        assert "disagrees with the fp32" in gate.err
+    assert main(["export", str(teacher_run), "--onnx", str(int8), "--int8",
+                 "--min-agreement", "0"]) == 0  # fmt: skip
+    props = {p.key: p.value for p in onnx.load(str(int8)).metadata_props}
+    assert (
+        json.loads(props["kdkit.classes"]) == list(CLASSES) and props["kdkit.precision"] == "int8"
+    )
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(int8)).graph.node)
+    capsys.readouterr()
+    assert main(["predict", str(int8), str(clean.val), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 9
+
     assert main(["predict", str(out), str(clean.val / "cat" / "0.png"), "--csv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "path,rank,class,index,prob" and len(lines) == 4  # default top 3

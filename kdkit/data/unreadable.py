@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kdkit.errors import KDError
 
-__all__ = ["Unreadable", "UnreadableLog", "skip_counts", "split_unreadable"]
+__all__ = ["Readable", "Unreadable", "UnreadableLog", "skip_counts", "split_unreadable"]
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +111,23 @@ def skip_counts(train_loader: object, val_loader: object = None) -> dict[str, in
         if isinstance(record, UnreadableLog):
             out[key] = record.count
     return out
+
+
+class Readable:
+    """``dataset`` with each :class:`Unreadable` item replaced by the next readable one: for
+    consumers that need *some* training image at every position (int8 calibration), not a
+    particular one. A dataset with no readable item at all is a KDError."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        n = len(self.dataset)
+        for step in range(n):
+            item = self.dataset[(i + step) % n]
+            if not isinstance(item, Unreadable):
+                return item
+        raise KDError(f"none of the {n} images could be decoded")
