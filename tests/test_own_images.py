@@ -217,6 +217,8 @@ def test_precompute_and_cache_check_take_the_train_config(teacher_run, photos, t
     kd["data"]["unlabeled"] = [str(photos.wild)]
     kd["data"]["views"] = {"crop": "pad", "pad": 2, "num_views": 2}
     kd["train"]["epochs"] = 1
+    feature = {"student": "pool", "teacher": "pool", "loss": "feature_mse", "weight": 0.5}
+    kd["distill"] = {"pairs": [{"loss": "soft_kl"}, feature]}  # the feature replays too
     kd_yaml = _write(tmp_path / "kd.yaml", kd)
     assert main(["precompute", str(kd_yaml), "--topk", "2", "--no-progress"]) == 0
     out = tmp_path / "kd-teacher-cache"
@@ -225,6 +227,7 @@ def test_precompute_and_cache_check_take_the_train_config(teacher_run, photos, t
     assert "2 unreadable images skipped" in printed  # placeholder rows, never read
     assert main(["cache", "check", str(kd_yaml)]) == 0
     assert "top-1 agreement 100.00%" in capsys.readouterr().out
+    _check_cached_feature(kd_yaml, out)
 
     student = dict(kd, run_dir=str(tmp_path / "student"), teacher={"model": f"cache:{out}"})
     student["data"] = dict(kd["data"], views={"crop": "pad", "pad": 2})  # num_views: the cache's
@@ -281,3 +284,24 @@ def test_relative_paths_resume_extension_and_init_from(
     assert all(
         torch.allclose(got[k].float(), want[k].float(), atol=1e-5) for k in want if "weight" in k
     )
+
+
+def _check_cached_feature(config: Path, cache_dir: Path) -> None:
+    """The cache's "pool" feature is what the live teacher computes on the same views."""
+    from kdkit.cache import CachedTeacher
+    from kdkit.config import load_resolved
+    from kdkit.data.pipeline import prepare_input
+    from kdkit.run.cache_job import cache_plan
+
+    plan = cache_plan(load_resolved(config))
+    assert plan.features == ("pool",)
+    index, view = torch.tensor([0, 5, 20]), torch.tensor([1, 0, 1])
+    images = torch.stack([plan.dataset[int(i)][0] for i in index])
+    x = prepare_input(images, index, view, plan.views, plan.mean, plan.std, "cpu")
+    plan.teacher.request_features(["pool"])
+    live = plan.teacher(x, index=index, view=view).get("pool")
+    cached = CachedTeacher(cache_dir)
+    cached.request_features(["pool"])
+    stored = cached(x, index=index, view=view).get("pool")
+    assert stored.shape == live.shape == (3, 128)
+    torch.testing.assert_close(stored, live, atol=2e-3, rtol=2e-3)  # fp16 storage

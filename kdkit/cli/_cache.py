@@ -62,6 +62,7 @@ def run_info(args: argparse.Namespace) -> int:
         f"logits          {kind}, {meta['dtype']} values, {meta['num_classes']} classes",
         f"views           {meta['views']}",
         f"normalization   {meta.get('normalization')}",
+        f"features        {meta.get('features') or 'none (logits only)'}",
         f"teacher         {meta['teacher_fingerprint'][:16]}...",
         f"dataset         {meta['dataset_fingerprint'][:16]}...",
         f"shards          {len(meta['shards'])} of <= {meta['shard_size']} samples",

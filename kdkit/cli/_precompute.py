@@ -161,7 +161,7 @@ def _run_config(args: argparse.Namespace) -> int:
         plan.teacher, plan.dataset, out, views=plan.views, topk=args.topk,
         batch_size=args.batch_size, dtype=args.dtype, mean=plan.mean, std=plan.std,
         shard_size=args.shard_size, device=device, progress=not args.no_progress,
-        overwrite=args.overwrite, source=plan.source,
+        overwrite=args.overwrite, source=plan.source, features=plan.features,
     )  # fmt: skip
     _report(out, read_meta(out), getattr(plan.dataset, "unreadable", None))
     print(f'train from it: teacher: {{model: "cache:{out}"}}')
@@ -174,6 +174,9 @@ def _report(out, meta: dict, unreadable=None) -> None:
         f"{'top-' + str(meta['topk']) if meta['topk'] else 'full'} {meta['dtype']} logits, "
         f"{len(meta['shards'])} shards"
     )
+    if meta.get("features"):
+        shapes = ", ".join(f"{n} {tuple(f['shape'])}" for n, f in meta["features"].items())
+        print(f"teacher features: {shapes} (for the config's feature pairs)")
     if unreadable is not None and unreadable.count:
         print(f"{unreadable.summary()} (placeholder rows, never read in training)")
 

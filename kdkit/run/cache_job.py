@@ -68,6 +68,7 @@ class CachePlan:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: dict[str, Any]
+    features: tuple[str, ...] = ()  # the teacher layers the config's pairs name
 
 
 def live_teacher_config(cfg: RunConfig) -> TeacherConfig:
@@ -91,7 +92,8 @@ def live_teacher_config(cfg: RunConfig) -> TeacherConfig:
 
 def cache_plan(cfg: RunConfig, *, num_views: int | None = None, trust_code: bool = False):
     """Teacher, dataset and views of ``cfg``'s run (``num_views`` overrides
-    ``data.views.num_views``; a cache stores a fixed number of views per sample)."""
+    ``data.views.num_views``; a cache stores a fixed number of views per sample), and the
+    teacher features its ``distill.pairs`` name (stored beside the logits)."""
     from kdkit.run.data import build_data, build_views
     from kdkit.run.job import _run_temperature, run_views
     from kdkit.run.models import build_teacher
@@ -124,4 +126,5 @@ def cache_plan(cfg: RunConfig, *, num_views: int | None = None, trust_code: bool
         temperature=_run_temperature(cfg),
     )
     source = {"config": {**to_dict(cfg), "teacher": to_dict(tc)}}
-    return CachePlan(teacher, dataset, views, data.mean, data.std, source)
+    features = tuple(dict.fromkeys(p.teacher for p in cfg.distill.pairs if p.teacher))
+    return CachePlan(teacher, dataset, views, data.mean, data.std, source, features)
