@@ -32,6 +32,7 @@ from kdkit.config import (
     validate,
 )
 from kdkit.errors import KDError
+from kdkit.run.extend import extension, extension_note
 from kdkit.run.lm_job import build_lm_trainer
 from kdkit.run.lm_report import lm_teacher_ppl, write_lm_report
 
@@ -62,30 +63,6 @@ def saved_config(run_dir: Path) -> RunConfig:
     return parse(read_yaml(path))
 
 
-#: schedulers whose schedule is fitted to train.epochs (total_steps / T_max filled in)
-_FITTED = ("OneCycleLR", "CosineAnnealingLR")
-
-
-def _extension(saved: RunConfig, cfg: RunConfig, changed: dict) -> dict[str, tuple]:
-    """The keys of ``changed`` that only lengthen a run (more ``train.epochs``), checked."""
-    old, new = changed.get("train.epochs", (None, None))
-    if old is None or new is None:
-        return {}
-    if new < old:
-        raise KDError(
-            f"--resume: train.epochs can only grow ({old} -> {new}); start a new run from "
-            "this one's best student with --init-from RUN instead"
-        )
-    name = cfg.train.scheduler.name
-    if name in _FITTED and not dict(cfg.train.scheduler.args):
-        raise KDError(
-            f"--resume --set train.epochs={new}: the {name} schedule was fitted to {old} "
-            "epochs and cannot be extended; start a new run from this one's best student "
-            "with --init-from RUN"
-        )
-    return {"train.epochs": (old, new)}
-
-
 def check_run_dir(cfg: RunConfig, resume: bool) -> dict[str, tuple]:
     """Refuse to overwrite a run, or to resume one with a different config (keys listed).
     Returns the keys that extend a resumed run (``{"train.epochs": (3, 5)}``), the only
@@ -94,7 +71,7 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> dict[str, tuple]:
     if resume:
         saved = saved_config(run_dir)
         changed = diff(saved, cfg, ignore=_IGNORED)
-        extended = _extension(saved, cfg, changed)
+        extended = extension(cfg, changed)
         changed = {k: v for k, v in changed.items() if k not in extended}
         if changed:
             listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:8])
@@ -299,7 +276,7 @@ def _write_report(
     ]
     notes += _unreadable_notes(data)
     if extended or (result.run_dir / "extended.json").is_file():
-        notes += ["", _extension_note(result.run_dir, extended)]
+        notes += ["", extension_note(result.run_dir, extended)]
     text = run_report_text(cfg.name, history, rows, notes)
     atomic_write_text(result.run_dir / "report.md", text)
 
@@ -312,17 +289,3 @@ def _unreadable_notes(data) -> list[str]:
         if record is not None and record.count:
             lines.append(f"- {split}: {record.summary()}")
     return ["", "Unreadable files (skipped, the run went on):", *lines] if lines else []
-
-
-def _extension_note(run_dir: Path, extended) -> str:
-    """The report's record of ``--resume --set train.epochs=N`` (kept across later resumes
-    in ``extended.json``)."""
-    from kdkit._io import atomic_write_text
-
-    path = Path(run_dir) / "extended.json"
-    steps = json.loads(path.read_text()) if path.is_file() else []
-    if extended:
-        steps.append(list(extended["train.epochs"]))
-        atomic_write_text(path, json.dumps(steps) + "\n")
-    chain = ", then ".join(f"from {a} to {b} epochs" for a, b in steps)
-    return f"The schedule was extended with --resume ({chain})."
