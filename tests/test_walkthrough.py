@@ -70,3 +70,6 @@ def test_readme_walkthrough_runs_top_to_bottom(tmp_path, monkeypatch, capsys):
     report = (tmp_path / "runs" / "my-student" / "report.md").read_text()
     assert "unreadable images skipped" in report  # the broken photos did not stop it
     assert (tmp_path / "my-student.onnx").is_file()
+    # the cache-trained run still knows its teacher: the one the cache was made with
+    assert main(["eval", "runs/my-student", "--teacher"]) == 0
+    assert "teacher:" in capsys.readouterr().out

@@ -124,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
         if not meta.get("teacher_spec"):
             raise KDError(f"{path} records no teacher (it was not written by kdkit train)")
         tc = build_section(TeacherConfig, meta["teacher_spec"], "teacher")
+        from kdkit.run.cache_job import live_teacher
+
+        tc = live_teacher(tc)  # a cache: teacher -> the model it was precomputed with
         teacher = build_teacher(tc, trust_code=args.trust_code, input_shape=data.input_shape,
                                 mean=mean, std=std, calibration=data.train_dataset)  # fmt: skip
         teacher.to(device)

@@ -27,7 +27,7 @@ from kdkit.config import RunConfig, TeacherConfig, build_section, to_dict
 from kdkit.data.unreadable import Unreadable, UnreadableLog
 from kdkit.errors import KDError
 
-__all__ = ["CachePlan", "cache_plan", "default_cache_dir", "live_teacher_config"]
+__all__ = ["CachePlan", "cache_plan", "default_cache_dir", "live_teacher", "live_teacher_config"]
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,15 @@ def live_teacher_config(cfg: RunConfig) -> TeacherConfig:
     the section recorded in that cache by ``kdkit precompute CONFIG``."""
     if cfg.teacher is None:
         raise KDError("config key 'teacher' is null: a cache needs a teacher to precompute")
-    prefix, _, cache_dir = cfg.teacher.model.partition(":")
+    return live_teacher(cfg.teacher)
+
+
+def live_teacher(tc: TeacherConfig) -> TeacherConfig:
+    """``tc`` itself, or for ``cache:DIR`` the teacher section the cache records (a cache
+    answers for its training images only: evaluating or benchmarking needs the model)."""
+    prefix, _, cache_dir = tc.model.partition(":")
     if prefix != "cache":
-        return cfg.teacher
+        return tc
     from kdkit.cache import read_meta
 
     recorded = ((read_meta(cache_dir).get("source") or {}).get("config") or {}).get("teacher")

@@ -243,6 +243,10 @@ def run_models(run: str | os.PathLike, *, trust_code: bool = False):
     if not ckpt.get("teacher_spec"):
         raise KDError(f"{path} records no teacher (it was not written by kdkit train)")
     tc = build_section(TeacherConfig, ckpt["teacher_spec"], "teacher")
+    if tc.model.startswith("cache:"):  # the model the cache was precomputed with
+        from kdkit.run.cache_job import live_teacher
+
+        tc = live_teacher(tc)
     prefix, _, rest = tc.model.partition(":")
     if prefix == "cache" or prefix == "open_clip":
         raise KDError(f"kdkit bench cannot rebuild a {prefix}: teacher; pass --teacher X")
