@@ -305,3 +305,16 @@ def _check_cached_feature(config: Path, cache_dir: Path) -> None:
     stored = cached(x, index=index, view=view).get("pool")
     assert stored.shape == live.shape == (3, 128)
     torch.testing.assert_close(stored, live, atol=2e-3, rtol=2e-3)  # fp16 storage
+
+
+def test_calibration_reads_around_broken_files(photos):
+    from kdkit.config import load_config
+    from kdkit.data.unreadable import Unreadable, readable
+    from kdkit.run.data import build_data
+
+    raw = _config(photos)
+    data = build_data(load_config(data=raw).data, seed=0)
+    items = [data.train_dataset[i] for i in range(len(data.train_dataset))]
+    assert sum(isinstance(it, Unreadable) for it in items) == 1  # truncated.jpg
+    calibration = readable(data.train_dataset)  # what an int8 teacher calibrates on
+    assert all(not isinstance(calibration[i], Unreadable) for i in range(len(calibration)))

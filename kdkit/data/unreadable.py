@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kdkit.errors import KDError
 
-__all__ = ["Readable", "Unreadable", "UnreadableLog", "skip_counts", "split_unreadable"]
+__all__ = ["Readable", "Unreadable", "UnreadableLog", "readable", "skip_counts", "split_unreadable"]
 
 log = logging.getLogger(__name__)
 
@@ -131,3 +131,9 @@ class Readable:
             if not isinstance(item, Unreadable):
                 return item
         raise KDError(f"none of the {n} images could be decoded")
+
+
+def readable(dataset):
+    """``dataset`` as :class:`Readable` when it may return :class:`Unreadable` items (image
+    folders read by ``kdkit train``), else itself (arrays keep their fast paths)."""
+    return Readable(dataset) if getattr(dataset, "skip_unreadable", False) else dataset

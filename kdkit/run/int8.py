@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kdkit._io import atomic_path
-from kdkit.data.unreadable import Readable
+from kdkit.data.unreadable import readable
 from kdkit.errors import KDError
 
 __all__ = ["Int8Export", "export_int8"]
@@ -58,11 +58,11 @@ def export_int8(
         )
     ort = import_onnxruntime()
     out = Path(out)
-    probe = Readable(data.val_loader.dataset)
+    probe = readable(data.val_loader.dataset)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(module, Path(tmp) / "student.onnx", input_shape, opset=opset)
         cal = Calibration(
-            Readable(data.train_dataset),
+            readable(data.train_dataset),
             samples=min(samples, len(data.train_dataset)),
             probe=len(probe),
             probe_data=probe,

@@ -24,6 +24,7 @@ from kdkit.config import (
     TeacherConfig,
     to_dict,
 )
+from kdkit.data.unreadable import readable
 from kdkit.errors import KDError
 from kdkit.registry import resolve_python_callable
 from kdkit.teachers.factory import make_teacher
@@ -156,7 +157,7 @@ def build_teacher(
             "precision": "int8",
             # calibrated on training images through the run's views and normalisation
             "calibration": {
-                "data": calibration,
+                "data": readable(calibration),  # a broken photo is not a calibration row
                 "samples": tc.calibration.samples,
                 "views": views,
                 "mean": mean,
