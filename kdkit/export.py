@@ -206,6 +206,7 @@ def export_onnx(
     atol: float = 1e-4,
     *,
     dynamo: bool = False,
+    metadata: dict[str, str] | None = None,
 ) -> ExportReport:
     """Export ``model`` to ``path`` with a dynamic batch axis, then check it with ONNX Runtime.
 
@@ -215,6 +216,8 @@ def export_onnx(
     written atomically and carries ``kdkit.format_version`` and ``kdkit.model_fingerprint``
     metadata. With ``verify`` (fp32 models), a batch of 3 (the export traces batch 2) goes
     through both runtimes; a max abs difference above ``atol`` raises :class:`KDError`.
+    ``metadata``: more ``metadata_props`` (``kdkit export`` adds ``kdkit.classes``, a JSON
+    list of class names, and ``kdkit.mean`` / ``kdkit.std``: what ``kdkit predict`` reads).
     """
     shape = _check_shape(input_shape)
     opset = opset or (_DYNAMO_DEFAULT_OPSET if dynamo else DEFAULT_OPSET)
@@ -252,6 +255,7 @@ def export_onnx(
                     "kdkit.model_fingerprint": module_fingerprint(model),
                     "kdkit.model_class": type(model).__qualname__,
                     "kdkit.input_shape": ",".join(map(str, shape)),
+                    **(metadata or {}),
                 },
             )
             if verify:

@@ -107,3 +107,32 @@ def test_stl10_is_a_kdkit_train_data_source(stl):
     assert int((labels == -1).sum()) == 5
     with pytest.raises(KDError, match="stl10 needs root"):
         load_config(recipe, ["data.train.root=null"], check_paths=False)
+
+
+def test_precompute_from_a_stl10_config(stl, tmp_path, capsys):
+    import yaml
+
+    from kdkit.cli import main
+
+    root, _, _ = stl
+    tiny = {"model": "kdkit:fmnist_student", "kwargs": {"in_channels": 3}}
+    from kdkit.models import fmnist_student
+
+    weights = tmp_path / "teacher.pt"  # a fixed teacher (a random one differs every build)
+    torch.save(fmnist_student(in_channels=3).state_dict(), weights)
+    cfg = {
+        "teacher": {**tiny, "weights": str(weights)},
+        "student": tiny,
+        "data": {
+            "train": {"stl10": "train+unlabeled", "root": str(root)},
+            "batch_size": 8,
+            "views": {"crop": "pad", "num_views": 1},
+        },
+        "train": {"device": "cpu"},
+        "run_dir": str(tmp_path / "run"),
+    }
+    path = tmp_path / "stl.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["precompute", str(path), "--no-progress"]) == 0
+    assert "17 samples x 1 views, full fp16 logits" in capsys.readouterr().out
+    assert main(["cache", "check", str(path)]) == 0

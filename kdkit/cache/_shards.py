@@ -21,6 +21,7 @@ from kdkit.cache.store import (
     INDEX_NAME,
     META_NAME,
     MIX_ARRAYS,
+    feature_key,
     first_difference,
     seal_meta,
     shard_file_name,
@@ -74,6 +75,8 @@ class ShardWriter:
             shapes["indices"] = ((n, k, width), np.dtype(spec["index_dtype"]))
         if views_mix(spec.get("views")):  # the partner and share of every mixed view
             shapes.update({key: ((n, k), np.dtype(dt)) for key, dt in MIX_ARRAYS.items()})
+        for name, feature in (spec.get("features") or {}).items():  # format 4
+            shapes[feature_key(name)] = ((n, k, *feature["shape"]), DTYPES[spec["dtype"]])
         self.arrays: dict[str, np.memmap] = {}
         self.tmp: dict[str, Path] = {}
         self._files = contextlib.ExitStack()

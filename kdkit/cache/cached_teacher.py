@@ -21,7 +21,7 @@ from kdkit.cache.match import (  # re-exported: their old home
     check_expectations,
     check_run_dataset,
 )
-from kdkit.cache.store import open_index, open_shards, read_meta, views_mix
+from kdkit.cache.store import feature_key, open_index, open_shards, read_meta, views_mix
 from kdkit.data.views import ViewSampler
 from kdkit.errors import KDError
 from kdkit.teachers.base import Teacher, TeacherOutput, TopK
@@ -62,6 +62,9 @@ class CachedTeacher(Teacher):
         self._values = [s["values"] for s in shards]
         self._indices = [s.get("indices") for s in shards]
         self._partner = [s.get("partner") for s in shards]
+        self._features = {
+            name: [s[feature_key(name)] for s in shards] for name in self.meta.get("features") or {}
+        }
         self._lam = [s.get("lam") for s in shards]
         self._stops = np.array([s["stop"] for s in self.meta["shards"]], dtype=np.int64)
         self._starts = np.array([s["start"] for s in self.meta["shards"]], dtype=np.int64)
@@ -69,6 +72,33 @@ class CachedTeacher(Teacher):
         self._key_order = None if keys is None else np.argsort(keys, kind="stable")
         self._sorted_keys = None if keys is None else keys[self._key_order]
         self.device = None if device is None else torch.device(device)
+
+    def request_features(self, names) -> None:
+        """Feature pairs replay the named teacher features the cache stores (format 4)."""
+        wanted = tuple(n for n in dict.fromkeys(names) if n != "")
+        missing = [n for n in wanted if n not in self._features]
+        if missing:
+            held = sorted(self._features) or "none"
+            raise KDError(
+                f"the teacher cache {self.cache_dir} holds no teacher feature {missing} (it "
+                f"holds {held}); precompute it with those features (kdkit precompute CONFIG "
+                "stores the teacher layers the config's distill.pairs name)"
+            )
+        self.feature_names = wanted
+
+    def read_features(self, index: Any, view: Any = None) -> dict[str, np.ndarray]:
+        """The stored features of the requested names, (N, *shape) each, as numpy."""
+        idx, vid = self._rows(index, view)
+        shard_of = np.searchsorted(self._stops, idx, side="right")
+        out = {}
+        for name in self.feature_names:
+            arrays = self._features[name]
+            values = np.empty((idx.size, *arrays[0].shape[2:]), arrays[0].dtype)
+            for s in np.unique(shard_of):
+                rows = np.flatnonzero(shard_of == s)
+                values[rows] = arrays[s][idx[rows] - self._starts[s], vid[rows]]
+            out[name] = values
+        return out
 
     @property
     def num_samples(self) -> int:
@@ -177,10 +207,14 @@ class CachedTeacher(Teacher):
         values, indices = self.read(index, view)
         device = self.device or (x.device if isinstance(x, torch.Tensor) else torch.device("cpu"))
         v = torch.from_numpy(values).to(device, non_blocking=True).float()
+        features = {
+            name: torch.from_numpy(f).to(device, non_blocking=True).float()
+            for name, f in (self.read_features(index, view) if self.feature_names else {}).items()
+        }
         if indices is None:
-            return TeacherOutput(logits=v)
+            return TeacherOutput(logits=v, features=features)
         i = torch.from_numpy(indices).to(device, non_blocking=True).long()
-        return TeacherOutput(logits=TopK(values=v, indices=i))
+        return TeacherOutput(logits=TopK(values=v, indices=i), features=features)
 
 
 def __getattr__(name: str) -> Any:

@@ -14,7 +14,7 @@ from kdkit.cache.store import dataset_fingerprint, teacher_fingerprint
 from kdkit.data.views import ViewSampler
 from kdkit.errors import KDError
 
-__all__ = ["check_expectations", "check_run_dataset"]
+__all__ = ["VIEW_CONFIG_KEYS", "check_expectations", "check_run_dataset", "views_mismatch"]
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,10 @@ def check_run_dataset(meta: dict[str, Any], dataset: Any) -> None:
 
 
 _WRONG_DATA = (
-    "the cache was precomputed on another dataset or split than this run's training loader; "
-    "precompute it on the training data (or pass cache_dataset_check=False to the Trainer)"
+    "the cache was precomputed on another dataset or split than this run's training loader "
+    "(config keys data.train, data.unlabeled, data.labeled and data.val.split decide it); "
+    "precompute it on the training data (kdkit precompute CONFIG), or pass "
+    "cache_dataset_check=False to the Trainer"
 )
 
 
@@ -109,10 +111,41 @@ def check_expectations(
         want = expect_views.config() if isinstance(expect_views, ViewSampler) else expect_views
         want = None if want is False else want
         if want != meta["views"]:
-            raise _mismatch(
-                "views",
-                meta["views"],
-                want,
-                "the student would see other augmentations than the cached teacher did; "
-                "use the cache's ViewSampler.from_config(meta['views']) or precompute again",
-            )
+            raise KDError(views_mismatch(meta["views"], want))
+
+
+#: where a ViewSampler setting comes from in a ``kdkit train`` config
+VIEW_CONFIG_KEYS = {
+    "seed": "train.seed",
+    "num_views": "data.views.num_views",
+    "crop": "data.views.crop",
+    "scale": "data.views.scale",
+    "pad": "data.views.pad",
+    "size": "data.image_size",
+    "flip_p": "data.views.flip",
+    "mixup": "data.views.mixup",
+    "cutmix": "data.views.cutmix",
+}
+
+
+def views_mismatch(have: dict | None, want: dict | None) -> str:
+    """One line naming the view settings where the run differs from the cache, and the
+    config key that fixes each (or: precompute again with the run's config)."""
+    if have is None or want is None:
+        side = "without views (data.views: null)" if have is None else "with views"
+        return (
+            f"teacher cache mismatch in views: the cache was precomputed {side}, the run "
+            f"{'has' if want else 'has no'} views; set data.views to match, or precompute "
+            "again with this config (kdkit precompute CONFIG)"
+        )
+    keys = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    diffs = ", ".join(
+        f"{k} (cache {have.get(k)!r}, run {want.get(k)!r}; config key "
+        f"{VIEW_CONFIG_KEYS.get(k, 'data.views.' + k)})"
+        for k in keys
+        if k not in ("type", "version")
+    )
+    return (
+        f"teacher cache mismatch in views: {diffs or keys}; set those config keys to the "
+        "cache's values, or precompute again with this config (kdkit precompute CONFIG)"
+    )

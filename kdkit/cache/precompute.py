@@ -29,9 +29,11 @@ from kdkit._io import sha256_bytes
 from kdkit.cache._shards import ShardWriter, check_existing, finish, shard_is_done
 from kdkit.cache.store import (
     DTYPES,
+    FEATURES_VERSION,
     FORMAT_NAME,
     FORMAT_VERSION,
     dataset_fingerprint,
+    feature_key,
     index_dtype_for,
     stat_json,
     teacher_fingerprint,
@@ -83,7 +85,7 @@ def _batches(dataset: Any, start: int, stop: int, batch_size: int) -> Iterator[t
             yield torch.stack([torch.as_tensor(dataset[i][0]) for i in range(b0, b1)])
 
 
-def _probe_num_classes(
+def _probe(
     t: Teacher,
     dataset: Any,
     keys: np.ndarray,
@@ -92,21 +94,23 @@ def _probe_num_classes(
     std,
     device,
     pool: MixPool | None = None,
-) -> int:
-    """The teacher's class count, from the first batch (``keys``: its rows' keys): a whole
-    batch, so a compiled teacher is compiled for the shape the pass then runs at."""
+) -> tuple[int, dict[str, list[int]]]:
+    """The teacher's class count and each requested feature's per-sample shape, from the first
+    batch (``keys``: its rows' keys): a whole batch, so a compiled teacher is compiled for the
+    shape the pass then runs at."""
     images = next(_batches(dataset, 0, len(keys), len(keys)))
     index = torch.from_numpy(np.asarray(keys, dtype=np.int64))
     view = torch.zeros_like(index)
     x = prepare_input(images, index, view, views, mean, std, device, pool)
-    logits = t(x, index=index, view=view)
-    logits = logits.logits
+    out = t(x, index=index, view=view)
+    shapes = {n: list(out.get(n).shape[1:]) for n in t.feature_names}
+    logits = out.logits
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise KDError(
             "precompute needs a teacher returning (N, num_classes) logits, got "
             f"{type(logits).__name__} {getattr(logits, 'shape', '')}"
         )
-    return int(logits.shape[1])
+    return int(logits.shape[1]), shapes
 
 
 def _store(writer: ShardWriter, rows: slice, view: int, logits: torch.Tensor, spec) -> None:
@@ -144,8 +148,11 @@ def _compute_shard(ctx: dict[str, Any], i: int, start: int, stop: int, bar: tqdm
                     ctx["device"],
                     ctx["pool"],
                 )
-                logits = ctx["teacher"](x, index=index, view=view).logits
-                _store(writer, rows, v, logits, spec)
+                out = ctx["teacher"](x, index=index, view=view)
+                _store(writer, rows, v, out.logits, spec)
+                for name in spec.get("features") or {}:  # format 4: named teacher features
+                    feature = out.get(name).float().cpu().numpy().astype(DTYPES[spec["dtype"]])
+                    writer.arrays[feature_key(name)][rows, v] = feature
                 if ctx["pool"] is not None:  # the partner each mixed view used (format 3)
                     mixed = ctx["views"].sample(index, view, ctx["pool"])
                     writer.arrays["partner"][rows, v] = mixed.partner.numpy()
@@ -169,6 +176,7 @@ def precompute(
     progress: bool = True,
     overwrite: bool = False,
     source: dict[str, Any] | None = None,
+    features: Sequence[str] = (),
 ) -> Path:
     """Store ``teacher``'s logits for every sample of ``dataset`` (K views each) in ``out_dir``.
 
@@ -179,7 +187,9 @@ def precompute(
     k largest logits and their class indices instead of all of them. ``dtype``: ``"fp16"`` or
     ``"fp32"`` values. ``mean``/``std``: the normalisation of :func:`prepare_input`, the same
     the training run uses. ``source``: free-form provenance stored in the meta (the CLI
-    records the teacher path and data name). Returns ``out_dir``.
+    records the teacher path and data name). ``features``: named teacher outputs to store
+    beside the logits (``"embedding"`` of a CLIP teacher, a module name of a torch teacher),
+    so feature pairs replay from the cache (format version 4). Returns ``out_dir``.
     """
     if dtype not in DTYPES:
         raise KDError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
@@ -201,8 +211,10 @@ def precompute(
     # mixing views draw partners from this dataset's own samples: a cache entry (index, view)
     # is then one fixed mixed image (see kdkit.data.views)
     pool = MixPool.from_dataset(dataset) if views is not None and views.mixes else None
+    features = tuple(dict.fromkeys(n for n in features if n))
+    t.request_features(features)  # a backend that cannot give them says so here
     first = keys[: min(batch_size, len(keys))]
-    num_classes = _probe_num_classes(t, dataset, first, views, mean, std, in_device, pool)
+    num_classes, shapes = _probe(t, dataset, first, views, mean, std, in_device, pool)
     if topk is not None and not 1 <= topk <= num_classes:
         raise KDError(f"topk must be in [1, {num_classes}], got {topk}")
     spec = {
@@ -221,6 +233,9 @@ def precompute(
         "shard_size": shard_size,
         "index_sha256": None if identity else sha256_bytes(keys.astype(np.int64).tobytes()),
     }
+    if features:  # only then: plain caches stay readable by format-3 readers
+        spec["format_version"] = FEATURES_VERSION
+        spec["features"] = {n: {"shape": shapes[n]} for n in features}
     run_key = sha256_bytes(json.dumps(spec, sort_keys=True).encode())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,11 @@ arrays per shard: ``partner`` (n, K) int64, the dataset index of the image mixed
 stored view, and ``lam`` (n, K) float32, the sample's share of the mixture; a run compares
 them with its own sampler's to prove it replays the same mixed images. Versions 1 and 2
 (never mixed) still load.
+
+Format version 4 caches also hold named teacher features (the CLIP image embedding, a
+module's output): ``features`` in the meta maps each name to its per-sample ``shape``, and
+every shard has a ``feature-NAME`` array (n, K, *shape) in the cache's dtype, so feature pairs
+(``("fc", "embedding")``) replay from the cache too.
 """
 
 from __future__ import annotations
@@ -56,11 +61,15 @@ __all__ = [
     "shard_file_name",
     "views_mix",
     "MIX_ARRAYS",
+    "FEATURES_VERSION",
+    "feature_key",
 ]
 
 FORMAT_NAME = "kdkit-teacher-cache"
 FORMAT_VERSION = 3
-_READABLE_VERSIONS = (1, 2, 3)
+#: caches that also store named teacher features (``features`` in the meta) are version 4
+FEATURES_VERSION = 4
+_READABLE_VERSIONS = (1, 2, 3, 4)
 #: per-shard arrays of a mixing cache, shape (n, K): name -> dtype
 MIX_ARRAYS = {"partner": "int64", "lam": "float32"}
 META_NAME = "meta.json"
@@ -91,6 +100,11 @@ def views_mix(views: Any) -> bool:
     if not isinstance(views, Mapping):
         return False
     return any(float(views.get(k) or 0.0) > 0.0 for k in ("mixup", "cutmix"))
+
+
+def feature_key(name: str) -> str:
+    """The shard array key of teacher feature ``name`` (``feature-embedding``)."""
+    return f"feature-{name}"
 
 
 def shard_file_name(i: int, key: str) -> str:
@@ -223,6 +237,11 @@ def _check_layout(meta: dict[str, Any], path: Path) -> None:
         raise KDError(f"{path}: mixing views need format_version >= 3")
     if mix:
         keys |= set(MIX_ARRAYS)
+    features = meta.get("features") or {}
+    if features and meta["format_version"] < FEATURES_VERSION:
+        raise KDError(f"{path}: teacher features need format_version >= {FEATURES_VERSION}")
+    feature_shapes = {feature_key(n): list(f["shape"]) for n, f in features.items()}
+    keys |= set(feature_shapes)
     width = topk or classes
     for i, shard in enumerate(shards):
         start, stop = i * size, min((i + 1) * size, n)
@@ -246,6 +265,12 @@ def _check_layout(meta: dict[str, Any], path: Path) -> None:
                         f"{path}: shard {i}'s {key} dtype {entry['dtype']!r} is not allowed"
                     )
                 want_shape = [stop - start, views]
+            elif key in feature_shapes:
+                if entry["dtype"] != np.dtype(DTYPES[meta["dtype"]]).name:
+                    raise KDError(
+                        f"{path}: shard {i}'s {key} dtype {entry['dtype']!r} is not allowed"
+                    )
+                want_shape = [stop - start, views, *feature_shapes[key]]
             else:
                 want_dtype = np.dtype(DTYPES[meta["dtype"]]).name if key == "values" else None
                 if (want_dtype or entry["dtype"]) != entry["dtype"] or entry["dtype"] not in (

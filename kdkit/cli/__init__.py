@@ -1,4 +1,4 @@
-"""The ``kdkit`` command: ``kdkit train | eval | init | demo | export | bench | precompute | cache | lm``.
+"""The ``kdkit`` command: ``kdkit train | eval | predict | init | demo | export | bench | lm | ...``.
 
 Each subcommand lives in its own ``kdkit/cli/_<name>.py`` with ``add_parser(subparsers)``
 (which sets ``func``) and imports heavy modules only inside its ``run``. A :class:`KDError`
@@ -20,6 +20,7 @@ __all__ = ["main", "build_parser"]
 _COMMANDS: tuple[str, ...] = (
     "train",
     "eval",
+    "predict",
     "init",
     "demo",
     "precompute",

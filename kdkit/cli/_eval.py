@@ -25,6 +25,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _recorded_size(meta: dict, raw: dict, overrides: list[str]) -> None:
+    """Evaluate at the input size the checkpoint was trained at; ``--data image_size=``
+    overrides it, with a warning when the two differ."""
+    import logging
+
+    shape = meta.get("input_shape")
+    if not shape:
+        return
+    trained = int(shape[-1])
+    if any(o.partition("=")[0].strip() == "image_size" for o in overrides):
+        if raw.get("image_size") not in (None, trained):
+            logging.getLogger(__name__).warning(
+                "evaluating at %s px, but the checkpoint was trained at %d px",
+                raw["image_size"],
+                trained,
+            )
+        return
+    raw["image_size"] = trained
+
+
+def _moved(raw: dict) -> bool:
+    """The run's training folder is not where the config says (a moved or copied run
+    directory): its val source, with the checkpoint's class names, stands in for it."""
+    from pathlib import Path
+
+    folder = (raw.get("train") or {}).get("image_folder")
+    return bool(folder) and not Path(folder).is_dir()
+
+
 def _data_section(meta: dict, overrides: list[str]):
     """The checkpoint's data section (or an empty one) with ``--data`` applied."""
     from kdkit.config import DataConfig, apply_overrides, build_section
@@ -33,6 +62,15 @@ def _data_section(meta: dict, overrides: list[str]):
     config = meta.get("config") or {}
     raw = dict(config.get("data") or {})
     raw = apply_overrides(raw, overrides)
+    _recorded_size(meta, raw, overrides)
+    if _moved(raw) and meta.get("classes"):
+        val = raw.get("val") or {}
+        if _moved({"train": val}) or not val.get("image_folder"):
+            raise KDError(
+                f"the run's data is not at {raw['train']['image_folder']} any more (a moved "
+                "run directory?): point at it with --data val.image_folder=DIR"
+            )
+        raw = {**raw, "train": val, "unlabeled": [], "labeled": None}
     if "train" not in raw:  # a bare checkpoint: the val source stands in for train
         val = raw.get("val")
         if not isinstance(val, dict) or "split" in val:
@@ -63,13 +101,17 @@ def run(args: argparse.Namespace) -> int:
     path = checkpoint_in(args.run)
     meta = {k: v for k, v in load_checkpoint(path).items() if not isinstance(v, dict) or k in
             ("config", "teacher_spec")}  # fmt: skip
+    if meta.get("classes") is None:  # older checkpoints: the run directory's classes.json
+        from kdkit.run.predict import run_classes
+
+        meta["classes"] = run_classes(path)
     if (meta.get("config") or {}).get("task") == "lm":
         return _run_lm(args, path)
     data_cfg, seed, train_cfg = _data_section(meta, args.data)
     device = torch.device(
         check_device(args.device) or ("cuda" if torch.cuda.is_available() else "cpu")
     )
-    data = build_data(data_cfg, seed=seed)
+    data = build_data(data_cfg, seed=seed, classes=meta.get("classes"))
     student, smeta = load_model_file(path, trust_code=args.trust_code)
     student.to(device).eval()
     mean = tuple(smeta.get("mean") or data.mean)
@@ -82,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
         if not meta.get("teacher_spec"):
             raise KDError(f"{path} records no teacher (it was not written by kdkit train)")
         tc = build_section(TeacherConfig, meta["teacher_spec"], "teacher")
+        from kdkit.run.cache_job import live_teacher
+
+        tc = live_teacher(tc)  # a cache: teacher -> the model it was precomputed with
         teacher = build_teacher(tc, trust_code=args.trust_code, input_shape=data.input_shape,
                                 mean=mean, std=std, calibration=data.train_dataset)  # fmt: skip
         teacher.to(device)

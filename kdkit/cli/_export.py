@@ -35,6 +35,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--atol", type=float, default=1e-4, help="refuse a larger max abs difference")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="write the ONNX Runtime int8 student (what kdkit bench's ort-int8 measures), "
+        "calibrated on the run's training images and kept only if it agrees with fp32 on "
+        "its val images (--min-agreement)",
+    )
+    p.add_argument("--min-agreement", type=float, default=0.99,
+                   help="--int8: least top-1 agreement with fp32 (default: 0.99)")  # fmt: skip
+    p.add_argument("--calibration-samples", type=int, default=512,
+                   help="--int8: training images that calibrate (default: 512)")  # fmt: skip
+    p.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
+                   help="--int8: override a data: key, as for kdkit eval")  # fmt: skip
     add_trust_code(p)
     p.set_defaults(func=run)
 
@@ -62,8 +75,16 @@ def run(args: argparse.Namespace) -> int:
     shape = args.input_shape or meta.get("input_shape")
     if not shape:
         raise KDError(f"{args.checkpoint} records no input_shape; pass --input-shape C H W")
+    if args.int8:
+        return _run_int8(args, module, meta, shape)
     report = export_onnx(
-        module, args.onnx, shape, opset=args.opset, verify=not args.no_verify, atol=args.atol
+        module,
+        args.onnx,
+        shape,
+        opset=args.opset,
+        verify=not args.no_verify,
+        atol=args.atol,
+        metadata=onnx_metadata(meta),
     )
     diff = "skipped" if report.max_abs_diff is None else f"{report.max_abs_diff:.3g}"
     print(f"path:         {report.path}")
@@ -75,4 +96,45 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"note: the model expects input normalised with mean={meta['mean']} std={meta['std']}"
         )
+    return 0
+
+
+def onnx_metadata(meta: dict) -> dict[str, str]:
+    """What a checkpoint knows that the ONNX file should carry: class names (``kdkit.classes``,
+    a JSON list) and the input normalisation (``kdkit.mean`` / ``kdkit.std``, JSON lists)."""
+    import json
+
+    return {
+        f"kdkit.{key}": json.dumps(list(meta[key]))
+        for key in ("classes", "mean", "std")
+        if meta.get(key)
+    }
+
+
+def _run_int8(args: argparse.Namespace, module, meta: dict, shape) -> int:
+    from kdkit.cli._checks import check_range
+    from kdkit.cli._eval import _data_section
+    from kdkit.run.data import build_data
+    from kdkit.run.int8 import export_int8
+
+    check_range(args.min_agreement, 0.0, 1.0, "--min-agreement")
+    check_min(args.calibration_samples, 1, "--calibration-samples")
+    full = {**meta, "input_shape": list(shape)}  # meta holds the run config
+    data_cfg, seed, _ = _data_section(full, args.data)
+    data = build_data(data_cfg, seed=seed, classes=meta.get("classes"))
+    result = export_int8(
+        module,
+        args.onnx,
+        tuple(shape),
+        data,
+        metadata=onnx_metadata(meta),
+        samples=args.calibration_samples,
+        min_agreement=args.min_agreement,
+        opset=args.opset,
+    )
+    size = result.path.stat().st_size / 2**20
+    print(
+        f"path:         {result.path} (int8, {size:.2f} MiB; fp32 {result.fp32.size_bytes / 2**20:.2f} MiB)"
+    )
+    print(f"fidelity:     {result.fidelity} (gate: top-1 agreement >= {args.min_agreement:.2%})")
     return 0

@@ -16,12 +16,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "precompute",
         help="precompute a teacher cache (full or top-k logits, K views per sample)",
         description="Run the teacher once over a dataset and store its logits for K "
-        "augmentation views per sample, so training can replay them (kdkit.cache).",
+        "augmentation views per sample, so training can replay them (kdkit.cache). With "
+        "CONFIG (the kdkit train config): its teacher, training data, normalisation and "
+        "data.views; then train with teacher: {model: cache:DIR}. Without: the older flags.",
     )
-    add_teacher_args(p)
+    p.add_argument("config", nargs="?", help="a kdkit train config (YAML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, as for kdkit train; repeatable")  # fmt: skip
+    add_teacher_args(p, required=False)
     p.add_argument("--data", default="fashion-mnist:train", help="fashion-mnist[:train|test]")
-    p.add_argument("--out", required=True, help="cache directory")
-    p.add_argument("--views", type=int, default=0, help="views per sample (0: no augmentation)")
+    p.add_argument("--out", help="cache directory (with CONFIG, default: RUN_DIR-teacher-cache)")
+    p.add_argument(
+        "--views",
+        type=int,
+        help="views per sample (0: no augmentation; with CONFIG: data.views.num_views)",
+    )
     p.add_argument("--topk", type=int, help="store only the k largest logits")
     p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
     p.add_argument("--batch-size", type=int, default=256)
@@ -46,9 +55,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def add_teacher_args(p: argparse.ArgumentParser) -> None:
+def add_teacher_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument(
-        "--teacher", required=True, help="an .onnx / .engine file or a kdkit checkpoint (.pt)"
+        "--teacher",
+        required=required,
+        help="an .onnx / .engine file or a kdkit checkpoint (.pt)"
+        + ("" if required else "; not with CONFIG (its teacher: section)"),
     )
     p.add_argument(
         "--arch",
@@ -120,10 +132,64 @@ def build_views(args: argparse.Namespace, image_size: tuple[int, int]) -> Any:
     return views_from(section, args.view_seed, image_size, flip_p=args.flip_p)
 
 
+def config_of(args: argparse.Namespace):
+    """CONFIG + ``--set`` -> the validated config with absolute paths (as kdkit train)."""
+    from kdkit.config import LMRunConfig, load_resolved
+
+    cfg = load_resolved(args.config, args.overrides)
+    if isinstance(cfg, LMRunConfig):
+        raise KDError("kdkit precompute CONFIG takes an image (task: classify) config")
+    if args.teacher is not None:
+        raise KDError("with CONFIG the teacher is its teacher: section; drop --teacher")
+    return cfg
+
+
+def _run_config(args: argparse.Namespace) -> int:
+    """``kdkit precompute CONFIG``: the run's teacher, data and views (kdkit.run.cache_job)."""
+    from kdkit._io import check_output_path
+    from kdkit.cache import precompute, read_meta
+    from kdkit.run.cache_job import cache_plan, default_cache_dir
+
+    cfg = config_of(args)
+    check_min(args.views, 1, "--views")
+    check_min(args.topk, 1, "--topk")
+    out = args.out or default_cache_dir(cfg)
+    check_output_path(out, what="--out", directory=True)
+    plan = cache_plan(cfg, num_views=args.views, trust_code=args.trust_code)
+    device = check_device(args.device) or cfg.train.device
+    precompute(
+        plan.teacher, plan.dataset, out, views=plan.views, topk=args.topk,
+        batch_size=args.batch_size, dtype=args.dtype, mean=plan.mean, std=plan.std,
+        shard_size=args.shard_size, device=device, progress=not args.no_progress,
+        overwrite=args.overwrite, source=plan.source, features=plan.features,
+    )  # fmt: skip
+    _report(out, read_meta(out), getattr(plan.dataset, "unreadable", None))
+    print(f'train from it: teacher: {{model: "cache:{out}"}}')
+    return 0
+
+
+def _report(out, meta: dict, unreadable=None) -> None:
+    print(
+        f"wrote {out}: {meta['num_samples']} samples x {meta['num_views']} views, "
+        f"{'top-' + str(meta['topk']) if meta['topk'] else 'full'} {meta['dtype']} logits, "
+        f"{len(meta['shards'])} shards"
+    )
+    if meta.get("features"):
+        shapes = ", ".join(f"{n} {tuple(f['shape'])}" for n, f in meta["features"].items())
+        print(f"teacher features: {shapes} (for the config's feature pairs)")
+    if unreadable is not None and unreadable.count:
+        print(f"{unreadable.summary()} (placeholder rows, never read in training)")
+
+
 def run(args: argparse.Namespace) -> int:
     from kdkit._io import check_output_path
     from kdkit.cache import precompute, read_meta
 
+    if args.config is not None:
+        return _run_config(args)
+    if args.teacher is None or args.out is None:
+        raise KDError("kdkit precompute needs CONFIG.yaml, or --teacher FILE and --out DIR")
+    args.views = args.views or 0
     check_min(args.views, 0, "--views")
     check_min(args.topk, 1, "--topk")
     check_min(args.batch_size, 1, "--batch-size")
@@ -157,10 +223,5 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         source={"teacher": args.teacher, "data": args.data, "arch": args.arch},
     )
-    meta = read_meta(out)
-    print(
-        f"wrote {out}: {meta['num_samples']} samples x {meta['num_views']} views, "
-        f"{'top-' + str(meta['topk']) if meta['topk'] else 'full'} {meta['dtype']} logits, "
-        f"{len(meta['shards'])} shards"
-    )
+    _report(out, read_meta(out))
     return 0

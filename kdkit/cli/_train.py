@@ -31,7 +31,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--resume",
         action="store_true",
         help="continue the run in the run directory exactly; its saved config is used, and a "
-        "different CONFIG is refused with the differing keys listed",
+        "different CONFIG is refused with the differing keys listed, except a larger "
+        "train.epochs (--set train.epochs=N extends a finished run)",
+    )
+    p.add_argument(
+        "--init-from",
+        metavar="RUN",
+        help="start a new run from another run's best student (its best.pt, else last.pt, "
+        "as student.weights)",
     )
     p.add_argument(
         "--print-config",
@@ -45,22 +52,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def resolved_config(args: argparse.Namespace):
     """CONFIG + --set + --run-dir -> validated config with absolute paths."""
     import dataclasses
+    import os
     from pathlib import Path
 
-    from kdkit.config import load_config, read_yaml, resolve_paths, validate
+    from kdkit.config import load_config, load_resolved, read_yaml, resolve_paths, validate
     from kdkit.errors import KDError
 
-    if args.config is None:
-        if not (args.resume and args.run_dir):
-            raise KDError("kdkit train needs CONFIG.yaml (or --resume --run-dir DIR)")
-        saved = Path(args.run_dir) / "config.yaml"
-        if not saved.is_file():
-            raise KDError(f"nothing to resume in {args.run_dir}: it has no config.yaml")
-        cfg = load_config(data=read_yaml(saved), overrides=args.overrides)
-    else:
-        cfg = load_config(args.config, args.overrides)
-    if args.run_dir:
-        cfg = dataclasses.replace(cfg, run_dir=args.run_dir)
+    if args.init_from is not None:
+        if args.resume:
+            raise KDError("--init-from starts a new run; --resume continues one: pick one")
+        from kdkit.run.models import checkpoint_in
+
+        weights = os.path.abspath(checkpoint_in(args.init_from))
+        args.overrides = [*args.overrides, f"student.weights={weights}"]
+    if args.config is not None:  # relative paths: from the config file's folder
+        return load_resolved(args.config, args.overrides, run_dir=args.run_dir)
+    if not (args.resume and args.run_dir):
+        raise KDError("kdkit train needs CONFIG.yaml (or --resume --run-dir DIR)")
+    saved = Path(args.run_dir) / "config.yaml"
+    if not saved.is_file():
+        raise KDError(f"nothing to resume in {args.run_dir}: it has no config.yaml")
+    cfg = load_config(data=read_yaml(saved), overrides=args.overrides)
+    cfg = dataclasses.replace(cfg, run_dir=args.run_dir)
     return validate(resolve_paths(cfg))
 
 

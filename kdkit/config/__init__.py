@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kdkit.config._checks import looks_like_path, validate
-from kdkit.config._paths import diff, resolve_paths
+from kdkit.config._paths import ConfigBase, config_base, diff, resolve_paths
 from kdkit.config._yaml import apply_overrides, build_section, parse, read_yaml, to_dict, to_yaml
 from kdkit.config.lm_schema import (
     LMDataConfig,
@@ -86,7 +86,10 @@ __all__ = [
     "read_yaml",
     "diff",
     "resolve_paths",
+    "config_base",
+    "ConfigBase",
     "looks_like_path",
+    "load_resolved",
 ]
 
 
@@ -101,3 +104,32 @@ def load_config(
     raw = read_yaml(path) if path is not None else data
     raw = apply_overrides(raw, overrides)
     return validate(parse(raw), check_paths=check_paths)
+
+
+def load_resolved(
+    path: str | os.PathLike, overrides: Sequence[str] = (), *, run_dir: str | None = None
+) -> RunConfig:
+    """A config file + ``--set`` overrides, its relative paths read from the file's folder
+    (:func:`config_base`), validated with every path checked: what ``kdkit train CONFIG``,
+    ``kdkit precompute CONFIG`` and ``kdkit cache check CONFIG`` run on. ``run_dir``: the
+    ``--run-dir`` flag (relative to the working directory, like any command-line path)."""
+    import dataclasses
+    from pathlib import Path
+
+    from kdkit.errors import KDError
+
+    cfg = load_config(path, overrides, check_paths=False)
+    if run_dir is not None:
+        cfg = dataclasses.replace(cfg, run_dir=os.path.abspath(run_dir))
+    base = config_base(path)
+    cfg = resolve_paths(cfg, base)
+    try:
+        return validate(cfg)
+    except KDError as err:
+        text = str(err)
+        if "no " in text and " at " in text and not isinstance(cfg, LMRunConfig):
+            where = Path(base.folder)
+            raise KDError(
+                f"{err} (relative paths are read from the config's folder {where})"
+            ) from None
+        raise

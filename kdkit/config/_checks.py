@@ -119,20 +119,16 @@ def validate(cfg: RunConfig | LMRunConfig, *, check_paths: bool = True) -> RunCo
             "config key 'train.fsdp' shards language models (task: lm); an image student "
             "trains with DDP under torchrun, no key needed"
         )
-    _model_string(cfg.teacher.model, "teacher.model", teacher=True, check_paths=check_paths)
     _model_string(cfg.student.model, "student.model", teacher=False, check_paths=check_paths)
-    if cfg.teacher.backend == "tensorrt" and not cfg.teacher.model.startswith(
-        ("onnx:", "tensorrt:")
-    ):
-        raise KDError(
-            "config key 'teacher.backend': tensorrt builds from an ONNX file; set teacher.model "
-            "to onnx:PATH (export the teacher first) or tensorrt:ENGINE"
-        )
-    if cfg.teacher.zero_shot is not None and not cfg.teacher.model.startswith("open_clip:"):
-        raise KDError("config key 'teacher.zero_shot' applies to open_clip: teachers only")
-    if cfg.teacher.precision == "int8" and cfg.teacher.backend == "torch":
-        pass  # int8 runs through ONNX Runtime; the builder picks that backend
+    if cfg.teacher is not None:
+        _check_teacher(cfg, check_paths)
     d = cfg.data
+    if cfg.teacher is None and (d.unlabeled or d.labeled is not None):
+        key = "data.unlabeled" if d.unlabeled else "data.labeled"
+        raise KDError(
+            f"config key {key!r}: unlabeled images only train through a teacher, and this "
+            "config has none (teacher: null); add a teacher: section or drop the key"
+        )
     _check_source(d.train, "data.train", allow_split=False)
     if d.val is not None:
         _check_source(d.val, "data.val", allow_split=True)
@@ -174,12 +170,26 @@ def validate(cfg: RunConfig | LMRunConfig, *, check_paths: bool = True) -> RunCo
             if src is not None:
                 _check_path(src.image_folder, f"{key}.image_folder", folder=True)
                 _check_path(src.root, f"{key}.root", folder=True)
-        _check_path(cfg.teacher.weights, "teacher.weights")
-        _check_path(cfg.teacher.probe, "teacher.probe")
+        if cfg.teacher is not None:
+            _check_path(cfg.teacher.weights, "teacher.weights")
+            _check_path(cfg.teacher.probe, "teacher.probe")
         _check_path(cfg.student.weights, "student.weights")
         for i, folder in enumerate(d.unlabeled):
             _check_path(folder, f"data.unlabeled.{i}", folder=True)
     return cfg
+
+
+def _check_teacher(cfg: RunConfig, check_paths: bool) -> None:
+    t = cfg.teacher
+    _model_string(t.model, "teacher.model", teacher=True, check_paths=check_paths)
+    if t.backend == "tensorrt" and not t.model.startswith(("onnx:", "tensorrt:")):
+        raise KDError(
+            "config key 'teacher.backend': tensorrt builds from an ONNX file; set teacher.model "
+            "to onnx:PATH (export the teacher first) or tensorrt:ENGINE"
+        )
+    if t.zero_shot is not None and not t.model.startswith("open_clip:"):
+        raise KDError("config key 'teacher.zero_shot' applies to open_clip: teachers only")
+    # precision int8 with backend torch: int8 runs through ONNX Runtime; the builder picks it
 
 
 def check_train_section(t: TrainConfig) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +15,49 @@ from kdkit.config._yaml import to_dict
 from kdkit.config.lm_schema import LMModelConfig, LMRunConfig
 from kdkit.config.schema import TEACHER_ONLY_PREFIXES, RunConfig, SourceConfig
 
-__all__ = ["resolve_paths", "diff"]
+__all__ = ["resolve_paths", "diff", "config_base", "ConfigBase"]
+
+log = logging.getLogger(__name__)
 
 # -- paths, comparison, loading ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigBase:
+    """Where the relative paths of a config file are read from: its ``folder``; an input
+    found only under ``fallback`` (the working directory, where configs written before this
+    rule were read from) is taken from there, with a warning."""
+
+    folder: Path
+    fallback: Path
 
 
 def _abs(path: str | None, base: Path) -> str | None:
     if path is None:
         return None
-    return str((base / Path(path).expanduser()).resolve())
+    given = Path(path).expanduser()
+    if not isinstance(base, ConfigBase):
+        return str((base / given).resolve())
+    here = Path(os.path.abspath(base.folder / given)).resolve()  # "..": the folder as given
+    if not given.is_absolute() and not here.exists():
+        there = Path(os.path.abspath(base.fallback / given)).resolve()
+        if there.exists():
+            log.warning(
+                "%s: not in the config file's folder %s, found in the working directory; "
+                "relative paths are read from the config's folder: write %s",
+                path,
+                base.folder,
+                there,
+            )
+            return str(there)
+    return str(here)
+
+
+def config_base(config_file: str | os.PathLike, fallback: str | os.PathLike | None = None):
+    """The base of :func:`resolve_paths` for a config file: its folder, and ``fallback``
+    (default: the working directory) for inputs found only there."""
+    folder = Path(os.path.abspath(Path(config_file).expanduser().parent))
+    return ConfigBase(folder, Path(fallback) if fallback is not None else Path.cwd())
 
 
 def _abs_model(model: str, base: Path) -> str:
@@ -60,12 +96,14 @@ def _resolve_lm(cfg: LMRunConfig, base: Path) -> LMRunConfig:
     )
 
 
-def resolve_paths(cfg: RunConfig, base: str | os.PathLike | None = None) -> RunConfig:
+def resolve_paths(cfg: RunConfig, base: str | os.PathLike | ConfigBase | None = None) -> RunConfig:
     """The same config with every file/folder path absolute (relative ones are taken from
-    ``base``, default the working directory), so a run directory is self-contained."""
-    base = Path(base) if base is not None else Path.cwd()
-    if isinstance(cfg, LMRunConfig):
-        return _resolve_lm(cfg, base)
+    ``base``, default the working directory), so a run directory is self-contained.
+    ``kdkit train CONFIG`` passes :func:`config_base` (the config file's folder)."""
+    if not isinstance(base, ConfigBase):
+        base = Path(base) if base is not None else Path.cwd()
+    if isinstance(cfg, LMRunConfig):  # task: lm keeps the working directory's paths
+        return _resolve_lm(cfg, _fallback(base))
     rep = dataclasses.replace
     t, s, d = cfg.teacher, cfg.student, cfg.data
 
@@ -74,14 +112,16 @@ def resolve_paths(cfg: RunConfig, base: str | os.PathLike | None = None) -> RunC
             return None
         return rep(x, image_folder=_abs(x.image_folder, base), root=_abs(x.root, base))
 
-    return rep(
-        cfg,
-        teacher=rep(
+    if t is not None:
+        t = rep(
             t,
             model=_abs_model(t.model, base),
             weights=_abs(t.weights, base),
             probe=_abs(t.probe, base),
-        ),
+        )
+    return rep(
+        cfg,
+        teacher=t,
         student=rep(s, model=_abs_model(s.model, base), weights=_abs(s.weights, base)),
         data=rep(
             d,
@@ -89,8 +129,13 @@ def resolve_paths(cfg: RunConfig, base: str | os.PathLike | None = None) -> RunC
             val=src(d.val),
             unlabeled=tuple(_abs(u, base) for u in d.unlabeled),
         ),
-        run_dir=_abs(cfg.run_dir or f"runs/{cfg.name}", base),
+        # the default runs/NAME is not a path in the config: the working directory's
+        run_dir=_abs(cfg.run_dir, base) or _abs(f"runs/{cfg.name}", _fallback(base)),
     )
+
+
+def _fallback(base: Path | ConfigBase) -> Path:
+    return base.fallback if isinstance(base, ConfigBase) else base
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

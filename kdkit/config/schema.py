@@ -211,6 +211,7 @@ class TrainConfig:
     device: str | None = None
     channels_last: bool = False
     compile: bool = False
+    sync_batchnorm: bool = False  # torchrun on GPUs: the student's BatchNorm -> SyncBatchNorm
     grad_accum: int = field(default=1, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
     max_grad_norm: float | None = field(
         default=None, metadata=_check(lambda v: v is None or v > 0, "a number > 0")
@@ -224,10 +225,14 @@ class TrainConfig:
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """A whole run. ``run_dir`` defaults to ``runs/NAME``; ``versions`` is written by kdkit
-    into the resolved config (kdkit, torch) and ignored when configs are compared."""
+    into the resolved config (kdkit, torch) and ignored when configs are compared.
+
+    ``teacher: null`` (or no ``teacher:`` section) trains the student on the labels alone
+    (fine-tuning the future teacher, or the scratch baseline): ``distill:`` is then unused.
+    """
 
     name: str = "run"
-    teacher: TeacherConfig
+    teacher: TeacherConfig | None = None
     student: StudentConfig
     data: DataConfig
     distill: DistillConfig = field(default_factory=DistillConfig)

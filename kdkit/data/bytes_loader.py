@@ -7,9 +7,10 @@ the main process only copies the pinned batch to the device on a side stream. Wi
 ``backend="gpu"`` workers only read bytes and send them as one concatenated buffer with
 offsets (one pinned copy per batch, not one per file); the main process decodes the whole
 batch with one batched nvJPEG call on the side stream while the previous step computes.
-Unreadable files are dropped from their batch, logged once each and counted in
-:attr:`ImageBytesLoader.skipped`. The loader holds no reference cycle, so dropping it stops
-its persistent workers at once; :meth:`ImageBytesLoader.close` stops them explicitly.
+Unreadable files are dropped from their batch, the first few named, and counted in
+:attr:`ImageBytesLoader.unreadable` (a batch with none left stops with a KDError naming
+files). The loader holds no reference cycle, so dropping it stops its persistent workers
+at once; :meth:`ImageBytesLoader.close` stops them explicitly.
 :func:`folder_loaders` builds the train / validation pair for ``ImageFolderManager``.
 """
 
@@ -35,6 +36,7 @@ from kdkit.data._workers import stop_workers
 from kdkit.data.arrays import Batch
 from kdkit.data.decode import DecodedImageDataset, EncodedImageDataset, ImageDecoder
 from kdkit.data.prefetch import DevicePrefetcher
+from kdkit.data.unreadable import Unreadable, UnreadableLog
 from kdkit.errors import KDError
 
 __all__ = [
@@ -105,8 +107,8 @@ class _Finish:
 
     def __init__(self, decoder: ImageDecoder, encoded: EncodedImageDataset) -> None:
         self.decoder, self.encoded = decoder, encoded
-        self.skipped = 0
-        self._reported: set[int] = set()
+        self.skipped = 0  # unreadable rows over every pass; distinct files: self.unreadable
+        self.unreadable = UnreadableLog()
 
     def __call__(self, raw: _Raw) -> Batch:
         failures = list(raw.failures)
@@ -119,20 +121,10 @@ class _Finish:
             images = out.images
             failures += [(int(raw.indices[i]), why) for i, why in out.failures]
             labels, indices = raw.labels[out.keep], raw.indices[out.keep]
-        for index, why in failures:
-            self._skip(index, why)
+        self.skipped += len(failures)
+        bad = [Unreadable(str(self.encoded.path(index)), why) for index, why in failures]
+        self.unreadable.record(bad, kept=int(images.shape[0]))  # a whole batch: KDError
         return Batch(images, labels, indices)
-
-    def _skip(self, index: int, why: str) -> None:
-        self.skipped += 1
-        if index not in self._reported:
-            self._reported.add(index)
-            log.warning(
-                "skipping unreadable image %s (%s); %d skipped so far",
-                self.encoded.path(index),
-                why,
-                self.skipped,
-            )
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -198,8 +190,13 @@ class ImageBytesLoader:
 
     @property
     def skipped(self) -> int:
-        """Unreadable files dropped from their batches so far (each logged once)."""
+        """Unreadable rows dropped from their batches so far, over every pass."""
         return self._finish.skipped
+
+    @property
+    def unreadable(self) -> UnreadableLog:
+        """The distinct unreadable files (the first few named in the log)."""
+        return self._finish.unreadable
 
     def close(self) -> None:
         """Stop the DataLoader workers now (they persist across epochs otherwise, until the
@@ -230,9 +227,12 @@ class ImageBytesLoader:
         batches = (
             self._prefetcher if self._prefetcher is not None else map(self._finish, self._loader)
         )
+        kept = 0
         for batch in batches:
             if batch.images.shape[0]:
+                kept += int(batch.images.shape[0])
                 yield batch
+        self.unreadable.end_pass(kept, self.skipped - before)  # nothing decoded: KDError
         if self.skipped > before:
             log.warning(
                 "skipped %d unreadable images in this pass over %d files (%d in total so far)",

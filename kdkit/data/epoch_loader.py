@@ -15,10 +15,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from kdkit.data._workers import stop_workers
 from kdkit.data.arrays import _epoch_seed
+from kdkit.data.unreadable import Unreadable, UnreadableLog, split_unreadable
 from kdkit.errors import KDError
 
 __all__ = ["EpochLoader"]
@@ -52,11 +53,25 @@ class _EpochBatches:
             yield order[b * bs : (b + 1) * bs]
 
 
+class _DropUnreadable:
+    """The collate step, with :class:`~kdkit.data.unreadable.Unreadable` items taken out of
+    the batch first and sent back beside it (from the workers to the loader's log)."""
+
+    def __init__(self, collate_fn: Callable[[list], Any] | None) -> None:
+        self.collate_fn = collate_fn or default_collate
+
+    def __call__(self, items: list) -> tuple[Any, list[Unreadable], int]:
+        good, bad = split_unreadable(items)
+        return (self.collate_fn(good) if good else None), bad, len(good)
+
+
 class EpochLoader:
     """Batches of ``dataset`` in an order that depends only on (seed, epoch).
 
     Args mirror :class:`~kdkit.data.FastLoader`; ``workers`` and ``collate_fn`` go to the
-    underlying ``torch.utils.data.DataLoader`` (workers persist across epochs).
+    underlying ``torch.utils.data.DataLoader`` (workers persist across epochs). Items the
+    dataset returns as :class:`~kdkit.data.unreadable.Unreadable` are dropped from their
+    batch and recorded in :attr:`unreadable`; a batch with none left stops with a KDError.
     """
 
     def __init__(
@@ -83,11 +98,12 @@ class EpochLoader:
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
         self.epoch, self._start, self._n = 0, 0, len(dataset)  # type: ignore[arg-type]
+        self.unreadable = UnreadableLog()
         self._loader = DataLoader(
             dataset,
             batch_sampler=_EpochBatches(self),
             num_workers=workers,
-            collate_fn=collate_fn,
+            collate_fn=_DropUnreadable(collate_fn),
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
             # its own generator: each iter() draws a worker base seed, and drawing it from the
@@ -142,4 +158,13 @@ class EpochLoader:
         if not 0 <= batch_index <= len(self):
             raise KDError(f"batch_index must be in [0, {len(self)}]; got {batch_index}")
         self._start = batch_index
-        return iter(self._loader)
+        return self._batches(iter(self._loader))
+
+    def _batches(self, it: Iterator[tuple[Any, list[Unreadable], int]]) -> Iterator[Any]:
+        n_kept = n_bad = 0
+        for batch, bad, kept in it:
+            self.unreadable.record(bad, kept)  # raises when a whole batch is unreadable
+            n_kept, n_bad = n_kept + kept, n_bad + len(bad)
+            if kept:
+                yield batch
+        self.unreadable.end_pass(n_kept, n_bad)  # raises when nothing at all decoded

@@ -22,6 +22,7 @@ from torchvision.transforms import v2
 
 from kdkit.data.arrays import Batch
 from kdkit.data.bytes_loader import folder_loaders
+from kdkit.data.unreadable import Unreadable, UnreadableLog, split_unreadable
 from kdkit.errors import KDError
 
 __all__ = [
@@ -96,6 +97,9 @@ class ImageFolderDataset(Dataset):
         transform: applied to the PIL image; must end in a uint8 CHW tensor.
         draft_size: for JPEGs, let the decoder skip detail below this (width, height), which
             makes decoding several times faster when images are much larger than needed.
+        skip_unreadable: a file that does not decode becomes an
+            :class:`~kdkit.data.unreadable.Unreadable` item (the loaders of ``kdkit train``
+            drop and count it) instead of a :class:`KDError`.
     """
 
     def __init__(
@@ -104,25 +108,36 @@ class ImageFolderDataset(Dataset):
         classes: Sequence[str],
         transform: Callable[[Image.Image], torch.Tensor],
         draft_size: tuple[int, int] | None = None,
+        *,
+        skip_unreadable: bool = False,
     ) -> None:
         self.samples = list(samples)
         self.classes = list(classes)
         self.transform = transform
         self.draft_size = draft_size
+        self.skip_unreadable = skip_unreadable
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int] | Unreadable:
         path, label = self.samples[i]
         try:
             with Image.open(path) as image:
                 if self.draft_size is not None:
                     image.draft("RGB", self.draft_size)  # no-op for formats other than JPEG
                 rgb = image.convert("RGB")
-        except (OSError, UnidentifiedImageError) as exc:
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            if self.skip_unreadable:
+                return Unreadable(str(path), _reason(exc))
             raise KDError(f"cannot decode image {path}: {exc}") from exc
         return self.transform(rgb), label, i
+
+
+def _reason(exc: BaseException) -> str:
+    """PIL's message without the file name it repeats (``cannot identify image file '...'``)."""
+    text = str(exc).split(" '", 1)[0].split(" <", 1)[0]
+    return text or type(exc).__name__
 
 
 def find_images(root: str | os.PathLike) -> list[Path]:
@@ -167,6 +182,12 @@ def shard_sampler(dataset: Dataset, seed: int, drop_last: bool) -> DistributedSa
 
 
 def _collate(items: list[tuple[torch.Tensor, int, int]]) -> Batch:
+    items, bad = split_unreadable(items)  # a loader without a log of its own: named here
+    for f in bad:
+        log.warning("skipping unreadable image %s (%s)", f.path, f.reason)
+    if not items:  # a wholly unreadable batch (a lone stray file: an empty batch)
+        UnreadableLog().record(bad, kept=0)
+        return Batch(*(torch.empty(0, dtype=t) for t in (torch.uint8, torch.int64, torch.int64)))
     images, labels, indices = zip(*items, strict=True)
     return Batch(
         torch.stack(images),
@@ -267,13 +288,14 @@ class ImageFolderManager:
 
         resize_to = round(max(height, width) / crop_pct)
         self.train_dataset = ImageFolderDataset(
-            self._samples(train_files), self.classes, self.train_transform()
+            self._samples(train_files), self.classes, self.train_transform(), skip_unreadable=True
         )
         self.val_dataset = ImageFolderDataset(
             self._samples(val_files),
             self.classes,
             self.eval_transform(crop_pct),
             draft_size=(resize_to, resize_to),
+            skip_unreadable=True,
         )
         common = dict(
             batch_size=batch_size,

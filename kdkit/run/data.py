@@ -20,7 +20,7 @@ import torch
 from kdkit.config import DataConfig, SourceConfig, ViewsConfig
 from kdkit.errors import KDError
 
-__all__ = ["RunData", "build_data", "build_views"]
+__all__ = ["RunData", "build_data", "build_views", "eval_transform"]
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +65,55 @@ def build_views(
     )
 
 
+class _ToMode:
+    """PIL image -> ``mode`` (grey, RGBA and palette photos become the model's channels)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, image):
+        return image if image.mode == self.mode else image.convert(self.mode)
+
+
 def build_data(
-    d: DataConfig, *, seed: int, rank: int = 0, world: int = 1, drop_last: bool = False
+    d: DataConfig,
+    *,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+    drop_last: bool = False,
+    classes: list[str] | None = None,
 ) -> RunData:
     """Loaders for ``d``; ``seed`` (``train.seed``) orders the batches, ``d.seed`` the splits.
 
     ``drop_last`` (the run builder sets it when ``train.compile`` is on) drops the partial
     last training batch, which a compiled student would otherwise compile again for, when
-    the data holds at least one whole batch per rank."""
+    the data holds at least one whole batch per rank. ``classes``: the label order of image
+    folders when it is known already (a checkpoint's class names: ``kdkit eval`` on a folder
+    that lacks some classes keeps their indices)."""
     if d.train.fashion_mnist is not None or d.train.stl10 is not None:
         return _arrays(d, seed, rank, world, drop_last)
-    return _folders(d, seed, rank, world, drop_last)
+    return _folders(d, seed, rank, world, drop_last, classes)
 
 
 def _drop_last(wanted: bool, n: int, batch_size: int, world: int) -> bool:
     return wanted and n >= batch_size * world
+
+
+def eval_transform(size: int, channels: int = 3):
+    """PIL image -> uint8 (C, size, size): shorter side resized to ``size``, center crop. What
+    every image-folder run trains and evaluates on (augmentation is on the device), and what
+    ``kdkit predict`` applies to a photo."""
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            _ToMode("L" if channels == 1 else "RGB"),
+            v2.Resize(size, antialias=True),
+            v2.CenterCrop(size),
+            v2.PILToTensor(),
+        ]
+    )
 
 
 # -- in-memory / memory-mapped arrays: Fashion-MNIST, STL-10 --------------------------------
@@ -191,18 +225,19 @@ def _carve(
     return keep, carved
 
 
-def _folders(d: DataConfig, seed: int, rank: int, world: int, drop_last: bool) -> RunData:
-    from torchvision.transforms import v2
-
+def _folders(
+    d: DataConfig, seed: int, rank: int, world: int, drop_last: bool, known: list[str] | None
+) -> RunData:
     from kdkit.data import IMAGENET_MEAN, IMAGENET_STD
     from kdkit.data.epoch_loader import EpochLoader
     from kdkit.data.folder import ImageFolderDataset, _collate, find_images
 
     size = d.image_size or 224
-    transform = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.PILToTensor()])
+    transform = eval_transform(size)
     files = _classes(d.train.image_folder)
-    classes = list(files)
+    classes = list(known) if known else list(files)
     index = {c: i for i, c in enumerate(classes)}
+    _check_known(d.train.image_folder, files, classes)
     samples = [(p, index[c]) for c, paths in files.items() for p in paths]
     gen = torch.Generator().manual_seed(d.seed)
     val_samples = None
@@ -211,12 +246,7 @@ def _folders(d: DataConfig, seed: int, rank: int, world: int, drop_last: bool) -
             samples, val_samples = _carve(samples, d.val.split, gen)
         elif d.val.image_folder is not None:
             val_files = _classes(d.val.image_folder)
-            unknown = sorted(set(val_files) - set(classes))
-            if unknown:
-                raise KDError(
-                    f"{d.val.image_folder} has classes missing from {d.train.image_folder}: "
-                    f"{unknown[:5]}"
-                )
+            _check_known(d.val.image_folder, val_files, classes, d.train.image_folder)
             val_samples = [(p, index[c]) for c, paths in val_files.items() for p in paths]
         else:
             raise KDError(
@@ -229,7 +259,7 @@ def _folders(d: DataConfig, seed: int, rank: int, world: int, drop_last: bool) -
     for folder in d.unlabeled:
         samples += [(p, -1) for p in find_images(folder)]
     draft = (size, size)
-    train = ImageFolderDataset(samples, classes, transform, draft_size=draft)
+    train = ImageFolderDataset(samples, classes, transform, draft_size=draft, skip_unreadable=True)
     drop = _drop_last(drop_last, len(train), d.batch_size, world)
     loader = EpochLoader(
         train, d.batch_size, True, drop, seed, workers=d.workers, collate_fn=_collate,
@@ -237,7 +267,9 @@ def _folders(d: DataConfig, seed: int, rank: int, world: int, drop_last: bool) -
     )  # fmt: skip
     val_loader = None
     if val_samples:
-        val = ImageFolderDataset(val_samples, classes, transform, draft_size=draft)
+        val = ImageFolderDataset(
+            val_samples, classes, transform, draft_size=draft, skip_unreadable=True
+        )
         val_loader = EpochLoader(
             val, d.val_batch_size or d.batch_size, False, workers=d.workers, collate_fn=_collate
         )
@@ -258,6 +290,13 @@ def _folders(d: DataConfig, seed: int, rank: int, world: int, drop_last: bool) -
         classes,
         train,
     )
+
+
+def _check_known(folder: str, files: dict, classes: list[str], train: str | None = None) -> None:
+    unknown = sorted(set(files) - set(classes))
+    if unknown:
+        where = train or "the checkpoint's class names"
+        raise KDError(f"{folder} has classes missing from {where}: {unknown[:5]}")
 
 
 def source_of(src: SourceConfig | None) -> str:

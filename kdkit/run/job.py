@@ -11,6 +11,7 @@ rebuild both models from them alone) and ``report.md`` + ``curves.png``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -31,10 +32,11 @@ from kdkit.config import (
     validate,
 )
 from kdkit.errors import KDError
+from kdkit.run.extend import extension, extension_note
 from kdkit.run.lm_job import build_lm_trainer
 from kdkit.run.lm_report import lm_teacher_ppl, write_lm_report
 
-__all__ = ["RunResult", "build_trainer", "train_run", "check_run_dir", "saved_config"]
+__all__ = ["RunResult", "build_trainer", "train_run", "check_run_dir", "run_views", "saved_config"]
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +63,16 @@ def saved_config(run_dir: Path) -> RunConfig:
     return parse(read_yaml(path))
 
 
-def check_run_dir(cfg: RunConfig, resume: bool) -> None:
-    """Refuse to overwrite a run, or to resume one with a different config (keys listed)."""
+def check_run_dir(cfg: RunConfig, resume: bool) -> dict[str, tuple]:
+    """Refuse to overwrite a run, or to resume one with a different config (keys listed).
+    Returns the keys that extend a resumed run (``{"train.epochs": (3, 5)}``), the only
+    change ``--resume`` accepts."""
     run_dir = Path(cfg.run_dir)
     if resume:
-        changed = diff(saved_config(run_dir), cfg, ignore=_IGNORED)
+        saved = saved_config(run_dir)
+        changed = diff(saved, cfg, ignore=_IGNORED)
+        extended = extension(cfg, changed)
+        changed = {k: v for k, v in changed.items() if k not in extended}
         if changed:
             listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:8])
             raise KDError(
@@ -73,13 +80,14 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> None:
                 f"({len(changed)} key(s): {listed}); resume with the same config, or start a "
                 "new run with another --run-dir"
             )
-        return
+        return extended
     taken = [n for n in ("config.yaml", "last.pt") if (run_dir / n).exists()]
     if taken:
         raise KDError(
             f"{run_dir} already holds a run ({', '.join(taken)}); pass --resume to continue "
             "it, or --run-dir NEW (or --set name=NEW) for a new one"
         )
+    return {}
 
 
 def _run_temperature(cfg: RunConfig) -> float:
@@ -95,9 +103,26 @@ def _device(cfg: RunConfig) -> torch.device:
     from kdkit.train import distributed
 
     device = distributed.init()  # torchrun: joins the group; alone: the default device
+    if not distributed.is_main():  # rank 0 alone prints (and writes)
+        logging.getLogger("kdkit").setLevel(logging.ERROR)
     if cfg.train.device is not None and not distributed.is_distributed():
         device = torch.device(cfg.train.device)
     return device
+
+
+def run_views(cfg: RunConfig):
+    """The run's ``data.views``; with a ``cache:`` teacher and no ``num_views`` set, the
+    cache's own number of views (the config need not repeat what the cache says)."""
+    v = cfg.data.views
+    model = cfg.teacher.model if cfg.teacher is not None else ""
+    prefix, _, cache_dir = model.partition(":")
+    if v is not None and v.num_views is None and prefix == "cache":
+        from kdkit.cache import read_meta
+
+        meta = read_meta(cache_dir)
+        if meta.get("views") is not None:
+            v = dataclasses.replace(v, num_views=int(meta["num_views"]))
+    return v
 
 
 def build_trainer(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False):
@@ -121,21 +146,26 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False, trust_code: bool = Fa
         world=distributed.world_size(),
         drop_last=t.compile,
     )
-    views = build_views(cfg.data, t.seed, data.input_shape[-1])
-    teacher = build_teacher(
-        cfg.teacher,
-        trust_code=trust_code,
-        input_shape=data.input_shape,
-        mean=data.mean,
-        std=data.std,
-        calibration=data.train_dataset,
-        views=views,
-        temperature=_run_temperature(cfg),
-    )
+    views = build_views(run_views(cfg), t.seed, data.input_shape[-1])
+    teacher = None
+    if cfg.teacher is not None:  # teacher: null trains on the labels alone
+        teacher = build_teacher(
+            cfg.teacher,
+            trust_code=trust_code,
+            input_shape=data.input_shape,
+            mean=data.mean,
+            std=data.std,
+            calibration=data.train_dataset,
+            views=views,
+            temperature=_run_temperature(cfg),
+        )
     dataset = getattr(data.train_loader, "dataset", None)
-    check_cache_for_run(teacher, dataset, sampler=views, device=device)
+    if teacher is not None:
+        check_cache_for_run(teacher, dataset, sampler=views, device=device)
     torch.manual_seed(t.seed)
     student, student_spec = build_student(cfg.student, trust_code=trust_code)
+    if t.sync_batchnorm:  # before DDP wraps it; the checkpoint keys stay BatchNorm's
+        student = distributed.sync_batchnorm(student, device)
     distiller = build_distiller(cfg, student, teacher, trust_code=trust_code)
     inputs = InputPipeline(
         views, data.mean, data.std, device=device, channels_last=t.channels_last, dataset=dataset
@@ -152,7 +182,8 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False, trust_code: bool = Fa
         run_info={
             "student_spec": student_spec,
             "input_shape": data.input_shape,
-            "teacher_spec": to_dict(cfg.teacher),
+            "classes": data.classes,
+            "teacher_spec": None if cfg.teacher is None else to_dict(cfg.teacher),
             "config": to_dict(cfg),
         },
     )
@@ -166,7 +197,7 @@ def train_run(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False)
     from kdkit.train import distributed
 
     validate(cfg)
-    check_run_dir(cfg, resume)
+    extended = check_run_dir(cfg, resume)
     start = time.perf_counter()
     lm = isinstance(cfg, LMRunConfig)
     if lm:
@@ -179,6 +210,8 @@ def train_run(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False)
         run_dir.mkdir(parents=True, exist_ok=True)
         text = to_yaml(dataclasses.replace(cfg, versions=versions))
         atomic_write_text(run_dir / "config.yaml", text)
+        if not lm and data.classes:  # kdkit predict / export read them (also in every .pt)
+            atomic_write_text(run_dir / "classes.json", json.dumps(list(data.classes)) + "\n")
     distributed.barrier()
     # config.yaml exists (checked): no last.pt yet means killed before the first checkpoint
     history = trainer.fit(resume="auto" if resume else False)
@@ -193,7 +226,7 @@ def train_run(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False)
         return result
     if distributed.is_main():
         result.teacher_top1 = _teacher_top1(trainer, data)
-        _write_report(cfg, trainer, data, result, time.perf_counter() - start)
+        _write_report(cfg, trainer, data, result, time.perf_counter() - start, extended)
     distributed.barrier()
     return result
 
@@ -215,7 +248,9 @@ def _params(module) -> str:
     return f"{sum(p.numel() for p in module.parameters()):,}"
 
 
-def _write_report(cfg: RunConfig, trainer, data, result: RunResult, wall_s: float) -> None:
+def _write_report(
+    cfg: RunConfig, trainer, data, result: RunResult, wall_s: float, extended=None
+) -> None:
     from kdkit._io import atomic_write_text
     from kdkit.report import plot_run_curves, run_report_text
 
@@ -243,5 +278,18 @@ def _write_report(cfg: RunConfig, trainer, data, result: RunResult, wall_s: floa
         f"    kdkit export {result.run_dir} --onnx {result.run_dir / 'student.onnx'}",
         f"    kdkit bench {result.run_dir}",
     ]
+    notes += _unreadable_notes(data)
+    if extended or (result.run_dir / "extended.json").is_file():
+        notes += ["", extension_note(result.run_dir, extended)]
     text = run_report_text(cfg.name, history, rows, notes)
     atomic_write_text(result.run_dir / "report.md", text)
+
+
+def _unreadable_notes(data) -> list[str]:
+    """The report's line on files no decoder could read (skipped, so the run went on)."""
+    lines = []
+    for split, loader in (("train", data.train_loader), ("val", data.val_loader)):
+        record = getattr(loader, "unreadable", None)
+        if record is not None and record.count:
+            lines.append(f"- {split}: {record.summary()}")
+    return ["", "Unreadable files (skipped, the run went on):", *lines] if lines else []

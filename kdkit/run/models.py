@@ -24,6 +24,7 @@ from kdkit.config import (
     TeacherConfig,
     to_dict,
 )
+from kdkit.data.unreadable import readable
 from kdkit.errors import KDError
 from kdkit.registry import resolve_python_callable
 from kdkit.teachers.factory import make_teacher
@@ -156,7 +157,7 @@ def build_teacher(
             "precision": "int8",
             # calibrated on training images through the run's views and normalisation
             "calibration": {
-                "data": calibration,
+                "data": readable(calibration),  # a broken photo is not a calibration row
                 "samples": tc.calibration.samples,
                 "views": views,
                 "mean": mean,
@@ -216,6 +217,8 @@ def build_distiller(cfg: RunConfig, student: nn.Module, teacher: Any, *, trust_c
     from kdkit.distiller import Distiller
     from kdkit.pairs import Pair
 
+    if teacher is None:  # labels alone: the task loss, no pairs
+        return Distiller(student, None, None, LossBalancer(student_weight=1.0))
     d = cfg.distill
     pairs = [
         Pair(p.student, p.teacher, build_loss(p, trust_code=trust_code), p.weight) for p in d.pairs
@@ -241,6 +244,10 @@ def run_models(run: str | os.PathLike, *, trust_code: bool = False):
     if not ckpt.get("teacher_spec"):
         raise KDError(f"{path} records no teacher (it was not written by kdkit train)")
     tc = build_section(TeacherConfig, ckpt["teacher_spec"], "teacher")
+    if tc.model.startswith("cache:"):  # the model the cache was precomputed with
+        from kdkit.run.cache_job import live_teacher
+
+        tc = live_teacher(tc)
     prefix, _, rest = tc.model.partition(":")
     if prefix == "cache" or prefix == "open_clip":
         raise KDError(f"kdkit bench cannot rebuild a {prefix}: teacher; pass --teacher X")

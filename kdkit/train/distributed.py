@@ -10,10 +10,14 @@ gradients and never touches the frozen teacher, which every rank holds a copy of
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+T = TypeVar("T")
 
 __all__ = [
     "init",
@@ -24,6 +28,9 @@ __all__ = [
     "wrap",
     "barrier",
     "broadcast_state",
+    "broadcast_buffers",
+    "on_main",
+    "sync_batchnorm",
 ]
 
 
@@ -111,3 +118,39 @@ def broadcast_state(module: nn.Module, src: int = 0) -> None:
         return
     for tensor in module.state_dict().values():  # detached views of the live tensors
         dist.broadcast(tensor, src)
+
+
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Rank ``src``'s buffers (BatchNorm running statistics) into every rank's ``module``.
+
+    DDP keeps parameters identical, but each rank's last forward updates its own running
+    statistics from its own shard: after this every rank holds the model rank ``src`` saves.
+    """
+    if not is_distributed():
+        return
+    for tensor in module.buffers():
+        dist.broadcast(tensor, src)
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """``fn()`` run on rank 0 alone, its (picklable) result sent to every rank: one answer
+    (the validation metrics) that every rank reports, whatever the ranks' hardware."""
+    if not is_distributed():
+        return fn()
+    box = [fn() if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]  # type: ignore[return-value]
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """``train.sync_batchnorm``: BatchNorm layers -> :class:`torch.nn.SyncBatchNorm` (batch
+    statistics over every rank's shard). On one process SyncBatchNorm computes what
+    BatchNorm does; torch implements the synchronised version for GPUs only."""
+    from kdkit.errors import KDError
+
+    if is_distributed() and device.type != "cuda":
+        raise KDError(
+            "config key 'train.sync_batchnorm': torch's SyncBatchNorm runs on GPUs only "
+            f"(this run is on {device.type}); set it to false"
+        )
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module)

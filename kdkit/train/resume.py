@@ -22,7 +22,7 @@ from kdkit.load import load_checkpoint
 from kdkit.train import distributed, fsdp
 
 #: plain data a checkpoint stores beside the weights (``kdkit eval/export/bench`` read them)
-RUN_INFO_KEYS = ("student_spec", "teacher_spec", "config", "input_shape", "mean", "std")
+RUN_INFO_KEYS = ("student_spec", "teacher_spec", "config", "input_shape", "mean", "std", "classes")
 
 __all__ = [
     "rng_state",
@@ -92,6 +92,8 @@ def trainer_state(trainer: Any) -> dict[str, Any]:
         if info[k] is None:
             info[k] = getattr(trainer.inputs, k, None)
         info[k] = list(info[k]) if info[k] else None
+    if info["classes"] is not None:  # class names: what kdkit predict prints
+        info["classes"] = [str(c) for c in info["classes"]]
     partial = None
     if trainer.batch_in_epoch:  # a resumed epoch's metrics row averages all of its steps
         sums = {k: float(v) for k, v in trainer._epoch_sums.items()}

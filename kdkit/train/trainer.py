@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from kdkit._io import check_output_path
 from kdkit.data.pipeline import InputPipeline
+from kdkit.data.unreadable import skip_counts
 from kdkit.errors import KDError
 from kdkit.load import save_checkpoint
 from kdkit.registry import ModelSpec
@@ -286,6 +287,7 @@ class Trainer:
                 row = self._train_epoch()
                 if self.val_loader is not None:
                     row.update({f"val_{k}": v for k, v in self.evaluate().items()})
+                row.update(skip_counts(self.train_loader, self.val_loader))  # unreadable files
                 if self._plateau:  # once per epoch, on the val loss (else the train loss)
                     self.scheduler.step(row.get("val_loss", row.get("loss_total")))
                 self.history.append(row)
@@ -382,6 +384,14 @@ class Trainer:
         loader = loader if loader is not None else self.val_loader
         if loader is None:
             raise KDError("no validation loader: pass val_loader= or evaluate(loader)")
+        if distributed.is_distributed() and loader is self.val_loader and not self._sharded:
+            # one evaluation of rank 0's model (its buffers on every rank), one answer for all;
+            # a sharded (FSDP) model's forward is collective: every rank evaluates, all alike
+            distributed.broadcast_buffers(self.task)
+            return distributed.on_main(lambda: self._evaluate(loader))
+        return self._evaluate(loader)
+
+    def _evaluate(self, loader: Iterable) -> dict[str, float]:
         batches = (self.inputs(b, self.epoch, augment=False) for b in loader)
         return self.task.evaluate(batches, self.precision.autocast)
 

@@ -1,0 +1,136 @@
+"""``kdkit precompute CONFIG`` / ``kdkit cache check CONFIG``: a teacher cache from the very
+config ``kdkit train`` reads.
+
+The cache must replay what the run would have computed: the same teacher (model, kwargs,
+weights, precision), the same training images in the same order (image folders with their
+unlabeled folders, STL-10, Fashion-MNIST), the same normalisation and the same views
+(``data.views`` with ``train.seed`` as the view seed). Building all of them through the run's
+own builders (:mod:`kdkit.run.data`, :mod:`kdkit.run.models`) is what makes the cache fit the
+run by construction. The cache records the config it was made from (``source.config``), so
+``kdkit cache check`` of a training config whose teacher is ``cache:DIR`` can rebuild the
+live teacher from it.
+
+Unreadable image files (skipped by the training loaders) get a black placeholder row: the
+row exists, so indices keep their meaning, and training never reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdkit.config import RunConfig, TeacherConfig, build_section, to_dict
+from kdkit.data.unreadable import Unreadable, UnreadableLog
+from kdkit.errors import KDError
+
+__all__ = ["CachePlan", "cache_plan", "default_cache_dir", "live_teacher", "live_teacher_config"]
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir(cfg: RunConfig) -> Path:
+    """Where ``kdkit precompute CONFIG`` writes without ``--out``: beside the run directory."""
+    return Path(f"{cfg.run_dir}-teacher-cache")
+
+
+class _Placeholders(torch.utils.data.Dataset):
+    """``dataset`` with each :class:`Unreadable` item replaced by a black image (same shape as
+    the readable ones), counted and named once in :attr:`unreadable`."""
+
+    def __init__(self, dataset: Any, shape: tuple[int, ...]) -> None:
+        self.dataset, self.shape = dataset, tuple(shape)
+        self.classes = getattr(dataset, "classes", None)
+        self.unreadable = UnreadableLog()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        item = self.dataset[i]
+        if isinstance(item, Unreadable):
+            self.unreadable.record([item], kept=1)
+            label = int(self.dataset.samples[i][1])
+            return torch.zeros(self.shape, dtype=torch.uint8), label, i
+        return item
+
+
+@dataclasses.dataclass
+class CachePlan:
+    """What a cache of ``cfg`` is computed from: teacher, training dataset, views, mean/std."""
+
+    teacher: Any
+    dataset: Any
+    views: Any
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: dict[str, Any]
+    features: tuple[str, ...] = ()  # the teacher layers the config's pairs name
+
+
+def live_teacher_config(cfg: RunConfig) -> TeacherConfig:
+    """The live teacher of ``cfg``: its ``teacher:`` section, or for a ``cache:DIR`` teacher
+    the section recorded in that cache by ``kdkit precompute CONFIG``."""
+    if cfg.teacher is None:
+        raise KDError("config key 'teacher' is null: a cache needs a teacher to precompute")
+    return live_teacher(cfg.teacher)
+
+
+def live_teacher(tc: TeacherConfig) -> TeacherConfig:
+    """``tc`` itself, or for ``cache:DIR`` the teacher section the cache records (a cache
+    answers for its training images only: evaluating or benchmarking needs the model)."""
+    prefix, _, cache_dir = tc.model.partition(":")
+    if prefix != "cache":
+        return tc
+    from kdkit.cache import read_meta
+
+    recorded = ((read_meta(cache_dir).get("source") or {}).get("config") or {}).get("teacher")
+    if not recorded:
+        raise KDError(
+            f"the cache {cache_dir} records no teacher config (precomputed with the older "
+            "flags); check it with kdkit cache check DIR --teacher FILE"
+        )
+    return build_section(TeacherConfig, recorded, "teacher")
+
+
+def cache_plan(cfg: RunConfig, *, num_views: int | None = None, trust_code: bool = False):
+    """Teacher, dataset and views of ``cfg``'s run (``num_views`` overrides
+    ``data.views.num_views``; a cache stores a fixed number of views per sample), and the
+    teacher features its ``distill.pairs`` name (stored beside the logits)."""
+    from kdkit.run.data import build_data, build_views
+    from kdkit.run.job import _run_temperature, run_views
+    from kdkit.run.models import build_teacher
+
+    views_cfg = run_views(cfg)
+    if views_cfg is not None:
+        k = num_views or views_cfg.num_views
+        if k is None:
+            raise KDError(
+                "a cache stores a fixed number of views per sample: set config key "
+                "data.views.num_views (or pass --views K)"
+            )
+        views_cfg = dataclasses.replace(views_cfg, num_views=k)
+    elif num_views:
+        raise KDError("--views K needs augmentation: the config's data.views is null")
+    data = build_data(cfg.data, seed=cfg.train.seed)
+    dataset = getattr(data.train_loader, "dataset", data.train_dataset)
+    if getattr(dataset, "skip_unreadable", False):
+        dataset = _Placeholders(dataset, data.input_shape)
+    views = build_views(views_cfg, cfg.train.seed, data.input_shape[-1])
+    tc = live_teacher_config(cfg)
+    teacher = build_teacher(
+        tc,
+        trust_code=trust_code,
+        input_shape=data.input_shape,
+        mean=data.mean,
+        std=data.std,
+        calibration=data.train_dataset,
+        views=views,
+        temperature=_run_temperature(cfg),
+    )
+    source = {"config": {**to_dict(cfg), "teacher": to_dict(tc)}}
+    features = tuple(dict.fromkeys(p.teacher for p in cfg.distill.pairs if p.teacher))
+    return CachePlan(teacher, dataset, views, data.mean, data.std, source, features)
