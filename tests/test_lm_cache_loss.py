@@ -47,6 +47,11 @@ def _reference(policy, name, h, head, t_logits):
     if policy == "uniform":
         lp = torch.where(in_k, full, (tail - np.log(V - K)).unsqueeze(1))
         return divergence_value(name, lq, lp, **PARAMS)
+    if policy == "prior":  # the tail's mass shaped like PRIOR outside each token's top k
+        prior = PRIOR.double()
+        outside = (prior * ~in_k).sum(1, keepdim=True)
+        lp = torch.where(in_k, full, tail.unsqueeze(1) + (prior / outside).log())
+        return divergence_value(name, lq, lp, **PARAMS)
     lq_k = lq.gather(1, ids)
     if policy == "drop":
         p = logp.exp()
@@ -57,7 +62,12 @@ def _reference(policy, name, h, head, t_logits):
     return divergence_value(name, torch.cat([lq_k, lq_rest], 1), lp_b, **PARAMS)
 
 
-CASES = [(p, d) for p in ("renorm", "uniform", "bucket") for d in ("fkl", "rkl", "jsd", "tvd")]
+PRIOR = torch.softmax(torch.randn(V, generator=torch.Generator().manual_seed(9)), 0)
+CASES = [
+    (p, d)
+    for p in ("renorm", "uniform", "prior", "bucket")
+    for d in ("fkl", "rkl", "jsd", "tvd")
+]
 CASES += [(p, d) for p in ("bucket", "uniform") for d in ("skew_fkl", "skew_rkl")]
 CASES += [("drop", "fkl"), ("drop", "ce")]
 CASES.remove(("renorm", "rkl"))
@@ -69,7 +79,8 @@ def test_tail_policy_equals_float64_reference(policy, name):
     ref = _reference(policy, name, h, head, t_logits).sum()
     g_h, g_w = torch.autograd.grad(ref, (h, head.weight))
     ids, logp, tail = _topk(t_logits)
-    target = TopKTarget(ids, logp, tail, V, policy=policy)
+    prior = PRIOR if policy == "prior" else None
+    target = TopKTarget(ids, logp, tail, V, policy=policy, prior=prior)
     out = token_divergence(
         h, head, target, divergence=name, reduction="sum", memory_budget_mb=0.002, **PARAMS
     )
@@ -92,9 +103,10 @@ def test_renorm_at_another_temperature_is_exact_and_others_are_refused():
         h, head, TopKTarget(ids, logp, tail, V, policy="renorm"), temperature=T, reduction="sum"
     )
     assert float(out.loss.detach()) == pytest.approx(float(ref), rel=1e-6)
-    for policy in ("bucket", "uniform", "drop"):
+    for policy in ("bucket", "uniform", "prior", "drop"):
+        target = TopKTarget(ids, logp, tail, V, policy=policy, prior=PRIOR)
         with pytest.raises(KDError, match="captured at temperature 1"):
-            token_divergence(h, head, TopKTarget(ids, logp, tail, V, policy=policy), temperature=T)
+            token_divergence(h, head, target, temperature=T)
     with pytest.raises(KDError, match="reverse KL"):
         token_divergence(h, head, TopKTarget(ids, logp, tail, V, policy="renorm"), divergence="rkl")
     with pytest.raises(KDError, match="sparse forward KL"):

@@ -71,7 +71,7 @@ class LMDistillConfig:
     ce_weight: float = field(default=0.0, metadata=_check(lambda v: 0 <= v <= 1, "in [0, 1]"))
     memory_budget_mb: float = field(default=256, metadata=_check(lambda v: v > 0, "> 0"))
     #: beyond a cached teacher's top k (``teacher: {model: "cache:DIR"}``), see kdkit.lm.cache
-    tail: Literal["bucket", "renorm", "uniform", "drop"] = "bucket"
+    tail: Literal["bucket", "renorm", "uniform", "prior", "drop"] = "bucket"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -66,11 +66,13 @@ def run_tokenizer(cfg: Any, teacher_tokenizer: Any = None) -> Any:
 def _teacher_topk(
     teacher: torch.nn.Module, batch: Any, vocab: int, k: int, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(ids [E, k], logp [E, k], tail [E])`` at the batch's trained positions, in order."""
+    """``(ids [E, k], logp [E, k], tail [E], mass [V])`` at the batch's trained positions, in
+    order; ``mass`` sums their whole distributions (the ``prior`` tail's shape)."""
     out = hidden_and_head(teacher, batch.input_ids, batch.position_ids, batch.attention_mask)
     weight, bias = head_parts(out.head, "teacher head")
     hidden = out.hidden[batch.mask]
     ids, logp, tail = [], [], []
+    mass = torch.zeros(vocab, dtype=torch.float64)
     for start in range(0, hidden.shape[0], _CHUNK):
         h = hidden[start : start + _CHUNK].to(weight.dtype)
         logits = h @ weight[:vocab].T
@@ -78,10 +80,11 @@ def _teacher_topk(
             logits = logits + bias[:vocab]
         lp = torch.log_softmax(logits.float() / temperature, dim=-1)
         values, index = lp.topk(k, dim=-1)
+        mass += lp.double().exp().sum(0).cpu()
         ids.append(index)
         logp.append(values)
         tail.append(_log1mexp(torch.logsumexp(values.double(), dim=-1)).float())
-    return torch.cat(ids), torch.cat(logp), torch.cat(tail)
+    return torch.cat(ids), torch.cat(logp), torch.cat(tail), mass
 
 
 def _shard_arrays(
@@ -90,9 +93,11 @@ def _shard_arrays(
     vocab, k = settings["teacher"]["vocab"], settings["capture"]["k"]
     temperature = settings["capture"]["temperature"]
     ids, logp, tail, entries = [], [], [], []
+    mass = torch.zeros(vocab, dtype=torch.float64)
     for start in range(0, len(rows), batch_size):
         batch = aligner(rows[start : start + batch_size])
-        i, lp, t = _teacher_topk(teacher, batch, vocab, k, temperature)
+        i, lp, t, m = _teacher_topk(teacher, batch, vocab, k, temperature)
+        mass += m
         ids.append(i)
         logp.append(lp)
         tail.append(t)
@@ -110,6 +115,7 @@ def _shard_arrays(
         "row_hash": np.asarray([row_hash(r) for r in rows], dtype=np.uint64),
         "topk_ids": pack_ids(torch.cat(ids).numpy(), settings["capture"]["id_bits"]),
         "tail_logmass": torch.cat(tail).numpy().astype(np.float16),
+        "teacher_mass": mass.numpy(),  # float64 [V]: summed over the shard's entries
     }
     arrays.update(encode_logp(torch.cat(logp).numpy(), settings["capture"]["encoding"]))
     return arrays

@@ -72,6 +72,7 @@ class TopKCache:
         self.vocab = int(self.manifest["teacher"]["vocab"])
         self.shards = [_Shard(self.dir / s["file"], s["sha256"]) for s in self.manifest["shards"]]
         self._index: dict[int, tuple[int, int]] | None = None
+        self._prior: torch.Tensor | None = None
 
     def tokenizer(self) -> Any:
         """The tokenizer the cache was captured with (saved beside the shards)."""
@@ -153,6 +154,15 @@ class TopKCache:
             torch.from_numpy(arrays["token_doc"][t0:t1].astype(np.int64)),
         )
 
+    def prior(self) -> torch.Tensor:
+        """The teacher's mean next-token distribution over the whole corpus (float32 ``[V]``):
+        the shape the ``prior`` tail policy gives the mass outside each token's top k."""
+        if self._prior is None:
+            total = sum(s.arrays()["teacher_mass"].astype(np.float64) for s in self.shards)
+            total = np.maximum(total, 0.0) + 1e-12  # every id keeps a little mass
+            self._prior = torch.from_numpy((total / total.sum()).astype(np.float32))
+        return self._prior
+
     def target(self, rows: list[TokenRow], policy: str = "bucket") -> TopKTarget:
         """The cached targets of ``rows``' trained positions, concatenated in row order."""
         parts = [self.entries(r) for r in rows]
@@ -163,6 +173,7 @@ class TopKCache:
             self.vocab,
             policy=policy,
             capture_temperature=self.temperature,
+            prior=self.prior() if policy == "prior" else None,
         )
 
     def collate(self, aligner: Any, policy: str = "bucket") -> CachedAligner:

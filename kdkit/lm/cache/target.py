@@ -6,6 +6,8 @@ against beyond the top k is the *tail policy*; each is a definition, computed ex
 
 - ``renorm``: the teacher renormalized over its top k (zero outside). Every divergence.
 - ``uniform``: the tail mass spread evenly over the ``V - k`` other ids. Every divergence.
+- ``prior``: the tail mass spread over the other ids in proportion to the teacher's mean
+  distribution over the corpus (summed at capture, ``V`` numbers per cache). Every divergence.
 - ``bucket``: a ``k + 1``-way distribution, the top k and one "rest" bucket, against the
   student's top-k probabilities and its summed rest; the gradient reaches each rest id in
   proportion to the student's own probability there. Every divergence.
@@ -33,7 +35,7 @@ from kdkit.lm.divergence import divergence_value, value_and_grad
 
 __all__ = ["TAIL_POLICIES", "TopKTarget"]
 
-TAIL_POLICIES = ("renorm", "uniform", "bucket", "drop")
+TAIL_POLICIES = ("bucket", "renorm", "uniform", "prior", "drop")
 _SPARSE = ("bucket", "drop")
 
 
@@ -54,6 +56,7 @@ class TopKTarget:
         vocab: the teacher's vocabulary rows (``uniform`` spreads over ``vocab - k``).
         policy: one of :data:`TAIL_POLICIES`.
         capture_temperature: the temperature the teacher's distribution was captured at.
+        prior: ``[vocab]`` probabilities, the shape of the ``prior`` policy's tail.
     """
 
     ids: torch.Tensor
@@ -62,12 +65,15 @@ class TopKTarget:
     vocab: int
     policy: str = "bucket"
     capture_temperature: float = 1.0
+    prior: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in TAIL_POLICIES:
             raise KDError(
                 f"unknown tail policy {self.policy!r}; expected one of {list(TAIL_POLICIES)}"
             )
+        if self.policy == "prior" and (self.prior is None or self.prior.shape != (self.vocab,)):
+            raise KDError(f"tail policy 'prior' needs prior= a [{self.vocab}] distribution")
         if self.ids.shape != self.logp.shape or self.tail.shape != self.ids.shape[:1]:
             raise KDError(
                 f"top-k target arrays disagree: ids {tuple(self.ids.shape)}, logp "
@@ -91,7 +97,8 @@ class TopKTarget:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TopKTarget:
         moved = {
             k: getattr(self, k).to(device, non_blocking=non_blocking)
-            for k in ("ids", "logp", "tail")
+            for k in ("ids", "logp", "tail", "prior")
+            if getattr(self, k) is not None
         }
         return replace(self, **moved)
 
@@ -140,10 +147,17 @@ class TopKTarget:
         if self.policy == "renorm":
             out.fill_(float("-inf"))
             logp = logp - torch.logsumexp(logp, dim=1, keepdim=True)
-        else:  # uniform: normalize the stored mass (decoded values may be off by rounding)
+        elif self.policy == "uniform":  # normalized (decoded values may be off by rounding)
             rest = max(vocab_size - k, 1)
             total = torch.logaddexp(torch.logsumexp(logp, dim=1), tail)
             out.copy_((tail - total - math.log(rest)).unsqueeze(1))
+            logp = logp - total.unsqueeze(1)
+        else:  # prior: tail * prior_j / (prior mass outside this token's top k)
+            prior = self.prior[:vocab_size].to(out.device, out.dtype)
+            log_prior = (prior / prior.sum()).log()  # exactly 1 in the loop's precision
+            outside = _log1mexp(torch.logsumexp(log_prior[ids], dim=1))
+            total = torch.logaddexp(torch.logsumexp(logp, dim=1), tail)
+            torch.add(log_prior, (tail - total - outside).unsqueeze(1), out=out)
             logp = logp - total.unsqueeze(1)
         return out.scatter_(1, ids, logp)
 
