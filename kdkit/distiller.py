@@ -190,12 +190,17 @@ class Distiller(nn.Module):
         self.balancer.set_epoch(epoch)
 
     def forward_both(
-        self, x: torch.Tensor, index: torch.Tensor | None = None, view: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        index: torch.Tensor | None = None,
+        view: torch.Tensor | None = None,
+        *,
+        with_teacher: bool = True,
     ) -> Forward:
-        """Teacher (only while distillation is active) and student on ``x``, features taken
-        out of the hooks so nothing of this batch stays behind in them."""
+        """Teacher (only while distillation is active, and ``with_teacher``) and student on
+        ``x``, features taken out of the hooks so nothing of this batch stays behind in them."""
         cap = self._student_capture()
-        active = self.teacher is not None and self.balancer.active
+        active = with_teacher and self.teacher is not None and self.balancer.active
         teacher_out = self._teacher_forward(x, index, view) if active else None
         cap.clear()
         try:
@@ -204,6 +209,12 @@ class Distiller(nn.Module):
         finally:
             cap.clear()
         return Forward(out, features, teacher_out)
+
+    def teacher_forward(
+        self, x: torch.Tensor, index: torch.Tensor | None = None, view: torch.Tensor | None = None
+    ) -> TeacherOutput:
+        """The teacher's output on ``x`` (a device or dtype mismatch is one KDError)."""
+        return self._teacher_forward(x, index, view)
 
     def _teacher_forward(self, x: torch.Tensor, index, view) -> TeacherOutput:
         try:
