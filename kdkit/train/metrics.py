@@ -8,10 +8,11 @@ import logging
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from kdkit._io import atomic_write_text
 
-__all__ = ["topk_correct", "MetricLog"]
+__all__ = ["topk_correct", "MetricLog", "epoch_line", "report_epoch"]
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,30 @@ def topk_correct(
     top = logits.topk(kmax, dim=1).indices
     hits = top == labels[:, None]
     return [int(hits[:, : min(k, kmax)].any(dim=1).sum()) for k in ks]
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    """One epoch's row as one line, the epoch counted from 1 like the progress bar and the
+    report (``metrics.csv`` keeps ``epoch`` from 0, as checkpoints and resume do)."""
+    parts = [f"epoch {int(row['epoch']) + 1}/{epochs}"]
+    rates = [k for k in row if k.endswith("_per_s")]
+    for k, v in row.items():
+        if k in ("epoch", "epoch_time_s", *rates):
+            continue
+        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    parts += [f"{row[k]:,.0f} {k.removesuffix('_per_s')}/s" for k in rates]
+    if "epoch_time_s" in row:
+        parts.append(f"{row['epoch_time_s']:.1f} s")
+    return "  ".join(parts)
+
+
+def report_epoch(line: str, show: bool) -> None:
+    """Log ``line``; when nothing would show it (no logging configured, as in a plain
+    script) and ``show`` (progress on, rank 0), print it under the progress bar instead."""
+    if show and not (log.isEnabledFor(logging.INFO) and log.hasHandlers()):
+        tqdm.write(line)
+    else:
+        log.info(line)
 
 
 class MetricLog:

@@ -38,7 +38,7 @@ from kdkit.registry import ModelSpec
 from kdkit.task import StepOutput, Task
 from kdkit.train import distributed
 from kdkit.train.legacy import EpochCallback, apply_older_keywords
-from kdkit.train.metrics import MetricLog
+from kdkit.train.metrics import MetricLog, epoch_line, report_epoch
 from kdkit.train.nan_guard import NanGuard
 from kdkit.train.optim import OptimizerArg, build_optimizer, build_scheduler
 from kdkit.train.options import (
@@ -291,12 +291,8 @@ class Trainer:
                 for cb in self.callbacks:
                     if callable(getattr(cb, "on_epoch", None)):
                         cb.on_epoch(self, row)
-                log.info(
-                    " ".join(
-                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in row.items()
-                    )
-                )
+                show = self.options.progress and self.is_main
+                report_epoch(epoch_line(row, self.epochs), show)  # printed without logging set up
         finally:
             metrics.close()
         if restore_best:
