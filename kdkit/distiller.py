@@ -12,6 +12,7 @@ is the :class:`~kdkit.task.Task` the :class:`~kdkit.Trainer` runs, one call per 
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdkit._embedding import best_metric_for, evaluate_embedding, output_pair
 from kdkit.balance import LossBalancer
 from kdkit.capture import Capture, resolve_module, unwrap
 from kdkit.data.pipeline import ModelInput
@@ -35,6 +37,8 @@ from kdkit.train.evaluate import classification_metrics
 __all__ = ["Distiller", "Pair", "PairInfo", "PairTable", "StepOutput", "labeled_cross_entropy"]
 
 Loss = nn.Module | Callable[..., torch.Tensor]
+
+log = logging.getLogger(__name__)
 
 
 def _as_teacher(teacher: nn.Module | Teacher | None) -> Teacher | None:
@@ -155,6 +159,16 @@ class Distiller(nn.Module):
         self._teacher_hooked = True
         self._capture: Capture | None = None
         self._warned_late_params = False
+        # the output distilled into a teacher feature is an embedding: no CE, another metric
+        self._output_pair = output_pair(student, self.pair_list) if teacher is not None else None
+        if self._output_pair is not None:
+            self.best_metric = best_metric_for(self.teacher, student, self._output_pair)
+            log.info(
+                "the student's output is distilled into the teacher's %r: it is an embedding, "
+                "so no cross-entropy is taken on it and epochs are ranked by val %s",
+                self._output_pair.teacher,
+                self.best_metric[0],
+            )
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
@@ -258,7 +272,7 @@ class Distiller(nn.Module):
         device_labels = None
         if labels is not None:
             device_labels = labels.to(x.device, non_blocking=True)
-        if labeled:
+        if labeled and self._output_pair is None:
             if isinstance(run.output, torch.Tensor) and run.output.dim() >= 2:
                 check_labels(labels, run.output.shape[1])
             task = labeled_cross_entropy(run.output, device_labels)
@@ -311,6 +325,12 @@ class Distiller(nn.Module):
             stacklevel=4,
         )
 
+    def pair_loss(
+        self, run: Forward, pair: Pair, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One pair's loss on a :class:`Forward` (its errors name the pair)."""
+        return self._pair_loss(run, pair, labels, pair.takes_labels)
+
     def _pair_loss(self, run: Forward, pair: Pair, labels, with_labels: bool) -> torch.Tensor:
         s_out = run.feature(pair.student)
         t_out = run.teacher.get(pair.teacher)
@@ -330,11 +350,15 @@ class Distiller(nn.Module):
     def evaluate(
         self, batches: Iterable[ModelInput], autocast: Callable = contextlib.nullcontext
     ) -> dict[str, float]:
-        """Top-1 / top-5 accuracy (%) and cross-entropy of the student on labeled rows."""
+        """Top-1 / top-5 accuracy (%) and cross-entropy of the student on labeled rows; for an
+        embedding student, see :mod:`kdkit._embedding` (``pair_loss``, and scores through
+        the teacher's head when it has one)."""
         student = self.student
         was_training = student.training
         student.eval()
         try:
+            if self._output_pair is not None:
+                return evaluate_embedding(self, self._output_pair, batches, autocast)
             scores = classification_metrics(((b.x, b.labels) for b in batches), student, autocast)
         finally:
             student.train(was_training)
