@@ -79,3 +79,29 @@ def test_cache_info_into_a_closed_pipe_exits_quietly(tmp_path):
     finally:
         os.close(write_end)
     assert run.returncode == 0 and run.stderr == "", run.stderr
+
+
+def test_print_config_catches_what_this_machine_can_tell(tmp_path, capsys):
+    import importlib.util
+
+    import torch
+
+    from kdkit.cli import main
+
+    out = tmp_path / "my.yaml"
+    assert main(["init", "fmnist_kd", "-o", str(out)]) == 0
+    argv = ["train", str(out), "--print-config", "--set", "teacher.model=kdkit:fmnist_teacher"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    cases = []
+    if importlib.util.find_spec("timm") is not None:
+        cases.append((["student.model=timm:resnet18x"], "did you mean 'timm:resnet18'"))
+    if not torch.cuda.is_available():
+        cases += [
+            (["train.device=cuda"], "sees no CUDA device"),
+            (["train.precision=fp16"], "fp16 mixed precision needs a CUDA device"),
+        ]
+    for sets, message in cases:
+        assert main([*argv, *[a for s in sets for a in ("--set", s)]]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

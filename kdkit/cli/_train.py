@@ -68,7 +68,10 @@ def run(args: argparse.Namespace) -> int:
     from kdkit.config import to_yaml
     from kdkit.run import train_run
 
+    from kdkit.config._machine import check_machine
+
     cfg = resolved_config(args)
+    check_machine(cfg)  # this machine: timm names, a CUDA device, fp16 on the CPU
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
