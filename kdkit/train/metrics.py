@@ -56,6 +56,8 @@ class MetricLog:
 
     On resume, rows from epochs at or after the resumed epoch are dropped first, so the file
     never holds an epoch twice; a column that appears in a later epoch widens the header.
+    The file counts epochs from 1, like the console lines and the report (the Trainer's
+    ``epoch`` in rows and checkpoints is the 0-based index of the epoch).
     """
 
     def __init__(self, directory: str | Path | None, resume_epoch: int | None = None) -> None:
@@ -66,7 +68,7 @@ class MetricLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_epoch is not None and self.path.exists():
             with self.path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < resume_epoch]
+                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= resume_epoch]
             self._write_all(rows)
         elif self.path.exists():
             self.path.unlink()
@@ -103,6 +105,7 @@ class MetricLog:
         left empty there, so no value ever sits under another column's name."""
         if self.path is None:
             return
+        row = {**row, "epoch": int(row["epoch"]) + 1}  # counted from 1, as everywhere shown
         header, rows = self._read()
         if not header or not set(row) <= set(header):
             fieldnames = list(dict.fromkeys([*header, *row]))
