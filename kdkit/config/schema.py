@@ -186,17 +186,29 @@ class OptimizerConfig:
     args: Mapping[str, Any] = field(default_factory=dict)
 
 
+#: short scheduler names a config may use for torch's classes
+SCHEDULER_ALIASES = {"cosine": "CosineAnnealingLR", "onecycle": "OneCycleLR", "step": "StepLR"}
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """A ``torch.optim.lr_scheduler`` class by name, or null for a constant rate.
+    """A ``torch.optim.lr_scheduler`` class by name (``cosine`` is ``CosineAnnealingLR``), or
+    null for a constant rate.
 
     ``OneCycleLR`` gets ``max_lr`` = the optimizer's lr and ``total_steps`` filled in,
     ``CosineAnnealingLR`` gets ``T_max``; ``interval``: stepped per ``step`` or ``epoch``.
+    ``warmup_epochs``: a linear warm-up from ~0 to the lr first, then the scheduler over the
+    remaining epochs (torch's ``SequentialLR`` of ``LinearLR`` and it).
     """
 
     name: str | None = None
     interval: Literal["step", "epoch"] = "step"
     args: Mapping[str, Any] = field(default_factory=dict)
+    warmup_epochs: float = field(default=0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+
+    def __post_init__(self) -> None:
+        if self.name in SCHEDULER_ALIASES:  # the resolved config names torch's class
+            object.__setattr__(self, "name", SCHEDULER_ALIASES[self.name])
 
 
 @dataclass(frozen=True)

@@ -147,16 +147,24 @@ def optimizer_factory(
 
 
 def scheduler_factory(
-    sched: SchedulerConfig, epochs: int, lr: float, steps_per_epoch: int | None
+    sched: SchedulerConfig,
+    epochs: int,
+    lr: float,
+    steps_per_epoch: int | None,
+    *,
+    skip: int = 0,
 ) -> Callable[[torch.optim.Optimizer], Any] | None:
     """``f(optimizer) -> scheduler`` for ``train.scheduler``, None for a constant rate.
 
     The run's length is filled in where a scheduler needs it and ``args`` does not say:
     ``OneCycleLR`` gets ``max_lr`` (the optimizer's lr) and ``total_steps``,
-    ``CosineAnnealingLR`` gets ``T_max``, counted in steps or epochs per ``interval``.
+    ``CosineAnnealingLR`` gets ``T_max``, counted in steps or epochs per ``interval``
+    (less ``skip``, the warm-up's length); ``warmup_epochs`` prepends a linear warm-up.
     """
     if sched.name is None:
         return None
+    if sched.warmup_epochs:
+        return _with_warmup(sched, epochs, lr, steps_per_epoch)
     cls = getattr(torch.optim.lr_scheduler, sched.name, None)
     if not isinstance(cls, type):
         raise KDError(
@@ -171,7 +179,7 @@ def scheduler_factory(
                 "but the training loader has no len(); give scheduler.args the total, or "
                 "interval: epoch"
             )
-        total = epochs * steps_per_epoch if per_step else epochs
+        total = (epochs * steps_per_epoch if per_step else epochs) - skip  # after a warm-up
         if sched.name == "OneCycleLR":
             args.setdefault("max_lr", lr)
             if not {"epochs", "steps_per_epoch"} & set(args):
@@ -184,6 +192,39 @@ def scheduler_factory(
             return cls(optimizer, **args)
         except (TypeError, ValueError) as err:
             raise KDError(f"train.scheduler: cannot build {sched.name}({args}): {err}") from None
+
+    return make
+
+
+def _with_warmup(
+    sched: SchedulerConfig, epochs: int, lr: float, steps_per_epoch: int | None
+) -> Callable[[torch.optim.Optimizer], Any]:
+    """``scheduler.warmup_epochs``: torch's ``SequentialLR`` of a linear warm-up
+    (``LinearLR`` from lr / (W + 1) to lr over W steps or epochs) and the named scheduler
+    over what remains of the run (its length filled in for that remainder)."""
+    per_step = sched.interval == "step"
+    if sched.name == _PLATEAU:
+        raise KDError("train.scheduler.warmup_epochs does not combine with ReduceLROnPlateau")
+    if per_step and steps_per_epoch is None:
+        raise KDError(
+            "train.scheduler.warmup_epochs per step needs the number of batches per epoch, but "
+            "the training loader has no len(); use interval: epoch"
+        )
+    unit = steps_per_epoch if per_step else 1
+    warm = max(1, round(sched.warmup_epochs * unit))
+    if warm >= epochs * unit:
+        raise KDError(
+            f"train.scheduler.warmup_epochs ({sched.warmup_epochs}) must be shorter than the "
+            f"run ({epochs} epochs)"
+        )
+    rest = dataclasses.replace(sched, warmup_epochs=0)
+    # the main scheduler's length is the run after the warm-up
+    main = scheduler_factory(rest, epochs, lr, steps_per_epoch, skip=warm)
+
+    def make(optimizer: torch.optim.Optimizer) -> Any:
+        sched_mod = torch.optim.lr_scheduler
+        warmup = sched_mod.LinearLR(optimizer, 1.0 / (warm + 1), 1.0, total_iters=warm)
+        return sched_mod.SequentialLR(optimizer, [warmup, main(optimizer)], milestones=[warm])
 
     return make
 

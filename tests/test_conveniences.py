@@ -1,0 +1,49 @@
+"""What users expect from timm / HF Trainer, built from torch's own pieces: warm-up then
+cosine from YAML, label smoothing on the task loss, early stopping, an EMA of the student."""
+
+import pytest
+import torch
+from torch import nn
+
+import kdkit
+from kdkit.config import parse
+from kdkit.data import ArrayDataset, FastLoader
+
+
+def _data(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 1, 4, 4), dtype=torch.uint8, generator=g)
+    return ArrayDataset(x, (x.float().mean((1, 2, 3)) > 127.5).long())
+
+
+def _net():
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+
+
+def _train_cfg(**train):
+    raw = {
+        "teacher": {"model": "kdkit:fmnist_teacher"},
+        "student": {"model": "kdkit:fmnist_student"},
+        "data": {"train": {"fashion_mnist": "train"}},
+        "train": {"progress": False, **train},
+    }
+    return parse(raw).train
+
+
+def test_warmup_then_cosine_from_yaml():
+    train = _train_cfg(
+        epochs=5,
+        optimizer={"name": "SGD", "lr": 1.0},
+        scheduler={"name": "cosine", "warmup_epochs": 1, "interval": "epoch"},
+    )
+    assert train.scheduler.name == "CosineAnnealingLR"
+    d = kdkit.Distiller(_net(), None)
+    trainer = kdkit.Trainer.from_config(train, d, FastLoader(_data(), 16))
+    assert isinstance(trainer.scheduler, torch.optim.lr_scheduler.SequentialLR)
+    lrs = [row["lr"] for row in trainer.fit()]  # the lr after each epoch's scheduler step
+    # warm-up 1 epoch from 1/2 to 1, then cosine over the 4 remaining epochs down to 0
+    assert lrs[0] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.0, abs=1e-9)
+    assert lrs == sorted(lrs, reverse=True)
+    with pytest.raises(kdkit.KDError, match="shorter than the run"):
+        bad = _train_cfg(epochs=2, scheduler={"name": "cosine", "warmup_epochs": 2})
+        kdkit.Trainer.from_config(bad, kdkit.Distiller(_net(), None), FastLoader(_data(), 16))
