@@ -113,6 +113,7 @@ class Distiller(nn.Module):
             the shortcut ``{(student_layer, teacher_layer): loss}``.
         balancer: a :class:`~kdkit.LossBalancer`; None: one pair and no student loss give
             that pair's raw loss, else 0.5 / 0.5 (ModelOpt's rule).
+        label_smoothing: of the task loss (the cross-entropy on labeled rows), in [0, 1).
 
     One step, all in one call (what the :class:`~kdkit.Trainer` runs; nothing is kept
     between calls)::
@@ -134,8 +135,13 @@ class Distiller(nn.Module):
         teacher: nn.Module | Teacher | None,
         pairs: Loss | Sequence[Pair] | Mapping[tuple[str, str], Loss] | None = None,
         balancer: LossBalancer | None = None,
+        *,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise KDError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = float(label_smoothing)
         if not isinstance(student, nn.Module):
             raise KDError(f"the student must be an nn.Module, got {type(student).__name__}")
         self.student = student
@@ -275,7 +281,7 @@ class Distiller(nn.Module):
         if labeled and self._output_pair is None:
             if isinstance(run.output, torch.Tensor) and run.output.dim() >= 2:
                 check_labels(labels, run.output.shape[1])
-            task = labeled_cross_entropy(run.output, device_labels)
+            task = labeled_cross_entropy(run.output, device_labels, self.label_smoothing)
         total, components = self.combine(run, task, device_labels)
         return StepOutput(total, components, run.output)
 

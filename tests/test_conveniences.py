@@ -47,3 +47,24 @@ def test_warmup_then_cosine_from_yaml():
     with pytest.raises(kdkit.KDError, match="shorter than the run"):
         bad = _train_cfg(epochs=2, scheduler={"name": "cosine", "warmup_epochs": 2})
         kdkit.Trainer.from_config(bad, kdkit.Distiller(_net(), None), FastLoader(_data(), 16))
+
+
+def test_label_smoothing_on_the_task_loss_only():
+    x, y = torch.randn(6, 1, 4, 4), torch.tensor([0, 1, -1, 1, 0, -1])
+    student = _net()
+    d = kdkit.Distiller(student, None, label_smoothing=0.1)
+    with torch.no_grad():
+        logits = student(x)
+    labeled = y >= 0
+    want = nn.functional.cross_entropy(logits[labeled], y[labeled], label_smoothing=0.1)
+    assert d.step(x, y).loss.item() == pytest.approx(want.item() * 4 / 6, rel=1e-6)  # / all rows
+    cfg = parse({
+        "teacher": {"model": "kdkit:fmnist_teacher"}, "student": {"model": "kdkit:fmnist_student"},
+        "data": {"train": {"fashion_mnist": "train"}}, "distill": {"label_smoothing": 0.1},
+    })  # fmt: skip
+    from kdkit.run.models import build_distiller
+
+    built = build_distiller(cfg, _net(), _net())
+    assert built.label_smoothing == 0.1
+    with pytest.raises(kdkit.KDError, match="label_smoothing"):
+        kdkit.Distiller(_net(), None, label_smoothing=1.0)

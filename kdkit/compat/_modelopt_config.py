@@ -179,7 +179,7 @@ def _balancer(
                 f"mapping, got {type(obj).__name__}"
             )
         # a kdkit.config.DistillConfig carries its pairs too; they went to the criterion
-        fields = {k: v for k, v in fields.items() if k != "pairs"}
+        fields = {k: v for k, v in fields.items() if k not in ("pairs", "label_smoothing")}
         _check_keys(list(fields), _BALANCER_KEYS, "loss_balancer")
         balancer = LossBalancer(**fields)
     for key in [k for k in balancer.weights if isinstance(k, int)]:

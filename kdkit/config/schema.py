@@ -171,6 +171,9 @@ class DistillConfig:
     distill_weight: float = field(default=0.5, metadata=_check(lambda v: v >= 0, "a number >= 0"))
     start_epoch: float = field(default=0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
     warmup_epochs: float = field(default=0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+    label_smoothing: float = field(
+        default=0.0, metadata=_check(lambda v: 0 <= v < 1, "a number in [0, 1)")
+    )
 
 
 # -- training ---------------------------------------------------------------------------
