@@ -68,3 +68,26 @@ def test_label_smoothing_on_the_task_loss_only():
     assert built.label_smoothing == 0.1
     with pytest.raises(kdkit.KDError, match="label_smoothing"):
         kdkit.Distiller(_net(), None, label_smoothing=1.0)
+
+
+def test_early_stopping_from_yaml_stops_and_a_resume_stops_again(tmp_path):
+    train = _train_cfg(
+        epochs=8,
+        optimizer={"lr": 1e-9},
+        early_stopping={"metric": "val_loss", "patience": 2, "min_delta": 1e-6},
+    )
+    assert train.early_stopping.patience == 2
+
+    def make():
+        d = kdkit.Distiller(_net(), None)
+        loader = FastLoader(_data(), 16)
+        val = FastLoader(_data(16, 1), 16, shuffle=False)
+        return kdkit.Trainer.from_config(train, d, loader, val, checkpoint_dir=tmp_path)
+
+    history = make().fit()  # lr ~0: the val loss never improves after epoch 1
+    assert len(history) == 3
+    again = make()
+    assert again.fit(resume=True) == history and again.epoch == 3  # stops again at once
+    with pytest.raises(kdkit.KDError, match="not among this run's epoch metrics"):
+        es = kdkit.train.early_stopping.EarlyStopping(metric="val_top9")
+        es.reason_to_stop(history, "val_top9", True)

@@ -25,6 +25,7 @@ __all__ = [
     "OptimizerConfig",
     "SchedulerConfig",
     "TrainConfig",
+    "EarlyStoppingConfig",
     "MODEL_PREFIXES",
     "TEACHER_ONLY_PREFIXES",
 ]
@@ -215,6 +216,17 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """Stop when ``metric`` (an epoch column, e.g. ``val_top1`` or ``val_loss``; null: the
+    task's best metric) has not improved by more than ``min_delta`` for ``patience`` epochs."""
+
+    metric: str | None = None
+    patience: int = field(default=5, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
+    min_delta: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+    mode: Literal["auto", "min", "max"] = "auto"
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The loop: epochs, optimizer, schedule, precision, seed, device, checkpoints."""
 
@@ -232,6 +244,7 @@ class TrainConfig:
     )
     checkpoint_every: int | None = _positive()
     progress: bool = True
+    early_stopping: EarlyStoppingConfig | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

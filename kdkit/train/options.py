@@ -24,6 +24,7 @@ from torch import nn
 
 from kdkit.config import OptimizerConfig, RunConfig, SchedulerConfig, TrainConfig
 from kdkit.errors import KDError, closest_names
+from kdkit.train.early_stopping import EarlyStopping
 from kdkit.train.resume import RUN_INFO_KEYS
 
 __all__ = [
@@ -56,6 +57,7 @@ class LoopOptions:
             reading it is a host sync, 1 elsewhere).
         progress: show a progress bar (rank 0).
         device: where the task runs (None: CUDA when available, else CPU).
+        early_stopping: an :class:`~kdkit.train.early_stopping.EarlyStopping` (None: off).
     """
 
     epochs: int = 1
@@ -67,6 +69,7 @@ class LoopOptions:
     nan_check_every: int | None = None
     progress: bool = True
     device: str | torch.device | None = None
+    early_stopping: EarlyStopping | None = None
 
     def __post_init__(self) -> None:
         from kdkit.train.precision import PRECISION_DTYPES
@@ -119,8 +122,18 @@ def loop_options(train: TrainConfig, **overrides: Any) -> LoopOptions:
         checkpoint_every=train.checkpoint_every,
         progress=train.progress,
         device=train.device,
+        early_stopping=_early_stopping(train),
     )
     return dataclasses.replace(options, **overrides)
+
+
+def _early_stopping(train: TrainConfig) -> EarlyStopping | None:
+    es = train.early_stopping
+    if es is None:
+        return None
+    return EarlyStopping(
+        metric=es.metric, patience=es.patience, min_delta=es.min_delta, mode=es.mode
+    )
 
 
 def optimizer_factory(

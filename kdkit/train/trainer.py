@@ -278,7 +278,7 @@ class Trainer:
         log_dir = self.checkpoint_dir if self.is_main else None
         metrics = MetricLog(log_dir, resume_epoch=self.epoch if resume else None)
         try:
-            while self.epoch < self.epochs:
+            while self.epoch < self.epochs and not self._stop_early():
                 row = self._train_epoch()
                 if self.val_loader is not None:
                     row.update({f"val_{k}": v for k, v in self.evaluate().items()})
@@ -298,6 +298,17 @@ class Trainer:
         if restore_best:
             self._restore_best()
         return self.history
+
+    def _stop_early(self) -> bool:
+        """``options.early_stopping`` decided on the history (a resumed run included)."""
+        es = self.options.early_stopping
+        if es is None:
+            return False
+        column, higher = es.resolve(self.best_metric, self.higher_is_better)
+        reason = es.reason_to_stop(self.history, column, higher)
+        if reason is not None:
+            report_epoch(reason, self.options.progress and self.is_main)
+        return reason is not None
 
     def _batches(self) -> Iterable:
         loader = self.train_loader
