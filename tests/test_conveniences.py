@@ -91,3 +91,43 @@ def test_early_stopping_from_yaml_stops_and_a_resume_stops_again(tmp_path):
     with pytest.raises(kdkit.KDError, match="not among this run's epoch metrics"):
         es = kdkit.train.early_stopping.EarlyStopping(metric="val_top9")
         es.reason_to_stop(history, "val_top9", True)
+
+
+def test_ema_is_evaluated_saved_as_best_and_resumed_exactly(tmp_path):
+    """train.ema: torch's AveragedModel; val metrics and best.pt are the average's, last.pt
+    holds raw weights + average, and a killed run resumes both bit for bit."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    train = _train_cfg(epochs=2, ema={"decay": 0.9}, optimizer={"lr": 0.05})
+
+    def make(directory):
+        torch.manual_seed(0)
+        d = kdkit.Distiller(_net(), None)
+        val = FastLoader(_data(16, 1), 16, shuffle=False)
+        return kdkit.Trainer.from_config(
+            train, d, FastLoader(_data(), 8, seed=0), val, checkpoint_dir=directory
+        )
+
+    trainer = make(tmp_path / "a")
+    reference = AveragedModel(
+        trainer.task.student, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True
+    )
+    trainer.callbacks.append(lambda t, out: reference.update_parameters(t.task.student))
+    trainer.fit()
+    student, average = trainer.task.student, trainer.ema.average.module
+    raw = [p.detach().clone() for p in student.parameters()]
+    avg = list(reference.module.parameters())
+    assert all(map(torch.allclose, average.parameters(), avg))
+    with trainer.ema.applied():
+        assert all(map(torch.equal, student.parameters(), average.parameters()))
+    assert all(map(torch.equal, student.parameters(), raw))
+    best = kdkit.train.load_checkpoint(tmp_path / "a" / "best.pt")["student"]
+    last = kdkit.train.load_checkpoint(tmp_path / "a" / "last.pt")
+    assert not torch.equal(best["1.weight"], last["student"]["1.weight"]) and "ema" in last
+    # resume after the first epoch ends where the uninterrupted run did, average included
+    first = make(tmp_path / "b")
+    first.options = type(first.options)(**{**vars(first.options), "epochs": 1})
+    first.fit()
+    resumed = make(tmp_path / "b")
+    resumed.fit(resume=True)
+    assert all(map(torch.equal, resumed.ema.average.module.parameters(), average.parameters()))

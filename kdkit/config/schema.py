@@ -26,6 +26,7 @@ __all__ = [
     "SchedulerConfig",
     "TrainConfig",
     "EarlyStoppingConfig",
+    "EmaConfig",
     "MODEL_PREFIXES",
     "TEACHER_ONLY_PREFIXES",
 ]
@@ -227,6 +228,14 @@ class EarlyStoppingConfig:
 
 
 @dataclass(frozen=True)
+class EmaConfig:
+    """An exponential moving average of the student's weights (torch's AveragedModel):
+    evaluated, and saved as ``best.pt``, instead of the raw weights."""
+
+    decay: float = field(default=0.9998, metadata=_check(lambda v: 0 < v < 1, "in (0, 1)"))
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The loop: epochs, optimizer, schedule, precision, seed, device, checkpoints."""
 
@@ -245,6 +254,7 @@ class TrainConfig:
     checkpoint_every: int | None = _positive()
     progress: bool = True
     early_stopping: EarlyStoppingConfig | None = None
+    ema: EmaConfig | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

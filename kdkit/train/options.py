@@ -58,6 +58,8 @@ class LoopOptions:
         progress: show a progress bar (rank 0).
         device: where the task runs (None: CUDA when available, else CPU).
         early_stopping: an :class:`~kdkit.train.early_stopping.EarlyStopping` (None: off).
+        ema_decay: keep an EMA of the student's weights with this decay; evaluation and
+            ``best.pt`` are then the average's (:mod:`kdkit.train.ema`). None: off.
     """
 
     epochs: int = 1
@@ -70,6 +72,7 @@ class LoopOptions:
     progress: bool = True
     device: str | torch.device | None = None
     early_stopping: EarlyStopping | None = None
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         from kdkit.train.precision import PRECISION_DTYPES
@@ -98,6 +101,7 @@ class LoopOptions:
                 self.max_grad_norm is None or self.max_grad_norm > 0,
                 "None or > 0",
             ),
+            ("ema_decay", self.ema_decay is None or 0 < self.ema_decay < 1, "None or in (0, 1)"),
         )
         for name, ok, expected in checks:
             if not ok:
@@ -123,6 +127,7 @@ def loop_options(train: TrainConfig, **overrides: Any) -> LoopOptions:
         progress=train.progress,
         device=train.device,
         early_stopping=_early_stopping(train),
+        ema_decay=None if train.ema is None else train.ema.decay,
     )
     return dataclasses.replace(options, **overrides)
 

@@ -37,6 +37,7 @@ from kdkit.load import save_checkpoint
 from kdkit.registry import ModelSpec
 from kdkit.task import StepOutput, Task
 from kdkit.train import distributed
+from kdkit.train.ema import StudentEMA
 from kdkit.train.legacy import EpochCallback, apply_older_keywords
 from kdkit.train.metrics import MetricLog, epoch_line, report_epoch
 from kdkit.train.nan_guard import NanGuard
@@ -141,6 +142,7 @@ class Trainer:
             self._materialize_lazy_parameters()
         params = [p for p in task.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(optimizer, params)
+        self.ema = StudentEMA(task, options.ema_decay) if options.ema_decay else None
         self.scheduler = build_scheduler(scheduler, self.optimizer)
         self._plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         if self._plateau and options.scheduler_interval == "step":
@@ -248,13 +250,15 @@ class Trainer:
         ):
             out = StepOutput(**self._ddp_step(inputs))
         self.nan_guard.record(out.loss, out.components, self.step, self.epoch)
-        self.precision.backward_step(
+        stepped = self.precision.backward_step(
             out.loss,
             self.optimizer,
             self.task.parameters(),
             self.options.max_grad_norm,
             normalizer=out.normalizer,
         )
+        if stepped and self.ema is not None:
+            self.ema.update()
         return out.detached()
 
     # -- the loop -------------------------------------------------------------------------
@@ -386,12 +390,19 @@ class Trainer:
         if loader is None:
             raise KDError("no validation loader: pass val_loader= or evaluate(loader)")
         batches = (self.inputs(b, self.epoch, augment=False) for b in loader)
-        return self.task.evaluate(batches, self.precision.autocast)
+        with self._averaged():  # with train.ema: the average is what is evaluated
+            return self.task.evaluate(batches, self.precision.autocast)
+
+    def _averaged(self) -> contextlib.AbstractContextManager:
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     # -- checkpoints (kdkit/train/resume.py) ----------------------------------------------------
     def state(self) -> dict[str, Any]:
         """Everything needed to continue exactly where training is now."""
-        return trainer_state(self)
+        state = trainer_state(self)
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def save(self, name: str = "last.pt") -> Path | None:
         """Atomically write the current state to ``checkpoint_dir/name`` (rank 0 only)."""
@@ -411,9 +422,12 @@ class Trainer:
         if self.checkpoint_dir is not None:
             self.save("last.pt")
             if better:
-                self.save("best.pt")
+                with self._averaged():  # best.pt holds the weights that were evaluated
+                    self.save("best.pt")
         elif better and self._keep_best_in_memory:
-            self._best_weights = {k: cpu_copy(v) for k, v in self.task.checkpoint_state().items()}
+            with self._averaged():
+                best = self.task.checkpoint_state()
+                self._best_weights = {k: cpu_copy(v) for k, v in best.items()}
 
     def _restore_best(self) -> None:
         restore_best(self)
