@@ -131,3 +131,42 @@ def test_ema_is_evaluated_saved_as_best_and_resumed_exactly(tmp_path):
     resumed = make(tmp_path / "b")
     resumed.fit(resume=True)
     assert all(map(torch.equal, resumed.ema.average.module.parameters(), average.parameters()))
+
+
+@pytest.mark.parametrize("name", ["tensorboard", "mlflow", "wandb"])
+def test_trackers_log_per_step_and_epoch_or_say_which_extra(name, tmp_path, monkeypatch):
+    import importlib.util
+
+    from kdkit.train.trackers import TRACKERS
+
+    module = TRACKERS[name][0]
+    installed = importlib.util.find_spec(module.split(".")[0]) is not None
+    if module.startswith("torch."):  # torch ships the writer, the tensorboard package the rest
+        installed = importlib.util.find_spec("tensorboard") is not None
+    train = _train_cfg(epochs=1, loggers=[name], log_every=1)
+    assert train.loggers == (name,) and train.log_every == 1
+
+    def make():
+        d = kdkit.Distiller(_net(), None)
+        return kdkit.Trainer.from_config(
+            train, d, FastLoader(_data(), 16), checkpoint_dir=tmp_path / "run"
+        )
+
+    if not installed:  # the venv has none of them: the error names the extra
+        with pytest.raises(kdkit.KDError, match=rf"pip install 'kdkit\[{name}\]'"):
+            make()
+        return
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    make().fit()
+    folder = {"tensorboard": "tb", "mlflow": "mlruns", "wandb": "wandb"}[name]
+    assert any((tmp_path / "run" / folder).rglob("*"))  # the tracker's own files
+
+
+def test_log_every_prints_a_line_per_n_steps(caplog):
+    caplog.set_level("INFO", logger="kdkit")
+    train = _train_cfg(epochs=1, log_every=2)
+    kdkit.Trainer.from_config(train, kdkit.Distiller(_net(), None), FastLoader(_data(), 8)).fit()
+    steps = [
+        r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("step ")
+    ]
+    assert steps == ["2", "4"] and "loss_total" in caplog.text and "lr " in caplog.text

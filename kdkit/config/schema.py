@@ -255,6 +255,8 @@ class TrainConfig:
     progress: bool = True
     early_stopping: EarlyStoppingConfig | None = None
     ema: EmaConfig | None = None
+    loggers: tuple[Literal["tensorboard", "mlflow", "wandb"], ...] = ()
+    log_every: int | None = _positive()
 
 
 @dataclass(frozen=True, kw_only=True)

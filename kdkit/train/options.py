@@ -338,6 +338,14 @@ def trainer_from_config(
             kwargs["inputs"].channels_last = True
             if isinstance(student, nn.Module):
                 student.to(memory_format=torch.channels_last)
+    if train.loggers or train.log_every:  # trackers: refused at once when a package is missing
+        from kdkit.train.trackers import Trackers
+
+        where = kwargs.get("checkpoint_dir")
+        if where is None and train.loggers:
+            raise KDError("train.loggers write under the run directory: give checkpoint_dir=")
+        trackers = Trackers(train.loggers, where or ".", train.log_every)
+        kwargs["callbacks"] = [*kwargs.get("callbacks", ()), trackers]
     trainer = trainer_cls(
         task,
         train_loader,

@@ -94,7 +94,8 @@ class Trainer:
         run_info: plain data stored with the weights (``student_spec``, ``teacher_spec``,
             ``config``, ``input_shape``, ``mean``, ``std``: what ``kdkit eval/export`` read).
         callbacks: called as ``cb(trainer, step_output)`` after every step, or objects with
-            ``on_step(trainer, out)`` and / or ``on_epoch(trainer, row)``.
+            ``on_step(trainer, out)`` and / or ``on_epoch(trainer, row)`` (and ``close()``,
+            called when ``fit`` ends, e.g. :class:`kdkit.train.trackers.Trackers`).
         **option_keywords: :class:`LoopOptions` fields, and the older flat keywords (see
             :func:`~kdkit.train.options.split_trainer_kwargs`).
     """
@@ -299,6 +300,10 @@ class Trainer:
                 report_epoch(epoch_line(row, self.epochs), show)  # printed without logging set up
         finally:
             metrics.close()
+            for cb in self.callbacks:  # trackers flush and close their files
+                close = getattr(cb, "close", None)
+                if callable(close):
+                    close()
         if restore_best:
             self._restore_best()
         return self.history
