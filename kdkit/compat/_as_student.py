@@ -65,10 +65,14 @@ def _forward_dunder(name: str) -> Any:
     return method
 
 
-def _student_names(cls: type) -> set[str]:
-    """Every name ``cls`` (and its bases below ``nn.Module``) defines."""
+#: what every module instance holds (``training``, ``_modules``...): the wrapper's own
+_MODULE_STATE = frozenset(vars(nn.Module()))
+
+
+def _defined(cls: type) -> set[str]:
+    """Every name ``cls`` and its bases below ``nn.Module`` define."""
     base = set(nn.Module.__mro__)
-    return {n for k in cls.__mro__ if k not in base for n in vars(k)} - _CLASS_ONLY
+    return {n for k in cls.__mro__ if k not in base for n in vars(k)}
 
 
 @functools.cache
@@ -76,24 +80,27 @@ def wrapper_class(wrapper: type, student_cls: type) -> type:
     """``wrapper`` (a DistillationModel class) made a subclass of ``student_cls`` too; one
     class per pair, so two conversions of the same student class share it. Falls back to
     ``wrapper`` itself when ``student_cls`` cannot be a base (a TorchScript module, a class
-    with its own ``__new__`` or ``__slots__`` layout)."""
+    with its own ``__new__`` or ``__slots__`` layout, a class that redefines module state)."""
     if student_cls is nn.Module or not issubclass(student_cls, nn.Module):
         return wrapper
     if issubclass(student_cls, wrapper) or student_cls.__new__ is not object.__new__:
         return wrapper
+    if _defined(student_cls) & _MODULE_STATE:  # e.g. torch.compile's wrapper: a property
+        return wrapper  # ``training`` that reads another module; it cannot be a base
     own = {n for k in wrapper.__mro__ if k not in nn.Module.__mro__ for n in vars(k)}
     own |= set(getattr(wrapper, "_OWN", ()))  # its instance attributes
     namespace: dict[str, Any] = {"__module__": wrapper.__module__}
-    for name in _student_names(student_cls) - own:
+    for name in _defined(student_cls) - _CLASS_ONLY - own:
         if hasattr(nn.Module, name):  # an override of nn.Module's: keep nn.Module's own
             namespace[name] = inspect.getattr_static(nn.Module, name)
         elif name.startswith("__") and name.endswith("__"):  # len(), iter(), [i] ...
-            namespace[name] = _forward_dunder(name)
+            if callable(inspect.getattr_static(student_cls, name)):
+                namespace[name] = _forward_dunder(name)
         else:
             namespace[name] = _Forwarded(name, student_cls)
     try:
         return type(
             f"{wrapper.__name__}[{student_cls.__name__}]", (wrapper, student_cls), namespace
         )
-    except TypeError:  # incompatible layouts or metaclasses
+    except Exception:  # incompatible layouts or metaclasses, a refusing __init_subclass__
         return wrapper

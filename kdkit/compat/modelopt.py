@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from kdkit.balance import LossBalancer
+from kdkit.capture import unwrap
 from kdkit.compat._as_student import wrapper_class
 from kdkit.compat._modelopt_config import describe_teacher_model, parse_distill_config
 from kdkit.distiller import Distiller, Forward
@@ -85,10 +86,10 @@ class DistillationModel(nn.Module):
 
     _OWN = frozenset({"student", "criterion", "distiller", "_pending", "_components", "_recipe"})
 
-    def __new__(cls, distiller: Distiller, *args: Any, **kwargs: Any) -> DistillationModel:
+    def __new__(cls, distiller: Distiller | None = None, *args: Any, **kwargs: Any) -> Any:
         student = getattr(distiller, "student", None)
         if cls is DistillationModel and isinstance(student, nn.Module):
-            cls = wrapper_class(DistillationModel, type(student))
+            cls = wrapper_class(DistillationModel, type(unwrap(student)))  # the user's class
         return super().__new__(cls)
 
     def __init__(self, distiller: Distiller) -> None:

@@ -8,6 +8,8 @@ other tests check the guide's rules: custom two-argument losses, "no balancer fo
 pair without a student loss", and every ``teacher_model`` form.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -182,6 +184,15 @@ def test_converted_model_is_an_instance_of_the_students_class_with_its_attribute
     assert list(d.state_dict()) == [f"student.{k}" for k in seq.state_dict()]
     d.eval()
     assert not seq.training and not d.training
+    copied = copy.deepcopy(d)  # a copy is a converted model of its own student
+    assert isinstance(copied, nn.Sequential) and copied[0] is copied.student[0] is not seq[0]
+
+    class WithProperty(Tiny):
+        @property
+        def width(self):
+            return self.layers[0].out_features
+
+    assert mtd.convert(WithProperty(), {"teacher_model": Tiny}).width == 4  # on the student
 
 
 def test_eval_forward_runs_the_teacher_only_when_a_loss_is_asked_for():
