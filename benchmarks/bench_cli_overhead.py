@@ -91,7 +91,7 @@ def cli_only_costs(weights: Path, run_dir: Path) -> dict[str, float]:
     with (run_dir / "metrics.csv").open() as f:
         trainer.history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
     for row in trainer.history:
-        row["epoch"] = int(row["epoch"])
+        row["epoch"] = int(row["epoch"]) - 1  # metrics.csv counts from 1, history from 0
     start = time.perf_counter()
     teacher_top1 = _teacher_top1(trainer, data)
     teacher_s = time.perf_counter() - start

@@ -12,6 +12,7 @@ is the :class:`~kdkit.task.Task` the :class:`~kdkit.Trainer` runs, one call per 
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdkit._embedding import best_metric_for, evaluate_embedding, output_pair
 from kdkit.balance import LossBalancer
 from kdkit.capture import Capture, resolve_module, unwrap
 from kdkit.data.pipeline import ModelInput
@@ -35,6 +37,8 @@ from kdkit.train.evaluate import classification_metrics
 __all__ = ["Distiller", "Pair", "PairInfo", "PairTable", "StepOutput", "labeled_cross_entropy"]
 
 Loss = nn.Module | Callable[..., torch.Tensor]
+
+log = logging.getLogger(__name__)
 
 
 def _as_teacher(teacher: nn.Module | Teacher | None) -> Teacher | None:
@@ -109,6 +113,7 @@ class Distiller(nn.Module):
             the shortcut ``{(student_layer, teacher_layer): loss}``.
         balancer: a :class:`~kdkit.LossBalancer`; None: one pair and no student loss give
             that pair's raw loss, else 0.5 / 0.5 (ModelOpt's rule).
+        label_smoothing: of the task loss (the cross-entropy on labeled rows), in [0, 1).
 
     One step, all in one call (what the :class:`~kdkit.Trainer` runs; nothing is kept
     between calls)::
@@ -130,8 +135,13 @@ class Distiller(nn.Module):
         teacher: nn.Module | Teacher | None,
         pairs: Loss | Sequence[Pair] | Mapping[tuple[str, str], Loss] | None = None,
         balancer: LossBalancer | None = None,
+        *,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise KDError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = float(label_smoothing)
         if not isinstance(student, nn.Module):
             raise KDError(f"the student must be an nn.Module, got {type(student).__name__}")
         self.student = student
@@ -155,6 +165,16 @@ class Distiller(nn.Module):
         self._teacher_hooked = True
         self._capture: Capture | None = None
         self._warned_late_params = False
+        # the output distilled into a teacher feature is an embedding: no CE, another metric
+        self._output_pair = output_pair(student, self.pair_list) if teacher is not None else None
+        if self._output_pair is not None:
+            self.best_metric = best_metric_for(self.teacher, student, self._output_pair)
+            log.info(
+                "the student's output is distilled into the teacher's %r: it is an embedding, "
+                "so no cross-entropy is taken on it and epochs are ranked by val %s",
+                self._output_pair.teacher,
+                self.best_metric[0],
+            )
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
@@ -190,12 +210,17 @@ class Distiller(nn.Module):
         self.balancer.set_epoch(epoch)
 
     def forward_both(
-        self, x: torch.Tensor, index: torch.Tensor | None = None, view: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        index: torch.Tensor | None = None,
+        view: torch.Tensor | None = None,
+        *,
+        with_teacher: bool = True,
     ) -> Forward:
-        """Teacher (only while distillation is active) and student on ``x``, features taken
-        out of the hooks so nothing of this batch stays behind in them."""
+        """Teacher (only while distillation is active, and ``with_teacher``) and student on
+        ``x``, features taken out of the hooks so nothing of this batch stays behind in them."""
         cap = self._student_capture()
-        active = self.teacher is not None and self.balancer.active
+        active = with_teacher and self.teacher is not None and self.balancer.active
         teacher_out = self._teacher_forward(x, index, view) if active else None
         cap.clear()
         try:
@@ -204,6 +229,12 @@ class Distiller(nn.Module):
         finally:
             cap.clear()
         return Forward(out, features, teacher_out)
+
+    def teacher_forward(
+        self, x: torch.Tensor, index: torch.Tensor | None = None, view: torch.Tensor | None = None
+    ) -> TeacherOutput:
+        """The teacher's output on ``x`` (a device or dtype mismatch is one KDError)."""
+        return self._teacher_forward(x, index, view)
 
     def _teacher_forward(self, x: torch.Tensor, index, view) -> TeacherOutput:
         try:
@@ -247,10 +278,10 @@ class Distiller(nn.Module):
         device_labels = None
         if labels is not None:
             device_labels = labels.to(x.device, non_blocking=True)
-        if labeled:
+        if labeled and self._output_pair is None:
             if isinstance(run.output, torch.Tensor) and run.output.dim() >= 2:
                 check_labels(labels, run.output.shape[1])
-            task = labeled_cross_entropy(run.output, device_labels)
+            task = labeled_cross_entropy(run.output, device_labels, self.label_smoothing)
         total, components = self.combine(run, task, device_labels)
         return StepOutput(total, components, run.output)
 
@@ -300,6 +331,12 @@ class Distiller(nn.Module):
             stacklevel=4,
         )
 
+    def pair_loss(
+        self, run: Forward, pair: Pair, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One pair's loss on a :class:`Forward` (its errors name the pair)."""
+        return self._pair_loss(run, pair, labels, pair.takes_labels)
+
     def _pair_loss(self, run: Forward, pair: Pair, labels, with_labels: bool) -> torch.Tensor:
         s_out = run.feature(pair.student)
         t_out = run.teacher.get(pair.teacher)
@@ -319,11 +356,15 @@ class Distiller(nn.Module):
     def evaluate(
         self, batches: Iterable[ModelInput], autocast: Callable = contextlib.nullcontext
     ) -> dict[str, float]:
-        """Top-1 / top-5 accuracy (%) and cross-entropy of the student on labeled rows."""
+        """Top-1 / top-5 accuracy (%) and cross-entropy of the student on labeled rows; for an
+        embedding student, see :mod:`kdkit._embedding` (``pair_loss``, and scores through
+        the teacher's head when it has one)."""
         student = self.student
         was_training = student.training
         student.eval()
         try:
+            if self._output_pair is not None:
+                return evaluate_embedding(self, self._output_pair, batches, autocast)
             scores = classification_metrics(((b.x, b.labels) for b in batches), student, autocast)
         finally:
             student.train(was_training)

@@ -279,5 +279,5 @@ def export_onnx(
         sha256=sha256_file(path),
         verify_batch=3,
     )
-    log.info("%s", report.summary())
+    log.debug("%s", report.summary())  # the caller shows the report (kdkit export prints it)
     return report

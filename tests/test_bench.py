@@ -164,3 +164,15 @@ def test_the_single_module_names_still_import_from_kdkit_bench():
         assert getattr(kdkit.bench, name) is not None, name
     with pytest.raises(AttributeError):
         kdkit.bench._Memry  # noqa: B018
+
+
+def test_each_comparison_writes_into_a_folder_of_its_own():
+    from kdkit.cli._bench import default_out
+
+    assert default_out("runs/r50-to-r18", None, None) == "runs/r50-to-r18/bench"
+    assert default_out(None, "runs/demo/teacher.pt", "runs/demo/student.pt") == (
+        "runs/bench/teacher-vs-student"
+    )
+    assert default_out(None, "kdkit:fmnist_teacher", "torchvision:resnet18") == (
+        "runs/bench/fmnist_teacher-vs-resnet18"
+    )

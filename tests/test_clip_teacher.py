@@ -276,3 +276,42 @@ def test_probe_training_moved_to_run_and_the_old_names_say_where(tiny):
         and "kdkit.distiller" not in src
         and "kdkit.run" not in src.replace("kdkit.run.clip_probe", "")
     )
+
+
+def test_embedding_student_gets_no_cross_entropy_and_a_meaningful_best_metric(tiny, tmp_path):
+    """The Jetson tutorial's embedding run: resnet18(num_classes=512) learns the teacher's
+    embedding. Its output has D dims, not C classes: no CE on it; epochs are ranked by the
+    teacher's head on the student's embedding, or by the pair's val loss without a head."""
+    model, tok = tiny
+    teacher = ClipTeacher.zero_shot(model, tok, CLASSES)
+    student = TinyStudent()
+    student.fc = nn.Linear(8, 16)  # outputs the 16-d embedding
+    d = Distiller(student, teacher, {("fc", "embedding"): CosineEmbedding()})
+    x, y = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
+    out = d.step(x, y)
+    assert "student" not in out.components  # no CE over the 16 embedding dims
+    assert d.best_metric == ("top1", True)
+    train, val = _toy(24, 1), _toy(12, 2)
+    trainer = Trainer(
+        d, FastLoader(train, 12), FastLoader(val, 12, shuffle=False), epochs=1,
+        device="cpu", progress=False, checkpoint_dir=tmp_path / "run",
+    )  # fmt: skip
+    row = trainer.fit()[0]
+    assert {"val_top1", "val_pair_loss"} <= set(row) and (tmp_path / "run" / "best.pt").is_file()
+    with torch.no_grad():  # val top-1 is the zero-shot head on the student's embedding
+        emb = student.eval()(val.images.float() / 255)
+        want = 100 * float((teacher.head(emb).argmax(1) == val.labels).float().mean())
+    assert row["val_top1"] == pytest.approx(want)
+    # a teacher feature without a head: the pair's own val loss, lower is better
+    plain = Distiller(TinyStudent(), TinyStudent(), {("fc", "body.0"): FeatureMSE()})
+    assert plain.best_metric == ("pair_loss", False)
+
+
+def test_probe_fitted_on_the_fp32_encoder_loads_for_a_bf16_teacher(tiny, tmp_path):
+    model, tok = tiny
+    fp32 = ClipTeacher.zero_shot(model, tok, CLASSES)
+    fit_probe(fp32, _toy(30, 1), epochs=2, lr=0.05)
+    path = fp32.save_probe(tmp_path / "probe.pt")
+    bf16 = ClipTeacher.linear_probe(copy.deepcopy(model), probe=path, precision="bf16")
+    assert bf16.precision == "bf16" and bf16.encoder_fingerprint() == fp32.encoder_fingerprint()
+    assert bf16.fingerprint() != fp32.fingerprint()  # caches still tell the two apart

@@ -138,14 +138,16 @@ def test_load_student_errors(tmp_path):
         load_student(wrong)
 
 
-def test_cli_export(tmp_path, capsys):
+def test_cli_export(tmp_path, capsys, caplog):
     from kdkit.cli import main
 
     path = _checkpoint(tmp_path, fmnist_student(), mean=[0.3], std=[0.35])
     out = tmp_path / "student.onnx"
+    caplog.set_level("INFO", logger="kdkit")
     assert main(["export", str(path), "--onnx", str(out)]) == 0
     printed = capsys.readouterr().out
     assert str(out) in printed and "MiB" in printed and "max abs diff:" in printed
+    assert printed.count("MiB") == 1 and "MiB" not in caplog.text  # the summary once
     assert "mean=[0.3]" in printed
     assert out.is_file()
     assert main(["export", str(tmp_path / "nope.pt"), "--onnx", str(out)]) == 2

@@ -860,7 +860,8 @@ def _metrics_new_column(fx):
         "loss_output" in header
         and rows[0]["loss_output"] in ("", None)
         and float(rows[1]["loss_output"]) >= 0
-        and [int(r["epoch"]) for r in rows] == [0, 1]
+        and [int(r["epoch"]) for r in rows]
+        == [1, 2]  # counted from 1, as in the logs and the report
         and all(r["lr"] not in ("", None) for r in rows)
     )
 

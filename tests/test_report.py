@@ -38,3 +38,22 @@ def test_accuracy_table_without_speeds_still_measures_and_warns(monkeypatch):
     with pytest.warns(DeprecationWarning, match="speeds="):
         report.accuracy_table(runs, (3, 8, 8))
     assert calls == [(3, 8, 8)] * 3
+
+
+def test_same_architecture_is_one_interleaved_measurement(monkeypatch):
+    """The demo's scratch and KD students are one architecture: one (median) speed, never a
+    difference that would suggest distillation made the student faster."""
+    from torch import nn
+
+    order = []
+
+    def fake_speed(model, shape):
+        order.append(model)
+        return {"params": 1, "latency_ms": float(len(order)), "img_per_s": 1.0}
+
+    monkeypatch.setattr(report, "_speed", fake_speed)
+    teacher, scratch, kd = nn.Linear(4, 8), nn.Linear(4, 2), nn.Linear(4, 2)
+    runs = [SimpleNamespace(model=m) for m in (teacher, scratch, kd)]
+    speeds = report.measure_speeds(runs, (4,), rounds=3)
+    assert order == [teacher, scratch] * 3  # interleaved rounds, one per architecture
+    assert speeds[1] == speeds[2] and speeds[0]["latency_ms"] == 3.0  # medians

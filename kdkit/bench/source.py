@@ -22,7 +22,7 @@ from kdkit.errors import KDError
 from kdkit.load import load_model, spec_from_text
 from kdkit.registry import build_model
 
-__all__ = ["ModelSource", "resolve_model"]
+__all__ = ["ModelSource", "count_params", "resolve_model"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,12 @@ def resolve_model(obj: Any, name: str | None = None, *, trust_code: bool = False
     """Load what :func:`bench_model` would measure, without measuring it: lets a caller
     refuse a bad second model before spending minutes on the first."""
     return _resolve(obj, name, trust_code)
+
+
+def count_params(src: ModelSource) -> int | None:
+    """Parameters of a module, or weights (initializer elements) of an ONNX file; None for an
+    engine, or for ONNX without the ``onnx`` package."""
+    return _count_params(src)
 
 
 def _count_params(src: ModelSource) -> int | None:

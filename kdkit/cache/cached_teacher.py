@@ -130,7 +130,11 @@ class CachedTeacher(Teacher):
 
     def _rows(self, index: Any, view: Any) -> tuple[np.ndarray, np.ndarray]:
         if index is None:
-            raise KDError("a CachedTeacher needs the dataset index of every row (index=...)")
+            raise KDError(
+                "a CachedTeacher needs the dataset index of every row (index=...): a plain "
+                "(x, y) loader does not carry it; wrap its dataset, "
+                "DataLoader(kdkit.data.WithIndex(dataset), ...), so batches are (x, y, index)"
+            )
         idx = torch.as_tensor(index).reshape(-1).to("cpu", torch.int64).numpy()
         if view is None:
             if self.num_views != 1:

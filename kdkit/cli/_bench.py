@@ -34,7 +34,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=20, help="timed calls per batch size")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime")
     p.add_argument("--json", action="store_true", help="also write bench.json and print JSON")
-    p.add_argument("--out", default="runs/bench", help="output directory (default: runs/bench)")
+    p.add_argument(
+        "--out",
+        help="output directory (default: RUN_DIR/bench for a run, else "
+        "runs/bench/TEACHER-vs-STUDENT: each comparison in a folder of its own)",
+    )
     add_trust_code(p)
     p.set_defaults(func=run)
 
@@ -66,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     check_min(args.repeats, 1, "--repeats")
     check_min(args.threads, 1, "--threads")
     check_min(min(args.batch_sizes), 1, "--batch-sizes")
-    out = check_output_path(args.out, what="--out", directory=True)  # before the measurements
+    out_dir = args.out or default_out(args.run, args.teacher, args.student)
+    out = check_output_path(out_dir, what="--out", directory=True)  # before the measurements
     common = {
         "input_shape": args.input_shape,
         "batch_sizes": args.batch_sizes,
@@ -103,3 +108,20 @@ def run(args: argparse.Namespace) -> int:
         print(table)
         print(f"\nwrote {md} and {out / 'bench.png'}")
     return 0
+
+
+def default_out(run: str | None, teacher: object, student: object) -> str:
+    """``RUN_DIR/bench``, or ``runs/bench/TEACHER-vs-STUDENT`` from the two names (a file's
+    stem, a spec's model name), so one comparison never overwrites another's files."""
+    from pathlib import Path
+
+    if run is not None:
+        return str(Path(run) / "bench")
+
+    def label(model: object) -> str:
+        text = str(model).rstrip("/")
+        stem = Path(text).stem if ("/" in text or "." in Path(text).name) else text
+        name = stem.rpartition(":")[2] or "model"
+        return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+    return str(Path("runs") / "bench" / f"{label(teacher)}-vs-{label(student)}")

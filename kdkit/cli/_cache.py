@@ -50,7 +50,7 @@ def _size_bytes(directory: str) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from kdkit.cache import read_meta
+    from kdkit._cache_meta import read_meta  # the standard library only: no torch to import
 
     meta = read_meta(args.dir)
     size = _size_bytes(args.dir)

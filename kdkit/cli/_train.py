@@ -79,9 +79,11 @@ def resolved_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from kdkit.config import to_yaml
+    from kdkit.config._machine import check_machine
     from kdkit.run import train_run
 
     cfg = resolved_config(args)
+    check_machine(cfg)  # this machine: timm names, a CUDA device, fp16 on the CPU
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0

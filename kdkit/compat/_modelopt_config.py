@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,10 +40,16 @@ from kdkit.balance import LossBalancer
 from kdkit.errors import KDError, closest_names
 from kdkit.losses import LOSSES, SoftTargetKL
 from kdkit.losses._call import as_loss_module
-from kdkit.registry import build_model
+from kdkit.registry import build_model, check_plain, resolve_python_callable
 from kdkit.teachers.base import Teacher
 
-__all__ = ["CONFIG_KEYS", "parse_distill_config", "resolve_teacher_model"]
+__all__ = [
+    "CONFIG_KEYS",
+    "describe_teacher_model",
+    "parse_distill_config",
+    "rebuild_teacher_model",
+    "resolve_teacher_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +179,7 @@ def _balancer(
                 f"mapping, got {type(obj).__name__}"
             )
         # a kdkit.config.DistillConfig carries its pairs too; they went to the criterion
-        fields = {k: v for k, v in fields.items() if k != "pairs"}
+        fields = {k: v for k, v in fields.items() if k not in ("pairs", "label_smoothing")}
         _check_keys(list(fields), _BALANCER_KEYS, "loss_balancer")
         balancer = LossBalancer(**fields)
     for key in [k for k in balancer.weights if isinstance(k, int)]:
@@ -202,3 +209,61 @@ def parse_distill_config(
     pairs = list(criterion) if isinstance(criterion, Mapping) else [("", "")]
     balancer = _balancer(fields.get("loss_balancer"), pairs, pair_weights)
     return teacher, criterion, balancer
+
+
+def describe_teacher_model(obj: Any) -> dict[str, Any] | None:
+    """``teacher_model`` as plain data that :func:`rebuild_teacher_model` turns back into the
+    same teacher (ModelOpt's "the same callable must be available when restoring"), or None
+    for a module object, a lambda or arguments that are not plain values.
+
+    ``{"spec": "torchvision:resnet18" | {...} | path}`` or ``{"callable": "pkg.mod:Name",
+    "args": [...], "kwargs": {...}}``.
+    """
+    if isinstance(obj, (str, os.PathLike)):
+        return {"spec": str(obj)}
+    if isinstance(obj, Mapping):
+        return {"spec": dict(obj)} if _is_plain(obj) else None
+    if isinstance(obj, tuple) and obj and callable(obj[0]):
+        fn, args, kwargs = obj[0], tuple(obj[1]) if len(obj) > 1 else (), obj[2:3] or ({},)
+        kwargs = dict(kwargs[0])
+    elif callable(obj) and not isinstance(obj, (nn.Module, Teacher)):
+        fn, args, kwargs = obj, (), {}
+    else:
+        return None
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or not qualname or "<" in qualname or not _is_plain([args, kwargs]):
+        return None  # a lambda or a local function cannot be found again
+    if module.startswith("torchvision.models") and not args and "." not in qualname:
+        return {"spec": {"model": f"torchvision:{qualname}", "kwargs": kwargs}}
+    return {"callable": f"{module}:{qualname}", "args": list(args), "kwargs": kwargs}
+
+
+def _is_plain(value: Any) -> bool:
+    try:
+        check_plain(value, "value")
+    except KDError:
+        return False
+    return True
+
+
+def rebuild_teacher_model(recipe: Mapping[str, Any], *, trust_code: bool = False) -> Any:
+    """The ``teacher_model`` value a :func:`describe_teacher_model` recipe names.
+
+    A file names code only through what the running script already holds: an ``nn.Module``
+    class from a module already imported, or a function of the script itself (``__main__``).
+    Anything else (another module's function, a module not imported yet) would run code a
+    file chose: it needs ``trust_code=True``.
+    """
+    if "spec" in recipe:
+        return recipe["spec"]
+    name = str(recipe.get("callable"))
+    args, kwargs = tuple(recipe.get("args") or ()), dict(recipe.get("kwargs") or {})
+    module_name, _, qualname = name.partition(":")
+    obj: Any = sys.modules.get(module_name)
+    for part in qualname.split(".") if obj is not None else ():
+        obj = getattr(obj, part, None)
+    is_class = isinstance(obj, type) and issubclass(obj, nn.Module)
+    is_script_fn = callable(obj) and module_name == "__main__"
+    if not (is_class or is_script_fn):
+        obj = resolve_python_callable(name, trust_code, "the saved teacher_model")
+    return (obj, args, kwargs)

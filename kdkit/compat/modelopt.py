@@ -9,7 +9,7 @@
     }
     distillation_model = mtd.convert(model, mode=[("kd_loss", distillation_config)])
     ...
-    loss = distillation_model.compute_loss(student_loss=task_loss)   # kdkit's name
+    loss = distillation_model.compute_kd_loss(student_loss=task_loss)  # or compute_loss
     model_exported = mtd.export(distillation_model)
 
 The mapping (see docs/coming-from.md): ``convert`` is :func:`from_config` (ModelOpt's dict,
@@ -19,11 +19,14 @@ the teacher output for ``compute_loss``) so the core Distiller never does; ``exp
 :meth:`kdkit.Distiller.export` (the user's own class, hooks removed), ``LogitsDistillationLoss`` is
 :class:`kdkit.SoftTargetKL`, ``MGDLoss`` is :class:`kdkit.MGD`, ``StaticLossBalancer`` is a
 :class:`kdkit.LossBalancer` with ModelOpt's weights. Unlike ModelOpt, the student's class is
-never swapped (``type(model)`` stays what it was) and the teacher is never saved.
+never swapped (``type(model)`` stays what it was; the wrapper is an instance of a subclass of
+it, :mod:`kdkit.compat._as_student`) and the teacher is never saved (``mto.save`` /
+``mto.restore`` are :mod:`kdkit.compat.opt`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -31,7 +34,9 @@ import torch
 from torch import nn
 
 from kdkit.balance import LossBalancer
-from kdkit.compat._modelopt_config import parse_distill_config
+from kdkit.capture import unwrap
+from kdkit.compat._as_student import wrapper_class
+from kdkit.compat._modelopt_config import describe_teacher_model, parse_distill_config
 from kdkit.distiller import Distiller, Forward
 from kdkit.errors import KDError
 from kdkit.losses import MGD, SoftTargetKL
@@ -58,24 +63,61 @@ def from_config(
     return Distiller(student, teacher, criterion, balancer)
 
 
+_MODULE_STATE = frozenset(vars(nn.Module()))  # training, _modules, ...: the wrapper's own
+
+
 class DistillationModel(nn.Module):
     """ModelOpt's meta-model: a :class:`kdkit.Distiller` with ModelOpt's two calls.
 
     ``model(x)`` runs the teacher (no grad, while distillation is active) and the student and
     returns the student's output; ``model.compute_loss(student_loss)`` (or ModelOpt's guide's
     ``compute_kd_loss``) then combines the held teacher output with the distillation losses.
+    In eval mode ``model(x)`` runs the student only; the teacher runs on that batch later,
+    only if :meth:`compute_loss` asks for it (validation costs the student alone).
     That state between the two calls lives here, not in the core. Everything else (``step``,
     ``export``, ``describe``, the Trainer's task protocol) is the Distiller's. The state dict
     is the Distiller's (``student.*``, ``criterion.*``): the teacher is never in it.
+
+    As ModelOpt's guide says, ``isinstance(model, type(student))`` holds and the student's
+    attributes are reachable (``model.fc``, ``model.layer4``): the instance is of a class made
+    for the student's class (:mod:`kdkit.compat._as_student`), which forwards the student's
+    names to the student. The student itself is never class-swapped.
     """
 
+    _OWN = frozenset({"student", "criterion", "distiller", "_pending", "_components", "_recipe"})
+
+    def __new__(cls, distiller: Distiller | None = None, *args: Any, **kwargs: Any) -> Any:
+        student = getattr(distiller, "student", None)
+        if cls is DistillationModel and isinstance(student, nn.Module):
+            cls = wrapper_class(DistillationModel, type(unwrap(student)))  # the user's class
+        return super().__new__(cls)
+
     def __init__(self, distiller: Distiller) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): the next class may be the student's
         self.student = distiller.student
         self.criterion = distiller.criterion
         object.__setattr__(self, "distiller", distiller)
-        self._pending: tuple[Forward, torch.Tensor | None] | None = None
+        self._pending: tuple[Forward, torch.Tensor | None, tuple | None] | None = None
         self._components: dict[str, torch.Tensor] = {}
+        self._recipe: dict[str, Any] | None = None  # how kdkit.compat.opt rebuilds it
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return nn.Module.__getattr__(self, name)
+        except AttributeError:
+            student = self.__dict__.get("_modules", {}).get("student")
+            if student is None or (name.startswith("__") and name.endswith("__")):
+                raise
+            return getattr(student, name)  # model.fc, model.layer4: the student's
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        student = self.__dict__.get("_modules", {}).get("student")
+        if student is not None and name not in self._OWN and name not in _MODULE_STATE:
+            held = (student._parameters, student._buffers, student._modules, student.__dict__)
+            if any(name in d for d in held):  # model.fc = nn.Linear(...) replaces the student's
+                setattr(student, name, value)
+                return
+        nn.Module.__setattr__(self, name, value)
 
     # ModelOpt's two calls ------------------------------------------------------------------
     def forward(
@@ -87,9 +129,10 @@ class DistillationModel(nn.Module):
         labels: torch.Tensor | None = None,
     ) -> Any:
         """The student's output on ``x``; the teacher's is held for :meth:`compute_loss`
-        (with ``labels``, ``-1`` for unlabeled rows, for losses that take them, e.g. DKD)."""
-        run = self.distiller.forward_both(x, index, view)
-        self._pending = (run, labels)
+        (with ``labels``, ``-1`` for unlabeled rows, for losses that take them, e.g. DKD).
+        In eval mode the teacher is not run here: :meth:`compute_loss` runs it if called."""
+        run = self.distiller.forward_both(x, index, view, with_teacher=self.training)
+        self._pending = (run, labels, None if self.training else (x, index, view))
         return run.output
 
     def compute_loss(
@@ -98,8 +141,14 @@ class DistillationModel(nn.Module):
         """Distillation losses of the last :meth:`forward`, combined with ``student_loss``."""
         if self._pending is None:
             raise KDError("call the distiller on a batch (distiller(x)) before compute_loss()")
-        run, forward_labels = self._pending
-        total, self._components = self.distiller.combine(
+        run, forward_labels, held_inputs = self._pending
+        d = self.distiller
+        if run.teacher is None and held_inputs is not None:
+            if d.teacher is not None and d.balancer.active:  # an eval forward: teacher now
+                with torch.no_grad():
+                    run = dataclasses.replace(run, teacher=d.teacher_forward(*held_inputs))
+                self._pending = (run, forward_labels, None)
+        total, self._components = d.combine(
             run, student_loss, forward_labels if labels is None else labels
         )
         return total
@@ -214,7 +263,10 @@ def convert(model: nn.Module, mode: Any) -> DistillationModel:
 
     ``mode`` may also be ``("kd_loss", config)`` or the config dict itself.
     """
-    return DistillationModel(from_config(model, _kd_config(mode)))
+    config = _kd_config(mode)
+    converted = DistillationModel(from_config(model, config))
+    converted._recipe = {"teacher_model": describe_teacher_model(config.get("teacher_model"))}
+    return converted
 
 
 def _kd_config(mode: Any) -> Mapping[str, Any]:

@@ -25,6 +25,8 @@ __all__ = [
     "OptimizerConfig",
     "SchedulerConfig",
     "TrainConfig",
+    "EarlyStoppingConfig",
+    "EmaConfig",
     "MODEL_PREFIXES",
     "TEACHER_ONLY_PREFIXES",
 ]
@@ -171,6 +173,9 @@ class DistillConfig:
     distill_weight: float = field(default=0.5, metadata=_check(lambda v: v >= 0, "a number >= 0"))
     start_epoch: float = field(default=0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
     warmup_epochs: float = field(default=0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+    label_smoothing: float = field(
+        default=0.0, metadata=_check(lambda v: 0 <= v < 1, "a number in [0, 1)")
+    )
 
 
 # -- training ---------------------------------------------------------------------------
@@ -186,17 +191,48 @@ class OptimizerConfig:
     args: Mapping[str, Any] = field(default_factory=dict)
 
 
+#: short scheduler names a config may use for torch's classes
+SCHEDULER_ALIASES = {"cosine": "CosineAnnealingLR", "onecycle": "OneCycleLR", "step": "StepLR"}
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """A ``torch.optim.lr_scheduler`` class by name, or null for a constant rate.
+    """A ``torch.optim.lr_scheduler`` class by name (``cosine`` is ``CosineAnnealingLR``), or
+    null for a constant rate.
 
     ``OneCycleLR`` gets ``max_lr`` = the optimizer's lr and ``total_steps`` filled in,
     ``CosineAnnealingLR`` gets ``T_max``; ``interval``: stepped per ``step`` or ``epoch``.
+    ``warmup_epochs``: a linear warm-up from ~0 to the lr first, then the scheduler over the
+    remaining epochs (torch's ``SequentialLR`` of ``LinearLR`` and it).
     """
 
     name: str | None = None
     interval: Literal["step", "epoch"] = "step"
     args: Mapping[str, Any] = field(default_factory=dict)
+    warmup_epochs: float = field(default=0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+
+    def __post_init__(self) -> None:
+        if self.name in SCHEDULER_ALIASES:  # the resolved config names torch's class
+            object.__setattr__(self, "name", SCHEDULER_ALIASES[self.name])
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """Stop when ``metric`` (an epoch column, e.g. ``val_top1`` or ``val_loss``; null: the
+    task's best metric) has not improved by more than ``min_delta`` for ``patience`` epochs."""
+
+    metric: str | None = None
+    patience: int = field(default=5, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
+    min_delta: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+    mode: Literal["auto", "min", "max"] = "auto"
+
+
+@dataclass(frozen=True)
+class EmaConfig:
+    """An exponential moving average of the student's weights (torch's AveragedModel):
+    evaluated, and saved as ``best.pt``, instead of the raw weights."""
+
+    decay: float = field(default=0.9998, metadata=_check(lambda v: 0 < v < 1, "in (0, 1)"))
 
 
 @dataclass(frozen=True)
@@ -220,6 +256,10 @@ class TrainConfig:
     progress: bool = True
     #: FSDP2 under torchrun (``task: lm``): student and teacher sharded over the ranks
     fsdp: bool = False
+    early_stopping: EarlyStoppingConfig | None = None
+    ema: EmaConfig | None = None
+    loggers: tuple[Literal["tensorboard", "mlflow", "wandb"], ...] = ()
+    log_every: int | None = _positive()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,6 +20,7 @@ from kdkit.data.folder import (
     ImageFolderDataset,
     ImageFolderManager,
 )
+from kdkit.data.indexed import WithIndex
 from kdkit.data.prefetch import DevicePrefetcher
 from kdkit.data.split import concat, holdout, split_labeled
 from kdkit.data.stl10 import STL10_CLASSES, load_stl10
@@ -51,4 +52,5 @@ __all__ = [
     "ViewSampler",
     "Views",
     "prepare_input",
+    "WithIndex",
 ]

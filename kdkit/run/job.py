@@ -253,26 +253,30 @@ def _write_report(
 ) -> None:
     from kdkit._io import atomic_write_text
     from kdkit.report import plot_run_curves, run_report_text
+    from kdkit.run.teacher_info import teacher_summary
 
     history = trainer.history
     best = max((h for h in history if "val_top1" in h), key=lambda h: h["val_top1"], default=None)
     rows = []
-    if result.teacher_top1 is not None:
-        teacher_model = getattr(trainer.distiller.teacher, "model", None)
-        params = _params(teacher_model) if teacher_model is not None else "-"
-        rows.append((f"teacher `{cfg.teacher.model}`", params, f"{result.teacher_top1:.2f}", "-"))
+    teacher = trainer.distiller.teacher
+    if teacher is not None:  # an ONNX or cached teacher too: its size and how it ran
+        params, precision = teacher_summary(teacher, cfg.teacher.precision)
+        top1 = "-" if result.teacher_top1 is None else f"{result.teacher_top1:.2f}"
+        rows.append((f"teacher `{cfg.teacher.model}`", params, precision, top1, "-"))
     if best is not None:
         rows.append(
             (
                 f"student `{cfg.student.model}` (best epoch {best['epoch'] + 1})",
                 _params(trainer.distiller.student),
+                cfg.train.precision,
                 f"{best['val_top1']:.2f}",
                 f"{best['val_top5']:.2f}",
             )
         )
     plot_run_curves(history, result.run_dir / "curves.png", result.teacher_top1)
+    epochs = f"{cfg.train.epochs} epoch{'s' if cfg.train.epochs != 1 else ''}"
     notes = [
-        f"{cfg.train.epochs} epochs, wall time {wall_s:.1f} s (this invocation). Next:",
+        f"{epochs}, wall time {wall_s:.1f} s (this invocation). Next:",
         "",
         f"    kdkit eval {result.run_dir}",
         f"    kdkit export {result.run_dir} --onnx {result.run_dir / 'student.onnx'}",

@@ -229,7 +229,7 @@ def build_distiller(cfg: RunConfig, student: nn.Module, teacher: Any, *, trust_c
         start_epoch=d.start_epoch,
         warmup_epochs=d.warmup_epochs,
     )
-    return Distiller(student, teacher, pairs, balancer)
+    return Distiller(student, teacher, pairs, balancer, label_smoothing=d.label_smoothing)
 
 
 def run_models(run: str | os.PathLike, *, trust_code: bool = False):

@@ -20,7 +20,14 @@ from kdkit._io import sha256_bytes
 from kdkit.data.views import prepare_input
 from kdkit.errors import KDError
 
-__all__ = ["Calibration", "CalibrationArrays", "as_calibration", "draw_calibration", "from_mapping"]
+__all__ = [
+    "Calibration",
+    "CalibrationArrays",
+    "as_calibration",
+    "draw_calibration",
+    "from_mapping",
+    "input_shape_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -176,3 +183,10 @@ def draw_calibration(cal: Calibration, transform: Callable | None = None) -> Cal
         probe_size = _rows(cal.probe_data) or n_probe
         probe_raw = _take(cal.probe_data, 0, min(n_probe, probe_size), cal.seed + 1)
     return CalibrationArrays(calib, _prepare(cal, *probe_raw, transform))
+
+
+def input_shape_of(obj: Any, transform: Callable | None = None) -> tuple[int, ...]:
+    """The model input shape ``(C, H, W)`` calibration data gives, after its views, norm and
+    ``transform``: what a module teacher is exported with when no ``input_shape`` is given."""
+    cal = as_calibration(obj)
+    return tuple(_prepare(cal, *_take(cal.data, 0, 1, cal.seed), transform).shape[1:])

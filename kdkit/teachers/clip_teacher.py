@@ -107,10 +107,13 @@ class ClipTeacher(Teacher):
             )
         self.probe = probe
         self.preprocess = preprocess
+        self._encoder_fp: str | None = None
         if self.dtype != torch.float32:  # a cast copy: the caller's model keeps its dtype
+            # the encoder is named by the weights it was given, so a probe fitted with the
+            # fp32 encoder is accepted for this bf16 / fp16 copy of the same weights
+            self._encoder_fp = module_fingerprint(getattr(model, "visual", model))
             self.model = copy.deepcopy(self.model).to(self.dtype)
         self.device = next(iter(model.parameters()), torch.empty(0)).device
-        self._encoder_fp: str | None = None
 
     # -- constructors -------------------------------------------------------------------
     @classmethod
@@ -218,8 +221,16 @@ class ClipTeacher(Teacher):
     def eval(self) -> ClipTeacher:
         return self
 
+    @property
+    def embedding_dim(self) -> int | None:
+        """D of the embeddings the head takes (None when there is no head yet)."""
+        if self.probe is not None:
+            return int(self.probe.in_features)
+        return None if self.class_weights is None else int(self.class_weights.shape[1])
+
     def encoder_fingerprint(self) -> str:
-        """sha256 of the image encoder's weights (a probe file is tied to it)."""
+        """sha256 of the image encoder's weights as given (before a bf16 / fp16 cast): a
+        probe file is tied to it."""
         if self._encoder_fp is None:
             self._encoder_fp = module_fingerprint(getattr(self.model, "visual", self.model))
         return self._encoder_fp

@@ -30,7 +30,8 @@ def teacher(
 
     - a :class:`Teacher`: returned as is;
     - an ``nn.Module``: :class:`TorchTeacher` (``backend="onnx"``: exported and run by
-      :class:`OnnxTeacher`, which then needs ``input_shape=(C, H, W)``);
+      :class:`OnnxTeacher`, which then needs ``input_shape=(C, H, W)``, or for int8 takes it
+      from the calibration images);
     - an ``.onnx`` path: :class:`OnnxTeacher` (``backend="tensorrt"``: :class:`TensorRTTeacher`
       builds and caches an engine from it);
     - an ``.engine`` / ``.plan`` path: :meth:`TensorRTTeacher.from_engine`;

@@ -25,6 +25,7 @@ from kdkit.errors import KDError
 from kdkit.export import export_onnx
 from kdkit.teachers import quantize
 from kdkit.teachers.base import Teacher, TeacherOutput
+from kdkit.teachers.calibration import input_shape_of
 from kdkit.teachers.fidelity import FidelityReport
 
 __all__ = ["OnnxTeacher", "import_onnxruntime", "load_session", "default_providers"]
@@ -116,6 +117,8 @@ class OnnxTeacher(Teacher):
         self._threads = threads
         self._tmpdir: tempfile.TemporaryDirectory | None = None
         if isinstance(path_or_model, nn.Module):
+            if input_shape is None and precision == "int8" and calibration is not None:
+                input_shape = input_shape_of(calibration, input_transform)  # its images' shape
             if input_shape is None:
                 raise KDError("OnnxTeacher(module) needs input_shape=(C, H, W) to export it")
             if precision == "int8":  # a lasting fp32 file: its int8 model is cached beside it

@@ -8,10 +8,11 @@ import logging
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from kdkit._io import atomic_write_text
 
-__all__ = ["topk_correct", "MetricLog"]
+__all__ = ["topk_correct", "MetricLog", "epoch_line", "report_epoch"]
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +27,37 @@ def topk_correct(
     return [int(hits[:, : min(k, kmax)].any(dim=1).sum()) for k in ks]
 
 
+def epoch_line(row: dict, epochs: int) -> str:
+    """One epoch's row as one line, the epoch counted from 1 like the progress bar and the
+    report (``metrics.csv`` keeps ``epoch`` from 0, as checkpoints and resume do)."""
+    parts = [f"epoch {int(row['epoch']) + 1}/{epochs}"]
+    rates = [k for k in row if k.endswith("_per_s")]
+    for k, v in row.items():
+        if k in ("epoch", "epoch_time_s", *rates):
+            continue
+        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    parts += [f"{row[k]:,.0f} {k.removesuffix('_per_s')}/s" for k in rates]
+    if "epoch_time_s" in row:
+        parts.append(f"{row['epoch_time_s']:.1f} s")
+    return "  ".join(parts)
+
+
+def report_epoch(line: str, show: bool) -> None:
+    """Log ``line``; when nothing would show it (no logging configured, as in a plain
+    script) and ``show`` (progress on, rank 0), print it under the progress bar instead."""
+    if show and not (log.isEnabledFor(logging.INFO) and log.hasHandlers()):
+        tqdm.write(line)
+    else:
+        log.info(line)
+
+
 class MetricLog:
     """Appends one row per epoch to ``metrics.csv``; mirrors scalars to TensorBoard if present.
 
     On resume, rows from epochs at or after the resumed epoch are dropped first, so the file
     never holds an epoch twice; a column that appears in a later epoch widens the header.
+    The file counts epochs from 1, like the console lines and the report (the Trainer's
+    ``epoch`` in rows and checkpoints is the 0-based index of the epoch).
     """
 
     def __init__(self, directory: str | Path | None, resume_epoch: int | None = None) -> None:
@@ -41,7 +68,7 @@ class MetricLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_epoch is not None and self.path.exists():
             with self.path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < resume_epoch]
+                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= resume_epoch]
             self._write_all(rows)
         elif self.path.exists():
             self.path.unlink()
@@ -78,6 +105,7 @@ class MetricLog:
         left empty there, so no value ever sits under another column's name."""
         if self.path is None:
             return
+        row = {**row, "epoch": int(row["epoch"]) + 1}  # counted from 1, as everywhere shown
         header, rows = self._read()
         if not header or not set(row) <= set(header):
             fieldnames = list(dict.fromkeys([*header, *row]))

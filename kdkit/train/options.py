@@ -25,6 +25,7 @@ from torch import nn
 from kdkit._compile import compile_static
 from kdkit.config import OptimizerConfig, RunConfig, SchedulerConfig, TrainConfig
 from kdkit.errors import KDError, closest_names
+from kdkit.train.early_stopping import EarlyStopping
 from kdkit.train.resume import RUN_INFO_KEYS
 
 __all__ = [
@@ -57,6 +58,9 @@ class LoopOptions:
             reading it is a host sync, 1 elsewhere).
         progress: show a progress bar (rank 0).
         device: where the task runs (None: CUDA when available, else CPU).
+        early_stopping: an :class:`~kdkit.train.early_stopping.EarlyStopping` (None: off).
+        ema_decay: keep an EMA of the student's weights with this decay; evaluation and
+            ``best.pt`` are then the average's (:mod:`kdkit.train.ema`). None: off.
     """
 
     epochs: int = 1
@@ -68,6 +72,8 @@ class LoopOptions:
     nan_check_every: int | None = None
     progress: bool = True
     device: str | torch.device | None = None
+    early_stopping: EarlyStopping | None = None
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         from kdkit.train.precision import PRECISION_DTYPES
@@ -96,6 +102,7 @@ class LoopOptions:
                 self.max_grad_norm is None or self.max_grad_norm > 0,
                 "None or > 0",
             ),
+            ("ema_decay", self.ema_decay is None or 0 < self.ema_decay < 1, "None or in (0, 1)"),
         )
         for name, ok, expected in checks:
             if not ok:
@@ -120,8 +127,19 @@ def loop_options(train: TrainConfig, **overrides: Any) -> LoopOptions:
         checkpoint_every=train.checkpoint_every,
         progress=train.progress,
         device=train.device,
+        early_stopping=_early_stopping(train),
+        ema_decay=None if train.ema is None else train.ema.decay,
     )
     return dataclasses.replace(options, **overrides)
+
+
+def _early_stopping(train: TrainConfig) -> EarlyStopping | None:
+    es = train.early_stopping
+    if es is None:
+        return None
+    return EarlyStopping(
+        metric=es.metric, patience=es.patience, min_delta=es.min_delta, mode=es.mode
+    )
 
 
 def optimizer_factory(
@@ -148,16 +166,24 @@ def optimizer_factory(
 
 
 def scheduler_factory(
-    sched: SchedulerConfig, epochs: int, lr: float, steps_per_epoch: int | None
+    sched: SchedulerConfig,
+    epochs: int,
+    lr: float,
+    steps_per_epoch: int | None,
+    *,
+    skip: int = 0,
 ) -> Callable[[torch.optim.Optimizer], Any] | None:
     """``f(optimizer) -> scheduler`` for ``train.scheduler``, None for a constant rate.
 
     The run's length is filled in where a scheduler needs it and ``args`` does not say:
     ``OneCycleLR`` gets ``max_lr`` (the optimizer's lr) and ``total_steps``,
-    ``CosineAnnealingLR`` gets ``T_max``, counted in steps or epochs per ``interval``.
+    ``CosineAnnealingLR`` gets ``T_max``, counted in steps or epochs per ``interval``
+    (less ``skip``, the warm-up's length); ``warmup_epochs`` prepends a linear warm-up.
     """
     if sched.name is None:
         return None
+    if sched.warmup_epochs:
+        return _with_warmup(sched, epochs, lr, steps_per_epoch)
     cls = getattr(torch.optim.lr_scheduler, sched.name, None)
     if not isinstance(cls, type):
         raise KDError(
@@ -172,7 +198,7 @@ def scheduler_factory(
                 "but the training loader has no len(); give scheduler.args the total, or "
                 "interval: epoch"
             )
-        total = epochs * steps_per_epoch if per_step else epochs
+        total = (epochs * steps_per_epoch if per_step else epochs) - skip  # after a warm-up
         if sched.name == "OneCycleLR":
             args.setdefault("max_lr", lr)
             if not {"epochs", "steps_per_epoch"} & set(args):
@@ -185,6 +211,39 @@ def scheduler_factory(
             return cls(optimizer, **args)
         except (TypeError, ValueError) as err:
             raise KDError(f"train.scheduler: cannot build {sched.name}({args}): {err}") from None
+
+    return make
+
+
+def _with_warmup(
+    sched: SchedulerConfig, epochs: int, lr: float, steps_per_epoch: int | None
+) -> Callable[[torch.optim.Optimizer], Any]:
+    """``scheduler.warmup_epochs``: torch's ``SequentialLR`` of a linear warm-up
+    (``LinearLR`` from lr / (W + 1) to lr over W steps or epochs) and the named scheduler
+    over what remains of the run (its length filled in for that remainder)."""
+    per_step = sched.interval == "step"
+    if sched.name == _PLATEAU:
+        raise KDError("train.scheduler.warmup_epochs does not combine with ReduceLROnPlateau")
+    if per_step and steps_per_epoch is None:
+        raise KDError(
+            "train.scheduler.warmup_epochs per step needs the number of batches per epoch, but "
+            "the training loader has no len(); use interval: epoch"
+        )
+    unit = steps_per_epoch if per_step else 1
+    warm = max(1, round(sched.warmup_epochs * unit))
+    if warm >= epochs * unit:
+        raise KDError(
+            f"train.scheduler.warmup_epochs ({sched.warmup_epochs}) must be shorter than the "
+            f"run ({epochs} epochs)"
+        )
+    rest = dataclasses.replace(sched, warmup_epochs=0)
+    # the main scheduler's length is the run after the warm-up
+    main = scheduler_factory(rest, epochs, lr, steps_per_epoch, skip=warm)
+
+    def make(optimizer: torch.optim.Optimizer) -> Any:
+        sched_mod = torch.optim.lr_scheduler
+        warmup = sched_mod.LinearLR(optimizer, 1.0 / (warm + 1), 1.0, total_iters=warm)
+        return sched_mod.SequentialLR(optimizer, [warmup, main(optimizer)], milestones=[warm])
 
     return make
 
@@ -280,6 +339,14 @@ def trainer_from_config(
             kwargs["inputs"].channels_last = True
             if isinstance(student, nn.Module):
                 student.to(memory_format=torch.channels_last)
+    if train.loggers or train.log_every:  # trackers: refused at once when a package is missing
+        from kdkit.train.trackers import Trackers
+
+        where = kwargs.get("checkpoint_dir")
+        if where is None and train.loggers:
+            raise KDError("train.loggers write under the run directory: give checkpoint_dir=")
+        trackers = Trackers(train.loggers, where or ".", train.log_every)
+        kwargs["callbacks"] = [*kwargs.get("callbacks", ()), trackers]
     trainer = trainer_cls(
         task,
         train_loader,

@@ -174,6 +174,8 @@ def resume_trainer(trainer: Any, required: bool = True) -> bool:
     if trainer.scheduler is not None and state["scheduler"] is not None:
         restore_part(path, "scheduler", trainer.scheduler, state["scheduler"])
     trainer.precision.load_state_dict(state["precision"])
+    if getattr(trainer, "ema", None) is not None:  # train.ema: the average continues too
+        trainer.ema.load_state_dict(state.get("ema"), str(path))
     trainer._partial = state.get("epoch_partial")
     set_rng_state(state["rng"])
     trainer.epoch, trainer.step = state["epoch"], state["step"]

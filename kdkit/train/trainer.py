@@ -38,8 +38,9 @@ from kdkit.load import save_checkpoint
 from kdkit.registry import ModelSpec
 from kdkit.task import StepOutput, Task
 from kdkit.train import distributed, fsdp
+from kdkit.train.ema import StudentEMA
 from kdkit.train.legacy import EpochCallback, apply_older_keywords
-from kdkit.train.metrics import MetricLog
+from kdkit.train.metrics import MetricLog, epoch_line, report_epoch
 from kdkit.train.nan_guard import NanGuard
 from kdkit.train.optim import OptimizerArg, build_optimizer, build_scheduler
 from kdkit.train.options import (
@@ -94,7 +95,8 @@ class Trainer:
         run_info: plain data stored with the weights (``student_spec``, ``teacher_spec``,
             ``config``, ``input_shape``, ``mean``, ``std``: what ``kdkit eval/export`` read).
         callbacks: called as ``cb(trainer, step_output)`` after every step, or objects with
-            ``on_step(trainer, out)`` and / or ``on_epoch(trainer, row)``.
+            ``on_step(trainer, out)`` and / or ``on_epoch(trainer, row)`` (and ``close()``,
+            called when ``fit`` ends, e.g. :class:`kdkit.train.trackers.Trackers`).
         **option_keywords: :class:`LoopOptions` fields, and the older flat keywords (see
             :func:`~kdkit.train.options.split_trainer_kwargs`).
     """
@@ -142,6 +144,7 @@ class Trainer:
             self._materialize_lazy_parameters()
         params = [p for p in task.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(optimizer, params)
+        self.ema = StudentEMA(task, options.ema_decay) if options.ema_decay else None
         self.scheduler = build_scheduler(scheduler, self.optimizer)
         self._plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         if self._plateau and options.scheduler_interval == "step":
@@ -253,13 +256,15 @@ class Trainer:
         ):
             out = StepOutput(**self._ddp_step(inputs))
         self.nan_guard.record(out.loss, out.components, self.step, self.epoch)
-        self.precision.backward_step(
+        stepped = self.precision.backward_step(
             out.loss,
             self.optimizer,
             self.task.parameters(),
             self.options.max_grad_norm,
             normalizer=out.normalizer,
         )
+        if stepped and self.ema is not None:
+            self.ema.update()
         return out.detached()
 
     # -- the loop -------------------------------------------------------------------------
@@ -283,7 +288,7 @@ class Trainer:
         log_dir = self.checkpoint_dir if self.is_main else None
         metrics = MetricLog(log_dir, resume_epoch=self.epoch if resume else None)
         try:
-            while self.epoch < self.epochs:
+            while self.epoch < self.epochs and not self._stop_early():
                 row = self._train_epoch()
                 if self.val_loader is not None:
                     row.update({f"val_{k}": v for k, v in self.evaluate().items()})
@@ -297,17 +302,28 @@ class Trainer:
                 for cb in self.callbacks:
                     if callable(getattr(cb, "on_epoch", None)):
                         cb.on_epoch(self, row)
-                log.info(
-                    " ".join(
-                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in row.items()
-                    )
-                )
+                show = self.options.progress and self.is_main
+                report_epoch(epoch_line(row, self.epochs), show)  # printed without logging set up
         finally:
             metrics.close()
+            for cb in self.callbacks:  # trackers flush and close their files
+                close = getattr(cb, "close", None)
+                if callable(close):
+                    close()
         if restore_best:
             self._restore_best()
         return self.history
+
+    def _stop_early(self) -> bool:
+        """``options.early_stopping`` decided on the history (a resumed run included)."""
+        es = self.options.early_stopping
+        if es is None:
+            return False
+        column, higher = es.resolve(self.best_metric, self.higher_is_better)
+        reason = es.reason_to_stop(self.history, column, higher)
+        if reason is not None:
+            report_epoch(reason, self.options.progress and self.is_main)
+        return reason is not None
 
     def _batches(self) -> Iterable:
         loader = self.train_loader
@@ -393,12 +409,19 @@ class Trainer:
 
     def _evaluate(self, loader: Iterable) -> dict[str, float]:
         batches = (self.inputs(b, self.epoch, augment=False) for b in loader)
-        return self.task.evaluate(batches, self.precision.autocast)
+        with self._averaged():  # with train.ema: the average is what is evaluated
+            return self.task.evaluate(batches, self.precision.autocast)
+
+    def _averaged(self) -> contextlib.AbstractContextManager:
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     # -- checkpoints (kdkit/train/resume.py) ----------------------------------------------------
     def state(self) -> dict[str, Any]:
         """Everything needed to continue exactly where training is now."""
-        return trainer_state(self)
+        state = trainer_state(self)
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def save(self, name: str = "last.pt") -> Path | None:
         """Atomically write the current state to ``checkpoint_dir/name`` (rank 0 only)."""
@@ -419,9 +442,12 @@ class Trainer:
         if self.checkpoint_dir is not None:
             self.save("last.pt")
             if better:
-                self.save("best.pt")
+                with self._averaged():  # best.pt holds the weights that were evaluated
+                    self.save("best.pt")
         elif better and self._keep_best_in_memory:
-            self._best_weights = {k: cpu_copy(v) for k, v in self.task.checkpoint_state().items()}
+            with self._averaged():
+                best = self.task.checkpoint_state()
+                self._best_weights = {k: cpu_copy(v) for k, v in best.items()}
 
     def _restore_best(self) -> None:
         restore_best(self)

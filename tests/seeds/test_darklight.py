@@ -80,6 +80,11 @@ def test_readme_example_runs(tmp_path, caplog, one_thread):
     assert "runs on ONNX Runtime: the device is cpu" in caplog.text  # which backend, and why
     saved = tmp_path / "dltest_1.pth"
     assert (tmp_path / "dltest_0.pth").is_file() and saved.is_file()
+    # each epoch holds the student; the optimizer state is in last.pt only (not 2x per epoch)
+    epoch_file = torch.load(saved, weights_only=True)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert "optimizer" not in epoch_file and "rng" not in epoch_file and last["optimizer"]
+    assert saved.stat().st_size < 0.6 * (tmp_path / "last.pt").stat().st_size
     module, meta = kdkit.load_model(saved)  # a kdkit checkpoint, not a bare state dict
     assert meta["epoch"] == 2 and list(meta["input_shape"]) == [3, 32, 32]
     x = torch.randn(2, 3, 32, 32)

@@ -99,3 +99,36 @@ def test_tutorial_pipeline(tmp_path, one_thread):
     best = max(row["val_top1"] for row in history)
     assert trainer.evaluate()["top1"] == pytest.approx(best)
     assert all("loss_output" in row for row in history)
+
+
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")
+def test_the_doc_mapping_with_the_tutorials_own_dataloader(tmp_path, one_thread):
+    """docs/coming-from.md as written: the tutorial's ``(x, y)`` DataLoader of normalized
+    float tensors, ``WithIndex`` for the cache, the lambda criterion in kdkit's Trainer."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from kdkit.data import WithIndex
+
+    g = torch.Generator().manual_seed(0)
+    trainset = TensorDataset(torch.randn(32, 3, 16, 16, generator=g), torch.randint(0, 4, (32,)))
+    teacher = Net()
+    cache = precompute(teacher, trainset, tmp_path / "cache", progress=False)
+    plain = DataLoader(trainset, batch_size=8, shuffle=True)
+    d = kdkit.Distiller(Net(), CachedTeacher(cache), kdkit.SoftTargetKL(1.0))
+    with pytest.raises(kdkit.KDError, match=r"WithIndex\(dataset\)"):
+        kdkit.Trainer(d, plain, epochs=1, progress=False).fit()
+    loader = DataLoader(WithIndex(trainset), batch_size=8, shuffle=True)
+    assert kdkit.Trainer(d, loader, epochs=1, progress=False).fit()[0]["loss_output"] > 0
+    # the tutorial's loss already holds its CE term: weigh kdkit's task loss 0
+    t, alpha = 2.0, 0.5
+    student = Net()
+    d = kdkit.Distiller(
+        student,
+        teacher,
+        lambda s, t_out, labels: loss_kd(s, labels, t_out, t, alpha),
+        kdkit.LossBalancer(student_weight=0.0, distill_weight=1.0),
+    )
+    x, y = trainset.tensors[0][:8], trainset.tensors[1][:8]
+    with torch.no_grad():
+        want = loss_kd(student(x), y, teacher(x), t, alpha)
+    assert d.step(x, y).loss.item() == pytest.approx(want.item(), rel=1e-6)

@@ -3,10 +3,12 @@
 ``test_guide_example_runs`` is the guide's example with one line changed, the import
 (``import modelopt.torch.distill as mtd`` -> ``import kdkit.compat.modelopt as mtd``), plus
 what the guide leaves to the user: a teacher, a few training steps with the one added
-``compute_loss(student_loss=...)`` line, and saving / reloading the exported student. The
+``compute_kd_loss(student_loss=...)`` line, and saving / reloading the exported student. The
 other tests check the guide's rules: custom two-argument losses, "no balancer for a single
 pair without a student loss", and every ``teacher_model`` form.
 """
+
+import copy
 
 import pytest
 import torch
@@ -42,6 +44,7 @@ def test_guide_example_runs(tmp_path, one_thread):
         "loss_balancer": mtd.StaticLossBalancer(),
     }
     distillation_model = mtd.convert(model, mode=[("kd_loss", distillation_config)])
+    assert isinstance(distillation_model, type(model))  # "isinstance() will still work"
     # -- the user's training loop, with the one added loss line --------------------------
     teacher_before = [p.clone() for p in distillation_model.teacher.module.parameters()]
     student_before = model.conv1.weight.detach().clone()
@@ -50,7 +53,7 @@ def test_guide_example_runs(tmp_path, one_thread):
     for _ in range(2):
         optimizer.zero_grad()
         output = distillation_model(x)
-        loss = distillation_model.compute_loss(student_loss=F.cross_entropy(output, y))
+        loss = distillation_model.compute_kd_loss(student_loss=F.cross_entropy(output, y))
         loss.backward()
         optimizer.step()
     comps = distillation_model.last_losses
@@ -159,3 +162,93 @@ def test_mgd_loss_name_and_a_yaml_shaped_config():
     assert d.compute_loss().item() == pytest.approx(2.0 * d.last_losses["output"], rel=1e-6)
     mgd = mtd.MGDLoss(4, 6, alpha_mgd=0.5, lambda_mgd=0.3)
     assert (mgd.alpha, mgd.mask_ratio) == (0.5, 0.3)
+
+
+def test_converted_model_is_an_instance_of_the_students_class_with_its_attributes():
+    """The guide: "isinstance() will still work, as the model dynamically becomes a subclass
+    of the original's". kdkit's wrapper class does; the student itself is never swapped."""
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=10)
+    distillation_model = mtd.convert(model, {"teacher_model": (resnet18, (), {"num_classes": 10})})
+    assert isinstance(distillation_model, type(model)) and type(model) is ResNet
+    assert distillation_model.fc is model.fc and distillation_model.layer4 is model.layer4
+    assert distillation_model._forward_impl.__self__ is model  # methods bind to the student
+    head = nn.Linear(512, 10)
+    distillation_model.fc = head  # assignment reaches the student
+    assert model.fc is head and "fc" not in distillation_model._modules
+    assert type(mtd.convert(resnet18(), {"teacher_model": Tiny})) is type(distillation_model)
+    seq = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3))
+    d = mtd.convert(seq, {"teacher_model": Tiny})
+    assert isinstance(d, nn.Sequential) and len(d) == 2 and d[1] is seq[1]
+    assert list(d.state_dict()) == [f"student.{k}" for k in seq.state_dict()]
+    d.eval()
+    assert not seq.training and not d.training
+    copied = copy.deepcopy(d)  # a copy is a converted model of its own student
+    assert isinstance(copied, nn.Sequential) and copied[0] is copied.student[0] is not seq[0]
+
+    class WithProperty(Tiny):
+        @property
+        def width(self):
+            return self.layers[0].out_features
+
+    assert mtd.convert(WithProperty(), {"teacher_model": Tiny}).width == 4  # on the student
+
+
+def test_eval_forward_runs_the_teacher_only_when_a_loss_is_asked_for():
+    student, teacher = Tiny(), Tiny()
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    d = mtd.convert(student, {"teacher_model": teacher})
+    d.eval()
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        assert torch.equal(d(x), student(x))
+    assert calls == []  # validation costs the student only
+    loss = d.compute_kd_loss()
+    assert len(calls) == 1
+    d.train()
+    d(x)
+    assert len(calls) == 2 and loss.item() == pytest.approx(d.compute_loss().item(), rel=1e-6)
+
+
+def test_mto_save_and_restore_rebuild_the_teacher_from_its_callable(tmp_path):
+    """The guide's third step with ``import modelopt.torch.opt as mto`` changed to kdkit's."""
+    import kdkit.compat.opt as mto  # was: import modelopt.torch.opt as mto
+
+    config = {
+        "teacher_model": (Tiny, (), {"width": 6}),
+        "criterion": mtd.LogitsDistillationLoss(2.0),
+        "loss_balancer": mtd.StaticLossBalancer(0.7),
+    }
+    model = mtd.convert(Tiny(), mode=[("kd_loss", config)])
+    x = torch.randn(4, 5)
+    model(x)
+    model.compute_loss(student_loss=torch.tensor(1.0)).backward()
+    mto.save(model, tmp_path / "kd.pth")
+    saved = torch.load(tmp_path / "kd.pth", weights_only=True)
+    assert not any("width" in str(k) or k.startswith("teacher") for k in saved["student"])
+    restored = mto.restore(Tiny(), tmp_path / "kd.pth")
+    assert isinstance(restored, mtd.DistillationModel) and isinstance(restored, Tiny)
+    assert restored.teacher.module.layers[0].out_features == 6  # rebuilt, fresh weights
+    assert torch.equal(restored.student(x), model.student(x))
+    b = restored.balancer
+    assert (b.distill_weight, b.student_weight) == pytest.approx((0.7, 0.3))
+    assert restored.criterion[0].temperature == 2.0
+    # a custom loss is code: restore says to pass the config, and then works
+    custom = mtd.convert(Tiny(), {"teacher_model": Tiny, "criterion": l1})
+    mto.save(custom, tmp_path / "custom.pth")
+    with pytest.raises(KDError, match="config=distillation_config"):
+        mto.restore(Tiny(), tmp_path / "custom.pth")
+    again = mto.restore(Tiny(), tmp_path / "custom.pth", {"teacher_model": Tiny, "criterion": l1})
+    assert torch.equal(again.student(x), custom.student(x))
+    # a function outside the script and the registry is code a file chose: refused
+    with pytest.raises(KDError, match="trust_code"):
+        mtd_config = {"callable": "os:system", "args": ["true"], "kwargs": {}}
+        from kdkit.compat._modelopt_config import rebuild_teacher_model
+
+        rebuild_teacher_model(mtd_config)
+    # the exported student saves and restores as a plain module
+    mto.save(mtd.export(model), tmp_path / "student.pth")
+    plain = mto.restore(Tiny(), tmp_path / "student.pth")
+    assert type(plain) is Tiny and torch.equal(plain(x), model.student(x))
