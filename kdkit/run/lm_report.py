@@ -54,7 +54,7 @@ def write_lm_report(cfg: Any, trainer: Any, result: Any, wall_s: float) -> None:
         "",
         *table,
         "",
-        f"{cfg.train.epochs} epochs, divergence {cfg.distill.divergence}, "
+        f"{cfg.train.epochs} epoch{'s' if cfg.train.epochs != 1 else ''}, divergence {cfg.distill.divergence}, "
         f"T {cfg.distill.temperature:g}, wall time {wall_s:.1f} s"
         + (f", {tok_s:,.0f} tokens/s (last epoch)" if tok_s else ""),
         "",
