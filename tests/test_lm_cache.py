@@ -100,6 +100,12 @@ def test_train_from_the_cache_then_eval(captured, capsys):
     assert main(["eval", str(captured / "run-cached"), "--json"]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert {"ppl", "kl", "agree"} <= set(scores["student"])
+    from kdkit.run.lm_tools import evaluate_lm_run
+
+    other = captured / "other.txt"  # text the cache does not hold: the student's ppl alone
+    other.write_text(PARAGRAPH * 6)
+    scores = evaluate_lm_run(captured / "run-cached", torch.device("cpu"), data=[str(other)])
+    assert "ppl" in scores["student"] and "kl" not in scores["student"]
 
 
 def test_full_vocab_cache_gives_the_online_loss(captured, tmp_path):

@@ -69,6 +69,8 @@ def evaluate_lm_run(
         )
     teacher_model, _ = load_lm_teacher(cfg)  # a model, or a top-k cache (kl and agree from it)
     cache = None if isinstance(teacher_model, torch.nn.Module) else teacher_model
+    if cache is not None and data:  # other text than was captured: the student's ppl only
+        teacher_model = cache = None
     run_data = build_lm_data(cfg, tokenizer, max_positions(student), cache)
     loader = run_data.val_loader if run_data.val_loader is not None else run_data.train_loader
     if loader is None:
