@@ -6,6 +6,11 @@ each seed changes the student's init and the batch order. The forward-KL tempera
 on val, and test is read once per run at its best val epoch.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_lm_quality.py --seeds 0 1 2
+    OMP_NUM_THREADS=1 python benchmarks/bench_lm_quality.py --cache   # students from top-k caches
+
+With ``--cache`` the demo teacher is captured once per k (``kdkit lm capture`` over the train
+and val text) and students are trained from those caches with each tail policy, beside the live
+teacher (forward KL, T=1), test perplexity read once per run at the best val epoch.
 """
 
 from __future__ import annotations
