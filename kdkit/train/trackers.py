@@ -55,7 +55,11 @@ class _TensorBoard:
 class _MLflow:
     def __init__(self, directory: Path) -> None:
         self.mlflow = _client("mlflow")
-        self.mlflow.set_tracking_uri((directory / "mlruns").resolve().as_uri())
+        if not os.environ.get("MLFLOW_TRACKING_URI"):  # the user's server or database wins
+            # a file store in the run directory: offline, nothing to set up. MLflow 3 keeps it
+            # in "maintenance mode" behind this switch (still supported, no new features)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            self.mlflow.set_tracking_uri((directory / "mlruns").resolve().as_uri())
         self.run = self.mlflow.start_run(run_name=directory.name)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
