@@ -167,17 +167,23 @@ def lm_config(tmp_path, lm_tokenizer):  # noqa: F811
     }
 
 
-def test_kdkit_train_with_an_onnx_teacher(lm_config, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_kdkit_train_with_an_onnx_teacher(lm_config, precision, tmp_path, monkeypatch, caplog):
     from kdkit.cli import main
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the ONNX cache: ~/.cache/kdkit/onnx
+    lm_config["teacher"]["precision"] = precision
     path = tmp_path / "lm.yaml"
     path.write_text(yaml.safe_dump(lm_config))
     with caplog.at_level(logging.INFO, logger="kdkit"):
         assert main(["train", str(path)]) == 0
-    assert "teacher: OnnxLMTeacher(" in caplog.text
-    exports = list((tmp_path / "home" / ".cache" / "kdkit" / "onnx").glob("*.lm.onnx"))
+    assert "teacher: OnnxLMTeacher(" in caplog.text and f"precision='{precision}'" in caplog.text
+    cache = tmp_path / "home" / ".cache" / "kdkit" / "onnx"
+    exports = list(cache.glob("*.lm.onnx"))
     assert len(exports) == 1 and Path(str(exports[0]) + ".json").is_file()
+    assert len(list(cache.glob("*.int8-*.onnx"))) == (precision == "int8")
+    if precision == "int8":
+        assert "int8 fidelity gate passed" in caplog.text
     assert (tmp_path / "run" / "last.pt").is_file()
 
 
