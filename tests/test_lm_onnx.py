@@ -19,7 +19,7 @@ pytest.importorskip("onnx")
 from kdkit.errors import KDError  # noqa: E402
 from kdkit.lm.align import Aligner  # noqa: E402
 from kdkit.lm.data import TokenRow  # noqa: E402
-from kdkit.lm.models import hidden_and_head  # noqa: E402
+from kdkit.lm.models import hidden_and_head, max_positions  # noqa: E402
 from kdkit.lm.onnx_teacher import OnnxLMTeacher, ensure_lm_onnx  # noqa: E402
 from kdkit.lm.task import LMTask  # noqa: E402
 
@@ -66,6 +66,7 @@ def test_hidden_states_equal_eager_torch(teacher_pair, make):
     assert got.hidden.shape == want.hidden.shape and got.hidden.dtype == torch.float32
     assert (got.hidden[real] - want.hidden[real]).abs().max() < 1e-4
     assert torch.equal(got.head.weight, want.head.weight) and not got.head.weight.requires_grad
+    assert max_positions(onnx) == max_positions(model) == 64
 
 
 def test_fused_loss_with_the_onnx_teacher_equals_the_torch_teachers(teacher_pair):

@@ -48,6 +48,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -352,6 +353,15 @@ def _frozen_head(head: nn.Linear | torch.Tensor) -> nn.Linear:
     return linear
 
 
+def _head_config(config: Any) -> SimpleNamespace:
+    """What is read of a teacher's config beyond its decoder: its positions and the logit
+    transform after the head (:func:`~kdkit.lm.models.logit_transform`). Not the whole config:
+    its attention implementation would steer :func:`~kdkit.lm.models.hidden_and_head` (a
+    flash-attention config drops the packed mask), and the graph has its own."""
+    keys = ("max_position_embeddings", "logit_scale", "final_logit_softcapping")
+    return SimpleNamespace(**{k: getattr(config, k, None) for k in keys})
+
+
 class OnnxLMTeacher(nn.Module):
     """A causal LM teacher whose decoder runs in ONNX Runtime (CPU execution provider).
 
@@ -359,8 +369,8 @@ class OnnxLMTeacher(nn.Module):
     ``nn.Linear`` or its ``[V, H]`` weight), held as a frozen :attr:`lm_head` so the fused loss
     projects hidden states itself. ``threads``: ONNX Runtime's intra-op threads, default
     ``torch.get_num_threads()`` (the thread count the run gave PyTorch). ``config``: the
-    teacher's Hugging Face config, kept so ``max_position_embeddings`` and the logit transform
-    are read as from the torch model. Hidden states come back as float32 on the input's device.
+    teacher's Hugging Face config, of which ``max_position_embeddings`` and the logit transform
+    are kept (:attr:`config`) so they are read as from the torch model. Hidden states come back as float32 on the input's device.
 
     Build one from a model with :meth:`from_model` (export cached by weights, int8 gate).
     """
@@ -388,7 +398,7 @@ class OnnxLMTeacher(nn.Module):
             )
         self.lm_head = _frozen_head(head)
         if config is not None:
-            self.config = config
+            self.config = _head_config(config)
         self.precision = precision
         self.fidelity = fidelity
 
