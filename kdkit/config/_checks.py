@@ -229,6 +229,12 @@ def check_train_section(t: TrainConfig) -> None:
 def _lm_model(mc: LMModelConfig, key: str, check_paths: bool) -> None:
     prefix, sep, path = mc.model.partition(":")
     if key == "teacher" and prefix == "cache" and path:  # a kdkit lm capture folder
+        if (mc.backend, mc.precision) != ("torch", "fp32") or mc.dtype not in (None, "float32"):
+            raise KDError(
+                "config key 'teacher.backend' / 'precision' / 'dtype': a cache:DIR teacher is "
+                "never run (its log-probs are on disk); drop the key, or capture with that "
+                "teacher (kdkit lm capture)"
+            )
         if check_paths and not (Path(path).expanduser() / "manifest.json").is_file():
             raise KDError(
                 f"config key 'teacher.model': {path} is not an LM teacher cache (no "
@@ -247,6 +253,16 @@ def _lm_model(mc: LMModelConfig, key: str, check_paths: bool) -> None:
     if mc.dtype not in (None, "float32", "bfloat16", "float16"):
         raise KDError(
             f"config key '{key}.dtype' expects float32, bfloat16 or float16, got {mc.dtype!r}"
+        )
+    if key != "teacher" and (mc.backend, mc.precision) != ("torch", "fp32"):
+        raise KDError(
+            f"config key '{key}.backend' / '{key}.precision' applies to the teacher only; "
+            f"the {key} trains in PyTorch (drop the key, or use {key}.dtype)"
+        )
+    if (mc.backend == "onnx" or mc.precision == "int8") and mc.dtype not in (None, "float32"):
+        raise KDError(
+            f"config key '{key}.dtype': the ONNX Runtime teacher (backend: onnx / precision: "
+            f"int8) is exported from float32 weights, got dtype {mc.dtype!r}"
         )
     if check_paths:
         if not (Path(path).expanduser() / "config.json").is_file():
@@ -270,6 +286,12 @@ def validate_lm(cfg: LMRunConfig, *, check_paths: bool = True) -> LMRunConfig:
     _lm_model(cfg.student, "student", check_paths)
     if cfg.teacher is not None:
         _lm_model(cfg.teacher, "teacher", check_paths)
+        t = cfg.teacher
+        if cfg.train.fsdp and (t.backend, t.precision) != ("torch", "fp32"):
+            raise KDError(
+                "config key 'teacher.backend': an ONNX Runtime teacher cannot be sharded "
+                "(train.fsdp: true); use backend: torch, precision: fp32 with FSDP"
+            )
     d = cfg.data
     if not d.text_files:
         raise KDError("config key 'data.text_files' is empty: name at least one file or glob")

@@ -7,6 +7,7 @@ the contract (``kdkit train`` with ``task: lm``)::
     task: lm
     student: {model: "hf-config:DIR"}      # or "hf:DIR" (a save_pretrained folder)
     teacher: {model: "hf:DIR"}             # or "cache:DIR" (kdkit lm capture); null: scratch
+                                           # backend: torch | onnx, precision: fp32 | int8
     data: {text_files: [GLOB, ...], val: {split: 0.05}, format: text, max_length: 256,
            pack: true, loss_on: all, batch_size: 8}
     distill: {divergence: fkl, temperature: 1.0, ce_weight: 0.0, memory_budget_mb: 256}
@@ -31,11 +32,17 @@ Divergence = Literal["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "ce"]
 class LMModelConfig:
     """``model``: ``hf:DIR`` (a local ``save_pretrained`` folder: model + tokenizer) or
     ``hf-config:DIR`` (random init from its ``config.json``); ``tokenizer``: another local
-    folder to take the tokenizer from; ``dtype``: ``float32`` / ``bfloat16`` / ``float16``."""
+    folder to take the tokenizer from; ``dtype``: ``float32`` / ``bfloat16`` / ``float16``.
+
+    Teacher only: ``backend: onnx`` runs its decoder in ONNX Runtime on the CPU
+    (:mod:`kdkit.lm.onnx_teacher`); ``precision: int8`` quantizes that (ONNX Runtime, as for
+    vision teachers, whatever ``backend`` says) behind a fidelity gate on real rows."""
 
     model: str
     tokenizer: str | None = None
     dtype: str | None = None
+    backend: Literal["torch", "onnx"] = "torch"
+    precision: Literal["fp32", "int8"] = "fp32"
 
 
 @dataclass(frozen=True)

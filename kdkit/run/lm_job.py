@@ -26,7 +26,14 @@ from kdkit.lm.task import LMTask, TokenInputs
 from kdkit.lm.vocab import check_vocab
 from kdkit.train import Trainer, distributed
 
-__all__ = ["LMRunData", "build_lm_trainer", "build_lm_data", "lm_datasets", "load_lm_teacher"]
+__all__ = [
+    "LMRunData",
+    "build_lm_trainer",
+    "build_lm_data",
+    "lm_datasets",
+    "load_lm_teacher",
+    "load_lm_teacher_backend",
+]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +118,35 @@ def load_lm_teacher(cfg: LMRunConfig) -> tuple[Any, Any]:
     return load_lm(cfg.teacher.model, dtype=cfg.teacher.dtype, tokenizer=cfg.teacher.tokenizer)
 
 
+def load_lm_teacher_backend(
+    teacher: torch.nn.Module | None, cfg: LMRunConfig, data: LMRunData, device: torch.device
+) -> torch.nn.Module | None:
+    """The loaded teacher in the engine ``teacher.backend`` / ``teacher.precision`` name:
+    itself (torch, fp32), or an :class:`~kdkit.lm.onnx_teacher.OnnxLMTeacher` exported to the
+    ONNX cache folder (``~/.cache/kdkit/onnx``, keyed by its weights) and, for int8, gated on
+    the first training rows at the run's KD temperature."""
+    tc = cfg.teacher
+    if teacher is None or tc is None or (tc.backend, tc.precision) == ("torch", "fp32"):
+        return teacher
+    from kdkit.lm.onnx_teacher import OnnxLMTeacher, probe_batches
+
+    if device.type != "cpu":
+        log.warning(
+            "teacher.backend: onnx runs the teacher on the CPU; every batch crosses to %s and "
+            "back (backend: torch keeps it on the device)",
+            device,
+        )
+    probe = None
+    if tc.precision == "int8":
+        loader = data.train_loader
+        probe = probe_batches(loader.dataset, loader.collate_fn)
+    onnx = OnnxLMTeacher.from_model(
+        teacher, precision=tc.precision, probe=probe, temperature=cfg.distill.temperature
+    )
+    log.info("teacher: %s%s", onnx, f" ({onnx.fidelity})" if onnx.fidelity else "")
+    return onnx
+
+
 def build_lm_trainer(cfg: LMRunConfig, device: torch.device) -> tuple[Trainer, LMRunData]:
     """Tokenizer, student, teacher (frozen), vocabulary check, data, LMTask and Trainer."""
     t = cfg.train
@@ -137,6 +173,8 @@ def build_lm_trainer(cfg: LMRunConfig, device: torch.device) -> tuple[Trainer, L
         )
     positions = max_positions(student)
     data = build_lm_data(cfg, tokenizer, positions, cache)
+    if cache is None:  # a cache is never a model to run
+        teacher = load_lm_teacher_backend(teacher, cfg, data, device)
     dc = cfg.distill
     task = LMTask(
         student,

@@ -1,0 +1,594 @@
+"""A causal LM teacher run by ONNX Runtime on the CPU (fp32, or int8 behind a fidelity gate).
+
+The teacher of an LM distillation only runs inference, so, as for vision teachers
+(:class:`kdkit.teachers.OnnxTeacher`, darklight's idea), it can run in a cheaper engine than
+the student's training step. :func:`export_lm_onnx` writes the decoder up to its **final,
+normed hidden states** (never the logits: the fused loss projects token chunks through the
+head itself, :mod:`kdkit.lm.fused`); :class:`OnnxLMTeacher` runs that file and follows the
+:func:`~kdkit.lm.models.hidden_and_head` protocol (``forward(input_ids, position_ids,
+attention_mask) -> hidden`` and an ``lm_head`` ``nn.Linear`` holding the teacher's head), so
+:class:`~kdkit.lm.task.LMTask`, capture and evaluation take it where they take the torch model.
+
+The graph's inputs, all with dynamic batch ``B`` and length ``L``:
+
+- ``input_ids`` ``[B, L]`` int64;
+- ``position_ids`` ``[B, L]`` int64 (restarting at 0 at each document of a packed row);
+- ``attention_mask`` ``[B, 1, L, L]`` **bool**, True = may attend. One representation for
+  padded rows (causal AND key is a token) and packed rows (the block-diagonal causal mask of
+  :class:`~kdkit.lm.align.TokenBatch`); the graph turns it into the additive mask the model
+  takes (the same conversion as :func:`~kdkit.lm.models.hidden_and_head`). bool, not an
+  additive float mask: a quarter of the bytes (L=2048, B=8: 32 MiB instead of 128 MiB).
+  :meth:`OnnxLMTeacher.forward` builds it from whatever the caller has: nothing (causal),
+  ``[B, L]`` padding, or a ``[B, 1, L, L]`` bool or additive mask.
+
+The exported file is keyed by the teacher's weights: its sidecar ``<file>.json`` holds the
+weights' fingerprint (:func:`kdkit._fingerprint.module_fingerprint`, sha256), the export
+settings and the file's own sha256, checked on every load; a stale or corrupted export is
+exported again, never reused. Modules are exported, as vision int8 teachers are, to
+``~/.cache/kdkit/onnx/<Class>-<weights hash>.lm.onnx`` (:func:`kdkit.teachers.quantize.
+default_cache_dir`; ``cache_dir=`` elsewhere): the file outlives a run, so capture and every
+student distilled from the same teacher share one export.
+
+int8: ONNX Runtime's dynamic quantization (``quantize_dynamic``: int8 MatMul weights,
+activation ranges measured per batch at run time, so no calibration set is needed), cached
+next to the fp32 file as vision int8 models are (:mod:`kdkit.teachers.quantize`: same key,
+sidecar and checksum). It is used only if it passes :func:`check_lm_fidelity` on a few real
+rows (token top-1 agreement and mean KL against the fp32 teacher); below the gate it is a
+one-line :class:`~kdkit.errors.KDError`, the vision convention (an int8 teacher is never used
+silently when it says something else).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdkit._fingerprint import module_fingerprint
+from kdkit._io import atomic_path, atomic_write_json, sha256_file
+from kdkit._ort import import_onnxruntime
+from kdkit._precision import ONNX_PRECISIONS
+from kdkit.capture import unwrap
+from kdkit.errors import KDError
+from kdkit.export import DEFAULT_OPSET, _check_opset_atol, _stamp_metadata
+from kdkit.lm.models import _head, hidden_and_head
+from kdkit.teachers import quantize
+from kdkit.teachers.fidelity import FidelityReport, FidelityTally
+from kdkit.teachers.onnx_teacher import load_session
+
+__all__ = [
+    "LMExport",
+    "OnnxLMTeacher",
+    "MIN_TOP1_AGREEMENT",
+    "MAX_MEAN_KL",
+    "ONNX_LM_FORMAT_VERSION",
+    "check_lm_fidelity",
+    "ensure_lm_onnx",
+    "export_lm_onnx",
+    "lm_onnx_path",
+    "quantize_lm_int8",
+]
+
+log = logging.getLogger(__name__)
+
+#: written into the sidecar and the file's metadata; a change re-exports every cached file
+ONNX_LM_FORMAT_VERSION = 1
+INPUT_NAMES = ("input_ids", "position_ids", "attention_mask")
+OUTPUT_NAME = "hidden"
+
+#: The int8 gate's bounds, on the trained tokens of a few real rows, against the fp32 teacher.
+#: Why these: the KD loss *is* the KL to the teacher's distribution, so the int8 teacher's own
+#: KL from fp32 is noise added to every target. At the end of the LM demo's training the
+#: students sit at 0.3-1 nats/token from the teacher, so 0.01 nats/token of noise is about 1-3%
+#: of the signal they learn from. Top-1 agreement is looser than the vision gate's 99%: a
+#: language model's next token is often a near tie between two continuations, whose order any
+#: rounding flips at no cost in KL (a random-init tiny Llama, whose distributions are nearly
+#: uniform, scores 98.4% agreement at KL 4e-7); 95% still catches a quantized model that moves
+#: real mass (one with 10x weights: 93% at KL 2e-3; 30x: 85% at KL 0.055). Measured on the LM
+#: demo's teacher shape fitted to its corpus: 97.9% at KL 7e-4 (docs/benchmarks.md).
+MIN_TOP1_AGREEMENT = 0.95
+MAX_MEAN_KL = 0.01
+#: how many probe rows the gate reads, and the tokens per head projection (bounds its memory)
+GATE_ROWS = 16
+_GATE_CHUNK = 256
+
+
+# -- export --------------------------------------------------------------------------------------
+class _DecoderGraph(nn.Module):
+    """What is exported: the model up to its final hidden states, with a bool 4D mask."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        return hidden_and_head(self.model, input_ids, position_ids, attention_mask).hidden
+
+
+def causal_mask(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The graph's ``[B, 1, L, L]`` bool mask (True = may attend) from what a caller has:
+    ``None`` (every row full: causal), ``[B, L]`` padding (1 = token), or a ``[B, 1, L, L]``
+    bool or additive float mask (0 = attend, a large negative number = masked)."""
+    b, n = input_ids.shape
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if attention_mask.dtype == torch.bool:
+            return attention_mask
+        return attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    causal = torch.ones(n, n, dtype=torch.bool, device=input_ids.device).tril()
+    if attention_mask is None:
+        return causal.expand(b, 1, n, n)
+    if attention_mask.shape != input_ids.shape:
+        raise KDError(
+            f"attention_mask of shape {tuple(attention_mask.shape)} for input_ids "
+            f"{tuple(input_ids.shape)}: expected [B, L] or [B, 1, L, L]"
+        )
+    return causal & attention_mask.bool()[:, None, None, :]
+
+
+def _example(batch: int, length: int, vocab: int, padded: bool) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, length), generator=gen)
+    pos = torch.arange(length).expand(batch, length).contiguous()
+    pad = torch.ones(batch, length, dtype=torch.long)
+    if padded and batch > 1:
+        pad[-1, length // 2 :] = 0  # one right-padded row, as the Aligner pads
+    return ids, pos, causal_mask(ids, pad).contiguous(), pad
+
+
+@dataclass(frozen=True)
+class LMExport:
+    """An exported LM decoder: ``path``, its sidecar record, and whether it was built now."""
+
+    path: Path
+    record: dict[str, Any]
+    built: bool
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def export_lm_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    opset: int = DEFAULT_OPSET,
+    verify: bool = True,
+    atol: float = 1e-4,
+    fingerprint: str | None = None,
+) -> LMExport:
+    """Export ``model``'s decoder to ``path`` (final hidden states; inputs in the module
+    docstring), dynamic batch and length, written atomically with its sidecar.
+
+    TorchScript exporter at opset 17 (as :func:`kdkit.export_onnx`, which says why). With
+    ``verify``, a batch of 3 rows (one right-padded) at another length than the traced one goes
+    through ONNX Runtime and PyTorch; a max abs difference above ``atol`` on the real tokens
+    raises :class:`KDError` and nothing replaces ``path``. ``fingerprint``: the weights'
+    :func:`~kdkit._fingerprint.module_fingerprint` when the caller has it already.
+    """
+    _check_opset_atol(opset, atol)
+    model = unwrap(model)
+    head = _head(model)
+    if head.weight.dtype != torch.float32 or head.weight.device.type != "cpu":
+        raise KDError(
+            f"the ONNX LM teacher is exported from float32 weights on the CPU, got "
+            f"{head.weight.dtype} on {head.weight.device}; load the teacher in float32 "
+            "(drop teacher.dtype) for backend: onnx"
+        )
+    path = Path(path)
+    fingerprint = fingerprint or module_fingerprint(model)
+    vocab = head.out_features
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    graph = _DecoderGraph(model)
+    diff = None
+    try:
+        with atomic_path(path) as tmp:
+            ids, pos, mask, _ = _example(2, 8, vocab, padded=False)
+            with torch.no_grad(), warnings.catch_warnings():
+                # the TorchScript exporter announces its deprecation, HF its tracer checks
+                warnings.simplefilter("ignore")
+                try:
+                    torch.onnx.export(
+                        graph,
+                        (ids, pos, mask),
+                        str(tmp),
+                        dynamo=False,
+                        input_names=list(INPUT_NAMES),
+                        output_names=[OUTPUT_NAME],
+                        dynamic_axes={
+                            "input_ids": {0: "batch", 1: "length"},
+                            "position_ids": {0: "batch", 1: "length"},
+                            "attention_mask": {0: "batch", 2: "length", 3: "length"},
+                            OUTPUT_NAME: {0: "batch", 1: "length"},
+                        },
+                        opset_version=opset,
+                        do_constant_folding=True,
+                    )
+                except Exception as err:
+                    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                    raise KDError(
+                        f"ONNX export of the LM {type(model).__name__} failed at opset {opset} "
+                        f"({first[:300]}); {path} was left as it was"
+                    ) from None
+            _stamp_metadata(
+                tmp,
+                {
+                    "kdkit.format_version": str(ONNX_LM_FORMAT_VERSION),
+                    "kdkit.model_fingerprint": fingerprint,
+                    "kdkit.model_class": type(model).__qualname__,
+                    "kdkit.output": "final hidden states [B, L, H]",
+                },
+            )
+            if verify:
+                diff = _verify(graph, tmp, vocab)
+                if diff > atol:
+                    raise KDError(
+                        f"{path}: ONNX Runtime's hidden states differ from PyTorch's by "
+                        f"{diff:.3g} (> atol={atol:g}); the export is not faithful, run the "
+                        "teacher with backend: torch"
+                    )
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    record = {
+        "format_version": ONNX_LM_FORMAT_VERSION,
+        "model_fingerprint": fingerprint,
+        "model_class": type(model).__qualname__,
+        "opset": opset,
+        "torch": torch.__version__,
+        "max_abs_diff": diff,
+        "sha256": sha256_file(path),
+    }
+    atomic_write_json(_sidecar(path), record)
+    log.info("exported the LM teacher's decoder to %s (max abs diff %s)", path, diff)
+    return LMExport(path, record, built=True)
+
+
+def _verify(graph: nn.Module, path: Path, vocab: int) -> float:
+    """Max abs difference of the hidden states on the real tokens, at batch 3 and length 11."""
+    ort = import_onnxruntime()
+    session = load_session(path, ["CPUExecutionProvider"], ort, threads=1)
+    ids, pos, mask, pad = _example(3, 11, vocab, padded=True)
+    with torch.no_grad():
+        want = graph(ids, pos, mask)
+    got = _run(session, ids, pos, mask)
+    if got.shape != want.shape:
+        raise KDError(
+            f"{path}: ONNX Runtime returned hidden states of shape {tuple(got.shape)}, PyTorch "
+            f"{tuple(want.shape)}; a dynamic axis was traced as a constant"
+        )
+    keep = pad.bool()
+    return float((got[keep] - want[keep]).abs().max())
+
+
+def lm_onnx_path(
+    model: nn.Module, cache_dir: str | os.PathLike | None = None, fingerprint: str | None = None
+) -> Path:
+    """``<cache_dir>/<Class>-<weights hash>.lm.onnx`` (default ``~/.cache/kdkit/onnx``)."""
+    fingerprint = fingerprint or module_fingerprint(model)
+    name = type(unwrap(model)).__name__
+    return Path(cache_dir or quantize.default_cache_dir()) / f"{name}-{fingerprint[:16]}.lm.onnx"
+
+
+def _export_ok(path: Path, fingerprint: str) -> bool:
+    """Is the file at ``path`` the export of these weights, byte for byte?"""
+    import json
+
+    if not path.is_file():
+        return False
+    try:
+        record = json.loads(_sidecar(path).read_text())
+    except (OSError, ValueError):
+        record = {}
+    if record.get("format_version") != ONNX_LM_FORMAT_VERSION:
+        log.warning("%s has no matching sidecar; exporting the teacher again", path)
+        return False
+    if record.get("model_fingerprint") != fingerprint:
+        log.warning("%s was exported from other weights (stale); exporting again", path)
+        return False
+    if record.get("sha256") != sha256_file(path):
+        log.warning("%s does not match its checksum (corrupted); exporting again", path)
+        return False
+    return True
+
+
+def ensure_lm_onnx(
+    model: nn.Module,
+    path: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    opset: int = DEFAULT_OPSET,
+) -> LMExport:
+    """The export of ``model``'s current weights at ``path`` (default :func:`lm_onnx_path`):
+    reused when its sidecar names these weights and its checksum holds, else exported now."""
+    import json
+
+    fingerprint = module_fingerprint(model)
+    path = Path(path) if path is not None else lm_onnx_path(model, cache_dir, fingerprint)
+    if _export_ok(path, fingerprint):
+        log.info("using the cached ONNX export %s", path)
+        return LMExport(path, json.loads(_sidecar(path).read_text()), built=False)
+    try:
+        return export_lm_onnx(model, path, opset=opset, fingerprint=fingerprint)
+    except OSError as err:
+        raise KDError(
+            f"could not write the ONNX export {path} ({err}); pass cache_dir= a writable folder"
+        ) from None
+
+
+# -- running it ----------------------------------------------------------------------------------
+def _run(session: Any, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    feed = {
+        "input_ids": ids.detach().cpu().long().contiguous().numpy(),
+        "position_ids": pos.detach().cpu().long().contiguous().numpy(),
+        "attention_mask": mask.detach().cpu().contiguous().numpy(),
+    }
+    return torch.from_numpy(session.run([OUTPUT_NAME], feed)[0])
+
+
+def _frozen_head(head: nn.Linear | torch.Tensor) -> nn.Linear:
+    """An ``nn.Linear`` sharing the teacher's head weights (no copy), frozen."""
+    weight = head.weight if isinstance(head, nn.Linear) else head
+    bias = head.bias if isinstance(head, nn.Linear) else None
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise KDError("OnnxLMTeacher head must be an nn.Linear or its [V, H] weight")
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return linear
+
+
+def _head_config(config: Any) -> SimpleNamespace:
+    """What is read of a teacher's config beyond its decoder: its positions and the logit
+    transform after the head (:func:`~kdkit.lm.models.logit_transform`). Not the whole config:
+    its attention implementation would steer :func:`~kdkit.lm.models.hidden_and_head` (a
+    flash-attention config drops the packed mask), and the graph has its own."""
+    keys = ("max_position_embeddings", "logit_scale", "final_logit_softcapping")
+    return SimpleNamespace(**{k: getattr(config, k, None) for k in keys})
+
+
+class OnnxLMTeacher(nn.Module):
+    """A causal LM teacher whose decoder runs in ONNX Runtime (CPU execution provider).
+
+    ``path``: a file from :func:`export_lm_onnx`; ``head``: the teacher's output head (an
+    ``nn.Linear`` or its ``[V, H]`` weight), held as a frozen :attr:`lm_head` so the fused loss
+    projects hidden states itself. ``threads``: ONNX Runtime's intra-op threads, default
+    ``torch.get_num_threads()`` (the thread count the run gave PyTorch). ``config``: the
+    teacher's Hugging Face config, of which ``max_position_embeddings`` and the logit transform
+    are kept (:attr:`config`) so they are read as from the torch model. Hidden states come back as float32 on the input's device.
+
+    Build one from a model with :meth:`from_model` (export cached by weights, int8 gate).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        head: nn.Linear | torch.Tensor,
+        *,
+        threads: int | None = None,
+        config: Any = None,
+        precision: str = "fp32",
+        fidelity: FidelityReport | None = None,
+    ) -> None:
+        super().__init__()
+        self._ort = import_onnxruntime()
+        self.path = Path(path)
+        self.threads = int(threads or torch.get_num_threads())
+        self.session = load_session(self.path, ["CPUExecutionProvider"], self._ort, self.threads)
+        names = tuple(i.name for i in self.session.get_inputs())
+        if names != INPUT_NAMES:
+            raise KDError(
+                f"{self.path} takes inputs {list(names)}, not {list(INPUT_NAMES)}: "
+                "not an LM decoder exported by kdkit.lm.export_lm_onnx"
+            )
+        self.lm_head = _frozen_head(head)
+        if config is not None:
+            self.config = _head_config(config)
+        self.precision = precision
+        self.fidelity = fidelity
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        *,
+        precision: str = "fp32",
+        probe: Iterable[Any] | None = None,
+        temperature: float = 1.0,
+        cache_dir: str | os.PathLike | None = None,
+        path: str | os.PathLike | None = None,
+        threads: int | None = None,
+        min_agreement: float = MIN_TOP1_AGREEMENT,
+        max_kl: float = MAX_MEAN_KL,
+    ) -> OnnxLMTeacher:
+        """Export ``model`` (or reuse the export of these weights, :func:`ensure_lm_onnx`)
+        and run it; ``precision="int8"`` quantizes it (:func:`quantize_lm_int8`) and gates it
+        on ``probe`` (real :class:`~kdkit.lm.align.TokenBatch` es, their trained tokens) at the
+        run's KD ``temperature``."""
+        if precision not in ONNX_PRECISIONS:
+            raise KDError(f"the ONNX LM teacher's precision is fp32 or int8, got {precision!r}")
+        model = unwrap(model)
+        head = _head(model)
+        config = getattr(model, "config", None)
+        exported = ensure_lm_onnx(model, path, cache_dir=cache_dir)
+        fp32 = cls(exported.path, head, threads=threads, config=config)
+        if precision == "fp32":
+            return fp32
+        if probe is None:
+            raise KDError("precision int8 needs probe rows for its fidelity gate (probe=...)")
+        int8_path = quantize_lm_int8(exported.path)
+        int8 = cls(int8_path, head, threads=threads, config=config, precision="int8")
+        int8.fidelity = check_lm_fidelity(
+            fp32, int8, probe, temperature=temperature, min_agreement=min_agreement, max_kl=max_kl
+        )
+        return int8
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states ``[B, L, H]`` (the :func:`~kdkit.lm.models.hidden_and_head`
+        protocol); ``attention_mask`` as :func:`causal_mask` takes it."""
+        b, n = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(n, device=input_ids.device).expand(b, n)
+        mask = causal_mask(input_ids, attention_mask)
+        return _run(self.session, input_ids, position_ids, mask).to(input_ids.device)
+
+    def train(self, mode: bool = True) -> OnnxLMTeacher:
+        """A frozen teacher: always in eval mode (nothing in ONNX Runtime trains)."""
+        return super().train(False)
+
+    def __repr__(self) -> str:
+        return f"OnnxLMTeacher({str(self.path)!r}, precision={self.precision!r})"
+
+
+# -- int8 ----------------------------------------------------------------------------------------
+_INT8_SETTINGS = {
+    "method": "dynamic",
+    "ops": ["MatMul"],
+    "weights": "int8 per-tensor",
+    "activations": "uint8, ranges per batch",
+}
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    was, root.disabled = root.disabled, True
+    try:
+        yield
+    finally:
+        root.disabled = was
+
+
+def quantize_lm_int8(fp32_path: str | os.PathLike) -> Path:
+    """The int8 model of an exported LM decoder: ONNX Runtime's ``quantize_dynamic`` of its
+    MatMul weights, cached next to the fp32 file under the same key, sidecar and checksum as
+    vision int8 models (:mod:`kdkit.teachers.quantize`)."""
+    from onnxruntime import __version__ as ort_version
+
+    fp32 = Path(fp32_path)
+    key = {
+        "format_version": quantize.INT8_FORMAT_VERSION,
+        "fp32_sha256": sha256_file(fp32),
+        "target": "cpu-lm",
+        "settings": _INT8_SETTINGS,
+        "onnxruntime": ort_version,
+    }
+    path, sidecar = quantize._cache_paths(fp32, key, None)
+    if quantize._cached_ok(path, sidecar, key):
+        log.info("using cached int8 model %s", path)
+        return path
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    log.info("quantizing %s to int8 (dynamic, MatMul weights)", fp32)
+    try:
+        with atomic_path(path) as tmp, tempfile.TemporaryDirectory(prefix="kdkit-int8-") as work:
+            with _quiet_root_logger():  # ORT logs a pre-processing hint on every call
+                quantize_dynamic(
+                    str(fp32),
+                    str(Path(work) / "q.onnx"),
+                    op_types_to_quantize=["MatMul"],
+                    weight_type=QuantType.QInt8,
+                )
+            os.replace(Path(work) / "q.onnx", tmp)
+            load_session(tmp, ["CPUExecutionProvider"], import_onnxruntime(), threads=1)
+        atomic_write_json(
+            sidecar,
+            {
+                "format_version": quantize.INT8_FORMAT_VERSION,
+                "key": key,
+                "sha256": sha256_file(path),
+            },
+        )
+    except OSError as err:
+        raise KDError(
+            f"could not write the int8 model next to {fp32} ({err}); pass cache_dir= a "
+            "writable folder"
+        ) from None
+    return path
+
+
+def check_lm_fidelity(
+    reference: nn.Module,
+    candidate: nn.Module,
+    probe: Iterable[Any],
+    *,
+    temperature: float = 1.0,
+    min_agreement: float = MIN_TOP1_AGREEMENT,
+    max_kl: float | None = MAX_MEAN_KL,
+    rows: int = GATE_ROWS,
+) -> FidelityReport:
+    """Token top-1 agreement and mean KL(reference || candidate) at ``temperature`` on the
+    trained tokens of the first ``rows`` rows of ``probe`` (TokenBatches); raises a one-line
+    :class:`KDError` below the bounds (:meth:`FidelityReport.refuse_below`). Both models go
+    through :func:`~kdkit.lm.models.hidden_and_head`; logits are projected ``_GATE_CHUNK``
+    tokens at a time, never ``[tokens, V]`` at once."""
+    tally = FidelityTally(temperature)
+    seen = 0
+    with torch.no_grad():
+        for batch in probe:
+            if seen >= rows:
+                break
+            batch = _first_rows(batch, rows - seen)
+            seen += batch.input_ids.shape[0]
+            inputs = (batch.input_ids, batch.position_ids, batch.attention_mask)
+            ref, cand = hidden_and_head(reference, *inputs), hidden_and_head(candidate, *inputs)
+            h_ref, h_cand = ref.hidden[batch.mask], cand.hidden[batch.mask]
+            for c in range(0, h_ref.shape[0], _GATE_CHUNK):
+                tally.add_logits(
+                    ref.head(h_ref[c : c + _GATE_CHUNK].to(ref.head.weight.dtype)),
+                    cand.head(h_cand[c : c + _GATE_CHUNK].to(cand.head.weight.dtype)),
+                )
+    if tally.n == 0:
+        raise KDError("the int8 fidelity gate has no probe tokens (empty probe rows)")
+    report = tally.report()
+    report.refuse_below(
+        min_agreement,
+        max_kl,
+        what=f"the int8 LM teacher {getattr(candidate, 'path', '')} disagrees with fp32",
+        options="run the teacher with precision: fp32 (backend: onnx keeps most of the speed)",
+    )
+    log.info("int8 fidelity gate passed: %s", str(report).replace("probes", "tokens"))
+    return report
+
+
+def _first_rows(batch: Any, n: int) -> Any:
+    """The first ``n`` rows of a TokenBatch (all of it when it has no more)."""
+    if batch.input_ids.shape[0] <= n:
+        return batch
+    from dataclasses import fields, replace
+
+    cut = {
+        f.name: getattr(batch, f.name)[:n]
+        for f in fields(batch)
+        if isinstance(getattr(batch, f.name), torch.Tensor)
+    }
+    cut["n_tokens"] = int(cut["mask"].sum())
+    return replace(batch, **cut)
+
+
+def probe_batches(dataset: Sequence[Any], collate: Any, rows: int = GATE_ROWS) -> list[Any]:
+    """The gate's probe: the first ``rows`` rows of ``dataset`` collated, in batches of 8
+    (read by index, so no sampler or RNG is touched: a run's batches stay the same)."""
+    n = min(rows, len(dataset))
+    return [collate([dataset[i] for i in range(b, min(b + 8, n))]) for b in range(0, n, 8)]
