@@ -105,14 +105,47 @@ def _distillkit(full: torch.Tensor, prior=None, k=128, exact=16, terms=6) -> tor
     return _kl_tail(full, ids, approx, full.shape[1], prior)
 
 
+def engines(cfg, work: Path, rounds: int) -> None:
+    """Capture wall time (top-32, q8) with the teacher in eager PyTorch, ONNX Runtime fp32 and
+    int8 (gated), interleaved rounds, medians; exports are made before the clock."""
+    import dataclasses
+    import statistics
+    import time
+
+    from kdkit.lm.cache import capture
+
+    rows = {"torch fp32": ("torch", "fp32"), "onnx fp32": ("onnx", "fp32"),
+            "onnx int8": ("onnx", "int8")}  # fmt: skip
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for r in range(rounds + 1):  # round 0: exports, warm-up
+        for name, (backend, precision) in rows.items():
+            teacher = dataclasses.replace(cfg.teacher, backend=backend, precision=precision)
+            start = time.perf_counter()
+            capture(dataclasses.replace(cfg, teacher=teacher), work / f"e{r}-{name.replace(' ', '-')}",
+                    topk=32, progress=False)  # fmt: skip
+            if r:
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["torch fp32"])
+    print(f"\ncapture of the same rows, top-32 q8, 1 thread, median of {rounds}")
+    print("| teacher engine | capture s | x eager |")
+    print("|---|---:|---:|")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"| {name} | {med:.2f} | {base / med:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=128)
+    ap.add_argument("--engines", type=int, metavar="ROUNDS", help="capture speed per engine")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from kdkit.lm.cache import TopKCache, capture
 
     cfg, work = _demo(args.rows)
+    if args.engines:
+        engines(cfg, work, args.engines)
+        return
     results = []
     full = None
     for encoding in ("q8", "f16"):

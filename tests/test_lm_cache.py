@@ -215,3 +215,18 @@ def test_a_cache_that_does_not_fit_is_refused(captured, tmp_path, capsys, change
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_capture_with_the_onnx_teacher_matches_torch(captured, tmp_path, capsys):
+    """``teacher.backend: onnx`` captures the same distributions (checked against the eager
+    teacher the cache records) and says which engine ran in the manifest."""
+    pytest.importorskip("onnxruntime")
+    cfg = captured / "capture.yaml"
+    out = tmp_path / "onnx-cache"
+    argv = ["lm", "capture", str(cfg), "--out", str(out), "--topk", "8", "--no-progress"]
+    assert main([*argv, "--set", "teacher.backend=onnx"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["capture"]["precision"].startswith(
+        "teacher onnx fp32"
+    )
+    assert main(["lm", "cache", "check", str(out), "--max-dlogp", "0.05"]) == 0
+    assert "same weights as captured" in capsys.readouterr().out

@@ -119,7 +119,12 @@ def load_lm_teacher(cfg: LMRunConfig) -> tuple[Any, Any]:
 
 
 def load_lm_teacher_backend(
-    teacher: torch.nn.Module | None, cfg: LMRunConfig, data: LMRunData, device: torch.device
+    teacher: torch.nn.Module | None,
+    cfg: LMRunConfig,
+    dataset: Any,
+    collate: Any,
+    device: torch.device,
+    temperature: float | None = None,
 ) -> torch.nn.Module | None:
     """The loaded teacher in the engine ``teacher.backend`` / ``teacher.precision`` name:
     itself (torch, fp32), or an :class:`~kdkit.lm.onnx_teacher.OnnxLMTeacher` exported to the
@@ -136,13 +141,9 @@ def load_lm_teacher_backend(
             "back (backend: torch keeps it on the device)",
             device,
         )
-    probe = None
-    if tc.precision == "int8":
-        loader = data.train_loader
-        probe = probe_batches(loader.dataset, loader.collate_fn)
-    onnx = OnnxLMTeacher.from_model(
-        teacher, precision=tc.precision, probe=probe, temperature=cfg.distill.temperature
-    )
+    probe = probe_batches(dataset, collate) if tc.precision == "int8" else None
+    t = cfg.distill.temperature if temperature is None else temperature
+    onnx = OnnxLMTeacher.from_model(teacher, precision=tc.precision, probe=probe, temperature=t)
     log.info("teacher: %s%s", onnx, f" ({onnx.fidelity})" if onnx.fidelity else "")
     return onnx
 
@@ -174,7 +175,8 @@ def build_lm_trainer(cfg: LMRunConfig, device: torch.device) -> tuple[Trainer, L
     positions = max_positions(student)
     data = build_lm_data(cfg, tokenizer, positions, cache)
     if cache is None:  # a cache is never a model to run
-        teacher = load_lm_teacher_backend(teacher, cfg, data, device)
+        loader = data.train_loader
+        teacher = load_lm_teacher_backend(teacher, cfg, loader.dataset, loader.collate_fn, device)
     dc = cfg.distill
     task = LMTask(
         student,

@@ -140,7 +140,7 @@ def capture(
 ) -> dict[str, Any]:
     """Capture the teacher of ``cfg`` (a ``task: lm`` :class:`~kdkit.config.LMRunConfig`) over
     its corpus into ``out``; resumes an unfinished capture there. Returns the manifest."""
-    from kdkit.run.lm_job import lm_datasets
+    from kdkit.run.lm_job import lm_datasets, load_lm_teacher_backend
 
     if cfg.teacher is None or cfg.teacher.model.startswith("cache:"):
         raise KDError("kdkit lm capture needs a live teacher: teacher: {model: 'hf:DIR'}")
@@ -162,6 +162,14 @@ def capture(
         raise KDError(f"--topk {topk} is larger than the vocabulary ({vocab})")
     train, val = lm_datasets(cfg, tokenizer, max_positions(teacher))
     rows = list(train.rows) + (list(val.rows) if val is not None else [])
+    weights = module_fingerprint(teacher)  # of the weights, whatever engine runs them
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    aligner = Aligner(pad_id=int(pad), max_length=cfg.data.max_length)
+    engine = f"{cfg.teacher.backend} {cfg.teacher.precision}"
+    # teacher.backend: onnx / precision: int8 (gated on the first rows, at the capture's T)
+    teacher = load_lm_teacher_backend(
+        teacher, cfg, train, aligner, torch.device("cpu"), temperature=temperature
+    )
     num_shards = max(1, math.ceil(len(rows) / shard_rows))
     settings = {
         "format": FORMAT,
@@ -169,7 +177,7 @@ def capture(
         "alignment": ALIGNMENT,
         "teacher": {
             "model": cfg.teacher.model,
-            "weights_sha256": module_fingerprint(teacher),
+            "weights_sha256": weights,
             "dtype": str(next(teacher.parameters()).dtype).removeprefix("torch."),
             "vocab_rows": head_rows,
             "vocab": vocab,
@@ -178,7 +186,7 @@ def capture(
         "capture": {
             "k": topk,
             "temperature": float(temperature),
-            "precision": "fp32 log-softmax",
+            "precision": f"teacher {engine}, fp32 log-softmax",
             "encoding": encoding,
             "id_bits": id_bits(vocab),
             "tail": "float16",
@@ -191,8 +199,6 @@ def capture(
     done = _resume(out, settings)
     if not done:  # the tokenizer travels with the cache: a student from hf-config can use it
         tokenizer.save_pretrained(str(out / "tokenizer"))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    aligner = Aligner(pad_id=int(pad), max_length=cfg.data.max_length)
     bar = tqdm(
         total=len(rows), unit="row", desc="capture", disable=not progress, dynamic_ncols=True
     )
