@@ -10,6 +10,7 @@ rebuild both models from them alone) and ``report.md`` + ``curves.png``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -33,6 +34,7 @@ from kdkit.config import (
 from kdkit.errors import KDError
 from kdkit.run.lm_job import build_lm_trainer
 from kdkit.run.lm_report import lm_teacher_ppl, write_lm_report
+from kdkit.train.rundir import refuse_existing_run, refuse_inputs_in_run, run_lock
 
 __all__ = ["RunResult", "build_trainer", "train_run", "check_run_dir", "saved_config"]
 
@@ -61,9 +63,20 @@ def saved_config(run_dir: Path) -> RunConfig:
     return parse(read_yaml(path))
 
 
+def _input_files(cfg: RunConfig) -> list[str | None]:
+    """The files a run reads (model paths, weights), to keep them out of its outputs."""
+    files: list[str | None] = []
+    for section in (cfg.teacher, cfg.student):
+        model = getattr(section, "model", "") or ""
+        files += [model.partition(":")[2] if model.startswith(("onnx:", "cache:")) else model]
+        files += [getattr(section, "weights", None)]
+    return files
+
+
 def check_run_dir(cfg: RunConfig, resume: bool) -> None:
     """Refuse to overwrite a run, or to resume one with a different config (keys listed)."""
     run_dir = Path(cfg.run_dir)
+    refuse_inputs_in_run(run_dir, _input_files(cfg))
     if resume:
         changed = diff(saved_config(run_dir), cfg, ignore=_IGNORED)
         if changed:
@@ -74,12 +87,10 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> None:
                 "new run with another --run-dir"
             )
         return
-    taken = [n for n in ("config.yaml", "last.pt") if (run_dir / n).exists()]
-    if taken:
-        raise KDError(
-            f"{run_dir} already holds a run ({', '.join(taken)}); pass --resume to continue "
-            "it, or --run-dir NEW (or --set name=NEW) for a new one"
-        )
+    refuse_existing_run(
+        run_dir,
+        fix="pass --resume to continue it, or --run-dir NEW (or --set name=NEW) for a new one",
+    )
 
 
 def _run_temperature(cfg: RunConfig) -> float:
@@ -156,12 +167,21 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False, trust_code: bool = Fa
 
 
 def train_run(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False) -> RunResult:
-    """Run ``cfg`` (already validated, paths resolved) into ``cfg.run_dir``."""
+    """Run ``cfg`` (already validated, paths resolved) into ``cfg.run_dir``, holding the
+    directory's run lock throughout (:mod:`kdkit.train.rundir`)."""
+    from kdkit.train import distributed
+
+    validate(cfg)
+    lock = run_lock(cfg.run_dir) if distributed.is_main() else contextlib.nullcontext()
+    with lock:  # one run per run directory, from the check to the report
+        return _train_run(cfg, resume=resume, trust_code=trust_code)
+
+
+def _train_run(cfg: RunConfig, *, resume: bool, trust_code: bool) -> RunResult:
     import kdkit
     from kdkit._io import atomic_write_text
     from kdkit.train import distributed
 
-    validate(cfg)
     check_run_dir(cfg, resume)
     start = time.perf_counter()
     lm = isinstance(cfg, LMRunConfig)
