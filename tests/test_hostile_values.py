@@ -100,7 +100,7 @@ def _hang(row: str):
 
 _BOMB = "".join(
     f"{a}: &{a} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['lol'] * 9)}]\n"
-    for p, a in zip(["", *"abcdefgh"], "abcdefghi")
+    for p, a in zip(["", *"abcdefgh"], "abcdefghi", strict=True)
 )
 
 
