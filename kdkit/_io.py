@@ -212,8 +212,27 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:  # torch's zip writer: "unexpected pos", not an OSError
+            raise _write_error(tmp, err) from None
     return Path(path)
+
+
+def _write_error(tmp: Path, err: BaseException) -> OSError:
+    """An ``OSError`` for a failed write that raised something else: ENOSPC when the disk
+    has (next to) no space left, else EIO with the first line of the original message."""
+    import errno
+
+    try:
+        st = os.statvfs(tmp.parent)
+        full = st.f_bavail * st.f_frsize < (1 << 20)
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp.parent))
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return OSError(errno.EIO, f"write failed ({first[:200]})", str(tmp.parent))
 
 
 def check_output_path(

@@ -296,7 +296,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise KDError(f"{path} is not a readable torch weights file ({err})") from None
+        # torch's message suggests weights_only=False: the one thing not to do with a file
+        # that holds pickled objects (it would run whatever code they name)
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise KDError(
+                f"{path} holds pickled Python objects, not only tensors: kdkit loads weights "
+                "with weights_only=True and never unpickles code; save a state dict "
+                "(torch.save(model.state_dict(), path)) or a .safetensors file"
+            ) from None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise KDError(f"{path} is not a readable torch weights file ({first})") from None
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         _verify_kdkit_checkpoint(obj, path)
     if isinstance(obj, Mapping):

@@ -192,8 +192,16 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
 
 
+def lone_last_sample(n: int, batch_size: int, shuffle: bool) -> bool:
+    """True when a shuffled (training) epoch would end in a batch of one sample: it is
+    dropped (a different sample each epoch), since BatchNorm cannot train on one sample
+    (``Expected more than 1 value per channel``). Evaluation (no shuffle) keeps every one."""
+    return shuffle and batch_size > 1 and n > 1 and n % batch_size == 1
+
+
 class FastLoader:
-    """Batches an in-memory dataset by tensor indexing.
+    """Batches an in-memory dataset by tensor indexing. A shuffled epoch that would end in a
+    batch of one sample drops that sample (:func:`lone_last_sample`).
 
     Args:
         dataset: anything with ``.images`` and ``.labels`` tensors and optionally
@@ -259,7 +267,7 @@ class FastLoader:
 
     def __len__(self) -> int:
         per_replica = self._samples_per_replica()
-        if self.drop_last:
+        if self.drop_last or lone_last_sample(per_replica, self.batch_size, self.shuffle):
             return per_replica // self.batch_size
         return math.ceil(per_replica / self.batch_size)
 

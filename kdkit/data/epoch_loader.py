@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kdkit.data.arrays import _epoch_seed
+from kdkit.data.arrays import _epoch_seed, lone_last_sample
 from kdkit.errors import KDError
 
 __all__ = ["EpochLoader"]
@@ -93,7 +93,9 @@ class EpochLoader:
 
     def __len__(self) -> int:
         n = self._per_replica()
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        if self.drop_last or lone_last_sample(n, self.batch_size, self.shuffle):
+            return n // self.batch_size  # a training batch of one would break BatchNorm
+        return math.ceil(n / self.batch_size)
 
     def epoch_order(self) -> torch.Tensor:
         """Positions this replica visits this epoch, in order."""
