@@ -116,3 +116,33 @@ def write_yaml(path: Path, cfg: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def cli_in_child(hung: set, row: str, argv: list, timeout: float = 30) -> None:
+    """Run ``kdkit ARGV`` in a child process, so a hang cannot hang the table: exit 2 with
+    one line is raised here as that KDError, a timeout is recorded in ``hung`` (the row's
+    ``post`` then gives the verdict ``hang``), any other failure is a RuntimeError."""
+    import subprocess
+
+    from kdkit.errors import KDError
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "kdkit", *map(str, argv)],
+            capture_output=True, text=True, timeout=timeout, env=env,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        hung.add(row)
+        return
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    if proc.returncode == 2 and len(lines) == 1:
+        raise KDError(lines[0])
+    if proc.returncode != 0:
+        raise RuntimeError(f"exit {proc.returncode}: {proc.stderr[-300:]}")
+
+
+def hang_post(row: str):
+    """``post`` for a :func:`cli_in_child` row."""
+    return lambda fx: "hang" if row in fx.hung else None

@@ -9,9 +9,6 @@ plain fields are nonsense. Config rows use ``--print-config``: a value it accept
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +17,8 @@ import torch
 import yaml
 from _hostile_rows import (
     Case,
+    cli_in_child,
+    hang_post,
     image_tree,
     judge_row,
     params,
@@ -29,11 +28,8 @@ from _hostile_rows import (
     write_yaml,
 )
 
-from kdkit.errors import KDError
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 VERDICTS: dict[str, str] = {}
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -75,29 +71,6 @@ def _yaml_file(fx: Fx, name: str, text: str) -> Path:
     return path
 
 
-def _in_subprocess(fx: Fx, row: str, argv: list, timeout: float = 20) -> None:
-    """Run the CLI in a child (a hang must not hang the table): exit 2 with one line is a
-    KDError here, a timeout is remembered for ``post`` (the verdict ``hang``)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "kdkit", *map(str, argv)],
-            capture_output=True, text=True, timeout=timeout, env=env,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        fx.hung.add(row)
-        return
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    if proc.returncode == 2 and len(lines) == 1:
-        raise KDError(lines[0])
-    if proc.returncode != 0:
-        raise RuntimeError(f"exit {proc.returncode}: {proc.stderr[-300:]}")
-
-
-def _hang(row: str):
-    return lambda fx: "hang" if row in fx.hung else None
-
-
 _BOMB = "".join(
     f"{a}: &{a} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['lol'] * 9)}]\n"
     for p, a in zip(["", *"abcdefgh"], "abcdefghi", strict=True)
@@ -107,7 +80,7 @@ _BOMB = "".join(
 def _bomb(fx: Fx) -> None:
     path = _yaml_file(fx, "bomb.yaml", "name: x\n" + _BOMB)
     assert path.stat().st_size < 1024
-    _in_subprocess(fx, "yaml-alias-bomb-print-config", ["train", path, "--print-config"])
+    cli_in_child(fx.hung, "yaml-alias-bomb-print-config", ["train", path, "--print-config"], 20)
 
 
 def _dup(fx: Fx, text: str) -> list:
@@ -185,7 +158,7 @@ CASES: list[Case] = [
     Case("config-name-empty", _set("name="), "'name'", cli=True),
     Case("config-name-with-slash", _set("name=../../etc"), "'name'", cli=True),
     # YAML
-    Case("yaml-alias-bomb-print-config", _bomb, "alias", post=_hang("yaml-alias-bomb-print-config")),
+    Case("yaml-alias-bomb-print-config", _bomb, "alias", post=hang_post("yaml-alias-bomb-print-config")),
     Case("yaml-duplicate-key", lambda fx: _dup(fx, "name: other\n"), "duplicate key 'name'", cli=True),
     Case("yaml-duplicate-section", lambda fx: _dup(fx, "train: {epochs: 9}\n"), "duplicate key 'train'", cli=True),
     Case("yaml-recursive-alias", lambda fx: ["train", _yaml_file(fx, "rec.yaml", "name: &a [*a]\n"), "--print-config"], "recursive alias", cli=True),

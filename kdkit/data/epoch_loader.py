@@ -33,9 +33,11 @@ class _EpochBatches:
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self.loader.epoch_order().tolist()
-        bs = self.loader.batch_size
-        for b in range(self.loader._start, len(self.loader)):
-            yield order[b * bs : (b + 1) * bs]
+        bs, n_batches = self.loader.batch_size, len(self.loader)
+        fold = lone_last_sample(len(order), bs, self.loader.shuffle) and not self.loader.drop_last
+        for b in range(self.loader._start, n_batches):
+            end = len(order) if fold and b == n_batches - 1 else (b + 1) * bs
+            yield order[b * bs : end]  # a lone last sample joins the batch before
 
 
 class EpochLoader:
@@ -94,7 +96,7 @@ class EpochLoader:
     def __len__(self) -> int:
         n = self._per_replica()
         if self.drop_last or lone_last_sample(n, self.batch_size, self.shuffle):
-            return n // self.batch_size  # a training batch of one would break BatchNorm
+            return n // self.batch_size  # a lone last sample is folded into the batch before
         return math.ceil(n / self.batch_size)
 
     def epoch_order(self) -> torch.Tensor:

@@ -77,7 +77,7 @@ class SoftTargetKL(nn.Module):
 
 def _kl_rows(teacher: torch.Tensor, student: torch.Tensor, t: float) -> torch.Tensor:
     """``KL(softmax(teacher/t) || softmax(student/t))`` per position, accurate at extreme
-    temperatures (float32 out).
+    temperatures (in the student's dtype).
 
     With ``d = (teacher - student) / t``, ``KL = E_p[d] - log E_q[exp(d)]``. The textbook
     ``sum p (log p - log q)`` in float32 carries a rounding error of about 1e-7 that the
@@ -86,6 +86,7 @@ def _kl_rows(teacher: torch.Tensor, student: torch.Tensor, t: float) -> torch.Te
     ``log E_q[exp(d)]`` is taken as ``log1p(E_q[expm1(d)])``, which keeps the O(d^2) value
     instead of cancelling it away. A masked teacher class (logit -inf) has p = 0 and adds
     nothing."""
+    dtype = student.dtype  # float32 (or float64, kept: gradcheck) after _upcast
     teacher, student = teacher.double(), student.double()
     d = (teacher - student) / t
     p = F.softmax(teacher / t, dim=1)
@@ -98,7 +99,7 @@ def _kl_rows(teacher: torch.Tensor, student: torch.Tensor, t: float) -> torch.Te
     d_small = torch.where(small, d, 0.0)  # no overflow (nor NaN gradient) in the other branch
     log_small = torch.log1p((log_q.exp() * torch.expm1(d_small)).sum(1))
     log_big = torch.logsumexp(log_q + d, dim=1)
-    return (mean_d - torch.where(small.squeeze(1), log_small, log_big)).float()
+    return (mean_d - torch.where(small.squeeze(1), log_small, log_big)).to(dtype)
 
 
 class HardLabel(nn.Module):
