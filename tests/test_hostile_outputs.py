@@ -7,6 +7,7 @@ and verdicts as in ``tests/test_hostile.py`` (see ``tests/_hostile_rows.py``).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -51,7 +52,10 @@ def _lm_config(root: Path) -> Path | None:
     using it are refused before anything is built, so no weights are needed."""
     folder = root / "lm_student"
     folder.mkdir()
-    (folder / "config.json").write_text('{"model_type": "llama"}')
+    tiny = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "vocab_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+            "max_position_embeddings": 32}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(tiny))  # tiny, should it ever be built
     (root / "lm.txt").write_text("hello world\n" * 20)
     cfg = {
         "task": "lm",
