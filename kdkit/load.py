@@ -298,14 +298,19 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as err:
         # torch's message suggests weights_only=False: the one thing not to do with a file
         # that holds pickled objects (it would run whatever code they name)
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        text = str(err)
+        if "GLOBAL" in text or "Unsupported global" in text:
             raise KDError(
                 f"{path} holds pickled Python objects, not only tensors: kdkit loads weights "
                 "with weights_only=True and never unpickles code; save a state dict "
                 "(torch.save(model.state_dict(), path)) or a .safetensors file"
             ) from None
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise KDError(f"{path} is not a readable torch weights file ({first})") from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "weights_only" not in ln), type(err).__name__)
+        raise KDError(
+            f"{path} is not a readable torch weights file ({detail[:200]}): not a torch file, "
+            "or truncated"
+        ) from None
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         _verify_kdkit_checkpoint(obj, path)
     if isinstance(obj, Mapping):
