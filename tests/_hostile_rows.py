@@ -147,3 +147,27 @@ def cli_in_child(hung: set, row: str, argv: list, timeout: float = 30) -> None:
 def hang_post(row: str):
     """``post`` for a :func:`cli_in_child` row."""
     return lambda fx: "hang" if row in fx.hung else None
+
+
+def in_thread(hung: set, row: str, fn, timeout: float = 15) -> object:
+    """``fn()`` in a daemon thread: its exception is re-raised here, a timeout is recorded in
+    ``hung`` (``hang_post`` then gives the verdict ``hang``; the thread is left behind)."""
+    import threading
+
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller
+            box["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        hung.add(row)
+        return None
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
