@@ -17,7 +17,8 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+import stat
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_torch_save",
     "check_output_path",
+    "check_not_special",
     "clean_stale_temps",
     "sha256_bytes",
     "sha256_file",
@@ -125,6 +127,38 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def check_not_special(path: str | os.PathLike, *, what: str = "the output") -> None:
+    """Refuse an existing ``path`` that is not a regular file (a FIFO, socket, device node):
+    ``os.replace`` would turn ``/dev/null`` into a file (as root) and opening a FIFO blocks.
+    A symlink is fine (replacing it leaves its target alone); a directory is refused by the
+    callers that want a file."""
+    from kdkit.errors import KDError
+
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return
+    if stat.S_ISREG(mode) or stat.S_ISLNK(mode) or stat.S_ISDIR(mode):
+        return
+    kind = (
+        "a FIFO"
+        if stat.S_ISFIFO(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "a device node"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "not a regular file"
+    )
+    raise KDError(f"{what} {path} exists and is {kind}, not a regular file; choose a file path")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, clean: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
@@ -134,6 +168,11 @@ def atomic_path(path: str | os.PathLike, *, clean: bool = True) -> Iterator[Path
     created if needed; stale temporaries of killed writers there are cleaned first.
     """
     path = Path(path)
+    check_not_special(path)
+    if path.is_dir():
+        from kdkit.errors import KDError
+
+        raise KDError(f"the output {path} is a directory; give a file name inside it")
     path.parent.mkdir(parents=True, exist_ok=True)
     if clean:
         clean_stale_temps(path.parent)
@@ -144,6 +183,7 @@ def atomic_path(path: str | os.PathLike, *, clean: bool = True) -> Iterator[Path
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
+        check_not_special(path)  # appeared while the file was written
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -172,20 +212,55 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:  # torch's zip writer: "unexpected pos", not an OSError
+            raise _write_error(tmp, err) from None
     return Path(path)
 
 
+def _write_error(tmp: Path, err: BaseException) -> OSError:
+    """An ``OSError`` for a failed write that raised something else: ENOSPC when the disk
+    has (next to) no space left, else EIO with the first line of the original message."""
+    import errno
+
+    try:
+        st = os.statvfs(tmp.parent)
+        full = st.f_bavail * st.f_frsize < (1 << 20)
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp.parent))
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return OSError(errno.EIO, f"write failed ({first[:200]})", str(tmp.parent))
+
+
 def check_output_path(
-    path: str | os.PathLike, *, what: str = "the output", directory: bool = False
+    path: str | os.PathLike,
+    *,
+    what: str = "the output",
+    directory: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> Path:
     """Check, before any work, that ``path`` (a file, or with ``directory`` a folder) can be
     written: its folder is created and a probe file written and removed there. Raises
     :class:`~kdkit.errors.KDError` naming the path and the fix; returns ``Path(path)``.
+
+    An output that is one of the command's ``inputs`` (the same file, or for a folder output
+    an input folder itself) is refused, and so is an existing output that is not a regular
+    file (a FIFO, socket or device node: never replaced, never opened).
     """
     from kdkit.errors import KDError
 
     path = Path(path)
+    for source in inputs:
+        if source is not None and _same_file(path, Path(source)):
+            raise KDError(
+                f"{what} {path} is one of this command's inputs ({source}); writing it would "
+                "destroy the input: choose another output path"
+            )
+    if not directory:
+        check_not_special(path, what=what)
     if directory and path.exists() and not path.is_dir():
         raise KDError(f"{what} {path} is an existing file, not a directory; choose a directory")
     if not directory and path.is_dir():

@@ -12,6 +12,7 @@ is the :class:`~kdkit.task.Task` the :class:`~kdkit.Trainer` runs, one call per 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,9 +29,10 @@ from kdkit.data.pipeline import ModelInput
 from kdkit.errors import KDError
 from kdkit.losses._call import call_loss, without_t2
 from kdkit.losses.task import check_labels, labeled_cross_entropy
+from kdkit.outputs import pick_output
 from kdkit.pairs import Pair, PairInfo, PairTable, as_pairs, shape_of
 from kdkit.task import StepOutput
-from kdkit.teachers.base import Teacher, TeacherOutput
+from kdkit.teachers.base import Teacher, TeacherOutput, TopK
 from kdkit.teachers.torch_teacher import TorchTeacher
 from kdkit.train.evaluate import classification_metrics
 
@@ -100,6 +102,19 @@ def _target_device(args: tuple, kwargs: dict) -> torch.device | None:
     return None
 
 
+def _check_images(x: Any) -> None:
+    """Integer pixels given straight to :meth:`Distiller.step` are refused with the fix, the
+    same for every integer dtype (the Trainer's input pipeline scales uint8 and refuses the
+    others, as :func:`kdkit.data.to_float` does). Only (N, C, H, W) batches are images: a
+    2-D integer batch is token ids for an embedding student, and passes."""
+    if isinstance(x, torch.Tensor) and x.dim() == 4 and not x.is_floating_point():
+        raise KDError(
+            f"Distiller.step got {x.dtype} images; give float images normalised as the models "
+            "expect (kdkit.data.to_float(x, mean, std) for uint8), or train through the "
+            "Trainer, whose input pipeline does it"
+        )
+
+
 class Distiller(nn.Module):
     """Student + frozen teacher + typed loss :class:`~kdkit.Pair` records + a balancer.
 
@@ -137,11 +152,13 @@ class Distiller(nn.Module):
         balancer: LossBalancer | None = None,
         *,
         label_smoothing: float = 0.0,
+        output_key: str | int | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise KDError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = float(label_smoothing)
+        self.output_key = output_key  # picks the logits of models returning containers
         if not isinstance(student, nn.Module):
             raise KDError(f"the student must be an nn.Module, got {type(student).__name__}")
         self.student = student
@@ -224,10 +241,15 @@ class Distiller(nn.Module):
         teacher_out = self._teacher_forward(x, index, view) if active else None
         cap.clear()
         try:
-            out = self.student(x)
+            out = pick_output(self.student(x), self.output_key, "student")
             features = dict(cap.outputs)
         finally:
             cap.clear()
+        if teacher_out is not None and not isinstance(
+            teacher_out.logits, (torch.Tensor, TopK, type(None))
+        ):
+            logits = pick_output(teacher_out.logits, self.output_key, "teacher")
+            teacher_out = dataclasses.replace(teacher_out, logits=logits)
         return Forward(out, features, teacher_out)
 
     def teacher_forward(
@@ -270,9 +292,13 @@ class Distiller(nn.Module):
         if isinstance(x, ModelInput):
             labeled, labels, index, view, x = x.labeled, x.labels, x.index, x.view_ids, x.x
         else:
+            _check_images(x)
             if labels is not None:
                 check_labels(labels)
             labeled = labels is not None and bool((labels >= 0).any())
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 0:
+            raise KDError("an empty batch (0 samples): check the loader (a filter or sampler "
+                          "that left nothing)")  # fmt: skip
         run = self.forward_both(x, index, view)
         task = None
         device_labels = None
@@ -287,7 +313,7 @@ class Distiller(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Any:
         """The student's output (no teacher): a Distiller evaluates like its student."""
-        return self.student(x)
+        return pick_output(self.student(x), self.output_key, "student")
 
     def combine(
         self, run: Forward, student_loss: torch.Tensor | None, labels: torch.Tensor | None

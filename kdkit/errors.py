@@ -14,7 +14,29 @@ __all__ = ["KDError", "closest_names"]
 
 
 class KDError(ValueError):
-    """A problem with the user's input or environment that the message explains."""
+    """A problem with the user's input or environment that the message explains.
+
+    A KDError raised in a DataLoader worker is re-raised in the main process as
+    ``KDError("Caught KDError in DataLoader worker process 0.\nOriginal Traceback ...")``;
+    that message is cut back to the original one line, so a bad image in a worker reads the
+    same as without workers.
+    """
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_original_message(args[0]),)
+        super().__init__(*args)
+
+
+def _original_message(message: str) -> str:
+    if not message.startswith("Caught ") or "Original Traceback" not in message:
+        return message
+    lines = message.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        head, sep, rest = lines[i].partition("KDError: ")
+        if sep and head.strip() in ("", "kdkit.errors."):
+            return "\n".join([rest, *lines[i + 1 :]]).strip()
+    return message
 
 
 def closest_names(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:

@@ -28,6 +28,7 @@ export, bench and the trainer all read checkpoints through it.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -122,7 +123,56 @@ def load_checkpoint(
                 f"{path} fails its checksum: its weights or values were modified or corrupted "
                 "after it was written; use another checkpoint (best.pt / an earlier copy)"
             )
+    check_plain_fields(state, path)
     return state
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_FIELD_RULES: dict[str, tuple[Any, str]] = {
+    "input_shape": (
+        lambda v: (
+            isinstance(v, (list, tuple))
+            and 1 <= len(v) <= 4
+            and all(_is_int(d) and 1 <= d <= 1_000_000 for d in v)
+        ),
+        "a list of 1 to 4 positive sizes (C, H, W)",
+    ),
+    "mean": (
+        lambda v: isinstance(v, (list, tuple)) and len(v) in (1, 3) and all(map(_is_number, v)),
+        "1 or 3 finite numbers",
+    ),
+    "std": (
+        lambda v: (
+            isinstance(v, (list, tuple))
+            and len(v) in (1, 3)
+            and all(_is_number(x) and x > 0 for x in v)
+        ),
+        "1 or 3 numbers > 0",
+    ),
+    "config": (lambda v: isinstance(v, Mapping), "a mapping (the run's config)"),
+    "epoch": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "step": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+}
+
+
+def check_plain_fields(state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """The plain values beside the weights are checked like a spec is: a checkpoint whose
+    checksum holds but whose ``input_shape`` is ``[0, -3]`` (or ``std`` holds a zero, or
+    ``config`` is a string) is a :class:`KDError`, not a traceback from eval or export."""
+    for key, (ok, expected) in _FIELD_RULES.items():
+        value = state.get(key)
+        if value is not None and not ok(value):
+            raise KDError(
+                f"{path}: its {key!r} is {value!r}, not {expected}; the file is damaged or was "
+                "not written by kdkit: use another checkpoint"
+            )
 
 
 def spec_from_text(text: str, *, where: str = "model") -> ModelSpec:
@@ -246,7 +296,21 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise KDError(f"{path} is not a readable torch weights file ({err})") from None
+        # torch's message suggests weights_only=False: the one thing not to do with a file
+        # that holds pickled objects (it would run whatever code they name)
+        text = str(err)
+        if "GLOBAL" in text or "Unsupported global" in text:
+            raise KDError(
+                f"{path} holds pickled Python objects, not only tensors: kdkit loads weights "
+                "with weights_only=True and never unpickles code; save a state dict "
+                "(torch.save(model.state_dict(), path)) or a .safetensors file"
+            ) from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "weights_only" not in ln), type(err).__name__)
+        raise KDError(
+            f"{path} is not a readable torch weights file ({detail[:200]}): not a torch file, "
+            "or truncated"
+        ) from None
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         _verify_kdkit_checkpoint(obj, path)
     if isinstance(obj, Mapping):

@@ -64,9 +64,7 @@ def _reference(policy, name, h, head, t_logits):
 
 PRIOR = torch.softmax(torch.randn(V, generator=torch.Generator().manual_seed(9)), 0)
 CASES = [
-    (p, d)
-    for p in ("renorm", "uniform", "prior", "bucket")
-    for d in ("fkl", "rkl", "jsd", "tvd")
+    (p, d) for p in ("renorm", "uniform", "prior", "bucket") for d in ("fkl", "rkl", "jsd", "tvd")
 ]
 CASES += [(p, d) for p in ("bucket", "uniform") for d in ("skew_fkl", "skew_rkl")]
 CASES += [("drop", "fkl"), ("drop", "ce")]

@@ -85,6 +85,20 @@ def _data_section(meta: dict, overrides: list[str]):
     return data, (config.get("train") or {}).get("seed", 0), (config.get("train") or {})
 
 
+def _check_input(path, recorded, given) -> None:
+    """The data eval is given must be what the checkpoint was trained on (channels, size):
+    a 3-channel student scored on 1-channel images would fail deep inside its first conv."""
+    from kdkit.errors import KDError
+
+    if not recorded or not given or list(recorded) == list(given):
+        return
+    what = "channels" if recorded[0] != given[0] else "size"
+    raise KDError(
+        f"{path} was trained on inputs of shape {list(recorded)}, but this data gives "
+        f"{list(given)} (other {what}); score it on data like its training data (--data ...)"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
@@ -113,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     )
     data = build_data(data_cfg, seed=seed, classes=meta.get("classes"))
     student, smeta = load_model_file(path, trust_code=args.trust_code)
+    _check_input(path, smeta.get("input_shape"), data.input_shape)
     student.to(device).eval()
     mean = tuple(smeta.get("mean") or data.mean)
     std = tuple(smeta.get("std") or data.std)

@@ -60,15 +60,20 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.onnx is None) == (args.hf is None):
         raise KDError("kdkit export needs one of --onnx PATH or --hf DIR")
+    from kdkit.train.rundir import protected_files
+
+    inputs = protected_files(args.checkpoint)  # never written over, whatever the output
     if args.hf is not None:
         from kdkit.run.lm_tools import export_hf
+
+        check_output_path(args.hf, what="--hf", directory=True, inputs=inputs)
 
         out = export_hf(args.checkpoint, args.hf)
         print(f"wrote {out} (AutoModelForCausalLM.from_pretrained loads it without kdkit)")
         return 0
     check_shape(args.input_shape)
     check_min(args.atol, 0.0, "--atol")
-    check_output_path(args.onnx, what="--onnx")
+    check_output_path(args.onnx, what="--onnx", inputs=inputs)
     from kdkit.run.models import checkpoint_in  # a run directory -> its best.pt / last.pt
 
     module, meta = load_model(checkpoint_in(args.checkpoint), trust_code=args.trust_code)

@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     lo, hi = args.scale
     if not 0 < lo <= hi <= 1:
         raise KDError(f"--scale LO HI needs 0 < LO <= HI <= 1, got {lo:g} {hi:g}")
-    check_output_path(args.out, what="--out", directory=True)
+    check_output_path(args.out, what="--out", directory=True, inputs=[args.teacher])
     dataset, mean, std = load_data(args.data)
     teacher = load_teacher(args.teacher, args.arch, args.device, args.trust_code)
     views = build_views(args, tuple(dataset[0][0].shape[-2:]))

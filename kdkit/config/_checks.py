@@ -5,6 +5,7 @@ torch and kdkit.losses to read names and signatures; builds nothing."""
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,7 +21,7 @@ from kdkit.config.schema import (
 )
 from kdkit.errors import KDError, closest_names
 
-__all__ = ["validate", "looks_like_path"]
+__all__ = ["validate", "looks_like_path", "check_name"]
 
 # -- cross-field validation -----------------------------------------------------------------
 
@@ -109,6 +110,7 @@ def _check_source(src: SourceConfig, key: str, *, allow_split: bool) -> None:
 def validate(cfg: RunConfig | LMRunConfig, *, check_paths: bool = True) -> RunConfig:
     """Cross-field rules, loss/optimizer/scheduler names, and (``check_paths``) that every file
     and folder the config names exists. Imports torch and kdkit.losses, builds nothing."""
+    check_name(cfg.name)
     if isinstance(cfg, LMRunConfig):
         return validate_lm(cfg, check_paths=check_paths)
 
@@ -137,6 +139,15 @@ def validate(cfg: RunConfig | LMRunConfig, *, check_paths: bool = True) -> RunCo
     for name, v in (("mean", d.mean), ("std", d.std)):
         if v is not None and len(v) not in (1, 3):
             raise KDError(f"config key 'data.{name}' expects 1 or 3 numbers, got {list(v)}")
+        if v is not None and not all(math.isfinite(x) and (name == "mean" or x > 0) for x in v):
+            what = "finite numbers" if name == "mean" else "numbers > 0 (it divides the pixels)"
+            raise KDError(f"config key 'data.{name}' expects {what}, got {list(v)}")
+    views = d.views
+    if views is not None and views.crop == "pad" and d.image_size and views.pad >= d.image_size:
+        raise KDError(
+            f"config key 'data.views.pad' ({views.pad}) must be below data.image_size "
+            f"({d.image_size}), or a view could hold no pixel of the image"
+        )
     if not cfg.distill.pairs:
         raise KDError("config key 'distill.pairs' is empty: name at least one loss pair")
     seen: dict[tuple[str, str], int] = {}
@@ -192,9 +203,46 @@ def _check_teacher(cfg: RunConfig, check_paths: bool) -> None:
     # precision int8 with backend torch: int8 runs through ONNX Runtime; the builder picks it
 
 
-def check_train_section(t: TrainConfig) -> None:
-    """The ``train:`` section's optimizer and scheduler names and args (every task)."""
+def check_name(name: str) -> None:
+    """A run's name is the default run directory's name: one non-empty path component."""
+    if not isinstance(name, str) or not name.strip() or name in (".", "..") or "/" in name:
+        raise KDError(
+            f"config key 'name' expects a non-empty name without '/' (it names runs/NAME), "
+            f"got {name!r}"
+        )
+
+
+def _try_optimizer_and_scheduler(t: TrainConfig) -> None:
+    """Build the optimizer and scheduler on one dummy parameter and step them a few times,
+    so a bad argument (a negative momentum, ``step_size: 0``, ``gamma: x``) is a config
+    error now rather than a traceback after the data and models were built."""
     import torch
+
+    from kdkit.train.options import optimizer_factory, scheduler_factory
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = optimizer_factory(t.optimizer)([param])
+    make = scheduler_factory(t.scheduler, t.epochs, t.optimizer.lr, 4)
+    if make is None:
+        return
+    scheduler = make(optimizer)
+    try:
+        optimizer.step()
+        scheduler.step()
+    except Exception as err:  # noqa: BLE001 - any failure here is the arguments' fault
+        raise KDError(
+            f"config key 'train.scheduler.args': {t.scheduler.name}({dict(t.scheduler.args)}) "
+            f"fails when stepped ({type(err).__name__}: {err}); check its arguments"
+        ) from None
+
+
+def check_train_section(t: TrainConfig) -> None:
+    """The ``train:`` section's device, optimizer and scheduler names and args (every task)."""
+    import torch
+
+    from kdkit.cli._checks import check_device
+
+    check_device(t.device, "config key 'train.device'")
 
     optimizers = [
         n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type) and n[0].isupper()
@@ -224,6 +272,7 @@ def check_train_section(t: TrainConfig) -> None:
                 f"{t.scheduler.name!r}; did you mean {close[0]!r}?"
             )
         _check_args(getattr(sched, t.scheduler.name), t.scheduler.args, "train.scheduler.args")
+    _try_optimizer_and_scheduler(t)
 
 
 def _lm_model(mc: LMModelConfig, key: str, check_paths: bool) -> None:

@@ -194,13 +194,85 @@ def to_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=100)
 
 
+#: a config is a page of keys: far larger files are refused before they are parsed
+MAX_YAML_BYTES = 1 << 20
+#: nodes after expanding aliases (a 1 KB "billion laughs" file expands to 10**9)
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 64
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's C parser where installed
+
+
+def _check_graph(root: Any, where: str) -> None:
+    """Count the nodes of a composed document with aliases expanded (memoized, so the count
+    itself is linear), refuse recursive aliases, deep nesting and duplicate mapping keys."""
+    sizes: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def size(node: Any, depth: int) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in busy:
+            raise KDError(f"{where}: a recursive alias (an anchor used inside itself)")
+        if depth > MAX_YAML_DEPTH:
+            raise KDError(f"{where}: nested deeper than {MAX_YAML_DEPTH} levels")
+        busy.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                    line = k.start_mark.line + 1
+                    if k.value in seen:
+                        raise KDError(
+                            f"{where}: duplicate key {k.value!r} (line {line}, first on line "
+                            f"{seen[k.value]}); keep one"
+                        )
+                    seen[k.value] = line
+                total += size(k, depth + 1) + size(v, depth + 1)
+        elif isinstance(node, yaml.SequenceNode):
+            total += sum(size(v, depth + 1) for v in node.value)
+        busy.discard(key)
+        if total > MAX_YAML_NODES:
+            raise KDError(
+                f"{where}: more than {MAX_YAML_NODES} values once its aliases are expanded "
+                "(an alias bomb?); write the config out plainly"
+            )
+        sizes[key] = total
+        return total
+
+    size(root, 0)
+
+
+def load_yaml_text(text: str, where: str = "the YAML") -> Any:
+    """Safe-load YAML with limits: size, nodes after alias expansion, depth, no duplicate
+    keys (a second ``train:`` section would silently replace the first)."""
+    if len(text) > MAX_YAML_BYTES:
+        raise KDError(f"{where} is {len(text):,} bytes; a config is at most {MAX_YAML_BYTES:,}")
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_graph(node, where)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | os.PathLike) -> Any:
     """Safe-load a YAML file; a missing file or a syntax error is one KDError line."""
     path = Path(path)
     if not path.is_file():
         raise KDError(f"no config file at {path}")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise KDError(
+            f"{path} is {path.stat().st_size:,} bytes; a config is at most {MAX_YAML_BYTES:,}"
+        )
     try:
-        return yaml.safe_load(path.read_text())
+        return load_yaml_text(path.read_text(), str(path))
+    except RecursionError:
+        raise KDError(f"{path}: nested too deeply to be a config") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -223,8 +295,8 @@ def apply_overrides(data: Any, overrides: Sequence[str]) -> Any:
         if not sep or not dotted:
             raise KDError(f"--set expects KEY=VALUE (e.g. train.epochs=1), got {item!r}")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+            value = load_yaml_text(raw, f"--set {dotted}") if raw.strip() else ""
+        except (yaml.YAMLError, RecursionError):
             value = raw
         parts = dotted.split(".")
         node = data

@@ -7,6 +7,7 @@ README's key table).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -39,6 +40,9 @@ TEACHER_ONLY_PREFIXES = ("onnx", "tensorrt", "cache")
 def _check(test, expected: str) -> dict[str, Any]:
     """Field metadata: a value test and the words that describe what it expects."""
     return {"check": test, "expected": expected}
+
+
+_SEED = "an integer in [0, 2**63)"
 
 
 def _positive(expected: str = "an integer >= 1"):
@@ -128,8 +132,12 @@ class ViewsConfig:
         default=(0.35, 1.0),
         metadata=_check(lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "[low, high] in (0, 1]"),
     )
-    mixup: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
-    cutmix: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+    mixup: float = field(
+        default=0.0, metadata=_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
+    )
+    cutmix: float = field(
+        default=0.0, metadata=_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
+    )
 
 
 @dataclass(frozen=True)
@@ -140,14 +148,19 @@ class DataConfig:
     unlabeled: tuple[str, ...] = ()
     val: SourceConfig | None = None
     labeled: int | None = _positive()
-    image_size: int | None = _positive()
+    image_size: int | None = field(
+        default=None,
+        metadata=_check(lambda v: v is None or 1 <= v <= 8192, "an integer in [1, 8192]"),
+    )
     batch_size: int = field(default=128, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
     val_batch_size: int | None = _positive()
-    workers: int = field(default=2, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
+    workers: int = field(
+        default=2, metadata=_check(lambda v: 0 <= v <= 256, "an integer in [0, 256]")
+    )
     views: ViewsConfig | None = field(default_factory=ViewsConfig)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
-    seed: int = 0
+    seed: int = field(default=0, metadata=_check(lambda v: 0 <= v < 2**63, _SEED))
 
 
 # -- distillation -----------------------------------------------------------------------
@@ -161,7 +174,9 @@ class PairConfig:
     student: str = ""
     teacher: str = ""
     args: Mapping[str, Any] = field(default_factory=dict)
-    weight: float = field(default=1.0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+    weight: float = field(
+        default=1.0, metadata=_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
+    )
 
 
 @dataclass(frozen=True)
@@ -169,10 +184,18 @@ class DistillConfig:
     """The loss pairs and how they are balanced against the labels."""
 
     pairs: tuple[PairConfig, ...] = (PairConfig(loss="soft_kl"),)
-    student_weight: float = field(default=0.5, metadata=_check(lambda v: v >= 0, "a number >= 0"))
-    distill_weight: float = field(default=0.5, metadata=_check(lambda v: v >= 0, "a number >= 0"))
-    start_epoch: float = field(default=0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
-    warmup_epochs: float = field(default=0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+    student_weight: float = field(
+        default=0.5, metadata=_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
+    )
+    distill_weight: float = field(
+        default=0.5, metadata=_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
+    )
+    start_epoch: float = field(
+        default=0, metadata=_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
+    )
+    warmup_epochs: float = field(
+        default=0, metadata=_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
+    )
     label_smoothing: float = field(
         default=0.0, metadata=_check(lambda v: 0 <= v < 1, "a number in [0, 1)")
     )
@@ -186,8 +209,12 @@ class OptimizerConfig:
     """A ``torch.optim`` class by name; ``args`` go to its constructor (e.g. momentum)."""
 
     name: str = "AdamW"
-    lr: float = field(default=1e-3, metadata=_check(lambda v: v > 0, "a number > 0"))
-    weight_decay: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+    lr: float = field(
+        default=1e-3, metadata=_check(lambda v: 0 < v < math.inf, "a finite number > 0")
+    )
+    weight_decay: float = field(
+        default=0.0, metadata=_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
+    )
     args: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -243,14 +270,14 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     precision: Precision = "fp32"
-    seed: int = field(default=0, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
+    seed: int = field(default=0, metadata=_check(lambda v: 0 <= v < 2**63, _SEED))
     device: str | None = None
     channels_last: bool = False
     compile: bool = False
     sync_batchnorm: bool = False  # torchrun on GPUs: the student's BatchNorm -> SyncBatchNorm
     grad_accum: int = field(default=1, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
     max_grad_norm: float | None = field(
-        default=None, metadata=_check(lambda v: v is None or v > 0, "a number > 0")
+        default=None, metadata=_check(lambda v: v is None or 0 < v < math.inf, "a number > 0")
     )
     checkpoint_every: int | None = _positive()
     progress: bool = True

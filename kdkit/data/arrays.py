@@ -192,8 +192,17 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
 
 
+def lone_last_sample(n: int, batch_size: int, shuffle: bool) -> bool:
+    """True when a shuffled (training) epoch would end in a batch of one sample: that sample
+    is folded into the previous batch (one batch of ``batch_size + 1``), since BatchNorm
+    cannot train on one sample (``Expected more than 1 value per channel``) and dropping it
+    would leave a sample out of the epoch. Evaluation (no shuffle) is batched as given."""
+    return shuffle and batch_size > 1 and n > 1 and n % batch_size == 1
+
+
 class FastLoader:
-    """Batches an in-memory dataset by tensor indexing.
+    """Batches an in-memory dataset by tensor indexing. A shuffled epoch that would end in a
+    batch of one sample folds it into the batch before (:func:`lone_last_sample`).
 
     Args:
         dataset: anything with ``.images`` and ``.labels`` tensors and optionally
@@ -259,7 +268,7 @@ class FastLoader:
 
     def __len__(self) -> int:
         per_replica = self._samples_per_replica()
-        if self.drop_last:
+        if self.drop_last or lone_last_sample(per_replica, self.batch_size, self.shuffle):
             return per_replica // self.batch_size
         return math.ceil(per_replica / self.batch_size)
 
@@ -289,8 +298,10 @@ class FastLoader:
 
     def _batches(self, start: int, stop: int) -> Iterator[Batch]:
         order = self.epoch_order().to(self.device)
+        fold = lone_last_sample(len(order), self.batch_size, self.shuffle) and not self.drop_last
         for b in range(start, stop):
-            positions = order[b * self.batch_size : (b + 1) * self.batch_size]
+            end = len(order) if fold and b == len(self) - 1 else (b + 1) * self.batch_size
+            positions = order[b * self.batch_size : end]
             if self._rows is not None:
                 positions = self._rows[positions]
             yield Batch(self._images[positions], self._labels[positions], self._indices[positions])

@@ -43,6 +43,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from kdkit._io import sha256_file
 from kdkit.data._resize import resize_mixed
+from kdkit.data.pixels import check_encoded_pixels, pil_to_rgb, to_uint8
 from kdkit.errors import KDError
 
 __all__ = [
@@ -120,12 +121,16 @@ def decode_cpu(data: torch.Tensor) -> torch.Tensor:
     if data.numel() == 0:
         raise ValueError("empty or unreadable file")
     try:
+        check_encoded_pixels(data)
+    except KDError as err:  # a decompression bomb: refused before it is decoded
+        raise ValueError(str(err)) from None
+    try:
         with _quiet():
-            image = decode_image(data, mode=ImageReadMode.RGB)
+            image = to_uint8(decode_image(data, mode=ImageReadMode.RGB))  # 16-bit PNGs
     except RuntimeError as tv_err:
         try:
             with Image.open(io.BytesIO(data.numpy().tobytes())) as pil:
-                rgb = np.array(pil.convert("RGB"), dtype=np.uint8)
+                rgb = np.array(pil_to_rgb(pil), dtype=np.uint8)
         except Exception as pil_err:  # PIL raises many types for bad files
             raise ValueError(f"{_first_line(tv_err)} (PIL: {_first_line(pil_err)})") from None
         image = torch.from_numpy(rgb).permute(2, 0, 1).contiguous()

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from kdkit.data._workers import stop_workers
-from kdkit.data.arrays import _epoch_seed
+from kdkit.data.arrays import _epoch_seed, lone_last_sample
 from kdkit.data.unreadable import Unreadable, UnreadableLog, split_unreadable
 from kdkit.errors import KDError
 
@@ -48,9 +48,11 @@ class _EpochBatches:
     def __iter__(self) -> Iterator[list[int]]:
         loader = self.loader
         order = loader.epoch_order().tolist()
-        bs = loader.batch_size
-        for b in range(loader._start, len(loader)):
-            yield order[b * bs : (b + 1) * bs]
+        bs, n_batches = loader.batch_size, len(loader)
+        fold = lone_last_sample(len(order), bs, loader.shuffle) and not loader.drop_last
+        for b in range(loader._start, n_batches):
+            end = len(order) if fold and b == n_batches - 1 else (b + 1) * bs
+            yield order[b * bs : end]  # a lone last sample joins the batch before
 
 
 class _DropUnreadable:
@@ -123,7 +125,9 @@ class EpochLoader:
 
     def __len__(self) -> int:
         n = self._per_replica()
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        if self.drop_last or lone_last_sample(n, self.batch_size, self.shuffle):
+            return n // self.batch_size  # a lone last sample is folded into the batch before
+        return math.ceil(n / self.batch_size)
 
     def epoch_order(self) -> torch.Tensor:
         """Positions this replica visits this epoch, in order."""

@@ -22,6 +22,7 @@ from torchvision.transforms import v2
 
 from kdkit.data.arrays import Batch
 from kdkit.data.bytes_loader import folder_loaders
+from kdkit.data.pixels import pil_to_rgb
 from kdkit.data.unreadable import Unreadable, UnreadableLog, split_unreadable
 from kdkit.errors import KDError
 
@@ -61,6 +62,7 @@ def _scan(split_dir: Path, layout: str) -> dict[str, list[Path]]:
     if not split_dir.is_dir():
         raise KDError(f"no folder {split_dir}; {layout}")
     skipped = {"hidden": 0, "not an image": 0, "empty (unreadable)": 0}
+    skipped["not a regular file (FIFO, socket, device)"] = 0
     entries = list(os.scandir(split_dir))
     skipped["hidden"] += sum(e.name.startswith(".") for e in entries)
     classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
@@ -73,6 +75,8 @@ def _scan(split_dir: Path, layout: str) -> dict[str, list[Path]]:
         for e in os.scandir(class_dir):
             if e.name.startswith("."):
                 skipped["hidden"] += 1
+            elif e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.is_file() and not e.is_dir():
+                skipped["not a regular file (FIFO, socket, device)"] += 1  # opening would block
             elif not (e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)):
                 skipped["not an image"] += 1
             elif e.stat().st_size == 0:
@@ -126,11 +130,15 @@ class ImageFolderDataset(Dataset):
             with Image.open(path) as image:
                 if self.draft_size is not None:
                     image.draft("RGB", self.draft_size)  # no-op for formats other than JPEG
-                rgb = image.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
+                rgb = pil_to_rgb(image, path)  # 16-bit by value range; bombs refused
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
             if self.skip_unreadable:
                 return Unreadable(str(path), _reason(exc))
-            raise KDError(f"cannot decode image {path}: {exc}") from exc
+            raise KDError(f"cannot decode image {path}: {exc}") from None
+        except KDError as exc:  # refused by its header (a decompression bomb)
+            if self.skip_unreadable:
+                return Unreadable(str(path), str(exc))
+            raise
         return self.transform(rgb), label, i
 
 
@@ -152,7 +160,9 @@ def find_images(root: str | os.PathLike) -> list[Path]:
         found += [
             Path(dirpath) / f
             for f in filenames
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+            if not f.startswith(".")
+            and f.lower().endswith(IMAGE_EXTENSIONS)
+            and os.path.isfile(os.path.join(dirpath, f))  # a FIFO named x.jpg would block
         ]
     if not found:
         raise KDError(f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")

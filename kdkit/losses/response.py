@@ -66,14 +66,40 @@ class SoftTargetKL(nn.Module):
         t = self.temperature
         student = _upcast(student)
         _check_logits(student)
-        log_q = F.log_softmax(student / t, dim=1)
         if self.teacher_probs and _as_topk(teacher) is None:
             p = _full_teacher_logits(teacher, student, t)  # same shape checks, as-is values
-            kl = torch.xlogy(p, p) - p * log_q
+            log_q = F.log_softmax(student / t, dim=1)
+            rows = (torch.xlogy(p, p) - p * log_q).sum(dim=1)
         else:
-            log_p = F.log_softmax(_full_teacher_logits(teacher, student, t) / t, dim=1)
-            kl = _kl_terms(log_p, log_q)
-        return kl.sum(dim=1).mean() * (t * t)
+            rows = _kl_rows(_full_teacher_logits(teacher, student, t), student, t)
+        return rows.clamp_min(0).mean() * (t * t)  # a KL is >= 0; rounding must not flip it
+
+
+def _kl_rows(teacher: torch.Tensor, student: torch.Tensor, t: float) -> torch.Tensor:
+    """``KL(softmax(teacher/t) || softmax(student/t))`` per position, accurate at extreme
+    temperatures (in the student's dtype).
+
+    With ``d = (teacher - student) / t``, ``KL = E_p[d] - log E_q[exp(d)]``. The textbook
+    ``sum p (log p - log q)`` in float32 carries a rounding error of about 1e-7 that the
+    ``t**2`` factor multiplies: at t = 1000 it swamps the true value (and can be negative).
+    Here the rows are computed in float64, and where every ``|d| < 1`` (high temperatures)
+    ``log E_q[exp(d)]`` is taken as ``log1p(E_q[expm1(d)])``, which keeps the O(d^2) value
+    instead of cancelling it away. A masked teacher class (logit -inf) has p = 0 and adds
+    nothing."""
+    dtype = student.dtype  # float32 (or float64, kept: gradcheck) after _upcast
+    teacher, student = teacher.double(), student.double()
+    d = (teacher - student) / t
+    p = F.softmax(teacher / t, dim=1)
+    log_q = F.log_softmax(student / t, dim=1)
+    masked = p == 0  # == (not <=): a NaN teacher still propagates NaN to the NaN guard
+    mean_d = torch.where(masked, 0.0, p * torch.where(masked, 0.0, d)).sum(1)
+    small = (torch.where(masked, 0.0, d).abs().amax(1, keepdim=True) < 1) & ~masked.any(
+        1, keepdim=True
+    )
+    d_small = torch.where(small, d, 0.0)  # no overflow (nor NaN gradient) in the other branch
+    log_small = torch.log1p((log_q.exp() * torch.expm1(d_small)).sum(1))
+    log_big = torch.logsumexp(log_q + d, dim=1)
+    return (mean_d - torch.where(small.squeeze(1), log_small, log_big)).to(dtype)
 
 
 class HardLabel(nn.Module):

@@ -21,6 +21,8 @@ def labeled_cross_entropy(
     87.2% after 2 epochs). Logits (N, C) are upcast to fp32. ``label_smoothing``: torch's
     (Szegedy et al. 2016, arXiv:1512.00567), on the labeled rows only.
     """
+    if labels.dtype != torch.int64:  # int32/int16/uint8 ids (check_labels took them)
+        labels = labels.long()
     summed = F.cross_entropy(
         logits.float(), labels, ignore_index=-1, reduction="sum", label_smoothing=label_smoothing
     )

@@ -10,6 +10,7 @@ rebuild both models from them alone) and ``report.md`` + ``curves.png``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -35,6 +36,7 @@ from kdkit.errors import KDError
 from kdkit.run.extend import extension, extension_note
 from kdkit.run.lm_job import build_lm_trainer
 from kdkit.run.lm_report import lm_teacher_ppl, write_lm_report
+from kdkit.train.rundir import refuse_existing_run, refuse_inputs_in_run, run_lock
 
 __all__ = ["RunResult", "build_trainer", "train_run", "check_run_dir", "run_views", "saved_config"]
 
@@ -63,11 +65,22 @@ def saved_config(run_dir: Path) -> RunConfig:
     return parse(read_yaml(path))
 
 
+def _input_files(cfg: RunConfig) -> list[str | None]:
+    """The files a run reads (model paths, weights), to keep them out of its outputs."""
+    files: list[str | None] = []
+    for section in (cfg.teacher, cfg.student):
+        model = getattr(section, "model", "") or ""
+        files += [model.partition(":")[2] if model.startswith(("onnx:", "cache:")) else model]
+        files += [getattr(section, "weights", None)]
+    return files
+
+
 def check_run_dir(cfg: RunConfig, resume: bool) -> dict[str, tuple]:
     """Refuse to overwrite a run, or to resume one with a different config (keys listed).
     Returns the keys that extend a resumed run (``{"train.epochs": (3, 5)}``), the only
     change ``--resume`` accepts."""
     run_dir = Path(cfg.run_dir)
+    refuse_inputs_in_run(run_dir, _input_files(cfg))
     if resume:
         saved = saved_config(run_dir)
         changed = diff(saved, cfg, ignore=_IGNORED)
@@ -81,12 +94,10 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> dict[str, tuple]:
                 "new run with another --run-dir"
             )
         return extended
-    taken = [n for n in ("config.yaml", "last.pt") if (run_dir / n).exists()]
-    if taken:
-        raise KDError(
-            f"{run_dir} already holds a run ({', '.join(taken)}); pass --resume to continue "
-            "it, or --run-dir NEW (or --set name=NEW) for a new one"
-        )
+    refuse_existing_run(
+        run_dir,
+        fix="pass --resume to continue it, or --run-dir NEW (or --set name=NEW) for a new one",
+    )
     return {}
 
 
@@ -185,18 +196,66 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False, trust_code: bool = Fa
             "classes": data.classes,
             "teacher_spec": None if cfg.teacher is None else to_dict(cfg.teacher),
             "config": to_dict(cfg),
+            "fingerprints": run_fingerprints(teacher, dataset),
         },
     )
     return trainer, data
 
 
+def run_fingerprints(teacher: Any, dataset: Any) -> dict[str, str]:
+    """What a run depends on beyond its config, compared on resume: the teacher's weights
+    (a module's weights hash: a weights file replaced between epochs differs), a cache's
+    sealed meta, and the training set where it has a cheap ``fingerprint()``."""
+    from kdkit.cache import CachedTeacher
+    from kdkit.cache.store import teacher_fingerprint
+
+    out: dict[str, str] = {}
+    if teacher is not None:
+        try:
+            out["teacher"] = teacher_fingerprint(teacher)
+        except (KDError, TypeError, AttributeError):
+            pass
+    if isinstance(teacher, CachedTeacher):
+        out["cache"] = str(teacher.meta.get("meta_sha256") or teacher.fingerprint())
+    if callable(getattr(dataset, "fingerprint", None)):
+        out["dataset"] = str(dataset.fingerprint())
+    elif isinstance(getattr(dataset, "samples", None), list):  # image files: a stat each
+        out["dataset"] = _listing_fingerprint(dataset.samples)
+    return out
+
+
+def _listing_fingerprint(samples: list) -> str:
+    """sha256 over each file's path, size, mtime and label: cheap (no reads), and an image
+    added, removed, relabeled or rewritten changes it."""
+    import hashlib
+    import os
+
+    h = hashlib.sha256(b"kdkit-file-listing-v1")
+    for path, label in samples:
+        try:
+            st = os.stat(path)
+            h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}|{label};".encode())
+        except OSError:
+            h.update(f"{path}|missing|{label};".encode())
+    return h.hexdigest()
+
+
 def train_run(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False) -> RunResult:
-    """Run ``cfg`` (already validated, paths resolved) into ``cfg.run_dir``."""
+    """Run ``cfg`` (already validated, paths resolved) into ``cfg.run_dir``, holding the
+    directory's run lock throughout (:mod:`kdkit.train.rundir`)."""
+    from kdkit.train import distributed
+
+    validate(cfg)
+    lock = run_lock(cfg.run_dir) if distributed.is_main() else contextlib.nullcontext()
+    with lock:  # one run per run directory, from the check to the report
+        return _train_run(cfg, resume=resume, trust_code=trust_code)
+
+
+def _train_run(cfg: RunConfig, *, resume: bool, trust_code: bool) -> RunResult:
     import kdkit
     from kdkit._io import atomic_write_text
     from kdkit.train import distributed
 
-    validate(cfg)
     extended = check_run_dir(cfg, resume)
     start = time.perf_counter()
     lm = isinstance(cfg, LMRunConfig)

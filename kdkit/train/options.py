@@ -107,6 +107,10 @@ class LoopOptions:
         for name, ok, expected in checks:
             if not ok:
                 raise KDError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        if isinstance(self.device, str):  # torch.device("foo") is a RuntimeError traceback
+            from kdkit.cli._checks import check_device
+
+            check_device(self.device, "device")
 
     @classmethod
     def fields(cls) -> tuple[str, ...]:

@@ -22,7 +22,18 @@ from kdkit.load import load_checkpoint
 from kdkit.train import distributed, fsdp
 
 #: plain data a checkpoint stores beside the weights (``kdkit eval/export/bench`` read them)
-RUN_INFO_KEYS = ("student_spec", "teacher_spec", "config", "input_shape", "mean", "std", "classes")
+RUN_INFO_KEYS = (
+    "student_spec",
+    "teacher_spec",
+    "config",
+    "input_shape",
+    "mean",
+    "std",
+    "classes",
+    "fingerprints",  # {"teacher": ..., "cache": ..., "dataset": ...}: what the run depends on
+)
+#: config keys that do not change a run's result (ignored when resume compares configs)
+IGNORED_CONFIG_KEYS = ("versions", "run_dir", "train.progress")
 
 __all__ = [
     "rng_state",
@@ -32,6 +43,8 @@ __all__ = [
     "trainer_state",
     "resume_trainer",
     "restore_best",
+    "check_same_run",
+    "IGNORED_CONFIG_KEYS",
 ]
 
 log = logging.getLogger(__name__)
@@ -141,6 +154,33 @@ def restore_best(trainer: Any) -> None:
         distributed.broadcast_state(trainer.task)
 
 
+def check_same_run(path: Path | str, state: dict[str, Any], run_info: dict[str, Any]) -> None:
+    """Refuse to resume when the config recorded *inside* the checkpoint (not ``config.yaml``,
+    which a user can edit) differs from this run's, listing the keys, or when a fingerprint
+    of what the run depends on (teacher weights, cache, dataset) changed since it was saved."""
+    from kdkit.config import diff
+
+    saved, this = state.get("config"), run_info.get("config")
+    if isinstance(saved, dict) and isinstance(this, dict):
+        changed = diff(saved, this, ignore=IGNORED_CONFIG_KEYS)
+        if changed:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:8])
+            raise KDError(
+                f"cannot resume from {path}: this config differs from the one recorded in it "
+                f"({len(changed)} key(s): {listed}); resume with the same config, or start a "
+                "new run in another directory"
+            )
+    saved_fp, this_fp = state.get("fingerprints") or {}, run_info.get("fingerprints") or {}
+    if isinstance(saved_fp, dict) and isinstance(this_fp, dict):
+        changed_fp = sorted(k for k in saved_fp if k in this_fp and saved_fp[k] != this_fp[k])
+        if changed_fp:
+            raise KDError(
+                f"cannot resume from {path}: the {', '.join(changed_fp)} changed since it was "
+                "saved (fingerprints differ: a file was replaced); put the original back, or "
+                "start a new run in another directory"
+            )
+
+
 def resume_trainer(trainer: Any, required: bool = True) -> bool:
     """Load ``checkpoint_dir/last.pt`` into ``trainer``; False when there is none and
     ``required`` is off (a missing file is an error otherwise: a typo'd directory must not
@@ -159,6 +199,7 @@ def resume_trainer(trainer: Any, required: bool = True) -> bool:
     # on the CPU: load_state_dict copies weights to their device, and the RNG states must be
     # CPU tensors (a CUDA map_location would break set_rng_state)
     state = load_checkpoint(path, map_location="cpu")
+    check_same_run(path, state, trainer.run_info)
     trainer.task.load_checkpoint_state(state, str(path))
     this = type(trainer.optimizer).__name__
     saved = state.get("optimizer_class", this)

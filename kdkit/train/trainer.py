@@ -51,6 +51,7 @@ from kdkit.train.options import (
 )
 from kdkit.train.precision import Precision
 from kdkit.train.resume import cpu_copy, restore_best, resume_trainer, trainer_state
+from kdkit.train.rundir import refuse_existing_run, run_lock
 
 __all__ = ["Trainer", "StepOutput", "LoopOptions"]
 
@@ -282,8 +283,19 @@ class Trainer:
             raise KDError("restore_best=True needs a val_loader: 'best' is chosen on it")
         if resume not in (False, True, "auto"):
             raise KDError(f"resume must be False, True or 'auto', got {resume!r}")
+        locked = self.checkpoint_dir is not None and self.is_main  # one run per directory
+        with run_lock(self.checkpoint_dir) if locked else contextlib.nullcontext():
+            return self._fit(resume, restore_best)
+
+    def _fit(self, resume: bool | str, restore_best: bool) -> list[dict[str, Any]]:
         if resume:
             resume = self._resume(required=resume is True)
+        if not resume and self.checkpoint_dir is not None:  # never train over a run
+            refuse_existing_run(
+                self.checkpoint_dir,
+                ("last.pt", "best.pt", "metrics.csv"),
+                fix="pass fit(resume=True) to continue it, or another checkpoint_dir",
+            )
         self._keep_best_in_memory = restore_best and self.checkpoint_dir is None
         log_dir = self.checkpoint_dir if self.is_main else None
         metrics = MetricLog(log_dir, resume_epoch=self.epoch if resume else None)
