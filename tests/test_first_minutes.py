@@ -98,7 +98,7 @@ def test_print_config_catches_what_this_machine_can_tell(tmp_path, capsys):
         cases.append((["student.model=timm:resnet18x"], "did you mean 'timm:resnet18'"))
     if not torch.cuda.is_available():
         cases += [
-            (["train.device=cuda"], "sees no CUDA device"),
+            (["train.device=cuda"], "no CUDA device is visible here"),
             (["train.precision=fp16"], "fp16 mixed precision needs a CUDA device"),
         ]
     for sets, message in cases:

@@ -185,7 +185,8 @@ CASES: list[Case] = [
     Case("ckpt-config-a-string-eval", lambda fx: ["eval", _sealed(fx, "c5", config="oops")], "'config'", cli=True),
     Case("ckpt-epoch-negative-load", lambda fx: __import__("kdkit").load_model(_sealed(fx, "c6", epoch=-4)), "'epoch'"),
     Case("eval-data-other-channels", lambda fx: ["eval", _sealed(fx, "c7", input_shape=[1, 16, 16])], r"trained on inputs of shape \[1, 16, 16\].*\[3, 16, 16\]", cli=True),
-    Case("eval-data-other-size", lambda fx: ["eval", _sealed(fx, "c8", input_shape=[3, 32, 32])], "trained on inputs of shape", cli=True),
+    # issue 21: eval scores at the size the checkpoint records (--data image_size=N overrides, warned)
+    Case("eval-data-other-size", lambda fx: ["eval", _sealed(fx, "c8", input_shape=[3, 32, 32])], expect="correct", cli=True),
     Case("eval-same-data-scores", lambda fx: ["eval", fx.run], expect="correct", cli=True),
     # the library: LoopOptions(device=...)
     Case("trainer-device-foo", lambda fx: __import__("kdkit").LoopOptions(device="foo"), "not a device"),

@@ -86,13 +86,16 @@ def _data_section(meta: dict, overrides: list[str]):
 
 
 def _check_input(path, recorded, given) -> None:
-    """The data eval is given must be what the checkpoint was trained on (channels, size):
-    a 3-channel student scored on 1-channel images would fail deep inside its first conv."""
+    """The data eval is given must have the channels the checkpoint was trained on: a
+    3-channel student scored on 1-channel images would fail deep inside its first conv. The
+    size may differ when ``--data image_size=N`` asked for it (``_recorded_size`` warns)."""
     from kdkit.errors import KDError
 
     if not recorded or not given or list(recorded) == list(given):
         return
     what = "channels" if recorded[0] != given[0] else "size"
+    if what == "size":
+        return  # asked for with --data image_size=N (else the recorded size is used)
     raise KDError(
         f"{path} was trained on inputs of shape {list(recorded)}, but this data gives "
         f"{list(given)} (other {what}); score it on data like its training data (--data ...)"

@@ -246,7 +246,8 @@ def train_run(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False)
     from kdkit.train import distributed
 
     validate(cfg)
-    lock = run_lock(cfg.run_dir) if distributed.is_main() else contextlib.nullcontext()
+    # under torchrun the process group is not up yet: rank 0 is the launcher's RANK 0
+    lock = run_lock(cfg.run_dir) if distributed.launch_rank() == 0 else contextlib.nullcontext()
     with lock:  # one run per run directory, from the check to the report
         return _train_run(cfg, resume=resume, trust_code=trust_code)
 

@@ -75,6 +75,13 @@ def all_reduce_sum(value: float) -> float:
     return float(t.item())
 
 
+def launch_rank() -> int:
+    """This process's rank, also before :func:`init` (torchrun's ``RANK``; 0 alone)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
 def is_main() -> bool:
     """Rank 0 writes checkpoints, metrics and progress bars."""
     return rank() == 0

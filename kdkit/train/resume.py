@@ -163,6 +163,11 @@ def check_same_run(path: Path | str, state: dict[str, Any], run_info: dict[str, 
     saved, this = state.get("config"), run_info.get("config")
     if isinstance(saved, dict) and isinstance(this, dict):
         changed = diff(saved, this, ignore=IGNORED_CONFIG_KEYS)
+        # more epochs extend a run (kdkit/run/extend.py has already refused the schedules that
+        # cannot be extended); every other difference is refused
+        before, after = changed.get("train.epochs", (0, 0))
+        if isinstance(before, int) and isinstance(after, int) and after > before:
+            del changed["train.epochs"]
         if changed:
             listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:8])
             raise KDError(
