@@ -5,8 +5,8 @@ Local Hugging Face models and tokenizers only (nothing downloads): tokenizers tr
 (:mod:`kdkit.lm.models`), text / prompt-completion / chat data (:mod:`kdkit.lm.data`), the one
 aligner that owns the causal shift, padding, packing and masks (:mod:`kdkit.lm.align`), the
 vocabulary check (:mod:`kdkit.lm.vocab`), the divergences (:mod:`kdkit.lm.divergence`), the
-fused loss that never holds ``[tokens, vocab]`` logits (:mod:`kdkit.lm.fused`) and the task the
-Trainer runs (:mod:`kdkit.lm.task`).
+fused loss that never holds ``[tokens, vocab]`` logits (:mod:`kdkit.lm.fused`), the task the
+Trainer runs (:mod:`kdkit.lm.task`) and on-policy sampling (GKD, :mod:`kdkit.lm.onpolicy`).
 
 Names are loaded lazily (PEP 562) so ``import kdkit.lm`` does not import ``transformers``.
 """
@@ -42,6 +42,7 @@ _LAZY = {
     "Aligner": "kdkit.lm.align",
     "TokenBatch": "kdkit.lm.align",
     "check_vocab": "kdkit.lm.vocab",
+    "OnPolicy": "kdkit.lm.onpolicy",
 }
 
 __all__ = sorted(_LAZY)

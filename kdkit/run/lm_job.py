@@ -22,6 +22,7 @@ from kdkit.errors import KDError
 from kdkit.lm.align import Aligner
 from kdkit.lm.data import load_lm_dataset
 from kdkit.lm.models import load_lm, max_positions
+from kdkit.lm.onpolicy import OnPolicy
 from kdkit.lm.task import LMTask, TokenInputs
 from kdkit.lm.vocab import check_vocab
 from kdkit.train import Trainer, distributed
@@ -112,6 +113,15 @@ def build_lm_trainer(cfg: LMRunConfig, device: torch.device) -> tuple[Trainer, L
     positions = max_positions(student)
     data = build_lm_data(cfg, tokenizer, positions)
     dc = cfg.distill
+    on_policy = None
+    if dc.on_policy is not None and dc.on_policy.lam > 0:
+        on_policy = OnPolicy(
+            dc.on_policy.lam,
+            dc.on_policy.max_new_tokens,
+            dc.on_policy.temperature,
+            eos_token_id=tokenizer.eos_token_id,  # what the data ends completions with
+            aligner=data.train_loader.collate_fn,
+        )
     task = LMTask(
         student,
         teacher,
@@ -122,6 +132,7 @@ def build_lm_trainer(cfg: LMRunConfig, device: torch.device) -> tuple[Trainer, L
         ce_weight=dc.ce_weight,
         memory_budget_mb=dc.memory_budget_mb,
         vocab_size=vocab_size,
+        on_policy=on_policy,
     )
     if t.fsdp and distributed.is_distributed():
         task.to(device).shard()
