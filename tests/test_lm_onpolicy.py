@@ -17,6 +17,7 @@ from _lm_fixtures import lm_tokenizer, lm_tokenizer_dir, tiny_llama  # noqa: F40
 from kdkit.cli import main
 from kdkit.errors import KDError
 from kdkit.lm import Aligner, LMTask, OnPolicy, TokenRow, load_lm_dataset
+from kdkit.lm.onpolicy import turn_end_id
 
 MAX_LENGTH = 48
 
@@ -171,6 +172,41 @@ def test_sampling_stops_at_eos_and_at_max_new_tokens(rows, lm_tokenizer):  # noq
     assert new.mask.sum(1).tolist() == [min(5, short.max_length - p) for p in prompts]
 
 
+def test_chat_prompts_end_before_the_first_assistant_turn(rows, lm_tokenizer, tmp_path):  # noqa: F811
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": p["prompt"]},
+                {"role": "assistant", "content": p["completion"]},
+            ]
+        }
+        for p in _pairs(6)
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    chat = load_lm_dataset(
+        [str(path)],
+        lm_tokenizer,
+        format="chat",
+        loss_on="assistant",
+        max_length=MAX_LENGTH,
+        pack=False,
+    ).rows
+    end = lm_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert turn_end_id(chat, MAX_LENGTH) == end  # ChatML closes a turn with <|im_end|>, not EOS
+    assert turn_end_id(rows, MAX_LENGTH) == lm_tokenizer.eos_token_id
+    aligner = Aligner(pad_id=0, max_length=MAX_LENGTH)
+    new = OnPolicy(1.0, max_new_tokens=20, eos_token_id=end, aligner=aligner)(
+        _biased(end, 1e4), aligner(chat[:3])
+    )
+    header = lm_tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    for i, r in enumerate(chat[:3]):
+        n = _prompt_len(r)
+        assert r.input_ids[n - len(header) : n].tolist() == header  # the prompt asks for a reply
+        assert new.input_ids[i, : n + 1].tolist() == r.input_ids[:n].tolist() + [end]
+        assert int(new.mask[i].sum()) == 1
+
+
 def test_lambda_zero_leaves_the_batch_and_the_rng_unchanged(rows):
     batch = Aligner(pad_id=0, max_length=MAX_LENGTH)(rows[:4])
     student = _student()
@@ -232,6 +268,7 @@ def test_kdkit_train_with_on_policy_end_to_end(pc_run, capsys):
     assert "best val perplexity" in capsys.readouterr().out
     saved = yaml.safe_load((root / "run" / "config.yaml").read_text())
     assert saved["distill"]["on_policy"] == {"lambda": 1, "max_new_tokens": 8, "temperature": 1.0}
+    assert main(["eval", str(root / "run"), "--json"]) == 0  # the saved config parses back
 
 
 def test_bad_on_policy_configs_are_one_line_errors(pc_run, tmp_path, capsys):

@@ -40,7 +40,9 @@ Choices, and why:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+import logging
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +53,9 @@ from kdkit.lm.align import Aligner, TokenBatch
 from kdkit.lm.data import TokenRow
 from kdkit.lm.models import max_positions
 
-__all__ = ["OnPolicy", "prompts_of", "sample_completions"]
+__all__ = ["OnPolicy", "prompts_of", "sample_completions", "turn_end_id"]
+
+log = logging.getLogger(__name__)
 
 _NEEDS = "distill.on_policy needs data.format prompt_completion or chat with loss_on completion / assistant"
 
@@ -147,6 +151,33 @@ def _eos_ids(student: nn.Module, given: int | Sequence[int] | None) -> tuple[int
     return (int(given),) if isinstance(given, int) else tuple(int(x) for x in given)
 
 
+def turn_end_id(rows: Iterable[TokenRow], max_length: int, *, sample: int = 512) -> int | None:
+    """The token that closes every complete trained span of the first ``sample`` rows, or None.
+
+    Completions end with EOS, but a chat template closes an assistant turn with its own token
+    (ChatML's ``<|im_end|>``, then more text): the student learned to stop there, so sampling
+    must stop there too. A span is complete when a token follows it or its row is shorter than
+    ``max_length`` (a row of ``max_length`` tokens may have been truncated)."""
+    ends: Counter[int] = Counter()
+    for k, row in enumerate(rows):
+        if k == sample:
+            break
+        tr, n = row.trainable, len(row)
+        last = tr & ~torch.cat([tr[1:], tr.new_zeros(1)])  # a span's last token
+        for j in last.nonzero().flatten().tolist():
+            if j < n - 1 or n < max_length:
+                ends[int(row.input_ids[j])] += 1
+    if len(ends) == 1:
+        return next(iter(ends))
+    if ends:
+        log.warning(
+            "on_policy: the trained spans end in %d different tokens; sampling stops at EOS "
+            "or max_new_tokens only",
+            len(ends),
+        )
+    return None
+
+
 @torch.no_grad()
 def sample_completions(
     student: nn.Module,
@@ -159,7 +190,9 @@ def sample_completions(
 ) -> list[list[int]]:
     """Sample a completion per prompt from ``softmax(logits / temperature)`` with the KV cache,
     in eval mode (train mode restored); each list ends at its first EOS (kept) or at
-    ``max_new_tokens``. ``student`` is a Hugging Face causal LM (``past_key_values``)."""
+    ``max_new_tokens``. ``student`` is a Hugging Face causal LM (``past_key_values``); a
+    ``torch.compile`` d one samples through its eager module (no recompile per length)."""
+    student = getattr(student, "_orig_mod", student)
     if "past_key_values" not in inspect.signature(student.forward).parameters:
         raise KDError(
             f"distill.on_policy samples with a Hugging Face causal LM (forward with "

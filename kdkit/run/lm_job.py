@@ -22,7 +22,7 @@ from kdkit.errors import KDError
 from kdkit.lm.align import Aligner
 from kdkit.lm.data import load_lm_dataset
 from kdkit.lm.models import load_lm, max_positions
-from kdkit.lm.onpolicy import OnPolicy
+from kdkit.lm.onpolicy import OnPolicy, turn_end_id
 from kdkit.lm.task import LMTask, TokenInputs
 from kdkit.lm.vocab import check_vocab
 from kdkit.train import Trainer, distributed
@@ -115,11 +115,14 @@ def build_lm_trainer(cfg: LMRunConfig, device: torch.device) -> tuple[Trainer, L
     dc = cfg.distill
     on_policy = None
     if dc.on_policy is not None and dc.on_policy.lam > 0:
+        # stop where the data's completions stop: EOS, or a chat template's end-of-turn token
+        turn_end = turn_end_id(data.train_loader.dataset, cfg.data.max_length)
+        stops = {tokenizer.eos_token_id, turn_end} - {None}
         on_policy = OnPolicy(
             dc.on_policy.lam,
             dc.on_policy.max_new_tokens,
             dc.on_policy.temperature,
-            eos_token_id=tokenizer.eos_token_id,  # what the data ends completions with
+            eos_token_id=tuple(sorted(stops)),
             aligner=data.train_loader.collate_fn,
         )
     task = LMTask(
