@@ -226,8 +226,9 @@ def test_packed_or_promptless_rows_are_one_line_errors(rows):
     op = OnPolicy(1.0, max_new_tokens=4)
     with pytest.raises(KDError, match="data.pack: false"):
         op(_student(), aligner([packed]))
+    untrained = TokenRow.of(a.input_ids.tolist(), [False] * len(a))
     with pytest.raises(KDError, match="prompt_completion or chat"):
-        op(_student(), aligner([TokenRow.of(a.input_ids.tolist())]))  # format text: no prompt
+        op(_student(), aligner([a, untrained]))
     for bad in ({"lam": 1.5}, {"lam": 0.5, "max_new_tokens": 0}, {"lam": 1, "temperature": 0}):
         with pytest.raises(KDError):
             OnPolicy(**bad)

@@ -19,8 +19,9 @@ Choices, and why:
 - **The prompt** of a row is every token up to its first trained position (position ``j`` of
   :class:`~kdkit.lm.align.TokenBatch` trains ``x[j+1]``); so ``data.loss_on`` must be
   ``completion`` (``prompt_completion``) or ``assistant`` (``chat``: the prompt then ends where
-  the first assistant turn starts, and everything after it is regenerated). A row whose first
-  token is already trained has no prompt: a one-line error.
+  the first assistant turn starts, and everything after it is regenerated). A row of plain
+  text (trained from its second token) looks like a one-token prompt, so the config refuses
+  ``format: text`` and ``loss_on: all``; a row with no trained token is a one-line error.
 - **Packed rows are refused** (``data.pack: false``): a packed row holds several documents, and
   regenerated completions have new lengths, so they no longer fit the row they came from;
   unpacking would change the batch's row count (and its memory) behind the user's back.
@@ -134,8 +135,8 @@ def prompts_of(batch: TokenBatch) -> list[torch.Tensor]:
     first = mask.int().argmax(dim=1)
     prompts = []
     for i in range(mask.shape[0]):
-        if not bool(mask[i].any()) or int(first[i]) == 0:
-            raise KDError(f"{_NEEDS}: row {i} of the batch has no prompt before its trained tokens")
+        if not bool(mask[i].any()):
+            raise KDError(f"{_NEEDS}: row {i} of the batch has no trained token to regenerate")
         prompts.append(ids[i, : int(first[i]) + 1])
     return prompts
 
