@@ -172,7 +172,7 @@ def test_sampling_stops_at_eos_and_at_max_new_tokens(rows, lm_tokenizer):  # noq
     assert new.mask.sum(1).tolist() == [min(5, short.max_length - p) for p in prompts]
 
 
-def test_chat_prompts_end_before_the_first_assistant_turn(rows, lm_tokenizer, tmp_path):  # noqa: F811
+def test_chat_prompts_end_before_the_first_assistant_turn(rows, lm_tokenizer, tmp_path):  # noqa
     chats = [
         {
             "messages": [

@@ -274,7 +274,8 @@ def _check_on_policy(cfg: LMRunConfig) -> None:
         )
     if d.pack:
         raise KDError(
-            f"{key} needs data.pack: false (a packed row's documents cannot be regenerated in place)"
+            f"{key} needs data.pack: false (a packed row's documents cannot be regenerated "
+            "in place)"
         )
     if cfg.train.fsdp:
         raise KDError(

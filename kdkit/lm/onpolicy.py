@@ -58,7 +58,10 @@ __all__ = ["OnPolicy", "prompts_of", "sample_completions", "turn_end_id"]
 
 log = logging.getLogger(__name__)
 
-_NEEDS = "distill.on_policy needs data.format prompt_completion or chat with loss_on completion / assistant"
+_NEEDS = (
+    "distill.on_policy needs data.format prompt_completion or chat, with loss_on completion / "
+    "assistant"
+)
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,7 @@ class OnPolicy:
         return self.lam >= 1 or bool(torch.rand(()) < self.lam)
 
     def __call__(self, student: nn.Module, batch: TokenBatch) -> TokenBatch:
-        """``batch`` itself, or (with probability ``lam``) the student's samples from its prompts."""
+        """``batch`` itself or, with probability ``lam``, the student's samples from its prompts."""
         return self.generate(student, batch) if self.draw() else batch
 
     def generate(self, student: nn.Module, batch: TokenBatch) -> TokenBatch:
