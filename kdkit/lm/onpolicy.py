@@ -53,6 +53,7 @@ from kdkit.errors import KDError
 from kdkit.lm.align import Aligner, TokenBatch
 from kdkit.lm.data import TokenRow
 from kdkit.lm.models import max_positions
+from kdkit.train import fsdp
 
 __all__ = ["OnPolicy", "prompts_of", "sample_completions", "turn_end_id"]
 
@@ -104,6 +105,11 @@ class OnPolicy:
 
     def generate(self, student: nn.Module, batch: TokenBatch) -> TokenBatch:
         """The batch rebuilt from its prompts and the student's sampled completions."""
+        if fsdp.is_sharded(student):  # every rank would need the same number of forwards
+            raise KDError(
+                "distill.on_policy cannot sample from an FSDP-sharded student (train.fsdp): each "
+                "rank's completions have their own length; train with DDP instead"
+            )
         prompts = prompts_of(batch)
         eos = _eos_ids(student, self.eos_token_id)
         pad = self.aligner.pad_id if self.aligner is not None else (eos[0] if eos else 0)
