@@ -12,7 +12,9 @@ then a smaller student per recipe, best epoch by val perplexity. Scores on the t
   itself (T 1, the same seed for every row) - the distribution on-policy training targets;
 - ``teacher ppl of samples``: how likely the teacher finds those samples.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_lm_onpolicy.py --seeds 0
+    OMP_NUM_THREADS=1 python benchmarks/bench_lm_onpolicy.py --pairs 8000 --seeds 0 1 2
+    OMP_NUM_THREADS=1 python benchmarks/bench_lm_onpolicy.py --pairs 8000 --seeds 0 1 2 \
+        --divergence jsd      # GKD's generalized JSD (beta 0.5); the teacher is reused
 """
 
 from __future__ import annotations
@@ -32,12 +34,13 @@ from kdkit.lm.align import Aligner
 from kdkit.run.lm_demo import _llama_folder, demo_corpus
 
 MAX_LENGTH = 64
-RECIPES = {  # name: (run name, on_policy lambda; None = no teacher)
-    "scratch (CE)": ("scratch", None),
-    "fkl, lambda 0": ("fkl-l0", 0.0),
-    "fkl, lambda 0.5": ("fkl-l05", 0.5),
-    "fkl, lambda 1": ("fkl-l1", 1.0),
-}
+LAMBDAS = (0.0, 0.5, 1.0)
+
+
+def _recipes(divergence: str) -> dict[str, tuple[str, float | None]]:
+    """name: (run name, on_policy lambda; None = the scratch student, no teacher)."""
+    kd = {f"{divergence}, lambda {lam:g}": (f"{divergence}-l{lam:g}", lam) for lam in LAMBDAS}
+    return {"scratch (CE)": ("scratch", None), **kd}
 
 
 def _pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
@@ -68,11 +71,21 @@ def _write(pairs: list[dict[str, str]], path: Path) -> Path:
 
 
 def _train(
-    name, out, student, teacher, files, epochs, lr, seed, on_policy=None, loss_on="completion"
+    name,
+    out,
+    student,
+    teacher,
+    files,
+    epochs,
+    lr,
+    seed,
+    on_policy=None,
+    loss_on="completion",
+    divergence="fkl",
 ):
     from kdkit.run import train_run
 
-    distill = {"divergence": "fkl"}
+    distill = {"divergence": divergence}
     if on_policy is not None:
         distill["on_policy"] = {"lambda": on_policy, "max_new_tokens": 32, "temperature": 1.0}
     data = {
@@ -141,6 +154,7 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=6000)
     p.add_argument("--teacher-epochs", type=int, default=4)
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--divergence", default="fkl", help="of the KD rows (jsd: beta 0.5)")
     p.add_argument("--out", default="runs/bench-lm-onpolicy")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -175,9 +189,10 @@ def main() -> None:
     student = _llama_folder(out / "student-init", tok, (64, 2, 2), MAX_LENGTH)
     teacher, _ = load_lm(f"hf:{teacher_dir}")
     t_scores = _scores(teacher, teacher, tok, files[2])
-    rows: dict[str, list[dict[str, float]]] = {k: [] for k in RECIPES}
+    recipes = _recipes(args.divergence)
+    rows: dict[str, list[dict[str, float]]] = {k: [] for k in recipes}
     for seed in args.seeds:
-        for name, (slug, lam) in RECIPES.items():
+        for name, (slug, lam) in recipes.items():
             shutil.rmtree(out / f"s{seed}-{slug}", ignore_errors=True)  # this script's own runs
             result, wall = _train(
                 f"s{seed}-{slug}",
@@ -189,6 +204,7 @@ def main() -> None:
                 3e-3,
                 seed,
                 on_policy=lam,
+                divergence=args.divergence,
             )
             model, _, _ = load_lm_student(result.run_dir)
             scores = {**_scores(model, teacher, tok, files[2]), "wall": wall}
