@@ -15,6 +15,8 @@ then a smaller student per recipe, best epoch by val perplexity. Scores on the t
     OMP_NUM_THREADS=1 python benchmarks/bench_lm_onpolicy.py --pairs 8000 --seeds 0 1 2
     OMP_NUM_THREADS=1 python benchmarks/bench_lm_onpolicy.py --pairs 8000 --seeds 0 1 2 \
         --divergence jsd      # GKD's generalized JSD (beta 0.5); the teacher is reused
+    OMP_NUM_THREADS=1 python benchmarks/bench_lm_onpolicy.py --pairs 8000 --seeds 0 1 2 \
+        --warm-start          # GKD's setting: on-policy from an already distilled student
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def _train(
     data = {
         "task": "lm",
         "name": name,
-        "student": {"model": f"hf-config:{student}"},
+        "student": {"model": student if ":" in str(student) else f"hf-config:{student}"},
         "teacher": None if teacher is None else {"model": f"hf:{teacher}"},
         "data": {
             "text_files": [str(files[0])],
@@ -155,6 +157,12 @@ def main() -> None:
     p.add_argument("--teacher-epochs", type=int, default=4)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--divergence", default="fkl", help="of the KD rows (jsd: beta 0.5)")
+    p.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="GKD's setting: each seed's lambda-0 student (the first KD row) trains one more "
+        "epoch at each lambda (lr 1e-3); these rows replace the from-scratch ones",
+    )
     p.add_argument("--out", default="runs/bench-lm-onpolicy")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -190,6 +198,8 @@ def main() -> None:
     teacher, _ = load_lm(f"hf:{teacher_dir}")
     t_scores = _scores(teacher, teacher, tok, files[2])
     recipes = _recipes(args.divergence)
+    if args.warm_start:  # the base the warm rows start from
+        recipes = {k: v for k, v in recipes.items() if v[1] == 0.0}
     rows: dict[str, list[dict[str, float]]] = {k: [] for k in recipes}
     for seed in args.seeds:
         for name, (slug, lam) in recipes.items():
@@ -206,6 +216,30 @@ def main() -> None:
                 on_policy=lam,
                 divergence=args.divergence,
             )
+            if args.warm_start and lam == 0.0 and not slug.startswith("warm"):
+                warm = out / f"s{seed}-warm-init"
+                shutil.rmtree(warm, ignore_errors=True)
+                export_hf(result.run_dir, warm)
+                for wlam in LAMBDAS:
+                    wname = f"warm {args.divergence}, lambda {wlam:g} (from lambda 0)"
+                    shutil.rmtree(out / f"s{seed}-warm-l{wlam:g}", ignore_errors=True)
+                    res, wwall = _train(
+                        f"s{seed}-warm-l{wlam:g}",
+                        out,
+                        f"hf:{warm}",
+                        teacher_dir,
+                        files,
+                        1,
+                        1e-3,
+                        seed,
+                        on_policy=wlam,
+                        divergence=args.divergence,
+                    )
+                    wmodel, _, _ = load_lm_student(res.run_dir)
+                    rows.setdefault(wname, []).append(
+                        {**_scores(wmodel, teacher, tok, files[2]), "wall": wwall}
+                    )
+                    print(f"seed {seed} {wname} {rows[wname][-1]}", flush=True)
             model, _, _ = load_lm_student(result.run_dir)
             scores = {**_scores(model, teacher, tok, files[2]), "wall": wall}
             rows[name].append(scores)
