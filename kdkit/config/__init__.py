@@ -34,6 +34,7 @@ from kdkit.config.lm_schema import (
     LMDataConfig,
     LMDistillConfig,
     LMModelConfig,
+    LMOnPolicyConfig,
     LMRunConfig,
     LMValConfig,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "LMDataConfig",
     "LMValConfig",
     "LMDistillConfig",
+    "LMOnPolicyConfig",
     "RunConfig",
     "TeacherConfig",
     "StudentConfig",

@@ -329,10 +329,50 @@ def _globs_match(patterns: tuple[str, ...], key: str) -> None:
             raise KDError(f"config key '{key}.{i}': no file matches {pattern!r}")
 
 
+def _check_on_policy(cfg: LMRunConfig) -> None:
+    """``distill.on_policy`` with ``lambda > 0`` (:mod:`kdkit.lm.onpolicy`): a live teacher
+    scores the student's samples, the prompt ends where the trained tokens begin, and the
+    rows are regenerated one document each, the same forwards on every rank."""
+    op = cfg.distill.on_policy
+    if op is None or op.lam == 0:
+        return
+    key = "config key 'distill.on_policy'"
+    if cfg.teacher is None:
+        raise KDError(f"{key} needs a teacher to score the student's samples; set teacher.model")
+    if cfg.teacher.model.startswith("cache:"):
+        raise KDError(
+            f"{key}: a teacher cache (teacher.model {cfg.teacher.model!r}) holds scores of the "
+            "corpus' tokens only and cannot score new samples; use a live teacher (hf:DIR) or "
+            "on_policy.lambda: 0"
+        )
+    d = cfg.data
+    if d.format not in ("prompt_completion", "chat"):
+        raise KDError(
+            f"{key} needs data.format prompt_completion or chat (the student regenerates the "
+            f"completions), got {d.format!r}"
+        )
+    if d.loss_on == "all":
+        raise KDError(
+            f"{key} needs data.loss_on {'completion' if d.format != 'chat' else 'assistant'}: "
+            "the prompt ends where the trained tokens begin (loss_on all trains the prompt too)"
+        )
+    if d.pack:
+        raise KDError(
+            f"{key} needs data.pack: false (a packed row's documents cannot be regenerated "
+            "in place)"
+        )
+    if cfg.train.fsdp:
+        raise KDError(
+            f"{key} does not run with train.fsdp: true (each rank samples completions of its own "
+            "length; FSDP needs the same forwards on every rank); use DDP (torchrun, no fsdp)"
+        )
+
+
 def validate_lm(cfg: LMRunConfig, *, check_paths: bool = True) -> LMRunConfig:
-    """The ``task: lm`` rules: model strings and folders, text globs, the val source, and
-    that ``loss_on`` fits ``format``; the train section as for every task."""
+    """The ``task: lm`` rules: model strings and folders, text globs, the val source, that
+    ``loss_on`` fits ``format``, and ``distill.on_policy``; the train section as for every task."""
     _lm_model(cfg.student, "student", check_paths)
+    _check_on_policy(cfg)
     if cfg.teacher is not None:
         _lm_model(cfg.teacher, "teacher", check_paths)
         t = cfg.teacher

@@ -113,6 +113,12 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in the schema
 
 
+def yaml_key(f: dataclasses.Field) -> str:
+    """A field's YAML key: its name, or ``metadata["key"]`` where the key is no Python name
+    (``distill.on_policy.lambda`` is the field ``lam``)."""
+    return f.metadata.get("key", f.name)
+
+
 def _build(cls: type, data: Any, key: str) -> Any:
     if isinstance(data, str) and cls in (TeacherConfig, StudentConfig, LMModelConfig):
         data = {"model": data}  # shorthand: `teacher: torchvision:resnet50`
@@ -120,7 +126,7 @@ def _build(cls: type, data: Any, key: str) -> Any:
         where = f"config key {key!r}" if key else "the config"
         raise KDError(f"{where} expects a mapping, got {_given(data)}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {yaml_key(f): f for f in dataclasses.fields(cls)}
     for name in data:
         if name not in fields:
             full = f"{key}.{name}" if key else str(name)
@@ -135,13 +141,13 @@ def _build(cls: type, data: Any, key: str) -> Any:
         full = f"{key}.{name}" if key else name
         if name not in data:
             if f.default is _MISSING and f.default_factory is _MISSING:
-                raise KDError(f"config key {full!r} is required ({_type_name(hints[name])})")
+                raise KDError(f"config key {full!r} is required ({_type_name(hints[f.name])})")
             continue
-        value = _convert(hints[name], data[name], full)
+        value = _convert(hints[f.name], data[name], full)
         check = f.metadata.get("check")
         if check is not None and value is not None and not check(value):
-            raise _wrong(full, hints[name], data[name], f.metadata["expected"])
-        values[name] = value
+            raise _wrong(full, hints[f.name], data[name], f.metadata["expected"])
+        values[f.name] = value
     return cls(**values)
 
 
@@ -182,7 +188,7 @@ def to_dict(obj: Any) -> Any:
             f.name: v for f in dataclasses.fields(obj) if (v := getattr(obj, f.name)) is not None
         }
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {yaml_key(f): to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, Mapping):
         return {k: to_dict(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

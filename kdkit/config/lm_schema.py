@@ -10,7 +10,8 @@ the contract (``kdkit train`` with ``task: lm``)::
                                            # backend: torch | onnx, precision: fp32 | int8
     data: {text_files: [GLOB, ...], val: {split: 0.05}, format: text, max_length: 256,
            pack: true, loss_on: all, batch_size: 8}
-    distill: {divergence: fkl, temperature: 1.0, ce_weight: 0.0, memory_budget_mb: 256}
+    distill: {divergence: fkl, temperature: 1.0, ce_weight: 0.0, memory_budget_mb: 256,
+              on_policy: {lambda: 0.5, max_new_tokens: 64, temperature: 1.0}}   # optional: GKD
     train: {epochs: 1, optimizer: {name: AdamW, lr: 0.001}}
 """
 
@@ -22,7 +23,14 @@ from typing import Literal
 
 from kdkit.config.schema import TrainConfig, _check
 
-__all__ = ["LMModelConfig", "LMValConfig", "LMDataConfig", "LMDistillConfig", "LMRunConfig"]
+__all__ = [
+    "LMModelConfig",
+    "LMValConfig",
+    "LMDataConfig",
+    "LMOnPolicyConfig",
+    "LMDistillConfig",
+    "LMRunConfig",
+]
 
 LM_PREFIXES = ("hf", "hf-config")
 Divergence = Literal["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "ce"]
@@ -70,6 +78,18 @@ class LMDataConfig:
 
 
 @dataclass(frozen=True)
+class LMOnPolicyConfig:
+    """``distill.on_policy`` (GKD, :mod:`kdkit.lm.onpolicy`): with probability ``lambda`` a
+    batch's completions are sampled from the student (at the sampling ``temperature``, at most
+    ``max_new_tokens``) and scored by the live teacher. The YAML key ``lambda`` is the field
+    ``lam`` (``lambda`` is a Python keyword): the metadata ``key`` names a field's YAML key."""
+
+    lam: float = field(metadata={**_check(lambda v: 0 <= v <= 1, "in [0, 1]"), "key": "lambda"})
+    max_new_tokens: int = field(default=64, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
+    temperature: float = field(default=1.0, metadata=_check(lambda v: v > 0, "a number > 0"))
+
+
+@dataclass(frozen=True)
 class LMDistillConfig:
     divergence: Divergence = "fkl"
     beta: float = field(default=0.5, metadata=_check(lambda v: 0 <= v <= 1, "in [0, 1]"))
@@ -79,6 +99,8 @@ class LMDistillConfig:
     memory_budget_mb: float = field(default=256, metadata=_check(lambda v: v > 0, "> 0"))
     #: beyond a cached teacher's top k (``teacher: {model: "cache:DIR"}``), see kdkit.lm.cache
     tail: Literal["bucket", "renorm", "uniform", "prior", "drop"] = "bucket"
+    #: on-policy distillation (GKD); absent or ``lambda: 0`` = off
+    on_policy: LMOnPolicyConfig | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -6,7 +6,8 @@ Local Hugging Face models and tokenizers only (nothing downloads): tokenizers tr
 aligner that owns the causal shift, padding, packing and masks (:mod:`kdkit.lm.align`), the
 vocabulary check (:mod:`kdkit.lm.vocab`), the divergences (:mod:`kdkit.lm.divergence`), the
 fused loss that never holds ``[tokens, vocab]`` logits (:mod:`kdkit.lm.fused`), the task the
-Trainer runs (:mod:`kdkit.lm.task`) and a teacher run by ONNX Runtime (:mod:`kdkit.lm.onnx_teacher`).
+Trainer runs (:mod:`kdkit.lm.task`), a teacher run by ONNX Runtime
+(:mod:`kdkit.lm.onnx_teacher`) and on-policy sampling (GKD, :mod:`kdkit.lm.onpolicy`).
 
 Names are loaded lazily (PEP 562) so ``import kdkit.lm`` does not import ``transformers``.
 """
@@ -44,6 +45,7 @@ _LAZY = {
     "check_vocab": "kdkit.lm.vocab",
     "OnnxLMTeacher": "kdkit.lm.onnx_teacher",
     "export_lm_onnx": "kdkit.lm.onnx_teacher",
+    "OnPolicy": "kdkit.lm.onpolicy",
 }
 
 __all__ = sorted(_LAZY)

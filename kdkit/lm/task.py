@@ -29,6 +29,7 @@ from kdkit.lm.align import TokenBatch
 from kdkit.lm.divergence import DIVERGENCES
 from kdkit.lm.fused import DenseTeacher, LossOutput, token_divergence
 from kdkit.lm.models import HiddenAndHead, freeze_teacher, hidden_and_head
+from kdkit.lm.onpolicy import OnPolicy
 from kdkit.task import StepOutput
 from kdkit.train import fsdp
 from kdkit.train.resume import restore_part
@@ -86,6 +87,8 @@ class LMTask(nn.Module):
         memory_budget_mb: the fused loss's working memory (sizes its token chunks).
         vocab_size: the real shared vocabulary when a head has padded rows
             (:func:`kdkit.lm.vocab.check_vocab`).
+        on_policy: GKD's on-policy sampling (:class:`~kdkit.lm.onpolicy.OnPolicy`): in
+            :meth:`step` only, some batches' completions are the student's own samples.
     """
 
     best_metric = ("ppl", False)
@@ -103,6 +106,7 @@ class LMTask(nn.Module):
         ce_weight: float = 0.0,
         memory_budget_mb: float = 256,
         vocab_size: int | None = None,
+        on_policy: OnPolicy | None = None,
     ) -> None:
         super().__init__()
         if divergence not in DIVERGENCES:
@@ -129,6 +133,7 @@ class LMTask(nn.Module):
         }
         self.ce_weight = 1.0 if teacher is None and self.cache is None else float(ce_weight)
         object.__setattr__(self, "_teacher_root", None if teacher is None else _Hidden(teacher))
+        self.on_policy = on_policy
 
     def shard(self) -> LMTask:
         """FSDP2 over every rank (``train.fsdp: true``): each decoder layer of the student and
@@ -197,6 +202,8 @@ class LMTask(nn.Module):
     def step(self, batch: TokenBatch) -> StepOutput:
         """The summed loss of the batch's trained tokens; the loop normalizes by the step's
         token count (see the module docstring)."""
+        if self.on_policy is not None:  # the teacher scores the student's own samples
+            batch = self.on_policy(self.student, batch)
         out = self(batch)
         components = {"loss": out.loss.detach() / max(out.tokens, 1), "kl": out.kl}
         if out.ce is not None:

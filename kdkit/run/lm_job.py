@@ -22,6 +22,7 @@ from kdkit.errors import KDError
 from kdkit.lm.align import Aligner
 from kdkit.lm.data import load_lm_dataset
 from kdkit.lm.models import load_lm, max_positions
+from kdkit.lm.onpolicy import OnPolicy, turn_end_id
 from kdkit.lm.task import LMTask, TokenInputs
 from kdkit.lm.vocab import check_vocab
 from kdkit.train import Trainer, distributed
@@ -178,6 +179,18 @@ def build_lm_trainer(cfg: LMRunConfig, device: torch.device) -> tuple[Trainer, L
         loader = data.train_loader
         teacher = load_lm_teacher_backend(teacher, cfg, loader.dataset, loader.collate_fn, device)
     dc = cfg.distill
+    on_policy = None
+    if dc.on_policy is not None and dc.on_policy.lam > 0:
+        # stop where the data's completions stop: EOS, or a chat template's end-of-turn token
+        turn_end = turn_end_id(data.train_loader.dataset, cfg.data.max_length)
+        stops = {tokenizer.eos_token_id, turn_end} - {None}
+        on_policy = OnPolicy(
+            dc.on_policy.lam,
+            dc.on_policy.max_new_tokens,
+            dc.on_policy.temperature,
+            eos_token_id=tuple(sorted(stops)),
+            aligner=data.train_loader.collate_fn,
+        )
     task = LMTask(
         student,
         teacher,
@@ -188,6 +201,7 @@ def build_lm_trainer(cfg: LMRunConfig, device: torch.device) -> tuple[Trainer, L
         ce_weight=dc.ce_weight,
         memory_budget_mb=dc.memory_budget_mb,
         vocab_size=vocab_size,
+        on_policy=on_policy,
     )
     if t.fsdp and distributed.is_distributed():
         task.to(device).shard()
