@@ -179,3 +179,18 @@ def test_kdkit_teacher_backend_auto(monkeypatch):
     assert isinstance(t, OnnxTeacher)
     x = torch.randn(2, 3, 6, 6)
     torch.testing.assert_close(t(x).logits, model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_resume_of_a_run_from_before_auto_keeps_what_it_ran_with(tmp_path, monkeypatch):
+    from kdkit.config import load_config
+    from kdkit.run.job import train_run
+
+    photos = make_photos(tmp_path / "photos", broken=False)
+    older = _config(photos, tmp_path / "run", teacher={"backend": "torch"}, channels_last=False)
+    no_clock(monkeypatch)
+    train_run(load_config(data=older))  # what config.yaml said before auto was the default
+    raw = _config(photos, tmp_path / "run", epochs=2)  # the same file, no keys: auto now
+    result = train_run(load_config(data=raw), resume=True)
+    assert len(result.history) == 2
+    assert not (tmp_path / "run" / "choices.json").exists()
+    assert "backend: torch" in (tmp_path / "run" / "config.yaml").read_text()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -34,6 +35,7 @@ __all__ = [
     "choose_channels_last",
     "choose_teacher",
     "first_input",
+    "keep_older_values",
     "read_choices",
     "write_choices",
 ]
@@ -42,6 +44,20 @@ log = logging.getLogger(__name__)
 
 CHOICES_FILE = "choices.json"
 _FIXED_PREFIXES = ("cache", "onnx", "tensorrt", "open_clip")  # their backend is their file
+
+
+def keep_older_values(cfg: Any, saved: Any) -> Any:
+    """``cfg`` to resume a run whose ``config.yaml`` names a backend / memory format where
+    ``cfg`` says ``auto`` (a run started before ``auto`` was the default): it continues with
+    what it ran with, and the config file need not be edited to resume it."""
+    new_t, old_t = getattr(cfg, "teacher", None), getattr(saved, "teacher", None)
+    old_backend = getattr(old_t, "backend", "auto")
+    if getattr(new_t, "backend", None) == "auto" and old_backend != "auto":
+        cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(new_t, backend=old_backend))
+    if cfg.train.channels_last == "auto" and saved.train.channels_last != "auto":
+        train = dataclasses.replace(cfg.train, channels_last=saved.train.channels_last)
+        cfg = dataclasses.replace(cfg, train=train)
+    return cfg
 
 
 def read_choices(run_dir: str | Path) -> dict[str, Any]:

@@ -250,6 +250,10 @@ def train_run(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False)
     from kdkit.train import distributed
 
     validate(cfg)
+    if resume and (Path(cfg.run_dir) / "config.yaml").is_file():
+        from kdkit.run.autotune import keep_older_values
+
+        cfg = keep_older_values(cfg, saved_config(cfg.run_dir))
     extended = check_run_dir(cfg, resume)
     start = time.perf_counter()
     lm = isinstance(cfg, LMRunConfig)
