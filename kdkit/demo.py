@@ -76,9 +76,10 @@ class DemoConfig:
     cache_dir: str = str(Path.home() / ".cache" / "kdkit")
     retrain: bool = False
     progress: bool = True
-    #: "onnx" runs the frozen teacher with ONNX Runtime (2-2.4x eager on this CPU, see
-    #: docs/benchmarks.md), darklight's idea of an accelerated teacher; "torch" runs it eager.
-    teacher_backend: str = "onnx"
+    #: "auto" (kdkit train's default too) times eager PyTorch and ONNX Runtime on a batch and
+    #: keeps the faster (ORT was 2-2.4x eager on this CPU, see docs/benchmarks.md: darklight's
+    #: idea of an accelerated teacher); "onnx" / "torch" force one.
+    teacher_backend: str = "auto"
 
     def __post_init__(self) -> None:
         counts = {
@@ -95,9 +96,9 @@ class DemoConfig:
             raise KDError(f"temperature must be a finite number > 0, got {self.temperature}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise KDError(f"lr must be a finite number > 0, got {self.lr}")
-        if self.teacher_backend not in ("onnx", "torch"):
+        if self.teacher_backend not in ("auto", "onnx", "torch"):
             raise KDError(
-                f"teacher_backend must be 'onnx' or 'torch', got {self.teacher_backend!r}"
+                f"teacher_backend must be 'auto', 'onnx' or 'torch', got {self.teacher_backend!r}"
             )
 
     @classmethod
@@ -230,9 +231,15 @@ def _student(name: str, data: str, train_set, test_set, epochs, cfg, teacher=Non
 
 
 def fast_teacher(model: nn.Module, cfg: DemoConfig) -> Teacher:
-    """The trained teacher behind the fastest backend this machine has (ORT, else eager)."""
-    from kdkit.teachers import OnnxTeacher, TorchTeacher
+    """The trained teacher behind the fastest backend this machine has: ``auto`` times them
+    on a batch of the demo's size (:mod:`kdkit.teachers.autotune`), ``onnx`` is ORT (else
+    eager, with a warning), ``torch`` eager."""
+    from kdkit.teachers import OnnxTeacher, TorchTeacher, make_teacher
 
+    if cfg.teacher_backend == "auto":
+        return make_teacher(
+            model, backend="auto", input_shape=INPUT_SHAPE, batch_size=cfg.batch_size
+        )
     if cfg.teacher_backend == "onnx":
         try:
             return OnnxTeacher(model, input_shape=INPUT_SHAPE)
