@@ -37,6 +37,7 @@ __all__ = [
     "first_input",
     "keep_older_values",
     "read_choices",
+    "shared_choice",
     "write_choices",
 ]
 
@@ -120,6 +121,25 @@ def choose_teacher(
     return autotune.choose_backend(
         module, example, precision=precision, features=features, autocast=autocast, **int8
     )
+
+
+def shared_choice(
+    make: Callable[[dict[str, Any] | None], tuple[Any, Choice]], recorded: dict[str, Any] | None
+) -> tuple[Any, Choice]:
+    """``make(record)`` once per job: under torchrun rank 0 measures and every other rank
+    builds what it chose (DDP needs one memory format for the student's parameters on all
+    ranks, and one teacher backend keeps the ranks' logits alike)."""
+    from kdkit.train import distributed
+
+    if recorded is not None or not distributed.is_distributed():
+        return make(recorded)
+    box: list[Any] = [None]
+    out = None
+    if distributed.is_main():
+        out = make(None)
+        box = [out[1].to_dict()]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return out if out is not None else make(box[0])
 
 
 def _student_step(student: nn.Module, x: torch.Tensor, autocast) -> Callable[[], None]:

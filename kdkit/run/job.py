@@ -185,14 +185,17 @@ def build_run(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False)
         int8 = int8_options(
             tc, data.train_dataset, views, data.mean, data.std, _run_temperature(cfg)
         )
-        teacher, choice = autotune.choose_teacher(
-            teacher_module(tc, trust_code=trust_code),
-            first_x(),
-            recorded=recorded.get("teacher.backend"),
-            precision=tc.precision,
-            features=any(p.teacher for p in cfg.distill.pairs),
-            int8=int8,
-            autocast=autocast,
+        teacher, choice = autotune.shared_choice(
+            lambda record: autotune.choose_teacher(
+                teacher_module(tc, trust_code=trust_code),
+                first_x(),
+                recorded=record,
+                precision=tc.precision,
+                features=any(p.teacher for p in cfg.distill.pairs),
+                int8=int8,
+                autocast=autocast,
+            ),
+            recorded.get("teacher.backend"),
         )
         choices.append(choice)
     elif cfg.teacher is not None:  # teacher: null trains on the labels alone
@@ -212,8 +215,14 @@ def build_run(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False)
     student, student_spec = build_student(cfg.student, trust_code=trust_code)
     channels_last = t.channels_last
     if channels_last == "auto":
-        choice = autotune.choose_channels_last(
-            student, first_x(), recorded=recorded.get("train.channels_last"), autocast=autocast
+        _, choice = autotune.shared_choice(
+            lambda record: (
+                None,
+                autotune.choose_channels_last(
+                    student, first_x(), recorded=record, autocast=autocast
+                ),
+            ),
+            recorded.get("train.channels_last"),
         )
         choices.append(choice)
         channels_last = bool(choice.value)
