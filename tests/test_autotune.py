@@ -194,3 +194,9 @@ def test_resume_of_a_run_from_before_auto_keeps_what_it_ran_with(tmp_path, monke
     assert len(result.history) == 2
     assert not (tmp_path / "run" / "choices.json").exists()
     assert "backend: torch" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_a_later_candidate_must_be_clearly_faster():
+    assert autotune.pick_fastest({"torch": 1.0, "onnx": 0.97, "onnx-int8": 0.96}) == "torch"
+    assert autotune.pick_fastest({"torch": 1.0, "onnx": 0.9, "onnx-int8": 0.88}) == "onnx"
+    assert autotune.pick_fastest({"false": 1.0, "true": 0.5}) == "true"

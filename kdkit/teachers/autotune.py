@@ -14,7 +14,8 @@ Candidates, in the order they are tried: ``torch`` (eager, the reference), ``tor
 calibration images are given) and ``tensorrt`` (GPU, when ``tensorrt`` imports). ONNX and
 TensorRT give final logits only, so a run that distils teacher features keeps the torch ones.
 Every candidate but the reference must also agree with the reference's top-1 on the timed
-batch at least ``gate.min_agreement`` (default 0.99): a fast wrong teacher is never chosen.
+batch at least ``gate.min_agreement`` (default 0.99): a fast wrong teacher is never chosen,
+and a later candidate must be :data:`MARGIN` (5%) faster to displace an earlier one.
 
 ``KDKIT_AUTOTUNE=off`` makes ``auto`` mean ``torch`` without measuring (runs that must pick
 the same backend every time, e.g. tests that compare two runs bit for bit).
@@ -41,6 +42,7 @@ from kdkit.teachers.base import Teacher
 __all__ = [
     "BUDGET_S",
     "CANDIDATES",
+    "MARGIN",
     "Choice",
     "autotune_enabled",
     "backend_candidates",
@@ -202,9 +204,22 @@ def onnx_file(module: nn.Module, input_shape: Sequence[int]):
     return path
 
 
+#: a later candidate must be this much faster than the best so far to replace it: the order
+#: puts the exact ones first (eager before ORT before int8; contiguous before channels_last),
+#: so a difference within timing noise never trades fidelity or a format change for nothing
+MARGIN = 0.05
+
+
 def pick_fastest(seconds: dict[str, float]) -> str:
-    """The candidate with the fewest seconds per batch (the first listed on a tie)."""
-    return min(seconds, key=lambda n: (seconds[n], list(seconds).index(n)))
+    """The fastest candidate, in the listed order, each later one kept only when it is at
+    least :data:`MARGIN` faster than the best before it."""
+    best = None
+    for name, s in seconds.items():
+        if best is None or s < seconds[best] * (1 - MARGIN):
+            best = name
+    if best is None:
+        raise KDError("no candidate was timed")
+    return best
 
 
 def choose_backend(
