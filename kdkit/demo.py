@@ -80,6 +80,9 @@ class DemoConfig:
     #: keeps the faster (ORT was 2-2.4x eager on this CPU, see docs/benchmarks.md: darklight's
     #: idea of an accelerated teacher); "onnx" / "torch" force one.
     teacher_backend: str = "auto"
+    #: the student's memory format: "auto" (kdkit train's default) times its step both ways
+    #: on the first batch; True / False force one
+    channels_last: bool | str = "auto"
 
     def __post_init__(self) -> None:
         counts = {
@@ -96,6 +99,10 @@ class DemoConfig:
             raise KDError(f"temperature must be a finite number > 0, got {self.temperature}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise KDError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.channels_last not in ("auto", True, False):
+            raise KDError(
+                f"channels_last must be 'auto', true or false, got {self.channels_last!r}"
+            )
         if self.teacher_backend not in ("auto", "onnx", "torch"):
             raise KDError(
                 f"teacher_backend must be 'auto', 'onnx' or 'torch', got {self.teacher_backend!r}"
@@ -160,6 +167,7 @@ def train_model(
         distiller,
         train_loader,
         test_loader,
+        channels_last=_channels_last(model, train_loader, cfg),
         optimizer=optimizer,
         scheduler=scheduler,
         scheduler_interval="step",
@@ -176,6 +184,20 @@ def train_model(
     )
     history = trainer.fit(resume="auto" if checkpoint_dir is not None else False)
     return history, history[-1]["val_top1"]
+
+
+def _channels_last(model: nn.Module, loader: Any, cfg: DemoConfig) -> bool:
+    """``cfg.channels_last``, with ``auto`` decided as ``kdkit train`` does: the student's
+    step timed in both memory formats on the first batch (:mod:`kdkit.run.autotune`)."""
+    if cfg.channels_last != "auto":
+        return bool(cfg.channels_last)
+    from kdkit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    from kdkit.data.pipeline import InputPipeline
+    from kdkit.run.autotune import choose_channels_last, first_input
+
+    pipeline = InputPipeline(_views(cfg), FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    x = first_input(loader, pipeline).x
+    return bool(choose_channels_last(model, x, recorded=None).value)
 
 
 def _fingerprint(cfg: DemoConfig, data_fp: str) -> str:
