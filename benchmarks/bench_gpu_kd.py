@@ -23,6 +23,10 @@ decoded once at the working size); phase 2 reads the JPEG folder the script gene
 * kdkit cached replay: ``kdkit.cache.precompute`` (K views, its own rate is a row), then
   ``CachedTeacher`` with the same ViewSampler;
 * the teacher alone (bf16 inference) and the student alone (supervised step, no teacher);
+* kdkit's defaults (``kdkit train`` with no speed keys: fp32, ``teacher.backend: auto``,
+  ``train.channels_last: auto``, chosen on the first batch as a run does, the choice and its
+  cost in the row's label) and the student alone in that same precision and memory format,
+  its ceiling;
 * phase 2 only: each loader alone (PIL, kdkit ``decode="cpu"``, ``decode="gpu"`` nvJPEG).
 
 Every kdkit and peer row applies the same device-side ViewSampler views (K fixed views, so the
@@ -117,6 +121,8 @@ ROW_IDS = (
     "cached",
     "teacher",
     "student",
+    "default-auto",
+    "student-default",
     "files-naive",
     "files-timm",
     "loader-pil",
@@ -170,6 +176,8 @@ class Bench:
         self.bf16 = "bf16"
         self.channels_last = True
         self._compiled_teacher: TorchTeacher | None = None
+        self._default: tuple | None = None  # the auto choices, made once per run
+        self.default_label = ""
         self.cache_dir = Path(tempfile.gettempdir()) / "kdkit-bench-cache-unset"
 
     def student(self) -> nn.Module:
@@ -295,6 +303,36 @@ class Bench:
         b = self.setup.batch
         return TensorRTTeacher(path, "fp16", max_batch=b, opt_batch=b, device=self.device)
 
+    def default_trainer(self, data: Callable[[], Iterator[Batch]], alone: bool) -> Trainer:
+        """kdkit's defaults: fp32, the teacher backend and the memory format chosen by
+        measurement on the first batch (:mod:`kdkit.run.autotune`), as ``kdkit train`` does;
+        ``alone``: the student alone in the format chosen for it (the row's ceiling)."""
+        from kdkit.run.autotune import choose_channels_last
+        from kdkit.teachers.autotune import choose_backend
+
+        x = self.augmented(next(iter(data())))[0]
+        if self._default is None:
+            teacher, t_choice = choose_backend(copy.deepcopy(self.teacher).float(), x)
+            cl = choose_channels_last(self.student0, x, recorded=None)
+            self._default = (teacher, t_choice, cl)
+        teacher, t_choice, cl = self._default
+        self.default_label = (
+            f"backend {t_choice.value}, channels_last {cl.value}, "
+            f"chosen in {t_choice.cost_s + cl.cost_s:.1f} s"
+        )
+        loss = None if alone else SoftTargetKL(temperature=TEMPERATURE)
+        return Trainer(
+            Distiller(self.student(), None if alone else teacher, loss),
+            [],
+            optimizer=lambda p: torch.optim.SGD(p, **{"lr": 0.01, "momentum": 0.9}),
+            channels_last=bool(cl.value),
+            views=self.views,
+            mean=MEAN,
+            std=STD,
+            device=self.device,
+            progress=False,
+        )
+
     def teacher_alone(self, compile: bool) -> Callable[[Batch], None]:
         t = self.torch_teacher(compile)
 
@@ -391,6 +429,22 @@ def phase_tensors(
         lambda: (b.teacher_alone(setup.compile), data()),
     )
     row("student", f"student alone, bf16+cl {tag} (no teacher)", kd(lambda: None, setup.compile))
+    runner.run(
+        "default-auto",
+        phase,
+        "kdkit defaults (fp32, teacher.backend auto, channels_last auto)",
+        stepped(
+            lambda: (b.default_trainer(data, False).train_step, data()), b.device, setup.budget
+        ),
+    )
+    runner.run(
+        "student-default",
+        phase,
+        "student alone, fp32, the defaults' memory format (ceiling)",
+        stepped(lambda: (b.default_trainer(data, True).train_step, data()), b.device, setup.budget),
+    )
+    if b.default_label:
+        log.info("kdkit defaults: %s", b.default_label)
 
 
 def _cached(b: Bench) -> CachedTeacher:

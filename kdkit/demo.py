@@ -76,9 +76,13 @@ class DemoConfig:
     cache_dir: str = str(Path.home() / ".cache" / "kdkit")
     retrain: bool = False
     progress: bool = True
-    #: "onnx" runs the frozen teacher with ONNX Runtime (2-2.4x eager on this CPU, see
-    #: docs/benchmarks.md), darklight's idea of an accelerated teacher; "torch" runs it eager.
-    teacher_backend: str = "onnx"
+    #: "auto" (kdkit train's default too) times eager PyTorch and ONNX Runtime on a batch and
+    #: keeps the faster (ORT was 2-2.4x eager on this CPU, see docs/benchmarks.md: darklight's
+    #: idea of an accelerated teacher); "onnx" / "torch" force one.
+    teacher_backend: str = "auto"
+    #: the student's memory format: "auto" (kdkit train's default) times its step both ways
+    #: on the first batch; True / False force one
+    channels_last: bool | str = "auto"
 
     def __post_init__(self) -> None:
         counts = {
@@ -95,9 +99,13 @@ class DemoConfig:
             raise KDError(f"temperature must be a finite number > 0, got {self.temperature}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise KDError(f"lr must be a finite number > 0, got {self.lr}")
-        if self.teacher_backend not in ("onnx", "torch"):
+        if self.channels_last not in ("auto", True, False):
             raise KDError(
-                f"teacher_backend must be 'onnx' or 'torch', got {self.teacher_backend!r}"
+                f"channels_last must be 'auto', true or false, got {self.channels_last!r}"
+            )
+        if self.teacher_backend not in ("auto", "onnx", "torch"):
+            raise KDError(
+                f"teacher_backend must be 'auto', 'onnx' or 'torch', got {self.teacher_backend!r}"
             )
 
     @classmethod
@@ -159,6 +167,7 @@ def train_model(
         distiller,
         train_loader,
         test_loader,
+        channels_last=_channels_last(model, train_loader, cfg),
         optimizer=optimizer,
         scheduler=scheduler,
         scheduler_interval="step",
@@ -175,6 +184,20 @@ def train_model(
     )
     history = trainer.fit(resume="auto" if checkpoint_dir is not None else False)
     return history, history[-1]["val_top1"]
+
+
+def _channels_last(model: nn.Module, loader: Any, cfg: DemoConfig) -> bool:
+    """``cfg.channels_last``, with ``auto`` decided as ``kdkit train`` does: the student's
+    step timed in both memory formats on the first batch (:mod:`kdkit.run.autotune`)."""
+    if cfg.channels_last != "auto":
+        return bool(cfg.channels_last)
+    from kdkit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    from kdkit.data.pipeline import InputPipeline
+    from kdkit.run.autotune import choose_channels_last, first_input
+
+    pipeline = InputPipeline(_views(cfg), FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    x = first_input(loader, pipeline).x
+    return bool(choose_channels_last(model, x, recorded=None).value)
 
 
 def _fingerprint(cfg: DemoConfig, data_fp: str) -> str:
@@ -230,9 +253,15 @@ def _student(name: str, data: str, train_set, test_set, epochs, cfg, teacher=Non
 
 
 def fast_teacher(model: nn.Module, cfg: DemoConfig) -> Teacher:
-    """The trained teacher behind the fastest backend this machine has (ORT, else eager)."""
-    from kdkit.teachers import OnnxTeacher, TorchTeacher
+    """The trained teacher behind the fastest backend this machine has: ``auto`` times them
+    on a batch of the demo's size (:mod:`kdkit.teachers.autotune`), ``onnx`` is ORT (else
+    eager, with a warning), ``torch`` eager."""
+    from kdkit.teachers import OnnxTeacher, TorchTeacher, make_teacher
 
+    if cfg.teacher_backend == "auto":
+        return make_teacher(
+            model, backend="auto", input_shape=INPUT_SHAPE, batch_size=cfg.batch_size
+        )
     if cfg.teacher_backend == "onnx":
         try:
             return OnnxTeacher(model, input_shape=INPUT_SHAPE)

@@ -70,7 +70,8 @@ def test_defaults_and_shorthands(tree):
     raw = base(tree)
     raw["teacher"] = "kdkit:fmnist_teacher"  # a bare model string
     cfg = load_config(data=raw)
-    assert cfg.teacher.model == "kdkit:fmnist_teacher" and cfg.teacher.backend == "torch"
+    assert cfg.teacher.model == "kdkit:fmnist_teacher" and cfg.teacher.backend == "auto"
+    assert cfg.train.channels_last == "auto"  # measured on the first batch (test_autotune)
     assert cfg.train.optimizer.name == "AdamW" and cfg.data.batch_size == 128
     assert cfg.data.views.crop == "resized" and cfg.distill.student_weight == 0.5
     assert to_dict(cfg)["data"]["train"] == {"image_folder": str(tree / "train")}

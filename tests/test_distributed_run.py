@@ -46,13 +46,13 @@ def _worker(rank: int, init_file: str, root: str) -> None:
         except KDError as err:
             sync_error = str(err)
         built = {}
-        build = job.build_trainer
+        build = job.build_run
 
         def keep(*args, **kwargs):
-            built["trainer"], data = build(*args, **kwargs)
-            return built["trainer"], data
+            built["trainer"], data, choices = build(*args, **kwargs)
+            return built["trainer"], data, choices
 
-        job.build_trainer = keep  # to read this rank's weights after the run
+        job.build_run = keep  # to read this rank's weights after the run
         result = job.train_run(load_config(data=_config(photos, out / f"run{rank}")))
         student = built["trainer"].task.student
         torch.save(

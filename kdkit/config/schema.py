@@ -74,12 +74,15 @@ class CalibrationConfig:
 @dataclass(frozen=True)
 class TeacherConfig:
     """The frozen model. ``model``: ``PREFIX:NAME``, a kdkit checkpoint or run directory,
-    ``onnx:PATH``, ``tensorrt:PATH`` or ``cache:DIR``."""
+    ``onnx:PATH``, ``tensorrt:PATH`` or ``cache:DIR``. ``backend: auto`` (the default) times
+    the backends that run here on the run's first batch and keeps the fastest that agrees with
+    eager torch (:mod:`kdkit.teachers.autotune`); the run directory's ``choices.json`` records
+    it and ``--resume`` keeps it."""
 
     model: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     weights: str | None = None
-    backend: Literal["torch", "onnx", "tensorrt"] = "torch"
+    backend: Literal["auto", "torch", "onnx", "tensorrt"] = "auto"
     precision: Literal["fp32", "bf16", "fp16", "int8"] = "fp32"
     pretrained: str | bool | None = None
     zero_shot: ZeroShotConfig | None = None
@@ -264,7 +267,12 @@ class EmaConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The loop: epochs, optimizer, schedule, precision, seed, device, checkpoints."""
+    """The loop: epochs, optimizer, schedule, precision, seed, device, checkpoints.
+
+    ``channels_last: auto`` (the default) times the student's step in both memory formats on
+    the run's first batch and keeps the faster (recorded in ``choices.json``, kept by
+    ``--resume``); ``true`` / ``false`` force one. Outside ``kdkit train`` auto means false.
+    """
 
     epochs: int = field(default=10, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -272,7 +280,7 @@ class TrainConfig:
     precision: Precision = "fp32"
     seed: int = field(default=0, metadata=_check(lambda v: 0 <= v < 2**63, _SEED))
     device: str | None = None
-    channels_last: bool = False
+    channels_last: bool | Literal["auto"] = "auto"
     compile: bool = False
     sync_batchnorm: bool = False  # torchrun on GPUs: the student's BatchNorm -> SyncBatchNorm
     grad_accum: int = field(default=1, metadata=_check(lambda v: v >= 1, "an integer >= 1"))

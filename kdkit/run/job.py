@@ -38,7 +38,15 @@ from kdkit.run.lm_job import build_lm_trainer
 from kdkit.run.lm_report import lm_teacher_ppl, write_lm_report
 from kdkit.train.rundir import refuse_existing_run, refuse_inputs_in_run, run_lock
 
-__all__ = ["RunResult", "build_trainer", "train_run", "check_run_dir", "run_views", "saved_config"]
+__all__ = [
+    "RunResult",
+    "build_run",
+    "build_trainer",
+    "train_run",
+    "check_run_dir",
+    "run_views",
+    "saved_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +150,21 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False, trust_code: bool = Fa
     The builder, not the loop, seeds torch (the student's initial weights depend on the seed
     alone), checks a teacher cache against the run, and sets the student's memory format.
     """
+    trainer, data, _ = build_run(cfg, resume=resume, trust_code=trust_code)
+    return trainer, data
+
+
+def build_run(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False):
+    """:func:`build_trainer` plus the ``auto`` choices it made (a list of
+    :class:`~kdkit.teachers.autotune.Choice`, for ``choices.json`` and the report): measured
+    on the first batch, or read back from the run directory on ``--resume``."""
     from kdkit.cache.run_check import check_cache_for_run
     from kdkit.data.pipeline import InputPipeline
+    from kdkit.run import autotune
     from kdkit.run.data import build_data, build_views
     from kdkit.run.models import build_distiller, build_student, build_teacher
     from kdkit.train import Trainer, distributed
+    from kdkit.train.precision import Precision
 
     device = _device(cfg)
     t = cfg.train
@@ -158,8 +176,40 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False, trust_code: bool = Fa
         drop_last=t.compile,
     )
     views = build_views(run_views(cfg), t.seed, data.input_shape[-1])
+    dataset = getattr(data.train_loader, "dataset", None)
+    recorded = autotune.read_choices(cfg.run_dir) if resume else {}
+    choices, example = [], None
+
+    def first_x() -> torch.Tensor:  # the first batch as the step sees it, drawn once
+        nonlocal example
+        if example is None:
+            pipeline = InputPipeline(views, data.mean, data.std, device=device, dataset=dataset)
+            example = autotune.first_input(data.train_loader, pipeline).x
+        return example
+
+    autocast = Precision(t.precision, device).autocast
     teacher = None
-    if cfg.teacher is not None:  # teacher: null trains on the labels alone
+    if autotune.auto_teacher_applies(cfg):
+        from kdkit.run.models import int8_options, teacher_module
+
+        tc = cfg.teacher
+        int8 = int8_options(
+            tc, data.train_dataset, views, data.mean, data.std, _run_temperature(cfg)
+        )
+        teacher, choice = autotune.shared_choice(
+            lambda record: autotune.choose_teacher(
+                teacher_module(tc, trust_code=trust_code),
+                first_x(),
+                recorded=record,
+                precision=tc.precision,
+                features=any(p.teacher for p in cfg.distill.pairs),
+                int8=int8,
+                autocast=autocast,
+            ),
+            recorded.get("teacher.backend"),
+        )
+        choices.append(choice)
+    elif cfg.teacher is not None:  # teacher: null trains on the labels alone
         teacher = build_teacher(
             cfg.teacher,
             trust_code=trust_code,
@@ -170,20 +220,32 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False, trust_code: bool = Fa
             views=views,
             temperature=_run_temperature(cfg),
         )
-    dataset = getattr(data.train_loader, "dataset", None)
     if teacher is not None:
         check_cache_for_run(teacher, dataset, sampler=views, device=device)
     torch.manual_seed(t.seed)
     student, student_spec = build_student(cfg.student, trust_code=trust_code)
+    channels_last = t.channels_last
+    if channels_last == "auto":
+        _, choice = autotune.shared_choice(
+            lambda record: (
+                None,
+                autotune.choose_channels_last(
+                    student, first_x(), recorded=record, autocast=autocast
+                ),
+            ),
+            recorded.get("train.channels_last"),
+        )
+        choices.append(choice)
+        channels_last = bool(choice.value)
     if t.sync_batchnorm:  # before DDP wraps it; the checkpoint keys stay BatchNorm's
         student = distributed.sync_batchnorm(student, device)
     distiller = build_distiller(cfg, student, teacher, trust_code=trust_code)
     inputs = InputPipeline(
-        views, data.mean, data.std, device=device, channels_last=t.channels_last, dataset=dataset
+        views, data.mean, data.std, device=device, channels_last=channels_last, dataset=dataset
     )
     # the train: section -> loop options, optimizer, schedule (Trainer.from_config)
     trainer = Trainer.from_config(
-        cfg,
+        dataclasses.replace(cfg, train=dataclasses.replace(t, channels_last=channels_last)),
         distiller,
         data.train_loader,
         data.val_loader,
@@ -199,7 +261,7 @@ def build_trainer(cfg: RunConfig, *, resume: bool = False, trust_code: bool = Fa
             "fingerprints": run_fingerprints(teacher, dataset),
         },
     )
-    return trainer, data
+    return trainer, data, choices
 
 
 def run_fingerprints(teacher: Any, dataset: Any) -> dict[str, str]:
@@ -257,17 +319,26 @@ def _train_run(cfg: RunConfig, *, resume: bool, trust_code: bool) -> RunResult:
     from kdkit._io import atomic_write_text
     from kdkit.train import distributed
 
+    if resume and (Path(cfg.run_dir) / "config.yaml").is_file():
+        from kdkit.run.autotune import keep_older_values
+
+        cfg = keep_older_values(cfg, saved_config(cfg.run_dir))
     extended = check_run_dir(cfg, resume)
     start = time.perf_counter()
     lm = isinstance(cfg, LMRunConfig)
+    choices = []
     if lm:
         trainer, data = build_lm_trainer(cfg, _device(cfg))
     else:
-        trainer, data = build_trainer(cfg, resume=resume, trust_code=trust_code)
+        trainer, data, choices = build_run(cfg, resume=resume, trust_code=trust_code)
     run_dir = Path(cfg.run_dir)
     if distributed.is_main():
+        from kdkit.run.autotune import write_choices
+
         versions = {"kdkit": str(kdkit.__version__), "torch": str(torch.__version__)}
         run_dir.mkdir(parents=True, exist_ok=True)
+        if choices:  # before config.yaml: a run with a config.yaml has its choices
+            write_choices(run_dir, choices)
         text = to_yaml(dataclasses.replace(cfg, versions=versions))
         atomic_write_text(run_dir / "config.yaml", text)
         if not lm and data.classes:  # kdkit predict / export read them (also in every .pt)
@@ -286,7 +357,7 @@ def _train_run(cfg: RunConfig, *, resume: bool, trust_code: bool) -> RunResult:
         return result
     if distributed.is_main():
         result.teacher_top1 = _teacher_top1(trainer, data)
-        _write_report(cfg, trainer, data, result, time.perf_counter() - start, extended)
+        _write_report(cfg, trainer, data, result, time.perf_counter() - start, extended, choices)
     distributed.barrier()
     return result
 
@@ -309,7 +380,7 @@ def _params(module) -> str:
 
 
 def _write_report(
-    cfg: RunConfig, trainer, data, result: RunResult, wall_s: float, extended=None
+    cfg: RunConfig, trainer, data, result: RunResult, wall_s: float, extended=None, choices=()
 ) -> None:
     from kdkit._io import atomic_write_text
     from kdkit.report import plot_run_curves, run_report_text
@@ -342,11 +413,24 @@ def _write_report(
         f"    kdkit export {result.run_dir} --onnx {result.run_dir / 'student.onnx'}",
         f"    kdkit bench {result.run_dir}",
     ]
+    notes += _choice_notes(choices)
     notes += _unreadable_notes(data)
     if extended or (result.run_dir / "extended.json").is_file():
         notes += ["", extension_note(result.run_dir, extended)]
     text = run_report_text(cfg.name, history, rows, notes)
     atomic_write_text(result.run_dir / "report.md", text)
+
+
+def _choice_notes(choices) -> list[str]:
+    """The report's lines on the ``auto`` defaults: what each chose and what measuring cost."""
+    if not choices:
+        return []
+    lines = ["", "Chosen by measurement on the first batch (`auto`, recorded in choices.json):"]
+    for c in choices:
+        lines.append(f"- {c.line()}")
+    cost = sum(c.cost_s for c in choices if c.measured)
+    lines.append(f"- measuring cost {cost:.1f} s of this run")
+    return lines
 
 
 def _unreadable_notes(data) -> list[str]:

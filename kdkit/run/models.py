@@ -35,6 +35,7 @@ __all__ = [
     "build_student",
     "build_teacher",
     "checkpoint_in",
+    "int8_options",
     "load_model_file",
     "run_models",
     "teacher_module",
@@ -129,6 +130,22 @@ def teacher_module(tc: TeacherConfig, *, trust_code: bool = False) -> nn.Module:
     return module
 
 
+def int8_options(tc: TeacherConfig, calibration, views, mean, std, temperature: float) -> dict:
+    """``calibration`` and ``gate`` of an int8 teacher: calibrated on training images through
+    the run's views and normalisation, gated at the run's temperature (``teacher.calibration``).
+    """
+    return {
+        "calibration": {
+            "data": readable(calibration),  # a broken photo is not a calibration row
+            "samples": tc.calibration.samples,
+            "views": views,
+            "mean": mean,
+            "std": std,
+        },
+        "gate": {"min_agreement": tc.calibration.min_agreement, "temperature": temperature},
+    }
+
+
 def build_teacher(
     tc: TeacherConfig,
     *,
@@ -142,7 +159,9 @@ def build_teacher(
 ) -> Any:
     """A frozen :class:`~kdkit.teachers.Teacher` for the ``teacher:`` section.
 
-    ``calibration`` (a dataset or loader) is used only for ``precision: int8``, whose
+    ``backend: auto`` builds the torch teacher here; ``kdkit train`` measures the others
+    first (:mod:`kdkit.run.autotune`). ``calibration`` (a dataset or loader) is used only for
+    ``precision: int8``, whose
     fidelity gate compares KL at the run's ``temperature``; ``views`` is checked against a
     ``cache:`` teacher's meta (a cache of other views is refused).
     """
@@ -153,18 +172,7 @@ def build_teacher(
         return CachedTeacher(rest, expect_views=views if views is not None else None)
     int8 = {}
     if tc.precision == "int8":
-        int8 = {
-            "precision": "int8",
-            # calibrated on training images through the run's views and normalisation
-            "calibration": {
-                "data": readable(calibration),  # a broken photo is not a calibration row
-                "samples": tc.calibration.samples,
-                "views": views,
-                "mean": mean,
-                "std": std,
-            },
-            "gate": {"min_agreement": tc.calibration.min_agreement, "temperature": temperature},
-        }
+        int8 = {"precision": "int8", **int8_options(tc, calibration, views, mean, std, temperature)}
     if prefix in ("onnx", "tensorrt") and prefix in TEACHER_ONLY_PREFIXES:
         return make_teacher(rest, backend=prefix, **int8)
     if prefix == "open_clip":

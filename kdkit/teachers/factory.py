@@ -18,7 +18,7 @@ from kdkit.teachers.torch_teacher import TorchTeacher
 
 __all__ = ["make_teacher", "teacher", "BACKENDS"]
 
-BACKENDS = ("torch", "onnx", "tensorrt")
+BACKENDS = ("torch", "onnx", "tensorrt", "auto")
 _ENGINE_SUFFIXES = (".engine", ".plan")
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
@@ -41,6 +41,12 @@ def teacher(
       (see :mod:`kdkit.registry`);
     - a list or tuple of any of these: :class:`EnsembleTeacher` (``weights=``, ``combine=``).
 
+    ``backend="auto"`` (a module or checkpoint): time each backend that runs here on
+    ``example=`` (a batch as the teacher will see it; or random inputs of ``input_shape=`` and
+    ``batch_size=``, default 64) and keep the fastest that agrees with eager torch
+    (:mod:`kdkit.teachers.autotune`; int8 is a candidate when ``calibration=`` is given). An
+    ``.onnx`` path with ``auto`` runs in ONNX Runtime.
+
     Other keyword arguments go to the backend's constructor (e.g. ``precision="bf16"``).
     ``precision="int8", calibration=...`` quantizes for ONNX Runtime (a module's default
     backend then) or TensorRT, behind a fidelity gate (:mod:`kdkit.teachers.quantize`).
@@ -49,7 +55,7 @@ def teacher(
     if backend is not None and backend not in BACKENDS:
         raise KDError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if isinstance(obj, Teacher):
-        if kwargs or backend is not None:
+        if kwargs or backend not in (None, "auto"):
             raise KDError(f"options {sorted(kwargs)} cannot be applied to an existing Teacher")
         return obj
     if isinstance(obj, (list, tuple)):
@@ -67,7 +73,7 @@ def teacher(
 
 
 def _no_backend(backend: str | None, what: str) -> None:
-    if backend is not None:
+    if backend not in (None, "auto"):
         raise KDError(f"backend={backend!r} does not apply to {what}")
 
 
@@ -76,6 +82,8 @@ def _from_module(module: nn.Module, backend: str | None, kwargs: dict[str, Any])
         if backend == "torch":
             raise KDError("precision='int8' runs with backend='onnx' (ONNX Runtime), not 'torch'")
         backend = backend or "onnx"
+    if backend == "auto":
+        return _auto(module, kwargs)
     if backend in (None, "torch"):
         return TorchTeacher(module, **kwargs)
     if backend == "onnx":
@@ -93,13 +101,15 @@ def _from_path(
         raise KDError(f"no teacher file at {path}")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
+        if backend == "auto":  # a file made for ONNX Runtime runs there
+            backend = "onnx"
         if backend == "tensorrt":
             return TensorRTTeacher(path, **kwargs)
         if backend == "torch":
             raise KDError(f"{path} is an ONNX file; it runs with backend='onnx' or 'tensorrt'")
         return OnnxTeacher(path, **kwargs)
     if suffix in _ENGINE_SUFFIXES:
-        if backend not in (None, "tensorrt"):
+        if backend not in (None, "tensorrt", "auto"):
             raise KDError(f"{path} is a TensorRT engine; only backend='tensorrt' can run it")
         return TensorRTTeacher.from_engine(path, **kwargs)
     if suffix in _CHECKPOINT_SUFFIXES:
@@ -109,6 +119,28 @@ def _from_path(
         f"cannot tell what {path} holds from its suffix {suffix!r}; expected .onnx, "
         f"{' / '.join(_ENGINE_SUFFIXES)} or a kdkit checkpoint ({' / '.join(_CHECKPOINT_SUFFIXES)})"
     )
+
+
+def _auto(module: nn.Module, kwargs: dict[str, Any]) -> Teacher:
+    """``backend="auto"``: the fastest backend on an example batch (see module autotune)."""
+    import torch
+
+    from kdkit.teachers.autotune import choose_backend
+
+    example = kwargs.pop("example", None)
+    shape = kwargs.pop("input_shape", None)
+    batch_size = int(kwargs.pop("batch_size", 64))
+    known = {"precision", "calibration", "gate", "features"}
+    if set(kwargs) - known:
+        raise KDError(f"backend='auto' takes {sorted(known)}, not {sorted(set(kwargs) - known)}")
+    if example is None:
+        if shape is None:
+            raise KDError("backend='auto' needs example=BATCH or input_shape=(C, H, W) to time on")
+        example = torch.randn(batch_size, *shape)
+    if kwargs.get("precision") == "int8":
+        raise KDError("backend='auto' chooses int8 itself when given calibration=; drop precision")
+    teacher, _ = choose_backend(module, example, **kwargs)
+    return teacher
 
 
 #: the factory's name in kdkit's public face (``kdkit.make_teacher``; timm's ``create_model``)

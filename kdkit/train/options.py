@@ -336,7 +336,7 @@ def trainer_from_config(
     )
     torch.manual_seed(train.seed)
     student = getattr(task, "student", None)
-    if train.channels_last:
+    if train.channels_last is True:  # "auto" is resolved by kdkit train's builder
         if kwargs.get("inputs") is None:
             kwargs["channels_last"] = True  # the older keyword: it sets the student's format
         else:
