@@ -101,8 +101,7 @@ def cache_plan(cfg: RunConfig, *, num_views: int | None = None, trust_code: bool
     ``data.views.num_views``; a cache stores a fixed number of views per sample), and the
     teacher features its ``distill.pairs`` name (stored beside the logits)."""
     from kdkit.run.data import build_data, build_views
-    from kdkit.run.job import _run_temperature, run_views
-    from kdkit.run.models import build_teacher
+    from kdkit.run.job import run_teacher, run_views
 
     views_cfg = run_views(cfg)
     if views_cfg is not None:
@@ -121,16 +120,7 @@ def cache_plan(cfg: RunConfig, *, num_views: int | None = None, trust_code: bool
         dataset = _Placeholders(dataset, data.input_shape)
     views = build_views(views_cfg, cfg.train.seed, data.input_shape[-1])
     tc = live_teacher_config(cfg)
-    teacher = build_teacher(
-        tc,
-        trust_code=trust_code,
-        input_shape=data.input_shape,
-        mean=data.mean,
-        std=data.std,
-        calibration=data.train_dataset,
-        views=views,
-        temperature=_run_temperature(cfg),
-    )
+    teacher = run_teacher(tc, cfg, data, views, trust_code)
     source = {"config": {**to_dict(cfg), "teacher": to_dict(tc)}}
     features = tuple(dict.fromkeys(p.teacher for p in cfg.distill.pairs if p.teacher))
     return CachePlan(teacher, dataset, views, data.mean, data.std, source, features)

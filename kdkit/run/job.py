@@ -118,6 +118,23 @@ def _run_temperature(cfg: RunConfig) -> float:
     return 1.0
 
 
+def run_teacher(tc: Any, cfg: RunConfig, data: Any, views: Any, trust_code: bool) -> Any:
+    """The teacher section ``tc`` built for this run's data: its input shape, normalization,
+    calibration images (int8), views and the first logit pair's temperature (the int8 gate)."""
+    from kdkit.run.models import build_teacher
+
+    return build_teacher(
+        tc,
+        trust_code=trust_code,
+        input_shape=data.input_shape,
+        mean=data.mean,
+        std=data.std,
+        calibration=data.train_dataset,
+        views=views,
+        temperature=_run_temperature(cfg),
+    )
+
+
 def _device(cfg: RunConfig) -> torch.device:
     from kdkit.train import distributed
 
@@ -162,7 +179,7 @@ def build_run(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False)
     from kdkit.data.pipeline import InputPipeline
     from kdkit.run import autotune
     from kdkit.run.data import build_data, build_views
-    from kdkit.run.models import build_distiller, build_student, build_teacher
+    from kdkit.run.models import build_distiller, build_student
     from kdkit.train import Trainer, distributed
     from kdkit.train.precision import Precision
 
@@ -210,16 +227,7 @@ def build_run(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False)
         )
         choices.append(choice)
     elif cfg.teacher is not None:  # teacher: null trains on the labels alone
-        teacher = build_teacher(
-            cfg.teacher,
-            trust_code=trust_code,
-            input_shape=data.input_shape,
-            mean=data.mean,
-            std=data.std,
-            calibration=data.train_dataset,
-            views=views,
-            temperature=_run_temperature(cfg),
-        )
+        teacher = run_teacher(cfg.teacher, cfg, data, views, trust_code)
     if teacher is not None:
         check_cache_for_run(teacher, dataset, sampler=views, device=device)
     torch.manual_seed(t.seed)
