@@ -256,14 +256,20 @@ def value_and_grad_into(
         return qg.sub_(scratch)
 
     def log_mix(log_x: torch.Tensor, log_y: torch.Tensor, w: float) -> torch.Tensor:
-        """``log(w x + (1 - w) y)`` into ``b`` (``a`` is scratch)."""
+        """``log(w x + (1 - w) y)`` into ``b`` (``a`` is scratch).
+
+        In probability space (``q`` is already ``exp(lq)``): one exp, two multiply-adds and a
+        log per element, where ``logaddexp`` costs an exp, a log1p and a max on top (it was
+        40% of the jsd loss). Where both x and y underflow, m is floored at the dtype's
+        smallest normal: every term that reads log m is then weighted by an x or y of 0."""
         if w <= 0.0:
             return b.copy_(log_y)
         if w >= 1.0:
             return b.copy_(log_x)
-        torch.add(log_x, math.log(w), out=b)
-        torch.add(log_y, math.log1p(-w), out=a)
-        return torch.logaddexp(b, a, out=b)
+        x = q if log_x is lq else torch.exp(log_x, out=a)
+        y = q if log_y is lq else torch.exp(log_y, out=a)
+        torch.mul(x, w, out=b).add_(y, alpha=1.0 - w)
+        return b.clamp_(min=torch.finfo(b.dtype).tiny).log_()
 
     if name in ("fkl", "ce"):
         p = torch.exp(lp, out=a)
