@@ -28,6 +28,47 @@ __all__ = ["TopKCache", "CachedAligner"]
 _INDEX_KEYS = ("row_offsets", "token_offsets", "row_hash")
 
 
+_NP_DTYPES = {
+    "U8": np.uint8,
+    "U16": np.uint16,
+    "U32": np.uint32,
+    "U64": np.uint64,
+    "I64": np.int64,
+    "F16": np.float16,
+    "F32": np.float32,
+    "F64": np.float64,
+}
+
+
+def _memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a safetensors file as a read-only ``np.memmap`` (the format is an
+    8-byte header length, a JSON header of dtype / shape / byte offsets, then the raw data):
+    a batch reads the pages of its rows only, and DataLoader workers share them."""
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        arrays = {}
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = meta["data_offsets"]
+            dtype = np.dtype(_NP_DTYPES[meta["dtype"]])
+            count = (end - begin) // dtype.itemsize
+            arrays[name] = (
+                np.memmap(
+                    path, dtype=dtype, mode="r", offset=8 + size + begin, shape=(count,)
+                ).reshape(meta["shape"])
+                if count
+                else np.zeros(meta["shape"], dtype)
+            )
+        return arrays
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise KDError(f"cannot read {path}: {err}".splitlines()[0]) from None
+
+
 class _Shard:
     """One shard file: its small index arrays in memory, the rest memory-mapped."""
 
@@ -44,12 +85,7 @@ class _Shard:
                     f"{self.path} does not match its checksum in the manifest (damaged or "
                     "replaced); capture it again"
                 )
-            from safetensors.numpy import load_file
-
-            try:
-                self._arrays = load_file(str(self.path))
-            except Exception as err:  # safetensors raises its own error types
-                raise KDError(f"cannot read {self.path}: {err}".splitlines()[0]) from None
+            self._arrays = _memmap_safetensors(self.path)
         return self._arrays
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers reopen lazily
@@ -147,7 +183,8 @@ class TopKCache:
         arrays = self.shards[index // rows].arrays()
         r = index % rows
         t0, t1 = arrays["token_offsets"][r : r + 2].tolist()
-        bits = np.unpackbits(arrays["token_trainable"], bitorder="little")[t0:t1]
+        packed = arrays["token_trainable"][t0 // 8 : -(-t1 // 8)]  # this row's bytes only
+        bits = np.unpackbits(packed, bitorder="little")[t0 % 8 : t0 % 8 + (t1 - t0)]
         return TokenRow(
             torch.from_numpy(arrays["token_ids"][t0:t1].astype(np.int64)),
             torch.from_numpy(bits.astype(bool)),
