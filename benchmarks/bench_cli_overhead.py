@@ -75,7 +75,8 @@ def cli_only_costs(weights: Path, run_dir: Path) -> dict[str, float]:
     import torch
 
     from kdkit.config import load_config, resolve_paths
-    from kdkit.run.job import RunResult, _teacher_top1, _write_report, build_trainer
+    from kdkit.run.job import RunResult, build_trainer
+    from kdkit.run.run_report import teacher_top1, write_run_report
 
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -93,10 +94,10 @@ def cli_only_costs(weights: Path, run_dir: Path) -> dict[str, float]:
     for row in trainer.history:
         row["epoch"] = int(row["epoch"]) - 1  # metrics.csv counts from 1, history from 0
     start = time.perf_counter()
-    teacher_top1 = _teacher_top1(trainer, data)
+    top1 = teacher_top1(trainer, data)
     teacher_s = time.perf_counter() - start
     start = time.perf_counter()
-    _write_report(cfg, trainer, data, RunResult(run_dir, trainer.history, None, teacher_top1), 0)
+    write_run_report(cfg, trainer, data, RunResult(run_dir, trainer.history, None, top1), 0)
     report_s = time.perf_counter() - start
     return {"config_s": config_s, "teacher_val_s": teacher_s, "report_s": report_s}
 

@@ -33,9 +33,11 @@ from kdkit.config import (
     validate,
 )
 from kdkit.errors import KDError
-from kdkit.run.extend import extension, extension_note
+from kdkit.run.extend import extension
+from kdkit.run.fingerprints import run_fingerprints
 from kdkit.run.lm_job import build_lm_trainer
 from kdkit.run.lm_report import lm_teacher_ppl, write_lm_report
+from kdkit.run.run_report import teacher_top1, write_run_report
 from kdkit.train.rundir import refuse_existing_run, refuse_inputs_in_run, run_lock
 
 __all__ = [
@@ -272,44 +274,6 @@ def build_run(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False)
     return trainer, data, choices
 
 
-def run_fingerprints(teacher: Any, dataset: Any) -> dict[str, str]:
-    """What a run depends on beyond its config, compared on resume: the teacher's weights
-    (a module's weights hash: a weights file replaced between epochs differs), a cache's
-    sealed meta, and the training set where it has a cheap ``fingerprint()``."""
-    from kdkit.cache import CachedTeacher
-    from kdkit.cache.store import teacher_fingerprint
-
-    out: dict[str, str] = {}
-    if teacher is not None:
-        try:
-            out["teacher"] = teacher_fingerprint(teacher)
-        except (KDError, TypeError, AttributeError):
-            pass
-    if isinstance(teacher, CachedTeacher):
-        out["cache"] = str(teacher.meta.get("meta_sha256") or teacher.fingerprint())
-    if callable(getattr(dataset, "fingerprint", None)):
-        out["dataset"] = str(dataset.fingerprint())
-    elif isinstance(getattr(dataset, "samples", None), list):  # image files: a stat each
-        out["dataset"] = _listing_fingerprint(dataset.samples)
-    return out
-
-
-def _listing_fingerprint(samples: list) -> str:
-    """sha256 over each file's path, size, mtime and label: cheap (no reads), and an image
-    added, removed, relabeled or rewritten changes it."""
-    import hashlib
-    import os
-
-    h = hashlib.sha256(b"kdkit-file-listing-v1")
-    for path, label in samples:
-        try:
-            st = os.stat(path)
-            h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}|{label};".encode())
-        except OSError:
-            h.update(f"{path}|missing|{label};".encode())
-    return h.hexdigest()
-
-
 def train_run(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False) -> RunResult:
     """Run ``cfg`` (already validated, paths resolved) into ``cfg.run_dir``, holding the
     directory's run lock throughout (:mod:`kdkit.train.rundir`)."""
@@ -364,88 +328,7 @@ def _train_run(cfg: RunConfig, *, resume: bool, trust_code: bool) -> RunResult:
         distributed.barrier()
         return result
     if distributed.is_main():
-        result.teacher_top1 = _teacher_top1(trainer, data)
-        _write_report(cfg, trainer, data, result, time.perf_counter() - start, extended, choices)
+        result.teacher_top1 = teacher_top1(trainer, data)
+        write_run_report(cfg, trainer, data, result, time.perf_counter() - start, extended, choices)
     distributed.barrier()
     return result
-
-
-def _teacher_top1(trainer, data) -> float | None:
-    from kdkit.cache import CachedTeacher
-    from kdkit.run.evaluate import evaluate_logits
-
-    teacher = trainer.distiller.teacher
-    if data.val_loader is None or teacher is None or isinstance(teacher, CachedTeacher):
-        return None  # a cache holds training images only
-    scores = evaluate_logits(
-        lambda x: teacher(x).logits, data.val_loader, data.mean, data.std, trainer.device
-    )
-    return scores["top1"]
-
-
-def _params(module) -> str:
-    return f"{sum(p.numel() for p in module.parameters()):,}"
-
-
-def _write_report(
-    cfg: RunConfig, trainer, data, result: RunResult, wall_s: float, extended=None, choices=()
-) -> None:
-    from kdkit._io import atomic_write_text
-    from kdkit.report import plot_run_curves, run_report_text
-    from kdkit.run.teacher_info import teacher_summary
-
-    history = trainer.history
-    best = max((h for h in history if "val_top1" in h), key=lambda h: h["val_top1"], default=None)
-    rows = []
-    teacher = trainer.distiller.teacher
-    if teacher is not None:  # an ONNX or cached teacher too: its size and how it ran
-        params, precision = teacher_summary(teacher, cfg.teacher.precision)
-        top1 = "-" if result.teacher_top1 is None else f"{result.teacher_top1:.2f}"
-        rows.append((f"teacher `{cfg.teacher.model}`", params, precision, top1, "-"))
-    if best is not None:
-        rows.append(
-            (
-                f"student `{cfg.student.model}` (best epoch {best['epoch'] + 1})",
-                _params(trainer.distiller.student),
-                cfg.train.precision,
-                f"{best['val_top1']:.2f}",
-                f"{best['val_top5']:.2f}",
-            )
-        )
-    plot_run_curves(history, result.run_dir / "curves.png", result.teacher_top1)
-    epochs = f"{cfg.train.epochs} epoch{'s' if cfg.train.epochs != 1 else ''}"
-    notes = [
-        f"{epochs}, wall time {wall_s:.1f} s (this invocation). Next:",
-        "",
-        f"    kdkit eval {result.run_dir}",
-        f"    kdkit export {result.run_dir} --onnx {result.run_dir / 'student.onnx'}",
-        f"    kdkit bench {result.run_dir}",
-    ]
-    notes += _choice_notes(choices)
-    notes += _unreadable_notes(data)
-    if extended or (result.run_dir / "extended.json").is_file():
-        notes += ["", extension_note(result.run_dir, extended)]
-    text = run_report_text(cfg.name, history, rows, notes)
-    atomic_write_text(result.run_dir / "report.md", text)
-
-
-def _choice_notes(choices) -> list[str]:
-    """The report's lines on the ``auto`` defaults: what each chose and what measuring cost."""
-    if not choices:
-        return []
-    lines = ["", "Chosen by measurement on the first batch (`auto`, recorded in choices.json):"]
-    for c in choices:
-        lines.append(f"- {c.line()}")
-    cost = sum(c.cost_s for c in choices if c.measured)
-    lines.append(f"- measuring cost {cost:.1f} s of this run")
-    return lines
-
-
-def _unreadable_notes(data) -> list[str]:
-    """The report's line on files no decoder could read (skipped, so the run went on)."""
-    lines = []
-    for split, loader in (("train", data.train_loader), ("val", data.val_loader)):
-        record = getattr(loader, "unreadable", None)
-        if record is not None and record.count:
-            lines.append(f"- {split}: {record.summary()}")
-    return ["", "Unreadable files (skipped, the run went on):", *lines] if lines else []

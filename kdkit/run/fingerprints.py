@@ -1,0 +1,49 @@
+"""What a run depends on beyond its config, recorded in its checkpoints and compared on
+``--resume`` (:func:`kdkit.train.resume.check_same_run`): a weights file, cache or image
+folder replaced between epochs is refused instead of silently changing the run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kdkit.errors import KDError
+
+__all__ = ["run_fingerprints"]
+
+
+def run_fingerprints(teacher: Any, dataset: Any) -> dict[str, str]:
+    """What a run depends on beyond its config, compared on resume: the teacher's weights
+    (a module's weights hash: a weights file replaced between epochs differs), a cache's
+    sealed meta, and the training set where it has a cheap ``fingerprint()``."""
+    from kdkit.cache import CachedTeacher
+    from kdkit.cache.store import teacher_fingerprint
+
+    out: dict[str, str] = {}
+    if teacher is not None:
+        try:
+            out["teacher"] = teacher_fingerprint(teacher)
+        except (KDError, TypeError, AttributeError):
+            pass
+    if isinstance(teacher, CachedTeacher):
+        out["cache"] = str(teacher.meta.get("meta_sha256") or teacher.fingerprint())
+    if callable(getattr(dataset, "fingerprint", None)):
+        out["dataset"] = str(dataset.fingerprint())
+    elif isinstance(getattr(dataset, "samples", None), list):  # image files: a stat each
+        out["dataset"] = _listing_fingerprint(dataset.samples)
+    return out
+
+
+def _listing_fingerprint(samples: list) -> str:
+    """sha256 over each file's path, size, mtime and label: cheap (no reads), and an image
+    added, removed, relabeled or rewritten changes it."""
+    import hashlib
+    import os
+
+    h = hashlib.sha256(b"kdkit-file-listing-v1")
+    for path, label in samples:
+        try:
+            st = os.stat(path)
+            h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}|{label};".encode())
+        except OSError:
+            h.update(f"{path}|missing|{label};".encode())
+    return h.hexdigest()
