@@ -44,7 +44,7 @@ _LAZY = {
     "TokenBatch": "kdkit.lm.align",
     "check_vocab": "kdkit.lm.vocab",
     "OnnxLMTeacher": "kdkit.lm.onnx_teacher",
-    "export_lm_onnx": "kdkit.lm.onnx_teacher",
+    "export_lm_onnx": "kdkit.lm.onnx_export",
     "OnPolicy": "kdkit.lm.onpolicy",
 }
 
