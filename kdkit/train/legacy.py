@@ -18,7 +18,7 @@ from torch import nn
 from kdkit._compile import compile_static
 from kdkit.cache.run_check import check_cache_for_run
 
-__all__ = ["EpochCallback", "apply_older_keywords"]
+__all__ = ["EpochCallback", "apply_older_keywords", "checked_run_info", "input_pipeline"]
 
 
 class EpochCallback:
@@ -52,3 +52,42 @@ def apply_older_keywords(task: nn.Module, older: dict[str, Any], trainer: Any) -
     )
     if model.get("compile") and isinstance(student, nn.Module):
         task.student = compile_static(student)
+
+
+def input_pipeline(inputs: Any, older: dict[str, Any], device: torch.device, loader: Any) -> Any:
+    """The Trainer's ``inputs``: the one given (moved to ``device``), or an
+    :class:`~kdkit.data.pipeline.InputPipeline` built from the older ``views=``, ``mean=``,
+    ``std=`` and ``channels_last=`` keywords (which may not be given beside ``inputs=``)."""
+    from kdkit.data.pipeline import InputPipeline
+    from kdkit.errors import KDError
+
+    if inputs is not None:
+        if older:
+            raise KDError(f"pass {sorted(older)} to the InputPipeline, not beside inputs=")
+        if hasattr(inputs, "to"):
+            inputs.to(device)
+        return inputs
+    return InputPipeline(
+        older.get("views"),
+        older.get("mean"),
+        older.get("std"),
+        device=device,
+        channels_last=bool(older.get("channels_last")),
+        dataset=getattr(loader, "dataset", None),
+    )
+
+
+def checked_run_info(run_info: Any, older: dict[str, Any]) -> dict[str, Any]:
+    """``run_info`` merged with the older flat keywords (``student_spec=``...), its keys
+    checked against what a checkpoint stores and a student spec parsed now."""
+    from kdkit.errors import KDError
+    from kdkit.registry import ModelSpec
+    from kdkit.train.resume import RUN_INFO_KEYS
+
+    info = {**dict(run_info or {}), **older}
+    unknown = sorted(set(info) - set(RUN_INFO_KEYS))
+    if unknown:
+        raise KDError(f"run_info keys must be among {list(RUN_INFO_KEYS)}, got {unknown}")
+    if info.get("student_spec") is not None:  # plain data naming a model, checked now
+        ModelSpec.parse(info["student_spec"], where="student_spec")
+    return info

@@ -31,20 +31,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kdkit._io import check_output_path
-from kdkit.data.pipeline import InputPipeline
 from kdkit.data.unreadable import skip_counts
 from kdkit.errors import KDError
 from kdkit.load import save_checkpoint
-from kdkit.registry import ModelSpec
 from kdkit.task import StepOutput, Task
 from kdkit.train import distributed, fsdp
 from kdkit.train.ema import StudentEMA
-from kdkit.train.legacy import EpochCallback, apply_older_keywords
+from kdkit.train.legacy import (
+    EpochCallback,
+    apply_older_keywords,
+    checked_run_info,
+    input_pipeline,
+)
 from kdkit.train.metrics import MetricLog, epoch_line, report_epoch
 from kdkit.train.nan_guard import NanGuard
 from kdkit.train.optim import OptimizerArg, build_optimizer, build_scheduler
 from kdkit.train.options import (
-    RUN_INFO_KEYS,
     LoopOptions,
     split_trainer_kwargs,
     trainer_from_config,
@@ -130,8 +132,8 @@ class Trainer:
         self.device = torch.device(options.device) if options.device else _default_device()
         self.task = task.to(self.device)
         self.train_loader, self.val_loader = train_loader, val_loader
-        self.inputs = self._inputs(inputs, older["pipeline"])
-        self.run_info = self._run_info(run_info, older["run_info"])
+        self.inputs = input_pipeline(inputs, older["pipeline"], self.device, train_loader)
+        self.run_info = checked_run_info(run_info, older["run_info"])
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         if self.checkpoint_dir is not None and distributed.is_main():  # before the first step
             check_output_path(self.checkpoint_dir, what="checkpoint_dir", directory=True)
@@ -171,34 +173,6 @@ class Trainer:
         self._best_weights: dict[str, dict[str, torch.Tensor]] | None = None
 
     # -- construction helpers ----------------------------------------------------------------
-    def _inputs(self, inputs: Any, older: dict[str, Any]) -> Any:
-        if inputs is not None:
-            if older:
-                raise KDError(f"pass {sorted(older)} to the InputPipeline, not beside inputs=")
-            if hasattr(inputs, "to"):
-                inputs.to(self.device)
-            return inputs
-        sampler = older.get("views")
-        dataset = getattr(self.train_loader, "dataset", None)
-        return InputPipeline(
-            sampler,
-            older.get("mean"),
-            older.get("std"),
-            device=self.device,
-            channels_last=bool(older.get("channels_last")),
-            dataset=dataset,
-        )
-
-    @staticmethod
-    def _run_info(run_info: Mapping[str, Any] | None, older: dict[str, Any]) -> dict[str, Any]:
-        info = {**dict(run_info or {}), **older}
-        unknown = sorted(set(info) - set(RUN_INFO_KEYS))
-        if unknown:
-            raise KDError(f"run_info keys must be among {list(RUN_INFO_KEYS)}, got {unknown}")
-        if info.get("student_spec") is not None:  # plain data naming a model, checked now
-            ModelSpec.parse(info["student_spec"], where="student_spec")
-        return info
-
     def _materialize_lazy_parameters(self) -> None:
         """One dry run on the first batch, so lazily created loss adapters exist before the
         optimizer is built (they would never train otherwise). Under the run's autocast, with
