@@ -22,18 +22,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdkit._distiller_checks import (
+    as_teacher,
+    check_images,
+    check_not_the_student,
+    target_device,
+)
 from kdkit._embedding import best_metric_for, evaluate_embedding, output_pair
 from kdkit.balance import LossBalancer
 from kdkit.capture import Capture, resolve_module, unwrap
 from kdkit.data.pipeline import ModelInput
 from kdkit.errors import KDError
 from kdkit.losses._call import call_loss, without_t2
+from kdkit.losses.feature import adapter_from_saved
 from kdkit.losses.task import check_labels, labeled_cross_entropy
 from kdkit.outputs import pick_output
-from kdkit.pairs import Pair, PairInfo, PairTable, as_pairs, shape_of
+from kdkit.pairs import Pair, PairInfo, PairTable, as_pairs, describe_pairs, shape_of
 from kdkit.task import StepOutput
 from kdkit.teachers.base import Teacher, TeacherOutput, TopK
-from kdkit.teachers.torch_teacher import TorchTeacher
 from kdkit.train.evaluate import classification_metrics
 
 __all__ = ["Distiller", "Pair", "PairInfo", "PairTable", "StepOutput", "labeled_cross_entropy"]
@@ -41,33 +47,6 @@ __all__ = ["Distiller", "Pair", "PairInfo", "PairTable", "StepOutput", "labeled_
 Loss = nn.Module | Callable[..., torch.Tensor]
 
 log = logging.getLogger(__name__)
-
-
-def _as_teacher(teacher: nn.Module | Teacher | None) -> Teacher | None:
-    """A module becomes a :class:`TorchTeacher`; paths, engines and lists are
-    :func:`kdkit.make_teacher`'s job (the Distiller does not import every backend)."""
-    if teacher is None or isinstance(teacher, Teacher):
-        return teacher
-    if isinstance(teacher, nn.Module):
-        return TorchTeacher(teacher)
-    raise KDError(
-        f"the teacher must be an nn.Module or a kdkit Teacher, got {type(teacher).__name__}; "
-        "build one from a path, engine or list with kdkit.make_teacher(...)"
-    )
-
-
-def _check_not_the_student(student: nn.Module, teacher: Any) -> None:
-    """Wrapping the student as its own teacher would freeze it in place (a teacher is set
-    to eval with requires_grad=False): refuse it, and a teacher sharing its parameters."""
-    module = teacher if isinstance(teacher, nn.Module) else getattr(teacher, "module", None)
-    if not isinstance(module, nn.Module):
-        return
-    mine = {id(p) for p in student.parameters()}
-    if module is student or any(id(p) in mine for p in module.parameters()):
-        raise KDError(
-            "the teacher is the student (or shares its parameters); distillation needs a "
-            "separate, trained teacher: pass a copy (copy.deepcopy(model)) or load one"
-        )
 
 
 @dataclass(frozen=True)
@@ -89,30 +68,6 @@ class Forward:
                 f"{name!r} produced no output in the forward pass (captured: "
                 f"{sorted(self.features)}); is that module used in forward()?"
             ) from None
-
-
-def _target_device(args: tuple, kwargs: dict) -> torch.device | None:
-    """The device in a ``Module.to(...)`` call, None for a dtype-only call."""
-    target = kwargs.get("device", kwargs.get("tensor"))
-    for arg in (target, *args):
-        if isinstance(arg, torch.Tensor):
-            return arg.device
-        if isinstance(arg, (str, int, torch.device)):
-            return torch.device(arg)
-    return None
-
-
-def _check_images(x: Any) -> None:
-    """Integer pixels given straight to :meth:`Distiller.step` are refused with the fix, the
-    same for every integer dtype (the Trainer's input pipeline scales uint8 and refuses the
-    others, as :func:`kdkit.data.to_float` does). Only (N, C, H, W) batches are images: a
-    2-D integer batch is token ids for an embedding student, and passes."""
-    if isinstance(x, torch.Tensor) and x.dim() == 4 and not x.is_floating_point():
-        raise KDError(
-            f"Distiller.step got {x.dtype} images; give float images normalised as the models "
-            "expect (kdkit.data.to_float(x, mean, std) for uint8), or train through the "
-            "Trainer, whose input pipeline does it"
-        )
 
 
 class Distiller(nn.Module):
@@ -162,12 +117,12 @@ class Distiller(nn.Module):
         if not isinstance(student, nn.Module):
             raise KDError(f"the student must be an nn.Module, got {type(student).__name__}")
         self.student = student
-        _check_not_the_student(student, teacher)
+        check_not_the_student(student, teacher)
         if teacher is None and pairs is not None:
             raise KDError("loss pairs need a teacher: pass teacher=, or pairs=None")
         # Outside the module tree on purpose: see the module docstring. ``None`` means plain
         # supervised training through the same loop (the honest from-scratch baseline).
-        object.__setattr__(self, "teacher", _as_teacher(teacher))
+        object.__setattr__(self, "teacher", as_teacher(teacher))
         if teacher is not None and pairs is None:
             raise KDError("a teacher needs at least one loss pair: pass pairs=")
         self.pair_list: list[Pair] = as_pairs(pairs)
@@ -292,7 +247,7 @@ class Distiller(nn.Module):
         if isinstance(x, ModelInput):
             labeled, labels, index, view, x = x.labeled, x.labels, x.index, x.view_ids, x.x
         else:
-            _check_images(x)
+            check_images(x)
             if labels is not None:
                 check_labels(labels)
             labeled = labels is not None and bool((labels >= 0).any())
@@ -432,28 +387,15 @@ class Distiller(nn.Module):
         self.eval()
         try:
             run = self.forward_both(example_input, index, view)
-            table = PairTable()
-            for pair, with_labels in zip(self.pair_list, self._takes_labels, strict=True):
-                s_out, t_out = run.feature(pair.student), run.teacher.get(pair.teacher)
-                self._pair_loss(run, pair, labels, with_labels)
-                summary = getattr(pair.loss, "adapter_summary", None)
-                s_shape, t_shape = shape_of(s_out), shape_of(t_out)
-                adapter = summary(s_shape, t_shape) if callable(summary) else "none"
-                table.append(
-                    PairInfo(
-                        pair.name,
-                        pair.student or "<output>",
-                        pair.teacher or "<output>",
-                        s_shape,
-                        t_shape,
-                        adapter,
-                        repr(pair.loss).replace("\n", " "),
-                    )
-                )
+            return describe_pairs(
+                run,
+                self.pair_list,
+                self._takes_labels,
+                lambda pair, with_labels: self._pair_loss(run, pair, labels, with_labels),
+            )
         finally:
             self.balancer.set_epoch(was_epoch)
             self.train(was_training)
-        return table
 
     def prepare(
         self,
@@ -473,7 +415,7 @@ class Distiller(nn.Module):
 
     def to(self, *args: Any, **kwargs: Any) -> Distiller:
         super().to(*args, **kwargs)
-        device = _target_device(args, kwargs)
+        device = target_device(args, kwargs)
         if device is not None and self.teacher is not None:
             self.teacher.to(device)
         return self
@@ -498,14 +440,8 @@ class Distiller(nn.Module):
         # Adapters created lazily on a first forward do not exist in a fresh Distiller yet;
         # build them from the saved shapes so save -> restore round-trips.
         for i, loss in enumerate(self.criterion):
-            key = f"{prefix}criterion.{i}.adapter.weight"
-            if key in state_dict and getattr(loss, "adapter", "missing") is None:
-                weight = state_dict[key]
-                has_bias = f"{prefix}criterion.{i}.adapter.bias" in state_dict
-                c_out, c_in = weight.shape[:2]
-                if weight.dim() == 4:
-                    loss.adapter = nn.Conv2d(c_in, c_out, 1, bias=has_bias)
-                else:
-                    loss.adapter = nn.Linear(c_in, c_out, bias=has_bias)
-                loss.adapter.to(weight.device)
+            key = f"{prefix}criterion.{i}.adapter"
+            if f"{key}.weight" in state_dict and getattr(loss, "adapter", "missing") is None:
+                has_bias = f"{key}.bias" in state_dict
+                loss.adapter = adapter_from_saved(state_dict[f"{key}.weight"], has_bias)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

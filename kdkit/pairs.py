@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from kdkit.errors import KDError
 from kdkit.losses._call import as_loss_module, takes_labels
 from kdkit.losses.topk import TopK
 
-__all__ = ["Pair", "PairInfo", "PairTable", "as_pairs", "pair_name", "shape_of"]
+__all__ = ["Pair", "PairInfo", "PairTable", "as_pairs", "describe_pairs", "pair_name", "shape_of"]
 
 Loss = nn.Module | Callable[..., torch.Tensor]
 
@@ -123,3 +124,34 @@ class PairTable(list):
         lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
         lines += [fmt.format(*r) for r in rows]
         return "\n".join(lines)
+
+
+def describe_pairs(
+    run: Any,
+    pairs: Sequence[Pair],
+    labelled: Sequence[bool],
+    pair_loss: Callable[[Pair, bool], Any],
+) -> PairTable:
+    """The table of :meth:`kdkit.Distiller.describe`: each pair's modules, shapes, adapter and
+    loss, from one dry-run forward ``run`` (a :class:`~kdkit.distiller.Forward`).
+    ``pair_loss(pair, with_labels)`` computes the pair's loss once, which creates its lazy
+    adapter so the table can show it."""
+    table = PairTable()
+    for pair, with_labels in zip(pairs, labelled, strict=True):
+        s_out, t_out = run.feature(pair.student), run.teacher.get(pair.teacher)
+        pair_loss(pair, with_labels)
+        summary = getattr(pair.loss, "adapter_summary", None)
+        s_shape, t_shape = shape_of(s_out), shape_of(t_out)
+        adapter = summary(s_shape, t_shape) if callable(summary) else "none"
+        table.append(
+            PairInfo(
+                pair.name,
+                pair.student or "<output>",
+                pair.teacher or "<output>",
+                s_shape,
+                t_shape,
+                adapter,
+                repr(pair.loss).replace("\n", " "),
+            )
+        )
+    return table

@@ -94,8 +94,18 @@ def _adapt(loss: nn.Module, student: torch.Tensor, teacher: torch.Tensor) -> tor
     return _apply_channelwise(loss.adapter, student)
 
 
-def _make_adapter(kind: str, c_in: int, c_out: int) -> nn.Conv2d | nn.Linear:
-    return nn.Conv2d(c_in, c_out, 1) if kind == "conv1x1" else nn.Linear(c_in, c_out)
+def _make_adapter(kind: str, c_in: int, c_out: int, bias: bool = True) -> nn.Conv2d | nn.Linear:
+    if kind == "conv1x1":
+        return nn.Conv2d(c_in, c_out, 1, bias=bias)
+    return nn.Linear(c_in, c_out, bias=bias)
+
+
+def adapter_from_saved(weight: torch.Tensor, has_bias: bool) -> nn.Conv2d | nn.Linear:
+    """The adapter a checkpoint's ``adapter.weight`` was saved from: created lazily at the
+    first forward, a fresh loss has none yet, so loading a state dict builds it first."""
+    c_out, c_in = weight.shape[:2]
+    kind = "conv1x1" if weight.dim() == 4 else "linear"
+    return _make_adapter(kind, c_in, c_out, bias=has_bias).to(weight.device)
 
 
 def _init_adapter(
