@@ -19,7 +19,7 @@ least-squares degree-5 polynomial fitted per token, and (to put it on the same f
 outside its top 128 spread like ours, column by column. Token ids and row offsets, which DistillKit stores
 as uint64 beside the values, are not counted for it.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/bench_lm_cache.py [--rows 128]
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/bench_lm_cache.py [--rows 128] [--bounds]
 """
 
 from __future__ import annotations
@@ -105,6 +105,49 @@ def _distillkit(full: torch.Tensor, prior=None, k=128, exact=16, terms=6) -> tor
     return _kl_tail(full, ids, approx, full.shape[1], prior)
 
 
+def _log2_binom(n: int, k: int) -> float:
+    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
+
+
+def bounds(full: torch.Tensor, dk_bytes: float, dk_kl: float) -> None:
+    """How small any top-k cache of this teacher could be at DistillKit's KL or lower: ids as
+    an unordered set (coded by the uniform binomial bound, by a per-id membership model fitted
+    on these same tokens, or by fixed-width Elias-Fano) plus each id's value as a level index,
+    quantized in sqrt(p) (the KL weighs an error by p, so low-p entries can be coarse) and
+    entropy-coded by its frequency here. In-sample models: these are floors, not a codec."""
+    n, vocab = full.shape
+    print("\nfloors: set + sqrt(p) levels, ideal entropy coding (per id, bits), uniform tail")
+    print(
+        "| k | step in sqrt p | KL | set: binomial / membership / Elias-Fano | level entropy "
+        "| B/token, membership (x DistillKit) | B/token, Elias-Fano (x DistillKit) |"
+    )
+    print("|---:|---:|---:|---|---:|---:|---:|")
+    for k in (128, 160, 192):
+        logp, ids = full.topk(k, -1)
+        member = torch.zeros(n, vocab, dtype=torch.bool).scatter_(1, ids, True)
+        f = member.double().mean(0).clamp(1e-12, 1 - 1e-12)
+        h_member = float(-(f * f.log2() + (1 - f) * (1 - f).log2()).sum()) / k
+        low = int(math.floor(math.log2(vocab / k)))
+        ef = (k * low + k + math.ceil(vocab / 2**low)) / k
+        for step in (0.01, 0.02):
+            q = torch.round(torch.exp(logp / 2) / step).clamp(min=1)
+            hat = 2 * torch.log(q * step)
+            hat[:, 0] = logp[:, 0]  # the top value stored as is (2 bytes)
+            kl = float(_kl_tail(full, ids, hat, vocab).mean())
+            _, counts = torch.unique(q[:, 1:], return_counts=True)
+            pr = counts.double() / counts.sum()
+            h_level = float(-(pr * pr.log2()).sum())
+            fixed = 9  # top value, row index and token ids, as the caches above store them
+            member_b = k * (h_member + h_level) / 8 + fixed
+            ef_b = k * (ef + h_level) / 8 + fixed
+            mark = "" if kl <= dk_kl else " (above DistillKit's KL)"
+            print(
+                f"| {k} | {step} | {kl:.4f}{mark} | {_log2_binom(vocab, k) / k:.2f} / "
+                f"{h_member:.2f} / {ef:.2f} | {h_level:.2f} | {member_b:.0f} "
+                f"({member_b / dk_bytes:.2f}) | {ef_b:.0f} ({ef_b / dk_bytes:.2f}) |"
+            )
+
+
 def engines(cfg, work: Path, rounds: int) -> None:
     """Capture wall time (top-32, q8) with the teacher in eager PyTorch, ONNX Runtime fp32 and
     int8 (gated), interleaved rounds, medians; exports are made before the clock."""
@@ -138,6 +181,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=128)
     ap.add_argument("--engines", type=int, metavar="ROUNDS", help="capture speed per engine")
+    ap.add_argument("--bounds", action="store_true", help="also print the size floors")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from kdkit.lm.cache import TopKCache, capture
@@ -196,6 +240,8 @@ def main() -> None:
             )
         else:
             print(f"{tail} tail: no kdkit setting here reaches DistillKit's KL")
+    if args.bounds:
+        bounds(torch.cat(full), dk_bytes, float(dk_kl[0].mean()))
 
 
 if __name__ == "__main__":

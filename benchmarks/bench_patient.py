@@ -15,6 +15,8 @@ run live teachers on the same views.
 
 Rows (``--rows``): dash-separated tokens, the loss first.
   soft | dkd          Hinton soft targets / decoupled KD (DKD: a1-b8-T4 unless given)
+  sup                 no teacher: the student supervised on every label of the 55k training
+                      images (the row that says whether distillation was worth it)
   T<t>, a<x>, b<x>    temperature, DKD's alpha (target) and beta (non-target) weights
   mix                 mixup (alpha 1) / CutMix (alpha 1), half of the samples each
   feat                + a FitNets pair: student features.2 -> teacher stages.2 (MSE, weight 0.5)
@@ -28,6 +30,15 @@ Rows (``--rows``): dash-separated tokens, the loss first.
     python benchmarks/bench_patient.py --rows soft-T1-e20 soft-T1-mix-e20 --seeds 0 1 2
     python benchmarks/bench_patient.py --table                # reads runs/bench_patient.jsonl
     python benchmarks/bench_patient.py --teachers             # both teachers + ensemble, test
+
+``--teacher FILE`` distills another teacher (a kdkit checkpoint of ``fmnist_teacher``, e.g. the
+strong one of ``bench_teacher_recipe.py``); its caches are kept apart by the file's hash, and
+``--views K`` caches K views (an n-epoch run uses views 0..n-1 of each sample, so K = n
+covers it):
+
+    python benchmarks/bench_patient.py --teacher T.pt --views 20 --precompute plain
+    python benchmarks/bench_patient.py --teacher T.pt --views 20 --rows sup-e20 soft-T1-e20 \
+        dkd-e20 soft-T1-feat-e20 --log runs/bench_patient_strong.jsonl
 
 Single-threaded (``torch.set_num_threads(1)``): run at most one process per core. Results
 are appended as JSON lines to ``--log`` (one per run, so a cut-short study keeps what it
@@ -49,6 +60,7 @@ from pathlib import Path
 import torch
 from torch.optim.lr_scheduler import OneCycleLR
 
+from kdkit._io import sha256_file
 from kdkit.cache import CachedTeacher, precompute
 from kdkit.compat.modelopt import from_config
 from kdkit.data import (
@@ -61,7 +73,8 @@ from kdkit.data import (
     split_labeled,
 )
 from kdkit.data.views import ViewSampler
-from kdkit.demo import DemoConfig, _teacher, fast_teacher
+from kdkit.demo import DemoConfig, RunResult, _teacher, fast_teacher
+from kdkit.distiller import Distiller
 from kdkit.models import fmnist_student
 from kdkit.run.evaluate import evaluate_logits
 from kdkit.teachers import EnsembleTeacher, TorchTeacher
@@ -71,6 +84,7 @@ LOG = Path("runs/bench_patient.jsonl")
 CACHE_ROOT = Path("runs/bench_patient")
 NUM_VIEWS = 60
 VIEW_SEED = 0
+TEACHER_TAG = "demo"  # --teacher: the file's hash, so caches of two teachers never mix
 FEATURE_PAIR = {"student": "features.2", "teacher": "stages.2", "loss": "feature_mse"}
 
 
@@ -88,7 +102,7 @@ def parse_row(row: str) -> dict:
             spec[key] = int(p[1:]) if key == "epochs" else float(p[1:])
         else:
             raise SystemExit(f"unknown row part {p!r} in {row!r}")
-    if spec["loss"] not in ("soft", "dkd"):
+    if spec["loss"] not in ("soft", "dkd", "sup"):
         raise SystemExit(f"unknown loss in {row!r}")
     if spec["temperature"] is None:
         spec["temperature"] = 4.0 if spec["loss"] == "dkd" else 1.0
@@ -110,7 +124,8 @@ def views(mix: bool) -> ViewSampler:
 
 
 def cache_dir(mix: bool) -> Path:
-    return CACHE_ROOT / f"cache-{'mix' if mix else 'plain'}-K{NUM_VIEWS}"
+    tag = "" if TEACHER_TAG == "demo" else f"{TEACHER_TAG}-"
+    return CACHE_ROOT / f"cache-{tag}{'mix' if mix else 'plain'}-K{NUM_VIEWS}"
 
 
 def build_cache(mix: bool, full_train, train, teacher) -> Path:
@@ -157,16 +172,20 @@ def run(row: str, seed: int, cfg: DemoConfig, data: dict, teachers: dict) -> dic
     labeled, unlabeled = split_labeled(data["train"], cfg.n_labeled, seed=seed)
     torch.manual_seed(seed)
     model = fmnist_student()
-    balancer = {"student_weight": 0.5, "distill_weight": 0.5, "warmup_epochs": spec["warmup"]}
-    distiller = from_config(  # the YAML-shaped dict, as kdkit train gives it
-        model,
-        {
-            "teacher_model": make_teacher(spec, teachers),
-            "criterion": criterion(spec),
-            "loss_balancer": balancer,
-        },
-    )
-    loader = FastLoader(concat(labeled, unlabeled), cfg.batch_size, shuffle=True, seed=seed)
+    if spec["loss"] == "sup":  # every label, no teacher: the same loop, views and schedule
+        distiller, train_set = Distiller(model, None, None), data["train"]
+    else:
+        balancer = {"student_weight": 0.5, "distill_weight": 0.5, "warmup_epochs": spec["warmup"]}
+        distiller = from_config(  # the YAML-shaped dict, as kdkit train gives it
+            model,
+            {
+                "teacher_model": make_teacher(spec, teachers),
+                "criterion": criterion(spec),
+                "loss_balancer": balancer,
+            },
+        )
+        train_set = concat(labeled, unlabeled)
+    loader = FastLoader(train_set, cfg.batch_size, shuffle=True, seed=seed)
     steps = spec["epochs"] * len(loader)
     okwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     trainer = Trainer(
@@ -235,7 +254,18 @@ def teacher_accuracies(teachers: dict, test) -> dict[str, float]:
     return top1
 
 
+def load_teacher(path: Path) -> RunResult:
+    """A saved ``fmnist_teacher`` checkpoint (``bench_teacher_recipe.py`` writes them)."""
+    from kdkit import load_model
+    from kdkit.train.checkpoint import load_checkpoint
+
+    model, _ = load_model(str(path))
+    top1 = float(load_checkpoint(path).get("test_top1", float("nan")))
+    return RunResult("teacher", str(path), model.eval(), top1, [], 0.0)
+
+
 def main() -> None:
+    global NUM_VIEWS, TEACHER_TAG  # --views / --teacher: read by views() and cache_dir()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rows", nargs="+", default=["soft-T1-e2", "soft-T1-mix-e2"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -243,7 +273,10 @@ def main() -> None:
     p.add_argument("--log", type=Path, default=LOG)
     p.add_argument("--table", action="store_true", help="print the table of --log and exit")
     p.add_argument("--teachers", action="store_true", help="print the teachers' test top-1")
+    p.add_argument("--teacher", type=Path, help="distill this fmnist_teacher checkpoint")
+    p.add_argument("--views", type=int, default=NUM_VIEWS, help="views per sample in the cache")
     args = p.parse_args()
+    NUM_VIEWS = args.views
     if args.table:
         print(table(args.log))
         return
@@ -252,7 +285,11 @@ def main() -> None:
     cfg = DemoConfig(progress=False)
     full_train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
     train, val = holdout(full_train, 5000, seed=123)
-    teachers = {"demo": _teacher(cfg, full_train, test)}  # the demo's (all 60k labels)
+    if args.teacher:
+        teachers = {"demo": load_teacher(args.teacher)}
+        TEACHER_TAG = sha256_file(args.teacher)[:12]
+    else:
+        teachers = {"demo": _teacher(cfg, full_train, test)}  # the demo's (all 60k labels)
     if args.precompute:
         live = fast_teacher(teachers["demo"].model, cfg)
         start = time.perf_counter()

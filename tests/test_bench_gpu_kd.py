@@ -1,28 +1,19 @@
 """benchmarks/bench_gpu_kd.py --device cpu --small: every row's code path runs, so the GPU
 benchmark cannot rot in CI (in-process: no second torch import)."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _scripts import benchmark_module
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu_kd.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(SCRIPT.parent))  # as `python benchmarks/bench_gpu_kd.py` has it
-    spec = importlib.util.spec_from_file_location("bench_gpu_kd", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    for name in (spec.name, "_harness", "_synthetic"):
-        sys.modules.pop(name, None)
-    sys.path.remove(str(SCRIPT.parent))
+    yield from benchmark_module("bench_gpu_kd", ("_harness", "_synthetic"))
 
 
 def test_small_mode_runs_every_row(bench, tmp_path, one_thread):

@@ -1,13 +1,12 @@
 """benchmarks/bench_patient.py on a tiny synthetic Fashion-MNIST: every kind of row (cached,
 mixed, DKD, feature pair, two-teacher ensemble) runs, so the study cannot rot in CI."""
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from _scripts import benchmark_module
 
 from kdkit.data import holdout
 from kdkit.data.arrays import ArrayDataset
@@ -19,12 +18,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_patient.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_patient", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from benchmark_module("bench_patient")
 
 
 def test_rows_parse_into_their_recipe(bench):
@@ -56,8 +50,28 @@ def test_every_kind_of_row_trains_on_a_tiny_dataset(bench, tmp_path, monkeypatch
         bench.build_cache(mix, full, train, teachers["demo"].model)
     cfg = DemoConfig(n_labeled=20, batch_size=32, progress=False)
     data = {"train": train, "val": val, "test": val}
-    for row in ("soft-T1-e1", "soft-mix-e1", "dkd-b2-w1-e1", "soft-feat-e1", "soft-ens-e1"):
+    rows = ("soft-T1-e1", "soft-mix-e1", "dkd-b2-w1-e1", "soft-feat-e1", "soft-ens-e1", "sup-e1")
+    for row in rows:
         r = bench.run(row, 0, cfg, data, teachers)
         assert len(r["top1"]) == 1 and 0 <= r["test_top1"] <= 100, row
     top1 = bench.teacher_accuracies(teachers, val)
     assert set(top1) == {"demo", "seed1", "ensemble"}
+
+
+def test_another_teachers_caches_are_kept_apart(bench, tmp_path, monkeypatch):
+    """``--teacher FILE`` tags its caches with the file's hash: a cache of the demo teacher is
+    never replayed as the strong one's; the saved checkpoint loads with its test top-1."""
+    from kdkit.demo import TEACHER_SPEC, _spec_state
+    from kdkit.train.checkpoint import save_checkpoint
+
+    monkeypatch.setattr(bench, "CACHE_ROOT", tmp_path)
+    demo_dir = bench.cache_dir(False)
+    monkeypatch.setattr(bench, "TEACHER_TAG", "0123456789ab")
+    assert bench.cache_dir(False) != demo_dir and "0123456789ab" in bench.cache_dir(False).name
+    path = tmp_path / "teacher.pt"
+    model = fmnist_teacher()
+    save_checkpoint(path, _spec_state(model, TEACHER_SPEC, role="teacher", test_top1=93.1))
+    t = bench.load_teacher(path)
+    assert t.test_top1 == 93.1 and not t.model.training
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(t.model(x), model.eval()(x))

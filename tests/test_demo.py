@@ -37,6 +37,9 @@ def test_demo_writes_report_and_reuses_cached_teacher(small_fmnist, tmp_path):
     text = report.read_text()
     for row in ("teacher", "student, scratch", "student, KD", "100 labels + 1,400 unlabeled"):
         assert row in text
+    # the honest upper row: the same student on every label, as many epochs as KD
+    assert "| student, supervised | 1,500 labels |" in text
+    assert "supervised on all 1,500 labels for as many epochs scores" in text
     assert "fewer parameters" in text and "kdkit export" in text
     assert kdkit.load_student(tmp_path / "out" / "student.pt")[0].__class__.__name__ == "SmallCNN"
     assert (tmp_path / "out" / "accuracy.png").stat().st_size > 1000

@@ -58,7 +58,10 @@ def load_session(
 ) -> Any:
     """An ``InferenceSession`` for ``path``; a file that does not load raises :class:`KDError`.
 
-    ``threads``: ONNX Runtime's intra-op threads (default: one per physical core).
+    ``threads``: ONNX Runtime's intra-op threads; by default as many as PyTorch's
+    (``torch.get_num_threads()``): the teacher alternates with the student's PyTorch step, so
+    both share the thread budget the user gave (``OMP_NUM_THREADS=1`` means one core for
+    both, not one for PyTorch and every core for ONNX Runtime, its own default).
     """
     path = Path(path)
     if not path.is_file():
@@ -68,8 +71,7 @@ def load_session(
     # ORT's worker threads spin for a while after each run by default; a teacher alternates
     # with the student's PyTorch step, whose threads would then find the cores taken.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = threads
+    options.intra_op_num_threads = int(threads or torch.get_num_threads())
     try:
         return ort.InferenceSession(str(path), options, providers=list(providers))
     except Exception as err:  # onnxruntime raises its own exception types
@@ -86,7 +88,7 @@ class OnnxTeacher(Teacher):
     ``path_or_model``: an ``.onnx`` path, or an ``nn.Module`` that is exported (with
     :func:`kdkit.export_onnx`, dynamic batch, verified) to a temporary file; a module needs
     ``input_shape=(C, H, W)``. ``providers`` default to CUDA then CPU where available;
-    ``threads`` sets ONNX Runtime's intra-op threads on CPU (default: one per core).
+    ``threads`` sets ONNX Runtime's intra-op threads on CPU (default: PyTorch's count).
     Logits come back as float32 on the input's device. Only final outputs are available:
     :meth:`request_features` refuses intermediate layer names.
 

@@ -1,0 +1,352 @@
+"""kdkit's defaults against the peers and against the student's own ceiling (issue 25).
+
+One process, one thread count (``--threads``; run it once per count: OpenMP and ONNX Runtime
+take their thread count once per process), the demo's trained teacher and student, batch 128,
+the same raw batches for every row (drawn once from ``configs/fmnist_kd.yaml``'s loader: 1k
+labels + 59k unlabeled, label -1), the demo's views (pad-2 crop + flip) applied inside every
+row's timed step by kdkit's batched input pipeline (the peers get it for free: a per-sample
+torchvision pipeline would be slower), rows interleaved over ``--rounds``, medians reported.
+
+Rows (``id``):
+  tutorial       the PyTorch KD tutorial's loop: eager fp32 teacher under no_grad, KL(T=1)*T^2
+                 and cross-entropy at weight 0.5 each, AdamW (the demo's lr / decay)
+  modelopt       NVIDIA ModelOpt ``mtd.convert`` + ``LogitsDistillationLoss`` +
+                 ``StaticLossBalancer(0.5)``, ``compute_kd_loss`` (pip install
+                 nvidia-modelopt; skipped when it does not import)
+  timm           timm's ``LogitDistillationTask`` (task_loss_weight 0.5)
+  kdkit-default  ``kdkit train configs/fmnist_kd.yaml`` with no speed keys: its Trainer from
+                 ``kdkit.run.job.build_run``, ``teacher.backend: auto`` and
+                 ``train.channels_last: auto`` chosen on the first batch, every round anew
+  kdkit-int8-cl  the same config with the fast choices spelled out: ``teacher.backend: onnx``,
+                 ``teacher.precision: int8``, ``train.channels_last: true``
+  kdkit-cached   kdkit's Trainer on a ``kdkit.cache`` of one view per image (``teacher.model:
+                 cache:DIR``, ``data.views.num_views: 1``): kdkit's machinery with the
+                 teacher's logits read from memory, so ceiling - cached = kdkit's overhead
+                 and cached - default = the live teacher's inference
+  ceiling        the student's own step with the teacher's logits already in memory (the
+                 same views, loss and optimizer; no teacher), in the memory format
+                 kdkit-default chose in that round: what no KD tool can beat
+
+    python benchmarks/bench_defaults.py --threads 1 --json runs/bench_defaults-t1.json
+    python benchmarks/bench_defaults.py --threads 2 --json runs/bench_defaults-t2.json
+    python benchmarks/bench_defaults.py --table runs/bench_defaults-t1.json runs/bench_defaults-t2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import itertools
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fmnist_kd.yaml"
+T, ALPHA, LR, WD = 1.0, 0.5, 3e-3, 5e-4
+ROWS = ("tutorial", "modelopt", "timm", "kdkit-default", "kdkit-int8-cl", "kdkit-cached", "ceiling")
+
+
+def say(msg: str) -> None:
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"[{time.strftime('%H:%M:%S')} load {load}] {msg}", flush=True)
+
+
+class Skip(Exception):
+    """A row this machine cannot run (a peer not installed)."""
+
+
+def kd_loss(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The tutorial's loss: KL at temperature T (x T^2) + cross-entropy on the labeled rows."""
+    soft = F.kl_div(
+        F.log_softmax(s / T, 1), F.log_softmax(t / T, 1), reduction="batchmean", log_target=True
+    )
+    ce = F.cross_entropy(s, y, ignore_index=-1) if bool((y >= 0).any()) else s.sum() * 0
+    return ALPHA * soft * T * T + (1 - ALPHA) * ce
+
+
+class Bench:
+    """The teacher, the student's initial weights, the batches and the peers' input."""
+
+    def __init__(self, teacher_path: str, n_batches: int) -> None:
+        from kdkit import load_model
+        from kdkit.config import load_resolved
+        from kdkit.data.pipeline import InputPipeline
+        from kdkit.run.job import build_run
+
+        self.teacher_path = str(Path(teacher_path).resolve())
+        self.tmp = Path(tempfile.mkdtemp(prefix="kdkit-bench-defaults-"))
+        self.load_resolved, self.build_run = load_resolved, build_run
+        trainer, _, _ = self.kdkit_run({"teacher.backend": "torch", "train.channels_last": "false"})
+        self.batches = list(itertools.islice(iter(trainer.train_loader), n_batches))
+        self.student0 = copy.deepcopy(trainer.task.student).cpu()
+        self.teacher = load_model(self.teacher_path)[0].eval()
+        p = trainer.inputs
+        self.plain = InputPipeline(p.sampler, p.mean, p.std)  # the peers' input: contiguous
+        self.default_choices: list[str] = []
+        self.cache: Path | None = None
+
+    def kdkit_run(self, sets: dict[str, str]):
+        overrides = [f"teacher.model={self.teacher_path}", "train.progress=false"]
+        overrides += [f"{k}={v}" for k, v in sets.items()]
+        run_dir = tempfile.mkdtemp(dir=self.tmp)
+        cfg = self.load_resolved(CONFIG, overrides, run_dir=run_dir)
+        return self.build_run(cfg)
+
+    def student(self) -> nn.Module:
+        return copy.deepcopy(self.student0)
+
+    def inputs(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.plain(batch, 0)
+        return m.x, m.labels
+
+    # -- the rows: each returns a step over one raw batch -------------------------------
+    def tutorial(self) -> Callable:
+        student, teacher = self.student(), self.teacher
+        opt = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=WD)
+
+        def step(batch) -> None:
+            x, y = self.inputs(batch)
+            with torch.no_grad():
+                t = teacher(x)
+            loss = kd_loss(student(x), t, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        return step
+
+    def modelopt(self) -> Callable:
+        try:
+            with contextlib.redirect_stderr(None):
+                import modelopt.torch.distill as mtd
+        except Exception as err:  # noqa: BLE001 - any import failure skips the peer
+            raise Skip(f"modelopt does not import ({err})") from None
+        config = {
+            "teacher_model": copy.deepcopy(self.teacher),
+            "criterion": mtd.LogitsDistillationLoss(temperature=T),
+            "loss_balancer": mtd.StaticLossBalancer(kd_loss_weight=ALPHA),
+        }
+        model = mtd.convert(self.student(), mode=[("kd_loss", config)])
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
+
+        def step(batch) -> None:
+            x, y = self.inputs(batch)
+            out = model(x)
+            ce = F.cross_entropy(out, y, ignore_index=-1) if bool((y >= 0).any()) else out.sum() * 0
+            loss = model.compute_kd_loss(student_loss=ce)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        return step
+
+    def timm(self) -> Callable:
+        try:
+            from timm.task import LogitDistillationTask
+        except ImportError as err:
+            raise Skip(f"timm does not import ({err})") from None
+        from bench_gpu_kd import TimmStudent
+
+        task = LogitDistillationTask(
+            TimmStudent(self.student(), 10),
+            copy.deepcopy(self.teacher),
+            criterion=nn.CrossEntropyLoss(ignore_index=-1),
+            temperature=T,
+            task_loss_weight=1 - ALPHA,
+            device=torch.device("cpu"),
+            verbose=False,
+        )
+        opt = torch.optim.AdamW(task.trainable_module.parameters(), lr=LR, weight_decay=WD)
+
+        def step(batch) -> None:
+            x, y = self.inputs(batch)
+            out = task(x, y)
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+
+        return step
+
+    def kdkit(self, sets: dict[str, str], record: bool) -> Callable:
+        start = time.perf_counter()
+        trainer, _, choices = self.kdkit_run(sets)
+        if record:
+            self.cl = bool(trainer.inputs.channels_last)
+            self.default_choices.append(
+                "; ".join(c.line() for c in choices)
+                + f" [build {time.perf_counter() - start:.1f} s]"
+            )
+        return trainer.train_step
+
+    def kdkit_cached(self) -> Callable:
+        one_view = {"data.views.num_views": "1"}
+        if self.cache is None:  # once: the teacher over the train split, one view each
+            from kdkit.cache import precompute
+
+            trainer, _, _ = self.kdkit_run(
+                {"teacher.backend": "onnx", "train.channels_last": "false", **one_view}
+            )
+            p = trainer.inputs
+            self.cache = precompute(
+                trainer.task.teacher,
+                trainer.train_loader.dataset,
+                self.tmp / "cache",
+                views=p.sampler,
+                batch_size=1000,
+                dtype="fp32",
+                mean=p.mean,
+                std=p.std,
+                device="cpu",
+                progress=False,
+            )
+        return self.kdkit({"teacher.model": f"cache:{self.cache}", **one_view}, record=False)
+
+    def ceiling(self) -> Callable:
+        """The student's step alone: the teacher's logits for exactly these views, computed
+        before the clock (the pipeline's views depend on the batch's indices and the epoch)."""
+        from kdkit.data.pipeline import InputPipeline
+
+        p = self.plain
+        pipe = InputPipeline(p.sampler, p.mean, p.std, channels_last=self.cl)
+        with torch.no_grad():
+            logits = {id(b): self.teacher(self.plain(b, 0).x) for b in self.batches}
+        student = self.student().to(
+            memory_format=torch.channels_last if self.cl else torch.contiguous_format
+        )
+        opt = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=WD)
+
+        def step(batch) -> None:
+            m = pipe(batch, 0)
+            loss = kd_loss(student(m.x), logits[id(batch)], m.labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        return step
+
+
+def timed(step: Callable, batches: list, warmup: int) -> float:
+    for b in batches[:warmup]:
+        step(b)
+    n = sum(len(b[0]) if isinstance(b, (tuple, list)) else len(b) for b in batches[warmup:])
+    start = time.perf_counter()
+    for b in batches[warmup:]:
+        step(b)
+    return n / (time.perf_counter() - start)
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    bench = Bench(args.teacher, args.warmup + args.steps)
+    makers = {
+        "tutorial": bench.tutorial,
+        "modelopt": bench.modelopt,
+        "timm": bench.timm,
+        "kdkit-default": lambda: bench.kdkit({}, record=True),
+        "kdkit-int8-cl": lambda: bench.kdkit(
+            {"teacher.backend": "onnx", "teacher.precision": "int8", "train.channels_last": "true"},
+            record=False,
+        ),
+        "kdkit-cached": bench.kdkit_cached,
+        "ceiling": bench.ceiling,  # after kdkit-default: its memory format
+    }
+    rates: dict[str, list[float]] = {r: [] for r in makers}
+    skipped: dict[str, str] = {}
+    loads = []
+    for r in range(args.rounds):
+        for name, make in makers.items():
+            if name in skipped:
+                continue
+            try:
+                step = make()
+            except Skip as err:
+                skipped[name] = str(err)
+                say(f"{name}: skipped ({err})")
+                continue
+            rates[name].append(timed(step, bench.batches, args.warmup))
+        loads.append(os.getloadavg()[0])
+        say(
+            f"threads={args.threads} round {r}: "
+            + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items() if v)
+        )
+    return {
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "batch": len(bench.batches[0][0]),
+        "rates": rates,
+        "skipped": skipped,
+        "default_choices": bench.default_choices,
+        "load_1min": loads,
+        "cpu": cpu_name(),
+        "torch": torch.__version__,
+    }
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def markdown(results: list[dict]) -> str:
+    lines = [
+        "| threads | row | img/s (median) | x tutorial | % of ceiling | per round |",
+        "|---:|---|---:|---:|---:|---|",
+    ]
+    for res in results:
+        med = {k: statistics.median(v) for k, v in res["rates"].items() if v}
+        base, ceil = med["tutorial"], med.get("ceiling")
+        for name in ROWS:
+            if name in res["skipped"]:
+                lines.append(
+                    f"| {res['threads']} | {name} | skipped: {res['skipped'][name]} | | | |"
+                )
+                continue
+            if name not in med:
+                continue
+            pct = f"{100 * med[name] / ceil:.0f}%" if ceil else ""
+            rounds = " / ".join(f"{v:,.0f}" for v in res["rates"][name])
+            lines.append(
+                f"| {res['threads']} | {name} | {med[name]:,.0f} | {med[name] / base:.2f}x "
+                f"| {pct} | {rounds} |"
+            )
+    for res in results:
+        lines.append(f"\n{res['threads']} thread(s), load {res['load_1min']}, {res['cpu']}:")
+        lines += [f"- {c}" for c in res["default_choices"]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--teacher", default="runs/demo/teacher.pt", help="from `kdkit demo`")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=40, help="timed steps per row and round")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--table", type=Path, nargs="+", help="print the table of saved --json files")
+    args = p.parse_args()
+    if args.table:
+        print(markdown([json.loads(f.read_text()) for f in args.table]))
+        return
+    res = run(args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=1))
+    print(markdown([res]))
+
+
+if __name__ == "__main__":
+    main()

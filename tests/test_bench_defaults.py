@@ -1,0 +1,43 @@
+"""benchmarks/bench_defaults.py runs every row on the real Fashion-MNIST config with a
+randomly initialised demo teacher (one round, one step each), so the issue-25 table cannot rot;
+timing is never asserted here."""
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+from _scripts import benchmark_module
+
+import kdkit.data
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_defaults.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    yield from benchmark_module("bench_defaults", ("bench_gpu_kd", "_harness", "_synthetic"))
+
+
+def test_every_row_runs_and_the_table_renders(bench, tmp_path, monkeypatch, one_thread):
+    from kdkit.demo import TEACHER_SPEC, _spec_state
+    from kdkit.models import fmnist_teacher
+    from kdkit.train.checkpoint import save_checkpoint
+
+    try:
+        train = kdkit.data.load_fashion_mnist("train")
+    except kdkit.KDError as err:
+        pytest.skip(f"Fashion-MNIST not installed: {err}")
+    small = train.subset(torch.arange(2000))  # the config's 1k labels fit; the cache is quick
+    monkeypatch.setattr(kdkit.data, "load_fashion_mnist", lambda split="train", **kw: small)
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.pt"
+    save_checkpoint(teacher, _spec_state(fmnist_teacher(), TEACHER_SPEC, role="teacher"))
+    args = argparse.Namespace(threads=1, teacher=str(teacher), rounds=1, warmup=1, steps=1)
+    res = bench.run(args)
+    ran = {k for k, v in res["rates"].items() if v}
+    assert ran | set(res["skipped"]) == set(bench.ROWS)
+    assert {"tutorial", "kdkit-default", "kdkit-cached", "ceiling"} <= ran
+    assert all(r > 0 for v in res["rates"].values() for r in v)
+    table = bench.markdown([res])
+    assert "| 1 | tutorial |" in table and "1.00x" in table and "100%" in table
