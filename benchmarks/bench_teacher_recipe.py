@@ -154,6 +154,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
     args.log.parent.mkdir(parents=True, exist_ok=True)
     for recipe in args.recipes:
+        done = args.out / f"{recipe}-s{args.seed}" / "teacher.pt"
+        if done.exists():  # trained once, like the demo's cached teacher: never again
+            print(f"{recipe}: already trained, {done} (see --table)", flush=True)
+            continue
         r = train(recipe, args.seed, args.out)
         r["load"] = os.getloadavg()[0]
         with args.log.open("a") as f:
