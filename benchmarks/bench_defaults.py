@@ -64,13 +64,17 @@ class Skip(Exception):
     """A row this machine cannot run (a peer not installed)."""
 
 
+def labeled_ce(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on the labeled rows (label -1: unlabeled); 0 for a batch without any."""
+    return F.cross_entropy(s, y, ignore_index=-1) if bool((y >= 0).any()) else s.sum() * 0
+
+
 def kd_loss(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The tutorial's loss: KL at temperature T (x T^2) + cross-entropy on the labeled rows."""
     soft = F.kl_div(
         F.log_softmax(s / T, 1), F.log_softmax(t / T, 1), reduction="batchmean", log_target=True
     )
-    ce = F.cross_entropy(s, y, ignore_index=-1) if bool((y >= 0).any()) else s.sum() * 0
-    return ALPHA * soft * T * T + (1 - ALPHA) * ce
+    return ALPHA * soft * T * T + (1 - ALPHA) * labeled_ce(s, y)
 
 
 class Bench:
@@ -78,28 +82,29 @@ class Bench:
 
     def __init__(self, teacher_path: str, n_batches: int) -> None:
         from kdkit import load_model
-        from kdkit.config import load_resolved
         from kdkit.data.pipeline import InputPipeline
-        from kdkit.run.job import build_run
 
         self.teacher_path = str(Path(teacher_path).resolve())
         self.tmp = Path(tempfile.mkdtemp(prefix="kdkit-bench-defaults-"))
-        self.load_resolved, self.build_run = load_resolved, build_run
         trainer, _, _ = self.kdkit_run({"teacher.backend": "torch", "train.channels_last": "false"})
         self.batches = list(itertools.islice(iter(trainer.train_loader), n_batches))
         self.student0 = copy.deepcopy(trainer.task.student).cpu()
         self.teacher = load_model(self.teacher_path)[0].eval()
         p = trainer.inputs
         self.plain = InputPipeline(p.sampler, p.mean, p.std)  # the peers' input: contiguous
+        with torch.no_grad():  # the ceiling's logits: the teacher on exactly these views, once
+            self.logits = {id(b): self.teacher(self.plain(b, 0).x) for b in self.batches}
         self.default_choices: list[str] = []
         self.cache: Path | None = None
 
     def kdkit_run(self, sets: dict[str, str]):
+        from kdkit.config import load_resolved
+        from kdkit.run.job import build_run
+
         overrides = [f"teacher.model={self.teacher_path}", "train.progress=false"]
         overrides += [f"{k}={v}" for k, v in sets.items()]
         run_dir = tempfile.mkdtemp(dir=self.tmp)
-        cfg = self.load_resolved(CONFIG, overrides, run_dir=run_dir)
-        return self.build_run(cfg)
+        return build_run(load_resolved(CONFIG, overrides, run_dir=run_dir))
 
     def student(self) -> nn.Module:
         return copy.deepcopy(self.student0)
@@ -141,8 +146,7 @@ class Bench:
         def step(batch) -> None:
             x, y = self.inputs(batch)
             out = model(x)
-            ce = F.cross_entropy(out, y, ignore_index=-1) if bool((y >= 0).any()) else out.sum() * 0
-            loss = model.compute_kd_loss(student_loss=ce)
+            loss = model.compute_kd_loss(student_loss=labeled_ce(out, y))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -211,14 +215,13 @@ class Bench:
         return self.kdkit({"teacher.model": f"cache:{self.cache}", **one_view}, record=False)
 
     def ceiling(self) -> Callable:
-        """The student's step alone: the teacher's logits for exactly these views, computed
-        before the clock (the pipeline's views depend on the batch's indices and the epoch)."""
+        """The student's step alone, against the teacher's logits for exactly these views
+        (``self.logits``, computed before any clock: the views depend on the batch's indices
+        and the epoch)."""
         from kdkit.data.pipeline import InputPipeline
 
         p = self.plain
         pipe = InputPipeline(p.sampler, p.mean, p.std, channels_last=self.cl)
-        with torch.no_grad():
-            logits = {id(b): self.teacher(self.plain(b, 0).x) for b in self.batches}
         student = self.student().to(
             memory_format=torch.channels_last if self.cl else torch.contiguous_format
         )
@@ -226,7 +229,7 @@ class Bench:
 
         def step(batch) -> None:
             m = pipe(batch, 0)
-            loss = kd_loss(student(m.x), logits[id(batch)], m.labels)
+            loss = kd_loss(student(m.x), self.logits[id(batch)], m.labels)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -257,10 +257,9 @@ def teacher_accuracies(teachers: dict, test) -> dict[str, float]:
 def load_teacher(path: Path) -> RunResult:
     """A saved ``fmnist_teacher`` checkpoint (``bench_teacher_recipe.py`` writes them)."""
     from kdkit import load_model
-    from kdkit.train.checkpoint import load_checkpoint
 
-    model, _ = load_model(str(path))
-    top1 = float(load_checkpoint(path).get("test_top1", float("nan")))
+    model, meta = load_model(str(path))  # meta: the file's plain values, test_top1 among them
+    top1 = float(meta.get("test_top1", float("nan")))
     return RunResult("teacher", str(path), model.eval(), top1, [], 0.0)
 
 

@@ -118,7 +118,7 @@ def accuracy_table(
         rows[-1] += (
             f" The same student supervised on all {r.data} for as many epochs scores "
             f"{r.test_top1:.2f}% ({best.test_top1 - r.test_top1:+.2f} points for the distilled "
-            "one, which saw 1 label in 60 of them)."
+            "one)."
         )
     return "\n".join(rows)
 

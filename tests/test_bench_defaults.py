@@ -3,15 +3,12 @@ randomly initialised demo teacher (one round, one step each), so the issue-25 ta
 timing is never asserted here."""
 
 import argparse
-from pathlib import Path
 
 import pytest
 import torch
 from _scripts import benchmark_module
 
 import kdkit.data
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_defaults.py"
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,10 @@
 benchmark cannot rot in CI (in-process: no second torch import)."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from _scripts import benchmark_module
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu_kd.py"
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """benchmarks/bench_patient.py on a tiny synthetic Fashion-MNIST: every kind of row (cached,
 mixed, DKD, feature pair, two-teacher ensemble) runs, so the study cannot rot in CI."""
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,8 +11,6 @@ from kdkit.data import holdout
 from kdkit.data.arrays import ArrayDataset
 from kdkit.demo import DemoConfig
 from kdkit.models import fmnist_teacher
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_patient.py"
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,12 @@
 synthetic split into a teacher checkpoint that ``kdkit.load_model`` reads back."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from _scripts import benchmark_module
 
 from kdkit.data.arrays import ArrayDataset
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_teacher_recipe.py"
 
 
 @pytest.fixture(scope="module")
