@@ -19,6 +19,8 @@ Rows (``--rows``): dash-separated tokens, the loss first.
                       images (the row that says whether distillation was worth it)
   T<t>, a<x>, b<x>    temperature, DKD's alpha (target) and beta (non-target) weights
   mix                 mixup (alpha 1) / CutMix (alpha 1), half of the samples each
+  all                 the teacher plus every label of the 55k training images (does the
+                      teacher still add anything when labels are plentiful?)
   feat                + a FitNets pair: student features.2 -> teacher stages.2 (MSE, weight 0.5)
   ens                 teacher = mean probabilities of the demo teacher and a second one
                       (same recipe, seed 1; trained once and cached like the demo's)
@@ -91,11 +93,12 @@ FEATURE_PAIR = {"student": "features.2", "teacher": "stages.2", "loss": "feature
 def parse_row(row: str) -> dict:
     """``soft-T1-mix-e20`` -> soft targets, T 1, mixing on, 20 epochs (see module doc)."""
     parts = row.split("-")
-    spec = {"loss": parts[0], "mix": False, "feat": False, "ens": False, "epochs": 2}
+    spec = {"loss": parts[0], "mix": False, "feat": False, "ens": False, "all": False}
+    spec["epochs"] = 2
     spec.update(warmup=0.0, temperature=None, alpha=1.0, beta=8.0)
     numbers = {"T": "temperature", "a": "alpha", "b": "beta", "w": "warmup", "e": "epochs"}
     for p in parts[1:]:
-        if p in ("mix", "feat", "ens"):
+        if p in ("mix", "feat", "ens", "all"):
             spec[p] = True
         elif p[:1] in numbers and p[1:].replace(".", "", 1).isdigit():
             key = numbers[p[0]]
@@ -184,7 +187,7 @@ def run(row: str, seed: int, cfg: DemoConfig, data: dict, teachers: dict) -> dic
                 "loss_balancer": balancer,
             },
         )
-        train_set = concat(labeled, unlabeled)
+        train_set = data["train"] if spec["all"] else concat(labeled, unlabeled)
     loader = FastLoader(train_set, cfg.batch_size, shuffle=True, seed=seed)
     steps = spec["epochs"] * len(loader)
     okwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
@@ -305,7 +308,9 @@ def main() -> None:
     for row in args.rows:
         for seed in args.seeds:
             r = run(row, seed, cfg, data, teachers)
-            r.update(load=os.getloadavg()[0], teacher_test_top1=teachers["demo"].test_top1)
+            sup = parse_row(row)["loss"] == "sup"  # no teacher in the run: record none
+            teacher_top1 = None if sup else teachers["demo"].test_top1
+            r.update(load=os.getloadavg()[0], teacher_test_top1=teacher_top1)
             with args.log.open("a") as f:
                 f.write(json.dumps(r) + "\n")
             print(json.dumps(r), flush=True)

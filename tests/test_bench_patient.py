@@ -20,9 +20,10 @@ def bench():
 
 def test_rows_parse_into_their_recipe(bench):
     assert bench.parse_row("soft-T2-mix-e20") == {
-        "loss": "soft", "mix": True, "feat": False, "ens": False, "epochs": 20,
+        "loss": "soft", "mix": True, "feat": False, "ens": False, "all": False, "epochs": 20,
         "warmup": 0.0, "temperature": 2.0, "alpha": 1.0, "beta": 8.0,
     }  # fmt: skip
+    assert bench.parse_row("soft-all-e60")["all"]  # the teacher plus every label
     dkd = bench.parse_row("dkd-a0.5-b2-w1-e4")
     assert (dkd["temperature"], dkd["alpha"], dkd["beta"], dkd["warmup"]) == (4.0, 0.5, 2.0, 1.0)
     assert [p["loss"] for p in bench.criterion(bench.parse_row("soft-feat"))] == [
@@ -48,7 +49,7 @@ def test_every_kind_of_row_trains_on_a_tiny_dataset(bench, tmp_path, monkeypatch
     cfg = DemoConfig(n_labeled=20, batch_size=32, progress=False)
     data = {"train": train, "val": val, "test": val}
     rows = ("soft-T1-e1", "soft-mix-e1", "dkd-b2-w1-e1", "soft-feat-e1", "soft-ens-e1", "sup-e1")
-    for row in rows:
+    for row in (*rows, "soft-all-e1"):
         r = bench.run(row, 0, cfg, data, teachers)
         assert len(r["top1"]) == 1 and 0 <= r["test_top1"] <= 100, row
     top1 = bench.teacher_accuracies(teachers, val)
