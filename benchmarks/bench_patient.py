@@ -94,8 +94,7 @@ def parse_row(row: str) -> dict:
     """``soft-T1-mix-e20`` -> soft targets, T 1, mixing on, 20 epochs (see module doc)."""
     parts = row.split("-")
     spec = {"loss": parts[0], "mix": False, "feat": False, "ens": False, "all": False}
-    spec["epochs"] = 2
-    spec.update(warmup=0.0, temperature=None, alpha=1.0, beta=8.0)
+    spec.update(epochs=2, warmup=0.0, temperature=None, alpha=1.0, beta=8.0)
     numbers = {"T": "temperature", "a": "alpha", "b": "beta", "w": "warmup", "e": "epochs"}
     for p in parts[1:]:
         if p in ("mix", "feat", "ens", "all"):
@@ -217,6 +216,8 @@ def run(row: str, seed: int, cfg: DemoConfig, data: dict, teachers: dict) -> dic
         "top1": [h["val_top1"] for h in history],
         "test_top1": test["top1"],
         "time_s": elapsed,
+        # a sup row has no teacher, so it records none
+        "teacher_test_top1": None if spec["loss"] == "sup" else teachers["demo"].test_top1,
     }
 
 
@@ -308,9 +309,7 @@ def main() -> None:
     for row in args.rows:
         for seed in args.seeds:
             r = run(row, seed, cfg, data, teachers)
-            sup = parse_row(row)["loss"] == "sup"  # no teacher in the run: record none
-            teacher_top1 = None if sup else teachers["demo"].test_top1
-            r.update(load=os.getloadavg()[0], teacher_test_top1=teacher_top1)
+            r.update(load=os.getloadavg()[0])
             with args.log.open("a") as f:
                 f.write(json.dumps(r) + "\n")
             print(json.dumps(r), flush=True)
