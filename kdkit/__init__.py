@@ -85,7 +85,9 @@ def __getattr__(name: str) -> Any:
         return value
     if name in _MOVED:
         module, attr, new = _MOVED[name]
-        warnings.warn(f"kdkit.{name} moved: use {new}", DeprecationWarning, stacklevel=2)
+        from kdkit.errors import KDDeprecationWarning
+
+        warnings.warn(f"kdkit.{name} moved: use {new}", KDDeprecationWarning, stacklevel=2)
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'kdkit' has no attribute {name!r}")
 

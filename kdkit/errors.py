@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["KDError", "closest_names"]
+__all__ = ["KDError", "KDDeprecationWarning", "closest_names"]
 
 
 class KDError(ValueError):
@@ -26,6 +26,15 @@ class KDError(ValueError):
         if len(args) == 1 and isinstance(args[0], str):
             args = (_original_message(args[0]),)
         super().__init__(*args)
+
+
+class KDDeprecationWarning(DeprecationWarning):
+    """An older kdkit name or keyword, still working for one release.
+
+    A class of its own so the test suite can make kdkit's deprecations errors wherever they
+    are raised (``filterwarnings = ["error::kdkit.errors.KDDeprecationWarning"]``) while other
+    packages' DeprecationWarnings stay warnings.
+    """
 
 
 def _original_message(message: str) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 from kdkit._io import atomic_path, atomic_write_text
 from kdkit.bench import bench_model
+from kdkit.errors import KDDeprecationWarning
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def accuracy_table(
         warnings.warn(
             "accuracy_table() without speeds= measures the models itself; pass "
             "speeds=measure_speeds(results, input_shape)",
-            DeprecationWarning,
+            KDDeprecationWarning,
             stacklevel=2,
         )
         speeds = measure_speeds(results, input_shape, rounds=1)

@@ -24,7 +24,7 @@ from torch import nn
 
 from kdkit._compile import compile_static
 from kdkit.config import OptimizerConfig, RunConfig, SchedulerConfig, TrainConfig
-from kdkit.errors import KDError, closest_names
+from kdkit.errors import KDDeprecationWarning, KDError, closest_names
 from kdkit.train.early_stopping import EarlyStopping
 from kdkit.train.resume import RUN_INFO_KEYS
 
@@ -299,7 +299,7 @@ def split_trainer_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
             f"Trainer({', '.join(k + '=' for k in older)}...) is the older flat form; pass "
             "inputs=InputPipeline(sampler, mean, std, channels_last=...), run_info={...} and "
             "callbacks=[...] (see kdkit.Trainer)",
-            DeprecationWarning,
+            KDDeprecationWarning,
             stacklevel=3,
         )
     return out
