@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from kdkit._device import check_device
 from kdkit.errors import KDError
 
 __all__ = ["check_device", "check_min", "check_range", "check_shape", "add_trust_code"]
@@ -18,28 +19,6 @@ def add_trust_code(p: Any) -> None:
         help="allow a checkpoint to name python:pkg.module:callable as its model (runs that "
         "code); without it only registered models (kdkit:, torchvision:, timm:, open_clip:) load",
     )
-
-
-def check_device(device: str | None, option: str = "--device") -> str | None:
-    """``None`` or a device string torch understands and this machine has."""
-    if device is None:
-        return None
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise KDError(f"{option}: {device!r} is not a device; use cpu, cuda or cuda:N") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise KDError(f"{option} {device}: no CUDA device is visible here; use {option} cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise KDError(
-                f"{option} {device}: only {torch.cuda.device_count()} CUDA device(s) are visible"
-            )
-    elif parsed.type != "cpu":
-        raise KDError(f"{option}: kdkit runs on cpu or cuda, got {device!r}")
-    return device
 
 
 def check_min(value: float | None, low: float, option: str) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from kdkit._device import check_device
 from kdkit.config.lm_schema import LM_PREFIXES, LMModelConfig, LMRunConfig
 from kdkit.config.schema import (
     MODEL_PREFIXES,
@@ -239,8 +240,6 @@ def _try_optimizer_and_scheduler(t: TrainConfig) -> None:
 def check_train_section(t: TrainConfig) -> None:
     """The ``train:`` section's device, optimizer and scheduler names and args (every task)."""
     import torch
-
-    from kdkit.cli._checks import check_device
 
     check_device(t.device, "config key 'train.device'")
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from kdkit._compile import compile_static
+from kdkit._device import check_device
 from kdkit.config import OptimizerConfig, RunConfig, SchedulerConfig, TrainConfig
 from kdkit.errors import KDDeprecationWarning, KDError, closest_names
 from kdkit.train.early_stopping import EarlyStopping
@@ -108,8 +109,6 @@ class LoopOptions:
             if not ok:
                 raise KDError(f"{name} must be {expected}, got {getattr(self, name)!r}")
         if isinstance(self.device, str):  # torch.device("foo") is a RuntimeError traceback
-            from kdkit.cli._checks import check_device
-
             check_device(self.device, "device")
 
     @classmethod
