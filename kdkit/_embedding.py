@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from kdkit.capture import resolve_module
+from kdkit.metrics import classification_metrics
 from kdkit.pairs import Pair
-from kdkit.train.evaluate import classification_metrics
 
 __all__ = ["output_pair", "best_metric_for", "evaluate_embedding"]
 

@@ -33,14 +33,15 @@ from kdkit.balance import LossBalancer
 from kdkit.capture import Capture, resolve_module, unwrap
 from kdkit.data.pipeline import ModelInput
 from kdkit.errors import KDError
+from kdkit.load import restore_part
 from kdkit.losses._call import call_loss, without_t2
 from kdkit.losses.feature import adapter_from_saved
 from kdkit.losses.task import check_labels, labeled_cross_entropy
+from kdkit.metrics import classification_metrics
 from kdkit.outputs import pick_output
 from kdkit.pairs import Pair, PairInfo, PairTable, as_pairs, describe_pairs, shape_of
 from kdkit.task import StepOutput
 from kdkit.teachers.base import Teacher, TeacherOutput, TopK
-from kdkit.train.evaluate import classification_metrics
 
 __all__ = ["Distiller", "Pair", "PairInfo", "PairTable", "StepOutput", "labeled_cross_entropy"]
 
@@ -359,8 +360,6 @@ class Distiller(nn.Module):
         }
 
     def load_checkpoint_state(self, state: Mapping[str, Any], where: str = "") -> None:
-        from kdkit.train.resume import restore_part
-
         restore_part(where, "student", unwrap(self.student), state.get("student"))
         restore_part(where, "adapters", self.criterion, state.get("adapters"))
 

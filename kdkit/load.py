@@ -52,6 +52,7 @@ __all__ = [
     "load_student",
     "load_weights",
     "read_state_dict",
+    "restore_part",
     "save_checkpoint",
     "spec_from_text",
     "strip_wrapper_prefixes",
@@ -346,3 +347,19 @@ def load_weights(module: nn.Module, path: str | os.PathLike, *, strict: bool = T
             f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
     return module
+
+
+def restore_part(path: Path | str, part: str, target: Any, state: Any) -> None:
+    """``target.load_state_dict(state)``; a checkpoint of another architecture or optimizer
+    is a KDError naming the part, not a raw size-mismatch traceback."""
+    if state is None:
+        raise KDError(f"{path} has no {part!r} state; it is not a Trainer checkpoint")
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines() or [type(err).__name__]
+        detail = " ".join(line.strip() for line in first[:3])[:300]
+        raise KDError(
+            f"cannot resume from {path}: its {part} does not fit this run's ({detail}); resume "
+            "with the same model, losses and optimizer, or use another checkpoint_dir"
+        ) from None

@@ -15,8 +15,9 @@ pytest.importorskip("transformers")
 from _lm_fixtures import tiny_llama  # noqa: E402
 
 from kdkit import Trainer  # noqa: E402
+from kdkit import _sharding as fsdp  # noqa: E402
 from kdkit.lm import Aligner, LMTask, TokenInputs, TokenRow  # noqa: E402
-from kdkit.train import distributed, fsdp, load_checkpoint  # noqa: E402
+from kdkit.train import distributed, load_checkpoint  # noqa: E402
 
 ROWS = (9, 17, 5, 30, 12, 8, 21, 14)  # unequal lengths: per-rank means would differ
 

@@ -49,11 +49,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kdkit import _sharding as fsdp
 from kdkit.errors import KDError
 from kdkit.lm.align import Aligner, TokenBatch
 from kdkit.lm.data import TokenRow
 from kdkit.lm.models import max_positions
-from kdkit.train import fsdp
 
 __all__ = ["OnPolicy", "prompts_of", "sample_completions", "turn_end_id"]
 

@@ -24,15 +24,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdkit import _sharding as fsdp
 from kdkit.errors import KDError
 from kdkit.lm.align import TokenBatch
 from kdkit.lm.divergence import DIVERGENCES
 from kdkit.lm.fused import DenseTeacher, LossOutput, token_divergence
 from kdkit.lm.models import HiddenAndHead, freeze_teacher, hidden_and_head
 from kdkit.lm.onpolicy import OnPolicy
+from kdkit.load import restore_part
 from kdkit.task import StepOutput
-from kdkit.train import fsdp
-from kdkit.train.resume import restore_part
 
 __all__ = ["LMTask", "TokenInputs"]
 

@@ -1,6 +1,6 @@
 """Top-1 / top-5 / cross-entropy of any logits function on a labeled loader (``kdkit eval``).
 
-The counting is :func:`kdkit.train.evaluate.classification_metrics`, the Trainer's own, so
+The counting is :func:`kdkit.metrics.classification_metrics`, the Trainer's own, so
 ``kdkit eval RUN`` reproduces the val top-1 stored in the run's ``best.pt`` exactly.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from kdkit.data.pipeline import InputPipeline
-from kdkit.train.evaluate import classification_metrics
+from kdkit.metrics import classification_metrics
 from kdkit.train.precision import Precision
 
 __all__ = ["evaluate_logits"]

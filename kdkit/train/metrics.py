@@ -7,24 +7,13 @@ import io
 import logging
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from kdkit._io import atomic_write_text
 
-__all__ = ["topk_correct", "MetricLog", "epoch_line", "report_epoch"]
+__all__ = ["MetricLog", "epoch_line", "report_epoch"]
 
 log = logging.getLogger(__name__)
-
-
-def topk_correct(
-    logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)
-) -> list[int]:
-    """Number of rows whose label is among the top-k predictions, for each k (k capped at C)."""
-    kmax = min(max(ks), logits.shape[1])
-    top = logits.topk(kmax, dim=1).indices
-    hits = top == labels[:, None]
-    return [int(hits[:, : min(k, kmax)].any(dim=1).sum()) for k in ks]
 
 
 def epoch_line(row: dict, epochs: int) -> str:

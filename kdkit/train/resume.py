@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdkit import _sharding as fsdp
 from kdkit.errors import KDError
-from kdkit.load import load_checkpoint
-from kdkit.train import distributed, fsdp
+from kdkit.load import load_checkpoint, restore_part
+from kdkit.train import distributed
 
 #: plain data a checkpoint stores beside the weights (``kdkit eval/export/bench`` read them)
 RUN_INFO_KEYS = (
@@ -38,7 +39,6 @@ IGNORED_CONFIG_KEYS = ("versions", "run_dir", "train.progress")
 __all__ = [
     "rng_state",
     "set_rng_state",
-    "restore_part",
     "cpu_copy",
     "trainer_state",
     "resume_trainer",
@@ -78,22 +78,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-
-
-def restore_part(path: Path | str, part: str, target: Any, state: Any) -> None:
-    """``target.load_state_dict(state)``; a checkpoint of another architecture or optimizer
-    is a KDError naming the part, not a raw size-mismatch traceback."""
-    if state is None:
-        raise KDError(f"{path} has no {part!r} state; it is not a Trainer checkpoint")
-    try:
-        target.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError, TypeError) as err:
-        first = str(err).strip().splitlines() or [type(err).__name__]
-        detail = " ".join(line.strip() for line in first[:3])[:300]
-        raise KDError(
-            f"cannot resume from {path}: its {part} does not fit this run's ({detail}); resume "
-            "with the same model, losses and optimizer, or use another checkpoint_dir"
-        ) from None
 
 
 def trainer_state(trainer: Any) -> dict[str, Any]:

@@ -30,12 +30,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from kdkit import _sharding as fsdp
 from kdkit._io import check_output_path
 from kdkit.data.unreadable import skip_counts
 from kdkit.errors import KDError
 from kdkit.load import save_checkpoint
 from kdkit.task import StepOutput, Task
-from kdkit.train import distributed, fsdp
+from kdkit.train import distributed
 from kdkit.train.ema import StudentEMA
 from kdkit.train.legacy import (
     EpochCallback,

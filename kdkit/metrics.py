@@ -1,5 +1,8 @@
 """Top-1 / top-5 / cross-entropy of a classifier on labeled batches: the one evaluation loop.
 
+On the ground floor: the image task (:mod:`kdkit.distiller`), the embedding probe and
+``kdkit eval`` count with it, and none of them should import the training loop's package.
+
 :meth:`kdkit.Distiller.evaluate` (the Trainer's val metrics) and ``kdkit eval RUN``
 (:func:`kdkit.run.evaluate.evaluate_logits`) both count here (counts, then one division), so
 ``kdkit eval`` reproduces the val top-1 stored in a run's ``best.pt`` exactly.
@@ -14,9 +17,18 @@ import torch
 import torch.nn.functional as F
 
 from kdkit.errors import KDError
-from kdkit.train.metrics import topk_correct
 
-__all__ = ["classification_metrics"]
+__all__ = ["classification_metrics", "topk_correct"]
+
+
+def topk_correct(
+    logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)
+) -> list[int]:
+    """Number of rows whose label is among the top-k predictions, for each k (k capped at C)."""
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices
+    hits = top == labels[:, None]
+    return [int(hits[:, : min(k, kmax)].any(dim=1).sum()) for k in ks]
 
 
 @torch.no_grad()
