@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     from kdkit.load import load_checkpoint
     from kdkit.run.data import build_data
     from kdkit.run.evaluate import evaluate_logits
-    from kdkit.run.models import build_teacher, checkpoint_in, load_model_file
+    from kdkit.run.models import build_teacher, checkpoint_in, live_teacher, load_model_file
 
     path = checkpoint_in(args.run)
     meta = {k: v for k, v in load_checkpoint(path).items() if not isinstance(v, dict) or k in
@@ -142,8 +142,6 @@ def run(args: argparse.Namespace) -> int:
         if not meta.get("teacher_spec"):
             raise KDError(f"{path} records no teacher (it was not written by kdkit train)")
         tc = build_section(TeacherConfig, meta["teacher_spec"], "teacher")
-        from kdkit.run.cache_job import live_teacher
-
         tc = live_teacher(tc)  # a cache: teacher -> the model it was precomputed with
         teacher = build_teacher(tc, trust_code=args.trust_code, input_shape=data.input_shape,
                                 mean=mean, std=std, calibration=data.train_dataset)  # fmt: skip

@@ -219,7 +219,7 @@ def _try_optimizer_and_scheduler(t: TrainConfig) -> None:
     error now rather than a traceback after the data and models were built."""
     import torch
 
-    from kdkit.train.options import optimizer_factory, scheduler_factory
+    from kdkit._optim import optimizer_factory, scheduler_factory
 
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = optimizer_factory(t.optimizer)([param])

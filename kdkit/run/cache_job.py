@@ -23,11 +23,13 @@ from typing import Any
 
 import torch
 
-from kdkit.config import RunConfig, TeacherConfig, build_section, to_dict
+from kdkit.config import RunConfig, TeacherConfig, to_dict
 from kdkit.data.unreadable import Unreadable, UnreadableLog
 from kdkit.errors import KDError
+from kdkit.run.data import build_data, build_views, run_views
+from kdkit.run.models import live_teacher, run_teacher
 
-__all__ = ["CachePlan", "cache_plan", "default_cache_dir", "live_teacher", "live_teacher_config"]
+__all__ = ["CachePlan", "cache_plan", "default_cache_dir", "live_teacher_config"]
 
 log = logging.getLogger(__name__)
 
@@ -79,29 +81,10 @@ def live_teacher_config(cfg: RunConfig) -> TeacherConfig:
     return live_teacher(cfg.teacher)
 
 
-def live_teacher(tc: TeacherConfig) -> TeacherConfig:
-    """``tc`` itself, or for ``cache:DIR`` the teacher section the cache records (a cache
-    answers for its training images only: evaluating or benchmarking needs the model)."""
-    prefix, _, cache_dir = tc.model.partition(":")
-    if prefix != "cache":
-        return tc
-    from kdkit.cache import read_meta
-
-    recorded = ((read_meta(cache_dir).get("source") or {}).get("config") or {}).get("teacher")
-    if not recorded:
-        raise KDError(
-            f"the cache {cache_dir} records no teacher config (precomputed with the older "
-            "flags); check it with kdkit cache check DIR --teacher FILE"
-        )
-    return build_section(TeacherConfig, recorded, "teacher")
-
-
 def cache_plan(cfg: RunConfig, *, num_views: int | None = None, trust_code: bool = False):
     """Teacher, dataset and views of ``cfg``'s run (``num_views`` overrides
     ``data.views.num_views``; a cache stores a fixed number of views per sample), and the
     teacher features its ``distill.pairs`` name (stored beside the logits)."""
-    from kdkit.run.data import build_data, build_views
-    from kdkit.run.job import run_teacher, run_views
 
     views_cfg = run_views(cfg)
     if views_cfg is not None:

@@ -10,6 +10,7 @@ makes a killed run resume to the same weights.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,10 @@ from typing import Any
 
 import torch
 
-from kdkit.config import DataConfig, SourceConfig, ViewsConfig
+from kdkit.config import DataConfig, RunConfig, SourceConfig, ViewsConfig
 from kdkit.errors import KDError
 
-__all__ = ["RunData", "build_data", "build_views", "eval_transform"]
+__all__ = ["RunData", "build_data", "build_views", "eval_transform", "run_views"]
 
 log = logging.getLogger(__name__)
 
@@ -310,3 +311,18 @@ def source_of(src: SourceConfig | None) -> str:
     if src.stl10 is not None:
         return f"STL-10 {src.stl10} ({src.root})"
     return f"{src.split:.0%} of train"
+
+
+def run_views(cfg: RunConfig):
+    """The run's ``data.views``; with a ``cache:`` teacher and no ``num_views`` set, the
+    cache's own number of views (the config need not repeat what the cache says)."""
+    v = cfg.data.views
+    model = cfg.teacher.model if cfg.teacher is not None else ""
+    prefix, _, cache_dir = model.partition(":")
+    if v is not None and v.num_views is None and prefix == "cache":
+        from kdkit.cache import read_meta
+
+        meta = read_meta(cache_dir)
+        if meta.get("views") is not None:
+            v = dataclasses.replace(v, num_views=int(meta["num_views"]))
+    return v

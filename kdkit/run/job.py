@@ -33,10 +33,12 @@ from kdkit.config import (
     validate,
 )
 from kdkit.errors import KDError
+from kdkit.run.data import run_views
 from kdkit.run.extend import extension
 from kdkit.run.fingerprints import run_fingerprints
 from kdkit.run.lm_job import build_lm_trainer
 from kdkit.run.lm_report import lm_teacher_ppl, write_lm_report
+from kdkit.run.models import run_teacher, run_temperature
 from kdkit.run.run_report import teacher_top1, write_run_report
 from kdkit.train.rundir import refuse_existing_run, refuse_inputs_in_run, run_lock
 
@@ -46,7 +48,6 @@ __all__ = [
     "build_trainer",
     "train_run",
     "check_run_dir",
-    "run_views",
     "saved_config",
 ]
 
@@ -111,32 +112,6 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> dict[str, tuple]:
     return {}
 
 
-def _run_temperature(cfg: RunConfig) -> float:
-    """The temperature of the run's first logit pair that has one (the int8 gate's KL)."""
-    for pair in cfg.distill.pairs:
-        t = dict(pair.args).get("temperature")
-        if isinstance(t, (int, float)) and not isinstance(t, bool):
-            return float(t)
-    return 1.0
-
-
-def run_teacher(tc: Any, cfg: RunConfig, data: Any, views: Any, trust_code: bool) -> Any:
-    """The teacher section ``tc`` built for this run's data: its input shape, normalization,
-    calibration images (int8), views and the first logit pair's temperature (the int8 gate)."""
-    from kdkit.run.models import build_teacher
-
-    return build_teacher(
-        tc,
-        trust_code=trust_code,
-        input_shape=data.input_shape,
-        mean=data.mean,
-        std=data.std,
-        calibration=data.train_dataset,
-        views=views,
-        temperature=_run_temperature(cfg),
-    )
-
-
 def _device(cfg: RunConfig) -> torch.device:
     from kdkit.train import distributed
 
@@ -146,21 +121,6 @@ def _device(cfg: RunConfig) -> torch.device:
     if cfg.train.device is not None and not distributed.is_distributed():
         device = torch.device(cfg.train.device)
     return device
-
-
-def run_views(cfg: RunConfig):
-    """The run's ``data.views``; with a ``cache:`` teacher and no ``num_views`` set, the
-    cache's own number of views (the config need not repeat what the cache says)."""
-    v = cfg.data.views
-    model = cfg.teacher.model if cfg.teacher is not None else ""
-    prefix, _, cache_dir = model.partition(":")
-    if v is not None and v.num_views is None and prefix == "cache":
-        from kdkit.cache import read_meta
-
-        meta = read_meta(cache_dir)
-        if meta.get("views") is not None:
-            v = dataclasses.replace(v, num_views=int(meta["num_views"]))
-    return v
 
 
 def build_trainer(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False):
@@ -213,7 +173,7 @@ def build_run(cfg: RunConfig, *, resume: bool = False, trust_code: bool = False)
 
         tc = cfg.teacher
         int8 = int8_options(
-            tc, data.train_dataset, views, data.mean, data.std, _run_temperature(cfg)
+            tc, data.train_dataset, views, data.mean, data.std, run_temperature(cfg)
         )
         teacher, choice = autotune.shared_choice(
             lambda record: autotune.choose_teacher(

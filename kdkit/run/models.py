@@ -22,6 +22,7 @@ from kdkit.config import (
     RunConfig,
     StudentConfig,
     TeacherConfig,
+    build_section,
     to_dict,
 )
 from kdkit.data.unreadable import readable
@@ -37,7 +38,10 @@ __all__ = [
     "checkpoint_in",
     "int8_options",
     "load_model_file",
+    "live_teacher",
     "run_models",
+    "run_teacher",
+    "run_temperature",
     "teacher_module",
 ]
 
@@ -244,7 +248,6 @@ def run_models(run: str | os.PathLike, *, trust_code: bool = False):
     """``(teacher, student checkpoint, input_shape)`` of a run directory or checkpoint, for
     ``kdkit bench RUN``: the teacher as a module (or its ONNX/engine path), rebuilt from the
     checkpoint's ``teacher_spec``."""
-    from kdkit.config import build_section
     from kdkit.load import load_checkpoint
 
     path = checkpoint_in(run)
@@ -253,11 +256,50 @@ def run_models(run: str | os.PathLike, *, trust_code: bool = False):
         raise KDError(f"{path} records no teacher (it was not written by kdkit train)")
     tc = build_section(TeacherConfig, ckpt["teacher_spec"], "teacher")
     if tc.model.startswith("cache:"):  # the model the cache was precomputed with
-        from kdkit.run.cache_job import live_teacher
-
         tc = live_teacher(tc)
     prefix, _, rest = tc.model.partition(":")
     if prefix == "cache" or prefix == "open_clip":
         raise KDError(f"kdkit bench cannot rebuild a {prefix}: teacher; pass --teacher X")
     teacher = rest if prefix in ("onnx", "tensorrt") else teacher_module(tc, trust_code=trust_code)
     return teacher, str(path), ckpt.get("input_shape")
+
+
+def live_teacher(tc: TeacherConfig) -> TeacherConfig:
+    """``tc`` itself, or for ``cache:DIR`` the teacher section the cache records (a cache
+    answers for its training images only: evaluating or benchmarking needs the model)."""
+    prefix, _, cache_dir = tc.model.partition(":")
+    if prefix != "cache":
+        return tc
+    from kdkit.cache import read_meta
+
+    recorded = ((read_meta(cache_dir).get("source") or {}).get("config") or {}).get("teacher")
+    if not recorded:
+        raise KDError(
+            f"the cache {cache_dir} records no teacher config (precomputed with the older "
+            "flags); check it with kdkit cache check DIR --teacher FILE"
+        )
+    return build_section(TeacherConfig, recorded, "teacher")
+
+
+def run_temperature(cfg: RunConfig) -> float:
+    """The temperature of the run's first logit pair that has one (the int8 gate's KL)."""
+    for pair in cfg.distill.pairs:
+        t = dict(pair.args).get("temperature")
+        if isinstance(t, (int, float)) and not isinstance(t, bool):
+            return float(t)
+    return 1.0
+
+
+def run_teacher(tc: Any, cfg: RunConfig, data: Any, views: Any, trust_code: bool) -> Any:
+    """The teacher section ``tc`` built for this run's data: its input shape, normalization,
+    calibration images (int8), views and the first logit pair's temperature (the int8 gate)."""
+    return build_teacher(
+        tc,
+        trust_code=trust_code,
+        input_shape=data.input_shape,
+        mean=data.mean,
+        std=data.std,
+        calibration=data.train_dataset,
+        views=views,
+        temperature=run_temperature(cfg),
+    )

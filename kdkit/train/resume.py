@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from kdkit import _sharding as fsdp
+from kdkit.config import diff
 from kdkit.errors import KDError
 from kdkit.load import load_checkpoint, restore_part
 from kdkit.train import distributed
@@ -142,8 +143,6 @@ def check_same_run(path: Path | str, state: dict[str, Any], run_info: dict[str, 
     """Refuse to resume when the config recorded *inside* the checkpoint (not ``config.yaml``,
     which a user can edit) differs from this run's, listing the keys, or when a fingerprint
     of what the run depends on (teacher weights, cache, dataset) changed since it was saved."""
-    from kdkit.config import diff
-
     saved, this = state.get("config"), run_info.get("config")
     if isinstance(saved, dict) and isinstance(this, dict):
         changed = diff(saved, this, ignore=IGNORED_CONFIG_KEYS)
