@@ -155,7 +155,7 @@ def engines(cfg, work: Path, rounds: int) -> None:
     import statistics
     import time
 
-    from kdkit.lm.cache import capture
+    from kdkit.run.lm_job import capture_run
 
     rows = {"torch fp32": ("torch", "fp32"), "onnx fp32": ("onnx", "fp32"),
             "onnx int8": ("onnx", "int8")}  # fmt: skip
@@ -164,7 +164,7 @@ def engines(cfg, work: Path, rounds: int) -> None:
         for name, (backend, precision) in rows.items():
             teacher = dataclasses.replace(cfg.teacher, backend=backend, precision=precision)
             start = time.perf_counter()
-            capture(dataclasses.replace(cfg, teacher=teacher), work / f"e{r}-{name.replace(' ', '-')}",
+            capture_run(dataclasses.replace(cfg, teacher=teacher), work / f"e{r}-{name.replace(' ', '-')}",
                     topk=32, progress=False)  # fmt: skip
             if r:
                 times[name].append(time.perf_counter() - start)
@@ -184,7 +184,8 @@ def main() -> None:
     ap.add_argument("--bounds", action="store_true", help="also print the size floors")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from kdkit.lm.cache import TopKCache, capture
+    from kdkit.lm.cache import TopKCache
+    from kdkit.run.lm_job import capture_run
 
     cfg, work = _demo(args.rows)
     if args.engines:
@@ -195,7 +196,7 @@ def main() -> None:
     for encoding in ("q8", "f16"):
         for k in KS:
             out = work / f"k{k}-{encoding}"
-            manifest = capture(cfg, out, topk=k, encoding=encoding, progress=False)
+            manifest = capture_run(cfg, out, topk=k, encoding=encoding, progress=False)
             cache = TopKCache(out)
             if full is None:
                 full = _full_logp(cfg, cache)

@@ -106,7 +106,8 @@ def run_kdkit(teacher_dir, tok, data, epochs: int, cache=None) -> tuple[float, i
 def capture_cache(teacher_dir, data, out: Path) -> tuple[object, float]:
     """``kdkit lm capture`` (top-32, q8) of the teacher over the same chats; its wall time."""
     from kdkit.config import load_config, resolve_paths
-    from kdkit.lm.cache import TopKCache, capture
+    from kdkit.lm.cache import TopKCache
+    from kdkit.run.lm_job import capture_run
 
     path = out / "chat.jsonl"
     path.write_text("\n".join(json.dumps(e) for e in data) + "\n")
@@ -118,7 +119,7 @@ def capture_cache(teacher_dir, data, out: Path) -> tuple[object, float]:
                  "max_length": 128, "pack": False, "overflow": "truncate", "batch_size": 16},
     }  # fmt: skip
     start = time.perf_counter()
-    capture(resolve_paths(load_config(data=raw)), out / "cache", topk=32, progress=False)
+    capture_run(resolve_paths(load_config(data=raw)), out / "cache", topk=32, progress=False)
     return TopKCache(out / "cache"), time.perf_counter() - start
 
 

@@ -57,7 +57,7 @@ CACHE_RECIPES = {
 def _captures(base, teacher: Path, files, out: Path) -> dict[int, str]:
     """One top-k capture of the demo teacher over its train + val text per k."""
     from kdkit.config import load_config, resolve_paths
-    from kdkit.lm.cache import capture
+    from kdkit.run.lm_job import capture_run
 
     train, val, _ = files
     raw = {
@@ -74,7 +74,7 @@ def _captures(base, teacher: Path, files, out: Path) -> dict[int, str]:
     cfg = resolve_paths(load_config(data=raw))
     found = {}
     for k in sorted({r["k"] for r in CACHE_RECIPES.values() if "k" in r}):
-        m = capture(cfg, out / f"cache-k{k}", topk=k, progress=False)
+        m = capture_run(cfg, out / f"cache-k{k}", topk=k, progress=False)
         print(f"captured k={k}: {m['bytes_per_token']:.1f} B/token", flush=True)
         found[k] = f"cache:{out / f'cache-k{k}'}"
     return found

@@ -113,12 +113,12 @@ def test_full_vocab_cache_gives_the_online_loss(captured, tmp_path):
     step's loss equals the online one to fp16 rounding."""
     from kdkit.config import load_config, resolve_paths, validate
     from kdkit.lm import LMTask
-    from kdkit.lm.cache import TopKCache, capture
+    from kdkit.lm.cache import TopKCache
     from kdkit.lm.models import load_lm
-    from kdkit.run.lm_job import build_lm_data
+    from kdkit.run.lm_job import build_lm_data, capture_run
 
     cfg = validate(resolve_paths(load_config(captured / "capture.yaml")))
-    capture(cfg, tmp_path / "full", topk=320, encoding="f16", progress=False)
+    capture_run(cfg, tmp_path / "full", topk=320, encoding="f16", progress=False)
     cache = TopKCache(tmp_path / "full")
     teacher, tok = load_lm(cfg.teacher.model)
     student = tiny_llama(seed=2, hidden_size=16, intermediate_size=32)

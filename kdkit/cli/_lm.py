@@ -54,12 +54,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_capture(args: argparse.Namespace) -> int:
     from kdkit.config import LMRunConfig, load_config, resolve_paths, validate
     from kdkit.errors import KDError
-    from kdkit.lm.cache import capture
+    from kdkit.run.lm_job import capture_run
 
     cfg = validate(resolve_paths(load_config(args.config, args.overrides)))
     if not isinstance(cfg, LMRunConfig):
         raise KDError("kdkit lm capture takes a task: lm config (kdkit precompute for images)")
-    m = capture(
+    m = capture_run(
         cfg,
         args.out,
         topk=args.topk,
@@ -86,10 +86,11 @@ def run_info(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace, model: str) -> int:
     from kdkit.lm.cache.inspect import check
     from kdkit.lm.models import freeze_teacher, load_lm
+    from kdkit.lm.tokenizer import pad_id
 
     teacher, tok = load_lm(model)
-    pad = 0 if tok is None else (tok.pad_token_id or tok.eos_token_id or 0)
-    r = check(args.dir, freeze_teacher(teacher), rows=args.rows, pad_id=int(pad))
+    pad = 0 if tok is None else pad_id(tok)  # padding is masked: any real id
+    r = check(args.dir, freeze_teacher(teacher), rows=args.rows, pad_id=pad)
     ok = r["max_abs_dlogp"] <= args.max_dlogp and r["mean_kl"] <= args.max_kl
     weights = "same weights as captured" if r["same_weights"] else "OTHER weights than captured"
     print(

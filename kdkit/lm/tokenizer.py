@@ -30,6 +30,7 @@ from kdkit.lm._hf import require
 __all__ = [
     "CHATML_TEMPLATE",
     "DEFAULT_SPECIAL_TOKENS",
+    "pad_id",
     "tokenizer_fingerprint",
     "tokenizer_json",
     "train_bpe_tokenizer",
@@ -114,6 +115,23 @@ def train_bpe_tokenizer(
             os.replace(Path(tmp) / name, out / name)
     log.info("trained a byte-level BPE tokenizer (vocab %d) into %s", tok.get_vocab_size(), out)
     return out
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id padded rows are filled with: the tokenizer's pad token, else its eos token.
+
+    Padding is masked out of every loss and score, so any id would do; it must only be a real
+    id of the vocabulary. Id 0 is a real id (``pad or eos`` would take it for missing).
+    """
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    raise KDError(
+        f"the tokenizer ({type(tokenizer).__name__}) has neither a pad nor an eos token, so "
+        "padded rows have no id; add one (tokenizer.add_special_tokens({'pad_token': ...}) "
+        "and save_pretrained)"
+    )
 
 
 def tokenizer_json(tokenizer: Any) -> dict[str, Any]:

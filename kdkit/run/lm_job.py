@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,14 +22,17 @@ from kdkit.config import LMRunConfig, to_dict
 from kdkit.errors import KDError
 from kdkit.lm.align import Aligner
 from kdkit.lm.data import load_lm_dataset
-from kdkit.lm.models import load_lm, max_positions
+from kdkit.lm.models import freeze_teacher, load_lm, load_tokenizer, max_positions
 from kdkit.lm.onpolicy import OnPolicy, turn_end_id
 from kdkit.lm.task import LMTask, TokenInputs
+from kdkit.lm.tokenizer import pad_id
 from kdkit.lm.vocab import check_vocab
 from kdkit.train import Trainer, distributed
 
 __all__ = [
     "LMRunData",
+    "capture_run",
+    "run_tokenizer",
     "build_lm_trainer",
     "build_lm_data",
     "lm_datasets",
@@ -85,8 +89,7 @@ def build_lm_data(
     train, val = lm_datasets(cfg, tokenizer, positions)
     if d.val is not None and d.val.split is not None:
         train, val = _split(train, d.val.split, d.seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collate: Any = Aligner(pad_id=int(pad), max_length=d.max_length)
+    collate: Any = Aligner(pad_id=pad_id(tokenizer), max_length=d.max_length)
     if cache is not None:
         collate = cache.collate(collate, policy=cfg.distill.tail)
     # the order is a function of (seed, epoch) alone (the Trainer calls set_epoch), so a
@@ -223,3 +226,72 @@ def build_lm_trainer(cfg: LMRunConfig, device: torch.device) -> tuple[Trainer, L
         },
     )
     return trainer, data
+
+
+def run_tokenizer(cfg: LMRunConfig, teacher_tokenizer: Any = None) -> Any:
+    """The tokenizer a run tokenizes its text with: the student's, else the teacher's (as
+    :func:`build_lm_trainer` picks it)."""
+    try:
+        return load_tokenizer(cfg.student.model, cfg.student.tokenizer)
+    except KDError:
+        if teacher_tokenizer is None:
+            raise
+        return teacher_tokenizer
+
+
+def capture_run(
+    cfg: LMRunConfig,
+    out: str | Path,
+    *,
+    topk: int = 32,
+    encoding: str = "q8",
+    temperature: float = 1.0,
+    shard_rows: int = 256,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``kdkit precompute CONFIG`` for ``task: lm`` (alias ``kdkit lm capture``): the config's
+    teacher over its corpus (train and val rows, tokenized as training will) into the top-k
+    cache ``out``; resumes an unfinished capture there. Returns the manifest."""
+    from kdkit._fingerprint import module_fingerprint
+    from kdkit.lm.cache.capture import Provenance, capture
+    from kdkit.lm.cache.format import data_settings
+
+    if cfg.teacher is None or cfg.teacher.model.startswith("cache:"):
+        raise KDError("kdkit lm capture needs a live teacher: teacher: {model: 'hf:DIR'}")
+    teacher, teacher_tok = load_lm(
+        cfg.teacher.model, dtype=cfg.teacher.dtype, tokenizer=cfg.teacher.tokenizer
+    )
+    freeze_teacher(teacher)
+    tokenizer = run_tokenizer(cfg, teacher_tok)
+    head_rows = teacher.get_output_embeddings().out_features
+    train, val = lm_datasets(cfg, tokenizer, max_positions(teacher))
+    rows = list(train.rows) + (list(val.rows) if val is not None else [])
+    weights = module_fingerprint(teacher)  # of the weights, whatever engine runs them
+    aligner = Aligner(pad_id=pad_id(tokenizer), max_length=cfg.data.max_length)
+    engine = f"{cfg.teacher.backend} {cfg.teacher.precision}"
+    # teacher.backend: onnx / precision: int8 (gated on the first rows, at the capture's T)
+    teacher = load_lm_teacher_backend(
+        teacher, cfg, train, aligner, torch.device("cpu"), temperature=temperature
+    )
+    provenance = Provenance(
+        model=cfg.teacher.model,
+        weights_sha256=weights,
+        dtype=str(next(teacher.parameters()).dtype).removeprefix("torch."),
+        vocab_rows=head_rows,
+        engine=engine,
+        data=data_settings(cfg.data),
+    )
+    return capture(
+        teacher,
+        rows,
+        aligner,
+        out,
+        tokenizer=tokenizer,
+        provenance=provenance,
+        topk=topk,
+        encoding=encoding,
+        temperature=temperature,
+        shard_rows=shard_rows,
+        batch_size=cfg.data.batch_size,
+        progress=progress,
+    )

@@ -1,4 +1,6 @@
-"""``kdkit lm capture``: run the teacher over the corpus once, write its top-k cache.
+"""The writer of a top-k cache: a teacher over token rows, once, resumable (``kdkit precompute``
+of a ``task: lm`` config, alias ``kdkit lm capture``; the builder is
+:func:`kdkit.run.lm_job.capture_run`).
 
 Resumable and safe under kill -9, as ``kdkit precompute`` is: every shard is written to a temp
 file and renamed, then the manifest (sealed with its own sha256) is rewritten atomically with
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kdkit._fingerprint import module_fingerprint
 from kdkit._io import atomic_path, atomic_write_json, check_output_path, sha256_file
 from kdkit.errors import KDError
 from kdkit.lm.align import Aligner
@@ -29,7 +32,6 @@ from kdkit.lm.cache.format import (
     FORMAT,
     MANIFEST,
     VERSION,
-    data_settings,
     differences,
     read_manifest,
     row_hash,
@@ -38,28 +40,15 @@ from kdkit.lm.cache.format import (
     tokenizer_fingerprint,
 )
 from kdkit.lm.cache.target import _log1mexp
-from kdkit.lm.models import freeze_teacher, hidden_and_head, load_lm, max_positions
+from kdkit.lm.models import hidden_and_head
 from kdkit.lm.targets import head_parts
 
-__all__ = ["capture", "run_tokenizer"]
+__all__ = ["Provenance", "capture"]
 
 log = logging.getLogger(__name__)
 
 #: token rows projected onto the vocabulary at once (a [rows, V] fp32 block)
 _CHUNK = 256
-
-
-def run_tokenizer(cfg: Any, teacher_tokenizer: Any = None) -> Any:
-    """The tokenizer a run tokenizes its text with: the student's, else the teacher's (as
-    :func:`kdkit.run.lm_job.build_lm_trainer` picks it)."""
-    from kdkit.lm.models import load_tokenizer
-
-    try:
-        return load_tokenizer(cfg.student.model, cfg.student.tokenizer)
-    except KDError:
-        if teacher_tokenizer is None:
-            raise
-        return teacher_tokenizer
 
 
 @torch.no_grad()
@@ -128,22 +117,53 @@ def _write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
         save_file(arrays, str(tmp))
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """What a capture records of where its targets come from (the manifest's ``teacher`` and
+    ``data`` sections): a resumed capture must match it, and readers check rows against it.
+
+    - ``model``: the teacher as the config names it (``hf:DIR``);
+    - ``weights_sha256``: the fingerprint of its weights, whatever engine runs them;
+    - ``dtype``: its parameters' dtype; ``vocab_rows``: its head's rows;
+    - ``engine``: what computed the log-probs (``"torch fp32"``, ``"onnx int8"``...);
+    - ``data``: the ``data:`` keys the rows depend on (:func:`~kdkit.lm.cache.format.data_settings`).
+    """
+
+    model: str
+    weights_sha256: str
+    dtype: str
+    vocab_rows: int
+    engine: str
+    data: Mapping[str, Any]
+
+
 def capture(
-    cfg: Any,
+    teacher: Any,
+    rows: Sequence[Any],
+    aligner: Aligner,
     out: str | Path,
     *,
+    tokenizer: Any,
+    provenance: Provenance,
     topk: int = 32,
     encoding: str = "q8",
     temperature: float = 1.0,
     shard_rows: int = 256,
+    batch_size: int = 16,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Capture the teacher of ``cfg`` (a ``task: lm`` :class:`~kdkit.config.LMRunConfig`) over
-    its corpus into ``out``; resumes an unfinished capture there. Returns the manifest."""
-    from kdkit.run.lm_job import lm_datasets, load_lm_teacher_backend
+    """Write ``teacher``'s top-k targets for the token ``rows`` (collated by ``aligner``) into
+    ``out``, resuming an unfinished capture there. Returns the manifest.
 
-    if cfg.teacher is None or cfg.teacher.model.startswith("cache:"):
-        raise KDError("kdkit lm capture needs a live teacher: teacher: {model: 'hf:DIR'}")
+    The file-format half of ``kdkit precompute`` for ``task: lm``: it runs the teacher it is
+    given on the rows it is given. Building them from a config (models, tokenizer, corpus,
+    engine) is :func:`kdkit.run.lm_job.capture_run`.
+    """
+    if hasattr(teacher, "teacher") and hasattr(teacher, "data"):  # capture(cfg, out) of 0.1
+        raise KDError(
+            "kdkit.lm.cache.capture writes rows a teacher was run on; to capture a config's "
+            "teacher over its corpus call kdkit.run.lm_job.capture_run(cfg, out, ...)"
+        )
     if encoding not in ENCODINGS:
         raise KDError(f"--encoding must be one of {list(ENCODINGS)}, got {encoding!r}")
     if not (isinstance(topk, int) and topk >= 1):
@@ -151,47 +171,31 @@ def capture(
     if not temperature > 0:
         raise KDError(f"--temperature must be > 0, got {temperature!r}")
     out = check_output_path(out, what="the cache folder", directory=True)
-    teacher, teacher_tok = load_lm(
-        cfg.teacher.model, dtype=cfg.teacher.dtype, tokenizer=cfg.teacher.tokenizer
-    )
-    freeze_teacher(teacher)
-    tokenizer = run_tokenizer(cfg, teacher_tok)
-    head_rows = teacher.get_output_embeddings().out_features
-    vocab = min(head_rows, len(tokenizer))  # padded head rows are never a target
+    vocab = min(provenance.vocab_rows, len(tokenizer))  # padded head rows are never a target
     if topk > vocab:
         raise KDError(f"--topk {topk} is larger than the vocabulary ({vocab})")
-    train, val = lm_datasets(cfg, tokenizer, max_positions(teacher))
-    rows = list(train.rows) + (list(val.rows) if val is not None else [])
-    weights = module_fingerprint(teacher)  # of the weights, whatever engine runs them
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    aligner = Aligner(pad_id=int(pad), max_length=cfg.data.max_length)
-    engine = f"{cfg.teacher.backend} {cfg.teacher.precision}"
-    # teacher.backend: onnx / precision: int8 (gated on the first rows, at the capture's T)
-    teacher = load_lm_teacher_backend(
-        teacher, cfg, train, aligner, torch.device("cpu"), temperature=temperature
-    )
     num_shards = max(1, math.ceil(len(rows) / shard_rows))
     settings = {
         "format": FORMAT,
         "version": VERSION,
         "alignment": ALIGNMENT,
         "teacher": {
-            "model": cfg.teacher.model,
-            "weights_sha256": weights,
-            "dtype": str(next(teacher.parameters()).dtype).removeprefix("torch."),
-            "vocab_rows": head_rows,
+            "model": provenance.model,
+            "weights_sha256": provenance.weights_sha256,
+            "dtype": provenance.dtype,
+            "vocab_rows": provenance.vocab_rows,
             "vocab": vocab,
         },
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "capture": {
             "k": topk,
             "temperature": float(temperature),
-            "precision": f"teacher {engine}, fp32 log-softmax",
+            "precision": f"teacher {provenance.engine}, fp32 log-softmax",
             "encoding": encoding,
             "id_bits": id_bits(vocab),
             "tail": "float16",
         },
-        "data": data_settings(cfg.data),
+        "data": dict(provenance.data),
         "num_rows": len(rows),
         "shard_rows": shard_rows,
         "num_shards": num_shards,
@@ -205,7 +209,7 @@ def capture(
     bar.update(sum(s["rows"][1] - s["rows"][0] for s in done))
     for i in range(len(done), num_shards):
         lo, hi = i * shard_rows, min((i + 1) * shard_rows, len(rows))
-        arrays = _shard_arrays(rows[lo:hi], teacher, aligner, settings, cfg.data.batch_size)
+        arrays = _shard_arrays(rows[lo:hi], teacher, aligner, settings, batch_size)
         path = out / shard_name(i)
         _write_shard(path, arrays)
         done.append(
