@@ -15,9 +15,7 @@ backends (ONNX Runtime, TensorRT, transformers) are imported only when used.
 
 from __future__ import annotations
 
-import importlib
-import warnings
-from typing import Any
+from kdkit._lazy import lazy_face
 
 __version__ = "0.1.0"
 
@@ -75,22 +73,16 @@ _MOVED = {
     ),
 }
 
+#: subpackages and modules reachable as attributes (``import kdkit; kdkit.teachers.OnnxTeacher``)
+_SUBMODULES = (
+    "balance", "bench", "cache", "capture", "cli", "compat", "config", "data", "demo",
+    "distiller", "errors", "export", "lm", "load", "losses", "metrics", "models", "pairs",
+    "registry", "report", "run", "task", "teachers", "train",
+)  # fmt: skip
+
 __all__ = list(_PUBLIC)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        value = getattr(importlib.import_module(_PUBLIC[name]), name)
-        globals()[name] = value  # resolved once
-        return value
-    if name in _MOVED:
-        module, attr, new = _MOVED[name]
-        from kdkit.errors import KDDeprecationWarning
-
-        warnings.warn(f"kdkit.{name} moved: use {new}", KDDeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module 'kdkit' has no attribute {name!r}")
+__getattr__, _dir = lazy_face(__name__, _PUBLIC, submodules=_SUBMODULES, moved=_MOVED)
 
 
 def __dir__() -> list[str]:
-    return sorted([*__all__, *_MOVED, "__version__"])
+    return sorted([*_dir(), "__version__"])

@@ -21,6 +21,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "feature_key",
+    "info_lines",
     "INDEX_NAME",
     "META_NAME",
     "MIX_ARRAYS",
@@ -29,6 +30,7 @@ __all__ = [
     "seal_meta",
     "shard_file_name",
     "views_mix",
+    "written_lines",
 ]
 
 FORMAT_NAME = "kdkit-teacher-cache"
@@ -208,3 +210,40 @@ def _check_layout(meta: dict[str, Any], path: Path) -> None:
     index = meta["index_file"]
     if index is not None and (index["file"] != INDEX_NAME or list(index["shape"]) != [n]):
         raise KDError(f"{path}: index_file must be {INDEX_NAME} of shape [{n}], got {index}")
+
+
+def info_lines(cache_dir: str | os.PathLike) -> list[str]:
+    """``kdkit cache info DIR``: what a cache holds, from its meta alone (no torch)."""
+    meta = read_meta(cache_dir)
+    size = sum(p.stat().st_size for p in Path(cache_dir).iterdir() if p.is_file())
+    rows = meta["num_samples"] * meta["num_views"]
+    kind = f"top-{meta['topk']} ({meta['index_dtype']} indices)" if meta["topk"] else "full"
+    return [
+        f"cache           {cache_dir} (format version {meta['format_version']})",
+        f"samples         {meta['num_samples']} x {meta['num_views']} views",
+        f"logits          {kind}, {meta['dtype']} values, {meta['num_classes']} classes",
+        f"views           {meta['views']}",
+        f"normalization   {meta.get('normalization')}",
+        f"features        {meta.get('features') or 'none (logits only)'}",
+        f"teacher         {meta['teacher_fingerprint'][:16]}...",
+        f"dataset         {meta['dataset_fingerprint'][:16]}...",
+        f"shards          {len(meta['shards'])} of <= {meta['shard_size']} samples",
+        f"size on disk    {size / 2**20:.1f} MiB ({size / rows:.1f} bytes per sample-view)",
+        f"source          {meta.get('source')}",
+    ]
+
+
+def written_lines(out: str | os.PathLike, unreadable: Any = None) -> list[str]:
+    """What ``kdkit precompute`` says of the cache it wrote to ``out``."""
+    meta = read_meta(out)
+    logits = f"{'top-' + str(meta['topk']) if meta['topk'] else 'full'} {meta['dtype']} logits"
+    lines = [
+        f"wrote {out}: {meta['num_samples']} samples x {meta['num_views']} views, {logits}, "
+        f"{len(meta['shards'])} shards"
+    ]
+    if meta.get("features"):
+        shapes = ", ".join(f"{n} {tuple(f['shape'])}" for n, f in meta["features"].items())
+        lines.append(f"teacher features: {shapes} (for the config's feature pairs)")
+    if unreadable is not None and unreadable.count:
+        lines.append(f"{unreadable.summary()} (placeholder rows, never read in training)")
+    return lines

@@ -40,7 +40,7 @@ from kdkit.losses.task import check_labels, labeled_cross_entropy
 from kdkit.metrics import classification_metrics
 from kdkit.outputs import pick_output
 from kdkit.pairs import Pair, PairInfo, PairTable, as_pairs, describe_pairs, shape_of
-from kdkit.task import StepOutput
+from kdkit.task import StepOutput, Task
 from kdkit.teachers.base import Teacher, TeacherOutput, TopK
 
 __all__ = ["Distiller", "Pair", "PairInfo", "PairTable", "StepOutput", "labeled_cross_entropy"]
@@ -71,7 +71,7 @@ class Forward:
             ) from None
 
 
-class Distiller(nn.Module):
+class Distiller(Task):
     """Student + frozen teacher + typed loss :class:`~kdkit.Pair` records + a balancer.
 
     Args:
@@ -362,6 +362,12 @@ class Distiller(nn.Module):
     def load_checkpoint_state(self, state: Mapping[str, Any], where: str = "") -> None:
         restore_part(where, "student", unwrap(self.student), state.get("student"))
         restore_part(where, "adapters", self.criterion, state.get("adapters"))
+
+    def check_inputs(self, dataset: Any, inputs: Any) -> None:
+        """The teacher answers for the training data (a cache of another dataset, or of
+        other mixing partners, is refused here, once, before the first step)."""
+        if self.teacher is not None:
+            self.teacher.check_dataset(dataset, getattr(inputs, "sampler", None))
 
     # -- set-up and inspection -------------------------------------------------------------
     @torch.no_grad()

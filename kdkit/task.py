@@ -5,23 +5,29 @@ metrics, callbacks) knows nothing about images or tokens. It asks a task for thr
 
 - ``task.step(batch) -> StepOutput``: the loss of one model input (what the task's input
   pipeline made of a raw batch), with detached components to log;
-- ``task.evaluate(batches) -> dict``: metrics on held-out input (the loop calls it with the
-  pipeline's un-augmented batches, under the run's autocast);
+- ``task.evaluate(batches, autocast) -> dict``: metrics on held-out input (the loop calls it
+  with the pipeline's un-augmented batches and the run's autocast);
 - ``task.checkpoint_state()`` / ``task.load_checkpoint_state(state)``: the trainable weights,
   by part (``"student"``, ``"adapters"``), as they go into ``last.pt`` / ``best.pt``.
 
-A task is an ``nn.Module`` (the optimizer, DDP and ``.to(device)`` see its parameters; a frozen
-teacher stays outside its module tree). :class:`kdkit.Distiller` is the image-classification
-task; :class:`kdkit.lm.LMTask` the language-model one.
+A task is a subclass of :class:`Task`, an ``nn.Module`` (the optimizer, DDP and
+``.to(device)`` see its parameters; a frozen teacher stays outside its module tree) whose
+defaults cover everything else the loop calls. :class:`kdkit.Distiller` is the
+image-classification task; :class:`kdkit.lm.LMTask` the language-model one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
+from torch import nn
+
+from kdkit.errors import KDError
+from kdkit.load import restore_part
 
 __all__ = ["StepOutput", "Task"]
 
@@ -71,21 +77,49 @@ class StepOutput:
         }
 
 
-@runtime_checkable
-class Task(Protocol):
-    """The protocol :class:`kdkit.Trainer` trains (see the module docstring)."""
+class Task(nn.Module):
+    """The base class of what :class:`kdkit.Trainer` trains (see the module docstring).
 
-    #: the metric ``best.pt`` is chosen on, and whether higher is better
-    best_metric: tuple[str, bool]
+    A subclass implements :meth:`step` and, to be scored on val data, :meth:`evaluate`; every
+    other member the loop uses has a default here, so the loop asks for it directly instead of
+    probing. Like timm's ``TrainingTask``: one level of base class, no deeper.
+    """
+
+    #: the metric ``best.pt`` is chosen on (a key of :meth:`evaluate`), and whether higher is
+    #: better
+    best_metric: tuple[str, bool] = ("loss", False)
     #: what ``StepOutput.size`` counts, for the ``{unit}_per_s`` throughput column
-    unit: str
+    unit: str = "item"
+    #: a loss still has to create its parameters on a first forward (:meth:`prepare` does)
+    has_lazy_parameters: bool = False
+    #: some trainable parameters get no gradient in some steps (DDP must look for them)
+    has_idle_parameters: bool = False
 
-    def step(self, batch: Any) -> StepOutput: ...
+    def step(self, batch: Any) -> StepOutput:
+        """The loss of one model input (what the input pipeline made of a raw batch)."""
+        raise TypeError(f"{type(self).__name__} is a Task without a step(batch) method")
 
-    def evaluate(self, batches: Iterable[Any]) -> dict[str, float]: ...
+    def evaluate(
+        self,
+        batches: Iterable[Any],
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> dict[str, float]:
+        """Metrics on held-out batches (un-augmented), the model run under ``autocast``."""
+        raise KDError(f"{type(self).__name__} has no evaluate(): train it without a val_loader")
 
-    def set_epoch(self, epoch: float) -> None: ...
+    def set_epoch(self, epoch: float) -> None:
+        """The training position (fractional epochs), for schedules inside the task."""
 
-    def checkpoint_state(self) -> dict[str, dict[str, torch.Tensor]]: ...
+    def prepare(self, batch: Any) -> None:
+        """One dry run on an example input, creating lazy parameters before the optimizer."""
 
-    def load_checkpoint_state(self, state: Mapping[str, Any], where: str = "") -> None: ...
+    def check_inputs(self, dataset: Any, inputs: Any) -> None:
+        """Refuse training data that does not fit the task (e.g. a teacher cache of another
+        dataset), once, before the first step. The default accepts anything."""
+
+    def checkpoint_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The trainable weights by part, as they go into ``last.pt`` / ``best.pt``."""
+        return {"task": self.state_dict()}
+
+    def load_checkpoint_state(self, state: Mapping[str, Any], where: str = "") -> None:
+        restore_part(where, "task", self, state.get("task"))

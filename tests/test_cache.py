@@ -402,14 +402,14 @@ def test_two_ranks_write_disjoint_shards_and_rank0_writes_meta(tmp_path):
 
 
 def test_cli_precompute_and_check_a_checkpoint_teacher(tmp_path, capsys, monkeypatch):
-    import kdkit.cli._precompute as cli_precompute
+    import kdkit.run.cache_job as cache_job
 
     (tmp_path / "tiny_teacher.py").write_text(
         "from test_cache import _teacher\n\ndef build():\n    return _teacher()\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    monkeypatch.setattr(cli_precompute, "load_data", lambda spec: (_dataset(), MEAN, STD))
+    monkeypatch.setattr(cache_job, "named_dataset", lambda spec: (_dataset(), MEAN, STD))
     ckpt = tmp_path / "teacher.pt"
     torch.save({"student": _teacher().state_dict()}, ckpt)  # a demo-style checkpoint
     out = tmp_path / "cache"
@@ -433,8 +433,8 @@ def test_cli_precompute_and_check_a_checkpoint_teacher(tmp_path, capsys, monkeyp
 
 
 def test_cli_loads_fashion_mnist_with_its_statistics():
-    from kdkit.cli._precompute import load_data
     from kdkit.data import FASHION_MNIST_MEAN
+    from kdkit.run.cache_job import named_dataset as load_data
 
     with pytest.raises(KDError, match="unknown dataset 'mnist'"):
         load_data("mnist:train")
@@ -447,10 +447,10 @@ def test_cli_loads_fashion_mnist_with_its_statistics():
 
 def test_cli_precompute_from_an_onnx_teacher(tmp_path, capsys, monkeypatch):
     pytest.importorskip("onnxruntime")
-    import kdkit.cli._precompute as cli_precompute
+    import kdkit.run.cache_job as cache_job
     from kdkit.export import export_onnx
 
-    monkeypatch.setattr(cli_precompute, "load_data", lambda spec: (_dataset(), MEAN, STD))
+    monkeypatch.setattr(cache_job, "named_dataset", lambda spec: (_dataset(), MEAN, STD))
     onnx_path = tmp_path / "teacher.onnx"
     export_onnx(_teacher(), onnx_path, (1, SIZE, SIZE))
     out = tmp_path / "cache"

@@ -31,6 +31,7 @@ def _config(photos, run_dir: Path, **train) -> dict:
 
 
 def _worker(rank: int, init_file: str, root: str) -> None:
+    import kdkit.run.classify_job as classify_job
     import kdkit.run.job as job
     from kdkit.config import load_config
     from kdkit.errors import KDError
@@ -46,13 +47,13 @@ def _worker(rank: int, init_file: str, root: str) -> None:
         except KDError as err:
             sync_error = str(err)
         built = {}
-        build = job.build_run
+        build = classify_job.build_run
 
         def keep(*args, **kwargs):
             built["trainer"], data, choices = build(*args, **kwargs)
             return built["trainer"], data, choices
 
-        job.build_run = keep  # to read this rank's weights after the run
+        classify_job.build_run = keep  # to read this rank's weights after the run
         result = job.train_run(load_config(data=_config(photos, out / f"run{rank}")))
         student = built["trainer"].task.student
         torch.save(

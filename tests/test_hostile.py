@@ -246,9 +246,9 @@ def fx(tmp_path_factory, one_thread):
         teacher_net, weights_only,
     )  # fmt: skip
     mp = pytest.MonkeyPatch()
-    import kdkit.cli._precompute as cli_precompute
+    import kdkit.run.cache_job as cache_job
 
-    mp.setattr(cli_precompute, "load_data", _fake_load_data)
+    mp.setattr(cache_job, "named_dataset", _fake_load_data)
     import kdkit.data
 
     mp.setattr(kdkit.data, "load_fashion_mnist", _work_started)  # the demo's first work

@@ -111,13 +111,13 @@ def test_train_from_the_cache_then_eval(captured, capsys):
 def test_full_vocab_cache_gives_the_online_loss(captured, tmp_path):
     """With k = V (f16) every tail policy is the teacher's whole distribution: the cached
     step's loss equals the online one to fp16 rounding."""
-    from kdkit.config import load_config, resolve_paths, validate
+    from kdkit.config import load_resolved
     from kdkit.lm import LMTask
     from kdkit.lm.cache import TopKCache
     from kdkit.lm.models import load_lm
     from kdkit.run.lm_job import build_lm_data, capture_run
 
-    cfg = validate(resolve_paths(load_config(captured / "capture.yaml")))
+    cfg = load_resolved(captured / "capture.yaml")
     capture_run(cfg, tmp_path / "full", topk=320, encoding="f16", progress=False)
     cache = TopKCache(tmp_path / "full")
     teacher, tok = load_lm(cfg.teacher.model)

@@ -371,13 +371,13 @@ def test_a_cache_of_a_split_serves_its_labeled_plus_unlabeled_reordering(tmp_pat
 
 
 def test_cli_precompute_mixes_views_when_asked(tmp_path, monkeypatch):
-    import kdkit.cli._precompute as cli_precompute
+    import kdkit.run.cache_job as cache_job
     from kdkit.cache import read_meta
     from kdkit.cli import main as cli_main
 
     ds, teacher = _tiny_setup()
-    monkeypatch.setattr(cli_precompute, "load_data", lambda spec: (ds, 0.5, 0.25))
-    monkeypatch.setattr(cli_precompute, "load_teacher", lambda *a, **k: teacher)
+    monkeypatch.setattr(cache_job, "named_dataset", lambda spec: (ds, 0.5, 0.25))
+    monkeypatch.setattr(cache_job, "load_teacher_file", lambda *a, **k: teacher)
     base = ["precompute", "--teacher", "t.pt", "--data", "tiny", "--no-progress"]
     out = tmp_path / "c"
     args = ["--views", "2", "--pad", "1", "--mixup", "0.4", "--cutmix", "1", "--out", str(out)]

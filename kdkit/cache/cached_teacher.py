@@ -1,7 +1,7 @@
 """A teacher that reads its answers from a precomputed cache instead of running a model.
 
 Whether a cache belongs to a run is :mod:`kdkit.cache.match`; whether a mixing cache replays
-the run's partners is :func:`kdkit.cache.check.check_partners`.
+the run's partners is :func:`check_partners` (here: the check needs no live teacher).
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ from kdkit.cache.match import (  # re-exported: their old home
     check_expectations,
     check_run_dataset,
 )
+from kdkit.cache.precompute import dataset_keys
 from kdkit.cache.store import feature_key, open_index, open_shards, read_meta, views_mix
-from kdkit.data.views import ViewSampler
+from kdkit.data.views import MixPool, ViewSampler
 from kdkit.errors import KDError
 from kdkit.teachers.base import Teacher, TeacherOutput, TopK
 
-__all__ = ["CachedTeacher", "check_expectations", "check_run_dataset"]
+__all__ = ["CachedTeacher", "check_expectations", "check_partners", "check_run_dataset"]
 
 
 class CachedTeacher(Teacher):
@@ -42,7 +43,10 @@ class CachedTeacher(Teacher):
     field; a subset of the cached dataset is accepted (its ``.base``). ``verify=True``
     (default) hashes every shard once on open: a sequential read of the whole cache (about
     1 s per GB per core), in exchange for refusing a corrupted shard before training starts;
-    ``verify=False`` checks only sizes, shapes and dtypes.
+    ``verify=False`` checks only sizes, shapes and dtypes. The Trainer asks
+    :meth:`check_dataset` once whether its training data is the cache's (length and
+    fingerprint, mixing partners); ``dataset_check=False`` skips that, for the same images in
+    another form.
     """
 
     def __init__(
@@ -53,9 +57,11 @@ class CachedTeacher(Teacher):
         expect_views: ViewSampler | dict | bool | None = None,
         device: torch.device | str | None = None,
         verify: bool = True,
+        dataset_check: bool = True,
     ) -> None:
         super().__init__()
         self.cache_dir = Path(cache_dir)
+        self.dataset_check = dataset_check  # check_dataset: the run's data is the cache's
         self.meta = read_meta(self.cache_dir)
         check_expectations(self.meta, expect_teacher, expect_dataset, expect_views)
         shards = open_shards(self.cache_dir, self.meta, check_sha=verify)
@@ -72,6 +78,15 @@ class CachedTeacher(Teacher):
         self._key_order = None if keys is None else np.argsort(keys, kind="stable")
         self._sorted_keys = None if keys is None else keys[self._key_order]
         self.device = None if device is None else torch.device(device)
+
+    def check_dataset(self, dataset: Any, sampler: Any = None) -> None:
+        """The run's training dataset is the one precomputed (length, and fingerprint where
+        the dataset gives one), and a mixing cache's partners are the run's (the checks of
+        :func:`kdkit.cache.run_check.check_cache_for_run` that need no live teacher)."""
+        if dataset is None or not self.dataset_check:
+            return
+        check_run_dataset(self.meta, dataset)
+        check_partners(self, sampler, dataset)
 
     def request_features(self, names) -> None:
         """Feature pairs replay the named teacher features the cache stores (format 4)."""
@@ -221,7 +236,40 @@ class CachedTeacher(Teacher):
         return TeacherOutput(logits=TopK(values=v, indices=i), features=features)
 
 
-def __getattr__(name: str) -> Any:
-    if name == "check_partners":  # kdkit.cache.check imports this module: no import back
-        raise KDError("kdkit.cache.cached_teacher.check_partners moved to kdkit.cache.check")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def check_partners(
+    cached: CachedTeacher, sampler: ViewSampler | None, dataset: Any, n_probe: int = 512
+) -> None:
+    """A mixing cache replays a run's mixed views only if the run draws the same partners.
+
+    Partners come from the run's partner pool (its training dataset's sample indices), so a
+    run on a subset of the cached dataset, or with another sampler, mixes other images than
+    the cached teacher saw. Compares the stored partner and ``lam`` with ``sampler``'s on
+    ``n_probe`` seeded (index, view) pairs of ``dataset``; :class:`KDError` on any difference.
+    Nothing to check when neither the cache nor the sampler mixes.
+    """
+    run_mixes = sampler is not None and sampler.mixes
+    if not cached.mixes and not run_mixes:
+        return
+    if cached.mixes != run_mixes:
+        raise _mismatch(
+            "views (mixing)",
+            cached.meta["views"],
+            None if sampler is None else sampler.config(),
+            "the student would see other images than the cached teacher did; precompute again",
+        )
+    keys = dataset_keys(dataset)
+    rng = np.random.default_rng(0)
+    rows = np.sort(rng.choice(keys.size, min(n_probe, keys.size), replace=False))
+    index = torch.from_numpy(keys[rows])
+    view = torch.from_numpy(rng.integers(0, cached.num_views, size=rows.size))
+    stored_partner, stored_lam = cached.read_mix(index, view)
+    pool = MixPool.from_dataset(dataset)
+    mine = sampler.sample(index, view, pool)  # type: ignore[union-attr]
+    same_partner = np.array_equal(mine.partner.numpy(), stored_partner)
+    if not same_partner or not np.array_equal(mine.lam.numpy(), stored_lam):
+        raise KDError(
+            f"teacher cache {cached.cache_dir} stores other mixed views than this run draws "
+            f"(partner {'ok' if same_partner else 'differs'}, lam differs or not): the run's "
+            f"partner pool ({len(pool)} samples) or sampler is not the precompute's; train on "
+            "the dataset the cache was precomputed on, or precompute again"
+        )

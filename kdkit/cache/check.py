@@ -15,8 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdkit.cache.cached_teacher import CachedTeacher
-from kdkit.cache.match import _mismatch
+from kdkit.cache.cached_teacher import CachedTeacher, check_partners
 from kdkit.cache.precompute import dataset_keys
 from kdkit.cache.store import stat_json
 from kdkit.data.views import MixPool, ViewSampler, prepare_input
@@ -152,42 +151,3 @@ def check(
             f"{max_disagreement:.2%} disagreement, KL {max_kl:g}); {causes}"
         )
     return report
-
-
-def check_partners(
-    cached: CachedTeacher, sampler: ViewSampler | None, dataset: Any, n_probe: int = 512
-) -> None:
-    """A mixing cache replays a run's mixed views only if the run draws the same partners.
-
-    Partners come from the run's partner pool (its training dataset's sample indices), so a
-    run on a subset of the cached dataset, or with another sampler, mixes other images than
-    the cached teacher saw. Compares the stored partner and ``lam`` with ``sampler``'s on
-    ``n_probe`` seeded (index, view) pairs of ``dataset``; :class:`KDError` on any difference.
-    Nothing to check when neither the cache nor the sampler mixes.
-    """
-    run_mixes = sampler is not None and sampler.mixes
-    if not cached.mixes and not run_mixes:
-        return
-    if cached.mixes != run_mixes:
-        raise _mismatch(
-            "views (mixing)",
-            cached.meta["views"],
-            None if sampler is None else sampler.config(),
-            "the student would see other images than the cached teacher did; precompute again",
-        )
-    keys = dataset_keys(dataset)
-    rng = np.random.default_rng(0)
-    rows = np.sort(rng.choice(keys.size, min(n_probe, keys.size), replace=False))
-    index = torch.from_numpy(keys[rows])
-    view = torch.from_numpy(rng.integers(0, cached.num_views, size=rows.size))
-    stored_partner, stored_lam = cached.read_mix(index, view)
-    pool = MixPool.from_dataset(dataset)
-    mine = sampler.sample(index, view, pool)  # type: ignore[union-attr]
-    same_partner = np.array_equal(mine.partner.numpy(), stored_partner)
-    if not same_partner or not np.array_equal(mine.lam.numpy(), stored_lam):
-        raise KDError(
-            f"teacher cache {cached.cache_dir} stores other mixed views than this run draws "
-            f"(partner {'ok' if same_partner else 'differs'}, lam differs or not): the run's "
-            f"partner pool ({len(pool)} samples) or sampler is not the precompute's; train on "
-            "the dataset the cache was precomputed on, or precompute again"
-        )

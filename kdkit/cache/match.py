@@ -84,8 +84,8 @@ def check_run_dataset(meta: dict[str, Any], dataset: Any) -> None:
 _WRONG_DATA = (
     "the cache was precomputed on another dataset or split than this run's training loader "
     "(config keys data.train, data.unlabeled, data.labeled and data.val.split decide it); "
-    "precompute it on the training data (kdkit precompute CONFIG), or pass "
-    "cache_dataset_check=False to the Trainer"
+    "precompute it on the training data (kdkit precompute CONFIG), or open the cache with "
+    "CachedTeacher(DIR, dataset_check=False) if the data is the same in another form"
 )
 
 

@@ -58,9 +58,12 @@ def run(args: argparse.Namespace) -> int:
     from kdkit.errors import KDError
 
     if args.run is not None:  # a run directory names both models
-        from kdkit.run.models import run_models
+        from kdkit.run.recipes import recipe_for_run
 
-        args.teacher, args.student, shape = run_models(args.run, trust_code=args.trust_code)
+        recipe = recipe_for_run(args.run)
+        args.teacher, args.student, shape = recipe.bench_models(
+            args.run, trust_code=args.trust_code
+        )
         args.input_shape = args.input_shape or shape
     elif args.teacher is None or args.student is None:
         raise KDError("kdkit bench needs RUN_DIR, or --teacher X and --student Y")

@@ -1,13 +1,12 @@
-"""Argument checks shared by the subcommands: refuse a bad value before any work starts."""
+"""The CLI's shared flags and argument checks (the checks live on the ground floor, where the
+builders the verbs call use them too): refuse a bad value before any work starts."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from typing import Any
 
+from kdkit._args import check_min, check_range, check_shape
 from kdkit._device import check_device
-from kdkit.errors import KDError
 
 __all__ = ["check_device", "check_min", "check_range", "check_shape", "add_trust_code"]
 
@@ -19,28 +18,3 @@ def add_trust_code(p: Any) -> None:
         help="allow a checkpoint to name python:pkg.module:callable as its model (runs that "
         "code); without it only registered models (kdkit:, torchvision:, timm:, open_clip:) load",
     )
-
-
-def check_min(value: float | None, low: float, option: str) -> None:
-    """``value`` (when given) must be a finite number >= ``low``."""
-    if value is None:
-        return
-    if not math.isfinite(value) or value < low:
-        raise KDError(f"{option} must be >= {low:g}, got {value:g}")
-
-
-def check_range(value: float | None, low: float, high: float, option: str) -> None:
-    if value is None:
-        return
-    if not math.isfinite(value) or not low <= value <= high:
-        raise KDError(f"{option} must be in [{low:g}, {high:g}], got {value:g}")
-
-
-def check_shape(shape: Sequence[int] | None, option: str = "--input-shape") -> None:
-    if shape is None:
-        return
-    if not 1 <= len(shape) <= 4 or any(d <= 0 for d in shape):
-        raise KDError(
-            f"{option} is one sample's shape without the batch axis, e.g. 1 28 28 or 3 224 224; "
-            f"got {' '.join(map(str, shape))}"
-        )

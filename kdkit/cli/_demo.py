@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+#: kdkit demo NAME: one per task recipe (kdkit.run.recipes), listed here so --help imports no torch
+_DEMOS = ("vision", "lm")
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -18,15 +21,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "what",
         nargs="?",
-        choices=("vision", "lm"),
+        choices=_DEMOS,
         default="vision",
         help="vision (Fashion-MNIST, default) or lm (a tiny Llama on the Python docs)",
     )
     p.add_argument("--quick", action="store_true", help="about 3 minutes instead of 15")
     p.add_argument("--retrain", action="store_true", help="ignore the cached teacher")
     p.add_argument("--out", help="report directory (default: runs/demo, runs/demo-lm)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-labeled", type=int, default=1000, help="labels the students get")
+    p.add_argument("--seed", type=int, help="seed of every run (0)")
+    p.add_argument("--n-labeled", type=int, help="vision: labels the students get (1000)")
     p.add_argument("--teacher-epochs", type=int)
     p.add_argument("--scratch-epochs", type=int)
     p.add_argument("--kd-epochs", type=int)
@@ -41,37 +44,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.what == "lm":
-        return _run_lm(args)
-    from kdkit.demo import DemoConfig, run_demo
+    from kdkit.run.recipes import RECIPES
 
-    overrides = {
-        "out_dir": args.out or "runs/demo",
-        "seed": args.seed,
-        "n_labeled": args.n_labeled,
-        "retrain": args.retrain,
-        "augment": not args.no_augment,
-        "progress": not args.no_progress,
-    }
-    for name in ("teacher_epochs", "scratch_epochs", "kd_epochs", "temperature"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
-    report = run_demo(cfg)
-    print(report.read_text())
-    return 0
-
-
-def _run_lm(args: argparse.Namespace) -> int:
-    from kdkit.run.lm_demo import LMDemoConfig, run_lm_demo
-
-    overrides = {
-        "out_dir": args.out or "runs/demo-lm",
-        "seed": args.seed,
-        "retrain": args.retrain,
-        "progress": not args.no_progress,
-    }
-    cfg = LMDemoConfig.quick(**overrides) if args.quick else LMDemoConfig(**overrides)
-    report = run_lm_demo(cfg)
-    print(report.read_text())
+    recipe = next(r for r in RECIPES.values() if r.demo_name == args.what)
+    options = {k: v for k, v in vars(args).items() if k not in ("what", "func", "verbose")}
+    options["augment"] = not options.pop("no_augment")
+    options["progress"] = not options.pop("no_progress")
+    print(recipe.demo(options).read_text())
     return 0

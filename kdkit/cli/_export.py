@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kdkit.cli._checks import add_trust_code, check_min, check_shape
+from kdkit.cli._checks import add_trust_code
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -55,91 +55,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from kdkit._io import check_output_path
     from kdkit.errors import KDError
-    from kdkit.export import export_onnx
-    from kdkit.load import load_model
+    from kdkit.run.recipes import recipe_for_run
+    from kdkit.train.rundir import protected_files
 
     if (args.onnx is None) == (args.hf is None):
         raise KDError("kdkit export needs one of --onnx PATH or --hf DIR")
-    from kdkit.train.rundir import protected_files
-
     inputs = protected_files(args.checkpoint)  # never written over, whatever the output
     if args.hf is not None:
-        from kdkit.run.lm_tools import export_hf
-
         check_output_path(args.hf, what="--hf", directory=True, inputs=inputs)
-
-        out = export_hf(args.checkpoint, args.hf)
-        print(f"wrote {out} (AutoModelForCausalLM.from_pretrained loads it without kdkit)")
-        return 0
-    check_shape(args.input_shape)
-    check_min(args.atol, 0.0, "--atol")
-    check_output_path(args.onnx, what="--onnx", inputs=inputs)
-    from kdkit.run.models import checkpoint_in  # a run directory -> its best.pt / last.pt
-
-    module, meta = load_model(checkpoint_in(args.checkpoint), trust_code=args.trust_code)
-    shape = args.input_shape or meta.get("input_shape")
-    if not shape:
-        raise KDError(f"{args.checkpoint} records no input_shape; pass --input-shape C H W")
-    if args.int8:
-        return _run_int8(args, module, meta, shape)
-    report = export_onnx(
-        module,
-        args.onnx,
-        shape,
-        opset=args.opset,
-        verify=not args.no_verify,
-        atol=args.atol,
-        metadata=onnx_metadata(meta),
-    )
-    diff = "skipped" if report.max_abs_diff is None else f"{report.max_abs_diff:.3g}"
-    print(f"path:         {report.path}")
-    print(f"size:         {report.size_bytes / 2**20:.2f} MiB")
-    print(f"opset:        {report.opset} ({report.exporter} exporter)")
-    print(f"input:        {report.input_name} (N, {', '.join(map(str, report.input_shape))})")
-    print(f"max abs diff: {diff} (ONNX Runtime vs PyTorch, batch {report.verify_batch})")
-    if meta.get("mean") and meta.get("std"):
-        print(
-            f"note: the model expects input normalised with mean={meta['mean']} std={meta['std']}"
-        )
-    return 0
-
-
-def onnx_metadata(meta: dict) -> dict[str, str]:
-    """What a checkpoint knows that the ONNX file should carry: class names (``kdkit.classes``,
-    a JSON list) and the input normalisation (``kdkit.mean`` / ``kdkit.std``, JSON lists)."""
-    import json
-
-    return {
-        f"kdkit.{key}": json.dumps(list(meta[key]))
-        for key in ("classes", "mean", "std")
-        if meta.get(key)
-    }
-
-
-def _run_int8(args: argparse.Namespace, module, meta: dict, shape) -> int:
-    from kdkit.cli._checks import check_range
-    from kdkit.cli._eval import _data_section
-    from kdkit.run.data import build_data
-    from kdkit.run.int8 import export_int8
-
-    check_range(args.min_agreement, 0.0, 1.0, "--min-agreement")
-    check_min(args.calibration_samples, 1, "--calibration-samples")
-    full = {**meta, "input_shape": list(shape)}  # meta holds the run config
-    data_cfg, seed, _ = _data_section(full, args.data)
-    data = build_data(data_cfg, seed=seed, classes=meta.get("classes"))
-    result = export_int8(
-        module,
-        args.onnx,
-        tuple(shape),
-        data,
-        metadata=onnx_metadata(meta),
-        samples=args.calibration_samples,
-        min_agreement=args.min_agreement,
-        opset=args.opset,
-    )
-    size = result.path.stat().st_size / 2**20
-    print(
-        f"path:         {result.path} (int8, {size:.2f} MiB; fp32 {result.fp32.size_bytes / 2**20:.2f} MiB)"
-    )
-    print(f"fidelity:     {result.fidelity} (gate: top-1 agreement >= {args.min_agreement:.2%})")
+    else:
+        check_output_path(args.onnx, what="--onnx", inputs=inputs)
+    options = dict(vars(args))
+    print("\n".join(recipe_for_run(args.checkpoint).export(args.checkpoint, options)))
     return 0

@@ -1,4 +1,10 @@
-"""``kdkit precompute``: store a teacher's outputs (K augmentation views per sample) on disk."""
+"""``kdkit precompute``: run a teacher once over a run's data and keep its outputs on disk.
+
+With CONFIG (a ``kdkit train`` config), the config's task's recipe does it: an image cache (K
+augmentation views per sample, full or top-k logits) for ``task: classify``, a top-k token
+cache for ``task: lm`` (``kdkit lm capture`` is the same verb). Without CONFIG, the older
+flags describe an image teacher and dataset.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +14,16 @@ from typing import Any
 from kdkit.cli._checks import add_trust_code, check_device, check_min, check_range
 from kdkit.errors import KDError
 
-DATASETS = ("fashion-mnist",)
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "precompute",
-        help="precompute a teacher cache (full or top-k logits, K views per sample)",
-        description="Run the teacher once over a dataset and store its logits for K "
-        "augmentation views per sample, so training can replay them (kdkit.cache). With "
-        "CONFIG (the kdkit train config): its teacher, training data, normalisation and "
-        "data.views; then train with teacher: {model: cache:DIR}. Without: the older flags.",
+        help="precompute a teacher cache (images: K views per sample; task: lm: top-k tokens)",
+        description="Run the teacher once over a dataset and store its outputs, so training "
+        "can replay them. With CONFIG (the kdkit train config): its teacher and training data "
+        "(images: normalisation and data.views, full or top-k logits; task: lm: the top-k "
+        "log-probs of every trained token, resumable); then train with teacher: "
+        "{model: cache:DIR}. Without CONFIG: the older flags (images).",
     )
     p.add_argument("config", nargs="?", help="a kdkit train config (YAML)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -31,10 +36,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         help="views per sample (0: no augmentation; with CONFIG: data.views.num_views)",
     )
-    p.add_argument("--topk", type=int, help="store only the k largest logits")
-    p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--shard-size", type=int, default=16384, help="samples per shard file")
+    p.add_argument(
+        "--topk", type=int, help="store only the k largest logits (task: lm: entries per token, 32)"
+    )
+    p.add_argument("--dtype", choices=("fp16", "fp32"), help="image logits (default fp16)")
+    p.add_argument("--batch-size", type=int, help="images per teacher batch (256)")
+    p.add_argument("--shard-size", type=int, help="samples per shard file (16384)")
     p.add_argument("--view-seed", type=int, default=0, help="seed of the view sampler")
     p.add_argument("--crop", choices=("pad", "resized", "none"), default="pad")
     p.add_argument("--pad", type=int, default=2, help="pixels of pad-and-crop (--crop pad)")
@@ -51,8 +58,45 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--cutmix", type=float, default=0.0, help="CutMix Beta(a, a), as --mixup (0: off)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace a different cache in --out")
+    add_lm_capture_args(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
+
+
+def add_lm_capture_args(p: argparse.ArgumentParser) -> None:
+    """The flags only a ``task: lm`` cache takes (``kdkit precompute`` and ``kdkit lm
+    capture``)."""
+    p.add_argument(
+        "--encoding",
+        choices=("q8", "f16"),
+        help="task: lm log-probs: q8 (8-bit offsets below the top, per-token scale) or f16 "
+        "(default q8)",
+    )
+    p.add_argument("--temperature", type=float, help="task: lm capture temperature (1)")
+    p.add_argument("--shard-rows", type=int, metavar="N", help="task: lm rows per shard (256)")
+
+
+#: the flags a recipe's precompute reads (the rest describe the older flags' teacher and data)
+_CONFIG_OPTIONS = (
+    "views", "topk", "dtype", "batch_size", "shard_size", "device", "overwrite", "encoding",
+    "temperature", "shard_rows",
+)  # fmt: skip
+
+
+def run_config(args: argparse.Namespace) -> int:
+    """``kdkit precompute CONFIG`` (and ``kdkit lm capture CONFIG``): the config's recipe."""
+    from kdkit.config import load_resolved
+    from kdkit.run.recipes import recipe_for
+
+    if getattr(args, "teacher", None) is not None:
+        raise KDError("with CONFIG the teacher is its teacher: section; drop --teacher")
+    cfg = load_resolved(args.config, args.overrides)
+    check_device(getattr(args, "device", None))
+    options = {k: getattr(args, k, None) for k in _CONFIG_OPTIONS}
+    options["progress"] = not args.no_progress
+    options["trust_code"] = getattr(args, "trust_code", False)
+    print("\n".join(recipe_for(cfg).precompute(cfg, args.out, options)))
+    return 0
 
 
 def add_teacher_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -70,48 +114,6 @@ def add_teacher_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     )
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     add_trust_code(p)
-
-
-def load_teacher(path: str, arch: str, device: str | None, trust_code: bool = False) -> Any:
-    """A Teacher for ``path``: ``.onnx`` / ``.engine`` files and checkpoints that name their
-    model (``<role>_spec``) go through :func:`kdkit.teachers.teacher`; a file holding only
-    weights (a kdkit checkpoint without a spec, or a plain state dict) is loaded into
-    ``arch``, a registered model spec. Nothing a file names is imported without
-    ``trust_code``."""
-    import torch
-
-    from kdkit.load import load_weights, spec_from_text
-    from kdkit.registry import build_model
-    from kdkit.teachers import TorchTeacher, teacher
-
-    check_device(device)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if path.endswith((".onnx", ".engine", ".plan")):
-        return teacher(path)
-    from kdkit.load import load_checkpoint
-
-    try:
-        ckpt = load_checkpoint(path)
-    except KDError as err:
-        if "not a kdkit checkpoint" not in str(err):
-            raise
-        ckpt = None  # a plain state dict: weights for --arch
-    if ckpt is not None and any(ckpt.get(f"{r}_spec") for r in ("student", "teacher")):
-        return teacher(path, trust_code=trust_code).to(device)
-    spec = spec_from_text(arch, where="--arch")
-    model = build_model(spec, trust_code=trust_code, where="--arch")
-    load_weights(model, path)
-    return TorchTeacher(model.eval()).to(device)
-
-
-def load_data(spec: str) -> tuple[Any, tuple[float, ...], tuple[float, ...]]:
-    """``(dataset, mean, std)`` for ``name[:split]``."""
-    name, _, split = spec.partition(":")
-    if name not in DATASETS:
-        raise KDError(f"unknown dataset {name!r}; available: {list(DATASETS)}")
-    from kdkit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
-
-    return load_fashion_mnist(split or "train"), FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 
 def build_views(args: argparse.Namespace, image_size: tuple[int, int]) -> Any:
@@ -132,61 +134,20 @@ def build_views(args: argparse.Namespace, image_size: tuple[int, int]) -> Any:
     return views_from(section, args.view_seed, image_size, flip_p=args.flip_p)
 
 
-def config_of(args: argparse.Namespace):
-    """CONFIG + ``--set`` -> the validated config with absolute paths (as kdkit train)."""
-    from kdkit.config import LMRunConfig, load_resolved
-
-    cfg = load_resolved(args.config, args.overrides)
-    if isinstance(cfg, LMRunConfig):
-        raise KDError("kdkit precompute CONFIG takes an image (task: classify) config")
-    if args.teacher is not None:
-        raise KDError("with CONFIG the teacher is its teacher: section; drop --teacher")
-    return cfg
-
-
-def _run_config(args: argparse.Namespace) -> int:
-    """``kdkit precompute CONFIG``: the run's teacher, data and views (kdkit.run.cache_job)."""
-    from kdkit._io import check_output_path
-    from kdkit.cache import precompute, read_meta
-    from kdkit.run.cache_job import cache_plan, default_cache_dir
-
-    cfg = config_of(args)
-    check_min(args.views, 1, "--views")
-    check_min(args.topk, 1, "--topk")
-    out = args.out or default_cache_dir(cfg)
-    check_output_path(out, what="--out", directory=True)
-    plan = cache_plan(cfg, num_views=args.views, trust_code=args.trust_code)
-    device = check_device(args.device) or cfg.train.device
-    precompute(
-        plan.teacher, plan.dataset, out, views=plan.views, topk=args.topk,
-        batch_size=args.batch_size, dtype=args.dtype, mean=plan.mean, std=plan.std,
-        shard_size=args.shard_size, device=device, progress=not args.no_progress,
-        overwrite=args.overwrite, source=plan.source, features=plan.features,
-    )  # fmt: skip
-    _report(out, read_meta(out), getattr(plan.dataset, "unreadable", None))
-    print(f'train from it: teacher: {{model: "cache:{out}"}}')
-    return 0
-
-
-def _report(out, meta: dict, unreadable=None) -> None:
-    print(
-        f"wrote {out}: {meta['num_samples']} samples x {meta['num_views']} views, "
-        f"{'top-' + str(meta['topk']) if meta['topk'] else 'full'} {meta['dtype']} logits, "
-        f"{len(meta['shards'])} shards"
-    )
-    if meta.get("features"):
-        shapes = ", ".join(f"{n} {tuple(f['shape'])}" for n, f in meta["features"].items())
-        print(f"teacher features: {shapes} (for the config's feature pairs)")
-    if unreadable is not None and unreadable.count:
-        print(f"{unreadable.summary()} (placeholder rows, never read in training)")
-
-
 def run(args: argparse.Namespace) -> int:
+    from kdkit._cache_meta import written_lines
     from kdkit._io import check_output_path
-    from kdkit.cache import precompute, read_meta
+    from kdkit.cache import precompute
+    from kdkit.run.cache_job import load_teacher_file, named_dataset
+    from kdkit.run.recipes.base import refuse_options
 
     if args.config is not None:
-        return _run_config(args)
+        return run_config(args)
+    refuse_options(vars(args), ("encoding", "temperature", "shard_rows"), "the older flags")
+    defaults = {"dtype": "fp16", "batch_size": 256, "shard_size": 16384}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.teacher is None or args.out is None:
         raise KDError("kdkit precompute needs CONFIG.yaml, or --teacher FILE and --out DIR")
     args.views = args.views or 0
@@ -204,8 +165,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < lo <= hi <= 1:
         raise KDError(f"--scale LO HI needs 0 < LO <= HI <= 1, got {lo:g} {hi:g}")
     check_output_path(args.out, what="--out", directory=True, inputs=[args.teacher])
-    dataset, mean, std = load_data(args.data)
-    teacher = load_teacher(args.teacher, args.arch, args.device, args.trust_code)
+    dataset, mean, std = named_dataset(args.data)
+    teacher = load_teacher_file(args.teacher, args.arch, args.device, args.trust_code)
     views = build_views(args, tuple(dataset[0][0].shape[-2:]))
     out = precompute(
         teacher,
@@ -223,5 +184,5 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         source={"teacher": args.teacher, "data": args.data, "arch": args.arch},
     )
-    _report(out, read_meta(out))
+    print("\n".join(written_lines(out)))
     return 0

@@ -34,11 +34,11 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from kdkit.cli._checks import check_device
-    from kdkit.run.predict import image_paths, load_predictor, predict_paths
+    from kdkit.run.predict import image_paths, predict_paths
+    from kdkit.run.recipes import recipe_for_run
 
-    predictor = load_predictor(
-        args.model, trust_code=args.trust_code, device=check_device(args.device) or "cpu"
-    )
+    options = {"trust_code": args.trust_code, "device": check_device(args.device) or "cpu"}
+    predictor = recipe_for_run(args.model).predict(args.model, options)
     predictions = predict_paths(predictor, image_paths(args.images), args.topk)
     if args.json:
         rows = [

@@ -55,7 +55,7 @@ def resolved_config(args: argparse.Namespace):
     import os
     from pathlib import Path
 
-    from kdkit.config import load_config, load_resolved, read_yaml, resolve_paths, validate
+    from kdkit.config import load_resolved, parse_config, read_yaml, resolve_paths, validate
     from kdkit.errors import KDError
 
     if args.init_from is not None:
@@ -72,9 +72,9 @@ def resolved_config(args: argparse.Namespace):
     saved = Path(args.run_dir) / "config.yaml"
     if not saved.is_file():
         raise KDError(f"nothing to resume in {args.run_dir}: it has no config.yaml")
-    cfg = load_config(data=read_yaml(saved), overrides=args.overrides)
+    cfg = parse_config(data=read_yaml(saved), overrides=args.overrides)
     cfg = dataclasses.replace(cfg, run_dir=args.run_dir)
-    return validate(resolve_paths(cfg))
+    return validate(resolve_paths(cfg))  # saved configs hold absolute paths
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,16 +88,9 @@ def run(args: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         return 0
     result = train_run(cfg, resume=args.resume, trust_code=args.trust_code)
+    from kdkit.run.recipes import recipe_for
     from kdkit.train import distributed
 
     if distributed.is_main():
-        if result.metric == "ppl":
-            best = "n/a (no val data)" if result.best_top1 is None else f"{result.best_top1:.3f}"
-            teacher = "" if result.teacher_top1 is None else f", teacher {result.teacher_top1:.3f}"
-            print(f"best val perplexity: {best}{teacher}")
-        else:
-            best = "n/a (no val data)" if result.best_top1 is None else f"{result.best_top1:.2f}%"
-            teacher = "" if result.teacher_top1 is None else f", teacher {result.teacher_top1:.2f}%"
-            print(f"best val top-1: {best}{teacher}")
-        print(f"run directory:  {result.run_dir}")
+        print("\n".join(recipe_for(cfg).summary(result)))
     return 0

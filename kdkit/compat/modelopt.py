@@ -40,7 +40,7 @@ from kdkit.compat._modelopt_config import describe_teacher_model, parse_distill_
 from kdkit.distiller import Distiller, Forward
 from kdkit.errors import KDError
 from kdkit.losses import MGD, SoftTargetKL
-from kdkit.task import StepOutput
+from kdkit.task import StepOutput, Task
 
 __all__ = [
     "DistillationModel",
@@ -66,7 +66,7 @@ def from_config(
 _MODULE_STATE = frozenset(vars(nn.Module()))  # training, _modules, ...: the wrapper's own
 
 
-class DistillationModel(nn.Module):
+class DistillationModel(Task):
     """ModelOpt's meta-model: a :class:`kdkit.Distiller` with ModelOpt's two calls.
 
     ``model(x)`` runs the teacher (no grad, while distillation is active) and the student and
@@ -173,6 +173,9 @@ class DistillationModel(nn.Module):
 
     best_metric = Distiller.best_metric
     unit = Distiller.unit
+
+    def check_inputs(self, dataset: Any, inputs: Any) -> None:
+        self.distiller.check_inputs(dataset, inputs)
 
     @property
     def teacher(self) -> Any:

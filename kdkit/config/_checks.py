@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from kdkit._device import check_device
-from kdkit.config.lm_schema import LM_PREFIXES, LMModelConfig, LMRunConfig
 from kdkit.config.schema import (
     MODEL_PREFIXES,
     TEACHER_ONLY_PREFIXES,
@@ -22,7 +21,13 @@ from kdkit.config.schema import (
 )
 from kdkit.errors import KDError, closest_names
 
-__all__ = ["validate", "looks_like_path", "check_name"]
+__all__ = [
+    "check_classify",
+    "check_name",
+    "check_path",
+    "check_train_section",
+    "looks_like_path",
+]
 
 # -- cross-field validation -----------------------------------------------------------------
 
@@ -84,7 +89,7 @@ def _check_args(cls: Any, args: Mapping[str, Any], key: str) -> None:
             )
 
 
-def _check_path(path: str | None, key: str, *, folder: bool = False) -> None:
+def check_path(path: str | None, key: str, *, folder: bool = False) -> None:
     if path is None:
         return
     p = Path(path)
@@ -108,13 +113,10 @@ def _check_source(src: SourceConfig, key: str, *, allow_split: bool) -> None:
         raise KDError(f"config key '{key}.split' is only for data.val (a part carved from train)")
 
 
-def validate(cfg: RunConfig | LMRunConfig, *, check_paths: bool = True) -> RunConfig:
-    """Cross-field rules, loss/optimizer/scheduler names, and (``check_paths``) that every file
-    and folder the config names exists. Imports torch and kdkit.losses, builds nothing."""
-    check_name(cfg.name)
-    if isinstance(cfg, LMRunConfig):
-        return validate_lm(cfg, check_paths=check_paths)
-
+def check_classify(cfg: RunConfig, check_paths: bool = True) -> None:
+    """The ``task: classify`` rules: model strings, teacher, data sources, views, loss pairs and
+    their arguments, the train section, and (``check_paths``) every file and folder named.
+    Imports torch and kdkit.losses, builds nothing."""
     from kdkit.losses import LOSSES
 
     if cfg.train.fsdp:
@@ -180,15 +182,14 @@ def validate(cfg: RunConfig | LMRunConfig, *, check_paths: bool = True) -> RunCo
     if check_paths:
         for src, key in ((d.train, "data.train"), (d.val, "data.val")):
             if src is not None:
-                _check_path(src.image_folder, f"{key}.image_folder", folder=True)
-                _check_path(src.root, f"{key}.root", folder=True)
+                check_path(src.image_folder, f"{key}.image_folder", folder=True)
+                check_path(src.root, f"{key}.root", folder=True)
         if cfg.teacher is not None:
-            _check_path(cfg.teacher.weights, "teacher.weights")
-            _check_path(cfg.teacher.probe, "teacher.probe")
-        _check_path(cfg.student.weights, "student.weights")
+            check_path(cfg.teacher.weights, "teacher.weights")
+            check_path(cfg.teacher.probe, "teacher.probe")
+        check_path(cfg.student.weights, "student.weights")
         for i, folder in enumerate(d.unlabeled):
-            _check_path(folder, f"data.unlabeled.{i}", folder=True)
-    return cfg
+            check_path(folder, f"data.unlabeled.{i}", folder=True)
 
 
 def _check_teacher(cfg: RunConfig, check_paths: bool) -> None:
@@ -272,128 +273,3 @@ def check_train_section(t: TrainConfig) -> None:
             )
         _check_args(getattr(sched, t.scheduler.name), t.scheduler.args, "train.scheduler.args")
     _try_optimizer_and_scheduler(t)
-
-
-def _lm_model(mc: LMModelConfig, key: str, check_paths: bool) -> None:
-    prefix, sep, path = mc.model.partition(":")
-    if key == "teacher" and prefix == "cache" and path:  # a kdkit lm capture folder
-        if (mc.backend, mc.precision) != ("torch", "fp32") or mc.dtype not in (None, "float32"):
-            raise KDError(
-                "config key 'teacher.backend' / 'precision' / 'dtype': a cache:DIR teacher is "
-                "never run (its log-probs are on disk); drop the key, or capture with that "
-                "teacher (kdkit lm capture)"
-            )
-        if check_paths and not (Path(path).expanduser() / "manifest.json").is_file():
-            raise KDError(
-                f"config key 'teacher.model': {path} is not an LM teacher cache (no "
-                "manifest.json); make one with kdkit lm capture CONFIG.yaml --out DIR"
-            )
-        return
-    if not sep or prefix not in LM_PREFIXES or not path:
-        close = closest_names(prefix, LM_PREFIXES, 1)
-        raise KDError(
-            f"config key '{key}.model' expects 'hf:DIR' (a save_pretrained folder) or "
-            f"'hf-config:DIR' (random init from its config.json)"
-            + (" or 'cache:DIR' (a kdkit lm capture)" if key == "teacher" else "")
-            + f", got {mc.model!r}"
-            + (f"; did you mean '{close[0]}:{path}'?" if sep and close else "")
-        )
-    if mc.dtype not in (None, "float32", "bfloat16", "float16"):
-        raise KDError(
-            f"config key '{key}.dtype' expects float32, bfloat16 or float16, got {mc.dtype!r}"
-        )
-    if key != "teacher" and (mc.backend, mc.precision) != ("torch", "fp32"):
-        raise KDError(
-            f"config key '{key}.backend' / '{key}.precision' applies to the teacher only; "
-            f"the {key} trains in PyTorch (drop the key, or use {key}.dtype)"
-        )
-    if (mc.backend == "onnx" or mc.precision == "int8") and mc.dtype not in (None, "float32"):
-        raise KDError(
-            f"config key '{key}.dtype': the ONNX Runtime teacher (backend: onnx / precision: "
-            f"int8) is exported from float32 weights, got dtype {mc.dtype!r}"
-        )
-    if check_paths:
-        if not (Path(path).expanduser() / "config.json").is_file():
-            raise KDError(
-                f"config key '{key}.model': {path} has no config.json (not a model folder)"
-            )
-        _check_path(mc.tokenizer, f"{key}.tokenizer", folder=True)
-
-
-def _globs_match(patterns: tuple[str, ...], key: str) -> None:
-    import glob
-
-    for i, pattern in enumerate(patterns):
-        if not glob.glob(os.path.expanduser(pattern), recursive=True):
-            raise KDError(f"config key '{key}.{i}': no file matches {pattern!r}")
-
-
-def _check_on_policy(cfg: LMRunConfig) -> None:
-    """``distill.on_policy`` with ``lambda > 0`` (:mod:`kdkit.lm.onpolicy`): a live teacher
-    scores the student's samples, the prompt ends where the trained tokens begin, and the
-    rows are regenerated one document each, the same forwards on every rank."""
-    op = cfg.distill.on_policy
-    if op is None or op.lam == 0:
-        return
-    key = "config key 'distill.on_policy'"
-    if cfg.teacher is None:
-        raise KDError(f"{key} needs a teacher to score the student's samples; set teacher.model")
-    if cfg.teacher.model.startswith("cache:"):
-        raise KDError(
-            f"{key}: a teacher cache (teacher.model {cfg.teacher.model!r}) holds scores of the "
-            "corpus' tokens only and cannot score new samples; use a live teacher (hf:DIR) or "
-            "on_policy.lambda: 0"
-        )
-    d = cfg.data
-    if d.format not in ("prompt_completion", "chat"):
-        raise KDError(
-            f"{key} needs data.format prompt_completion or chat (the student regenerates the "
-            f"completions), got {d.format!r}"
-        )
-    if d.loss_on == "all":
-        raise KDError(
-            f"{key} needs data.loss_on {'completion' if d.format != 'chat' else 'assistant'}: "
-            "the prompt ends where the trained tokens begin (loss_on all trains the prompt too)"
-        )
-    if d.pack:
-        raise KDError(
-            f"{key} needs data.pack: false (a packed row's documents cannot be regenerated "
-            "in place)"
-        )
-    if cfg.train.fsdp:
-        raise KDError(
-            f"{key} does not run with train.fsdp: true (each rank samples completions of its own "
-            "length; FSDP needs the same forwards on every rank); use DDP (torchrun, no fsdp)"
-        )
-
-
-def validate_lm(cfg: LMRunConfig, *, check_paths: bool = True) -> LMRunConfig:
-    """The ``task: lm`` rules: model strings and folders, text globs, the val source, that
-    ``loss_on`` fits ``format``, and ``distill.on_policy``; the train section as for every task."""
-    _lm_model(cfg.student, "student", check_paths)
-    _check_on_policy(cfg)
-    if cfg.teacher is not None:
-        _lm_model(cfg.teacher, "teacher", check_paths)
-        t = cfg.teacher
-        if cfg.train.fsdp and (t.backend, t.precision) != ("torch", "fp32"):
-            raise KDError(
-                "config key 'teacher.backend': an ONNX Runtime teacher cannot be sharded "
-                "(train.fsdp: true); use backend: torch, precision: fp32 with FSDP"
-            )
-    d = cfg.data
-    if not d.text_files:
-        raise KDError("config key 'data.text_files' is empty: name at least one file or glob")
-    needs = {"completion": "prompt_completion", "assistant": "chat"}
-    if d.loss_on in needs and d.format != needs[d.loss_on]:
-        raise KDError(
-            f"config key 'data.loss_on': {d.loss_on!r} needs data.format "
-            f"{needs[d.loss_on]!r}, got {d.format!r}"
-        )
-    if d.val is not None and (d.val.text_files is None) == (d.val.split is None):
-        raise KDError("config key 'data.val' takes one of text_files: [...] or split: F")
-    check_train_section(cfg.train)
-    if check_paths:
-        _globs_match(d.text_files, "data.text_files")
-        if d.val is not None and d.val.text_files:
-            _globs_match(d.val.text_files, "data.val.text_files")
-    return cfg

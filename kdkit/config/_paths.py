@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -15,7 +16,14 @@ from kdkit.config._yaml import to_dict
 from kdkit.config.lm_schema import LMModelConfig, LMRunConfig
 from kdkit.config.schema import TEACHER_ONLY_PREFIXES, RunConfig, SourceConfig
 
-__all__ = ["resolve_paths", "diff", "config_base", "ConfigBase"]
+__all__ = [
+    "ConfigBase",
+    "as_base",
+    "config_base",
+    "diff",
+    "resolve_classify_paths",
+    "resolve_lm_paths",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +44,7 @@ def _abs(path: str | None, base: Path) -> str | None:
     if path is None:
         return None
     given = Path(path).expanduser()
-    if not isinstance(base, ConfigBase):
+    if not isinstance(base, ConfigBase):  # a plain folder: the default run directory's
         return str((base / given).resolve())
     here = Path(os.path.abspath(base.folder / given)).resolve()  # "..": the folder as given
     if not given.is_absolute() and not here.exists():
@@ -69,12 +77,30 @@ def _abs_model(model: str, base: Path) -> str:
     return model
 
 
-def _abs_glob(pattern: str, base: Path) -> str:
+def _abs_glob(pattern: str, base: ConfigBase) -> str:
+    """A glob of text files: from the config's folder, or (matching nothing there, and files
+    in the working directory) from the working directory, with the same warning as a path."""
     path = Path(pattern).expanduser()
-    return str(path if path.is_absolute() else Path(os.path.abspath(base / path)))
+    if path.is_absolute():
+        return str(path)
+    here = str(Path(os.path.abspath(base.folder / path)))
+    if not glob.glob(here, recursive=True):
+        there = str(Path(os.path.abspath(base.fallback / path)))
+        if glob.glob(there, recursive=True):
+            log.warning(
+                "%s: matches nothing in the config file's folder %s, files in the working "
+                "directory; relative paths are read from the config's folder: write %s",
+                pattern,
+                base.folder,
+                there,
+            )
+            return there
+    return here
 
 
-def _resolve_lm(cfg: LMRunConfig, base: Path) -> LMRunConfig:
+def resolve_lm_paths(cfg: LMRunConfig, base: ConfigBase) -> LMRunConfig:
+    """The ``task: lm`` config with its model folders, tokenizers, text globs and run
+    directory absolute (the same rule as every task: see :func:`resolve_classify_paths`)."""
     rep = dataclasses.replace
 
     def model(mc: LMModelConfig | None) -> LMModelConfig | None:
@@ -92,18 +118,16 @@ def _resolve_lm(cfg: LMRunConfig, base: Path) -> LMRunConfig:
         student=model(cfg.student),
         teacher=model(cfg.teacher),
         data=rep(d, text_files=tuple(_abs_glob(p, base) for p in d.text_files), val=val),
-        run_dir=_abs(cfg.run_dir or f"runs/{cfg.name}", base),
+        run_dir=_run_dir(cfg, base),
     )
 
 
-def resolve_paths(cfg: RunConfig, base: str | os.PathLike | ConfigBase | None = None) -> RunConfig:
-    """The same config with every file/folder path absolute (relative ones are taken from
-    ``base``, default the working directory), so a run directory is self-contained.
-    ``kdkit train CONFIG`` passes :func:`config_base` (the config file's folder)."""
-    if not isinstance(base, ConfigBase):
-        base = Path(base) if base is not None else Path.cwd()
-    if isinstance(cfg, LMRunConfig):  # task: lm keeps the working directory's paths
-        return _resolve_lm(cfg, _fallback(base))
+def resolve_classify_paths(cfg: RunConfig, base: ConfigBase) -> RunConfig:
+    """The same config with every file/folder path absolute, so a run directory is
+    self-contained. The rule, for every task: a relative path is read from ``base.folder``
+    (the config file's folder); an input found only under ``base.fallback`` (the working
+    directory) is taken from there with a warning; an explicit ``run_dir`` is relative to the
+    config's folder, the default ``runs/NAME`` to the working directory."""
     rep = dataclasses.replace
     t, s, d = cfg.teacher, cfg.student, cfg.data
 
@@ -129,13 +153,22 @@ def resolve_paths(cfg: RunConfig, base: str | os.PathLike | ConfigBase | None = 
             val=src(d.val),
             unlabeled=tuple(_abs(u, base) for u in d.unlabeled),
         ),
-        # the default runs/NAME is not a path in the config: the working directory's
-        run_dir=_abs(cfg.run_dir, base) or _abs(f"runs/{cfg.name}", _fallback(base)),
+        run_dir=_run_dir(cfg, base),
     )
 
 
-def _fallback(base: Path | ConfigBase) -> Path:
-    return base.fallback if isinstance(base, ConfigBase) else base
+def _run_dir(cfg: RunConfig | LMRunConfig, base: ConfigBase) -> str:
+    # the default runs/NAME is not a path in the config: the working directory's
+    return _abs(cfg.run_dir, base) or _abs(f"runs/{cfg.name}", base.fallback)
+
+
+def as_base(base: str | os.PathLike | ConfigBase | None) -> ConfigBase:
+    """A :class:`ConfigBase`; a plain folder (default: the working directory) is both the
+    folder and the fallback (Python callers resolving a config they built in memory)."""
+    if isinstance(base, ConfigBase):
+        return base
+    folder = Path(base) if base is not None else Path.cwd()
+    return ConfigBase(folder, folder)
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -154,8 +187,14 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 def diff(a: RunConfig, b: RunConfig, ignore: Sequence[str] = ("versions",)) -> dict[str, tuple]:
     """Keys whose values differ: ``{"train.epochs": (3, 4)}`` (``ignore``: top-level keys, or
-    dotted keys such as ``train.progress`` that do not change the result)."""
-    fa = _flatten({k: v for k, v in to_dict(a).items() if k not in ignore})
-    fb = _flatten({k: v for k, v in to_dict(b).items() if k not in ignore})
+    dotted keys such as ``train.progress`` that do not change the result). ``a`` and ``b`` are
+    configs or their plain data (a checkpoint's); a config saved before ``task:`` was written
+    out is a ``classify`` one."""
+
+    def flat(cfg: Any) -> dict[str, Any]:
+        data = {"task": "classify", **to_dict(cfg)}
+        return _flatten({k: v for k, v in data.items() if k not in ignore})
+
+    fa, fb = flat(a), flat(b)
     keys = sorted(k for k in set(fa) | set(fb) if k not in ignore)
     return {k: (fa.get(k), fb.get(k)) for k in keys if fa.get(k) != fb.get(k)}

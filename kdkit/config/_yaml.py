@@ -14,11 +14,11 @@ from typing import Any, Literal
 
 import yaml
 
-from kdkit.config.lm_schema import LMModelConfig, LMRunConfig
+from kdkit.config.lm_schema import LMModelConfig
 from kdkit.config.schema import RunConfig, SourceConfig, StudentConfig, TeacherConfig
 from kdkit.errors import KDError, closest_names
 
-__all__ = ["parse", "to_dict", "to_yaml", "read_yaml", "apply_overrides"]
+__all__ = ["build_section", "to_dict", "to_yaml", "read_yaml", "apply_overrides"]
 
 # -- YAML -> dataclasses ----------------------------------------------------------------
 
@@ -155,27 +155,6 @@ def build_section(cls: type, data: Any, key: str) -> Any:
     """One section (e.g. :class:`TeacherConfig` from a checkpoint's ``teacher_spec``), with
     the same messages as a whole config; ``key`` prefixes them (``"teacher"``)."""
     return _build(cls, data, key)
-
-
-TASKS = ("classify", "lm")
-
-
-def parse(data: Any) -> RunConfig | LMRunConfig:
-    """Map plain data (parsed YAML) onto :class:`RunConfig` (or, with ``task: lm``,
-    :class:`~kdkit.config.lm_schema.LMRunConfig`): types and value ranges only."""
-    data = data if data is not None else {}
-    if isinstance(data, Mapping) and "task" in data:
-        task = data["task"]
-        if task not in TASKS:
-            close = closest_names(str(task), TASKS, 1)
-            raise KDError(
-                f"config key 'task' expects one of {list(TASKS)}, got {task!r}; did you mean "
-                f"{close[0]!r}?"
-            )
-        if task == "lm":
-            return _build(LMRunConfig, data, "")
-        data = {k: v for k, v in data.items() if k != "task"}
-    return _build(RunConfig, data, "")
 
 
 # -- dataclasses -> YAML ----------------------------------------------------------------

@@ -304,8 +304,10 @@ class RunConfig:
 
     ``teacher: null`` (or no ``teacher:`` section) trains the student on the labels alone
     (fine-tuning the future teacher, or the scratch baseline): ``distill:`` is then unused.
+    ``task: classify`` is the default (a config without ``task:`` is an image run).
     """
 
+    task: Literal["classify"] = "classify"
     name: str = "run"
     teacher: TeacherConfig | None = None
     student: StudentConfig

@@ -5,52 +5,37 @@ which batches by tensor indexing; image folders go through :class:`ImageFolderMa
 DataLoaders. Normalisation happens on the device with :func:`to_float`.
 """
 
-from kdkit.data.arrays import ArrayDataset, Batch, FastLoader, to_float
-from kdkit.data.bytes_loader import ImageBytesLoader
-from kdkit.data.decode import DecodedImageDataset, EncodedImageDataset, ImageDecoder
-from kdkit.data.fashion_mnist import (
-    FASHION_MNIST_CLASSES,
-    FASHION_MNIST_MEAN,
-    FASHION_MNIST_STD,
-    load_fashion_mnist,
-)
-from kdkit.data.folder import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImageFolderDataset,
-    ImageFolderManager,
-)
-from kdkit.data.indexed import WithIndex
-from kdkit.data.prefetch import DevicePrefetcher
-from kdkit.data.split import concat, holdout, split_labeled
-from kdkit.data.stl10 import STL10_CLASSES, load_stl10
-from kdkit.data.views import Views, ViewSampler, prepare_input
+from kdkit._lazy import lazy_face
 
-__all__ = [
-    "FASHION_MNIST_CLASSES",
-    "FASHION_MNIST_MEAN",
-    "FASHION_MNIST_STD",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "ArrayDataset",
-    "Batch",
-    "FastLoader",
-    "ImageFolderDataset",
-    "ImageFolderManager",
-    "concat",
-    "DecodedImageDataset",
-    "DevicePrefetcher",
-    "EncodedImageDataset",
-    "ImageBytesLoader",
-    "ImageDecoder",
-    "holdout",
-    "load_fashion_mnist",
-    "load_stl10",
-    "STL10_CLASSES",
-    "split_labeled",
-    "to_float",
-    "ViewSampler",
-    "Views",
-    "prepare_input",
-    "WithIndex",
-]
+#: public name -> module (loaded on first use: ``import kdkit.data`` costs no torch)
+_PUBLIC = {
+    "FASHION_MNIST_CLASSES": "kdkit.data.fashion_mnist",
+    "FASHION_MNIST_MEAN": "kdkit.data.fashion_mnist",
+    "FASHION_MNIST_STD": "kdkit.data.fashion_mnist",
+    "IMAGENET_MEAN": "kdkit.data.folder",
+    "IMAGENET_STD": "kdkit.data.folder",
+    "ArrayDataset": "kdkit.data.arrays",
+    "Batch": "kdkit.data.arrays",
+    "FastLoader": "kdkit.data.arrays",
+    "ImageFolderDataset": "kdkit.data.folder",
+    "ImageFolderManager": "kdkit.data.folder",
+    "concat": "kdkit.data.split",
+    "DecodedImageDataset": "kdkit.data.decode",
+    "DevicePrefetcher": "kdkit.data.prefetch",
+    "EncodedImageDataset": "kdkit.data.decode",
+    "ImageBytesLoader": "kdkit.data.bytes_loader",
+    "ImageDecoder": "kdkit.data.decode",
+    "holdout": "kdkit.data.split",
+    "load_fashion_mnist": "kdkit.data.fashion_mnist",
+    "load_stl10": "kdkit.data.stl10",
+    "STL10_CLASSES": "kdkit.data.stl10",
+    "split_labeled": "kdkit.data.split",
+    "to_float": "kdkit.data.arrays",
+    "ViewSampler": "kdkit.data.views",
+    "Views": "kdkit.data.views",
+    "prepare_input": "kdkit.data.views",
+    "WithIndex": "kdkit.data.indexed",
+}
+
+__all__ = list(_PUBLIC)
+__getattr__, __dir__ = lazy_face(__name__, _PUBLIC)

@@ -32,7 +32,7 @@ from kdkit.lm.fused import DenseTeacher, LossOutput, token_divergence
 from kdkit.lm.models import HiddenAndHead, freeze_teacher, hidden_and_head
 from kdkit.lm.onpolicy import OnPolicy
 from kdkit.load import restore_part
-from kdkit.task import StepOutput
+from kdkit.task import StepOutput, Task
 
 __all__ = ["LMTask", "TokenInputs"]
 
@@ -69,7 +69,7 @@ class _Hidden(nn.Module):
         return hidden_and_head(self.lm, batch.input_ids, batch.position_ids, batch.attention_mask)
 
 
-class LMTask(nn.Module):
+class LMTask(Task):
     """A student LM distilled from a frozen teacher LM on the same tokens.
 
     Args:

@@ -18,25 +18,32 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from kdkit._device import check_device
 from kdkit.config import RunConfig, TeacherConfig, to_dict
 from kdkit.data.unreadable import Unreadable, UnreadableLog
 from kdkit.errors import KDError
 from kdkit.run.data import build_data, build_views, run_views
 from kdkit.run.models import live_teacher, run_teacher
+from kdkit.run.recipes.base import default_cache_dir
 
-__all__ = ["CachePlan", "cache_plan", "default_cache_dir", "live_teacher_config"]
+__all__ = [
+    "DATASETS",
+    "CachePlan",
+    "cache_plan",
+    "default_cache_dir",
+    "live_teacher_config",
+    "load_teacher_file",
+    "named_dataset",
+]
+
+#: the datasets the older flags name (``--data fashion-mnist:train``)
+DATASETS = ("fashion-mnist",)
 
 log = logging.getLogger(__name__)
-
-
-def default_cache_dir(cfg: RunConfig) -> Path:
-    """Where ``kdkit precompute CONFIG`` writes without ``--out``: beside the run directory."""
-    return Path(f"{cfg.run_dir}-teacher-cache")
 
 
 class _Placeholders(torch.utils.data.Dataset):
@@ -107,3 +114,46 @@ def cache_plan(cfg: RunConfig, *, num_views: int | None = None, trust_code: bool
     source = {"config": {**to_dict(cfg), "teacher": to_dict(tc)}}
     features = tuple(dict.fromkeys(p.teacher for p in cfg.distill.pairs if p.teacher))
     return CachePlan(teacher, dataset, views, data.mean, data.std, source, features)
+
+
+def load_teacher_file(path: str, arch: str, device: str | None, trust_code: bool = False) -> Any:
+    """A Teacher for ``path`` (the older flags of ``kdkit precompute`` / ``kdkit cache check``):
+    ``.onnx`` / ``.engine`` files and checkpoints that name their model (``<role>_spec``) go
+    through :func:`kdkit.make_teacher`; a file holding only
+    weights (a kdkit checkpoint without a spec, or a plain state dict) is loaded into
+    ``arch``, a registered model spec. Nothing a file names is imported without
+    ``trust_code``."""
+    import torch
+
+    from kdkit.load import load_weights, spec_from_text
+    from kdkit.registry import build_model
+    from kdkit.teachers import TorchTeacher, make_teacher
+
+    check_device(device)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if path.endswith((".onnx", ".engine", ".plan")):
+        return make_teacher(path)
+    from kdkit.load import load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(path)
+    except KDError as err:
+        if "not a kdkit checkpoint" not in str(err):
+            raise
+        ckpt = None  # a plain state dict: weights for --arch
+    if ckpt is not None and any(ckpt.get(f"{r}_spec") for r in ("student", "teacher")):
+        return make_teacher(path, trust_code=trust_code).to(device)
+    spec = spec_from_text(arch, where="--arch")
+    model = build_model(spec, trust_code=trust_code, where="--arch")
+    load_weights(model, path)
+    return TorchTeacher(model.eval()).to(device)
+
+
+def named_dataset(spec: str) -> tuple[Any, tuple[float, ...], tuple[float, ...]]:
+    """``(dataset, mean, std)`` for ``name[:split]``."""
+    name, _, split = spec.partition(":")
+    if name not in DATASETS:
+        raise KDError(f"unknown dataset {name!r}; available: {list(DATASETS)}")
+    from kdkit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
+
+    return load_fashion_mnist(split or "train"), FASHION_MNIST_MEAN, FASHION_MNIST_STD

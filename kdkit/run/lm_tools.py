@@ -24,16 +24,12 @@ from kdkit.load import load_checkpoint
 from kdkit.run.lm_job import build_lm_data, load_lm_teacher
 from kdkit.run.models import checkpoint_in
 
-__all__ = ["is_lm_checkpoint", "lm_run_config", "load_lm_student", "evaluate_lm_run", "export_hf"]
-
-
-def is_lm_checkpoint(meta: dict[str, Any]) -> bool:
-    return (meta.get("config") or {}).get("task") == "lm"
+__all__ = ["lm_run_config", "load_lm_student", "evaluate_lm_run", "export_hf"]
 
 
 def lm_run_config(ckpt: dict[str, Any]) -> LMRunConfig:
     cfg = parse(ckpt["config"])
-    if not isinstance(cfg, LMRunConfig):
+    if not isinstance(cfg, LMRunConfig):  # a guard on the input, not a dispatch
         raise KDError("this checkpoint is not from a task: lm run")
     return cfg
 

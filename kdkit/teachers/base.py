@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -58,6 +59,12 @@ class Teacher(ABC):
 
     def __init__(self) -> None:
         self.feature_names: tuple[str, ...] = ()
+
+    def check_dataset(self, dataset: Any, sampler: Any = None) -> None:  # noqa: B027 (a default)
+        """Refuse a training ``dataset`` (drawn through ``sampler``'s views) this teacher
+        cannot answer for, before the first step. A live model answers any input: the default
+        accepts everything; a cache of another dataset refuses
+        (:class:`~kdkit.cache.CachedTeacher`)."""
 
     def request_features(self, names: Sequence[str]) -> None:
         names = tuple(n for n in names if n != "")

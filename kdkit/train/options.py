@@ -3,18 +3,17 @@
 :class:`LoopOptions` is what the :class:`~kdkit.Trainer` loop itself needs (epochs, precision,
 accumulation, clipping, when to step the scheduler, checkpoint and NaN-check cadence,
 progress, device), with the same range checks as the config schema. Only builders read config
-(STYLE.md): :func:`loop_options`, :func:`optimizer_factory` and :func:`scheduler_factory` turn a
-:class:`~kdkit.config.TrainConfig` into typed objects, for ``kdkit train``,
-:meth:`kdkit.Trainer.from_config` and a user's script alike. :func:`split_trainer_kwargs` maps
-the Trainer's older flat keywords onto the typed collaborators.
+(STYLE.md): :func:`loop_options` and :func:`trainer_from_config` (with the ground floor's
+:func:`~kdkit._optim.optimizer_factory` and :func:`~kdkit._optim.scheduler_factory`, re-exported
+here) turn a :class:`~kdkit.config.TrainConfig` into typed objects, for ``kdkit train``,
+:meth:`kdkit.Trainer.from_config` and a user's script alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +24,8 @@ from kdkit._compile import compile_static
 from kdkit._device import check_device
 from kdkit._optim import PLATEAU, optimizer_factory, scheduler_factory
 from kdkit.config import RunConfig, TrainConfig
-from kdkit.errors import KDDeprecationWarning, KDError, closest_names
+from kdkit.data.pipeline import InputPipeline
+from kdkit.errors import KDError
 from kdkit.train.early_stopping import EarlyStopping
 from kdkit.train.resume import RUN_INFO_KEYS
 
@@ -34,7 +34,6 @@ __all__ = [
     "loop_options",
     "optimizer_factory",
     "scheduler_factory",
-    "split_trainer_kwargs",
     "trainer_from_config",
     "RUN_INFO_KEYS",
 ]
@@ -143,59 +142,6 @@ def _early_stopping(train: TrainConfig) -> EarlyStopping | None:
     )
 
 
-#: the Trainer's flat keywords of earlier releases that are not LoopOptions fields
-_PIPELINE_KEYS = ("views", "mean", "std", "channels_last")
-_MODEL_KEYS = ("compile", "seed")
-_CACHE_KEYS = ("cache_check_teacher", "cache_check_probe", "cache_dataset_check")
-_RUN_INFO_OLD = ("student_spec", "input_shape", "teacher_spec", "run_config")
-_RUN_INFO_ALIASES = {"run_config": "config"}
-
-
-def split_trainer_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The Trainer's flat keywords -> ``{"options": {...}, "pipeline": {...}, "run_info":
-    {...}, "epoch_callbacks": [...], "model": {...}, "cache": {...}}``.
-
-    ``LoopOptions`` fields (``epochs=10``, ``precision="bf16"``) are a supported shorthand.
-    The others (``views``, ``mean``, ``std``, ``channels_last``, ``student_spec``,
-    ``input_shape``, ``teacher_spec``, ``run_config``, ``epoch_callbacks``, ``compile``,
-    ``seed``, ``cache_check_*``) still work and warn once: pass ``inputs=InputPipeline(...)``,
-    ``run_info={...}``, ``callbacks=[...]``, and compile / seed / check caches in the builder.
-    """
-    known = (
-        set(LoopOptions.fields())
-        | set(_PIPELINE_KEYS)
-        | set(_MODEL_KEYS)
-        | set(_CACHE_KEYS)
-        | set(_RUN_INFO_OLD)
-        | {"epoch_callbacks"}
-    )
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        hint = closest_names(unknown[0], sorted(known))
-        raise KDError(
-            f"Trainer got an unexpected keyword {unknown[0]!r}"
-            + (f"; did you mean {hint[0]!r}?" if hint else "")
-        )
-    out: dict[str, Any] = {
-        "options": {k: v for k, v in kwargs.items() if k in LoopOptions.fields()},
-        "pipeline": {k: kwargs[k] for k in _PIPELINE_KEYS if k in kwargs},
-        "model": {k: kwargs[k] for k in _MODEL_KEYS if k in kwargs},
-        "cache": {k: kwargs[k] for k in _CACHE_KEYS if k in kwargs},
-        "epoch_callbacks": list(kwargs.get("epoch_callbacks", ())),
-        "run_info": {_RUN_INFO_ALIASES.get(k, k): kwargs[k] for k in _RUN_INFO_OLD if k in kwargs},
-    }
-    older = sorted(set(kwargs) - set(LoopOptions.fields()) - {"seed"} - set(_CACHE_KEYS))
-    if older:
-        warnings.warn(
-            f"Trainer({', '.join(k + '=' for k in older)}...) is the older flat form; pass "
-            "inputs=InputPipeline(sampler, mean, std, channels_last=...), run_info={...} and "
-            "callbacks=[...] (see kdkit.Trainer)",
-            KDDeprecationWarning,
-            stacklevel=3,
-        )
-    return out
-
-
 def trainer_from_config(
     trainer_cls: type,
     config: TrainConfig | RunConfig,
@@ -229,11 +175,11 @@ def trainer_from_config(
     student = getattr(task, "student", None)
     if train.channels_last is True:  # "auto" is resolved by kdkit train's builder
         if kwargs.get("inputs") is None:
-            kwargs["channels_last"] = True  # the older keyword: it sets the student's format
-        else:
-            kwargs["inputs"].channels_last = True
-            if isinstance(student, nn.Module):
-                student.to(memory_format=torch.channels_last)
+            dataset = getattr(train_loader, "dataset", None)
+            kwargs["inputs"] = InputPipeline(None, None, None, dataset=dataset)
+        kwargs["inputs"].channels_last = True
+        if isinstance(student, nn.Module):
+            student.to(memory_format=torch.channels_last)
     if train.loggers or train.log_every:  # trackers: refused at once when a package is missing
         from kdkit.train.trackers import Trackers
 

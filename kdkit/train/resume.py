@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from kdkit import _sharding as fsdp
 from kdkit.config import diff
 from kdkit.errors import KDError
 from kdkit.load import load_checkpoint, restore_part
+from kdkit.registry import ModelSpec
 from kdkit.train import distributed
 
 #: plain data a checkpoint stores beside the weights (``kdkit eval/export/bench`` read them)
@@ -38,6 +40,7 @@ RUN_INFO_KEYS = (
 IGNORED_CONFIG_KEYS = ("versions", "run_dir", "train.progress")
 
 __all__ = [
+    "check_run_info",
     "rng_state",
     "set_rng_state",
     "cpu_copy",
@@ -49,6 +52,18 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+def check_run_info(run_info: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``run_info`` as a dict, its keys checked against what a checkpoint stores and a
+    student spec parsed now (plain data naming a model: a bad one fails before training)."""
+    info = dict(run_info or {})
+    unknown = sorted(set(info) - set(RUN_INFO_KEYS))
+    if unknown:
+        raise KDError(f"run_info keys must be among {list(RUN_INFO_KEYS)}, got {unknown}")
+    if info.get("student_spec") is not None:
+        ModelSpec.parse(info["student_spec"], where="student_spec")
+    return info
 
 
 def rng_state() -> dict[str, Any]:

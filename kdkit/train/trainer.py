@@ -32,28 +32,25 @@ from tqdm.auto import tqdm
 
 from kdkit import _sharding as fsdp
 from kdkit._io import check_output_path
+from kdkit.data.pipeline import InputPipeline
 from kdkit.data.unreadable import skip_counts
 from kdkit.errors import KDError
 from kdkit.load import save_checkpoint
 from kdkit.task import StepOutput, Task
 from kdkit.train import distributed
 from kdkit.train.ema import StudentEMA
-from kdkit.train.legacy import (
-    EpochCallback,
-    apply_older_keywords,
-    checked_run_info,
-    input_pipeline,
-)
 from kdkit.train.metrics import MetricLog, epoch_line, report_epoch
 from kdkit.train.nan_guard import NanGuard
 from kdkit.train.optim import OptimizerArg, build_optimizer, build_scheduler
-from kdkit.train.options import (
-    LoopOptions,
-    split_trainer_kwargs,
-    trainer_from_config,
-)
+from kdkit.train.options import LoopOptions, trainer_from_config
 from kdkit.train.precision import Precision
-from kdkit.train.resume import cpu_copy, restore_best, resume_trainer, trainer_state
+from kdkit.train.resume import (
+    check_run_info,
+    cpu_copy,
+    restore_best,
+    resume_trainer,
+    trainer_state,
+)
 from kdkit.train.rundir import refuse_existing_run, run_lock
 
 __all__ = ["Trainer", "StepOutput", "LoopOptions"]
@@ -101,8 +98,10 @@ class Trainer:
         callbacks: called as ``cb(trainer, step_output)`` after every step, or objects with
             ``on_step(trainer, out)`` and / or ``on_epoch(trainer, row)`` (and ``close()``,
             called when ``fit`` ends, e.g. :class:`kdkit.train.trackers.Trackers`).
-        **option_keywords: :class:`LoopOptions` fields, and the older flat keywords (see
-            :func:`~kdkit.train.options.split_trainer_kwargs`).
+        **option_keywords: :class:`LoopOptions` fields (``epochs=10``, ``precision="bf16"``);
+            the first release's flat keywords (``views=``, ``student_spec=``...) still work for
+            one release, translated outside the loop (:mod:`kdkit.train.legacy`) with a
+            :class:`~kdkit.errors.KDDeprecationWarning`.
     """
 
     def __init__(
@@ -120,31 +119,46 @@ class Trainer:
         callbacks: Iterable[Any] = (),
         **option_keywords: Any,
     ) -> None:
-        if not isinstance(task, nn.Module) or not callable(getattr(task, "step", None)):
+        if not isinstance(task, Task):
             raise KDError(
-                f"Trainer needs a task (a kdkit.Distiller, kdkit.lm.LMTask or another "
+                f"Trainer needs a task (a kdkit.Distiller, kdkit.lm.LMTask or a subclass of "
                 f"kdkit.task.Task), got {type(task).__name__}"
             )
-        older = split_trainer_kwargs(option_keywords)
+        older = {k: v for k, v in option_keywords.items() if k not in LoopOptions.fields()}
         options = options or LoopOptions()
-        if older["options"]:
-            options = dataclasses.replace(options, **older["options"])
+        given = {k: v for k, v in option_keywords.items() if k not in older}
+        if given:
+            options = dataclasses.replace(options, **given)
         self.options = options
         self.device = torch.device(options.device) if options.device else _default_device()
+        callbacks = list(callbacks)
+        if older:  # the first release's flat keywords: translated outside the loop, warned
+            from kdkit.train.legacy import translate_older_keywords
+
+            done = translate_older_keywords(
+                task, older, inputs=inputs, run_info=run_info, callbacks=callbacks,
+                train_loader=train_loader, device=self.device,
+            )  # fmt: skip
+            inputs, run_info, callbacks = done.inputs, done.run_info, done.callbacks
         self.task = task.to(self.device)
         self.train_loader, self.val_loader = train_loader, val_loader
-        self.inputs = input_pipeline(inputs, older["pipeline"], self.device, train_loader)
-        self.run_info = checked_run_info(run_info, older["run_info"])
+        dataset = getattr(train_loader, "dataset", None)
+        if inputs is None:  # images, no augmentation: uint8 to the device, scaled to [0, 1]
+            inputs = InputPipeline(None, None, None, dataset=dataset)
+        if hasattr(inputs, "to"):
+            inputs.to(self.device)
+        self.inputs = inputs
+        self.run_info = check_run_info(run_info)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         if self.checkpoint_dir is not None and distributed.is_main():  # before the first step
             check_output_path(self.checkpoint_dir, what="checkpoint_dir", directory=True)
-        self.callbacks = list(callbacks) + [EpochCallback(cb) for cb in older["epoch_callbacks"]]
-        apply_older_keywords(task, older, self)
+        self.callbacks = callbacks
+        task.check_inputs(dataset, self.inputs)  # e.g. a teacher cache of other data: refused
         self.precision = Precision(options.precision, self.device, options.grad_accum)
         every = options.nan_check_every or (50 if self.device.type == "cuda" else 1)
         last = self.checkpoint_dir / "last.pt" if self.checkpoint_dir else None
         self.nan_guard = NanGuard(every, last)
-        if getattr(task, "has_lazy_parameters", False):
+        if task.has_lazy_parameters:
             self._materialize_lazy_parameters()
         params = [p for p in task.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(optimizer, params)
@@ -160,13 +174,13 @@ class Trainer:
         self._ddp_step = distributed.wrap(
             _StepModule(task),
             self.device,
-            find_unused_parameters=getattr(task, "has_idle_parameters", False),
+            find_unused_parameters=task.has_idle_parameters,
         )
         self.is_main = distributed.is_main()
         self._sharded = fsdp.is_sharded(task)
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.history: list[dict[str, Any]] = []
-        self.best_metric, self.higher_is_better = getattr(task, "best_metric", ("top1", True))
+        self.best_metric, self.higher_is_better = task.best_metric
         self.best_score = -math.inf if self.higher_is_better else math.inf
         self._partial: dict[str, Any] | None = None  # loss sums of a resumed, unfinished epoch
         self._epoch_sums: dict[str, Any] = {}
@@ -192,11 +206,17 @@ class Trainer:
 
     @property
     def best_top1(self) -> float:
+        """The best val score (the name from when it was always top-1): :attr:`best_score`."""
         return self.best_score
 
     @property
     def epochs(self) -> int:
         return self.options.epochs
+
+    @epochs.setter
+    def epochs(self, value: int) -> None:
+        """``trainer.epochs = N`` (a first-release habit): the loop's options, range-checked."""
+        self.options = dataclasses.replace(self.options, epochs=value)
 
     @classmethod
     def from_config(
@@ -336,7 +356,7 @@ class Trainer:
         self._epoch_sums = sums
         done = partial["steps"] if partial else 0
         steps, items, start = 0, 0, time.perf_counter()
-        unit = getattr(self.task, "unit", "img")
+        unit = self.task.unit
         bar = tqdm(
             self._batches(),
             total=None if n_batches is None else n_batches - self.batch_in_epoch,

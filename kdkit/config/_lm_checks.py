@@ -1,0 +1,137 @@
+"""The ``task: lm`` rules a type cannot say: model strings and folders (``hf:``, ``hf-config:``,
+``cache:``), the text globs and the val source, ``loss_on`` against ``format``, and
+``distill.on_policy``. The ``train:`` section is checked as for every task."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+from kdkit.config._checks import check_path, check_train_section
+from kdkit.config.lm_schema import LM_PREFIXES, LMModelConfig, LMRunConfig
+from kdkit.errors import KDError, closest_names
+
+__all__ = ["check_lm"]
+
+
+def _lm_model(mc: LMModelConfig, key: str, check_paths: bool) -> None:
+    prefix, sep, path = mc.model.partition(":")
+    if key == "teacher" and prefix == "cache" and path:  # a kdkit lm capture folder
+        if (mc.backend, mc.precision) != ("torch", "fp32") or mc.dtype not in (None, "float32"):
+            raise KDError(
+                "config key 'teacher.backend' / 'precision' / 'dtype': a cache:DIR teacher is "
+                "never run (its log-probs are on disk); drop the key, or capture with that "
+                "teacher (kdkit lm capture)"
+            )
+        if check_paths and not (Path(path).expanduser() / "manifest.json").is_file():
+            raise KDError(
+                f"config key 'teacher.model': {path} is not an LM teacher cache (no "
+                "manifest.json); make one with kdkit lm capture CONFIG.yaml --out DIR"
+            )
+        return
+    if not sep or prefix not in LM_PREFIXES or not path:
+        close = closest_names(prefix, LM_PREFIXES, 1)
+        raise KDError(
+            f"config key '{key}.model' expects 'hf:DIR' (a save_pretrained folder) or "
+            f"'hf-config:DIR' (random init from its config.json)"
+            + (" or 'cache:DIR' (a kdkit lm capture)" if key == "teacher" else "")
+            + f", got {mc.model!r}"
+            + (f"; did you mean '{close[0]}:{path}'?" if sep and close else "")
+        )
+    if mc.dtype not in (None, "float32", "bfloat16", "float16"):
+        raise KDError(
+            f"config key '{key}.dtype' expects float32, bfloat16 or float16, got {mc.dtype!r}"
+        )
+    if key != "teacher" and (mc.backend, mc.precision) != ("torch", "fp32"):
+        raise KDError(
+            f"config key '{key}.backend' / '{key}.precision' applies to the teacher only; "
+            f"the {key} trains in PyTorch (drop the key, or use {key}.dtype)"
+        )
+    if (mc.backend == "onnx" or mc.precision == "int8") and mc.dtype not in (None, "float32"):
+        raise KDError(
+            f"config key '{key}.dtype': the ONNX Runtime teacher (backend: onnx / precision: "
+            f"int8) is exported from float32 weights, got dtype {mc.dtype!r}"
+        )
+    if check_paths:
+        if not (Path(path).expanduser() / "config.json").is_file():
+            raise KDError(
+                f"config key '{key}.model': {path} has no config.json (not a model folder)"
+            )
+        check_path(mc.tokenizer, f"{key}.tokenizer", folder=True)
+
+
+def _globs_match(patterns: tuple[str, ...], key: str) -> None:
+    for i, pattern in enumerate(patterns):
+        if not glob.glob(os.path.expanduser(pattern), recursive=True):
+            raise KDError(f"config key '{key}.{i}': no file matches {pattern!r}")
+
+
+def _check_on_policy(cfg: LMRunConfig) -> None:
+    """``distill.on_policy`` with ``lambda > 0`` (:mod:`kdkit.lm.onpolicy`): a live teacher
+    scores the student's samples, the prompt ends where the trained tokens begin, and the
+    rows are regenerated one document each, the same forwards on every rank."""
+    op = cfg.distill.on_policy
+    if op is None or op.lam == 0:
+        return
+    key = "config key 'distill.on_policy'"
+    if cfg.teacher is None:
+        raise KDError(f"{key} needs a teacher to score the student's samples; set teacher.model")
+    if cfg.teacher.model.startswith("cache:"):
+        raise KDError(
+            f"{key}: a teacher cache (teacher.model {cfg.teacher.model!r}) holds scores of the "
+            "corpus' tokens only and cannot score new samples; use a live teacher (hf:DIR) or "
+            "on_policy.lambda: 0"
+        )
+    d = cfg.data
+    if d.format not in ("prompt_completion", "chat"):
+        raise KDError(
+            f"{key} needs data.format prompt_completion or chat (the student regenerates the "
+            f"completions), got {d.format!r}"
+        )
+    if d.loss_on == "all":
+        raise KDError(
+            f"{key} needs data.loss_on {'completion' if d.format != 'chat' else 'assistant'}: "
+            "the prompt ends where the trained tokens begin (loss_on all trains the prompt too)"
+        )
+    if d.pack:
+        raise KDError(
+            f"{key} needs data.pack: false (a packed row's documents cannot be regenerated "
+            "in place)"
+        )
+    if cfg.train.fsdp:
+        raise KDError(
+            f"{key} does not run with train.fsdp: true (each rank samples completions of its own "
+            "length; FSDP needs the same forwards on every rank); use DDP (torchrun, no fsdp)"
+        )
+
+
+def check_lm(cfg: LMRunConfig, check_paths: bool = True) -> None:
+    """The ``task: lm`` rules: model strings and folders, text globs, the val source, that
+    ``loss_on`` fits ``format``, and ``distill.on_policy``; the train section as for every task."""
+    _lm_model(cfg.student, "student", check_paths)
+    _check_on_policy(cfg)
+    if cfg.teacher is not None:
+        _lm_model(cfg.teacher, "teacher", check_paths)
+        t = cfg.teacher
+        if cfg.train.fsdp and (t.backend, t.precision) != ("torch", "fp32"):
+            raise KDError(
+                "config key 'teacher.backend': an ONNX Runtime teacher cannot be sharded "
+                "(train.fsdp: true); use backend: torch, precision: fp32 with FSDP"
+            )
+    d = cfg.data
+    if not d.text_files:
+        raise KDError("config key 'data.text_files' is empty: name at least one file or glob")
+    needs = {"completion": "prompt_completion", "assistant": "chat"}
+    if d.loss_on in needs and d.format != needs[d.loss_on]:
+        raise KDError(
+            f"config key 'data.loss_on': {d.loss_on!r} needs data.format "
+            f"{needs[d.loss_on]!r}, got {d.format!r}"
+        )
+    if d.val is not None and (d.val.text_files is None) == (d.val.split is None):
+        raise KDError("config key 'data.val' takes one of text_files: [...] or split: F")
+    check_train_section(cfg.train)
+    if check_paths:
+        _globs_match(d.text_files, "data.text_files")
+        if d.val is not None and d.val.text_files:
+            _globs_match(d.val.text_files, "data.val.text_files")
