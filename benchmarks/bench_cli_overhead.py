@@ -50,12 +50,14 @@ print(json.dumps({"top1": top1, "history": [h["val_top1"] for h in history]}))
 def demo_teacher() -> Path:
     """The demo's cached teacher (trained here on first use: ~10 minutes on 2 cores)."""
     from kdkit.data import load_fashion_mnist
-    from kdkit.demo import DemoConfig, _fingerprint, _teacher
+    from kdkit.demo import DemoConfig, demo_teacher, teacher_fingerprint
 
     cfg = DemoConfig(progress=False)
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
-    _teacher(cfg, train, test)
-    return Path(cfg.cache_dir) / "demo" / f"teacher-{_fingerprint(cfg, train.fingerprint())}.pt"
+    demo_teacher(cfg, train, test)
+    return (
+        Path(cfg.cache_dir) / "demo" / f"teacher-{teacher_fingerprint(cfg, train.fingerprint())}.pt"
+    )
 
 
 def timed(cmd: list[str]) -> tuple[float, str]:

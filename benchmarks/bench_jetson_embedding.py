@@ -46,7 +46,7 @@ from kdkit.data import (
     load_fashion_mnist,
     split_labeled,
 )
-from kdkit.demo import INPUT_SHAPE, DemoConfig, _teacher, _views
+from kdkit.demo import INPUT_SHAPE, DemoConfig, demo_teacher, demo_views
 from kdkit.distiller import Distiller
 from kdkit.losses import CosineEmbedding, FeatureMSE, SoftTargetKL
 from kdkit.models import fmnist_student
@@ -97,7 +97,7 @@ def fit(model, train_set, epochs: int, cfg: DemoConfig, teacher=None, criterion=
         scheduler_interval="step",
         epochs=epochs,
         seed=cfg.seed,
-        views=_views(cfg),
+        views=demo_views(cfg),
         device="cpu",
         progress=False,
         **NORM,
@@ -262,7 +262,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     cfg = DemoConfig(progress=False)
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
-    trained = _teacher(cfg, train, test)  # the demo's cached teacher (trains it if missing)
+    trained = demo_teacher(cfg, train, test)  # the demo's cached teacher (trains it if missing)
     enc = Encoder(Penultimate(trained.model).eval(), onnx=True)
     hp: dict[str, Any] = {
         "probe_lr": args.probe_lr,

@@ -75,7 +75,7 @@ from kdkit.data import (
     split_labeled,
 )
 from kdkit.data.views import ViewSampler
-from kdkit.demo import DemoConfig, RunResult, _teacher, fast_teacher
+from kdkit.demo import DemoConfig, RunResult, demo_teacher, fast_teacher
 from kdkit.distiller import Distiller
 from kdkit.models import fmnist_student
 from kdkit.run.evaluate import evaluate_logits
@@ -292,7 +292,7 @@ def main() -> None:
         teachers = {"demo": load_teacher(args.teacher)}
         TEACHER_TAG = sha256_file(args.teacher)[:12]
     else:
-        teachers = {"demo": _teacher(cfg, full_train, test)}  # the demo's (all 60k labels)
+        teachers = {"demo": demo_teacher(cfg, full_train, test)}  # the demo's (all 60k labels)
     if args.precompute:
         live = fast_teacher(teachers["demo"].model, cfg)
         start = time.perf_counter()
@@ -300,7 +300,7 @@ def main() -> None:
         print(f"{out}: {time.perf_counter() - start:.0f} s", flush=True)
         return
     if args.teachers or any(parse_row(r)["ens"] for r in args.rows):
-        teachers["seed1"] = _teacher(replace(cfg, seed=1), full_train, test)
+        teachers["seed1"] = demo_teacher(replace(cfg, seed=1), full_train, test)
     if args.teachers:
         print(json.dumps(teacher_accuracies(teachers, test)))
         return

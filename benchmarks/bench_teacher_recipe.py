@@ -42,7 +42,7 @@ from kdkit.data import (
     holdout,
     load_fashion_mnist,
 )
-from kdkit.demo import TEACHER_SPEC, DemoConfig, _spec_state, _views
+from kdkit.demo import TEACHER_SPEC, DemoConfig, demo_views, spec_state
 from kdkit.distiller import Distiller
 from kdkit.models import fmnist_teacher
 from kdkit.train.checkpoint import save_checkpoint
@@ -94,7 +94,7 @@ def train(recipe: str, seed: int, out: Path) -> dict:
         scheduler_interval="step",
         epochs=spec["epochs"],
         seed=seed,
-        views=_views(DemoConfig(seed=seed)),
+        views=demo_views(DemoConfig(seed=seed)),
         mean=FASHION_MNIST_MEAN,
         std=FASHION_MNIST_STD,
         device="cpu",
@@ -108,7 +108,7 @@ def train(recipe: str, seed: int, out: Path) -> dict:
     test_top1 = trainer.evaluate(FastLoader(test, 1000, shuffle=False))["top1"]
     save_checkpoint(
         run_dir / "teacher.pt",
-        _spec_state(model, TEACHER_SPEC, role="teacher", test_top1=test_top1, recipe=recipe),
+        spec_state(model, TEACHER_SPEC, role="teacher", test_top1=test_top1, recipe=recipe),
     )
     return {
         "recipe": recipe,
