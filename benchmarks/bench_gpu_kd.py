@@ -68,10 +68,12 @@ from _synthetic import decode_all, make_jpeg_folder, resident_batches, tiny_cnn
 from torch import nn
 
 from kdkit import Distiller, SoftTargetKL, Trainer
+from kdkit._compile import compile_static
 from kdkit._io import atomic_write_json
 from kdkit.bench import describe_device
 from kdkit.cache import CachedTeacher, precompute
 from kdkit.data import ArrayDataset, Batch, ImageFolderManager, ViewSampler, prepare_input, to_float
+from kdkit.data.pipeline import InputPipeline
 from kdkit.errors import KDError
 from kdkit.teachers import TorchTeacher
 
@@ -248,18 +250,26 @@ class Bench:
         # no probe batch: SoftTargetKL has no lazy adapter, so there is no dry run, and the
         # first step a compiled model sees is a timed row's first warm-up batch
         loss = SoftTargetKL(temperature=TEMPERATURE) if teacher is not None else None
+        distiller = Distiller(self.student(), teacher, loss)
+        return self._trainer(distiller, self.channels_last, compile, precision=self.bf16)
+
+    def _trainer(
+        self, distiller: Distiller, channels_last: bool, compile: bool = False, **options: Any
+    ) -> Trainer:
+        """``distiller`` in a Trainer with the rows' views, normalisation and optimizer; its
+        student in the channels-last format and compiled first where asked."""
+        if channels_last:
+            distiller.student.to(memory_format=torch.channels_last)
+        if compile:
+            distiller.student = compile_static(distiller.student)
         return Trainer(
-            Distiller(self.student(), teacher, loss),
+            distiller,
             [],
             optimizer=lambda p: torch.optim.SGD(p, **{"lr": 0.01, "momentum": 0.9}),
-            precision=self.bf16,
-            channels_last=self.channels_last,
-            compile=compile,
-            views=self.views,
-            mean=MEAN,
-            std=STD,
+            inputs=InputPipeline(self.views, MEAN, STD, channels_last=channels_last),
             device=self.device,
             progress=False,
+            **options,
         )
 
     def torch_teacher(self, compile: bool) -> TorchTeacher:
@@ -321,17 +331,8 @@ class Bench:
             f"chosen in {t_choice.cost_s + cl.cost_s:.1f} s"
         )
         loss = None if alone else SoftTargetKL(temperature=TEMPERATURE)
-        return Trainer(
-            Distiller(self.student(), None if alone else teacher, loss),
-            [],
-            optimizer=lambda p: torch.optim.SGD(p, **{"lr": 0.01, "momentum": 0.9}),
-            channels_last=bool(cl.value),
-            views=self.views,
-            mean=MEAN,
-            std=STD,
-            device=self.device,
-            progress=False,
-        )
+        distiller = Distiller(self.student(), None if alone else teacher, loss)
+        return self._trainer(distiller, bool(cl.value))
 
     def teacher_alone(self, compile: bool) -> Callable[[Batch], None]:
         t = self.torch_teacher(compile)

@@ -54,6 +54,7 @@ from kdkit.data import (
     prepare_input,
     split_labeled,
 )
+from kdkit.data.pipeline import InputPipeline
 from kdkit.demo import INPUT_SHAPE, DemoConfig, demo_teacher, demo_views, train_model
 from kdkit.distiller import Distiller
 from kdkit.losses import SoftTargetKL
@@ -138,17 +139,16 @@ def make_trainer(teacher, data, cfg: DemoConfig, views) -> Trainer:
     distiller = Distiller(
         student, teacher, SoftTargetKL(temperature=cfg.temperature), LossBalancer()
     )
+    torch.manual_seed(cfg.seed)  # seeded again once the models are built, as in the recorded runs
     return Trainer(
         distiller,
         loader,
         None,
         optimizer=opt,
         epochs=1,
-        seed=cfg.seed,
-        views=views,
+        inputs=InputPipeline(views, **NORM, dataset=loader.dataset),
         device="cpu",
         progress=False,
-        **NORM,
     )
 
 

@@ -46,6 +46,7 @@ from kdkit.data import (
     load_fashion_mnist,
     split_labeled,
 )
+from kdkit.data.pipeline import InputPipeline
 from kdkit.demo import INPUT_SHAPE, DemoConfig, demo_teacher, demo_views
 from kdkit.distiller import Distiller
 from kdkit.losses import CosineEmbedding, FeatureMSE, SoftTargetKL
@@ -89,6 +90,7 @@ def fit(model, train_set, epochs: int, cfg: DemoConfig, teacher=None, criterion=
     loader = FastLoader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed)
     optimizer = torch.optim.AdamW(distiller.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=epochs * len(loader))
+    torch.manual_seed(cfg.seed)  # seeded again once the models are built, as in the recorded runs
     Trainer(
         distiller,
         loader,
@@ -96,11 +98,9 @@ def fit(model, train_set, epochs: int, cfg: DemoConfig, teacher=None, criterion=
         scheduler=sched,
         scheduler_interval="step",
         epochs=epochs,
-        seed=cfg.seed,
-        views=demo_views(cfg),
+        inputs=InputPipeline(demo_views(cfg), **NORM, dataset=loader.dataset),
         device="cpu",
         progress=False,
-        **NORM,
     ).fit()
     distiller.close()
 

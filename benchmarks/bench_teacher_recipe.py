@@ -42,6 +42,7 @@ from kdkit.data import (
     holdout,
     load_fashion_mnist,
 )
+from kdkit.data.pipeline import InputPipeline
 from kdkit.demo import TEACHER_SPEC, DemoConfig, demo_views, spec_state
 from kdkit.distiller import Distiller
 from kdkit.models import fmnist_teacher
@@ -85,6 +86,15 @@ def train(recipe: str, seed: int, out: Path) -> dict:
     lr, make_opt = optimizer(spec["optimizer"])
     steps = spec["epochs"] * len(loader)
     run_dir = out / f"{recipe}-s{seed}"
+    torch.manual_seed(seed)  # seeded again once the model is built, as in the recorded runs
+    model.to(memory_format=torch.channels_last)
+    inputs = InputPipeline(
+        demo_views(DemoConfig(seed=seed)),
+        FASHION_MNIST_MEAN,
+        FASHION_MNIST_STD,
+        channels_last=True,
+        dataset=loader.dataset,
+    )
     trainer = Trainer(
         Distiller(model, None, None),
         loader,
@@ -93,12 +103,8 @@ def train(recipe: str, seed: int, out: Path) -> dict:
         scheduler=lambda opt: OneCycleLR(opt, max_lr=lr, total_steps=steps),
         scheduler_interval="step",
         epochs=spec["epochs"],
-        seed=seed,
-        views=demo_views(DemoConfig(seed=seed)),
-        mean=FASHION_MNIST_MEAN,
-        std=FASHION_MNIST_STD,
+        inputs=inputs,
         device="cpu",
-        channels_last=True,
         checkpoint_dir=run_dir,
         progress=False,
     )
