@@ -13,7 +13,7 @@ import kdkit.data
 
 @pytest.fixture(scope="module")
 def bench():
-    yield from benchmark_module("bench_defaults", ("bench_gpu_kd", "_harness", "_synthetic"))
+    yield from benchmark_module("bench_defaults", ("_gpu_kd_steps", "_harness", "_synthetic"))
 
 
 def test_every_row_runs_and_the_table_renders(bench, tmp_path, monkeypatch, one_thread):
