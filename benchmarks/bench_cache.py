@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from kdkit.cache import CachedTeacher, precompute, read_meta
-from kdkit.data import ArrayDataset
-from kdkit.data.views import ViewSampler, prepare_input
+from kdkit.data import ArrayDataset, ViewSampler, prepare_input
 
 log = logging.getLogger("bench_cache")
 

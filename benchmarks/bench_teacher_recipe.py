@@ -45,8 +45,8 @@ from kdkit.data import (
 from kdkit.data.pipeline import InputPipeline
 from kdkit.demo import TEACHER_SPEC, DemoConfig, demo_views, spec_state
 from kdkit.distiller import Distiller
+from kdkit.load import save_checkpoint
 from kdkit.models import fmnist_teacher
-from kdkit.train.checkpoint import save_checkpoint
 from kdkit.train.trainer import Trainer
 
 OUT = Path("runs/strong-teacher")

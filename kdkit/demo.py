@@ -41,7 +41,7 @@ __all__ = [
     "demo_views",
     "run_demo",
     "spec_state",
-    "teacher_fingerprint",
+    "teacher_recipe_fingerprint",
     "train_model",
 ]
 
@@ -211,7 +211,7 @@ def _channels_last(model: nn.Module, loader: Any, cfg: DemoConfig) -> bool:
     return bool(choose_channels_last(model, x, recorded=None).value)
 
 
-def teacher_fingerprint(cfg: DemoConfig, data_fp: str) -> str:
+def teacher_recipe_fingerprint(cfg: DemoConfig, data_fp: str) -> str:
     recipe = {
         "version": RECIPE_VERSION,
         "arch": "fmnist_teacher",
@@ -230,7 +230,7 @@ def demo_teacher(cfg: DemoConfig, train_set: Any, test_set: Any) -> RunResult:
     """Train the teacher, or load it from the fingerprinted cache."""
     from kdkit.models import fmnist_teacher
 
-    fp = teacher_fingerprint(cfg, train_set.fingerprint())
+    fp = teacher_recipe_fingerprint(cfg, train_set.fingerprint())
     cached = Path(cfg.cache_dir) / "demo" / f"teacher-{fp}.pt"
     model = fmnist_teacher()
     if cached.exists() and not cfg.retrain:
