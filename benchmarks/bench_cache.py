@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from kdkit.cache import CachedTeacher, precompute, read_meta
-from kdkit.data import ArrayDataset
-from kdkit.data.views import ViewSampler, prepare_input
+from kdkit.data import ArrayDataset, ViewSampler, prepare_input
 
 log = logging.getLogger("bench_cache")
 
@@ -220,6 +219,7 @@ def _top1(model: nn.Module, test) -> float:
 def _distill(mode: str, teacher, views, train, test, seed: int, epochs: int) -> dict:
     from kdkit import Distiller, SoftTargetKL, Trainer
     from kdkit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FastLoader
+    from kdkit.data.pipeline import InputPipeline
     from kdkit.models import fmnist_student
 
     torch.manual_seed(seed)
@@ -227,18 +227,17 @@ def _distill(mode: str, teacher, views, train, test, seed: int, epochs: int) -> 
     loader = FastLoader(train.without_labels(), 256, shuffle=True, seed=seed)
     opt = torch.optim.AdamW(student.parameters(), lr=3e-3, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * len(loader))
+    distiller = Distiller(student, teacher, SoftTargetKL(temperature=4.0))
+    torch.manual_seed(seed)  # seeded again once the models are built, as in the recorded runs
     trainer = Trainer(
-        Distiller(student, teacher, SoftTargetKL(temperature=4.0)),
+        distiller,
         loader,
         FastLoader(test, 1000, shuffle=False),
         optimizer=opt,
         scheduler=sched,
         scheduler_interval="step",
         epochs=epochs,
-        seed=seed,
-        views=views,
-        mean=FASHION_MNIST_MEAN,
-        std=FASHION_MNIST_STD,
+        inputs=InputPipeline(views, FASHION_MNIST_MEAN, FASHION_MNIST_STD, dataset=loader.dataset),
         device="cpu",
         progress=False,
     )

@@ -47,15 +47,16 @@ print(json.dumps({"top1": top1, "history": [h["val_top1"] for h in history]}))
 """
 
 
-def demo_teacher() -> Path:
+def demo_teacher_path() -> Path:
     """The demo's cached teacher (trained here on first use: ~10 minutes on 2 cores)."""
     from kdkit.data import load_fashion_mnist
-    from kdkit.demo import DemoConfig, _fingerprint, _teacher
+    from kdkit.demo import DemoConfig, demo_teacher, teacher_recipe_fingerprint
 
     cfg = DemoConfig(progress=False)
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
-    _teacher(cfg, train, test)
-    return Path(cfg.cache_dir) / "demo" / f"teacher-{_fingerprint(cfg, train.fingerprint())}.pt"
+    demo_teacher(cfg, train, test)
+    fp = teacher_recipe_fingerprint(cfg, train.fingerprint())
+    return Path(cfg.cache_dir) / "demo" / f"teacher-{fp}.pt"  # where demo_teacher keeps it
 
 
 def timed(cmd: list[str]) -> tuple[float, str]:
@@ -112,7 +113,7 @@ def main() -> None:
     parser.add_argument("--costs-only", action="store_true",
                         help="only time the CLI-only work, reusing OUT/cli-0 from a full run")  # fmt: skip
     args = parser.parse_args()
-    weights = Path(args.teacher) if args.teacher else demo_teacher()
+    weights = Path(args.teacher) if args.teacher else demo_teacher_path()
     out = ROOT / args.out
     if args.costs_only:
         costs = cli_only_costs(weights, out / "cli-0")

@@ -158,7 +158,7 @@ class Bench:
             from timm.task import LogitDistillationTask
         except ImportError as err:
             raise Skip(f"timm does not import ({err})") from None
-        from bench_gpu_kd import TimmStudent
+        from _gpu_kd_steps import TimmStudent
 
         task = LogitDistillationTask(
             TimmStudent(self.student(), 10),

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from kdkit.data import concat, holdout, load_fashion_mnist, split_labeled
-from kdkit.demo import DemoConfig, _teacher, fast_teacher, train_model
+from kdkit.demo import DemoConfig, demo_teacher, fast_teacher, train_model
 from kdkit.losses import DKD
 from kdkit.models import fmnist_student
 
@@ -78,7 +78,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     cfg = DemoConfig(progress=False, temperature=args.temperature, kd_epochs=args.kd_epochs)
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
-    teacher = _teacher(cfg, train, test)
+    teacher = demo_teacher(cfg, train, test)
     data = {"train": train, "eval": test}
     if args.val:
         data["train"], data["eval"] = holdout(train, 5000, seed=123)

@@ -54,7 +54,8 @@ from kdkit.data import (
     prepare_input,
     split_labeled,
 )
-from kdkit.demo import INPUT_SHAPE, DemoConfig, _teacher, _views, train_model
+from kdkit.data.pipeline import InputPipeline
+from kdkit.demo import INPUT_SHAPE, DemoConfig, demo_teacher, demo_views, train_model
 from kdkit.distiller import Distiller
 from kdkit.losses import SoftTargetKL
 from kdkit.models import fmnist_student
@@ -78,7 +79,7 @@ def kd_set(train, cfg: DemoConfig):
 
 def int8_teacher(model, data, cfg: DemoConfig, threads: int | None) -> OnnxTeacher:
     calibration = Calibration(
-        data, samples=512, probe=1000, views=_views(cfg), seed=cfg.seed, **NORM
+        data, samples=512, probe=1000, views=demo_views(cfg), seed=cfg.seed, **NORM
     )
     return OnnxTeacher(
         model,
@@ -138,17 +139,16 @@ def make_trainer(teacher, data, cfg: DemoConfig, views) -> Trainer:
     distiller = Distiller(
         student, teacher, SoftTargetKL(temperature=cfg.temperature), LossBalancer()
     )
+    torch.manual_seed(cfg.seed)  # seeded again once the models are built, as in the recorded runs
     return Trainer(
         distiller,
         loader,
         None,
         optimizer=opt,
         epochs=1,
-        seed=cfg.seed,
-        views=views,
+        inputs=InputPipeline(views, **NORM, dataset=loader.dataset),
         device="cpu",
         progress=False,
-        **NORM,
     )
 
 
@@ -174,9 +174,9 @@ def throughput_section(model, data, cfg, threads: int, rounds: int, steps: int, 
         ort, sub, work / f"cache-t{threads}", views=replay, progress=False, overwrite=True, **NORM
     )
     modes = {
-        "eager": (lambda: TorchTeacher(model), _views(cfg)),
-        "ort": (lambda: ort, _views(cfg)),
-        "int8": (lambda: int8_teacher(model, data, cfg, threads), _views(cfg)),
+        "eager": (lambda: TorchTeacher(model), demo_views(cfg)),
+        "ort": (lambda: ort, demo_views(cfg)),
+        "int8": (lambda: int8_teacher(model, data, cfg, threads), demo_views(cfg)),
         "cached": (lambda: CachedTeacher(cache), replay),
     }
     runs = {m: [] for m in modes}
@@ -293,7 +293,7 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = DemoConfig(progress=False)
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
-    model = _teacher(cfg, train, test).model.eval()
+    model = demo_teacher(cfg, train, test).model.eval()
     data = kd_set(train, cfg)
     res: dict = {
         "cpu": os.cpu_count(),

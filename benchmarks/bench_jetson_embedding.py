@@ -46,7 +46,8 @@ from kdkit.data import (
     load_fashion_mnist,
     split_labeled,
 )
-from kdkit.demo import INPUT_SHAPE, DemoConfig, _teacher, _views
+from kdkit.data.pipeline import InputPipeline
+from kdkit.demo import INPUT_SHAPE, DemoConfig, demo_teacher, demo_views
 from kdkit.distiller import Distiller
 from kdkit.losses import CosineEmbedding, FeatureMSE, SoftTargetKL
 from kdkit.models import fmnist_student
@@ -89,6 +90,7 @@ def fit(model, train_set, epochs: int, cfg: DemoConfig, teacher=None, criterion=
     loader = FastLoader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed)
     optimizer = torch.optim.AdamW(distiller.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=epochs * len(loader))
+    torch.manual_seed(cfg.seed)  # seeded again once the models are built, as in the recorded runs
     Trainer(
         distiller,
         loader,
@@ -96,11 +98,9 @@ def fit(model, train_set, epochs: int, cfg: DemoConfig, teacher=None, criterion=
         scheduler=sched,
         scheduler_interval="step",
         epochs=epochs,
-        seed=cfg.seed,
-        views=_views(cfg),
+        inputs=InputPipeline(demo_views(cfg), **NORM, dataset=loader.dataset),
         device="cpu",
         progress=False,
-        **NORM,
     ).fit()
     distiller.close()
 
@@ -262,7 +262,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     cfg = DemoConfig(progress=False)
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
-    trained = _teacher(cfg, train, test)  # the demo's cached teacher (trains it if missing)
+    trained = demo_teacher(cfg, train, test)  # the demo's cached teacher (trains it if missing)
     enc = Encoder(Penultimate(trained.model).eval(), onnx=True)
     hp: dict[str, Any] = {
         "probe_lr": args.probe_lr,

@@ -38,7 +38,7 @@ def _demo(rows: int):
     """The demo's teacher (trained and cached by ``kdkit demo lm``) and a config over its val
     split, first ``rows`` rows."""
     from kdkit.config import load_config, resolve_paths
-    from kdkit.run.lm_demo import LMDemoConfig, _write_splits
+    from kdkit.run.lm_demo import LMDemoConfig, write_splits
 
     base = LMDemoConfig(progress=False)
     found = sorted(Path(base.cache_dir).glob("*/teacher/config.json"))
@@ -46,7 +46,7 @@ def _demo(rows: int):
         raise SystemExit("no demo teacher: run `make demo-lm` (or kdkit demo lm) once first")
     teacher = found[0].parent
     data = Path(tempfile.mkdtemp(prefix="bench-lm-cache-"))
-    _, val, _, _ = _write_splits(base, data)
+    _, val, _, _ = write_splits(base, data)
     text = val.read_text(encoding="utf-8")
     part = data / "part.txt"
     part.write_text(text[: rows * base.max_length * 4], encoding="utf-8")

@@ -195,7 +195,7 @@ def _offline_step(row: str, h, w, ht, wt):
 def run_row(row: str, n: int, v: int, reps: int) -> dict:
     import torch
 
-    from kdkit.bench.memory import _Memory
+    from kdkit.bench.memory import PeakMemory
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -208,7 +208,7 @@ def run_row(row: str, n: int, v: int, reps: int) -> dict:
         step, note = _build_step(row, h, w, ht, wt, labels)
     except Exception as err:  # noqa: BLE001 - a peer that does not import is skipped with why
         return {"row": row, "skip": f"{type(err).__name__}: {err}"[:160]}
-    mem = _Memory(torch.device("cpu"), "eager")
+    mem = PeakMemory(torch.device("cpu"), "eager")
     mem.reset_peak()
     times, loss = [], None
     for i in range(reps + 1):

@@ -33,7 +33,7 @@ import torch
 
 from kdkit.config import load_config, resolve_paths
 from kdkit.lm.align import Aligner
-from kdkit.run.lm_demo import _llama_folder, demo_corpus
+from kdkit.run.lm_demo import demo_corpus, llama_folder
 
 MAX_LENGTH = 64
 LAMBDAS = (0.0, 0.5, 1.0)
@@ -188,13 +188,13 @@ def main() -> None:
     teacher_dir = out / "teacher"
     start = time.perf_counter()
     if not (teacher_dir / "config.json").is_file():
-        init = _llama_folder(out / "teacher-init", tok, (128, 2, 4), MAX_LENGTH)
+        init = llama_folder(out / "teacher-init", tok, (128, 2, 4), MAX_LENGTH)
         result, _ = _train(
             "teacher-run", out, init, None, files, args.teacher_epochs, 3e-3, 0, loss_on="all"
         )
         export_hf(result.run_dir, teacher_dir)
     teacher_s = time.perf_counter() - start
-    student = _llama_folder(out / "student-init", tok, (64, 2, 2), MAX_LENGTH)
+    student = llama_folder(out / "student-init", tok, (64, 2, 2), MAX_LENGTH)
     teacher, _ = load_lm(f"hf:{teacher_dir}")
     t_scores = _scores(teacher, teacher, tok, files[2])
     recipes = _recipes(args.divergence)

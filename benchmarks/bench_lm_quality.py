@@ -24,11 +24,11 @@ import torch
 
 from kdkit.run.lm_demo import (
     LMDemoConfig,
-    _llama_folder,
-    _run,
-    _teacher_test_ppl,
-    _test_ppl,
-    _write_splits,
+    llama_folder,
+    student_test_ppl,
+    teacher_test_ppl,
+    train_demo_run,
+    write_splits,
 )
 
 RECIPES = {
@@ -93,11 +93,11 @@ def main() -> None:
     base = LMDemoConfig(out_dir=args.out, progress=False)
     out = Path(args.out)
     (out / "data").mkdir(parents=True, exist_ok=True)
-    files = _write_splits(base, out / "data")[:3]
+    files = write_splits(base, out / "data")[:3]
     lm_demo.run_lm_demo(dataclasses.replace(base, divergences=(), out_dir=str(out / "demo")))
     teacher = next(Path(base.cache_dir).glob("*/teacher/config.json")).parent
     tok = AutoTokenizer.from_pretrained(str(teacher), local_files_only=True)
-    student = _llama_folder(out / "student-init", tok, base.student, base.max_length)
+    student = llama_folder(out / "student-init", tok, base.student, base.max_length)
     recipes = CACHE_RECIPES if args.cache else RECIPES
     caches = _captures(base, teacher, files, out) if args.cache else {}
     rows: dict[str, list[tuple[float, float]]] = {name: [] for name in recipes}
@@ -109,7 +109,7 @@ def main() -> None:
                 continue
             source = caches[recipe["k"]] if "k" in recipe else teacher
             run_name = f"s{seed}-{name.replace(' ', '')}"
-            result, _ = _run(
+            result, _ = train_demo_run(
                 cfg,
                 run_name,
                 student,
@@ -118,13 +118,13 @@ def main() -> None:
                 epochs=base.student_epochs,
                 **distill,
             )
-            test = _test_ppl(result.run_dir, files[2])["ppl"]
+            test = student_test_ppl(result.run_dir, files[2])["ppl"]
             rows[name].append((result.best_top1, test))
             print(
                 f"seed {seed} {name:8} val ppl {result.best_top1:.2f} test ppl {test:.2f}",
                 flush=True,
             )
-    t_ppl = _teacher_test_ppl(teacher, files[2], base)
+    t_ppl = teacher_test_ppl(teacher, files[2], base)
     scratch = statistics.mean(t for _, t in rows["scratch"])
     print(f"\nteacher test ppl {t_ppl:.2f}; torch {torch.__version__}; seeds {args.seeds}\n")
     print("| recipe | val ppl | test ppl | gap closed (test) |")

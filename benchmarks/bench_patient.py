@@ -74,8 +74,9 @@ from kdkit.data import (
     load_fashion_mnist,
     split_labeled,
 )
+from kdkit.data.pipeline import InputPipeline
 from kdkit.data.views import ViewSampler
-from kdkit.demo import DemoConfig, RunResult, _teacher, fast_teacher
+from kdkit.demo import DemoConfig, RunResult, demo_teacher, fast_teacher
 from kdkit.distiller import Distiller
 from kdkit.models import fmnist_student
 from kdkit.run.evaluate import evaluate_logits
@@ -190,6 +191,15 @@ def run(row: str, seed: int, cfg: DemoConfig, data: dict, teachers: dict) -> dic
     loader = FastLoader(train_set, cfg.batch_size, shuffle=True, seed=seed)
     steps = spec["epochs"] * len(loader)
     okwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    torch.manual_seed(seed)  # seeded again once the models are built, as in the recorded runs
+    distiller.student.to(memory_format=torch.channels_last)
+    inputs = InputPipeline(
+        views(spec["mix"]),
+        FASHION_MNIST_MEAN,
+        FASHION_MNIST_STD,
+        channels_last=True,
+        dataset=loader.dataset,
+    )
     trainer = Trainer(
         distiller,
         loader,
@@ -198,12 +208,8 @@ def run(row: str, seed: int, cfg: DemoConfig, data: dict, teachers: dict) -> dic
         scheduler=lambda opt: OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps),
         scheduler_interval="step",
         epochs=spec["epochs"],
-        seed=seed,
-        views=views(spec["mix"]),
-        mean=FASHION_MNIST_MEAN,
-        std=FASHION_MNIST_STD,
+        inputs=inputs,
         device="cpu",
-        channels_last=True,
         progress=False,
     )
     start = time.perf_counter()
@@ -292,7 +298,7 @@ def main() -> None:
         teachers = {"demo": load_teacher(args.teacher)}
         TEACHER_TAG = sha256_file(args.teacher)[:12]
     else:
-        teachers = {"demo": _teacher(cfg, full_train, test)}  # the demo's (all 60k labels)
+        teachers = {"demo": demo_teacher(cfg, full_train, test)}  # the demo's (all 60k labels)
     if args.precompute:
         live = fast_teacher(teachers["demo"].model, cfg)
         start = time.perf_counter()
@@ -300,7 +306,7 @@ def main() -> None:
         print(f"{out}: {time.perf_counter() - start:.0f} s", flush=True)
         return
     if args.teachers or any(parse_row(r)["ens"] for r in args.rows):
-        teachers["seed1"] = _teacher(replace(cfg, seed=1), full_train, test)
+        teachers["seed1"] = demo_teacher(replace(cfg, seed=1), full_train, test)
     if args.teachers:
         print(json.dumps(teacher_accuracies(teachers, test)))
         return

@@ -42,10 +42,11 @@ from kdkit.data import (
     holdout,
     load_fashion_mnist,
 )
-from kdkit.demo import TEACHER_SPEC, DemoConfig, _spec_state, _views
+from kdkit.data.pipeline import InputPipeline
+from kdkit.demo import TEACHER_SPEC, DemoConfig, demo_views, spec_state
 from kdkit.distiller import Distiller
+from kdkit.load import save_checkpoint
 from kdkit.models import fmnist_teacher
-from kdkit.train.checkpoint import save_checkpoint
 from kdkit.train.trainer import Trainer
 
 OUT = Path("runs/strong-teacher")
@@ -85,6 +86,15 @@ def train(recipe: str, seed: int, out: Path) -> dict:
     lr, make_opt = optimizer(spec["optimizer"])
     steps = spec["epochs"] * len(loader)
     run_dir = out / f"{recipe}-s{seed}"
+    torch.manual_seed(seed)  # seeded again once the model is built, as in the recorded runs
+    model.to(memory_format=torch.channels_last)
+    inputs = InputPipeline(
+        demo_views(DemoConfig(seed=seed)),
+        FASHION_MNIST_MEAN,
+        FASHION_MNIST_STD,
+        channels_last=True,
+        dataset=loader.dataset,
+    )
     trainer = Trainer(
         Distiller(model, None, None),
         loader,
@@ -93,12 +103,8 @@ def train(recipe: str, seed: int, out: Path) -> dict:
         scheduler=lambda opt: OneCycleLR(opt, max_lr=lr, total_steps=steps),
         scheduler_interval="step",
         epochs=spec["epochs"],
-        seed=seed,
-        views=_views(DemoConfig(seed=seed)),
-        mean=FASHION_MNIST_MEAN,
-        std=FASHION_MNIST_STD,
+        inputs=inputs,
         device="cpu",
-        channels_last=True,
         checkpoint_dir=run_dir,
         progress=False,
     )
@@ -108,7 +114,7 @@ def train(recipe: str, seed: int, out: Path) -> dict:
     test_top1 = trainer.evaluate(FastLoader(test, 1000, shuffle=False))["top1"]
     save_checkpoint(
         run_dir / "teacher.pt",
-        _spec_state(model, TEACHER_SPEC, role="teacher", test_top1=test_top1, recipe=recipe),
+        spec_state(model, TEACHER_SPEC, role="teacher", test_top1=test_top1, recipe=recipe),
     )
     return {
         "recipe": recipe,

@@ -34,7 +34,16 @@ from kdkit.teachers.base import Teacher
 from kdkit.train.checkpoint import load_checkpoint, save_checkpoint
 from kdkit.train.trainer import Trainer
 
-__all__ = ["DemoConfig", "RunResult", "run_demo", "train_model"]
+__all__ = [
+    "DemoConfig",
+    "RunResult",
+    "demo_teacher",
+    "demo_views",
+    "run_demo",
+    "spec_state",
+    "teacher_recipe_fingerprint",
+    "train_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +53,7 @@ TEACHER_SPEC = {"model": "kdkit:fmnist_teacher", "kwargs": {}}
 STUDENT_SPEC = {"model": "kdkit:fmnist_student", "kwargs": {}}
 
 
-def _spec_state(
+def spec_state(
     model: nn.Module, spec: dict[str, Any], role: str = "student", **extra: Any
 ) -> dict[str, Any]:
     """A checkpoint payload that ``kdkit export`` / ``kdkit.load_model`` can rebuild; the
@@ -127,7 +136,7 @@ class RunResult:
     train_time_s: float
 
 
-def _views(cfg: DemoConfig, size: int = 28):
+def demo_views(cfg: DemoConfig, size: int = 28):
     """The demo's views (pad-2 shifts and flips) through ``kdkit train``'s one builder."""
     from kdkit.config import ViewsConfig
     from kdkit.run.data import build_views
@@ -175,7 +184,7 @@ def train_model(
         scheduler_interval="step",
         epochs=epochs,
         seed=cfg.seed,
-        views=_views(cfg),
+        views=demo_views(cfg),
         mean=FASHION_MNIST_MEAN,
         std=FASHION_MNIST_STD,
         device="cpu",
@@ -197,12 +206,12 @@ def _channels_last(model: nn.Module, loader: Any, cfg: DemoConfig) -> bool:
     from kdkit.data.pipeline import InputPipeline
     from kdkit.run.autotune import choose_channels_last, first_input
 
-    pipeline = InputPipeline(_views(cfg), FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    pipeline = InputPipeline(demo_views(cfg), FASHION_MNIST_MEAN, FASHION_MNIST_STD)
     x = first_input(loader, pipeline).x
     return bool(choose_channels_last(model, x, recorded=None).value)
 
 
-def _fingerprint(cfg: DemoConfig, data_fp: str) -> str:
+def teacher_recipe_fingerprint(cfg: DemoConfig, data_fp: str) -> str:
     recipe = {
         "version": RECIPE_VERSION,
         "arch": "fmnist_teacher",
@@ -217,11 +226,11 @@ def _fingerprint(cfg: DemoConfig, data_fp: str) -> str:
     return sha256_bytes(json.dumps(recipe, sort_keys=True).encode())[:16]
 
 
-def _teacher(cfg: DemoConfig, train_set: Any, test_set: Any) -> RunResult:
+def demo_teacher(cfg: DemoConfig, train_set: Any, test_set: Any) -> RunResult:
     """Train the teacher, or load it from the fingerprinted cache."""
     from kdkit.models import fmnist_teacher
 
-    fp = _fingerprint(cfg, train_set.fingerprint())
+    fp = teacher_recipe_fingerprint(cfg, train_set.fingerprint())
     cached = Path(cfg.cache_dir) / "demo" / f"teacher-{fp}.pt"
     model = fmnist_teacher()
     if cached.exists() and not cfg.retrain:
@@ -281,7 +290,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     out = check_output_path(cfg.out_dir, what="the demo's out_dir", directory=True)
     check_output_path(cfg.cache_dir, what="the demo's cache_dir", directory=True)
     train_set, test_set = load_fashion_mnist("train"), load_fashion_mnist("test")
-    teacher = _teacher(cfg, train_set, test_set)
+    teacher = demo_teacher(cfg, train_set, test_set)
     labeled, unlabeled = split_labeled(train_set, cfg.n_labeled, seed=cfg.seed)
     n_lab, n_unl = len(labeled), len(unlabeled)
     scratch = _student(
@@ -300,6 +309,6 @@ def run_demo(cfg: DemoConfig) -> Path:
         teacher=fast_teacher(teacher.model, cfg),
     )
     atomic_write_json(out / "config.json", asdict(cfg))
-    save_checkpoint(out / "student.pt", _spec_state(kd.model, STUDENT_SPEC, test_top1=kd.test_top1))
-    save_checkpoint(out / "teacher.pt", _spec_state(teacher.model, TEACHER_SPEC, role="teacher"))
+    save_checkpoint(out / "student.pt", spec_state(kd.model, STUDENT_SPEC, test_top1=kd.test_top1))
+    save_checkpoint(out / "teacher.pt", spec_state(teacher.model, TEACHER_SPEC, role="teacher"))
     return write_report([teacher, scratch, supervised, kd], out)

@@ -1,7 +1,7 @@
 """Import a script of ``benchmarks/`` as a module for a test (the scripts are not a package).
 
 The folder goes on ``sys.path`` as ``python benchmarks/X.py`` has it (scripts import their
-siblings: ``_harness``, ``bench_gpu_kd``), the module is registered in ``sys.modules`` (its
+siblings: ``_harness``, ``_gpu_kd_steps``), the module is registered in ``sys.modules`` (its
 dataclasses look their module up there), and both are undone afterwards.
 """
 

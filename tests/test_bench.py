@@ -157,10 +157,10 @@ def test_plot_title_is_the_callers_and_the_panels_keep_theirs(tmp_path, monkeypa
 def test_the_single_module_names_still_import_from_kdkit_bench():
     import kdkit.bench
     from kdkit.bench import _Memory, _time_calls
-    from kdkit.bench.memory import _Memory as memory_probe
+    from kdkit.bench.memory import PeakMemory
 
-    assert _Memory is memory_probe and callable(_time_calls)
-    for name in kdkit.bench._HOME:
+    assert _Memory is PeakMemory and callable(_time_calls)
+    for name in kdkit.bench._MOVED:
         assert getattr(kdkit.bench, name) is not None, name
     with pytest.raises(AttributeError):
         kdkit.bench._Memry  # noqa: B018

@@ -13,11 +13,11 @@ import kdkit.data
 
 @pytest.fixture(scope="module")
 def bench():
-    yield from benchmark_module("bench_defaults", ("bench_gpu_kd", "_harness", "_synthetic"))
+    yield from benchmark_module("bench_defaults", ("_gpu_kd_steps", "_harness", "_synthetic"))
 
 
 def test_every_row_runs_and_the_table_renders(bench, tmp_path, monkeypatch, one_thread):
-    from kdkit.demo import TEACHER_SPEC, _spec_state
+    from kdkit.demo import TEACHER_SPEC, spec_state
     from kdkit.models import fmnist_teacher
     from kdkit.train.checkpoint import save_checkpoint
 
@@ -29,7 +29,7 @@ def test_every_row_runs_and_the_table_renders(bench, tmp_path, monkeypatch, one_
     monkeypatch.setattr(kdkit.data, "load_fashion_mnist", lambda split="train", **kw: small)
     torch.manual_seed(0)
     teacher = tmp_path / "teacher.pt"
-    save_checkpoint(teacher, _spec_state(fmnist_teacher(), TEACHER_SPEC, role="teacher"))
+    save_checkpoint(teacher, spec_state(fmnist_teacher(), TEACHER_SPEC, role="teacher"))
     args = argparse.Namespace(threads=1, teacher=str(teacher), rounds=1, warmup=1, steps=1)
     res = bench.run(args)
     ran = {k for k, v in res["rates"].items() if v}

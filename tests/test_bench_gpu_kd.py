@@ -10,7 +10,8 @@ from _scripts import benchmark_module
 
 @pytest.fixture(scope="module")
 def bench():
-    yield from benchmark_module("bench_gpu_kd", ("_harness", "_synthetic"))
+    siblings = ("_gpu_kd_rows", "_gpu_kd_steps", "_harness", "_synthetic")
+    yield from benchmark_module("bench_gpu_kd", siblings)
 
 
 def test_small_mode_runs_every_row(bench, tmp_path, one_thread):
@@ -78,8 +79,9 @@ def test_the_json_holds_every_row_measured_before_a_kill(bench, tmp_path, one_th
 
 def test_row_budget_caps_the_timed_steps(bench):
     calls = []
-    budget = bench.Budget(warmup=5, steps=100, seconds=0.0, min_steps=3)
-    from _harness import measure
+    from _harness import Budget, measure
+
+    budget = Budget(warmup=5, steps=100, seconds=0.0, min_steps=3)
 
     batches = iter([(torch.zeros(2),)] * 200)
     got = measure(calls.append, batches, torch.device("cpu"), budget)

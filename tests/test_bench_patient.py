@@ -59,7 +59,7 @@ def test_every_kind_of_row_trains_on_a_tiny_dataset(bench, tmp_path, monkeypatch
 def test_another_teachers_caches_are_kept_apart(bench, tmp_path, monkeypatch):
     """``--teacher FILE`` tags its caches with the file's hash: a cache of the demo teacher is
     never replayed as the strong one's; the saved checkpoint loads with its test top-1."""
-    from kdkit.demo import TEACHER_SPEC, _spec_state
+    from kdkit.demo import TEACHER_SPEC, spec_state
     from kdkit.train.checkpoint import save_checkpoint
 
     monkeypatch.setattr(bench, "CACHE_ROOT", tmp_path)
@@ -68,7 +68,7 @@ def test_another_teachers_caches_are_kept_apart(bench, tmp_path, monkeypatch):
     assert bench.cache_dir(False) != demo_dir and "0123456789ab" in bench.cache_dir(False).name
     path = tmp_path / "teacher.pt"
     model = fmnist_teacher()
-    save_checkpoint(path, _spec_state(model, TEACHER_SPEC, role="teacher", test_top1=93.1))
+    save_checkpoint(path, spec_state(model, TEACHER_SPEC, role="teacher", test_top1=93.1))
     t = bench.load_teacher(path)
     assert t.test_top1 == 93.1 and not t.model.training
     x = torch.randn(2, 1, 28, 28)

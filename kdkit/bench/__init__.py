@@ -38,25 +38,34 @@ __all__ = [
 ]
 
 # The private names of the single-module kdkit.bench, for code that imported them from there
-# (``from kdkit.bench import _Memory``): resolved in their new module on first use.
+# (``from kdkit.bench import _Memory``): resolved on first use, in their module and under the
+# name they have now (the ones other modules need are public there).
 _MOVED = {
-    "source": (
-        "_Source",
-        "_resolve",
-        "_check_onnx",
-        "_count_params",
-        "_count_flops",
-        "_shape_error",
-    ),
-    "memory": ("_status_kb", "_trim", "_Memory"),
-    "runners": ("_onnx_for", "_build_runner", "_int8_for", "_skip_reason"),
-    "measure": ("_Plan", "_bench_backend", "_time_calls"),
-    "report": ("_fmt", "_ratio", "_table", "_times"),
+    "_Source": ("source", "ModelSource"),
+    "_resolve": ("source", "resolve_model"),
+    "_check_onnx": ("source", "_check_onnx"),
+    "_count_params": ("source", "count_params"),
+    "_count_flops": ("source", "count_flops"),
+    "_shape_error": ("source", "shape_error"),
+    "_status_kb": ("memory", "_status_kb"),
+    "_trim": ("memory", "_trim"),
+    "_Memory": ("memory", "PeakMemory"),
+    "_onnx_for": ("runners", "onnx_file_for"),
+    "_build_runner": ("runners", "build_runner"),
+    "_int8_for": ("runners", "int8_file_for"),
+    "_skip_reason": ("runners", "skip_reason"),
+    "_Plan": ("measure", "_Plan"),
+    "_bench_backend": ("measure", "_bench_backend"),
+    "_time_calls": ("measure", "_time_calls"),
+    "_fmt": ("report", "_fmt"),
+    "_ratio": ("report", "_ratio"),
+    "_table": ("report", "_table"),
+    "_times": ("report", "_times"),
 }
-_HOME = {name: module for module, names in _MOVED.items() for name in names}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        return getattr(importlib.import_module(f"kdkit.bench.{_HOME[name]}"), name)
+    if name in _MOVED:
+        module, attr = _MOVED[name]
+        return getattr(importlib.import_module(f"kdkit.bench.{module}"), attr)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

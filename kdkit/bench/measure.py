@@ -36,16 +36,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdkit.bench.memory import _Memory
+from kdkit.bench.memory import PeakMemory
 from kdkit.bench.runners import (
     BENCH_BACKENDS,
     Runner,
-    _build_runner,
-    _int8_for,
-    _onnx_for,
-    _skip_reason,
+    build_runner,
+    int8_file_for,
+    onnx_file_for,
+    skip_reason,
 )
-from kdkit.bench.source import ModelSource, _count_flops, _count_params, _resolve, _shape_error
+from kdkit.bench.source import ModelSource, count_flops, count_params, resolve_model, shape_error
 from kdkit.errors import KDError
 
 __all__ = ["BenchResult", "bench_model", "describe_device"]
@@ -136,12 +136,12 @@ def bench_model(
         raise KDError(f"device {device!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KDError("device='cuda' but no CUDA device is visible")
-    src = _resolve(model_or_path, name, trust_code)
+    src = resolve_model(model_or_path, name, trust_code=trust_code)
     shape = tuple(input_shape) if input_shape is not None else src.input_shape
     if not shape or any(int(d) < 1 for d in shape):
         raise KDError(f"give input_shape=(C, H, W) with positive sizes for {src.name}")
     plan = _Plan(device, shape, sorted(set(batch_sizes)), warmup, repeats, threads)
-    counts = (_count_params(src), _count_flops(src.module, shape))
+    counts = (count_params(src), count_flops(src.module, shape))
     results: list[BenchResult] = []
     saved_threads = torch.get_num_threads()
     try:
@@ -149,15 +149,17 @@ def bench_model(
             torch.set_num_threads(threads)
         with tempfile.TemporaryDirectory(prefix="kdkit-bench-") as workdir:
             for backend in backends:
-                reason = _skip_reason(src, backend, device)
+                reason = skip_reason(src, backend, device)
                 if reason:
                     log.warning("%s: skipping %s: %s", src.name, backend, reason)
                     continue
                 onnx_path = None
                 if backend in ("ort", "ort-int8", "tensorrt") and src.engine is None:
-                    onnx_path = _onnx_for(src, shape, Path(workdir))  # outside the memory window
+                    onnx_path = onnx_file_for(
+                        src, shape, Path(workdir)
+                    )  # outside the memory window
                 if backend == "ort-int8" and onnx_path is not None:
-                    onnx_path = _int8_for(onnx_path, shape, Path(workdir))
+                    onnx_path = int8_file_for(onnx_path, shape, Path(workdir))
                 results += _bench_backend(src, backend, plan, onnx_path, counts)
     finally:
         torch.set_num_threads(saved_threads)
@@ -183,9 +185,9 @@ def _bench_backend(
     onnx_path: Path | None,
     counts: tuple[int | None, float | None],
 ) -> list[BenchResult]:
-    memory = _Memory(plan.device, backend)
+    memory = PeakMemory(plan.device, backend)
     max_batch = max(plan.batch_sizes)
-    runner = _build_runner(src, backend, plan.device, max_batch, onnx_path, plan.threads)
+    runner = build_runner(src, backend, plan.device, max_batch, onnx_path, plan.threads)
     if runner is None:
         return []
     out = []
@@ -197,7 +199,7 @@ def _bench_backend(
         except KDError:
             raise
         except Exception as err:  # onnxruntime / TensorRT raise their own types
-            raise _shape_error(f"{src.name} ({backend})", plan.shape, err) from None
+            raise shape_error(f"{src.name} ({backend})", plan.shape, err) from None
         out.append(
             BenchResult(
                 model=src.name,

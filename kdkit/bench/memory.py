@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-__all__: list[str] = []
+__all__ = ["PeakMemory"]
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def _trim() -> None:
         pass
 
 
-class _Memory:
+class PeakMemory:
     """Peak memory above a baseline taken before the model is loaded (see module docstring)."""
 
     def __init__(self, device: torch.device, backend: str) -> None:

@@ -21,7 +21,14 @@ from kdkit.teachers.calibration import Calibration, CalibrationArrays
 from kdkit.teachers.onnx_teacher import default_providers, import_onnxruntime, load_session
 from kdkit.teachers.quantize import int8_model
 
-__all__ = ["BENCH_BACKENDS", "Runner"]
+__all__ = [
+    "BENCH_BACKENDS",
+    "Runner",
+    "build_runner",
+    "int8_file_for",
+    "onnx_file_for",
+    "skip_reason",
+]
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +37,14 @@ BENCH_BACKENDS = ("eager", "compiled", "ort", "ort-int8", "tensorrt")
 Runner = Callable[[torch.Tensor], Any]
 
 
-def _onnx_for(src: ModelSource, shape: tuple[int, ...], workdir: Path) -> Path:
+def onnx_file_for(src: ModelSource, shape: tuple[int, ...], workdir: Path) -> Path:
     if src.onnx is None:
         src.onnx = workdir / f"{src.name}.onnx"
         export_onnx(src.module, src.onnx, shape)
     return src.onnx
 
 
-def _build_runner(
+def build_runner(
     src: ModelSource,
     backend: str,
     device: torch.device,
@@ -51,7 +58,7 @@ def _build_runner(
             return None
         module = copy.deepcopy(src.module).to(device)
         return TorchTeacher(module, compile=backend == "compiled")
-    if backend in ("ort", "ort-int8"):  # ort-int8: onnx_path is the int8 file (_int8_for)
+    if backend in ("ort", "ort-int8"):  # ort-int8: onnx_path is the int8 file (int8_file_for)
         providers = default_providers(import_onnxruntime(), device)
         if device.type == "cuda" and len(providers) == 1:
             log.warning("onnxruntime has no CUDA provider here; skipping ort on %s", device)
@@ -64,7 +71,7 @@ def _build_runner(
     raise KDError(f"unknown backend {backend!r}; choose from {list(BENCH_BACKENDS)}")
 
 
-def _int8_for(onnx_path: Path, shape: tuple[int, ...], workdir: Path) -> Path:
+def int8_file_for(onnx_path: Path, shape: tuple[int, ...], workdir: Path) -> Path:
     """The ONNX file quantized to int8 (:mod:`kdkit.teachers.quantize`), calibrated on random
     inputs: bench models may have random weights and only speed is measured here; training
     calibrates on real images behind the fidelity gate."""
@@ -80,7 +87,7 @@ def _int8_for(onnx_path: Path, shape: tuple[int, ...], workdir: Path) -> Path:
     return model.path
 
 
-def _skip_reason(src: ModelSource, backend: str, device: torch.device) -> str | None:
+def skip_reason(src: ModelSource, backend: str, device: torch.device) -> str | None:
     if backend in ("eager", "compiled") and src.module is None:
         return "needs a PyTorch module (this is an ONNX/engine file)"
     if backend == "tensorrt":

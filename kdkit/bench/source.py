@@ -22,7 +22,7 @@ from kdkit.errors import KDError
 from kdkit.load import load_model, spec_from_text
 from kdkit.registry import build_model
 
-__all__ = ["ModelSource", "count_params", "resolve_model"]
+__all__ = ["ModelSource", "count_flops", "count_params", "resolve_model", "shape_error"]
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,11 @@ class ModelSource:
     input_shape: tuple[int, ...] | None = None
 
 
-_Source = ModelSource  # the name before it was public
+def resolve_model(obj: Any, name: str | None = None, *, trust_code: bool = False) -> ModelSource:
+    """Load what :func:`bench_model` would measure, without measuring it: lets a caller
+    refuse a bad second model before spending minutes on the first.
 
-
-def _resolve(obj: Any, name: str | None, trust_code: bool = False) -> ModelSource:
-    """A module, an .onnx / .engine path, a kdkit checkpoint, or a model spec such as
+    ``obj``: a module, an .onnx / .engine path, a kdkit checkpoint, or a model spec such as
     ``"kdkit:fmnist_teacher"`` / ``"torchvision:resnet18"`` (random weights)."""
     if isinstance(obj, ModelSource):
         return obj
@@ -86,19 +86,9 @@ def _check_onnx(path: Path) -> None:
         ) from None
 
 
-def resolve_model(obj: Any, name: str | None = None, *, trust_code: bool = False) -> ModelSource:
-    """Load what :func:`bench_model` would measure, without measuring it: lets a caller
-    refuse a bad second model before spending minutes on the first."""
-    return _resolve(obj, name, trust_code)
-
-
 def count_params(src: ModelSource) -> int | None:
     """Parameters of a module, or weights (initializer elements) of an ONNX file; None for an
     engine, or for ONNX without the ``onnx`` package."""
-    return _count_params(src)
-
-
-def _count_params(src: ModelSource) -> int | None:
     if src.module is not None:
         return sum(p.numel() for p in src.module.parameters())
     if src.onnx is not None:
@@ -112,7 +102,8 @@ def _count_params(src: ModelSource) -> int | None:
     return None
 
 
-def _shape_error(what: str, shape: tuple[int, ...], err: Exception) -> KDError:
+def shape_error(what: str, shape: tuple[int, ...], err: Exception) -> KDError:
+    """The error for a model that does not run on the input shape it was given."""
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return KDError(
         f"{what} does not run on input (N, {', '.join(map(str, shape))}): {first[:200]}; "
@@ -120,7 +111,9 @@ def _shape_error(what: str, shape: tuple[int, ...], err: Exception) -> KDError:
     )
 
 
-def _count_flops(module: nn.Module | None, shape: tuple[int, ...]) -> float | None:
+def count_flops(module: nn.Module | None, shape: tuple[int, ...]) -> float | None:
+    """FLOPs of one ``(1, *shape)`` forward pass (see the module docstring); None without a
+    module."""
     if module is None:
         return None
     from torch.utils.flop_counter import FlopCounterMode
@@ -133,7 +126,7 @@ def _count_flops(module: nn.Module | None, shape: tuple[int, ...]) -> float | No
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             module(x)
     except RuntimeError as err:
-        raise _shape_error(type(module).__name__, shape, err) from None
+        raise shape_error(type(module).__name__, shape, err) from None
     finally:
         for m, mode in modes.items():
             m.training = mode

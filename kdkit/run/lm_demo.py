@@ -24,7 +24,16 @@ from typing import Any
 
 from kdkit.config import load_config, resolve_paths
 
-__all__ = ["LMDemoConfig", "run_lm_demo", "demo_corpus"]
+__all__ = [
+    "LMDemoConfig",
+    "demo_corpus",
+    "llama_folder",
+    "run_lm_demo",
+    "student_test_ppl",
+    "teacher_test_ppl",
+    "train_demo_run",
+    "write_splits",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +79,7 @@ def demo_corpus() -> tuple[list[Path], str]:
     )
 
 
-def _write_splits(cfg: LMDemoConfig, root: Path) -> tuple[Path, Path, Path, str]:
+def write_splits(cfg: LMDemoConfig, root: Path) -> tuple[Path, Path, Path, str]:
     files, source = demo_corpus()
     docs = []
     for f in files:
@@ -89,7 +98,7 @@ def _write_splits(cfg: LMDemoConfig, root: Path) -> tuple[Path, Path, Path, str]
     return out[0], out[1], out[2], source
 
 
-def _llama_folder(path: Path, tokenizer: Any, shape: tuple[int, int, int], ctx: int) -> Path:
+def llama_folder(path: Path, tokenizer: Any, shape: tuple[int, int, int], ctx: int) -> Path:
     from transformers import LlamaConfig
 
     hidden, layers, heads = shape
@@ -116,7 +125,9 @@ def _model_string(teacher: Path | str) -> str:
     return str(teacher) if str(teacher).startswith("cache:") else f"hf:{teacher}"
 
 
-def _run(cfg: LMDemoConfig, name: str, student: Path, teacher: Path | None, files, **distill):
+def train_demo_run(
+    cfg: LMDemoConfig, name: str, student: Path, teacher: Path | None, files, **distill
+):
     """One ``task: lm`` config through kdkit train's front door; returns (result, seconds)."""
     from kdkit.run import train_run
 
@@ -150,7 +161,7 @@ def _run(cfg: LMDemoConfig, name: str, student: Path, teacher: Path | None, file
     return result, time.perf_counter() - start
 
 
-def _test_ppl(run_dir: Path, test: Path) -> dict[str, float]:
+def student_test_ppl(run_dir: Path, test: Path) -> dict[str, float]:
     import torch
 
     from kdkit.run.lm_tools import evaluate_lm_run
@@ -172,7 +183,7 @@ def run_lm_demo(cfg: LMDemoConfig) -> Path:
     out.mkdir(parents=True)
     data_dir = out / "data"
     data_dir.mkdir()
-    train, val, test, source = _write_splits(cfg, data_dir)
+    train, val, test, source = write_splits(cfg, data_dir)
     cache = Path(cfg.cache_dir)
     shape = "x".join(map(str, cfg.teacher))
     key = (
@@ -183,8 +194,10 @@ def run_lm_demo(cfg: LMDemoConfig) -> Path:
     if cfg.retrain or not (teacher_dir / "config.json").is_file():
         tok_dir = train_bpe_tokenizer([train], cfg.vocab, cache / key / "tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-        init = _llama_folder(cache / key / "teacher-init", tokenizer, cfg.teacher, cfg.max_length)
-        result, _ = _run(cfg, "teacher", init, None, (train, val, test), epochs=cfg.teacher_epochs)
+        init = llama_folder(cache / key / "teacher-init", tokenizer, cfg.teacher, cfg.max_length)
+        result, _ = train_demo_run(
+            cfg, "teacher", init, None, (train, val, test), epochs=cfg.teacher_epochs
+        )
         from kdkit.run.lm_tools import export_hf
 
         if teacher_dir.exists():
@@ -192,7 +205,7 @@ def run_lm_demo(cfg: LMDemoConfig) -> Path:
         export_hf(result.run_dir, teacher_dir)
     teacher_s = time.perf_counter() - start
     tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir), local_files_only=True)
-    student_dir = _llama_folder(out / "student-init", tokenizer, cfg.student, cfg.max_length)
+    student_dir = llama_folder(out / "student-init", tokenizer, cfg.student, cfg.max_length)
     rows = []
     runs = [("scratch", None, {"epochs": cfg.student_epochs})]
     runs += [
@@ -200,15 +213,17 @@ def run_lm_demo(cfg: LMDemoConfig) -> Path:
         for d in cfg.divergences
     ]
     for name, teacher, distill in runs:
-        result, wall = _run(cfg, name, student_dir, teacher, (train, val, test), **distill)
-        scores = _test_ppl(result.run_dir, test)
+        result, wall = train_demo_run(
+            cfg, name, student_dir, teacher, (train, val, test), **distill
+        )
+        scores = student_test_ppl(result.run_dir, test)
         tok_s = result.history[-1].get("tok_per_s", 0.0)
         rows.append((name, scores["ppl"], tok_s, wall))
-    teacher_ppl = _teacher_test_ppl(teacher_dir, test, cfg)
+    teacher_ppl = teacher_test_ppl(teacher_dir, test, cfg)
     return _report(cfg, out, source, rows, teacher_ppl, teacher_dir, student_dir, teacher_s)
 
 
-def _teacher_test_ppl(teacher_dir: Path, test: Path, cfg: LMDemoConfig) -> float:
+def teacher_test_ppl(teacher_dir: Path, test: Path, cfg: LMDemoConfig) -> float:
     """The teacher's test perplexity, on the rows the students' test scores read
     (:func:`kdkit.run.lm_job.build_lm_data`: the same split, packing and batches)."""
     from kdkit.config import LMDataConfig, LMModelConfig, LMRunConfig
