@@ -10,6 +10,7 @@ from torch import nn
 
 import kdkit
 from kdkit import Distiller, KDError, SoftTargetKL, Trainer
+from kdkit.compat import StudentTrainer
 from kdkit.data import ArrayDataset, FastLoader
 from kdkit.train import Precision, load_checkpoint
 
@@ -141,8 +142,7 @@ def test_best_and_last_checkpoints_and_csv(tmp_path):
         epochs=2,
         checkpoint_dir=tmp_path,
         progress=False,
-        student_spec={"factory": "x:y"},
-        input_shape=(1, 8, 8),
+        run_info={"student_spec": {"factory": "x:y"}, "input_shape": (1, 8, 8)},
     )
     tr.fit()
     assert {"last.pt", "best.pt", "metrics.csv"} <= {p.name for p in tmp_path.iterdir()}
@@ -185,7 +185,7 @@ def test_precision_policies():
 def test_student_trainer_facade_saves_each_epoch(tmp_path):
     train, evalset = blobs()
     teacher = trained_teacher()
-    st = kdkit.StudentTrainer(
+    st = StudentTrainer(
         net(),
         (FastLoader(train, 32), FastLoader(evalset, 64, shuffle=False)),
         teacher,
