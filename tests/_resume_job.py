@@ -14,6 +14,7 @@ torch.set_num_threads(1)
 
 from kdkit import Distiller, SoftTargetKL, Trainer  # noqa: E402
 from kdkit.data import ArrayDataset, FastLoader  # noqa: E402
+from kdkit.data.pipeline import InputPipeline  # noqa: E402
 from kdkit.data.views import ViewSampler  # noqa: E402
 
 
@@ -51,9 +52,7 @@ def main():
         epochs=3,
         checkpoint_dir=ckpt_dir,
         checkpoint_every=4,
-        views=ViewSampler(seed=5, crop="pad", pad=2, size=12),
-        mean=(0.5,),
-        std=(0.25,),
+        inputs=InputPipeline(ViewSampler(seed=5, crop="pad", pad=2, size=12), (0.5,), (0.25,)),
         device="cpu",
         progress=False,
         callbacks=[killer],

@@ -173,7 +173,7 @@ def test_features_keep_the_torch_backends_and_a_lone_candidate_is_not_timed(monk
 def test_kdkit_teacher_backend_auto(monkeypatch):
     fake_clock(monkeypatch, {"torch": 0.2, "onnx": 0.1})
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 5)).eval()
-    t = kdkit.teacher(model, backend="auto", input_shape=(3, 6, 6), batch_size=8)
+    t = kdkit.make_teacher(model, backend="auto", input_shape=(3, 6, 6), batch_size=8)
     from kdkit.teachers.onnx_teacher import OnnxTeacher
 
     assert isinstance(t, OnnxTeacher)

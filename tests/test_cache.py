@@ -1,4 +1,5 @@
-"""kdkit.cache: augmentation-aware teacher cache (precompute, CachedTeacher, verify, check)."""
+"""kdkit.cache: augmentation-aware teacher cache (precompute, CachedTeacher, verify, check); its
+CLI is in test_cache_cli.py."""
 
 from __future__ import annotations
 
@@ -16,40 +17,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _cache_setup import (
+    CLASSES,
+    MEAN,
+    SIZE,
+    STD,
+    N,
+    make_cache,
+    shard_path,
+    tiny_dataset,
+    tiny_teacher,
+    tiny_views,
+)
 from torch import nn
 
-from kdkit.cache import CachedTeacher, check, precompute, read_meta, verify
-from kdkit.cli import main as cli_main
+from kdkit.cache import CachedTeacher, check, read_meta, verify
 from kdkit.data.arrays import ArrayDataset
 from kdkit.data.views import ViewSampler, prepare_input
 from kdkit.errors import KDError
 from kdkit.teachers.base import TopK
-
-N, SIZE, CLASSES = 40, 8, 12
-MEAN, STD = (0.3,), (0.4,)
-
-
-def _dataset(n: int = N, seed: int = 0) -> ArrayDataset:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 1, SIZE, SIZE), dtype=torch.uint8, generator=g)
-    return ArrayDataset(images, torch.randint(0, CLASSES, (n,), generator=g))
-
-
-def _teacher(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * SIZE * SIZE, CLASSES)
-    ).eval()
-
-
-def _views(num_views: int = 3) -> ViewSampler:
-    return ViewSampler(seed=4, num_views=num_views, crop="pad", pad=1, size=SIZE)
-
-
-def _precompute(out: Path, **kwargs) -> Path:
-    args = dict(views=_views(), batch_size=8, shard_size=16, mean=MEAN, std=STD, progress=False)
-    args.update(kwargs)
-    return precompute(args.pop("teacher", _teacher()), args.pop("dataset", _dataset()), out, **args)
 
 
 def _live(model: nn.Module, ds: ArrayDataset, views: ViewSampler, batch: int, shard: int):
@@ -80,19 +66,21 @@ def _read_all(cached: CachedTeacher, k: int):
 
 
 def test_fp32_cache_equals_the_live_teacher_on_the_same_views(tmp_path):
-    model, ds = _teacher(), _dataset()
-    _precompute(tmp_path, dtype="fp32", teacher=model)
-    cached = CachedTeacher(tmp_path, expect_teacher=model, expect_dataset=ds, expect_views=_views())
+    model, ds = tiny_teacher(), tiny_dataset()
+    make_cache(tmp_path, dtype="fp32", teacher=model)
+    cached = CachedTeacher(
+        tmp_path, expect_teacher=model, expect_dataset=ds, expect_views=tiny_views()
+    )
     got = _read_all(cached, 3)
     assert got.dtype == torch.float32
-    assert torch.equal(got, _live(model, ds, _views(), 8, 16))
+    assert torch.equal(got, _live(model, ds, tiny_views(), 8, 16))
     assert cached.fingerprint() == read_meta(tmp_path)["teacher_fingerprint"]
 
 
 def test_fp16_cache_is_the_live_teacher_rounded_to_fp16(tmp_path):
-    model, ds = _teacher(), _dataset()
-    _precompute(tmp_path, teacher=model)
-    live = _live(model, ds, _views(), 8, 16)
+    model, ds = tiny_teacher(), tiny_dataset()
+    make_cache(tmp_path, teacher=model)
+    live = _live(model, ds, tiny_views(), 8, 16)
     got = _read_all(CachedTeacher(tmp_path), 3)
     assert torch.equal(got, live.half().float())
     torch.testing.assert_close(got, live, rtol=2**-11, atol=2**-24)
@@ -101,14 +89,14 @@ def test_fp16_cache_is_the_live_teacher_rounded_to_fp16(tmp_path):
 def test_topk_cache_keeps_the_largest_logits_and_bounds_reconstruction_error(tmp_path):
     from kdkit.losses import topk_to_probs
 
-    model, ds = _teacher(), _dataset()
+    model, ds = tiny_teacher(), tiny_dataset()
     with torch.no_grad():
         model[-1].weight.mul_(15)  # logits spread like a trained teacher's (about -5..5)
-    _precompute(tmp_path, teacher=model, topk=4)
+    make_cache(tmp_path, teacher=model, topk=4)
     meta = read_meta(tmp_path)
     assert meta["index_dtype"] == "int16" and meta["topk"] == 4
     got = _read_all(CachedTeacher(tmp_path), 3)
-    live = _live(model, ds, _views(), 8, 16)
+    live = _live(model, ds, tiny_views(), 8, 16)
     values, indices = torch.topk(live, 4, dim=-1)
     assert got.indices.dtype == torch.int64 and torch.equal(got.indices, indices)
     torch.testing.assert_close(got.values, values, rtol=2**-11, atol=2**-24)
@@ -131,13 +119,9 @@ def test_topk_cache_keeps_the_largest_logits_and_bounds_reconstruction_error(tmp
         assert float(tv.mean()) < mean_tv_bound
 
 
-def _shard(out: Path, i: int = 1) -> Path:
-    return out / read_meta(out)["shards"][i]["files"]["values"]["file"]
-
-
 def test_truncated_shard_is_refused(tmp_path):
-    _precompute(tmp_path)
-    path = _shard(tmp_path)
+    make_cache(tmp_path)
+    path = shard_path(tmp_path)
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(KDError, match="truncated"):
         CachedTeacher(tmp_path)
@@ -146,8 +130,8 @@ def test_truncated_shard_is_refused(tmp_path):
 
 
 def test_flipped_byte_is_refused_by_checksum(tmp_path):
-    _precompute(tmp_path)
-    path = _shard(tmp_path)
+    make_cache(tmp_path)
+    path = shard_path(tmp_path)
     data = bytearray(path.read_bytes())
     data[-7] ^= 0x10
     path.write_bytes(bytes(data))
@@ -159,18 +143,18 @@ def test_flipped_byte_is_refused_by_checksum(tmp_path):
 
 
 def test_cache_of_another_teacher_or_dataset_or_views_is_refused(tmp_path):
-    _precompute(tmp_path)
+    make_cache(tmp_path)
     with pytest.raises(KDError, match="mismatch in teacher_fingerprint: cache has '[0-9a-f]+'"):
-        CachedTeacher(tmp_path, expect_teacher=_teacher(seed=1))
+        CachedTeacher(tmp_path, expect_teacher=tiny_teacher(seed=1))
     with pytest.raises(KDError, match="mismatch in num_samples: cache has 40, this run expects 41"):
-        CachedTeacher(tmp_path, expect_dataset=_dataset(n=N + 1))
+        CachedTeacher(tmp_path, expect_dataset=tiny_dataset(n=N + 1))
     with pytest.raises(KDError, match="mismatch in dataset_fingerprint"):
-        CachedTeacher(tmp_path, expect_dataset=_dataset(seed=1))
+        CachedTeacher(tmp_path, expect_dataset=tiny_dataset(seed=1))
     with pytest.raises(KDError, match="mismatch in views"):
-        CachedTeacher(tmp_path, expect_views=_views(num_views=4))
+        CachedTeacher(tmp_path, expect_views=tiny_views(num_views=4))
     with pytest.raises(KDError, match="mismatch in views"):
         CachedTeacher(tmp_path, expect_views=False)  # a run without augmentation
-    CachedTeacher(tmp_path, expect_views=_views(), verify=False)
+    CachedTeacher(tmp_path, expect_views=tiny_views(), verify=False)
     CachedTeacher(tmp_path, expect_views=None, verify=False)  # None: not checked
     meta = json.loads((tmp_path / "meta.json").read_text())
     meta["format_version"] = 99
@@ -182,7 +166,7 @@ def test_cache_of_another_teacher_or_dataset_or_views_is_refused(tmp_path):
 def test_missing_meta_or_shard_and_bad_rows_are_refused(tmp_path):
     with pytest.raises(KDError, match="no meta.json"):
         verify(tmp_path)
-    _precompute(tmp_path)
+    make_cache(tmp_path)
     cached = CachedTeacher(tmp_path)
     with pytest.raises(KDError, match="index out of range"):
         cached(torch.zeros(1), index=torch.tensor([N]), view=torch.tensor([0]))
@@ -190,23 +174,23 @@ def test_missing_meta_or_shard_and_bad_rows_are_refused(tmp_path):
         cached(torch.zeros(1), index=torch.tensor([0]), view=torch.tensor([3]))
     with pytest.raises(KDError, match="pass view="):
         cached(torch.zeros(1), index=torch.tensor([0]))
-    _shard(tmp_path, 0).unlink()
+    shard_path(tmp_path, 0).unlink()
     with pytest.raises(KDError, match="missing"):
         verify(tmp_path)
 
 
 def test_subset_cache_is_keyed_by_original_index(tmp_path):
-    model, base = _teacher(), _dataset()
+    model, base = tiny_teacher(), tiny_dataset()
     sub = base.subset(torch.arange(5, 30, 2))
-    _precompute(tmp_path, teacher=model, dataset=sub, dtype="fp32")
+    make_cache(tmp_path, teacher=model, dataset=sub, dtype="fp32")
     cached = CachedTeacher(tmp_path, expect_dataset=sub)
     index, view = torch.tensor([29, 5, 17]), torch.tensor([2, 0, 1])
-    x = prepare_input(base.images[index], index, view, _views(), MEAN, STD, "cpu")
+    x = prepare_input(base.images[index], index, view, tiny_views(), MEAN, STD, "cpu")
     torch.testing.assert_close(cached(x, index=index, view=view).logits, model(x))
     with pytest.raises(KDError, match=r"sample indices \[6\] are not in the cache"):
         cached(x[:1], index=torch.tensor([6]), view=torch.tensor([0]))
     # a cache of the whole dataset serves its subsets
-    _precompute(tmp_path / "full", teacher=model, dataset=base)
+    make_cache(tmp_path / "full", teacher=model, dataset=base)
     CachedTeacher(tmp_path / "full", expect_dataset=sub)
 
 
@@ -224,9 +208,9 @@ class _PlainDataset(torch.utils.data.Dataset):
 
 
 def test_plain_dataset_is_read_item_by_item_and_fingerprinted_by_content(tmp_path):
-    model, ds = _teacher(), _dataset()
-    _precompute(tmp_path / "plain", teacher=model, dataset=_PlainDataset(ds), dtype="fp32")
-    _precompute(tmp_path / "array", teacher=model, dataset=ds, dtype="fp32")
+    model, ds = tiny_teacher(), tiny_dataset()
+    make_cache(tmp_path / "plain", teacher=model, dataset=_PlainDataset(ds), dtype="fp32")
+    make_cache(tmp_path / "array", teacher=model, dataset=ds, dtype="fp32")
     plain, array = CachedTeacher(tmp_path / "plain"), CachedTeacher(tmp_path / "array")
     index, view = torch.arange(N), torch.arange(N) % 3
     torch.testing.assert_close(
@@ -234,18 +218,18 @@ def test_plain_dataset_is_read_item_by_item_and_fingerprinted_by_content(tmp_pat
         array(torch.zeros(N), index=index, view=view).logits,
     )
     CachedTeacher(tmp_path / "plain", expect_dataset=_PlainDataset(ds))
-    other = _PlainDataset(_dataset(seed=1))
+    other = _PlainDataset(tiny_dataset(seed=1))
     with pytest.raises(KDError, match="mismatch in dataset_fingerprint"):
         CachedTeacher(tmp_path / "plain", expect_dataset=other)
 
 
 def test_check_passes_on_a_fresh_cache_and_names_causes_otherwise(tmp_path):
-    model, ds = _teacher(), _dataset()
-    _precompute(tmp_path, teacher=model, topk=3)
+    model, ds = tiny_teacher(), tiny_dataset()
+    make_cache(tmp_path, teacher=model, topk=3)
     report = check(tmp_path, model, ds, n_probe=32)
     assert report.n_probe == 32 and report.top1_agreement == 1.0 and report.mean_kl < 1e-4
     with pytest.raises(KDError, match="stale cache.*wrong normalisation.*wrong views"):
-        check(tmp_path, _teacher(seed=1), ds, n_probe=32)
+        check(tmp_path, tiny_teacher(seed=1), ds, n_probe=32)
     with pytest.raises(KDError, match="disagrees with the live teacher"):
         check(tmp_path, model, ds, n_probe=32, mean=(0.9,), std=(0.1,))
     with pytest.raises(KDError, match="disagrees with the live teacher"):
@@ -254,11 +238,11 @@ def test_check_passes_on_a_fresh_cache_and_names_causes_otherwise(tmp_path):
 
 
 def test_precompute_refuses_to_replace_another_cache_unless_asked(tmp_path):
-    _precompute(tmp_path)
-    _precompute(tmp_path)  # same spec: everything is kept
+    make_cache(tmp_path)
+    make_cache(tmp_path)  # same spec: everything is kept
     with pytest.raises(KDError, match="already holds a different teacher cache.*topk"):
-        _precompute(tmp_path, topk=2)
-    _precompute(tmp_path, topk=2, overwrite=True)
+        make_cache(tmp_path, topk=2)
+    make_cache(tmp_path, topk=2, overwrite=True)
     assert read_meta(tmp_path)["topk"] == 2
     verify(tmp_path)
 
@@ -345,8 +329,8 @@ def test_distiller_loss_with_cached_teacher_equals_live_teacher(tmp_path):
     from kdkit.distiller import Distiller
     from kdkit.losses import SoftTargetKL
 
-    model, ds, views = _teacher(), _dataset(), _views()
-    _precompute(tmp_path, teacher=model, dtype="fp32")
+    model, ds, views = tiny_teacher(), tiny_dataset(), tiny_views()
+    make_cache(tmp_path, teacher=model, dtype="fp32")
     torch.manual_seed(1)
     student = nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, CLASSES))
     runs = {}
@@ -368,18 +352,6 @@ def test_distiller_loss_with_cached_teacher_equals_live_teacher(tmp_path):
     np.testing.assert_allclose(runs["cached"], runs["live"], rtol=1e-5)
 
 
-def test_cli_verify_and_info(tmp_path, capsys):
-    _precompute(tmp_path)
-    assert cli_main(["cache", "verify", str(tmp_path)]) == 0
-    assert cli_main(["cache", "info", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "ok:" in out and "40 x 3 views" in out and "bytes per sample-view" in out
-    path = _shard(tmp_path)
-    path.write_bytes(path.read_bytes()[:-1])
-    assert cli_main(["cache", "verify", str(tmp_path)]) == 2
-    assert "truncated" in capsys.readouterr().err
-
-
 def test_two_ranks_write_disjoint_shards_and_rank0_writes_meta(tmp_path):
     script, env = _script(tmp_path)
     with socket.socket() as sock:
@@ -399,67 +371,3 @@ def test_two_ranks_write_disjoint_shards_and_rank0_writes_meta(tmp_path):
         sys.path.remove(str(tmp_path))
     slow_precompute.run(tmp_path / "single")
     assert verify(out)["shards"] == verify(tmp_path / "single")["shards"]
-
-
-def test_cli_precompute_and_check_a_checkpoint_teacher(tmp_path, capsys, monkeypatch):
-    import kdkit.run.cache_job as cache_job
-
-    (tmp_path / "tiny_teacher.py").write_text(
-        "from test_cache import _teacher\n\ndef build():\n    return _teacher()\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    monkeypatch.setattr(cache_job, "named_dataset", lambda spec: (_dataset(), MEAN, STD))
-    ckpt = tmp_path / "teacher.pt"
-    torch.save({"student": _teacher().state_dict()}, ckpt)  # a demo-style checkpoint
-    out = tmp_path / "cache"
-    arch = "python:tiny_teacher:build"  # the test's own code: needs --trust-code
-    teacher_args = ["--teacher", str(ckpt), "--arch", arch, "--device", "cpu", "--trust-code"]
-    args = ["precompute", *teacher_args, "--data", "tiny", "--views", "2", "--pad", "1"]
-    args += ["--topk", "3", "--out", str(out), "--no-progress"]
-    assert cli_main(args) == 0
-    meta = read_meta(out)
-    assert (meta["num_samples"], meta["num_views"], meta["topk"]) == (N, 2, 3)
-    assert meta["views"]["crop"] == "pad" and meta["views"]["size"] == [SIZE, SIZE]
-    assert meta["source"]["data"] == "tiny"
-    assert cli_main(["cache", "check", str(out), *teacher_args, "--n-probe", "16"]) == 0
-    assert "top-1 agreement 100.00%" in capsys.readouterr().out
-    torch.save({"student": _teacher(seed=1).state_dict()}, ckpt)  # the teacher moved on
-    assert cli_main(["cache", "check", str(out), *teacher_args]) == 2
-    assert "disagrees with the live teacher" in capsys.readouterr().err
-    wrong = ["--teacher", str(ckpt), "--arch", "kdkit.models:fmnist_student"]
-    assert cli_main(["cache", "check", str(out), *wrong]) == 2
-    assert "the weights do not fit SmallCNN" in capsys.readouterr().err
-
-
-def test_cli_loads_fashion_mnist_with_its_statistics():
-    from kdkit.data import FASHION_MNIST_MEAN
-    from kdkit.run.cache_job import named_dataset as load_data
-
-    with pytest.raises(KDError, match="unknown dataset 'mnist'"):
-        load_data("mnist:train")
-    try:
-        dataset, mean, _ = load_data("fashion-mnist:test")
-    except KDError as err:
-        pytest.skip(f"Fashion-MNIST is not installed: {err}")
-    assert len(dataset) == 10000 and mean == FASHION_MNIST_MEAN
-
-
-def test_cli_precompute_from_an_onnx_teacher(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("onnxruntime")
-    import kdkit.run.cache_job as cache_job
-    from kdkit.export import export_onnx
-
-    monkeypatch.setattr(cache_job, "named_dataset", lambda spec: (_dataset(), MEAN, STD))
-    onnx_path = tmp_path / "teacher.onnx"
-    export_onnx(_teacher(), onnx_path, (1, SIZE, SIZE))
-    out = tmp_path / "cache"
-    args = ["precompute", "--teacher", str(onnx_path), "--data", "tiny", "--views", "2"]
-    assert cli_main([*args, "--pad", "1", "--dtype", "fp32", "--out", str(out)]) == 0
-    index, view = torch.arange(N), torch.arange(N) % 2
-    views = ViewSampler.from_config(read_meta(out)["views"])
-    x = prepare_input(_dataset().images, index, view, views, MEAN, STD, "cpu")
-    got = CachedTeacher(out)(x, index=index, view=view).logits
-    torch.testing.assert_close(got, _teacher()(x), atol=1e-4, rtol=1e-4)
-    assert cli_main(["cache", "check", str(out), "--teacher", str(onnx_path)]) == 0
-    assert "top-1 agreement 100.00%" in capsys.readouterr().out

@@ -156,7 +156,8 @@ def test_sigkill_then_resume_gives_the_same_weights(tree, tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert _train_in_process(["train", str(cfg), "--run-dir", str(ref)]) == 0
     job = [sys.executable, str(HERE / "_train_kill_job.py"), "5", "train", str(cfg)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # PYTHONPATH: the kdkit under test (python SCRIPT puts tests/ first on sys.path, not the repo)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     killed = subprocess.run([*job, "--run-dir", str(run)], env=env, timeout=300)
     assert killed.returncode == -signal.SIGKILL
     state = load_checkpoint(run / "last.pt")

@@ -13,6 +13,7 @@ from torch import nn
 
 from kdkit import CosineEmbedding, Distiller, FeatureMSE, KDError, Trainer
 from kdkit.data import ArrayDataset, FastLoader
+from kdkit.data.pipeline import InputPipeline
 from kdkit.run.clip_probe import embed, fit_probe
 from kdkit.teachers import ClipTeacher
 from kdkit.teachers.clip_teacher import ClipInput, clip_teacher_from_config
@@ -168,8 +169,7 @@ def test_embedding_pair_trains_through_trainer(tiny, loss):
         FastLoader(data, 16, seed=0),
         optimizer=torch.optim.Adam(distiller.parameters(), lr=3e-2),
         epochs=6,
-        mean=mean,
-        std=std,
+        inputs=InputPipeline(None, mean, std),
         device="cpu",
         progress=False,
     )

@@ -23,6 +23,7 @@ from kdkit.data import (
     prepare_input,
 )
 from kdkit.data.decode import decode_cpu, is_jpeg, jpeg_components, read_image_bytes
+from kdkit.data.pipeline import InputPipeline
 from kdkit.data.prefetch import move_images
 from kdkit.train import load_checkpoint
 
@@ -176,9 +177,7 @@ def test_image_folder_manager_decode_cpu_trains(files, tmp_path):
         Distiller(student, None),
         man.train_loader,
         man.val_loader,
-        views=ViewSampler(size=16),
-        mean=man.mean,
-        std=man.std,
+        inputs=InputPipeline(ViewSampler(size=16), man.mean, man.std),
         progress=False,
         device="cpu",
     )
@@ -316,9 +315,7 @@ def test_image_folder_manager_decode_gpu_trains(files, tmp_path):
         Distiller(student, None),
         man.train_loader,
         man.val_loader,
-        views=ViewSampler(size=16),
-        mean=man.mean,
-        std=man.std,
+        inputs=InputPipeline(ViewSampler(size=16), man.mean, man.std),
         progress=False,
         device=CUDA,
     )
@@ -330,7 +327,7 @@ def test_train_step_makes_no_host_sync():  # the views' copies are non-blocking 
     tr = Trainer(
         Distiller(_net(), _net(16), SoftTargetKL()),
         FastLoader(_blobs(64), 16),
-        views=ViewSampler(size=8),
+        inputs=InputPipeline(ViewSampler(size=8)),
         device=CUDA,
         progress=False,
     )

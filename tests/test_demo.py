@@ -41,7 +41,10 @@ def test_demo_writes_report_and_reuses_cached_teacher(small_fmnist, tmp_path):
     assert "| student, supervised | 1,500 labels |" in text
     assert "supervised on all 1,500 labels for as many epochs scores" in text
     assert "fewer parameters" in text and "kdkit export" in text
-    assert kdkit.load_student(tmp_path / "out" / "student.pt")[0].__class__.__name__ == "SmallCNN"
+    assert (
+        kdkit.load_model(tmp_path / "out" / "student.pt", role="student")[0].__class__.__name__
+        == "SmallCNN"
+    )
     assert (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
     cached = list((tmp_path / "cache" / "demo").glob("teacher-*.pt"))
     assert len(cached) == 1

@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kdkit
 from kdkit import Distiller, FeatureMSE, KDError, LossBalancer, SoftTargetKL
 from kdkit.compat.modelopt import DistillationModel
+from kdkit.teachers import TorchTeacher
 
 
 def two_call(*args):
@@ -144,7 +144,7 @@ def test_names_work_through_dataparallel_wrapper():
 
 
 def test_any_teacher_backend_is_accepted():
-    te = kdkit.TorchTeacher(Net(16))
+    te = TorchTeacher(Net(16))
     d = two_call(Net(8, 5), te, SoftTargetKL())
     d(torch.randn(2, 6))
     assert d.compute_loss().ndim == 0

@@ -3,6 +3,7 @@ process): DDP trains the student and a lazy adapter identically on both ranks, t
 never wrapped, only rank 0 writes files, and an image folder is read one shard per rank."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -51,7 +52,9 @@ def _distill(rank: int, world: int, mine: Path) -> dict:
         progress=False,
         device="cpu",
         checkpoint_dir=mine,  # one folder per rank, to see which rank writes
-        epoch_callbacks=[lambda t, row: snapshots.append(_copy(d.state_dict()))],
+        callbacks=[
+            SimpleNamespace(on_epoch=lambda t, row: snapshots.append(_copy(d.state_dict())))
+        ],
     )
     assert isinstance(tr._ddp_step, nn.parallel.DistributedDataParallel)
     assert distributed.world_size() == world

@@ -91,12 +91,12 @@ def test_compiled_teacher_and_student_compile_once_each(eager_compile):
 
     teacher = TorchTeacher(_net(16, classes=6), compile=True)
     task = Distiller(_net(), teacher, FeatureMSE())  # 4 -> 6 logits: a lazy Linear adapter
+    task.student = torch.compile(task.student, dynamic=False)  # as the run builder does
     tr = Trainer(
         task,
         FastLoader(_blobs(48), 16, drop_last=True),
         FastLoader(_blobs(32, seed=1), 16, shuffle=False),
         precision="bf16",
-        compile=True,
         epochs=1,
         progress=False,
     )
@@ -182,15 +182,14 @@ class _SyncSpy(torch.overrides.TorchFunctionMode):
 
 def _views_trainer(device: str, teacher=None) -> Trainer:
     from kdkit.data import ViewSampler
+    from kdkit.data.pipeline import InputPipeline
 
     return Trainer(
         Distiller(_net(), teacher if teacher is not None else _net(16), SoftTargetKL()),
         FastLoader(_blobs(64), 16),
         # SGD: AdamW reads its step count with .item(), a host tensor on CUDA too
         optimizer=lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
-        views=ViewSampler(size=8, num_views=2),
-        mean=(0.5,),
-        std=(0.25,),
+        inputs=InputPipeline(ViewSampler(size=8, num_views=2), (0.5,), (0.25,)),
         device=device,
         progress=False,
         nan_check_every=1000,

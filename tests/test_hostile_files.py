@@ -1,59 +1,43 @@
-"""Hostile files and disks (issue 23): real full disks, odd files in image folders, and
-models that return containers.
+"""Hostile files and disks (issues 10 and 23): real full disks, odd files in image folders,
+and models that return containers.
 
 The full-disk row mounts a real 2 MiB tmpfs (root only; skipped elsewhere), so the failure is
-torch.save's own (a ``RuntimeError`` from its zip writer), not a patched one. Rows and verdicts
-as in ``tests/test_hostile.py``.
+torch.save's own (a ``RuntimeError`` from its zip writer), not a patched one. Rows and
+verdicts: tests/_hostile/.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import socket
 import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _hostile_rows import (
+from _hostile import (
     Case,
+    Fx,
     hang_post,
     image_tree,
     in_thread,
     judge_row,
     params,
     run_config,
-    teacher_weights,
-    write_tally,
     write_yaml,
 )
 from PIL import Image
 from torch import nn
 
 import kdkit
-from kdkit.data import ArrayDataset, FastLoader
+from kdkit.data import ArrayDataset, FastLoader, ImageFolderManager
 from kdkit.errors import KDError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-VERDICTS: dict[str, str] = {}
-
-
-@dataclass
-class Fx:
-    root: Path
-    tree: Path
-    weights: Path
-    hung: set = field(default_factory=set)
-
-
-@pytest.fixture(scope="module")
-def fx(tmp_path_factory, one_thread):
-    root = tmp_path_factory.mktemp("hostile_files")
-    yield Fx(root, image_tree(root / "images"), teacher_weights(root / "teacher.pt"))
-    write_tally(VERDICTS)
 
 
 # -- a real full disk -----------------------------------------------------------------------
@@ -128,11 +112,48 @@ def _odd_files_in_class_folder(fx: Fx, caplog) -> bool:
     sock.bind(str(tree / "train" / "dog" / "sock.png"))
     try:
         with caplog.at_level("WARNING"):
-            m = kdkit.ImageFolderManager(tree, size=16, batch_size=2, workers=0)
+            m = ImageFolderManager(tree, size=16, batch_size=2, workers=0)
     finally:
         sock.close()
     names = [p.name for p, _ in m.train_dataset.samples]
     return len(names) == 6 and "pipe.jpg" not in names and "2 not a regular file" in caplog.text
+
+
+def _image_tree(fx: Fx, name: str) -> Path:
+    """root/work/NAME/{train,val}/{cat,dog}/{0,1}.png, 8x8."""
+    root = fx.root / "work" / name
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def _hidden_folder_skipped(fx: Fx) -> bool:
+    root = _image_tree(fx, "imgs")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    (root / "train" / ".ipynb_checkpoints" / "x.png").write_bytes(b"")
+    (root / "train" / "cat" / ".DS_Store").write_bytes(b"junk")
+    m = ImageFolderManager(root, size=8, batch_size=2, workers=0)
+    return m.classes == ["cat", "dog"] and m.train_dataset.samples[0][1] == 0
+
+
+def _empty_image_counted(fx: Fx, caplog) -> bool:
+    root = _image_tree(fx, "imgs_empty")
+    (root / "train" / "dog" / "broken.png").write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        m = ImageFolderManager(root, size=8, batch_size=2, workers=0)
+    ok = len(m.train_dataset) == 4 and re.search(r"skipped 1 empty", caplog.text) is not None
+    return bool(ok)
+
+
+def _only_hidden_class_folder(fx: Fx) -> None:
+    root = _image_tree(fx, "imgs_hidden_only")
+    shutil.rmtree(root / "train" / "dog")
+    (root / "train" / "dog" / ".cache").mkdir(parents=True)
+    (root / "train" / "dog" / ".cache" / "a.png").write_bytes(b"x")
+    ImageFolderManager(root, size=8, batch_size=2, workers=0)
 
 
 def _bomb(fx: Fx, name: str) -> Path:
@@ -267,6 +288,8 @@ _hf = pytest.mark.skipif(
 
 CASES: list[Case] = [
     Case("full-disk-real-tmpfs-checkpoint", _full_disk_checkpoint, "intact.*(No space|space)", marks=[_root_only]),
+    Case("image-folder-hidden-folder-skipped", _hidden_folder_skipped, expect="correct"),
+    Case("image-folder-class-with-only-hidden-files", _only_hidden_class_folder, "holds no images"),
     Case("image-folder-fifo-named-jpg", _fifo_unlabeled, expect="correct", post=hang_post("image-folder-fifo-named-jpg")),
     Case("image-folder-decompression-bomb-pil", _bomb_pil_dataset, "bomb.png.*decompression bomb"),
     Case("image-folder-decompression-bomb-decoder", _bomb_decoder, "decompression bomb"),
@@ -286,10 +309,15 @@ CASES: list[Case] = [
 
 
 @pytest.mark.parametrize("case", params(CASES))
-def test_hostile_files(case: Case, fx, capsys):
-    judge_row(case, fx, capsys, VERDICTS)
+def test_hostile_files(case: Case, hostile, capsys):
+    judge_row(case, hostile, capsys)
 
 
-def test_odd_files_in_class_folders_are_skipped_and_counted(fx, caplog):
-    """Needs caplog, so it is a row of its own (as in tests/test_hostile.py)."""
-    assert _odd_files_in_class_folder(fx, caplog)
+def test_odd_files_in_class_folders_are_skipped_and_counted(hostile, caplog):
+    """Needs caplog, so it is a test of its own (not in the table's count)."""
+    assert _odd_files_in_class_folder(hostile, caplog)
+
+
+def test_empty_image_files_are_counted(hostile, caplog):
+    """Needs caplog, so it is a test of its own (not in the table's count)."""
+    assert _empty_image_counted(hostile, caplog)

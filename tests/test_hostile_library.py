@@ -1,29 +1,24 @@
-"""Hostile library calls (issue 23): the edges of losses, labels, batches and weights files.
-
-Rows and verdicts as in ``tests/test_hostile.py``.
+"""Hostile library calls (issues 10 and 23): the Distiller's teacher, labels and batches, the
+losses' temperatures, masked classes and top-k indices, and weights files. Rows and verdicts:
+tests/_hostile/.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _hostile_rows import Case, judge_row, params, write_tally
+from _hostile import Case, judge_row, net, params, run_config, write_yaml
 from torch import nn
 
 import kdkit
 from kdkit.errors import KDError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-VERDICTS: dict[str, str] = {}
-
-
-@pytest.fixture(scope="module")
-def fx(tmp_path_factory, one_thread):
-    yield tmp_path_factory.mktemp("hostile_library")
-    write_tally(VERDICTS)
 
 
 def _kl_at(t: float) -> bool:
@@ -71,7 +66,7 @@ def _tokens_pass(fx) -> bool:
 def _pickle_weights(fx) -> None:
     from kdkit.load import load_weights
 
-    path = fx / "evil_weights.pt"
+    path = fx.root / "evil_weights.pt"
     _pickle_weights_file(path)
     try:
         load_weights(nn.Linear(2, 2), path)
@@ -83,13 +78,10 @@ def _pickle_weights(fx) -> None:
 
 def _pickle_teacher_weights_cli(fx):
     """The same file as a config's teacher.weights (the CLI path)."""
-    from _hostile_rows import image_tree, run_config, write_yaml
-
-    tree = image_tree(fx / "images")
-    path = fx / "evil_weights.pt"
+    path = fx.root / "evil_weights.pt"
     _pickle_weights_file(path)
-    return ["train", write_yaml(fx / "evil.yaml", run_config(tree, path)), "--run-dir",
-            fx / "evil_run"]  # fmt: skip
+    return ["train", write_yaml(fx.root / "evil.yaml", run_config(fx.tree, path)), "--run-dir",
+            fx.root / "evil_run"]  # fmt: skip
 
 
 def _pickle_weights_file(path):
@@ -98,6 +90,82 @@ def _pickle_weights_file(path):
             return (os.system, ("true",))
 
     torch.save({"weight": Evil()}, path)
+
+
+# -- the Distiller's boundaries and the losses' edges (from issue 10) ---------------------------
+def _student_as_own_teacher(fx):
+    s = net()
+    kdkit.Distiller(s, s, kdkit.SoftTargetKL())
+    # accepted: report whether the user's student was frozen in place (silent damage)
+    return all(p.requires_grad for p in s.parameters()) and s.training and None
+
+
+def _teacher_shares_parameters(fx):
+    s = net()
+    kdkit.Distiller(s, nn.Sequential(s, nn.Identity()), kdkit.SoftTargetKL())
+
+
+def _kd_step(labels, teacher=None, x=None):
+    d = kdkit.Distiller(net(), teacher if teacher is not None else net(seed=1),
+                        kdkit.SoftTargetKL(2.0))  # fmt: skip
+    x = x if x is not None else torch.randn(4, 1, 8, 8)
+    return d.step(x, labels)
+
+
+def _unlabeled_rows_train(fx):
+    out = _kd_step(torch.full((4,), -1))
+    return "student" not in out.components and torch.isfinite(out.loss).item()
+
+
+def _teacher_other_dtype(fx):
+    _kd_step(torch.zeros(4, dtype=torch.long), teacher=net(seed=1).double())
+
+
+def _teacher_other_device(fx):
+    _kd_step(torch.zeros(4, dtype=torch.long), teacher=net(seed=1).to("meta"))
+
+
+def _kl_masked_class(fx):
+    s = torch.randn(3, 5, requires_grad=True)
+    t = torch.randn(3, 5)
+    t[:, 2] = float("-inf")
+    loss = kdkit.SoftTargetKL(temperature=2.0)(s, t)
+    loss.backward()
+    p = torch.softmax(t[:, [0, 1, 3, 4]] / 2, 1)
+    log_q = torch.log_softmax(s.detach() / 2, 1)[:, [0, 1, 3, 4]]
+    ref = (p * (p.log() - log_q)).sum(1).mean() * 4
+    return torch.isfinite(s.grad).all().item() and math.isclose(
+        loss.item(), ref.item(), rel_tol=1e-5
+    )
+
+
+def _dkd_masked_class(fx):
+    s = torch.randn(3, 5, requires_grad=True)
+    t = torch.randn(3, 5)
+    t[:, 4] = float("-inf")
+    loss = kdkit.DKD(temperature=2.0)(s, t, labels=torch.tensor([0, 1, -1]))
+    loss.backward()
+    return bool(torch.isfinite(loss).item() and torch.isfinite(s.grad).all().item())
+
+
+def _topk_negative(fx):
+    from kdkit.losses import topk_to_logits
+
+    topk_to_logits(torch.randn(2, 3), torch.tensor([[0, -1, 2], [1, 2, 3]]), 5)
+
+
+def _hardlabel_negative(fx):
+    from kdkit.teachers.base import TopK
+
+    kdkit.HardLabel()(torch.randn(2, 5), TopK(torch.tensor([[3.0, 1.0]] * 2),
+                                              torch.tensor([[-2, 1]] * 2)))  # fmt: skip
+
+
+def _kl_topk_negative(fx):
+    from kdkit.teachers.base import TopK
+
+    t = TopK(torch.randn(2, 3), torch.tensor([[0, -1, 2], [1, 2, 3]]))
+    kdkit.SoftTargetKL(2.0)(torch.randn(2, 5), t)
 
 
 CASES: list[Case] = [
@@ -115,9 +183,41 @@ CASES: list[Case] = [
     Case("int64-token-ids-to-step-pass", _tokens_pass, expect="correct"),
     Case("pickle-as-weights-refused", _pickle_weights, "pickled Python objects.*weights_only=True"),
     Case("pickle-as-teacher-weights-cli", _pickle_teacher_weights_cli, "pickled Python objects", cli=True),
+    # the Distiller's boundaries
+    Case("student-as-its-own-teacher", _student_as_own_teacher, "teacher is the student"),
+    Case("teacher-shares-student-parameters", _teacher_shares_parameters, "shares its parameters"),
+    Case("teacher-other-dtype", _teacher_other_dtype, "teacher cannot run on this batch"),
+    Case("teacher-other-device", _teacher_other_device, "teacher cannot run on this batch"),
+    Case("float-labels", lambda fx: _kd_step(torch.tensor([0.0, 1.0, 2.0, 1.0])), "integer class ids"),
+    Case("label-minus-five", lambda fx: _kd_step(torch.tensor([0, -5, 1, 2])), r"-1 for unlabeled.*\[-5"),
+    Case("label-past-the-classes", lambda fx: _kd_step(torch.tensor([0, 1, 4, 2])), r"\[0, 4\)"),
+    Case("bool-labels", lambda fx: _kd_step(torch.tensor([True, False, True, False])), "integer class ids"),
+    Case("all-unlabeled-rows", _unlabeled_rows_train, expect="correct"),
+    # the losses
+    Case("temperature-nan", lambda fx: kdkit.SoftTargetKL(temperature=float("nan")), "temperature"),
+    Case("temperature-inf", lambda fx: kdkit.SoftTargetKL(temperature=float("inf")), "temperature"),
+    Case("temperature-zero", lambda fx: kdkit.SoftTargetKL(temperature=0.0), "temperature"),
+    Case("temperature-negative", lambda fx: kdkit.SoftTargetKL(temperature=-4.0), "temperature"),
+    Case("temperature-string", lambda fx: kdkit.SoftTargetKL(temperature="4"), "temperature"),
+    Case("dkd-temperature-nan", lambda fx: kdkit.DKD(temperature=float("nan")), "temperature"),
+    Case("dkd-beta-negative", lambda fx: kdkit.DKD(beta=-1.0), "beta"),
+    Case("kl-teacher-minus-inf-logit", _kl_masked_class, expect="correct"),
+    Case("dkd-teacher-minus-inf-logit", _dkd_masked_class, expect="correct"),
+    Case("topk-negative-index", _topk_negative, "indices must be >= 0"),
+    Case("hardlabel-topk-negative-index", _hardlabel_negative, "class"),
+    Case("kl-topk-negative-index", _kl_topk_negative, "indices must be >= 0"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", params(CASES))
-def test_hostile_library(case: Case, fx, capsys):
-    judge_row(case, fx, capsys, VERDICTS)
+def test_hostile_library(case: Case, hostile, capsys):
+    judge_row(case, hostile, capsys)
+
+
+def test_trainer_keeps_user_student_trainable_after_refusal():
+    s = net()
+    with pytest.raises(KDError):
+        kdkit.Distiller(s, s)
+    assert all(p.requires_grad for p in s.parameters()) and s.training
+    kdkit.Distiller(s, copy.deepcopy(s), kdkit.SoftTargetKL())  # the fix the message suggests
+    assert all(p.requires_grad for p in s.parameters())

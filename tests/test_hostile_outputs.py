@@ -1,57 +1,43 @@
-"""Hostile outputs (issue 23): nothing good is ever destroyed.
+"""Hostile outputs (issues 10 and 23): nothing good is ever destroyed.
 
 Outputs that are the command's inputs, outputs that are not regular files (FIFOs, device
-nodes), run directories trained over without resume, and two runs in one run directory. Rows
-and verdicts as in ``tests/test_hostile.py`` (see ``tests/_hostile_rows.py``).
+nodes), run directories trained over without resume, two runs in one run directory, and the
+checkpoint writer itself (a full disk, the umask, a killed writer's temporary files). Rows and
+verdicts: tests/_hostile/.
 """
 
 from __future__ import annotations
 
+import csv
+import errno
 import json
 import os
 import shutil
 import stat
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from _hostile_rows import (
-    Case,
-    image_tree,
-    judge_row,
-    params,
-    run_config,
-    teacher_weights,
-    write_tally,
-    write_yaml,
-)
+from _hostile import Case, Fx, judge_row, net, params, run_config, trainer, write_yaml
 
 import kdkit
-from kdkit.data import ArrayDataset, FastLoader
 from kdkit.errors import KDError
+from kdkit.load import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-VERDICTS: dict[str, str] = {}
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@dataclass
-class Fx:
-    root: Path
-    tree: Path
-    weights: Path
-    run: Path  # a finished kdkit train run (do not modify: copy it)
-    lm_config: Path | None
-
-
-def _lm_config(root: Path) -> Path | None:
+def _lm_config(fx: Fx) -> Path:
     """A ``task: lm`` config that validates (a config.json folder, a text file); the rows
     using it are refused before anything is built, so no weights are needed."""
+    root = fx.root / "lm"
+    if (root / "lm.yaml").is_file():
+        return root / "lm.yaml"
     folder = root / "lm_student"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     tiny = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "vocab_size": 64,
             "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
             "max_position_embeddings": 32}  # fmt: skip
@@ -65,23 +51,6 @@ def _lm_config(root: Path) -> Path | None:
         "train": {"epochs": 1, "device": "cpu", "progress": False},
     }
     return write_yaml(root / "lm.yaml", cfg)
-
-
-@pytest.fixture(scope="module")
-def fx(tmp_path_factory, one_thread):
-    from kdkit.cli import main
-
-    root = tmp_path_factory.mktemp("hostile_outputs")
-    tree = image_tree(root / "images")
-    weights = teacher_weights(root / "teacher.pt")
-    cfg = write_yaml(root / "kd.yaml", run_config(tree, weights))
-    run = root / "run"
-    assert main(["train", str(cfg), "--run-dir", str(run)]) == 0
-    mp = pytest.MonkeyPatch()
-    mp.chdir(root)
-    yield Fx(root, tree, weights, run, _lm_config(root))
-    mp.undo()
-    write_tally(VERDICTS)
 
 
 def _copy_run(fx: Fx, name: str, drop: tuple[str, ...] = ()) -> Path:
@@ -138,44 +107,22 @@ def _train_args(fx: Fx, run_dir: Path, *extra) -> list:
 
 
 # -- the library: Trainer(checkpoint_dir=...) ----------------------------------------------
-def _blobs():
-    g = torch.Generator().manual_seed(0)
-    return ArrayDataset(
-        torch.randint(0, 255, (16, 1, 8, 8), generator=g, dtype=torch.uint8),
-        torch.randint(0, 2, (16,), generator=g),
-    )
-
-
-def _trainer(checkpoint_dir, **kw):
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
-    return kdkit.Trainer(
-        kdkit.Distiller(net, None),
-        FastLoader(_blobs(), 8, seed=0),
-        epochs=kw.pop("epochs", 1),
-        checkpoint_dir=checkpoint_dir,
-        device="cpu",
-        progress=False,
-        **kw,
-    )
-
-
 def _trainer_over_run(fx: Fx, keep: str) -> None:
     d = fx.root / "work" / f"lib_{keep}"
     shutil.rmtree(d, ignore_errors=True)
-    _trainer(d).fit()
+    trainer(d).fit()
     shutil.copy(d / "last.pt", d / "best.pt")  # no val_loader: no best.pt of its own
     for name in ("last.pt", "best.pt", "metrics.csv"):
         if name != keep and (d / name).exists():
             (d / name).unlink()
-    _trainer(d).fit()
+    trainer(d).fit()
 
 
 def _trainer_resume_continues(fx: Fx) -> bool:
     d = fx.root / "work" / "lib_resume"
     shutil.rmtree(d, ignore_errors=True)
-    _trainer(d).fit()
-    t = _trainer(d, epochs=2)
+    trainer(d).fit()
+    t = trainer(d, epochs=2)
     t.fit(resume=True)
     return t.epoch == 2 and len(t.history) == 2
 
@@ -219,16 +166,16 @@ def _release(fx: Fx) -> str | None:
 
 def _trainer_in_locked_dir(fx: Fx) -> None:
     d = _locked_dir(fx, "lib_locked", run=False)
-    _trainer(d).fit()
+    trainer(d).fit()
 
 
 def _lock_freed_by_kill9(fx: Fx) -> bool:
     d = fx.root / "work" / "lib_kill9"
     holder = _Holder(d)
     with pytest.raises(KDError, match="in use by process"):
-        _trainer(d).fit()
+        trainer(d).fit()
     holder.kill()
-    _trainer(d).fit()
+    trainer(d).fit()
     return (d / "last.pt").is_file()
 
 
@@ -242,6 +189,68 @@ def _save_checkpoint_to_fifo(fx: Fx) -> None:
     from kdkit.load import save_checkpoint
 
     save_checkpoint(_fifo(fx, "ckpt_fifo.pt"), {"student": {}})
+
+
+def _full_disk(fx: Fx):
+    """A write that fails with ENOSPC must leave the previous checkpoint intact."""
+    from kdkit import _io
+
+    path = fx.root / "work" / "disk" / "last.pt"
+    save_checkpoint(path, {"student": {"w": torch.ones(2)}, "epoch": 1})
+    before = path.read_bytes()
+    real = torch.save
+
+    def full(*args, **kwargs):
+        real(*args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(torch, "save", full)
+    try:
+        save_checkpoint(path, {"student": {"w": torch.zeros(2)}, "epoch": 2})
+    except KDError as err:
+        assert "intact" in str(err)  # a clear message, and true:
+        assert path.read_bytes() == before
+        assert not [p for p in path.parent.iterdir() if _io.TMP_MARKER in p.name]
+        raise
+    finally:
+        mp.undo()
+
+
+def _umask_checkpoint(fx: Fx):
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(fx.root / "work" / "mode.pt", {"student": {"w": torch.ones(1)}})
+    finally:
+        os.umask(old)
+    return stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def _stale_temps_cleaned(fx: Fx):
+    d = fx.root / "work" / "stale"
+    d.mkdir(parents=True, exist_ok=True)
+    legacy = d / ".last.pt.abc123.tmp"  # kdkit 0.1's mkstemp name
+    current = d / ".last.pt.kdkit-tmp-999999999"  # a killed writer (no such pid)
+    legacy.write_bytes(b"x" * 100)
+    current.write_bytes(b"x" * 100)
+    save_checkpoint(d / "last.pt", {"student": {"w": torch.ones(1)}})
+    return not legacy.exists() and not current.exists()
+
+
+def _metrics_new_column(fx: Fx):
+    d = fx.root / "work" / "m_col"
+    balancer = kdkit.LossBalancer(start_epoch=1)
+    trainer(d, teacher=net(seed=2), epochs=2, balancer=balancer).fit()
+    rows = list(csv.DictReader((d / "metrics.csv").open()))
+    header = next(csv.reader((d / "metrics.csv").open()))
+    return (
+        "loss_output" in header
+        and rows[0]["loss_output"] in ("", None)
+        and float(rows[1]["loss_output"]) >= 0
+        and [int(r["epoch"]) for r in rows]
+        == [1, 2]  # counted from 1, as in the logs and the report
+        and all(r["lr"] not in ("", None) for r in rows)
+    )
 
 
 CASES: list[Case] = [
@@ -276,7 +285,7 @@ CASES: list[Case] = [
          "already holds a run.*metrics.csv", cli=True, post=_intact(lambda fx: fx.root / "work" / "r2" / "metrics.csv")),
     Case("train-over-run-with-report-only", lambda fx: _train_args(fx, _copy_run(fx, "r3", drop=("config.yaml", "last.pt", "best.pt", "metrics.csv"))),
          "already holds a run.*report.md", cli=True),
-    Case("lm-train-over-a-run", lambda fx: ["train", fx.lm_config, "--run-dir", _copy_run(fx, "r4", drop=("config.yaml",))],
+    Case("lm-train-over-a-run", lambda fx: ["train", _lm_config(fx), "--run-dir", _copy_run(fx, "r4", drop=("config.yaml",))],
          "already holds a run", cli=True),
     Case("trainer-over-dir-with-best-pt", lambda fx: _trainer_over_run(fx, "best.pt"), "already holds a run.*resume=True"),
     Case("trainer-over-dir-with-last-pt", lambda fx: _trainer_over_run(fx, "last.pt"), "already holds a run.*resume=True"),
@@ -287,11 +296,18 @@ CASES: list[Case] = [
          cli=True, post=_release),
     Case("train-new-run-on-a-dir-in-use", lambda fx: _train_args(fx, _locked_dir(fx, "l2", run=False)), r"in use by process \d+",
          cli=True, post=_release),
-    Case("lm-train-on-a-dir-in-use", lambda fx: ["train", fx.lm_config, "--run-dir", _locked_dir(fx, "l3", run=False)],
+    Case("lm-train-on-a-dir-in-use", lambda fx: ["train", _lm_config(fx), "--run-dir", _locked_dir(fx, "l3", run=False)],
          r"in use by process \d+", cli=True, post=_release),
     Case("trainer-fit-on-a-dir-in-use", _trainer_in_locked_dir, r"in use by process \d+", post=_release),
     Case("lock-freed-by-kill-9", _lock_freed_by_kill9, expect="correct"),
     Case("train-run-dir-is-a-file", lambda fx: _train_args(fx, fx.weights), "is an existing file", cli=True),
+    # the checkpoint writer, and a run's files
+    Case("checkpoint-dir-is-a-file", lambda fx: trainer(fx.a_file), "is an existing file|not a directory"),
+    Case("checkpoint-dir-not-writable", lambda fx: trainer("/proc/kdkit-nope"), "cannot write"),
+    Case("full-disk-keeps-last-checkpoint", _full_disk, "intact"),
+    Case("checkpoint-permissions-follow-umask", _umask_checkpoint, expect="correct"),
+    Case("stale-temps-removed-on-next-write", _stale_temps_cleaned, expect="correct"),
+    Case("metrics-new-loss-column-at-start-epoch", _metrics_new_column, expect="correct"),
 ]  # fmt: skip
 
 
@@ -303,18 +319,18 @@ def _train_teacher_in_run(fx: Fx) -> list:
 
 
 @pytest.mark.parametrize("case", params(CASES))
-def test_hostile_outputs(case: Case, fx, capsys):
-    judge_row(case, fx, capsys, VERDICTS)
+def test_hostile_outputs(case: Case, hostile, capsys):
+    judge_row(case, hostile, capsys)
 
 
-def test_failed_build_leaves_no_run_dir(fx, capsys):
+def test_failed_build_leaves_no_run_dir(hostile, capsys):
     """The lock is taken before the build; a run that wrote nothing leaves no directory."""
     from kdkit.cli import main
 
-    cfg = run_config(fx.tree, fx.weights)
+    cfg = run_config(hostile.tree, hostile.weights)
     cfg["student"]["kwargs"] = {"num_classes": 2, "in_channels": 3, "widths": "oops"}
-    path = write_yaml(fx.root / "work" / "bad.yaml", cfg)
-    run = fx.root / "work" / "never"
+    path = write_yaml(hostile.root / "work" / "bad.yaml", cfg)
+    run = hostile.root / "work" / "never"
     try:
         main(["train", str(path), "--run-dir", str(run)])
     except Exception:  # noqa: BLE001 - only the trace matters here

@@ -3,57 +3,22 @@
 Config values that used to reach torch (a traceback from ``kdkit train``) or pass silently,
 YAML that hangs or silently drops a section, and checkpoints whose checksum holds but whose
 plain fields are nonsense. Config rows use ``--print-config``: a value it accepts is one
-``kdkit train`` would build with, so accepting a bad one is ``silent``. Rows and verdicts as in
-``tests/test_hostile.py``.
+``kdkit train`` would build with, so accepting a bad one is ``silent``. Rows and verdicts:
+tests/_hostile/.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from _hostile_rows import (
-    Case,
-    hang_post,
-    image_tree,
-    in_thread,
-    judge_row,
-    params,
-    run_config,
-    teacher_weights,
-    write_tally,
-    write_yaml,
-)
+from _hostile import Case, Fx, hang_post, in_thread, judge_row, params
 
 from kdkit.errors import KDError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-VERDICTS: dict[str, str] = {}
-
-
-@dataclass
-class Fx:
-    root: Path
-    cfg: Path
-    run: Path
-    hung: set
-
-
-@pytest.fixture(scope="module")
-def fx(tmp_path_factory, one_thread):
-    from kdkit.cli import main
-
-    root = tmp_path_factory.mktemp("hostile_values")
-    tree = image_tree(root / "images")
-    weights = teacher_weights(root / "teacher.pt")
-    cfg = write_yaml(root / "kd.yaml", run_config(tree, weights))
-    run = root / "run"
-    assert main(["train", str(cfg), "--run-dir", str(run)]) == 0
-    yield Fx(root, cfg, run, set())
-    write_tally(VERDICTS)
 
 
 def _set(*pairs: str):
@@ -194,5 +159,5 @@ CASES: list[Case] = [
 
 
 @pytest.mark.parametrize("case", params(CASES))
-def test_hostile_values(case: Case, fx, capsys):
-    judge_row(case, fx, capsys, VERDICTS)
+def test_hostile_values(case: Case, hostile, capsys):
+    judge_row(case, hostile, capsys)

@@ -101,7 +101,9 @@ def test_fidelity_tally_values():
 
 def test_int8_agrees_with_fp32_and_is_cached(trained, onnx_file):
     model, train, test = trained
-    t = kdkit.teacher(onnx_file, backend="onnx", precision="int8", calibration=_calibration(train))
+    t = kdkit.make_teacher(
+        onnx_file, backend="onnx", precision="int8", calibration=_calibration(train)
+    )
     assert t.int8.built and t.path == t.int8.path and t.path.parent == onnx_file.parent
     assert t.fidelity.top1_agreement >= 0.98 and t.fidelity.n_probe == 256
     # through the teacher protocol, on held-out images prepared as the Trainer does
@@ -117,25 +119,25 @@ def test_int8_agrees_with_fp32_and_is_cached(trained, onnx_file):
     assert made_by[conv.input[1]] == "DequantizeLinear"  # int8 weights
     assert made_by.get(gemm.input[1]) != "DequantizeLinear"  # the classifier stays fp32
     stamp = t.path.stat().st_mtime_ns
-    again = kdkit.teacher(
+    again = kdkit.make_teacher(
         onnx_file, backend="onnx", precision="int8", calibration=_calibration(train)
     )
     assert not again.int8.built and again.path == t.path
     assert again.path.stat().st_mtime_ns == stamp and _int8_files(onnx_file) == [t.path]
     # another calibration set is another cache entry
     other = _calibration(train, seed=1)
-    assert kdkit.teacher(onnx_file, precision="int8", calibration=other).int8.built
+    assert kdkit.make_teacher(onnx_file, precision="int8", calibration=other).int8.built
     assert len(_int8_files(onnx_file)) == 2
 
 
 def test_corrupted_int8_file_is_refused_and_rebuilt(trained, onnx_file, caplog):
     cal = _calibration(trained[1])
-    path = kdkit.teacher(onnx_file, precision="int8", calibration=cal).path
+    path = kdkit.make_teacher(onnx_file, precision="int8", calibration=cal).path
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="kdkit.teachers.quantize"):
-        t = kdkit.teacher(onnx_file, precision="int8", calibration=cal)
+        t = kdkit.make_teacher(onnx_file, precision="int8", calibration=cal)
     assert t.int8.built and "checksum mismatch" in caplog.text
     sidecar = json.loads(path.with_name(path.name + ".json").read_text())
     assert sidecar["sha256"] == kdkit._io.sha256_file(path)
@@ -147,16 +149,18 @@ def test_bad_calibration_is_caught_by_the_gate(trained, onnx_file):
     flat = ArrayDataset(torch.full((256, 1, SIZE, SIZE), 40, dtype=torch.uint8), train.labels[:256])
     bad = _calibration(flat, probe_data=train)
     with pytest.raises(KDError, match=r"agreement .* mean KL .*(lower the threshold).*fp32"):
-        kdkit.teacher(onnx_file, precision="int8", calibration=bad)
+        kdkit.make_teacher(onnx_file, precision="int8", calibration=bad)
     # lowering the threshold is the documented way through; the cached file is reused
-    t = kdkit.teacher(onnx_file, precision="int8", calibration=bad, gate={"min_agreement": 0.0})
+    t = kdkit.make_teacher(
+        onnx_file, precision="int8", calibration=bad, gate={"min_agreement": 0.0}
+    )
     assert not t.int8.built and t.fidelity.top1_agreement < 0.98
 
 
 def test_module_teacher_is_exported_to_cache_dir(trained, tmp_path):
     model, train, _ = trained
     cal = {"data": train, "samples": 64, "probe": 128, "mean": MEAN, "std": STD}
-    t = kdkit.teacher(
+    t = kdkit.make_teacher(
         model,
         precision="int8",
         calibration=cal,
@@ -168,18 +172,18 @@ def test_module_teacher_is_exported_to_cache_dir(trained, tmp_path):
     assert t.fidelity.temperature == 4 and t.int8.fp32_path.is_file()
     # as the int8 issue wrote it: a bare dataset, the input shape taken from its images (not
     # normalized as the net was trained, so the gate is off: the shape is what is checked)
-    bare = kdkit.teacher(
+    bare = kdkit.make_teacher(
         model, backend="onnx", precision="int8", calibration=train, cache_dir=tmp_path / "b",
         gate={"min_agreement": 0.0},
     )  # fmt: skip
     dims = onnx.load(str(bare.int8.fp32_path)).graph.input[0].type.tensor_type.shape.dim
     assert bare.int8.built and [d.dim_value for d in dims[1:]] == [1, SIZE, SIZE]
     with pytest.raises(KDError, match="backend='onnx'"):
-        kdkit.teacher(model, backend="torch", precision="int8", calibration=cal)
+        kdkit.make_teacher(model, backend="torch", precision="int8", calibration=cal)
     with pytest.raises(KDError, match="needs calibration="):
-        kdkit.teacher(model, precision="int8", input_shape=(1, SIZE, SIZE), cache_dir=tmp_path)
+        kdkit.make_teacher(model, precision="int8", input_shape=(1, SIZE, SIZE), cache_dir=tmp_path)
     with pytest.raises(KDError, match="unknown calibration options"):
-        kdkit.teacher(
+        kdkit.make_teacher(
             model,
             precision="int8",
             calibration={"data": train, "sample": 3},
@@ -230,7 +234,7 @@ def test_bench_has_an_int8_row():
 @pytest.mark.gpu
 def test_tensorrt_int8_passes_the_gate(trained, onnx_file):
     pytest.importorskip("tensorrt", reason="tensorrt is not installed")
-    t = kdkit.teacher(
+    t = kdkit.make_teacher(
         onnx_file,
         backend="tensorrt",
         precision="int8",

@@ -92,7 +92,8 @@ def test_sigkill_mid_epoch_then_resume_gives_bitwise_equal_weights(lm_run, tmp_p
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert _in_process(["train", str(path), "--run-dir", str(ref)]) == 0
     job = [sys.executable, str(Path(__file__).parent / "_train_kill_job.py"), "5", "train"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = str(Path(__file__).parents[1])  # the kdkit under test, not an installed one
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
     killed = subprocess.run([*job, str(path), "--run-dir", str(run)], env=env, timeout=300)
     assert killed.returncode == -signal.SIGKILL
     assert torch.load(run / "last.pt", weights_only=True)["step"] == 4

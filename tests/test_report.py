@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 import kdkit.report as report
+from kdkit.errors import KDDeprecationWarning
 
 
 def test_accuracy_table_formats_given_speeds_without_measuring(monkeypatch):
@@ -35,7 +36,7 @@ def test_accuracy_table_without_speeds_still_measures_and_warns(monkeypatch):
     monkeypatch.setattr(report, "_speed", lambda m, s: calls.append(s) or {
         "params": 10, "latency_ms": 1.0, "img_per_s": 100.0})  # fmt: skip
     runs = [SimpleNamespace(name=n, data="d", test_top1=50.0, model=None) for n in "abc"]
-    with pytest.warns(DeprecationWarning, match="speeds="):
+    with pytest.warns(KDDeprecationWarning, match="speeds="):
         report.accuracy_table(runs, (3, 8, 8))
     assert calls == [(3, 8, 8)] * 3
 

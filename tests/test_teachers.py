@@ -20,7 +20,7 @@ from kdkit.teachers import (
     OnnxTeacher,
     TensorRTTeacher,
     TorchTeacher,
-    teacher,
+    make_teacher,
 )
 from kdkit.teachers.tensorrt_teacher import engine_cache_key, engine_cache_path
 
@@ -231,7 +231,7 @@ def test_ensemble_bad_arguments():
 
 
 def test_ensemble_of_mixed_backends(trained, onnx_file, batch):
-    t = teacher([trained, onnx_file])
+    t = make_teacher([trained, onnx_file])
     assert isinstance(t, EnsembleTeacher)
     assert [type(m) for m in t.members] == [TorchTeacher, OnnxTeacher]
     with torch.no_grad():
@@ -242,20 +242,20 @@ def test_ensemble_of_mixed_backends(trained, onnx_file, batch):
 
 # -- factory ----------------------------------------------------------------------------------
 def test_factory_dispatch(trained, onnx_file, tmp_path):
-    assert isinstance(teacher(trained), TorchTeacher)
-    assert isinstance(teacher(onnx_file), OnnxTeacher)
-    assert isinstance(teacher(trained, backend="onnx", input_shape=SHAPE), OnnxTeacher)
+    assert isinstance(make_teacher(trained), TorchTeacher)
+    assert isinstance(make_teacher(onnx_file), OnnxTeacher)
+    assert isinstance(make_teacher(trained, backend="onnx", input_shape=SHAPE), OnnxTeacher)
     existing = TorchTeacher(trained)
-    assert teacher(existing) is existing
+    assert make_teacher(existing) is existing
     with pytest.raises(KDError, match="suffix"):
         (tmp_path / "model.bin").write_bytes(b"x")
-        teacher(tmp_path / "model.bin")
+        make_teacher(tmp_path / "model.bin")
     with pytest.raises(KDError, match="no teacher file"):
-        teacher(tmp_path / "absent.onnx")
+        make_teacher(tmp_path / "absent.onnx")
     with pytest.raises(KDError, match="backend"):
-        teacher(trained, backend="openvino")
+        make_teacher(trained, backend="openvino")
     with pytest.raises(KDError, match="export_onnx"):
-        teacher(trained, backend="tensorrt")
+        make_teacher(trained, backend="tensorrt")
 
 
 def test_factory_checkpoint_becomes_torch_teacher(tmp_path):
@@ -265,7 +265,7 @@ def test_factory_checkpoint_becomes_torch_teacher(tmp_path):
     model = fmnist_student().eval()
     spec = {"factory": "kdkit.models:fmnist_student", "kwargs": {}}
     path = save_checkpoint(tmp_path / "s.pt", {"student": model.state_dict(), "student_spec": spec})
-    t = teacher(path)
+    t = make_teacher(path)
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(t(x).logits, model(x))
@@ -284,9 +284,9 @@ def test_tensorrt_missing_message(monkeypatch, onnx_file, tmp_path):
     engine = tmp_path / "t.engine"
     engine.write_bytes(b"\0")
     with pytest.raises(KDError, match=r"kdkit\[tensorrt\]"):
-        teacher(engine)
+        make_teacher(engine)
     with pytest.raises(KDError, match=r"kdkit\[tensorrt\]"):
-        teacher(onnx_file, backend="tensorrt")
+        make_teacher(onnx_file, backend="tensorrt")
 
 
 def test_engine_cache_key_and_path():
@@ -332,7 +332,7 @@ def test_tensorrt_engine_cache_and_from_engine(trained, batch, onnx_file):
     with torch.no_grad():
         ref = trained(batch[:100])
     assert _rel_err(again(x).logits.cpu(), ref) < 1e-4
-    loaded = teacher(first.engine_path)
+    loaded = make_teacher(first.engine_path)
     assert isinstance(loaded, TensorRTTeacher) and loaded.max_batch == 64
     assert _rel_err(loaded(x).logits.cpu(), ref) < 1e-4
     with pytest.raises(KDError, match="cuda"):

@@ -1,3 +1,5 @@
+import functools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +10,7 @@ from torch import nn
 
 import kdkit
 from kdkit import Distiller, KDError, SoftTargetKL, Trainer
+from kdkit.compat import StudentTrainer
 from kdkit.data import ArrayDataset, FastLoader
 from kdkit.train import Precision, load_checkpoint
 
@@ -89,13 +92,15 @@ def test_labeled_rows_add_task_loss_unlabeled_do_not():
 
 def test_killed_run_resumes_to_identical_weights(tmp_path):
     job = [sys.executable, str(HERE / "_resume_job.py")]
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}  # the kdkit under test
     ref, resumed = tmp_path / "ref.pt", tmp_path / "resumed.pt"
-    subprocess.run([*job, str(tmp_path / "a"), str(ref), "-1", "0"], check=True, timeout=300)
-    killed = subprocess.run([*job, str(tmp_path / "b"), str(resumed), "10", "0"], timeout=300)
+    run = functools.partial(subprocess.run, env=env, timeout=300)
+    run([*job, str(tmp_path / "a"), str(ref), "-1", "0"], check=True)
+    killed = run([*job, str(tmp_path / "b"), str(resumed), "10", "0"])
     assert killed.returncode == -9  # SIGKILL at step 10, mid-epoch 2; last checkpoint: step 8
     state = load_checkpoint(tmp_path / "b" / "last.pt")
     assert (state["epoch"], state["step"], state["batch_in_epoch"]) == (1, 8, 2)
-    subprocess.run([*job, str(tmp_path / "b"), str(resumed), "-1", "1"], check=True, timeout=300)
+    run([*job, str(tmp_path / "b"), str(resumed), "-1", "1"], check=True)
     a, b = torch.load(ref, weights_only=True), torch.load(resumed, weights_only=True)
     for k in a:
         assert torch.equal(a[k], b[k]), k  # bitwise on CPU
@@ -137,8 +142,7 @@ def test_best_and_last_checkpoints_and_csv(tmp_path):
         epochs=2,
         checkpoint_dir=tmp_path,
         progress=False,
-        student_spec={"factory": "x:y"},
-        input_shape=(1, 8, 8),
+        run_info={"student_spec": {"factory": "x:y"}, "input_shape": (1, 8, 8)},
     )
     tr.fit()
     assert {"last.pt", "best.pt", "metrics.csv"} <= {p.name for p in tmp_path.iterdir()}
@@ -181,7 +185,7 @@ def test_precision_policies():
 def test_student_trainer_facade_saves_each_epoch(tmp_path):
     train, evalset = blobs()
     teacher = trained_teacher()
-    st = kdkit.StudentTrainer(
+    st = StudentTrainer(
         net(),
         (FastLoader(train, 32), FastLoader(evalset, 64, shuffle=False)),
         teacher,

@@ -310,7 +310,9 @@ def test_trainer_mixes_views_from_its_loader_and_checks_a_mixed_cache(tmp_path):
     from torch import nn
 
     from kdkit.cache import CachedTeacher, precompute
+    from kdkit.cache.run_check import check_cache_for_run
     from kdkit.data.arrays import FastLoader
+    from kdkit.data.pipeline import InputPipeline
     from kdkit.distiller import Distiller
     from kdkit.losses import SoftTargetKL
     from kdkit.train.trainer import Trainer
@@ -322,11 +324,12 @@ def test_trainer_mixes_views_from_its_loader_and_checks_a_mixed_cache(tmp_path):
     student = nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
 
     def fit(views):
-        d = Distiller(student, CachedTeacher(out), SoftTargetKL(1.0))
-        t = Trainer(
-            d, FastLoader(ds, 8, shuffle=True, seed=0), None, epochs=1, views=views,
-            device="cpu", progress=False,
-        )  # fmt: skip
+        cached = CachedTeacher(out)
+        loader = FastLoader(ds, 8, shuffle=True, seed=0)
+        check_cache_for_run(cached, loader.dataset, sampler=views)  # as the run builder does
+        inputs = InputPipeline(views, dataset=loader.dataset)  # the partners: its loader's
+        d = Distiller(student, cached, SoftTargetKL(1.0))
+        t = Trainer(d, loader, None, epochs=1, inputs=inputs, device="cpu", progress=False)
         return t.fit()
 
     assert len(fit(s)) == 1
@@ -341,8 +344,10 @@ def test_a_cache_of_a_split_serves_its_labeled_plus_unlabeled_reordering(tmp_pat
 
     from kdkit.cache import CachedTeacher, precompute
     from kdkit.cache.cached_teacher import check_run_dataset
+    from kdkit.cache.run_check import check_cache_for_run
     from kdkit.data import concat, split_labeled
     from kdkit.data.arrays import FastLoader
+    from kdkit.data.pipeline import InputPipeline
     from kdkit.distiller import Distiller
     from kdkit.losses import SoftTargetKL
     from kdkit.train.trainer import Trainer
@@ -363,11 +368,13 @@ def test_a_cache_of_a_split_serves_its_labeled_plus_unlabeled_reordering(tmp_pat
         check_run_dataset(cached.meta, other)
     torch.manual_seed(0)
     student = nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
+    # the fidelity gate probes this dataset, not its 24-sample base
+    check_cache_for_run(cached, run_set, sampler=s, live_teacher=teacher)
     t = Trainer(
         Distiller(student, cached, SoftTargetKL(1.0)), FastLoader(run_set, 8, seed=0), None,
-        epochs=1, views=s, device="cpu", progress=False, cache_check_teacher=teacher,
+        epochs=1, inputs=InputPipeline(s, dataset=run_set), device="cpu", progress=False,
     )  # fmt: skip
-    assert len(t.fit()) == 1  # the fidelity gate probes this dataset, not its 24-sample base
+    assert len(t.fit()) == 1
 
 
 def test_cli_precompute_mixes_views_when_asked(tmp_path, monkeypatch):

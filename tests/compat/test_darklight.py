@@ -21,6 +21,7 @@ from kdkit import KDError
 from kdkit.cli import main as cli_main
 from kdkit.data import FastLoader
 from kdkit.data.arrays import ArrayDataset
+from kdkit.teachers import TorchTeacher
 
 
 def _image(path, seed: int) -> None:
@@ -90,7 +91,7 @@ def test_readme_example_runs(tmp_path, caplog, one_thread):
     x = torch.randn(2, 3, 32, 32)
     trained = trainer.student().eval()
     assert torch.allclose(module(x), trained(x), atol=1e-6)
-    assert isinstance(kdkit.teacher(saved), kdkit.TorchTeacher)  # the next run's teacher
+    assert isinstance(kdkit.make_teacher(saved), TorchTeacher)  # the next run's teacher
     assert cli_main(["export", str(saved), "--onnx", str(tmp_path / "student.onnx")]) == 0
 
 

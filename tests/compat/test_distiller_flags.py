@@ -13,6 +13,7 @@ import torch
 
 import kdkit
 from kdkit import KDError
+from kdkit.compat import add_distillation_args, distillation_from_args
 from kdkit.data import FastLoader
 from kdkit.data.arrays import ArrayDataset
 from kdkit.load import save_checkpoint
@@ -24,7 +25,7 @@ def script_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="image classifier")
     parser.add_argument("--arch", default="kdkit:fmnist_student")
     parser.add_argument("--epochs", type=int, default=2)
-    kdkit.add_distillation_args(parser, enable_pretrained=True)
+    add_distillation_args(parser, enable_pretrained=True)
     return parser.parse_args(list(argv))
 
 
@@ -41,7 +42,7 @@ def test_flags_build_teacher_and_schedule(tmp_path, one_thread):
         "--kd-teacher", "kdkit:fmnist_teacher", "--kd-resume", str(tmp_path / "teacher.pth"),
         "--kd-temp", "4", "--kd-dw", "0.7", "--kd-sw", "0.3", "--kd-start-epoch", "1",
     )  # fmt: skip
-    policy = kdkit.distillation_from_args(args)
+    policy = distillation_from_args(args)
     pairs = zip(policy.teacher.state_dict().values(), trained.state_dict().values(), strict=True)
     for a, b in pairs:
         assert torch.equal(a, b)  # --kd-resume was loaded
@@ -57,7 +58,7 @@ def test_flags_build_teacher_and_schedule(tmp_path, one_thread):
 
 
 def test_teacher_from_a_bare_arch_name_or_a_checkpoint(tmp_path):
-    policy = kdkit.distillation_from_args(
+    policy = distillation_from_args(
         script_args("--kd-teacher", "resnet18"), teacher_kwargs={"num_classes": 3}
     )
     assert type(policy.teacher).__name__ == "ResNet" and policy.teacher.fc.out_features == 3
@@ -67,7 +68,7 @@ def test_teacher_from_a_bare_arch_name_or_a_checkpoint(tmp_path):
         tmp_path / "t.pt", {"teacher": teacher.state_dict(), "teacher_spec": spec}, role="teacher"
     )
     for argv in (["--kd-teacher", str(path)], ["--kd-resume", str(path)]):
-        got = kdkit.distillation_from_args(script_args(*argv)).teacher
+        got = distillation_from_args(script_args(*argv)).teacher
         x = torch.randn(2, 1, 28, 28)
         assert torch.equal(got(x), teacher.eval()(x))
 
@@ -75,8 +76,8 @@ def test_teacher_from_a_bare_arch_name_or_a_checkpoint(tmp_path):
 def test_flag_errors_name_the_fix(tmp_path):
     torch.save(fmnist_teacher().state_dict(), tmp_path / "w.pth")
     with pytest.raises(KDError, match="--kd-teacher ARCH"):
-        kdkit.distillation_from_args(script_args("--kd-resume", str(tmp_path / "w.pth")))
+        distillation_from_args(script_args("--kd-resume", str(tmp_path / "w.pth")))
     with pytest.raises(KDError, match="frozen"):
-        kdkit.distillation_from_args(script_args("--kd-tw", "0.5"))
+        distillation_from_args(script_args("--kd-tw", "0.5"))
     with pytest.raises(KDError, match="resnet1800"):
-        kdkit.distillation_from_args(script_args("--kd-teacher", "resnet1800"))
+        distillation_from_args(script_args("--kd-teacher", "resnet1800"))
