@@ -180,7 +180,7 @@ def _run_lm(args: argparse.Namespace, path) -> int:
     device = torch.device(
         check_device(args.device) or ("cuda" if torch.cuda.is_available() else "cpu")
     )
-    scores = evaluate_lm_run(path, device, teacher=True, data=files)
+    scores = evaluate_lm_run(path, device, teacher=True, data=files, trust_code=args.trust_code)
     if args.json:
         print(json.dumps({"checkpoint": str(path), **scores}, indent=1))
         return 0

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
         check_output_path(args.hf, what="--hf", directory=True, inputs=inputs)
 
-        out = export_hf(args.checkpoint, args.hf)
+        out = export_hf(args.checkpoint, args.hf, trust_code=args.trust_code)
         print(f"wrote {out} (AutoModelForCausalLM.from_pretrained loads it without kdkit)")
         return 0
     check_shape(args.input_shape)

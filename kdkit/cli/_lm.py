@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from kdkit.cli._checks import add_trust_code
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("lm", help="language-model tools: capture a top-k teacher cache, inspect it")
@@ -27,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cap.add_argument("--shard-rows", type=int, default=256, metavar="N", help="rows per shard")
     cap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     cap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_trust_code(cap)
     cap.set_defaults(func=run_capture)
 
     cache = cmds.add_parser("cache", help="describe, verify or check a top-k teacher cache")
@@ -48,6 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         a.add_argument("--rows", type=int, default=16, help="rows to recompute (16)")
         a.add_argument("--max-dlogp", type=float, default=0.1, help="threshold on max |d logp|")
         a.add_argument("--max-kl", type=float, default=1e-3, help="threshold on the mean KL")
+        add_trust_code(a)
         a.set_defaults(func=run_verify if name == "verify" else run_check)
 
 
@@ -67,6 +71,7 @@ def run_capture(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         shard_rows=args.shard_rows,
         progress=not args.no_progress,
+        trust_code=args.trust_code,
     )
     print(
         f"captured {m['num_rows']} rows ({m['entries']} tokens) into {args.out}: "
@@ -87,7 +92,7 @@ def _check(args: argparse.Namespace, model: str) -> int:
     from kdkit.lm.cache.inspect import check
     from kdkit.lm.models import freeze_teacher, load_lm
 
-    teacher, tok = load_lm(model)
+    teacher, tok = load_lm(model, trust_code=args.trust_code)
     pad = 0 if tok is None else (tok.pad_token_id or tok.eos_token_id or 0)
     r = check(args.dir, freeze_teacher(teacher), rows=args.rows, pad_id=int(pad))
     ok = r["max_abs_dlogp"] <= args.max_dlogp and r["mean_kl"] <= args.max_kl

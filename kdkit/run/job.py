@@ -300,7 +300,7 @@ def _train_run(cfg: RunConfig, *, resume: bool, trust_code: bool) -> RunResult:
     lm = isinstance(cfg, LMRunConfig)
     choices = []
     if lm:
-        trainer, data = build_lm_trainer(cfg, _device(cfg))
+        trainer, data = build_lm_trainer(cfg, _device(cfg), trust_code=trust_code)
     else:
         trainer, data, choices = build_run(cfg, resume=resume, trust_code=trust_code)
     run_dir = Path(cfg.run_dir)

@@ -105,18 +105,19 @@ def build_lm_data(
     return LMRunData(train_loader, val_loader, tokenizer, len(train))
 
 
-def load_lm_teacher(cfg: LMRunConfig) -> tuple[Any, Any]:
+def load_lm_teacher(cfg: LMRunConfig, *, trust_code: bool = False) -> tuple[Any, Any]:
     """``(teacher, its tokenizer)`` of ``cfg.teacher``: a frozen-to-be model for ``hf:DIR``, a
     :class:`~kdkit.lm.cache.TopKCache` for ``cache:DIR`` (never a model), ``(None, None)``
-    without a teacher."""
-    if cfg.teacher is None:
+    without a teacher. ``trust_code``: folders may run code of their own (``auto_map``)."""
+    tc = cfg.teacher
+    if tc is None:
         return None, None
-    if cfg.teacher.model.startswith("cache:"):
+    if tc.model.startswith("cache:"):
         from kdkit.lm.cache import TopKCache
 
-        cache = TopKCache(cfg.teacher.model.removeprefix("cache:"))
-        return cache, cache.tokenizer()
-    return load_lm(cfg.teacher.model, dtype=cfg.teacher.dtype, tokenizer=cfg.teacher.tokenizer)
+        cache = TopKCache(tc.model.removeprefix("cache:"))
+        return cache, cache.tokenizer(trust_code=trust_code)
+    return load_lm(tc.model, dtype=tc.dtype, tokenizer=tc.tokenizer, trust_code=trust_code)
 
 
 def load_lm_teacher_backend(
@@ -149,13 +150,16 @@ def load_lm_teacher_backend(
     return onnx
 
 
-def build_lm_trainer(cfg: LMRunConfig, device: torch.device) -> tuple[Trainer, LMRunData]:
-    """Tokenizer, student, teacher (frozen), vocabulary check, data, LMTask and Trainer."""
-    t = cfg.train
+def build_lm_trainer(
+    cfg: LMRunConfig, device: torch.device, *, trust_code: bool = False
+) -> tuple[Trainer, LMRunData]:
+    """Tokenizer, student, teacher (frozen), vocabulary check, data, LMTask and Trainer.
+    ``trust_code`` lets the model and tokenizer folders run code of their own (``auto_map``)."""
+    t, sc = cfg.train, cfg.student
     student, tokenizer = load_lm(
-        cfg.student.model, dtype=cfg.student.dtype, tokenizer=cfg.student.tokenizer, seed=t.seed
+        sc.model, dtype=sc.dtype, tokenizer=sc.tokenizer, seed=t.seed, trust_code=trust_code
     )
-    teacher, teacher_tok = load_lm_teacher(cfg)
+    teacher, teacher_tok = load_lm_teacher(cfg, trust_code=trust_code)
     tokenizer = tokenizer or teacher_tok
     vocab_size = None
     cache = None if teacher is None or isinstance(teacher, torch.nn.Module) else teacher

@@ -49,13 +49,13 @@ log = logging.getLogger(__name__)
 _CHUNK = 256
 
 
-def run_tokenizer(cfg: Any, teacher_tokenizer: Any = None) -> Any:
+def run_tokenizer(cfg: Any, teacher_tokenizer: Any = None, *, trust_code: bool = False) -> Any:
     """The tokenizer a run tokenizes its text with: the student's, else the teacher's (as
     :func:`kdkit.run.lm_job.build_lm_trainer` picks it)."""
     from kdkit.lm.models import load_tokenizer
 
     try:
-        return load_tokenizer(cfg.student.model, cfg.student.tokenizer)
+        return load_tokenizer(cfg.student.model, cfg.student.tokenizer, trust_code=trust_code)
     except KDError:
         if teacher_tokenizer is None:
             raise
@@ -137,9 +137,11 @@ def capture(
     temperature: float = 1.0,
     shard_rows: int = 256,
     progress: bool = True,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Capture the teacher of ``cfg`` (a ``task: lm`` :class:`~kdkit.config.LMRunConfig`) over
-    its corpus into ``out``; resumes an unfinished capture there. Returns the manifest."""
+    its corpus into ``out``; resumes an unfinished capture there. Returns the manifest.
+    ``trust_code`` lets the model and tokenizer folders run code of their own (``auto_map``)."""
     from kdkit.run.lm_job import lm_datasets, load_lm_teacher_backend
 
     if cfg.teacher is None or cfg.teacher.model.startswith("cache:"):
@@ -151,11 +153,12 @@ def capture(
     if not temperature > 0:
         raise KDError(f"--temperature must be > 0, got {temperature!r}")
     out = check_output_path(out, what="the cache folder", directory=True)
+    tc = cfg.teacher
     teacher, teacher_tok = load_lm(
-        cfg.teacher.model, dtype=cfg.teacher.dtype, tokenizer=cfg.teacher.tokenizer
+        tc.model, dtype=tc.dtype, tokenizer=tc.tokenizer, trust_code=trust_code
     )
     freeze_teacher(teacher)
-    tokenizer = run_tokenizer(cfg, teacher_tok)
+    tokenizer = run_tokenizer(cfg, teacher_tok, trust_code=trust_code)
     head_rows = teacher.get_output_embeddings().out_features
     vocab = min(head_rows, len(tokenizer))  # padded head rows are never a target
     if topk > vocab:
