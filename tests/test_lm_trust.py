@@ -246,20 +246,21 @@ def test_lm_cache_check_and_verify_refuse_folder_code(site, tmp_path, lm_tokeniz
 def test_trust_code_reaches_every_load(site, monkeypatch, capsys):
     """``--trust-code`` is passed down to the loader by every command (a spy stands in for
     it, so no payload runs in this process)."""
-    import kdkit.lm.cache.capture  # noqa: F401  (the name is the function: sys.modules below)
+    import kdkit.lm.cache.capture  # noqa: F401  (every module that imports load_lm by name)
     import kdkit.lm.models
     import kdkit.run.lm_job
-    import kdkit.run.lm_tools
+    import kdkit.run.lm_tools  # noqa: F401
 
-    capture_module = sys.modules["kdkit.lm.cache.capture"]
     seen = []
 
     def spy(spec, **kw):
         seen.append(kw.get("trust_code"))
         raise KDError("stopped by the test")
 
-    for module in (kdkit.lm.models, kdkit.run.lm_job, kdkit.run.lm_tools, capture_module):
-        monkeypatch.setattr(module, "load_lm", spy)
+    real = kdkit.lm.models.load_lm
+    for name, module in list(sys.modules.items()):
+        if name.startswith("kdkit") and getattr(module, "load_lm", None) is real:
+            monkeypatch.setattr(module, "load_lm", spy)
     cfg, run, cache = str(site / "clean.yaml"), str(site / "run"), str(site / "cache")
     commands = [
         ["train", cfg, "--run-dir", str(site / "run-trusted")],
