@@ -14,6 +14,7 @@ from kdkit.errors import KDError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from kdkit.cli._checks import add_trust_code
     from kdkit.cli._precompute import add_teacher_args
 
     p = sub.add_parser("cache", help="verify, check or describe a teacher cache (any task)")
@@ -29,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     verify.add_argument("dir")
     verify.add_argument("--teacher", metavar="MODEL", help="task: lm: hf:DIR to recompute rows")
     add_lm_check_args(verify)
+    add_trust_code(verify)
     verify.set_defaults(func=run_verify)
     check = cmds.add_parser(
         "check",

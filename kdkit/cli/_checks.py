@@ -15,6 +15,8 @@ def add_trust_code(p: Any) -> None:
     p.add_argument(
         "--trust-code",
         action="store_true",
-        help="allow a checkpoint to name python:pkg.module:callable as its model (runs that "
-        "code); without it only registered models (kdkit:, torchvision:, timm:, open_clip:) load",
+        help="allow a checkpoint to name python:pkg.module:callable as its model, and a Hugging "
+        "Face model or tokenizer folder to name code of its own (auto_map): both run that code; "
+        "without it only registered models (kdkit:, torchvision:, timm:, open_clip:) and "
+        "folders without auto_map load",
     )

@@ -51,4 +51,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             help="hf:DIR of the live teacher (check: default the one the cache records)",
         )
         add_lm_check_args(a)
+        add_trust_code(a)
         a.set_defaults(func=run_verify if name == "verify" else run_check)

@@ -1,19 +1,38 @@
-"""Lazy imports of the Hugging Face packages, with the install hint (private).
+"""Lazy imports of the Hugging Face packages, and local folder loads that run no folder code
+(private).
 
 ``import kdkit.lm.<module>`` must stay cheap and must work without ``transformers``: only the
 functions that load or build a model or tokenizer call these.
+
+A model or tokenizer folder can name Python code of its own (``auto_map`` in ``config.json`` or
+``tokenizer_config.json``, a module file beside them). transformers imports that code when
+``trust_remote_code`` is true, and *asks on standard input* when it is not given, so ``yes |
+kdkit ...`` or any piped stdin would run it. Every load here passes ``trust_remote_code``
+explicitly, and :func:`refuse_custom_code` refuses such a folder first unless the caller passed
+``trust_code=True`` (CLI: ``--trust-code``), as ``python:`` model specs are refused
+(:mod:`kdkit.registry`).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import logging
+import os
+from collections import deque
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from kdkit.errors import KDError
 
-__all__ = ["require"]
+__all__ = ["CODE_FILES", "from_folder", "refuse_custom_code", "require"]
+
+log = logging.getLogger(__name__)
 
 _HINT = "pip install 'kdkit[lm]'"
+#: the files of a folder whose ``auto_map`` makes transformers import the folder's code
+CODE_FILES = ("config.json", "tokenizer_config.json")
 
 
 def require(name: str) -> ModuleType:
@@ -22,3 +41,55 @@ def require(name: str) -> ModuleType:
         return importlib.import_module(name)
     except ImportError as e:
         raise KDError(f"kdkit.lm needs the {name!r} package ({e}); {_HINT}") from None
+
+
+def _code_key(data: Any) -> str | None:
+    """The dotted key of the first non-empty ``auto_map`` in parsed JSON (at any depth: a
+    nested config names code the same way), or None. Iterative: no recursion on deep files."""
+    queue: deque[tuple[str, Any]] = deque([("", data)])  # breadth first: the top level first
+    while queue:
+        where, value = queue.popleft()
+        if isinstance(value, dict):
+            if value.get("auto_map"):
+                return f"{where}auto_map"
+            queue.extend((f"{where}{k}.", v) for k, v in value.items())
+        elif isinstance(value, list):
+            queue.extend((f"{where}{i}.", v) for i, v in enumerate(value))
+    return None
+
+
+def refuse_custom_code(folder: str | os.PathLike[str], trust_code: bool) -> None:
+    """Raise a one-line KDError if ``folder`` names code of its own and ``trust_code`` is False.
+
+    Reads ``config.json`` and ``tokenizer_config.json`` (when present) as JSON only, before
+    transformers opens the folder; a file that is not JSON is refused too (nothing could say
+    what it would make transformers do)."""
+    for name in CODE_FILES:
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            raise KDError(f"{path} is not a readable JSON file: {e}".splitlines()[0]) from None
+        key = _code_key(data)
+        if key is None:
+            continue
+        if trust_code:
+            log.warning(
+                "%s: %r names Python code in %s; running it (trust_code)", path, key, folder
+            )
+            continue
+        raise KDError(
+            f"{path} has {key!r}: loading {folder} would run the Python code it names; pass "
+            "--trust-code (CLI) / trust_code=True (Python) only if you trust that folder's code"
+        )
+
+
+def from_folder(auto: Any, folder: str | os.PathLike[str], *, trust_code: bool, **kw: Any) -> Any:
+    """``auto`` (``AutoConfig``, ``AutoTokenizer``, ``AutoModelForCausalLM``, ...) loaded from
+    a local folder: :func:`refuse_custom_code` first, then the transformers load, offline and
+    with ``trust_remote_code`` always given (never the stdin prompt)."""
+    refuse_custom_code(folder, trust_code)
+    name = os.fspath(folder)
+    return auto.from_pretrained(name, trust_remote_code=trust_code, local_files_only=True, **kw)

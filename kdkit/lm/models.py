@@ -2,12 +2,14 @@
 
 Model strings (what a config's ``student:`` / ``teacher:`` holds):
 
-- ``hf:PATH``: a local ``save_pretrained`` folder, loaded with
-  ``AutoModelForCausalLM.from_pretrained(PATH, local_files_only=True)`` and its tokenizer.
+- ``hf:PATH``: a local ``save_pretrained`` folder, loaded with ``AutoModelForCausalLM`` (its
+  ``from_pretrained``, ``local_files_only=True``) and its tokenizer.
 - ``hf-config:PATH``: a folder (or file) with ``config.json``; a random-init model is built from
   it (``from_config``), the tokenizer is loaded from the same folder if it has one.
 
 Nothing downloads: every load passes ``local_files_only=True`` and a missing folder is a KDError.
+No folder code runs: a model or tokenizer folder with an ``auto_map`` (code of its own) is a
+KDError unless the caller passes ``trust_code=True`` (:func:`kdkit.lm._hf.refuse_custom_code`).
 
 :func:`hidden_and_head` runs the decoder to its final, normed hidden states and returns the
 output head *without* applying it: a ``[B, L, V]`` logits tensor is the largest thing in LM
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 from kdkit.errors import KDError, closest_names
-from kdkit.lm._hf import require
+from kdkit.lm._hf import from_folder, refuse_custom_code, require
 
 __all__ = [
     "HiddenAndHead",
@@ -87,21 +89,25 @@ def _parse(spec: str) -> tuple[str, Path]:
     return prefix, path
 
 
-def load_tokenizer(spec: str, tokenizer: str | os.PathLike[str] | None = None) -> Any:
+def load_tokenizer(
+    spec: str, tokenizer: str | os.PathLike[str] | None = None, *, trust_code: bool = False
+) -> Any:
     """The tokenizer of a model string (``hf:PATH`` / ``hf-config:PATH``), or of the folder
-    ``tokenizer``, without loading the model."""
+    ``tokenizer``, without loading the model. ``trust_code`` lets a folder run its own code."""
     _, path = _parse(spec)
-    return _load_tokenizer(Path(tokenizer) if tokenizer is not None else path, required=True)
+    folder = Path(tokenizer) if tokenizer is not None else path
+    return _load_tokenizer(folder, required=True, trust_code=trust_code)
 
 
-def _load_tokenizer(path: Path, *, required: bool) -> Any:
+def _load_tokenizer(path: Path, *, required: bool, trust_code: bool = False) -> Any:
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
         if required:
             raise KDError(f"{str(path)!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
         return None
+    refuse_custom_code(path, trust_code)  # its own message, not "cannot load"
     tf = require("transformers")
     try:
-        return tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return from_folder(tf.AutoTokenizer, path, trust_code=trust_code)
     except (OSError, ValueError) as e:
         raise KDError(f"cannot load the tokenizer in {str(path)!r}: {e}".splitlines()[0]) from None
 
@@ -112,32 +118,37 @@ def load_lm(
     dtype: str | torch.dtype | None = None,
     tokenizer: str | os.PathLike[str] | None = None,
     seed: int | None = None,
+    trust_code: bool = False,
 ) -> tuple[nn.Module, Any]:
     """Load ``hf:PATH`` or build ``hf-config:PATH``; returns ``(model, tokenizer)``.
 
     ``tokenizer`` names another local folder to take the tokenizer from (else the model's own;
     ``None`` is returned for an ``hf-config`` folder without one). ``seed`` makes the random
-    init of ``hf-config`` reproducible without touching the global RNG.
+    init of ``hf-config`` reproducible without touching the global RNG. ``trust_code`` lets
+    the model or tokenizer folder run Python code of its own (``auto_map``); without it such a
+    folder is a KDError before transformers opens it.
     """
     prefix, path = _parse(spec)
+    tok_path = Path(tokenizer) if tokenizer is not None else path
+    for folder in dict.fromkeys((path, tok_path)):  # both, before any work
+        refuse_custom_code(folder, trust_code)
     tf = require("transformers")
     torch_dtype = _dtype(dtype)
     kwargs: dict[str, Any] = {} if torch_dtype is None else {"dtype": torch_dtype}
+    auto = tf.AutoModelForCausalLM
     try:
         if prefix == "hf":
-            model = tf.AutoModelForCausalLM.from_pretrained(
-                str(path), local_files_only=True, **kwargs
-            )
+            model = from_folder(auto, path, trust_code=trust_code, **kwargs)
         else:
-            config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
+            config = from_folder(tf.AutoConfig, path, trust_code=trust_code)
             with torch.random.fork_rng(devices=[]):
                 if seed is not None:
                     torch.manual_seed(seed)
-                model = tf.AutoModelForCausalLM.from_config(config, **kwargs)
+                model = auto.from_config(config, trust_remote_code=trust_code, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise KDError(f"{spec}: cannot load the model: {e}".splitlines()[0]) from None
-    tok_path = Path(tokenizer) if tokenizer is not None else path
-    tok = _load_tokenizer(tok_path, required=prefix == "hf" or tokenizer is not None)
+    required = prefix == "hf" or tokenizer is not None
+    tok = _load_tokenizer(tok_path, required=required, trust_code=trust_code)
     log.info(
         "%s: %s, %.2fM parameters",
         spec,

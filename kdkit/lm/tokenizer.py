@@ -7,10 +7,10 @@ token). Measured here: vocab 8192 on 200 Python-docs files trains in 5.1 s; voca
 40 KB stdlib file in 0.05 s. Training is deterministic for the same texts in the same order
 (checked by ``tests/test_lm_data.py``).
 
-The folder is a ``save_pretrained`` folder: ``transformers.AutoTokenizer.from_pretrained(path,
-local_files_only=True)`` loads it with eos/bos/pad set and a ChatML template whose assistant turns
-sit inside ``{% generation %}`` so ``return_assistant_tokens_mask`` (``loss_on: assistant``)
-works without the incremental fallback of :mod:`kdkit.lm.data`.
+The folder is a ``save_pretrained`` folder: ``transformers.AutoTokenizer`` loads it (offline,
+no folder code) with eos/bos/pad set and a ChatML template whose assistant turns sit inside
+``{% generation %}`` so ``return_assistant_tokens_mask`` (``loss_on: assistant``) works without
+the incremental fallback of :mod:`kdkit.lm.data`.
 """
 
 from __future__ import annotations

@@ -157,7 +157,7 @@ def train_demo_run(
     }
     run_cfg = resolve_paths(load_config(data=data))
     start = time.perf_counter()
-    result = train_run(run_cfg)
+    result = train_run(run_cfg, trust_code=False)  # the demo's own folders
     return result, time.perf_counter() - start
 
 
@@ -166,7 +166,10 @@ def student_test_ppl(run_dir: Path, test: Path) -> dict[str, float]:
 
     from kdkit.run.lm_tools import evaluate_lm_run
 
-    return evaluate_lm_run(run_dir, torch.device("cpu"), teacher=False, data=[str(test)])["student"]
+    scores = evaluate_lm_run(
+        run_dir, torch.device("cpu"), teacher=False, data=[str(test)], trust_code=False
+    )
+    return scores["student"]
 
 
 def run_lm_demo(cfg: LMDemoConfig) -> Path:
@@ -175,6 +178,7 @@ def run_lm_demo(cfg: LMDemoConfig) -> Path:
 
     from transformers import AutoTokenizer
 
+    from kdkit.lm._hf import from_folder
     from kdkit.lm.tokenizer import train_bpe_tokenizer
 
     out = Path(cfg.out_dir)
@@ -193,7 +197,7 @@ def run_lm_demo(cfg: LMDemoConfig) -> Path:
     start = time.perf_counter()
     if cfg.retrain or not (teacher_dir / "config.json").is_file():
         tok_dir = train_bpe_tokenizer([train], cfg.vocab, cache / key / "tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+        tokenizer = from_folder(AutoTokenizer, tok_dir, trust_code=False)  # the demo's own
         init = llama_folder(cache / key / "teacher-init", tokenizer, cfg.teacher, cfg.max_length)
         result, _ = train_demo_run(
             cfg, "teacher", init, None, (train, val, test), epochs=cfg.teacher_epochs
@@ -202,9 +206,9 @@ def run_lm_demo(cfg: LMDemoConfig) -> Path:
 
         if teacher_dir.exists():
             shutil.rmtree(teacher_dir)
-        export_hf(result.run_dir, teacher_dir)
+        export_hf(result.run_dir, teacher_dir, trust_code=False)
     teacher_s = time.perf_counter() - start
-    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir), local_files_only=True)
+    tokenizer = from_folder(AutoTokenizer, teacher_dir, trust_code=False)
     student_dir = llama_folder(out / "student-init", tokenizer, cfg.student, cfg.max_length)
     rows = []
     runs = [("scratch", None, {"epochs": cfg.student_epochs})]
@@ -231,7 +235,7 @@ def teacher_test_ppl(teacher_dir: Path, test: Path, cfg: LMDemoConfig) -> float:
     from kdkit.lm.task import LMTask
     from kdkit.run.lm_job import build_lm_data
 
-    model, tok = load_lm(f"hf:{teacher_dir}")
+    model, tok = load_lm(f"hf:{teacher_dir}", trust_code=False)
     run = LMRunConfig(
         student=LMModelConfig(model=f"hf:{teacher_dir}"),
         data=LMDataConfig(
@@ -245,7 +249,7 @@ def teacher_test_ppl(teacher_dir: Path, test: Path, cfg: LMDemoConfig) -> float:
 def _params(folder: Path) -> int:
     from kdkit.lm.models import load_lm
 
-    model, _ = load_lm(f"hf-config:{folder}")
+    model, _ = load_lm(f"hf-config:{folder}", trust_code=False)
     return sum(p.numel() for p in model.parameters())
 
 

@@ -108,18 +108,19 @@ def build_lm_data(
     return LMRunData(train_loader, val_loader, tokenizer, len(train))
 
 
-def load_lm_teacher(cfg: LMRunConfig) -> tuple[Any, Any]:
+def load_lm_teacher(cfg: LMRunConfig, *, trust_code: bool = False) -> tuple[Any, Any]:
     """``(teacher, its tokenizer)`` of ``cfg.teacher``: a frozen-to-be model for ``hf:DIR``, a
     :class:`~kdkit.lm.cache.TopKCache` for ``cache:DIR`` (never a model), ``(None, None)``
-    without a teacher."""
-    if cfg.teacher is None:
+    without a teacher. ``trust_code``: folders may run code of their own (``auto_map``)."""
+    tc = cfg.teacher
+    if tc is None:
         return None, None
-    if cfg.teacher.model.startswith("cache:"):
+    if tc.model.startswith("cache:"):
         from kdkit.lm.cache import TopKCache
 
-        cache = TopKCache(cfg.teacher.model.removeprefix("cache:"))
-        return cache, cache.tokenizer()
-    return load_lm(cfg.teacher.model, dtype=cfg.teacher.dtype, tokenizer=cfg.teacher.tokenizer)
+        cache = TopKCache(tc.model.removeprefix("cache:"))
+        return cache, cache.tokenizer(trust_code=trust_code)
+    return load_lm(tc.model, dtype=tc.dtype, tokenizer=tc.tokenizer, trust_code=trust_code)
 
 
 def load_lm_teacher_backend(
@@ -152,13 +153,16 @@ def load_lm_teacher_backend(
     return onnx
 
 
-def build_lm_trainer(cfg: LMRunConfig, device: torch.device) -> tuple[Trainer, LMRunData]:
-    """Tokenizer, student, teacher (frozen), vocabulary check, data, LMTask and Trainer."""
-    t = cfg.train
+def build_lm_trainer(
+    cfg: LMRunConfig, device: torch.device, *, trust_code: bool = False
+) -> tuple[Trainer, LMRunData]:
+    """Tokenizer, student, teacher (frozen), vocabulary check, data, LMTask and Trainer.
+    ``trust_code`` lets the model and tokenizer folders run code of their own (``auto_map``)."""
+    t, sc = cfg.train, cfg.student
     student, tokenizer = load_lm(
-        cfg.student.model, dtype=cfg.student.dtype, tokenizer=cfg.student.tokenizer, seed=t.seed
+        sc.model, dtype=sc.dtype, tokenizer=sc.tokenizer, seed=t.seed, trust_code=trust_code
     )
-    teacher, teacher_tok = load_lm_teacher(cfg)
+    teacher, teacher_tok = load_lm_teacher(cfg, trust_code=trust_code)
     tokenizer = tokenizer or teacher_tok
     vocab_size = None
     cache = None if teacher is None or isinstance(teacher, torch.nn.Module) else teacher
@@ -228,11 +232,13 @@ def build_lm_trainer(cfg: LMRunConfig, device: torch.device) -> tuple[Trainer, L
     return trainer, data
 
 
-def run_tokenizer(cfg: LMRunConfig, teacher_tokenizer: Any = None) -> Any:
+def run_tokenizer(
+    cfg: LMRunConfig, teacher_tokenizer: Any = None, *, trust_code: bool = False
+) -> Any:
     """The tokenizer a run tokenizes its text with: the student's, else the teacher's (as
     :func:`build_lm_trainer` picks it)."""
     try:
-        return load_tokenizer(cfg.student.model, cfg.student.tokenizer)
+        return load_tokenizer(cfg.student.model, cfg.student.tokenizer, trust_code=trust_code)
     except KDError:
         if teacher_tokenizer is None:
             raise
@@ -248,21 +254,24 @@ def capture_run(
     temperature: float = 1.0,
     shard_rows: int = 256,
     progress: bool = True,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """``kdkit precompute CONFIG`` for ``task: lm`` (alias ``kdkit lm capture``): the config's
     teacher over its corpus (train and val rows, tokenized as training will) into the top-k
-    cache ``out``; resumes an unfinished capture there. Returns the manifest."""
+    cache ``out``; resumes an unfinished capture there. Returns the manifest. ``trust_code``
+    lets the model and tokenizer folders run code of their own (``auto_map``)."""
     from kdkit._fingerprint import module_fingerprint
     from kdkit.lm.cache.capture import Provenance, capture
     from kdkit.lm.cache.format import data_settings
 
     if cfg.teacher is None or cfg.teacher.model.startswith("cache:"):
         raise KDError("kdkit lm capture needs a live teacher: teacher: {model: 'hf:DIR'}")
+    tc = cfg.teacher
     teacher, teacher_tok = load_lm(
-        cfg.teacher.model, dtype=cfg.teacher.dtype, tokenizer=cfg.teacher.tokenizer
+        tc.model, dtype=tc.dtype, tokenizer=tc.tokenizer, trust_code=trust_code
     )
     freeze_teacher(teacher)
-    tokenizer = run_tokenizer(cfg, teacher_tok)
+    tokenizer = run_tokenizer(cfg, teacher_tok, trust_code=trust_code)
     head_rows = teacher.get_output_embeddings().out_features
     train, val = lm_datasets(cfg, tokenizer, max_positions(teacher))
     rows = list(train.rows) + (list(val.rows) if val is not None else [])

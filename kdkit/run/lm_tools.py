@@ -3,8 +3,9 @@
 A run's checkpoint holds the student's weights and the resolved config; the student is rebuilt
 from ``student.model`` (its config, random init) and the weights loaded, so a run directory is
 all these commands need. The exported folder is a plain ``save_pretrained`` folder
-(safetensors + tokenizer) that ``transformers.AutoModelForCausalLM.from_pretrained`` loads with
-no kdkit installed.
+(safetensors + tokenizer) that ``transformers.AutoModelForCausalLM`` loads with no kdkit
+installed. ``trust_code`` (``--trust-code``) lets the run's model and tokenizer folders run code of
+their own (``auto_map``); without it such a folder is refused.
 """
 
 from __future__ import annotations
@@ -34,36 +35,47 @@ def lm_run_config(ckpt: dict[str, Any]) -> LMRunConfig:
     return cfg
 
 
-def load_lm_student(path: str | Path) -> tuple[torch.nn.Module, Any, LMRunConfig]:
+def load_lm_student(
+    path: str | Path, *, trust_code: bool = False
+) -> tuple[torch.nn.Module, Any, LMRunConfig]:
     """``(student with the run's weights, tokenizer, config)`` from a run dir or checkpoint."""
     ckpt = load_checkpoint(checkpoint_in(path), map_location="cpu")
     cfg = lm_run_config(ckpt)
+    sc, tc = cfg.student, cfg.teacher
     student, tokenizer = load_lm(
-        cfg.student.model, dtype=cfg.student.dtype, tokenizer=cfg.student.tokenizer
+        sc.model, dtype=sc.dtype, tokenizer=sc.tokenizer, trust_code=trust_code
     )
-    if tokenizer is None and cfg.teacher is not None:  # the teacher's, without its weights
-        if cfg.teacher.model.startswith("cache:"):
+    if tokenizer is None and tc is not None:  # the teacher's, without its weights
+        if tc.model.startswith("cache:"):
             from kdkit.lm.cache import TopKCache
 
-            tokenizer = TopKCache(cfg.teacher.model.removeprefix("cache:")).tokenizer()
+            cache = TopKCache(tc.model.removeprefix("cache:"))
+            tokenizer = cache.tokenizer(trust_code=trust_code)
         else:
-            tokenizer = load_tokenizer(cfg.teacher.model, cfg.teacher.tokenizer)
+            tokenizer = load_tokenizer(tc.model, tc.tokenizer, trust_code=trust_code)
     student.load_state_dict(ckpt["student"])
     return student.eval(), tokenizer, cfg
 
 
 def evaluate_lm_run(
-    path: str | Path, device: torch.device, *, teacher: bool = True, data: list[str] = ()
+    path: str | Path,
+    device: torch.device,
+    *,
+    teacher: bool = True,
+    data: list[str] = (),
+    trust_code: bool = False,
 ) -> dict[str, dict[str, float]]:
     """The student's held-out perplexity, top-1 agreement with the teacher and mean KL (and,
     with ``teacher``, the teacher's perplexity) on the run's val tokens (``data``: other
     text files)."""
-    student, tokenizer, cfg = load_lm_student(path)
+    student, tokenizer, cfg = load_lm_student(path, trust_code=trust_code)
     if data:
         cfg = dataclasses.replace(
             cfg, data=dataclasses.replace(cfg.data, text_files=tuple(data), val=None)
         )
-    teacher_model, _ = load_lm_teacher(cfg)  # a model, or a top-k cache (kl and agree from it)
+    teacher_model, _ = load_lm_teacher(
+        cfg, trust_code=trust_code
+    )  # a model, or a top-k cache (kl and agree from it)
     cache = None if isinstance(teacher_model, torch.nn.Module) else teacher_model
     if cache is not None and data:  # other text than was captured: the student's ppl only
         teacher_model = cache = None
@@ -82,13 +94,13 @@ def evaluate_lm_run(
     return scores
 
 
-def export_hf(path: str | Path, out_dir: str | Path) -> Path:
+def export_hf(path: str | Path, out_dir: str | Path, *, trust_code: bool = False) -> Path:
     """Write the run's student as a ``save_pretrained`` folder (safetensors + tokenizer)."""
     out = Path(out_dir)
     check_output_path(out, what="--hf", directory=True)
     if out.exists() and any(out.iterdir()):
         raise KDError(f"--hf {out} is not empty; give a new folder")
-    student, tokenizer, _ = load_lm_student(path)
+    student, tokenizer, _ = load_lm_student(path, trust_code=trust_code)
     student.save_pretrained(str(out), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))

@@ -133,7 +133,7 @@ class ClipTeacher(Teacher):
         return cls(model, names, class_weights=weights, preprocess=preprocess, **kwargs)
 
     @classmethod
-    def from_pretrained(
+    def from_pretrained(  # open_clip, not transformers: it takes no trust_remote_code
         cls,
         model_name: str,
         pretrained: str | os.PathLike | None,

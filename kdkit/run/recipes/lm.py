@@ -35,7 +35,7 @@ class LMRecipe(Recipe):
     def build(self, cfg: Any, device: Any, *, resume: bool, trust_code: bool) -> Built:
         from kdkit.run.lm_job import build_lm_trainer
 
-        trainer, data = build_lm_trainer(cfg, device)
+        trainer, data = build_lm_trainer(cfg, device, trust_code=trust_code)
         return Built(trainer, data)
 
     def report(
@@ -60,6 +60,7 @@ class LMRecipe(Recipe):
         m = capture_run(
             cfg, out, topk=options.get("topk") or 32, encoding=options.get("encoding") or "q8",
             temperature=temperature, shard_rows=shard_rows, progress=options["progress"],
+            trust_code=options["trust_code"],
         )  # fmt: skip
         return [
             f"captured {m['num_rows']} rows ({m['entries']} tokens) into {out}: "
@@ -105,7 +106,7 @@ class LMRecipe(Recipe):
         rows = options.get("rows") or 16
         max_dlogp = 0.1 if options.get("max_dlogp") is None else options["max_dlogp"]
         max_kl = 1e-3 if options.get("max_kl") is None else options["max_kl"]
-        teacher, tok = load_lm(model)
+        teacher, tok = load_lm(model, trust_code=bool(options.get("trust_code")))
         pad = 0 if tok is None else pad_id(tok)  # padding is masked: any real id
         r = check(folder, freeze_teacher(teacher), rows=rows, pad_id=pad)
         ok = r["max_abs_dlogp"] <= max_dlogp and r["mean_kl"] <= max_kl
@@ -138,7 +139,7 @@ class LMRecipe(Recipe):
             if key not in ("text_files", "val.text_files") or not value:
                 raise KDError(f"--data for a task: lm run takes text_files=GLOB, got {item!r}")
             files.append(value)
-        return evaluate_lm_run(checkpoint, device, teacher=True, data=files)
+        return evaluate_lm_run(checkpoint, device, teacher=True, data=files, trust_code=trust_code)
 
     def score_lines(self, scores: Mapping[str, Mapping[str, float]]) -> list[str]:
         lines = []
@@ -158,7 +159,7 @@ class LMRecipe(Recipe):
                 "(AutoModelForCausalLM loads it; ONNX export of language models is not here)"
             )
         refuse_options(options, ("int8", "input_shape", "opset"), "--hf (a task: lm export)")
-        out = export_hf(checkpoint, options["hf"])
+        out = export_hf(checkpoint, options["hf"], trust_code=options["trust_code"])
         return [f"wrote {out} (AutoModelForCausalLM.from_pretrained loads it without kdkit)"]
 
     def predict(self, model: str, options: Mapping[str, Any]) -> Any:
