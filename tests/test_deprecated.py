@@ -44,7 +44,7 @@ def test_load_student_is_load_model_as_a_student(tmp_path):
     assert meta["student_spec"] == spec
 
 
-# -- the Trainer's flat keywords (kdkit.train.options.split_trainer_kwargs) --------------------
+# -- the Trainer's flat keywords (kdkit.train.legacy.translate_older_keywords) ---------------
 def _setup():
     g = torch.Generator().manual_seed(0)
     data = ArrayDataset(
@@ -89,11 +89,15 @@ def test_seed_and_cache_check_keywords_still_work():
     ``cache_check_*`` keywords reach the cache check, which refuses a live teacher beside a
     teacher that is not a cache."""
     task, loader = _setup()
-    Trainer(task, loader, seed=5, device="cpu", progress=False)
+    with pytest.warns(KDDeprecationWarning, match=r"Trainer\(seed=\.\.\.\)"):
+        Trainer(task, loader, seed=5, device="cpu", progress=False)
     after_trainer = torch.rand(3)
     torch.manual_seed(5)
     assert torch.equal(after_trainer, torch.rand(3))
-    with pytest.raises(KDError, match="cache_check_teacher= is for runs whose teacher is a"):
+    with (
+        pytest.warns(KDDeprecationWarning),
+        pytest.raises(KDError, match="cache_check_teacher= is for runs whose teacher is a"),
+    ):
         Trainer(task, loader, cache_check_teacher=nn.Identity(), device="cpu", progress=False)
 
 

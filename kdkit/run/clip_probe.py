@@ -109,6 +109,7 @@ def fit_probe(
     loader = FastLoader(train, batch_size, shuffle=True, seed=seed)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * len(loader)
+    torch.manual_seed(seed)  # as the Trainer's older seed= keyword did, after the probe's init
     trainer = Trainer(
         Distiller(probe, None),
         loader,
@@ -117,7 +118,6 @@ def fit_probe(
         scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps),
         scheduler_interval="step",
         epochs=epochs,
-        seed=seed,
         device=emb.device,
         progress=False,
     )
