@@ -32,7 +32,7 @@ from kdkit._embedding import best_metric_for, evaluate_embedding, output_pair
 from kdkit.balance import LossBalancer
 from kdkit.capture import Capture, resolve_module, unwrap
 from kdkit.data.pipeline import ModelInput
-from kdkit.errors import KDError
+from kdkit.errors import KDDeprecationWarning, KDError
 from kdkit.load import restore_part
 from kdkit.losses._call import call_loss, without_t2
 from kdkit.losses.feature import adapter_from_saved
@@ -85,6 +85,8 @@ class Distiller(Task):
         balancer: a :class:`~kdkit.LossBalancer`; None: one pair and no student loss give
             that pair's raw loss, else 0.5 / 0.5 (ModelOpt's rule).
         label_smoothing: of the task loss (the cross-entropy on labeled rows), in [0, 1).
+        criterion: the first release's name of ``pairs`` (still accepted, with a
+            :class:`~kdkit.errors.KDDeprecationWarning`).
 
     One step, all in one call (what the :class:`~kdkit.Trainer` runs; nothing is kept
     between calls)::
@@ -109,8 +111,18 @@ class Distiller(Task):
         *,
         label_smoothing: float = 0.0,
         output_key: str | int | None = None,
+        criterion: Loss | Sequence[Pair] | Mapping[tuple[str, str], Loss] | None = None,
     ) -> None:
         super().__init__()
+        if criterion is not None:  # the first release's name of pairs=
+            if pairs is not None:
+                raise KDError("give pairs= or its older name criterion=, not both")
+            warnings.warn(
+                "Distiller(criterion=...) is now Distiller(pairs=...) (or the third argument)",
+                KDDeprecationWarning,
+                stacklevel=2,
+            )
+            pairs = criterion
         if not 0.0 <= label_smoothing < 1.0:
             raise KDError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = float(label_smoothing)

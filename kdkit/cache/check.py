@@ -21,7 +21,7 @@ from kdkit.cache.store import stat_json
 from kdkit.data.views import MixPool, ViewSampler, prepare_input
 from kdkit.errors import KDError
 from kdkit.teachers.base import TopK
-from kdkit.teachers.factory import teacher as make_teacher
+from kdkit.teachers.factory import make_teacher
 from kdkit.teachers.fidelity import FidelityTally, kl_sum
 
 __all__ = ["CacheCheckReport", "check", "check_partners"]

@@ -41,7 +41,7 @@ from kdkit.cache.store import (
 from kdkit.data.views import MixPool, ViewSampler, prepare_input
 from kdkit.errors import KDError
 from kdkit.teachers.base import Teacher
-from kdkit.teachers.factory import teacher as make_teacher
+from kdkit.teachers.factory import make_teacher
 
 __all__ = ["precompute", "dataset_keys"]
 

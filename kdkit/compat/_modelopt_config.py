@@ -100,7 +100,7 @@ def resolve_teacher_model(obj: Any, *, trust_code: bool = False) -> Any:
         return _checked_model(fn(*args, **kwargs), fn)
     if isinstance(obj, (str, os.PathLike)):
         if Path(obj).is_file():
-            return obj  # .onnx, engine or checkpoint: kdkit.teacher() picks the backend
+            return obj  # .onnx, engine or checkpoint: kdkit.make_teacher() picks the backend
         return build_model(str(obj), trust_code=trust_code, where=where)
     if isinstance(obj, Mapping):
         return build_model(obj, trust_code=trust_code, where=where)

@@ -44,7 +44,7 @@ from kdkit.errors import KDError
 from kdkit.export import export_onnx
 from kdkit.losses import HardLabel, SoftTargetKL
 from kdkit.registry import ModelSpec, build_model
-from kdkit.teachers.factory import teacher as make_teacher
+from kdkit.teachers.factory import make_teacher
 from kdkit.teachers.tensorrt_teacher import import_tensorrt
 from kdkit.train.checkpoint import save_checkpoint
 from kdkit.train.precision import PRECISION_DTYPES
@@ -161,7 +161,7 @@ def _spec_for(student: nn.Module, spec: Any) -> dict[str, Any] | None:
     if spec is None:
         log.warning(
             "StudentTrainer got no student_spec: the per-epoch checkpoints hold the weights "
-            "but not how to rebuild the model, so `kdkit export` and kdkit.teacher() cannot "
+            "but not how to rebuild the model, so `kdkit export` and kdkit.make_teacher() cannot "
             "read them; pass student_spec='torchvision:resnet18' (or your registered model)"
         )
         return None

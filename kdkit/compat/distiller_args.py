@@ -176,7 +176,7 @@ def build_teacher(
             )
         if Path(arch).suffix.lower() in (".pt", ".pth", ".ckpt"):
             return load_model(arch, trust_code=trust_code)[0]
-        return arch  # .onnx / engine: kdkit.teacher() picks the backend
+        return arch  # .onnx / engine: kdkit.make_teacher() picks the backend
     spec = arch if ":" in arch else f"torchvision:{arch}"
     if pretrained:
         kwargs.setdefault("weights", "DEFAULT")

@@ -25,12 +25,12 @@ def _params(module: Any) -> str:
 def write_lm_report(cfg: Any, trainer: Any, result: Any, wall_s: float) -> None:
     history = trainer.history
     rows = [("model", "params", "val ppl", "val KL", "val agree (%)")]
-    if result.teacher_top1 is not None:
+    if result.teacher_score is not None:
         rows.append(
             (
                 f"teacher `{cfg.teacher.model}`",
                 _params(trainer.task.teacher),
-                f"{result.teacher_top1:.3f}",
+                f"{result.teacher_score:.3f}",
                 "-",
                 "-",
             )

@@ -41,7 +41,7 @@ def write_run_report(
     teacher = trainer.distiller.teacher
     if teacher is not None:  # an ONNX or cached teacher too: its size and how it ran
         params, precision = teacher_summary(teacher, cfg.teacher.precision)
-        top1 = "-" if result.teacher_top1 is None else f"{result.teacher_top1:.2f}"
+        top1 = "-" if result.teacher_score is None else f"{result.teacher_score:.2f}"
         rows.append((f"teacher `{cfg.teacher.model}`", params, precision, top1, "-"))
     if best is not None:
         rows.append(
@@ -53,7 +53,7 @@ def write_run_report(
                 f"{best['val_top5']:.2f}",
             )
         )
-    plot_run_curves(history, result.run_dir / "curves.png", result.teacher_top1)
+    plot_run_curves(history, result.run_dir / "curves.png", result.teacher_score)
     epochs = f"{cfg.train.epochs} epoch{'s' if cfg.train.epochs != 1 else ''}"
     notes = [
         f"{epochs}, wall time {wall_s:.1f} s (this invocation). Next:",

@@ -30,7 +30,7 @@ def _member(i: int, obj: Any) -> Teacher:
         return TorchTeacher(obj)
     raise KDError(
         f"ensemble member {i} is a {type(obj).__name__}; EnsembleTeacher takes Teachers or "
-        "nn.Modules. For files use kdkit.teacher([...]), which opens each one first"
+        "nn.Modules. For files use kdkit.make_teacher([...]), which opens each one first"
     )
 
 
@@ -38,7 +38,7 @@ class EnsembleTeacher(Teacher):
     """Combine teachers into one.
 
     Members are :class:`Teacher` objects or ``nn.Module`` s (run as :class:`TorchTeacher`);
-    for files (``.onnx``, checkpoints) build the ensemble with ``kdkit.teacher([...])``,
+    for files (``.onnx``, checkpoints) build the ensemble with ``kdkit.make_teacher([...])``,
     which makes each member first.
 
     ``weights`` (default: equal) are normalised to sum to 1. ``combine``:

@@ -1,4 +1,4 @@
-"""``kdkit.teacher(obj)``: turn whatever the user has into the right backend."""
+"""``kdkit.make_teacher(obj)``: turn whatever the user has into the right backend."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ _ENGINE_SUFFIXES = (".engine", ".plan")
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
-def teacher(
+def make_teacher(
     obj: Any, *, backend: str | None = None, trust_code: bool = False, **kwargs: Any
 ) -> Teacher:
     """A :class:`Teacher` for ``obj``.
@@ -61,7 +61,7 @@ def teacher(
     if isinstance(obj, (list, tuple)):
         _no_backend(backend, "a list of teachers")
         # the factory makes the members; EnsembleTeacher only combines Teachers
-        return EnsembleTeacher([teacher(o, trust_code=trust_code) for o in obj], **kwargs)
+        return EnsembleTeacher([make_teacher(o, trust_code=trust_code) for o in obj], **kwargs)
     if isinstance(obj, nn.Module):
         return _from_module(obj, backend, kwargs)
     if isinstance(obj, (str, os.PathLike)):
@@ -90,7 +90,7 @@ def _from_module(module: nn.Module, backend: str | None, kwargs: dict[str, Any])
         return OnnxTeacher(module, **kwargs)
     raise KDError(
         "a TensorRT teacher is built from an ONNX file: kdkit.export_onnx(module, 'teacher.onnx', "
-        "input_shape) first, then kdkit.teacher('teacher.onnx', backend='tensorrt')"
+        "input_shape) first, then kdkit.make_teacher('teacher.onnx', backend='tensorrt')"
     )
 
 
@@ -143,5 +143,5 @@ def _auto(module: nn.Module, kwargs: dict[str, Any]) -> Teacher:
     return teacher
 
 
-#: the factory's name in kdkit's public face (``kdkit.make_teacher``; timm's ``create_model``)
-make_teacher = teacher
+#: the factory's first name (``kdkit.teachers.teacher``; ``kdkit.teacher`` warns that it moved)
+teacher = make_teacher

@@ -123,7 +123,8 @@ def trainer_state(trainer: Any) -> dict[str, Any]:
         "step": trainer.step,
         "batch_in_epoch": trainer.batch_in_epoch,
         "epoch_partial": partial,
-        "best_top1": trainer.best_score,  # the key's old name: it holds the best_metric's value
+        "best_score": trainer.best_score,  # of the task's best_metric (top1, ppl...)
+        "best_metric": trainer.best_metric,
         "best_metric": trainer.best_metric,
         "history": trainer.history,
     }
@@ -224,6 +225,8 @@ def resume_trainer(trainer: Any, required: bool = True) -> bool:
     set_rng_state(state["rng"])
     trainer.epoch, trainer.step = state["epoch"], state["step"]
     trainer.batch_in_epoch = state["batch_in_epoch"]
-    trainer.best_score, trainer.history = state["best_top1"], list(state["history"])
+    # checkpoints written before best_score was named for what it holds called it best_top1
+    best = state["best_score"] if "best_score" in state else state["best_top1"]
+    trainer.best_score, trainer.history = best, list(state["history"])
     log.info("resumed from %s at epoch %d, step %d", path, trainer.epoch, trainer.step)
     return True
