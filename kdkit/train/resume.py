@@ -125,7 +125,6 @@ def trainer_state(trainer: Any) -> dict[str, Any]:
         "epoch_partial": partial,
         "best_score": trainer.best_score,  # of the task's best_metric (top1, ppl...)
         "best_metric": trainer.best_metric,
-        "best_metric": trainer.best_metric,
         "history": trainer.history,
     }
 
