@@ -17,7 +17,13 @@ from torch import nn
 
 from kdkit.errors import KDError, closest_names
 
-__all__ = ["Capture", "capture", "resolve_module", "unwrap"]
+__all__ = [
+    "Capture",
+    "capture",
+    "resolve_module",
+    "unwrap",
+    "strip_prefixes",
+]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -35,7 +41,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         return model
 
 
-def _strip_prefixes(name: str) -> str:
+def strip_prefixes(name: str) -> str:
     changed = True
     while changed:
         changed = False
@@ -52,7 +58,7 @@ def resolve_module(model: nn.Module, name: str, role: str = "model") -> nn.Modul
     """
     base = unwrap(model)
     modules = dict(base.named_modules())
-    key = _strip_prefixes(name)
+    key = strip_prefixes(name)
     if key in modules:
         return modules[key]
     valid = [n for n in modules if n]

@@ -43,6 +43,8 @@ __all__ = [
     "load_student",
     "DEFAULT_OPSET",
     "ONNX_FORMAT_VERSION",
+    "check_opset_atol",
+    "stamp_metadata",
 ]
 
 log = logging.getLogger(__name__)
@@ -144,7 +146,7 @@ def _torch_export(model: nn.Module, x: torch.Tensor, path: Path, opset: int, dyn
             )
 
 
-def _stamp_metadata(path: Path, props: dict[str, str]) -> None:
+def stamp_metadata(path: Path, props: dict[str, str]) -> None:
     """Record kdkit's format version and the source model's fingerprint in the ONNX file."""
     try:
         import onnx
@@ -161,7 +163,7 @@ def _stamp_metadata(path: Path, props: dict[str, str]) -> None:
     onnx.save(proto, str(path))
 
 
-def _check_opset_atol(opset: int, atol: float) -> None:
+def check_opset_atol(opset: int, atol: float) -> None:
     if not isinstance(opset, int) or not _MIN_OPSET <= opset <= _MAX_OPSET:
         raise KDError(
             f"opset must be an integer in [{_MIN_OPSET}, {_MAX_OPSET}] (default "
@@ -221,7 +223,7 @@ def export_onnx(
     """
     shape = _check_shape(input_shape)
     opset = opset or (_DYNAMO_DEFAULT_OPSET if dynamo else DEFAULT_OPSET)
-    _check_opset_atol(opset, atol)
+    check_opset_atol(opset, atol)
     model = unwrap(model)
     path = check_output_path(path, what="the ONNX file")
     device, dtype = _model_device_dtype(model)
@@ -248,7 +250,7 @@ def export_onnx(
                         f"ONNX export of {type(model).__name__} failed at opset {opset} "
                         f"({first[:300]}); {path} was left as it was"
                     ) from err
-            _stamp_metadata(
+            stamp_metadata(
                 tmp,
                 {
                     "kdkit.format_version": str(ONNX_FORMAT_VERSION),

@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 from kdkit._io import atomic_torch_save, state_checksum
-from kdkit.capture import _strip_prefixes
+from kdkit.capture import strip_prefixes
 from kdkit.errors import KDError
-from kdkit.registry import ModelSpec, _import_optional, build_model
+from kdkit.registry import ModelSpec, build_model, import_optional
 
 __all__ = [
     "FORMAT",
@@ -275,7 +275,7 @@ def load_student(
 
 def strip_wrapper_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
     """Drop ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) from state-dict keys."""
-    return {_strip_prefixes(key): value for key, value in state.items()}
+    return {strip_prefixes(key): value for key, value in state.items()}
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
@@ -289,7 +289,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise KDError(f"no weights file at {path}")
     if path.suffix == ".safetensors":
-        st = _import_optional("safetensors.torch", "safetensors")
+        st = import_optional("safetensors.torch", "safetensors")
         try:
             return dict(st.load_file(str(path)))
         except Exception as err:

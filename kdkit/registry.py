@@ -43,6 +43,7 @@ __all__ = [
     "register_builder",
     "register_model",
     "resolve_python_callable",
+    "import_optional",
 ]
 
 Builder = Callable[..., nn.Module]
@@ -160,9 +161,9 @@ def list_models(prefix: str = "kdkit") -> list[str]:
 
         return sorted(torchvision.models.list_models())
     if prefix == "timm":
-        return sorted(_import_optional("timm", "timm").list_models())
+        return sorted(import_optional("timm", "timm").list_models())
     if prefix == "open_clip":
-        return sorted(_import_optional("open_clip", "clip").list_models())
+        return sorted(import_optional("open_clip", "clip").list_models())
     raise KDError(f"unknown model prefix {prefix!r}; known: {sorted(_RESOLVERS)}")
 
 
@@ -193,7 +194,7 @@ def _resolve_torchvision(name: str) -> Builder:
     return lambda **kw: torchvision.models.get_model(name, **kw)
 
 
-def _import_optional(module: str, extra: str) -> Any:
+def import_optional(module: str, extra: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -203,14 +204,14 @@ def _import_optional(module: str, extra: str) -> Any:
 
 
 def _resolve_timm(name: str) -> Builder:
-    timm = _import_optional("timm", "timm")
+    timm = import_optional("timm", "timm")
     if not timm.is_model(name):
         raise _unknown("timm", name, timm.list_models())
     return lambda **kw: timm.create_model(name, **kw)
 
 
 def _resolve_open_clip(name: str) -> Builder:
-    open_clip = _import_optional("open_clip", "clip")
+    open_clip = import_optional("open_clip", "clip")
     names = open_clip.list_models()
     if name not in names:
         raise _unknown("open_clip", name, names)

@@ -111,7 +111,7 @@ def test_train_eval_export_end_to_end(tree, tmp_path, capsys):
 
     assert main(["eval", str(run), "--json", "--teacher"]) == 0
     scores = json.loads(capsys.readouterr().out)
-    assert scores["student"]["top1"] == best["best_top1"]  # the same number, not just close
+    assert scores["student"]["top1"] == best["best_score"]  # the same number, not just close
     assert scores["student"]["loss"] == best["history"][-1]["val_loss"]  # best.pt's own epoch
     assert scores["student"]["images"] == 9 and "teacher" in scores
 

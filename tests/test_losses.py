@@ -251,5 +251,5 @@ def test_losses_import_nothing_from_teachers_and_old_paths_still_work():
         mods = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
         assert not [m for m in mods if m.startswith("kdkit.teachers")], path.name
     assert response.TopK is topk.TopK is base.TopK
-    assert response._upcast(torch.ones(2, dtype=torch.bfloat16)).dtype == torch.float32
+    assert response.upcast(torch.ones(2, dtype=torch.bfloat16)).dtype == torch.float32
     assert response.topk_to_logits is topk.topk_to_logits

@@ -72,7 +72,7 @@ def test_train_without_a_teacher_then_distill_from_its_run_dir(
     assert "teacher `" not in report and "student `kdkit:fmnist_student`" in report
     capsys.readouterr()
     assert main(["eval", str(teacher_run), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["student"]["top1"] == best["best_top1"]
+    assert json.loads(capsys.readouterr().out)["student"]["top1"] == best["best_score"]
     assert main(["eval", str(teacher_run), "--teacher"]) == 2  # it has none: one line
     assert "no teacher" in capsys.readouterr().err
 
@@ -110,7 +110,7 @@ def test_class_names_travel_to_checkpoint_run_dir_and_onnx(teacher_run, clean, t
     # predict agrees with eval: the val top-1 is the share of rows whose class folder wins
     hits = sum(Path(r["path"]).parent.name == r["top"][0]["class"] for r in rows)
     best = load_checkpoint(teacher_run / "best.pt")
-    assert abs(100 * hits / 9 - best["best_top1"]) < 1e-6
+    assert abs(100 * hits / 9 - best["best_score"]) < 1e-6
 
     int8 = tmp_path / "student.int8.onnx"  # behind the fidelity gate, on the run's val images
     assert main(["export", str(teacher_run), "--onnx", str(int8), "--int8"]) in (0, 2)

@@ -132,13 +132,13 @@ def test_the_model_zoo_is_a_plain_table_and_user_builders_still_register(monkeyp
 def test_the_weights_file_half_lives_in_load_and_registry_says_where():
     import kdkit.load
     from kdkit import registry
-    from kdkit.capture import _strip_prefixes
+    from kdkit.capture import strip_prefixes
 
     for name in ("strip_wrapper_prefixes", "read_state_dict", "load_weights"):
         with pytest.raises(KDError, match=f"kdkit.load.{name}"):  # no import back up: a pointer
             getattr(registry, name)
     keys = ["module._orig_mod.a", "_orig_mod.module.b.c", "d._orig_mod.e", "f"]
     stripped = kdkit.load.strip_wrapper_prefixes(dict.fromkeys(keys, 0))
-    assert list(stripped) == [_strip_prefixes(k) for k in keys] == ["a", "b.c", "d.e", "f"]
+    assert list(stripped) == [strip_prefixes(k) for k in keys] == ["a", "b.c", "d.e", "f"]
     with pytest.raises(AttributeError):
         registry.load_weight  # noqa: B018

@@ -13,14 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdkit.cache.match import (  # re-exported: their old home
-    _WRONG_DATA,  # noqa: F401
-    _check_dataset,  # noqa: F401
-    _in_index_order,  # noqa: F401
-    _mismatch,  # noqa: F401
-    check_expectations,
-    check_run_dataset,
-)
+from kdkit.cache.match import check_expectations, check_run_dataset, mismatch_error
 from kdkit.cache.precompute import dataset_keys
 from kdkit.cache.store import feature_key, open_index, open_shards, read_meta, views_mix
 from kdkit.data.views import MixPool, ViewSampler
@@ -251,7 +244,7 @@ def check_partners(
     if not cached.mixes and not run_mixes:
         return
     if cached.mixes != run_mixes:
-        raise _mismatch(
+        raise mismatch_error(
             "views (mixing)",
             cached.meta["views"],
             None if sampler is None else sampler.config(),

@@ -14,12 +14,18 @@ from kdkit.cache.store import dataset_fingerprint, teacher_fingerprint
 from kdkit.data.views import ViewSampler
 from kdkit.errors import KDError
 
-__all__ = ["VIEW_CONFIG_KEYS", "check_expectations", "check_run_dataset", "views_mismatch"]
+__all__ = [
+    "VIEW_CONFIG_KEYS",
+    "check_expectations",
+    "check_run_dataset",
+    "views_mismatch",
+    "mismatch_error",
+]
 
 log = logging.getLogger(__name__)
 
 
-def _mismatch(field: str, have: Any, want: Any, hint: str) -> KDError:
+def mismatch_error(field: str, have: Any, want: Any, hint: str) -> KDError:
     return KDError(
         f"teacher cache mismatch in {field}: cache has {have!r}, this run expects {want!r}; {hint}"
     )
@@ -48,13 +54,13 @@ def _check_dataset(meta: dict[str, Any], dataset: Any, hint: str) -> None:
     want_fp = meta["dataset_fingerprint"]
     if isinstance(dataset, str):
         if dataset != want_fp:
-            raise _mismatch("dataset_fingerprint", want_fp, dataset, hint)
+            raise mismatch_error("dataset_fingerprint", want_fp, dataset, hint)
         return
     base = getattr(dataset, "base", dataset)
     candidates = [dataset] if base is dataset else [dataset, base]
     lengths = [len(d) for d in candidates]
     if meta["num_samples"] not in lengths:
-        raise _mismatch("num_samples", meta["num_samples"], len(dataset), hint)
+        raise mismatch_error("num_samples", meta["num_samples"], len(dataset), hint)
     fps = [
         dataset_fingerprint(d)
         for d, n in zip(candidates, lengths, strict=True)
@@ -64,7 +70,7 @@ def _check_dataset(meta: dict[str, Any], dataset: Any, hint: str) -> None:
         return
     ordered = _in_index_order(dataset) if len(dataset) == meta["num_samples"] else None
     if ordered is None or dataset_fingerprint(ordered) != want_fp:
-        raise _mismatch("dataset_fingerprint", want_fp, fps[0], hint)
+        raise mismatch_error("dataset_fingerprint", want_fp, fps[0], hint)
 
 
 def check_run_dataset(meta: dict[str, Any], dataset: Any) -> None:
@@ -78,7 +84,7 @@ def check_run_dataset(meta: dict[str, Any], dataset: Any) -> None:
         _check_dataset(meta, dataset, _WRONG_DATA)
         return
     if meta["num_samples"] not in (len(dataset), len(base)):
-        raise _mismatch("num_samples", meta["num_samples"], len(dataset), _WRONG_DATA)
+        raise mismatch_error("num_samples", meta["num_samples"], len(dataset), _WRONG_DATA)
 
 
 _WRONG_DATA = (
@@ -106,7 +112,7 @@ def check_expectations(
     if expect_teacher is not None:
         fp = teacher_fingerprint(expect_teacher)
         if fp != meta["teacher_fingerprint"]:
-            raise _mismatch("teacher_fingerprint", meta["teacher_fingerprint"], fp, stale)
+            raise mismatch_error("teacher_fingerprint", meta["teacher_fingerprint"], fp, stale)
     if expect_views is not None:
         want = expect_views.config() if isinstance(expect_views, ViewSampler) else expect_views
         want = None if want is False else want

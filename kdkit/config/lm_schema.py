@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from kdkit.config.schema import TrainConfig, _check
+from kdkit.config.schema import TrainConfig, field_check
 
 __all__ = [
     "LMModelConfig",
@@ -59,7 +59,7 @@ class LMValConfig:
 
     text_files: tuple[str, ...] | None = None
     split: float | None = field(
-        default=None, metadata=_check(lambda v: 0 < v < 1, "a fraction in (0, 1)")
+        default=None, metadata=field_check(lambda v: 0 < v < 1, "a fraction in (0, 1)")
     )
 
 
@@ -68,12 +68,12 @@ class LMDataConfig:
     text_files: tuple[str, ...]
     val: LMValConfig | None = None
     format: Literal["text", "prompt_completion", "chat"] = "text"
-    max_length: int = field(default=256, metadata=_check(lambda v: v >= 2, "an integer >= 2"))
+    max_length: int = field(default=256, metadata=field_check(lambda v: v >= 2, "an integer >= 2"))
     pack: bool = True
     #: a document longer than max_length: ``split`` into rows (plain text) or ``truncate``
     overflow: Literal["split", "truncate"] = "split"
     loss_on: Literal["all", "completion", "assistant"] = "all"
-    batch_size: int = field(default=8, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
+    batch_size: int = field(default=8, metadata=field_check(lambda v: v >= 1, "an integer >= 1"))
     seed: int = 0
 
 
@@ -84,19 +84,23 @@ class LMOnPolicyConfig:
     ``max_new_tokens``) and scored by the live teacher. The YAML key ``lambda`` is the field
     ``lam`` (``lambda`` is a Python keyword): the metadata ``key`` names a field's YAML key."""
 
-    lam: float = field(metadata={**_check(lambda v: 0 <= v <= 1, "in [0, 1]"), "key": "lambda"})
-    max_new_tokens: int = field(default=64, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
-    temperature: float = field(default=1.0, metadata=_check(lambda v: v > 0, "a number > 0"))
+    lam: float = field(
+        metadata={**field_check(lambda v: 0 <= v <= 1, "in [0, 1]"), "key": "lambda"}
+    )
+    max_new_tokens: int = field(
+        default=64, metadata=field_check(lambda v: v >= 1, "an integer >= 1")
+    )
+    temperature: float = field(default=1.0, metadata=field_check(lambda v: v > 0, "a number > 0"))
 
 
 @dataclass(frozen=True)
 class LMDistillConfig:
     divergence: Divergence = "fkl"
-    beta: float = field(default=0.5, metadata=_check(lambda v: 0 <= v <= 1, "in [0, 1]"))
-    skew: float = field(default=0.1, metadata=_check(lambda v: 0 <= v < 1, "in [0, 1)"))
-    temperature: float = field(default=1.0, metadata=_check(lambda v: v > 0, "a number > 0"))
-    ce_weight: float = field(default=0.0, metadata=_check(lambda v: 0 <= v <= 1, "in [0, 1]"))
-    memory_budget_mb: float = field(default=256, metadata=_check(lambda v: v > 0, "> 0"))
+    beta: float = field(default=0.5, metadata=field_check(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    skew: float = field(default=0.1, metadata=field_check(lambda v: 0 <= v < 1, "in [0, 1)"))
+    temperature: float = field(default=1.0, metadata=field_check(lambda v: v > 0, "a number > 0"))
+    ce_weight: float = field(default=0.0, metadata=field_check(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    memory_budget_mb: float = field(default=256, metadata=field_check(lambda v: v > 0, "> 0"))
     #: beyond a cached teacher's top k (``teacher: {model: "cache:DIR"}``), see kdkit.lm.cache
     tail: Literal["bucket", "renorm", "uniform", "prior", "drop"] = "bucket"
     #: on-policy distillation (GKD); absent or ``lambda: 0`` = off

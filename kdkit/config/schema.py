@@ -30,6 +30,7 @@ __all__ = [
     "EmaConfig",
     "MODEL_PREFIXES",
     "TEACHER_ONLY_PREFIXES",
+    "field_check",
 ]
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -37,7 +38,7 @@ MODEL_PREFIXES = ("kdkit", "torchvision", "timm", "open_clip", "python")
 TEACHER_ONLY_PREFIXES = ("onnx", "tensorrt", "cache")
 
 
-def _check(test, expected: str) -> dict[str, Any]:
+def field_check(test, expected: str) -> dict[str, Any]:
     """Field metadata: a value test and the words that describe what it expects."""
     return {"check": test, "expected": expected}
 
@@ -46,7 +47,7 @@ _SEED = "an integer in [0, 2**63)"
 
 
 def _positive(expected: str = "an integer >= 1"):
-    return field(default=None, metadata=_check(lambda v: v is None or v >= 1, expected))
+    return field(default=None, metadata=field_check(lambda v: v is None or v >= 1, expected))
 
 
 # -- teacher and student ----------------------------------------------------------------
@@ -65,9 +66,9 @@ class CalibrationConfig:
     """int8 calibration: how many training images the quantiser sees, and the fidelity gate:
     the int8 teacher must agree with fp32 on at least ``min_agreement`` of held-out top-1s."""
 
-    samples: int = field(default=512, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
+    samples: int = field(default=512, metadata=field_check(lambda v: v >= 1, "an integer >= 1"))
     min_agreement: float = field(
-        default=0.99, metadata=_check(lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+        default=0.99, metadata=field_check(lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
     )
 
 
@@ -112,7 +113,7 @@ class SourceConfig:
     stl10: Literal["train", "test", "unlabeled", "train+unlabeled"] | None = None
     root: str | None = None  # the STL-10 binaries' folder (``stl10`` only)
     split: float | None = field(
-        default=None, metadata=_check(lambda v: v is None or 0 < v < 1, "a fraction in (0, 1)")
+        default=None, metadata=field_check(lambda v: v is None or 0 < v < 1, "a fraction in (0, 1)")
     )
 
 
@@ -130,16 +131,18 @@ class ViewsConfig:
     crop: Literal["resized", "pad", "none"] = "resized"
     flip: bool = True
     num_views: int | None = _positive()
-    pad: int = field(default=4, metadata=_check(lambda v: v >= 0, "an integer >= 0"))
+    pad: int = field(default=4, metadata=field_check(lambda v: v >= 0, "an integer >= 0"))
     scale: tuple[float, ...] = field(
         default=(0.35, 1.0),
-        metadata=_check(lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "[low, high] in (0, 1]"),
+        metadata=field_check(
+            lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "[low, high] in (0, 1]"
+        ),
     )
     mixup: float = field(
-        default=0.0, metadata=_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
+        default=0.0, metadata=field_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
     )
     cutmix: float = field(
-        default=0.0, metadata=_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
+        default=0.0, metadata=field_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
     )
 
 
@@ -153,17 +156,17 @@ class DataConfig:
     labeled: int | None = _positive()
     image_size: int | None = field(
         default=None,
-        metadata=_check(lambda v: v is None or 1 <= v <= 8192, "an integer in [1, 8192]"),
+        metadata=field_check(lambda v: v is None or 1 <= v <= 8192, "an integer in [1, 8192]"),
     )
-    batch_size: int = field(default=128, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
+    batch_size: int = field(default=128, metadata=field_check(lambda v: v >= 1, "an integer >= 1"))
     val_batch_size: int | None = _positive()
     workers: int = field(
-        default=2, metadata=_check(lambda v: 0 <= v <= 256, "an integer in [0, 256]")
+        default=2, metadata=field_check(lambda v: 0 <= v <= 256, "an integer in [0, 256]")
     )
     views: ViewsConfig | None = field(default_factory=ViewsConfig)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
-    seed: int = field(default=0, metadata=_check(lambda v: 0 <= v < 2**63, _SEED))
+    seed: int = field(default=0, metadata=field_check(lambda v: 0 <= v < 2**63, _SEED))
 
 
 # -- distillation -----------------------------------------------------------------------
@@ -178,7 +181,7 @@ class PairConfig:
     teacher: str = ""
     args: Mapping[str, Any] = field(default_factory=dict)
     weight: float = field(
-        default=1.0, metadata=_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
+        default=1.0, metadata=field_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
     )
 
 
@@ -188,19 +191,19 @@ class DistillConfig:
 
     pairs: tuple[PairConfig, ...] = (PairConfig(loss="soft_kl"),)
     student_weight: float = field(
-        default=0.5, metadata=_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
+        default=0.5, metadata=field_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
     )
     distill_weight: float = field(
-        default=0.5, metadata=_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
+        default=0.5, metadata=field_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
     )
     start_epoch: float = field(
-        default=0, metadata=_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
+        default=0, metadata=field_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
     )
     warmup_epochs: float = field(
-        default=0, metadata=_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
+        default=0, metadata=field_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
     )
     label_smoothing: float = field(
-        default=0.0, metadata=_check(lambda v: 0 <= v < 1, "a number in [0, 1)")
+        default=0.0, metadata=field_check(lambda v: 0 <= v < 1, "a number in [0, 1)")
     )
 
 
@@ -213,10 +216,10 @@ class OptimizerConfig:
 
     name: str = "AdamW"
     lr: float = field(
-        default=1e-3, metadata=_check(lambda v: 0 < v < math.inf, "a finite number > 0")
+        default=1e-3, metadata=field_check(lambda v: 0 < v < math.inf, "a finite number > 0")
     )
     weight_decay: float = field(
-        default=0.0, metadata=_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
+        default=0.0, metadata=field_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
     )
     args: Mapping[str, Any] = field(default_factory=dict)
 
@@ -239,7 +242,7 @@ class SchedulerConfig:
     name: str | None = None
     interval: Literal["step", "epoch"] = "step"
     args: Mapping[str, Any] = field(default_factory=dict)
-    warmup_epochs: float = field(default=0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+    warmup_epochs: float = field(default=0, metadata=field_check(lambda v: v >= 0, "a number >= 0"))
 
     def __post_init__(self) -> None:
         if self.name in SCHEDULER_ALIASES:  # the resolved config names torch's class
@@ -252,8 +255,8 @@ class EarlyStoppingConfig:
     task's best metric) has not improved by more than ``min_delta`` for ``patience`` epochs."""
 
     metric: str | None = None
-    patience: int = field(default=5, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
-    min_delta: float = field(default=0.0, metadata=_check(lambda v: v >= 0, "a number >= 0"))
+    patience: int = field(default=5, metadata=field_check(lambda v: v >= 1, "an integer >= 1"))
+    min_delta: float = field(default=0.0, metadata=field_check(lambda v: v >= 0, "a number >= 0"))
     mode: Literal["auto", "min", "max"] = "auto"
 
 
@@ -262,7 +265,7 @@ class EmaConfig:
     """An exponential moving average of the student's weights (torch's AveragedModel):
     evaluated, and saved as ``best.pt``, instead of the raw weights."""
 
-    decay: float = field(default=0.9998, metadata=_check(lambda v: 0 < v < 1, "in (0, 1)"))
+    decay: float = field(default=0.9998, metadata=field_check(lambda v: 0 < v < 1, "in (0, 1)"))
 
 
 @dataclass(frozen=True)
@@ -274,18 +277,18 @@ class TrainConfig:
     ``--resume``); ``true`` / ``false`` force one. Outside ``kdkit train`` auto means false.
     """
 
-    epochs: int = field(default=10, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
+    epochs: int = field(default=10, metadata=field_check(lambda v: v >= 1, "an integer >= 1"))
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     precision: Precision = "fp32"
-    seed: int = field(default=0, metadata=_check(lambda v: 0 <= v < 2**63, _SEED))
+    seed: int = field(default=0, metadata=field_check(lambda v: 0 <= v < 2**63, _SEED))
     device: str | None = None
     channels_last: bool | Literal["auto"] = "auto"
     compile: bool = False
     sync_batchnorm: bool = False  # torchrun on GPUs: the student's BatchNorm -> SyncBatchNorm
-    grad_accum: int = field(default=1, metadata=_check(lambda v: v >= 1, "an integer >= 1"))
+    grad_accum: int = field(default=1, metadata=field_check(lambda v: v >= 1, "an integer >= 1"))
     max_grad_norm: float | None = field(
-        default=None, metadata=_check(lambda v: v is None or 0 < v < math.inf, "a number > 0")
+        default=None, metadata=field_check(lambda v: v is None or 0 < v < math.inf, "a number > 0")
     )
     checkpoint_every: int | None = _positive()
     progress: bool = True

@@ -22,9 +22,17 @@ from torch.utils.data import Subset
 
 from kdkit.errors import KDError
 
-__all__ = ["ArrayDataset", "Batch", "FastLoader", "to_float"]
+__all__ = [
+    "ArrayDataset",
+    "Batch",
+    "FastLoader",
+    "to_float",
+    "epoch_seed",
+    "dataset_tensors",
+    "FINGERPRINT_VERSION",
+]
 
-_FINGERPRINT_VERSION = b"kdkit-array-dataset-v1"
+FINGERPRINT_VERSION = b"kdkit-array-dataset-v1"
 
 
 class Batch(NamedTuple):
@@ -125,7 +133,7 @@ class ArrayDataset(torch.utils.data.Dataset):
         (:meth:`without_labels`) keeps it. Hashing 47 MB takes ~0.1 s; the result is memoised.
         """
         if self._fingerprint is None:
-            digest = hashlib.sha256(_FINGERPRINT_VERSION)
+            digest = hashlib.sha256(FINGERPRINT_VERSION)
             for tensor in (self.images, self.indices):
                 array = np.ascontiguousarray(tensor.detach().cpu().numpy())
                 digest.update(f"{tuple(array.shape)}{array.dtype.str};".encode())
@@ -161,11 +169,13 @@ def _describe(x: Any) -> str:
     return type(x).__name__
 
 
-def _resolve(dataset: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def dataset_tensors(
+    dataset: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(images, labels, indices, rows)`` of an in-memory dataset; ``rows`` selects the rows
     of a ``torch.utils.data.Subset`` (None = all) so subsets are gathered without a copy."""
     if isinstance(dataset, Subset):
-        images, labels, indices, rows = _resolve(dataset.dataset)
+        images, labels, indices, rows = dataset_tensors(dataset.dataset)
         picked = torch.as_tensor(dataset.indices, dtype=torch.int64)
         return images, labels, indices, picked if rows is None else rows[picked]
     images = getattr(dataset, "images", None)
@@ -187,7 +197,7 @@ def _resolve(dataset: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, to
     return images, labels.to(torch.int64), torch.as_tensor(indices, dtype=torch.int64), None
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
+def epoch_seed(seed: int, epoch: int) -> int:
     """A 64-bit seed from (seed, epoch) with no collisions between nearby pairs."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
 
@@ -239,7 +249,7 @@ class FastLoader:
             raise KDError(f"seed must be >= 0; got {seed}")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise KDError(f"need 0 <= rank < num_replicas; got rank={rank}, {num_replicas=}")
-        images, labels, indices, rows = _resolve(dataset)
+        images, labels, indices, rows = dataset_tensors(dataset)
         if device is not None:
             images, labels, indices = images.to(device), labels.to(device), indices.to(device)
             rows = None if rows is None else rows.to(device)
@@ -275,7 +285,7 @@ class FastLoader:
     def epoch_order(self) -> torch.Tensor:
         """Positions (into the dataset) this replica visits this epoch, in order (CPU int64)."""
         if self.shuffle:
-            generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
             order = torch.randperm(self._n, generator=generator)
         else:
             order = torch.arange(self._n)

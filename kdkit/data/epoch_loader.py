@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from kdkit.data._workers import stop_workers
-from kdkit.data.arrays import _epoch_seed, lone_last_sample
+from kdkit.data.arrays import epoch_seed, lone_last_sample
 from kdkit.data.unreadable import Unreadable, UnreadableLog, split_unreadable
 from kdkit.errors import KDError
 
@@ -132,7 +132,7 @@ class EpochLoader:
     def epoch_order(self) -> torch.Tensor:
         """Positions this replica visits this epoch, in order."""
         if self.shuffle:
-            gen = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+            gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
             order = torch.randperm(self._n, generator=gen)
         else:
             order = torch.arange(self._n)

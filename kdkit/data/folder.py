@@ -34,6 +34,8 @@ __all__ = [
     "UnlabeledFolderDataset",
     "find_images",
     "shard_sampler",
+    "scan_folder",
+    "collate_items",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ def _layout(root: Path, train_dir: str, val_dir: str) -> str:
     )
 
 
-def _scan(split_dir: Path, layout: str) -> dict[str, list[Path]]:
+def scan_folder(split_dir: Path, layout: str) -> dict[str, list[Path]]:
     """Map class name -> sorted image files; an error for anything off the expected layout.
 
     Hidden entries (``.ipynb_checkpoints``, ``.DS_Store``) are skipped: a hidden folder taken
@@ -191,7 +193,7 @@ def shard_sampler(dataset: Dataset, seed: int, drop_last: bool) -> DistributedSa
     return DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=drop_last)
 
 
-def _collate(items: list[tuple[torch.Tensor, int, int]]) -> Batch:
+def collate_items(items: list[tuple[torch.Tensor, int, int]]) -> Batch:
     items, bad = split_unreadable(items)  # a loader without a log of its own: named here
     for f in bad:
         log.warning("skipping unreadable image %s (%s)", f.path, f.reason)
@@ -265,8 +267,8 @@ class ImageFolderManager:
         layout = _layout(self.root, train_dir, val_dir)
         if not self.root.is_dir():
             raise KDError(f"image folder root {self.root} does not exist; {layout}")
-        train_files = _scan(self.root / train_dir, layout)
-        val_files = _scan(self.root / val_dir, layout)
+        train_files = scan_folder(self.root / train_dir, layout)
+        val_files = scan_folder(self.root / val_dir, layout)
         unknown = sorted(set(val_files) - set(train_files))
         if unknown:
             raise KDError(
@@ -310,7 +312,7 @@ class ImageFolderManager:
         common = dict(
             batch_size=batch_size,
             num_workers=workers,
-            collate_fn=_collate,
+            collate_fn=collate_items,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
         )

@@ -44,10 +44,10 @@ class MixPool:
     def from_dataset(cls, dataset: Any) -> MixPool:
         """The pool of an in-memory dataset (``.images``/``.labels`` tensors, optional
         ``.indices``, or a ``torch.utils.data.Subset`` of one), e.g. a FastLoader's."""
-        from kdkit.data.arrays import _resolve
+        from kdkit.data.arrays import dataset_tensors
 
         try:
-            images, _, indices, rows = _resolve(dataset)
+            images, _, indices, rows = dataset_tensors(dataset)
         except KDError as err:
             raise KDError(
                 "mixup/cutmix views fetch partner images by index, which needs an in-memory "

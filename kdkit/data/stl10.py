@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdkit.data.arrays import _FINGERPRINT_VERSION, ArrayDataset
+from kdkit.data.arrays import FINGERPRINT_VERSION, ArrayDataset
 from kdkit.errors import KDError
 
 __all__ = ["STL10_CLASSES", "STL10_SPLITS", "load_stl10"]
@@ -55,7 +55,7 @@ class _MappedDataset(ArrayDataset):
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            digest = hashlib.sha256(_FINGERPRINT_VERSION)
+            digest = hashlib.sha256(FINGERPRINT_VERSION)
             for tensor in (self.images, self.indices):
                 digest.update(f"{tuple(tensor.shape)}{tensor.numpy().dtype.str};".encode())
                 for start in range(0, tensor.shape[0], _CHUNK_ROWS):

@@ -41,6 +41,8 @@ __all__ = [
     "load_tokenizer",
     "logit_transform",
     "max_positions",
+    "load_tokenizer_folder",
+    "output_head",
 ]
 
 log = logging.getLogger(__name__)
@@ -96,10 +98,10 @@ def load_tokenizer(
     ``tokenizer``, without loading the model. ``trust_code`` lets a folder run its own code."""
     _, path = _parse(spec)
     folder = Path(tokenizer) if tokenizer is not None else path
-    return _load_tokenizer(folder, required=True, trust_code=trust_code)
+    return load_tokenizer_folder(folder, required=True, trust_code=trust_code)
 
 
-def _load_tokenizer(path: Path, *, required: bool, trust_code: bool = False) -> Any:
+def load_tokenizer_folder(path: Path, *, required: bool, trust_code: bool = False) -> Any:
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
         if required:
             raise KDError(f"{str(path)!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
@@ -148,7 +150,7 @@ def load_lm(
     except (OSError, ValueError, KeyError) as e:
         raise KDError(f"{spec}: cannot load the model: {e}".splitlines()[0]) from None
     required = prefix == "hf" or tokenizer is not None
-    tok = _load_tokenizer(tok_path, required=required, trust_code=trust_code)
+    tok = load_tokenizer_folder(tok_path, required=required, trust_code=trust_code)
     log.info(
         "%s: %s, %.2fM parameters",
         spec,
@@ -184,7 +186,7 @@ def logit_transform(model: nn.Module) -> tuple[float, float | None]:
     return scale, (float(softcap) if softcap else None)
 
 
-def _head(model: nn.Module) -> nn.Linear:
+def output_head(model: nn.Module) -> nn.Linear:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else getattr(model, "lm_head", None)
     if not isinstance(head, nn.Linear):
@@ -220,7 +222,7 @@ def hidden_and_head(
     its signature; a packed batch needs ``attention_mask``) and an ``lm_head`` ``nn.Linear`` (or
     ``get_output_embeddings()``).
     """
-    head = _head(model)
+    head = output_head(model)
     if attention_mask is not None and attention_mask.dim() == 4:
         attn = str(getattr(getattr(model, "config", None), "_attn_implementation", ""))
         if "flash" in attn and position_ids is not None:

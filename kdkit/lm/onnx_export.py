@@ -23,8 +23,8 @@ from kdkit._io import atomic_path, atomic_write_json, sha256_file
 from kdkit._ort import import_onnxruntime
 from kdkit.capture import unwrap
 from kdkit.errors import KDError
-from kdkit.export import DEFAULT_OPSET, _check_opset_atol, _stamp_metadata
-from kdkit.lm.models import _head, hidden_and_head
+from kdkit.export import DEFAULT_OPSET, check_opset_atol, stamp_metadata
+from kdkit.lm.models import hidden_and_head, output_head
 from kdkit.teachers import quantize
 from kdkit.teachers.onnx_teacher import load_session
 
@@ -37,6 +37,7 @@ __all__ = [
     "export_lm_onnx",
     "lm_onnx_path",
     "ensure_lm_onnx",
+    "run_session",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,9 @@ INPUT_NAMES = ("input_ids", "position_ids", "attention_mask")
 OUTPUT_NAME = "hidden"
 
 
-def _run(session: Any, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def run_session(
+    session: Any, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     feed = {
         "input_ids": ids.detach().cpu().long().contiguous().numpy(),
         "position_ids": pos.detach().cpu().long().contiguous().numpy(),
@@ -133,9 +136,9 @@ def export_lm_onnx(
     raises :class:`KDError` and nothing replaces ``path``. ``fingerprint``: the weights'
     :func:`~kdkit._fingerprint.module_fingerprint` when the caller has it already.
     """
-    _check_opset_atol(opset, atol)
+    check_opset_atol(opset, atol)
     model = unwrap(model)
-    head = _head(model)
+    head = output_head(model)
     if head.weight.dtype != torch.float32 or head.weight.device.type != "cpu":
         raise KDError(
             f"the ONNX LM teacher is exported from float32 weights on the CPU, got "
@@ -178,7 +181,7 @@ def export_lm_onnx(
                         f"ONNX export of the LM {type(model).__name__} failed at opset {opset} "
                         f"({first[:300]}); {path} was left as it was"
                     ) from None
-            _stamp_metadata(
+            stamp_metadata(
                 tmp,
                 {
                     "kdkit.format_version": str(ONNX_LM_FORMAT_VERSION),
@@ -219,7 +222,7 @@ def _verify(graph: nn.Module, path: Path, vocab: int) -> float:
     ids, pos, mask, pad = _example(3, 11, vocab, padded=True)
     with torch.no_grad():
         want = graph(ids, pos, mask)
-    got = _run(session, ids, pos, mask)
+    got = run_session(session, ids, pos, mask)
     if got.shape != want.shape:
         raise KDError(
             f"{path}: ONNX Runtime returned hidden states of shape {tuple(got.shape)}, PyTorch "

@@ -57,16 +57,16 @@ from kdkit._ort import import_onnxruntime
 from kdkit._precision import ONNX_PRECISIONS
 from kdkit.capture import unwrap
 from kdkit.errors import KDError
-from kdkit.lm.models import _head, hidden_and_head
+from kdkit.lm.models import hidden_and_head, output_head
 from kdkit.lm.onnx_export import (  # the export's public names stay importable from here
     INPUT_NAMES,
     ONNX_LM_FORMAT_VERSION,
     LMExport,
-    _run,
     causal_mask,
     ensure_lm_onnx,
     export_lm_onnx,
     lm_onnx_path,
+    run_session,
 )
 from kdkit.teachers import quantize
 from kdkit.teachers.fidelity import FidelityReport, FidelityTally
@@ -189,7 +189,7 @@ class OnnxLMTeacher(nn.Module):
         if precision not in ONNX_PRECISIONS:
             raise KDError(f"the ONNX LM teacher's precision is fp32 or int8, got {precision!r}")
         model = unwrap(model)
-        head = _head(model)
+        head = output_head(model)
         config = getattr(model, "config", None)
         exported = ensure_lm_onnx(model, path, cache_dir=cache_dir)
         fp32 = cls(exported.path, head, threads=threads, config=config)
@@ -216,7 +216,7 @@ class OnnxLMTeacher(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(n, device=input_ids.device).expand(b, n)
         mask = causal_mask(input_ids, attention_mask)
-        return _run(self.session, input_ids, position_ids, mask).to(input_ids.device)
+        return run_session(self.session, input_ids, position_ids, mask).to(input_ids.device)
 
     def train(self, mode: bool = True) -> OnnxLMTeacher:
         """A frozen teacher: always in eval mode (nothing in ONNX Runtime trains)."""

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kdkit import _sharding as fsdp
+import kdkit._sharding as fsdp
 from kdkit.errors import KDError
 from kdkit.lm.align import Aligner, TokenBatch
 from kdkit.lm.data import TokenRow

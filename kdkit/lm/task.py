@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdkit import _sharding as fsdp
+import kdkit._sharding as fsdp
 from kdkit.errors import KDError
 from kdkit.lm.align import TokenBatch
 from kdkit.lm.divergence import DIVERGENCES

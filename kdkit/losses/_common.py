@@ -14,12 +14,17 @@ import torch
 
 from kdkit.errors import KDError
 
-__all__ = ["check_temperature"]
+__all__ = [
+    "check_temperature",
+    "upcast",
+    "check_logits",
+    "kl_terms",
+]
 
 log = logging.getLogger(__name__)
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
+def upcast(x: torch.Tensor) -> torch.Tensor:
     """fp32 for half types (softmax in bf16 loses ~3 digits); fp64 stays fp64 (gradcheck)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
@@ -33,7 +38,7 @@ def check_temperature(temperature: float) -> float:
     return float(temperature)
 
 
-def _kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+def kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """``p * (log p - log q)`` with ``0 * log 0 = 0``: a teacher logit of -inf (a masked
     class) has p = 0 and contributes nothing, instead of NaN from ``0 * -inf``."""
     p = log_p.exp()
@@ -41,7 +46,7 @@ def _kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q))
 
 
-def _check_logits(student: torch.Tensor) -> None:
+def check_logits(student: torch.Tensor) -> None:
     if student.dim() < 2:
         raise KDError(
             f"expected student logits of shape (N, C, ...), got {tuple(student.shape)}; "

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdkit.errors import KDError
-from kdkit.losses._common import _upcast
+from kdkit.losses._common import upcast
 
 __all__ = ["FeatureMSE", "CosineEmbedding", "AttentionTransfer"]
 
@@ -56,7 +56,7 @@ def _apply_channelwise(adapter: nn.Conv2d | nn.Linear, x: torch.Tensor) -> torch
         y = F.conv2d(x, weight2d[:, :, None, None], adapter.bias)
     else:
         y = F.linear(x, weight2d, adapter.bias)
-    return _upcast(y)
+    return upcast(y)
 
 
 def _adapt(loss: nn.Module, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -198,7 +198,7 @@ class FeatureMSE(nn.Module):
     def forward(
         self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        student, teacher = _upcast(student), _upcast(teacher)
+        student, teacher = upcast(student), upcast(teacher)
         student = _adapt_and_resize(self, student, teacher)
         if student.shape != teacher.shape:
             raise KDError(
@@ -241,7 +241,7 @@ class CosineEmbedding(nn.Module):
     def forward(
         self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        student, teacher = _upcast(student), _upcast(teacher)
+        student, teacher = upcast(student), upcast(teacher)
         if self.adapter_kind is not None or self.adapter is not None:
             student = _adapt_and_resize(self, student, teacher)
         s, t = _promote(student.flatten(1), teacher.flatten(1))
@@ -283,7 +283,7 @@ class AttentionTransfer(nn.Module):
     def forward(
         self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        student, teacher = _promote(_upcast(student), _upcast(teacher))
+        student, teacher = _promote(upcast(student), upcast(teacher))
         _check_pair(student, teacher, "AttentionTransfer")
         if student.dim() == 2:
             raise KDError(

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdkit.errors import KDError
-from kdkit.losses._common import _upcast
+from kdkit.losses._common import upcast
 
 __all__ = ["MGD"]
 
@@ -105,8 +105,8 @@ class MGD(nn.Module):
                 f"{tuple(teacher.shape)}"
             )
         weight = self.generation[0].weight
-        student = _upcast(student).to(weight.dtype)
-        teacher = _upcast(teacher).to(weight.dtype).detach()
+        student = upcast(student).to(weight.dtype)
+        teacher = upcast(teacher).to(weight.dtype).detach()
         if self.align is not None:
             student = self.align(student)
         generated = self.generation(student * self.mask(student))

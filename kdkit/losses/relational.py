@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdkit.errors import KDError
-from kdkit.losses._common import _upcast
+from kdkit.losses._common import upcast
 
 __all__ = ["RKD"]
 
@@ -53,7 +53,7 @@ class RKD(nn.Module):
     def forward(
         self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        s, t = _upcast(student).flatten(1), _upcast(teacher).flatten(1)
+        s, t = upcast(student).flatten(1), upcast(teacher).flatten(1)
         if len(s) != len(t):
             raise KDError(
                 f"RKD needs the same batch for student {tuple(student.shape)} and teacher "

@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdkit.errors import KDError
-from kdkit.losses._common import _check_logits, _kl_terms, _upcast, check_temperature
+from kdkit.losses._common import check_logits, check_temperature, kl_terms, upcast
 from kdkit.losses.topk import (
     TeacherLogits,
     TopK,  # noqa: F401  (re-exported: kdkit.losses.response.TopK keeps working)
-    _as_topk,
-    _full_teacher_logits,
-    _tail_fill,  # noqa: F401  (re-exported)
+    as_topk,
+    full_teacher_logits,
+    tail_fill,  # noqa: F401  (re-exported)
     topk_to_logits,
     topk_to_probs,
 )
@@ -64,14 +64,14 @@ class SoftTargetKL(nn.Module):
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         t = self.temperature
-        student = _upcast(student)
-        _check_logits(student)
-        if self.teacher_probs and _as_topk(teacher) is None:
-            p = _full_teacher_logits(teacher, student, t)  # same shape checks, as-is values
+        student = upcast(student)
+        check_logits(student)
+        if self.teacher_probs and as_topk(teacher) is None:
+            p = full_teacher_logits(teacher, student, t)  # same shape checks, as-is values
             log_q = F.log_softmax(student / t, dim=1)
             rows = (torch.xlogy(p, p) - p * log_q).sum(dim=1)
         else:
-            rows = _kl_rows(_full_teacher_logits(teacher, student, t), student, t)
+            rows = _kl_rows(full_teacher_logits(teacher, student, t), student, t)
         return rows.clamp_min(0).mean() * (t * t)  # a KL is >= 0; rounding must not flip it
 
 
@@ -86,7 +86,7 @@ def _kl_rows(teacher: torch.Tensor, student: torch.Tensor, t: float) -> torch.Te
     ``log E_q[exp(d)]`` is taken as ``log1p(E_q[expm1(d)])``, which keeps the O(d^2) value
     instead of cancelling it away. A masked teacher class (logit -inf) has p = 0 and adds
     nothing."""
-    dtype = student.dtype  # float32 (or float64, kept: gradcheck) after _upcast
+    dtype = student.dtype  # float32 (or float64, kept: gradcheck) after upcast
     teacher, student = teacher.double(), student.double()
     d = (teacher - student) / t
     p = F.softmax(teacher / t, dim=1)
@@ -117,9 +117,9 @@ class HardLabel(nn.Module):
         teacher: TeacherLogits,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        student = _upcast(student)
-        _check_logits(student)
-        topk = _as_topk(teacher)
+        student = upcast(student)
+        check_logits(student)
+        topk = as_topk(teacher)
         if topk is not None:
             target = topk.indices.long().gather(1, topk.values.argmax(dim=1, keepdim=True))
             target = target.squeeze(1)
@@ -134,7 +134,7 @@ class HardLabel(nn.Module):
                     f"{student.shape[1]} classes (logits {tuple(student.shape)})"
                 )
         else:
-            target = _full_teacher_logits(teacher, student, 1.0).argmax(dim=1)
+            target = full_teacher_logits(teacher, student, 1.0).argmax(dim=1)
         return F.cross_entropy(student, target)
 
 
@@ -184,11 +184,11 @@ class DKD(nn.Module):
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         t = self.temperature
-        student = _upcast(student)
-        _check_logits(student)
+        student = upcast(student)
+        check_logits(student)
         if student.shape[1] < 2:
             raise KDError(f"DKD needs at least 2 classes, got logits {tuple(student.shape)}")
-        teacher = _full_teacher_logits(teacher, student, t)
+        teacher = full_teacher_logits(teacher, student, t)
         target = self._target(teacher, labels).unsqueeze(1)
         mask = torch.zeros_like(student, dtype=torch.bool).scatter(1, target, True)
         tckd = _binary_kl(teacher / t, student / t, mask, target)
@@ -198,7 +198,7 @@ class DKD(nn.Module):
         log_q = F.log_softmax((student / t).masked_fill(mask, float("-inf")), 1).masked_fill(
             mask, 0
         )
-        nckd = _kl_terms(log_p, log_q).masked_fill(mask, 0).sum(dim=1)
+        nckd = kl_terms(log_p, log_q).masked_fill(mask, 0).sum(dim=1)
         return (self.alpha * tckd + self.beta * nckd).mean() * (t * t)
 
 
@@ -216,4 +216,4 @@ def _binary_kl(
 
     lp_gt, lp_rest = log_split(zt)
     lq_gt, lq_rest = log_split(zs)
-    return _kl_terms(lp_gt, lq_gt) + _kl_terms(lp_rest, lq_rest)
+    return kl_terms(lp_gt, lq_gt) + kl_terms(lp_rest, lq_rest)

@@ -15,9 +15,17 @@ import torch
 import torch.nn.functional as F
 
 from kdkit.errors import KDError
-from kdkit.losses._common import _upcast
+from kdkit.losses._common import upcast
 
-__all__ = ["TeacherLogits", "TopK", "topk_to_logits", "topk_to_probs"]
+__all__ = [
+    "TeacherLogits",
+    "TopK",
+    "topk_to_logits",
+    "topk_to_probs",
+    "as_topk",
+    "full_teacher_logits",
+    "tail_fill",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +48,13 @@ TeacherLogits = torch.Tensor | TopK | tuple[torch.Tensor, torch.Tensor]
 _K1_GAP = 50.0
 
 
-def _as_topk(teacher: object) -> TopK | None:
+def as_topk(teacher: object) -> TopK | None:
     if isinstance(teacher, tuple) and len(teacher) == 2:
         return TopK(*teacher)
     return None
 
 
-def _tail_fill(values: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:
+def tail_fill(values: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:
     """One logit for every class outside the top k, shape (N, 1, ...); see topk_to_logits."""
     k = values.shape[1]
     v = values.sort(dim=1, descending=True).values
@@ -94,7 +102,7 @@ def topk_to_logits(
     gives 0.076). The fit assumes a roughly normal bulk: on heavy-tailed (Student-t) logits at
     T=4 it was worse than f = v_min (0.35 against 0.28).
     """
-    values = _upcast(values)
+    values = upcast(values)
     if values.shape != indices.shape or values.dim() < 2:
         raise KDError(
             f"top-k values {tuple(values.shape)} and indices {tuple(indices.shape)} must have "
@@ -117,7 +125,7 @@ def topk_to_logits(
     indices = indices.long()
     if k == num_classes:
         return torch.zeros_like(values).scatter(1, indices, values)
-    fill = _tail_fill(values, num_classes, temperature)
+    fill = tail_fill(values, num_classes, temperature)
     full = fill.expand(values.shape[0], num_classes, *values.shape[2:])
     return full.scatter(1, indices, values)
 
@@ -133,11 +141,11 @@ def topk_to_probs(
     return F.softmax(full / temperature, dim=1)
 
 
-def _full_teacher_logits(
+def full_teacher_logits(
     teacher: TeacherLogits, student: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     """Teacher logits with the student's shape (a top-k is rebuilt); KDError on mismatch."""
-    topk = _as_topk(teacher)
+    topk = as_topk(teacher)
     if topk is not None:
         teacher = topk_to_logits(topk.values, topk.indices, student.shape[1], temperature)
         if teacher.shape != student.shape:
@@ -155,4 +163,4 @@ def _full_teacher_logits(
             f"{teacher.shape[1] if teacher.dim() > 1 else '?'}); both must predict the same "
             "classes in the same order"
         )
-    return _upcast(teacher)
+    return upcast(teacher)

@@ -207,9 +207,9 @@ def _check_labeled(n: int, total: int) -> None:
 
 
 def _classes(folder: str) -> dict[str, list[Path]]:
-    from kdkit.data.folder import _scan
+    from kdkit.data.folder import scan_folder
 
-    return _scan(Path(folder), _FOLDER_LAYOUT)
+    return scan_folder(Path(folder), _FOLDER_LAYOUT)
 
 
 def _carve(
@@ -231,7 +231,7 @@ def _folders(
 ) -> RunData:
     from kdkit.data import IMAGENET_MEAN, IMAGENET_STD
     from kdkit.data.epoch_loader import EpochLoader
-    from kdkit.data.folder import ImageFolderDataset, _collate, find_images
+    from kdkit.data.folder import ImageFolderDataset, collate_items, find_images
 
     size = d.image_size or 224
     transform = eval_transform(size)
@@ -263,7 +263,7 @@ def _folders(
     train = ImageFolderDataset(samples, classes, transform, draft_size=draft, skip_unreadable=True)
     drop = _drop_last(drop_last, len(train), d.batch_size, world)
     loader = EpochLoader(
-        train, d.batch_size, True, drop, seed, workers=d.workers, collate_fn=_collate,
+        train, d.batch_size, True, drop, seed, workers=d.workers, collate_fn=collate_items,
         num_replicas=world, rank=rank,
     )  # fmt: skip
     val_loader = None
@@ -272,7 +272,11 @@ def _folders(
             val_samples, classes, transform, draft_size=draft, skip_unreadable=True
         )
         val_loader = EpochLoader(
-            val, d.val_batch_size or d.batch_size, False, workers=d.workers, collate_fn=_collate
+            val,
+            d.val_batch_size or d.batch_size,
+            False,
+            workers=d.workers,
+            collate_fn=collate_items,
         )
     log.info(
         "data: %d training images (%d labeled), %d validation, %d classes, %d px",

@@ -46,7 +46,7 @@ def export_int8(
     """Quantize ``module`` (fp32 export first) on ``data`` (a :class:`~kdkit.run.data.RunData`
     of the run) and write it to ``out`` only once it passes the gate."""
     from kdkit._ort import import_onnxruntime
-    from kdkit.export import _stamp_metadata, export_onnx
+    from kdkit.export import export_onnx, stamp_metadata
     from kdkit.teachers.calibration import Calibration
     from kdkit.teachers.onnx_teacher import load_session
     from kdkit.teachers.quantize import FidelityGate, quantize_teacher
@@ -78,5 +78,5 @@ def export_int8(
         )  # raises below the gate: nothing is written
         with atomic_path(out) as dst:
             shutil.copyfile(model.path, dst)
-            _stamp_metadata(dst, {**metadata, "kdkit.precision": "int8"})
+            stamp_metadata(dst, {**metadata, "kdkit.precision": "int8"})
     return Int8Export(out, fp32, report)

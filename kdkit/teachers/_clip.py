@@ -16,7 +16,14 @@ from torch import nn
 from kdkit.errors import KDError
 from kdkit.registry import build_model
 
-__all__ = ["ClipInput", "DEFAULT_TEMPLATES", "EMBEDDING", "zero_shot_weights"]
+__all__ = [
+    "ClipInput",
+    "DEFAULT_TEMPLATES",
+    "EMBEDDING",
+    "zero_shot_weights",
+    "check_classes",
+    "build_open_clip",
+]
 
 EMBEDDING = "embedding"
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
@@ -28,7 +35,7 @@ INSTALL_HINT = "pip install 'kdkit[clip]'"
 Template = str | Callable[[str], str]
 
 
-def _check_classes(class_names: Sequence[str]) -> tuple[str, ...]:
+def check_classes(class_names: Sequence[str]) -> tuple[str, ...]:
     if isinstance(class_names, str) or not isinstance(class_names, Sequence):
         raise KDError(f"class_names must be a list of strings, got {type(class_names).__name__}")
     names = tuple(class_names)
@@ -147,9 +154,7 @@ def _open_clip() -> Any:
     return open_clip
 
 
-def _build_open_clip(
-    name: str, pretrained: Any, kwargs: Mapping[str, Any]
-) -> tuple[nn.Module, Any]:
+def build_open_clip(name: str, pretrained: Any, kwargs: Mapping[str, Any]) -> tuple[nn.Module, Any]:
     """An open_clip model (through kdkit's ``open_clip:`` registry builder) and its tokenizer."""
     open_clip = _open_clip()
     if isinstance(pretrained, bool):

@@ -28,6 +28,10 @@ __all__ = [
     "import_tensorrt",
     "load_cached_engine",
     "store_engine",
+    "build_engine",
+    "cuda_device",
+    "deserialize_engine",
+    "torch_dtype",
 ]
 
 log = logging.getLogger(__name__)
@@ -114,7 +118,7 @@ def store_engine(engine_path: Path, data: bytes, key: dict[str, Any]) -> None:
         log.warning("could not cache the engine at %s (%s)", engine_path, err)
 
 
-def _cuda_device(device: torch.device | str) -> torch.device:
+def cuda_device(device: torch.device | str) -> torch.device:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         raise KDError(
@@ -125,7 +129,7 @@ def _cuda_device(device: torch.device | str) -> torch.device:
     return torch.device("cuda", index)
 
 
-def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
+def torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
     table = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16}
     table |= {"INT32": torch.int32, "INT64": torch.int64, "INT8": torch.int8, "BOOL": torch.bool}
     for name, torch_dtype in table.items():
@@ -134,7 +138,7 @@ def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
     raise KDError(f"TensorRT tensor type {dtype} has no torch equivalent")
 
 
-def _build_engine(
+def build_engine(
     trt: Any,
     onnx_path: Path,
     precision: str,
@@ -185,7 +189,7 @@ def _build_engine(
     return bytes(serialized)
 
 
-def _deserialize(trt: Any, data: bytes) -> tuple[Any, Any] | None:
+def deserialize_engine(trt: Any, data: bytes) -> tuple[Any, Any] | None:
     """``(engine, runtime)`` for ``data`` on the current CUDA device; ``None`` if TensorRT
     rejects it. The runtime is returned so it can be kept alive as long as the engine."""
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))

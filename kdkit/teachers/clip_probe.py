@@ -19,7 +19,7 @@ from torch import nn
 
 from kdkit._io import atomic_torch_save
 from kdkit.errors import KDError
-from kdkit.teachers._clip import _check_classes
+from kdkit.teachers._clip import check_classes
 
 __all__ = ["PROBE_FORMAT", "PROBE_VERSION", "load_probe", "save_probe"]
 
@@ -65,7 +65,7 @@ def load_probe(
         raise KDError(f"{path} is not a kdkit probe file (save one with save_probe)")
     if state.get("version") != PROBE_VERSION:
         raise KDError(f"{path}: probe format version {state.get('version')} is not supported")
-    names = _check_classes(state["class_names"])
+    names = check_classes(state["class_names"])
     if class_names is not None and tuple(class_names) != names:
         raise KDError(f"{path} was fitted for classes {list(names)}, not {list(class_names)}")
     if state["encoder_fingerprint"] != encoder_fingerprint:

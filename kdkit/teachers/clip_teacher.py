@@ -44,8 +44,8 @@ from kdkit.teachers._clip import (
     EMBEDDING,
     ClipInput,
     Template,
-    _build_open_clip,
-    _check_classes,
+    build_open_clip,
+    check_classes,
     zero_shot_weights,
 )
 from kdkit.teachers.base import Teacher, TeacherOutput
@@ -94,7 +94,7 @@ class ClipTeacher(Teacher):
                 "preprocess runs on the student's float batch on the device, not on PIL images; "
                 "use ClipInput.from_model(model, student_mean, student_std)"
             )
-        self.class_names = _check_classes(class_names)
+        self.class_names = check_classes(class_names)
         self.dtype = PRECISIONS[precision]
         self.precision = precision
         self.model = model.eval().requires_grad_(False)
@@ -127,7 +127,7 @@ class ClipTeacher(Teacher):
         **kwargs: Any,
     ) -> ClipTeacher:
         """Zero-shot classifier from an open_clip model you built and its tokenizer."""
-        names = _check_classes(class_names)
+        names = check_classes(class_names)
         model.eval()
         weights = zero_shot_weights(model, tokenizer, names, templates or DEFAULT_TEMPLATES)
         return cls(model, names, class_weights=weights, preprocess=preprocess, **kwargs)
@@ -148,7 +148,7 @@ class ClipTeacher(Teacher):
         """Zero-shot teacher from an open_clip name and ``pretrained`` (an open_clip tag,
         downloaded by open_clip, or a local weights file). ``student_mean``/``student_std``
         are the normalisation of the student's input (None: the input is in [0, 1])."""
-        model, tokenizer = _build_open_clip(model_name, pretrained, model_kwargs or {})
+        model, tokenizer = build_open_clip(model_name, pretrained, model_kwargs or {})
         preprocess = ClipInput.from_model(model, student_mean, student_std)
         return cls.zero_shot(model, tokenizer, class_names, templates, preprocess, **kwargs)
 
@@ -325,7 +325,7 @@ def clip_teacher_from_config(
         if "classes" not in zero_shot:
             raise KDError("teacher.zero_shot needs classes: [name, ...]")
         classes, templates = zero_shot["classes"], zero_shot.get("templates")
-    clip, tokenizer = _build_open_clip(name, pretrained, kwargs or {})
+    clip, tokenizer = build_open_clip(name, pretrained, kwargs or {})
     preprocess = ClipInput.from_model(clip, student_mean, student_std)
     if probe is not None:  # zero_shot.classes, if given, must be the probe's classes
         return ClipTeacher.linear_probe(

@@ -26,15 +26,15 @@ from kdkit.errors import KDError
 from kdkit.teachers import quantize
 from kdkit.teachers._trt_engine import (
     ENGINE_FORMAT_VERSION,
-    _build_engine,
-    _cuda_device,
-    _deserialize,
-    _torch_dtype,
+    build_engine,
+    cuda_device,
+    deserialize_engine,
     engine_cache_key,
     engine_cache_path,
     import_tensorrt,
     load_cached_engine,
     store_engine,
+    torch_dtype,
 )
 from kdkit.teachers.base import Teacher, TeacherOutput
 from kdkit.teachers.calibration import draw_calibration
@@ -116,7 +116,7 @@ class TensorRTTeacher(Teacher):
                 f"need 1 <= min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, "
                 f"{max_batch}"
             )
-        device = _cuda_device(device)
+        device = cuda_device(device)
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():
             raise KDError(f"no ONNX file at {onnx_path}")
@@ -137,14 +137,14 @@ class TensorRTTeacher(Teacher):
         self.engine_path = engine_cache_path(onnx_path, key)
         with torch.cuda.device(device):
             data = load_cached_engine(self.engine_path, key)
-            engine = _deserialize(trt, data) if data is not None else None
+            engine = deserialize_engine(trt, data) if data is not None else None
             if engine is None:
                 if data is not None:
                     log.warning("cached engine %s does not load; rebuilding", self.engine_path)
                 batches = (min_batch, opt_batch, max_batch)
-                data = _build_engine(trt, onnx_path, precision, batches, workspace_gb)
+                data = build_engine(trt, onnx_path, precision, batches, workspace_gb)
                 store_engine(self.engine_path, data, key)
-                engine = _deserialize(trt, data)
+                engine = deserialize_engine(trt, data)
         self._setup(trt, engine, device, input_transform, f"{onnx_sha}:{precision}")
         self.precision = precision
         if precision == "int8":
@@ -171,7 +171,7 @@ class TensorRTTeacher(Teacher):
     ) -> TensorRTTeacher:
         """Load an already-built engine (``.engine`` / ``.plan``), e.g. from ``trtexec``."""
         trt = import_tensorrt()
-        device = _cuda_device(device)
+        device = cuda_device(device)
         path = Path(path)
         if not path.is_file():
             raise KDError(f"no TensorRT engine at {path}")
@@ -185,7 +185,7 @@ class TensorRTTeacher(Teacher):
             self.precision = key.get("precision", "unknown")
         data = path.read_bytes()
         with torch.cuda.device(device):
-            engine = _deserialize(trt, data)
+            engine = deserialize_engine(trt, data)
         self._setup(trt, engine, device, input_transform, sha256_bytes(data))
         return self
 
@@ -217,8 +217,8 @@ class TensorRTTeacher(Teacher):
             raise KDError(f"{self.engine_path}: need one input and an output, got {names}")
         self.input_name, self.output_name = inputs[0], outputs[0]
         self._extra_outputs = outputs[1:]
-        self.input_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.input_name))
-        self.output_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.output_name))
+        self.input_dtype = torch_dtype(trt, self.engine.get_tensor_dtype(self.input_name))
+        self.output_dtype = torch_dtype(trt, self.engine.get_tensor_dtype(self.output_name))
         if tuple(self.engine.get_tensor_shape(self.input_name))[0] == -1:
             lo, opt, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)
             self.min_batch, self.opt_batch, self.max_batch = int(lo[0]), int(opt[0]), int(hi[0])
@@ -227,7 +227,7 @@ class TensorRTTeacher(Teacher):
             self.min_batch = self.opt_batch = self.max_batch = fixed
 
     def to(self, device: torch.device | str) -> TensorRTTeacher:
-        if _cuda_device(device) != self.device:
+        if cuda_device(device) != self.device:
             raise KDError(
                 f"this engine was loaded on {self.device}; build a TensorRTTeacher for {device}"
             )
@@ -263,7 +263,7 @@ class TensorRTTeacher(Teacher):
         ctx.set_tensor_address(self.output_name, out.data_ptr())
         keep = []  # outputs we do not return still need a buffer while the engine runs
         for name in self._extra_outputs:
-            dtype = _torch_dtype(self._trt, self.engine.get_tensor_dtype(name))
+            dtype = torch_dtype(self._trt, self.engine.get_tensor_dtype(name))
             buf = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=dtype, device=x.device)
             ctx.set_tensor_address(name, buf.data_ptr())
             keep.append(buf)

@@ -103,7 +103,7 @@ def wrap(
     """
     if not is_distributed():
         return module
-    from kdkit import _sharding as fsdp
+    import kdkit._sharding as fsdp
 
     if fsdp.is_sharded(module):  # FSDP2 reduce-scatters its own gradients: never also DDP
         return module

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdkit import _sharding as fsdp
+import kdkit._sharding as fsdp
 from kdkit.config import diff
 from kdkit.errors import KDError
 from kdkit.load import load_checkpoint, restore_part

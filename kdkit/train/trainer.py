@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kdkit import _sharding as fsdp
+import kdkit._sharding as fsdp
 from kdkit._io import check_output_path
 from kdkit.data.pipeline import InputPipeline
 from kdkit.data.unreadable import skip_counts

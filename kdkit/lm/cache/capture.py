@@ -39,7 +39,7 @@ from kdkit.lm.cache.format import (
     shard_name,
     tokenizer_fingerprint,
 )
-from kdkit.lm.cache.target import _log1mexp
+from kdkit.lm.cache.target import log1mexp
 from kdkit.lm.models import hidden_and_head
 from kdkit.lm.targets import head_parts
 
@@ -72,7 +72,7 @@ def _teacher_topk(
         mass += lp.double().exp().sum(0).cpu()
         ids.append(index)
         logp.append(values)
-        tail.append(_log1mexp(torch.logsumexp(values.double(), dim=-1)).float())
+        tail.append(log1mexp(torch.logsumexp(values.double(), dim=-1)).float())
     return torch.cat(ids), torch.cat(logp), torch.cat(tail), mass
 
 

@@ -80,7 +80,7 @@ def check(
     (k + 1)-bucket distributions (top k and the rest)."""
     from kdkit._fingerprint import module_fingerprint
     from kdkit.lm.align import Aligner
-    from kdkit.lm.cache.target import _log1mexp
+    from kdkit.lm.cache.target import log1mexp
     from kdkit.lm.models import hidden_and_head
     from kdkit.lm.targets import head_parts
 
@@ -102,7 +102,7 @@ def check(
         ids, logp, tail = (torch.from_numpy(a) for a in cache.entries(row))
         live_k = live.gather(1, ids)
         d_max = max(d_max, float((live_k - logp.double()).abs().max()))
-        live_b = torch.cat([live_k, _log1mexp(torch.logsumexp(live_k, 1)).unsqueeze(1)], 1)
+        live_b = torch.cat([live_k, log1mexp(torch.logsumexp(live_k, 1)).unsqueeze(1)], 1)
         cached_b = torch.cat([logp.double(), tail.double().unsqueeze(1)], 1)
         cached_b = cached_b - torch.logsumexp(cached_b, 1, keepdim=True)
         p = live_b.exp()

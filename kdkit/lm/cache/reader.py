@@ -113,9 +113,9 @@ class TopKCache:
     def tokenizer(self, *, trust_code: bool = False) -> Any:
         """The tokenizer the cache was captured with (saved beside the shards); ``trust_code``
         lets that folder run code of its own (``auto_map``), else such a folder is refused."""
-        from kdkit.lm.models import _load_tokenizer
+        from kdkit.lm.models import load_tokenizer_folder
 
-        return _load_tokenizer(self.dir / "tokenizer", required=True, trust_code=trust_code)
+        return load_tokenizer_folder(self.dir / "tokenizer", required=True, trust_code=trust_code)
 
     # -- checks against a run ----------------------------------------------------------------
     def check_run(self, data_cfg: Any, tokenizer: Any, student_rows: int) -> None:

@@ -33,13 +33,17 @@ import torch
 from kdkit.errors import KDError
 from kdkit.lm.divergence import divergence_value, value_and_grad
 
-__all__ = ["TAIL_POLICIES", "TopKTarget"]
+__all__ = [
+    "TAIL_POLICIES",
+    "TopKTarget",
+    "log1mexp",
+]
 
 TAIL_POLICIES = ("bucket", "renorm", "uniform", "prior", "drop")
 _SPARSE = ("bucket", "drop")
 
 
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """``log(1 - exp(x))`` for ``x <= 0``, stable at both ends; -inf at x == 0."""
     x = x.clamp(max=0.0)
     return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
@@ -155,7 +159,7 @@ class TopKTarget:
         else:  # prior: tail * prior_j / (prior mass outside this token's top k)
             prior = self.prior[:vocab_size].to(out.device, out.dtype)
             log_prior = (prior / prior.sum()).log()  # exactly 1 in the loop's precision
-            outside = _log1mexp(torch.logsumexp(log_prior[ids], dim=1))
+            outside = log1mexp(torch.logsumexp(log_prior[ids], dim=1))
             total = torch.logaddexp(torch.logsumexp(logp, dim=1), tail)
             torch.add(log_prior, (tail - total - outside).unsqueeze(1), out=out)
             logp = logp - total.unsqueeze(1)
