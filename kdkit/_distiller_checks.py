@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from kdkit.errors import KDError
+from kdkit.errors import KDDeprecationWarning, KDError
 from kdkit.teachers.base import Teacher
 from kdkit.teachers.torch_teacher import TorchTeacher
 
-__all__ = ["as_teacher", "check_images", "check_not_the_student", "target_device"]
+__all__ = [
+    "as_teacher",
+    "check_images",
+    "check_not_the_student",
+    "pairs_or_criterion",
+    "target_device",
+]
 
 
 def as_teacher(teacher: nn.Module | Teacher | None) -> Teacher | None:
@@ -63,3 +70,17 @@ def check_images(x: Any) -> None:
             "expect (kdkit.data.to_float(x, mean, std) for uint8), or train through the "
             "Trainer, whose input pipeline does it"
         )
+
+
+def pairs_or_criterion(pairs: Any, criterion: Any) -> Any:
+    """``Distiller(criterion=...)``, the first release's keyword, is ``pairs=`` (warned)."""
+    if criterion is None:
+        return pairs
+    if pairs is not None:
+        raise KDError("give pairs= or its older name criterion=, not both")
+    warnings.warn(
+        "Distiller(criterion=...) is now Distiller(pairs=...) (or the third argument)",
+        KDDeprecationWarning,
+        stacklevel=3,
+    )
+    return criterion

@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,49 +25,37 @@ from kdkit._distiller_checks import (
     as_teacher,
     check_images,
     check_not_the_student,
+    pairs_or_criterion,
     target_device,
 )
 from kdkit._embedding import best_metric_for, evaluate_embedding, output_pair
 from kdkit.balance import LossBalancer
 from kdkit.capture import Capture, resolve_module, unwrap
 from kdkit.data.pipeline import ModelInput
-from kdkit.errors import KDDeprecationWarning, KDError
+from kdkit.errors import KDError
 from kdkit.load import restore_part
 from kdkit.losses._call import call_loss, without_t2
-from kdkit.losses.feature import adapter_from_saved
+from kdkit.losses.feature import build_saved_adapters
 from kdkit.losses.task import check_labels, labeled_cross_entropy
 from kdkit.metrics import classification_metrics
-from kdkit.outputs import pick_output
+from kdkit.outputs import Forward, pick_output
 from kdkit.pairs import Pair, PairInfo, PairTable, as_pairs, describe_pairs, shape_of
 from kdkit.task import StepOutput, Task
 from kdkit.teachers.base import Teacher, TeacherOutput, TopK
 
-__all__ = ["Distiller", "Pair", "PairInfo", "PairTable", "StepOutput", "labeled_cross_entropy"]
+__all__ = [
+    "Distiller",
+    "Forward",
+    "Pair",
+    "PairInfo",
+    "PairTable",
+    "StepOutput",
+    "labeled_cross_entropy",
+]
 
 Loss = nn.Module | Callable[..., torch.Tensor]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Forward:
-    """One forward pass: the student's output, its captured features by module name, and
-    the teacher's output (None while distillation is off)."""
-
-    output: Any
-    features: Mapping[str, object]
-    teacher: TeacherOutput | None
-
-    def feature(self, name: str) -> object:
-        if name == "":
-            return self.output
-        try:
-            return self.features[name]
-        except KeyError:
-            raise KDError(
-                f"{name!r} produced no output in the forward pass (captured: "
-                f"{sorted(self.features)}); is that module used in forward()?"
-            ) from None
 
 
 class Distiller(Task):
@@ -114,15 +101,7 @@ class Distiller(Task):
         criterion: Loss | Sequence[Pair] | Mapping[tuple[str, str], Loss] | None = None,
     ) -> None:
         super().__init__()
-        if criterion is not None:  # the first release's name of pairs=
-            if pairs is not None:
-                raise KDError("give pairs= or its older name criterion=, not both")
-            warnings.warn(
-                "Distiller(criterion=...) is now Distiller(pairs=...) (or the third argument)",
-                KDDeprecationWarning,
-                stacklevel=2,
-            )
-            pairs = criterion
+        pairs = pairs_or_criterion(pairs, criterion)  # criterion=: the first release's name
         if not 0.0 <= label_smoothing < 1.0:
             raise KDError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = float(label_smoothing)
@@ -454,11 +433,7 @@ class Distiller(Task):
             self._teacher_hooked = False
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
-        # Adapters created lazily on a first forward do not exist in a fresh Distiller yet;
-        # build them from the saved shapes so save -> restore round-trips.
-        for i, loss in enumerate(self.criterion):
-            key = f"{prefix}criterion.{i}.adapter"
-            if f"{key}.weight" in state_dict and getattr(loss, "adapter", "missing") is None:
-                has_bias = f"{key}.bias" in state_dict
-                loss.adapter = adapter_from_saved(state_dict[f"{key}.weight"], has_bias)
+        # lazily created adapters do not exist in a fresh Distiller yet: built from the saved
+        # shapes first, so save -> restore round-trips
+        build_saved_adapters(self.criterion, state_dict, f"{prefix}criterion.")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

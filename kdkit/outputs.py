@@ -1,4 +1,6 @@
-"""Models that return containers: tuples, dicts, Hugging Face ``ModelOutput`` s.
+"""What a forward pass gives: :class:`Forward` (student output, captured features, teacher
+output), and the logits picked out of models that return containers: tuples, dicts, Hugging
+Face ``ModelOutput`` s.
 
 Distillation needs one logits tensor per model. A model returning ``(logits, aux)``, a
 ``{"logits": ..., "features": ...}`` dict or a ``ModelOutput`` gets a message that says what
@@ -9,13 +11,38 @@ it returned and how to pick the logits (``output_key`` or a two-line wrapper), i
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kdkit.errors import KDError
 
-__all__ = ["pick_output", "describe_output"]
+if TYPE_CHECKING:
+    from kdkit.teachers.base import TeacherOutput
+
+__all__ = ["Forward", "pick_output", "describe_output"]
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One forward pass: the student's output, its captured features by module name, and
+    the teacher's output (None while distillation is off)."""
+
+    output: Any
+    features: Mapping[str, object]
+    teacher: TeacherOutput | None
+
+    def feature(self, name: str) -> object:
+        if name == "":
+            return self.output
+        try:
+            return self.features[name]
+        except KeyError:
+            raise KDError(
+                f"{name!r} produced no output in the forward pass (captured: "
+                f"{sorted(self.features)}); is that module used in forward()?"
+            ) from None
 
 
 def describe_output(out: Any) -> str:

@@ -6,7 +6,8 @@ the last dim). Half-precision inputs are upcast to fp32 before any arithmetic.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,13 @@ from torch import nn
 from kdkit.errors import KDError
 from kdkit.losses._common import upcast
 
-__all__ = ["FeatureMSE", "CosineEmbedding", "AttentionTransfer"]
+__all__ = [
+    "FeatureMSE",
+    "CosineEmbedding",
+    "AttentionTransfer",
+    "adapter_from_saved",
+    "build_saved_adapters",
+]
 
 _ADAPTER_KINDS = ("auto", "conv1x1", "linear", None)
 
@@ -106,6 +113,17 @@ def adapter_from_saved(weight: torch.Tensor, has_bias: bool) -> nn.Conv2d | nn.L
     c_out, c_in = weight.shape[:2]
     kind = "conv1x1" if weight.dim() == 4 else "linear"
     return _make_adapter(kind, c_in, c_out, bias=has_bias).to(weight.device)
+
+
+def build_saved_adapters(losses: Any, state_dict: Mapping[str, Any], prefix: str) -> None:
+    """Give each loss of ``losses`` whose adapter is still to be created lazily the adapter
+    ``state_dict`` saved under ``{prefix}{i}.adapter`` (a state dict about to be loaded)."""
+    for i, loss in enumerate(losses):
+        key = f"{prefix}{i}.adapter"
+        if f"{key}.weight" in state_dict and getattr(loss, "adapter", "missing") is None:
+            loss.adapter = adapter_from_saved(
+                state_dict[f"{key}.weight"], f"{key}.bias" in state_dict
+            )
 
 
 def _init_adapter(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +111,18 @@ class LoopOptions:
     @classmethod
     def fields(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def merged(
+        cls, options: LoopOptions | None, keywords: Mapping[str, Any]
+    ) -> tuple[LoopOptions, dict[str, Any]]:
+        """``options`` (default: all defaults) with the keywords that are its fields applied
+        (``Trainer(d, loader, epochs=10)``), and the other keywords, left for the caller."""
+        fields = cls.fields()
+        options = options or cls()
+        given = {k: v for k, v in keywords.items() if k in fields}
+        other = {k: v for k, v in keywords.items() if k not in fields}
+        return (dataclasses.replace(options, **given) if given else options), other
 
 
 def loop_options(train: TrainConfig, **overrides: Any) -> LoopOptions:

@@ -47,6 +47,7 @@ __all__ = [
     "trainer_state",
     "resume_trainer",
     "restore_best",
+    "save_epoch",
     "check_same_run",
     "IGNORED_CONFIG_KEYS",
 ]
@@ -127,6 +128,27 @@ def trainer_state(trainer: Any) -> dict[str, Any]:
         "best_metric": trainer.best_metric,
         "history": trainer.history,
     }
+
+
+def save_epoch(trainer: Any, row: dict[str, Any]) -> None:
+    """At an epoch's end: the best score so far on the task's metric, ``last.pt`` and (when
+    the epoch is the best) ``best.pt``, or an in-memory copy of the best weights without a
+    checkpoint directory (``fit(restore_best=True)``)."""
+    trainer.nan_guard.check()  # an epoch never ends with a NaN unreported
+    score = row.get(f"val_{trainer.best_metric}")
+    best = trainer.best_score
+    better = score is not None and (score > best if trainer.higher_is_better else score < best)
+    if better:
+        trainer.best_score = score
+    if trainer.checkpoint_dir is not None:
+        trainer.save("last.pt")
+        if better:
+            with trainer._averaged():  # best.pt holds the weights that were evaluated
+                trainer.save("best.pt")
+    elif better and trainer._keep_best_in_memory:
+        with trainer._averaged():
+            state = trainer.task.checkpoint_state()
+            trainer._best_weights = {k: cpu_copy(v) for k, v in state.items()}
 
 
 def restore_best(trainer: Any) -> None:

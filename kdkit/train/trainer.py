@@ -46,9 +46,9 @@ from kdkit.train.options import LoopOptions, trainer_from_config
 from kdkit.train.precision import Precision
 from kdkit.train.resume import (
     check_run_info,
-    cpu_copy,
     restore_best,
     resume_trainer,
+    save_epoch,
     trainer_state,
 )
 from kdkit.train.rundir import refuse_existing_run, run_lock
@@ -124,11 +124,7 @@ class Trainer:
                 f"Trainer needs a task (a kdkit.Distiller, kdkit.lm.LMTask or a subclass of "
                 f"kdkit.task.Task), got {type(task).__name__}"
             )
-        older = {k: v for k, v in option_keywords.items() if k not in LoopOptions.fields()}
-        options = options or LoopOptions()
-        given = {k: v for k, v in option_keywords.items() if k not in older}
-        if given:
-            options = dataclasses.replace(options, **given)
+        options, older = LoopOptions.merged(options, option_keywords)
         self.options = options
         self.device = torch.device(options.device) if options.device else _default_device()
         callbacks = list(callbacks)
@@ -439,22 +435,7 @@ class Trainer:
         return save_checkpoint(self.checkpoint_dir / name, state) if self.is_main else None
 
     def _save_epoch(self, row: dict[str, Any]) -> None:
-        self.nan_guard.check()  # an epoch never ends with a NaN unreported
-        score = row.get(f"val_{self.best_metric}")
-        better = score is not None and (
-            score > self.best_score if self.higher_is_better else score < self.best_score
-        )
-        if better:
-            self.best_score = score
-        if self.checkpoint_dir is not None:
-            self.save("last.pt")
-            if better:
-                with self._averaged():  # best.pt holds the weights that were evaluated
-                    self.save("best.pt")
-        elif better and self._keep_best_in_memory:
-            with self._averaged():
-                best = self.task.checkpoint_state()
-                self._best_weights = {k: cpu_copy(v) for k, v in best.items()}
+        save_epoch(self, row)
 
     def _restore_best(self) -> None:
         restore_best(self)
