@@ -81,6 +81,25 @@ def test_capture_info_verify_check(captured, capsys):
     assert "same weights as captured" in capsys.readouterr().out
 
 
+def test_precompute_and_cache_verbs_serve_the_lm_task(captured, tmp_path, capsys):
+    """``kdkit precompute CONFIG`` is ``kdkit lm capture`` for a task: lm config (the config's
+    recipe does it), byte for byte; ``kdkit cache info | verify`` read the LM format from its
+    manifest; a flag only image caches take is refused, not ignored."""
+    cfg = str(captured / "capture.yaml")
+    out = tmp_path / "cache"
+    argv = ["precompute", cfg, "--out", str(out), "--topk", "8", "--shard-rows", "16"]
+    assert main([*argv, "--no-progress"]) == 0
+    assert "train with teacher" in capsys.readouterr().out
+    want = json.loads((captured / "cache" / "manifest.json").read_text())
+    got = json.loads((out / "manifest.json").read_text())
+    assert [s["sha256"] for s in got["shards"]] == [s["sha256"] for s in want["shards"]]
+    assert main(["cache", "info", str(out)]) == 0
+    assert "bytes per token" in capsys.readouterr().out
+    assert main(["cache", "verify", str(out)]) == 0
+    assert main(["precompute", cfg, "--out", str(tmp_path / "x"), "--views", "2"]) == 2
+    assert "--views does not apply to a task: lm" in capsys.readouterr().err
+
+
 def test_verify_catches_another_teacher(captured, capsys):
     cache = captured / "cache"
     other = f"hf:{captured / 'other-teacher'}"
