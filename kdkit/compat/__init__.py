@@ -7,8 +7,8 @@
 - :mod:`kdkit.compat.distiller_args`: Intel Distiller's ``--kd-*`` argparse flags.
 
 This package imports the core (``kdkit.distiller``, ``kdkit.train``, ...); nothing in the core
-imports it. ``kdkit.StudentTrainer`` and ``kdkit.add_distillation_args`` are re-exported at
-the top level for convenience.
+imports it. ``kdkit.StudentTrainer`` and ``kdkit.add_distillation_args`` (the top-level names of
+the first release) still resolve, with a ``KDDeprecationWarning`` naming this package.
 """
 
 from kdkit.compat.darklight import ImageNetManager, StudentTrainer, UnlabeledImageManager
