@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny import quadrant_net
 from torch import nn
 
 from kdkit import Distiller, SoftTargetKL, Trainer
@@ -23,14 +24,7 @@ def _blobs(n: int = 64, seed: int = 0) -> ArrayDataset:
     )
 
 
-def _net(width: int = 8, classes: int = 4) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(4 * width, classes),
-    )
+_net = quadrant_net
 
 
 # -- 1. resume loads the checkpoint on the CPU ---------------------------------------------

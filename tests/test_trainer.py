@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny import blob_tensors, quadrant_net
 from torch import nn
 
 import kdkit
@@ -19,12 +20,7 @@ HERE = Path(__file__).parent
 
 def blobs(n=256, classes=4, seed=0, unlabeled_every=0):
     """Images whose class is the bright quadrant: learnable in a few steps."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, classes, (n,), generator=g)
-    x = torch.randint(0, 60, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
-    for c in range(classes):
-        r, col = divmod(c, 2)
-        x[y == c, :, r * 4 : r * 4 + 4, col * 4 : col * 4 + 4] += 150
+    x, y = blob_tensors(n, classes, seed)
     labels = y.clone()
     if unlabeled_every:
         labels[::unlabeled_every] = -1
@@ -32,13 +28,7 @@ def blobs(n=256, classes=4, seed=0, unlabeled_every=0):
 
 
 def net(width=8, classes=4):
-    return nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(4 * width, classes),
-    )
+    return quadrant_net(width, classes)
 
 
 def trained_teacher():

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from torch import nn
+from _tiny import quadrant_net
 
 from kdkit import Distiller, KDError, SoftTargetKL, Trainer
 from kdkit.cache import CachedTeacher, precompute
@@ -15,13 +15,7 @@ MEAN, STD = (0.4,), (0.3,)
 
 def net(width, seed):
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(4 * width, 5),
-    )
+    return quadrant_net(width, 5)
 
 
 @pytest.fixture

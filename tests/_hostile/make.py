@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from _tiny import blob_tensors, quadrant_net
 from torch import nn
 
 STUDENT = {"factory": "kdkit.models:fmnist_student", "kwargs": {}}  # the legacy spec form
@@ -35,24 +36,12 @@ def blobs(n: int = 64, classes: int = 4, seed: int = 0):
     """8x8 images whose class is the bright quadrant: learnable in a few steps."""
     from kdkit.data import ArrayDataset
 
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, classes, (n,), generator=g)
-    x = torch.randint(0, 60, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
-    for c in range(classes):
-        r, col = divmod(c, 2)
-        x[y == c, :, r * 4 : r * 4 + 4, col * 4 : col * 4 + 4] += 150
-    return ArrayDataset(x, y)
+    return ArrayDataset(*blob_tensors(n, classes, seed))
 
 
 def net(width: int = 8, classes: int = 4, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(4 * width, classes),
-    )
+    return quadrant_net(width, classes)
 
 
 def trainer(checkpoint_dir=None, student=None, teacher=None, optimizer=None, **kw):
