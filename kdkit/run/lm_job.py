@@ -261,9 +261,11 @@ def capture_run(
     cache ``out``; resumes an unfinished capture there. Returns the manifest. ``trust_code``
     lets the model and tokenizer folders run code of their own (``auto_map``)."""
     from kdkit._fingerprint import module_fingerprint
-    from kdkit.lm.cache.capture import Provenance, capture
+    from kdkit.lm.cache.capture import Provenance, capture, check_capture_options
     from kdkit.lm.cache.format import data_settings
 
+    check_capture_options(topk=topk, encoding=encoding, temperature=temperature,
+                          shard_rows=shard_rows, batch_size=cfg.data.batch_size)  # fmt: skip
     if cfg.teacher is None or cfg.teacher.model.startswith("cache:"):
         raise KDError("kdkit lm capture needs a live teacher: teacher: {model: 'hf:DIR'}")
     tc = cfg.teacher

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 import kdkit._sharding as fsdp
 from kdkit._io import check_output_path
+from kdkit._kept import RUN
 from kdkit.data.pipeline import InputPipeline
 from kdkit.data.unreadable import skip_counts
 from kdkit.errors import KDError
@@ -147,7 +148,7 @@ class Trainer:
         self.run_info = check_run_info(run_info)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         if self.checkpoint_dir is not None and distributed.is_main():  # before the first step
-            check_output_path(self.checkpoint_dir, what="checkpoint_dir", directory=True)
+            check_output_path(self.checkpoint_dir, what="checkpoint_dir", directory=True, makes=RUN)
         self.callbacks = callbacks
         task.check_inputs(dataset, self.inputs)  # e.g. a teacher cache of other data: refused
         self.precision = Precision(options.precision, self.device, options.grad_accum)
