@@ -27,6 +27,7 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from kdkit._io import sha256_bytes
+from kdkit._launch import join, launch_env
 from kdkit._lock import folder_lock
 from kdkit.cache._shards import ShardWriter, check_existing, finish, shard_is_done
 from kdkit.cache.store import (
@@ -58,10 +59,10 @@ def _rank_world() -> tuple[int, int, bool]:
     """(rank, world size, whether we initialised the process group ourselves)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), False
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and dist.is_available():
-        dist.init_process_group(backend="gloo")  # only a barrier is needed: gloo works anywhere
-        return dist.get_rank(), world, True
+    launch = launch_env()  # checked; None alone (or WORLD_SIZE=1)
+    if launch is not None and dist.is_available():
+        join(launch, "gloo")  # only a barrier is needed: gloo works anywhere
+        return dist.get_rank(), launch.world, True
     return 0, 1, False
 
 
