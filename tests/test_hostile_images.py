@@ -186,10 +186,14 @@ def _dkd_ref(s, t, target, alpha, beta, temp) -> float:
     mask = F.one_hot(target, s.shape[1]).bool()
     lp, lq = F.log_softmax(zt, 1), F.log_softmax(zs, 1)
     lp_gt, lq_gt = lp[mask], lq[mask]
-    lp_rest = torch.log(-torch.expm1(lp_gt))
-    lq_rest = torch.log(-torch.expm1(lq_gt))
-    tckd = lp_gt.exp() * (lp_gt - lq_gt) + lp_rest.exp() * (lp_rest - lq_rest)
     zt_n, zs_n = zt[~mask].view(len(s), -1), zs[~mask].view(len(s), -1)
+    lp_rest = torch.logsumexp(zt_n, 1) - torch.logsumexp(zt, 1)
+    lq_rest = torch.logsumexp(zs_n, 1) - torch.logsumexp(zs, 1)
+
+    def term(lp_, lq_):  # p (log p - log q), 0 where p underflows to 0
+        return torch.where(lp_.exp() == 0, 0.0, lp_.exp() * (lp_ - lq_))
+
+    tckd = term(lp_gt, lq_gt) + term(lp_rest, lq_rest)
     ln_p, ln_q = F.log_softmax(zt_n, 1), F.log_softmax(zs_n, 1)
     d = zt_n - zs_n
     nckd = (ln_p.exp() * d).sum(1) - torch.logsumexp(ln_q + d, 1)  # KL = E_p[d] - log E_q[e^d]
