@@ -27,6 +27,7 @@ from _hostile import (
     cli_rows,
     dataset,
     judge_row,
+    memory_cap,
     params,
     run_config,
     write_yaml,
@@ -226,6 +227,25 @@ def _int_pixels(dtype: torch.dtype) -> None:
     return bool(out.x.abs().max() < 3)  # (x / 255 - 0.5) / 0.25 is within [-2, 2]
 
 
+def _gz_bomb(fx: Fx) -> None:
+    """A 64 KB train-images-idx3-ubyte.gz that decompresses to 80 MB of zeros."""
+    import gzip
+
+    from kdkit.data.fashion_mnist import load_fashion_mnist
+
+    root = fx.root / "work" / "bomb"
+    root.mkdir(parents=True, exist_ok=True)
+    with gzip.open(root / "train-images-idx3-ubyte.gz", "wb", compresslevel=1) as f:
+        f.write(
+            (0x0803).to_bytes(4, "big") + (10**6).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+        )
+        for _ in range(80):
+            f.write(bytes(1 << 20))
+    with gzip.open(root / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write((0x0801).to_bytes(4, "big") + (10**6).to_bytes(4, "big") + bytes(10**6))
+    load_fashion_mnist("train", root=root, download=False)
+
+
 CASES: list[Case] = cli_rows([
     Case("config-not-utf8", _latin1, "UTF-8"),
     Case("student-num-classes-negative", lambda fx: _classes(fx, "nc-neg", -3), "num_classes"),
@@ -253,6 +273,7 @@ CASES: list[Case] = cli_rows([
     Case("int64-pixels-not-taken-as-unit", lambda fx: _int_pixels(torch.int64), "uint8|int64"),
     Case("int32-pixels-not-taken-as-unit", lambda fx: _int_pixels(torch.int32), "uint8|int32"),
     Case("uint8-pixels-scaled", lambda fx: _int_pixels(torch.uint8), expect="correct"),
+    Case("fashion-mnist-gz-decompression-bomb", _gz_bomb, "more than", guard=lambda fx: memory_cap(1 << 30)),
 ]  # fmt: skip
 
 
