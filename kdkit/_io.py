@@ -34,6 +34,7 @@ __all__ = [
     "clean_stale_temps",
     "sha256_bytes",
     "sha256_file",
+    "read_json",
     "state_checksum",
     "writing",
 ]
@@ -158,6 +159,26 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.exists() and b.exists() and os.path.samefile(a, b)
     except OSError:
         return a.resolve() == b.resolve()
+
+
+def read_json(path: str | os.PathLike, what: str = "", *, max_bytes: int = 256 << 20) -> Any:
+    """A JSON file kdkit wrote (a manifest, ``choices.json``, ``classes.json``...) read back as
+    the input it is: too large, not UTF-8, not JSON or nested too deeply is one
+    :class:`~kdkit.errors.KDError` naming the file (``what``: the fix to add)."""
+    from kdkit.errors import KDError
+
+    path = Path(path)
+    fix = f"; {what}" if what else ""
+    try:
+        if path.stat().st_size > max_bytes:
+            raise KDError(f"{path} is over {max_bytes:,} bytes: not a file kdkit wrote{fix}")
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise KDError(f"{path} is not valid JSON ({err}){fix}".splitlines()[0]) from None
+    except RecursionError:
+        raise KDError(f"{path} is JSON nested too deeply to be a file kdkit wrote{fix}") from None
+    except OSError as err:
+        raise KDError(f"cannot read {path} ({err.strerror or err}){fix}") from None
 
 
 @contextlib.contextmanager

@@ -39,7 +39,8 @@ def _run(fx: Fx, name: str) -> Path:
     dst = fx.root / "work" / name
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(fx.run, dst)
-    (dst / "choices.json").write_text(json.dumps({"teacher.backend": "torch"}) + "\n")
+    choice = {"value": "torch", "seconds_per_batch": {"torch": 0.01}, "skipped": {}, "cost_s": 0.1}
+    (dst / "choices.json").write_text(json.dumps({"teacher.backend": choice}) + "\n")
     (dst / "extended.json").write_text(json.dumps([{"from": 1, "to": 2}]) + "\n")
     return dst
 
@@ -115,6 +116,32 @@ def _precompute_into_lm_cache(fx: Fx) -> list:
     return ["precompute", "--teacher", fx.onnx, "--out", cache, "--no-progress", "--device", "cpu"]
 
 
+# -- the same files read back: a run's records edited by hand --------------------------------
+def _resume_with(fx: Fx, name: str, file: str, text: str) -> list:
+    """``kdkit train CONFIG --resume`` on a copy of the run whose ``file`` holds ``text``."""
+    run = _run(fx, name)
+    (run / file).write_text(text)
+    return ["train", fx.cfg, "--run-dir", run, "--resume", "--set", "train.epochs=2"]
+
+
+def _eval_with_classes(fx: Fx, text: str) -> list:
+    """An older checkpoint (no class names inside) beside a classes.json holding ``text``."""
+    import torch
+
+    from kdkit.load import checksum
+
+    run = _run(fx, "classes-json")
+    state = torch.load(run / "best.pt", weights_only=True)
+    state["classes"] = None
+    state["checksum"] = checksum(state)
+    torch.save(state, run / "best.pt")
+    (run / "classes.json").write_text(text)
+    return ["eval", run / "best.pt"]
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
 def _path(*parts: str):
     return lambda fx: fx.root / "work" / Path(*parts)
 
@@ -143,6 +170,14 @@ CASES: list[Case] = cli_rows([
     Case("precompute-out-is-an-lm-cache", _precompute_into_lm_cache, "cache",
          post=_intact("precompute-out-is-an-lm-cache", lambda fx: fx.lm.root / "work" / "precompute-into" / "manifest.json")),
     Case("export-onnx-new-file-in-run", lambda fx: ["export", fx.run, "--onnx", _run(fx, "newfile") / "student.onnx"], expect="correct"),
+    Case("resume-choices-json-nested-deep", lambda fx: _resume_with(fx, "choices-deep", "choices.json", DEEP), "choices.json"),
+    Case("resume-choices-json-a-list", lambda fx: _resume_with(fx, "choices-list", "choices.json", "[1, 2]"), "choices.json"),
+    Case("resume-choices-json-record-a-string", lambda fx: _resume_with(fx, "choices-str", "choices.json", '{"teacher.backend": "torch"}'),
+         "choices.json"),
+    Case("resume-extended-json-garbage-still-resumes", lambda fx: _resume_with(fx, "ext-bad", "extended.json", "{oops"),
+         expect="correct"),
+    Case("eval-classes-json-not-names", lambda fx: _eval_with_classes(fx, '{"cat": 1}'), "classes.json"),
+    Case("eval-classes-json-not-json", lambda fx: _eval_with_classes(fx, "cat, dog"), "classes.json"),
 ])  # fmt: skip
 
 

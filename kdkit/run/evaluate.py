@@ -154,7 +154,9 @@ def evaluate_image_run(
     teacher section) scored on the run's val data with ``data`` (``--data KEY=VALUE``)
     applied; with ``teacher``, the teacher on the same batches."""
     data_cfg, seed, train_cfg = eval_data_section(dict(meta), list(data))
-    members = meta.get("val_files") if data_cfg.val.split is not None else None
+    keys = {o.partition("=")[0].strip().partition(".")[0] for o in data}
+    recorded = data_cfg.val.split is not None and not keys & {"train", "val"}  # as trained
+    members = meta.get("val_files") if recorded else None
     run_data = build_data(data_cfg, seed=seed, classes=meta.get("classes"), val_files=members)
     student, smeta = load_model_file(path, trust_code=trust_code)
     _check_input(path, smeta.get("input_shape"), run_data.input_shape)

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from kdkit._io import sha256_bytes
+from kdkit._io import read_json, sha256_bytes
 from kdkit.errors import KDError
 from kdkit.lm.data import TokenRow
 
@@ -107,10 +107,7 @@ def read_manifest(cache_dir: str | Path, *, complete: bool = True) -> dict[str, 
             f"{cache_dir} is not an LM teacher cache (no {MANIFEST}); make one with "
             "kdkit lm capture CONFIG.yaml --out DIR"
         )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise KDError(f"{path} is not valid JSON ({err}); the cache is damaged") from None
+    manifest = read_json(path, "the cache is damaged")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise KDError(f"{path} is not a {FORMAT} manifest")
     if manifest.get("version") != VERSION:
