@@ -81,8 +81,8 @@ def _decode(path: Path) -> str:
     if nul >= 0:  # valid UTF-8, but no text holds NUL bytes: a binary or zero-filled file
         line = data[:nul].count(b"\n") + 1
         raise KDError(
-            f"{path}: a NUL byte at offset {nul} (line {line}): a binary "
-            "or zero-filled file, not text; remove it from data.text_files"
+            f"{path}: a NUL byte at offset {nul} (line {line}): a binary, zero-filled or "
+            "UTF-16 file, not UTF-8 text; remove it from data.text_files (or re-encode it)"
         )
     try:
         return data.decode("utf-8")
