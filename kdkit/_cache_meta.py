@@ -96,12 +96,9 @@ def read_meta(cache_dir: str | os.PathLike) -> dict[str, Any]:
             f"{cache_dir} is not a teacher cache: no {META_NAME} (an unfinished precompute "
             "writes it last; rerun precompute to finish it)"
         )
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise KDError(f"{path} is not valid JSON ({err})") from None
-    except OSError as err:
-        raise KDError(f"cannot read {path} ({err.strerror or err})") from None
+    from kdkit._io import read_json
+
+    meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise KDError(f"{path} is not a kdkit teacher cache (format != {FORMAT_NAME!r})")
     if meta.get("format_version") not in _READABLE_VERSIONS:

@@ -34,7 +34,9 @@ __all__ = [
     "clean_stale_temps",
     "sha256_bytes",
     "sha256_file",
+    "read_json",
     "state_checksum",
+    "writing",
 ]
 
 TMP_MARKER = ".kdkit-tmp-"
@@ -159,6 +161,45 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
 
 
+def read_json(path: str | os.PathLike, what: str = "", *, max_bytes: int = 256 << 20) -> Any:
+    """A JSON file kdkit wrote (a manifest, ``choices.json``, ``classes.json``...) read back as
+    the input it is: too large, not UTF-8, not JSON or nested too deeply is one
+    :class:`~kdkit.errors.KDError` naming the file (``what``: the fix to add)."""
+    from kdkit.errors import KDError
+
+    path = Path(path)
+    fix = f"; {what}" if what else ""
+    try:
+        if path.stat().st_size > max_bytes:
+            raise KDError(f"{path} is over {max_bytes:,} bytes: not a file kdkit wrote{fix}")
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise KDError(f"{path} is not valid JSON ({err}){fix}".splitlines()[0]) from None
+    except RecursionError:
+        raise KDError(f"{path} is JSON nested too deeply to be a file kdkit wrote{fix}") from None
+    except OSError as err:
+        raise KDError(f"cannot read {path} ({err.strerror or err}){fix}") from None
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, what: str = "") -> Iterator[None]:
+    """Turn a failed write inside the block (a full disk, a file-size limit, a read-only
+    folder: ``OSError``, or what a writer library such as safetensors or tokenizers raises in
+    its place) into one :class:`~kdkit.errors.KDError` naming ``path``; a KDError passes."""
+    from kdkit.errors import KDError
+
+    try:
+        yield
+    except KDError:
+        raise
+    except Exception as err:  # noqa: BLE001 - writer libraries raise their own types for OSErrors
+        reason = getattr(err, "strerror", None) or str(err).splitlines()[0] if str(err) else ""
+        raise KDError(
+            f"cannot write {what + ' ' if what else ''}{path}: {reason or type(err).__name__} "
+            "(is the disk full, or the file size limited?); free space or choose another place"
+        ) from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, clean: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
@@ -241,6 +282,7 @@ def check_output_path(
     what: str = "the output",
     directory: bool = False,
     inputs: Iterable[str | os.PathLike] = (),
+    makes: str | None = None,
 ) -> Path:
     """Check, before any work, that ``path`` (a file, or with ``directory`` a folder) can be
     written: its folder is created and a probe file written and removed there. Raises
@@ -248,8 +290,14 @@ def check_output_path(
 
     An output that is one of the command's ``inputs`` (the same file, or for a folder output
     an input folder itself) is refused, and so is an existing output that is not a regular
-    file (a FIFO, socket or device node: never replaced, never opened).
+    file (a FIFO, socket or device node: never replaced, never opened). A file a run
+    directory or a cache keeps (:func:`kdkit._kept.kept_file`: ``choices.json``, a manifest,
+    a shard...) is never an output, whatever the command was given; a folder output that is
+    a run or a cache is refused unless it is the kind the command ``makes`` (``"run
+    directory"``, ``"teacher cache"``, ``"LM teacher cache"``, or any other name, e.g.
+    ``"demo folder"``, that no kdkit folder is).
     """
+    from kdkit._kept import folder_kind, kept_file
     from kdkit.errors import KDError
 
     path = Path(path)
@@ -258,6 +306,19 @@ def check_output_path(
             raise KDError(
                 f"{what} {path} is one of this command's inputs ({source}); writing it would "
                 "destroy the input: choose another output path"
+            )
+    if not directory and (kept := kept_file(path)) is not None:
+        kind, folder = kept
+        raise KDError(
+            f"{what} {path} is a file kdkit keeps in the {kind} {folder} ({path.name}); "
+            f"writing it would destroy that {kind}'s record: choose another path"
+        )
+    if directory and makes is not None:
+        kind = folder_kind(path)
+        if kind is not None and kind != makes:
+            raise KDError(
+                f"{what} {path} is a {kind}; writing a {makes} into it would mix the two and "
+                "replace files it keeps: choose another folder"
             )
     if not directory:
         check_not_special(path, what=what)

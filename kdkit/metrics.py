@@ -18,7 +18,57 @@ import torch.nn.functional as F
 
 from kdkit.errors import KDError
 
-__all__ = ["classification_metrics", "topk_correct"]
+__all__ = ["DIRECTIONS", "classification_metrics", "direction", "check_best_metric", "topk_correct"]
+
+#: Every metric kdkit logs (a ``metrics.csv`` column less its ``val_`` prefix; the training
+#: losses ``loss_*`` are losses) and whether higher is better: early stopping's ``mode: auto``
+#: and the task's ``best_metric`` (``best.pt``) both read it. None: a count, a speed or a
+#: setting, not a score to optimize.
+DIRECTIONS: dict[str, bool | None] = {
+    "top1": True,  # % (image classification; an embedding student through the teacher's head)
+    "top5": True,
+    "agree": True,  # % top-1 agreement with the teacher (task: lm)
+    "loss": False,  # mean cross-entropy (images); a task's own loss
+    "pair_loss": False,  # an embedding student's distance to the teacher
+    "ppl": False,  # perplexity (task: lm)
+    "ce": False,  # cross-entropy per token (task: lm)
+    "kl": False,  # mean KL(teacher || student) per token (task: lm)
+    "tokens": None,
+    "images": None,
+    "epoch": None,
+    "epoch_time_s": None,
+    "images_per_s": None,
+    "tokens_per_s": None,
+    "lr": None,
+    "skipped_files": None,
+}
+
+
+def direction(column: str) -> bool | None:
+    """Whether a higher value of the ``metrics.csv`` column (``val_kl``, ``loss_total``, or a
+    bare name such as ``ppl``) is better; None for a count or a speed. A column kdkit does not
+    log is a KDError: say which way it improves (``mode: min`` / ``max``)."""
+    name = column.removeprefix("val_")
+    if name.startswith("loss_"):
+        return False
+    if name not in DIRECTIONS:
+        raise KDError(
+            f"{column!r} is not a metric kdkit logs, so its direction is unknown (kdkit's: "
+            f"{', '.join(k for k, v in DIRECTIONS.items() if v is not None)}); set "
+            "early_stopping.mode: min or max"
+        )
+    return DIRECTIONS[name]
+
+
+def check_best_metric(name: str, higher_is_better: bool) -> None:
+    """A task's ``best_metric`` (what ``best.pt`` keeps) must run the way the table says."""
+    known = DIRECTIONS.get(name)
+    if known is not None and known != bool(higher_is_better):
+        raise KDError(
+            f"the task's best_metric ({name!r}, higher is better: {bool(higher_is_better)}) runs "
+            f"the wrong way: {name} is {'higher' if known else 'lower'} is better "
+            "(kdkit.metrics.DIRECTIONS); best.pt would keep the worst epoch"
+        )
 
 
 def topk_correct(

@@ -249,6 +249,10 @@ def resolve_python_callable(target: str, trust_code: bool, where: str) -> Builde
     return obj
 
 
+def _kwargs_text(kwargs: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
 def build_model(spec: Any, *, trust_code: bool = False, where: str = "model spec") -> nn.Module:
     """Build the module a spec names (random init unless its kwargs ask for weights).
 
@@ -270,6 +274,13 @@ def build_model(spec: Any, *, trust_code: bool = False, where: str = "model spec
         module = builder(**spec.kwargs)
     except TypeError as err:
         raise KDError(f"{where}: {spec.model} does not take these kwargs: {err}") from None
+    except (ValueError, RuntimeError, ZeroDivisionError, OverflowError) as err:
+        if isinstance(err, KDError):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise KDError(
+            f"{where}: {spec.model}({_kwargs_text(spec.kwargs)}) cannot be built: {first}"
+        ) from None
     if not isinstance(module, nn.Module):
         raise KDError(f"{where}: {spec.model} returned {type(module).__name__}, not an nn.Module")
     return module

@@ -1,7 +1,9 @@
 """A ``kdkit lm capture`` that pauses after each shard, so a test can SIGKILL it between (or
-during) shard writes: ``python _lm_capture_job.py CONFIG OUT``."""
+during) shard writes: ``python _lm_capture_job.py CONFIG OUT`` (``$SHARD_PAUSE``: the pause in
+seconds, 0.3 by default)."""
 
 import importlib
+import os
 import sys
 import time
 
@@ -17,7 +19,7 @@ _write = capture_module._write_shard
 
 def _slow_write(path, arrays):
     _write(path, arrays)
-    time.sleep(0.3)
+    time.sleep(float(os.environ.get("SHARD_PAUSE", "0.3")))
 
 
 capture_module._write_shard = _slow_write

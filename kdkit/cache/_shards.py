@@ -45,7 +45,9 @@ def shard_is_done(
     sidecar = out / f"{_shard_name(i)}.json"
     try:
         record = json.loads(sidecar.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict):
         return None
     if (record.get("run_key"), record.get("start"), record.get("stop")) != (run_key, start, stop):
         return None

@@ -12,6 +12,7 @@ the meta file after a barrier.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,6 +27,8 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from kdkit._io import sha256_bytes
+from kdkit._launch import join, launch_env
+from kdkit._lock import folder_lock
 from kdkit.cache._shards import ShardWriter, check_existing, finish, shard_is_done
 from kdkit.cache.store import (
     DTYPES,
@@ -43,7 +46,10 @@ from kdkit.errors import KDError
 from kdkit.teachers.base import Teacher
 from kdkit.teachers.factory import make_teacher
 
-__all__ = ["precompute", "dataset_keys"]
+__all__ = ["KIND", "precompute", "dataset_keys"]
+
+#: the kind of folder precompute makes (kdkit._kept: a run or an LM cache is refused as out_dir)
+KIND = "teacher cache"
 
 log = logging.getLogger(__name__)
 Stat = float | Sequence[float] | torch.Tensor | None
@@ -53,10 +59,10 @@ def _rank_world() -> tuple[int, int, bool]:
     """(rank, world size, whether we initialised the process group ourselves)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), False
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and dist.is_available():
-        dist.init_process_group(backend="gloo")  # only a barrier is needed: gloo works anywhere
-        return dist.get_rank(), world, True
+    launch = launch_env()  # checked; None alone (or WORLD_SIZE=1)
+    if launch is not None and dist.is_available():
+        join(launch, "gloo")  # only a barrier is needed: gloo works anywhere
+        return dist.get_rank(), launch.world, True
     return 0, 1, False
 
 
@@ -240,7 +246,10 @@ def precompute(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rank, world, own_group = _rank_world()
+    locked = contextlib.ExitStack()
     try:
+        if rank == 0:  # one writer per folder (ranks of one job share it)
+            locked.enter_context(folder_lock(out, makes=KIND, what="the cache folder"))
         check_existing(out, spec, overwrite, rank)
         num_shards = -(-n // shard_size)
 
@@ -285,6 +294,7 @@ def precompute(
         if world > 1:
             dist.barrier()
     finally:
+        locked.close()
         if own_group:
             dist.destroy_process_group()
     return out

@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdkit._io import atomic_write_text
+    from kdkit._io import atomic_write_text, check_output_path
     from kdkit.errors import KDError, closest_names
 
     names = templates()
@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         print(text, end="")
         return 0
     out = Path(args.output)
+    check_output_path(out, what="-o")  # never a file a run or a cache keeps, even with --force
     if out.exists() and not args.force:
         raise KDError(f"{out} exists; pass --force to overwrite it or -o another file")
     atomic_write_text(out, text)

@@ -164,7 +164,9 @@ def run(args: argparse.Namespace) -> int:
     lo, hi = args.scale
     if not 0 < lo <= hi <= 1:
         raise KDError(f"--scale LO HI needs 0 < LO <= HI <= 1, got {lo:g} {hi:g}")
-    check_output_path(args.out, what="--out", directory=True, inputs=[args.teacher])
+    check_output_path(
+        args.out, what="--out", directory=True, inputs=[args.teacher], makes="teacher cache"
+    )
     dataset, mean, std = named_dataset(args.data)
     teacher = load_teacher_file(args.teacher, args.arch, args.device, args.trust_code)
     views = build_views(args, tuple(dataset[0][0].shape[-2:]))

@@ -65,6 +65,20 @@ def _model_string(model: str, key: str, *, teacher: bool, check_paths: bool = Tr
             )
 
 
+#: model keyword arguments that are sizes: a class count or channel count below 1 builds no
+#: model (torch raises deep inside the constructor)
+_SIZE_KWARGS = ("num_classes", "in_channels", "in_chans")
+
+
+def _check_sizes(kwargs: Mapping[str, Any], key: str) -> None:
+    for name in _SIZE_KWARGS:
+        value = kwargs.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise KDError(f"config key '{key}.{name}' expects an integer >= 1, got {value!r}")
+
+
 def looks_like_path(model: str) -> bool:
     return (
         model.endswith((".pt", ".pth", ".ckpt"))
@@ -125,8 +139,10 @@ def check_classify(cfg: RunConfig, check_paths: bool = True) -> None:
             "trains with DDP under torchrun, no key needed"
         )
     _model_string(cfg.student.model, "student.model", teacher=False, check_paths=check_paths)
+    _check_sizes(cfg.student.kwargs, "student.kwargs")
     if cfg.teacher is not None:
         _check_teacher(cfg, check_paths)
+        _check_sizes(cfg.teacher.kwargs, "teacher.kwargs")
     d = cfg.data
     if cfg.teacher is None and (d.unlabeled or d.labeled is not None):
         key = "data.unlabeled" if d.unlabeled else "data.labeled"
@@ -145,6 +161,11 @@ def check_classify(cfg: RunConfig, check_paths: bool = True) -> None:
         if v is not None and not all(math.isfinite(x) and (name == "mean" or x > 0) for x in v):
             what = "finite numbers" if name == "mean" else "numbers > 0 (it divides the pixels)"
             raise KDError(f"config key 'data.{name}' expects {what}, got {list(v)}")
+        if v is not None and len(v) == 3 and d.train.fashion_mnist is not None:
+            raise KDError(
+                f"config key 'data.{name}' has 3 values but Fashion-MNIST images have 1 channel "
+                f"(grey); give one value, e.g. {name}: [{v[0]}]"
+            )
     views = d.views
     if views is not None and views.crop == "pad" and d.image_size and views.pad >= d.image_size:
         raise KDError(

@@ -39,6 +39,12 @@ def _lm_model(mc: LMModelConfig, key: str, check_paths: bool) -> None:
             + f", got {mc.model!r}"
             + (f"; did you mean '{close[0]}:{path}'?" if sep and close else "")
         )
+    if key == "teacher" and prefix == "hf-config":
+        raise KDError(
+            f"config key 'teacher.model': {mc.model!r} builds a randomly initialised model from "
+            "its config.json; a teacher must have weights: use 'hf:DIR' (a save_pretrained "
+            "folder with its weights) or 'cache:DIR'"
+        )
     if mc.dtype not in (None, "float32", "bfloat16", "float16"):
         raise KDError(
             f"config key '{key}.dtype' expects float32, bfloat16 or float16, got {mc.dtype!r}"
@@ -61,10 +67,17 @@ def _lm_model(mc: LMModelConfig, key: str, check_paths: bool) -> None:
         check_path(mc.tokenizer, f"{key}.tokenizer", folder=True)
 
 
-def _globs_match(patterns: tuple[str, ...], key: str) -> None:
+def _globs_match(patterns: tuple[str, ...], key: str) -> dict[str, str]:
+    """``{real path: the path a pattern matched}`` of every file the patterns match."""
+    files: dict[str, str] = {}
     for i, pattern in enumerate(patterns):
-        if not glob.glob(os.path.expanduser(pattern), recursive=True):
+        matches = glob.glob(os.path.expanduser(pattern), recursive=True)
+        if not matches:
             raise KDError(f"config key '{key}.{i}': no file matches {pattern!r}")
+        for match in matches:
+            if os.path.isfile(match):
+                files.setdefault(os.path.realpath(match), match)
+    return files
 
 
 def _check_on_policy(cfg: LMRunConfig) -> None:
@@ -132,6 +145,14 @@ def check_lm(cfg: LMRunConfig, check_paths: bool = True) -> None:
         raise KDError("config key 'data.val' takes one of text_files: [...] or split: F")
     check_train_section(cfg.train)
     if check_paths:
-        _globs_match(d.text_files, "data.text_files")
+        train = _globs_match(d.text_files, "data.text_files")
         if d.val is not None and d.val.text_files:
-            _globs_match(d.val.text_files, "data.val.text_files")
+            val = _globs_match(d.val.text_files, "data.val.text_files")
+            both = sorted(set(train) & set(val))
+            if both:
+                raise KDError(
+                    f"config key 'data.val.text_files': {val[both[0]]} is also matched by "
+                    f"data.text_files ({len(both)} file(s) in both), so the student would be "
+                    "scored on text it trained on; take it out of the training globs (or use "
+                    "val: {split: F})"
+                )

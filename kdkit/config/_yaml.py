@@ -254,8 +254,17 @@ def read_yaml(path: str | os.PathLike) -> Any:
         raise KDError(
             f"{path} is {path.stat().st_size:,} bytes; a config is at most {MAX_YAML_BYTES:,}"
         )
+    data = path.read_bytes()
     try:
-        return load_yaml_text(path.read_text(), str(path))
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise KDError(
+            f"{path} is not UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}, line "
+            f"{line}); save the config as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+    try:
+        return load_yaml_text(text, str(path))
     except RecursionError:
         raise KDError(f"{path}: nested too deeply to be a config") from None
     except yaml.YAMLError as err:

@@ -17,6 +17,7 @@ the contract (``kdkit train`` with ``task: lm``)::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -33,6 +34,15 @@ __all__ = [
 ]
 
 LM_PREFIXES = ("hf", "hf-config")
+_BIG = 2**24  # rows, tokens: beyond any batch or context a machine holds (and below sys.maxsize)
+_SEED = "an integer in [0, 2**63)"
+_POSITIVE = "a finite number > 0"
+
+
+def _finite_positive(v: float) -> bool:
+    return 0 < v < math.inf
+
+
 Divergence = Literal["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "ce"]
 
 
@@ -68,13 +78,17 @@ class LMDataConfig:
     text_files: tuple[str, ...]
     val: LMValConfig | None = None
     format: Literal["text", "prompt_completion", "chat"] = "text"
-    max_length: int = field(default=256, metadata=field_check(lambda v: v >= 2, "an integer >= 2"))
+    max_length: int = field(
+        default=256, metadata=field_check(lambda v: 2 <= v <= _BIG, "an integer in [2, 2**24]")
+    )
     pack: bool = True
     #: a document longer than max_length: ``split`` into rows (plain text) or ``truncate``
     overflow: Literal["split", "truncate"] = "split"
     loss_on: Literal["all", "completion", "assistant"] = "all"
-    batch_size: int = field(default=8, metadata=field_check(lambda v: v >= 1, "an integer >= 1"))
-    seed: int = 0
+    batch_size: int = field(
+        default=8, metadata=field_check(lambda v: 1 <= v <= _BIG, "an integer in [1, 2**24]")
+    )
+    seed: int = field(default=0, metadata=field_check(lambda v: 0 <= v < 2**63, _SEED))
 
 
 @dataclass(frozen=True)
@@ -88,9 +102,9 @@ class LMOnPolicyConfig:
         metadata={**field_check(lambda v: 0 <= v <= 1, "in [0, 1]"), "key": "lambda"}
     )
     max_new_tokens: int = field(
-        default=64, metadata=field_check(lambda v: v >= 1, "an integer >= 1")
+        default=64, metadata=field_check(lambda v: 1 <= v <= _BIG, "an integer in [1, 2**24]")
     )
-    temperature: float = field(default=1.0, metadata=field_check(lambda v: v > 0, "a number > 0"))
+    temperature: float = field(default=1.0, metadata=field_check(_finite_positive, _POSITIVE))
 
 
 @dataclass(frozen=True)
@@ -98,9 +112,13 @@ class LMDistillConfig:
     divergence: Divergence = "fkl"
     beta: float = field(default=0.5, metadata=field_check(lambda v: 0 <= v <= 1, "in [0, 1]"))
     skew: float = field(default=0.1, metadata=field_check(lambda v: 0 <= v < 1, "in [0, 1)"))
-    temperature: float = field(default=1.0, metadata=field_check(lambda v: v > 0, "a number > 0"))
+    #: the fused loss runs in float32 chunks: above 100 its value drifts from the exact one
+    #: (measured against float64: 0.3% at T=100, 5% at T=1000, negative at T=1e4)
+    temperature: float = field(
+        default=1.0, metadata=field_check(lambda v: 0 < v <= 100, "a number in (0, 100]")
+    )
     ce_weight: float = field(default=0.0, metadata=field_check(lambda v: 0 <= v <= 1, "in [0, 1]"))
-    memory_budget_mb: float = field(default=256, metadata=field_check(lambda v: v > 0, "> 0"))
+    memory_budget_mb: float = field(default=256, metadata=field_check(_finite_positive, _POSITIVE))
     #: beyond a cached teacher's top k (``teacher: {model: "cache:DIR"}``), see kdkit.lm.cache
     tail: Literal["bucket", "renorm", "uniform", "prior", "drop"] = "bucket"
     #: on-policy distillation (GKD); absent or ``lambda: 0`` = off

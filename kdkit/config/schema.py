@@ -158,8 +158,13 @@ class DataConfig:
         default=None,
         metadata=field_check(lambda v: v is None or 1 <= v <= 8192, "an integer in [1, 8192]"),
     )
-    batch_size: int = field(default=128, metadata=field_check(lambda v: v >= 1, "an integer >= 1"))
-    val_batch_size: int | None = _positive()
+    batch_size: int = field(
+        default=128, metadata=field_check(lambda v: 1 <= v <= 2**24, "an integer in [1, 2**24]")
+    )
+    val_batch_size: int | None = field(
+        default=None,
+        metadata=field_check(lambda v: v is None or 1 <= v <= 2**24, "an integer in [1, 2**24]"),
+    )
     workers: int = field(
         default=2, metadata=field_check(lambda v: 0 <= v <= 256, "an integer in [0, 256]")
     )

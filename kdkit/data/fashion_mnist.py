@@ -170,14 +170,22 @@ def _load_cached(images_path: Path, labels_path: Path) -> ArrayDataset:
     return _CACHE[key]
 
 
+_MAX_IDX = 64 << 20  # bytes of an idx file, decompressed
+
+
 def _read_idx(path: Path, magic: int) -> np.ndarray:
     """Parse an idx file (LeCun's MNIST format): big-endian magic, dims, then uint8 data."""
     try:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(_MAX_IDX + 1)  # a .gz bomb decompresses no further than this
     except (OSError, EOFError, zlib.error) as exc:
         raise KDError(f"cannot read {path} ({exc}); the file is corrupt, reinstall it") from exc
+    if len(raw) > _MAX_IDX:
+        raise KDError(
+            f"{path} holds more than {_MAX_IDX:,} bytes (Fashion-MNIST's largest file has "
+            "47,040,016); the file is not Fashion-MNIST"
+        )
     ndim = magic & 0xFF
     header = 4 * (1 + ndim)
     if len(raw) < header or int.from_bytes(raw[:4], "big") != magic:

@@ -118,6 +118,24 @@ class InputPipeline:
         return ModelInput(x, labels, labeled, index, view_ids)
 
 
+def check_pixels(images: Any, mean: Any, std: Any) -> None:
+    """Pixels kdkit can scale (uint8 0..255, or floats already in [0, 1]) and per-channel
+    statistics that fit them: anything else is one line, never a silent rescale."""
+    if not isinstance(images, torch.Tensor):
+        return
+    if not (images.dtype == torch.uint8 or images.dtype.is_floating_point):
+        raise KDError(
+            f"images are {images.dtype}; kdkit takes uint8 pixels (0..255) or floats in [0, 1] "
+            "(an integer tensor would be taken as [0, 1] values): convert with .to(torch.uint8)"
+        )
+    channels = images.shape[1] if images.dim() == 4 else None
+    for name, v in (("mean", mean), ("std", std)):
+        t = None if v is None else torch.as_tensor(v)
+        n = None if t is None or t.dim() > 1 else t.numel()  # a per-pixel tensor broadcasts
+        if channels is not None and n is not None and n not in (1, channels):
+            raise KDError(f"{name} has {n} values but the images have {channels} channel(s)")
+
+
 def _channel_stat(v: float | Sequence[float] | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     t = torch.as_tensor(v, dtype=x.dtype).to(x.device, non_blocking=True)
     return t.reshape(1, -1, 1, 1) if t.dim() == 1 else t
@@ -136,7 +154,8 @@ def prepare_input(
     """Raw batch -> model input; the single path shared by training and cache precompute.
 
     ``images`` (N, C, H, W) uint8 (scaled to [0, 1]) or float (taken as already in [0, 1])
-    moves to ``device`` once; then the views of ``(index, view_ids)`` are applied when
+    moves to ``device`` once (other integer types are refused: int64 pixels 0..255 would be
+    taken as [0, 1] values; ``mean``/``std`` must have 1 or C values); then the views of ``(index, view_ids)`` are applied when
     ``sampler`` is given (a mixing sampler fetches its partners' images from ``pool``), then
     ``(x - mean) / std`` per channel (``None``: skip that part). Returns float32
     (N, C, H', W') on ``device``.
@@ -146,6 +165,7 @@ def prepare_input(
         t = t.to(device, non_blocking=True) if device is not None else t
         return t.float().div_(255.0) if t.dtype == torch.uint8 else t.float()
 
+    check_pixels(images, mean, std)
     x = to_unit(images)
     if sampler is not None:
         if index is None or view_ids is None:

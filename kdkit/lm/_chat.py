@@ -47,7 +47,25 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], gen: bool = False) -
 def render_chat(
     tokenizer: Any, messages: list[dict[str, str]], mode: str, where: str
 ) -> tuple[list[int], list[bool]]:
-    """Token ids of the rendered conversation and, per token, whether it is assistant output."""
+    """Token ids of the rendered conversation and, per token, whether it is assistant output.
+    A template that fails (a syntax error, an undefined name, its own ``raise_exception``) is
+    one line naming the record, whatever jinja2 raised."""
+    try:
+        return _render_chat(tokenizer, messages, mode, where)
+    except KDError:
+        raise
+    except Exception as err:  # noqa: BLE001 - jinja2 and the template raise their own types
+        text = str(err).strip().splitlines()
+        raise KDError(
+            f"{where}: the tokenizer's chat template failed on this conversation "
+            f"({type(err).__name__}: {text[0] if text else 'no message'}); fix the template "
+            "(chat_template.jinja / tokenizer_config.json) or the record"
+        ) from None
+
+
+def _render_chat(
+    tokenizer: Any, messages: list[dict[str, str]], mode: str, where: str
+) -> tuple[list[int], list[bool]]:
     if mode == "template":
         enc = tokenizer.apply_chat_template(
             messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True

@@ -15,18 +15,27 @@ explicitly, and :func:`refuse_custom_code` refuses such a folder first unless th
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
 import os
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from kdkit.errors import KDError
 
-__all__ = ["CODE_FILES", "from_folder", "refuse_custom_code", "require"]
+__all__ = [
+    "CODE_FILES",
+    "from_folder",
+    "load_error",
+    "quiet_progress",
+    "refuse_custom_code",
+    "require",
+]
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +98,45 @@ def refuse_custom_code(folder: str | os.PathLike[str], trust_code: bool) -> None
 def from_folder(auto: Any, folder: str | os.PathLike[str], *, trust_code: bool, **kw: Any) -> Any:
     """``auto`` (``AutoConfig``, ``AutoTokenizer``, ``AutoModelForCausalLM``, ...) loaded from
     a local folder: :func:`refuse_custom_code` first, then the transformers load, offline and
-    with ``trust_remote_code`` always given (never the stdin prompt)."""
+    with ``trust_remote_code`` always given (never the stdin prompt), without transformers'
+    progress bar (kdkit logs what it loaded; a bar on stderr would bury a one-line error)."""
     refuse_custom_code(folder, trust_code)
     name = os.fspath(folder)
-    return auto.from_pretrained(name, trust_remote_code=trust_code, local_files_only=True, **kw)
+    with quiet_progress():
+        return auto.from_pretrained(name, trust_remote_code=trust_code, local_files_only=True, **kw)
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """transformers' progress bars ("Loading weights", "Writing model shards") off for the
+    block, restored after."""
+    hf_logging = importlib.import_module("transformers.utils.logging")
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def load_error(spec: str, folder: str | os.PathLike[str], err: BaseException) -> KDError:
+    """One line for what a load of ``folder`` raised: weights that are a pickle (refused by
+    ``weights_only``: never torch's advice to unpickle), damaged safetensors, a config
+    transformers rejects."""
+    text = str(err).strip()
+    if "Weights only load failed" in text or type(err).__name__ == "UnpicklingError":
+        return KDError(
+            f"{spec}: the weights in {os.fspath(folder)} (pytorch_model.bin) hold pickled Python "
+            "objects, which kdkit never unpickles; save the model with safetensors "
+            "(save_pretrained(safe_serialization=True)) where you trust it"
+        )
+    if type(err).__name__ == "SafetensorError":
+        return KDError(
+            f"{spec}: model.safetensors in {os.fspath(folder)} is damaged or truncated "
+            f"({text.splitlines()[0] if text else 'unreadable'}); save the model again"
+        )
+    first = text.splitlines()[0] if text else ""
+    rest = " ".join(line.strip() for line in text.splitlines()[1:3])
+    detail = f"{first} {rest}".strip() or type(err).__name__
+    return KDError(f"{spec}: cannot load the model ({type(err).__name__}): {detail}")

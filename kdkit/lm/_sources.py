@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ FORMAT_KEYS: dict[str, tuple[str, ...]] = {
 }
 _JSONL = (".jsonl", ".ndjson")
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Record:
@@ -37,10 +40,14 @@ class Record:
 
 
 def expand_paths(patterns: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Files matched by each pattern (globs, ``**`` recursive), sorted within a pattern, each once."""
+    """Files matched by each pattern (globs, ``**`` recursive), sorted within a pattern, each
+    file once: two paths to one file (a symlink, ``./a.txt``, a ``**`` glob walking a symlink
+    loop dozens of levels deep) are one file, read once (a warning counts the extra paths)."""
     if isinstance(patterns, (str, os.PathLike)):
         patterns = [patterns]
     seen: dict[Path, None] = {}
+    real: set[str] = set()
+    extra = 0
     for pattern in patterns:
         p = os.fspath(pattern)
         if glob.has_magic(p):
@@ -51,7 +58,18 @@ def expand_paths(patterns: str | os.PathLike[str] | Sequence[str | os.PathLike[s
             matches = [Path(p)] if Path(p).is_file() else []
         if not matches:
             raise KDError(f"no file matches {p!r} (relative to {os.getcwd()!r})")
-        seen.update(dict.fromkeys(matches))
+        for match in matches:
+            key = os.path.realpath(match)
+            extra += key in real
+            if key not in real:
+                real.add(key)
+                seen[match] = None
+    if extra:
+        log.warning(
+            "lm data: %d matched paths name files already matched (symlinks or overlapping "
+            "globs); each file is read once",
+            extra,
+        )
     return list(seen)
 
 
@@ -59,6 +77,13 @@ def _decode(path: Path) -> str:
     data = path.read_bytes()
     if not data.strip():
         raise KDError(f"{path}: the file is empty")
+    nul = data.find(b"\0")
+    if nul >= 0:  # valid UTF-8, but no text holds NUL bytes: a binary or zero-filled file
+        line = data[:nul].count(b"\n") + 1
+        raise KDError(
+            f"{path}: a NUL byte at offset {nul} (line {line}): a binary, zero-filled or "
+            "UTF-16 file, not UTF-8 text; remove it from data.text_files (or re-encode it)"
+        )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -109,20 +134,43 @@ def _jsonl(path: Path, fmt: str) -> Iterator[Record]:
             continue
         any_line = True
         where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise KDError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        yield Record(where, _check_fields(where, obj, fmt))
+        yield Record(where, _check_fields(where, _loads(line, where), fmt))
     if not any_line:  # pragma: no cover - _decode already rejects blank files
         raise KDError(f"{path}: the file is empty")
 
 
+def _loads(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise KDError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise KDError(f"{where}: JSON nested too deeply to be a record") from None
+
+
+def _json(path: Path, fmt: str) -> Iterator[Record]:
+    """A ``.json`` file: a JSON array of records, or JSON Lines (one record a line, what HF
+    datasets' ``to_json`` writes under a ``.json`` name); never prose with its braces."""
+    text = _decode(path)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].lstrip().startswith("{"):
+        yield from _jsonl(path, fmt)
+        return
+    data = _loads(text, str(path))
+    records = data if isinstance(data, list) else [data]
+    for i, obj in enumerate(records):
+        where = f"{path}[{i}]"
+        yield Record(where, _check_fields(where, obj, fmt))
+
+
 def read_records(paths: Iterable[Path], fmt: str) -> Iterator[Record]:
-    """Records of ``fmt`` from each file: JSONL lines, or a whole plain-text file (``text``)."""
+    """Records of ``fmt`` from each file: JSONL lines, a ``.json`` file's records, or a whole
+    plain-text file (``text``)."""
     for path in paths:
         if path.suffix.lower() in _JSONL:
             yield from _jsonl(path, fmt)
+        elif path.suffix.lower() == ".json":
+            yield from _json(path, fmt)
         elif fmt == "text":
             yield Record(str(path), {"text": _decode(path)})
         else:

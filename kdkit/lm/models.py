@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from kdkit.errors import KDError, closest_names
-from kdkit.lm._hf import from_folder, refuse_custom_code, require
+from kdkit.lm._hf import from_folder, load_error, refuse_custom_code, require
+from kdkit.lm._sizes import check_model_config
 
 __all__ = [
     "HiddenAndHead",
@@ -110,7 +111,9 @@ def load_tokenizer_folder(path: Path, *, required: bool, trust_code: bool = Fals
     tf = require("transformers")
     try:
         return from_folder(tf.AutoTokenizer, path, trust_code=trust_code)
-    except (OSError, ValueError) as e:
+    except KDError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tokenizers and transformers raise many types
         raise KDError(f"cannot load the tokenizer in {str(path)!r}: {e}".splitlines()[0]) from None
 
 
@@ -134,8 +137,9 @@ def load_lm(
     tok_path = Path(tokenizer) if tokenizer is not None else path
     for folder in dict.fromkeys((path, tok_path)):  # both, before any work
         refuse_custom_code(folder, trust_code)
-    tf = require("transformers")
     torch_dtype = _dtype(dtype)
+    check_model_config(path, str(torch_dtype).removeprefix("torch.") if torch_dtype else None, spec)
+    tf = require("transformers")
     kwargs: dict[str, Any] = {} if torch_dtype is None else {"dtype": torch_dtype}
     auto = tf.AutoModelForCausalLM
     try:
@@ -147,8 +151,10 @@ def load_lm(
                 if seed is not None:
                     torch.manual_seed(seed)
                 model = auto.from_config(config, trust_remote_code=trust_code, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise KDError(f"{spec}: cannot load the model: {e}".splitlines()[0]) from None
+    except KDError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers validates with any exception type
+        raise load_error(spec, path, e) from None
     required = prefix == "hf" or tokenizer is not None
     tok = load_tokenizer_folder(tok_path, required=required, trust_code=trust_code)
     log.info(

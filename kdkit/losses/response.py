@@ -68,8 +68,7 @@ class SoftTargetKL(nn.Module):
         check_logits(student)
         if self.teacher_probs and as_topk(teacher) is None:
             p = full_teacher_logits(teacher, student, t)  # same shape checks, as-is values
-            log_q = F.log_softmax(student / t, dim=1)
-            rows = (torch.xlogy(p, p) - p * log_q).sum(dim=1)
+            rows = _kl_rows_from_probs(p, student, t)
         else:
             rows = _kl_rows(full_teacher_logits(teacher, student, t), student, t)
         return rows.clamp_min(0).mean() * (t * t)  # a KL is >= 0; rounding must not flip it
@@ -100,6 +99,19 @@ def _kl_rows(teacher: torch.Tensor, student: torch.Tensor, t: float) -> torch.Te
     log_small = torch.log1p((log_q.exp() * torch.expm1(d_small)).sum(1))
     log_big = torch.logsumexp(log_q + d, dim=1)
     return (mean_d - torch.where(small.squeeze(1), log_small, log_big)).to(dtype)
+
+
+def _kl_rows_from_probs(p: torch.Tensor, student: torch.Tensor, t: float) -> torch.Tensor:
+    """``KL(p || softmax(student/t))`` per position for given probabilities, in float64 and
+    with ``p`` renormalized: float32 probabilities sum to 1 only within ~1e-7, and the
+    ``t**2`` factor would multiply that into the value (4.4 instead of 0.12 at t = 1e4).
+    Probabilities carry the rounding of their dtype: float64 ones give the exact value."""
+    dtype = student.dtype
+    p = p.double()
+    p = p / p.sum(dim=1, keepdim=True)
+    log_q = F.log_softmax(student.double() / t, dim=1)
+    terms = torch.where(p == 0, 0.0, p * (torch.log(p) - log_q))
+    return terms.sum(dim=1).to(dtype)
 
 
 class HardLabel(nn.Module):
@@ -191,15 +203,22 @@ class DKD(nn.Module):
         teacher = full_teacher_logits(teacher, student, t)
         target = self._target(teacher, labels).unsqueeze(1)
         mask = torch.zeros_like(student, dtype=torch.bool).scatter(1, target, True)
-        tckd = _binary_kl(teacher / t, student / t, mask, target)
-        log_p = F.log_softmax((teacher / t).masked_fill(mask, float("-inf")), 1).masked_fill(
-            mask, 0
-        )
-        log_q = F.log_softmax((student / t).masked_fill(mask, float("-inf")), 1).masked_fill(
-            mask, 0
-        )
-        nckd = kl_terms(log_p, log_q).masked_fill(mask, 0).sum(dim=1)
-        return (self.alpha * tckd + self.beta * nckd).mean() * (t * t)
+        # float64, and NCKD through the extreme-temperature KL of SoftTargetKL: the T^2 factor
+        # multiplies float32 rounding into the value (0.976 vs 0.978 at T=100, < 0 at 1e5)
+        s64, t64 = student.double(), teacher.double()
+        tckd = _binary_kl(t64 / t, s64 / t, mask, target)
+        nckd = _kl_rows(_others(t64, mask), _others(s64, mask), t)  # [positions]
+        nckd = nckd.view(tckd.shape)
+        loss = (self.alpha * tckd + self.beta * nckd).mean() * (t * t)
+        return loss.to(student.dtype)
+
+
+def _others(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The non-target logits of every position: ``(N, C, ...)`` -> ``(positions, C - 1)``,
+    positions in the order of ``(N, ...)``."""
+    c = z.shape[1]
+    rows = z.movedim(1, -1).reshape(-1, c)
+    return rows[~mask.movedim(1, -1).reshape(-1, c)].view(-1, c - 1)
 
 
 def _binary_kl(

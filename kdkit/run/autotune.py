@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -66,10 +65,19 @@ def read_choices(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / CHOICES_FILE
     if not path.is_file():
         return {}
-    try:
-        return dict(json.loads(path.read_text()))
-    except (OSError, ValueError) as err:
-        raise KDError(f"{path} is unreadable ({err}); delete it to measure again") from None
+    from kdkit._io import read_json
+
+    data = read_json(path, "delete it to measure again")
+    bad = not isinstance(data, dict) or any(
+        not isinstance(r, dict) or not isinstance(r.get("value"), (str, bool, int))
+        for r in data.values()
+    )
+    if bad:
+        raise KDError(
+            f"{path} is not a record of choices ({{key: {{value: ...}}}}); delete it to measure "
+            "again"
+        )
+    return data
 
 
 def write_choices(run_dir: str | Path, choices: list[Choice]) -> None:

@@ -133,6 +133,7 @@ def build_run(
             "teacher_spec": None if cfg.teacher is None else to_dict(cfg.teacher),
             "config": to_dict(cfg),
             "fingerprints": run_fingerprints(teacher, dataset),
+            "val_files": data.val_files,  # kdkit eval scores the same split later
         },
     )
     return trainer, data, choices

@@ -39,6 +39,9 @@ class RunData:
     input_shape: tuple[int, int, int]
     classes: list[str] | None
     train_dataset: Any
+    #: an image-folder run's ``val: {split: F}`` members, relative to the training folder:
+    #: recorded in the run's checkpoints so ``kdkit eval`` scores the same images later
+    val_files: list[str] | None = None
 
 
 def build_views(
@@ -84,6 +87,7 @@ def build_data(
     world: int = 1,
     drop_last: bool = False,
     classes: list[str] | None = None,
+    val_files: list[str] | None = None,
 ) -> RunData:
     """Loaders for ``d``; ``seed`` (``train.seed``) orders the batches, ``d.seed`` the splits.
 
@@ -91,10 +95,12 @@ def build_data(
     last training batch, which a compiled student would otherwise compile again for, when
     the data holds at least one whole batch per rank. ``classes``: the label order of image
     folders when it is known already (a checkpoint's class names: ``kdkit eval`` on a folder
-    that lacks some classes keeps their indices)."""
+    that lacks some classes keeps their indices). ``val_files``: the members a run's
+    ``val: {split: F}`` had when it trained (:attr:`RunData.val_files`, from its checkpoint):
+    the split is those images, not a new carve of a folder that has changed since."""
     if d.train.fashion_mnist is not None or d.train.stl10 is not None:
         return _arrays(d, seed, rank, world, drop_last)
-    return _folders(d, seed, rank, world, drop_last, classes)
+    return _folders(d, seed, rank, world, drop_last, classes, val_files)
 
 
 def _drop_last(wanted: bool, n: int, batch_size: int, world: int) -> bool:
@@ -226,8 +232,31 @@ def _carve(
     return keep, carved
 
 
+def _recorded_split(
+    samples: list[tuple[Path, int]], root: str, members: list[str]
+) -> tuple[list, list]:
+    """The split a run recorded: its members (paths relative to ``root``) and the rest."""
+    wanted = set(members)
+    keep, carved = [], []
+    for sample in samples:
+        (carved if Path(sample[0]).relative_to(root).as_posix() in wanted else keep).append(sample)
+    if len(carved) != len(wanted):
+        raise KDError(
+            f"{len(wanted) - len(carved)} of the {len(wanted)} images the run validated on "
+            f"(val: split) are no longer in {root}; score it on a folder with --data "
+            "val.image_folder=DIR"
+        )
+    return keep, carved
+
+
 def _folders(
-    d: DataConfig, seed: int, rank: int, world: int, drop_last: bool, known: list[str] | None
+    d: DataConfig,
+    seed: int,
+    rank: int,
+    world: int,
+    drop_last: bool,
+    known: list[str] | None,
+    members: list[str] | None = None,
 ) -> RunData:
     from kdkit.data import IMAGENET_MEAN, IMAGENET_STD
     from kdkit.data.epoch_loader import EpochLoader
@@ -241,10 +270,15 @@ def _folders(
     _check_known(d.train.image_folder, files, classes)
     samples = [(p, index[c]) for c, paths in files.items() for p in paths]
     gen = torch.Generator().manual_seed(d.seed)
-    val_samples = None
+    val_samples, split_files = None, None
     if d.val is not None:
-        if d.val.split is not None:
+        if d.val.split is not None and members is not None:
+            samples, val_samples = _recorded_split(samples, d.train.image_folder, members)
+        elif d.val.split is not None:
             samples, val_samples = _carve(samples, d.val.split, gen)
+        if d.val.split is not None:
+            root = d.train.image_folder
+            split_files = sorted(Path(p).relative_to(root).as_posix() for p, _ in val_samples)
         elif d.val.image_folder is not None:
             val_files = _classes(d.val.image_folder)
             _check_known(d.val.image_folder, val_files, classes, d.train.image_folder)
@@ -294,6 +328,7 @@ def _folders(
         (3, size, size),
         classes,
         train,
+        split_files,
     )
 
 

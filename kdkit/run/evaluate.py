@@ -69,12 +69,39 @@ def _moved(raw: dict) -> bool:
     return bool(folder) and not Path(folder).is_dir()
 
 
+#: the keys of data.val that name where its images come from: one replaces the others
+_VAL_SOURCES = ("image_folder", "fashion_mnist", "stl10", "split", "root")
+
+
+def _override_val(raw: dict, overrides: list[str]) -> dict:
+    """``--data val.image_folder=DIR`` (or another val source) replaces the recorded val
+    source, a ``split`` included: the run is scored on DIR, not on its carved split."""
+    given = {o.partition("=")[0].strip() for o in overrides}
+    if not any(f"val.{k}" in given for k in _VAL_SOURCES) or not isinstance(raw.get("val"), dict):
+        return raw
+    val = {k: v for k, v in raw["val"].items() if k not in _VAL_SOURCES}
+    return {**raw, "val": val}
+
+
 def eval_data_section(meta: dict, overrides: list[str]):
     """The checkpoint's data section (or an empty one) with ``--data`` applied, the run's
     seed and its ``train:`` section as plain data: what ``kdkit eval`` and ``kdkit export
     --int8`` score and calibrate on."""
     config = meta.get("config") or {}
+    for key in ("data", "train"):
+        if not isinstance(config.get(key) or {}, Mapping):
+            raise KDError(
+                f"the checkpoint's recorded config is malformed: '{key}' is "
+                f"{type(config[key]).__name__}, not a section; score it with --data KEY=VALUE "
+                "on a checkpoint written by kdkit train"
+            )
     raw = dict(config.get("data") or {})
+    if "train" in raw:  # the recorded values' types, named, before any of them is used
+        try:
+            build_section(DataConfig, raw, "data")
+        except KDError as err:
+            raise KDError(f"the checkpoint's recorded config is malformed: {err}") from None
+    raw = _override_val(raw, overrides)
     raw = apply_overrides(raw, overrides)
     _recorded_size(meta, raw, overrides)
     if _moved(raw) and meta.get("classes"):
@@ -127,7 +154,10 @@ def evaluate_image_run(
     teacher section) scored on the run's val data with ``data`` (``--data KEY=VALUE``)
     applied; with ``teacher``, the teacher on the same batches."""
     data_cfg, seed, train_cfg = eval_data_section(dict(meta), list(data))
-    run_data = build_data(data_cfg, seed=seed, classes=meta.get("classes"))
+    keys = {o.partition("=")[0].strip().partition(".")[0] for o in data}
+    recorded = data_cfg.val.split is not None and not keys & {"train", "val"}  # as trained
+    members = meta.get("val_files") if recorded else None
+    run_data = build_data(data_cfg, seed=seed, classes=meta.get("classes"), val_files=members)
     student, smeta = load_model_file(path, trust_code=trust_code)
     _check_input(path, smeta.get("input_shape"), run_data.input_shape)
     student.to(device).eval()

@@ -11,12 +11,15 @@ middle of a new curve, so those are refused with the alternative (``--init-from 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from kdkit.config import RunConfig
 from kdkit.errors import KDError
 
 __all__ = ["extension", "extension_note"]
+
+log = logging.getLogger(__name__)
 
 #: schedulers whose schedule is fitted to train.epochs (total_steps / T_max filled in)
 _FITTED = ("OneCycleLR", "CosineAnnealingLR")
@@ -45,10 +48,20 @@ def extension(cfg: RunConfig, changed: dict) -> dict[str, tuple]:
 def extension_note(run_dir: Path, extended) -> str:
     """The report's record of ``--resume --set train.epochs=N`` (kept across later resumes
     in ``extended.json``)."""
-    from kdkit._io import atomic_write_text
+    from kdkit._io import atomic_write_text, read_json
 
     path = Path(run_dir) / "extended.json"
-    steps = json.loads(path.read_text()) if path.is_file() else []
+    try:
+        steps = read_json(path) if path.is_file() else []
+    except KDError as err:  # a report note: never the end of a finished run
+        log.warning("%s; its earlier extensions are left out of the report", err)
+        steps = []
+    ok = isinstance(steps, list) and all(
+        isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) for v in s) for s in steps
+    )
+    if not ok:
+        log.warning("%s is not a list of [from, to] epochs; left out of the report", path)
+        steps = []
     if extended:
         steps.append(list(extended["train.epochs"]))
         atomic_write_text(path, json.dumps(steps) + "\n")

@@ -8,7 +8,7 @@ from typing import Any
 
 from kdkit.errors import KDError
 
-__all__ = ["run_fingerprints"]
+__all__ = ["run_fingerprints", "lm_run_fingerprints"]
 
 
 def run_fingerprints(teacher: Any, dataset: Any) -> dict[str, str]:
@@ -30,6 +30,32 @@ def run_fingerprints(teacher: Any, dataset: Any) -> dict[str, str]:
         out["dataset"] = str(dataset.fingerprint())
     elif isinstance(getattr(dataset, "samples", None), list):  # image files: a stat each
         out["dataset"] = _listing_fingerprint(dataset.samples)
+    return out
+
+
+def lm_run_fingerprints(teacher: Any, tokenizer: Any, corpus: str) -> dict[str, str]:
+    """What a ``task: lm`` run depends on beyond its config, compared on resume as for image
+    runs: the ``tokenizer`` (tokenizer.json, special tokens, chat template: a tokenizer
+    retrained to the same size differs), the ``teacher``'s weights (a model's, or for a
+    top-k cache the weights it was captured from, and the cache's sealed manifest as
+    ``cache``) and the ``corpus`` (the rows tokenized from the data files: ``corpus``, the
+    datasets' fingerprint)."""
+    from kdkit._fingerprint import module_fingerprint
+    from kdkit.lm.tokenizer import tokenizer_fingerprint
+
+    out = {"corpus": corpus}
+    try:
+        out["tokenizer"] = tokenizer_fingerprint(tokenizer)
+    except KDError:  # not a fast tokenizer: its vocabulary, ids and specials
+        from kdkit.lm.cache.format import tokenizer_fingerprint as vocab_fingerprint
+
+        out["tokenizer"] = str(sorted(vocab_fingerprint(tokenizer).items()))
+    manifest = getattr(teacher, "manifest", None)
+    if isinstance(manifest, dict):  # a TopKCache
+        out["cache"] = str(manifest.get("manifest_sha256"))
+        out["teacher"] = str(manifest.get("teacher", {}).get("weights_sha256"))
+    elif teacher is not None:
+        out["teacher"] = module_fingerprint(teacher)
     return out
 
 

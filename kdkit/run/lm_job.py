@@ -9,6 +9,7 @@ anything is built, the run directory is refused when it holds a run (unless ``--
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from kdkit.lm.onpolicy import OnPolicy, turn_end_id
 from kdkit.lm.task import LMTask, TokenInputs
 from kdkit.lm.tokenizer import pad_id
 from kdkit.lm.vocab import check_vocab
+from kdkit.run.fingerprints import lm_run_fingerprints
 from kdkit.train import Trainer, distributed
 
 __all__ = [
@@ -49,6 +51,8 @@ class LMRunData:
     val_loader: DataLoader | None
     tokenizer: Any
     train_rows: int
+    #: the train and val rows' fingerprint (files, tokenizer, settings, ids) before any split
+    corpus_fingerprint: str = ""
 
 
 def _split(dataset: Any, fraction: float, seed: int) -> tuple[Subset, Subset]:
@@ -87,6 +91,7 @@ def build_lm_data(
     ``cache`` (:class:`kdkit.lm.cache.TopKCache`) every batch carries its cached targets."""
     d = cfg.data
     train, val = lm_datasets(cfg, tokenizer, positions)
+    corpus = train.fingerprint + (val.fingerprint if val is not None else "")
     if d.val is not None and d.val.split is not None:
         train, val = _split(train, d.val.split, d.seed)
     collate: Any = Aligner(pad_id=pad_id(tokenizer), max_length=d.max_length)
@@ -105,7 +110,8 @@ def build_lm_data(
     val_loader = None
     if val is not None:
         val_loader = DataLoader(val, batch_size=d.batch_size, shuffle=False, collate_fn=collate)
-    return LMRunData(train_loader, val_loader, tokenizer, len(train))
+    corpus = hashlib.sha256(corpus.encode()).hexdigest()
+    return LMRunData(train_loader, val_loader, tokenizer, len(train), corpus)
 
 
 def load_lm_teacher(cfg: LMRunConfig, *, trust_code: bool = False) -> tuple[Any, Any]:
@@ -182,6 +188,8 @@ def build_lm_trainer(
         )
     positions = max_positions(student)
     data = build_lm_data(cfg, tokenizer, positions, cache)
+    # what resume compares (before the teacher becomes an ONNX engine or is sharded)
+    fingerprints = lm_run_fingerprints(teacher, tokenizer, data.corpus_fingerprint)
     if cache is None:  # a cache is never a model to run
         loader = data.train_loader
         teacher = load_lm_teacher_backend(teacher, cfg, loader.dataset, loader.collate_fn, device)
@@ -227,6 +235,7 @@ def build_lm_trainer(
             "student_spec": None,
             "teacher_spec": None if cfg.teacher is None else to_dict(cfg.teacher),
             "config": to_dict(cfg),
+            "fingerprints": fingerprints,
         },
     )
     return trainer, data
@@ -261,9 +270,11 @@ def capture_run(
     cache ``out``; resumes an unfinished capture there. Returns the manifest. ``trust_code``
     lets the model and tokenizer folders run code of their own (``auto_map``)."""
     from kdkit._fingerprint import module_fingerprint
-    from kdkit.lm.cache.capture import Provenance, capture
+    from kdkit.lm.cache.capture import Provenance, capture, check_capture_options
     from kdkit.lm.cache.format import data_settings
 
+    check_capture_options(topk=topk, encoding=encoding, temperature=temperature,
+                          shard_rows=shard_rows, batch_size=cfg.data.batch_size)  # fmt: skip
     if cfg.teacher is None or cfg.teacher.model.startswith("cache:"):
         raise KDError("kdkit lm capture needs a live teacher: teacher: {model: 'hf:DIR'}")
     tc = cfg.teacher

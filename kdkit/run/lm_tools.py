@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from kdkit._io import check_output_path
+from kdkit._io import check_output_path, writing
 from kdkit.config import LMRunConfig, parse
 from kdkit.errors import KDError
+from kdkit.lm._hf import quiet_progress
 from kdkit.lm.models import load_lm, load_tokenizer, max_positions
 from kdkit.lm.task import LMTask, TokenInputs
 from kdkit.load import load_checkpoint
@@ -101,7 +102,8 @@ def export_hf(path: str | Path, out_dir: str | Path, *, trust_code: bool = False
     if out.exists() and any(out.iterdir()):
         raise KDError(f"--hf {out} is not empty; give a new folder")
     student, tokenizer, _ = load_lm_student(path, trust_code=trust_code)
-    student.save_pretrained(str(out), safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+    with writing(out, "--hf"), quiet_progress():  # a full disk is one line, not a traceback
+        student.save_pretrained(str(out), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
     return out

@@ -75,22 +75,35 @@ def _onnx_predictor(path: Path) -> Predictor:
             f"{path} carries no {', '.join(missing)} metadata (not written by kdkit export); "
             "export it with kdkit export RUN --onnx PATH, or predict from the run directory"
         )
-    shape = tuple(int(v) for v in props["kdkit.input_shape"].split(","))
+    try:  # metadata is text anyone can write into an ONNX file: typed before use
+        shape = tuple(int(v) for v in props["kdkit.input_shape"].split(","))
+        classes = json.loads(props["kdkit.classes"]) if "kdkit.classes" in props else None
+        mean, std = json.loads(props["kdkit.mean"]), json.loads(props["kdkit.std"])
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        if classes is not None and not all(isinstance(c, str) for c in classes):
+            raise TypeError("class names must be strings")
+    except (ValueError, TypeError, RecursionError) as err:
+        raise KDError(f"{path}: its kdkit metadata is malformed ({err}); export it again") from None
     input_name = session.get_inputs()[0].name
 
     def logits_of(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {input_name: x.numpy()})[0])
 
-    classes = json.loads(props["kdkit.classes"]) if "kdkit.classes" in props else None
-    mean, std = json.loads(props["kdkit.mean"]), json.loads(props["kdkit.std"])
     return Predictor(logits_of, shape, tuple(mean), tuple(std), classes, str(path))  # type: ignore[arg-type]
 
 
 def run_classes(path: Path) -> list[str] | None:
     """``classes.json`` of the run directory a checkpoint sits in (older checkpoints)."""
+    from kdkit._io import read_json
+
     run_dir = path if path.is_dir() else path.parent
     file = run_dir / "classes.json"
-    return json.loads(file.read_text()) if file.is_file() else None
+    if not file.is_file():
+        return None
+    classes = read_json(file, "it lists the run's class names")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise KDError(f"{file} is not a list of class names (strings)")
+    return classes
 
 
 def load_predictor(

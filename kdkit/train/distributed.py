@@ -9,13 +9,14 @@ gradients and never touches the frozen teacher, which every rank holds a copy of
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from kdkit._launch import join, launch_env
 
 T = TypeVar("T")
 
@@ -38,18 +39,19 @@ def init(backend: str | None = None) -> torch.device:
     """Join the process group ``torchrun`` describes (RANK, WORLD_SIZE, LOCAL_RANK...).
 
     Returns this process's device: ``cuda:LOCAL_RANK`` with NCCL where CUDA is available, else
-    the CPU with gloo. Without torchrun's variables it does nothing and returns the default
-    device, so the same script runs on one process.
+    the CPU with gloo. Without torchrun's variables (or with ``WORLD_SIZE=1``) it does nothing
+    and returns the default device, so the same script runs on one process. Variables that
+    do not fit together, or a rank 0 that never comes, are one line (:mod:`kdkit._launch`).
     """
     cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    launch = launch_env()
+    if launch is None:
         return torch.device("cuda" if cuda else "cpu")
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    device = torch.device("cuda", launch.local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
+        join(launch, backend or ("nccl" if cuda else "gloo"))
     return device
 
 
@@ -79,7 +81,8 @@ def launch_rank() -> int:
     """This process's rank, also before :func:`init` (torchrun's ``RANK``; 0 alone)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
+    launch = launch_env()  # checked: a bad RANK is one line here, before the run lock
+    return 0 if launch is None else launch.rank
 
 
 def is_main() -> bool:

@@ -14,18 +14,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from kdkit.errors import KDError
+from kdkit.metrics import direction
 
 __all__ = ["EarlyStopping"]
-
-_LOWER_IS_BETTER = ("loss", "ppl", "perplexity", "error")
 
 
 @dataclass(frozen=True)
 class EarlyStopping:
     """Stop after ``patience`` epochs in which ``metric`` (a column of the epoch rows, e.g.
     ``val_top1``, ``val_loss``; None: the task's best metric) did not improve by more than
-    ``min_delta``. ``mode``: ``max``, ``min``, or ``auto`` (``min`` for losses and
-    perplexities, else the task's direction for its own metric, else ``max``)."""
+    ``min_delta``. ``mode``: ``max``, ``min``, or ``auto`` (the task's direction for its own
+    metric, else the direction :data:`kdkit.metrics.DIRECTIONS` declares: ``val_kl``,
+    ``val_ce``, ``val_ppl`` and losses fall, ``val_top1`` and ``val_agree`` rise; a count,
+    a speed or a column kdkit does not log needs ``min`` or ``max``)."""
 
     metric: str | None = None
     patience: int = 5
@@ -47,7 +48,13 @@ class EarlyStopping:
             return column, self.mode == "max"
         if column == f"val_{task_metric}":
             return column, higher_is_better
-        return column, not any(word in column for word in _LOWER_IS_BETTER)
+        higher = direction(column)
+        if higher is None:
+            raise KDError(
+                f"early_stopping.metric {column!r} is a count or a speed, not a score; stop on "
+                "a score (val_loss, val_top1, val_ppl, val_kl...) or set mode: min or max"
+            )
+        return column, higher
 
     def reason_to_stop(
         self, history: Sequence[dict[str, Any]], column: str, higher_is_better: bool

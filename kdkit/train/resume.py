@@ -35,6 +35,7 @@ RUN_INFO_KEYS = (
     "std",
     "classes",
     "fingerprints",  # {"teacher": ..., "cache": ..., "dataset": ...}: what the run depends on
+    "val_files",  # an image-folder run's val split members (kdkit eval re-scores the same)
 )
 #: config keys that do not change a run's result (ignored when resume compares configs)
 IGNORED_CONFIG_KEYS = ("versions", "run_dir", "train.progress")

@@ -1,10 +1,9 @@
 """A run directory's two rules: one run at a time, and nothing trained over without resume.
 
-**The lock.** ``fcntl.flock`` on ``DIR/.kdkit.lock`` for the whole run: the OS drops it when
-the process dies, so ``kill -9`` leaves no stale lock, and a second ``kdkit train`` (or
-``Trainer.fit``) on the same directory is refused with one line naming the holder's pid. The
-lock is re-entrant inside one process (``kdkit train`` holds it and its ``Trainer.fit`` takes it
-again) because two ``flock`` s on two descriptors of one process would exclude each other.
+**The lock** (:mod:`kdkit._lock`, which caches take too): ``fcntl.flock`` on
+``DIR/.kdkit.lock`` for the whole run, so a second ``kdkit train`` (or ``Trainer.fit``) on the
+same directory is refused with one line naming the holder's pid; ``kill -9`` leaves no stale
+lock, and the lock is re-entrant inside one process.
 
 **The outputs.** A directory that already holds kdkit outputs (:data:`RUN_OUTPUTS`) is a run:
 training into it without ``resume`` would replace its ``best.pt`` and ``metrics.csv``.
@@ -17,7 +16,8 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from kdkit._io import check_output_path
+from kdkit._kept import RUN, RUN_FILES, RUN_MARKS
+from kdkit._lock import LOCK_NAME, folder_lock
 from kdkit.errors import KDError
 
 __all__ = [
@@ -32,9 +32,6 @@ __all__ = [
 
 #: what kdkit writes into a run directory (``kdkit train`` and ``Trainer(checkpoint_dir=)``)
 RUN_OUTPUTS = ("config.yaml", "last.pt", "best.pt", "metrics.csv", "report.md", "curves.png")
-LOCK_NAME = ".kdkit.lock"
-
-_held: dict[str, list[int]] = {}  # resolved dir -> [fd, depth] (re-entrant in one process)
 
 
 def existing_outputs(directory: str | os.PathLike, names: Iterable[str] = RUN_OUTPUTS) -> list[str]:
@@ -52,69 +49,25 @@ def refuse_existing_run(
 
 
 def protected_files(path: str | os.PathLike) -> list[Path]:
-    """``path`` and, when it is (or lies in) a run directory, that run's outputs: what a
-    command reading ``path`` must never write over."""
+    """``path`` and, when it is (or lies in) a run directory, every file that run keeps
+    (:data:`kdkit._kept.RUN_FILES`): what a command reading ``path`` must never write over."""
     path = Path(path)
     run = path if path.is_dir() else path.parent
     files = [path]
-    if existing_outputs(run, ("config.yaml", "last.pt", "best.pt")):
-        files += [run / n for n in RUN_OUTPUTS if (run / n).exists()]
+    if existing_outputs(run, RUN_MARKS):
+        files += [run / n for n in RUN_FILES if (run / n).exists()]
     return files
 
 
-def _holder(lock_path: Path) -> str:
-    with contextlib.suppress(OSError, ValueError):
-        pid = int(lock_path.read_text().strip() or "0")
-        if pid > 0:
-            return f"process {pid}"
-    return "another process"
-
-
 @contextlib.contextmanager
-def run_lock(directory: str | os.PathLike) -> Iterator[None]:
-    """Hold ``directory``'s run lock for the ``with`` block (created if needed)."""
-    import fcntl
-
-    directory = Path(directory)
-    created = not directory.exists()
-    check_output_path(directory, what="the run directory", directory=True)
-    key = str(directory.resolve())
-    if key in _held:
-        _held[key][1] += 1
-        try:
-            yield
-        finally:
-            _held[key][1] -= 1
-        return
-    lock_path = directory / LOCK_NAME
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        raise KDError(f"cannot lock the run directory {directory}: {err.strerror or err}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise KDError(
-            f"{directory} is in use by {_holder(lock_path)} (a kdkit run holds its lock); wait "
-            "for it to finish, or use another run directory"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    _held[key] = [fd, 1]
-    try:
+def run_lock(
+    directory: str | os.PathLike, *, makes: str = RUN, what: str = "the run directory"
+) -> Iterator[None]:
+    """Hold ``directory``'s lock for the ``with`` block (created if needed):
+    :func:`kdkit._lock.folder_lock` with a run directory's defaults (caches take the same
+    lock while a capture or precompute writes them)."""
+    with folder_lock(directory, makes=makes, what=what):
         yield
-    finally:
-        _held[key][1] -= 1
-        if _held[key][1] == 0:
-            del _held[key]
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-            os.close(fd)  # closing the descriptor releases the flock
-            if created and [p.name for p in directory.iterdir()] == [LOCK_NAME]:
-                with contextlib.suppress(OSError):  # a run that wrote nothing leaves no trace
-                    lock_path.unlink()
-                    directory.rmdir()
 
 
 def refuse_inputs_in_run(directory: str | os.PathLike, inputs: Iterable[str | None]) -> None:

@@ -32,10 +32,12 @@ from tqdm.auto import tqdm
 
 import kdkit._sharding as fsdp
 from kdkit._io import check_output_path
+from kdkit._kept import RUN
 from kdkit.data.pipeline import InputPipeline
 from kdkit.data.unreadable import skip_counts
 from kdkit.errors import KDError
 from kdkit.load import save_checkpoint
+from kdkit.metrics import check_best_metric
 from kdkit.task import StepOutput, Task
 from kdkit.train import distributed
 from kdkit.train.ema import StudentEMA
@@ -147,7 +149,7 @@ class Trainer:
         self.run_info = check_run_info(run_info)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         if self.checkpoint_dir is not None and distributed.is_main():  # before the first step
-            check_output_path(self.checkpoint_dir, what="checkpoint_dir", directory=True)
+            check_output_path(self.checkpoint_dir, what="checkpoint_dir", directory=True, makes=RUN)
         self.callbacks = callbacks
         task.check_inputs(dataset, self.inputs)  # e.g. a teacher cache of other data: refused
         self.precision = Precision(options.precision, self.device, options.grad_accum)
@@ -177,6 +179,9 @@ class Trainer:
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.history: list[dict[str, Any]] = []
         self.best_metric, self.higher_is_better = task.best_metric
+        check_best_metric(self.best_metric, self.higher_is_better)  # best.pt's direction
+        if options.early_stopping is not None:  # a metric without a direction fails now
+            options.early_stopping.resolve(self.best_metric, self.higher_is_better)
         self.best_score = -math.inf if self.higher_is_better else math.inf
         self._partial: dict[str, Any] | None = None  # loss sums of a resumed, unfinished epoch
         self._epoch_sums: dict[str, Any] = {}

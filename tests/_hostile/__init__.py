@@ -15,7 +15,12 @@ destroyed), ``ran code`` (a file made kdkit run code it named) or ``hang``.
 
 A room of kdkit per file: the CLI's commands (``_cli``, ``_export``, ``_bench``, ``_cache``),
 model files (``_checkpoints``), the run directory (``_resume``, ``_outputs``), data and disks
-(``_files``), config values (``_values``) and the library's losses and steps (``_library``).
+(``_files``), config values (``_values``) and the library's losses and steps (``_library``);
+issue 40 added the ``task: lm`` rooms (``_lm_data``, ``_lm_models``, ``_lm_cache``, ``_lm_runs``:
+``fx.lm`` holds their tokenizer, models and corpus, :mod:`.lm`), a run's and a cache's own
+files (``_runfiles``), the launcher's environment (``_launch``) and the image side's
+leftovers (``_images``). ``Case.guard`` wraps a row in :class:`memory_cap` (a fix that fails
+gets a MemoryError, not a thrashing machine) or :class:`file_size_cap` (a full disk).
 The ``hostile`` fixture (``tests/conftest.py``) gives each file an :class:`Fx`. Here:
 ``rows`` (cases, verdicts, the tally), ``make`` (tiny models, data, configs) and ``files``
 (the files the rows start from); tests import the names below from ``_hostile``. With
@@ -38,6 +43,7 @@ from .files import (
     work_copy,
     work_started,
 )
+from .lm import LMFiles, corpus_text, tiny_llama
 from .make import (
     CLASSES,
     MEAN,
@@ -59,10 +65,12 @@ from .rows import (
     Case,
     WorkStarted,
     cli_rows,
+    file_size_cap,
     hang_post,
     in_thread,
     judge,
     judge_row,
+    memory_cap,
     no_cuda,
     params,
     pwned,
@@ -72,9 +80,9 @@ from .rows import (
 
 __all__ = [
     "CLASSES", "MEAN", "PWN", "SIZE", "STD", "STUDENT", "VERDICTS",
-    "Case", "Files", "Fx", "WorkStarted",
-    "blobs", "build_files", "cli_rows", "dataset", "fake_load_data", "flipped",
-    "hang_post", "image_tree", "in_thread", "judge", "judge_row", "net", "no_cuda", "params",
-    "pwned", "resaved", "room", "run_config", "student", "table", "teacher_weights", "trainer",
+    "Case", "Files", "Fx", "LMFiles", "WorkStarted",
+    "blobs", "build_files", "cli_rows", "corpus_text", "file_size_cap", "dataset", "fake_load_data", "flipped",
+    "hang_post", "image_tree", "in_thread", "judge", "judge_row", "memory_cap", "net", "no_cuda", "params",
+    "pwned", "resaved", "room", "run_config", "student", "table", "teacher_weights", "tiny_llama", "trainer",
     "work_copy", "work_started", "write_tally", "write_yaml",
 ]  # fmt: skip

@@ -16,6 +16,7 @@ from torch import nn
 
 from kdkit.errors import KDError
 
+from .lm import LMFiles, build_lm_files
 from .make import (
     MEAN,
     SIZE,
@@ -74,6 +75,11 @@ class Fx(Files):
         run = self.root / "run"
         assert main(["train", str(self.cfg), "--run-dir", str(run)]) == 0
         return run
+
+    @functools.cached_property
+    def lm(self) -> LMFiles:
+        """The ``task: lm`` files of this room (built on first use)."""
+        return build_lm_files(self.root / "lmfiles")
 
 
 def build_files(root: Path) -> Files:

@@ -29,6 +29,7 @@ class Case:
     cli: bool = False
     post: Callable[[Any], str | None] | None = None  # "loss" / "ran code" / None
     marks: list = field(default_factory=list)
+    guard: Callable[[Any], Any] | None = None  # fx -> a context manager around the row
 
 
 class WorkStarted(Exception):
@@ -95,7 +96,10 @@ def _cli_verdict(case: Case, fx: Any, capsys) -> tuple[str, str]:
 
 def judge(case: Case, fx: Any, capsys) -> tuple[str, str]:
     """Run one row: its verdict and message (``post`` may make it worse)."""
-    verdict, message = _cli_verdict(case, fx, capsys) if case.cli else _lib_verdict(case, fx)
+    import contextlib
+
+    with case.guard(fx) if case.guard is not None else contextlib.nullcontext():
+        verdict, message = _cli_verdict(case, fx, capsys) if case.cli else _lib_verdict(case, fx)
     if case.post is not None:
         worse = case.post(fx)
         if worse:
@@ -168,3 +172,52 @@ def in_thread(hung: set, row: str, fn, timeout: float = 15) -> object:
     if "error" in box:
         raise box["error"]
     return box.get("result")
+
+
+class memory_cap:  # noqa: N801 - used as a context manager, like a function
+    """Lower this process's address-space limit to its current size + ``extra`` bytes for the
+    ``with`` block (restored after): a row whose fix failed gets a MemoryError instead of
+    thrashing a shared machine."""
+
+    def __init__(self, extra: int = 2 << 30) -> None:
+        self.extra = extra
+
+    def __enter__(self) -> None:
+        import resource
+
+        self.old = resource.getrlimit(resource.RLIMIT_AS)
+        with open("/proc/self/statm") as f:
+            size = int(f.read().split()[0]) * resource.getpagesize()
+        hard = self.old[1]
+        soft = size + self.extra
+        if hard != resource.RLIM_INFINITY:
+            soft = min(soft, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+    def __exit__(self, *exc: object) -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, self.old)
+
+
+class file_size_cap:  # noqa: N801 - used as a context manager
+    """Files this process writes cannot grow past ``limit`` bytes in the ``with`` block
+    (``RLIMIT_FSIZE``, SIGXFSZ ignored): a write past it fails with EFBIG, as on a full disk."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def __enter__(self) -> None:
+        import resource
+        import signal
+
+        self.old = resource.getrlimit(resource.RLIMIT_FSIZE)
+        self.handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, self.old[1]))
+
+    def __exit__(self, *exc: object) -> None:
+        import resource
+        import signal
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, self.old)
+        signal.signal(signal.SIGXFSZ, self.handler)

@@ -12,6 +12,7 @@ a single go (tested).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kdkit._io import atomic_path, atomic_write_json, check_output_path, sha256_file
+from kdkit._io import atomic_path, atomic_write_json, check_output_path, sha256_file, writing
+from kdkit._lock import LOCK_NAME, folder_lock
 from kdkit.errors import KDError
 from kdkit.lm.align import Aligner
 from kdkit.lm.cache.codec import ENCODINGS, encode_logp, id_bits, pack_ids
@@ -43,10 +45,12 @@ from kdkit.lm.cache.target import log1mexp
 from kdkit.lm.models import hidden_and_head
 from kdkit.lm.targets import head_parts
 
-__all__ = ["Provenance", "capture"]
+__all__ = ["KIND", "Provenance", "capture", "check_capture_options", "rows_fingerprint"]
 
 log = logging.getLogger(__name__)
 
+#: the kind of folder a capture makes (kdkit._kept: a run or an image cache is refused as --out)
+KIND = "LM teacher cache"
 #: token rows projected onto the vocabulary at once (a [rows, V] fp32 block)
 _CHUNK = 256
 
@@ -164,13 +168,61 @@ def capture(
             "kdkit.lm.cache.capture writes rows a teacher was run on; to capture a config's "
             "teacher over its corpus call kdkit.run.lm_job.capture_run(cfg, out, ...)"
         )
+    check_capture_options(topk=topk, encoding=encoding, temperature=temperature,
+                          shard_rows=shard_rows, batch_size=batch_size)  # fmt: skip
+    out = check_output_path(out, what="the cache folder", directory=True, makes=KIND)
+    with folder_lock(out, makes=KIND, what="the cache folder"):  # one writer at a time
+        return _capture(teacher, rows, aligner, out, tokenizer, provenance, topk, encoding,
+                        float(temperature), shard_rows, batch_size, progress)  # fmt: skip
+
+
+def check_capture_options(
+    *, topk: Any, encoding: Any, temperature: Any, shard_rows: Any, batch_size: Any = 1
+) -> None:
+    """The capture's options, in range (one line naming the flag): ``kdkit precompute``,
+    ``kdkit lm capture`` and the Python doors all pass here before anything is loaded."""
+
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
     if encoding not in ENCODINGS:
         raise KDError(f"--encoding must be one of {list(ENCODINGS)}, got {encoding!r}")
-    if not (isinstance(topk, int) and topk >= 1):
-        raise KDError(f"--topk must be an integer >= 1, got {topk!r}")
-    if not temperature > 0:
-        raise KDError(f"--temperature must be > 0, got {temperature!r}")
-    out = check_output_path(out, what="the cache folder", directory=True)
+    if not (integer(topk) and 1 <= topk <= 1 << 16):
+        raise KDError(f"--topk must be an integer in [1, 65536], got {topk!r}")
+    if not (integer(shard_rows) and 1 <= shard_rows <= 1 << 24):
+        raise KDError(
+            f"--shard-rows (shard_rows) must be an integer in [1, 2**24], got {shard_rows!r}"
+        )
+    if not (integer(batch_size) and batch_size >= 1):
+        raise KDError(f"the capture's batch size must be an integer >= 1, got {batch_size!r}")
+    number = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    if not (number and math.isfinite(temperature) and temperature > 0):
+        raise KDError(f"--temperature must be a finite number > 0 (e.g. 1.0), got {temperature!r}")
+
+
+def rows_fingerprint(rows: Sequence[Any]) -> str:
+    """sha256 over every row's :func:`row_hash`, in order: the corpus as tokenized. A capture
+    resumed over other rows (the corpus edited, same row count) differs here."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(row_hash(row).to_bytes(8, "little"))
+    return h.hexdigest()
+
+
+def _capture(
+    teacher: Any,
+    rows: Sequence[Any],
+    aligner: Aligner,
+    out: Path,
+    tokenizer: Any,
+    provenance: Provenance,
+    topk: int,
+    encoding: str,
+    temperature: float,
+    shard_rows: int,
+    batch_size: int,
+    progress: bool,
+) -> dict[str, Any]:
     vocab = min(provenance.vocab_rows, len(tokenizer))  # padded head rows are never a target
     if topk > vocab:
         raise KDError(f"--topk {topk} is larger than the vocabulary ({vocab})")
@@ -197,12 +249,14 @@ def capture(
         },
         "data": dict(provenance.data),
         "num_rows": len(rows),
+        "rows_sha256": rows_fingerprint(rows),
         "shard_rows": shard_rows,
         "num_shards": num_shards,
     }
     done = _resume(out, settings)
     if not done:  # the tokenizer travels with the cache: a student from hf-config can use it
-        tokenizer.save_pretrained(str(out / "tokenizer"))
+        with writing(out / "tokenizer"):
+            tokenizer.save_pretrained(str(out / "tokenizer"))
     bar = tqdm(
         total=len(rows), unit="row", desc="capture", disable=not progress, dynamic_ncols=True
     )
@@ -211,7 +265,8 @@ def capture(
         lo, hi = i * shard_rows, min((i + 1) * shard_rows, len(rows))
         arrays = _shard_arrays(rows[lo:hi], teacher, aligner, settings, batch_size)
         path = out / shard_name(i)
-        _write_shard(path, arrays)
+        with writing(path):
+            _write_shard(path, arrays)
         done.append(
             {
                 "file": path.name,
@@ -226,7 +281,8 @@ def capture(
             entries = sum(s["entries"] for s in done)
             manifest["entries"] = entries
             manifest["bytes_per_token"] = sum(s["bytes"] for s in done) / max(entries, 1)
-        atomic_write_json(out / MANIFEST, seal(manifest))
+        with writing(out / MANIFEST):
+            atomic_write_json(out / MANIFEST, seal(manifest))
         bar.update(hi - lo)
     bar.close()
     return read_manifest(out)
@@ -235,11 +291,17 @@ def capture(
 def _resume(out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
     """The shards already finished in ``out`` (verified), or [] for a fresh capture."""
     if not (out / MANIFEST).exists():
-        if any(p.name != "tokenizer" for p in out.iterdir()):
+        if any(p.name not in ("tokenizer", LOCK_NAME) for p in out.iterdir()):
             raise KDError(f"{out} is not empty and holds no capture; choose an empty --out")
         return []
     have = read_manifest(out, complete=False)
     changed = differences(have, settings)
+    if "rows_sha256" in [c.partition(":")[0] for c in changed]:
+        raise KDError(
+            f"{out} holds an unfinished capture of another corpus (the rows tokenized from "
+            "data.text_files differ: a file was edited, added or removed since); use another "
+            "--out, or remove it to capture again"
+        )
     if changed:
         raise KDError(
             f"{out} holds a capture made with other settings ({'; '.join(changed)}); use "

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from kdkit._io import sha256_bytes
+from kdkit._io import read_json, sha256_bytes
 from kdkit.errors import KDError
 from kdkit.lm.data import TokenRow
 
@@ -51,6 +51,7 @@ __all__ = [
     "tokenizer_fingerprint",
     "read_manifest",
     "data_settings",
+    "check_layout",
 ]
 
 FORMAT = "kdkit-lm-topk"
@@ -106,10 +107,7 @@ def read_manifest(cache_dir: str | Path, *, complete: bool = True) -> dict[str, 
             f"{cache_dir} is not an LM teacher cache (no {MANIFEST}); make one with "
             "kdkit lm capture CONFIG.yaml --out DIR"
         )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise KDError(f"{path} is not valid JSON ({err}); the cache is damaged") from None
+    manifest = read_json(path, "the cache is damaged")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise KDError(f"{path} is not a {FORMAT} manifest")
     if manifest.get("version") != VERSION:
@@ -119,12 +117,42 @@ def read_manifest(cache_dir: str | Path, *, complete: bool = True) -> dict[str, 
     sealed = manifest.get("manifest_sha256")
     if sealed != manifest_digest(manifest):
         raise KDError(f"{path} was edited after capture (its manifest_sha256 does not match)")
+    check_layout(manifest, path)
     if complete and not manifest.get("complete"):
         raise KDError(
             f"the cache {cache_dir} is unfinished ({len(manifest.get('shards', []))} of "
             f"{manifest.get('num_shards')} shards); run kdkit lm capture again to finish it"
         )
     return manifest
+
+
+def check_layout(manifest: Mapping[str, Any], path: Path) -> None:
+    """The shard list a reader follows: shard ``i`` is the file :func:`shard_name` (i) of the
+    manifest's own folder (never ``../`` or an absolute path, even in a manifest resealed
+    after an edit) holding rows ``[i * shard_rows, ...)`` with plain counts and a checksum."""
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    shards, rows, per = manifest.get("shards"), manifest.get("num_rows"), manifest.get("shard_rows")
+    if not (isinstance(shards, list) and count(rows) and count(per) and per > 0):
+        raise KDError(f"{path}: its shard list, num_rows or shard_rows is malformed (edited?)")
+    for i, shard in enumerate(shards):
+        name = shard.get("file") if isinstance(shard, dict) else None
+        if name != shard_name(i):
+            where = str(name)
+            outside = isinstance(name, str) and (
+                Path(name).is_absolute() or Path(name).name != name or name in (".", "..")
+            )
+            raise KDError(
+                f"{path}: shard {i} is {where!r}"
+                + (", a path outside the cache folder" if outside else "")
+                + f"; a manifest lists only its own folder's {shard_name(i)} (edited?)"
+            )
+        span = [i * per, min((i + 1) * per, rows)]
+        ok = shard.get("rows") == span and count(shard.get("entries")) and count(shard.get("bytes"))
+        if not ok or not isinstance(shard.get("sha256"), str):
+            raise KDError(f"{path}: shard {i}'s rows, counts or checksum are malformed (edited?)")
 
 
 def manifest_digest(manifest: Mapping[str, Any]) -> str:

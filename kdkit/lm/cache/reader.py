@@ -26,6 +26,7 @@ from kdkit.lm.data import TokenRow
 __all__ = ["TopKCache", "CachedAligner"]
 
 _INDEX_KEYS = ("row_offsets", "token_offsets", "row_hash")
+_MAX_HEADER = 100 << 20  # safetensors' own limit on a header
 
 
 _NP_DTYPES = {
@@ -45,11 +46,20 @@ def _memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
     8-byte header length, a JSON header of dtype / shape / byte offsets, then the raw data):
     a batch reads the pages of its rows only, and DataLoader workers share them."""
     import json
+    import math
+    import os
 
     try:
+        file_size = os.path.getsize(path)
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= min(file_size - 8, _MAX_HEADER):  # read nothing it cannot hold
+                raise KDError(
+                    f"{path}: its header declares {size:,} bytes but the file holds "
+                    f"{file_size:,}: not a whole safetensors shard (damaged or edited)"
+                )
             header = json.loads(f.read(size))
+        data_size = file_size - 8 - size
         arrays = {}
         for name, meta in header.items():
             if name == "__metadata__":
@@ -57,6 +67,11 @@ def _memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
             begin, end = meta["data_offsets"]
             dtype = np.dtype(_NP_DTYPES[meta["dtype"]])
             count = (end - begin) // dtype.itemsize
+            if not (0 <= begin <= end <= data_size) or count != math.prod(meta["shape"]):
+                raise KDError(
+                    f"{path}: array {name!r} lies outside the file or does not match its "
+                    "shape (damaged or edited)"
+                )
             arrays[name] = (
                 np.memmap(
                     path, dtype=dtype, mode="r", offset=8 + size + begin, shape=(count,)
@@ -65,7 +80,7 @@ def _memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
                 else np.zeros(meta["shape"], dtype)
             )
         return arrays
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
         raise KDError(f"cannot read {path}: {err}".splitlines()[0]) from None
 
 

@@ -18,12 +18,20 @@ from typing import Any
 
 from kdkit.errors import KDError
 
-__all__ = ["Built", "Recipe", "RunResult", "default_cache_dir", "refuse_options"]
+__all__ = ["Built", "Recipe", "RunResult", "check_demo_out", "default_cache_dir", "refuse_options"]
 
 
 def default_cache_dir(cfg: Any) -> Path:
     """Where ``kdkit precompute CONFIG`` writes without ``--out``: beside the run directory."""
     return Path(f"{cfg.run_dir}-teacher-cache")
+
+
+def check_demo_out(out: str | Path) -> None:
+    """A demo's report folder, checked before the demo starts: writable, and never a run
+    directory or a cache (the demo writes ``report.md`` and ``config.json`` into it)."""
+    from kdkit._io import check_output_path
+
+    check_output_path(out, what="--out", directory=True, makes="demo folder")
 
 
 def refuse_options(options: Mapping[str, Any], names: Sequence[str], what: str) -> None:

@@ -13,7 +13,14 @@ from typing import Any
 from kdkit._args import check_min, check_range, check_shape
 from kdkit._cache_meta import META_NAME, info_lines, written_lines
 from kdkit.errors import KDError
-from kdkit.run.recipes.base import Built, Recipe, RunResult, default_cache_dir, refuse_options
+from kdkit.run.recipes.base import (
+    Built,
+    Recipe,
+    RunResult,
+    check_demo_out,
+    default_cache_dir,
+    refuse_options,
+)
 
 __all__ = ["ClassifyRecipe"]
 
@@ -65,7 +72,7 @@ class ClassifyRecipe(Recipe):
         for key in ("views", "topk", "batch_size", "shard_size"):
             check_min(opts.get(key), 1, "--" + key.replace("_", "-"))
         out = Path(out) if out is not None else default_cache_dir(cfg)
-        check_output_path(out, what="--out", directory=True)
+        check_output_path(out, what="--out", directory=True, makes="teacher cache")
         plan = cache_plan(cfg, num_views=opts.get("views"), trust_code=opts["trust_code"])
         precompute(
             plan.teacher, plan.dataset, out, views=plan.views, topk=opts.get("topk"),
@@ -224,5 +231,6 @@ class ClassifyRecipe(Recipe):
         fields += ("scratch_epochs", "kd_epochs", "temperature")
         given = {k: options[k] for k in fields if options.get(k) is not None}
         given["out_dir"] = options.get("out") or "runs/demo"
+        check_demo_out(given["out_dir"])  # never a run's or a cache's folder (its report.md)
         cfg = DemoConfig.quick(**given) if options.get("quick") else DemoConfig(**given)
         return run_demo(cfg)

@@ -11,8 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from kdkit._args import check_min
+from kdkit._io import check_output_path
 from kdkit.errors import KDError
-from kdkit.run.recipes.base import Built, Recipe, RunResult, default_cache_dir, refuse_options
+from kdkit.run.recipes.base import (
+    Built,
+    Recipe,
+    RunResult,
+    check_demo_out,
+    default_cache_dir,
+    refuse_options,
+)
 
 __all__ = ["LMRecipe"]
 
@@ -53,14 +61,13 @@ class LMRecipe(Recipe):
         from kdkit.run.lm_job import capture_run
 
         refuse_options(options, _IMAGE_ONLY, "a task: lm top-k cache (kdkit lm capture)")
-        shard_rows = options.get("shard_rows") or 256
-        temperature = 1.0 if options.get("temperature") is None else options["temperature"]
-        check_min(shard_rows, 1, "--shard-rows")
+        given = {k: v for k, v in options.items() if v is not None}  # 0 is a value, not unset
         out = Path(out) if out is not None else default_cache_dir(cfg)
+        check_output_path(out, what="--out", directory=True, makes="LM teacher cache")
         m = capture_run(
-            cfg, out, topk=options.get("topk") or 32, encoding=options.get("encoding") or "q8",
-            temperature=temperature, shard_rows=shard_rows, progress=options["progress"],
-            trust_code=options["trust_code"],
+            cfg, out, topk=given.get("topk", 32), encoding=given.get("encoding", "q8"),
+            temperature=given.get("temperature", 1.0), shard_rows=given.get("shard_rows", 256),
+            progress=options["progress"], trust_code=options["trust_code"],
         )  # fmt: skip
         return [
             f"captured {m['num_rows']} rows ({m['entries']} tokens) into {out}: "
@@ -103,9 +110,12 @@ class LMRecipe(Recipe):
         from kdkit.lm.models import freeze_teacher, load_lm
         from kdkit.lm.tokenizer import pad_id
 
-        rows = options.get("rows") or 16
+        rows = 16 if options.get("rows") is None else options["rows"]
         max_dlogp = 0.1 if options.get("max_dlogp") is None else options["max_dlogp"]
         max_kl = 1e-3 if options.get("max_kl") is None else options["max_kl"]
+        check_min(rows, 1, "--rows")  # kdkit cache check and verify --teacher both pass here
+        check_min(max_dlogp, 0, "--max-dlogp")
+        check_min(max_kl, 0, "--max-kl")
         teacher, tok = load_lm(model, trust_code=bool(options.get("trust_code")))
         pad = 0 if tok is None else pad_id(tok)  # padding is masked: any real id
         r = check(folder, freeze_teacher(teacher), rows=rows, pad_id=pad)
@@ -188,5 +198,6 @@ class LMRecipe(Recipe):
             k: options[k] for k in ("seed", "retrain", "progress") if options.get(k) is not None
         }
         given["out_dir"] = options.get("out") or "runs/demo-lm"
+        check_demo_out(given["out_dir"])  # never a run's or a cache's folder (its report.md)
         cfg = LMDemoConfig.quick(**given) if options.get("quick") else LMDemoConfig(**given)
         return run_lm_demo(cfg)
