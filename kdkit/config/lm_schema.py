@@ -105,6 +105,9 @@ class LMDistillConfig:
     tail: Literal["bucket", "renorm", "uniform", "prior", "drop"] = "bucket"
     #: on-policy distillation (GKD); absent or ``lambda: 0`` = off
     on_policy: LMOnPolicyConfig | None = None
+    #: a mixture-of-experts student's router load-balancing loss, weighted by its config's
+    #: ``router_aux_loss_coef`` as its own training does (kdkit.lm.moe); logged as router_aux
+    router_aux_loss: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
