@@ -2,8 +2,7 @@
 
 A packed row must give every document exactly the attention it would get alone: causal, and
 within the document, with the family's own sliding window (Mistral, Qwen2, Gemma 2/3, Cohere 2,
-Starcoder2, Phi-3), chunked/local layers (Llama 4) or attention sinks (GPT-OSS). kdkit does not
-re-implement any of these. A Hugging Face model gets the row's ``position_ids`` (restarting at 0
+Starcoder2, Phi-3) or chunked/local layers (Llama 4). kdkit does not re-implement any of these. A Hugging Face model gets the row's ``position_ids`` (restarting at 0
 at each document) and **no** attention mask: transformers then finds the documents itself
 (``masking_utils.find_packed_sequence_indices``) and builds, for every layer type, the mask of
 its own attention (a bool mask for sdpa, a ``BlockMask`` for flex attention, ``cu_seqlens`` for
@@ -46,6 +45,7 @@ CANNOT_PACK: dict[str, str] = {
     "opt": "OPT builds its mask and learned positions from attention_mask alone",
     "falcon": "Falcon's decoder ignores the documents in position_ids",
     "bloom": "BLOOM's ALiBi mask ignores the documents in position_ids",
+    "gpt_oss": "GPT-OSS builds its full and sliding masks without position_ids",
 }
 
 
