@@ -100,6 +100,18 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "olmoe": ("OlmoeConfig", {**_MOE, "num_experts": 4}),
     "smollm3": ("SmolLM3Config", {}),
     "starcoder2": ("Starcoder2Config", {"sliding_window": WINDOW}),
+    "bloom": ("BloomConfig", {"num_key_value_heads": None}),  # ALiBi
+    "llama4_text": (
+        "Llama4TextConfig",
+        {
+            "head_dim": 8,
+            "intermediate_size_mlp": 64,
+            "num_local_experts": 2,
+            "num_experts_per_tok": 1,
+            "attention_chunk_size": WINDOW,  # chunked local layers (no-RoPE layers global)
+            "no_rope_layers": [1, 0],
+        },
+    ),
     "gpt_oss": (
         "GptOssConfig",
         {

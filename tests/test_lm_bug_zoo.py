@@ -32,7 +32,8 @@ def _own_fkl(student, teacher, ids: list[int], targets: list[int]) -> torch.Tens
     """Mean forward KL of the next-token distributions at ``targets`` (positions j predicting
     ids[j+1]), from the models' own logits of ``ids`` alone."""
     x = torch.tensor([ids])
-    s, t = student(input_ids=x).logits[0, targets], teacher(input_ids=x).logits[0, targets]
+    with torch.no_grad():
+        s, t = student(input_ids=x).logits[0, targets], teacher(input_ids=x).logits[0, targets]
     return divergence_value("fkl", torch.log_softmax(s, -1), torch.log_softmax(t, -1)).mean()
 
 
@@ -143,7 +144,7 @@ def test_padded_vocab_rows_are_minus_infinity_not_zero():
     g = torch.Generator().manual_seed(0)
     v, pad = 40, 8
     hs, ht = torch.randn(20, 16, dtype=torch.float64, generator=g), torch.randn(20, 24, generator=g)
-    ws = torch.randn(v, 16, dtype=torch.float64, generator=g).requires_grad_()
+    ws = torch.randn(v, 16, dtype=torch.float64, generator=g)
     wt = torch.randn(v + pad, 24, generator=g).double()
     wt[v:] *= 5  # padded rows with large logits: any leak shows
     out = token_divergence(hs, ws, DenseTeacher(ht.double(), wt), vocab_size=v)
@@ -204,7 +205,7 @@ def test_soft_capping_and_logit_scales_are_part_of_the_target():
     s = student(input_ids=torch.tensor([ids])).logits[0, :-1]
     want = divergence_value("fkl", torch.log_softmax(s, -1), torch.log_softmax(t, -1)).mean()
     want.backward()
-    assert float(out.loss.detach()) == pytest.approx(float(want), rel=1e-6)
+    assert float(out.loss.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
     torch.testing.assert_close(got, student.lm_head.weight.grad, rtol=1e-5, atol=1e-9)
     student.zero_grad(set_to_none=True)
 

@@ -253,12 +253,8 @@ def decoder_outputs(
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
         attention_mask = None  # the documents are in position_ids now
-    decoder = None
-    if hasattr(model, "config"):
-        get = getattr(model, "get_decoder", None)
-        decoder = get() if callable(get) else None
-        decoder = decoder if isinstance(decoder, nn.Module) else getattr(model, "base_model", None)
-    if decoder is not None and decoder is not model:
+    decoder = _decoder_of(model)
+    if decoder is not None:
         extra = {"output_router_logits": True} if router_logits else {}
         out = decoder(
             input_ids=input_ids,
@@ -271,6 +267,23 @@ def decoder_outputs(
         return DecoderOutputs(out.last_hidden_state, head, routers)
     hidden = _protocol_hidden(model, input_ids, position_ids, attention_mask)
     return DecoderOutputs(hidden, head, ())
+
+
+def _decoder_of(model: nn.Module) -> nn.Module | None:
+    """A Hugging Face causal LM's decoder (its final hidden states), or None: not one.
+    ``get_decoder()`` first; where it returns the model itself (Llama 4's text model in
+    transformers 5.23), its ``base_model``, then its ``model`` attribute."""
+    if not hasattr(model, "config"):
+        return None
+    get = getattr(model, "get_decoder", None)
+    for candidate in (
+        get() if callable(get) else None,
+        getattr(model, "base_model", None),
+        getattr(model, "model", None),
+    ):
+        if isinstance(candidate, nn.Module) and candidate is not model:
+            return candidate
+    return None
 
 
 def _protocol_hidden(
