@@ -150,3 +150,41 @@ def build(name: str, seed: int = 0, *, attn: str = "sdpa", dtype=torch.float64):
                 continue
         return model.to(dtype).eval()
     raise AssertionError(f"{name}: no attention implementation builds")
+
+
+def matrix() -> list[str]:
+    """The families table of docs/lm-families.md: each family's class, what kdkit applies after
+    its head, how packed rows reach it, and the logits probe on 13 random token ids."""
+    from kdkit.errors import KDError
+    from kdkit.lm.logits import output_transform
+    from kdkit.lm.packing import packing_path
+    from kdkit.lm.probe import probe_model
+
+    ids = torch.randint(3, VOCAB, (13,), generator=torch.Generator().manual_seed(7))
+    lines = [
+        "| family (`model_type`) | class | after the head | packed rows | probe: max \\|kdkit - own\\| "
+        "| probe: packed row max \\|d h\\| |",
+        "|---|---|---|---|---:|---|",
+    ]
+    for name in FAMILIES:
+        model = build(name)
+        plain = probe_model(model, ids, role="teacher")
+        try:
+            packed = probe_model(model, ids, role="teacher", packing=True)
+            packed_cell = f"{packed.packed_diff:.1e}"
+        except KDError:
+            packed_cell = "refused (`data.pack: true`)"
+        lines.append(
+            f"| {name} | `{type(model).__name__}` | {output_transform(model).describe()} | "
+            f"{packing_path(model)} | {plain.max_abs_diff:.1e} | {packed_cell} |"
+        )
+    return lines
+
+
+if __name__ == "__main__":  # python tests/_lm_families.py: the table of docs/lm-families.md
+    import logging
+    import warnings
+
+    logging.disable(logging.WARNING)
+    warnings.simplefilter("ignore")
+    print("\n".join(matrix()))

@@ -225,7 +225,7 @@ def _chunk(
             soft.mul_(valid.unsqueeze(1).to(soft.dtype))
             grad.add_(soft, alpha=plan.ce_scale)
     if not plan.transform.identity:  # dL/df -> dL/dz through what the model does after its head
-        plan.transform.chain_(grad, lq, shift, plan.temperature, free[1])
+        plan.transform.chain_(grad, lq, shift, plan.temperature, free[0])
     return grad
 
 
