@@ -70,18 +70,25 @@ def test_left_padded_prompts_sample_from_the_prompt_alone(monkeypatch):
     """Right-padded student rollouts put padding between prompt and completion
     (siyan-zhao/OPSD#30); generation with the wrong padding side or positions differs
     (huggingface/transformers#26569). kdkit's sampler left-pads with positions from the mask:
-    the short prompt's first distribution is its own, alone."""
+    the short prompt's first distribution is its own, alone; for a soft-capped Gemma 2 student,
+    its capped distribution (the sampler reads the model's own logits)."""
+    from kdkit.lm.logits import project_logits
+    from kdkit.lm.models import hidden_and_head
     from kdkit.lm.onpolicy import sample_completions
 
-    student = tiny_llama(seed=2)
+    student = build("gemma2", seed=2, dtype=torch.float32)  # float64 eager: NaN on padding
     seen = []
     draw = torch.multinomial
     monkeypatch.setattr(torch, "multinomial", lambda p, **kw: seen.append(p) or draw(p, **kw))
     prompts = [torch.tensor(_ids(9, 5)), torch.tensor(_ids(3, 6))]
     sample_completions(student, prompts, 1, 0.7, (), 0, "cpu")
     with torch.no_grad():
-        alone = student(input_ids=prompts[1][None]).logits[0, -1]
+        alone = student(input_ids=prompts[1][None]).logits[0, -1].float()
+        uncapped = project_logits(
+            hidden_and_head(student, prompts[1][None]).hidden[0, -1:], student.lm_head
+        )
     torch.testing.assert_close(seen[0][1], torch.softmax(alone / 0.7, -1), rtol=1e-5, atol=1e-7)
+    assert (alone - uncapped[0]).abs().max() > 1.0  # the cap is in what is sampled from
 
 
 def test_normalization_spans_micro_batches_not_each_one():

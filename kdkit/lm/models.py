@@ -14,8 +14,10 @@ KDError unless the caller passes ``trust_code=True`` (:func:`kdkit.lm._hf.refuse
 :func:`hidden_and_head` runs the decoder to its final, normed hidden states and returns the
 output head *without* applying it: a ``[B, L, V]`` logits tensor is the largest thing in LM
 distillation (250 MiB at 2048 tokens x V=32000 in fp32, 9x that at peak in a dense loss, see
-shared/LM-ANCHORS.md B), so the fused loss projects chunks itself. Hugging Face models go through
-``model.get_decoder()`` (or ``base_model``) and ``get_output_embeddings()``; any other module
+shared/LM-ANCHORS.md B), so the fused loss projects chunks itself, with what the model does
+after its head (:func:`kdkit.lm.logits.output_transform`). Hugging Face models go through
+``model.get_decoder()`` (or ``base_model`` / ``model``) and ``get_output_embeddings()``; packed
+rows reach them as per-document ``position_ids`` (:mod:`kdkit.lm.packing`); any other module
 works if it follows the small protocol of :func:`hidden_and_head`.
 """
 

@@ -44,6 +44,7 @@ __all__ = [
     "ONNX_LM_FORMAT_VERSION",
     "INPUT_NAMES",
     "OUTPUT_NAME",
+    "causal_mask",
     "graph_positions",
     "LMExport",
     "export_lm_onnx",
@@ -60,7 +61,12 @@ INPUT_NAMES = ("input_ids", "position_ids")
 OUTPUT_NAME = "hidden"
 
 
-def run_session(session: Any, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def run_session(
+    session: Any, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The graph's hidden states for ``ids`` and per-document positions ``pos``. ``mask`` (the
+    format-1 graph's input) is not read: the documents are in ``pos`` (:func:`graph_positions`
+    makes them from a mask)."""
     feed = {
         "input_ids": ids.detach().cpu().long().contiguous().numpy(),
         "position_ids": pos.detach().cpu().long().contiguous().numpy(),
@@ -93,6 +99,28 @@ def graph_positions(
     if position_ids is None:
         position_ids = (pad.cumsum(-1) - 1).clamp(min=0)
     return position_ids * pad
+
+
+def causal_mask(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A ``[B, 1, L, L]`` bool mask (True = may attend) from what a caller has: ``None`` (every
+    row full: causal), ``[B, L]`` padding (1 = token), or a ``[B, 1, L, L]`` bool or additive
+    float mask. The format-1 graph's input; kept for callers (the graph now takes positions)."""
+    b, n = input_ids.shape
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if attention_mask.dtype == torch.bool:
+            return attention_mask
+        return attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    causal = torch.ones(n, n, dtype=torch.bool, device=input_ids.device).tril()
+    if attention_mask is None:
+        return causal.expand(b, 1, n, n)
+    if attention_mask.shape != input_ids.shape:
+        raise KDError(
+            f"attention_mask of shape {tuple(attention_mask.shape)} for input_ids "
+            f"{tuple(input_ids.shape)}: expected [B, L] or [B, 1, L, L]"
+        )
+    return causal & attention_mask.bool()[:, None, None, :]
 
 
 @contextlib.contextmanager

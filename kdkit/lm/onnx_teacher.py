@@ -61,6 +61,7 @@ from kdkit.lm.onnx_export import (  # the export's public names stay importable 
     INPUT_NAMES,
     ONNX_LM_FORMAT_VERSION,
     LMExport,
+    causal_mask,  # noqa: F401  (importable from here, as before)
     ensure_lm_onnx,
     export_lm_onnx,
     graph_positions,
