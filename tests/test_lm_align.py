@@ -55,7 +55,8 @@ def test_mask_and_labels_properties(seed):
         assert (b.position_ids[i, starts] == 0).all()
         assert (b.position_ids[i, :n].diff()[(r.doc_ids.diff() == 0)] == 1).all()
     packed = any((r.doc_ids.diff() != 0).any() for r in rows)
-    assert b.packed == packed and b.attention_mask.dim() == (4 if packed else 2)
+    assert b.packed == packed and (b.attention_mask is None) == packed
+    assert torch.equal(b.padding_mask, (b.doc_ids >= 0).long())
 
 
 def test_first_completion_token_is_predicted_by_the_last_prompt_token():
@@ -73,7 +74,7 @@ def test_first_completion_token_is_predicted_by_the_last_prompt_token():
 
 def test_block_mask_is_causal_and_block_diagonal():
     row = TokenRow.of([5, 6, 7, 8, 9], doc_ids=[0, 0, 1, 1, 1])
-    m = Aligner(pad_id=PAD, max_length=8)([row, TokenRow.of([5, 6])]).attention_mask
+    m = Aligner(pad_id=PAD, max_length=8)([row, TokenRow.of([5, 6])]).block_mask()
     assert m.shape == (2, 1, 5, 5) and m.dtype == torch.bool
     expect = torch.tensor(
         [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]],

@@ -182,3 +182,63 @@ def test_kd_step_contract(tiny_llama_dir, lm_tokenizer, tmp_path):
     (kl + ce).backward()
     assert kl > 0 and torch.isfinite(ce)
     assert student.lm_head.weight.grad is not None and teacher.lm_head.weight.grad is None
+
+
+class _Masked(nn.Module):
+    """The protocol with an attention_mask: records the mask it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lm_head = nn.Linear(1, VOCAB, bias=False)
+        self.masks: list[torch.Tensor | None] = []
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None):
+        self.masks.append(attention_mask)
+        return input_ids[..., None].float()
+
+
+def test_packed_rows_reach_each_kind_of_model_as_it_attends():
+    """HF: position_ids and no mask (a legacy [B,1,L,L] mask is read as positions, same
+    hidden states); a protocol module: the block-causal bool mask, built only for it."""
+    docs = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15]]
+    row = TokenRow.of(sum(docs, []), doc_ids=[0] * 5 + [1] * 6)
+    batch = Aligner(pad_id=1, max_length=16)([row, TokenRow.of([3, 4, 5])])
+    assert batch.packed and batch.attention_mask is None
+    model = tiny_llama(attn="sdpa")
+    with torch.no_grad():
+        new = hidden_and_head(model, **batch.model_inputs()).hidden
+        legacy = hidden_and_head(model, batch.input_ids, None, batch.block_mask()).hidden
+        alone = model.model(input_ids=torch.tensor([docs[1]])).last_hidden_state[0]
+    real = batch.padding_mask.bool()
+    torch.testing.assert_close(new[real], legacy[real], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(new[0, 5:11], alone, rtol=1e-5, atol=1e-6)
+    plain = _Masked()
+    hidden_and_head(plain, **batch.model_inputs())
+    assert torch.equal(plain.masks[-1][:1], batch.block_mask()[:1])  # the packed row's blocks
+    one_doc = Aligner(pad_id=1, max_length=16)([TokenRow.of([3, 4, 5])])
+    hidden_and_head(plain, **one_doc.model_inputs())
+    assert plain.masks[-1].dim() == 2  # no packed row: the padding mask, nothing built
+
+
+def test_logit_transform_tuple_comes_from_the_one_lookup():
+    from transformers import CohereConfig, Gemma2Config, GraniteConfig
+
+    from kdkit.lm.logits import output_transform, transform_rules
+
+    small = dict(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    cases = [
+        (GraniteConfig(logits_scaling=8.0, **small), (0.125, None)),
+        (CohereConfig(logit_scale=0.5, **small), (0.5, None)),
+        (Gemma2Config(final_logit_softcapping=30.0, head_dim=8, **small), (1.0, 30.0)),
+    ]
+    from transformers import AutoModelForCausalLM
+
+    for config, want in cases:
+        model = AutoModelForCausalLM.from_config(config)
+        assert logit_transform(model) == want
+        assert output_transform(model).family == config.model_type
+    assert transform_rules()["granite"] == "z / logits_scaling"
+    assert transform_rules()["hyperclovax"] == "z * logits_scaling"

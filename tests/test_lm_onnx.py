@@ -205,3 +205,26 @@ def test_config_refuses_onnx_settings_it_cannot_run(lm_config, change, words):
         cfg[key] = {**cfg[key], **value}
     with pytest.raises(KDError, match=words):
         validate(parse(cfg))
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_a_windowed_or_soft_capped_teacher_exports_with_its_own_attention(family, tmp_path):
+    """Format 2: the graph takes positions only and builds the model's own masks, so a packed
+    document longer than the sliding window (4 tokens) attends as it would alone; the ONNX
+    teacher keeps the model's after-head transform (Gemma 2's soft-cap)."""
+    from _lm_families import build
+
+    from kdkit.lm.logits import output_transform
+
+    model = build(family, seed=0, dtype=torch.float32)
+    onnx = OnnxLMTeacher.from_model(model, cache_dir=tmp_path)
+    assert onnx.output_transform == output_transform(model)
+    batch = _packed()
+    with torch.no_grad():
+        want = hidden_and_head(model, **batch.model_inputs()).hidden
+    got = hidden_and_head(onnx, **batch.model_inputs()).hidden
+    real = batch.doc_ids >= 0
+    assert (got[real] - want[real]).abs().max() < 1e-4
+    student = build(family, seed=1, dtype=torch.float32)
+    losses = [LMTask(student, t, temperature=2.0, probe=False)(batch).loss for t in (model, onnx)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)

@@ -11,7 +11,8 @@ the contract (``kdkit train`` with ``task: lm``)::
     data: {text_files: [GLOB, ...], val: {split: 0.05}, format: text, max_length: 256,
            pack: true, loss_on: all, batch_size: 8}
     distill: {divergence: fkl, temperature: 1.0, ce_weight: 0.0, memory_budget_mb: 256,
-              on_policy: {lambda: 0.5, max_new_tokens: 64, temperature: 1.0}}   # optional: GKD
+              on_policy: {lambda: 0.5, max_new_tokens: 64, temperature: 1.0},   # optional: GKD
+              router_aux_loss: true}     # a MoE student's router loss, as its own training
     train: {epochs: 1, optimizer: {name: AdamW, lr: 0.001}}
 """
 
@@ -123,6 +124,9 @@ class LMDistillConfig:
     tail: Literal["bucket", "renorm", "uniform", "prior", "drop"] = "bucket"
     #: on-policy distillation (GKD); absent or ``lambda: 0`` = off
     on_policy: LMOnPolicyConfig | None = None
+    #: a mixture-of-experts student's router load-balancing loss, weighted by its config's
+    #: ``router_aux_loss_coef`` as its own training does (kdkit.lm.moe); logged as router_aux
+    router_aux_loss: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)

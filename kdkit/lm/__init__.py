@@ -5,8 +5,10 @@ Local Hugging Face models and tokenizers only (nothing downloads): tokenizers tr
 (:mod:`kdkit.lm.models`), text / prompt-completion / chat data (:mod:`kdkit.lm.data`), the one
 aligner that owns the causal shift, padding, packing and masks (:mod:`kdkit.lm.align`), the
 vocabulary check (:mod:`kdkit.lm.vocab`), the divergences (:mod:`kdkit.lm.divergence`), the
-fused loss that never holds ``[tokens, vocab]`` logits (:mod:`kdkit.lm.fused`), the task the
-Trainer runs (:mod:`kdkit.lm.task`), a teacher run by ONNX Runtime
+fused loss that never holds ``[tokens, vocab]`` logits (:mod:`kdkit.lm.fused`), what each model
+family does after its head (:mod:`kdkit.lm.logits`), packed rows through each model's own
+attention (:mod:`kdkit.lm.packing`), the logits probe (:mod:`kdkit.lm.probe`), a MoE student's
+router loss (:mod:`kdkit.lm.moe`), the task the Trainer runs (:mod:`kdkit.lm.task`), a teacher run by ONNX Runtime
 (:mod:`kdkit.lm.onnx_teacher`) and on-policy sampling (GKD, :mod:`kdkit.lm.onpolicy`).
 
 Names are loaded lazily (PEP 562) so ``import kdkit.lm`` does not import ``transformers``.
@@ -37,6 +39,11 @@ _LAZY = {
     "freeze_teacher": "kdkit.lm.models",
     "max_positions": "kdkit.lm.models",
     "HiddenAndHead": "kdkit.lm.models",
+    "decoder_outputs": "kdkit.lm.models",
+    "OutputTransform": "kdkit.lm.logits",
+    "output_transform": "kdkit.lm.logits",
+    "ProbeResult": "kdkit.lm.probe",
+    "probe_model": "kdkit.lm.probe",
     "TokenRow": "kdkit.lm.data",
     "LMDataset": "kdkit.lm.data",
     "load_lm_dataset": "kdkit.lm.data",

@@ -12,6 +12,7 @@ from torch import nn
 from kdkit.errors import KDError
 from kdkit.lm.align import IGNORE_INDEX as _IGNORE  # the one -100 of kdkit.lm
 from kdkit.lm.divergence import check_divergence
+from kdkit.lm.logits import IDENTITY, OutputTransform
 from kdkit.lm.targets import TeacherTarget, head_parts
 from kdkit.losses._common import check_temperature
 
@@ -31,6 +32,7 @@ class Arguments(NamedTuple):
     vocab: int
     mask: torch.Tensor | None
     labels: torch.Tensor | None
+    transform: OutputTransform = IDENTITY
 
 
 def check_arguments(
@@ -48,6 +50,7 @@ def check_arguments(
     labels: torch.Tensor | None,
     ce_weight: float,
     reduction: str,
+    student_transform: OutputTransform | None = None,
 ) -> Arguments:
     """Every argument of :func:`kdkit.lm.token_divergence` (see there), checked."""
     divergence = check_divergence(divergence, beta=beta, skew=skew)
@@ -108,8 +111,23 @@ def check_arguments(
     if ce_weight > 0 and flat_labels is None:
         raise KDError(f"ce_weight={ce_weight} needs labels= (next-token ids, -100 = ignore)")
 
+    transform = IDENTITY if student_transform is None else student_transform
+    if not isinstance(transform, OutputTransform):
+        raise KDError(
+            "student_transform must be a kdkit.lm.logits.OutputTransform (output_transform(model))"
+            f", got {type(transform).__name__}"
+        )
     return Arguments(
-        divergence, temperature, ce_weight, weight, bias, lead, vocab, flat_mask, flat_labels
+        divergence,
+        temperature,
+        ce_weight,
+        weight,
+        bias,
+        lead,
+        vocab,
+        flat_mask,
+        flat_labels,
+        transform,
     )
 
 

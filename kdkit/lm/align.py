@@ -11,10 +11,15 @@ trainable, ``x[j+1]`` is in the same document as ``x[j]`` and neither is padding
 state at ``j`` are compared wherever ``mask[j]``; ``n_tokens = mask.sum()`` is the local count
 (the trainer sums it over micro-batches and ranks for global normalization).
 
-Packed rows (several documents in one row) get per-document ``position_ids`` and a
-block-diagonal causal ``[B, 1, L, L]`` bool mask, so a document's hidden states equal those of
-the document run alone (to 1e-5, tested with HF Llama eager and sdpa on CPU). Batches with one
-document per row keep the plain ``[B, L]`` padding mask, which lets sdpa use its fast path.
+Packed rows (several documents in one row) get per-document ``position_ids`` and
+:meth:`TokenBatch.model_inputs` gives them to the model *without* an attention mask: the model
+then attends within each document as it would to the document alone, with its own sliding
+window or chunked layers (:mod:`kdkit.lm.packing`; every family of
+``tests/test_lm_families.py``, eager and sdpa on CPU): a packed batch's ``attention_mask`` is
+None. No ``[B, 1, L, L]`` mask is built here
+(:meth:`TokenBatch.block_mask` makes one on demand for modules that take only that). Batches
+with one document per row keep the plain ``[B, L]`` padding mask, which lets sdpa use its fast
+path.
 """
 
 from __future__ import annotations
@@ -40,30 +45,30 @@ class TokenBatch:
     Attributes:
         input_ids: ``[B, L]`` int64, padding = ``pad_id``.
         position_ids: ``[B, L]`` int64, restarting at 0 at each document (0 on padding).
-        attention_mask: ``[B, L]`` int64 (1 = token) when no row is packed, else ``[B, 1, L, L]``
-            bool block-diagonal causal mask (True = may attend).
+        attention_mask: ``[B, L]`` int64 (1 = token, 0 = padding) when no row is packed;
+            **None** when one is: the documents are in ``position_ids`` (and ``doc_ids``), so
+            ``hidden_and_head(model, ids, position_ids, attention_mask)`` lets the model attend
+            within each document (:mod:`kdkit.lm.packing`). :attr:`padding_mask` is always there.
         labels: ``[B, L]`` int64, ``input_ids[:, j+1]`` where ``mask[:, j]``, else -100.
         mask: ``[B, L]`` bool, position ``j`` is trained (see the module docstring).
         doc_ids: ``[B, L]`` int64, document index within its row, -1 on padding.
         n_tokens: ``int(mask.sum())``.
         teacher: the cached teacher targets of the trained positions (a
             :class:`~kdkit.lm.cache.TopKTarget`, attached by the cache's collate), else None.
+        packed: some row holds several documents.
     """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     labels: torch.Tensor
     mask: torch.Tensor
     doc_ids: torch.Tensor
     n_tokens: int
     teacher: Any = None
+    packed: bool = False
 
-    @property
-    def packed(self) -> bool:
-        return self.attention_mask.dim() == 4
-
-    def model_inputs(self) -> dict[str, torch.Tensor]:
+    def model_inputs(self) -> dict[str, torch.Tensor | None]:
         """``input_ids``, ``position_ids``, ``attention_mask``: the keywords of
         :func:`kdkit.lm.models.hidden_and_head` (``hidden_and_head(model, **b.model_inputs())``)."""
         return {
@@ -71,6 +76,18 @@ class TokenBatch:
             "position_ids": self.position_ids,
             "attention_mask": self.attention_mask,
         }
+
+    @property
+    def padding_mask(self) -> torch.Tensor:
+        """``[B, L]`` int64, 1 = token, 0 = padding (packed or not)."""
+        return (self.doc_ids >= 0).long()
+
+    def block_mask(self) -> torch.Tensor:
+        """``[B, 1, L, L]`` bool, True = may attend: causal within each document (padding
+        attends to padding). Built on demand, for modules that take only a dense mask."""
+        n = self.input_ids.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=self.doc_ids.device).tril()
+        return ((self.doc_ids[:, :, None] == self.doc_ids[:, None, :]) & causal)[:, None]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TokenBatch:
         moved = {
@@ -142,9 +159,5 @@ class Aligner:
         mask[:, :-1] = trainable[:, 1:] & (doc[:, 1:] == doc[:, :-1]) & (doc[:, :-1] >= 0)
         labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
         labels[:, :-1] = torch.where(mask[:, :-1], ids[:, 1:], IGNORE_INDEX)
-        if packed:
-            causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
-            attention = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
-        else:
-            attention = (doc >= 0).long()
-        return TokenBatch(ids, pos, attention, labels, mask, doc, int(mask.sum()))
+        attention = None if packed else (doc >= 0).long()
+        return TokenBatch(ids, pos, attention, labels, mask, doc, int(mask.sum()), packed=packed)

@@ -210,17 +210,29 @@ def value_and_grad(
     return value, _project(q, qg)
 
 
-def log_softmax_(x: torch.Tensor, temperature: float, scratch: torch.Tensor) -> torch.Tensor:
+def log_softmax_(
+    x: torch.Tensor,
+    temperature: float,
+    scratch: torch.Tensor,
+    *,
+    shift: torch.Tensor | None = None,
+) -> torch.Tensor:
     """In place ``x = log_softmax(x / T)`` over the last dim; ``scratch`` (same shape) is clobbered.
 
     ``torch.logsumexp`` allocates two ``[rows, V]`` temporaries per call; this keeps the fused
-    loop's buffers fixed (see :func:`value_and_grad_into`).
+    loop's buffers fixed (see :func:`value_and_grad_into`). ``shift`` (``[rows]``), if given,
+    receives what was subtracted per row, so ``x / T == result + shift`` (the fused loop recovers
+    soft-capped logits from it, :meth:`kdkit.lm.logits.OutputTransform.chain_`).
     """
     if temperature != 1.0:
         x.div_(temperature)
-    x.sub_(x.amax(-1, keepdim=True))
+    top = x.amax(-1, keepdim=True)
+    x.sub_(top)
     torch.exp(x, out=scratch)
-    return x.sub_(scratch.sum(-1, keepdim=True).log_())
+    norm = scratch.sum(-1, keepdim=True).log_()
+    if shift is not None:
+        torch.add(top, norm, out=shift.unsqueeze(-1))
+    return x.sub_(norm)
 
 
 def value_and_grad_into(

@@ -55,6 +55,7 @@ from kdkit.errors import KDError
 from kdkit.lm._fused_args import check_arguments
 from kdkit.lm.align import IGNORE_INDEX as _IGNORE  # the one -100 of kdkit.lm
 from kdkit.lm.divergence import log_softmax_, value_and_grad_into
+from kdkit.lm.logits import IDENTITY, OutputTransform
 from kdkit.lm.targets import DenseLogits, DenseTeacher, TeacherTarget, project_into
 
 __all__ = [
@@ -82,7 +83,8 @@ class LossOutput:
     the masked tokens of the chosen divergence at the temperature, without T^2 (for ``"ce"`` the
     true forward KL). ``tokens``: masked token count. ``ce``: mean hard-label cross-entropy at
     T=1 over masked tokens with a label, or None without labels. ``agree``: fraction of masked
-    tokens where the student's and the teacher's argmax agree.
+    tokens where the student's and the teacher's argmax agree. ``router_aux``: a mixture-of-experts
+    student's router load-balancing loss (added to ``loss`` by :class:`~kdkit.lm.LMTask`).
     """
 
     loss: torch.Tensor
@@ -90,6 +92,7 @@ class LossOutput:
     tokens: int
     ce: torch.Tensor | None = None
     agree: torch.Tensor | None = field(default=None)
+    router_aux: torch.Tensor | None = None
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -148,6 +151,7 @@ class _Plan:
     need_h: bool
     need_w: bool
     need_b: bool
+    transform: OutputTransform = IDENTITY  # the student's, after its head
 
 
 def _chunk(
@@ -170,7 +174,10 @@ def _chunk(
     lq, *bufs = work
     b = None if bias is None else bias[: plan.vocab]
     project_into(lq, h, weight[: plan.vocab], b)
-    log_softmax_(lq, plan.temperature, bufs[0])
+    capped = plan.transform.softcap is not None
+    shift = lq.new_empty(lq.shape[0]) if capped else None  # [rows]: f recovered from log q
+    plan.transform.apply_(lq)
+    log_softmax_(lq, plan.temperature, bufs[0], shift=shift)
     if sparse is not None:
         target, rows = sparse
         value, kl, grad = target.value_and_grad(
@@ -212,11 +219,13 @@ def _chunk(
         stats.ce_sum += torch.where(valid, nll, 0.0).sum(dtype=torch.float64)
         stats.ce_count += valid.sum()
         if plan.ce_scale:
-            soft = ls.exp_()
+            soft = torch.exp(ls, out=free[0])  # never over log q: a soft-cap still needs it
             arange = torch.arange(soft.shape[0], device=soft.device)
             soft[arange, safe] -= 1.0
             soft.mul_(valid.unsqueeze(1).to(soft.dtype))
             grad.add_(soft, alpha=plan.ce_scale)
+    if not plan.transform.identity:  # dL/df -> dL/dz through what the model does after its head
+        plan.transform.chain_(grad, lq, shift, plan.temperature, free[0])
     return grad
 
 
@@ -312,6 +321,7 @@ def token_divergence(
     ce_weight: float = 0.0,
     reduction: str = "mean",
     t2: bool = True,
+    student_transform: OutputTransform | None = None,
 ) -> LossOutput:
     """Token-level distillation loss through the student's LM head, never materializing [N, V].
 
@@ -335,6 +345,9 @@ def token_divergence(
         ce_weight: weight of the hard-label CE (at T=1), in [0, 1]; needs ``labels`` when > 0.
         reduction: ``"mean"`` (over masked tokens) or ``"sum"`` (divide by a global count later).
         t2: multiply the divergence by T^2 (keeps gradient scale independent of T).
+        student_transform: what the student model does after its head (soft-capping, logit
+            scaling; :func:`kdkit.lm.logits.output_transform`), applied chunk by chunk with its
+            exact gradient; None = nothing. A teacher's goes into its :class:`DenseTeacher`.
     """
     args = check_arguments(
         student_hidden,
@@ -350,6 +363,7 @@ def token_divergence(
         labels=labels,
         ce_weight=ce_weight,
         reduction=reduction,
+        student_transform=student_transform,
     )
     divergence, temperature, ce_weight = args.divergence, args.temperature, args.ce_weight
     weight, bias, lead, vocab = args.weight, args.bias, args.lead, args.vocab
@@ -389,6 +403,7 @@ def token_divergence(
         need_h=grad_on and student_hidden.requires_grad,
         need_w=grad_on and weight.requires_grad,
         need_b=grad_on and bias is not None and bias.requires_grad,
+        transform=args.transform,
     )
     stats = _Stats.on(student_hidden.device)
     loss = _FusedLoss.apply(student_hidden, weight, bias, target, index, flat_labels, plan, stats)

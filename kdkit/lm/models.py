@@ -14,8 +14,10 @@ KDError unless the caller passes ``trust_code=True`` (:func:`kdkit.lm._hf.refuse
 :func:`hidden_and_head` runs the decoder to its final, normed hidden states and returns the
 output head *without* applying it: a ``[B, L, V]`` logits tensor is the largest thing in LM
 distillation (250 MiB at 2048 tokens x V=32000 in fp32, 9x that at peak in a dense loss, see
-shared/LM-ANCHORS.md B), so the fused loss projects chunks itself. Hugging Face models go through
-``model.get_decoder()`` (or ``base_model``) and ``get_output_embeddings()``; any other module
+shared/LM-ANCHORS.md B), so the fused loss projects chunks itself, with what the model does
+after its head (:func:`kdkit.lm.logits.output_transform`). Hugging Face models go through
+``model.get_decoder()`` (or ``base_model`` / ``model``) and ``get_output_embeddings()``; packed
+rows reach them as per-document ``position_ids`` (:mod:`kdkit.lm.packing`); any other module
 works if it follows the small protocol of :func:`hidden_and_head`.
 """
 
@@ -33,9 +35,13 @@ from torch import nn
 from kdkit.errors import KDError, closest_names
 from kdkit.lm._hf import from_folder, load_error, refuse_custom_code, require
 from kdkit.lm._sizes import check_model_config
+from kdkit.lm.logits import output_transform
+from kdkit.lm.packing import block_mask, document_ids, positions_from_mask
 
 __all__ = [
+    "DecoderOutputs",
     "HiddenAndHead",
+    "decoder_outputs",
     "freeze_teacher",
     "hidden_and_head",
     "load_lm",
@@ -65,6 +71,14 @@ class HiddenAndHead(NamedTuple):
 
     hidden: torch.Tensor
     head: nn.Linear
+
+
+class DecoderOutputs(NamedTuple):
+    """:class:`HiddenAndHead` and a mixture-of-experts decoder's ``router_logits`` (per layer)."""
+
+    hidden: torch.Tensor
+    head: nn.Linear
+    router_logits: tuple[torch.Tensor, ...] = ()
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -184,12 +198,12 @@ def max_positions(model: nn.Module) -> int | None:
 
 
 def logit_transform(model: nn.Module) -> tuple[float, float | None]:
-    """``(logit_scale, softcap)`` applied after the head (Cohere's ``logit_scale``, Gemma-2's
-    ``final_logit_softcapping``); ``(1.0, None)`` for plain models such as Llama."""
-    config = getattr(model, "config", None)
-    scale = float(getattr(config, "logit_scale", None) or 1.0)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return scale, (float(softcap) if softcap else None)
+    """``(logit_scale, softcap)`` applied after the head, from
+    :func:`kdkit.lm.logits.output_transform` (the one lookup; kept for callers of 0.3):
+    Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``, Gemma 2/3's
+    ``final_logit_softcapping``; ``(1.0, None)`` for plain models such as Llama."""
+    t = output_transform(model)
+    return t.scale, t.softcap
 
 
 def output_head(model: nn.Module) -> nn.Linear:
@@ -203,14 +217,6 @@ def output_head(model: nn.Module) -> nn.Linear:
     return head
 
 
-def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A 4D bool mask (True = attend) as the additive float mask HF eager and sdpa both take
-    (a bool 4D mask is added as 0/1 by Llama's eager path: measured wrong by 1.3)."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-        ~mask, torch.finfo(dtype).min
-    )
-
-
 def hidden_and_head(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -219,38 +225,90 @@ def hidden_and_head(
 ) -> HiddenAndHead:
     """Final normed hidden states ``[B, L, H]`` and the output head, logits never computed.
 
-    ``attention_mask`` is ``[B, L]`` (1 = token, 0 = padding) or a ``[B, 1, L, L]`` bool
-    block-causal mask (True = may attend) as :class:`kdkit.lm.align.TokenBatch` gives for packed
-    rows; the bool mask is turned into the additive mask of the model's dtype here.
+    ``hidden_and_head(model, **batch.model_inputs())`` for a :class:`~kdkit.lm.align.TokenBatch`.
+    ``attention_mask`` is ``[B, L]`` (1 = token, 0 = padding) for rows of one document each;
+    a packed batch gives ``position_ids`` restarting at 0 at each document and **no** mask, and
+    the model attends as it would to each document alone (:mod:`kdkit.lm.packing`: a Hugging
+    Face model builds its own masks, sliding windows included). A ``[B, 1, L, L]`` bool
+    block-causal mask (what TokenBatch.attention_mask held for packed rows before, or a
+    caller's own) is read as the documents it holds.
+
+    What the model does after its head is not applied here:
+    :func:`kdkit.lm.logits.output_transform` says what it is.
 
     Protocol for a module that is not a Hugging Face model: ``forward(input_ids,
     position_ids=None, attention_mask=None) -> hidden [B, L, H]`` (the two keywords optional in
-    its signature; a packed batch needs ``attention_mask``) and an ``lm_head`` ``nn.Linear`` (or
-    ``get_output_embeddings()``).
+    its signature; a packed batch needs ``attention_mask``, given as a ``[B, 1, L, L]`` bool
+    block-causal mask, unless the module sets ``packs_with_position_ids = True``) and an
+    ``lm_head`` ``nn.Linear`` (or ``get_output_embeddings()``).
     """
+    out = decoder_outputs(model, input_ids, position_ids, attention_mask)
+    return HiddenAndHead(out.hidden, out.head)
+
+
+def decoder_outputs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    router_logits: bool = False,
+) -> DecoderOutputs:
+    """:func:`hidden_and_head`, and with ``router_logits`` a mixture-of-experts decoder's
+    router logits (one ``[tokens, experts]`` tensor per layer; ``()`` for other models)."""
     head = output_head(model)
     if attention_mask is not None and attention_mask.dim() == 4:
-        attn = str(getattr(getattr(model, "config", None), "_attn_implementation", ""))
-        if "flash" in attn and position_ids is not None:
-            # flash-attention takes no dense mask: HF derives the document boundaries from
-            # position_ids that restart at 0 (not run here: no GPU on these machines)
-            attention_mask = None
-        else:
-            attention_mask = _additive_mask(attention_mask.bool(), head.weight.dtype)
-    decoder = None
-    if hasattr(model, "config"):
-        get = getattr(model, "get_decoder", None)
-        decoder = get() if callable(get) else None
-        decoder = decoder if isinstance(decoder, nn.Module) else getattr(model, "base_model", None)
-    if decoder is not None and decoder is not model:
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)
+        attention_mask = None  # the documents are in position_ids now
+    decoder = _decoder_of(model)
+    if decoder is not None:
+        extra = {"output_router_logits": True} if router_logits else {}
         out = decoder(
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=attention_mask,
             use_cache=False,
+            **extra,
         )
-        return HiddenAndHead(out.last_hidden_state, head)
+        routers = tuple(getattr(out, "router_logits", None) or ()) if router_logits else ()
+        return DecoderOutputs(out.last_hidden_state, head, routers)
+    hidden = _protocol_hidden(model, input_ids, position_ids, attention_mask)
+    return DecoderOutputs(hidden, head, ())
+
+
+def _decoder_of(model: nn.Module) -> nn.Module | None:
+    """A Hugging Face causal LM's decoder (its final hidden states), or None: not one.
+    ``get_decoder()`` first; where it returns the model itself (Llama 4's text model in
+    transformers 5.23), its ``base_model``, then its ``model`` attribute."""
+    if not hasattr(model, "config"):
+        return None
+    get = getattr(model, "get_decoder", None)
+    for candidate in (
+        get() if callable(get) else None,
+        getattr(model, "base_model", None),
+        getattr(model, "model", None),
+    ):
+        if isinstance(candidate, nn.Module) and candidate is not model:
+            return candidate
+    return None
+
+
+def _protocol_hidden(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """The hidden states of a module that follows :func:`hidden_and_head`'s protocol."""
     params = inspect.signature(model.forward).parameters
+    if (
+        attention_mask is None
+        and position_ids is not None
+        and not getattr(model, "packs_with_position_ids", False)
+        and bool((document_ids(position_ids)[:, -1] > 0).any())  # a host read: packed rows?
+    ):
+        attention_mask = block_mask(position_ids)
     kwargs: dict[str, torch.Tensor] = {}
     for name, value in (("position_ids", position_ids), ("attention_mask", attention_mask)):
         if value is None:
@@ -268,4 +326,4 @@ def hidden_and_head(
             f"{type(model).__name__}.forward must return hidden states [B, L, H], "
             f"got {type(hidden).__name__}"
         )
-    return HiddenAndHead(hidden, head)
+    return hidden

@@ -9,17 +9,15 @@ head itself, :mod:`kdkit.lm.fused`); :class:`OnnxLMTeacher` runs that file and f
 attention_mask) -> hidden`` and an ``lm_head`` ``nn.Linear`` holding the teacher's head), so
 :class:`~kdkit.lm.task.LMTask`, capture and evaluation take it where they take the torch model.
 
-The graph's inputs, all with dynamic batch ``B`` and length ``L``:
-
-- ``input_ids`` ``[B, L]`` int64;
-- ``position_ids`` ``[B, L]`` int64 (restarting at 0 at each document of a packed row);
-- ``attention_mask`` ``[B, 1, L, L]`` **bool**, True = may attend. One representation for
-  padded rows (causal AND key is a token) and packed rows (the block-diagonal causal mask of
-  :class:`~kdkit.lm.align.TokenBatch`); the graph turns it into the additive mask the model
-  takes (the same conversion as :func:`~kdkit.lm.models.hidden_and_head`). bool, not an
-  additive float mask: a quarter of the bytes (L=2048, B=8: 32 MiB instead of 128 MiB).
-  :meth:`OnnxLMTeacher.forward` builds it from whatever the caller has: nothing (causal),
-  ``[B, L]`` padding, or a ``[B, 1, L, L]`` bool or additive mask.
+The graph's inputs, both ``[B, L]`` int64 with dynamic batch ``B`` and length ``L``:
+``input_ids`` and ``position_ids`` (restarting at 0 at each document of a packed row; 0 on
+padding). There is no mask input: the model's own mask code is in the graph
+(:mod:`kdkit.lm.onnx_export`), so each document of a packed row gets the attention it would get
+alone, sliding windows included, and no ``[B, 1, L, L]`` tensor crosses into ONNX Runtime.
+:meth:`OnnxLMTeacher.forward` makes the positions from whatever the caller has: nothing,
+``[B, L]`` padding, per-document ``position_ids``, or a ``[B, 1, L, L]`` block mask.
+What the model does after its head (:func:`~kdkit.lm.logits.output_transform`) is taken from
+the exported model and kept as :attr:`OnnxLMTeacher.output_transform`.
 
 The exported file is keyed by the teacher's weights: its sidecar ``<file>.json`` holds the
 weights' fingerprint (:func:`kdkit._fingerprint.module_fingerprint`, sha256), the export
@@ -57,14 +55,16 @@ from kdkit._ort import import_onnxruntime
 from kdkit._precision import ONNX_PRECISIONS
 from kdkit.capture import unwrap
 from kdkit.errors import KDError
+from kdkit.lm.logits import OutputTransform, output_transform, project_logits
 from kdkit.lm.models import hidden_and_head, output_head
 from kdkit.lm.onnx_export import (  # the export's public names stay importable from here
     INPUT_NAMES,
     ONNX_LM_FORMAT_VERSION,
     LMExport,
-    causal_mask,
+    causal_mask,  # noqa: F401  (importable from here, as before)
     ensure_lm_onnx,
     export_lm_onnx,
+    graph_positions,
     lm_onnx_path,
     run_session,
 )
@@ -120,12 +120,10 @@ def _frozen_head(head: nn.Linear | torch.Tensor) -> nn.Linear:
 
 
 def _head_config(config: Any) -> SimpleNamespace:
-    """What is read of a teacher's config beyond its decoder: its positions and the logit
-    transform after the head (:func:`~kdkit.lm.models.logit_transform`). Not the whole config:
-    its attention implementation would steer :func:`~kdkit.lm.models.hidden_and_head` (a
-    flash-attention config drops the packed mask), and the graph has its own."""
-    keys = ("max_position_embeddings", "logit_scale", "final_logit_softcapping")
-    return SimpleNamespace(**{k: getattr(config, k, None) for k in keys})
+    """What is read of a teacher's config beyond its decoder: its positions (the transform
+    after the head is kept whole, as :attr:`OnnxLMTeacher.output_transform`). Not the whole
+    config: the graph has its own attention."""
+    return SimpleNamespace(max_position_embeddings=getattr(config, "max_position_embeddings", None))
 
 
 class OnnxLMTeacher(nn.Module):
@@ -139,7 +137,12 @@ class OnnxLMTeacher(nn.Module):
     are kept (:attr:`config`) so they are read as from the torch model. Hidden states come back as float32 on the input's device.
 
     Build one from a model with :meth:`from_model` (export cached by weights, int8 gate).
+    ``output_transform``: what the exported model does after its head
+    (:func:`kdkit.lm.logits.output_transform` of it; :meth:`from_model` passes it).
     """
+
+    #: packed rows are given as per-document ``position_ids`` (the graph builds its own masks)
+    packs_with_position_ids = True
 
     def __init__(
         self,
@@ -150,6 +153,7 @@ class OnnxLMTeacher(nn.Module):
         config: Any = None,
         precision: str = "fp32",
         fidelity: FidelityReport | None = None,
+        output_transform: OutputTransform | None = None,
     ) -> None:
         super().__init__()
         self._ort = import_onnxruntime()
@@ -167,6 +171,7 @@ class OnnxLMTeacher(nn.Module):
             self.config = _head_config(config)
         self.precision = precision
         self.fidelity = fidelity
+        self.output_transform = output_transform or OutputTransform(family="onnx")
 
     @classmethod
     def from_model(
@@ -191,14 +196,22 @@ class OnnxLMTeacher(nn.Module):
         model = unwrap(model)
         head = output_head(model)
         config = getattr(model, "config", None)
+        after = output_transform(model)
         exported = ensure_lm_onnx(model, path, cache_dir=cache_dir)
-        fp32 = cls(exported.path, head, threads=threads, config=config)
+        fp32 = cls(exported.path, head, threads=threads, config=config, output_transform=after)
         if precision == "fp32":
             return fp32
         if probe is None:
             raise KDError("precision int8 needs probe rows for its fidelity gate (probe=...)")
         int8_path = quantize_lm_int8(exported.path)
-        int8 = cls(int8_path, head, threads=threads, config=config, precision="int8")
+        int8 = cls(
+            int8_path,
+            head,
+            threads=threads,
+            config=config,
+            precision="int8",
+            output_transform=after,
+        )
         int8.fidelity = check_lm_fidelity(
             fp32, int8, probe, temperature=temperature, min_agreement=min_agreement, max_kl=max_kl
         )
@@ -211,12 +224,9 @@ class OnnxLMTeacher(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states ``[B, L, H]`` (the :func:`~kdkit.lm.models.hidden_and_head`
-        protocol); ``attention_mask`` as :func:`causal_mask` takes it."""
-        b, n = input_ids.shape
-        if position_ids is None:
-            position_ids = torch.arange(n, device=input_ids.device).expand(b, n)
-        mask = causal_mask(input_ids, attention_mask)
-        return run_session(self.session, input_ids, position_ids, mask).to(input_ids.device)
+        protocol); the documents and padding as :func:`graph_positions` reads them."""
+        positions = graph_positions(input_ids, position_ids, attention_mask)
+        return run_session(self.session, input_ids, positions).to(input_ids.device)
 
     def train(self, mode: bool = True) -> OnnxLMTeacher:
         """A frozen teacher: always in eval mode (nothing in ONNX Runtime trains)."""
@@ -316,13 +326,14 @@ def check_lm_fidelity(
                 break
             batch = _first_rows(batch, rows - seen)
             seen += batch.input_ids.shape[0]
-            inputs = (batch.input_ids, batch.position_ids, batch.attention_mask)
-            ref, cand = hidden_and_head(reference, *inputs), hidden_and_head(candidate, *inputs)
+            inputs = batch.model_inputs()
+            ref, cand = hidden_and_head(reference, **inputs), hidden_and_head(candidate, **inputs)
             h_ref, h_cand = ref.hidden[batch.mask], cand.hidden[batch.mask]
+            t_ref, t_cand = output_transform(reference), output_transform(candidate)
             for c in range(0, h_ref.shape[0], _GATE_CHUNK):
                 tally.add_logits(
-                    ref.head(h_ref[c : c + _GATE_CHUNK].to(ref.head.weight.dtype)),
-                    cand.head(h_cand[c : c + _GATE_CHUNK].to(cand.head.weight.dtype)),
+                    project_logits(h_ref[c : c + _GATE_CHUNK], ref.head, t_ref),
+                    project_logits(h_cand[c : c + _GATE_CHUNK], cand.head, t_cand),
                 )
     if tally.n == 0:
         raise KDError("the int8 fidelity gate has no probe tokens (empty probe rows)")

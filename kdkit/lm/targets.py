@@ -17,6 +17,7 @@ from torch import nn
 
 from kdkit.errors import KDError
 from kdkit.lm.divergence import log_softmax_
+from kdkit.lm.logits import IDENTITY, OutputTransform
 
 __all__ = ["TeacherTarget", "DenseTeacher", "DenseLogits", "head_parts", "project_into"]
 
@@ -76,16 +77,24 @@ def project_into(
 
 @dataclass(frozen=True)
 class DenseTeacher:
-    """An online teacher given as its final hidden states ``[..., Ht]`` and its LM head.
+    """An online teacher given as its final hidden states ``[..., Ht]``, its LM head and what
+    the model does after the head (``transform``: soft-capping, logit scaling; found with
+    :func:`kdkit.lm.logits.output_transform`).
 
     The teacher's logits are computed chunk by chunk under ``no_grad`` (never all at once).
     """
 
     hidden: torch.Tensor
     head: nn.Linear | torch.Tensor
+    transform: OutputTransform = IDENTITY
 
     def __post_init__(self) -> None:
         weight, _ = head_parts(self.head, "DenseTeacher head")
+        if not isinstance(self.transform, OutputTransform):
+            raise KDError(
+                f"DenseTeacher transform must be a kdkit.lm.logits.OutputTransform, got "
+                f"{type(self.transform).__name__}"
+            )
         if not isinstance(self.hidden, torch.Tensor) or self.hidden.dim() < 2:
             raise KDError("DenseTeacher hidden must be a tensor [tokens, Ht] or [B, L, Ht]")
         if self.hidden.shape[-1] != weight.shape[1]:
@@ -117,6 +126,7 @@ class DenseTeacher:
             h = h.to(device=weight.device, dtype=weight.dtype)
             b = None if bias is None else bias[:vocab_size]
             project_into(out, h, weight[:vocab_size], b)
+            self.transform.apply_(out)
             return log_softmax_(out, temperature, scratch)
 
 

@@ -3,10 +3,16 @@
 The loop (:class:`kdkit.Trainer`) runs it like the image task: ``step(batch)`` returns the
 loss, ``evaluate`` the held-out metrics. One step, one room per line::
 
-    s = hidden_and_head(student, batch...)             # lm/models.py: hidden states, no logits
-    t = hidden_and_head(teacher, batch...)             # the frozen teacher, under no_grad
-    out = token_divergence(s.hidden[m], s.head, DenseTeacher(t.hidden[m], t.head), ...)
-    return StepOutput(out.loss, {...}, normalizer=out.tokens)   # lm/fused.py
+    s = hidden_and_head(student, **batch.model_inputs())   # lm/models.py: hidden, no logits
+    t = hidden_and_head(teacher, **batch.model_inputs())   # the frozen teacher, under no_grad
+    out = token_divergence(s.hidden[m], s.head, DenseTeacher(t.hidden[m], t.head, t_transform),
+                           student_transform=s_transform, ...)             # lm/fused.py
+    return StepOutput(out.loss, {...}, normalizer=out.tokens)
+
+What each model does after its head (Gemma's soft-cap, Granite's and Cohere's logit scales) is
+found once, from the model, by :func:`kdkit.lm.logits.output_transform`, and checked against
+the model's own logits before the first step (:mod:`kdkit.lm.probe`). A mixture-of-experts
+student adds its router load-balancing loss as its own training would (:mod:`kdkit.lm.moe`).
 
 The loss is a *sum* over the batch's trained tokens with ``normalizer`` = their count, so the
 loop divides by the tokens of the whole optimizer step (every micro-batch, every rank): 1x8
@@ -17,8 +23,10 @@ and 8x1 give the same gradient. Only positions the :class:`~kdkit.lm.align.Align
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -27,14 +35,21 @@ from torch import nn
 import kdkit._sharding as fsdp
 from kdkit.errors import KDError
 from kdkit.lm.align import TokenBatch
+from kdkit.lm.data import TokenRow
 from kdkit.lm.divergence import DIVERGENCES
 from kdkit.lm.fused import DenseTeacher, LossOutput, token_divergence
-from kdkit.lm.models import HiddenAndHead, freeze_teacher, hidden_and_head
+from kdkit.lm.logits import output_transform
+from kdkit.lm.models import HiddenAndHead, decoder_outputs, freeze_teacher, hidden_and_head
+from kdkit.lm.moe import router_aux
 from kdkit.lm.onpolicy import OnPolicy
+from kdkit.lm.packing import check_packing
+from kdkit.lm.probe import ProbeResult, probe_model
 from kdkit.load import restore_part
 from kdkit.task import StepOutput, Task
 
 __all__ = ["LMTask", "TokenInputs"]
+
+log = logging.getLogger(__name__)
 
 
 class TokenInputs:
@@ -66,7 +81,7 @@ class _Hidden(nn.Module):
         self.lm = lm
 
     def forward(self, batch: TokenBatch) -> HiddenAndHead:
-        return hidden_and_head(self.lm, batch.input_ids, batch.position_ids, batch.attention_mask)
+        return hidden_and_head(self.lm, **batch.model_inputs())
 
 
 class LMTask(Task):
@@ -89,6 +104,11 @@ class LMTask(Task):
             (:func:`kdkit.lm.vocab.check_vocab`).
         on_policy: GKD's on-policy sampling (:class:`~kdkit.lm.onpolicy.OnPolicy`): in
             :meth:`step` only, some batches' completions are the student's own samples.
+        probe: check kdkit's view of each model against its own logits once, before the first
+            step (:meth:`probe`; the Trainer runs it from :meth:`check_inputs`).
+        router_aux_loss: add a mixture-of-experts student's router load-balancing loss, with
+            its config's ``router_aux_loss_coef`` (:mod:`kdkit.lm.moe`); logged as ``router_aux``.
+        packed: the data packs documents into rows (``data.pack``): the probe checks packing.
     """
 
     best_metric = ("ppl", False)
@@ -107,6 +127,9 @@ class LMTask(Task):
         memory_budget_mb: float = 256,
         vocab_size: int | None = None,
         on_policy: OnPolicy | None = None,
+        probe: bool = True,
+        router_aux_loss: bool = True,
+        packed: bool = False,
     ) -> None:
         super().__init__()
         if divergence not in DIVERGENCES:
@@ -134,6 +157,13 @@ class LMTask(Task):
         self.ce_weight = 1.0 if teacher is None and self.cache is None else float(ce_weight)
         object.__setattr__(self, "_teacher_root", None if teacher is None else _Hidden(teacher))
         self.on_policy = on_policy
+        # what each model does after its head: found once, here, from the model itself
+        self.student_transform = output_transform(student)
+        self.teacher_transform = None if teacher is None else output_transform(teacher)
+        self.router = router_aux(student) if router_aux_loss else None
+        self.probe_enabled, self.packed = probe, packed
+        #: what the logits probe found (:meth:`probe`), for the run's report
+        self.probe_results: list[ProbeResult] = []
 
     def shard(self) -> LMTask:
         """FSDP2 over every rank (``train.fsdp: true``): each decoder layer of the student and
@@ -165,7 +195,12 @@ class LMTask(Task):
                 "and that completions / assistant turns are not truncated away"
             )
         mask = batch.mask
-        s = hidden_and_head(self.student, batch.input_ids, batch.position_ids, batch.attention_mask)
+        if batch.packed:  # a family that attends across documents: refused, never trained
+            check_packing(self.student, "student")
+            if self.teacher is not None:
+                check_packing(self.teacher, "teacher")
+        route = self.router is not None and torch.is_grad_enabled()
+        s = decoder_outputs(self.student, **batch.model_inputs(), router_logits=route)
         labels = batch.labels[mask]
         hidden = s.hidden[mask]
         teacher = contextlib.nullcontext()
@@ -177,23 +212,32 @@ class LMTask(Task):
                 )
             target = batch.teacher
         elif self.teacher is None:  # the scratch baseline: ce_weight 1, the KD term weighs 0
-            target = DenseTeacher(hidden.detach(), s.head.weight.detach())
+            target = DenseTeacher(hidden.detach(), s.head.weight.detach(), self.student_transform)
         else:
             # sharded, the teacher's head stays gathered until the fused loss has read it
             teacher = fsdp.gathered(self._teacher_root)
             with torch.no_grad():
                 t = self._teacher_root(batch)
-            target = DenseTeacher(t.hidden[mask], t.head)
+            target = DenseTeacher(t.hidden[mask], t.head, self.teacher_transform)
         with teacher:
-            return token_divergence(
+            out = token_divergence(
                 hidden,
                 s.head,
                 target,
                 labels=labels,
                 ce_weight=self.ce_weight,
                 reduction=reduction,
+                student_transform=self.student_transform,
                 **self.options,
             )
+        if not route or not s.router_logits:
+            return out
+        # the model's own loss is mean + coef * aux; this one is a sum over `tokens`
+        aux = self.router(s.router_logits, batch.padding_mask)
+        weight = self.router.coef * (out.tokens if reduction == "sum" else 1.0)
+        return replace(
+            out, loss=out.loss + weight * aux.to(out.loss.dtype), router_aux=aux.detach()
+        )
 
     def forward(self, batch: TokenBatch, reduction: str = "sum") -> LossOutput:
         """The loss of ``batch`` (a module call, so FSDP2's hooks run around it when sharded)."""
@@ -202,13 +246,56 @@ class LMTask(Task):
     def step(self, batch: TokenBatch) -> StepOutput:
         """The summed loss of the batch's trained tokens; the loop normalizes by the step's
         token count (see the module docstring)."""
+        if self.probe_enabled and not self.probe_results:  # a hand-written loop's first batch
+            if fsdp.is_sharded(self):
+                self.probe_enabled = False
+            else:
+                self.probe(batch)
         if self.on_policy is not None:  # the teacher scores the student's own samples
             batch = self.on_policy(self.student, batch)
         out = self(batch)
         components = {"loss": out.loss.detach() / max(out.tokens, 1), "kl": out.kl}
         if out.ce is not None:
             components["ce"] = out.ce
+        if out.router_aux is not None:
+            components["router_aux"] = out.router_aux
         return StepOutput(out.loss, components, None, count=out.tokens, normalizer=out.tokens)
+
+    # -- the logits probe ------------------------------------------------------------------------
+    def probe(self, example: TokenBatch | TokenRow) -> list[ProbeResult]:
+        """Check kdkit's view (hidden, head, transform) of the student and the live teacher
+        against their own logits on the first document of ``example`` (and, when the data is
+        packed, a packed row of its tokens): a one-line KDError above tolerance
+        (:mod:`kdkit.lm.probe`). Stored in :attr:`probe_results`."""
+        ids, doc = _first_row(example)
+        first = ids[doc == doc[0]]
+        packing = self.packed or getattr(example, "packed", False)
+        models = [("student", self.student, self.student_transform)]
+        if self.teacher is not None:
+            models.append(("teacher", self.teacher, self.teacher_transform))
+        if fsdp.is_sharded(self):
+            raise KDError("probe the models before sharding them (LMTask.probe, then shard)")
+        self.probe_results = [
+            probe_model(model, first, role=role, transform=transform, packing=packing)
+            for role, model, transform in models
+        ]
+        return self.probe_results
+
+    def check_inputs(self, dataset: Any, inputs: Any) -> None:
+        """The logits probe (:meth:`probe`) on the first training row, before the first step
+        (sharded models were probed before sharding by ``kdkit train``, or are not probed)."""
+        if not self.probe_enabled or self.probe_results:
+            return
+        if fsdp.is_sharded(self):
+            log.info("logits probe: skipped (the models are sharded; LMTask.probe before shard)")
+            self.probe_enabled = False
+            return
+        try:
+            row = dataset[0] if dataset is not None and len(dataset) else None
+        except (TypeError, IndexError, KeyError):
+            row = None
+        if isinstance(row, TokenRow):
+            self.probe(row)
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -247,7 +334,7 @@ class LMTask(Task):
         if self.teacher is None:
             raise KDError("this task has no teacher to score")
         with fsdp.gathered(self._teacher_root):
-            return LMTask(self.teacher, None).evaluate(batches, autocast)
+            return LMTask(self.teacher, None, probe=False).evaluate(batches, autocast)
 
     # -- checkpoint parts ------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -260,3 +347,12 @@ class LMTask(Task):
             fsdp.load_full_state(self.student, state.get("student") or {})
             return
         restore_part(where, "student", self.student, state.get("student"))
+
+
+def _first_row(example: TokenBatch | TokenRow) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, doc_ids)`` of the first row (its real tokens, on the CPU)."""
+    if isinstance(example, TokenRow):
+        return example.input_ids.cpu(), example.doc_ids.cpu()
+    doc = example.doc_ids[0].cpu()
+    keep = doc >= 0
+    return example.input_ids[0].cpu()[keep], doc[keep]

@@ -23,8 +23,9 @@ from kdkit.config import LMRunConfig, to_dict
 from kdkit.errors import KDError
 from kdkit.lm.align import Aligner
 from kdkit.lm.data import load_lm_dataset
-from kdkit.lm.models import freeze_teacher, load_lm, load_tokenizer, max_positions
+from kdkit.lm.models import freeze_teacher, load_lm, load_tokenizer, max_positions, output_head
 from kdkit.lm.onpolicy import OnPolicy, turn_end_id
+from kdkit.lm.packing import check_packing
 from kdkit.lm.task import LMTask, TokenInputs
 from kdkit.lm.tokenizer import pad_id
 from kdkit.lm.vocab import check_vocab
@@ -40,6 +41,8 @@ __all__ = [
     "lm_datasets",
     "load_lm_teacher",
     "load_lm_teacher_backend",
+    "probe_first_row",
+    "shared_vocab",
 ]
 
 log = logging.getLogger(__name__)
@@ -146,6 +149,9 @@ def load_lm_teacher_backend(
         return teacher
     from kdkit.lm.onnx_teacher import OnnxLMTeacher, probe_batches
 
+    # the exported graph keeps the torch model's view: check that view before exporting it
+    probe_first_row(teacher, dataset, "teacher", packing=cfg.data.pack)
+
     if device.type != "cpu":
         log.warning(
             "teacher.backend: onnx runs the teacher on the CPU; every batch crosses to %s and "
@@ -173,14 +179,13 @@ def build_lm_trainer(
     vocab_size = None
     cache = None if teacher is None or isinstance(teacher, torch.nn.Module) else teacher
     if cache is not None:
-        cache.check_run(cfg.data, tokenizer, student.get_output_embeddings().out_features)
-    elif teacher is not None and teacher_tok is not None:
-        vocab_size = check_vocab(
-            tokenizer,
-            teacher_tok,
-            student.get_output_embeddings().out_features,
-            teacher.get_output_embeddings().out_features,
-        )
+        cache.check_run(cfg.data, tokenizer, output_head(student).out_features)
+    else:
+        vocab_size = shared_vocab(student, teacher, tokenizer, teacher_tok)
+    if cfg.data.pack:  # a family that attends across packed documents: refused before any work
+        for role, model in (("student", student), ("teacher", teacher)):
+            if isinstance(model, torch.nn.Module):
+                check_packing(model, role)
     if tokenizer is None:
         raise KDError(
             "no tokenizer: the student folder has none and there is no teacher; set "
@@ -217,8 +222,11 @@ def build_lm_trainer(
         memory_budget_mb=dc.memory_budget_mb,
         vocab_size=vocab_size,
         on_policy=on_policy,
+        router_aux_loss=dc.router_aux_loss,
+        packed=cfg.data.pack,
     )
     if t.fsdp and distributed.is_distributed():
+        task.probe(data.train_loader.dataset[0])  # before sharding (the Trainer's is skipped)
         task.to(device).shard()
         log.info("FSDP2: student and teacher sharded over %d ranks", distributed.world_size())
     elif t.fsdp:
@@ -239,6 +247,37 @@ def build_lm_trainer(
         },
     )
     return trainer, data
+
+
+def shared_vocab(student: Any, teacher: Any, tokenizer: Any, teacher_tokenizer: Any) -> int | None:
+    """The real vocabulary a student and a live teacher share (``vocab_size`` of the loss), or
+    None when their heads have the same rows and there is nothing to mask. Padded heads (more
+    rows than the tokenizer, e.g. Qwen2.5 7B vs 0.5B) need it: every path that pairs the two
+    models (``kdkit train``, ``kdkit eval``) asks here."""
+    if not isinstance(teacher, torch.nn.Module):
+        return None
+    s_rows, t_rows = output_head(student).out_features, output_head(teacher).out_features
+    if tokenizer is not None and teacher_tokenizer is not None:
+        return check_vocab(tokenizer, teacher_tokenizer, s_rows, t_rows)
+    if s_rows != t_rows:
+        tok = tokenizer or teacher_tokenizer
+        if tok is None:
+            raise KDError(
+                f"the student head has {s_rows} rows and the teacher's {t_rows}, and there is no "
+                "tokenizer to say which are real; set student.tokenizer: DIR"
+            )
+        return check_vocab(tok, tok, s_rows, t_rows)
+    return None
+
+
+def probe_first_row(model: Any, dataset: Any, role: str, *, packing: bool) -> Any:
+    """The logits probe (:func:`kdkit.lm.probe.probe_model`) of one model on the first
+    document of ``dataset``'s first row (a one-line KDError when kdkit's view is wrong)."""
+    from kdkit.lm.probe import probe_model
+
+    row = dataset[0]
+    first = row.input_ids[row.doc_ids == row.doc_ids[0]]
+    return probe_model(model, first, role=role, packing=packing)
 
 
 def run_tokenizer(
@@ -283,8 +322,10 @@ def capture_run(
     )
     freeze_teacher(teacher)
     tokenizer = run_tokenizer(cfg, teacher_tok, trust_code=trust_code)
-    head_rows = teacher.get_output_embeddings().out_features
+    head_rows = output_head(teacher).out_features
     train, val = lm_datasets(cfg, tokenizer, max_positions(teacher))
+    # the cache stores the model's own distribution: kdkit's view of it is checked first
+    probe_first_row(teacher, train, "teacher", packing=cfg.data.pack)
     rows = list(train.rows) + (list(val.rows) if val is not None else [])
     weights = module_fingerprint(teacher)  # of the weights, whatever engine runs them
     aligner = Aligner(pad_id=pad_id(tokenizer), max_length=cfg.data.max_length)

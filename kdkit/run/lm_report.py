@@ -22,6 +22,19 @@ def _params(module: Any) -> str:
     return f"{sum(p.numel() for p in module.parameters()):,}"
 
 
+def _probe_lines(task: Any) -> list[str]:
+    """The logits probe's findings (kdkit.lm.probe): kdkit's view of each model against the
+    model's own logits, before the first step."""
+    results = getattr(task, "probe_results", None) or []
+    if not results:
+        return []
+    return (
+        ["Logits probe (kdkit's view against each model's own logits, before step 1):", ""]
+        + [f"- {r.line()}" for r in results]
+        + [""]
+    )
+
+
 def write_lm_report(cfg: Any, trainer: Any, result: Any, wall_s: float) -> None:
     history = trainer.history
     rows = [("model", "params", "val ppl", "val KL", "val agree (%)")]
@@ -58,6 +71,7 @@ def write_lm_report(cfg: Any, trainer: Any, result: Any, wall_s: float) -> None:
         f"T {cfg.distill.temperature:g}, wall time {wall_s:.1f} s"
         + (f", {tok_s:,.0f} tokens/s (last epoch)" if tok_s else ""),
         "",
+        *_probe_lines(trainer.task),
         f"    kdkit eval {result.run_dir}",
         f"    kdkit export {result.run_dir} --hf {result.run_dir / 'student-hf'}",
         "",

@@ -23,7 +23,7 @@ from kdkit.lm._hf import quiet_progress
 from kdkit.lm.models import load_lm, load_tokenizer, max_positions
 from kdkit.lm.task import LMTask, TokenInputs
 from kdkit.load import load_checkpoint
-from kdkit.run.lm_job import build_lm_data, load_lm_teacher
+from kdkit.run.lm_job import build_lm_data, load_lm_teacher, shared_vocab
 from kdkit.run.models import checkpoint_in
 
 __all__ = ["lm_run_config", "load_lm_student", "evaluate_lm_run", "export_hf"]
@@ -74,23 +74,23 @@ def evaluate_lm_run(
         cfg = dataclasses.replace(
             cfg, data=dataclasses.replace(cfg.data, text_files=tuple(data), val=None)
         )
-    teacher_model, _ = load_lm_teacher(
-        cfg, trust_code=trust_code
-    )  # a model, or a top-k cache (kl and agree from it)
+    # a model, or a top-k cache (kl and agree from it)
+    teacher_model, teacher_tok = load_lm_teacher(cfg, trust_code=trust_code)
     cache = None if isinstance(teacher_model, torch.nn.Module) else teacher_model
     if cache is not None and data:  # other text than was captured: the student's ppl only
         teacher_model = cache = None
+    # padded heads (more rows than the tokenizer): the real vocabulary, as training had it
+    vocab_size = shared_vocab(student, teacher_model, tokenizer, teacher_tok)
     run_data = build_lm_data(cfg, tokenizer, max_positions(student), cache)
     loader = run_data.val_loader if run_data.val_loader is not None else run_data.train_loader
     if loader is None:
         raise KDError("the run has no val data: pass --data FILES")
     inputs = TokenInputs(device)
-    scores = {
-        "student": LMTask(student, teacher_model).to(device).evaluate(inputs(b) for b in loader)
-    }
+    task = LMTask(student, teacher_model, vocab_size=vocab_size, probe=False)
+    scores = {"student": task.to(device).evaluate(inputs(b) for b in loader)}
     if teacher and isinstance(teacher_model, torch.nn.Module):
         scores["teacher"] = (
-            LMTask(teacher_model, None).to(device).evaluate(inputs(b) for b in loader)
+            LMTask(teacher_model, None, probe=False).to(device).evaluate(inputs(b) for b in loader)
         )
     return scores
 

@@ -42,8 +42,9 @@ from kdkit.lm.cache.format import (
     tokenizer_fingerprint,
 )
 from kdkit.lm.cache.target import log1mexp
+from kdkit.lm.logits import output_transform, project_logits
 from kdkit.lm.models import hidden_and_head
-from kdkit.lm.targets import head_parts
+from kdkit.lm.packing import check_packing
 
 __all__ = ["KIND", "Provenance", "capture", "check_capture_options", "rows_fingerprint"]
 
@@ -61,16 +62,15 @@ def _teacher_topk(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(ids [E, k], logp [E, k], tail [E], mass [V])`` at the batch's trained positions, in
     order; ``mass`` sums their whole distributions (the ``prior`` tail's shape)."""
-    out = hidden_and_head(teacher, batch.input_ids, batch.position_ids, batch.attention_mask)
-    weight, bias = head_parts(out.head, "teacher head")
+    if batch.packed:
+        check_packing(teacher, "teacher")
+    out = hidden_and_head(teacher, **batch.model_inputs())
+    transform = output_transform(teacher)  # the model's distribution, not hidden @ head.T
     hidden = out.hidden[batch.mask]
     ids, logp, tail = [], [], []
     mass = torch.zeros(vocab, dtype=torch.float64)
     for start in range(0, hidden.shape[0], _CHUNK):
-        h = hidden[start : start + _CHUNK].to(weight.dtype)
-        logits = h @ weight[:vocab].T
-        if bias is not None:
-            logits = logits + bias[:vocab]
+        logits = project_logits(hidden[start : start + _CHUNK], out.head, transform, vocab)
         lp = torch.log_softmax(logits.float() / temperature, dim=-1)
         values, index = lp.topk(k, dim=-1)
         mass += lp.double().exp().sum(0).cpu()

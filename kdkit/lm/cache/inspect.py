@@ -81,8 +81,8 @@ def check(
     from kdkit._fingerprint import module_fingerprint
     from kdkit.lm.align import Aligner
     from kdkit.lm.cache.target import log1mexp
+    from kdkit.lm.logits import output_transform, project_logits
     from kdkit.lm.models import hidden_and_head
-    from kdkit.lm.targets import head_parts
 
     cache = TopKCache(cache_dir)
     m = cache.manifest
@@ -91,13 +91,11 @@ def check(
     aligner = Aligner(pad_id=pad_id, max_length=max(len(r) for r in sample))
     d_max, kl_sum, n = 0.0, 0.0, 0
     temperature = cache.temperature
+    transform = output_transform(teacher)
     for row in sample:
         batch = aligner([row])
-        out = hidden_and_head(teacher, batch.input_ids, batch.position_ids, batch.attention_mask)
-        weight, bias = head_parts(out.head, "teacher head")
-        logits = out.hidden[batch.mask].to(weight.dtype) @ weight[: cache.vocab].T
-        if bias is not None:
-            logits = logits + bias[: cache.vocab]
+        out = hidden_and_head(teacher, **batch.model_inputs())
+        logits = project_logits(out.hidden[batch.mask], out.head, transform, cache.vocab)
         live = torch.log_softmax(logits.double() / temperature, dim=-1)
         ids, logp, tail = (torch.from_numpy(a) for a in cache.entries(row))
         live_k = live.gather(1, ids)
