@@ -41,10 +41,7 @@ from kdkit.lm.cache.format import (
     shard_name,
     tokenizer_fingerprint,
 )
-from kdkit.lm.cache.target import log1mexp
-from kdkit.lm.logits import output_transform, project_logits
-from kdkit.lm.models import hidden_and_head
-from kdkit.lm.packing import check_packing
+from kdkit.lm.topk import ModuleTopK, TopKScorer
 
 __all__ = ["KIND", "Provenance", "capture", "check_capture_options", "rows_fingerprint"]
 
@@ -52,36 +49,10 @@ log = logging.getLogger(__name__)
 
 #: the kind of folder a capture makes (kdkit._kept: a run or an image cache is refused as --out)
 KIND = "LM teacher cache"
-#: token rows projected onto the vocabulary at once (a [rows, V] fp32 block)
-_CHUNK = 256
-
-
-@torch.no_grad()
-def _teacher_topk(
-    teacher: torch.nn.Module, batch: Any, vocab: int, k: int, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(ids [E, k], logp [E, k], tail [E], mass [V])`` at the batch's trained positions, in
-    order; ``mass`` sums their whole distributions (the ``prior`` tail's shape)."""
-    if batch.packed:
-        check_packing(teacher, "teacher")
-    out = hidden_and_head(teacher, **batch.model_inputs())
-    transform = output_transform(teacher)  # the model's distribution, not hidden @ head.T
-    hidden = out.hidden[batch.mask]
-    ids, logp, tail = [], [], []
-    mass = torch.zeros(vocab, dtype=torch.float64)
-    for start in range(0, hidden.shape[0], _CHUNK):
-        logits = project_logits(hidden[start : start + _CHUNK], out.head, transform, vocab)
-        lp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        values, index = lp.topk(k, dim=-1)
-        mass += lp.double().exp().sum(0).cpu()
-        ids.append(index)
-        logp.append(values)
-        tail.append(log1mexp(torch.logsumexp(values.double(), dim=-1)).float())
-    return torch.cat(ids), torch.cat(logp), torch.cat(tail), mass
 
 
 def _shard_arrays(
-    rows: list[Any], teacher: Any, aligner: Aligner, settings: dict[str, Any], batch_size: int
+    rows: list[Any], scorer: TopKScorer, aligner: Aligner, settings: dict[str, Any], batch_size: int
 ) -> dict[str, np.ndarray]:
     vocab, k = settings["teacher"]["vocab"], settings["capture"]["k"]
     temperature = settings["capture"]["temperature"]
@@ -89,11 +60,11 @@ def _shard_arrays(
     mass = torch.zeros(vocab, dtype=torch.float64)
     for start in range(0, len(rows), batch_size):
         batch = aligner(rows[start : start + batch_size])
-        i, lp, t, m = _teacher_topk(teacher, batch, vocab, k, temperature)
-        mass += m
-        ids.append(i)
-        logp.append(lp)
-        tail.append(t)
+        top = scorer.topk(batch, vocab=vocab, k=k, temperature=temperature, mass=True)
+        mass += top.mass
+        ids.append(top.ids)
+        logp.append(top.logp)
+        tail.append(top.tail)
         entries.extend(batch.mask.sum(1).tolist())
     lengths = [len(r) for r in rows]
     arrays = {
@@ -157,7 +128,8 @@ def capture(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Write ``teacher``'s top-k targets for the token ``rows`` (collated by ``aligner``) into
-    ``out``, resuming an unfinished capture there. Returns the manifest.
+    ``out``, resuming an unfinished capture there. Returns the manifest. ``teacher`` is a model
+    run here, or a :class:`~kdkit.lm.topk.TopKScorer` (a served teacher) asked for each batch.
 
     The file-format half of ``kdkit precompute`` for ``task: lm``: it runs the teacher it is
     given on the rows it is given. Building them from a config (models, tokenizer, corpus,
@@ -254,6 +226,7 @@ def _capture(
         "num_shards": num_shards,
     }
     done = _resume(out, settings)
+    scorer = teacher if isinstance(teacher, TopKScorer) else ModuleTopK(teacher)
     if not done:  # the tokenizer travels with the cache: a student from hf-config can use it
         with writing(out / "tokenizer"):
             tokenizer.save_pretrained(str(out / "tokenizer"))
@@ -263,7 +236,7 @@ def _capture(
     bar.update(sum(s["rows"][1] - s["rows"][0] for s in done))
     for i in range(len(done), num_shards):
         lo, hi = i * shard_rows, min((i + 1) * shard_rows, len(rows))
-        arrays = _shard_arrays(rows[lo:hi], teacher, aligner, settings, batch_size)
+        arrays = _shard_arrays(rows[lo:hi], scorer, aligner, settings, batch_size)
         path = out / shard_name(i)
         with writing(path):
             _write_shard(path, arrays)
