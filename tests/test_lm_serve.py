@@ -59,11 +59,7 @@ def _loss_and_grads(teacher, batch, **kwargs):
 
 
 @pytest.mark.parametrize("divergence", ["fkl", "jsd"])
-def test_a_served_run_has_the_in_process_teachers_loss_and_gradients(
-    served,
-    lm_tokenizer,
-    divergence,  # noqa: F811
-):
+def test_served_loss_and_grads_are_in_process_ones(served, lm_tokenizer, divergence):  # noqa: F811
     url, teacher, _ = served
     batch = _batch(lm_tokenizer)
     client = _client(url, lm_tokenizer, topk=VOCAB, temperature=2.0, tail="bucket")
@@ -78,7 +74,7 @@ def test_a_served_run_has_the_in_process_teachers_loss_and_gradients(
     client.close()
 
 
-def test_the_vllm_protocol_gives_the_native_targets_with_the_bucket_tail(served, lm_tokenizer):  # noqa: F811
+def test_vllm_protocol_gives_the_native_targets_bucket_tail(served, lm_tokenizer):  # noqa: F811
     url, _, _ = served
     batch = _batch(lm_tokenizer)
     native = _client(url, lm_tokenizer, topk=8)
@@ -251,3 +247,26 @@ def test_a_server_answering_nonsense_is_never_trained_on(lm_tokenizer):  # noqa:
         client.close()
     for k, v in student.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_a_slow_server_pauses_the_client_which_retries(lm_tokenizer, caplog):  # noqa: F811
+    scorer = tiny_scorer(tiny_llama(seed=1), lm_tokenizer)
+    score, calls = scorer.score, []
+
+    def first_slow(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.5)  # longer than the client's timeout
+        return score(*args, **kwargs)
+
+    scorer.score = first_slow
+    batch = _batch(lm_tokenizer)
+    with server_thread(scorer) as (url, _):
+        client = _client(url, lm_tokenizer, topk=4, timeout_s=0.5, retry_s=30)
+        with caplog.at_level("WARNING", logger="kdkit.lm.serve.client"):
+            target = client.target_of(batch)
+        client.close()
+    assert target.shape == (batch.n_tokens,)
+    said = caplog.text
+    assert "does not answer (no answer within 0.5 s): the run is paused" in said
+    assert "answers again after" in said

@@ -40,6 +40,7 @@ from kdkit.config.lm_schema import (
     LMModelConfig,
     LMOnPolicyConfig,
     LMRunConfig,
+    LMServedConfig,
     LMValConfig,
 )
 from kdkit.config.schema import (
@@ -68,6 +69,7 @@ __all__ = [
     "LMValConfig",
     "LMDistillConfig",
     "LMOnPolicyConfig",
+    "LMServedConfig",
     "RunConfig",
     "TeacherConfig",
     "StudentConfig",

@@ -91,8 +91,8 @@ def teacher_topk(
         tail.append(log1mexp(torch.logsumexp(values.double(), dim=-1)).float())
     if not ids:  # no trained position: empty arrays of the right shapes
         empty = torch.zeros(0, k)
-        return TopK(empty.long(), empty, torch.zeros(0), total,
-                    *((torch.zeros(0), torch.zeros(0).long()) if labels else (None, None)))  # fmt: skip
+        extra = (torch.zeros(0), torch.zeros(0).long()) if labels else (None, None)
+        return TopK(empty.long(), empty, torch.zeros(0), total, *extra)
     return TopK(
         torch.cat(ids),
         torch.cat(logp),

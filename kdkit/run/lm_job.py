@@ -34,6 +34,7 @@ from kdkit.train import Trainer, distributed
 
 __all__ = [
     "LMRunData",
+    "served_teacher",
     "capture_run",
     "run_tokenizer",
     "build_lm_trainer",
@@ -50,8 +51,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LMRunData:
-    train_loader: DataLoader
-    val_loader: DataLoader | None
+    #: DataLoaders (a served teacher's wrap theirs: kdkit.lm.serve.ServedLoader)
+    train_loader: Any
+    val_loader: Any
     tokenizer: Any
     train_rows: int
     #: the train and val rows' fingerprint (files, tokenizer, settings, ids) before any split
@@ -90,15 +92,16 @@ def lm_datasets(cfg: LMRunConfig, tokenizer: Any, positions: int | None) -> tupl
 def build_lm_data(
     cfg: LMRunConfig, tokenizer: Any, positions: int | None, cache: Any = None
 ) -> LMRunData:
-    """Token rows of ``data.text_files`` (and the val source) in loaders; with a top-k
-    ``cache`` (:class:`kdkit.lm.cache.TopKCache`) every batch carries its cached targets."""
+    """Token rows of ``data.text_files`` (and the val source) in loaders; with a target source
+    ``cache`` (a :class:`kdkit.lm.cache.TopKCache`, a :class:`kdkit.lm.serve.ServedTeacher`)
+    every batch carries its teacher targets."""
     d = cfg.data
     train, val = lm_datasets(cfg, tokenizer, positions)
     corpus = train.fingerprint + (val.fingerprint if val is not None else "")
     if d.val is not None and d.val.split is not None:
         train, val = _split(train, d.val.split, d.seed)
     collate: Any = Aligner(pad_id=pad_id(tokenizer), max_length=d.max_length)
-    if cache is not None:
+    if cache is not None:  # a top-k cache attaches targets here, a served teacher in loader()
         collate = cache.collate(collate, policy=cfg.distill.tail)
     # the order is a function of (seed, epoch) alone (the Trainer calls set_epoch), so a
     # resumed run sees the same batches; under torchrun each rank reads its own share
@@ -113,17 +116,49 @@ def build_lm_data(
     val_loader = None
     if val is not None:
         val_loader = DataLoader(val, batch_size=d.batch_size, shuffle=False, collate_fn=collate)
+    if cache is not None:  # a served teacher's targets are fetched ahead of the step
+        train_loader = cache.loader(train_loader)
+        val_loader = None if val_loader is None else cache.loader(val_loader)
     corpus = hashlib.sha256(corpus.encode()).hexdigest()
     return LMRunData(train_loader, val_loader, tokenizer, len(train), corpus)
 
 
+def served_teacher(cfg: LMRunConfig, *, topk: int | None = None, temperature: float | None = None,
+                   prefetch: int | None = None) -> Any:  # fmt: skip
+    """The :class:`~kdkit.lm.serve.ServedTeacher` at ``teacher.model`` (``http://HOST:PORT``),
+    asked as ``teacher.served`` says, at the run's KD temperature and tail policy (``topk`` /
+    ``temperature`` / ``prefetch``: a capture's own). The token is read from the environment."""
+    import os
+
+    from kdkit.config import LMServedConfig
+    from kdkit.lm.serve.client import ServedTeacher
+
+    s = cfg.teacher.served or LMServedConfig()
+    return ServedTeacher(
+        cfg.teacher.model,
+        protocol=s.protocol,
+        topk=s.topk if topk is None else topk,
+        temperature=cfg.distill.temperature if temperature is None else temperature,
+        tail=cfg.distill.tail,
+        token=os.environ.get(s.token_env) or None,
+        token_env=s.token_env,
+        timeout_s=s.timeout_s,
+        retry_s=s.retry_s,
+        prefetch=s.prefetch if prefetch is None else prefetch,
+    )
+
+
 def load_lm_teacher(cfg: LMRunConfig, *, trust_code: bool = False) -> tuple[Any, Any]:
     """``(teacher, its tokenizer)`` of ``cfg.teacher``: a frozen-to-be model for ``hf:DIR``, a
-    :class:`~kdkit.lm.cache.TopKCache` for ``cache:DIR`` (never a model), ``(None, None)``
-    without a teacher. ``trust_code``: folders may run code of their own (``auto_map``)."""
+    :class:`~kdkit.lm.cache.TopKCache` for ``cache:DIR`` (never a model), a
+    :class:`~kdkit.lm.serve.ServedTeacher` for ``http://HOST:PORT`` (its tokenizer stays where
+    it runs: None), ``(None, None)`` without a teacher. ``trust_code``: folders may run code of
+    their own (``auto_map``)."""
     tc = cfg.teacher
     if tc is None:
         return None, None
+    if tc.model.startswith(("http://", "https://")):
+        return served_teacher(cfg), None
     if tc.model.startswith("cache:"):
         from kdkit.lm.cache import TopKCache
 
@@ -176,7 +211,13 @@ def build_lm_trainer(
     )
     teacher, teacher_tok = load_lm_teacher(cfg, trust_code=trust_code)
     tokenizer = tokenizer or teacher_tok
+    if tokenizer is None:
+        raise KDError(
+            "no tokenizer: the student folder has none and the teacher gives none (there is no "
+            "teacher, or it is served); set student.tokenizer: DIR (a save_pretrained folder)"
+        )
     vocab_size = None
+    # a target source (a top-k cache, a served teacher) makes its targets outside the step
     cache = None if teacher is None or isinstance(teacher, torch.nn.Module) else teacher
     if cache is not None:
         cache.check_run(cfg.data, tokenizer, output_head(student).out_features)
@@ -186,11 +227,6 @@ def build_lm_trainer(
         for role, model in (("student", student), ("teacher", teacher)):
             if isinstance(model, torch.nn.Module):
                 check_packing(model, role)
-    if tokenizer is None:
-        raise KDError(
-            "no tokenizer: the student folder has none and there is no teacher; set "
-            "student.tokenizer: DIR (a save_pretrained tokenizer folder)"
-        )
     positions = max_positions(student)
     data = build_lm_data(cfg, tokenizer, positions, cache)
     # what resume compares (before the teacher becomes an ONNX engine or is sharded)
@@ -316,6 +352,8 @@ def capture_run(
                           shard_rows=shard_rows, batch_size=cfg.data.batch_size)  # fmt: skip
     if cfg.teacher is None or cfg.teacher.model.startswith("cache:"):
         raise KDError("kdkit lm capture needs a live teacher: teacher: {model: 'hf:DIR'}")
+    if cfg.teacher.model.startswith(("http://", "https://")):  # a served teacher is asked
+        return _capture_served(cfg, out, topk, encoding, temperature, shard_rows, progress)
     tc = cfg.teacher
     teacher, teacher_tok = load_lm(
         tc.model, dtype=tc.dtype, tokenizer=tc.tokenizer, trust_code=trust_code
@@ -356,3 +394,36 @@ def capture_run(
         batch_size=cfg.data.batch_size,
         progress=progress,
     )
+
+
+def _capture_served(
+    cfg: LMRunConfig, out: Any, topk: int, encoding: str, temperature: float, shard_rows: int,
+    progress: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """``capture_run`` from a served teacher (``kdkit lm serve``): the rows are sent, the top k
+    and each shard's mass come back; the provenance is the one the server reports."""
+    from kdkit.lm.cache.capture import Provenance, capture
+    from kdkit.lm.cache.format import data_settings
+
+    served = served_teacher(cfg, topk=topk, temperature=temperature, prefetch=0)
+    try:
+        if served.info.temperature is not None:  # vLLM: no whole distribution, T = 1 only
+            raise KDError("kdkit lm capture asks kdkit lm serve (teacher.served.protocol: "
+                          "kdkit): vLLM's prompt_logprobs hold the top k only")  # fmt: skip
+        tokenizer = run_tokenizer(cfg)  # the run's: the served one stays where it runs
+        served.check_run(cfg.data, tokenizer, served.vocab)
+        train, val = lm_datasets(cfg, tokenizer, served.info.max_positions)
+        rows = list(train.rows) + (list(val.rows) if val is not None else [])
+        t = served.info.teacher
+        provenance = Provenance(
+            model=cfg.teacher.model, weights_sha256=str(t["weights_sha256"]),
+            dtype=str(t.get("dtype", "")), vocab_rows=int(t["vocab_rows"]),
+            engine=f"served {t.get('engine', '')}".strip(), data=data_settings(cfg.data),
+        )  # fmt: skip
+        aligner = Aligner(pad_id=pad_id(tokenizer), max_length=cfg.data.max_length)
+        return capture(served, rows, aligner, out, tokenizer=tokenizer, provenance=provenance,
+                       topk=topk, encoding=encoding, temperature=temperature,
+                       shard_rows=shard_rows, batch_size=cfg.data.batch_size,
+                       progress=progress)  # fmt: skip
+    finally:
+        served.close()

@@ -91,7 +91,7 @@ class ServedTeacher:
             raise KDError(f"served teacher topk must be an integer >= 1, got {topk!r}")
         if not (math.isfinite(timeout_s) and timeout_s > 0 and retry_s >= 0 and prefetch >= 0):
             raise KDError("served teacher: timeout_s > 0, retry_s >= 0 and prefetch >= 0")
-        self.url, self.topk, self.temperature, self.tail = url.rstrip("/"), topk, temperature, tail
+        self.url, self.k, self.temperature, self.tail = url.rstrip("/"), topk, temperature, tail
         self.retry_s, self.prefetch = float(retry_s), int(prefetch)
         #: the longest a batch may wait for its targets (the request's own retries end sooner)
         self.deadline_s = self.retry_s + 3 * timeout_s + 30.0
@@ -171,9 +171,11 @@ class ServedTeacher:
             raise KDError(f"this served teacher makes {self.tail!r} targets, asked {policy!r}")
         return aligner
 
-    def loader(self, loader: Iterable) -> ServedLoader:
-        """``loader`` with each batch's targets fetched ``prefetch`` batches ahead."""
-        return ServedLoader(loader, self, self.prefetch)
+    def loader(self, loader: Iterable) -> Iterable:
+        """``loader`` with each batch's targets fetched ``prefetch`` batches ahead; with
+        ``prefetch`` 0 the loader itself (each batch is scored in the step, when it is trained:
+        with on-policy ``lambda: 1`` no corpus batch is scored for nothing)."""
+        return ServedLoader(loader, self, self.prefetch) if self.prefetch else loader
 
     def submit(self, batch: Any) -> Future:
         """The :class:`~kdkit.lm.cache.TopKTarget` of ``batch``, fetched in a thread (CPU)."""
@@ -195,7 +197,7 @@ class ServedTeacher:
         if self.vocab is None:
             raise KDError("ServedTeacher.check_run(...) first: the vocabulary is not known yet")
         top = self._call(lambda: self._dialect.topk(
-            self._http, rows, info=self.info, vocab=self.vocab, k=self.topk,
+            self._http, rows, info=self.info, vocab=self.vocab, k=self.k,
             temperature=self.temperature, mass=False))  # fmt: skip
         served_at = self.info.temperature or self.temperature
         return TopKTarget(top.ids, top.logp, top.tail, self.vocab, policy=self.tail,
