@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import socket
 from typing import Any
 
 from kdkit.errors import KDError
@@ -61,7 +62,13 @@ class Http:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0))
         self._httpx = httpx
-        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        # headers and body go out as two writes: without TCP_NODELAY, Nagle's algorithm holds
+        # the body until the server's delayed ACK (~40 ms a request, measured on loopback)
+        nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+        transport = httpx.HTTPTransport(socket_options=nodelay)
+        self.client = httpx.Client(
+            base_url=self.url, headers=headers, timeout=timeout, transport=transport
+        )
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         httpx = self._httpx

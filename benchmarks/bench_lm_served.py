@@ -1,0 +1,286 @@
+"""A served teacher (``kdkit lm serve``) against the in-process teacher and the top-k cache.
+
+One machine, two cores: the teacher is served on core 1 (``kdkit lm serve --threads 1``, its
+process pinned there), the student trains on core 0 (pinned, one thread), over loopback.
+
+1. Exactness. One batch of real rows through the student's fused loss with (a) the teacher in
+   the process and (b) the same teacher served with top k = the whole vocabulary (``bucket``
+   tail: then nothing is outside the top k), and (c) vLLM's protocol (``/v1/completions`` +
+   ``prompt_logprobs``, answered by ``kdkit lm serve``) against (d) kdkit's protocol at the
+   same k (20, vLLM's default ``--max-logprobs``) and T = 1: the largest relative difference
+   of the loss and of the student's gradients.
+2. Throughput (``--rounds`` rounds, the rows interleaved, each row a ``kdkit train`` of the
+   same config but its teacher in a process of its own): tokens/s of the epochs after the
+   first (the prefetch is warm), for the top-32 cache (q8, captured once before the rounds),
+   the in-process teacher (eager PyTorch, on the student's core), the served teacher (eager
+   PyTorch, top 32) and the served teacher run by ONNX Runtime (``--backend onnx``). Ratios
+   to the cache-fed row of the same round; medians over rounds.
+3. Memory. The training process's peak RSS with a larger teacher (``--mem-hidden``,
+   ``--mem-layers``) in the process and served: the served run must not hold its weights.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_lm_served.py --rounds 3 --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve()
+ROOT = str(HERE.parents[1])
+ROWS = ("cache", "online", "served", "served-onnx")
+
+
+def _pin(cpu: int) -> None:
+    if hasattr(os, "sched_setaffinity") and cpu < os.cpu_count():
+        os.sched_setaffinity(0, {cpu})
+
+
+def child(config: str, cpu: int) -> None:
+    """One ``kdkit train`` of ``config`` on core ``cpu``; prints its epochs' tokens/s and RSS."""
+    _pin(cpu)
+    torch.set_num_threads(1)
+    from kdkit.config import load_resolved
+    from kdkit.run.lm_job import build_lm_trainer
+
+    trainer, _ = build_lm_trainer(load_resolved(config), torch.device("cpu"))
+    start = time.perf_counter()
+    history = trainer.fit()
+    print(json.dumps({
+        "tok_per_s": [h["tok_per_s"] for h in history],
+        "wall_s": time.perf_counter() - start,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }))  # fmt: skip
+
+
+def _run_child(config: Path, cpu: int = 0) -> dict:
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(HERE), "--child", str(config), "--cpu", str(cpu)],
+                         env=env, capture_output=True, text=True, timeout=3600)  # fmt: skip
+    if out.returncode != 0:
+        raise SystemExit(f"{config.name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+class Server:
+    """``kdkit lm serve`` pinned to one core; its peak RSS read from /proc at the end."""
+
+    def __init__(self, model: str, *args: str, cpu: int = 1) -> None:
+        env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "kdkit", "lm", "serve", model, "--port", "0",
+               "--threads", "1", *args]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True,
+                                     preexec_fn=lambda: _pin(cpu))  # fmt: skip
+        deadline = time.monotonic() + 300
+        for line in self.proc.stdout:
+            if "listening on" in line:
+                self.url = line.split("listening on ")[1].split()[0]
+                print(f"  {line.strip()}")
+                return
+            if time.monotonic() > deadline:
+                break
+        raise SystemExit(f"kdkit lm serve {model} did not start")
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def setup(root: Path, chars: int, vocab: int, length: int) -> dict:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from kdkit.lm.tokenizer import train_bpe_tokenizer
+    from kdkit.run.lm_demo import demo_corpus
+
+    files, source = demo_corpus()
+    text = "\n\n".join(f.read_text(encoding="utf-8", errors="ignore") for f in files[:400])
+    text = text[:chars]
+    (root / "corpus.txt").write_text(text)
+    (root / "small.txt").write_text(text[:3000])
+    train_bpe_tokenizer([text], vocab, root / "tok")
+    tok = AutoTokenizer.from_pretrained(str(root / "tok"))
+    shapes = {
+        "teacher": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=4),
+        "student": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=2),
+    }  # fmt: skip
+    for name, shape in shapes.items():
+        cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=length,
+                          tie_word_embeddings=False, **shape)  # fmt: skip
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg)
+        (model.save_pretrained if name == "teacher" else model.config.save_pretrained)(root / name)
+        tok.save_pretrained(root / name)
+    print(f"corpus: {source}, {len(text):,} characters; vocabulary {len(tok)}")
+    return {"tok": tok}
+
+
+def big_teacher(root: Path, hidden: int, layers: int, length: int) -> int:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(root / "tok"))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                      num_key_value_heads=hidden // 64, max_position_embeddings=length,
+                      tie_word_embeddings=False)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(root / "big")
+    tok.save_pretrained(root / "big")
+    return sum(p.numel() for p in model.parameters())
+
+
+def config(root: Path, name: str, teacher: dict, *, epochs: int, length: int, batch: int,
+           text: str = "corpus.txt") -> Path:  # fmt: skip
+    import yaml
+
+    cfg = {
+        "task": "lm", "name": name,
+        "student": {"model": f"hf-config:{root / 'student'}"},
+        "teacher": teacher,
+        "data": {"text_files": [str(root / text)], "max_length": length, "batch_size": batch},
+        "distill": {"divergence": "fkl", "temperature": 1.0},
+        "train": {"epochs": epochs, "optimizer": {"name": "AdamW", "lr": 0.001},
+                  "progress": False, "seed": 0},
+        "run_dir": str(root / "runs" / f"{name}-{time.time_ns()}"),
+    }  # fmt: skip
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def exactness(root: Path, url: str, length: int) -> dict[str, float]:
+    """Relative loss and gradient differences: served (k = V) vs in-process; vLLM vs kdkit."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from kdkit.lm.align import Aligner
+    from kdkit.lm.data import load_lm_dataset
+    from kdkit.lm.serve.client import ServedTeacher
+    from kdkit.lm.task import LMTask
+
+    tok = AutoTokenizer.from_pretrained(str(root / "tok"))
+    rows = load_lm_dataset([str(root / "small.txt")], tok, max_length=length).rows[:4]
+    batch = Aligner(pad_id=tok.pad_token_id, max_length=length)(rows)
+    teacher = AutoModelForCausalLM.from_pretrained(str(root / "teacher"))
+
+    class Data:
+        max_length, pack = length, True
+
+    def run(source):
+        torch.manual_seed(1)
+        student = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(root / "student"))
+        out = LMTask(student, source, probe=False).step(batch)
+        out.loss.backward()
+        return out.loss.detach(), torch.cat([p.grad.flatten() for p in student.parameters()])
+
+    def diff(a, b) -> tuple[float, float]:
+        return (float((a[0] - b[0]).abs() / b[0].abs()),
+                float((a[1] - b[1]).abs().max() / b[1].abs().max()))  # fmt: skip
+
+    def served(**kw):
+        s = ServedTeacher(url, **kw)
+        s.check_run(Data, tok, len(tok))
+        return s
+
+    full, native, vllm = served(topk=len(tok)), served(topk=20), served(topk=20, protocol="vllm")
+    d1, d2 = diff(run(full), run(teacher)), diff(run(vllm), run(native))
+    return {"served_vs_inprocess_loss": d1[0], "served_vs_inprocess_grad": d1[1],
+            "vllm_vs_kdkit_loss": d2[0], "vllm_vs_kdkit_grad": d2[1]}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--cpu", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=3, help="per run; the first is warm-up")
+    p.add_argument("--chars", type=int, default=120_000, help="corpus characters")
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--mem-hidden", type=int, default=768)
+    p.add_argument("--mem-layers", type=int, default=12)
+    p.add_argument("--json", help="write the results here too")
+    args = p.parse_args()
+    if args.child:
+        return child(args.child, args.cpu)
+    print(f"load average at start: {os.getloadavg()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        setup(root, args.chars, args.vocab, args.length)
+        results = run_all(root, args)
+    results["load_at_end"] = os.getloadavg()
+    print(json.dumps(results, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def run_all(root: Path, args: argparse.Namespace) -> dict:
+    from kdkit.config import load_resolved
+    from kdkit.run.lm_job import capture_run
+
+    kw = dict(epochs=args.epochs, length=args.length, batch=args.batch)
+    online = config(root, "online", {"model": f"hf:{root / 'teacher'}"}, **kw)
+    start = time.perf_counter()
+    capture_run(load_resolved(online), root / "cache", topk=32, progress=False)
+    print(f"capture (top 32, q8): {time.perf_counter() - start:.1f} s, not counted")
+    eager = Server(f"hf:{root / 'teacher'}")
+    onnx = Server(f"hf:{root / 'teacher'}", "--backend", "onnx")
+    results: dict = {"exactness": exactness(root, eager.url, args.length)}
+    print("exactness:", results["exactness"])
+    configs = {
+        "cache": config(root, "cache", {"model": f"cache:{root / 'cache'}"}, **kw),
+        "online": online,
+        "served": config(root, "served", {"model": eager.url, "served": {"topk": 32}}, **kw),
+        "served-onnx": config(root, "served-onnx", {"model": onnx.url, "served": {"topk": 32}}, **kw),
+    }  # fmt: skip
+    rounds = []
+    for r in range(args.rounds):
+        row = {}
+        for name in ROWS:
+            out = _run_child(configs[name])
+            row[name] = statistics.mean(out["tok_per_s"][1:] or out["tok_per_s"])
+            row[f"{name}_rss_mb"] = out["peak_rss_mb"]
+        rounds.append(row)
+        print(f"round {r + 1}: " + ", ".join(f"{n} {row[n]:,.0f}" for n in ROWS) + " tokens/s")
+    results["rounds"] = rounds
+    results["median_tok_per_s"] = {n: statistics.median(x[n] for x in rounds) for n in ROWS}
+    results["median_vs_cache"] = {
+        n: statistics.median(x[n] / x["cache"] for x in rounds) for n in ROWS
+    }
+    eager.stop(), onnx.stop()
+    params = big_teacher(root, args.mem_hidden, args.mem_layers, args.length)
+    big = Server(f"hf:{root / 'big'}")
+    small = dict(kw, epochs=1, text="small.txt")
+    mem = {
+        "teacher_params": params,
+        "online_rss_mb": _run_child(config(root, "mem-online", {"model": f"hf:{root / 'big'}"},
+                                           **small))["peak_rss_mb"],
+        "served_rss_mb": _run_child(config(root, "mem-served", {"model": big.url}, **small))[
+            "peak_rss_mb"],
+        "server_rss_mb": big.peak_rss_mb(),
+    }  # fmt: skip
+    big.stop()
+    results["memory"] = mem
+    print("memory:", mem)
+    return results
+
+
+if __name__ == "__main__":
+    main()
