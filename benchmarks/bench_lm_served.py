@@ -14,7 +14,9 @@ process pinned there), the student trains on core 0 (pinned, one thread), over l
    first (the prefetch is warm), for the top-32 cache (q8, captured once before the rounds),
    the in-process teacher (eager PyTorch, on the student's core), the served teacher (eager
    PyTorch, top 32) and the served teacher run by ONNX Runtime (``--backend onnx``). Ratios
-   to the cache-fed row of the same round; medians over rounds.
+   to the cache-fed row of the same round; medians over rounds. Beside them, what each
+   server delivers alone (batches back to back, no student): a served run trains at most at
+   the slower of the student alone (the cache row) and its server alone.
 3. Memory. The training process's peak RSS with a larger teacher (``--mem-hidden``,
    ``--mem-layers``) in the process and served: the served run must not hold its weights.
 
@@ -204,6 +206,35 @@ def exactness(root: Path, url: str, length: int) -> dict[str, float]:
             "vllm_vs_kdkit_loss": d2[0], "vllm_vs_kdkit_grad": d2[1]}  # fmt: skip
 
 
+def capacity(root: Path, url: str, length: int, batch: int, batches: int = 24) -> float:
+    """Tokens/s the server alone delivers: training batches sent back to back, two in flight
+    (the prefetch's depth), no student: the most a served run can train at."""
+    from transformers import AutoTokenizer
+
+    from kdkit.lm.align import Aligner
+    from kdkit.lm.data import load_lm_dataset
+    from kdkit.lm.serve.client import ServedTeacher
+    from kdkit.lm.serve.prefetch import ServedLoader
+
+    _pin(0)
+    tok = AutoTokenizer.from_pretrained(str(root / "tok"))
+    rows = load_lm_dataset([str(root / "corpus.txt")], tok, max_length=length, pack=True,
+                           overflow="split").rows  # fmt: skip
+    align = Aligner(pad_id=tok.pad_token_id, max_length=length)
+    data = [align(rows[i : i + batch]) for i in range(0, batch * batches, batch)]
+
+    class Data:
+        max_length, pack = length, True
+
+    served = ServedTeacher(url, topk=32, prefetch=2)
+    served.check_run(Data, tok, len(tok))
+    list(ServedLoader(data[:4], served, 2))  # warm
+    start = time.perf_counter()
+    tokens = sum(b.n_tokens for b in ServedLoader(data, served, 2))
+    served.close()
+    return tokens / (time.perf_counter() - start)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -244,6 +275,11 @@ def run_all(root: Path, args: argparse.Namespace) -> dict:
     onnx = Server(f"hf:{root / 'teacher'}", "--backend", "onnx")
     results: dict = {"exactness": exactness(root, eager.url, args.length)}
     print("exactness:", results["exactness"])
+    results["server_alone_tok_per_s"] = {
+        name: capacity(root, server.url, args.length, args.batch)
+        for name, server in (("served", eager), ("served-onnx", onnx))
+    }
+    print("the server alone:", results["server_alone_tok_per_s"])
     configs = {
         "cache": config(root, "cache", {"model": f"cache:{root / 'cache'}"}, **kw),
         "online": online,
