@@ -18,7 +18,7 @@ import torch
 
 from kdkit.errors import KDError
 from kdkit.lm.data import TokenRow
-from kdkit.lm.serve.http import Http
+from kdkit.lm.serve.http import Http, Refused
 from kdkit.lm.serve.wire import INFO_PATH, MEDIA_TYPE, TOPK_PATH, VERSION, decode_topk, encode_rows
 from kdkit.lm.topk import TopK
 
@@ -89,10 +89,18 @@ class KdkitDialect:
     name = "kdkit"
 
     def connect(self, http: Http) -> ServedInfo:
-        body = http.json("GET", INFO_PATH)
+        try:
+            body = http.json("GET", INFO_PATH)
+        except Refused as err:
+            if err.status in (401, 403):
+                raise
+            body = None
         ok = isinstance(body, dict) and body.get("format") == "kdkit-served-teacher"
         if not ok:
-            raise KDError(f"{http.url}{INFO_PATH} is not a kdkit lm serve answer")
+            raise KDError(
+                f"{http.url} is not kdkit lm serve (no teacher at {INFO_PATH}); for a vLLM "
+                "server set teacher.served.protocol: vllm"
+            )
         if body.get("version") != VERSION:
             raise KDError(
                 f"the served teacher at {http.url} speaks version {body.get('version')!r}; this "

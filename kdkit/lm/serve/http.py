@@ -16,13 +16,21 @@ from typing import Any
 
 from kdkit.errors import KDError
 
-__all__ = ["Http", "Transient", "require_httpx"]
+__all__ = ["Http", "Refused", "Transient", "require_httpx"]
 
 _HINT = "pip install 'kdkit[serve]'"
 
 
 class Transient(Exception):
     """A failure that a later try may not have (the server down, restarting or slow)."""
+
+
+class Refused(KDError):
+    """The server answered this request with an HTTP error (``status``): a retry would not help."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def require_httpx() -> Any:
@@ -83,14 +91,16 @@ class Http:
         if status in (502, 503, 504):
             raise Transient(f"HTTP {status} ({server_message(response)})")
         if status in (401, 403):
-            raise KDError(
+            raise Refused(
                 f"the served teacher at {self.url} refused this client (HTTP {status}: "
-                f"{server_message(response)}); set ${self.token_env} to the server's token"
+                f"{server_message(response)}); set ${self.token_env} to the server's token",
+                status,
             )
         if status >= 400:
-            raise KDError(
+            raise Refused(
                 f"the served teacher at {self.url} answered {method} {path} with HTTP {status}: "
-                f"{server_message(response)}"
+                f"{server_message(response)}",
+                status,
             )
         return response
 
