@@ -27,7 +27,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from kdkit.errors import KDError
@@ -100,7 +100,6 @@ class ServedTeacher:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._down_since: float | None = None
-        self._pool = ThreadPoolExecutor(max(1, self.prefetch), thread_name_prefix="kdkit-teacher")
         self.fingerprint: str = ""  # set from the first answer; compared after every outage
         self.info: ServedInfo = self._call(lambda: self._dialect.connect(self._http))
         if self.info.temperature is not None and self.info.temperature != temperature:
@@ -178,9 +177,21 @@ class ServedTeacher:
         return ServedLoader(loader, self, self.prefetch) if self.prefetch else loader
 
     def submit(self, batch: Any) -> Future:
-        """The :class:`~kdkit.lm.cache.TopKTarget` of ``batch``, fetched in a thread (CPU)."""
-        rows = batch.rows()
-        return self._pool.submit(self._target, rows)
+        """The :class:`~kdkit.lm.cache.TopKTarget` of ``batch``, fetched in a thread (CPU).
+        A daemon thread per request (the prefetch bounds how many): a run stopped by Ctrl-C
+        while the server is down exits at once instead of waiting out the retries."""
+        rows, future = batch.rows(), Future()
+
+        def fetch() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(self._target(rows))
+            except BaseException as err:  # noqa: BLE001 - the loop re-raises it
+                future.set_exception(err)
+
+        threading.Thread(target=fetch, name="kdkit-teacher", daemon=True).start()
+        return future
 
     def target_of(self, batch: Any) -> TopKTarget:
         """The targets of a batch made in the step (on-policy samples), on its device."""
@@ -260,9 +271,8 @@ class ServedTeacher:
                         self.url, time.monotonic() - since)  # fmt: skip
 
     def close(self) -> None:
-        """Stop retrying, cancel what is queued and close the connections."""
+        """Stop retrying and close the connections."""
         self._stop.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
         self._http.close()
 
     def __repr__(self) -> str:
