@@ -91,6 +91,7 @@ class Server:
                 return
             if time.monotonic() > deadline:
                 break
+        self.proc.kill()
         raise SystemExit(f"kdkit lm serve {model} did not start")
 
     def peak_rss_mb(self) -> float:
@@ -100,8 +101,15 @@ class Server:
         return float("nan")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()  # a benchmark that fails leaves no server behind
 
 
 def setup(root: Path, chars: int, vocab: int, length: int) -> dict:
@@ -221,7 +229,8 @@ def capacity(root: Path, url: str, length: int, batch: int, batches: int = 24) -
     rows = load_lm_dataset([str(root / "corpus.txt")], tok, max_length=length, pack=True,
                            overflow="split").rows  # fmt: skip
     align = Aligner(pad_id=tok.pad_token_id, max_length=length)
-    data = [align(rows[i : i + batch]) for i in range(0, batch * batches, batch)]
+    data = [align(rows[i : i + batch]) for i in range(0, len(rows) - batch + 1, batch)]
+    data = (data * (batches // len(data) + 1))[:batches]  # the corpus's batches, cycled
 
     class Data:
         max_length, pack = length, True
@@ -271,51 +280,66 @@ def run_all(root: Path, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     capture_run(load_resolved(online), root / "cache", topk=32, progress=False)
     print(f"capture (top 32, q8): {time.perf_counter() - start:.1f} s, not counted")
-    eager = Server(f"hf:{root / 'teacher'}")
-    onnx = Server(f"hf:{root / 'teacher'}", "--backend", "onnx")
-    results: dict = {"exactness": exactness(root, eager.url, args.length)}
-    print("exactness:", results["exactness"])
-    results["server_alone_tok_per_s"] = {
-        name: capacity(root, server.url, args.length, args.batch)
-        for name, server in (("served", eager), ("served-onnx", onnx))
-    }
-    print("the server alone:", results["server_alone_tok_per_s"])
-    configs = {
-        "cache": config(root, "cache", {"model": f"cache:{root / 'cache'}"}, **kw),
-        "online": online,
-        "served": config(root, "served", {"model": eager.url, "served": {"topk": 32}}, **kw),
-        "served-onnx": config(root, "served-onnx", {"model": onnx.url, "served": {"topk": 32}}, **kw),
-    }  # fmt: skip
-    rounds = []
-    for r in range(args.rounds):
+    results: dict = {}
+    with Server(f"hf:{root / 'teacher'}") as eager, \
+            Server(f"hf:{root / 'teacher'}", "--backend", "onnx") as onnx:  # fmt: skip
+        results["exactness"] = exactness(root, eager.url, args.length)
+        print("exactness:", results["exactness"])
+        results["server_alone_tok_per_s"] = {
+            name: capacity(root, server.url, args.length, args.batch)
+            for name, server in (("served", eager), ("served-onnx", onnx))
+        }
+        print("the server alone:", results["server_alone_tok_per_s"])
+        configs = {
+            "cache": config(root, "cache", {"model": f"cache:{root / 'cache'}"}, **kw),
+            "online": online,
+            "served": config(root, "served", {"model": eager.url, "served": {"topk": 32}}, **kw),
+            "served-onnx": config(root, "served-onnx", {"model": onnx.url, "served": {"topk": 32}}, **kw),
+        }  # fmt: skip
+        results.update(throughput(configs, args.rounds))
+    results["memory"] = memory(root, args, kw)
+    return results
+
+
+def throughput(configs: dict[str, Path], rounds: int) -> dict:
+    """``rounds`` rounds of the rows, interleaved; each round's 1-minute load average beside
+    it (other jobs on the machine show there)."""
+    rows = []
+    for r in range(rounds):
         row = {}
         for name in ROWS:
             out = _run_child(configs[name])
             row[name] = statistics.mean(out["tok_per_s"][1:] or out["tok_per_s"])
             row[f"{name}_rss_mb"] = out["peak_rss_mb"]
-        rounds.append(row)
-        print(f"round {r + 1}: " + ", ".join(f"{n} {row[n]:,.0f}" for n in ROWS) + " tokens/s")
-    results["rounds"] = rounds
-    results["median_tok_per_s"] = {n: statistics.median(x[n] for x in rounds) for n in ROWS}
-    results["median_vs_cache"] = {
-        n: statistics.median(x[n] / x["cache"] for x in rounds) for n in ROWS
+        row["load"] = os.getloadavg()[0]
+        rows.append(row)
+        print(f"round {r + 1}: " + ", ".join(f"{n} {row[n]:,.0f}" for n in ROWS)
+              + f" tokens/s (load {row['load']:.2f})")  # fmt: skip
+    return {
+        "rounds": rows,
+        "median_tok_per_s": {n: statistics.median(x[n] for x in rows) for n in ROWS},
+        "median_vs_cache": {n: statistics.median(x[n] / x["cache"] for x in rows) for n in ROWS},
     }
-    eager.stop(), onnx.stop()
+
+
+def memory(root: Path, args: argparse.Namespace, kw: dict) -> dict:
+    """Peak RSS of one epoch on the small text with a larger teacher in the process and
+    served (and the server's own)."""
     params = big_teacher(root, args.mem_hidden, args.mem_layers, args.length)
-    big = Server(f"hf:{root / 'big'}")
     small = dict(kw, epochs=1, text="small.txt")
-    mem = {
-        "teacher_params": params,
-        "online_rss_mb": _run_child(config(root, "mem-online", {"model": f"hf:{root / 'big'}"},
-                                           **small))["peak_rss_mb"],
-        "served_rss_mb": _run_child(config(root, "mem-served", {"model": big.url}, **small))[
-            "peak_rss_mb"],
-        "server_rss_mb": big.peak_rss_mb(),
-    }  # fmt: skip
-    big.stop()
-    results["memory"] = mem
+    with Server(f"hf:{root / 'big'}") as big:
+        mem = {
+            "teacher_params": params,
+            "online_rss_mb": _run_child(
+                config(root, "mem-online", {"model": f"hf:{root / 'big'}"}, **small)
+            )["peak_rss_mb"],
+            "served_rss_mb": _run_child(config(root, "mem-served", {"model": big.url}, **small))[
+                "peak_rss_mb"
+            ],
+            "server_rss_mb": big.peak_rss_mb(),
+        }
     print("memory:", mem)
-    return results
+    return mem
 
 
 if __name__ == "__main__":
