@@ -16,7 +16,11 @@ process pinned there), the student trains on core 0 (pinned, one thread), over l
    PyTorch, top 32) and the served teacher run by ONNX Runtime (``--backend onnx``). Ratios
    to the cache-fed row of the same round; medians over rounds. Beside them, what each
    server delivers alone (batches back to back, no student): a served run trains at most at
-   the slower of the student alone (the cache row) and its server alone.
+   the slower of the student alone (the cache row) and its server alone. On a machine shared
+   with other jobs the wall-clock rows favour the rows that use one core (the others' work
+   moves to the core the server leaves), so each row also reports the training process's
+   tokens per CPU second (its own threads, the client's included) and the share of its wall
+   time its loop waited for served targets: together, what the row would do on idle cores.
 3. Memory. The training process's peak RSS with a larger teacher (``--mem-hidden``,
    ``--mem-layers``) in the process and served: the served run must not hold its weights.
 
@@ -49,18 +53,35 @@ def _pin(cpu: int) -> None:
 
 
 def child(config: str, cpu: int) -> None:
-    """One ``kdkit train`` of ``config`` on core ``cpu``; prints its epochs' tokens/s and RSS."""
+    """One ``kdkit train`` of ``config`` on core ``cpu``; prints its epochs' tokens/s, the CPU
+    seconds the process used, the seconds its loop waited for served targets, and its RSS."""
     _pin(cpu)
     torch.set_num_threads(1)
+    import kdkit.lm.serve.prefetch as prefetch
     from kdkit.config import load_resolved
     from kdkit.run.lm_job import build_lm_trainer
 
-    trainer, _ = build_lm_trainer(load_resolved(config), torch.device("cpu"))
-    start = time.perf_counter()
+    waited: list[float] = []
+    wait_for = prefetch.wait_for
+
+    def timed(*args):  # the loop blocked on the served teacher (the prefetch was not enough)
+        start = time.perf_counter()
+        out = wait_for(*args)
+        waited.append(time.perf_counter() - start)
+        return out
+
+    prefetch.wait_for = timed
+    run_dir = Path(config).parent / "runs" / f"{Path(config).stem}-{time.time_ns()}"
+    cfg = load_resolved(config, run_dir=str(run_dir))  # each round its own run directory
+    trainer, _ = build_lm_trainer(cfg, torch.device("cpu"))
+    start, cpu_start = time.perf_counter(), time.process_time()
     history = trainer.fit()
     print(json.dumps({
         "tok_per_s": [h["tok_per_s"] for h in history],
+        "tokens": sum(h["tok_per_s"] * h["epoch_time_s"] for h in history),
         "wall_s": time.perf_counter() - start,
+        "cpu_s": time.process_time() - cpu_start,
+        "wait_s": sum(waited),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }))  # fmt: skip
 
@@ -168,7 +189,7 @@ def config(root: Path, name: str, teacher: dict, *, epochs: int, length: int, ba
         "distill": {"divergence": "fkl", "temperature": 1.0},
         "train": {"epochs": epochs, "optimizer": {"name": "AdamW", "lr": 0.001},
                   "progress": False, "seed": 0},
-        "run_dir": str(root / "runs" / f"{name}-{time.time_ns()}"),
+        "run_dir": str(root / "runs" / name),  # a child trains in a fresh one beside it
     }  # fmt: skip
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -310,6 +331,8 @@ def throughput(configs: dict[str, Path], rounds: int) -> dict:
         for name in ROWS:
             out = _run_child(configs[name])
             row[name] = statistics.mean(out["tok_per_s"][1:] or out["tok_per_s"])
+            row[f"{name}_per_cpu_s"] = out["tokens"] / out["cpu_s"]  # the whole run's
+            row[f"{name}_wait"] = out["wait_s"] / out["wall_s"]  # blocked on the server
             row[f"{name}_rss_mb"] = out["peak_rss_mb"]
         row["load"] = os.getloadavg()[0]
         rows.append(row)
@@ -319,6 +342,11 @@ def throughput(configs: dict[str, Path], rounds: int) -> dict:
         "rounds": rows,
         "median_tok_per_s": {n: statistics.median(x[n] for x in rows) for n in ROWS},
         "median_vs_cache": {n: statistics.median(x[n] / x["cache"] for x in rows) for n in ROWS},
+        "median_per_cpu_s_vs_cache": {
+            n: statistics.median(x[f"{n}_per_cpu_s"] / x["cache_per_cpu_s"] for x in rows)
+            for n in ROWS
+        },
+        "median_wait": {n: statistics.median(x[f"{n}_wait"] for x in rows) for n in ROWS},
     }
 
 
