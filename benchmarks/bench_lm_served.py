@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,24 @@ ROWS = ("cache", "online", "served", "served-onnx")
 def _pin(cpu: int) -> None:
     if hasattr(os, "sched_setaffinity") and cpu < os.cpu_count():
         os.sched_setaffinity(0, {cpu})
+
+
+def _peak_rss_mb(pid: str = "self") -> float:
+    """The process's peak RSS (``VmHWM``). Not ``getrusage``'s ``ru_maxrss``: across
+    ``exec`` Linux keeps the larger of it and the forking parent's, and the parent here held a
+    teacher (measured: a served child "peaked" at the parent's 1.26 GB)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _runqueue_s() -> float:
+    """Seconds this thread has waited for a core while runnable (``/proc`` schedstat)."""
+    try:
+        return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 def child(config: str, cpu: int) -> None:
@@ -74,7 +91,7 @@ def child(config: str, cpu: int) -> None:
     run_dir = Path(config).parent / "runs" / f"{Path(config).stem}-{time.time_ns()}"
     cfg = load_resolved(config, run_dir=str(run_dir))  # each round its own run directory
     trainer, _ = build_lm_trainer(cfg, torch.device("cpu"))
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start, cpu_start, queued = time.perf_counter(), time.process_time(), _runqueue_s()
     history = trainer.fit()
     print(json.dumps({
         "tok_per_s": [h["tok_per_s"] for h in history],
@@ -82,7 +99,8 @@ def child(config: str, cpu: int) -> None:
         "wall_s": time.perf_counter() - start,
         "cpu_s": time.process_time() - cpu_start,
         "wait_s": sum(waited),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "runqueue_s": _runqueue_s() - queued,  # the training thread, runnable, not running
+        "peak_rss_mb": _peak_rss_mb(),
     }))  # fmt: skip
 
 
@@ -116,10 +134,7 @@ class Server:
         raise SystemExit(f"kdkit lm serve {model} did not start")
 
     def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        return _peak_rss_mb(str(self.proc.pid))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -333,6 +348,7 @@ def throughput(configs: dict[str, Path], rounds: int) -> dict:
             row[name] = statistics.mean(out["tok_per_s"][1:] or out["tok_per_s"])
             row[f"{name}_per_cpu_s"] = out["tokens"] / out["cpu_s"]  # the whole run's
             row[f"{name}_wait"] = out["wait_s"] / out["wall_s"]  # blocked on the server
+            row[f"{name}_runqueue"] = out["runqueue_s"] / out["wall_s"]  # other jobs had its core
             row[f"{name}_rss_mb"] = out["peak_rss_mb"]
         row["load"] = os.getloadavg()[0]
         rows.append(row)
@@ -347,6 +363,7 @@ def throughput(configs: dict[str, Path], rounds: int) -> dict:
             for n in ROWS
         },
         "median_wait": {n: statistics.median(x[f"{n}_wait"] for x in rows) for n in ROWS},
+        "median_runqueue": {n: statistics.median(x[f"{n}_runqueue"] for x in rows) for n in ROWS},
     }
 
 
