@@ -109,6 +109,9 @@ class LMTask(Task):
         router_aux_loss: add a mixture-of-experts student's router load-balancing loss, with
             its config's ``router_aux_loss_coef`` (:mod:`kdkit.lm.moe`); logged as ``router_aux``.
         packed: the data packs documents into rows (``data.pack``): the probe checks packing.
+        byte_lengths: ``[ids]`` the UTF-8 bytes each token id stands for
+            (:func:`kdkit.lm.tokenizer.token_byte_lengths`): :meth:`evaluate` then reports bits
+            per byte, which compares models across tokenizers.
     """
 
     best_metric = ("ppl", False)
@@ -130,6 +133,7 @@ class LMTask(Task):
         probe: bool = True,
         router_aux_loss: bool = True,
         packed: bool = False,
+        byte_lengths: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if divergence not in DIVERGENCES:
@@ -162,6 +166,7 @@ class LMTask(Task):
         self.teacher_transform = None if teacher is None else output_transform(teacher)
         self.router = router_aux(student) if router_aux_loss else None
         self.probe_enabled, self.packed = probe, packed
+        self.byte_lengths = byte_lengths  # a plain tensor: never in a checkpoint or the optimizer
         #: what the logits probe found (:meth:`probe`), for the run's report
         self.probe_results: list[ProbeResult] = []
 
@@ -303,11 +308,14 @@ class LMTask(Task):
         self, batches: Iterable[TokenBatch], autocast: Callable = contextlib.nullcontext
     ) -> dict[str, float]:
         """Held-out perplexity (exp of the token-mean cross-entropy), top-1 agreement with the
-        teacher and the mean forward KL, over every trained token of ``batches``."""
+        teacher and the mean forward KL, over every trained token of ``batches``; with
+        ``byte_lengths``, bits per byte (``bpb``: the summed cross-entropy in bits over the UTF-8
+        bytes of the scored tokens) and those ``bytes``."""
         was = self.student.training
         self.student.eval()
-        tokens = 0
+        tokens = n_bytes = 0
         ce_sum = kl_sum = agree_sum = 0.0
+        table = self.byte_lengths
         try:
             for batch in batches:
                 with autocast():
@@ -317,11 +325,16 @@ class LMTask(Task):
                 ce_sum += float(out.ce) * n
                 kl_sum += float(out.kl) * n
                 agree_sum += float(out.agree) * n if out.agree is not None else 0.0
+                if table is not None:
+                    table = table.to(batch.labels.device)  # once: a no-op after the first batch
+                    n_bytes += _label_bytes(table, batch.labels[batch.mask])
         finally:
             self.student.train(was)
         if tokens == 0:
             raise KDError("the evaluation data holds no trained tokens")
         scores = {"ppl": math.exp(ce_sum / tokens), "ce": ce_sum / tokens, "tokens": float(tokens)}
+        if n_bytes > 0:
+            scores.update({"bpb": ce_sum / math.log(2) / n_bytes, "bytes": float(n_bytes)})
         if self.teacher is not None or self.cache is not None:
             scores.update({"kl": kl_sum / tokens, "agree": 100.0 * agree_sum / tokens})
         return scores
@@ -334,7 +347,8 @@ class LMTask(Task):
         if self.teacher is None:
             raise KDError("this task has no teacher to score")
         with fsdp.gathered(self._teacher_root):
-            return LMTask(self.teacher, None, probe=False).evaluate(batches, autocast)
+            task = LMTask(self.teacher, None, probe=False, byte_lengths=self.byte_lengths)
+            return task.evaluate(batches, autocast)
 
     # -- checkpoint parts ------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -347,6 +361,17 @@ class LMTask(Task):
             fsdp.load_full_state(self.student, state.get("student") or {})
             return
         restore_part(where, "student", self.student, state.get("student"))
+
+
+def _label_bytes(byte_lengths: torch.Tensor, labels: torch.Tensor) -> int:
+    """The UTF-8 bytes the scored ``labels`` stand for (a KDError for an id the table lacks:
+    the table is another tokenizer's)."""
+    if labels.numel() and int(labels.max()) >= byte_lengths.numel():
+        raise KDError(
+            f"token id {int(labels.max())} is beyond the byte-length table's "
+            f"{byte_lengths.numel()} ids: build it from the tokenizer of the data"
+        )
+    return int(byte_lengths[labels].sum())
 
 
 def _first_row(example: TokenBatch | TokenRow) -> tuple[torch.Tensor, torch.Tensor]:
