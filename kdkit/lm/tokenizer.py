@@ -226,7 +226,9 @@ def token_byte_lengths(tokenizer: Any) -> torch.Tensor:
             piece = piece[len(prefix) :]
         if suffix and piece.endswith(suffix):
             piece = piece[: -len(suffix)]
-        if byte_level:
+        if byte_level and _BYTE_LEVEL.issuperset(piece):
+            return len(piece)
+        if byte_level:  # a character outside the byte alphabet: its own UTF-8
             return sum(1 if c in _BYTE_LEVEL else len(c.encode()) for c in piece)
         return len(piece.replace(space, " ").encode())
 
