@@ -109,10 +109,17 @@ def build_lm_data(
         seed=cfg.train.seed,
         shuffle=True,
     )
-    train_loader = DataLoader(train, batch_size=d.batch_size, sampler=sampler, collate_fn=collate)
+    # each loader its own generator: an iterator draws its base seed from the global RNG
+    # otherwise, and a mid-epoch resume would shift the on-policy samples (issue 38)
+    gen = [torch.Generator().manual_seed(cfg.train.seed + i) for i in range(2)]
+    train_loader = DataLoader(
+        train, batch_size=d.batch_size, sampler=sampler, collate_fn=collate, generator=gen[0]
+    )
     val_loader = None
     if val is not None:
-        val_loader = DataLoader(val, batch_size=d.batch_size, shuffle=False, collate_fn=collate)
+        val_loader = DataLoader(
+            val, batch_size=d.batch_size, shuffle=False, collate_fn=collate, generator=gen[1]
+        )
     corpus = hashlib.sha256(corpus.encode()).hexdigest()
     return LMRunData(train_loader, val_loader, tokenizer, len(train), corpus)
 
