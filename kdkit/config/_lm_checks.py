@@ -17,6 +17,8 @@ __all__ = ["check_lm"]
 
 def _lm_model(mc: LMModelConfig, key: str, check_paths: bool) -> None:
     prefix, sep, path = mc.model.partition(":")
+    if key == "teacher" and mc.peft is not None:
+        raise KDError("config key 'teacher.peft': LoRA adapters train a student; drop the key")
     if key == "teacher" and prefix == "cache" and path:  # a kdkit lm capture folder
         if (mc.backend, mc.precision) != ("torch", "fp32") or mc.dtype not in (None, "float32"):
             raise KDError(
@@ -140,6 +142,11 @@ def check_lm(cfg: LMRunConfig, check_paths: bool = True) -> None:
         raise KDError(
             f"config key 'data.loss_on': {d.loss_on!r} needs data.format "
             f"{needs[d.loss_on]!r}, got {d.format!r}"
+        )
+    if d.truncation is not None and d.format == "text":
+        raise KDError(
+            "config key 'data.truncation' applies to format prompt_completion and chat; plain "
+            "text uses data.overflow (split | truncate)"
         )
     if d.val is not None and (d.val.text_files is None) == (d.val.split is None):
         raise KDError("config key 'data.val' takes one of text_files: [...] or split: F")

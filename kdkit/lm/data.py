@@ -12,8 +12,10 @@ left to :class:`kdkit.lm.align.Aligner`, the one place that owns it.
 
 Text and completions end with eos (so students learn to stop); prompt and completion are
 tokenized separately and concatenated, so the boundary is exact (no BPE merge across it).
-``overflow: truncate`` keeps the first ``max_length`` tokens; ``split`` (format text only) cuts a
-long text into ``max_length`` pieces. ``pack`` fills rows of ``max_length`` with whole documents
+For format text, ``overflow: truncate`` keeps the first ``max_length`` tokens and ``split`` cuts a
+long text into ``max_length`` pieces; a prompt/completion or chat document is never split, and
+``truncation`` says what to do with one that is too long (:mod:`kdkit.lm._truncate`: by default
+its end is cut unless that loses more than 5% of the trainable tokens). ``pack`` fills rows of ``max_length`` with whole documents
 in order (next fit; no document is split across rows) and keeps their boundaries in ``doc_ids``.
 The dataset is tokenized once, in memory; ``fingerprint`` names files, tokenizer, settings and ids.
 """
@@ -34,6 +36,7 @@ from torch.utils.data import Dataset
 from kdkit.errors import KDError, closest_names
 from kdkit.lm._chat import assistant_mode, render_chat
 from kdkit.lm._sources import Record, expand_paths, file_info, read_records
+from kdkit.lm._truncate import TRUNCATIONS, Truncation, cut
 from kdkit.lm.tokenizer import tokenizer_fingerprint
 
 __all__ = ["FORMATS", "LOSS_ON", "LMDataset", "TokenRow", "load_lm_dataset"]
@@ -77,9 +80,16 @@ class TokenRow:
 class LMDataset(Dataset):
     """Tokenized rows (:class:`TokenRow`) and the ``description`` they were built from."""
 
-    def __init__(self, rows: list[TokenRow], description: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        rows: list[TokenRow],
+        description: dict[str, Any],
+        truncation: dict[str, Any] | None = None,
+    ) -> None:
         self.rows = rows
         self.description = description
+        #: what truncation cost (:class:`kdkit.lm._truncate.Truncation`), None for plain text
+        self.truncation = truncation
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -101,6 +111,8 @@ class LMDataset(Dataset):
 def _check_options(
     fmt: str, loss_on: str, overflow: str, max_length: int, max_positions: int | None
 ) -> str:
+    if fmt != "text":
+        overflow = "truncate"  # a prompt/completion or chat record is never split
     if fmt not in FORMATS:
         raise KDError(f"unknown data format {fmt!r}; did you mean {closest_names(fmt, FORMATS)}?")
     loss_on = _ALIASES.get(loss_on, loss_on)
@@ -183,6 +195,7 @@ def load_lm_dataset(
     loss_on: str = "all",
     overflow: str = "truncate",
     max_positions: int | None = None,
+    truncation: str | None = None,
 ) -> LMDataset:
     """Read, tokenize, truncate and (optionally) pack LM data into an :class:`LMDataset`.
 
@@ -196,8 +209,16 @@ def load_lm_dataset(
         loss_on: ``all`` | ``completion`` | ``assistant``.
         overflow: ``truncate`` | ``split`` (text only) for documents over ``max_length``.
         max_positions: the model's ``max_position_embeddings`` (:func:`kdkit.lm.models.max_positions`).
+        truncation: a too-long prompt/completion or chat document: None (cut its end, refused
+            above 5% of the trainable tokens), ``right``, ``left``, ``drop_row`` or ``error``.
     """
     loss_on = _check_options(format, loss_on, overflow, max_length, max_positions)
+    if truncation is not None and truncation not in TRUNCATIONS:
+        raise KDError(f"unknown truncation {truncation!r}; use one of {list(TRUNCATIONS)}")
+    if truncation is not None and format == "text":
+        raise KDError("truncation applies to prompt_completion and chat; text uses overflow")
+    counts = None if format == "text" else Truncation(truncation, max_length)
+    bos = getattr(tokenizer, "bos_token_id", None)
     files = expand_paths(paths)
     records = list(read_records(files, format))
     chat_mode = assistant_mode(tokenizer) if format == "chat" else None
@@ -205,7 +226,11 @@ def load_lm_dataset(
     truncated = dropped = 0
     for where, ids, tr in _tokenize(records, tokenizer, format, loss_on, chat_mode):
         pieces = [(ids, tr)]
-        if len(ids) > max_length:
+        if counts is not None:
+            kept = cut(ids, tr, where, counts, bos)
+            pieces = [] if kept is None else [kept]
+            truncated += len(ids) - len(kept[0]) if kept is not None else 0
+        elif len(ids) > max_length:
             if overflow == "split":
                 pieces = [
                     (ids[i : i + max_length], tr[i : i + max_length])
@@ -220,12 +245,16 @@ def load_lm_dataset(
             else:
                 dropped += 1
                 log.debug("%s: no trainable target after truncation; dropped", where)
+    if counts is not None:
+        counts.check()
+        if counts.over:
+            log.warning("lm data: %s", counts.line())
     if not docs:
         raise KDError(
             f"every token is masked: no document in {[str(f) for f in files][:3]} has a target "
             f"(loss_on {loss_on!r}, max_length {max_length}); raise max_length or use loss_on all"
         )
-    if truncated or dropped:
+    if (truncated and counts is None) or dropped:
         log.warning(
             "lm data: %d tokens truncated, %d documents without targets dropped", truncated, dropped
         )
@@ -236,7 +265,7 @@ def load_lm_dataset(
         "loss_on": loss_on,
         "max_length": max_length,
         "pack": pack,
-        "overflow": overflow,
+        "overflow": overflow if format == "text" else "truncate",
         "assistant_mask": chat_mode,
         "files": [file_info(f) for f in files],
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -254,4 +283,4 @@ def load_lm_dataset(
         n_tokens,
         description["fill"],
     )
-    return LMDataset(rows, description)
+    return LMDataset(rows, description, None if counts is None else counts.as_dict())
