@@ -59,3 +59,53 @@ def test_on_policy_resume_mid_epoch_is_exact(pc_run, tmp_path, monkeypatch):  # 
     assert a["step"] == b["step"]
     for k, v in a["student"].items():
         assert torch.equal(v, b["student"][k]), k
+
+
+def test_the_numbers_an_on_policy_run_shows(pc_run, tmp_path, caplog):  # noqa: F811
+    """Per-token losses under plain labels, the global batch, and the samples' statistics in
+    metrics.csv and report.md (completion length, clipped share, entropy)."""
+    import csv
+    import logging
+
+    _, config = pc_run
+    path = tmp_path / "op.yaml"
+    path.write_text(yaml.safe_dump({**config, "run_dir": str(tmp_path / "run")}))
+    with caplog.at_level(logging.INFO, logger="kdkit"):
+        assert main(["train", str(path), "--set", "distill.on_policy.lambda=1"]) == 0
+    assert "global batch: 8 rows per optimizer step (8 per process x 1 process" in caplog.text
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1/"))
+    assert " loss " in line and "loss_loss" not in line and " kl " in line
+    assert "sample_len" in line and "sampled_share 1" in line
+    with (tmp_path / "run" / "metrics.csv").open() as f:
+        row = next(csv.DictReader(f))
+    assert float(row["sampled_share"]) == 1.0 and 0 < float(row["sample_len"]) <= 8
+    assert 0 <= float(row["sample_clipped"]) <= 1 and float(row["sample_entropy"]) > 0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "On-policy samples (last epoch): 100% of the batches, mean completion" in report
+    assert "Global batch: 8 rows per optimizer step" in report
+
+
+def test_a_scratch_run_shows_no_kl_and_the_bar_a_per_token_loss(pc_run, tmp_path, monkeypatch):  # noqa: F811
+    import kdkit.train.trainer as trainer_module
+
+    shown = []
+
+    class Bar:
+        def __init__(self, iterable, **kw):
+            self.iterable = iterable
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def set_postfix(self, values):
+            shown.append(float(values["loss"]))
+
+    monkeypatch.setattr(trainer_module, "tqdm", Bar)
+    _, config = pc_run
+    cfg = {**config, "teacher": None, "distill": {}, "data": {**config["data"], "batch_size": 1}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**cfg, "run_dir": str(tmp_path / "run")}))
+    assert main(["train", str(path)]) == 0
+    history = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["history"]
+    assert "loss_kl" not in history[0] and "loss_loss" in history[0]  # csv columns kept
+    assert shown and all(0 < v < 20 for v in shown)  # nats per token, not a sum over tokens

@@ -39,6 +39,7 @@ from kdkit.config.lm_schema import (
     LMDistillConfig,
     LMModelConfig,
     LMOnPolicyConfig,
+    LMPeftConfig,
     LMRunConfig,
     LMValConfig,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "LMValConfig",
     "LMDistillConfig",
     "LMOnPolicyConfig",
+    "LMPeftConfig",
     "RunConfig",
     "TeacherConfig",
     "StudentConfig",

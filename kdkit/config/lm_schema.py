@@ -27,6 +27,7 @@ from kdkit.config.schema import TrainConfig, field_check
 
 __all__ = [
     "LMModelConfig",
+    "LMPeftConfig",
     "LMValConfig",
     "LMDataConfig",
     "LMOnPolicyConfig",
@@ -48,6 +49,22 @@ Divergence = Literal["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "ce"]
 
 
 @dataclass(frozen=True)
+class LMPeftConfig:
+    """``student.peft``: train LoRA adapters only (the ``peft`` library, TRL's ``peft_config``);
+    the base weights stay frozen. ``target_modules``: module names (``[q_proj, v_proj]``) or
+    ``all-linear`` (every linear layer but the output head)."""
+
+    r: int = field(
+        default=8, metadata=field_check(lambda v: 1 <= v <= 4096, "an integer in [1, 4096]")
+    )
+    alpha: float = field(default=16.0, metadata=field_check(_finite_positive, _POSITIVE))
+    dropout: float = field(default=0.0, metadata=field_check(lambda v: 0 <= v < 1, "in [0, 1)"))
+    target_modules: tuple[str, ...] | Literal["all-linear"] = "all-linear"
+    #: modules trained in full beside the adapters (e.g. ``[embed_tokens]``)
+    modules_to_save: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class LMModelConfig:
     """``model``: ``hf:DIR`` (a local ``save_pretrained`` folder: model + tokenizer) or
     ``hf-config:DIR`` (random init from its ``config.json``); ``tokenizer``: another local
@@ -62,6 +79,8 @@ class LMModelConfig:
     dtype: str | None = None
     backend: Literal["torch", "onnx"] = "torch"
     precision: Literal["fp32", "int8"] = "fp32"
+    #: student only: LoRA adapters (:class:`LMPeftConfig`); None trains every weight
+    peft: LMPeftConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +105,10 @@ class LMDataConfig:
     #: a document longer than max_length: ``split`` into rows (plain text) or ``truncate``
     overflow: Literal["split", "truncate"] = "split"
     loss_on: Literal["all", "completion", "assistant"] = "all"
+    #: a prompt/completion or chat document over max_length (kdkit.lm._truncate): unset cuts
+    #: its end but refuses a run losing > 5% of the trainable tokens; right | left (cut the
+    #: prompt's start) | drop_row accept the loss; error refuses any overlong document
+    truncation: Literal["drop_row", "left", "right", "error"] | None = None
     batch_size: int = field(
         default=8, metadata=field_check(lambda v: 1 <= v <= _BIG, "an integer in [1, 2**24]")
     )

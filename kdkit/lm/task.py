@@ -254,12 +254,18 @@ class LMTask(Task):
         if self.on_policy is not None:  # the teacher scores the student's own samples
             batch = self.on_policy(self.student, batch)
         out = self(batch)
-        components = {"loss": out.loss.detach() / max(out.tokens, 1), "kl": out.kl}
+        components = {"loss": out.loss.detach() / max(out.tokens, 1)}  # per token
+        if self.teacher is not None or self.cache is not None:  # no "kl 0" without a teacher
+            components["kl"] = out.kl
         if out.ce is not None:
             components["ce"] = out.ce
         if out.router_aux is not None:
             components["router_aux"] = out.router_aux
         return StepOutput(out.loss, components, None, count=out.tokens, normalizer=out.tokens)
+
+    def epoch_stats(self) -> dict[str, float]:
+        """An on-policy run's sample statistics (:meth:`OnPolicy.epoch_stats`), else none."""
+        return {} if self.on_policy is None else self.on_policy.epoch_stats()
 
     # -- the logits probe ------------------------------------------------------------------------
     def probe(self, example: TokenBatch | TokenRow) -> list[ProbeResult]:

@@ -26,10 +26,12 @@ from kdkit.lm.data import load_lm_dataset
 from kdkit.lm.models import freeze_teacher, load_lm, load_tokenizer, max_positions, output_head
 from kdkit.lm.onpolicy import OnPolicy, turn_end_id
 from kdkit.lm.packing import check_packing
+from kdkit.lm.student import prepare_student
 from kdkit.lm.task import LMTask, TokenInputs
 from kdkit.lm.tokenizer import pad_id
-from kdkit.lm.vocab import check_vocab
+from kdkit.lm.vocab import check_borrowed_tokenizer, check_vocab
 from kdkit.run.fingerprints import lm_run_fingerprints
+from kdkit.run.lm_report import data_notes
 from kdkit.train import Trainer, distributed
 
 __all__ = [
@@ -56,6 +58,8 @@ class LMRunData:
     train_rows: int
     #: the train and val rows' fingerprint (files, tokenizer, settings, ids) before any split
     corpus_fingerprint: str = ""
+    #: lines for the report: what the data cost (truncation) and how it was rendered
+    notes: tuple[str, ...] = ()
 
 
 def _split(dataset: Any, fraction: float, seed: int) -> tuple[Subset, Subset]:
@@ -79,6 +83,7 @@ def lm_datasets(cfg: LMRunConfig, tokenizer: Any, positions: int | None) -> tupl
         # prompt/completion and chat records are never split (a split would orphan a reply)
         "overflow": d.overflow if d.format == "text" else "truncate",
         "max_positions": positions,
+        "truncation": d.truncation,
     }
     train = load_lm_dataset(list(d.text_files), tokenizer, **kwargs)
     val = None
@@ -95,6 +100,7 @@ def build_lm_data(
     d = cfg.data
     train, val = lm_datasets(cfg, tokenizer, positions)
     corpus = train.fingerprint + (val.fingerprint if val is not None else "")
+    notes = data_notes(train, val)
     if d.val is not None and d.val.split is not None:
         train, val = _split(train, d.val.split, d.seed)
     collate: Any = Aligner(pad_id=pad_id(tokenizer), max_length=d.max_length)
@@ -121,7 +127,7 @@ def build_lm_data(
             val, batch_size=d.batch_size, shuffle=False, collate_fn=collate, generator=gen[1]
         )
     corpus = hashlib.sha256(corpus.encode()).hexdigest()
-    return LMRunData(train_loader, val_loader, tokenizer, len(train), corpus)
+    return LMRunData(train_loader, val_loader, tokenizer, len(train), corpus, notes)
 
 
 def load_lm_teacher(cfg: LMRunConfig, *, trust_code: bool = False) -> tuple[Any, Any]:
@@ -181,7 +187,12 @@ def build_lm_trainer(
     student, tokenizer = load_lm(
         sc.model, dtype=sc.dtype, tokenizer=sc.tokenizer, seed=t.seed, trust_code=trust_code
     )
+    student = prepare_student(
+        student, peft=sc.peft, gradient_checkpointing=t.gradient_checkpointing
+    )
     teacher, teacher_tok = load_lm_teacher(cfg, trust_code=trust_code)
+    if tokenizer is None and teacher_tok is not None:  # the teacher's, if the head fits it
+        check_borrowed_tokenizer(sc.model, output_head(student).out_features, teacher_tok)
     tokenizer = tokenizer or teacher_tok
     vocab_size = None
     cache = None if teacher is None or isinstance(teacher, torch.nn.Module) else teacher

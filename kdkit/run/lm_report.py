@@ -6,7 +6,7 @@ from typing import Any
 
 from kdkit._io import atomic_write_text
 
-__all__ = ["lm_teacher_ppl", "write_lm_report"]
+__all__ = ["data_notes", "lm_teacher_ppl", "write_lm_report"]
 
 
 def lm_teacher_ppl(trainer: Any, data: Any) -> float | None:
@@ -16,6 +16,51 @@ def lm_teacher_ppl(trainer: Any, data: Any) -> float | None:
         return None
     batches = (trainer.inputs(b, augment=False) for b in data.val_loader)
     return trainer.task.score_teacher(batches, trainer.precision.autocast)["ppl"]
+
+
+def data_notes(train: Any, val: Any = None) -> tuple[str, ...]:
+    """The report's lines about the data: what truncation cost, per split that has one."""
+    from kdkit.lm._truncate import Truncation
+
+    notes = []
+    for name, ds in (("train", train), ("val", val)):
+        t = getattr(ds, "truncation", None)
+        if t:
+            counts = Truncation(**{k: v for k, v in t.items() if k != "share"})
+            notes.append(f"Data ({name} files): {counts.line()}.")
+    return tuple(notes)
+
+
+def _teacher_name(cfg: Any, teacher: Any) -> str:
+    """The teacher's row name, with the engine that ran it when not PyTorch fp32."""
+    tc = cfg.teacher
+    name = f"teacher `{tc.model}`"
+    if (tc.backend, tc.precision) == ("torch", "fp32"):
+        return name
+    engine = (
+        f"ONNX Runtime {tc.precision}" if tc.backend == "onnx" or tc.precision == "int8" else ""
+    )
+    fidelity = getattr(teacher, "fidelity", None)
+    return f"{name} ({engine}" + (f"; gate: {fidelity}" if fidelity else "") + ")"
+
+
+def _run_lines(cfg: Any, history: list[dict]) -> list[str]:
+    """The global batch, and an on-policy run's samples of the last epoch."""
+    from kdkit.train.options import global_batch_line
+
+    batch = global_batch_line(cfg.data.batch_size, cfg.train.grad_accum)
+    lines = [batch[0].upper() + batch[1:] + ".", ""]
+    last = history[-1] if history else {}
+    if "sampled_share" in last:
+        text = f"On-policy samples (last epoch): {last['sampled_share']:.0%} of the batches"
+        if "sample_len" in last:
+            text += (
+                f", mean completion {last['sample_len']:.1f} tokens, "
+                f"{last['sample_clipped']:.0%} cut at max_new_tokens, entropy "
+                f"{last['sample_entropy']:.3f} nats/token"
+            )
+        lines += [text + ".", ""]
+    return lines
 
 
 def _params(module: Any) -> str:
@@ -35,13 +80,13 @@ def _probe_lines(task: Any) -> list[str]:
     )
 
 
-def write_lm_report(cfg: Any, trainer: Any, result: Any, wall_s: float) -> None:
+def write_lm_report(cfg: Any, trainer: Any, result: Any, wall_s: float, data: Any = None) -> None:
     history = trainer.history
     rows = [("model", "params", "val ppl", "val KL", "val agree (%)")]
     if result.teacher_score is not None:
         rows.append(
             (
-                f"teacher `{cfg.teacher.model}`",
+                _teacher_name(cfg, trainer.task.teacher),
                 _params(trainer.task.teacher),
                 f"{result.teacher_score:.3f}",
                 "-",
@@ -71,7 +116,9 @@ def write_lm_report(cfg: Any, trainer: Any, result: Any, wall_s: float) -> None:
         f"T {cfg.distill.temperature:g}, wall time {wall_s:.1f} s"
         + (f", {tok_s:,.0f} tokens/s (last epoch)" if tok_s else ""),
         "",
+        *_run_lines(cfg, history),
         *_probe_lines(trainer.task),
+        *[f"{n}\n" for n in getattr(data, "notes", ())],
         f"    kdkit eval {result.run_dir}",
         f"    kdkit export {result.run_dir} --hf {result.run_dir / 'student-hf'}",
         "",

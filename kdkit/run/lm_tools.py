@@ -21,6 +21,7 @@ from kdkit.config import LMRunConfig, parse
 from kdkit.errors import KDError
 from kdkit.lm._hf import quiet_progress
 from kdkit.lm.models import load_lm, load_tokenizer, max_positions
+from kdkit.lm.student import add_lora
 from kdkit.lm.task import LMTask, TokenInputs
 from kdkit.load import load_checkpoint
 from kdkit.run.lm_job import build_lm_data, load_lm_teacher, shared_vocab
@@ -39,7 +40,14 @@ def lm_run_config(ckpt: dict[str, Any]) -> LMRunConfig:
 def load_lm_student(
     path: str | Path, *, trust_code: bool = False
 ) -> tuple[torch.nn.Module, Any, LMRunConfig]:
-    """``(student with the run's weights, tokenizer, config)`` from a run dir or checkpoint."""
+    """``(student with the run's weights, tokenizer, config)`` from a run dir or checkpoint
+    (a LoRA student with its adapters in place, as it trained)."""
+    student, tokenizer, cfg, _ = _rebuild(path, trust_code)
+    return student, tokenizer, cfg
+
+
+def _rebuild(path: str | Path, trust_code: bool) -> tuple[torch.nn.Module, Any, LMRunConfig, Any]:
+    """:func:`load_lm_student` and, for a LoRA student, its ``peft.PeftModel`` (else None)."""
     ckpt = load_checkpoint(checkpoint_in(path), map_location="cpu")
     cfg = lm_run_config(ckpt)
     sc, tc = cfg.student, cfg.teacher
@@ -54,8 +62,10 @@ def load_lm_student(
             tokenizer = cache.tokenizer(trust_code=trust_code)
         else:
             tokenizer = load_tokenizer(tc.model, tc.tokenizer, trust_code=trust_code)
+    wrapped = None if sc.peft is None else add_lora(student, sc.peft)
+    student = student if wrapped is None else wrapped.get_base_model()
     student.load_state_dict(ckpt["student"])
-    return student.eval(), tokenizer, cfg
+    return student.eval(), tokenizer, cfg, wrapped
 
 
 def evaluate_lm_run(
@@ -95,15 +105,26 @@ def evaluate_lm_run(
     return scores
 
 
-def export_hf(path: str | Path, out_dir: str | Path, *, trust_code: bool = False) -> Path:
-    """Write the run's student as a ``save_pretrained`` folder (safetensors + tokenizer)."""
+def export_hf(
+    path: str | Path, out_dir: str | Path, *, trust_code: bool = False, adapter: bool = False
+) -> Path:
+    """Write the run's student as a ``save_pretrained`` folder (safetensors + tokenizer). A
+    LoRA student (``student.peft``) is merged into its base weights (a plain model, no peft
+    needed to load it), or with ``adapter`` saved as the adapter alone (PEFT's
+    ``adapter_config.json`` + ``adapter_model.safetensors``, loaded over the base model)."""
     out = Path(out_dir)
     check_output_path(out, what="--hf", directory=True)
     if out.exists() and any(out.iterdir()):
         raise KDError(f"--hf {out} is not empty; give a new folder")
-    student, tokenizer, _ = load_lm_student(path, trust_code=trust_code)
+    student, tokenizer, _, wrapped = _rebuild(path, trust_code)
+    if adapter and wrapped is None:
+        raise KDError(
+            "--adapter: this run's student has no LoRA adapters (student.peft); export the "
+            "whole model with --hf DIR alone"
+        )
+    model = student if wrapped is None else wrapped if adapter else wrapped.merge_and_unload()
     with writing(out, "--hf"), quiet_progress():  # a full disk is one line, not a traceback
-        student.save_pretrained(str(out), safe_serialization=True)
+        model.save_pretrained(str(out), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out))
     return out

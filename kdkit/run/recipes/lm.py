@@ -54,7 +54,7 @@ class LMRecipe(Recipe):
 
         result.teacher_score = lm_teacher_ppl(built.trainer, built.data)  # every rank
         if distributed.is_main():
-            write_lm_report(cfg, built.trainer, result, wall_s)
+            write_lm_report(cfg, built.trainer, result, wall_s, built.data)
 
     # -- caches -------------------------------------------------------------------------------
     def precompute(self, cfg: Any, out: Path | None, options: Mapping[str, Any]) -> list[str]:
@@ -169,7 +169,12 @@ class LMRecipe(Recipe):
                 "(AutoModelForCausalLM loads it; ONNX export of language models is not here)"
             )
         refuse_options(options, ("int8", "input_shape", "opset"), "--hf (a task: lm export)")
-        out = export_hf(checkpoint, options["hf"], trust_code=options["trust_code"])
+        adapter = bool(options.get("adapter"))
+        out = export_hf(
+            checkpoint, options["hf"], trust_code=options["trust_code"], adapter=adapter
+        )
+        if adapter:
+            return [f"wrote {out}: the LoRA adapter (peft.PeftModel.from_pretrained(base, DIR))"]
         return [f"wrote {out} (AutoModelForCausalLM.from_pretrained loads it without kdkit)"]
 
     def predict(self, model: str, options: Mapping[str, Any]) -> Any:
