@@ -36,6 +36,7 @@ from kdkit.config._tasks import SCHEMAS, TASKS, parse, resolve_paths, schema_for
 from kdkit.config._yaml import apply_overrides, build_section, read_yaml, to_dict, to_yaml
 from kdkit.config.lm_schema import (
     LMDataConfig,
+    LMDatasetConfig,
     LMDistillConfig,
     LMModelConfig,
     LMOnPolicyConfig,
@@ -66,6 +67,7 @@ __all__ = [
     "LMRunConfig",
     "LMModelConfig",
     "LMDataConfig",
+    "LMDatasetConfig",
     "LMValConfig",
     "LMDistillConfig",
     "LMOnPolicyConfig",

@@ -29,6 +29,7 @@ __all__ = [
     "LMModelConfig",
     "LMPeftConfig",
     "LMValConfig",
+    "LMDatasetConfig",
     "LMDataConfig",
     "LMOnPolicyConfig",
     "LMDistillConfig",
@@ -93,9 +94,30 @@ class LMValConfig:
     )
 
 
+#: ``data.chat_template`` names kdkit ships (anything else is a template file's path)
+CHAT_TEMPLATE_NAMES = ("chatml",)
+
+
+@dataclass(frozen=True)
+class LMDatasetConfig:
+    """``data.dataset``: a Hugging Face ``datasets`` dataset on disk (never downloaded): a
+    ``save_to_disk`` folder, a folder of data files, or one ``.parquet`` / ``.arrow`` /
+    ``.json(l)`` / ``.csv`` file. The ``*_field`` keys name the columns that hold the format's
+    fields (defaults: the JSONL names)."""
+
+    path: str
+    split: str = "train"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+
+
 @dataclass(frozen=True, kw_only=True)
 class LMDataConfig:
-    text_files: tuple[str, ...]
+    #: files or globs; or ``dataset:`` instead (one of the two)
+    text_files: tuple[str, ...] = ()
+    dataset: LMDatasetConfig | None = None
     val: LMValConfig | None = None
     format: Literal["text", "prompt_completion", "chat"] = "text"
     max_length: int = field(
@@ -109,6 +131,12 @@ class LMDataConfig:
     #: its end but refuses a run losing > 5% of the trainable tokens; right | left (cut the
     #: prompt's start) | drop_row accept the loss; error refuses any overlong document
     truncation: Literal["drop_row", "left", "right", "error"] | None = None
+    #: format chat: the template that renders the conversations, ``chatml`` or a Jinja file
+    #: (default: the tokenizer's own); the exported tokenizer carries it
+    chat_template: str | None = None
+    #: keep the tokenized corpus under ~/.cache/kdkit/lm-tokens, keyed by the files' sha256,
+    #: the tokenizer and these settings: a second run with the same data skips tokenizing
+    token_cache: bool = True
     batch_size: int = field(
         default=8, metadata=field_check(lambda v: 1 <= v <= _BIG, "an integer in [1, 2**24]")
     )

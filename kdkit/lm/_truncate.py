@@ -48,6 +48,11 @@ class Truncation:
     longest: int = 0
     first_over: str = ""
 
+    @classmethod
+    def of(cls, counts: dict[str, Any]) -> Truncation:
+        """Back from :meth:`as_dict` (a token cache's or a report's copy)."""
+        return cls(**{k: v for k, v in counts.items() if k != "share"})
+
     @property
     def share(self) -> float:
         return self.lost / self.trainable if self.trainable else 0.0

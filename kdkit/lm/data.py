@@ -28,6 +28,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +36,8 @@ from torch.utils.data import Dataset
 
 from kdkit.errors import KDError, closest_names
 from kdkit.lm._chat import assistant_mode, render_chat
-from kdkit.lm._sources import Record, expand_paths, file_info, read_records
+from kdkit.lm._sources import DatasetSource, Record, expand_paths, file_info, read_records
+from kdkit.lm._token_cache import cache_key, read_rows, write_rows
 from kdkit.lm._truncate import TRUNCATIONS, Truncation, cut
 from kdkit.lm.tokenizer import tokenizer_fingerprint
 
@@ -165,6 +167,11 @@ def _tokenize(
     return docs
 
 
+def _places(records: list[Record]) -> list[str]:
+    """The first three files (or datasets) the records come from, for a message."""
+    return list(dict.fromkeys(r.where.split(":")[0].split("[")[0] for r in records))[:3]
+
+
 def _pack(docs: list[tuple[list[int], list[bool]]], max_length: int, pack: bool) -> list[TokenRow]:
     if not pack:
         return [TokenRow.of(ids, tr) for ids, tr in docs]
@@ -186,8 +193,8 @@ def _pack(docs: list[tuple[list[int], list[bool]]], max_length: int, pack: bool)
 
 
 def load_lm_dataset(
-    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-    tokenizer: Any,
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] = (),
+    tokenizer: Any = None,
     *,
     format: str = "text",  # noqa: A002 - the config key's name
     max_length: int = 512,
@@ -196,6 +203,8 @@ def load_lm_dataset(
     overflow: str = "truncate",
     max_positions: int | None = None,
     truncation: str | None = None,
+    source: DatasetSource | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> LMDataset:
     """Read, tokenize, truncate and (optionally) pack LM data into an :class:`LMDataset`.
 
@@ -211,16 +220,55 @@ def load_lm_dataset(
         max_positions: the model's ``max_position_embeddings`` (:func:`kdkit.lm.models.max_positions`).
         truncation: a too-long prompt/completion or chat document: None (cut its end, refused
             above 5% of the trainable tokens), ``right``, ``left``, ``drop_row`` or ``error``.
+        source: a Hugging Face ``datasets`` dataset on disk instead of ``paths``.
+        cache_dir: keep the rows there, keyed by the data's sha256, the tokenizer and the
+            settings (:mod:`kdkit.lm._token_cache`); a second call reads them back.
     """
     loss_on = _check_options(format, loss_on, overflow, max_length, max_positions)
     if truncation is not None and truncation not in TRUNCATIONS:
         raise KDError(f"unknown truncation {truncation!r}; use one of {list(TRUNCATIONS)}")
     if truncation is not None and format == "text":
         raise KDError("truncation applies to prompt_completion and chat; text uses overflow")
+    files = expand_paths(paths) if source is None else source.files()
+    infos = [file_info(f) for f in files]
+    settings = {"format": format, "loss_on": loss_on, "max_length": max_length, "pack": pack,
+                "overflow": overflow, "truncation": truncation,
+                "source": None if source is None else [source.split, list(source.fields)]}  # fmt: skip
+    key = None
+    if cache_dir is not None:
+        key = cache_key(infos, tokenizer_fingerprint(tokenizer), settings)
+        hit = read_rows(Path(cache_dir), key)
+        if hit is not None:
+            rows, meta = hit
+            ds = LMDataset([TokenRow(*r) for r in rows], meta["description"], meta["truncation"])
+            if ds.truncation and ds.truncation["over"]:
+                log.warning("lm data: %s", Truncation.of(ds.truncation).line())
+            log.info("lm data: %d rows from the token cache (%s...)", len(ds), key[:12])
+            return ds
+    records = read_records(files, format) if source is None else source.records(format)
+    ds = _tokenized(
+        list(records), tokenizer, format, loss_on, max_length, pack, overflow, truncation
+    )
+    ds.description["files"] = infos
+    if key is not None:
+        meta = {"description": ds.description, "truncation": ds.truncation}
+        write_rows(Path(cache_dir), key, ds.rows, meta)
+    return ds
+
+
+def _tokenized(
+    records: list[Record],
+    tokenizer: Any,
+    format: str,  # noqa: A002
+    loss_on: str,
+    max_length: int,
+    pack: bool,
+    overflow: str,
+    truncation: str | None,
+) -> LMDataset:
+    """The rows of ``records``: tokenized, truncated (``overflow``, ``truncation``), packed."""
     counts = None if format == "text" else Truncation(truncation, max_length)
     bos = getattr(tokenizer, "bos_token_id", None)
-    files = expand_paths(paths)
-    records = list(read_records(files, format))
     chat_mode = assistant_mode(tokenizer) if format == "chat" else None
     docs: list[tuple[list[int], list[bool]]] = []
     truncated = dropped = 0
@@ -251,7 +299,7 @@ def load_lm_dataset(
             log.warning("lm data: %s", counts.line())
     if not docs:
         raise KDError(
-            f"every token is masked: no document in {[str(f) for f in files][:3]} has a target "
+            f"every token is masked: no document in {_places(records)} has a target "
             f"(loss_on {loss_on!r}, max_length {max_length}); raise max_length or use loss_on all"
         )
     if (truncated and counts is None) or dropped:
@@ -267,7 +315,7 @@ def load_lm_dataset(
         "pack": pack,
         "overflow": overflow if format == "text" else "truncate",
         "assistant_mask": chat_mode,
-        "files": [file_info(f) for f in files],
+        "files": [],  # set by the caller (the sha256 of every file read)
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "documents": len(docs),
         "rows": len(rows),

@@ -21,6 +21,9 @@ from torch.utils.data.distributed import DistributedSampler
 
 from kdkit.config import LMRunConfig, to_dict
 from kdkit.errors import KDError
+from kdkit.lm._chat import template_note, use_chat_template
+from kdkit.lm._sources import DatasetSource
+from kdkit.lm._token_cache import default_token_cache
 from kdkit.lm.align import Aligner
 from kdkit.lm.data import load_lm_dataset
 from kdkit.lm.models import freeze_teacher, load_lm, load_tokenizer, max_positions, output_head
@@ -84,8 +87,16 @@ def lm_datasets(cfg: LMRunConfig, tokenizer: Any, positions: int | None) -> tupl
         "overflow": d.overflow if d.format == "text" else "truncate",
         "max_positions": positions,
         "truncation": d.truncation,
+        "cache_dir": default_token_cache() if d.token_cache else None,
     }
-    train = load_lm_dataset(list(d.text_files), tokenizer, **kwargs)
+    use_chat_template(tokenizer, d.chat_template)  # data.chat_template, before any row
+    source = None
+    if d.dataset is not None:  # a Hugging Face datasets dataset on disk
+        ds = d.dataset
+        fields = {"text": ds.text_field, "prompt": ds.prompt_field,
+                  "completion": ds.completion_field, "messages": ds.messages_field}  # fmt: skip
+        source = DatasetSource(ds.path, ds.split, tuple(fields.items()))
+    train = load_lm_dataset(list(d.text_files), tokenizer, source=source, **kwargs)
     val = None
     if d.val is not None and d.val.text_files:
         val = load_lm_dataset(list(d.val.text_files), tokenizer, **kwargs)
@@ -101,6 +112,8 @@ def build_lm_data(
     train, val = lm_datasets(cfg, tokenizer, positions)
     corpus = train.fingerprint + (val.fingerprint if val is not None else "")
     notes = data_notes(train, val)
+    if d.format == "chat":
+        notes += (template_note(tokenizer, d.chat_template),)
     if d.val is not None and d.val.split is not None:
         train, val = _split(train, d.val.split, d.seed)
     collate: Any = Aligner(pad_id=pad_id(tokenizer), max_length=d.max_length)

@@ -26,8 +26,7 @@ def data_notes(train: Any, val: Any = None) -> tuple[str, ...]:
     for name, ds in (("train", train), ("val", val)):
         t = getattr(ds, "truncation", None)
         if t:
-            counts = Truncation(**{k: v for k, v in t.items() if k != "share"})
-            notes.append(f"Data ({name} files): {counts.line()}.")
+            notes.append(f"Data ({name}): {Truncation.of(t).line()}.")
     return tuple(notes)
 
 

@@ -19,6 +19,7 @@ import torch
 from kdkit._io import check_output_path, writing
 from kdkit.config import LMRunConfig, parse
 from kdkit.errors import KDError
+from kdkit.lm._chat import use_chat_template
 from kdkit.lm._hf import quiet_progress
 from kdkit.lm.models import load_lm, load_tokenizer, max_positions
 from kdkit.lm.student import add_lora
@@ -62,6 +63,8 @@ def _rebuild(path: str | Path, trust_code: bool) -> tuple[torch.nn.Module, Any, 
             tokenizer = cache.tokenizer(trust_code=trust_code)
         else:
             tokenizer = load_tokenizer(tc.model, tc.tokenizer, trust_code=trust_code)
+    if tokenizer is not None:  # data.chat_template: what the rows were rendered with
+        use_chat_template(tokenizer, cfg.data.chat_template)
     wrapped = None if sc.peft is None else add_lora(student, sc.peft)
     student = student if wrapped is None else wrapped.get_base_model()
     student.load_state_dict(ckpt["student"])
@@ -82,7 +85,7 @@ def evaluate_lm_run(
     student, tokenizer, cfg = load_lm_student(path, trust_code=trust_code)
     if data:
         cfg = dataclasses.replace(
-            cfg, data=dataclasses.replace(cfg.data, text_files=tuple(data), val=None)
+            cfg, data=dataclasses.replace(cfg.data, text_files=tuple(data), val=None, dataset=None)
         )
     # a model, or a top-k cache (kl and agree from it)
     teacher_model, teacher_tok = load_lm_teacher(cfg, trust_code=trust_code)
