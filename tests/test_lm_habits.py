@@ -125,3 +125,36 @@ def test_a_lora_student_trains_its_adapters_only_and_exports_both_ways(lm_root, 
     adapted = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "adapter")).eval()
     ids = torch.arange(5, 25)[None]
     torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("template", ["lm_chat", "lm_prompt_completion"])
+def test_the_lm_templates_validate_once_their_paths_are_set(template, lm_root, tmp_path, capsys):
+    out = tmp_path / "lm.yaml"
+    assert main(["init", template, "-o", str(out)]) == 0
+    data = lm_root / "pc.jsonl"
+    if template == "lm_chat":
+        data = tmp_path / "chat.jsonl"
+        turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+        data.write_text(json.dumps({"messages": turns}) + "\n")
+    capsys.readouterr()
+    sets = [f"teacher.model=hf:{lm_root / 'teacher'}", f"student.model=hf:{lm_root / 'student'}",
+            f"data.text_files=[{data}]"]  # fmt: skip
+    argv = ["train", str(out), "--print-config"] + [x for s in sets for x in ("--set", s)]
+    assert main(argv) == 0, capsys.readouterr().err
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["task"] == "lm" and printed["data"]["format"] in ("chat", "prompt_completion")
+
+
+def test_the_readme_names_every_lm_config_key():
+    """The README's LM key table is the LM config's (issue 38: it used to be the image one)."""
+    import dataclasses
+    from pathlib import Path
+
+    from kdkit.config import lm_schema as s
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = text.split("### Coming from TRL or DistillKit")[1].split("\n## ")[0]
+    for cls in (s.LMModelConfig, s.LMPeftConfig, s.LMDataConfig, s.LMDatasetConfig,
+                s.LMDistillConfig, s.LMOnPolicyConfig, s.LMValConfig):  # fmt: skip
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("key", f.name) in section, (cls.__name__, f.name)
