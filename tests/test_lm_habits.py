@@ -158,3 +158,31 @@ def test_the_readme_names_every_lm_config_key():
                 s.LMDistillConfig, s.LMOnPolicyConfig, s.LMValConfig):  # fmt: skip
         for f in dataclasses.fields(cls):
             assert f.metadata.get("key", f.name) in section, (cls.__name__, f.name)
+
+
+def test_the_report_and_kdkit_eval_show_sample_generations(lm_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    path = _write(tmp_path / "g.yaml", _config(lm_root, run_dir=str(run)))
+    assert main(["train", path, "--no-progress"]) == 0
+    report = (run / "report.md").read_text()
+    assert "Sample generations (greedy, the first 3 val rows):" in report
+    assert report.count("   - teacher: `") == 3 and report.count("   - student: `") == 3
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0
+    samples = json.loads(capsys.readouterr().out)["samples"]
+    assert len(samples) == 3 and set(samples[0]) == {"prompt", "reference", "student", "teacher"}
+    assert samples[0]["prompt"].startswith("question")  # the prompt ends where training begins
+    assert main(["eval", str(run)]) == 0
+    assert "1. prompt: `question" in capsys.readouterr().out
+
+
+def test_greedy_generations_draw_no_random_numbers(lm_tokenizer):  # noqa: F811
+    from kdkit.lm import TokenRow
+    from kdkit.lm.generations import sample_generations
+
+    row = TokenRow.of(list(range(5, 30)), [False] * 10 + [True] * 15)
+    student, teacher = tiny_llama(seed=3), tiny_llama(seed=1)
+    before = torch.get_rng_state()
+    gens = sample_generations(student, teacher, [row] * 2, lm_tokenizer)
+    assert torch.equal(before, torch.get_rng_state())
+    assert len(gens) == 2 and gens[0] == gens[1] and gens[0].teacher is not None

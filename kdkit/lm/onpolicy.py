@@ -220,12 +220,15 @@ def sample_completions(
     pad_id: int,
     device: torch.device | str,
     stats: Counter | None = None,
+    greedy: bool = False,
 ) -> list[list[int]]:
     """Sample a completion per prompt from ``softmax(logits / temperature)`` with the KV cache,
     in eval mode (train mode restored); each list ends at its first EOS (kept) or at
     ``max_new_tokens``. ``student`` is a Hugging Face causal LM (``past_key_values``); a
     ``torch.compile`` d one samples through its eager module (no recompile per length).
-    ``stats`` (a Counter) adds ``completions``, ``tokens``, ``clipped`` and ``entropy``."""
+    ``stats`` (a Counter) adds ``completions``, ``tokens``, ``clipped`` and ``entropy``.
+    ``greedy`` takes the most likely token instead (no RNG is drawn: sample generations for a
+    report leave a run's random stream as it was)."""
     student = getattr(student, "_orig_mod", student)
     if "past_key_values" not in inspect.signature(student.forward).parameters:
         raise KDError(
@@ -261,7 +264,10 @@ def sample_completions(
             if stats is not None:  # nats, of the rows still sampling (read once, below)
                 plogp = probs * torch.log_softmax(logits / temperature, dim=-1)
                 entropy = entropy - torch.where(done, 0.0, plogp.sum(-1)).sum()
-            token = torch.multinomial(probs, num_samples=1).squeeze(1)
+            if greedy:
+                token = logits.argmax(-1)
+            else:
+                token = torch.multinomial(probs, num_samples=1).squeeze(1)
             token = torch.where(done, torch.full_like(token, pad_id), token)
             new.append(token)
             done = done | torch.isin(token, eos_t)

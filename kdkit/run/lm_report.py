@@ -6,7 +6,7 @@ from typing import Any
 
 from kdkit._io import atomic_write_text
 
-__all__ = ["data_notes", "lm_teacher_ppl", "write_lm_report"]
+__all__ = ["data_notes", "generation_lines", "lm_teacher_ppl", "write_lm_report"]
 
 
 def lm_teacher_ppl(trainer: Any, data: Any) -> float | None:
@@ -60,6 +60,45 @@ def _run_lines(cfg: Any, history: list[dict]) -> list[str]:
             )
         lines += [text + ".", ""]
     return lines
+
+
+def _show(text: str | None, width: int = 160) -> str:
+    if text is None:
+        return "-"
+    text = text.replace("`", "'").replace("\n", " \u23ce ").strip()
+    return f"`{text[:width]}{'...' if len(text) > width else ''}`"
+
+
+def generation_lines(generations: list[Any]) -> list[str]:
+    """Sample generations as report lines: each prompt, the data's continuation, the
+    teacher's and the student's (greedy)."""
+    if not generations:
+        return []
+    lines = [f"Sample generations (greedy, the first {len(generations)} val rows):", ""]
+    for i, g in enumerate(generations, start=1):
+        lines += [
+            f"{i}. prompt: {_show(g.prompt)}",
+            f"   - data: {_show(g.reference)}",
+            f"   - teacher: {_show(g.teacher)}",
+            f"   - student: {_show(g.student)}",
+        ]
+    return [*lines, ""]
+
+
+def _generations(trainer: Any, data: Any) -> list[Any]:
+    """Greedy continuations of a few val rows (none when the models are sharded)."""
+    import kdkit._sharding as fsdp
+    from kdkit.errors import KDError
+    from kdkit.lm.generations import sample_generations
+
+    loader = getattr(data, "val_loader", None) or getattr(data, "train_loader", None)
+    if loader is None or fsdp.is_sharded(trainer.task) or data.tokenizer is None:
+        return []
+    rows = [loader.dataset[i] for i in range(min(3, len(loader.dataset)))]
+    try:
+        return sample_generations(trainer.task.student, trainer.task.teacher, rows, data.tokenizer)
+    except KDError:  # a model that cannot generate: the report goes without, the run stands
+        return []
 
 
 def _params(module: Any) -> str:
@@ -117,6 +156,7 @@ def write_lm_report(cfg: Any, trainer: Any, result: Any, wall_s: float, data: An
         "",
         *_run_lines(cfg, history),
         *_probe_lines(trainer.task),
+        *generation_lines(_generations(trainer, data) if data is not None else []),
         *[f"{n}\n" for n in getattr(data, "notes", ())],
         f"    kdkit eval {result.run_dir}",
         f"    kdkit export {result.run_dir} --hf {result.run_dir / 'student-hf'}",

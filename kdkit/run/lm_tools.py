@@ -21,6 +21,7 @@ from kdkit.config import LMRunConfig, parse
 from kdkit.errors import KDError
 from kdkit.lm._chat import use_chat_template
 from kdkit.lm._hf import quiet_progress
+from kdkit.lm.generations import sample_generations
 from kdkit.lm.models import load_lm, load_tokenizer, max_positions
 from kdkit.lm.student import add_lora
 from kdkit.lm.task import LMTask, TokenInputs
@@ -78,10 +79,12 @@ def evaluate_lm_run(
     teacher: bool = True,
     data: list[str] = (),
     trust_code: bool = False,
-) -> dict[str, dict[str, float]]:
+    samples: int = 3,
+) -> dict[str, Any]:
     """The student's held-out perplexity, top-1 agreement with the teacher and mean KL (and,
     with ``teacher``, the teacher's perplexity) on the run's val tokens (``data``: other
-    text files)."""
+    text files), and under ``samples`` the greedy continuations of that many val prompts by
+    the student and the teacher."""
     student, tokenizer, cfg = load_lm_student(path, trust_code=trust_code)
     if data:
         cfg = dataclasses.replace(
@@ -105,6 +108,10 @@ def evaluate_lm_run(
         scores["teacher"] = (
             LMTask(teacher_model, None, probe=False).to(device).evaluate(inputs(b) for b in loader)
         )
+    if samples and tokenizer is not None:  # a few prompts, teacher and student side by side
+        rows = [loader.dataset[i] for i in range(min(samples, len(loader.dataset)))]
+        gens = sample_generations(student, teacher_model, rows, tokenizer)
+        scores["samples"] = [g.as_dict() for g in gens]
     return scores
 
 

@@ -151,14 +151,20 @@ class LMRecipe(Recipe):
             files.append(value)
         return evaluate_lm_run(checkpoint, device, teacher=True, data=files, trust_code=trust_code)
 
-    def score_lines(self, scores: Mapping[str, Mapping[str, float]]) -> list[str]:
+    def score_lines(self, scores: Mapping[str, Any]) -> list[str]:
+        from kdkit.lm.generations import Generation
+        from kdkit.run.lm_report import generation_lines
+
         lines = []
         for who, s in scores.items():
+            if who == "samples":
+                continue
             extra = f"  agreement {s['agree']:.2f}%  KL {s['kl']:.4f}" if "kl" in s else ""
             lines.append(
                 f"{who + ':':9} perplexity {s['ppl']:.3f}{extra}  ({int(s['tokens']):,} tokens)"
             )
-        return lines
+        gens = [Generation(**g) for g in scores.get("samples", ())]
+        return lines + ([""] + generation_lines(gens) if gens else [])
 
     def export(self, checkpoint: str, options: Mapping[str, Any]) -> list[str]:
         from kdkit.run.lm_tools import export_hf
