@@ -155,7 +155,7 @@ def test_the_readme_names_every_lm_config_key():
     text = (Path(__file__).parents[1] / "README.md").read_text()
     section = text.split("### Coming from TRL or DistillKit")[1].split("\n## ")[0]
     for cls in (s.LMModelConfig, s.LMPeftConfig, s.LMDataConfig, s.LMDatasetConfig,
-                s.LMDistillConfig, s.LMOnPolicyConfig, s.LMValConfig):  # fmt: skip
+                s.LMDistillConfig, s.LMOnPolicyConfig, s.LMValConfig, s.LMLayerPairConfig):  # fmt: skip
         for f in dataclasses.fields(cls):
             assert f.metadata.get("key", f.name) in section, (cls.__name__, f.name)
 

@@ -147,6 +147,17 @@ def check_lm(cfg: LMRunConfig, check_paths: bool = True) -> None:
     ``loss_on`` fits ``format``, and ``distill.on_policy``; the train section as for every task."""
     _lm_model(cfg.student, "student", check_paths)
     _check_on_policy(cfg)
+    if cfg.distill.pairs:
+        t = cfg.teacher
+        live = t is not None and not t.model.startswith("cache:")
+        if not live or (t.backend, t.precision) != ("torch", "fp32"):
+            raise KDError(
+                "config key 'distill.pairs' pairs decoder layers of a live PyTorch teacher "
+                "(teacher.model hf:DIR, backend torch, precision fp32): a cache or an ONNX "
+                "Runtime teacher has no layers to read"
+            )
+        if cfg.train.fsdp:
+            raise KDError("config key 'distill.pairs' does not run with train.fsdp: true yet")
     if cfg.teacher is not None:
         _lm_model(cfg.teacher, "teacher", check_paths)
         t = cfg.teacher

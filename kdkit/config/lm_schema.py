@@ -32,6 +32,7 @@ __all__ = [
     "LMDatasetConfig",
     "LMDataConfig",
     "LMOnPolicyConfig",
+    "LMLayerPairConfig",
     "LMDistillConfig",
     "LMRunConfig",
 ]
@@ -160,6 +161,19 @@ class LMOnPolicyConfig:
 
 
 @dataclass(frozen=True)
+class LMLayerPairConfig:
+    """One ``distill.pairs`` entry: student decoder layer ``student`` learns teacher layer
+    ``teacher`` (0-based, -1 the last) through a learned projection when the widths differ."""
+
+    student: int
+    teacher: int
+    weight: float = field(
+        default=1.0, metadata=field_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
+    )
+    loss: Literal["mse", "cosine"] = "mse"
+
+
+@dataclass(frozen=True)
 class LMDistillConfig:
     divergence: Divergence = "fkl"
     beta: float = field(default=0.5, metadata=field_check(lambda v: 0 <= v <= 1, "in [0, 1]"))
@@ -178,6 +192,8 @@ class LMDistillConfig:
     #: a mixture-of-experts student's router load-balancing loss, weighted by its config's
     #: ``router_aux_loss_coef`` as its own training does (kdkit.lm.moe); logged as router_aux
     router_aux_loss: bool = True
+    #: hidden-state pairs between decoder layers (kdkit.lm.hidden), beside the token loss
+    pairs: tuple[LMLayerPairConfig, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,6 +26,7 @@ from kdkit.lm._sources import DatasetSource
 from kdkit.lm._token_cache import default_token_cache
 from kdkit.lm.align import Aligner
 from kdkit.lm.data import load_lm_dataset
+from kdkit.lm.hidden import LayerPair
 from kdkit.lm.models import freeze_teacher, load_lm, load_tokenizer, max_positions, output_head
 from kdkit.lm.onpolicy import OnPolicy, turn_end_id
 from kdkit.lm.packing import check_packing
@@ -255,6 +256,7 @@ def build_lm_trainer(
         on_policy=on_policy,
         router_aux_loss=dc.router_aux_loss,
         packed=cfg.data.pack,
+        layer_pairs=[LayerPair(p.student, p.teacher, p.weight, p.loss) for p in dc.pairs],
     )
     if t.fsdp and distributed.is_distributed():
         task.probe(data.train_loader.dataset[0])  # before sharding (the Trainer's is skipped)
