@@ -43,12 +43,17 @@ def _teacher_name(cfg: Any, teacher: Any) -> str:
     return f"{name} ({engine}" + (f"; gate: {fidelity}" if fidelity else "") + ")"
 
 
-def _run_lines(cfg: Any, history: list[dict]) -> list[str]:
-    """The global batch, and an on-policy run's samples of the last epoch."""
+def _run_lines(cfg: Any, history: list[dict], teacher: Any = None) -> list[str]:
+    """The global batch, the teacher's engine (ONNX Runtime, int8), and an on-policy run's
+    samples of the last epoch."""
     from kdkit.train.options import global_batch_line
 
     batch = global_batch_line(cfg.data.batch_size, cfg.train.grad_accum)
     lines = [batch[0].upper() + batch[1:] + ".", ""]
+    if teacher is not None and cfg.teacher is not None:  # the engine, with or without val data
+        name = _teacher_name(cfg, teacher)
+        if name.endswith(")"):
+            lines += [f"Teacher: {name.removeprefix('teacher ')}.", ""]
     last = history[-1] if history else {}
     if "sampled_share" in last:
         text = f"On-policy samples (last epoch): {last['sampled_share']:.0%} of the batches"
@@ -154,7 +159,7 @@ def write_lm_report(cfg: Any, trainer: Any, result: Any, wall_s: float, data: An
         f"T {cfg.distill.temperature:g}, wall time {wall_s:.1f} s"
         + (f", {tok_s:,.0f} tokens/s (last epoch)" if tok_s else ""),
         "",
-        *_run_lines(cfg, history),
+        *_run_lines(cfg, history, trainer.task.teacher),
         *_probe_lines(trainer.task),
         *generation_lines(_generations(trainer, data) if data is not None else []),
         *[f"{n}\n" for n in getattr(data, "notes", ())],
