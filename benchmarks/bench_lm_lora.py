@@ -71,7 +71,8 @@ def main() -> None:
     p.add_argument("--demo", required=True, help="the out folder of kdkit demo lm --quick")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=3e-3, help="the demo's learning rate")
+    p.add_argument("--lora-lr", type=float, help="the LoRA rows' (default: --lr)")
     args = p.parse_args()
     demo = Path(args.demo)
     work = Path(tempfile.mkdtemp(prefix="bench-lora-"))
@@ -79,7 +80,8 @@ def main() -> None:
     rows: dict[str, list[dict]] = {"lora": [], "full": []}
     for seed in args.seeds:
         for name in rows:
-            cfg = config(demo, work, name, seed, args.rank, args.lr)
+            lr = args.lora_lr if name == "lora" and args.lora_lr else args.lr
+            cfg = config(demo, work, name, seed, args.rank, lr)
             rss = run(["train", str(cfg)])
             out = subprocess.run(
                 [sys.executable, "-m", "kdkit", "eval", str(work / f"{name}-{seed}"), "--json",
@@ -96,7 +98,9 @@ def main() -> None:
                    "optimizer_bytes": opt_bytes}  # fmt: skip
             rows[name].append(row)
             print(f"{name}: {json.dumps(row)}", flush=True)
-    print(f"\nrank {args.rank}, lr {args.lr:g}, seeds {args.seeds}; median (min-max)\n")
+    lora_lr = args.lora_lr or args.lr
+    print(f"\nrank {args.rank}, lr {args.lr:g} (LoRA {lora_lr:g}), seeds {args.seeds}; "
+          "median (min-max)\n")  # fmt: skip
     print("| student | trained params | optimizer state | test ppl | peak RSS MB |")
     print("|---|---:|---:|---:|---:|")
     for name, rs in rows.items():
