@@ -3,12 +3,14 @@
 Off-policy: kdkit ``task: lm`` (jsd, beta 0.5, online teacher) against TRL's
 ``GKDTrainer(lmbda=0, beta=0.5)``. On-policy: kdkit ``distill.on_policy`` (lambda 1, at most 32
 new tokens, sampling temperature 1) against ``GKDTrainer(lmbda=1, max_new_tokens=32,
-temperature=1)``. The same teacher (the ``kdkit demo lm`` teacher when it is cached, else a
-random Llama of its shape), the same student (a random Llama, hidden 64, 2 layers), the same
-64 chat rows (prompt: 100 characters of the Python docs / stdlib, reply: the next 200),
-rendered by the same chat template, max_length 128 cut at the end on both sides (TRL's
-truncation; ``data.truncation: right`` in kdkit), batch 16, AdamW lr 1e-3, 2 epochs, one
-thread. Rounds interleave the four runs; the first round warms the disk cache and is dropped.
+temperature=1)`` and against TRL's ``DistillationTrainer`` (the stable on-policy trainer: the
+user turns as prompts, ``max_completion_length=32``, beta 0.5, fp32, no gradient checkpointing;
+its ``tokens`` are the same rows' for the rate). The same teacher (the ``kdkit demo lm``
+teacher when it is cached, else a random Llama of its shape), the same student (a random
+Llama, hidden 64, 2 layers), the same 64 chat rows (prompt: 100 characters of the Python docs
+/ stdlib, reply: the next 200), rendered by the same chat template, max_length 128 cut at
+the end on both sides (TRL's truncation; ``data.truncation: right`` in kdkit), batch 16, AdamW
+lr 1e-3, 2 epochs, one thread. Rounds interleave the five runs; the first round warms the disk cache and is dropped.
 
 ``wall s``: the process, start to exit (imports, model loading, tokenizing, training);
 ``train s``: the training call alone; ``tokens/s``: the rows' tokens x epochs over ``train s``
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 
 MAX_LENGTH, BATCH, EPOCHS, NEW = 128, 16, 2, 32
-RUNS = ("kdkit-off", "trl-off", "kdkit-on", "trl-on")
+RUNS = ("kdkit-off", "trl-off", "kdkit-on", "trl-on", "trl-distill")
 
 
 def examples(n: int = 64) -> list[dict]:
@@ -106,6 +108,12 @@ def run_kdkit(work: Path, on_policy: bool) -> dict:
     return {"train_s": time.perf_counter() - start, "tokens": sum(len(r) for r in ds.rows)}
 
 
+def _tokens(tok: object, chats: list[list[dict]]) -> int:
+    """The rows' tokens as both sides train on them: chat template, cut at ``MAX_LENGTH``."""
+    texts = [tok.apply_chat_template(m, tokenize=False) for m in chats]
+    return sum(min(len(tok(t, add_special_tokens=False)["input_ids"]), MAX_LENGTH) for t in texts)
+
+
 def run_trl(work: Path, on_policy: bool) -> dict:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -125,7 +133,36 @@ def run_trl(work: Path, on_policy: bool) -> dict:
         )  # fmt: skip
         trainer = GKDTrainer(model=student, teacher_model=teacher, args=args,
                              train_dataset=data, processing_class=tok)  # fmt: skip
-        tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
+        tokens = _tokens(tok, data["messages"])
+        start = time.perf_counter()
+        trainer.train()
+        return {"train_s": time.perf_counter() - start, "tokens": tokens}
+
+
+def run_trl_distill(work: Path) -> dict:
+    """TRL's on-policy ``DistillationTrainer`` (the stable API): the rows' user turns as
+    prompts, 32 sampled tokens each, generalized JSD beta 0.5; fp32, no gradient checkpointing
+    (its defaults are bf16 and checkpointing, which a CPU run of kdkit does not do either)."""
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DistillationConfig, DistillationTrainer
+
+    tok = AutoTokenizer.from_pretrained(str(work / "student"), local_files_only=True)
+    student = AutoModelForCausalLM.from_pretrained(str(work / "student"), local_files_only=True)
+    teacher = AutoModelForCausalLM.from_pretrained(str(work / "teacher"), local_files_only=True)
+    data = load_dataset("json", data_files=str(work / "chat.jsonl"), split="train")
+    tokens = _tokens(tok, data["messages"])
+    data = data.map(lambda r: {"prompt": r["messages"][:1]}, remove_columns=["messages"])
+    with tempfile.TemporaryDirectory() as out:
+        args = DistillationConfig(
+            output_dir=out, per_device_train_batch_size=BATCH, beta=0.5,
+            max_completion_length=NEW, temperature=1.0, num_train_epochs=EPOCHS,
+            logging_steps=10_000, report_to=[], use_cpu=True, save_strategy="no",
+            learning_rate=1e-3, disable_tqdm=True, bf16=False, gradient_checkpointing=False,
+            dataloader_num_workers=0, seed=0, shuffle_dataset=False,
+        )  # fmt: skip
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                      train_dataset=data, processing_class=tok)  # fmt: skip
         start = time.perf_counter()
         trainer.train()
         return {"train_s": time.perf_counter() - start, "tokens": tokens}
@@ -136,7 +173,10 @@ def one(name: str, work: Path) -> None:
 
     torch.set_num_threads(1)
     side, mode = name.split("-")
-    result = (run_kdkit if side == "kdkit" else run_trl)(work, mode == "on")
+    if mode == "distill":
+        result = run_trl_distill(work)
+    else:
+        result = (run_kdkit if side == "kdkit" else run_trl)(work, mode == "on")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -153,6 +193,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-lm-trl-"))
     setup(work)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "TRL_EXPERIMENTAL_SILENCE": "1",
            "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}  # fmt: skip
     results: dict[str, list[dict]] = {name: [] for name in RUNS}
     for r in range(args.rounds + 1):  # round 0 warms up
