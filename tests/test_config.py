@@ -114,7 +114,7 @@ BAD = [  # (override or edit, words the one-line message must hold)
     (["trian.epochs=1"], "unknown config key 'trian'; did you mean 'train'"),
     (["train.epchs=1"], "did you mean 'train.epochs'"),
     (["distill.pairs.0.loss=soft_kll"], "did you mean 'soft_kl'"),
-    (["teacher=null", "data.labeled=2"], "only train through a teacher"),
+    (["teacher=null", "data.unlabeled=[EMPTY]"], "only train through a teacher"),
     (["teacher.model=tochvision:resnet18"], "did you mean 'torchvision:resnet18'"),
     (["student.model=torchvision:resnet1800"], "no model 'resnet1800' under torchvision"),
     (["data.train.image_folder=/no/such/folder"], "no folder at /no/such/folder"),

@@ -148,7 +148,13 @@ class ViewsConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Training images (+ unlabeled folders), validation images, size and batching."""
+    """Training images (+ unlabeled folders), validation images, size and batching.
+
+    ``labeled: N`` keeps the labels of N training images (stratified for in-memory datasets,
+    chosen by ``seed``) and hides the rest (label -1: the teacher's alone). With ``teacher:
+    null`` the hidden images are dropped: the run trains on the N labeled images alone, the
+    scratch baseline of the same run with a teacher.
+    """
 
     train: SourceConfig
     unlabeled: tuple[str, ...] = ()
@@ -314,7 +320,8 @@ class RunConfig:
     into the resolved config (kdkit, torch) and ignored when configs are compared.
 
     ``teacher: null`` (or no ``teacher:`` section) trains the student on the labels alone
-    (fine-tuning the future teacher, or the scratch baseline): ``distill:`` is then unused.
+    (fine-tuning the future teacher, or the scratch baseline): ``distill:`` is then unused,
+    ``data.unlabeled`` refused and ``data.labeled: N`` means the N labeled images alone.
     ``task: classify`` is the default (a config without ``task:`` is an image run).
     """
 

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 import kdkit._sharding as fsdp
@@ -58,22 +57,6 @@ from kdkit.train.rundir import refuse_existing_run, run_lock
 __all__ = ["Trainer", "StepOutput", "LoopOptions"]
 
 log = logging.getLogger(__name__)
-
-
-class _StepModule(nn.Module):
-    """``task.step`` as a module's ``forward``, so DDP wraps the whole step.
-
-    Returns a dict, not the :class:`StepOutput` dataclass: DDP finds the tensors a step used
-    in dicts and sequences only (pytorch/pytorch#124666), and with ``find_unused_parameters``
-    it walks the graph from those outputs.
-    """
-
-    def __init__(self, task: nn.Module) -> None:
-        super().__init__()
-        self.task = task
-
-    def forward(self, batch: Any) -> dict[str, Any]:
-        return self.task.step(batch).as_dict()
 
 
 def _default_device() -> torch.device:
@@ -170,7 +153,7 @@ class Trainer:
             )
         # DDP wraps the step of the trainable part; a teacher is not in the task's module tree
         self._ddp_step = distributed.wrap(
-            _StepModule(task),
+            distributed.StepModule(task),
             self.device,
             find_unused_parameters=task.has_idle_parameters,
         )
