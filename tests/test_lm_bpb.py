@@ -246,3 +246,17 @@ def test_eval_and_report_show_bpb_beside_ppl(tmp_path, capsys):
     assert main(["eval", str(run)]) == 0
     lines = capsys.readouterr().out
     assert "bits/byte" in lines and "bytes)" in lines
+
+
+def test_the_older_ppl_names_still_answer_a_float(monkeypatch, tmp_path):
+    """``lm_teacher_ppl`` and ``teacher_test_ppl`` were public before bits per byte joined the
+    scores; they keep answering the perplexity alone."""
+    from kdkit.run import lm_demo, lm_report
+
+    scores = {"ppl": 12.5, "bpb": 3.0}
+    monkeypatch.setattr(lm_report, "lm_teacher_scores", lambda trainer, data: scores)
+    assert lm_report.lm_teacher_ppl(object(), object()) == 12.5
+    monkeypatch.setattr(lm_report, "lm_teacher_scores", lambda trainer, data: None)
+    assert lm_report.lm_teacher_ppl(object(), object()) is None
+    monkeypatch.setattr(lm_demo, "teacher_test_scores", lambda d, t, c: scores)
+    assert lm_demo.teacher_test_ppl(tmp_path, tmp_path, None) == 12.5

@@ -30,6 +30,7 @@ __all__ = [
     "llama_folder",
     "run_lm_demo",
     "student_test_ppl",
+    "teacher_test_ppl",
     "teacher_test_scores",
     "train_demo_run",
     "write_splits",
@@ -286,3 +287,9 @@ def _report(cfg, out, source, rows, teacher, teacher_dir, student_dir, teacher_s
         json.dumps({"rows": rows, "teacher_ppl": teacher_ppl, "teacher_bpb": teacher.get("bpb")})
     )
     return path
+
+
+def teacher_test_ppl(teacher_dir: Path, test: Path, cfg: LMDemoConfig) -> float:
+    """The teacher's test perplexity alone: the name this function had before bits per byte
+    joined it (:func:`teacher_test_scores` gives both)."""
+    return teacher_test_scores(teacher_dir, test, cfg)["ppl"]

@@ -6,7 +6,13 @@ from typing import Any
 
 from kdkit._io import atomic_write_text
 
-__all__ = ["data_notes", "generation_lines", "lm_teacher_scores", "write_lm_report"]
+__all__ = [
+    "data_notes",
+    "generation_lines",
+    "lm_teacher_ppl",
+    "lm_teacher_scores",
+    "write_lm_report",
+]
 
 
 def lm_teacher_scores(trainer: Any, data: Any) -> dict[str, float] | None:
@@ -16,6 +22,13 @@ def lm_teacher_scores(trainer: Any, data: Any) -> dict[str, float] | None:
         return None
     batches = (trainer.inputs(b, augment=False) for b in data.val_loader)
     return trainer.task.score_teacher(batches, trainer.precision.autocast)
+
+
+def lm_teacher_ppl(trainer: Any, data: Any) -> float | None:
+    """The teacher's val perplexity alone: this function's name before bits per byte joined it
+    (:func:`lm_teacher_scores` gives both)."""
+    scores = lm_teacher_scores(trainer, data)
+    return None if scores is None else scores["ppl"]
 
 
 def data_notes(train: Any, val: Any = None) -> tuple[str, ...]:
