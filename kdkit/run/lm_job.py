@@ -21,21 +21,29 @@ from torch.utils.data.distributed import DistributedSampler
 
 from kdkit.config import LMRunConfig, to_dict
 from kdkit.errors import KDError
+from kdkit.lm._chat import template_note, use_chat_template
+from kdkit.lm._sources import DatasetSource
+from kdkit.lm._token_cache import default_token_cache
 from kdkit.lm.align import Aligner
 from kdkit.lm.data import load_lm_dataset
+from kdkit.lm.hidden import LayerPair
 from kdkit.lm.models import freeze_teacher, load_lm, load_tokenizer, max_positions, output_head
 from kdkit.lm.onpolicy import OnPolicy, turn_end_id
 from kdkit.lm.packing import check_packing
+from kdkit.lm.student import prepare_student
 from kdkit.lm.task import LMTask, TokenInputs
-from kdkit.lm.tokenizer import pad_id
-from kdkit.lm.vocab import check_vocab
+from kdkit.lm.tokenizer import pad_id, token_byte_lengths
+from kdkit.lm.vocab import check_borrowed_tokenizer, check_vocab
 from kdkit.run.fingerprints import lm_run_fingerprints
+from kdkit.run.lm_report import data_notes
+from kdkit.run.lm_served import capture_served, served_teacher
 from kdkit.train import Trainer, distributed
 
 __all__ = [
     "LMRunData",
     "served_teacher",
     "capture_run",
+    "eval_byte_lengths",
     "run_tokenizer",
     "build_lm_trainer",
     "build_lm_data",
@@ -58,6 +66,8 @@ class LMRunData:
     train_rows: int
     #: the train and val rows' fingerprint (files, tokenizer, settings, ids) before any split
     corpus_fingerprint: str = ""
+    #: lines for the report: what the data cost (truncation) and how it was rendered
+    notes: tuple[str, ...] = ()
 
 
 def _split(dataset: Any, fraction: float, seed: int) -> tuple[Subset, Subset]:
@@ -81,8 +91,17 @@ def lm_datasets(cfg: LMRunConfig, tokenizer: Any, positions: int | None) -> tupl
         # prompt/completion and chat records are never split (a split would orphan a reply)
         "overflow": d.overflow if d.format == "text" else "truncate",
         "max_positions": positions,
+        "truncation": d.truncation,
+        "cache_dir": default_token_cache() if d.token_cache else None,
     }
-    train = load_lm_dataset(list(d.text_files), tokenizer, **kwargs)
+    use_chat_template(tokenizer, d.chat_template)  # data.chat_template, before any row
+    source = None
+    if d.dataset is not None:  # a Hugging Face datasets dataset on disk
+        ds = d.dataset
+        fields = {"text": ds.text_field, "prompt": ds.prompt_field,
+                  "completion": ds.completion_field, "messages": ds.messages_field}  # fmt: skip
+        source = DatasetSource(ds.path, ds.split, tuple(fields.items()))
+    train = load_lm_dataset(list(d.text_files), tokenizer, source=source, **kwargs)
     val = None
     if d.val is not None and d.val.text_files:
         val = load_lm_dataset(list(d.val.text_files), tokenizer, **kwargs)
@@ -98,6 +117,9 @@ def build_lm_data(
     d = cfg.data
     train, val = lm_datasets(cfg, tokenizer, positions)
     corpus = train.fingerprint + (val.fingerprint if val is not None else "")
+    notes = data_notes(train, val)
+    if d.format == "chat":
+        notes += (template_note(tokenizer, d.chat_template),)
     if d.val is not None and d.val.split is not None:
         train, val = _split(train, d.val.split, d.seed)
     collate: Any = Aligner(pad_id=pad_id(tokenizer), max_length=d.max_length)
@@ -112,40 +134,22 @@ def build_lm_data(
         seed=cfg.train.seed,
         shuffle=True,
     )
-    train_loader = DataLoader(train, batch_size=d.batch_size, sampler=sampler, collate_fn=collate)
+    # each loader its own generator: an iterator draws its base seed from the global RNG
+    # otherwise, and a mid-epoch resume would shift the on-policy samples (issue 38)
+    gen = [torch.Generator().manual_seed(cfg.train.seed + i) for i in range(2)]
+    train_loader = DataLoader(
+        train, batch_size=d.batch_size, sampler=sampler, collate_fn=collate, generator=gen[0]
+    )
     val_loader = None
     if val is not None:
-        val_loader = DataLoader(val, batch_size=d.batch_size, shuffle=False, collate_fn=collate)
+        val_loader = DataLoader(
+            val, batch_size=d.batch_size, shuffle=False, collate_fn=collate, generator=gen[1]
+        )
     if cache is not None:  # a served teacher's targets are fetched ahead of the step
         train_loader = cache.loader(train_loader)
         val_loader = None if val_loader is None else cache.loader(val_loader)
     corpus = hashlib.sha256(corpus.encode()).hexdigest()
-    return LMRunData(train_loader, val_loader, tokenizer, len(train), corpus)
-
-
-def served_teacher(cfg: LMRunConfig, *, topk: int | None = None, temperature: float | None = None,
-                   prefetch: int | None = None) -> Any:  # fmt: skip
-    """The :class:`~kdkit.lm.serve.ServedTeacher` at ``teacher.model`` (``http://HOST:PORT``),
-    asked as ``teacher.served`` says, at the run's KD temperature and tail policy (``topk`` /
-    ``temperature`` / ``prefetch``: a capture's own). The token is read from the environment."""
-    import os
-
-    from kdkit.config import LMServedConfig
-    from kdkit.lm.serve.client import ServedTeacher
-
-    s = cfg.teacher.served or LMServedConfig()
-    return ServedTeacher(
-        cfg.teacher.model,
-        protocol=s.protocol,
-        topk=s.topk if topk is None else topk,
-        temperature=cfg.distill.temperature if temperature is None else temperature,
-        tail=cfg.distill.tail,
-        token=os.environ.get(s.token_env) or None,
-        token_env=s.token_env,
-        timeout_s=s.timeout_s,
-        retry_s=s.retry_s,
-        prefetch=s.prefetch if prefetch is None else prefetch,
-    )
+    return LMRunData(train_loader, val_loader, tokenizer, len(train), corpus, notes)
 
 
 def load_lm_teacher(cfg: LMRunConfig, *, trust_code: bool = False) -> tuple[Any, Any]:
@@ -209,7 +213,12 @@ def build_lm_trainer(
     student, tokenizer = load_lm(
         sc.model, dtype=sc.dtype, tokenizer=sc.tokenizer, seed=t.seed, trust_code=trust_code
     )
+    student = prepare_student(
+        student, peft=sc.peft, gradient_checkpointing=t.gradient_checkpointing
+    )
     teacher, teacher_tok = load_lm_teacher(cfg, trust_code=trust_code)
+    if tokenizer is None and teacher_tok is not None:  # the teacher's, if the head fits it
+        check_borrowed_tokenizer(sc.model, output_head(student).out_features, teacher_tok)
     tokenizer = tokenizer or teacher_tok
     if tokenizer is None:
         raise KDError(
@@ -260,6 +269,8 @@ def build_lm_trainer(
         on_policy=on_policy,
         router_aux_loss=dc.router_aux_loss,
         packed=cfg.data.pack,
+        layer_pairs=[LayerPair(p.student, p.teacher, p.weight, p.loss) for p in dc.pairs],
+        byte_lengths=eval_byte_lengths(tokenizer),
     )
     if t.fsdp and distributed.is_distributed():
         task.probe(data.train_loader.dataset[0])  # before sharding (the Trainer's is skipped)
@@ -283,6 +294,19 @@ def build_lm_trainer(
         },
     )
     return trainer, data
+
+
+def eval_byte_lengths(tokenizer: Any) -> torch.Tensor | None:
+    """The run's per-token byte counts (:func:`kdkit.lm.tokenizer.token_byte_lengths`), so
+    evaluation reports bits per byte beside perplexity; None (logged) for a tokenizer without
+    a tokenizer.json: the run goes on with perplexity alone."""
+    if tokenizer is None:
+        return None
+    try:
+        return token_byte_lengths(tokenizer)
+    except KDError as e:
+        log.warning("no bits per byte: %s", e)
+        return None
 
 
 def shared_vocab(student: Any, teacher: Any, tokenizer: Any, teacher_tokenizer: Any) -> int | None:
@@ -353,7 +377,10 @@ def capture_run(
     if cfg.teacher is None or cfg.teacher.model.startswith("cache:"):
         raise KDError("kdkit lm capture needs a live teacher: teacher: {model: 'hf:DIR'}")
     if cfg.teacher.model.startswith(("http://", "https://")):  # a served teacher is asked
-        return _capture_served(cfg, out, topk, encoding, temperature, shard_rows, progress)
+        tokenizer = run_tokenizer(cfg)  # the run's: the served one stays where it runs
+        return capture_served(cfg, out, tokenizer, lambda n: lm_datasets(cfg, tokenizer, n),
+                              topk=topk, encoding=encoding, temperature=temperature,
+                              shard_rows=shard_rows, progress=progress)  # fmt: skip
     tc = cfg.teacher
     teacher, teacher_tok = load_lm(
         tc.model, dtype=tc.dtype, tokenizer=tc.tokenizer, trust_code=trust_code
@@ -394,36 +421,3 @@ def capture_run(
         batch_size=cfg.data.batch_size,
         progress=progress,
     )
-
-
-def _capture_served(
-    cfg: LMRunConfig, out: Any, topk: int, encoding: str, temperature: float, shard_rows: int,
-    progress: bool,
-) -> dict[str, Any]:  # fmt: skip
-    """``capture_run`` from a served teacher (``kdkit lm serve``): the rows are sent, the top k
-    and each shard's mass come back; the provenance is the one the server reports."""
-    from kdkit.lm.cache.capture import Provenance, capture
-    from kdkit.lm.cache.format import data_settings
-
-    served = served_teacher(cfg, topk=topk, temperature=temperature, prefetch=0)
-    try:
-        if served.info.temperature is not None:  # vLLM: no whole distribution, T = 1 only
-            raise KDError("kdkit lm capture asks kdkit lm serve (teacher.served.protocol: "
-                          "kdkit): vLLM's prompt_logprobs hold the top k only")  # fmt: skip
-        tokenizer = run_tokenizer(cfg)  # the run's: the served one stays where it runs
-        served.check_run(cfg.data, tokenizer, served.vocab)
-        train, val = lm_datasets(cfg, tokenizer, served.info.max_positions)
-        rows = list(train.rows) + (list(val.rows) if val is not None else [])
-        t = served.info.teacher
-        provenance = Provenance(
-            model=cfg.teacher.model, weights_sha256=str(t["weights_sha256"]),
-            dtype=str(t.get("dtype", "")), vocab_rows=int(t["vocab_rows"]),
-            engine=f"served {t.get('engine', '')}".strip(), data=data_settings(cfg.data),
-        )  # fmt: skip
-        aligner = Aligner(pad_id=pad_id(tokenizer), max_length=cfg.data.max_length)
-        return capture(served, rows, aligner, out, tokenizer=tokenizer, provenance=provenance,
-                       topk=topk, encoding=encoding, temperature=temperature,
-                       shard_rows=shard_rows, batch_size=cfg.data.batch_size,
-                       progress=progress)  # fmt: skip
-    finally:
-        served.close()
