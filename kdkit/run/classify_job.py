@@ -137,4 +137,6 @@ def build_run(
             "val_files": data.val_files,  # kdkit eval scores the same split later
         },
     )
+    split = trainer.plan(recorded)[-1]  # train.overlap: the split, on the first batch
+    choices += [split] if t.overlap == "auto" else []
     return trainer, data, choices

@@ -128,6 +128,8 @@ def trainer_state(trainer: Any) -> dict[str, Any]:
         "best_score": trainer.best_score,  # of the task's best_metric (top1, ppl...)
         "best_metric": trainer.best_metric,
         "history": trainer.history,
+        # the first batch's measured choices (auto teacher backend, overlap split): kept
+        "choices": {c.key: c.to_dict() for c in getattr(trainer, "choices", ())},
     }
 
 
@@ -244,6 +246,7 @@ def resume_trainer(trainer: Any, required: bool = True) -> bool:
     if getattr(trainer, "ema", None) is not None:  # train.ema: the average continues too
         trainer.ema.load_state_dict(state.get("ema"), str(path))
     trainer._partial = state.get("epoch_partial")
+    trainer.recorded_choices = dict(state.get("choices") or {})
     set_rng_state(state["rng"])
     trainer.epoch, trainer.step = state["epoch"], state["step"]
     trainer.batch_in_epoch = state["batch_in_epoch"]
