@@ -30,6 +30,10 @@ from kdkit.train.overlap import Split, TeacherWorker, choose_split, split_candid
 
 HERE = Path(__file__).parent
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
+CUDA = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU: the teacher's own stream (overlap 'stream') exists only there",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +67,7 @@ def data(n: int = 96) -> ArrayDataset:
     return ArrayDataset(x, y)
 
 
-def train(teacher, pairs, option, *, threads, views=None, epochs=1):
+def train(teacher, pairs, option, *, threads, views=None, epochs=1, device="cpu"):
     """The student's weights after ``epochs`` with ``overlap=option`` on ``threads`` threads."""
     torch.set_num_threads(threads)
     student = student_net()
@@ -73,7 +77,7 @@ def train(teacher, pairs, option, *, threads, views=None, epochs=1):
         FastLoader(ds, 16, seed=3),
         epochs=epochs,
         inputs=InputPipeline(views, (0.5,), (0.25,), dataset=ds),
-        device="cpu",
+        device=device,
         progress=False,
         overlap=option,
     )
@@ -366,3 +370,66 @@ def test_the_loop_closes_its_worker_when_a_step_fails(monkeypatch):
         tr.fit()
     assert opened and all(w._pool._shutdown for w in opened)
     assert torch.get_num_threads() == 2
+
+
+@CUDA
+def test_stream_worker_waits_for_its_input_and_the_reader_waits_for_it():
+    """No host sync: the worker's stream waits for the input's event, the caller's stream for
+    the worker's. The input is still being written on the caller's stream when it is submitted."""
+    dev = torch.device("cuda")
+    worker = TeacherWorker(dev)
+    try:
+        x = torch.ones(1024, 1024, device=dev)
+        for _ in range(20):  # queued work on the caller's stream, not finished at submit
+            x = x @ torch.eye(1024, device=dev) + 1
+        got = worker.submit(lambda: x.sum()).result() * 1  # read on the caller's stream
+        assert worker._stream is not None and float(got) == float(x.sum())
+    finally:
+        worker.close()
+
+
+@CUDA
+def test_stream_overlap_on_cuda_matches_the_sequential_run(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    views = ViewSampler(seed=5, **PAD)
+    pairs = {("", ""): SoftTargetKL(2.0), ("4", "3"): FeatureMSE()}
+    sequential, t0 = train(teacher_net(), pairs, False, threads=1, views=views, device="cuda")
+    pairs = {("", ""): SoftTargetKL(2.0), ("4", "3"): FeatureMSE()}
+    overlapped, t1 = train(teacher_net(), pairs, "stream", threads=1, views=views, device="cuda")
+    assert t1.choices[-1].value == "stream"
+    for k in sequential:
+        torch.testing.assert_close(sequential[k], overlapped[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_from_before_overlap_resumes_sequential(tmp_path, monkeypatch):
+    """A checkpoint without recorded choices ran the teacher before the student: resumed
+    with ``overlap: auto`` on two threads it stays so (not measured: a split would change the
+    student's thread count mid-run); an explicit split still wins."""
+    from kdkit.load import checksum
+
+    monkeypatch.setenv("KDKIT_AUTOTUNE", "on")
+    fake_clock(monkeypatch, {"off": 1.0, "1+1": 0.1})
+    torch.set_num_threads(2)
+
+    def trainer(epochs, option="auto"):
+        d = Distiller(student_net(), teacher_net(), SoftTargetKL())
+        return Trainer(
+            d, FastLoader(data(), 16, seed=3), epochs=epochs, device="cpu", progress=False,
+            checkpoint_dir=tmp_path / "run", overlap=option,
+        )  # fmt: skip
+
+    first = trainer(1)
+    first.fit()
+    assert first.choices[-1].value == "1+1"  # measured: the fake clock favours it
+    path = tmp_path / "run" / "last.pt"
+    state = load_checkpoint(path)
+    del state["choices"]  # as written before train.overlap
+    state["checksum"] = checksum(state)
+    torch.save(state, path)
+    resumed = trainer(2)
+    resumed.fit(resume=True)
+    assert resumed.choices[-1].value == "off" and not resumed.choices[-1].measured
+    explicit = trainer(3, "1+1")
+    explicit.fit(resume=True)
+    assert explicit.choices[-1].value == "1+1"

@@ -51,6 +51,7 @@ __all__ = [
     "Overlap",
     "choose_split",
     "plan_first_batch",
+    "resumed_records",
     "split_candidates",
 ]
 
@@ -58,6 +59,17 @@ log = logging.getLogger(__name__)
 
 KEY = "train.overlap"
 _END = object()
+#: what a run recorded before ``train.overlap`` existed ran: the teacher before the student
+SEQUENTIAL = {"value": "off", "skipped": {"overlap": "a run from before train.overlap"}}
+
+
+def resumed_records(records: dict[str, Any] | None) -> dict[str, Any]:
+    """A resumed run's records with its split: the recorded one, or ``off`` for a run that
+    has none (started before this option: measuring now could change its thread count and
+    with it the float summation order of the rest of the run)."""
+    records = dict(records or {})
+    records.setdefault(KEY, SEQUENTIAL)
+    return records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,18 +322,19 @@ def choose_split(
     recorded: dict[str, Any] | None = None,
 ) -> Choice:
     """``overlap``'s split for ``task`` on ``example`` (a model input, as the step gets it):
-    ``recorded`` (resume), off (``option`` False, nothing to run ahead, one thread,
-    ``KDKIT_AUTOTUNE=off``), or the fastest candidate of :func:`split_candidates`."""
+    the split ``option`` names, off (``option`` False), ``recorded`` (resume), off (nothing to
+    run ahead, one thread, ``KDKIT_AUTOTUNE=off``), or the fastest candidate of
+    :func:`split_candidates`."""
     # the teachers floor, imported here: kdkit.Trainer loads no teacher backend (front hall)
     from kdkit.teachers import autotune
     from kdkit.teachers.autotune import Choice
 
-    if recorded is not None:
-        return Choice.recorded(KEY, recorded)
     if isinstance(option, str) and option != "auto":  # a split by name: not measured
         return Choice(KEY, Split.parse(option).name, skipped={"auto": "the split was given"})
     if option is False:
         return Choice(KEY, "off", skipped={"overlap": "overlap: false"})
+    if recorded is not None:  # what auto chose when the run started
+        return Choice.recorded(KEY, recorded)
     probe = _Probe()
     task.teacher_ahead(example, probe)
     if not probe.submitted:

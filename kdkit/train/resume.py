@@ -24,6 +24,7 @@ from kdkit.errors import KDError
 from kdkit.load import load_checkpoint, restore_part
 from kdkit.registry import ModelSpec
 from kdkit.train import distributed
+from kdkit.train.overlap import resumed_records
 
 #: plain data a checkpoint stores beside the weights (``kdkit eval/export/bench`` read them)
 RUN_INFO_KEYS = (
@@ -246,7 +247,7 @@ def resume_trainer(trainer: Any, required: bool = True) -> bool:
     if getattr(trainer, "ema", None) is not None:  # train.ema: the average continues too
         trainer.ema.load_state_dict(state.get("ema"), str(path))
     trainer._partial = state.get("epoch_partial")
-    trainer.recorded_choices = dict(state.get("choices") or {})
+    trainer.recorded_choices = resumed_records(state.get("choices"))
     set_rng_state(state["rng"])
     trainer.epoch, trainer.step = state["epoch"], state["step"]
     trainer.batch_in_epoch = state["batch_in_epoch"]
