@@ -403,11 +403,12 @@ def markdown(results: list[dict]) -> str:
                 continue
             pct = f"{100 * med[name] / ceil:.0f}%" if ceil else ""
             rounds = " / ".join(f"{v:,.0f}" for v in res["rates"][name])
-            training = not name.startswith("teacher")
+            shares = ["", "", ""]  # the teacher's forward alone is no training step
+            if not name.startswith("teacher"):
+                shares = [pct, f"{100 * med[name] / seq:.0f}%", f"{100 * med[name] / work:.0f}%"]
             lines.append(
                 f"| {res['threads']} | {name} | {med[name]:,.0f} | {med[name] / base:.2f}x "
-                f"| {pct if training else ''} | {100 * med[name] / seq if training else 0:.0f}% "
-                f"| {100 * med[name] / work if training else 0:.0f}% | {rounds} |"
+                f"| {' | '.join(shares)} | {rounds} |"
             )
         lines.append(
             f"| {res['threads']} | sequential bound | {seq:,.0f} | {seq / base:.2f}x | | 100% | | |"
