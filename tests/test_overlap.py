@@ -282,6 +282,7 @@ def test_lm_live_teacher_overlapped_and_the_scratch_baseline():
 
     from kdkit.lm import Aligner, LMTask, TokenInputs
     from kdkit.lm.data import TokenRow
+    from kdkit.lm.hidden import LayerPair
 
     g = torch.Generator().manual_seed(0)
     rows = [
@@ -289,11 +290,11 @@ def test_lm_live_teacher_overlapped_and_the_scratch_baseline():
         for n in torch.randint(8, 24, (24,), generator=g)
     ]
 
-    def run(option, threads, teacher=True):
+    def run(option, threads, teacher=True, layer_pairs=()):
         torch.set_num_threads(threads)
         student = tiny_llama(seed=1)
         teacher_lm = tiny_llama(seed=2, num_hidden_layers=3) if teacher else None
-        task = LMTask(student, teacher_lm, probe=False)
+        task = LMTask(student, teacher_lm, probe=False, layer_pairs=layer_pairs)
         loader = torch.utils.data.DataLoader(rows, batch_size=4, collate_fn=Aligner(0, 32))
         tr = Trainer(
             task, loader, inputs=TokenInputs("cpu"), device="cpu", progress=False,
@@ -308,7 +309,10 @@ def test_lm_live_teacher_overlapped_and_the_scratch_baseline():
     assert_same(sequential, overlapped)
     _, scratch = run("auto", 2, teacher=False)  # nothing to run ahead: never measured
     assert scratch.choices[-1].value == "off"
-    assert scratch.history[-1]["loss_kl"] == 0.0  # no KD term computed at all
+    # hidden-state pairs catch the teacher's layers inside the step: its teacher stays there
+    _, paired = run("auto", 2, layer_pairs=[LayerPair(0, 1)])
+    assert "no teacher to run ahead" in paired.choices[-1].skipped["overlap"]
+    assert "loss_kl" not in scratch.history[-1]  # no KD term, none reported
 
 
 def test_scratch_target_gives_the_old_weight_zero_loss_and_gradients():

@@ -252,8 +252,11 @@ class LMTask(Task):
     def teacher_ahead(self, batch: TokenBatch, worker: Any) -> TokenBatch:
         """The next step's batch with the live teacher's target started on ``worker``
         (:mod:`kdkit.train.overlap`); not for a cache, on-policy samples (the student writes
-        them at the step) or sharded models (the teacher's forward is collective)."""
+        them at the step), sharded models (the teacher's forward is collective) or hidden-state
+        pairs (their hooks catch the teacher's layers during the step itself)."""
         if self.teacher is None or self.on_policy is not None or fsdp.is_sharded(self):
+            return batch
+        if self.hidden_pairs is not None:
             return batch
 
         def target() -> DenseTeacher:
