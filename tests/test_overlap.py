@@ -8,6 +8,7 @@ replaced where the choice logic is checked.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -437,3 +438,52 @@ def test_a_run_from_before_overlap_resumes_sequential(tmp_path, monkeypatch):
     explicit = trainer(3, "1+1")
     explicit.fit(resume=True)
     assert explicit.choices[-1].value == "1+1"
+
+
+def test_a_step_that_runs_its_own_teacher_has_nothing_beside_it():
+    """Where a batch's input carries no started teacher (distillation off when it was made,
+    on at its step), the step runs the teacher itself: the next batch's starts after it."""
+    from types import SimpleNamespace
+
+    from kdkit.teachers.autotune import Choice
+
+    events = []
+
+    class Task:
+        def teacher_ahead(self, batch, worker):
+            events.append(f"start {batch}")
+            started = None if batch % 2 else worker.submit(lambda: batch)
+            return SimpleNamespace(teacher=started)
+
+    ov = overlap.Overlap("1+1", torch.device("cpu"))
+    ov.choice = Choice(overlap.KEY, "1+1")
+    for batch, _ in ov.batches(range(5), lambda b: b, Task(), contextlib.nullcontext):
+        events.append(f"step {batch}")
+    assert events == [
+        "start 0", "start 1", "step 0",  # 0's teacher started: 1's beside its step
+        "step 1", "start 2",  # 1 runs its own: 2 starts after it
+        "start 3", "step 2", "step 3", "start 4", "step 4",
+    ]  # fmt: skip
+
+
+def test_distillation_starting_later_overlapped_ends_with_the_sequential_weights():
+    """LossBalancer(start_epoch=1) with a feature pair: the first batches of epoch 1 were made
+    while distillation was off, so their steps run the teacher themselves (never beside the
+    worker: the teacher's hooks are shared)."""
+    from kdkit import LossBalancer
+
+    def distiller(teacher):
+        pairs = {("", ""): SoftTargetKL(2.0), ("4", "3"): FeatureMSE()}
+        return Distiller(student_net(), teacher, pairs, LossBalancer(start_epoch=1))
+
+    def run(option, threads):
+        torch.set_num_threads(threads)
+        d = distiller(teacher_net())
+        tr = Trainer(
+            d, FastLoader(data(), 16, seed=3), epochs=2, device="cpu", progress=False,
+            overlap=option,
+        )  # fmt: skip
+        tr.fit()
+        return d.state_dict()
+
+    assert_same(run(False, 1), run("1+1", 2))

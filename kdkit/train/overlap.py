@@ -176,6 +176,11 @@ class TeacherWorker:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _started(inputs: Any) -> bool:
+    """Whether ``inputs`` carries teacher work started on the worker."""
+    return isinstance(getattr(inputs, "teacher", None), Pending)
+
+
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         yield value
@@ -242,8 +247,14 @@ class Overlap:
             inputs = start(current) if current is not _END else None
             while current is not _END:
                 upcoming = next(batches, _END)
-                following = start(upcoming) if upcoming is not _END else None
+                # a step with no teacher started for it (e.g. distillation starting at this
+                # epoch) runs its teacher itself: the next one starts after it, never beside
+                # it (a teacher's feature hooks and an ONNX session are not for two threads)
+                beside = upcoming is not _END and _started(inputs)
+                following = start(upcoming) if beside else None
                 yield current, inputs
+                if upcoming is not _END and not beside:
+                    following = start(upcoming)
                 current, inputs = upcoming, following
         finally:  # also when the loop stopped early: the worker's last calls end first
             worker.close()
