@@ -139,18 +139,21 @@ class _Writer:
                 yield _Item(prompt, s, ids, room)
 
     def run(self, bar: Any) -> None:
+        """Batches of at most ``batch_size`` samples, never more than the open part still
+        takes: a part ends with a batch, so a resumed run batches as an uninterrupted one
+        (and computes bit for bit the same)."""
         batch: list[_Item] = []
         todo = 0
         for item in self.items():
             batch.append(item)
             todo += item.sample is not None
-            if todo == self.o.batch_size:
+            if todo == min(self.o.batch_size, self.o.shard_rows - self.kept):
                 self._step(batch, bar)
                 batch, todo = [], 0
         if batch:
             self._step(batch, bar)
-        while self.kept:
-            self._commit(min(self.kept, self.o.shard_rows))
+        if self.kept:
+            self._commit()
         self._finish()
 
     def _step(self, batch: list[_Item], bar: Any) -> None:
@@ -165,11 +168,13 @@ class _Writer:
                 self.tokens += len(result.tokens)
         for item in batch:
             self._event(item)
-        while self.kept >= self.o.shard_rows:
-            self._commit(self.o.shard_rows)
+        if self.kept == self.o.shard_rows:
+            self._commit()
         done = batch[-1].prompt.index + (batch[-1].sample in (None, self.o.n - 1))
         bar.update(done - bar.n)
-        bar.set_postfix_str(f"{self.tokens_per_s():,.0f} tok/s, {self.counts.kept + self.kept:,} rows")
+        bar.set_postfix_str(
+            f"{self.tokens_per_s():,.0f} tok/s, {self.counts.kept + self.kept:,} rows"
+        )
 
     def tokens_per_s(self) -> float:
         return self.tokens / max(time.perf_counter() - self.start, 1e-9)
@@ -206,16 +211,12 @@ class _Writer:
         self.pending.append((item, verdict, record))
 
     # -- commits ------------------------------------------------------------------------------
-    def _commit(self, rows: int) -> None:
-        """Part and shard ``len(self.parts)`` from the next ``rows`` kept samples, then the
-        manifest that lists them."""
-        events, kept = [], 0
-        while kept < rows:
-            events.append(self.pending.popleft())
-            kept += events[-1][1] == "kept"
-        while self.pending and self.pending[0][1] != "kept":
-            events.append(self.pending.popleft())  # dropped samples up to the next kept one
-        self.kept -= kept
+    def _commit(self) -> None:
+        """Part and shard ``len(self.parts)`` from the kept samples since the last commit, then
+        the manifest that lists them (the commit)."""
+        events = list(self.pending)
+        self.pending.clear()
+        self.kept = 0
         samples = [(item.result, record) for item, verdict, record in events if verdict == "kept"]
         k = len(self.parts)
         part = self.out / part_name(k)
