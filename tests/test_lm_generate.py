@@ -125,7 +125,10 @@ def test_the_cache_holds_the_training_rows_and_equals_a_capture(gen, tmp_path):
         np.testing.assert_array_equal(a_ids, b_ids)
         np.testing.assert_allclose(a_lp, b_lp, atol=2e-3)
         np.testing.assert_allclose(a_tail, b_tail, atol=2e-3)
-    np.testing.assert_allclose(cache.prior(), captured.prior(), rtol=1e-4)
+    for shard, entry in zip(cache.shards, manifest["shards"], strict=True):  # every trained
+        assert shard.arrays()["teacher_mass"].sum() == pytest.approx(entry["entries"])  # position
+    # a row scored again counts in teacher_mass as it was sampled (the prior tail's shape)
+    np.testing.assert_allclose(cache.prior(), captured.prior(), atol=5e-4)
 
 
 def test_train_on_the_text_and_the_targets(gen, capsys):
@@ -195,17 +198,19 @@ def test_killed_generation_resumes_byte_identical(gen, tmp_path):
     assert seen == sorted(set(seen))  # in order, once each
 
 
-def test_chat_completions_with_the_assistant_turn(tmp_path, lm_tokenizer, capsys):  # noqa: F811
+@pytest.mark.parametrize("loss_on", ["assistant", "all"])
+def test_chat_completions_with_the_assistant_turn(gen, tmp_path, lm_tokenizer, capsys, loss_on):  # noqa: F811
     """Chat prompts get the assistant turn; ChatML's <|im_end|> stops a reply; the targets
-    agree with the live teacher (kdkit lm cache check) and training reads them."""
-    tiny_llama(seed=1).save_pretrained(tmp_path / "teacher")
-    lm_tokenizer.save_pretrained(tmp_path / "teacher")
-    tiny_llama(seed=2, hidden_size=16, intermediate_size=32).config.save_pretrained(
-        tmp_path / "student"
-    )
+    agree with the live teacher (kdkit lm cache check), the teacher's mass counts every trained
+    position (the template's newline after <|im_end|> too, under loss_on: all), and training
+    reads them."""
+    import shutil
+
+    for folder in ("teacher", "student"):
+        shutil.copytree(gen / folder, tmp_path / folder)
     prompts = [{"messages": [{"role": "user", "content": x[:12]}]} for x in _lines(6)]
     _write(tmp_path / "prompts.jsonl", prompts)
-    config = _config(tmp_path, format="chat", loss_on="assistant", max_length=64)
+    config = _config(tmp_path, format="chat", loss_on=loss_on, max_length=64)
     cfg = _write(tmp_path / "chat.yaml", config)
     out = tmp_path / "out"
     argv = ["lm", "generate", str(cfg), "--prompts", str(tmp_path / "prompts.jsonl")]
@@ -218,6 +223,13 @@ def test_chat_completions_with_the_assistant_turn(tmp_path, lm_tokenizer, capsys
     im_end = lm_tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert im_end in manifest["generate"]["sampling"]["stop_ids"]
     assert main(["lm", "cache", "check", str(out), "--rows", "6"]) == 0
+    from kdkit.lm.cache import TopKCache
+
+    if loss_on == "assistant":  # every row as sampled (under "all", a reply that ended with
+        # EOS gets <|im_end|> in its row and the newline after it is trained: scored again)
+        assert manifest["generate"]["counts"]["rescored"] == 0
+        for shard, entry in zip(TopKCache(out).shards, manifest["shards"], strict=True):
+            assert shard.arrays()["teacher_mass"].sum() == pytest.approx(entry["entries"])
     assert main(["train", str(cfg), "--set", f"teacher.model=cache:{out}"]) == 0
 
 

@@ -21,9 +21,10 @@ all of them only with ``prompt_targets``, for ``data.loss_on: all``); each later
 sampled token and gives the next position's. The loop feeds every sampled token, the last one
 too, so it holds the distribution at every position ``0 .. |S|-1``: the one after the last token
 is what predicts a template's trailing tokens, or the EOS that ``prompt_completion`` data appends
-to a completion that hit its token limit. Masses are summed per region (prompt positions,
-completion positions, the last position), so a row that trains exactly some regions gets its
-exact ``teacher_mass``.
+to a completion that hit its token limit. The whole distributions are summed (the cache's
+``teacher_mass``) over the positions the written row will train: the prompt's with
+``prompt_targets``, the completion's, and the last one where the row trains a token after the
+sampled ones (a completion that hit its limit, or ``last_trained``).
 
 A module that is not a Hugging Face causal LM with a KV cache is a one-line error
 (:func:`kdkit.lm.models.decoder_step`). Another teacher source (a served one) plugs in at the
@@ -48,18 +49,12 @@ from kdkit.lm.logits import output_transform, project_logits
 from kdkit.lm.models import decoder_step, output_head
 
 __all__ = [
-    "PROMPT",
-    "COMPLETION",
-    "LAST",
     "Sampled",
     "SampleSettings",
     "TeacherSampler",
     "check_sample_settings",
     "sample_seed",
 ]
-
-#: the mass regions of a sample: prompt positions, completion positions, the last position
-PROMPT, COMPLETION, LAST = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -69,7 +64,9 @@ class SampleSettings:
     ``temperature``: sampling temperature (0: greedy); ``top_p``: nucleus mass in (0, 1];
     ``max_new_tokens``: the longest completion; ``stop_ids``: tokens that end a completion
     (kept in it); ``k``: entries per target; ``kd_temperature``: the targets' temperature;
-    ``prompt_targets``: keep targets at the prompt's positions too (``loss_on: all``)."""
+    ``prompt_targets``: keep targets at the prompt's positions too (``loss_on: all``);
+    ``last_trained``: a finished row trains the token after its stop token too (a chat
+    template's trailing tokens under ``loss_on: all``)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -78,6 +75,7 @@ class SampleSettings:
     k: int = 32
     kd_temperature: float = 1.0
     prompt_targets: bool = False
+    last_trained: bool = False
 
 
 def check_sample_settings(
@@ -117,9 +115,9 @@ class Sampled:
 
     ``tokens``: the sampled ids (the stop token last when ``finished``); ``first``: the position
     of entry 0 (0 with prompt targets, else ``len(prompt) - 1``); ``ids`` / ``logp`` / ``tail``:
-    ``[n, k]`` int64, ``[n, k]`` float32, ``[n]`` float32 for positions ``first .. len(S) - 1``;
-    ``mass``: ``[3, V]`` float64, the summed distributions of each region (:data:`PROMPT`,
-    :data:`COMPLETION`, :data:`LAST`)."""
+    ``[n, k]`` int32, ``[n, k]`` float32, ``[n]`` float32 for positions ``first .. len(S) - 1``;
+    ``mass``: ``[V]`` float64, the summed distributions at the positions its row will train
+    (None once a writer has added it up)."""
 
     prompt: list[int]
     tokens: list[int]
@@ -128,7 +126,7 @@ class Sampled:
     ids: torch.Tensor
     logp: torch.Tensor
     tail: torch.Tensor
-    mass: torch.Tensor
+    mass: torch.Tensor | None
 
     @property
     def sequence(self) -> list[int]:
@@ -201,7 +199,7 @@ class TeacherSampler:
         ids, attention = ids.to(dev), attention.to(dev)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         gens = [torch.Generator().manual_seed(int(x)) for x in seeds]
-        mass = torch.zeros((b, 3, self.vocab), dtype=torch.float64, device=dev)
+        mass = torch.zeros((b, self.vocab), dtype=torch.float64, device=dev)
         hidden, past = decoder_step(self.model, ids, positions, attention)
         pre = self._prompt_targets(hidden, prompts, mass, s) if s.prompt_targets else None
         steps: list[tuple[torch.Tensor, ...]] = []
@@ -217,11 +215,10 @@ class TeacherSampler:
             logits = self._logits(last)
             lp = torch.log_softmax(logits / s.kd_temperature, dim=-1)
             top_ids, top_lp, tail = topk_entries(lp, s.k)
-            steps.append((top_ids, top_lp, tail, fed))
-            region = torch.where(running, COMPLETION, LAST)
-            rows = fed.nonzero().squeeze(1)
-            flat = mass.view(b * 3, -1)
-            flat.index_add_(0, rows * 3 + region[rows], lp[rows].double().exp())
+            steps.append((top_ids.int(), top_lp, tail, fed))
+            trained = fed & (running | ~finished | s.last_trained)  # the last: see above
+            rows = trained.nonzero().squeeze(1)
+            mass.index_add_(0, rows, lp[rows].double().exp())
             if not bool(running.any()):
                 break
             token = self._draw(logits, s, gens)
@@ -250,8 +247,9 @@ class TeacherSampler:
         for i, p in enumerate(prompts):
             h = hidden[i, width - len(p) : width - 1]
             lp = torch.log_softmax(self._logits(h) / s.kd_temperature, dim=-1)
-            out.append(tuple(t.cpu() for t in topk_entries(lp, s.k)))
-            mass[i, PROMPT] += lp.double().exp().sum(0)
+            ids, logp, tail = topk_entries(lp, s.k)
+            out.append((ids.int().cpu(), logp.cpu(), tail.cpu()))
+            mass[i] += lp.double().exp().sum(0)
         return out
 
     def _collect(self, prompts, pre, steps, tokens, finished, mass) -> list[Sampled]:
@@ -288,4 +286,4 @@ class TeacherSampler:
 def entries_of(sample: Sampled, positions: np.ndarray) -> tuple[torch.Tensor, ...]:
     """``(ids, logp, tail)`` of ``sample`` at sequence ``positions`` (each in its range)."""
     idx = torch.as_tensor(positions - sample.first, dtype=torch.long)
-    return sample.ids[idx], sample.logp[idx], sample.tail[idx]
+    return sample.ids[idx].long(), sample.logp[idx], sample.tail[idx]

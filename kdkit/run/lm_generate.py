@@ -133,6 +133,7 @@ def generate_run(
         max_new_tokens=sampling_flags["max_new_tokens"], stop_ids=fmt.stop_ids,
         k=o.get("topk", 32), kd_temperature=float(cfg.distill.temperature),
         prompt_targets=cfg.data.loss_on == "all",
+        last_trained=cfg.data.loss_on == "all" and fmt.after_stop > 0,
     )  # fmt: skip
     limit = min(cfg.data.max_length, positions or cfg.data.max_length)
     run = GenerateOptions(

@@ -2,9 +2,9 @@
 
 :func:`match_rows` pairs each row ``kdkit train`` builds from a written part with the sample it
 came from (one row per completion: ``data.pack`` is false) and takes the sample's targets where
-they are the row's: the row's ids equal the sampled sequence up to its last trained position,
-and its trained positions cover whole mass regions (so ``teacher_mass`` is exact too). Any other
-row is scored again by the teacher, in batches, as a capture would.
+they are the row's: the row's ids equal the sampled sequence up to its last trained position
+(the distribution at position ``j`` depends on the ids up to ``j`` only). Any other row is scored
+again by the teacher, in batches, as a capture would.
 """
 
 from __future__ import annotations
@@ -42,26 +42,19 @@ class Matched:
 
 
 def _sampled_targets(row: Any, s: Sampled) -> tuple[torch.Tensor, ...] | None:
-    """``(ids, logp, tail, mass)`` of ``row`` from the sampling pass, or None: not its own."""
+    """``(ids, logp, tail)`` of ``row`` from the sampling pass, or None: not its own (its ids
+    differ from the sampled sequence at or before a trained position, or it trains a position
+    the pass did not keep)."""
     trained = np.flatnonzero(row.trainable.numpy()[1:])  # position j trains token j + 1
     if not len(trained) or bool((row.doc_ids != 0).any()):
         return None
-    seq, p = s.sequence, len(s.prompt)
+    seq = s.sequence
     last = int(trained[-1])
     if trained[0] < s.first or last > len(seq) - 1:
         return None
     if row.input_ids[: last + 1].tolist() != seq[: last + 1]:
         return None
-    mass = torch.zeros(s.mass.shape[-1], dtype=torch.float64)
-    for region, (lo, hi) in enumerate(
-        ((0, p - 1), (p - 1, len(seq) - 1), (len(seq) - 1, len(seq)))
-    ):
-        inside = int(((trained >= lo) & (trained < hi)).sum())
-        if inside and inside != hi - lo:
-            return None  # part of a region: its summed mass is not the row's
-        if inside:
-            mass += s.mass[region]
-    return (*entries_of(s, trained), mass)
+    return entries_of(s, trained)
 
 
 def match_rows(
@@ -70,10 +63,12 @@ def match_rows(
     scorer: Any,
     settings: Mapping[str, Any],
     batch_size: int,
+    mass: torch.Tensor,
 ) -> Matched:
-    """Each row's targets: the sample's (see the module docstring) or ``scorer.score``'s."""
+    """Each row's targets: the sample's (see the module docstring) or ``scorer.score``'s.
+    ``mass``: the samples' summed distributions (:attr:`Sampled.mass`), the part's
+    ``teacher_mass``; a row scored again counts there as it was sampled."""
     k, temperature = settings["capture"]["k"], settings["capture"]["temperature"]
-    vocab = settings["teacher"]["vocab"]
     found: list[tuple[torch.Tensor, ...] | None] = [None] * len(rows)
     if len(rows) == len(samples):
         found = [_sampled_targets(r, s) for r, s in zip(rows, samples, strict=True)]
@@ -84,20 +79,15 @@ def match_rows(
             len(rows),
         )
     again = [i for i, f in enumerate(found) if f is None]
-    mass = torch.zeros(vocab, dtype=torch.float64)
     if again:
         aligner = Aligner(pad_id=scorer.pad_id, max_length=max(len(rows[i]) for i in again))
         for start in range(0, len(again), batch_size):
             chunk = again[start : start + batch_size]
             batch = aligner([rows[i] for i in chunk])
-            ids, logp, tail, m = scorer.score(batch, k, temperature)
-            mass += m.cpu()
+            ids, logp, tail, _ = scorer.score(batch, k, temperature)
             ends = np.cumsum(batch.mask.sum(1).tolist())
             for i, lo, hi in zip(chunk, [0, *ends[:-1]], ends, strict=True):
-                found[i] = (ids[lo:hi].cpu(), logp[lo:hi].cpu(), tail[lo:hi].cpu(), None)
-    for f in found:
-        if f is not None and f[3] is not None:
-            mass += f[3]
+                found[i] = (ids[lo:hi].cpu(), logp[lo:hi].cpu(), tail[lo:hi].cpu())
     return Matched(
         rows=rows,
         entries=[int(f[0].shape[0]) for f in found],

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from kdkit._io import atomic_write_json, atomic_write_text, check_output_path, sha256_file, writing
@@ -123,6 +124,7 @@ class _Writer:
         self.pending: deque[tuple[_Item, str, Any]] = deque()
         self.kept = 0  # kept rows among them
         self.tokens, self.start, self.first = 0, time.perf_counter(), self.next["prompt"]
+        self.mass = torch.zeros(settings["teacher"]["vocab"], dtype=torch.float64)  # the part's
 
     # -- the stream ---------------------------------------------------------------------------
     def items(self) -> Iterator[_Item]:
@@ -206,6 +208,10 @@ class _Writer:
             verdict = "kept"
             seen[key] = item.sample
             self.kept += 1
+            self.mass += r.mass.cpu()
+        r.mass = None  # added up: a part's kept samples keep only their entries
+        if verdict != "kept":
+            r.ids, r.logp, r.tail = r.ids[:0], r.logp[:0], r.tail[:0]
         gen = {"prompt": item.prompt.index, "sample": item.sample, "finished": r.finished}
         record = self.fmt.record(item.prompt.record, text, gen) if verdict == "kept" else None
         self.pending.append((item, verdict, record))
@@ -224,7 +230,8 @@ class _Writer:
         with writing(part):
             atomic_write_text(part, text)
         matched = match_rows(self.rows_of(part), [s for s, _ in samples], self.sampler,
-                             self.settings, self.o.batch_size)  # fmt: skip
+                             self.settings, self.o.batch_size, self.mass)  # fmt: skip
+        self.mass = torch.zeros_like(self.mass)
         arrays = rows_arrays(matched.rows, matched.entries, matched.ids, matched.logp,
                              matched.tail, matched.mass, self.settings)  # fmt: skip
         shard = self.out / shard_name(k)
