@@ -14,6 +14,7 @@ __all__ = ["add_generate_parser"]
 _OPTIONS = (
     "prompts", "score", "out", "n", "temperature", "top_p", "max_new_tokens", "seed", "topk",
     "encoding", "shard_rows", "batch_size", "keep_unfinished", "keep_duplicates", "device",
+    "any_tokenization",
 )  # fmt: skip
 
 
@@ -50,6 +51,9 @@ def add_generate_parser(cmds: argparse._SubParsersAction) -> None:
                    "data appends an end to every completion)")  # fmt: skip
     p.add_argument("--keep-duplicates", action="store_true",
                    help="keep a prompt's identical completions (dropped by default)")  # fmt: skip
+    p.add_argument("--any-tokenization", action="store_true",
+                   help="sample any token sequence; by default a token whose completion would "
+                   "tokenize otherwise once written is drawn again (so its targets are kept)")  # fmt: skip
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (train.device, else cuda if any)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -31,6 +31,7 @@ __all__ = ["PromptFile", "PromptFormat", "Prompt"]
 _KEYS = {"prompt_completion": "prompt", "chat": "messages"}
 _WRITTEN = ("prompt", "completion", "messages", "gen")
 _PROBE = "kdkit-probe-reply"
+_ROUND_TRIP = "The student learns the teacher's distribution, 42 times: ok."
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,8 @@ class PromptFile:
         self.sha256, self.bytes, self.count = h.hexdigest(), size, count
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"file": str(self.path.resolve()), "sha256": self.sha256, "bytes": self.bytes,
-                "count": self.count, "key": self.key}  # fmt: skip
+        """What the prompts are (content, not place: a moved file resumes)."""
+        return {"sha256": self.sha256, "bytes": self.bytes, "count": self.count, "key": self.key}
 
     def read(self, index: int = 0, offset: int = 0) -> Iterator[Prompt]:
         """Prompts from ``index``, whose line starts at byte ``offset``."""
@@ -174,6 +175,21 @@ class PromptFormat:
         if suffix and suffix[0] in added:
             return int(suffix[0]), len(suffix) - 1
         return None, len(suffix)
+
+    def canonical(self, completions: list[list[int]]) -> list[bool]:
+        """Whether each completion's text (decoded) tokenizes back to its ids, as the data path
+        will tokenize it (alone, without special tokens added)."""
+        texts = self.tokenizer.batch_decode(
+            completions, skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        again = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [list(a) == list(c) for a, c in zip(again, completions, strict=True)]
+
+    def round_trips(self) -> bool:
+        """Whether plain text comes back from its ids at all (a tokenizer that adds a prefix
+        space, say, never does: checking completions would ban every token)."""
+        ids = self.tokenizer(_ROUND_TRIP, add_special_tokens=False)["input_ids"]
+        return all(self.canonical([ids[:n] for n in range(1, len(ids) + 1)]))
 
     def prompt_ids(self, record: dict[str, Any]) -> list[int]:
         if self.format == "prompt_completion":

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,12 +49,17 @@ from kdkit.lm.logits import output_transform, project_logits
 from kdkit.lm.models import decoder_step, output_head
 
 __all__ = [
+    "REDRAWS",
     "Sampled",
     "SampleSettings",
     "TeacherSampler",
     "check_sample_settings",
     "sample_seed",
 ]
+
+
+#: draws of one step after its first, for a token that breaks the text's tokenization
+REDRAWS = 3
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,9 @@ class SampleSettings:
     (kept in it); ``k``: entries per target; ``kd_temperature``: the targets' temperature;
     ``prompt_targets``: keep targets at the prompt's positions too (``loss_on: all``);
     ``last_trained``: a finished row trains the token after its stop token too (a chat
-    template's trailing tokens under ``loss_on: all``)."""
+    template's trailing tokens under ``loss_on: all``); ``canonical``: says of completions
+    (token lists) whether their text tokenizes back to them; a token that would make one that
+    does not is banned and drawn again (at most :data:`REDRAWS` times a step)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -76,6 +83,7 @@ class SampleSettings:
     kd_temperature: float = 1.0
     prompt_targets: bool = False
     last_trained: bool = False
+    canonical: Callable[[list[list[int]]], list[bool]] | None = None
 
 
 def check_sample_settings(
@@ -122,6 +130,7 @@ class Sampled:
     prompt: list[int]
     tokens: list[int]
     finished: bool
+    redraws: int
     first: int
     ids: torch.Tensor
     logp: torch.Tensor
@@ -161,25 +170,54 @@ class TeacherSampler:
     def _draw(
         self, logits: torch.Tensor, s: SampleSettings, gens: Sequence[torch.Generator]
     ) -> torch.Tensor:
-        """One token per row of ``logits`` ``[B, V]``: nucleus of ``softmax(f / T)``, then the
+        """One token per row of ``logits`` ``[R, V]``: nucleus of ``softmax(f / T)``, then the
         inverse CDF at each row's own uniform draw (greedy at T = 0)."""
         if s.temperature == 0:
             return logits.argmax(dim=-1)
         probs = torch.softmax(logits / s.temperature, dim=-1)
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        cdf = sorted_p.cumsum(dim=-1)
-        if s.top_p < 1:  # keep the smallest prefix whose mass reaches top_p
-            sorted_p = sorted_p.masked_fill(cdf - sorted_p >= s.top_p, 0.0)
-            cdf = sorted_p.cumsum(dim=-1)
+        order = None
+        if s.top_p < 1:  # keep the smallest prefix (by probability) whose mass reaches top_p
+            probs, order = probs.sort(dim=-1, descending=True)
+            probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= s.top_p, 0.0)
+        cdf = probs.cumsum(dim=-1)  # in id order without top-p: no sort needed
         u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens])
         u = (u.to(cdf.device) * cdf[:, -1].double()).float()[:, None]
         pick = torch.searchsorted(cdf, u).clamp(max=cdf.shape[-1] - 1)
         while True:  # never a token of zero probability (u on a flat stretch of the CDF)
-            zero = sorted_p.gather(1, pick) == 0
+            zero = probs.gather(1, pick) == 0
             if not bool(zero.any()):
                 break
             pick = torch.where(zero, pick - 1, pick).clamp(min=0)
-        return order.gather(1, pick).squeeze(1)
+        return (pick if order is None else order.gather(1, pick)).squeeze(1)
+
+    def _canonical(
+        self,
+        token: torch.Tensor,
+        rows: list[int],
+        logits: torch.Tensor,
+        s: SampleSettings,
+        gens: Sequence[torch.Generator],
+        history: list[list[int]],
+        redraws: list[int],
+    ) -> None:
+        """Draw again (in place) the token of a row whose completion would no longer tokenize
+        back to its ids, that token banned; after :data:`REDRAWS` the last draw stands (its
+        row is then scored again by the writer). Only such a row's generator draws again."""
+        banned: torch.Tensor | None = None
+        for attempt in range(REDRAWS + 1):
+            drawn = token[rows].tolist()
+            ok = s.canonical([history[i] + [t] for i, t in zip(rows, drawn, strict=True)])
+            rows = [i for i, good in zip(rows, ok, strict=True) if not good]
+            if not rows or attempt == REDRAWS:
+                return
+            if banned is None:
+                banned = torch.zeros_like(logits, dtype=torch.bool)
+            where = torch.as_tensor(rows, device=logits.device)
+            banned[where, token[where]] = True
+            masked = logits[where].masked_fill(banned[where], float("-inf"))
+            token[where] = self._draw(masked, s, [gens[i] for i in rows])
+            for i in rows:
+                redraws[i] += 1
 
     @torch.no_grad()
     def sample(
@@ -203,7 +241,6 @@ class TeacherSampler:
         hidden, past = decoder_step(self.model, ids, positions, attention)
         pre = self._prompt_targets(hidden, prompts, mass, s) if s.prompt_targets else None
         steps: list[tuple[torch.Tensor, ...]] = []
-        tokens: list[torch.Tensor] = []
         stop = torch.tensor(list(s.stop_ids) or [-1], device=dev)
         limit = torch.as_tensor(list(limits), device=dev)
         running = torch.ones(b, dtype=torch.bool, device=dev)  # still sampling
@@ -211,6 +248,8 @@ class TeacherSampler:
         finished = torch.zeros(b, dtype=torch.bool, device=dev)
         count = 0
         last = hidden[:, -1]
+        history: list[list[int]] = [[] for _ in prompts]
+        redraws = [0] * b
         while True:
             logits = self._logits(last)
             lp = torch.log_softmax(logits / s.kd_temperature, dim=-1)
@@ -221,9 +260,14 @@ class TeacherSampler:
             mass.index_add_(0, rows, lp[rows].double().exp())
             if not bool(running.any()):
                 break
-            token = self._draw(logits, s, gens)
-            token = torch.where(running, token, torch.full_like(token, self.pad_id))
-            tokens.append(token)
+            rows = running.nonzero().squeeze(1)
+            live = rows.tolist()
+            token = torch.full((b,), self.pad_id, dtype=torch.long, device=dev)
+            token[rows] = self._draw(logits[rows], s, [gens[i] for i in live])
+            if s.canonical is not None:
+                self._canonical(token, live, logits, s, gens, history, redraws)
+            for i, t in zip(live, token[rows].tolist(), strict=True):
+                history[i].append(t)
             count += 1
             hit = torch.isin(token, stop) & running
             finished |= hit
@@ -233,7 +277,7 @@ class TeacherSampler:
             positions = positions[:, -1:] + 1
             hidden, past = decoder_step(self.model, token[:, None], positions, attention, past)
             last = hidden[:, -1]
-        return self._collect(prompts, pre, steps, tokens, finished, mass)
+        return self._collect(prompts, pre, steps, history, finished, mass, redraws)
 
     def _prompt_targets(
         self,
@@ -252,13 +296,12 @@ class TeacherSampler:
             mass[i] += lp.double().exp().sum(0)
         return out
 
-    def _collect(self, prompts, pre, steps, tokens, finished, mass) -> list[Sampled]:
+    def _collect(self, prompts, pre, steps, history, finished, mass, redraws) -> list[Sampled]:
         """Per row: the tokens it sampled, its entries in position order, on the CPU."""
         ids = torch.stack([x[0] for x in steps], 1).cpu()  # [B, steps, k]
         lp = torch.stack([x[1] for x in steps], 1).cpu()
         tail = torch.stack([x[2] for x in steps], 1).cpu()
         fed = torch.stack([x[3] for x in steps], 1).cpu()
-        sampled = torch.stack(tokens, 1).cpu() if tokens else torch.zeros((len(prompts), 0))
         finished, mass = finished.cpu(), mass.cpu()
         out = []
         for i, p in enumerate(prompts):
@@ -271,8 +314,9 @@ class TeacherSampler:
             out.append(
                 Sampled(
                     prompt=list(p),
-                    tokens=sampled[i, : n - 1].tolist(),
+                    tokens=history[i],  # n - 1 of them
                     finished=bool(finished[i]),
+                    redraws=redraws[i],
                     first=first,
                     ids=row[0],
                     logp=row[1],

@@ -134,6 +134,7 @@ def generate_run(
         k=o.get("topk", 32), kd_temperature=float(cfg.distill.temperature),
         prompt_targets=cfg.data.loss_on == "all",
         last_trained=cfg.data.loss_on == "all" and fmt.after_stop > 0,
+        canonical=_canonical(fmt, o),
     )  # fmt: skip
     limit = min(cfg.data.max_length, positions or cfg.data.max_length)
     run = GenerateOptions(
@@ -145,6 +146,20 @@ def generate_run(
     sampler = TeacherSampler(teacher, vocab, pad_id(tokenizer), device)
     return generate(sampler, source, fmt, out, rows_of=rows_of, tokenizer=tokenizer,
                     provenance=provenance, sampling=sampling, options=run)  # fmt: skip
+
+
+def _canonical(fmt: PromptFormat, options: Mapping[str, Any]) -> Any:
+    """The check that keeps a completion's text tokenizing back to its ids (so its row is the
+    one sampled), unless ``any_tokenization`` or the tokenizer never round-trips plain text."""
+    if options.get("any_tokenization"):
+        return None
+    if not fmt.round_trips():
+        log.warning(
+            "generate: this tokenizer does not give plain text back from its ids; completions "
+            "are sampled without the tokenization check (rows that differ are scored again)"
+        )
+        return None
+    return fmt.canonical
 
 
 def _default_device() -> str:
@@ -180,7 +195,8 @@ def generate_lines(manifest: Mapping[str, Any], out: Path, config: str) -> list[
         f"  samples {c.samples:,}: {c.unfinished:,} hit --max-new-tokens "
         f"({c.unfinished_dropped:,} dropped), {c.duplicates:,} duplicates dropped, "
         f"{c.skipped_prompts:,} prompts skipped (no room under data.max_length), "
-        f"{c.rescored:,} rows scored again (their text tokenizes otherwise)",
+        f"{c.redrawn:,} tokens drawn again (their text would tokenize otherwise), "
+        f"{c.rescored:,} rows scored again",
         f"  completion lengths (tokens): {c.histogram()}",
         f"  targets: top-{cap['k']} at temperature {cap['temperature']:g} "
         f"(distill.temperature), {manifest['bytes_per_token']:.1f} bytes per token",

@@ -131,6 +131,7 @@ class Counts:
     unfinished_dropped: int = 0
     duplicates: int = 0
     rescored: int = 0
+    redrawn: int = 0
     generated_tokens: int = 0
     kept_tokens: int = 0
     lengths: dict[str, int] = field(default_factory=dict)
@@ -154,6 +155,7 @@ class Counts:
             tokens = len(item.result.tokens)
             self.samples += 1
             self.generated_tokens += tokens
+            self.redrawn += item.result.redraws
             self.unfinished += not item.result.finished
             self.unfinished_dropped += verdict == "unfinished"
             self.duplicates += verdict == "duplicate"

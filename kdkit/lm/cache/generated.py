@@ -317,11 +317,13 @@ def generate(
         "shard_rows": options.shard_rows,
         "generate": {
             "prompts": prompts.fingerprint(),
+            "prompts_file": str(prompts.path.resolve()),  # where they were (not compared)
             "sampling": {"n": options.n, "seed": options.seed,
                          "temperature": sampling.temperature, "top_p": sampling.top_p,
                          "max_new_tokens": sampling.max_new_tokens,
                          "stop_ids": list(sampling.stop_ids),
                          "keep_unfinished": options.keep_unfinished, "dedup": options.dedup,
+                         "canonical": sampling.canonical is not None,
                          "max_length": options.max_length},
         },
     }  # fmt: skip
@@ -361,7 +363,7 @@ def _resume(out: Path, settings: dict[str, Any]) -> list[dict[str, Any]] | None:
     want = {k: v for k, v in settings.items() if k != "generate"}
     changed = differences(have, want)
     for key, value in settings["generate"].items():
-        if have["generate"].get(key) != value:
+        if key != "prompts_file" and have["generate"].get(key) != value:
             changed.append(f"generate.{key}: cache {have['generate'].get(key)!r}, here {value!r}")
     if changed:
         raise KDError(

@@ -83,7 +83,8 @@ class LMRecipe(Recipe):
         out = Path(options["out"])
         if options.get("score") is not None:
             sampling = ("n", "temperature", "top_p", "max_new_tokens", "seed", "batch_size")
-            refuse_options(options, (*sampling, "keep_unfinished", "keep_duplicates", "device"),
+            refuse_options(options, (*sampling, "keep_unfinished", "keep_duplicates", "device",
+                                     "any_tokenization"),
                            "--score (the teacher scores the file's completions)")  # fmt: skip
             cfg = generate_config(config, list(overrides), options["score"])
             m = score_run(cfg, out, options)
