@@ -3,30 +3,36 @@ cache, and both, against token-level KD on the corpus itself with the same token
 what one teacher pass saves against generation followed by a separate capture.
 
 The LM demo's quick setting (``LMDemoConfig.quick``): its corpus, BPE tokenizer (2048), teacher
-Llama (128 hidden, 4 layers; trained once and cached where ``kdkit demo lm --quick`` caches it),
-student (64 hidden, 2 layers) and training recipe (AdamW 3e-3, cosine, 1 epoch). Prompts: the
-first 32-64 tokens (uniform, seeded) of held-out documents, the blocks separated by a blank line
-of the corpus beyond the window the teacher trained on (at least 96 tokens each). For each seed
-(the generation seed and the student's):
+Llama (128 hidden, 4 layers; trained and cached by ``kdkit demo lm --quick``, run it once
+first), student (64 hidden, 2 layers) and training recipe (AdamW 3e-3, cosine, 1 epoch).
+Prompts: the first 32-64 tokens (uniform, seeded) of held-out documents, the blocks separated by
+a blank line of the corpus beyond the window the teacher trained on (at least 96 tokens each).
+For each seed (the generation seed and the student's):
 
 - ``kdkit lm generate`` (T 1, top-p 1, one sample per prompt, 64 new tokens at most, completions
   that hit the limit kept: this corpus has no short documents) writes ``prompt_completion`` data
   and the top-32 cache at ``distill.temperature`` 1;
 - students, all ``loss_on: completion`` on the generated rows: **sft** (no teacher, cross-entropy
   on the teacher's text), **kd** (``cache:OUT``, forward KL, ``ce_weight`` 0), **both**
-  (``ce_weight`` 0.5); and on the corpus itself, truncated to the same number of trained tokens:
-  **corpus-kd** (today's token-level KD, the live teacher) and **corpus-ce** (no teacher);
+  (``ce_weight`` 0.5); and on the corpus itself, a prefix of the train split holding the same
+  number of trained tokens: **corpus-kd** (today's token-level KD, the live teacher) and
+  **corpus-ce** (no teacher), at the same batch (half the optimizer steps: a corpus row trains
+  all its tokens, a generated row its completion only) and, ``-steps``, at the batch that gives
+  as many steps as the generated rows;
 - scored on the demo's test split (real text, packed rows of 128): perplexity, and top-1
   agreement and KL with the live teacher.
 
 Cost (the first seed): ``kdkit lm generate`` (sampling and the targets in one pass, files
 included) against the same prompts sampled without targets (``kdkit.lm.onpolicy
 .sample_completions``, kdkit's plain sampling loop, the same batches) plus ``kdkit lm capture``
-of the generated data (the separate pass). Ratios are against corpus-kd (quality) and the
-two-pass total (cost), measured in the same run.
+of the generated data (the separate pass): wall and CPU seconds (the fastest of ``--rounds``),
+and the teacher's forward FLOPs.
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python -W ignore benchmarks/bench_lm_generate.py \
         --seeds 0 1 2 --prompts 1500
+    # more students on the same generations; the cost alone
+    ... --seeds 0 1 2 --prompts 1500 --keep --only corpus-kd-steps corpus-ce-steps
+    ... --prompts 500 --rounds 2 --cost-only --out runs/bench-lm-generate-cost
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from kdkit.run.lm_demo import (
     write_splits,
 )
 
-RECIPES = ("corpus-kd", "corpus-ce", "sft", "kd", "both")
+RECIPES = ("corpus-kd", "corpus-ce", "corpus-kd-steps", "corpus-ce-steps", "sft", "kd", "both")
 
 
 def _teacher(cfg: LMDemoConfig) -> Path:
@@ -99,10 +105,15 @@ def _config(cfg: LMDemoConfig, name: str, out: Path, student: Path, teacher: str
 
 
 def _trained_tokens(cfg_dict: dict, tok: Any) -> int:
+    return sum(int(r.trainable[1:].sum()) for r in _rows(cfg_dict, tok))
+
+
+def _rows(cfg_dict: dict, tok: Any) -> list:
+    """The training rows ``kdkit train`` builds from the config (its val split left out)."""
     from kdkit.run.lm_job import lm_datasets
 
     c = resolve_paths(load_config(data={**cfg_dict, "teacher": None}))
-    return sum(int(r.trainable[1:].sum()) for r in lm_datasets(c, tok, None)[0].rows)
+    return list(lm_datasets(c, tok, None)[0].rows)
 
 
 def _corpus_prefix(train: Path, tok: Any, budget: int, path: Path, gen: dict) -> Path:
@@ -233,6 +244,14 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench-lm-generate")
     p.add_argument("--rounds", type=int, default=1, help="timings: the fastest of N rounds")
     p.add_argument("--cost-only", action="store_true", help="the first seed's cost, no students")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep --out: a finished generation is "
+        "reused (then the first seed's cost is not measured)",
+    )
+    p.add_argument("--only", nargs="+", choices=RECIPES, default=list(RECIPES),
+                   help="the students to train")  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(1)
     from transformers import AutoTokenizer
@@ -244,8 +263,9 @@ def main() -> None:
     from kdkit.run.lm_job import build_lm_data
 
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    (out / "data").mkdir(parents=True)
+    if not args.keep:
+        shutil.rmtree(out, ignore_errors=True)
+    (out / "data").mkdir(parents=True, exist_ok=True)
     cfg = LMDemoConfig.quick(out_dir=str(out), progress=False)
     files = write_splits(cfg, out / "data")[:3]
     teacher_dir = _teacher(cfg)
@@ -271,7 +291,7 @@ def main() -> None:
         gen_cfg = out / f"gen-s{seed}.yaml"
         gen_cfg.write_text(json.dumps(gen))
         row: dict[str, Any] = {}
-        if seed == args.seeds[0]:
+        if seed == args.seeds[0] and not args.keep:
             row["cost"] = _cost(gen_cfg, prompts, gen_out, tok, args.gen_batch, args.rounds)
             if args.cost_only:
                 (out / "cost.json").write_text(json.dumps(row["cost"], indent=1))
@@ -286,15 +306,36 @@ def main() -> None:
         budget = round(_trained_tokens(gen, tok) * 0.95)  # the rows left after val.split
         corpus = _corpus_prefix(files[0], tok, budget, out / f"corpus-s{seed}.txt", gen)
         cdata = {"text_files": [str(corpus)], "val": {"text_files": [str(files[1])]}}
+        # "-steps": the corpus in as many optimizer steps as the generated rows (they are
+        # shorter: a prompt is context, not trained), a smaller batch of the same tokens
+        packed = _rows(
+            {
+                **gen,
+                "data": {
+                    **gen["data"],
+                    **cdata,
+                    "format": "text",
+                    "loss_on": "all",
+                    "pack": True,
+                    "val": None,
+                },
+            },
+            tok,
+        )
+        steps_batch = max(1, round(cfg.batch_size * len(packed) / len(_rows(gen, tok))))
+        sdata = {**cdata, "batch_size": steps_batch}
         runs = {
             "corpus-kd": (f"hf:{teacher_dir}", cdata, {}),
             "corpus-ce": (None, cdata, {}),
+            "corpus-kd-steps": (f"hf:{teacher_dir}", sdata, {}),
+            "corpus-ce-steps": (None, sdata, {}),
             "sft": (None, gen["data"], {}),
             "kd": (f"cache:{gen_out}", gen["data"], {}),
             "both": (f"cache:{gen_out}", gen["data"], {"ce_weight": 0.5}),
         }  # fmt: skip
-        row["tokens"] = {"budget": budget}
-        for name, (t, data, distill) in runs.items():
+        row["tokens"] = {"budget": budget, "steps_batch": steps_batch}
+        for name in args.only:
+            t, data, distill = runs[name]
             c = _config(cfg, name, out / f"s{seed}", student, t, data, distill, seed)
             if name == "sft":
                 c["student"]["tokenizer"] = str(gen_out / "tokenizer")
@@ -307,7 +348,7 @@ def main() -> None:
             row[name] = {**_scores(result.run_dir, teacher, test_batches), "train_s": wall}
             print(seed, name, row[name], flush=True)
         results["seeds"][seed] = row
-        (out / "results.json").write_text(json.dumps(results, indent=1))
+        (out / f"results-{'-'.join(args.only)}.json").write_text(json.dumps(results, indent=1))
     print(_table(results))
 
 
@@ -319,11 +360,12 @@ def _table(results: dict[str, Any]) -> str:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.2f} ± {sd:.2f}"
 
-    base = statistics.mean(r["corpus-kd"]["ppl"] for r in rows)
-    lines = ["| recipe | test ppl | vs corpus-kd | agreement (%) | KL | train (s) |",
+    names = [n for n in RECIPES if n in rows[0]]
+    base = statistics.mean(r[names[0]]["ppl"] for r in rows)
+    lines = [f"| recipe | test ppl | vs {names[0]} | agreement (%) | KL | train (s) |",
              "|---|---:|---:|---:|---:|---:|",
              f"| teacher | {results['teacher_ppl']:.2f} | | 100 | 0 | |"]  # fmt: skip
-    for name in RECIPES:
+    for name in names:
         ppl = statistics.mean(r[name]["ppl"] for r in rows)
         lines.append(f"| {name} | {stat(name, 'ppl')} | {ppl / base:.3f} | {stat(name, 'agree')} "
                      f"| {stat(name, 'kl')} | {statistics.mean(r[name]['train_s'] for r in rows):.0f} |")  # fmt: skip
