@@ -36,9 +36,12 @@ from kdkit.config._tasks import SCHEMAS, TASKS, parse, resolve_paths, schema_for
 from kdkit.config._yaml import apply_overrides, build_section, read_yaml, to_dict, to_yaml
 from kdkit.config.lm_schema import (
     LMDataConfig,
+    LMDatasetConfig,
     LMDistillConfig,
+    LMLayerPairConfig,
     LMModelConfig,
     LMOnPolicyConfig,
+    LMPeftConfig,
     LMRunConfig,
     LMValConfig,
 )
@@ -65,9 +68,12 @@ __all__ = [
     "LMRunConfig",
     "LMModelConfig",
     "LMDataConfig",
+    "LMDatasetConfig",
     "LMValConfig",
     "LMDistillConfig",
     "LMOnPolicyConfig",
+    "LMLayerPairConfig",
+    "LMPeftConfig",
     "RunConfig",
     "TeacherConfig",
     "StudentConfig",

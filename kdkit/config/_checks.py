@@ -138,6 +138,11 @@ def check_classify(cfg: RunConfig, check_paths: bool = True) -> None:
             "config key 'train.fsdp' shards language models (task: lm); an image student "
             "trains with DDP under torchrun, no key needed"
         )
+    if cfg.train.gradient_checkpointing:
+        raise KDError(
+            "config key 'train.gradient_checkpointing' recomputes a language model's decoder "
+            "layers (task: lm); an image student has no such switch here"
+        )
     _model_string(cfg.student.model, "student.model", teacher=False, check_paths=check_paths)
     _check_sizes(cfg.student.kwargs, "student.kwargs")
     if cfg.teacher is not None:

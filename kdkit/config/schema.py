@@ -305,6 +305,9 @@ class TrainConfig:
     progress: bool = True
     #: FSDP2 under torchrun (``task: lm``): student and teacher sharded over the ranks
     fsdp: bool = False
+    #: recompute the student's decoder layers in backward instead of keeping their
+    #: activations (``task: lm``, Hugging Face's gradient_checkpointing_enable)
+    gradient_checkpointing: bool = False
     early_stopping: EarlyStoppingConfig | None = None
     ema: EmaConfig | None = None
     loggers: tuple[Literal["tensorboard", "mlflow", "wandb"], ...] = ()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -38,6 +38,7 @@ from kdkit.lm.align import TokenBatch
 from kdkit.lm.data import TokenRow
 from kdkit.lm.divergence import DIVERGENCES
 from kdkit.lm.fused import DenseTeacher, LossOutput, token_divergence
+from kdkit.lm.hidden import HiddenPairs, LayerPair
 from kdkit.lm.logits import output_transform
 from kdkit.lm.models import HiddenAndHead, decoder_outputs, freeze_teacher, hidden_and_head
 from kdkit.lm.moe import router_aux
@@ -109,6 +110,8 @@ class LMTask(Task):
         router_aux_loss: add a mixture-of-experts student's router load-balancing loss, with
             its config's ``router_aux_loss_coef`` (:mod:`kdkit.lm.moe`); logged as ``router_aux``.
         packed: the data packs documents into rows (``data.pack``): the probe checks packing.
+        layer_pairs: hidden-state pairs between decoder layers (:mod:`kdkit.lm.hidden`,
+            ``distill.pairs``), with a learned projection where the widths differ.
     """
 
     best_metric = ("ppl", False)
@@ -130,6 +133,7 @@ class LMTask(Task):
         probe: bool = True,
         router_aux_loss: bool = True,
         packed: bool = False,
+        layer_pairs: Sequence[LayerPair] = (),
     ) -> None:
         super().__init__()
         if divergence not in DIVERGENCES:
@@ -164,6 +168,9 @@ class LMTask(Task):
         self.probe_enabled, self.packed = probe, packed
         #: what the logits probe found (:meth:`probe`), for the run's report
         self.probe_results: list[ProbeResult] = []
+        if layer_pairs and teacher is None:
+            raise KDError("distill.pairs needs a live teacher (hf:DIR) whose layers run")
+        self.hidden_pairs = HiddenPairs(layer_pairs, student, teacher) if layer_pairs else None
 
     def shard(self) -> LMTask:
         """FSDP2 over every rank (``train.fsdp: true``): each decoder layer of the student and
@@ -240,8 +247,17 @@ class LMTask(Task):
         )
 
     def forward(self, batch: TokenBatch, reduction: str = "sum") -> LossOutput:
-        """The loss of ``batch`` (a module call, so FSDP2's hooks run around it when sharded)."""
-        return self._loss(batch, reduction=reduction)
+        """The loss of ``batch`` (a module call, so FSDP2's hooks run around it when sharded);
+        in training, with the hidden-state pairs' loss added."""
+        if self.hidden_pairs is None or not torch.is_grad_enabled():
+            return self._loss(batch, reduction=reduction)
+        with self.hidden_pairs.capture() as seen:
+            out = self._loss(batch, reduction=reduction)
+        pairs = self.hidden_pairs.loss(seen, batch.mask)
+        scale = 1.0 if reduction == "sum" else 1.0 / max(out.tokens, 1)
+        return replace(
+            out, loss=out.loss + scale * pairs, hidden=pairs.detach() / max(out.tokens, 1)
+        )
 
     def step(self, batch: TokenBatch) -> StepOutput:
         """The summed loss of the batch's trained tokens; the loop normalizes by the step's
@@ -254,12 +270,20 @@ class LMTask(Task):
         if self.on_policy is not None:  # the teacher scores the student's own samples
             batch = self.on_policy(self.student, batch)
         out = self(batch)
-        components = {"loss": out.loss.detach() / max(out.tokens, 1), "kl": out.kl}
+        components = {"loss": out.loss.detach() / max(out.tokens, 1)}  # per token
+        if self.teacher is not None or self.cache is not None:  # no "kl 0" without a teacher
+            components["kl"] = out.kl
         if out.ce is not None:
             components["ce"] = out.ce
         if out.router_aux is not None:
             components["router_aux"] = out.router_aux
+        if out.hidden is not None:
+            components["hidden"] = out.hidden
         return StepOutput(out.loss, components, None, count=out.tokens, normalizer=out.tokens)
+
+    def epoch_stats(self) -> dict[str, float]:
+        """An on-policy run's sample statistics (:meth:`OnPolicy.epoch_stats`), else none."""
+        return {} if self.on_policy is None else self.on_policy.epoch_stats()
 
     # -- the logits probe ------------------------------------------------------------------------
     def probe(self, example: TokenBatch | TokenRow) -> list[ProbeResult]:
@@ -339,7 +363,10 @@ class LMTask(Task):
     # -- checkpoint parts ------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """The student's weights; sharded, gathered whole on rank 0 (every rank calls this)."""
-        return {"student": fsdp.full_state(self.student)}
+        parts = {"student": fsdp.full_state(self.student)}
+        if self.hidden_pairs is not None:  # the pairs' projections
+            parts["adapters"] = self.hidden_pairs.state_dict()
+        return parts
 
     def load_checkpoint_state(self, state: Mapping[str, Any], where: str = "") -> None:
         """Sharded, rank 0's copy is broadcast into every rank's shards (every rank calls it)."""
@@ -347,6 +374,8 @@ class LMTask(Task):
             fsdp.load_full_state(self.student, state.get("student") or {})
             return
         restore_part(where, "student", self.student, state.get("student"))
+        if self.hidden_pairs is not None:
+            restore_part(where, "adapters", self.hidden_pairs, state.get("adapters"))
 
 
 def _first_row(example: TokenBatch | TokenRow) -> tuple[torch.Tensor, torch.Tensor]:

@@ -168,7 +168,7 @@ def student_test_ppl(run_dir: Path, test: Path) -> dict[str, float]:
     from kdkit.run.lm_tools import evaluate_lm_run
 
     scores = evaluate_lm_run(
-        run_dir, torch.device("cpu"), teacher=False, data=[str(test)], trust_code=False
+        run_dir, torch.device("cpu"), teacher=False, data=[str(test)], trust_code=False, samples=0
     )
     return scores["student"]
 

@@ -21,15 +21,21 @@ from torch.utils.data.distributed import DistributedSampler
 
 from kdkit.config import LMRunConfig, to_dict
 from kdkit.errors import KDError
+from kdkit.lm._chat import template_note, use_chat_template
+from kdkit.lm._sources import DatasetSource
+from kdkit.lm._token_cache import default_token_cache
 from kdkit.lm.align import Aligner
 from kdkit.lm.data import load_lm_dataset
+from kdkit.lm.hidden import LayerPair
 from kdkit.lm.models import freeze_teacher, load_lm, load_tokenizer, max_positions, output_head
 from kdkit.lm.onpolicy import OnPolicy, turn_end_id
 from kdkit.lm.packing import check_packing
+from kdkit.lm.student import prepare_student
 from kdkit.lm.task import LMTask, TokenInputs
 from kdkit.lm.tokenizer import pad_id
-from kdkit.lm.vocab import check_vocab
+from kdkit.lm.vocab import check_borrowed_tokenizer, check_vocab
 from kdkit.run.fingerprints import lm_run_fingerprints
+from kdkit.run.lm_report import data_notes
 from kdkit.train import Trainer, distributed
 
 __all__ = [
@@ -56,6 +62,8 @@ class LMRunData:
     train_rows: int
     #: the train and val rows' fingerprint (files, tokenizer, settings, ids) before any split
     corpus_fingerprint: str = ""
+    #: lines for the report: what the data cost (truncation) and how it was rendered
+    notes: tuple[str, ...] = ()
 
 
 def _split(dataset: Any, fraction: float, seed: int) -> tuple[Subset, Subset]:
@@ -79,8 +87,17 @@ def lm_datasets(cfg: LMRunConfig, tokenizer: Any, positions: int | None) -> tupl
         # prompt/completion and chat records are never split (a split would orphan a reply)
         "overflow": d.overflow if d.format == "text" else "truncate",
         "max_positions": positions,
+        "truncation": d.truncation,
+        "cache_dir": default_token_cache() if d.token_cache else None,
     }
-    train = load_lm_dataset(list(d.text_files), tokenizer, **kwargs)
+    use_chat_template(tokenizer, d.chat_template)  # data.chat_template, before any row
+    source = None
+    if d.dataset is not None:  # a Hugging Face datasets dataset on disk
+        ds = d.dataset
+        fields = {"text": ds.text_field, "prompt": ds.prompt_field,
+                  "completion": ds.completion_field, "messages": ds.messages_field}  # fmt: skip
+        source = DatasetSource(ds.path, ds.split, tuple(fields.items()))
+    train = load_lm_dataset(list(d.text_files), tokenizer, source=source, **kwargs)
     val = None
     if d.val is not None and d.val.text_files:
         val = load_lm_dataset(list(d.val.text_files), tokenizer, **kwargs)
@@ -95,6 +112,9 @@ def build_lm_data(
     d = cfg.data
     train, val = lm_datasets(cfg, tokenizer, positions)
     corpus = train.fingerprint + (val.fingerprint if val is not None else "")
+    notes = data_notes(train, val)
+    if d.format == "chat":
+        notes += (template_note(tokenizer, d.chat_template),)
     if d.val is not None and d.val.split is not None:
         train, val = _split(train, d.val.split, d.seed)
     collate: Any = Aligner(pad_id=pad_id(tokenizer), max_length=d.max_length)
@@ -109,12 +129,19 @@ def build_lm_data(
         seed=cfg.train.seed,
         shuffle=True,
     )
-    train_loader = DataLoader(train, batch_size=d.batch_size, sampler=sampler, collate_fn=collate)
+    # each loader its own generator: an iterator draws its base seed from the global RNG
+    # otherwise, and a mid-epoch resume would shift the on-policy samples (issue 38)
+    gen = [torch.Generator().manual_seed(cfg.train.seed + i) for i in range(2)]
+    train_loader = DataLoader(
+        train, batch_size=d.batch_size, sampler=sampler, collate_fn=collate, generator=gen[0]
+    )
     val_loader = None
     if val is not None:
-        val_loader = DataLoader(val, batch_size=d.batch_size, shuffle=False, collate_fn=collate)
+        val_loader = DataLoader(
+            val, batch_size=d.batch_size, shuffle=False, collate_fn=collate, generator=gen[1]
+        )
     corpus = hashlib.sha256(corpus.encode()).hexdigest()
-    return LMRunData(train_loader, val_loader, tokenizer, len(train), corpus)
+    return LMRunData(train_loader, val_loader, tokenizer, len(train), corpus, notes)
 
 
 def load_lm_teacher(cfg: LMRunConfig, *, trust_code: bool = False) -> tuple[Any, Any]:
@@ -174,7 +201,12 @@ def build_lm_trainer(
     student, tokenizer = load_lm(
         sc.model, dtype=sc.dtype, tokenizer=sc.tokenizer, seed=t.seed, trust_code=trust_code
     )
+    student = prepare_student(
+        student, peft=sc.peft, gradient_checkpointing=t.gradient_checkpointing
+    )
     teacher, teacher_tok = load_lm_teacher(cfg, trust_code=trust_code)
+    if tokenizer is None and teacher_tok is not None:  # the teacher's, if the head fits it
+        check_borrowed_tokenizer(sc.model, output_head(student).out_features, teacher_tok)
     tokenizer = tokenizer or teacher_tok
     vocab_size = None
     cache = None if teacher is None or isinstance(teacher, torch.nn.Module) else teacher
@@ -224,6 +256,7 @@ def build_lm_trainer(
         on_policy=on_policy,
         router_aux_loss=dc.router_aux_loss,
         packed=cfg.data.pack,
+        layer_pairs=[LayerPair(p.student, p.teacher, p.weight, p.loss) for p in dc.pairs],
     )
     if t.fsdp and distributed.is_distributed():
         task.probe(data.train_loader.dataset[0])  # before sharding (the Trainer's is skipped)

@@ -19,8 +19,11 @@ import torch
 from kdkit._io import check_output_path, writing
 from kdkit.config import LMRunConfig, parse
 from kdkit.errors import KDError
+from kdkit.lm._chat import use_chat_template
 from kdkit.lm._hf import quiet_progress
+from kdkit.lm.generations import sample_generations
 from kdkit.lm.models import load_lm, load_tokenizer, max_positions
+from kdkit.lm.student import add_lora
 from kdkit.lm.task import LMTask, TokenInputs
 from kdkit.load import load_checkpoint
 from kdkit.run.lm_job import build_lm_data, load_lm_teacher, shared_vocab
@@ -39,7 +42,14 @@ def lm_run_config(ckpt: dict[str, Any]) -> LMRunConfig:
 def load_lm_student(
     path: str | Path, *, trust_code: bool = False
 ) -> tuple[torch.nn.Module, Any, LMRunConfig]:
-    """``(student with the run's weights, tokenizer, config)`` from a run dir or checkpoint."""
+    """``(student with the run's weights, tokenizer, config)`` from a run dir or checkpoint
+    (a LoRA student with its adapters in place, as it trained)."""
+    student, tokenizer, cfg, _ = _rebuild(path, trust_code)
+    return student, tokenizer, cfg
+
+
+def _rebuild(path: str | Path, trust_code: bool) -> tuple[torch.nn.Module, Any, LMRunConfig, Any]:
+    """:func:`load_lm_student` and, for a LoRA student, its ``peft.PeftModel`` (else None)."""
     ckpt = load_checkpoint(checkpoint_in(path), map_location="cpu")
     cfg = lm_run_config(ckpt)
     sc, tc = cfg.student, cfg.teacher
@@ -54,8 +64,12 @@ def load_lm_student(
             tokenizer = cache.tokenizer(trust_code=trust_code)
         else:
             tokenizer = load_tokenizer(tc.model, tc.tokenizer, trust_code=trust_code)
+    if tokenizer is not None:  # data.chat_template: what the rows were rendered with
+        use_chat_template(tokenizer, cfg.data.chat_template)
+    wrapped = None if sc.peft is None else add_lora(student, sc.peft)
+    student = student if wrapped is None else wrapped.get_base_model()
     student.load_state_dict(ckpt["student"])
-    return student.eval(), tokenizer, cfg
+    return student.eval(), tokenizer, cfg, wrapped
 
 
 def evaluate_lm_run(
@@ -65,14 +79,16 @@ def evaluate_lm_run(
     teacher: bool = True,
     data: list[str] = (),
     trust_code: bool = False,
-) -> dict[str, dict[str, float]]:
+    samples: int = 3,
+) -> dict[str, Any]:
     """The student's held-out perplexity, top-1 agreement with the teacher and mean KL (and,
     with ``teacher``, the teacher's perplexity) on the run's val tokens (``data``: other
-    text files)."""
+    text files), and under ``samples`` the greedy continuations of that many val prompts by
+    the student and the teacher."""
     student, tokenizer, cfg = load_lm_student(path, trust_code=trust_code)
     if data:
         cfg = dataclasses.replace(
-            cfg, data=dataclasses.replace(cfg.data, text_files=tuple(data), val=None)
+            cfg, data=dataclasses.replace(cfg.data, text_files=tuple(data), val=None, dataset=None)
         )
     # a model, or a top-k cache (kl and agree from it)
     teacher_model, teacher_tok = load_lm_teacher(cfg, trust_code=trust_code)
@@ -92,18 +108,33 @@ def evaluate_lm_run(
         scores["teacher"] = (
             LMTask(teacher_model, None, probe=False).to(device).evaluate(inputs(b) for b in loader)
         )
+    if samples and tokenizer is not None:  # a few prompts, teacher and student side by side
+        rows = [loader.dataset[i] for i in range(min(samples, len(loader.dataset)))]
+        gens = sample_generations(student, teacher_model, rows, tokenizer)
+        scores["samples"] = [g.as_dict() for g in gens]
     return scores
 
 
-def export_hf(path: str | Path, out_dir: str | Path, *, trust_code: bool = False) -> Path:
-    """Write the run's student as a ``save_pretrained`` folder (safetensors + tokenizer)."""
+def export_hf(
+    path: str | Path, out_dir: str | Path, *, trust_code: bool = False, adapter: bool = False
+) -> Path:
+    """Write the run's student as a ``save_pretrained`` folder (safetensors + tokenizer). A
+    LoRA student (``student.peft``) is merged into its base weights (a plain model, no peft
+    needed to load it), or with ``adapter`` saved as the adapter alone (PEFT's
+    ``adapter_config.json`` + ``adapter_model.safetensors``, loaded over the base model)."""
     out = Path(out_dir)
     check_output_path(out, what="--hf", directory=True)
     if out.exists() and any(out.iterdir()):
         raise KDError(f"--hf {out} is not empty; give a new folder")
-    student, tokenizer, _ = load_lm_student(path, trust_code=trust_code)
+    student, tokenizer, _, wrapped = _rebuild(path, trust_code)
+    if adapter and wrapped is None:
+        raise KDError(
+            "--adapter: this run's student has no LoRA adapters (student.peft); export the "
+            "whole model with --hf DIR alone"
+        )
+    model = student if wrapped is None else wrapped if adapter else wrapped.merge_and_unload()
     with writing(out, "--hf"), quiet_progress():  # a full disk is one line, not a traceback
-        student.save_pretrained(str(out), safe_serialization=True)
+        model.save_pretrained(str(out), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out))
     return out

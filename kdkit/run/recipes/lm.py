@@ -54,7 +54,7 @@ class LMRecipe(Recipe):
 
         result.teacher_score = lm_teacher_ppl(built.trainer, built.data)  # every rank
         if distributed.is_main():
-            write_lm_report(cfg, built.trainer, result, wall_s)
+            write_lm_report(cfg, built.trainer, result, wall_s, built.data)
 
     # -- caches -------------------------------------------------------------------------------
     def precompute(self, cfg: Any, out: Path | None, options: Mapping[str, Any]) -> list[str]:
@@ -173,14 +173,20 @@ class LMRecipe(Recipe):
             files.append(value)
         return evaluate_lm_run(checkpoint, device, teacher=True, data=files, trust_code=trust_code)
 
-    def score_lines(self, scores: Mapping[str, Mapping[str, float]]) -> list[str]:
+    def score_lines(self, scores: Mapping[str, Any]) -> list[str]:
+        from kdkit.lm.generations import Generation
+        from kdkit.run.lm_report import generation_lines
+
         lines = []
         for who, s in scores.items():
+            if who == "samples":
+                continue
             extra = f"  agreement {s['agree']:.2f}%  KL {s['kl']:.4f}" if "kl" in s else ""
             lines.append(
                 f"{who + ':':9} perplexity {s['ppl']:.3f}{extra}  ({int(s['tokens']):,} tokens)"
             )
-        return lines
+        gens = [Generation(**g) for g in scores.get("samples", ())]
+        return lines + ([""] + generation_lines(gens) if gens else [])
 
     def export(self, checkpoint: str, options: Mapping[str, Any]) -> list[str]:
         from kdkit.run.lm_tools import export_hf
@@ -191,7 +197,12 @@ class LMRecipe(Recipe):
                 "(AutoModelForCausalLM loads it; ONNX export of language models is not here)"
             )
         refuse_options(options, ("int8", "input_shape", "opset"), "--hf (a task: lm export)")
-        out = export_hf(checkpoint, options["hf"], trust_code=options["trust_code"])
+        adapter = bool(options.get("adapter"))
+        out = export_hf(
+            checkpoint, options["hf"], trust_code=options["trust_code"], adapter=adapter
+        )
+        if adapter:
+            return [f"wrote {out}: the LoRA adapter (peft.PeftModel.from_pretrained(base, DIR))"]
         return [f"wrote {out} (AutoModelForCausalLM.from_pretrained loads it without kdkit)"]
 
     def predict(self, model: str, options: Mapping[str, Any]) -> Any:
