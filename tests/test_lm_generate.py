@@ -198,19 +198,34 @@ def test_killed_generation_resumes_byte_identical(gen, tmp_path):
     assert seen == sorted(set(seen))  # in order, once each
 
 
-@pytest.mark.parametrize("loss_on", ["assistant", "all"])
-def test_chat_completions_with_the_assistant_turn(gen, tmp_path, lm_tokenizer, capsys, loss_on):  # noqa: F811
+@pytest.mark.parametrize("loss_on, template", [("assistant", None), ("all", None),
+                                              ("assistant", "chatml")])  # fmt: skip
+def test_chat_completions_with_the_assistant_turn(
+    gen,
+    tmp_path,
+    lm_tokenizer,  # noqa: F811
+    capsys,
+    loss_on,
+    template,
+):
     """Chat prompts get the assistant turn; ChatML's <|im_end|> stops a reply; the targets
     agree with the live teacher (kdkit lm cache check), the teacher's mass counts every trained
     position (the template's newline after <|im_end|> too, under loss_on: all), and training
-    reads them."""
+    reads them. A tokenizer without a template of its own renders prompts with
+    data.chat_template, as the rows are built."""
     import shutil
 
     for folder in ("teacher", "student"):
         shutil.copytree(gen / folder, tmp_path / folder)
+    if template:  # the tokenizer's own template removed: data.chat_template gives it
+        (tmp_path / "teacher" / "chat_template.jinja").unlink()
+        tok_cfg = json.loads((tmp_path / "teacher" / "tokenizer_config.json").read_text())
+        tok_cfg.pop("chat_template", None)
+        (tmp_path / "teacher" / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     prompts = [{"messages": [{"role": "user", "content": x[:12]}]} for x in _lines(6)]
     _write(tmp_path / "prompts.jsonl", prompts)
-    config = _config(tmp_path, format="chat", loss_on=loss_on, max_length=64)
+    config = _config(tmp_path, format="chat", loss_on=loss_on, max_length=64,
+                     **({"chat_template": template} if template else {}))  # fmt: skip
     cfg = _write(tmp_path / "chat.yaml", config)
     out = tmp_path / "out"
     argv = ["lm", "generate", str(cfg), "--prompts", str(tmp_path / "prompts.jsonl")]
@@ -255,9 +270,11 @@ def test_filters_and_score(gen, tmp_path, capsys):
     theirs = [{"prompt": p["prompt"], "completion": " by someone else."} for p in prompts[:4]]
     _write(tmp_path / "theirs.jsonl", theirs)
     scored = tmp_path / "scored"
-    score = ["lm", "generate", str(cfg), "--score", str(tmp_path / "theirs.jsonl")]
+    # their rows run past max_length 32: cut on the right, as training will (data.truncation)
+    cut = ["--set", "data.truncation=right"]
+    score = ["lm", "generate", str(cfg), "--score", str(tmp_path / "theirs.jsonl"), *cut]
     assert main([*score, "--out", str(scored), "--topk", "4", "--no-progress"]) == 0
     assert "scored 4 rows" in capsys.readouterr().out
     train = ["--set", f"teacher.model=cache:{scored}", "--set", f"run_dir={tmp_path / 'run'}",
-             "--set", f"data.text_files=[{tmp_path / 'theirs.jsonl'}]"]  # fmt: skip
+             "--set", f"data.text_files=[{tmp_path / 'theirs.jsonl'}]", *cut]  # fmt: skip
     assert main(["train", str(cfg), *train]) == 0

@@ -22,6 +22,7 @@ import torch
 
 from kdkit.config import LMRunConfig, config_base, parse_config, resolve_paths, validate
 from kdkit.errors import KDError
+from kdkit.lm._chat import use_chat_template
 from kdkit.lm.cache.capture import Provenance, check_capture_options
 from kdkit.lm.cache.format import data_settings
 from kdkit.lm.models import freeze_teacher, load_lm, max_positions, output_head
@@ -37,13 +38,14 @@ log = logging.getLogger(__name__)
 
 def generate_config(path: str | Path, overrides: list[str], data_file: str | Path) -> LMRunConfig:
     """The ``task: lm`` config at ``path`` with ``data.text_files`` set to ``data_file`` (the
-    prompts or the completions to score) and no val source, validated as ``kdkit train`` would."""
+    prompts or the completions to score) and no other source (``data.dataset``, val), validated
+    as ``kdkit train`` would."""
     cfg = parse_config(path, overrides)
     if not isinstance(cfg, LMRunConfig):
         raise KDError("kdkit lm generate needs a task: lm config")
     if not Path(data_file).is_file():
         raise KDError(f"no such file {str(data_file)!r}")
-    data = replace(cfg.data, text_files=(str(Path(data_file).resolve()),), val=None)
+    data = replace(cfg.data, text_files=(str(Path(data_file).resolve()),), dataset=None, val=None)
     return validate(resolve_paths(replace(cfg, data=data), config_base(path)))
 
 
@@ -105,6 +107,8 @@ def generate_run(
     )
     freeze_teacher(teacher)
     tokenizer = run_tokenizer(cfg, teacher_tok, trust_code=trust)
+    # data.chat_template before the first prompt is rendered (the rows are built with it too)
+    use_chat_template(tokenizer, cfg.data.chat_template)
     head_rows = output_head(teacher).out_features
     vocab = min(head_rows, len(tokenizer))
     if teacher_tok is not None and teacher_tok is not tokenizer:
@@ -119,7 +123,9 @@ def generate_run(
     positions = max_positions(teacher)
 
     def rows_of(part: Path) -> list[Any]:
-        sub = replace(cfg, data=replace(cfg.data, text_files=(str(part),), val=None))
+        # read once: not kept in the tokenized-corpus cache (data.token_cache)
+        data = replace(cfg.data, text_files=(str(part),), val=None, token_cache=False)
+        sub = replace(cfg, data=data)
         with _quiet("kdkit.lm.data"):
             return list(lm_datasets(sub, tokenizer, positions)[0].rows)
 
