@@ -111,8 +111,8 @@ def _lm_grads(rank: int, world: int) -> list[torch.Tensor]:
     from _lm_fixtures import tiny_llama
 
     from kdkit.lm import Aligner, LMTask, TokenRow
-    from kdkit.train.precision import Precision
     from kdkit.train.distributed import StepModule
+    from kdkit.train.precision import Precision
 
     g = torch.Generator().manual_seed(0)
     rows = [TokenRow.of(torch.randint(0, 300, (n,), generator=g).tolist()) for n in LM_ROWS]

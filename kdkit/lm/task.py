@@ -112,6 +112,9 @@ class LMTask(Task):
         packed: the data packs documents into rows (``data.pack``): the probe checks packing.
         layer_pairs: hidden-state pairs between decoder layers (:mod:`kdkit.lm.hidden`,
             ``distill.pairs``), with a learned projection where the widths differ.
+        byte_lengths: ``[ids]`` the UTF-8 bytes each token id stands for
+            (:func:`kdkit.lm.tokenizer.token_byte_lengths`): :meth:`evaluate` then reports bits
+            per byte, which compares models across tokenizers.
     """
 
     best_metric = ("ppl", False)
@@ -134,6 +137,7 @@ class LMTask(Task):
         router_aux_loss: bool = True,
         packed: bool = False,
         layer_pairs: Sequence[LayerPair] = (),
+        byte_lengths: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if divergence not in DIVERGENCES:
@@ -166,6 +170,7 @@ class LMTask(Task):
         self.teacher_transform = None if teacher is None else output_transform(teacher)
         self.router = router_aux(student) if router_aux_loss else None
         self.probe_enabled, self.packed = probe, packed
+        self.byte_lengths = byte_lengths  # a plain tensor: never in a checkpoint or the optimizer
         #: what the logits probe found (:meth:`probe`), for the run's report
         self.probe_results: list[ProbeResult] = []
         if layer_pairs and teacher is None:
@@ -327,11 +332,14 @@ class LMTask(Task):
         self, batches: Iterable[TokenBatch], autocast: Callable = contextlib.nullcontext
     ) -> dict[str, float]:
         """Held-out perplexity (exp of the token-mean cross-entropy), top-1 agreement with the
-        teacher and the mean forward KL, over every trained token of ``batches``."""
+        teacher and the mean forward KL, over every trained token of ``batches``; with
+        ``byte_lengths``, bits per byte (``bpb``: the summed cross-entropy in bits over the UTF-8
+        bytes of the scored tokens) and those ``bytes``."""
         was = self.student.training
         self.student.eval()
-        tokens = 0
+        tokens = n_bytes = 0
         ce_sum = kl_sum = agree_sum = 0.0
+        table = self.byte_lengths
         try:
             for batch in batches:
                 with autocast():
@@ -341,11 +349,16 @@ class LMTask(Task):
                 ce_sum += float(out.ce) * n
                 kl_sum += float(out.kl) * n
                 agree_sum += float(out.agree) * n if out.agree is not None else 0.0
+                if table is not None:
+                    table = table.to(batch.labels.device)  # once: a no-op after the first batch
+                    n_bytes += _label_bytes(table, batch.labels[batch.mask])
         finally:
             self.student.train(was)
         if tokens == 0:
             raise KDError("the evaluation data holds no trained tokens")
         scores = {"ppl": math.exp(ce_sum / tokens), "ce": ce_sum / tokens, "tokens": float(tokens)}
+        if n_bytes > 0:
+            scores.update({"bpb": ce_sum / math.log(2) / n_bytes, "bytes": float(n_bytes)})
         if self.teacher is not None or self.cache is not None:
             scores.update({"kl": kl_sum / tokens, "agree": 100.0 * agree_sum / tokens})
         return scores
@@ -358,7 +371,8 @@ class LMTask(Task):
         if self.teacher is None:
             raise KDError("this task has no teacher to score")
         with fsdp.gathered(self._teacher_root):
-            return LMTask(self.teacher, None, probe=False).evaluate(batches, autocast)
+            task = LMTask(self.teacher, None, probe=False, byte_lengths=self.byte_lengths)
+            return task.evaluate(batches, autocast)
 
     # -- checkpoint parts ------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -376,6 +390,17 @@ class LMTask(Task):
         restore_part(where, "student", self.student, state.get("student"))
         if self.hidden_pairs is not None:
             restore_part(where, "adapters", self.hidden_pairs, state.get("adapters"))
+
+
+def _label_bytes(byte_lengths: torch.Tensor, labels: torch.Tensor) -> int:
+    """The UTF-8 bytes the scored ``labels`` stand for (a KDError for an id the table lacks:
+    the table is another tokenizer's)."""
+    if labels.numel() and int(labels.max()) >= byte_lengths.numel():
+        raise KDError(
+            f"token id {int(labels.max())} is beyond the byte-length table's "
+            f"{byte_lengths.numel()} ids: build it from the tokenizer of the data"
+        )
+    return int(byte_lengths[labels].sum())
 
 
 def _first_row(example: TokenBatch | TokenRow) -> tuple[torch.Tensor, torch.Tensor]:

@@ -49,12 +49,13 @@ class LMRecipe(Recipe):
     def report(
         self, cfg: Any, built: Built, result: RunResult, *, wall_s: float, extended: dict
     ) -> None:
-        from kdkit.run.lm_report import lm_teacher_ppl, write_lm_report
+        from kdkit.run.lm_report import lm_teacher_scores, write_lm_report
         from kdkit.train import distributed
 
-        result.teacher_score = lm_teacher_ppl(built.trainer, built.data)  # every rank
+        teacher = lm_teacher_scores(built.trainer, built.data)  # every rank
+        result.teacher_score = None if teacher is None else teacher["ppl"]
         if distributed.is_main():
-            write_lm_report(cfg, built.trainer, result, wall_s, built.data)
+            write_lm_report(cfg, built.trainer, result, wall_s, built.data, teacher)
 
     # -- caches -------------------------------------------------------------------------------
     def precompute(self, cfg: Any, out: Path | None, options: Mapping[str, Any]) -> list[str]:
@@ -161,7 +162,7 @@ class LMRecipe(Recipe):
         teacher: bool,
         trust_code: bool,
     ) -> dict[str, dict[str, float]]:
-        """Perplexity, top-1 agreement with the teacher and mean KL (``--data`` takes
+        """Perplexity, bits per byte, top-1 agreement with the teacher and mean KL (``--data`` takes
         ``text_files=GLOB``: other text than the run's val files)."""
         from kdkit.run.lm_tools import evaluate_lm_run
 
@@ -181,9 +182,12 @@ class LMRecipe(Recipe):
         for who, s in scores.items():
             if who == "samples":
                 continue
+            bpb = f"  bits/byte {s['bpb']:.4f}" if "bpb" in s else ""
             extra = f"  agreement {s['agree']:.2f}%  KL {s['kl']:.4f}" if "kl" in s else ""
+            n_bytes = f", {int(s['bytes']):,} bytes" if "bytes" in s else ""
             lines.append(
-                f"{who + ':':9} perplexity {s['ppl']:.3f}{extra}  ({int(s['tokens']):,} tokens)"
+                f"{who + ':':9} perplexity {s['ppl']:.3f}{bpb}{extra}  "
+                f"({int(s['tokens']):,} tokens{n_bytes})"
             )
         gens = [Generation(**g) for g in scores.get("samples", ())]
         return lines + ([""] + generation_lines(gens) if gens else [])
