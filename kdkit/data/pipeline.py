@@ -27,13 +27,16 @@ __all__ = ["ModelInput", "InputPipeline", "prepare_input", "unpack_batch"]
 @dataclass(frozen=True)
 class ModelInput:
     """One step's input: ``x`` on the device; ``labels`` (-1 = unlabeled), ``index`` and
-    ``view_ids`` on the CPU; ``labeled`` is whether any row has a label (a host bool)."""
+    ``view_ids`` on the CPU; ``labeled`` is whether any row has a label (a host bool);
+    ``teacher``: the teacher's output for ``x``, started beside an earlier step (a pending
+    result, :mod:`kdkit.train.overlap`), or None (the step runs the teacher)."""
 
     x: torch.Tensor
     labels: torch.Tensor | None = None
     labeled: bool = False
     index: torch.Tensor | None = None
     view_ids: torch.Tensor | None = None
+    teacher: Any = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])

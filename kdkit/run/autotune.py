@@ -54,9 +54,10 @@ def keep_older_values(cfg: Any, saved: Any) -> Any:
     old_backend = getattr(old_t, "backend", "auto")
     if getattr(new_t, "backend", None) == "auto" and old_backend != "auto":
         cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(new_t, backend=old_backend))
-    if cfg.train.channels_last == "auto" and saved.train.channels_last != "auto":
-        train = dataclasses.replace(cfg.train, channels_last=saved.train.channels_last)
-        cfg = dataclasses.replace(cfg, train=train)
+    for key in ("channels_last", "overlap"):
+        if getattr(cfg.train, key) == "auto" and getattr(saved.train, key) != "auto":
+            train = dataclasses.replace(cfg.train, **{key: getattr(saved.train, key)})
+            cfg = dataclasses.replace(cfg, train=train)
     return cfg
 
 

@@ -41,10 +41,14 @@ class LMRecipe(Recipe):
 
     # -- kdkit train ------------------------------------------------------------------------
     def build(self, cfg: Any, device: Any, *, resume: bool, trust_code: bool) -> Built:
+        from kdkit.run.autotune import read_choices
         from kdkit.run.lm_job import build_lm_trainer
+        from kdkit.train.overlap import resumed_records
 
         trainer, data = build_lm_trainer(cfg, device, trust_code=trust_code)
-        return Built(trainer, data)
+        # train.overlap: the live teacher beside the student, chosen on the first batch
+        choices = trainer.plan(resumed_records(read_choices(cfg.run_dir)) if resume else None)
+        return Built(trainer, data, choices if cfg.train.overlap == "auto" else [])
 
     def report(
         self, cfg: Any, built: Built, result: RunResult, *, wall_s: float, extended: dict
