@@ -211,12 +211,12 @@ def trainer_from_config(
     )
     torch.manual_seed(train.seed)
     student = getattr(task, "student", None)
-    if train.channels_last is True:  # "auto" is resolved by kdkit train's builder
+    if isinstance(train.channels_last, bool):  # "auto": measured on the first batch (Trainer)
         if kwargs.get("inputs") is None:
             dataset = getattr(train_loader, "dataset", None)
             kwargs["inputs"] = InputPipeline(None, None, None, dataset=dataset)
-        kwargs["inputs"].channels_last = True
-        if isinstance(student, nn.Module):
+        kwargs["inputs"].channels_last = train.channels_last
+        if train.channels_last and isinstance(student, nn.Module):
             student.to(memory_format=torch.channels_last)
     if train.loggers or train.log_every:  # trackers: refused at once when a package is missing
         from kdkit.train.trackers import Trackers

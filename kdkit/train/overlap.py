@@ -400,6 +400,38 @@ def _plan(trainer: Any, recorded: dict[str, Any] | None) -> list[Choice]:
     autocast, recorded = trainer.precision.autocast, dict(recorded or {})
     task = trainer.task
     choices = task.settle(example, inputs=trainer.inputs, autocast=autocast, recorded=recorded)
-    choices = [*choices, trainer.overlap.plan(task, example, autocast, recorded.get(KEY))]
+    fmt, example = _memory_format(trainer, example, autocast, recorded)
+    choices = [*choices, *fmt, trainer.overlap.plan(task, example, autocast, recorded.get(KEY))]
     trainer.choices = choices
     return choices
+
+
+def _memory_format(trainer: Any, example: Any, autocast: Callable, recorded: dict) -> tuple:
+    """An :class:`~kdkit.data.pipeline.InputPipeline` left at ``channels_last="auto"`` (the
+    Python API's default) gets the memory format ``kdkit train`` would choose, measured on the
+    same first batch (:func:`~kdkit.teachers.autotune.choose_channels_last`), so the API's
+    default runs as fast as the CLI's. Returns ``([choice] or [], the example as the step will
+    now see it)``."""
+    inputs, student = trainer.inputs, getattr(trainer.task, "student", None)
+    if getattr(inputs, "channels_last", None) != "auto":
+        return [], example
+    x = getattr(example, "x", None)
+    if not isinstance(student, torch.nn.Module) or not isinstance(x, torch.Tensor):
+        inputs.channels_last = False  # nothing to measure: the format stays as it was
+        return [], example
+    from kdkit.teachers.autotune import Choice, choose_channels_last
+    from kdkit.train import distributed
+
+    if distributed.is_distributed():  # DDP has wrapped the student: its layout is settled
+        inputs.channels_last = False
+        why = "under DDP pass channels_last=True or False to the InputPipeline"
+        return [Choice("train.channels_last", False, skipped={"true": why})], example
+    record = recorded.get("train.channels_last")
+    choice = choose_channels_last(student, x, recorded=record, autocast=autocast)
+    inputs.channels_last = bool(choice.value)
+    if inputs.channels_last:
+        student.to(memory_format=torch.channels_last)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+            example = dataclasses.replace(example, x=x)
+    return [choice], example
