@@ -45,6 +45,7 @@ from kdkit.lm.moe import router_aux
 from kdkit.lm.onpolicy import OnPolicy
 from kdkit.lm.packing import check_packing
 from kdkit.lm.probe import ProbeResult, probe_model
+from kdkit.lm.targets import NoTeacher
 from kdkit.load import restore_part
 from kdkit.task import StepOutput, Task
 
@@ -220,8 +221,10 @@ class LMTask(Task):
         teacher = contextlib.nullcontext()
         if self.cache is not None:  # targets made outside the step: the batch brings them
             target = batch.teacher if batch.teacher is not None else self.cache.target_of(batch)
-        elif self.teacher is None:  # the scratch baseline: ce_weight 1, the KD term weighs 0
-            target = DenseTeacher(hidden.detach(), s.head.weight.detach(), self.student_transform)
+        elif self.teacher is None:  # the scratch baseline: cross-entropy alone, no KD term
+            target = NoTeacher(tuple(hidden.shape[:-1]), s.head.weight.shape[0])
+        elif batch.teacher is not None:  # computed beside the previous step (teacher_ahead)
+            target = batch.teacher.result()
         else:
             # sharded, the teacher's head stays gathered until the fused loss has read it
             teacher = fsdp.gathered(self._teacher_root)
@@ -247,6 +250,23 @@ class LMTask(Task):
         return replace(
             out, loss=out.loss + weight * aux.to(out.loss.dtype), router_aux=aux.detach()
         )
+
+    def teacher_ahead(self, batch: TokenBatch, worker: Any) -> TokenBatch:
+        """The next step's batch with the live teacher's target started on ``worker``
+        (:mod:`kdkit.train.overlap`); not for a cache, on-policy samples (the student writes
+        them at the step), sharded models (the teacher's forward is collective) or hidden-state
+        pairs (their hooks catch the teacher's layers during the step itself)."""
+        if self.teacher is None or self.on_policy is not None or fsdp.is_sharded(self):
+            return batch
+        if self.hidden_pairs is not None:
+            return batch
+
+        def target() -> DenseTeacher:
+            with torch.no_grad():
+                t = self._teacher_root(batch)
+            return DenseTeacher(t.hidden[batch.mask], t.head, self.teacher_transform)
+
+        return replace(batch, teacher=worker.submit(target))
 
     def forward(self, batch: TokenBatch, reduction: str = "sum") -> LossOutput:
         """The loss of ``batch`` (a module call, so FSDP2's hooks run around it when sharded);
