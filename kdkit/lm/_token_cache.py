@@ -39,7 +39,7 @@ FORMAT = "kdkit-lm-tokens/1"
 #: the arrays in file order (8-byte ones first, so every array is aligned) and their dtypes
 _ARRAYS = (("lengths", "I64"), ("input_ids", "I64"), ("doc_ids", "I64"), ("trainable", "U8"))
 _ITEMSIZE = {"I64": 8, "U8": 1}
-_BUFFER = 1 << 20
+_BUFFER = 1 << 16  # per part file: the writer's whole heap, whatever the corpus
 
 
 def default_token_cache() -> Path:

@@ -52,8 +52,9 @@ log = logging.getLogger(__name__)
 FORMATS = ("text", "prompt_completion", "chat")
 LOSS_ON = {"all": FORMATS, "completion": ("prompt_completion",), "assistant": ("chat",)}
 _ALIASES = {"assistant_spans": "assistant"}
-#: records tokenized per tokenizer call (the most documents held as token lists at once)
+#: records (and characters) tokenized per tokenizer call: what is held as token lists at once
 _CHUNK = 512
+_CHUNK_CHARS = 1 << 20
 
 
 class LMDataset(Dataset):
@@ -145,17 +146,20 @@ def _tokenize(
 
 
 def _chunks(records: Iterable[Record], places: list[str]) -> Iterator[list[Record]]:
-    """``records`` in lists of ``_CHUNK`` (one tokenizer call each), noting in ``places`` the
-    first three files (or datasets) they come from, for a message."""
+    """``records`` in lists of ``_CHUNK`` records or ``_CHUNK_CHARS`` characters (one tokenizer
+    call each), noting in ``places`` the first three files (or datasets) they come from."""
     chunk: list[Record] = []
+    chars = 0
     for r in records:
         if len(places) < 3:
             place = r.where.split(":")[0].split("[")[0]
             places += [] if place in places else [place]
         chunk.append(r)
-        if len(chunk) == _CHUNK:
+        chars += sum(len(v) for v in r.fields.values() if isinstance(v, str))
+        chars += sum(len(m["content"]) for m in r.fields.get("messages", ()))
+        if len(chunk) >= _CHUNK or chars >= _CHUNK_CHARS:
             yield chunk
-            chunk = []
+            chunk, chars = [], 0
     if chunk:
         yield chunk
 
