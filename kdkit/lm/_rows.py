@@ -167,4 +167,3 @@ def update_digest(h: Any, rows: Sequence[TokenRow]) -> None:
         h.update(r.input_ids.numpy().tobytes())
         h.update(r.trainable.numpy().tobytes())
         h.update(r.doc_ids.numpy().tobytes())
-

@@ -85,7 +85,11 @@ class RowWriter:
         for name, dtype in _ARRAYS:
             count = self.rows if name == "lengths" else self.tokens
             size = count * _ITEMSIZE[dtype]
-            header[name] = {"dtype": dtype, "shape": [count], "data_offsets": [offset, offset + size]}
+            header[name] = {
+                "dtype": dtype,
+                "shape": [count],
+                "data_offsets": [offset, offset + size],
+            }
             offset += size
         header["__metadata__"] = {"format": FORMAT, "key": self.key, "meta": json.dumps(meta)}
         blob = json.dumps(header, separators=(",", ":")).encode()

@@ -39,8 +39,8 @@ from torch.utils.data import Dataset
 
 from kdkit.errors import KDError, closest_names
 from kdkit.lm._chat import assistant_mode, render_chat
-from kdkit.lm._sources import DatasetSource, Record, expand_paths, file_info, read_records
 from kdkit.lm._rows import TokenRow, update_digest
+from kdkit.lm._sources import DatasetSource, Record, expand_paths, file_info, read_records
 from kdkit.lm._token_cache import RowWriter, cache_key, open_rows
 from kdkit.lm._truncate import TRUNCATIONS, Truncation, cut
 from kdkit.lm.tokenizer import tokenizer_fingerprint

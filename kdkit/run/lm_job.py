@@ -22,8 +22,8 @@ from torch.utils.data.distributed import DistributedSampler
 from kdkit.config import LMRunConfig, to_dict
 from kdkit.errors import KDError
 from kdkit.lm._chat import template_note, use_chat_template
-from kdkit.lm._sources import DatasetSource
 from kdkit.lm._rows import ConcatRows
+from kdkit.lm._sources import DatasetSource
 from kdkit.lm._token_cache import default_token_cache
 from kdkit.lm.align import Aligner
 from kdkit.lm.data import load_lm_dataset
