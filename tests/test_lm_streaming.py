@@ -91,9 +91,9 @@ def test_mapped_rows_are_the_in_memory_rows_bit_for_bit(files, lm_tokenizer, tmp
 def test_a_corpus_is_tokenized_with_a_heap_far_below_its_token_lists(lm_tokenizer, tmp_path,
                                                                       monkeypatch):  # fmt: skip
     words = (fx.PARAGRAPH * 12).split()
-    for i in range(200):  # 200 files of one document each, ~2,000 tokens apiece
-        (tmp_path / f"part{i:03d}.txt").write_text(" ".join(words[i % 11 :] + words[: i % 11]))
-    parts = sorted(str(p) for p in tmp_path.glob("part*.txt"))
+    texts = [" ".join(words[i % 11 :] + words[: i % 11]) for i in range(200)]  # ~2,000 tokens each
+    parts = [_write(tmp_path / "small.jsonl", [{"text": t} for t in texts[:25]]),
+             _write(tmp_path / "corpus.jsonl", [{"text": t} for t in texts])]  # fmt: skip
     kw = {"format": "text", "max_length": 64, "pack": True, "overflow": "split"}
     monkeypatch.setattr(data_module, "_CHUNK", 2)  # what is held at once: 2 documents' tokens
 
@@ -105,13 +105,13 @@ def test_a_corpus_is_tokenized_with_a_heap_far_below_its_token_lists(lm_tokenize
         finally:
             tracemalloc.stop()
 
-    small, small_peak = peak(parts[:25], "small")
-    streamed, streamed_peak = peak(parts, "all")
+    small, small_peak = peak(parts[0], "small")
+    streamed, streamed_peak = peak(parts[1], "all")  # one JSONL file, read a line at a time
     tokens = streamed.description["tokens"]
     token_lists = tokens * 8  # a list of ids holds 8 bytes a token before the ints themselves
     assert tokens > 300_000 and isinstance(streamed.rows, MappedRows)
     assert streamed_peak < token_lists / 4, (streamed_peak, token_lists)
-    # 8 times the corpus, the same heap: nothing grows with it
+    # 8 times the corpus, the same heap: nothing grows with it (not the file read either)
     assert streamed_peak < 1.25 * small_peak, (streamed_peak, small_peak)
     assert streamed.description["tokens"] == sum(len(r) for r in streamed.rows)
 
@@ -196,3 +196,12 @@ def test_errors_while_streaming_name_the_files_and_leave_no_cache(lm_tokenizer, 
     with pytest.raises(KDError, match="would cut"):  # the default's 5% refusal, after the stream
         load_lm_dataset(long, lm_tokenizer, max_length=24, **kw)
     assert list((tmp_path / "c").iterdir()) == []
+
+
+def test_a_jsonl_line_is_split_at_newlines_only(lm_tokenizer, tmp_path):
+    """A record may hold U+2028 or U+0085 raw (valid JSON); the line reader keeps it whole."""
+    text = "first part\u2028second part\u0085third"
+    path = tmp_path / "u.jsonl"
+    path.write_text(json.dumps({"text": text}, ensure_ascii=False) + "\n", encoding="utf-8")
+    ds = load_lm_dataset(str(path), lm_tokenizer, format="text", max_length=64)
+    assert lm_tokenizer.decode(ds[0].input_ids, skip_special_tokens=True) == text
