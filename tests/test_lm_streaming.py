@@ -205,3 +205,19 @@ def test_a_jsonl_line_is_split_at_newlines_only(lm_tokenizer, tmp_path):
     path.write_text(json.dumps({"text": text}, ensure_ascii=False) + "\n", encoding="utf-8")
     ds = load_lm_dataset(str(path), lm_tokenizer, format="text", max_length=64)
     assert lm_tokenizer.decode(ds[0].input_ids, skip_special_tokens=True) == text
+
+
+def test_a_disk_that_refuses_the_cache_leaves_the_rows_in_memory(files, lm_tokenizer, tmp_path,
+                                                                  monkeypatch, caplog):  # fmt: skip
+    from kdkit.lm._token_cache import RowWriter
+
+    def full_disk(self, meta):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(RowWriter, "commit", full_disk)
+    kw = {"format": "chat", "loss_on": "assistant", "max_length": 96}
+    with caplog.at_level(logging.WARNING, logger="kdkit.lm.data"):
+        ds = load_lm_dataset(files["chat"], lm_tokenizer, cache_dir=tmp_path / "c", **kw)
+    assert "token cache not written" in caplog.text and isinstance(ds.rows, list)
+    _same(ds, load_lm_dataset(files["chat"], lm_tokenizer, **kw))
+    assert list((tmp_path / "c").iterdir()) == []  # no parts left behind

@@ -253,7 +253,8 @@ def _from_cache(
     """The rows stored as ``key``, tokenized into the cache first when it has none (streamed:
     a row goes to disk as it is made), read back mapped; None where the disk refuses."""
     hit = open_rows(folder, key)
-    if hit is None:
+    fresh = hit is None
+    if fresh:
         try:
             with RowWriter(folder, key) as writer:
                 description, counts = _tokenized(records(), *args, add=writer.add)
@@ -267,9 +268,10 @@ def _from_cache(
             return None
     rows, meta = hit
     ds = LMDataset(rows, meta["description"], meta["truncation"])
-    if ds.truncation and ds.truncation["over"]:
+    if not fresh and ds.truncation and ds.truncation["over"]:  # as the first run said it
         log.warning("lm data: %s", Truncation.of(ds.truncation).line())
-    log.info("lm data: %d rows from the token cache (%s..., mapped)", len(ds), key[:12])
+    how = "written to" if fresh else "read from"
+    log.info("lm data: %d rows %s the token cache (%s..., mapped)", len(ds), how, key[:12])
     return ds
 
 
