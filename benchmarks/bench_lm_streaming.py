@@ -4,7 +4,7 @@ memory-mapped (``data.token_cache: true``, first run and second run), each in a 
 
 The corpus is generated: ``--files`` JSONL files of ``{"text"}`` records, ``--chars`` characters
 in all, drawn from the stdlib's ``*.py`` sources (so the BPE has real text to merge); a BPE of
-2,048 tokens trained on its first files; ``format: text``, ``max_length`` 128, ``overflow:
+2,048 tokens trained on the first file's texts; ``format: text``, ``max_length`` 128, ``overflow:
 split`` (every token kept), packed. Each
 process loads the dataset, then reads every row once (the pass ``fingerprint`` makes, as a run
 does before training) and reports its peak RSS (``VmHWM``) and, at the end, the resident memory
@@ -98,7 +98,9 @@ def main() -> None:
         files = make_corpus(work, args.chars, args.files)
         from kdkit.lm.tokenizer import train_bpe_tokenizer
 
-        train_bpe_tokenizer(files[:2], 2048, work / "tok")
+        with open(files[0], encoding="utf-8") as f:  # the records' text, not the JSON
+            sample = [json.loads(line)["text"] for line in f]
+        train_bpe_tokenizer(sample, 2048, work / "tok")
         (work / "files.json").write_text(json.dumps(files))
     files = json.loads((work / "files.json").read_text())
     size = sum(Path(f).stat().st_size for f in files)
