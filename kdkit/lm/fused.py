@@ -191,8 +191,9 @@ def _chunk(
             skew=plan.skew,
             grad_out=bufs[0],
         )
-        top1 = target.ids.index_select(0, rows.to(target.ids.device))[:, 0]
-        stats.agree += (lq.argmax(-1) == top1.to(lq.device)).sum()
+        if getattr(target, "ids", None) is not None:  # NoTeacher (scratch): nothing to agree with
+            top1 = target.ids.index_select(0, rows.to(target.ids.device))[:, 0]
+            stats.agree += (lq.argmax(-1) == top1.to(lq.device)).sum()
         free = bufs[1:]
     else:
         # an explicit -inf teacher logit (DenseLogits) would make 0 * -inf; a finite floor

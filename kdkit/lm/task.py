@@ -45,6 +45,7 @@ from kdkit.lm.moe import router_aux
 from kdkit.lm.onpolicy import OnPolicy
 from kdkit.lm.packing import check_packing
 from kdkit.lm.probe import ProbeResult, probe_model
+from kdkit.lm.targets import NoTeacher
 from kdkit.load import restore_part
 from kdkit.task import StepOutput, Task
 
@@ -112,6 +113,9 @@ class LMTask(Task):
         packed: the data packs documents into rows (``data.pack``): the probe checks packing.
         layer_pairs: hidden-state pairs between decoder layers (:mod:`kdkit.lm.hidden`,
             ``distill.pairs``), with a learned projection where the widths differ.
+        byte_lengths: ``[ids]`` the UTF-8 bytes each token id stands for
+            (:func:`kdkit.lm.tokenizer.token_byte_lengths`): :meth:`evaluate` then reports bits
+            per byte, which compares models across tokenizers.
     """
 
     best_metric = ("ppl", False)
@@ -134,6 +138,7 @@ class LMTask(Task):
         router_aux_loss: bool = True,
         packed: bool = False,
         layer_pairs: Sequence[LayerPair] = (),
+        byte_lengths: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if divergence not in DIVERGENCES:
@@ -166,6 +171,7 @@ class LMTask(Task):
         self.teacher_transform = None if teacher is None else output_transform(teacher)
         self.router = router_aux(student) if router_aux_loss else None
         self.probe_enabled, self.packed = probe, packed
+        self.byte_lengths = byte_lengths  # a plain tensor: never in a checkpoint or the optimizer
         #: what the logits probe found (:meth:`probe`), for the run's report
         self.probe_results: list[ProbeResult] = []
         if layer_pairs and teacher is None:
@@ -218,8 +224,10 @@ class LMTask(Task):
                     "collate (TopKCache.collate(aligner))"
                 )
             target = batch.teacher
-        elif self.teacher is None:  # the scratch baseline: ce_weight 1, the KD term weighs 0
-            target = DenseTeacher(hidden.detach(), s.head.weight.detach(), self.student_transform)
+        elif self.teacher is None:  # the scratch baseline: cross-entropy alone, no KD term
+            target = NoTeacher(tuple(hidden.shape[:-1]), s.head.weight.shape[0])
+        elif batch.teacher is not None:  # computed beside the previous step (teacher_ahead)
+            target = batch.teacher.result()
         else:
             # sharded, the teacher's head stays gathered until the fused loss has read it
             teacher = fsdp.gathered(self._teacher_root)
@@ -245,6 +253,23 @@ class LMTask(Task):
         return replace(
             out, loss=out.loss + weight * aux.to(out.loss.dtype), router_aux=aux.detach()
         )
+
+    def teacher_ahead(self, batch: TokenBatch, worker: Any) -> TokenBatch:
+        """The next step's batch with the live teacher's target started on ``worker``
+        (:mod:`kdkit.train.overlap`); not for a cache, on-policy samples (the student writes
+        them at the step), sharded models (the teacher's forward is collective) or hidden-state
+        pairs (their hooks catch the teacher's layers during the step itself)."""
+        if self.teacher is None or self.on_policy is not None or fsdp.is_sharded(self):
+            return batch
+        if self.hidden_pairs is not None:
+            return batch
+
+        def target() -> DenseTeacher:
+            with torch.no_grad():
+                t = self._teacher_root(batch)
+            return DenseTeacher(t.hidden[batch.mask], t.head, self.teacher_transform)
+
+        return replace(batch, teacher=worker.submit(target))
 
     def forward(self, batch: TokenBatch, reduction: str = "sum") -> LossOutput:
         """The loss of ``batch`` (a module call, so FSDP2's hooks run around it when sharded);
@@ -327,11 +352,14 @@ class LMTask(Task):
         self, batches: Iterable[TokenBatch], autocast: Callable = contextlib.nullcontext
     ) -> dict[str, float]:
         """Held-out perplexity (exp of the token-mean cross-entropy), top-1 agreement with the
-        teacher and the mean forward KL, over every trained token of ``batches``."""
+        teacher and the mean forward KL, over every trained token of ``batches``; with
+        ``byte_lengths``, bits per byte (``bpb``: the summed cross-entropy in bits over the UTF-8
+        bytes of the scored tokens) and those ``bytes``."""
         was = self.student.training
         self.student.eval()
-        tokens = 0
+        tokens = n_bytes = 0
         ce_sum = kl_sum = agree_sum = 0.0
+        table = self.byte_lengths
         try:
             for batch in batches:
                 with autocast():
@@ -341,11 +369,16 @@ class LMTask(Task):
                 ce_sum += float(out.ce) * n
                 kl_sum += float(out.kl) * n
                 agree_sum += float(out.agree) * n if out.agree is not None else 0.0
+                if table is not None:
+                    table = table.to(batch.labels.device)  # once: a no-op after the first batch
+                    n_bytes += _label_bytes(table, batch.labels[batch.mask])
         finally:
             self.student.train(was)
         if tokens == 0:
             raise KDError("the evaluation data holds no trained tokens")
         scores = {"ppl": math.exp(ce_sum / tokens), "ce": ce_sum / tokens, "tokens": float(tokens)}
+        if n_bytes > 0:
+            scores.update({"bpb": ce_sum / math.log(2) / n_bytes, "bytes": float(n_bytes)})
         if self.teacher is not None or self.cache is not None:
             scores.update({"kl": kl_sum / tokens, "agree": 100.0 * agree_sum / tokens})
         return scores
@@ -358,7 +391,8 @@ class LMTask(Task):
         if self.teacher is None:
             raise KDError("this task has no teacher to score")
         with fsdp.gathered(self._teacher_root):
-            return LMTask(self.teacher, None, probe=False).evaluate(batches, autocast)
+            task = LMTask(self.teacher, None, probe=False, byte_lengths=self.byte_lengths)
+            return task.evaluate(batches, autocast)
 
     # -- checkpoint parts ------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -376,6 +410,17 @@ class LMTask(Task):
         restore_part(where, "student", self.student, state.get("student"))
         if self.hidden_pairs is not None:
             restore_part(where, "adapters", self.hidden_pairs, state.get("adapters"))
+
+
+def _label_bytes(byte_lengths: torch.Tensor, labels: torch.Tensor) -> int:
+    """The UTF-8 bytes the scored ``labels`` stand for (a KDError for an id the table lacks:
+    the table is another tokenizer's)."""
+    if labels.numel() and int(labels.max()) >= byte_lengths.numel():
+        raise KDError(
+            f"token id {int(labels.max())} is beyond the byte-length table's "
+            f"{byte_lengths.numel()} ids: build it from the tokenizer of the data"
+        )
+    return int(byte_lengths[labels].sum())
 
 
 def _first_row(example: TokenBatch | TokenRow) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,7 @@ from kdkit.lm.onpolicy import OnPolicy, turn_end_id
 from kdkit.lm.packing import check_packing
 from kdkit.lm.student import prepare_student
 from kdkit.lm.task import LMTask, TokenInputs
-from kdkit.lm.tokenizer import pad_id
+from kdkit.lm.tokenizer import pad_id, token_byte_lengths
 from kdkit.lm.vocab import check_borrowed_tokenizer, check_vocab
 from kdkit.run.fingerprints import lm_run_fingerprints
 from kdkit.run.lm_report import data_notes
@@ -42,6 +42,7 @@ from kdkit.train import Trainer, distributed
 __all__ = [
     "LMRunData",
     "capture_run",
+    "eval_byte_lengths",
     "run_tokenizer",
     "build_lm_trainer",
     "build_lm_data",
@@ -258,6 +259,7 @@ def build_lm_trainer(
         router_aux_loss=dc.router_aux_loss,
         packed=cfg.data.pack,
         layer_pairs=[LayerPair(p.student, p.teacher, p.weight, p.loss) for p in dc.pairs],
+        byte_lengths=eval_byte_lengths(tokenizer),
     )
     if t.fsdp and distributed.is_distributed():
         task.probe(data.train_loader.dataset[0])  # before sharding (the Trainer's is skipped)
@@ -281,6 +283,19 @@ def build_lm_trainer(
         },
     )
     return trainer, data
+
+
+def eval_byte_lengths(tokenizer: Any) -> torch.Tensor | None:
+    """The run's per-token byte counts (:func:`kdkit.lm.tokenizer.token_byte_lengths`), so
+    evaluation reports bits per byte beside perplexity; None (logged) for a tokenizer without
+    a tokenizer.json: the run goes on with perplexity alone."""
+    if tokenizer is None:
+        return None
+    try:
+        return token_byte_lengths(tokenizer)
+    except KDError as e:
+        log.warning("no bits per byte: %s", e)
+        return None
 
 
 def shared_vocab(student: Any, teacher: Any, tokenizer: Any, teacher_tokenizer: Any) -> int | None:

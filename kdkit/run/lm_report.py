@@ -1,4 +1,4 @@
-"""The ``task: lm`` run's closing numbers: the teacher's held-out perplexity and ``report.md``."""
+"""The ``task: lm`` run's closing numbers: the teacher's held-out scores and ``report.md``."""
 
 from __future__ import annotations
 
@@ -6,16 +6,29 @@ from typing import Any
 
 from kdkit._io import atomic_write_text
 
-__all__ = ["data_notes", "generation_lines", "lm_teacher_ppl", "write_lm_report"]
+__all__ = [
+    "data_notes",
+    "generation_lines",
+    "lm_teacher_ppl",
+    "lm_teacher_scores",
+    "write_lm_report",
+]
 
 
-def lm_teacher_ppl(trainer: Any, data: Any) -> float | None:
-    """The teacher's perplexity on the run's val tokens (None without a teacher or val data).
-    Every rank calls it: a sharded teacher is gathered by all of them."""
+def lm_teacher_scores(trainer: Any, data: Any) -> dict[str, float] | None:
+    """The teacher's perplexity (and bits per byte) on the run's val tokens (None without a
+    teacher or val data). Every rank calls it: a sharded teacher is gathered by all of them."""
     if getattr(trainer.task, "teacher", None) is None or data.val_loader is None:
         return None
     batches = (trainer.inputs(b, augment=False) for b in data.val_loader)
-    return trainer.task.score_teacher(batches, trainer.precision.autocast)["ppl"]
+    return trainer.task.score_teacher(batches, trainer.precision.autocast)
+
+
+def lm_teacher_ppl(trainer: Any, data: Any) -> float | None:
+    """The teacher's val perplexity alone: this function's name before bits per byte joined it
+    (:func:`lm_teacher_scores` gives both)."""
+    scores = lm_teacher_scores(trainer, data)
+    return None if scores is None else scores["ppl"]
 
 
 def data_notes(train: Any, val: Any = None) -> tuple[str, ...]:
@@ -123,15 +136,29 @@ def _probe_lines(task: Any) -> list[str]:
     )
 
 
-def write_lm_report(cfg: Any, trainer: Any, result: Any, wall_s: float, data: Any = None) -> None:
+def _bpb(scores: dict[str, float], key: str = "bpb") -> str:
+    return f"{scores[key]:.4f}" if key in scores else "-"
+
+
+def write_lm_report(
+    cfg: Any,
+    trainer: Any,
+    result: Any,
+    wall_s: float,
+    data: Any = None,
+    teacher: dict[str, float] | None = None,
+) -> None:
+    """``report.md``: the teacher's val scores (``teacher``, :func:`lm_teacher_scores`) and the
+    student's best epoch (perplexity, bits per byte, KL, agreement)."""
     history = trainer.history
-    rows = [("model", "params", "val ppl", "val KL", "val agree (%)")]
-    if result.teacher_score is not None:
+    rows = [("model", "params", "val ppl", "val bits/byte", "val KL", "val agree (%)")]
+    if teacher is not None:
         rows.append(
             (
                 _teacher_name(cfg, trainer.task.teacher),
                 _params(trainer.task.teacher),
-                f"{result.teacher_score:.3f}",
+                f"{teacher['ppl']:.3f}",
+                _bpb(teacher),
                 "-",
                 "-",
             )
@@ -143,6 +170,7 @@ def write_lm_report(cfg: Any, trainer: Any, result: Any, wall_s: float, data: An
                 f"student `{cfg.student.model}` (best epoch {best['epoch'] + 1})",
                 _params(trainer.task.student),
                 f"{best['val_ppl']:.3f}",
+                _bpb(best, "val_bpb"),
                 f"{best['val_kl']:.4f}" if "val_kl" in best else "-",
                 f"{best['val_agree']:.2f}" if "val_agree" in best else "-",
             )

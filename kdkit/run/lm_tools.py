@@ -26,7 +26,7 @@ from kdkit.lm.models import load_lm, load_tokenizer, max_positions
 from kdkit.lm.student import add_lora
 from kdkit.lm.task import LMTask, TokenInputs
 from kdkit.load import load_checkpoint
-from kdkit.run.lm_job import build_lm_data, load_lm_teacher, shared_vocab
+from kdkit.run.lm_job import build_lm_data, eval_byte_lengths, load_lm_teacher, shared_vocab
 from kdkit.run.models import checkpoint_in
 
 __all__ = ["lm_run_config", "load_lm_student", "evaluate_lm_run", "export_hf"]
@@ -81,10 +81,10 @@ def evaluate_lm_run(
     trust_code: bool = False,
     samples: int = 3,
 ) -> dict[str, Any]:
-    """The student's held-out perplexity, top-1 agreement with the teacher and mean KL (and,
-    with ``teacher``, the teacher's perplexity) on the run's val tokens (``data``: other
-    text files), and under ``samples`` the greedy continuations of that many val prompts by
-    the student and the teacher."""
+    """The student's held-out perplexity, bits per byte, top-1 agreement with the teacher and
+    mean KL (and, with ``teacher``, the teacher's perplexity and bits per byte) on the run's val
+    tokens (``data``: other text files), and under ``samples`` the greedy continuations of that
+    many val prompts by the student and the teacher."""
     student, tokenizer, cfg = load_lm_student(path, trust_code=trust_code)
     if data:
         cfg = dataclasses.replace(
@@ -102,12 +102,13 @@ def evaluate_lm_run(
     if loader is None:
         raise KDError("the run has no val data: pass --data FILES")
     inputs = TokenInputs(device)
-    task = LMTask(student, teacher_model, vocab_size=vocab_size, probe=False)
+    byte_lengths = eval_byte_lengths(tokenizer)
+    task = LMTask(
+        student, teacher_model, vocab_size=vocab_size, probe=False, byte_lengths=byte_lengths
+    )
     scores = {"student": task.to(device).evaluate(inputs(b) for b in loader)}
     if teacher and isinstance(teacher_model, torch.nn.Module):
-        scores["teacher"] = (
-            LMTask(teacher_model, None, probe=False).to(device).evaluate(inputs(b) for b in loader)
-        )
+        scores["teacher"] = task.score_teacher(inputs(b) for b in loader)
     if samples and tokenizer is not None:  # a few prompts, teacher and student side by side
         rows = [loader.dataset[i] for i in range(min(samples, len(loader.dataset)))]
         gens = sample_generations(student, teacher_model, rows, tokenizer)

@@ -41,20 +41,25 @@ class LMRecipe(Recipe):
 
     # -- kdkit train ------------------------------------------------------------------------
     def build(self, cfg: Any, device: Any, *, resume: bool, trust_code: bool) -> Built:
+        from kdkit.run.autotune import read_choices
         from kdkit.run.lm_job import build_lm_trainer
+        from kdkit.train.overlap import resumed_records
 
         trainer, data = build_lm_trainer(cfg, device, trust_code=trust_code)
-        return Built(trainer, data)
+        # train.overlap: the live teacher beside the student, chosen on the first batch
+        choices = trainer.plan(resumed_records(read_choices(cfg.run_dir)) if resume else None)
+        return Built(trainer, data, choices if cfg.train.overlap == "auto" else [])
 
     def report(
         self, cfg: Any, built: Built, result: RunResult, *, wall_s: float, extended: dict
     ) -> None:
-        from kdkit.run.lm_report import lm_teacher_ppl, write_lm_report
+        from kdkit.run.lm_report import lm_teacher_scores, write_lm_report
         from kdkit.train import distributed
 
-        result.teacher_score = lm_teacher_ppl(built.trainer, built.data)  # every rank
+        teacher = lm_teacher_scores(built.trainer, built.data)  # every rank
+        result.teacher_score = None if teacher is None else teacher["ppl"]
         if distributed.is_main():
-            write_lm_report(cfg, built.trainer, result, wall_s, built.data)
+            write_lm_report(cfg, built.trainer, result, wall_s, built.data, teacher)
 
     # -- caches -------------------------------------------------------------------------------
     def precompute(self, cfg: Any, out: Path | None, options: Mapping[str, Any]) -> list[str]:
@@ -74,6 +79,28 @@ class LMRecipe(Recipe):
             f"{m['bytes_per_token']:.1f} bytes per token; train with teacher: "
             f"{{model: 'cache:{out}'}}"
         ]
+
+    def generate(
+        self, config: str, overrides: Sequence[str], options: Mapping[str, Any]
+    ) -> list[str]:
+        from kdkit.run.lm_generate import generate_config, generate_lines, generate_run, score_run
+
+        out = Path(options["out"])
+        if options.get("score") is not None:
+            sampling = ("n", "temperature", "top_p", "max_new_tokens", "seed", "batch_size")
+            refuse_options(options, (*sampling, "keep_unfinished", "keep_duplicates", "device",
+                                     "any_tokenization"),
+                           "--score (the teacher scores the file's completions)")  # fmt: skip
+            cfg = generate_config(config, list(overrides), options["score"])
+            m = score_run(cfg, out, options)
+            return [
+                f"scored {m['num_rows']} rows ({m['entries']} tokens) of {options['score']} into "
+                f"{out} at temperature {m['capture']['temperature']:g}; train with "
+                f"teacher: {{model: 'cache:{out}'}} on that file"
+            ]
+        cfg = generate_config(config, list(overrides), options["prompts"])
+        given = {**options, "dedup": not options.get("keep_duplicates")}
+        return generate_lines(generate_run(cfg, options["prompts"], out, given), out, config)
 
     def holds_cache(self, folder: Path) -> bool:
         return (folder / _MANIFEST).is_file()
@@ -139,7 +166,7 @@ class LMRecipe(Recipe):
         teacher: bool,
         trust_code: bool,
     ) -> dict[str, dict[str, float]]:
-        """Perplexity, top-1 agreement with the teacher and mean KL (``--data`` takes
+        """Perplexity, bits per byte, top-1 agreement with the teacher and mean KL (``--data`` takes
         ``text_files=GLOB``: other text than the run's val files)."""
         from kdkit.run.lm_tools import evaluate_lm_run
 
@@ -159,9 +186,12 @@ class LMRecipe(Recipe):
         for who, s in scores.items():
             if who == "samples":
                 continue
+            bpb = f"  bits/byte {s['bpb']:.4f}" if "bpb" in s else ""
             extra = f"  agreement {s['agree']:.2f}%  KL {s['kl']:.4f}" if "kl" in s else ""
+            n_bytes = f", {int(s['bytes']):,} bytes" if "bytes" in s else ""
             lines.append(
-                f"{who + ':':9} perplexity {s['ppl']:.3f}{extra}  ({int(s['tokens']):,} tokens)"
+                f"{who + ':':9} perplexity {s['ppl']:.3f}{bpb}{extra}  "
+                f"({int(s['tokens']):,} tokens{n_bytes})"
             )
         gens = [Generation(**g) for g in scores.get("samples", ())]
         return lines + ([""] + generation_lines(gens) if gens else [])
