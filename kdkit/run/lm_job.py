@@ -22,6 +22,7 @@ from torch.utils.data.distributed import DistributedSampler
 from kdkit.config import LMRunConfig, to_dict
 from kdkit.errors import KDError
 from kdkit.lm._chat import template_note, use_chat_template
+from kdkit.lm._rows import ConcatRows
 from kdkit.lm._sources import DatasetSource
 from kdkit.lm._token_cache import default_token_cache
 from kdkit.lm.align import Aligner
@@ -391,7 +392,8 @@ def capture_run(
     train, val = lm_datasets(cfg, tokenizer, max_positions(teacher))
     # the cache stores the model's own distribution: kdkit's view of it is checked first
     probe_first_row(teacher, train, "teacher", packing=cfg.data.pack)
-    rows = list(train.rows) + (list(val.rows) if val is not None else [])
+    # read as one sequence, a row at a time: a mapped corpus is never copied into memory
+    rows = ConcatRows(train.rows, *([val.rows] if val is not None else []))
     weights = module_fingerprint(teacher)  # of the weights, whatever engine runs them
     aligner = Aligner(pad_id=pad_id(tokenizer), max_length=cfg.data.max_length)
     engine = f"{cfg.teacher.backend} {cfg.teacher.precision}"
