@@ -1,8 +1,11 @@
-"""``kdkit lm capture CONFIG --out DIR`` and ``kdkit lm cache info | verify | check DIR``.
+"""``kdkit lm capture CONFIG --out DIR``, ``kdkit lm cache info | verify | check DIR`` and
+``kdkit lm serve CONFIG|MODEL --port P``.
 
 Aliases kept from the release where the language-model verbs had their own tree: ``kdkit lm
 capture`` is ``kdkit precompute CONFIG`` and ``kdkit lm cache`` is ``kdkit cache`` (each
-dispatches through the config's or the cache's recipe).
+dispatches through the config's or the cache's recipe). ``kdkit lm serve`` serves a teacher
+over HTTP (:mod:`kdkit.run.lm_serve`; docs/lm-serve.md): a teacher source of ``task: lm``, not
+a task of its own.
 """
 
 from __future__ import annotations
@@ -55,3 +58,79 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         add_lm_check_args(a)
         add_trust_code(a)
         a.set_defaults(func=run_verify if name == "verify" else run_check)
+    _add_serve(cmds, add_trust_code)
+
+
+def _add_serve(cmds: argparse._SubParsersAction, add_trust_code) -> None:
+    p = cmds.add_parser(
+        "serve",
+        help="serve a teacher over HTTP (kdkit's top-k protocol and vLLM's /v1/completions)",
+        description="Serve a teacher to trainers on other machines or processes (teacher: "
+        "{model: 'http://HOST:PORT'}). Binds 127.0.0.1 unless --host says otherwise; beyond "
+        "loopback a shared token in $KDKIT_TEACHER_TOKEN (--token-env) is required.",
+    )
+    p.add_argument("teacher", metavar="CONFIG|MODEL",
+                   help="a task: lm CONFIG.yaml (its teacher: section) or hf:DIR")  # fmt: skip
+    p.add_argument("--port", type=int, default=8000, help="TCP port (8000; 0: a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="MODEL only")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="MODEL only")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "int8"),
+        default="fp32",
+        help="int8: a CONFIG's teacher (its rows gate it)",
+    )
+    p.add_argument("--token-env", default="KDKIT_TEACHER_TOKEN", metavar="VAR",
+                   help="environment variable holding the shared token")  # fmt: skip
+    p.add_argument("--name", help="the model name /v1/models reports (the folder's name)")
+    p.add_argument("--max-logprobs", type=int, default=20, metavar="K",
+                   help="the most prompt_logprobs /v1/completions gives (20, as vLLM)")  # fmt: skip
+    p.add_argument("--max-topk", type=int, metavar="K", help="the most top-k /kdkit/v1/topk gives")
+    p.add_argument("--max-batch-tokens", type=int, default=1 << 16, metavar="N",
+                   help="tokens per request and per merged teacher batch (65536)")  # fmt: skip
+    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_trust_code(p)
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from kdkit._device import check_device
+    from kdkit.errors import KDError
+
+    numbers = {
+        "--max-logprobs": args.max_logprobs,
+        "--max-topk": args.max_topk,
+        "--max-batch-tokens": args.max_batch_tokens,
+        "--threads": args.threads,
+    }
+    for flag, value in numbers.items():
+        if value is not None and value < 1:
+            raise KDError(f"{flag} must be >= 1, got {value}")
+    check_device(args.device)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from kdkit.run.lm_serve import serve_teacher
+
+    serve_teacher(
+        args.teacher,
+        host=args.host,
+        port=args.port,
+        token_env=args.token_env,
+        name=args.name,
+        max_logprobs=args.max_logprobs,
+        ready=lambda line: print(line, flush=True),
+        overrides=args.overrides,
+        dtype=args.dtype,
+        backend=args.backend,
+        precision=args.precision,
+        device=args.device,
+        max_topk=args.max_topk,
+        max_batch_tokens=args.max_batch_tokens,
+        trust_code=args.trust_code,
+    )
+    return 0

@@ -43,6 +43,7 @@ from kdkit.config.lm_schema import (
     LMOnPolicyConfig,
     LMPeftConfig,
     LMRunConfig,
+    LMServedConfig,
     LMValConfig,
 )
 from kdkit.config.schema import (
@@ -72,6 +73,7 @@ __all__ = [
     "LMValConfig",
     "LMDistillConfig",
     "LMOnPolicyConfig",
+    "LMServedConfig",
     "LMLayerPairConfig",
     "LMPeftConfig",
     "RunConfig",

@@ -1,6 +1,7 @@
 """The ``task: lm`` rules a type cannot say: model strings and folders (``hf:``, ``hf-config:``,
-``cache:``), the text globs and the val source, ``loss_on`` against ``format``, and
-``distill.on_policy``. The ``train:`` section is checked as for every task."""
+``cache:``, a served teacher's ``http://HOST:PORT``), the text globs and the val source,
+``loss_on`` against ``format``, and ``distill.on_policy``. The ``train:`` section is checked as
+for every task."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import glob
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from kdkit.config._checks import check_path, check_train_section
 from kdkit.config.lm_schema import CHAT_TEMPLATE_NAMES, LM_PREFIXES, LMModelConfig, LMRunConfig
@@ -16,7 +18,45 @@ from kdkit.errors import KDError, closest_names
 __all__ = ["check_lm"]
 
 
+def _served(mc: LMModelConfig, key: str) -> bool:
+    """A teacher at ``http(s)://HOST:PORT`` (True), checked; False for any other model string."""
+    if not mc.model.startswith(("http://", "https://")):
+        if mc.served is not None:
+            raise KDError(
+                f"config key '{key}.served' applies to a served teacher (model: "
+                f"'http://HOST:PORT'), got model {mc.model!r}"
+            )
+        return False
+    if key != "teacher":
+        raise KDError(f"config key '{key}.model': only the teacher can be served, got {mc.model!r}")
+    try:
+        url = urlsplit(mc.model)
+        port = url.port
+    except ValueError:
+        url, port = None, None
+    if (
+        url is None
+        or not url.hostname
+        or port is None
+        or url.path not in ("", "/")
+        or (url.query or url.fragment or url.username or url.password)
+    ):
+        raise KDError(
+            f"config key 'teacher.model' expects 'http://HOST:PORT' (kdkit lm serve, or vLLM), "
+            f"with no path, user or query, got {mc.model!r}"
+        )
+    if (mc.backend, mc.precision) != ("torch", "fp32") or mc.dtype or mc.tokenizer:
+        raise KDError(
+            "config key 'teacher.backend' / 'precision' / 'dtype' / 'tokenizer': a served "
+            "teacher's engine, dtype and tokenizer are chosen where it runs (kdkit lm serve "
+            "--backend onnx --precision int8 ...); drop the key"
+        )
+    return True
+
+
 def _lm_model(mc: LMModelConfig, key: str, check_paths: bool) -> None:
+    if _served(mc, key):
+        return
     prefix, sep, path = mc.model.partition(":")
     if key == "teacher" and mc.peft is not None:
         raise KDError("config key 'teacher.peft': LoRA adapters train a student; drop the key")
@@ -38,7 +78,11 @@ def _lm_model(mc: LMModelConfig, key: str, check_paths: bool) -> None:
         raise KDError(
             f"config key '{key}.model' expects 'hf:DIR' (a save_pretrained folder) or "
             f"'hf-config:DIR' (random init from its config.json)"
-            + (" or 'cache:DIR' (a kdkit lm capture)" if key == "teacher" else "")
+            + (
+                " or 'cache:DIR' (a kdkit lm capture) or 'http://HOST:PORT' (kdkit lm serve)"
+                if key == "teacher"
+                else ""
+            )
             + f", got {mc.model!r}"
             + (f"; did you mean '{close[0]}:{path}'?" if sep and close else "")
         )
@@ -142,19 +186,41 @@ def _check_on_policy(cfg: LMRunConfig) -> None:
         )
 
 
+def _check_served(cfg: LMRunConfig) -> None:
+    """What a served teacher can give: no corpus prior, and vLLM's log-probs at T = 1 only."""
+    t, dc = cfg.teacher, cfg.distill
+    if t is None or not t.model.startswith(("http://", "https://")):
+        return
+    served = t.served
+    if dc.tail == "prior":
+        raise KDError(
+            "config key 'distill.tail': 'prior' spreads the tail over the teacher's mean "
+            "distribution over a captured corpus, which a served teacher does not have; use "
+            "bucket, renorm, uniform or drop (or capture a cache: kdkit lm capture)"
+        )
+    if served is not None and served.protocol == "vllm" and dc.temperature != 1.0:
+        if dc.tail != "renorm":
+            raise KDError(
+                f"config key 'distill.temperature': vLLM's prompt log-probs are at temperature "
+                f"1 (it applies no temperature to them), so {dc.temperature:g} is exact only "
+                "with distill.tail: renorm; or serve with kdkit lm serve (protocol: kdkit)"
+            )
+
+
 def check_lm(cfg: LMRunConfig, check_paths: bool = True) -> None:
     """The ``task: lm`` rules: model strings and folders, text globs, the val source, that
     ``loss_on`` fits ``format``, and ``distill.on_policy``; the train section as for every task."""
     _lm_model(cfg.student, "student", check_paths)
     _check_on_policy(cfg)
+    _check_served(cfg)
     if cfg.distill.pairs:
         t = cfg.teacher
-        live = t is not None and not t.model.startswith("cache:")
+        live = t is not None and not t.model.startswith(("cache:", "http://", "https://"))
         if not live or (t.backend, t.precision) != ("torch", "fp32"):
             raise KDError(
                 "config key 'distill.pairs' pairs decoder layers of a live PyTorch teacher "
-                "(teacher.model hf:DIR, backend torch, precision fp32): a cache or an ONNX "
-                "Runtime teacher has no layers to read"
+                "(teacher.model hf:DIR, backend torch, precision fp32): a cache, a served "
+                "teacher or an ONNX Runtime teacher has no layers to read"
             )
         if cfg.train.fsdp:
             raise KDError("config key 'distill.pairs' does not run with train.fsdp: true yet")

@@ -107,6 +107,8 @@ def resolve_lm_paths(cfg: LMRunConfig, base: ConfigBase) -> LMRunConfig:
         if mc is None:
             return None
         prefix, _, path = mc.model.partition(":")
+        if prefix in ("http", "https"):  # a served teacher: an address, not a path
+            return rep(mc, tokenizer=_abs(mc.tokenizer, base))
         return rep(mc, model=f"{prefix}:{_abs(path, base)}", tokenizer=_abs(mc.tokenizer, base))
 
     d = cfg.data

@@ -8,6 +8,8 @@ the contract (``kdkit train`` with ``task: lm``)::
     student: {model: "hf-config:DIR"}      # or "hf:DIR" (a save_pretrained folder)
     teacher: {model: "hf:DIR"}             # or "cache:DIR" (kdkit lm capture); null: scratch
                                            # backend: torch | onnx, precision: fp32 | int8
+                                           # or "http://HOST:PORT" (kdkit lm serve, vLLM),
+                                           # served: {protocol: kdkit, topk: 32, prefetch: 2}
     data: {text_files: [GLOB, ...], val: {split: 0.05}, format: text, max_length: 256,
            pack: true, loss_on: all, batch_size: 8}
     distill: {divergence: fkl, temperature: 1.0, ce_weight: 0.0, memory_budget_mb: 256,
@@ -26,6 +28,7 @@ from typing import Literal
 from kdkit.config.schema import TrainConfig, field_check
 
 __all__ = [
+    "LMServedConfig",
     "LMModelConfig",
     "LMPeftConfig",
     "LMValConfig",
@@ -48,6 +51,39 @@ def _finite_positive(v: float) -> bool:
 
 
 Divergence = Literal["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "ce"]
+
+
+@dataclass(frozen=True)
+class LMServedConfig:
+    """``teacher.served``: how a teacher at ``model: "http://HOST:PORT"`` is asked
+    (docs/lm-serve.md). ``protocol``: ``kdkit`` (``kdkit lm serve``: binary top-k at any
+    temperature, its fingerprint checked) or ``vllm`` (``/v1/completions`` with
+    ``prompt_logprobs``: temperature 1, at most the server's ``--max-logprobs``); ``topk``:
+    entries per position; ``prefetch``: batches whose targets are fetched ahead of the step;
+    ``timeout_s``: the longest one request may take before it is retried; ``retry_s``: how long
+    the run waits for a server that does not answer before it stops; ``token_env``: the
+    environment variable holding the server's shared token (the token is never in a config)."""
+
+    protocol: Literal["kdkit", "vllm"] = "kdkit"
+    topk: int = field(
+        default=32, metadata=field_check(lambda v: 1 <= v <= 1 << 16, "an integer in [1, 65536]")
+    )
+    prefetch: int = field(
+        default=2, metadata=field_check(lambda v: 0 <= v <= 64, "an integer in [0, 64]")
+    )
+    timeout_s: float = field(
+        default=60.0, metadata=field_check(lambda v: 0 < v <= 3600, "a number in (0, 3600]")
+    )
+    retry_s: float = field(
+        default=300.0, metadata=field_check(lambda v: 0 <= v <= 86400, "a number in [0, 86400]")
+    )
+    token_env: str = field(
+        default="KDKIT_TEACHER_TOKEN",
+        metadata=field_check(
+            lambda v: v.replace("_", "a").isalnum() and not v[:1].isdigit(),
+            "an environment variable name (letters, digits, _)",
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -74,13 +110,18 @@ class LMModelConfig:
 
     Teacher only: ``backend: onnx`` runs its decoder in ONNX Runtime on the CPU
     (:mod:`kdkit.lm.onnx_teacher`); ``precision: int8`` quantizes that (ONNX Runtime, as for
-    vision teachers, whatever ``backend`` says) behind a fidelity gate on real rows."""
+    vision teachers, whatever ``backend`` says) behind a fidelity gate on real rows.
+
+    Teacher only: ``model: "http://HOST:PORT"`` is a teacher served by ``kdkit lm serve`` (or
+    vLLM), asked as ``served`` says (:class:`LMServedConfig`); its engine and dtype are chosen
+    where it runs."""
 
     model: str
     tokenizer: str | None = None
     dtype: str | None = None
     backend: Literal["torch", "onnx"] = "torch"
     precision: Literal["fp32", "int8"] = "fp32"
+    served: LMServedConfig | None = None
     #: student only: LoRA adapters (:class:`LMPeftConfig`); None trains every weight
     peft: LMPeftConfig | None = None
 
@@ -186,7 +227,7 @@ class LMDistillConfig:
     )
     ce_weight: float = field(default=0.0, metadata=field_check(lambda v: 0 <= v <= 1, "in [0, 1]"))
     memory_budget_mb: float = field(default=256, metadata=field_check(_finite_positive, _POSITIVE))
-    #: beyond a cached teacher's top k (``teacher: {model: "cache:DIR"}``), see kdkit.lm.cache
+    #: beyond a cached or served teacher's top k (``cache:DIR``, ``http://``), see kdkit.lm.cache
     tail: Literal["bucket", "renorm", "uniform", "prior", "drop"] = "bucket"
     #: on-policy distillation (GKD); absent or ``lambda: 0`` = off
     on_policy: LMOnPolicyConfig | None = None

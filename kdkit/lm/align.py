@@ -89,6 +89,19 @@ class TokenBatch:
         causal = torch.ones(n, n, dtype=torch.bool, device=self.doc_ids.device).tril()
         return ((self.doc_ids[:, :, None] == self.doc_ids[:, None, :]) & causal)[:, None]
 
+    def rows(self) -> list[TokenRow]:
+        """The rows (on the CPU) that the :class:`Aligner` collates back into this batch's ids,
+        documents and ``mask``: a token is trainable where the position before it is trained.
+        What a served teacher is sent, for data batches and on-policy samples alike."""
+        ids, doc, mask = self.input_ids.cpu(), self.doc_ids.cpu(), self.mask.cpu()
+        out = []
+        for i in range(ids.shape[0]):
+            n = int((doc[i] >= 0).sum())
+            trainable = torch.zeros(n, dtype=torch.bool)
+            trainable[1:] = mask[i, : n - 1]
+            out.append(TokenRow(ids[i, :n].clone(), trainable, doc[i, :n].clone()))
+        return out
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TokenBatch:
         moved = {
             f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)

@@ -49,12 +49,20 @@ __all__ = [
     "DIVERGENCES",
     "check_divergence",
     "divergence_value",
+    "log1mexp",
     "log_softmax_",
     "value_and_grad",
     "value_and_grad_into",
 ]
 
 DIVERGENCES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "ce")
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, stable at both ends; -inf at x == 0 (the mass
+    outside a top k from the log of the mass inside it)."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 def check_divergence(name: str, *, beta: float = 0.5, skew: float = 0.1) -> str:

@@ -94,9 +94,11 @@ class LMTask(Task):
             :func:`~kdkit.lm.models.hidden_and_head` protocol).
         teacher: the teacher LM, or None (the scratch baseline: cross-entropy only). It is
             frozen, kept in eval mode and in its own dtype, and held outside the module tree
-            (never in the optimizer, a checkpoint or DDP). Or a
-            :class:`~kdkit.lm.cache.TopKCache`: the teacher is then never run; every batch
-            brings its cached targets (collate with ``cache.collate(aligner)``).
+            (never in the optimizer, a checkpoint or DDP). Or a target source, whose
+            targets are made outside the step: a :class:`~kdkit.lm.cache.TopKCache` (every
+            batch brings its cached targets: collate with ``cache.collate(aligner)``) or a
+            :class:`~kdkit.lm.serve.ServedTeacher` (batches of ``served.loader(loader)`` bring
+            theirs; on-policy samples are sent for scoring in the step).
         divergence: ``fkl``, ``rkl``, ``jsd``, ``skew_fkl``, ``skew_rkl``, ``tvd`` or ``ce``.
         temperature: the KD temperature (T^2 scaled); sampling temperatures are elsewhere.
         beta, skew: the ``jsd`` and ``skew_*`` parameters.
@@ -217,13 +219,8 @@ class LMTask(Task):
         labels = batch.labels[mask]
         hidden = s.hidden[mask]
         teacher = contextlib.nullcontext()
-        if self.cache is not None:
-            if batch.teacher is None:
-                raise KDError(
-                    "this batch carries no cached teacher targets: collate with the cache's "
-                    "collate (TopKCache.collate(aligner))"
-                )
-            target = batch.teacher
+        if self.cache is not None:  # targets made outside the step: the batch brings them
+            target = batch.teacher if batch.teacher is not None else self.cache.target_of(batch)
         elif self.teacher is None:  # the scratch baseline: cross-entropy alone, no KD term
             target = NoTeacher(tuple(hidden.shape[:-1]), s.head.weight.shape[0])
         elif batch.teacher is not None:  # computed beside the previous step (teacher_ahead)

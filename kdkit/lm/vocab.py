@@ -11,17 +11,31 @@ are an error until the cross-tokenizer path exists.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from typing import Any
 
 from kdkit.errors import KDError
 from kdkit.lm.tokenizer import tokenizer_json
 
-__all__ = ["check_borrowed_tokenizer", "check_vocab"]
+__all__ = ["check_borrowed_tokenizer", "check_vocab", "tokenization_fingerprint"]
 
 log = logging.getLogger(__name__)
 
 _TOKENIZATION_KEYS = ("model", "normalizer", "pre_tokenizer", "added_tokens")
+
+
+def tokenization_fingerprint(tokenizer: Any) -> str:
+    """sha256 of what :func:`check_vocab` compares beyond the vocabulary (tokenizer.json's
+    model, normalizer, pre-tokenizer and added tokens), so two tokenizers can be compared on
+    two machines; ``""`` for a tokenizer without a tokenizer.json."""
+    try:
+        data = tokenizer_json(tokenizer)
+    except KDError:
+        return ""
+    picked = {key: data.get(key) for key in _TOKENIZATION_KEYS}
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
 
 
 def _first_difference(s_vocab: dict[str, int], t_vocab: dict[str, int]) -> tuple[int, str, str]:

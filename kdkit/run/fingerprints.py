@@ -38,7 +38,8 @@ def lm_run_fingerprints(teacher: Any, tokenizer: Any, corpus: str) -> dict[str, 
     runs: the ``tokenizer`` (tokenizer.json, special tokens, chat template: a tokenizer
     retrained to the same size differs), the ``teacher``'s weights (a model's, or for a
     top-k cache the weights it was captured from, and the cache's sealed manifest as
-    ``cache``) and the ``corpus`` (the rows tokenized from the data files: ``corpus``, the
+    ``cache``; for a served teacher its weights and its fingerprint as ``served``) and the
+    ``corpus`` (the rows tokenized from the data files: ``corpus``, the
     datasets' fingerprint)."""
     from kdkit._fingerprint import module_fingerprint
     from kdkit.lm.tokenizer import tokenizer_fingerprint
@@ -50,10 +51,8 @@ def lm_run_fingerprints(teacher: Any, tokenizer: Any, corpus: str) -> dict[str, 
         from kdkit.lm.cache.format import tokenizer_fingerprint as vocab_fingerprint
 
         out["tokenizer"] = str(sorted(vocab_fingerprint(tokenizer).items()))
-    manifest = getattr(teacher, "manifest", None)
-    if isinstance(manifest, dict):  # a TopKCache
-        out["cache"] = str(manifest.get("manifest_sha256"))
-        out["teacher"] = str(manifest.get("teacher", {}).get("weights_sha256"))
+    if callable(getattr(teacher, "run_fingerprints", None)):  # a top-k cache, a served teacher
+        out.update(teacher.run_fingerprints())
     elif teacher is not None:
         out["teacher"] = module_fingerprint(teacher)
     return out

@@ -37,10 +37,12 @@ from kdkit.lm.tokenizer import pad_id, token_byte_lengths
 from kdkit.lm.vocab import check_borrowed_tokenizer, check_vocab
 from kdkit.run.fingerprints import lm_run_fingerprints
 from kdkit.run.lm_report import data_notes
+from kdkit.run.lm_served import capture_served, served_teacher
 from kdkit.train import Trainer, distributed
 
 __all__ = [
     "LMRunData",
+    "served_teacher",
     "capture_run",
     "eval_byte_lengths",
     "run_tokenizer",
@@ -58,8 +60,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LMRunData:
-    train_loader: DataLoader
-    val_loader: DataLoader | None
+    #: DataLoaders (a served teacher's wrap theirs: kdkit.lm.serve.ServedLoader)
+    train_loader: Any
+    val_loader: Any
     tokenizer: Any
     train_rows: int
     #: the train and val rows' fingerprint (files, tokenizer, settings, ids) before any split
@@ -109,8 +112,9 @@ def lm_datasets(cfg: LMRunConfig, tokenizer: Any, positions: int | None) -> tupl
 def build_lm_data(
     cfg: LMRunConfig, tokenizer: Any, positions: int | None, cache: Any = None
 ) -> LMRunData:
-    """Token rows of ``data.text_files`` (and the val source) in loaders; with a top-k
-    ``cache`` (:class:`kdkit.lm.cache.TopKCache`) every batch carries its cached targets."""
+    """Token rows of ``data.text_files`` (and the val source) in loaders; with a target source
+    ``cache`` (a :class:`kdkit.lm.cache.TopKCache`, a :class:`kdkit.lm.serve.ServedTeacher`)
+    every batch carries its teacher targets."""
     d = cfg.data
     train, val = lm_datasets(cfg, tokenizer, positions)
     corpus = train.fingerprint + (val.fingerprint if val is not None else "")
@@ -120,7 +124,7 @@ def build_lm_data(
     if d.val is not None and d.val.split is not None:
         train, val = _split(train, d.val.split, d.seed)
     collate: Any = Aligner(pad_id=pad_id(tokenizer), max_length=d.max_length)
-    if cache is not None:
+    if cache is not None:  # a top-k cache attaches targets here, a served teacher in loader()
         collate = cache.collate(collate, policy=cfg.distill.tail)
     # the order is a function of (seed, epoch) alone (the Trainer calls set_epoch), so a
     # resumed run sees the same batches; under torchrun each rank reads its own share
@@ -142,17 +146,24 @@ def build_lm_data(
         val_loader = DataLoader(
             val, batch_size=d.batch_size, shuffle=False, collate_fn=collate, generator=gen[1]
         )
+    if cache is not None:  # a served teacher's targets are fetched ahead of the step
+        train_loader = cache.loader(train_loader)
+        val_loader = None if val_loader is None else cache.loader(val_loader)
     corpus = hashlib.sha256(corpus.encode()).hexdigest()
     return LMRunData(train_loader, val_loader, tokenizer, len(train), corpus, notes)
 
 
 def load_lm_teacher(cfg: LMRunConfig, *, trust_code: bool = False) -> tuple[Any, Any]:
     """``(teacher, its tokenizer)`` of ``cfg.teacher``: a frozen-to-be model for ``hf:DIR``, a
-    :class:`~kdkit.lm.cache.TopKCache` for ``cache:DIR`` (never a model), ``(None, None)``
-    without a teacher. ``trust_code``: folders may run code of their own (``auto_map``)."""
+    :class:`~kdkit.lm.cache.TopKCache` for ``cache:DIR`` (never a model), a
+    :class:`~kdkit.lm.serve.ServedTeacher` for ``http://HOST:PORT`` (its tokenizer stays where
+    it runs: None), ``(None, None)`` without a teacher. ``trust_code``: folders may run code of
+    their own (``auto_map``)."""
     tc = cfg.teacher
     if tc is None:
         return None, None
+    if tc.model.startswith(("http://", "https://")):
+        return served_teacher(cfg), None
     if tc.model.startswith("cache:"):
         from kdkit.lm.cache import TopKCache
 
@@ -210,7 +221,13 @@ def build_lm_trainer(
     if tokenizer is None and teacher_tok is not None:  # the teacher's, if the head fits it
         check_borrowed_tokenizer(sc.model, output_head(student).out_features, teacher_tok)
     tokenizer = tokenizer or teacher_tok
+    if tokenizer is None:
+        raise KDError(
+            "no tokenizer: the student folder has none and the teacher gives none (there is no "
+            "teacher, or it is served); set student.tokenizer: DIR (a save_pretrained folder)"
+        )
     vocab_size = None
+    # a target source (a top-k cache, a served teacher) makes its targets outside the step
     cache = None if teacher is None or isinstance(teacher, torch.nn.Module) else teacher
     if cache is not None:
         cache.check_run(cfg.data, tokenizer, output_head(student).out_features)
@@ -220,11 +237,6 @@ def build_lm_trainer(
         for role, model in (("student", student), ("teacher", teacher)):
             if isinstance(model, torch.nn.Module):
                 check_packing(model, role)
-    if tokenizer is None:
-        raise KDError(
-            "no tokenizer: the student folder has none and there is no teacher; set "
-            "student.tokenizer: DIR (a save_pretrained tokenizer folder)"
-        )
     positions = max_positions(student)
     data = build_lm_data(cfg, tokenizer, positions, cache)
     # what resume compares (before the teacher becomes an ONNX engine or is sharded)
@@ -365,6 +377,11 @@ def capture_run(
                           shard_rows=shard_rows, batch_size=cfg.data.batch_size)  # fmt: skip
     if cfg.teacher is None or cfg.teacher.model.startswith("cache:"):
         raise KDError("kdkit lm capture needs a live teacher: teacher: {model: 'hf:DIR'}")
+    if cfg.teacher.model.startswith(("http://", "https://")):  # a served teacher is asked
+        tokenizer = run_tokenizer(cfg)  # the run's: the served one stays where it runs
+        return capture_served(cfg, out, tokenizer, lambda n: lm_datasets(cfg, tokenizer, n),
+                              topk=topk, encoding=encoding, temperature=temperature,
+                              shard_rows=shard_rows, progress=progress)  # fmt: skip
     tc = cfg.teacher
     teacher, teacher_tok = load_lm(
         tc.model, dtype=tc.dtype, tokenizer=tc.tokenizer, trust_code=trust_code

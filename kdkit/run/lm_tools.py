@@ -22,7 +22,7 @@ from kdkit.errors import KDError
 from kdkit.lm._chat import use_chat_template
 from kdkit.lm._hf import quiet_progress
 from kdkit.lm.generations import sample_generations
-from kdkit.lm.models import load_lm, load_tokenizer, max_positions
+from kdkit.lm.models import load_lm, load_tokenizer, max_positions, output_head
 from kdkit.lm.student import add_lora
 from kdkit.lm.task import LMTask, TokenInputs
 from kdkit.load import load_checkpoint
@@ -62,7 +62,7 @@ def _rebuild(path: str | Path, trust_code: bool) -> tuple[torch.nn.Module, Any, 
 
             cache = TopKCache(tc.model.removeprefix("cache:"))
             tokenizer = cache.tokenizer(trust_code=trust_code)
-        else:
+        elif not tc.model.startswith(("http://", "https://")):  # a served one stays there
             tokenizer = load_tokenizer(tc.model, tc.tokenizer, trust_code=trust_code)
     if tokenizer is not None:  # data.chat_template: what the rows were rendered with
         use_chat_template(tokenizer, cfg.data.chat_template)
@@ -90,11 +90,15 @@ def evaluate_lm_run(
         cfg = dataclasses.replace(
             cfg, data=dataclasses.replace(cfg.data, text_files=tuple(data), val=None, dataset=None)
         )
-    # a model, or a top-k cache (kl and agree from it)
-    teacher_model, teacher_tok = load_lm_teacher(cfg, trust_code=trust_code)
+    # a model, or a target source: a top-k cache, a served teacher (kl and agree from it)
+    # scored at T = 1 (LMTask's default): a served teacher is asked for T = 1 targets
+    at_1 = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, temperature=1.0))
+    teacher_model, teacher_tok = load_lm_teacher(at_1, trust_code=trust_code)
     cache = None if isinstance(teacher_model, torch.nn.Module) else teacher_model
-    if cache is not None and data:  # other text than was captured: the student's ppl only
-        teacher_model = cache = None
+    if cache is not None and data and cache.fixed_rows:  # other text than was captured
+        teacher_model = cache = None  # the student's ppl only
+    if cache is not None:
+        cache.check_run(cfg.data, tokenizer, output_head(student).out_features)
     # padded heads (more rows than the tokenizer): the real vocabulary, as training had it
     vocab_size = shared_vocab(student, teacher_model, tokenizer, teacher_tok)
     run_data = build_lm_data(cfg, tokenizer, max_positions(student), cache)

@@ -19,7 +19,7 @@ model files (``_checkpoints``), the run directory (``_resume``, ``_outputs``), d
 issue 40 added the ``task: lm`` rooms (``_lm_data``, ``_lm_models``, ``_lm_cache``, ``_lm_runs``:
 ``fx.lm`` holds their tokenizer, models and corpus, :mod:`.lm`), a run's and a cache's own
 files (``_runfiles``), the launcher's environment (``_launch``) and the image side's
-leftovers (``_images``). ``Case.guard`` wraps a row in :class:`memory_cap` (a fix that fails
+leftovers (``_images``); issue 36 the served teacher (``_lm_served``). ``Case.guard`` wraps a row in :class:`memory_cap` (a fix that fails
 gets a MemoryError, not a thrashing machine) or :class:`file_size_cap` (a full disk).
 The ``hostile`` fixture (``tests/conftest.py``) gives each file an :class:`Fx`. Here:
 ``rows`` (cases, verdicts, the tally), ``make`` (tiny models, data, configs) and ``files``

@@ -41,10 +41,7 @@ from kdkit.lm.cache.format import (
     shard_name,
     tokenizer_fingerprint,
 )
-from kdkit.lm.cache.target import log1mexp
-from kdkit.lm.logits import output_transform, project_logits
-from kdkit.lm.models import hidden_and_head
-from kdkit.lm.packing import check_packing
+from kdkit.lm.topk import ModuleTopK, TopKScorer, topk_entries
 
 __all__ = [
     "KIND",
@@ -54,7 +51,6 @@ __all__ = [
     "check_capture_options",
     "rows_arrays",
     "rows_fingerprint",
-    "teacher_topk",
     "topk_entries",
     "write_shard",
 ]
@@ -63,44 +59,10 @@ log = logging.getLogger(__name__)
 
 #: the kind of folder a capture makes (kdkit._kept: a run or an image cache is refused as --out)
 KIND = "LM teacher cache"
-#: token rows projected onto the vocabulary at once (a [rows, V] fp32 block)
-_CHUNK = 256
-
-
-def topk_entries(lp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(ids [N, k], logp [N, k], tail [N])`` of log-probs ``lp`` ``[N, V]`` (fp32): the k
-    largest, sorted, and ``log(1 - sum of their p)`` computed in float64. The one rule of both
-    writers (a capture and ``kdkit lm generate``)."""
-    values, index = lp.topk(k, dim=-1)
-    return index, values, log1mexp(torch.logsumexp(values.double(), dim=-1)).float()
-
-
-@torch.no_grad()
-def teacher_topk(
-    teacher: torch.nn.Module, batch: Any, vocab: int, k: int, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(ids [E, k], logp [E, k], tail [E], mass [V])`` at the batch's trained positions, in
-    order; ``mass`` sums their whole distributions (the ``prior`` tail's shape)."""
-    if batch.packed:
-        check_packing(teacher, "teacher")
-    out = hidden_and_head(teacher, **batch.model_inputs())
-    transform = output_transform(teacher)  # the model's distribution, not hidden @ head.T
-    hidden = out.hidden[batch.mask]
-    ids, logp, tail = [], [], []
-    mass = torch.zeros(vocab, dtype=torch.float64)
-    for start in range(0, hidden.shape[0], _CHUNK):
-        logits = project_logits(hidden[start : start + _CHUNK], out.head, transform, vocab)
-        lp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        index, values, t = topk_entries(lp, k)
-        mass += lp.double().exp().sum(0).cpu()
-        ids.append(index)
-        logp.append(values)
-        tail.append(t)
-    return torch.cat(ids), torch.cat(logp), torch.cat(tail), mass
 
 
 def _shard_arrays(
-    rows: list[Any], teacher: Any, aligner: Aligner, settings: dict[str, Any], batch_size: int
+    rows: list[Any], scorer: TopKScorer, aligner: Aligner, settings: dict[str, Any], batch_size: int
 ) -> dict[str, np.ndarray]:
     vocab, k = settings["teacher"]["vocab"], settings["capture"]["k"]
     temperature = settings["capture"]["temperature"]
@@ -108,11 +70,11 @@ def _shard_arrays(
     mass = torch.zeros(vocab, dtype=torch.float64)
     for start in range(0, len(rows), batch_size):
         batch = aligner(rows[start : start + batch_size])
-        i, lp, t, m = teacher_topk(teacher, batch, vocab, k, temperature)
-        mass += m
-        ids.append(i.cpu())
-        logp.append(lp.cpu())
-        tail.append(t.cpu())
+        top = scorer.topk(batch, vocab=vocab, k=k, temperature=temperature, mass=True)
+        mass += top.mass
+        ids.append(top.ids.cpu())
+        logp.append(top.logp.cpu())
+        tail.append(top.tail.cpu())
         entries.extend(batch.mask.sum(1).tolist())
     return rows_arrays(rows, entries, ids, logp, tail, mass, settings)
 
@@ -195,7 +157,8 @@ def capture(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Write ``teacher``'s top-k targets for the token ``rows`` (collated by ``aligner``) into
-    ``out``, resuming an unfinished capture there. Returns the manifest.
+    ``out``, resuming an unfinished capture there. Returns the manifest. ``teacher`` is a model
+    run here, or a :class:`~kdkit.lm.topk.TopKScorer` (a served teacher) asked for each batch.
 
     The file-format half of ``kdkit precompute`` for ``task: lm``: it runs the teacher it is
     given on the rows it is given. Building them from a config (models, tokenizer, corpus,
@@ -273,6 +236,7 @@ def _capture(
         "num_shards": num_shards,
     }
     done = _resume(out, settings)
+    scorer = teacher if isinstance(teacher, TopKScorer) else ModuleTopK(teacher)
     if not done:  # the tokenizer travels with the cache: a student from hf-config can use it
         with writing(out / "tokenizer"):
             tokenizer.save_pretrained(str(out / "tokenizer"))
@@ -282,7 +246,7 @@ def _capture(
     bar.update(sum(s["rows"][1] - s["rows"][0] for s in done))
     for i in range(len(done), num_shards):
         lo, hi = i * shard_rows, min((i + 1) * shard_rows, len(rows))
-        arrays = _shard_arrays(rows[lo:hi], teacher, aligner, settings, batch_size)
+        arrays = _shard_arrays(rows[lo:hi], scorer, aligner, settings, batch_size)
         path = out / shard_name(i)
         with writing(path):
             _write_shard(path, arrays)

@@ -229,8 +229,31 @@ class TopKCache:
             prior=self.prior() if policy == "prior" else None,
         )
 
+    # -- as a target source of the LM task (kdkit.lm.serve.ServedTeacher is the other) --------
+    #: a cache holds the rows it captured, nothing else (a served teacher scores any row)
+    fixed_rows = True
+
     def collate(self, aligner: Any, policy: str = "bucket") -> CachedAligner:
         return CachedAligner(aligner, self, policy)
+
+    def loader(self, loader: Any) -> Any:
+        """The loader itself: its collate already attaches each batch's targets."""
+        return loader
+
+    def target_of(self, batch: Any) -> TopKTarget:
+        """A batch without targets (not collated by :meth:`collate`) is refused: a cache scores
+        no new rows."""
+        raise KDError(
+            "this batch carries no cached teacher targets: collate with the cache's "
+            "collate (TopKCache.collate(aligner))"
+        )
+
+    def run_fingerprints(self) -> dict[str, str]:
+        """What a run's checkpoints record of this cache (``--resume`` compares them)."""
+        return {
+            "cache": str(self.manifest.get("manifest_sha256")),
+            "teacher": str(self.manifest.get("teacher", {}).get("weights_sha256")),
+        }
 
 
 @dataclass(frozen=True)

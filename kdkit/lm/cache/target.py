@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from kdkit.errors import KDError
-from kdkit.lm.divergence import divergence_value, value_and_grad
+from kdkit.lm.divergence import divergence_value, log1mexp, value_and_grad
 
 __all__ = [
     "TAIL_POLICIES",
@@ -41,12 +41,6 @@ __all__ = [
 
 TAIL_POLICIES = ("bucket", "renorm", "uniform", "prior", "drop")
 _SPARSE = ("bucket", "drop")
-
-
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 - exp(x))`` for ``x <= 0``, stable at both ends; -inf at x == 0."""
-    x = x.clamp(max=0.0)
-    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 @dataclass(frozen=True)
