@@ -54,7 +54,30 @@ class TokenRow:
 _NUMPY = {"I64": np.int64, "U8": np.uint8}
 
 
-class MappedRows(Sequence[TokenRow]):
+class RowSequence(Sequence[TokenRow]):
+    """A read-only sequence of rows that is not a list: ``row(i)`` for ``0 <= i < len``; indexing
+    (negative too) and slices (a list) are answered here."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def row(self, i: int) -> TokenRow:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, i: int) -> TokenRow: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[TokenRow]: ...
+    def __getitem__(self, i: int | slice) -> TokenRow | list[TokenRow]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"row {i} of {n}")
+        return self.row(i % n)
+
+
+class MappedRows(RowSequence):
     """The rows of one token-cache file, read lazily: ``layout`` maps ``lengths``,
     ``input_ids``, ``trainable`` and ``doc_ids`` to ``(dtype, count, byte offset)`` in ``path``.
 
@@ -102,17 +125,8 @@ class MappedRows(Sequence[TokenRow]):
         lo, hi = int(starts[i]), int(starts[i + 1])
         return a["input_ids"][lo:hi], a["trainable"][lo:hi], a["doc_ids"][lo:hi]
 
-    @overload
-    def __getitem__(self, i: int) -> TokenRow: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[TokenRow]: ...
-    def __getitem__(self, i: int | slice) -> TokenRow | list[TokenRow]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"row {i} of {n}")
-        ids, tr, doc = self.arrays(i % n)
+    def row(self, i: int) -> TokenRow:
+        ids, tr, doc = self.arrays(i)
         return TokenRow(
             torch.from_numpy(np.array(ids, dtype=np.int64)),
             torch.from_numpy(np.array(tr, dtype=np.bool_)),
@@ -123,7 +137,7 @@ class MappedRows(Sequence[TokenRow]):
         return (self[i] for i in range(len(self)))
 
 
-class ConcatRows(Sequence[TokenRow]):
+class ConcatRows(RowSequence):
     """Several row sequences read as one (a corpus' train and val rows, for a capture),
     without copying either."""
 
@@ -134,17 +148,7 @@ class ConcatRows(Sequence[TokenRow]):
     def __len__(self) -> int:
         return int(self._ends[-1]) if len(self._ends) else 0
 
-    @overload
-    def __getitem__(self, i: int) -> TokenRow: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[TokenRow]: ...
-    def __getitem__(self, i: int | slice) -> TokenRow | list[TokenRow]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"row {i} of {n}")
-        i %= n
+    def row(self, i: int) -> TokenRow:
         part = int(np.searchsorted(self._ends, i, side="right"))
         return self.parts[part][i - (int(self._ends[part - 1]) if part else 0)]
 
