@@ -41,8 +41,31 @@ def xtok_corpus() -> list[str]:
 
 def random_text(rng: random.Random, n: int = 40) -> str:
     """A random text mixing the hard cases: digits, spaces, newlines, accents, CJK, emoji."""
-    atoms = ["the", " cat", " 1234", "5", " 42.0", "\n", "  ", "\t", "é", "naïve", "日本", "🙂",
-             "🚀x", " def", "(", ")", "==", " ∑", "x", " ", "ß", "0", "999999"]
+    atoms = [
+        "the",
+        " cat",
+        " 1234",
+        "5",
+        " 42.0",
+        "\n",
+        "  ",
+        "\t",
+        "é",
+        "naïve",
+        "日本",
+        "🙂",
+        "🚀x",
+        " def",
+        "(",
+        ")",
+        "==",
+        " ∑",
+        "x",
+        " ",
+        "ß",
+        "0",
+        "999999",
+    ]
     return "".join(rng.choice(atoms) for _ in range(n))
 
 

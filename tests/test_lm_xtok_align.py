@@ -127,8 +127,9 @@ def test_eos_pairs_with_eos(tok_a, tok_b):
 def test_chat_special_tokens_pair_by_class(tok_a, tok_b):
     text = "<|im_start|>user\nAdd 12 and 30<|im_end|>\n<|im_start|>assistant\n42<|im_end|>\n"
     s, t, ids_s, ids_t, al = _check_pairs(tok_a, tok_b, text)
-    im_end_s, im_end_t = tok_a.convert_tokens_to_ids("<|im_end|>"), tok_b.convert_tokens_to_ids(
-        "<|im_end|>"
+    im_end_s, im_end_t = (
+        tok_a.convert_tokens_to_ids("<|im_end|>"),
+        tok_b.convert_tokens_to_ids("<|im_end|>"),
     )
     before_s = np.flatnonzero(ids_s[1:] == im_end_s)
     before_t = np.flatnonzero(ids_t[1:] == im_end_t)

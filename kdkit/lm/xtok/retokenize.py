@@ -30,7 +30,9 @@ def _valid_prefix(data: bytes) -> str:
             return data[: len(data) - cut].decode("utf-8")
         except UnicodeDecodeError:
             continue
-    return data.decode("utf-8", errors="ignore")  # pragma: no cover - invalid inside, not at the end
+    return data.decode(
+        "utf-8", errors="ignore"
+    )  # pragma: no cover - invalid inside, not at the end
 
 
 def teacher_ids(

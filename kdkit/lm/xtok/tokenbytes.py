@@ -108,7 +108,6 @@ class TokenBytes:
         return self.flat[first + np.arange(total)].tobytes()
 
 
-
 def kind_tables(a: TokenBytes, b: TokenBytes) -> tuple[np.ndarray, np.ndarray]:
     """Per-id ``int64`` kinds of two tokenizers on one scale: 0 = text, and one shared number
     per special class, so a ``"bos"`` / ``"eos"`` / ``"<|im_start|>"`` of either side is the
