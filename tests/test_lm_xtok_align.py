@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import random
 
+import _xtok_fixtures as fx
 import numpy as np
 import pytest
-from _xtok_fixtures import random_text, tok_a, tok_a_dir, tok_b, tok_b_dir, xtok_corpus  # noqa: F401
 
 from kdkit.lm.xtok.align import align_rows, spans
 from kdkit.lm.xtok.retokenize import teacher_ids
 from kdkit.lm.xtok.tokenbytes import kind_tables, token_bytes
+
+tok_a, tok_a_dir, tok_b, tok_b_dir = fx.tok_a, fx.tok_a_dir, fx.tok_b, fx.tok_b_dir  # fixtures
 
 
 def _encode(tok, text: str, eos: bool = True) -> np.ndarray:
@@ -26,8 +28,8 @@ def _pair(tok_s, tok_t):
 
 def _texts(n: int = 60) -> list[str]:
     rng = random.Random(1)
-    corpus = "\n".join(xtok_corpus())
-    out = [random_text(rng, rng.randrange(1, 60)) for _ in range(n)]
+    corpus = "\n".join(fx.xtok_corpus())
+    out = [fx.random_text(rng, rng.randrange(1, 60)) for _ in range(n)]
     for _ in range(n):
         a = rng.randrange(len(corpus) - 400)
         out.append(corpus[a : a + rng.randrange(1, 400)])

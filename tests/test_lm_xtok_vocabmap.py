@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import _xtok_fixtures as fx
 import numpy as np
-from _xtok_fixtures import tok_a, tok_a_dir, tok_b, tok_b_dir  # noqa: F401
 
 from kdkit.lm.xtok import vocabmap
 from kdkit.lm.xtok.tokenbytes import token_bytes
 from kdkit.lm.xtok.vocabmap import DECOMPOSED, EXACT, SPECIAL, UNMAPPED, vocab_map
+
+tok_a, tok_a_dir, tok_b, tok_b_dir = fx.tok_a, fx.tok_a_dir, fx.tok_b, fx.tok_b_dir  # fixtures
 
 
 def test_numbers_decompose_into_a_digit_splitting_students_first_digit(tok_a, tok_b):
