@@ -142,3 +142,24 @@ def test_reverse_kl_is_refused_on_a_projection():
     target = XTokTarget(DenseTeacher(ht, wt), index, Projection.of(m), labels)
     with pytest.raises(KDError, match="reverse KL is infinite"):
         token_divergence(h, w, target, divergence="rkl")
+
+
+def test_an_identity_map_and_alignment_give_the_same_tokenizer_loss():
+    """The cross-tokenizer loss reduces to today's loss for identical tokenizers (runs never
+    take it then: kdkit train keeps the same-tokenizer path; this pins the math)."""
+    ident = VocabMap(np.arange(VS), np.full(VS, EXACT, np.int8), np.ones(VS, np.int32), VS, "id")
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(30, H, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(VS, H, generator=g, dtype=torch.float64, requires_grad=True)
+    ht = torch.randn(30, HT, generator=g, dtype=torch.float64)
+    wt = torch.randn(VS, HT, generator=g, dtype=torch.float64)
+    for div in ("fkl", "jsd", "tvd"):
+        x = XTokTarget(DenseTeacher(ht, wt), torch.arange(30), Projection.of(ident))
+        a = token_divergence(h, w, x, divergence=div, temperature=2.0)
+        b = token_divergence(h, w, DenseTeacher(ht, wt), divergence=div, temperature=2.0)
+        ga, gb = torch.autograd.grad(a.loss, (h, w)), torch.autograd.grad(b.loss, (h, w))
+        assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-12)
+        assert all(
+            torch.allclose(u, v, rtol=1e-10, atol=1e-13) for u, v in zip(ga, gb, strict=True)
+        )
+        assert a.agree.item() == b.agree.item()

@@ -44,6 +44,7 @@ from kdkit.lm.moe import router_aux
 from kdkit.lm.onpolicy import OnPolicy
 from kdkit.lm.packing import check_packing
 from kdkit.lm.probe import ProbeResult, probe_model
+from kdkit.lm.xtok.data import XTokBatch, XTokRow
 from kdkit.load import restore_part
 from kdkit.task import StepOutput, Task
 
@@ -210,6 +211,14 @@ class LMTask(Task):
             target = batch.teacher if batch.teacher is not None else self.cache.target_of(batch)
         elif self.teacher is None:  # the scratch baseline: ce_weight 1, the KD term weighs 0
             target = DenseTeacher(hidden.detach(), s.head.weight.detach(), self.student_transform)
+        elif isinstance(batch.teacher, XTokBatch):  # another tokenizer: its own tokens
+            teacher = fsdp.gathered(self._teacher_root)
+            with torch.no_grad():
+                t = self._teacher_root(batch.teacher.batch)
+            flat = t.hidden.reshape(-1, t.hidden.shape[-1])
+            target = batch.teacher.target(
+                DenseTeacher(flat, t.head, self.teacher_transform), mask, labels
+            )
         else:
             # sharded, the teacher's head stays gathered until the fused loss has read it
             teacher = fsdp.gathered(self._teacher_root)
@@ -267,14 +276,16 @@ class LMTask(Task):
         ids, doc = _first_row(example)
         first = ids[doc == doc[0]]
         packing = self.packed or getattr(example, "packed", False)
-        models = [("student", self.student, self.student_transform)]
-        if self.teacher is not None:
-            models.append(("teacher", self.teacher, self.teacher_transform))
+        models = [("student", self.student, self.student_transform, first)]
+        if self.teacher is not None:  # on its own tokens (another tokenizer: the row's)
+            t_ids, t_doc = _first_row(_teacher_example(example))
+            t_first = t_ids[t_doc == t_doc[0]]
+            models.append(("teacher", self.teacher, self.teacher_transform, t_first))
         if fsdp.is_sharded(self):
             raise KDError("probe the models before sharding them (LMTask.probe, then shard)")
         self.probe_results = [
-            probe_model(model, first, role=role, transform=transform, packing=packing)
-            for role, model, transform in models
+            probe_model(model, ids, role=role, transform=transform, packing=packing)
+            for role, model, transform, ids in models
         ]
         return self.probe_results
 
@@ -330,8 +341,11 @@ class LMTask(Task):
         student's (sharded: every rank calls it; the teacher's root stays gathered meanwhile)."""
         if self.teacher is None:
             raise KDError("this task has no teacher to score")
+        # a teacher of another tokenizer is scored on its own tokens of the same text (its
+        # perplexity is per teacher token then: compare the two in bits per byte)
+        own = (_teacher_example(b) for b in batches)
         with fsdp.gathered(self._teacher_root):
-            return LMTask(self.teacher, None, probe=False).evaluate(batches, autocast)
+            return LMTask(self.teacher, None, probe=False).evaluate(own, autocast)
 
     # -- checkpoint parts ------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -344,6 +358,16 @@ class LMTask(Task):
             fsdp.load_full_state(self.student, state.get("student") or {})
             return
         restore_part(where, "student", self.student, state.get("student"))
+
+
+def _teacher_example(example: TokenBatch | TokenRow) -> TokenBatch | TokenRow:
+    """The teacher's tokens of ``example``: its own, unless a cross-tokenizer row or batch
+    carries the teacher's (:mod:`kdkit.lm.xtok`)."""
+    if isinstance(example, XTokRow):
+        return example.teacher_row()
+    if isinstance(example, TokenBatch) and isinstance(example.teacher, XTokBatch):
+        return example.teacher.batch
+    return example
 
 
 def _first_row(example: TokenBatch | TokenRow) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,7 @@ from kdkit.lm.task import LMTask, TokenInputs
 from kdkit.lm.tokenizer import pad_id
 from kdkit.lm.vocab import check_vocab
 from kdkit.run.fingerprints import lm_run_fingerprints
+from kdkit.run.lm_xtok import cross_tokenizer
 from kdkit.train import Trainer, distributed
 
 __all__ = [
@@ -90,17 +91,22 @@ def lm_datasets(cfg: LMRunConfig, tokenizer: Any, positions: int | None) -> tupl
 
 
 def build_lm_data(
-    cfg: LMRunConfig, tokenizer: Any, positions: int | None, cache: Any = None
+    cfg: LMRunConfig, tokenizer: Any, positions: int | None, cache: Any = None, xtok: Any = None
 ) -> LMRunData:
     """Token rows of ``data.text_files`` (and the val source) in loaders; with a target source
     ``cache`` (a :class:`kdkit.lm.cache.TopKCache`, a :class:`kdkit.lm.serve.ServedTeacher`)
-    every batch carries its teacher targets."""
+    every batch carries its teacher targets; with ``xtok`` (a teacher of another tokenizer,
+    :func:`kdkit.run.lm_xtok.cross_tokenizer`) every row its teacher tokens and pairs."""
     d = cfg.data
     train, val = lm_datasets(cfg, tokenizer, positions)
+    if xtok is not None:  # computed once per row, here, never in the step
+        train, val = xtok.wrap(train), xtok.wrap(val)
     corpus = train.fingerprint + (val.fingerprint if val is not None else "")
+    collate: Any = Aligner(pad_id=pad_id(tokenizer), max_length=d.max_length)
+    if xtok is not None:
+        collate = xtok.collate(collate, train, val)
     if d.val is not None and d.val.split is not None:
         train, val = _split(train, d.val.split, d.seed)
-    collate: Any = Aligner(pad_id=pad_id(tokenizer), max_length=d.max_length)
     if cache is not None:  # a top-k cache attaches targets here, a served teacher in loader()
         collate = cache.collate(collate, policy=cfg.distill.tail)
     # the order is a function of (seed, epoch) alone (the Trainer calls set_epoch), so a
@@ -216,19 +222,22 @@ def build_lm_trainer(
             "no tokenizer: the student folder has none and the teacher gives none (there is no "
             "teacher, or it is served); set student.tokenizer: DIR (a save_pretrained folder)"
         )
-    vocab_size = None
+    vocab_size = xtok = None
     # a target source (a top-k cache, a served teacher) makes its targets outside the step
     cache = None if teacher is None or isinstance(teacher, torch.nn.Module) else teacher
     if cache is not None:
         cache.check_run(cfg.data, tokenizer, output_head(student).out_features)
-    else:
-        vocab_size = shared_vocab(student, teacher, tokenizer, teacher_tok)
+    else:  # a teacher of another tokenizer goes across (kdkit.lm.xtok); the same, as it was
+        xtok = cross_tokenizer(cfg, student, teacher, tokenizer, teacher_tok)
+        vocab_size = (
+            xtok.student_vocab if xtok else shared_vocab(student, teacher, tokenizer, teacher_tok)
+        )
     if cfg.data.pack:  # a family that attends across packed documents: refused before any work
         for role, model in (("student", student), ("teacher", teacher)):
             if isinstance(model, torch.nn.Module):
                 check_packing(model, role)
     positions = max_positions(student)
-    data = build_lm_data(cfg, tokenizer, positions, cache)
+    data = build_lm_data(cfg, tokenizer, positions, cache, xtok)
     # what resume compares (before the teacher becomes an ONNX engine or is sharded)
     fingerprints = lm_run_fingerprints(teacher, tokenizer, data.corpus_fingerprint)
     if cache is None:  # a cache is never a model to run

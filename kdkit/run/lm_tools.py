@@ -24,6 +24,7 @@ from kdkit.lm.models import load_lm, load_tokenizer, max_positions, output_head
 from kdkit.lm.task import LMTask, TokenInputs
 from kdkit.load import load_checkpoint
 from kdkit.run.lm_job import build_lm_data, load_lm_teacher, shared_vocab
+from kdkit.run.lm_xtok import cross_tokenizer
 from kdkit.run.models import checkpoint_in
 
 __all__ = ["lm_run_config", "load_lm_student", "evaluate_lm_run", "export_hf"]
@@ -84,8 +85,12 @@ def evaluate_lm_run(
     if cache is not None:
         cache.check_run(cfg.data, tokenizer, output_head(student).out_features)
     # padded heads (more rows than the tokenizer): the real vocabulary, as training had it
-    vocab_size = shared_vocab(student, teacher_model, tokenizer, teacher_tok)
-    run_data = build_lm_data(cfg, tokenizer, max_positions(student), cache)
+    # a teacher of another tokenizer: its own tokens ride with each batch (kdkit.lm.xtok)
+    xtok = cross_tokenizer(cfg, student, teacher_model, tokenizer, teacher_tok)
+    vocab_size = (
+        xtok.student_vocab if xtok else shared_vocab(student, teacher_model, tokenizer, teacher_tok)
+    )
+    run_data = build_lm_data(cfg, tokenizer, max_positions(student), cache, xtok)
     loader = run_data.val_loader if run_data.val_loader is not None else run_data.train_loader
     if loader is None:
         raise KDError("the run has no val data: pass --data FILES")
@@ -93,9 +98,7 @@ def evaluate_lm_run(
     task = LMTask(student, teacher_model, vocab_size=vocab_size, probe=False)
     scores = {"student": task.to(device).evaluate(inputs(b) for b in loader)}
     if teacher and isinstance(teacher_model, torch.nn.Module):
-        scores["teacher"] = (
-            LMTask(teacher_model, None, probe=False).to(device).evaluate(inputs(b) for b in loader)
-        )
+        scores["teacher"] = task.score_teacher(inputs(b) for b in loader)
     return scores
 
 

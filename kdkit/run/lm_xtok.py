@@ -1,0 +1,109 @@
+"""A ``task: lm`` run whose teacher tokenizes differently: the pieces ``lm_job`` adds.
+
+:func:`cross_tokenizer` decides (the tokenizers differ: :func:`kdkit.lm.vocab.same_tokenization`)
+and builds the vocabulary map once (cached by the pair's fingerprints under
+``~/.cache/kdkit/xtok``); :class:`CrossTokenizer` turns the run's datasets into
+:class:`~kdkit.lm.xtok.data.XTokDataset` s and makes their collate. A same-tokenizer run gets
+None and never touches :mod:`kdkit.lm.xtok` (its path stays bit for bit what it was).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdkit.config import LMCrossTokenizerConfig, LMRunConfig
+from kdkit.errors import KDError
+from kdkit.lm.align import Aligner
+from kdkit.lm.models import max_positions, output_head
+from kdkit.lm.tokenizer import pad_id
+from kdkit.lm.vocab import same_tokenization
+from kdkit.lm.xtok.data import XTokCollate, XTokDataset
+from kdkit.lm.xtok.target import Projection
+from kdkit.lm.xtok.tokenbytes import token_bytes
+from kdkit.lm.xtok.vocabmap import VocabMap, vocab_map
+
+__all__ = ["CrossTokenizer", "cross_tokenizer", "map_cache_dir"]
+
+log = logging.getLogger(__name__)
+
+
+def map_cache_dir() -> Path:
+    """Where vocabulary maps are kept (``$XDG_CACHE_HOME/kdkit/xtok``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kdkit" / "xtok"
+
+
+@dataclass
+class CrossTokenizer:
+    """The run's cross-tokenizer settings and the map (see :func:`cross_tokenizer`)."""
+
+    student_tok: Any
+    teacher_tok: Any
+    vmap: VocabMap
+    options: LMCrossTokenizerConfig
+    teacher_max_length: int | None = None
+
+    @property
+    def student_vocab(self) -> int:
+        return self.vmap.student_vocab
+
+    def wrap(self, rows: Any) -> XTokDataset | None:
+        if rows is None:
+            return None
+        return XTokDataset(
+            rows, self.student_tok, self.teacher_tok, teacher_max_length=self.teacher_max_length
+        )
+
+    def collate(self, student: Aligner, *datasets: Any) -> XTokCollate:
+        longest = max(getattr(d, "teacher_max", 2) for d in datasets if d is not None)
+        aligner = Aligner(pad_id=pad_id(self.teacher_tok), max_length=max(int(longest), 2))
+        method = self.options.method
+        return XTokCollate(
+            student, aligner, Projection.of(self.vmap, method), method, self.options.uld_weight
+        )
+
+
+def cross_tokenizer(
+    cfg: LMRunConfig, student: Any, teacher: Any, tokenizer: Any, teacher_tok: Any
+) -> CrossTokenizer | None:
+    """The cross-tokenizer setup when ``teacher`` is a live model whose tokenizer differs from
+    the student's; None otherwise (the same-tokenizer path)."""
+    if not isinstance(teacher, torch.nn.Module) or teacher_tok is None or tokenizer is None:
+        return None
+    if same_tokenization(tokenizer, teacher_tok):
+        return None
+    dc = cfg.distill
+    if dc.on_policy is not None and dc.on_policy.lam > 0:
+        raise KDError(
+            "the teacher's tokenizer differs from the student's: cross-tokenizer KD runs "
+            "off-policy only; set distill.on_policy.lambda: 0"
+        )
+    tc = cfg.teacher
+    if tc is not None and (tc.backend, tc.precision) != ("torch", "fp32"):
+        raise KDError(
+            "config key 'teacher.backend': a teacher of another tokenizer runs in PyTorch "
+            "(backend: torch, precision: fp32) for now"
+        )
+    s_table, t_table = token_bytes(tokenizer), token_bytes(teacher_tok)
+    for who, model, table in (("student", student, s_table), ("teacher", teacher, t_table)):
+        rows = output_head(model).out_features
+        if rows < table.size:
+            raise KDError(
+                f"the {who} head has {rows} rows but its tokenizer has {table.size} tokens; "
+                f"resize its embeddings (model.resize_token_embeddings({table.size}))"
+            )
+    vmap = vocab_map(teacher_tok, tokenizer, cache_dir=map_cache_dir())
+    options = dc.cross_tokenizer or LMCrossTokenizerConfig()
+    log.info(
+        "cross-tokenizer KD (method %s): teacher vocabulary %d -> student %d, map %s",
+        options.method,
+        vmap.teacher_vocab,
+        vmap.student_vocab,
+        vmap.counts(),
+    )
+    return CrossTokenizer(tokenizer, teacher_tok, vmap, options, max_positions(teacher))
