@@ -53,3 +53,25 @@ def test_the_map_is_cached_by_fingerprints_on_disk(tok_a, tok_b, tmp_path):
     again = vocab_map(tok_a, tok_b, cache_dir=tmp_path)
     assert (again.first == m.first).all() and (again.kind == m.kind).all()
     assert vocab_map(tok_b, tok_a).key != m.key
+
+
+def test_kdkit_lm_vocab_map_reports_where_the_mass_goes(tok_a_dir, tok_b_dir, tmp_path, capsys):
+    from _lm_fixtures import tiny_llama
+
+    from kdkit.cli import main
+
+    text = tmp_path / "c.txt"
+    text.write_text("In 2024 the total was 12345 + 678 = 13023 units.\n" * 20 + "plain words\n")
+    assert main(["lm", "vocab-map", str(tok_a_dir), str(tok_b_dir), "--data", str(text)]) == 0
+    out = capsys.readouterr().out
+    assert "token counts" in out and "decomposed" in out and "tokens losing the most" in out
+    # numbers lose mass to a digit-splitting student
+    worst = out.split("tokens losing the most")[1]
+    assert any(ch.isdigit() for ch in worst)
+    model = tmp_path / "teacher"
+    import transformers
+
+    tiny_llama(vocab=2000).save_pretrained(model)
+    transformers.AutoTokenizer.from_pretrained(str(tok_a_dir)).save_pretrained(model)
+    assert main(["lm", "vocab-map", f"hf:{model}", str(tok_b_dir), "--data", str(text)]) == 0
+    assert "teacher model" in capsys.readouterr().out

@@ -107,3 +107,61 @@ def cross_tokenizer(
         vmap.counts(),
     )
     return CrossTokenizer(tokenizer, teacher_tok, vmap, options, max_positions(teacher))
+
+
+def vocab_map_report(
+    teacher: str,
+    student: str,
+    *,
+    data: list[str] = (),
+    rows: int = 64,
+    max_length: int = 256,
+    trust_code: bool = False,
+) -> list[str]:
+    """``kdkit lm vocab-map TEACHER STUDENT``: the map's coverage over a sample of ``data``
+    (the first ``rows`` rows of ``max_length`` tokens), weighted by the teacher model's
+    next-token probabilities when ``teacher`` has weights (``hf:DIR`` with a config.json),
+    else by the teacher tokenizer's token counts. Without ``data``: token counts only."""
+    import numpy as np
+
+    from kdkit.lm.data import load_lm_dataset
+    from kdkit.lm.models import load_lm, load_tokenizer_folder
+    from kdkit.lm.xtok.coverage import coverage, format_coverage
+
+    t_tok = load_tokenizer_folder(_folder(teacher), required=True, trust_code=trust_code)
+    s_tok = load_tokenizer_folder(_folder(student), required=True, trust_code=trust_code)
+    vmap = vocab_map(t_tok, s_tok, cache_dir=map_cache_dir())
+    t_bytes = token_bytes(t_tok)
+    if not data:
+        c = coverage(vmap, np.ones(vmap.teacher_vocab), t_bytes, source="one per token",
+                     positions=0)  # fmt: skip
+        return [f"map: {vmap.counts()}"] + format_coverage(c)[1:5]
+    ds = load_lm_dataset(list(data), t_tok, max_length=max_length, overflow="split")
+    sample = [ds[i] for i in range(min(rows, len(ds)))]
+    mass = np.zeros(vmap.teacher_vocab)
+    positions = sum(len(r) for r in sample)
+    folder = _folder(teacher)
+    if (folder / "config.json").is_file() and not teacher.startswith("hf-config:"):
+        model, _ = load_lm(f"hf:{folder}", trust_code=trust_code)
+        model.eval()
+        source = "teacher model"
+        with torch.no_grad():
+            for r in sample:
+                logits = model(input_ids=r.input_ids[None]).logits[0]  # the model's own
+                p = torch.softmax(logits.float(), -1)[:, : vmap.teacher_vocab]
+                mass[: p.shape[1]] += p.sum(0).double().numpy()
+    else:
+        source = "token counts"
+        for r in sample:
+            mass += np.bincount(r.input_ids.numpy(), minlength=vmap.teacher_vocab)[
+                : vmap.teacher_vocab
+            ]
+    c = coverage(vmap, mass, t_bytes, source=source, positions=positions)
+    return [f"map: {vmap.counts()}"] + format_coverage(c)
+
+
+def _folder(spec: str) -> Path:
+    """The folder of ``hf:DIR``, ``hf-config:DIR`` or a plain ``DIR``."""
+    for prefix in ("hf:", "hf-config:"):
+        spec = spec.removeprefix(prefix)
+    return Path(spec).expanduser()
