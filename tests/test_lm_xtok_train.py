@@ -127,3 +127,70 @@ def test_config_refuses_what_cross_tokenizer_kd_cannot_do(xtok_run, tmp_path, ch
     with pytest.raises(KDError, match=words) as e:
         load_config(path)
     assert "\n" not in str(e.value)
+
+
+def test_a_student_of_another_tokenizer_trains_from_a_cache_of_the_teachers_tokens(
+    xtok_run, tmp_path, capsys
+):
+    from kdkit.lm.cache import TopKCache
+    from kdkit.lm.xtok.target import XTokTarget
+    from kdkit.run.lm_job import build_lm_trainer
+
+    root, config = xtok_run
+    cfg = {**config, "run_dir": str(tmp_path / "unused")}
+    path = tmp_path / "capture.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cache_dir = tmp_path / "cache"
+    assert main(["lm", "capture", str(path), "--out", str(cache_dir), "--topk", "16",
+                 "--no-progress"]) == 0  # fmt: skip
+    cache = TopKCache(cache_dir)
+    assert (cache_dir / "tokenizer").is_dir()
+    assert len(cache.tokenizer()) == 2000  # the teacher's own tokens
+    cached = {**config, "teacher": {"model": f"cache:{cache_dir}"}, "run_dir": str(tmp_path / "r")}
+    path = tmp_path / "cached.yaml"
+    path.write_text(yaml.safe_dump(cached))
+    trainer, data = build_lm_trainer(load_config(path), torch.device("cpu"))
+    batch = next(iter(data.train_loader))
+    assert isinstance(batch.teacher, XTokTarget) and batch.teacher.shape == (batch.n_tokens,)
+    assert (batch.teacher.index >= 0).float().mean() > 0.3
+    out = trainer.task(batch, reduction="mean")
+    assert torch.isfinite(out.loss)
+    assert main(["train", str(path)]) == 0
+    assert "best val perplexity" in capsys.readouterr().out
+
+
+def test_the_cached_loss_equals_the_live_teachers_on_the_same_rows(xtok_run, tmp_path):
+    """Top k = the whole teacher vocabulary: the loss from the cache is the live teacher's
+    (to the cache's float16 rounding) on the same student rows and pairs."""
+    from kdkit.lm.align import Aligner
+    from kdkit.lm.xtok.data import XTokCollate
+    from kdkit.run.lm_job import build_lm_trainer
+
+    root, config = xtok_run
+    data_cfg = {**config["data"], "val": None}
+    cache_dir = tmp_path / "cache"
+    path = tmp_path / "capture.yaml"
+    path.write_text(yaml.safe_dump({**config, "data": data_cfg}))
+    assert main(["lm", "capture", str(path), "--out", str(cache_dir), "--topk", "2000",
+                 "--encoding", "f16", "--no-progress"]) == 0  # fmt: skip
+    cached = {**config, "data": data_cfg, "teacher": {"model": f"cache:{cache_dir}"},
+              "run_dir": str(tmp_path / "r")}  # fmt: skip
+    path = tmp_path / "cached.yaml"
+    path.write_text(yaml.safe_dump(cached))
+    trainer, data = build_lm_trainer(load_config(path), torch.device("cpu"))
+    path = tmp_path / "live.yaml"
+    path.write_text(yaml.safe_dump({**config, "data": data_cfg, "run_dir": str(tmp_path / "l")}))
+    live, _ = build_lm_trainer(load_config(path), torch.device("cpu"))
+    rows = [data.train_loader.dataset[i] for i in range(3)]
+    collate = data.train_loader.collate_fn
+    b_cache = collate(rows)
+    t_aligner = Aligner(pad_id=0, max_length=max(len(r.teacher_ids) for r in rows))
+    live_collate = XTokCollate(collate.student, t_aligner, collate.projection)
+    b_live = live_collate(rows)
+    assert torch.equal(trainer.task.student.lm_head.weight, live.task.student.lm_head.weight)
+    with torch.no_grad():
+        a = trainer.task(b_cache, reduction="sum")
+        b = live.task(b_live, reduction="sum")
+    assert a.tokens == b.tokens
+    assert a.loss.item() == pytest.approx(b.loss.item(), rel=2e-3)
+    assert a.agree.item() == pytest.approx(b.agree.item(), abs=0.05)

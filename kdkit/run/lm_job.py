@@ -28,7 +28,7 @@ from kdkit.lm.onpolicy import OnPolicy, turn_end_id
 from kdkit.lm.packing import check_packing
 from kdkit.lm.task import LMTask, TokenInputs
 from kdkit.lm.tokenizer import pad_id
-from kdkit.lm.vocab import check_vocab
+from kdkit.lm.vocab import check_vocab, same_tokenization
 from kdkit.run.fingerprints import lm_run_fingerprints
 from kdkit.run.lm_xtok import cross_tokenizer
 from kdkit.train import Trainer, distributed
@@ -98,7 +98,7 @@ def build_lm_data(
     every batch carries its teacher targets; with ``xtok`` (a teacher of another tokenizer,
     :func:`kdkit.run.lm_xtok.cross_tokenizer`) every row its teacher tokens and pairs."""
     d = cfg.data
-    train, val = lm_datasets(cfg, tokenizer, positions)
+    train, val = lm_datasets(cfg, xtok.source_tokenizer if xtok else tokenizer, positions)
     if xtok is not None:  # computed once per row, here, never in the step
         train, val = xtok.wrap(train), xtok.wrap(val)
     corpus = train.fingerprint + (val.fingerprint if val is not None else "")
@@ -225,19 +225,21 @@ def build_lm_trainer(
     vocab_size = xtok = None
     # a target source (a top-k cache, a served teacher) makes its targets outside the step
     cache = None if teacher is None or isinstance(teacher, torch.nn.Module) else teacher
-    if cache is not None:
+    # a teacher (or a cache) of another tokenizer goes across (kdkit.lm.xtok); the same, as was
+    xtok = cross_tokenizer(cfg, student, teacher, tokenizer, teacher_tok)
+    if xtok is not None:
+        vocab_size = xtok.student_vocab
+    elif cache is not None:
         cache.check_run(cfg.data, tokenizer, output_head(student).out_features)
-    else:  # a teacher of another tokenizer goes across (kdkit.lm.xtok); the same, as it was
-        xtok = cross_tokenizer(cfg, student, teacher, tokenizer, teacher_tok)
-        vocab_size = (
-            xtok.student_vocab if xtok else shared_vocab(student, teacher, tokenizer, teacher_tok)
-        )
+    else:
+        vocab_size = shared_vocab(student, teacher, tokenizer, teacher_tok)
     if cfg.data.pack:  # a family that attends across packed documents: refused before any work
         for role, model in (("student", student), ("teacher", teacher)):
             if isinstance(model, torch.nn.Module):
                 check_packing(model, role)
     positions = max_positions(student)
-    data = build_lm_data(cfg, tokenizer, positions, cache, xtok)
+    # a cache of the teacher's tokens is read by the cross-tokenizer collate
+    data = build_lm_data(cfg, tokenizer, positions, None if xtok else cache, xtok)
     # what resume compares (before the teacher becomes an ONNX engine or is sharded)
     fingerprints = lm_run_fingerprints(teacher, tokenizer, data.corpus_fingerprint)
     if cache is None:  # a cache is never a model to run
@@ -369,6 +371,10 @@ def capture_run(
     )
     freeze_teacher(teacher)
     tokenizer = run_tokenizer(cfg, teacher_tok, trust_code=trust_code)
+    if teacher_tok is not None and not same_tokenization(tokenizer, teacher_tok):
+        # a student of another tokenizer trains from the teacher's own tokens (kdkit.lm.xtok)
+        log.info("capture: the student tokenizes differently; capturing the teacher's own tokens")
+        tokenizer = teacher_tok
     head_rows = output_head(teacher).out_features
     train, val = lm_datasets(cfg, tokenizer, max_positions(teacher))
     # the cache stores the model's own distribution: kdkit's view of it is checked first

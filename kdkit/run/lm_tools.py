@@ -82,15 +82,15 @@ def evaluate_lm_run(
     cache = None if isinstance(teacher_model, torch.nn.Module) else teacher_model
     if cache is not None and data and cache.fixed_rows:  # other text than was captured
         teacher_model = cache = None  # the student's ppl only
-    if cache is not None:
+    # a teacher (or a cache) of another tokenizer: its own tokens ride with each batch
+    xtok = cross_tokenizer(cfg, student, teacher_model, tokenizer, teacher_tok)
+    if cache is not None and xtok is None:
         cache.check_run(cfg.data, tokenizer, output_head(student).out_features)
     # padded heads (more rows than the tokenizer): the real vocabulary, as training had it
-    # a teacher of another tokenizer: its own tokens ride with each batch (kdkit.lm.xtok)
-    xtok = cross_tokenizer(cfg, student, teacher_model, tokenizer, teacher_tok)
     vocab_size = (
         xtok.student_vocab if xtok else shared_vocab(student, teacher_model, tokenizer, teacher_tok)
     )
-    run_data = build_lm_data(cfg, tokenizer, max_positions(student), cache, xtok)
+    run_data = build_lm_data(cfg, tokenizer, max_positions(student), None if xtok else cache, xtok)
     loader = run_data.val_loader if run_data.val_loader is not None else run_data.train_loader
     if loader is None:
         raise KDError("the run has no val data: pass --data FILES")

@@ -23,6 +23,7 @@ from kdkit.lm.align import Aligner
 from kdkit.lm.models import max_positions, output_head
 from kdkit.lm.tokenizer import pad_id
 from kdkit.lm.vocab import same_tokenization
+from kdkit.lm.xtok.cached import DENSE_TAILS, XTokCacheCollate
 from kdkit.lm.xtok.data import XTokCollate, XTokDataset
 from kdkit.lm.xtok.target import Projection
 from kdkit.lm.xtok.tokenbytes import token_bytes
@@ -47,36 +48,55 @@ class CrossTokenizer:
     vmap: VocabMap
     options: LMCrossTokenizerConfig
     teacher_max_length: int | None = None
+    #: a top-k cache captured in the teacher's tokens (kdkit.lm.xtok.cached), else None
+    cache: Any = None
+    policy: str = "renorm"
+    student_max_length: int = 0
 
     @property
     def student_vocab(self) -> int:
         return self.vmap.student_vocab
 
+    @property
+    def source_tokenizer(self) -> Any:
+        """What the run's files are read with: the student's tokenizer, or, from a cache, the
+        teacher's (the cache finds those rows by hash: the same text bytes)."""
+        return self.teacher_tok if self.cache is not None else self.student_tok
+
     def wrap(self, rows: Any) -> XTokDataset | None:
         if rows is None:
             return None
+        if self.cache is not None:
+            return XTokDataset(
+                rows, self.student_tok, self.teacher_tok, from_teacher=self.student_max_length
+            )
         return XTokDataset(
             rows, self.student_tok, self.teacher_tok, teacher_max_length=self.teacher_max_length
         )
 
-    def collate(self, student: Aligner, *datasets: Any) -> XTokCollate:
+    def collate(self, student: Aligner, *datasets: Any) -> Any:
+        method, weight = self.options.method, self.options.uld_weight
+        if self.cache is not None:
+            vmap = self.vmap.padded(self.cache.vocab)
+            projection = Projection.of(vmap, method)
+            return XTokCacheCollate(student, self.cache, projection, method, weight, self.policy)
         longest = max(getattr(d, "teacher_max", 2) for d in datasets if d is not None)
         aligner = Aligner(pad_id=pad_id(self.teacher_tok), max_length=max(int(longest), 2))
-        method = self.options.method
-        return XTokCollate(
-            student, aligner, Projection.of(self.vmap, method), method, self.options.uld_weight
-        )
+        return XTokCollate(student, aligner, Projection.of(self.vmap, method), method, weight)
 
 
 def cross_tokenizer(
     cfg: LMRunConfig, student: Any, teacher: Any, tokenizer: Any, teacher_tok: Any
 ) -> CrossTokenizer | None:
-    """The cross-tokenizer setup when ``teacher`` is a live model whose tokenizer differs from
-    the student's; None otherwise (the same-tokenizer path)."""
-    if not isinstance(teacher, torch.nn.Module) or teacher_tok is None or tokenizer is None:
+    """The cross-tokenizer setup when ``teacher`` is a live model or a top-k cache whose
+    tokenizer differs from the student's; None otherwise (the same-tokenizer path)."""
+    cached = getattr(teacher, "fixed_rows", False)  # a TopKCache (a served teacher: no tokenizer)
+    if not (isinstance(teacher, torch.nn.Module) or cached):
         return None
-    if same_tokenization(tokenizer, teacher_tok):
+    if teacher_tok is None or tokenizer is None or same_tokenization(tokenizer, teacher_tok):
         return None
+    if cached:
+        return _from_cache(cfg, student, teacher, tokenizer, teacher_tok)
     dc = cfg.distill
     if dc.on_policy is not None and dc.on_policy.lam > 0:
         raise KDError(
@@ -107,6 +127,34 @@ def cross_tokenizer(
         vmap.counts(),
     )
     return CrossTokenizer(tokenizer, teacher_tok, vmap, options, max_positions(teacher))
+
+
+def _from_cache(
+    cfg: LMRunConfig, student: Any, cache: Any, tokenizer: Any, teacher_tok: Any
+) -> CrossTokenizer:
+    """A cache captured in the teacher's tokens, for a student of another tokenizer."""
+    if cfg.data.loss_on != "all":
+        raise KDError(
+            "config key 'data.loss_on': cross-tokenizer KD from a cache trains every token "
+            f"(loss_on: all), got {cfg.data.loss_on!r}; or use the live teacher (hf:DIR)"
+        )
+    cache.check_run(cfg.data, teacher_tok, cache.vocab)  # data settings as captured
+    rows = output_head(student).out_features
+    if rows < token_bytes(tokenizer).size:
+        raise KDError(
+            f"the student head has {rows} rows but its tokenizer has "
+            f"{token_bytes(tokenizer).size} tokens; resize its embeddings"
+        )
+    tail = cfg.distill.tail
+    policy = tail if tail in DENSE_TAILS else "renorm"
+    if policy != tail:
+        log.info("cross-tokenizer KD from a cache: tail %s -> renorm (a whole distribution)", tail)
+    vmap = vocab_map(teacher_tok, tokenizer, cache_dir=map_cache_dir())
+    options = cfg.distill.cross_tokenizer or LMCrossTokenizerConfig()
+    log.info("cross-tokenizer KD from the cache %s (method %s), map %s", cache.dir,
+             options.method, vmap.counts())  # fmt: skip
+    return CrossTokenizer(tokenizer, teacher_tok, vmap, options, None, cache, policy,
+                          cfg.data.max_length)  # fmt: skip
 
 
 def vocab_map_report(

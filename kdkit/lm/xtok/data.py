@@ -43,10 +43,17 @@ class XTokRow(TokenRow):
     teacher_docs: torch.Tensor
     pair_student: torch.Tensor
     pair_teacher: torch.Tensor
+    teacher_trainable: torch.Tensor | None = None
 
     def teacher_row(self) -> TokenRow:
+        """The teacher's row (every token trainable, unless it came from a cached row)."""
         n = int(self.teacher_ids.numel())
-        return TokenRow(self.teacher_ids, torch.ones(n, dtype=torch.bool), self.teacher_docs)
+        tr = self.teacher_trainable
+        return TokenRow(
+            self.teacher_ids,
+            torch.ones(n, dtype=torch.bool) if tr is None else tr,
+            self.teacher_docs,
+        )
 
 
 def xtok_row(
@@ -72,6 +79,30 @@ def xtok_row(
     )
 
 
+def xtok_row_from_teacher(
+    row: TokenRow, student_tok: Any, teacher_tok: Any, student_max_length: int
+) -> XTokRow:
+    """The :class:`XTokRow` of a *teacher* row (a cached one): the student's tokens of its
+    text, cut at ``student_max_length`` (pairs past the cut dropped), every token trainable."""
+    s, t = token_bytes(student_tok), token_bytes(teacher_tok)
+    kt, ks = kind_tables(t, s)
+    t_ids, t_docs = row.input_ids.numpy(), row.doc_ids.numpy()
+    s_ids, s_docs = teacher_ids(t_ids, t_docs, t, s, student_tok)  # the other side's tokens
+    s_ids, s_docs = s_ids[:student_max_length], s_docs[:student_max_length]
+    al = align_rows(s_ids, s_docs, t_ids, t_docs, (s.lengths, ks), (t.lengths, kt))
+    ids = torch.from_numpy(s_ids)
+    return XTokRow(
+        ids,
+        torch.ones(len(ids), dtype=torch.bool),
+        torch.from_numpy(s_docs),
+        row.input_ids,
+        row.doc_ids,
+        torch.from_numpy(al.student),
+        torch.from_numpy(al.teacher),
+        row.trainable,
+    )
+
+
 class XTokDataset(Dataset):
     """A student :class:`~kdkit.lm.data.LMDataset` whose rows become :class:`XTokRow` s, all
     computed here, once (``paired`` reports the share of student positions with a partner)."""
@@ -83,12 +114,21 @@ class XTokDataset(Dataset):
         teacher_tok: Any,
         *,
         teacher_max_length: int | None = None,
+        from_teacher: int | None = None,
     ) -> None:
+        """``rows``: student rows; with ``from_teacher`` (the student's max_length) teacher
+        rows (a cache's), whose text the student tokenizes here."""
         self.base = rows
-        self.rows = [
-            xtok_row(rows[i], student_tok, teacher_tok, teacher_max_length)
-            for i in range(len(rows))
-        ]
+        if from_teacher is not None:
+            self.rows = [
+                xtok_row_from_teacher(rows[i], student_tok, teacher_tok, from_teacher)
+                for i in range(len(rows))
+            ]
+        else:
+            self.rows = [
+                xtok_row(rows[i], student_tok, teacher_tok, teacher_max_length)
+                for i in range(len(rows))
+            ]
         self.description = dict(getattr(rows, "description", {}))
         self.description["teacher_tokenizer"] = tokenizer_fingerprint(teacher_tok)
         n = sum(len(r) for r in self.rows)

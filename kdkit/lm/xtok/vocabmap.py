@@ -67,6 +67,16 @@ class VocabMap:
         kind = np.where(keep, self.kind, UNMAPPED)
         return VocabMap(first, kind, self.pieces, self.student_vocab, self.key + "-exact")
 
+    def padded(self, teacher_rows: int) -> VocabMap:
+        """The map over ``teacher_rows`` ids (a padded teacher head: the extra ids unmapped)."""
+        extra = teacher_rows - self.teacher_vocab
+        if extra <= 0:
+            return self
+        first = np.concatenate([self.first, np.full(extra, -1, np.int64)])
+        kind = np.concatenate([self.kind, np.zeros(extra, np.int8)])
+        pieces = np.concatenate([self.pieces, np.zeros(extra, np.int32)])
+        return VocabMap(first, kind, pieces, self.student_vocab, self.key)
+
     def counts(self) -> dict[str, int]:
         return {name: int((self.kind == k).sum()) for k, name in KIND_NAMES.items()}
 
