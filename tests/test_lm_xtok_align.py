@@ -167,3 +167,25 @@ def test_a_row_truncated_inside_a_character_pairs_only_whole_bytes(tok_a, tok_b)
     al = align_rows(ids, np.zeros_like(ids), ids_t, docs_t, ts, tt)
     assert len(al) > 0
     assert t.text_bytes(ids_t) == s.text_bytes(ids)[: len(t.text_bytes(ids_t))]
+
+
+def test_aligning_many_rows_at_once_equals_one_row_at_a_time(tok_a, tok_b):
+    from kdkit.lm.xtok.align import align_many
+
+    s, t, ts, tt = _pair(tok_b, tok_a)
+    rows_s, rows_t = [], []
+    for k, text in enumerate(_texts(25)):
+        ids = _encode(tok_b, text)
+        docs = np.zeros_like(ids)
+        if k % 3 == 0:  # a packed row
+            more = _encode(tok_b, text[::-1])
+            ids, docs = np.concatenate([ids, more]), np.concatenate([docs, np.ones_like(more)])
+        rows_s.append((ids, docs))
+        rows_t.append(teacher_ids(ids, docs, s, t, tok_a))
+    rows_s.append((np.zeros(0, np.int64), np.zeros(0, np.int64)))  # an empty row
+    rows_t.append((np.zeros(0, np.int64), np.zeros(0, np.int64)))
+    many = align_many(rows_s, rows_t, ts, tt)
+    for (a, b), (c, d), al in zip(rows_s, rows_t, many, strict=True):
+        one = align_rows(a, b, c, d, ts, tt)
+        assert al.student.tolist() == one.student.tolist()
+        assert al.teacher.tolist() == one.teacher.tolist()

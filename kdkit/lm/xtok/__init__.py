@@ -16,7 +16,7 @@ One room, small modules, each with one job (docs/lm-xtok.md):
 Same-tokenizer runs never come here: they keep the exact path of :mod:`kdkit.lm.fused`.
 """
 
-from kdkit.lm.xtok.align import RowAlignment, align_rows
+from kdkit.lm.xtok.align import RowAlignment, align_many, align_rows
 from kdkit.lm.xtok.tokenbytes import TokenBytes, token_bytes
 
-__all__ = ["RowAlignment", "TokenBytes", "align_rows", "token_bytes"]
+__all__ = ["RowAlignment", "TokenBytes", "align_many", "align_rows", "token_bytes"]

@@ -7,7 +7,7 @@ are the stored ids through the stored tokenizer's byte table (:mod:`.tokenbytes`
 no new field in the cache format. Training re-reads the configured files with the cache's
 tokenizer: the cache finds each of those rows by its hash (the same provenance check as any
 cached run: another text, truncation or packing is refused, so the text is the same bytes), and
-the student's rows are the student's tokens of that same text (:func:`.data.xtok_row_from_teacher`).
+the student's rows are the student's tokens of that same text (:func:`.data.xtok_rows`).
 
 :class:`XTokCacheCollate` attaches an :class:`~.target.XTokTarget` whose teacher is the
 batch's cached :class:`~kdkit.lm.cache.TopKTarget` (a full distribution over the teacher's

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -23,7 +24,7 @@ from kdkit.lm.align import Aligner, TokenBatch
 from kdkit.lm.data import TokenRow
 from kdkit.lm.targets import TeacherTarget
 from kdkit.lm.tokenizer import tokenizer_fingerprint
-from kdkit.lm.xtok.align import align_rows
+from kdkit.lm.xtok.align import align_many
 from kdkit.lm.xtok.retokenize import teacher_ids
 from kdkit.lm.xtok.target import Projection, XTokTarget
 from kdkit.lm.xtok.tokenbytes import kind_tables, token_bytes
@@ -56,51 +57,52 @@ class XTokRow(TokenRow):
         )
 
 
-def xtok_row(
-    row: TokenRow, student_tok: Any, teacher_tok: Any, teacher_max_length: int | None = None
-) -> XTokRow:
-    """The :class:`XTokRow` of one student row (the teacher's tokens cut at
-    ``teacher_max_length``, pairs past the cut dropped)."""
+def xtok_rows(
+    rows: Sequence[TokenRow],
+    student_tok: Any,
+    teacher_tok: Any,
+    *,
+    teacher_max_length: int | None = None,
+    from_teacher: int | None = None,
+) -> list[XTokRow]:
+    """The :class:`XTokRow` s of student ``rows`` (the teacher's tokens cut at
+    ``teacher_max_length``), or, with ``from_teacher`` (the student's max_length), of *teacher*
+    rows (a cache's): the student's tokens of their text, cut there, every token trainable.
+    Pairs past a cut are dropped. One :func:`~.align.align_many` for all rows."""
     s, t = token_bytes(student_tok), token_bytes(teacher_tok)
     ks, kt = kind_tables(s, t)
-    ids, docs = row.input_ids.numpy(), row.doc_ids.numpy()
-    t_ids, t_docs = teacher_ids(ids, docs, s, t, teacher_tok)
-    if teacher_max_length is not None:
-        t_ids, t_docs = t_ids[:teacher_max_length], t_docs[:teacher_max_length]
-    al = align_rows(ids, docs, t_ids, t_docs, (s.lengths, ks), (t.lengths, kt))
-    return XTokRow(
-        row.input_ids,
-        row.trainable,
-        row.doc_ids,
-        torch.from_numpy(t_ids),
-        torch.from_numpy(t_docs),
-        torch.from_numpy(al.student),
-        torch.from_numpy(al.teacher),
+    sides = []  # (student ids, docs, trainable), (teacher ids, docs, trainable or None)
+    for row in rows:
+        ids, docs = row.input_ids.numpy(), row.doc_ids.numpy()
+        if from_teacher is None:
+            o_ids, o_docs = teacher_ids(ids, docs, s, t, teacher_tok)
+            if teacher_max_length is not None:
+                o_ids, o_docs = o_ids[:teacher_max_length], o_docs[:teacher_max_length]
+            sides.append(((ids, docs, row.trainable), (o_ids, o_docs, None)))
+        else:  # the same function, the other way: the student's tokens of a teacher row
+            o_ids, o_docs = teacher_ids(ids, docs, t, s, student_tok)
+            o_ids, o_docs = o_ids[:from_teacher], o_docs[:from_teacher]
+            keep = torch.ones(len(o_ids), dtype=torch.bool)
+            sides.append(((o_ids, o_docs, keep), (ids, docs, row.trainable)))
+    pairs = align_many(
+        [(a[0], a[1]) for a, _ in sides],
+        [(b[0], b[1]) for _, b in sides],
+        (s.lengths, ks),
+        (t.lengths, kt),
     )
-
-
-def xtok_row_from_teacher(
-    row: TokenRow, student_tok: Any, teacher_tok: Any, student_max_length: int
-) -> XTokRow:
-    """The :class:`XTokRow` of a *teacher* row (a cached one): the student's tokens of its
-    text, cut at ``student_max_length`` (pairs past the cut dropped), every token trainable."""
-    s, t = token_bytes(student_tok), token_bytes(teacher_tok)
-    kt, ks = kind_tables(t, s)
-    t_ids, t_docs = row.input_ids.numpy(), row.doc_ids.numpy()
-    s_ids, s_docs = teacher_ids(t_ids, t_docs, t, s, student_tok)  # the other side's tokens
-    s_ids, s_docs = s_ids[:student_max_length], s_docs[:student_max_length]
-    al = align_rows(s_ids, s_docs, t_ids, t_docs, (s.lengths, ks), (t.lengths, kt))
-    ids = torch.from_numpy(s_ids)
-    return XTokRow(
-        ids,
-        torch.ones(len(ids), dtype=torch.bool),
-        torch.from_numpy(s_docs),
-        row.input_ids,
-        row.doc_ids,
-        torch.from_numpy(al.student),
-        torch.from_numpy(al.teacher),
-        row.trainable,
-    )
+    return [
+        XTokRow(
+            torch.as_tensor(a[0], dtype=torch.long),
+            a[2],
+            torch.as_tensor(a[1], dtype=torch.long),
+            torch.as_tensor(b[0], dtype=torch.long),
+            torch.as_tensor(b[1], dtype=torch.long),
+            torch.from_numpy(al.student),
+            torch.from_numpy(al.teacher),
+            b[2],
+        )
+        for (a, b), al in zip(sides, pairs, strict=True)
+    ]
 
 
 class XTokDataset(Dataset):
@@ -119,16 +121,13 @@ class XTokDataset(Dataset):
         """``rows``: student rows; with ``from_teacher`` (the student's max_length) teacher
         rows (a cache's), whose text the student tokenizes here."""
         self.base = rows
-        if from_teacher is not None:
-            self.rows = [
-                xtok_row_from_teacher(rows[i], student_tok, teacher_tok, from_teacher)
-                for i in range(len(rows))
-            ]
-        else:
-            self.rows = [
-                xtok_row(rows[i], student_tok, teacher_tok, teacher_max_length)
-                for i in range(len(rows))
-            ]
+        self.rows = xtok_rows(
+            [rows[i] for i in range(len(rows))],
+            student_tok,
+            teacher_tok,
+            teacher_max_length=teacher_max_length,
+            from_teacher=from_teacher,
+        )
         self.description = dict(getattr(rows, "description", {}))
         self.description["teacher_tokenizer"] = tokenizer_fingerprint(teacher_tok)
         n = sum(len(r) for r in self.rows)
