@@ -13,9 +13,10 @@ and Llama's do).
 data pipeline calls, all rows at once) and ``align_rows`` (one row at a time) against a
 per-token Python loop over the same per-id tables (the loop is given the tables: no decode), and
 against a loop that decodes each token (the GOLD / DSKD way); the pairs must be equal.
-``step``: the LM task's forward + backward on the same batches (rows of 128 tokens, batch 16,
-the demo's student and teacher shapes), same-tokenizer KD (student on A) against
-cross-tokenizer KD (student on B), interleaved, median ms per step.
+``step``: the LM task's forward + backward (rows of 128 tokens, batch 16, the demo's student
+and teacher shapes), interleaved, median ms per step: cross-tokenizer KD (teacher A, student B)
+against same-tokenizer KD with the same student (B, from a teacher of B's tokenizer and the
+same shape) and against the A -> A pair (a student of 2,048 tokens: a cheaper head).
 ``quality``: test perplexity in the student's tokens and bits per byte (comparable across
 tokenizers), mean +- std over seeds: scratch and same-tokenizer KD on A (the reference),
 scratch, cross-tokenizer KD online, from a top-k cache (k 32) and ULD alone on B.
@@ -94,7 +95,10 @@ def bench_align(out: Path) -> None:
     start = time.perf_counter()
     pairs_t = [teacher_ids(r.input_ids.numpy(), r.doc_ids.numpy(), s, t, tok_a) for r in rows]
     retok_s = time.perf_counter() - start
-    data = [(r.input_ids.numpy(), r.doc_ids.numpy(), ti, td) for r, (ti, td) in zip(rows, pairs_t)]
+    data = [
+        (r.input_ids.numpy(), r.doc_ids.numpy(), ti, td)
+        for r, (ti, td) in zip(rows, pairs_t, strict=True)
+    ]
     n_tok = sum(len(a) + len(c) for a, _, c, _ in data)
     timing = {}
     for rep in range(7):  # interleaved; the best of 7 (a shared machine)
@@ -111,9 +115,9 @@ def bench_align(out: Path) -> None:
                 for a, b, c, d in data]  # fmt: skip
         timing.setdefault("python loop", []).append(time.perf_counter() - start)
         if rep == 0:
-            for o, lp, o1 in zip(ours, loop, one):
-                assert list(zip(o.student.tolist(), o.teacher.tolist())) == lp
-                assert list(zip(o1.student.tolist(), o1.teacher.tolist())) == lp
+            for o, lp, o1 in zip(ours, loop, one, strict=True):
+                assert list(zip(o.student.tolist(), o.teacher.tolist(), strict=True)) == lp
+                assert list(zip(o1.student.tolist(), o1.teacher.tolist(), strict=True)) == lp
             sub = data[:100]
             start = time.perf_counter()
             for a, _, c, _ in sub:
@@ -138,14 +142,25 @@ def bench_step(out: Path, steps: int = 12) -> None:
     from kdkit.run.lm_job import build_lm_trainer
 
     base, files, teacher, tok_a, tok_b = _setup(out)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     a_dir = llama_folder(out / "student-a", tok_a, base.student, base.max_length)
     b_dir = llama_folder(out / "student-b", tok_b, base.student, base.max_length)
+    # a teacher of B's tokenizer, the demo teacher's shape (random weights: time only)
+    tb_dir = llama_folder(out / "teacher-b", tok_b, base.teacher, base.max_length)
+    if not (tb_dir / "model.safetensors").is_file():
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tb_dir)).save_pretrained(tb_dir)
     tasks = {}
-    for name, student in (("same-tokenizer KD", a_dir), ("cross-tokenizer KD", b_dir)):
+    runs = (
+        ("same-tokenizer KD, A -> A", a_dir, teacher),
+        ("same-tokenizer KD, B -> B", b_dir, tb_dir),
+        ("cross-tokenizer KD, A -> B", b_dir, teacher),
+    )
+    for name, student, t_dir in runs:
         raw = {
             "task": "lm",
             "student": {"model": f"hf-config:{student}"},
-            "teacher": {"model": f"hf:{teacher}"},
+            "teacher": {"model": f"hf:{t_dir}"},
             "data": {
                 "text_files": [str(files[1])],
                 "max_length": base.max_length,
@@ -154,7 +169,7 @@ def bench_step(out: Path, steps: int = 12) -> None:
             "run_dir": str(out / f"step-{len(tasks)}"),
         }
         trainer, data = build_lm_trainer(resolve_paths(load_config(data=raw)), torch.device("cpu"))
-        batches = [b for _, b in zip(range(steps), data.train_loader)]
+        batches = [b for _, b in zip(range(steps), data.train_loader, strict=False)]
         tasks[name] = (trainer.task, batches)
     times: dict[str, list[float]] = {k: [] for k in tasks}
     for i in range(steps):
@@ -165,8 +180,8 @@ def bench_step(out: Path, steps: int = 12) -> None:
             out_.loss.backward()
             times[name].append(time.perf_counter() - start)
             task.student.zero_grad(set_to_none=True)
-    ref = statistics.median(times["same-tokenizer KD"][2:])
-    print("| step (batch 16 x 128 tokens, fwd + bwd) | median ms | vs same-tokenizer |")
+    ref = statistics.median(times["same-tokenizer KD, B -> B"][2:])
+    print("| step (batch 16 x 128 tokens, fwd + bwd) | median ms | vs same-tokenizer B -> B |")
     print("|---|---:|---:|")
     for name, t in times.items():
         m = statistics.median(t[2:])
@@ -184,7 +199,7 @@ def bits_per_byte(run_dir: Path, test: Path, max_length: int, batch: int) -> tup
     from kdkit.run.lm_tools import load_lm_student
 
     student, tok, _ = load_lm_student(run_dir)
-    ds = load_lm_dataset([test], tok, max_length=max_length)
+    ds = load_lm_dataset([test], tok, max_length=max_length, overflow="split")
     aligner = Aligner(pad_id=pad_id(tok), max_length=max_length)
     lens = torch.from_numpy(token_bytes(tok).lengths)
     batches = [aligner(ds.rows[i : i + batch]) for i in range(0, len(ds), batch)]
@@ -266,7 +281,7 @@ def _teacher_bpb(teacher: Path, test: Path, base, out: Path) -> tuple[float, flo
     from kdkit.lm.xtok.tokenbytes import token_bytes
 
     model, tok = load_lm(f"hf:{teacher}")
-    ds = load_lm_dataset([test], tok, max_length=base.max_length)
+    ds = load_lm_dataset([test], tok, max_length=base.max_length, overflow="split")
     aligner = Aligner(pad_id=pad_id(tok), max_length=base.max_length)
     lens = torch.from_numpy(token_bytes(tok).lengths)
     batches = [aligner(ds.rows[i : i + 16]) for i in range(0, len(ds), 16)]

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from kdkit.errors import KDError
-from kdkit.lm.divergence import divergence_value, value_and_grad
+from kdkit.lm.divergence import value_and_grad
 from kdkit.lm.targets import TeacherTarget
 from kdkit.lm.xtok.vocabmap import VocabMap
 
@@ -174,60 +174,85 @@ class XTokTarget:
         skew: float,
         grad_out: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(value, forward KL, dD/dz into grad_out, teacher top-1 in student ids)`` per row."""
+        """``(value, forward KL, dD/dz into grad_out, teacher top-1 in student ids)`` per row.
+
+        The chunk is computed whole (rows without a partner borrow a teacher row, then get
+        their cross-entropy written over it): no ``[rows, V]`` gather or scatter per chunk."""
         n = rows.numel()
         dev, dt = log_q.device, log_q.dtype
-        value, kl = log_q.new_zeros(n), log_q.new_zeros(n)
-        top1 = torch.full((n,), -1, dtype=torch.long, device=dev)
-        grad_out.zero_()
         trow = self.index.index_select(0, rows.to(self.index.device)).to(dev)
-        paired = (trow >= 0).nonzero().squeeze(1)
         lone = (trow < 0).nonzero().squeeze(1)
-        if lone.numel() and self.labels is not None:  # the text's own token: cross-entropy
-            lab = self.labels.index_select(0, rows.to(self.labels.device)).to(dev)[lone]
-            ok = lab >= 0
-            lone, lab = lone[ok], lab[ok]
-            lq = log_q.index_select(0, lone)
-            value[lone] = -lq.gather(1, lab.unsqueeze(1)).squeeze(1)
-            g = lq.exp_()
-            g[torch.arange(len(lone), device=dev), lab] -= 1.0
-            grad_out.index_copy_(0, lone, g)
-            top1[lone] = lab
-        if not paired.numel():
+        if lone.numel() == n:  # nobody pairs: cross-entropy (or nothing) only
+            value, kl = log_q.new_zeros(n), log_q.new_zeros(n)
+            top1 = torch.full((n,), -1, dtype=torch.long, device=dev)
+            grad_out.zero_()
+            self._lone(log_q, rows, lone, value, grad_out, top1)
             return value, kl, grad_out, top1
         pr = self.projection
         vt = pr.teacher_vocab
-        buf = torch.empty(2, paired.numel(), vt, dtype=dt, device=dev)
-        lp_t = self.teacher.log_probs(
-            trow[paired], vocab_size=vt, temperature=temperature, out=buf[0], scratch=buf[1]
+        buf = torch.empty(2, n, vt, dtype=dt, device=dev)
+        self.teacher.log_probs(
+            trow.clamp(min=0), vocab_size=vt, temperature=temperature, out=buf[0], scratch=buf[1]
         )
-        p_t = torch.exp(lp_t, out=buf[1])
-        del lp_t
-        self.mass.index_add_(0, pr.kind.to(dev), p_t.sum(0).to(torch.float64).to(self.mass.device))
-        lq = log_q.index_select(0, paired)
-        q = lq.exp()
+        p_t = torch.exp(buf[0], out=buf[1])
+        weights = (trow >= 0).to(dt)
+        self.mass.index_add_(0, pr.kind.to(dev), (weights @ p_t).to(self.mass.dtype))
+        lone_out = self._lone_values(log_q, rows, lone)  # before q overwrites grad_out
+        q = torch.exp(log_q, out=grad_out)
+        kl = log_q.new_zeros(n)
+        every = pr.src.numel() == vt  # every teacher id maps: no gather
+        proj = torch.zeros_like(q).index_add_(
+            1, pr.dst, p_t if every else p_t.index_select(1, pr.src)
+        )
+        top1 = proj.argmax(1)
         if self.method == "uld":
             v, g_q = uld_value_and_grad(q, None, p_t)
-            g = _softmax_grad(q, g_q) * self.uld_weight
-            v = v * self.uld_weight
-            proj = torch.zeros_like(q).index_add_(1, pr.dst, p_t.index_select(1, pr.src))
-            top1[paired] = proj.argmax(1)
+            g = _softmax_grad(q, g_q).mul_(self.uld_weight)
+            value = v * self.uld_weight
         else:
-            proj = torch.zeros_like(q).index_add_(1, pr.dst, p_t.index_select(1, pr.src))
             m = proj.sum(1, keepdim=True)
-            top1[paired] = proj.argmax(1)
-            floor = torch.finfo(dt).min / 4
-            lp = torch.log(proj.div_(m.clamp(min=torch.finfo(dt).tiny))).clamp_(min=floor)
-            v, g = value_and_grad(divergence, lq, lp, beta=beta, skew=skew)
-            kl[paired] = divergence_value("fkl", lq, lp)
-            v, g = v * m.squeeze(1), g * m
-            if self.uld_weight and pr.unmapped.numel():
+            proj.div_(m.clamp(min=torch.finfo(dt).tiny))
+            lp = torch.log(proj).clamp_(min=torch.finfo(dt).min / 4)
+            uld = None
+            if self.uld_weight and pr.unmapped.numel():  # before q is consumed below
                 u, g_q = uld_value_and_grad(q, pr.unreached, p_t.index_select(1, pr.unmapped))
-                v = v + self.uld_weight * u
-                g = g + self.uld_weight * _softmax_grad(q, g_q)
-        value[paired] = v
-        grad_out.index_copy_(0, paired, g)
+                uld = (u, _softmax_grad(q, g_q))
+            del buf, p_t
+            value, g = value_and_grad(divergence, log_q, lp, beta=beta, skew=skew, q=q, p=proj)
+            # the forward KL of the projection, for the log (the value itself for fkl)
+            kl = value.clone() if divergence == "fkl" else proj.mul_(lp.sub_(log_q)).sum(1)
+            value = value * m.squeeze(1)
+            g.mul_(m)
+            if uld is not None:
+                value = value + self.uld_weight * uld[0]
+                g.add_(uld[1], alpha=self.uld_weight)
+        if g.data_ptr() != grad_out.data_ptr():
+            grad_out.copy_(g)
+        if lone.numel():
+            kl[lone] = 0.0
+            value[lone], grad_out[lone], top1[lone] = lone_out
         return value, kl, grad_out, top1
+
+    def _lone_values(self, log_q: torch.Tensor, rows: torch.Tensor, lone: torch.Tensor):
+        """``(value, dD/dz, top-1)`` of the rows without a partner: the text's own next token
+        (cross-entropy), or nothing (0) without labels or with label -100."""
+        lq = log_q.index_select(0, lone)
+        value = lq.new_zeros(len(lone))
+        top1 = torch.full((len(lone),), -1, dtype=torch.long, device=lq.device)
+        if self.labels is None:
+            return value, torch.zeros_like(lq), top1
+        lab = self.labels.index_select(0, rows.to(self.labels.device)).to(lq.device)[lone]
+        ok = (lab >= 0).nonzero().squeeze(1)
+        safe = lab.clamp(min=0)
+        g = lq.exp()
+        g[ok, safe[ok]] -= 1.0
+        g[(lab < 0).nonzero().squeeze(1)] = 0.0
+        value[ok] = -lq[ok, safe[ok]]
+        top1[ok] = lab[ok]
+        return value, g, top1
+
+    def _lone(self, log_q, rows, lone, value, grad_out, top1) -> None:
+        value[lone], grad_out[lone], top1[lone] = self._lone_values(log_q, rows, lone)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> XTokTarget:
         return replace(
