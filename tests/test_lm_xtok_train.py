@@ -157,6 +157,9 @@ def test_a_student_of_another_tokenizer_trains_from_a_cache_of_the_teachers_toke
     assert torch.isfinite(out.loss)
     assert main(["train", str(path)]) == 0
     assert "best val perplexity" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "r"), "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert {"ppl", "kl", "agree"} <= set(scores["student"])
 
 
 def test_the_cached_loss_equals_the_live_teachers_on_the_same_rows(xtok_run, tmp_path):
