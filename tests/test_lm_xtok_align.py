@@ -112,11 +112,16 @@ def test_bos_asymmetry_pairs_nothing_at_byte_zero(tok_a, tok_b):
     s, t, ids_s, ids_t, al = _check_pairs(tok_b, tok_a, "Hello world 123")
     assert ids_s[0] == tok_b.bos_token_id and 0 not in al.student.tolist()
     assert tok_b.bos_token_id not in ids_t.tolist()
-    # student a, teacher b: the teacher gets its own BOS; a's first position pairs with the
-    # teacher's first text position, never with the BOS position
+    assert al.student[0] == 1 and al.teacher[0] == 0  # the first text positions pair
+    # a row that starts with a BOS gives a teacher with one its BOS; pairs start after it
+    b = token_bytes(tok_b)
+    ids = _encode(tok_b, "Hello world 123")
+    ids_t, docs_t = teacher_ids(ids, np.zeros_like(ids), b, b, tok_b)
+    assert ids_t[0] == tok_b.bos_token_id
+    # student a, teacher b: no BOS where the row has none (a row cut mid-text has none)
     s, t, ids_s, ids_t, al = _check_pairs(tok_a, tok_b, "Hello world 123")
-    assert ids_t[0] == tok_b.bos_token_id and 0 not in al.teacher.tolist()
-    assert al.student[0] == 0 and al.teacher[0] == 1
+    assert tok_b.bos_token_id not in ids_t.tolist()
+    assert al.student[0] == 0 and al.teacher[0] == 0
 
 
 def test_eos_pairs_with_eos(tok_a, tok_b):
@@ -153,7 +158,8 @@ def test_packed_rows_align_document_by_document(tok_a, tok_b):
     ids = np.concatenate([one, two])
     docs = np.concatenate([np.zeros(len(one), np.int64), np.ones(len(two), np.int64)])
     ids_t, docs_t = teacher_ids(ids, docs, s, t, tok_b)
-    assert (ids_t == tok_b.bos_token_id).sum() == 2  # the teacher's BOS at each document
+    assert (ids_t == tok_b.bos_token_id).sum() == 0  # none where the student has none
+    assert (ids_t == tok_b.eos_token_id).sum() == 2  # each document's EOS
     al = align_rows(ids, docs, ids_t, docs_t, ts, tt)
     assert (docs[al.student] == docs_t[al.teacher]).all()
     assert len(np.unique(docs[al.student])) == 2

@@ -5,9 +5,12 @@ truncated document, specials (BOS, EOS, chat markers). Its text is read back fro
 token-bytes table (no ``decode``), cut at its special tokens, and each text run is encoded by
 the teacher (``add_special_tokens=False``; one batched call per row). Specials are carried over
 by class (:mod:`.tokenbytes`): an EOS becomes the teacher's EOS, a chat marker the teacher's
-token of the same string; a BOS follows the *teacher's* habit (a teacher that prepends BOS gets
-one at every document start, one that does not gets none), as each model saw in training. A
-special the teacher lacks is left out (it stands for no text). A run cut inside a multi-byte
+token of the same string, a BOS the teacher's BOS (dropped when it has none). No BOS is added
+where the row has none: a row cut from the middle of a text (``overflow: split``) has no BOS,
+and a BOS at every row start would teach a student that every row starts a text (measured: a
+student trained from a cache with a BOS added at every row scored worse than scratch on test
+rows that mostly start mid-text). A special the teacher lacks is left out (it stands for no
+text). A run cut inside a multi-byte
 character (truncation) keeps its complete characters; the bytes of the cut one have no teacher
 token and pair with nothing.
 """
@@ -57,12 +60,10 @@ def teacher_ids(
     texts, plan = [], []  # plan: ("text", k) | ("id", teacher id), with the run's document
     for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
         doc = int(doc_ids[a])
-        if teacher.adds_bos and (a == 0 or doc != int(doc_ids[a - 1])):
-            plan.append((teacher.bos_id, doc))
         if special[a]:
             cls = student.special_class[int(ids[a])]
-            tid = by_class.get(cls)
-            if tid is not None and cls != "bos":  # BOS: the teacher's habit, added above
+            tid = teacher.bos_id if cls == "bos" else by_class.get(cls)
+            if tid is not None:
                 plan.append((tid, doc))
             continue
         plan.append((("text", len(texts)), doc))
