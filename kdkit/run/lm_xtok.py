@@ -50,7 +50,7 @@ class CrossTokenizer:
     teacher_max_length: int | None = None
     #: a top-k cache captured in the teacher's tokens (kdkit.lm.xtok.cached), else None
     cache: Any = None
-    policy: str = "prior"
+    policy: str = "bucket"
     student_max_length: int = 0
 
     @property
@@ -145,15 +145,16 @@ def _from_cache(
             f"the student head has {rows} rows but its tokenizer has "
             f"{token_bytes(tokenizer).size} tokens; resize its embeddings"
         )
-    # the projection needs a whole distribution over the teacher's vocabulary: the sparse
-    # policies (bucket, drop) become prior, the tail spread as the teacher's corpus mean
-    # (measured on the demo: renorm k=32 made the student worse than scratch, prior did not)
-    tail = cfg.distill.tail
-    policy = tail if tail in DENSE_TAILS else "prior"
-    if policy != tail:
-        log.info("cross-tokenizer KD from a cache: tail %s -> prior (a whole distribution)", tail)
-    vmap = vocab_map(teacher_tok, tokenizer, cache_dir=map_cache_dir())
+    # bucket (the default) projects the top k and keeps the tail one bucket (lm/xtok/bucket.py);
+    # drop, and bucket for ULD (which sorts whole distributions), become prior
     options = cfg.distill.cross_tokenizer or LMCrossTokenizerConfig()
+    tail = cfg.distill.tail
+    policy = tail if tail in DENSE_TAILS or tail == "bucket" else "prior"
+    if policy == "bucket" and options.method == "uld":
+        policy = "prior"
+    if policy != tail:
+        log.info("cross-tokenizer KD from a cache: tail %s -> %s", tail, policy)
+    vmap = vocab_map(teacher_tok, tokenizer, cache_dir=map_cache_dir())
     log.info("cross-tokenizer KD from the cache %s (method %s), map %s", cache.dir,
              options.method, vmap.counts())  # fmt: skip
     return CrossTokenizer(tokenizer, teacher_tok, vmap, options, None, cache, policy,

@@ -10,11 +10,12 @@ cached run: another text, truncation or packing is refused, so the text is the s
 the student's rows are the student's tokens of that same text (:func:`.data.xtok_rows`).
 
 :class:`XTokCacheCollate` attaches an :class:`~.target.XTokTarget` whose teacher is the
-batch's cached :class:`~kdkit.lm.cache.TopKTarget` (a full distribution over the teacher's
-vocabulary: tail policy ``prior``, the default here, ``uniform`` or ``renorm``); ``LMTask``
-reads it like any cached target. ``prior`` is the default because the tail matters: on the
-demo (a weak teacher, top 32 holding well under all of its mass) ``renorm`` made the target far
-sharper than the teacher and the student worse than scratch.
+batch's cached :class:`~kdkit.lm.cache.TopKTarget`; ``LMTask`` reads it like any cached target.
+The tail policy matters: ``bucket`` (the default) projects the top k and keeps the rest one
+bucket against the student's own rest (:mod:`.bucket`); ``prior``, ``uniform`` and ``renorm``
+give a whole distribution over the teacher's vocabulary, projected like a live teacher's. On the
+demo (a weak teacher, its top 32 holding well under all of its mass) ``renorm`` and ``prior``
+made the student worse than scratch (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class XTokCacheCollate:
     projection: Projection
     method: str = "project"
     uld_weight: float = 1.0
-    policy: str = "prior"
+    policy: str = "bucket"
 
     def __call__(self, rows: list[XTokRow]) -> TokenBatch:
         batch = self.student(rows)

@@ -35,6 +35,7 @@ import torch
 from kdkit.errors import KDError
 from kdkit.lm.divergence import value_and_grad
 from kdkit.lm.targets import TeacherTarget
+from kdkit.lm.xtok.bucket import bucket_value_and_grad
 from kdkit.lm.xtok.vocabmap import VocabMap
 
 __all__ = ["METHODS", "Projection", "XTokTarget", "uld_value_and_grad"]
@@ -51,6 +52,7 @@ class Projection:
     unmapped: torch.Tensor  # teacher ids that do not map
     unreached: torch.Tensor  # student ids no teacher id maps to
     kind: torch.Tensor  # [Vt] int64 map kind (for the mass report)
+    first: torch.Tensor  # [Vt] int64 student id or -1 (the map itself)
     teacher_vocab: int
     student_vocab: int
 
@@ -72,6 +74,7 @@ class Projection:
             unmapped=(~mapped).nonzero().squeeze(1),
             unreached=(~reached).nonzero().squeeze(1),
             kind=torch.from_numpy(np.asarray(m.kind, dtype=np.int64)),
+            first=first,
             teacher_vocab=m.teacher_vocab,
             student_vocab=m.student_vocab,
         )
@@ -79,7 +82,7 @@ class Projection:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Projection:
         moved = {
             k: getattr(self, k).to(device, non_blocking=non_blocking)
-            for k in ("src", "dst", "unmapped", "unreached", "kind")
+            for k in ("src", "dst", "unmapped", "unreached", "kind", "first")
         }
         return replace(self, **moved)
 
@@ -189,6 +192,8 @@ class XTokTarget:
             self._lone(log_q, rows, lone, value, grad_out, top1)
             return value, kl, grad_out, top1
         pr = self.projection
+        if getattr(self.teacher, "policy", None) == "bucket":  # a cached top k, its tail a bucket
+            return self._bucket(divergence, log_q, rows, trow, lone, beta, skew, grad_out)
         vt = pr.teacher_vocab
         buf = torch.empty(2, n, vt, dtype=dt, device=dev)
         self.teacher.log_probs(
@@ -228,6 +233,29 @@ class XTokTarget:
                 g.add_(uld[1], alpha=self.uld_weight)
         if g.data_ptr() != grad_out.data_ptr():
             grad_out.copy_(g)
+        if lone.numel():
+            kl[lone] = 0.0
+            value[lone], grad_out[lone], top1[lone] = lone_out
+        return value, kl, grad_out, top1
+
+    def _bucket(self, divergence, log_q, rows, trow, lone, beta, skew, grad_out):
+        """A cached top k with the ``bucket`` tail (:mod:`.bucket`)."""
+        t = self.teacher
+        lone_out = self._lone_values(log_q, rows, lone)
+        safe = trow.clamp(min=0).to(t.ids.device)
+        ids = t.ids.index_select(0, safe).to(log_q.device)
+        logp = t.logp.index_select(0, safe).to(log_q.dtype).to(log_q.device)
+        tail = t.tail.index_select(0, safe).to(log_q.dtype).to(log_q.device)
+        value, kl, grad, top1 = bucket_value_and_grad(
+            divergence, log_q, ids, logp, tail, self.projection.first, beta=beta, skew=skew
+        )
+        paired = trow >= 0
+        kind = self.projection.kind[ids].to(log_q.device)
+        mass = torch.zeros(4, dtype=self.mass.dtype, device=log_q.device)
+        mass.index_add_(0, kind[paired].reshape(-1), logp.exp()[paired].reshape(-1).to(mass.dtype))
+        mass[0] += tail.exp()[paired].sum().to(mass.dtype)  # the tail: unmapped, as far as known
+        self.mass.add_(mass.to(self.mass.device))
+        grad_out.copy_(grad)
         if lone.numel():
             kl[lone] = 0.0
             value[lone], grad_out[lone], top1[lone] = lone_out
