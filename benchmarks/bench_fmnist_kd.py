@@ -78,7 +78,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     cfg = DemoConfig(progress=False, temperature=args.temperature, kd_epochs=args.kd_epochs)
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
-    teacher = demo_teacher(cfg, train, test)
+    teacher = demo_teacher(cfg)
     data = {"train": train, "eval": test}
     if args.val:
         data["train"], data["eval"] = holdout(train, 5000, seed=123)

@@ -293,7 +293,7 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = DemoConfig(progress=False)
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
-    model = demo_teacher(cfg, train, test).model.eval()
+    model = demo_teacher(cfg).model.eval()
     data = kd_set(train, cfg)
     res: dict = {
         "cpu": os.cpu_count(),

@@ -262,7 +262,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     cfg = DemoConfig(progress=False)
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
-    trained = demo_teacher(cfg, train, test)  # the demo's cached teacher (trains it if missing)
+    trained = demo_teacher(cfg)  # the demo's cached teacher (trains it if missing)
     enc = Encoder(Penultimate(trained.model).eval(), onnx=True)
     hp: dict[str, Any] = {
         "probe_lr": args.probe_lr,

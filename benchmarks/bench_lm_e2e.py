@@ -87,7 +87,9 @@ def run_kdkit(teacher_dir, tok, data, epochs: int, cache=None) -> tuple[float, i
     with tempfile.TemporaryDirectory() as out:
         path = Path(out) / "chat.jsonl"
         path.write_text("\n".join(json.dumps(e) for e in data) + "\n")
-        ds = load_lm_dataset([path], tok, format="chat", loss_on="assistant", max_length=128)
+        ds = load_lm_dataset(  # cut at the end, as TRL does (data.truncation: right)
+            [path], tok, format="chat", loss_on="assistant", max_length=128, truncation="right"
+        )
     collate = Aligner(tok.pad_token_id, 128)
     if cache is not None:
         collate = cache.collate(collate, "bucket")
@@ -116,7 +118,7 @@ def capture_cache(teacher_dir, data, out: Path) -> tuple[object, float]:
         "student": {"model": f"hf:{teacher_dir}"},
         "teacher": {"model": f"hf:{teacher_dir}"},
         "data": {"text_files": [str(path)], "format": "chat", "loss_on": "assistant",
-                 "max_length": 128, "pack": False, "overflow": "truncate", "batch_size": 16},
+                 "max_length": 128, "pack": False, "truncation": "right", "batch_size": 16},
     }  # fmt: skip
     start = time.perf_counter()
     capture_run(resolve_paths(load_config(data=raw)), out / "cache", topk=32, progress=False)

@@ -26,7 +26,7 @@ from kdkit.run.lm_demo import (
     LMDemoConfig,
     llama_folder,
     student_test_ppl,
-    teacher_test_ppl,
+    teacher_test_scores,
     train_demo_run,
     write_splits,
 )
@@ -124,7 +124,7 @@ def main() -> None:
                 f"seed {seed} {name:8} val ppl {result.best_top1:.2f} test ppl {test:.2f}",
                 flush=True,
             )
-    t_ppl = teacher_test_ppl(teacher, files[2], base)
+    t_ppl = teacher_test_scores(teacher, files[2], base)["ppl"]
     scratch = statistics.mean(t for _, t in rows["scratch"])
     print(f"\nteacher test ppl {t_ppl:.2f}; torch {torch.__version__}; seeds {args.seeds}\n")
     print("| recipe | val ppl | test ppl | gap closed (test) |")

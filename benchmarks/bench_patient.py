@@ -58,6 +58,7 @@ import time
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch.optim.lr_scheduler import OneCycleLR
@@ -76,7 +77,7 @@ from kdkit.data import (
 )
 from kdkit.data.pipeline import InputPipeline
 from kdkit.data.views import ViewSampler
-from kdkit.demo import DemoConfig, RunResult, demo_teacher, fast_teacher
+from kdkit.demo import DemoConfig, demo_teacher, fast_teacher
 from kdkit.distiller import Distiller
 from kdkit.models import fmnist_student
 from kdkit.run.evaluate import evaluate_logits
@@ -264,13 +265,14 @@ def teacher_accuracies(teachers: dict, test) -> dict[str, float]:
     return top1
 
 
-def load_teacher(path: Path) -> RunResult:
-    """A saved ``fmnist_teacher`` checkpoint (``bench_teacher_recipe.py`` writes them)."""
+def load_teacher(path: Path) -> SimpleNamespace:
+    """A saved ``fmnist_teacher`` checkpoint (``bench_teacher_recipe.py`` writes them), with
+    ``model`` and ``test_top1`` as :func:`kdkit.demo.demo_teacher`'s row has them."""
     from kdkit import load_model
 
     model, meta = load_model(str(path))  # meta: the file's plain values, test_top1 among them
     top1 = float(meta.get("test_top1", float("nan")))
-    return RunResult("teacher", str(path), model.eval(), top1, [], 0.0)
+    return SimpleNamespace(model=model.eval(), test_top1=top1)
 
 
 def main() -> None:
@@ -298,7 +300,7 @@ def main() -> None:
         teachers = {"demo": load_teacher(args.teacher)}
         TEACHER_TAG = sha256_file(args.teacher)[:12]
     else:
-        teachers = {"demo": demo_teacher(cfg, full_train, test)}  # the demo's (all 60k labels)
+        teachers = {"demo": demo_teacher(cfg)}  # the demo's (all 60k labels)
     if args.precompute:
         live = fast_teacher(teachers["demo"].model, cfg)
         start = time.perf_counter()
@@ -306,7 +308,7 @@ def main() -> None:
         print(f"{out}: {time.perf_counter() - start:.0f} s", flush=True)
         return
     if args.teachers or any(parse_row(r)["ens"] for r in args.rows):
-        teachers["seed1"] = demo_teacher(replace(cfg, seed=1), full_train, test)
+        teachers["seed1"] = demo_teacher(replace(cfg, seed=1))
     if args.teachers:
         print(json.dumps(teacher_accuracies(teachers, test)))
         return

@@ -31,9 +31,11 @@ DIRECTIONS: dict[str, bool | None] = {
     "loss": False,  # mean cross-entropy (images); a task's own loss
     "pair_loss": False,  # an embedding student's distance to the teacher
     "ppl": False,  # perplexity (task: lm)
+    "bpb": False,  # bits per byte of text (task: lm; compares models across tokenizers)
     "ce": False,  # cross-entropy per token (task: lm)
     "kl": False,  # mean KL(teacher || student) per token (task: lm)
     "tokens": None,
+    "bytes": None,  # UTF-8 bytes of the scored tokens (task: lm)
     "images": None,
     "epoch": None,
     "epoch_time_s": None,

@@ -150,8 +150,9 @@ def plot_accuracy(results: Sequence[Any], path: Path) -> Path:
     return path
 
 
-def write_report(results: Sequence[Any], out_dir: Path) -> Path:
-    """Write ``report.md`` and ``accuracy.png`` to ``out_dir``; log the table."""
+def write_report(results: Sequence[Any], out_dir: Path, *, notes: Sequence[str] = ()) -> Path:
+    """Write ``report.md`` and ``accuracy.png`` to ``out_dir``; log the table. ``notes``:
+    Markdown paragraphs after the next steps."""
     out_dir = Path(out_dir)
     table = accuracy_table(results, speeds=measure_speeds(results))  # measure, then format
     plot = plot_accuracy(results, out_dir / "accuracy.png")
@@ -166,7 +167,8 @@ def write_report(results: Sequence[Any], out_dir: Path) -> Path:
         "# kdkit demo: Fashion-MNIST\n\n"
         + table
         + f"\n\n![accuracy per epoch]({plot.name})\n\n"
-        + next_steps,
+        + next_steps
+        + "".join(f"\n{note}" for note in notes),
     )
     log.info("\n%s\n\nreport: %s\nplot:   %s", table, report, plot)
     return report

@@ -117,6 +117,11 @@ class Task(nn.Module):
         """Refuse training data that does not fit the task (e.g. a teacher cache of another
         dataset), once, before the first step. The default accepts anything."""
 
+    def epoch_stats(self) -> dict[str, float]:
+        """Statistics of the epoch that just ended, for its metrics row (then reset); the
+        default has none. The LM task's on-policy sampling reports its samples here."""
+        return {}
+
     def checkpoint_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """The trainable weights by part, as they go into ``last.pt`` / ``best.pt``."""
         return {"task": self.state_dict()}

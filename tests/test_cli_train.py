@@ -170,6 +170,29 @@ def test_sigkill_then_resume_gives_the_same_weights(tree, tmp_path):
     assert len((run / "metrics.csv").read_text().strip().splitlines()) == 3
 
 
+def test_labeled_without_teacher_trains_on_those_images_alone(tree, tmp_path, caplog):
+    """``teacher: null`` + ``data.labeled: N``: the scratch baseline of a KD config, on the
+    same N labeled images, not on every image with the rest's labels hidden."""
+    raw = config(tree, epochs=1)
+    raw["teacher"] = None
+    del raw["data"]["unlabeled"]
+    raw["data"]["labeled"] = 4
+    cfg = write(tmp_path / "scratch.yaml", raw)
+    run = tmp_path / "run"
+    with caplog.at_level("INFO", logger="kdkit.run.data"):
+        assert main(["train", str(cfg), "--run-dir", str(run)]) == 0
+    assert "data: 4 training images (4 labeled)" in caplog.text
+    assert load_checkpoint(run / "last.pt")["step"] == 1  # one batch of 8: 4 images, not 18
+    from kdkit.config import load_config
+    from kdkit.run.data import build_data
+
+    kd = config(tree)  # the same data section with a teacher: its 4 labeled images are those
+    kd["data"]["labeled"] = 4
+    kd_rows = build_data(load_config(data=kd).data, seed=0).train_loader.dataset.samples
+    scratch = build_data(load_config(data=raw).data, seed=0, keep_unlabeled=False)
+    assert scratch.train_loader.dataset.samples == [s for s in kd_rows if s[1] >= 0]
+
+
 def test_init_writes_a_template_that_validates(tmp_path, capsys):
     out = tmp_path / "my.yaml"
     assert main(["init", "fmnist_kd", "-o", str(out)]) == 0

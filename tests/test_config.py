@@ -11,6 +11,7 @@ from PIL import Image
 
 from kdkit.cli import main
 from kdkit.config import (
+    LMRunConfig,
     RunConfig,
     apply_overrides,
     diff,
@@ -49,7 +50,10 @@ def base(root: Path) -> dict:
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_shipped_configs_load_and_validate(path):
     cfg = load_config(path, check_paths=False)  # their data/teacher files are the user's
-    assert isinstance(cfg, RunConfig) and cfg.name and cfg.distill.pairs
+    if path.stem.startswith("lm_"):  # the task: lm templates (kdkit init lm_chat)
+        assert isinstance(cfg, LMRunConfig) and cfg.name and cfg.data.format != "text"
+    else:
+        assert isinstance(cfg, RunConfig) and cfg.name and cfg.distill.pairs
     assert parse(yaml.safe_load(to_yaml(cfg))) == cfg  # YAML round trip
 
 
@@ -110,7 +114,7 @@ BAD = [  # (override or edit, words the one-line message must hold)
     (["trian.epochs=1"], "unknown config key 'trian'; did you mean 'train'"),
     (["train.epchs=1"], "did you mean 'train.epochs'"),
     (["distill.pairs.0.loss=soft_kll"], "did you mean 'soft_kl'"),
-    (["teacher=null", "data.labeled=2"], "only train through a teacher"),
+    (["teacher=null", "data.unlabeled=[EMPTY]"], "only train through a teacher"),
     (["teacher.model=tochvision:resnet18"], "did you mean 'torchvision:resnet18'"),
     (["student.model=torchvision:resnet1800"], "no model 'resnet1800' under torchvision"),
     (["data.train.image_folder=/no/such/folder"], "no folder at /no/such/folder"),

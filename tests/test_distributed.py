@@ -111,14 +111,14 @@ def _lm_grads(rank: int, world: int) -> list[torch.Tensor]:
     from _lm_fixtures import tiny_llama
 
     from kdkit.lm import Aligner, LMTask, TokenRow
+    from kdkit.train.distributed import StepModule
     from kdkit.train.precision import Precision
-    from kdkit.train.trainer import _StepModule
 
     g = torch.Generator().manual_seed(0)
     rows = [TokenRow.of(torch.randint(0, 300, (n,), generator=g).tolist()) for n in LM_ROWS]
     mine = rows[rank::world]
     task = LMTask(tiny_llama(seed=2, hidden_size=16, intermediate_size=32), tiny_llama(seed=1))
-    step = distributed.wrap(_StepModule(task), torch.device("cpu"))
+    step = distributed.wrap(StepModule(task), torch.device("cpu"))
     seen = []
 
     class Recorder(torch.optim.SGD):

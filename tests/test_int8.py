@@ -262,3 +262,25 @@ def test_config_onnx_teacher_with_int8_is_quantized_and_gated(trained, onnx_file
     if t.fidelity.top1_agreement < 1.0:  # the config's threshold reaches the gate
         with pytest.raises(KDError, match="agreement"):
             build_teacher(strict, calibration=train, **common)
+
+
+def test_a_students_refusal_names_the_student_and_the_clis_flag():
+    """``kdkit export --int8`` refuses an int8 *student* (not "the fp32 teacher") and names the
+    CLI's own way out (--min-agreement), not the Python options of a teacher."""
+    import numpy as np
+
+    from kdkit.teachers.quantize import FidelityGate, check_fidelity
+
+    probe = np.random.default_rng(0).random((16, 5)).astype(np.float32)
+    with pytest.raises(KDError) as err:
+        check_fidelity(
+            lambda x: torch.as_tensor(x),
+            lambda x: -torch.as_tensor(x),
+            probe,
+            FidelityGate(min_agreement=0.99),
+            "the int8 model student.onnx",
+            role="student",
+            options="lower the bar with --min-agreement",
+        )
+    assert "disagrees with the fp32 student" in str(err.value) and "gate=" not in str(err.value)
+    assert "--min-agreement" in str(err.value)

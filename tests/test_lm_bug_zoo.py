@@ -297,6 +297,9 @@ def test_truncation_that_removes_every_completion_token_is_never_a_nan(lm_tokeni
     records = [{"prompt": long_prompt, "completion": " ok"}, {"prompt": "a", "completion": " b c"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     kw = dict(format="prompt_completion", loss_on="completion", max_length=16)
+    with pytest.raises(KDError, match="trainable tokens"):  # the default: refused, counted
+        load_lm_dataset([str(path)], lm_tokenizer, **kw)
+    kw["truncation"] = "right"  # accepted on purpose: the row without a target goes
     data = load_lm_dataset([str(path)], lm_tokenizer, **kw)
     assert len(data) == 1 and data.description["dropped_documents"] == 1
     path.write_text(json.dumps(records[0]) + "\n")

@@ -159,5 +159,5 @@ def test_errors_name_the_file_line_and_fix(lm_tokenizer, tmp_path):
     # prompts longer than max_length leave no completion token: every token masked
     long = _jsonl(tmp_path / "long.jsonl", [{"prompt": PARAGRAPH, "completion": " x"}])
     assert "every token is masked" in err(
-        long, format="prompt_completion", loss_on="completion", max_length=8
+        long, format="prompt_completion", loss_on="completion", max_length=8, truncation="right"
     )

@@ -58,7 +58,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         out = Path(out_dir)
         tr = _trainer(world, rank, out / "straight", epochs=2, shard=True)
         task = tr.task
-        assert tr._ddp_step.__class__.__name__ == "_StepModule"  # FSDP is never also DDP
+        assert tr._ddp_step.__class__.__name__ == "StepModule"  # FSDP is never also DDP
         teacher = [p for p in task.teacher.parameters()]
         assert all(isinstance(p, torch.distributed.tensor.DTensor) for p in teacher)
         assert not any(p.requires_grad for p in teacher)

@@ -186,6 +186,9 @@ def test_kdkit_train_with_an_onnx_teacher(lm_config, precision, tmp_path, monkey
     if precision == "int8":
         assert "int8 fidelity gate passed" in caplog.text
     assert (tmp_path / "run" / "last.pt").is_file()
+    report = (tmp_path / "run" / "report.md").read_text()  # the engine the teacher ran in
+    assert f"(ONNX Runtime {precision}" in report
+    assert ("; gate: " in report) == (precision == "int8")
 
 
 @pytest.mark.parametrize(

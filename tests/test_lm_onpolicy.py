@@ -191,6 +191,7 @@ def test_chat_prompts_end_before_the_first_assistant_turn(rows, lm_tokenizer, tm
         loss_on="assistant",
         max_length=MAX_LENGTH,
         pack=False,
+        truncation="right",  # rows cut at max_length: turn_end_id must not count their ends
     ).rows
     end = lm_tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert turn_end_id(chat, MAX_LENGTH) == end  # ChatML closes a turn with <|im_end|>, not EOS

@@ -25,6 +25,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="task: lm runs: write the student as a save_pretrained folder (safetensors)",
     )
+    p.add_argument(
+        "--adapter",
+        action="store_true",
+        help="with --hf, a LoRA student (student.peft): save the adapter alone instead of "
+        "the model with the adapter merged into it",
+    )
     p.add_argument("--opset", type=int, help="ONNX opset (default: 17)")
     p.add_argument(
         "--input-shape",
@@ -60,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.onnx is None) == (args.hf is None):
         raise KDError("kdkit export needs one of --onnx PATH or --hf DIR")
+    if args.adapter and args.hf is None:
+        raise KDError("--adapter goes with --hf DIR (a task: lm run's LoRA student)")
     inputs = protected_files(args.checkpoint)  # never written over, whatever the output
     if args.hf is not None:
         check_output_path(args.hf, what="--hf", directory=True, inputs=inputs)

@@ -45,6 +45,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="print the resolved, validated config and exit (writes nothing)",
     )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (the same as --set train.progress=false)",
+    )
     add_trust_code(p)
     p.set_defaults(func=run)
 
@@ -58,6 +63,8 @@ def resolved_config(args: argparse.Namespace):
     from kdkit.config import load_resolved, parse_config, read_yaml, resolve_paths, validate
     from kdkit.errors import KDError
 
+    if getattr(args, "no_progress", False):
+        args.overrides = [*args.overrides, "train.progress=false"]
     if args.init_from is not None:
         if args.resume:
             raise KDError("--init-from starts a new run; --resume continues one: pick one")

@@ -138,17 +138,21 @@ def check_classify(cfg: RunConfig, check_paths: bool = True) -> None:
             "config key 'train.fsdp' shards language models (task: lm); an image student "
             "trains with DDP under torchrun, no key needed"
         )
+    if cfg.train.gradient_checkpointing:
+        raise KDError(
+            "config key 'train.gradient_checkpointing' recomputes a language model's decoder "
+            "layers (task: lm); an image student has no such switch here"
+        )
     _model_string(cfg.student.model, "student.model", teacher=False, check_paths=check_paths)
     _check_sizes(cfg.student.kwargs, "student.kwargs")
     if cfg.teacher is not None:
         _check_teacher(cfg, check_paths)
         _check_sizes(cfg.teacher.kwargs, "teacher.kwargs")
     d = cfg.data
-    if cfg.teacher is None and (d.unlabeled or d.labeled is not None):
-        key = "data.unlabeled" if d.unlabeled else "data.labeled"
+    if cfg.teacher is None and d.unlabeled:  # data.labeled alone: those images, no others
         raise KDError(
-            f"config key {key!r}: unlabeled images only train through a teacher, and this "
-            "config has none (teacher: null); add a teacher: section or drop the key"
+            "config key 'data.unlabeled': unlabeled images only train through a teacher, and "
+            "this config has none (teacher: null); add a teacher: section or drop the key"
         )
     _check_source(d.train, "data.train", allow_split=False)
     if d.val is not None:

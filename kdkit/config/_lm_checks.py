@@ -8,10 +8,11 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from kdkit.config._checks import check_path, check_train_section
-from kdkit.config.lm_schema import LM_PREFIXES, LMModelConfig, LMRunConfig
+from kdkit.config.lm_schema import CHAT_TEMPLATE_NAMES, LM_PREFIXES, LMModelConfig, LMRunConfig
 from kdkit.errors import KDError, closest_names
 
 __all__ = ["check_lm"]
@@ -57,6 +58,8 @@ def _lm_model(mc: LMModelConfig, key: str, check_paths: bool) -> None:
     if _served(mc, key):
         return
     prefix, sep, path = mc.model.partition(":")
+    if key == "teacher" and mc.peft is not None:
+        raise KDError("config key 'teacher.peft': LoRA adapters train a student; drop the key")
     if key == "teacher" and prefix == "cache" and path:  # a kdkit lm capture folder
         if (mc.backend, mc.precision) != ("torch", "fp32") or mc.dtype not in (None, "float32"):
             raise KDError(
@@ -122,6 +125,26 @@ def _globs_match(patterns: tuple[str, ...], key: str) -> dict[str, str]:
             if os.path.isfile(match):
                 files.setdefault(os.path.realpath(match), match)
     return files
+
+
+def _check_data_paths(d: Any) -> None:
+    """``data.dataset.path`` exists on disk (a Hub name is never downloaded), and a
+    ``data.chat_template`` that is not a name kdkit ships is a file."""
+    if d.dataset is not None and not Path(d.dataset.path).exists():
+        name = "/".join(Path(d.dataset.path).parts[-2:])
+        raise KDError(
+            f"config key 'data.dataset.path': {d.dataset.path} is not a file or folder here; "
+            f"kdkit reads datasets from disk and never downloads (a Hub name such as {name!r}: "
+            "datasets.load_dataset(NAME).save_to_disk(DIR) where there is a network, then "
+            "path: DIR)"
+        )
+    template = d.chat_template
+    if template is not None and template not in CHAT_TEMPLATE_NAMES:
+        if not Path(template).is_file():
+            raise KDError(
+                f"config key 'data.chat_template': {template} is neither a template kdkit ships "
+                f"({', '.join(CHAT_TEMPLATE_NAMES)}) nor a file (a Jinja chat template)"
+            )
 
 
 def _check_on_policy(cfg: LMRunConfig) -> None:
@@ -207,6 +230,11 @@ def _check_cross_tokenizer(cfg: LMRunConfig) -> None:
         )
     if cfg.train.fsdp:
         raise KDError(f"{key} does not run with train.fsdp: true yet; use one process or DDP")
+    if dc.pairs:
+        raise KDError(
+            f"{key}: distill.pairs compares hidden states position by position, which two "
+            "tokenizations do not share; drop distill.pairs"
+        )
 
 
 def check_lm(cfg: LMRunConfig, check_paths: bool = True) -> None:
@@ -216,6 +244,17 @@ def check_lm(cfg: LMRunConfig, check_paths: bool = True) -> None:
     _check_on_policy(cfg)
     _check_served(cfg)
     _check_cross_tokenizer(cfg)
+    if cfg.distill.pairs:
+        t = cfg.teacher
+        live = t is not None and not t.model.startswith(("cache:", "http://", "https://"))
+        if not live or (t.backend, t.precision) != ("torch", "fp32"):
+            raise KDError(
+                "config key 'distill.pairs' pairs decoder layers of a live PyTorch teacher "
+                "(teacher.model hf:DIR, backend torch, precision fp32): a cache or an ONNX "
+                "Runtime teacher has no layers to read"
+            )
+        if cfg.train.fsdp:
+            raise KDError("config key 'distill.pairs' does not run with train.fsdp: true yet")
     if cfg.teacher is not None:
         _lm_model(cfg.teacher, "teacher", check_paths)
         t = cfg.teacher
@@ -225,18 +264,34 @@ def check_lm(cfg: LMRunConfig, check_paths: bool = True) -> None:
                 "(train.fsdp: true); use backend: torch, precision: fp32 with FSDP"
             )
     d = cfg.data
-    if not d.text_files:
-        raise KDError("config key 'data.text_files' is empty: name at least one file or glob")
+    if not d.text_files and d.dataset is None:
+        raise KDError(
+            "config key 'data.text_files' is empty: name at least one file or glob (or give "
+            "data.dataset: {path: DIR_OR_FILE} instead)"
+        )
+    if d.text_files and d.dataset is not None:
+        raise KDError("config key 'data': give text_files or dataset, not both")
+    if d.chat_template is not None and d.format != "chat":
+        raise KDError(
+            f"config key 'data.chat_template' renders conversations (format chat); this "
+            f"config's data.format is {d.format!r}"
+        )
     needs = {"completion": "prompt_completion", "assistant": "chat"}
     if d.loss_on in needs and d.format != needs[d.loss_on]:
         raise KDError(
             f"config key 'data.loss_on': {d.loss_on!r} needs data.format "
             f"{needs[d.loss_on]!r}, got {d.format!r}"
         )
+    if d.truncation is not None and d.format == "text":
+        raise KDError(
+            "config key 'data.truncation' applies to format prompt_completion and chat; plain "
+            "text uses data.overflow (split | truncate)"
+        )
     if d.val is not None and (d.val.text_files is None) == (d.val.split is None):
         raise KDError("config key 'data.val' takes one of text_files: [...] or split: F")
     check_train_section(cfg.train)
     if check_paths:
+        _check_data_paths(d)
         train = _globs_match(d.text_files, "data.text_files")
         if d.val is not None and d.val.text_files:
             val = _globs_match(d.val.text_files, "data.val.text_files")

@@ -13,7 +13,7 @@ from typing import Any
 
 from kdkit.config._checks import looks_like_path
 from kdkit.config._yaml import to_dict
-from kdkit.config.lm_schema import LMModelConfig, LMRunConfig
+from kdkit.config.lm_schema import CHAT_TEMPLATE_NAMES, LMModelConfig, LMRunConfig
 from kdkit.config.schema import TEACHER_ONLY_PREFIXES, RunConfig, SourceConfig
 
 __all__ = [
@@ -115,11 +115,16 @@ def resolve_lm_paths(cfg: LMRunConfig, base: ConfigBase) -> LMRunConfig:
     val = d.val
     if val is not None and val.text_files:
         val = rep(val, text_files=tuple(_abs_glob(p, base) for p in val.text_files))
+    dataset = d.dataset if d.dataset is None else rep(d.dataset, path=_abs(d.dataset.path, base))
+    template = d.chat_template
+    if template is not None and template not in CHAT_TEMPLATE_NAMES:
+        template = _abs(template, base)
+    files = tuple(_abs_glob(p, base) for p in d.text_files)
     return rep(
         cfg,
         student=model(cfg.student),
         teacher=model(cfg.teacher),
-        data=rep(d, text_files=tuple(_abs_glob(p, base) for p in d.text_files), val=val),
+        data=rep(d, text_files=files, val=val, dataset=dataset, chat_template=template),
         run_dir=_run_dir(cfg, base),
     )
 

@@ -32,10 +32,13 @@ from kdkit.config.schema import TrainConfig, field_check
 __all__ = [
     "LMServedConfig",
     "LMModelConfig",
+    "LMPeftConfig",
     "LMValConfig",
+    "LMDatasetConfig",
     "LMDataConfig",
     "LMOnPolicyConfig",
     "LMCrossTokenizerConfig",
+    "LMLayerPairConfig",
     "LMDistillConfig",
     "LMRunConfig",
 ]
@@ -87,6 +90,22 @@ class LMServedConfig:
 
 
 @dataclass(frozen=True)
+class LMPeftConfig:
+    """``student.peft``: train LoRA adapters only (the ``peft`` library, TRL's ``peft_config``);
+    the base weights stay frozen. ``target_modules``: module names (``[q_proj, v_proj]``) or
+    ``all-linear`` (every linear layer but the output head)."""
+
+    r: int = field(
+        default=8, metadata=field_check(lambda v: 1 <= v <= 4096, "an integer in [1, 4096]")
+    )
+    alpha: float = field(default=16.0, metadata=field_check(_finite_positive, _POSITIVE))
+    dropout: float = field(default=0.0, metadata=field_check(lambda v: 0 <= v < 1, "in [0, 1)"))
+    target_modules: tuple[str, ...] | Literal["all-linear"] = "all-linear"
+    #: modules trained in full beside the adapters (e.g. ``[embed_tokens]``)
+    modules_to_save: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class LMModelConfig:
     """``model``: ``hf:DIR`` (a local ``save_pretrained`` folder: model + tokenizer) or
     ``hf-config:DIR`` (random init from its ``config.json``); ``tokenizer``: another local
@@ -106,6 +125,8 @@ class LMModelConfig:
     backend: Literal["torch", "onnx"] = "torch"
     precision: Literal["fp32", "int8"] = "fp32"
     served: LMServedConfig | None = None
+    #: student only: LoRA adapters (:class:`LMPeftConfig`); None trains every weight
+    peft: LMPeftConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -118,9 +139,30 @@ class LMValConfig:
     )
 
 
+#: ``data.chat_template`` names kdkit ships (anything else is a template file's path)
+CHAT_TEMPLATE_NAMES = ("chatml",)
+
+
+@dataclass(frozen=True)
+class LMDatasetConfig:
+    """``data.dataset``: a Hugging Face ``datasets`` dataset on disk (never downloaded): a
+    ``save_to_disk`` folder, a folder of data files, or one ``.parquet`` / ``.arrow`` /
+    ``.json(l)`` / ``.csv`` file. The ``*_field`` keys name the columns that hold the format's
+    fields (defaults: the JSONL names)."""
+
+    path: str
+    split: str = "train"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+
+
 @dataclass(frozen=True, kw_only=True)
 class LMDataConfig:
-    text_files: tuple[str, ...]
+    #: files or globs; or ``dataset:`` instead (one of the two)
+    text_files: tuple[str, ...] = ()
+    dataset: LMDatasetConfig | None = None
     val: LMValConfig | None = None
     format: Literal["text", "prompt_completion", "chat"] = "text"
     max_length: int = field(
@@ -130,6 +172,16 @@ class LMDataConfig:
     #: a document longer than max_length: ``split`` into rows (plain text) or ``truncate``
     overflow: Literal["split", "truncate"] = "split"
     loss_on: Literal["all", "completion", "assistant"] = "all"
+    #: a prompt/completion or chat document over max_length (kdkit.lm._truncate): unset cuts
+    #: its end but refuses a run losing > 5% of the trainable tokens; right | left (cut the
+    #: prompt's start) | drop_row accept the loss; error refuses any overlong document
+    truncation: Literal["drop_row", "left", "right", "error"] | None = None
+    #: format chat: the template that renders the conversations, ``chatml`` or a Jinja file
+    #: (default: the tokenizer's own); the exported tokenizer carries it
+    chat_template: str | None = None
+    #: keep the tokenized corpus under ~/.cache/kdkit/lm-tokens, keyed by the files' sha256,
+    #: the tokenizer and these settings: a second run with the same data skips tokenizing
+    token_cache: bool = True
     batch_size: int = field(
         default=8, metadata=field_check(lambda v: 1 <= v <= _BIG, "an integer in [1, 2**24]")
     )
@@ -168,6 +220,19 @@ class LMCrossTokenizerConfig:
 
 
 @dataclass(frozen=True)
+class LMLayerPairConfig:
+    """One ``distill.pairs`` entry: student decoder layer ``student`` learns teacher layer
+    ``teacher`` (0-based, -1 the last) through a learned projection when the widths differ."""
+
+    student: int
+    teacher: int
+    weight: float = field(
+        default=1.0, metadata=field_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
+    )
+    loss: Literal["mse", "cosine"] = "mse"
+
+
+@dataclass(frozen=True)
 class LMDistillConfig:
     divergence: Divergence = "fkl"
     beta: float = field(default=0.5, metadata=field_check(lambda v: 0 <= v <= 1, "in [0, 1]"))
@@ -188,6 +253,8 @@ class LMDistillConfig:
     router_aux_loss: bool = True
     #: a teacher of another tokenizer; None = the default, used only when the tokenizers differ
     cross_tokenizer: LMCrossTokenizerConfig | None = None
+    #: hidden-state pairs between decoder layers (kdkit.lm.hidden), beside the token loss
+    pairs: tuple[LMLayerPairConfig, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

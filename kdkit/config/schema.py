@@ -148,7 +148,13 @@ class ViewsConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Training images (+ unlabeled folders), validation images, size and batching."""
+    """Training images (+ unlabeled folders), validation images, size and batching.
+
+    ``labeled: N`` keeps the labels of N training images (stratified for in-memory datasets,
+    chosen by ``seed``) and hides the rest (label -1: the teacher's alone). With ``teacher:
+    null`` the hidden images are dropped: the run trains on the N labeled images alone, the
+    scratch baseline of the same run with a teacher.
+    """
 
     train: SourceConfig
     unlabeled: tuple[str, ...] = ()
@@ -299,6 +305,9 @@ class TrainConfig:
     progress: bool = True
     #: FSDP2 under torchrun (``task: lm``): student and teacher sharded over the ranks
     fsdp: bool = False
+    #: recompute the student's decoder layers in backward instead of keeping their
+    #: activations (``task: lm``, Hugging Face's gradient_checkpointing_enable)
+    gradient_checkpointing: bool = False
     early_stopping: EarlyStoppingConfig | None = None
     ema: EmaConfig | None = None
     loggers: tuple[Literal["tensorboard", "mlflow", "wandb"], ...] = ()
@@ -311,7 +320,8 @@ class RunConfig:
     into the resolved config (kdkit, torch) and ignored when configs are compared.
 
     ``teacher: null`` (or no ``teacher:`` section) trains the student on the labels alone
-    (fine-tuning the future teacher, or the scratch baseline): ``distill:`` is then unused.
+    (fine-tuning the future teacher, or the scratch baseline): ``distill:`` is then unused,
+    ``data.unlabeled`` refused and ``data.labeled: N`` means the N labeled images alone.
     ``task: classify`` is the default (a config without ``task:`` is an image run).
     """
 

@@ -58,12 +58,13 @@ def scan_folder(split_dir: Path, layout: str) -> dict[str, list[Path]]:
     """Map class name -> sorted image files; an error for anything off the expected layout.
 
     Hidden entries (``.ipynb_checkpoints``, ``.DS_Store``) are skipped: a hidden folder taken
-    as class 0 would shift every label. Skipped entries (hidden, not an image, empty and so
-    unreadable) are logged once with their counts.
+    as class 0 would shift every label. Skipped entries (hidden, not an image) are logged once
+    with their counts. An empty image file is kept: the loaders meet it as an unreadable
+    file and count it with the others (``skipped_files`` in metrics.csv, report.md).
     """
     if not split_dir.is_dir():
         raise KDError(f"no folder {split_dir}; {layout}")
-    skipped = {"hidden": 0, "not an image": 0, "empty (unreadable)": 0}
+    skipped = {"hidden": 0, "not an image": 0}
     skipped["not a regular file (FIFO, socket, device)"] = 0
     entries = list(os.scandir(split_dir))
     skipped["hidden"] += sum(e.name.startswith(".") for e in entries)
@@ -81,8 +82,6 @@ def scan_folder(split_dir: Path, layout: str) -> dict[str, list[Path]]:
                 skipped["not a regular file (FIFO, socket, device)"] += 1  # opening would block
             elif not (e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)):
                 skipped["not an image"] += 1
-            elif e.stat().st_size == 0:
-                skipped["empty (unreadable)"] += 1
             else:
                 images.append(class_dir / e.name)
         if not images:

@@ -32,6 +32,7 @@ _LAZY = {
     "TeacherTarget": "kdkit.lm.fused",
     "train_bpe_tokenizer": "kdkit.lm.tokenizer",
     "tokenizer_fingerprint": "kdkit.lm.tokenizer",
+    "token_byte_lengths": "kdkit.lm.tokenizer",
     "CHATML_TEMPLATE": "kdkit.lm.tokenizer",
     "load_lm": "kdkit.lm.models",
     "load_tokenizer": "kdkit.lm.models",

@@ -15,12 +15,18 @@ Two ways, chosen per tokenizer:
 
 from __future__ import annotations
 
+import hashlib
 import re
+from pathlib import Path
 from typing import Any
 
 from kdkit.errors import KDError
+from kdkit.lm.tokenizer import CHATML_TEMPLATE
 
-__all__ = ["assistant_mode", "render_chat"]
+__all__ = ["CHAT_TEMPLATES", "assistant_mode", "render_chat", "template_note", "use_chat_template"]
+
+#: ``data.chat_template`` names (kdkit.config.lm_schema.CHAT_TEMPLATE_NAMES lists the same)
+CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE}
 
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -89,3 +95,37 @@ def _render_chat(
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     mask = [any(s <= start < e for s, e in spans) for start, _ in enc["offset_mapping"]]
     return list(enc["input_ids"]), mask
+
+
+def use_chat_template(tokenizer: Any, template: str | None) -> None:
+    """Give ``tokenizer`` the chat template ``data.chat_template`` names: a name of
+    :data:`CHAT_TEMPLATES` or a Jinja file; None keeps the tokenizer's own. The tokenizer is
+    changed in place, so the rows, the cache fingerprint and an exported tokenizer agree."""
+    if template is None:
+        return
+    if template in CHAT_TEMPLATES:
+        tokenizer.chat_template = CHAT_TEMPLATES[template]
+        return
+    path = Path(template)
+    if not path.is_file():
+        raise KDError(
+            f"data.chat_template {template!r} is neither a template kdkit ships "
+            f"({', '.join(CHAT_TEMPLATES)}) nor a file"
+        )
+    tokenizer.chat_template = path.read_text(encoding="utf-8")
+
+
+def template_note(tokenizer: Any, template: str | None) -> str:
+    """One line for the report: which chat template rendered the data, and how the assistant
+    tokens were found."""
+    text = getattr(tokenizer, "chat_template", None) or ""
+    which = (
+        f"`{template}` (kdkit's)" if template in CHAT_TEMPLATES
+        else f"file `{template}`" if template else "the tokenizer's own"
+    )  # fmt: skip
+    how = (
+        "its {% generation %} tags" if assistant_mode(tokenizer) == "template"
+        else "rendering turn by turn"
+    )  # fmt: skip
+    sha = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return f"Chat template: {which}, sha256 {sha}; assistant tokens from {how}."

@@ -181,3 +181,85 @@ def file_info(path: Path) -> dict[str, Any]:
     """Path, size and sha256 of a data file, for the dataset's fingerprint."""
     data = path.read_bytes()
     return {"path": str(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json",
+             ".csv": "csv"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """A Hugging Face ``datasets`` dataset on disk (``data.dataset``): a ``save_to_disk``
+    folder, a folder of data files or one data file; never a Hub download. ``fields`` maps the
+    format's keys (``text``, ``prompt``, ``completion``, ``messages``) to the dataset's columns."""
+
+    path: str
+    split: str = "train"
+    fields: tuple[tuple[str, str], ...] = ()
+
+    def files(self) -> list[Path]:
+        """Every file of the dataset (what its fingerprint hashes)."""
+        p = Path(self.path).expanduser()
+        if not p.exists():
+            raise KDError(
+                f"data.dataset.path {self.path} is not a file or folder here; kdkit never "
+                "downloads a dataset: save_to_disk it where there is a network, then path: DIR"
+            )
+        if p.is_file():
+            return [p]
+        return sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+
+    def _load(self) -> Any:
+        try:
+            import datasets
+        except ImportError as e:
+            msg = f"data.dataset needs the 'datasets' package ({e}); pip install 'kdkit[datasets]'"
+            raise KDError(msg) from None
+        p = Path(self.path).expanduser()
+        files = self.files()
+        marks = {"dataset_info.json", "dataset_dict.json", "state.json"}
+        try:
+            if p.is_dir() and marks & {f.name for f in files}:
+                ds = datasets.load_from_disk(str(p))
+                if isinstance(ds, datasets.DatasetDict):
+                    if self.split not in ds:
+                        raise KDError(
+                            f"data.dataset: {p} has splits {sorted(ds)}, not {self.split!r}; "
+                            "set data.dataset.split"
+                        )
+                    ds = ds[self.split]
+                return ds
+            if p.is_file():
+                builder = _BUILDERS.get(p.suffix.lower())
+                if builder is None:
+                    raise KDError(
+                        f"data.dataset: {p} is not a {'/'.join(sorted(_BUILDERS))} file or a "
+                        "dataset folder"
+                    )
+                return datasets.load_dataset(builder, data_files=str(p), split="train")
+            return datasets.load_dataset(str(p), split=self.split)
+        except KDError:
+            raise
+        except Exception as e:  # noqa: BLE001 - datasets raises many types
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise KDError(f"data.dataset {p}: {type(e).__name__}: {first}") from None
+
+    def records(self, fmt: str) -> Iterator[Record]:
+        """The format's records, one per dataset row, checked as JSONL records are."""
+        ds = self._load()
+        mapping = dict(self.fields)
+        columns = {k: mapping.get(k, k) for k in FORMAT_KEYS[fmt]}
+        missing = [c for c in columns.values() if c not in ds.column_names]
+        if missing:
+            raise KDError(
+                f"data.dataset {self.path}: no column {missing[0]!r} (columns: "
+                f"{ds.column_names}); set data.dataset.{_key_of(columns, missing[0])}_field"
+            )
+        for i, row in enumerate(ds.select_columns(list(columns.values()))):
+            where = f"{self.path}[{self.split}][{i}]"
+            obj = {k: row[c] for k, c in columns.items()}
+            yield Record(where, _check_fields(where, obj, fmt))
+
+
+def _key_of(columns: dict[str, str], column: str) -> str:
+    return next(k for k, c in columns.items() if c == column)

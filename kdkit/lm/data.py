@@ -12,8 +12,10 @@ left to :class:`kdkit.lm.align.Aligner`, the one place that owns it.
 
 Text and completions end with eos (so students learn to stop); prompt and completion are
 tokenized separately and concatenated, so the boundary is exact (no BPE merge across it).
-``overflow: truncate`` keeps the first ``max_length`` tokens; ``split`` (format text only) cuts a
-long text into ``max_length`` pieces. ``pack`` fills rows of ``max_length`` with whole documents
+For format text, ``overflow: truncate`` keeps the first ``max_length`` tokens and ``split`` cuts a
+long text into ``max_length`` pieces; a prompt/completion or chat document is never split, and
+``truncation`` says what to do with one that is too long (:mod:`kdkit.lm._truncate`: by default
+its end is cut unless that loses more than 5% of the trainable tokens). ``pack`` fills rows of ``max_length`` with whole documents
 in order (next fit; no document is split across rows) and keeps their boundaries in ``doc_ids``.
 The dataset is tokenized once, in memory; ``fingerprint`` names files, tokenizer, settings and ids.
 """
@@ -26,6 +28,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +36,9 @@ from torch.utils.data import Dataset
 
 from kdkit.errors import KDError, closest_names
 from kdkit.lm._chat import assistant_mode, render_chat
-from kdkit.lm._sources import Record, expand_paths, file_info, read_records
+from kdkit.lm._sources import DatasetSource, Record, expand_paths, file_info, read_records
+from kdkit.lm._token_cache import cache_key, read_rows, write_rows
+from kdkit.lm._truncate import TRUNCATIONS, Truncation, cut
 from kdkit.lm.tokenizer import tokenizer_fingerprint
 
 __all__ = ["FORMATS", "LOSS_ON", "LMDataset", "TokenRow", "load_lm_dataset"]
@@ -77,9 +82,16 @@ class TokenRow:
 class LMDataset(Dataset):
     """Tokenized rows (:class:`TokenRow`) and the ``description`` they were built from."""
 
-    def __init__(self, rows: list[TokenRow], description: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        rows: list[TokenRow],
+        description: dict[str, Any],
+        truncation: dict[str, Any] | None = None,
+    ) -> None:
         self.rows = rows
         self.description = description
+        #: what truncation cost (:class:`kdkit.lm._truncate.Truncation`), None for plain text
+        self.truncation = truncation
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -101,6 +113,8 @@ class LMDataset(Dataset):
 def _check_options(
     fmt: str, loss_on: str, overflow: str, max_length: int, max_positions: int | None
 ) -> str:
+    if fmt != "text":
+        overflow = "truncate"  # a prompt/completion or chat record is never split
     if fmt not in FORMATS:
         raise KDError(f"unknown data format {fmt!r}; did you mean {closest_names(fmt, FORMATS)}?")
     loss_on = _ALIASES.get(loss_on, loss_on)
@@ -153,6 +167,11 @@ def _tokenize(
     return docs
 
 
+def _places(records: list[Record]) -> list[str]:
+    """The first three files (or datasets) the records come from, for a message."""
+    return list(dict.fromkeys(r.where.split(":")[0].split("[")[0] for r in records))[:3]
+
+
 def _pack(docs: list[tuple[list[int], list[bool]]], max_length: int, pack: bool) -> list[TokenRow]:
     if not pack:
         return [TokenRow.of(ids, tr) for ids, tr in docs]
@@ -174,8 +193,8 @@ def _pack(docs: list[tuple[list[int], list[bool]]], max_length: int, pack: bool)
 
 
 def load_lm_dataset(
-    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-    tokenizer: Any,
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] = (),
+    tokenizer: Any = None,
     *,
     format: str = "text",  # noqa: A002 - the config key's name
     max_length: int = 512,
@@ -183,6 +202,9 @@ def load_lm_dataset(
     loss_on: str = "all",
     overflow: str = "truncate",
     max_positions: int | None = None,
+    truncation: str | None = None,
+    source: DatasetSource | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> LMDataset:
     """Read, tokenize, truncate and (optionally) pack LM data into an :class:`LMDataset`.
 
@@ -196,16 +218,67 @@ def load_lm_dataset(
         loss_on: ``all`` | ``completion`` | ``assistant``.
         overflow: ``truncate`` | ``split`` (text only) for documents over ``max_length``.
         max_positions: the model's ``max_position_embeddings`` (:func:`kdkit.lm.models.max_positions`).
+        truncation: a too-long prompt/completion or chat document: None (cut its end, refused
+            above 5% of the trainable tokens), ``right``, ``left``, ``drop_row`` or ``error``.
+        source: a Hugging Face ``datasets`` dataset on disk instead of ``paths``.
+        cache_dir: keep the rows there, keyed by the data's sha256, the tokenizer and the
+            settings (:mod:`kdkit.lm._token_cache`); a second call reads them back.
     """
     loss_on = _check_options(format, loss_on, overflow, max_length, max_positions)
-    files = expand_paths(paths)
-    records = list(read_records(files, format))
+    if truncation is not None and truncation not in TRUNCATIONS:
+        raise KDError(f"unknown truncation {truncation!r}; use one of {list(TRUNCATIONS)}")
+    if truncation is not None and format == "text":
+        raise KDError("truncation applies to prompt_completion and chat; text uses overflow")
+    files = expand_paths(paths) if source is None else source.files()
+    infos = [file_info(f) for f in files]
+    settings = {"format": format, "loss_on": loss_on, "max_length": max_length, "pack": pack,
+                "overflow": overflow, "truncation": truncation,
+                "source": None if source is None else [source.split, list(source.fields)]}  # fmt: skip
+    key = None
+    if cache_dir is not None:
+        key = cache_key(infos, tokenizer_fingerprint(tokenizer), settings)
+        hit = read_rows(Path(cache_dir), key)
+        if hit is not None:
+            rows, meta = hit
+            ds = LMDataset([TokenRow(*r) for r in rows], meta["description"], meta["truncation"])
+            if ds.truncation and ds.truncation["over"]:
+                log.warning("lm data: %s", Truncation.of(ds.truncation).line())
+            log.info("lm data: %d rows from the token cache (%s...)", len(ds), key[:12])
+            return ds
+    records = read_records(files, format) if source is None else source.records(format)
+    ds = _tokenized(
+        list(records), tokenizer, format, loss_on, max_length, pack, overflow, truncation
+    )
+    ds.description["files"] = infos
+    if key is not None:
+        meta = {"description": ds.description, "truncation": ds.truncation}
+        write_rows(Path(cache_dir), key, ds.rows, meta)
+    return ds
+
+
+def _tokenized(
+    records: list[Record],
+    tokenizer: Any,
+    format: str,  # noqa: A002
+    loss_on: str,
+    max_length: int,
+    pack: bool,
+    overflow: str,
+    truncation: str | None,
+) -> LMDataset:
+    """The rows of ``records``: tokenized, truncated (``overflow``, ``truncation``), packed."""
+    counts = None if format == "text" else Truncation(truncation, max_length)
+    bos = getattr(tokenizer, "bos_token_id", None)
     chat_mode = assistant_mode(tokenizer) if format == "chat" else None
     docs: list[tuple[list[int], list[bool]]] = []
     truncated = dropped = 0
     for where, ids, tr in _tokenize(records, tokenizer, format, loss_on, chat_mode):
         pieces = [(ids, tr)]
-        if len(ids) > max_length:
+        if counts is not None:
+            kept = cut(ids, tr, where, counts, bos)
+            pieces = [] if kept is None else [kept]
+            truncated += len(ids) - len(kept[0]) if kept is not None else 0
+        elif len(ids) > max_length:
             if overflow == "split":
                 pieces = [
                     (ids[i : i + max_length], tr[i : i + max_length])
@@ -220,12 +293,16 @@ def load_lm_dataset(
             else:
                 dropped += 1
                 log.debug("%s: no trainable target after truncation; dropped", where)
+    if counts is not None:
+        counts.check()
+        if counts.over:
+            log.warning("lm data: %s", counts.line())
     if not docs:
         raise KDError(
-            f"every token is masked: no document in {[str(f) for f in files][:3]} has a target "
+            f"every token is masked: no document in {_places(records)} has a target "
             f"(loss_on {loss_on!r}, max_length {max_length}); raise max_length or use loss_on all"
         )
-    if truncated or dropped:
+    if (truncated and counts is None) or dropped:
         log.warning(
             "lm data: %d tokens truncated, %d documents without targets dropped", truncated, dropped
         )
@@ -236,9 +313,9 @@ def load_lm_dataset(
         "loss_on": loss_on,
         "max_length": max_length,
         "pack": pack,
-        "overflow": overflow,
+        "overflow": overflow if format == "text" else "truncate",
         "assistant_mask": chat_mode,
-        "files": [file_info(f) for f in files],
+        "files": [],  # set by the caller (the sha256 of every file read)
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "documents": len(docs),
         "rows": len(rows),
@@ -254,4 +331,4 @@ def load_lm_dataset(
         n_tokens,
         description["fill"],
     )
-    return LMDataset(rows, description)
+    return LMDataset(rows, description, None if counts is None else counts.as_dict())

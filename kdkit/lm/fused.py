@@ -93,6 +93,8 @@ class LossOutput:
     ce: torch.Tensor | None = None
     agree: torch.Tensor | None = field(default=None)
     router_aux: torch.Tensor | None = None
+    #: the hidden-state pairs' loss per token (:mod:`kdkit.lm.hidden`; added to ``loss``)
+    hidden: torch.Tensor | None = None
 
 
 # -- the loop ----------------------------------------------------------------------------------

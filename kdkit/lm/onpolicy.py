@@ -44,7 +44,7 @@ import inspect
 import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -84,6 +84,8 @@ class OnPolicy:
     temperature: float = 1.0
     eos_token_id: int | Sequence[int] | None = None
     aligner: Aligner | None = None
+    #: running counts of this epoch's samples (:meth:`epoch_stats`), not part of the settings
+    counts: Counter = field(default_factory=Counter, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.lam <= 1:
@@ -101,7 +103,25 @@ class OnPolicy:
 
     def __call__(self, student: nn.Module, batch: TokenBatch) -> TokenBatch:
         """``batch`` itself or, with probability ``lam``, the student's samples from its prompts."""
+        self.counts["batches"] += 1
         return self.generate(student, batch) if self.draw() else batch
+
+    def epoch_stats(self) -> dict[str, float]:
+        """The samples since the last call (an epoch, for the metrics row), then reset:
+        ``sampled_share`` of the batches, mean completion length ``sample_len`` (tokens), the
+        share ``sample_clipped`` that hit the length limit without an end token, and the mean
+        entropy ``sample_entropy`` (nats per sampled token, at the sampling temperature). A
+        run resumed mid-epoch counts from the resume on."""
+        c = Counter(self.counts)
+        self.counts.clear()
+        if not c["batches"]:
+            return {}
+        stats = {"sampled_share": c["sampled"] / c["batches"]}
+        if c["completions"]:
+            stats["sample_len"] = c["tokens"] / c["completions"]
+            stats["sample_clipped"] = c["clipped"] / c["completions"]
+            stats["sample_entropy"] = c["entropy"] / max(c["tokens"], 1)
+        return stats
 
     def generate(self, student: nn.Module, batch: TokenBatch) -> TokenBatch:
         """The batch rebuilt from its prompts and the student's sampled completions."""
@@ -120,8 +140,10 @@ class OnPolicy:
         if limit is not None:
             room = min(room, limit - min(len(p) for p in prompts))
         completions = sample_completions(
-            student, prompts, max(room, 1), self.temperature, eos, pad, batch.input_ids.device
-        )
+            student, prompts, max(room, 1), self.temperature, eos, pad, batch.input_ids.device,
+            stats=self.counts,
+        )  # fmt: skip
+        self.counts["sampled"] += 1
         rows = []
         for p, c in zip(prompts, completions, strict=True):
             if limit is not None:
@@ -197,11 +219,16 @@ def sample_completions(
     eos: Sequence[int],
     pad_id: int,
     device: torch.device | str,
+    stats: Counter | None = None,
+    greedy: bool = False,
 ) -> list[list[int]]:
     """Sample a completion per prompt from ``softmax(logits / temperature)`` with the KV cache,
     in eval mode (train mode restored); each list ends at its first EOS (kept) or at
     ``max_new_tokens``. ``student`` is a Hugging Face causal LM (``past_key_values``); a
-    ``torch.compile`` d one samples through its eager module (no recompile per length)."""
+    ``torch.compile`` d one samples through its eager module (no recompile per length).
+    ``stats`` (a Counter) adds ``completions``, ``tokens``, ``clipped`` and ``entropy``.
+    ``greedy`` takes the most likely token instead (no RNG is drawn: sample generations for a
+    report leave a run's random stream as it was)."""
     student = getattr(student, "_orig_mod", student)
     if "past_key_values" not in inspect.signature(student.forward).parameters:
         raise KDError(
@@ -225,6 +252,7 @@ def sample_completions(
     done = torch.zeros(b, dtype=torch.bool, device=device)
     new: list[torch.Tensor] = []
     was = student.training
+    entropy = torch.zeros((), device=device)
     student.eval()
     try:
         out = student(
@@ -233,7 +261,13 @@ def sample_completions(
         for step in range(max_new_tokens):
             logits = out.logits[:, -1].float()
             probs = torch.softmax(logits / temperature, dim=-1)
-            token = torch.multinomial(probs, num_samples=1).squeeze(1)
+            if stats is not None:  # nats, of the rows still sampling (read once, below)
+                plogp = probs * torch.log_softmax(logits / temperature, dim=-1)
+                entropy = entropy - torch.where(done, 0.0, plogp.sum(-1)).sum()
+            if greedy:
+                token = logits.argmax(-1)
+            else:
+                token = torch.multinomial(probs, num_samples=1).squeeze(1)
             token = torch.where(done, torch.full_like(token, pad_id), token)
             new.append(token)
             done = done | torch.isin(token, eos_t)
@@ -256,4 +290,9 @@ def sample_completions(
     for row in generated:
         end = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
         completions.append(row[:end])
+    if stats is not None:
+        stats["completions"] += len(completions)
+        stats["tokens"] += sum(len(c) for c in completions)
+        stats["clipped"] += sum(not (c and c[-1] in stops) for c in completions)
+        stats["entropy"] += float(entropy)
     return completions

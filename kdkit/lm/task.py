@@ -23,9 +23,10 @@ and 8x1 give the same gradient. Only positions the :class:`~kdkit.lm.align.Align
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -38,6 +39,7 @@ from kdkit.lm.align import TokenBatch
 from kdkit.lm.data import TokenRow
 from kdkit.lm.divergence import DIVERGENCES
 from kdkit.lm.fused import DenseTeacher, LossOutput, token_divergence
+from kdkit.lm.hidden import HiddenPairs, LayerPair
 from kdkit.lm.logits import output_transform
 from kdkit.lm.models import HiddenAndHead, decoder_outputs, freeze_teacher, hidden_and_head
 from kdkit.lm.moe import router_aux
@@ -112,6 +114,11 @@ class LMTask(Task):
         router_aux_loss: add a mixture-of-experts student's router load-balancing loss, with
             its config's ``router_aux_loss_coef`` (:mod:`kdkit.lm.moe`); logged as ``router_aux``.
         packed: the data packs documents into rows (``data.pack``): the probe checks packing.
+        layer_pairs: hidden-state pairs between decoder layers (:mod:`kdkit.lm.hidden`,
+            ``distill.pairs``), with a learned projection where the widths differ.
+        byte_lengths: ``[ids]`` the UTF-8 bytes each token id stands for
+            (:func:`kdkit.lm.tokenizer.token_byte_lengths`): :meth:`evaluate` then reports bits
+            per byte, which compares models across tokenizers.
     """
 
     best_metric = ("ppl", False)
@@ -133,6 +140,8 @@ class LMTask(Task):
         probe: bool = True,
         router_aux_loss: bool = True,
         packed: bool = False,
+        layer_pairs: Sequence[LayerPair] = (),
+        byte_lengths: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if divergence not in DIVERGENCES:
@@ -165,8 +174,12 @@ class LMTask(Task):
         self.teacher_transform = None if teacher is None else output_transform(teacher)
         self.router = router_aux(student) if router_aux_loss else None
         self.probe_enabled, self.packed = probe, packed
+        self.byte_lengths = byte_lengths  # a plain tensor: never in a checkpoint or the optimizer
         #: what the logits probe found (:meth:`probe`), for the run's report
         self.probe_results: list[ProbeResult] = []
+        if layer_pairs and teacher is None:
+            raise KDError("distill.pairs needs a live teacher (hf:DIR) whose layers run")
+        self.hidden_pairs = HiddenPairs(layer_pairs, student, teacher) if layer_pairs else None
 
     def shard(self) -> LMTask:
         """FSDP2 over every rank (``train.fsdp: true``): each decoder layer of the student and
@@ -246,8 +259,17 @@ class LMTask(Task):
         )
 
     def forward(self, batch: TokenBatch, reduction: str = "sum") -> LossOutput:
-        """The loss of ``batch`` (a module call, so FSDP2's hooks run around it when sharded)."""
-        return self._loss(batch, reduction=reduction)
+        """The loss of ``batch`` (a module call, so FSDP2's hooks run around it when sharded);
+        in training, with the hidden-state pairs' loss added."""
+        if self.hidden_pairs is None or not torch.is_grad_enabled():
+            return self._loss(batch, reduction=reduction)
+        with self.hidden_pairs.capture() as seen:
+            out = self._loss(batch, reduction=reduction)
+        pairs = self.hidden_pairs.loss(seen, batch.mask)
+        scale = 1.0 if reduction == "sum" else 1.0 / max(out.tokens, 1)
+        return replace(
+            out, loss=out.loss + scale * pairs, hidden=pairs.detach() / max(out.tokens, 1)
+        )
 
     def step(self, batch: TokenBatch) -> StepOutput:
         """The summed loss of the batch's trained tokens; the loop normalizes by the step's
@@ -260,12 +282,20 @@ class LMTask(Task):
         if self.on_policy is not None:  # the teacher scores the student's own samples
             batch = self.on_policy(self.student, batch)
         out = self(batch)
-        components = {"loss": out.loss.detach() / max(out.tokens, 1), "kl": out.kl}
+        components = {"loss": out.loss.detach() / max(out.tokens, 1)}  # per token
+        if self.teacher is not None or self.cache is not None:  # no "kl 0" without a teacher
+            components["kl"] = out.kl
         if out.ce is not None:
             components["ce"] = out.ce
         if out.router_aux is not None:
             components["router_aux"] = out.router_aux
+        if out.hidden is not None:
+            components["hidden"] = out.hidden
         return StepOutput(out.loss, components, None, count=out.tokens, normalizer=out.tokens)
+
+    def epoch_stats(self) -> dict[str, float]:
+        """An on-policy run's sample statistics (:meth:`OnPolicy.epoch_stats`), else none."""
+        return {} if self.on_policy is None else self.on_policy.epoch_stats()
 
     # -- the logits probe ------------------------------------------------------------------------
     def probe(self, example: TokenBatch | TokenRow) -> list[ProbeResult]:
@@ -311,11 +341,14 @@ class LMTask(Task):
         self, batches: Iterable[TokenBatch], autocast: Callable = contextlib.nullcontext
     ) -> dict[str, float]:
         """Held-out perplexity (exp of the token-mean cross-entropy), top-1 agreement with the
-        teacher and the mean forward KL, over every trained token of ``batches``."""
+        teacher and the mean forward KL, over every trained token of ``batches``; with
+        ``byte_lengths``, bits per byte (``bpb``: the summed cross-entropy in bits over the UTF-8
+        bytes of the scored tokens) and those ``bytes``."""
         was = self.student.training
         self.student.eval()
-        tokens = 0
+        tokens = n_bytes = 0
         ce_sum = kl_sum = agree_sum = 0.0
+        table = self.byte_lengths
         try:
             for batch in batches:
                 with autocast():
@@ -325,11 +358,16 @@ class LMTask(Task):
                 ce_sum += float(out.ce) * n
                 kl_sum += float(out.kl) * n
                 agree_sum += float(out.agree) * n if out.agree is not None else 0.0
+                if table is not None:
+                    table = table.to(batch.labels.device)  # once: a no-op after the first batch
+                    n_bytes += _label_bytes(table, batch.labels[batch.mask])
         finally:
             self.student.train(was)
         if tokens == 0:
             raise KDError("the evaluation data holds no trained tokens")
         scores = {"ppl": math.exp(ce_sum / tokens), "ce": ce_sum / tokens, "tokens": float(tokens)}
+        if n_bytes > 0:
+            scores.update({"bpb": ce_sum / math.log(2) / n_bytes, "bytes": float(n_bytes)})
         if self.teacher is not None or self.cache is not None:
             scores.update({"kl": kl_sum / tokens, "agree": 100.0 * agree_sum / tokens})
         return scores
@@ -341,16 +379,24 @@ class LMTask(Task):
         student's (sharded: every rank calls it; the teacher's root stays gathered meanwhile)."""
         if self.teacher is None:
             raise KDError("this task has no teacher to score")
-        # a teacher of another tokenizer is scored on its own tokens of the same text (its
-        # perplexity is per teacher token then: compare the two in bits per byte)
-        own = (_teacher_example(b) for b in batches)
+        # a teacher of another tokenizer is scored on its own tokens of the same text (the
+        # student's byte lengths are not its: no bits per byte for it here)
+        it = iter(batches)
+        first = next(it, None)
+        cross = isinstance(getattr(first, "teacher", None), XTokBatch)
+        own = (_teacher_example(b) for b in itertools.chain([] if first is None else [first], it))
         with fsdp.gathered(self._teacher_root):
-            return LMTask(self.teacher, None, probe=False).evaluate(own, autocast)
+            lengths = None if cross else self.byte_lengths
+            task = LMTask(self.teacher, None, probe=False, byte_lengths=lengths)
+            return task.evaluate(own, autocast)
 
     # -- checkpoint parts ------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """The student's weights; sharded, gathered whole on rank 0 (every rank calls this)."""
-        return {"student": fsdp.full_state(self.student)}
+        parts = {"student": fsdp.full_state(self.student)}
+        if self.hidden_pairs is not None:  # the pairs' projections
+            parts["adapters"] = self.hidden_pairs.state_dict()
+        return parts
 
     def load_checkpoint_state(self, state: Mapping[str, Any], where: str = "") -> None:
         """Sharded, rank 0's copy is broadcast into every rank's shards (every rank calls it)."""
@@ -358,6 +404,19 @@ class LMTask(Task):
             fsdp.load_full_state(self.student, state.get("student") or {})
             return
         restore_part(where, "student", self.student, state.get("student"))
+        if self.hidden_pairs is not None:
+            restore_part(where, "adapters", self.hidden_pairs, state.get("adapters"))
+
+
+def _label_bytes(byte_lengths: torch.Tensor, labels: torch.Tensor) -> int:
+    """The UTF-8 bytes the scored ``labels`` stand for (a KDError for an id the table lacks:
+    the table is another tokenizer's)."""
+    if labels.numel() and int(labels.max()) >= byte_lengths.numel():
+        raise KDError(
+            f"token id {int(labels.max())} is beyond the byte-length table's "
+            f"{byte_lengths.numel()} ids: build it from the tokenizer of the data"
+        )
+    return int(byte_lengths[labels].sum())
 
 
 def _teacher_example(example: TokenBatch | TokenRow) -> TokenBatch | TokenRow:

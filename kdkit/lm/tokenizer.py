@@ -11,6 +11,10 @@ The folder is a ``save_pretrained`` folder: ``transformers.AutoTokenizer`` loads
 no folder code) with eos/bos/pad set and a ChatML template whose assistant turns sit inside
 ``{% generation %}`` so ``return_assistant_tokens_mask`` (``loss_on: assistant``) works without
 the incremental fallback of :mod:`kdkit.lm.data`.
+
+:func:`token_byte_lengths` gives each token id the number of UTF-8 bytes of text it stands for:
+bits per byte (the held-out score that compares models across tokenizers) divides the summed
+cross-entropy by the bytes of the scored tokens.
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from kdkit.errors import KDError
 from kdkit.lm._hf import require
@@ -32,6 +39,7 @@ __all__ = [
     "DEFAULT_SPECIAL_TOKENS",
     "pad_id",
     "tokenizer_fingerprint",
+    "token_byte_lengths",
     "tokenizer_json",
     "train_bpe_tokenizer",
 ]
@@ -174,3 +182,88 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     h.update(json.dumps(specials, sort_keys=True).encode())
     h.update((getattr(tokenizer, "chat_template", None) or "").encode())
     return h.hexdigest()
+
+
+def _byte_level_chars() -> frozenset[str]:
+    """GPT-2's byte-to-unicode alphabet: a byte-level BPE token is spelt one character per byte
+    (printable bytes as themselves, the other 68 as ``chr(256 + n)``, e.g. space as ``Ġ``)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    kept += range(ord("®"), ord("ÿ") + 1)
+    return frozenset([*map(chr, kept), *(chr(256 + n) for n in range(256 - len(kept)))])
+
+
+_BYTE_LEVEL = _byte_level_chars()
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte fallback
+
+
+def _components(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The normalizer / pre-tokenizer / decoder steps of a tokenizer.json by type (Sequences
+    walked), e.g. ``{"ByteLevel": {...}, "Metaspace": {...}}``."""
+    found: dict[str, dict[str, Any]] = {}
+    todo = [data.get(k) for k in ("normalizer", "pre_tokenizer", "decoder")]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, list):
+            todo.extend(node)
+        elif isinstance(node, dict):
+            if isinstance(node.get("type"), str):
+                found.setdefault(node["type"], node)
+            todo.extend(node.values())
+    return found
+
+
+def token_byte_lengths(tokenizer: Any) -> torch.Tensor:
+    """``[ids]`` int64: the UTF-8 bytes of text each token id stands for, from the fast
+    tokenizer's tokenizer.json (built once; the sum over a text's tokens is its byte count).
+
+    - byte-level BPE (GPT-2, Llama-3, Qwen): one byte per character of the token (``Ġ`` = space);
+    - SentencePiece (Metaspace, Llama-2, Gemma): ``▁`` is a space, ``<0xNN>`` (byte fallback) one
+      byte;
+    - WordPiece: ``##`` (the continuing-subword prefix) is no text; the whitespace its
+      pre-tokenizer drops is not counted (no token stands for it), and a normalizer's output
+      (lower-cased, accents stripped) is what is counted;
+    - special tokens (bos, eos, pad, chat markers): 0 bytes; a non-special added token: its
+      content's bytes; the unknown token: 0 (the text it replaced is not in the id).
+
+    A space the tokenizer prepends (SentencePiece's ``add_dummy_prefix`` / Metaspace's
+    ``prepend_scheme``, ``add_prefix_space``) counts as the space it spells: one byte more per
+    document than the text holds. Ids no token has are 0. Ids are counted alike wherever they
+    stand, so the table is built once per tokenizer and never decodes.
+    """
+    data = tokenizer_json(tokenizer)
+    model = data.get("model") or {}
+    steps = _components(data)
+    byte_level = "ByteLevel" in steps
+    space = (steps.get("Metaspace") or {}).get("replacement") or "▁"
+    fallback = bool(model.get("byte_fallback"))
+    prefix = model.get("continuing_subword_prefix") or ""
+    suffix = model.get("end_of_word_suffix") or ""
+
+    def length(piece: str) -> int:
+        if fallback and _BYTE_PIECE.fullmatch(piece):
+            return 1
+        if prefix and piece.startswith(prefix):
+            piece = piece[len(prefix) :]
+        if suffix and piece.endswith(suffix):
+            piece = piece[: -len(suffix)]
+        if byte_level and _BYTE_LEVEL.issuperset(piece):
+            return len(piece)
+        if byte_level:  # a character outside the byte alphabet: its own UTF-8
+            return sum(1 if c in _BYTE_LEVEL else len(c.encode()) for c in piece)
+        return len(piece.replace(space, " ").encode())
+
+    vocab = model.get("vocab") or {}
+    pieces = (
+        vocab.items() if isinstance(vocab, dict) else ((p, i) for i, (p, _) in enumerate(vocab))
+    )
+    lengths = {int(i): length(p) for p, i in pieces}
+    unk = vocab.get(model.get("unk_token")) if isinstance(vocab, dict) else model.get("unk_id")
+    if isinstance(unk, int):
+        lengths[unk] = 0
+    for added in data.get("added_tokens") or []:
+        lengths[int(added["id"])] = 0 if added.get("special") else len(added["content"].encode())
+    size = max([len(tokenizer), *(i + 1 for i in lengths)])
+    table = torch.zeros(size, dtype=torch.long)
+    if lengths:
+        table[torch.tensor(list(lengths))] = torch.tensor(list(lengths.values()))
+    return table

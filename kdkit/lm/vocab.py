@@ -20,7 +20,12 @@ from typing import Any
 from kdkit.errors import KDError
 from kdkit.lm.tokenizer import tokenizer_json
 
-__all__ = ["check_vocab", "same_tokenization", "tokenization_fingerprint"]
+__all__ = [
+    "check_borrowed_tokenizer",
+    "check_vocab",
+    "same_tokenization",
+    "tokenization_fingerprint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -100,3 +105,27 @@ def check_vocab(
             n,
         )
     return n
+
+
+def check_borrowed_tokenizer(spec: str, head_rows: int, tokenizer: Any) -> None:
+    """A student folder without a tokenizer takes the teacher's only when its head has a row
+    per token: a randomly initialised head of 2,048 rows under a 600-token tokenizer would
+    train 600 rows and export a model that samples ids no tokenizer decodes (issue 38).
+    Padded heads stay possible, on purpose: name the tokenizer (``student.tokenizer``)."""
+    n = len(tokenizer)
+    if head_rows == n:
+        log.info("%s has no tokenizer of its own: it takes the teacher's (%d tokens)", spec, n)
+        return
+    more = head_rows > n
+    raise KDError(
+        f"the student {spec} has no tokenizer and would take the teacher's ({n:,} tokens), "
+        f"but its head has {head_rows:,} rows: "
+        + (
+            f"{head_rows - n:,} rows would never be trained and the exported model could emit "
+            "ids no tokenizer decodes"
+            if more
+            else f"ids {head_rows:,} and up have no row"
+        )
+        + f"; set vocab_size: {n} in its config.json, or name the tokenizer it was meant for "
+        "(student.tokenizer: DIR, which also accepts a padded head on purpose)"
+    )

@@ -59,6 +59,7 @@ def build_run(
         rank=distributed.rank(),
         world=distributed.world_size(),
         drop_last=t.compile,
+        keep_unlabeled=cfg.teacher is not None,  # teacher: null trains on data.labeled alone
     )
     views = build_views(run_views(cfg), t.seed, data.input_shape[-1])
     dataset = getattr(data.train_loader, "dataset", None)

@@ -88,8 +88,14 @@ def build_data(
     drop_last: bool = False,
     classes: list[str] | None = None,
     val_files: list[str] | None = None,
+    keep_unlabeled: bool = True,
 ) -> RunData:
     """Loaders for ``d``; ``seed`` (``train.seed``) orders the batches, ``d.seed`` the splits.
+
+    ``keep_unlabeled``: the training images ``d.labeled`` hides stay in the loader as
+    unlabeled rows (label -1) for a teacher; False drops them, so a run with no teacher
+    (``teacher: null``) trains on the ``d.labeled`` images alone (the scratch baseline of a
+    KD run, with the same labels chosen by the same ``d.seed``).
 
     ``drop_last`` (the run builder sets it when ``train.compile`` is on) drops the partial
     last training batch, which a compiled student would otherwise compile again for, when
@@ -99,8 +105,8 @@ def build_data(
     ``val: {split: F}`` had when it trained (:attr:`RunData.val_files`, from its checkpoint):
     the split is those images, not a new carve of a folder that has changed since."""
     if d.train.fashion_mnist is not None or d.train.stl10 is not None:
-        return _arrays(d, seed, rank, world, drop_last)
-    return _folders(d, seed, rank, world, drop_last, classes, val_files)
+        return _arrays(d, seed, rank, world, drop_last, keep_unlabeled)
+    return _folders(d, seed, rank, world, drop_last, classes, keep_unlabeled, val_files)
 
 
 def _drop_last(wanted: bool, n: int, batch_size: int, world: int) -> bool:
@@ -163,7 +169,9 @@ def _array_source(src: SourceConfig) -> _ArraySource:
     )
 
 
-def _arrays(d: DataConfig, seed: int, rank: int, world: int, drop_last: bool) -> RunData:
+def _arrays(
+    d: DataConfig, seed: int, rank: int, world: int, drop_last: bool, keep_unlabeled: bool
+) -> RunData:
     from kdkit.data import FastLoader, concat, holdout, split_labeled
 
     source = _array_source(d.train)
@@ -187,7 +195,7 @@ def _arrays(d: DataConfig, seed: int, rank: int, world: int, drop_last: bool) ->
     if d.labeled is not None:
         _check_labeled(d.labeled, len(train))
         labeled, unlabeled = split_labeled(train, d.labeled, seed=d.seed)
-        train = concat(labeled, unlabeled) if len(unlabeled) else labeled
+        train = concat(labeled, unlabeled) if len(unlabeled) and keep_unlabeled else labeled
     drop = _drop_last(drop_last, len(train), d.batch_size, world)
     loader = FastLoader(
         train, d.batch_size, True, drop, seed=seed, num_replicas=world, rank=rank
@@ -256,6 +264,7 @@ def _folders(
     world: int,
     drop_last: bool,
     known: list[str] | None,
+    keep_unlabeled: bool,
     members: list[str] | None = None,
 ) -> RunData:
     from kdkit.data import IMAGENET_MEAN, IMAGENET_STD
@@ -291,6 +300,8 @@ def _folders(
         _check_labeled(d.labeled, len(samples))
         keep = set(torch.randperm(len(samples), generator=gen)[: d.labeled].tolist())
         samples = [(p, y if i in keep else -1) for i, (p, y) in enumerate(samples)]
+        if not keep_unlabeled:
+            samples = [(p, y) for p, y in samples if y >= 0]
     for folder in d.unlabeled:
         samples += [(p, -1) for p in find_images(folder)]
     draft = (size, size)

@@ -75,6 +75,11 @@ def export_int8(
             FidelityGate(min_agreement=min_agreement),
             lambda p: load_session(p, ["CPUExecutionProvider"], ort),
             cache_dir=tmp,
+            role="student",
+            options=(
+                f"lower the bar with --min-agreement (now {min_agreement:g}), calibrate on more "
+                f"images with --calibration-samples (now {samples}), or export fp32 (no --int8)"
+            ),
         )  # raises below the gate: nothing is written
         with atomic_path(out) as dst:
             shutil.copyfile(model.path, dst)

@@ -6,8 +6,8 @@ tokenizer trained here, a teacher Llama trained once on the text and cached unde
 ``~/.cache/kdkit/lm-demo`` (as the vision demo caches its teacher), and a smaller student
 trained four ways on the same tokens: from scratch (cross-entropy) and distilled with forward
 KL, reverse KL and JSD. Every run is a ``task: lm`` config run through the same front door as
-``kdkit train`` (:func:`kdkit.run.train_run`); the table reports held-out perplexity, the
-share of the scratch-to-teacher gap each student closes, parameters and tokens/s.
+``kdkit train`` (:func:`kdkit.run.train_run`); the table reports held-out perplexity and bits
+per byte, the share of the scratch-to-teacher gap each student closes, parameters and tokens/s.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ __all__ = [
     "run_lm_demo",
     "student_test_ppl",
     "teacher_test_ppl",
+    "teacher_test_scores",
     "train_demo_run",
     "write_splits",
 ]
@@ -167,7 +168,7 @@ def student_test_ppl(run_dir: Path, test: Path) -> dict[str, float]:
     from kdkit.run.lm_tools import evaluate_lm_run
 
     scores = evaluate_lm_run(
-        run_dir, torch.device("cpu"), teacher=False, data=[str(test)], trust_code=False
+        run_dir, torch.device("cpu"), teacher=False, data=[str(test)], trust_code=False, samples=0
     )
     return scores["student"]
 
@@ -222,18 +223,18 @@ def run_lm_demo(cfg: LMDemoConfig) -> Path:
         )
         scores = student_test_ppl(result.run_dir, test)
         tok_s = result.history[-1].get("tok_per_s", 0.0)
-        rows.append((name, scores["ppl"], tok_s, wall))
-    teacher_ppl = teacher_test_ppl(teacher_dir, test, cfg)
-    return _report(cfg, out, source, rows, teacher_ppl, teacher_dir, student_dir, teacher_s)
+        rows.append((name, scores["ppl"], scores.get("bpb"), tok_s, wall))
+    teacher = teacher_test_scores(teacher_dir, test, cfg)
+    return _report(cfg, out, source, rows, teacher, teacher_dir, student_dir, teacher_s)
 
 
-def teacher_test_ppl(teacher_dir: Path, test: Path, cfg: LMDemoConfig) -> float:
-    """The teacher's test perplexity, on the rows the students' test scores read
-    (:func:`kdkit.run.lm_job.build_lm_data`: the same split, packing and batches)."""
+def teacher_test_scores(teacher_dir: Path, test: Path, cfg: LMDemoConfig) -> dict[str, float]:
+    """The teacher's test perplexity and bits per byte, on the rows the students' test scores
+    read (:func:`kdkit.run.lm_job.build_lm_data`: the same split, packing and batches)."""
     from kdkit.config import LMDataConfig, LMModelConfig, LMRunConfig
     from kdkit.lm.models import load_lm, max_positions
     from kdkit.lm.task import LMTask
-    from kdkit.run.lm_job import build_lm_data
+    from kdkit.run.lm_job import build_lm_data, eval_byte_lengths
 
     model, tok = load_lm(f"hf:{teacher_dir}", trust_code=False)
     run = LMRunConfig(
@@ -243,7 +244,7 @@ def teacher_test_ppl(teacher_dir: Path, test: Path, cfg: LMDemoConfig) -> float:
         ),
     )
     loader = build_lm_data(run, tok, max_positions(model)).train_loader
-    return LMTask(model, None).evaluate(iter(loader))["ppl"]
+    return LMTask(model, None, byte_lengths=eval_byte_lengths(tok)).evaluate(iter(loader))
 
 
 def _params(folder: Path) -> int:
@@ -253,8 +254,13 @@ def _params(folder: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _report(cfg, out, source, rows, teacher_ppl, teacher_dir, student_dir, teacher_s) -> Path:
+def _bpb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _report(cfg, out, source, rows, teacher, teacher_dir, student_dir, teacher_s) -> Path:
     scratch = next(r[1] for r in rows if r[0] == "scratch")
+    teacher_ppl = teacher["ppl"]
     n_teacher, n_student = _params(teacher_dir), _params(student_dir)
     lines = [
         "# kdkit demo lm",
@@ -263,19 +269,27 @@ def _report(cfg, out, source, rows, teacher_ppl, teacher_dir, student_dir, teach
         f"Byte-level BPE, {cfg.vocab} tokens, rows of {cfg.max_length}. "
         f"Students: {cfg.student_epochs} epoch(s) on the same tokens, chosen on val, scored on test.",
         "",
-        "| model | params | test perplexity | gap closed | tokens/s (train) | wall (s) |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| teacher | {n_teacher:,} | {teacher_ppl:.2f} | - | - | {teacher_s:.0f} (cached after the first run) |",
+        "| model | params | test perplexity | test bits/byte | gap closed | tokens/s (train) | wall (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| teacher | {n_teacher:,} | {teacher_ppl:.2f} | {_bpb(teacher.get('bpb'))} | - | - | {teacher_s:.0f} (cached after the first run) |",
     ]
-    for name, ppl, tok_s, wall in rows:
+    for name, ppl, bpb, tok_s, wall in rows:
         gap = "-"
         if name != "scratch" and teacher_ppl < scratch:
             gap = f"{(scratch - ppl) / (scratch - teacher_ppl):.0%}"
         lines.append(
-            f"| student, {name} | {n_student:,} | {ppl:.2f} | {gap} | {tok_s:,.0f} | {wall:.0f} |"
+            f"| student, {name} | {n_student:,} | {ppl:.2f} | {_bpb(bpb)} | {gap} | {tok_s:,.0f} | {wall:.0f} |"
         )
     lines += ["", "gap closed = (scratch - student) / (scratch - teacher) test perplexity.", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps({"rows": rows, "teacher_ppl": teacher_ppl}))
+    (out / "results.json").write_text(
+        json.dumps({"rows": rows, "teacher_ppl": teacher_ppl, "teacher_bpb": teacher.get("bpb")})
+    )
     return path
+
+
+def teacher_test_ppl(teacher_dir: Path, test: Path, cfg: LMDemoConfig) -> float:
+    """The teacher's test perplexity alone: the name this function had before bits per byte
+    joined it (:func:`teacher_test_scores` gives both)."""
+    return teacher_test_scores(teacher_dir, test, cfg)["ppl"]

@@ -21,22 +21,29 @@ from torch.utils.data.distributed import DistributedSampler
 
 from kdkit.config import LMRunConfig, to_dict
 from kdkit.errors import KDError
+from kdkit.lm._chat import template_note, use_chat_template
+from kdkit.lm._sources import DatasetSource
+from kdkit.lm._token_cache import default_token_cache
 from kdkit.lm.align import Aligner
 from kdkit.lm.data import load_lm_dataset
+from kdkit.lm.hidden import LayerPair
 from kdkit.lm.models import freeze_teacher, load_lm, load_tokenizer, max_positions, output_head
 from kdkit.lm.onpolicy import OnPolicy, turn_end_id
 from kdkit.lm.packing import check_packing
+from kdkit.lm.student import prepare_student
 from kdkit.lm.task import LMTask, TokenInputs
 from kdkit.lm.tokenizer import pad_id
-from kdkit.lm.vocab import check_vocab, same_tokenization
+from kdkit.lm.vocab import check_borrowed_tokenizer, same_tokenization
 from kdkit.run.fingerprints import lm_run_fingerprints
-from kdkit.run.lm_xtok import cross_tokenizer
+from kdkit.run.lm_report import data_notes
+from kdkit.run.lm_vocab import eval_byte_lengths, shared_vocab, vocab_pairing
 from kdkit.train import Trainer, distributed
 
 __all__ = [
     "LMRunData",
     "served_teacher",
     "capture_run",
+    "eval_byte_lengths",
     "run_tokenizer",
     "build_lm_trainer",
     "build_lm_data",
@@ -59,6 +66,8 @@ class LMRunData:
     train_rows: int
     #: the train and val rows' fingerprint (files, tokenizer, settings, ids) before any split
     corpus_fingerprint: str = ""
+    #: lines for the report: what the data cost (truncation) and how it was rendered
+    notes: tuple[str, ...] = ()
 
 
 def _split(dataset: Any, fraction: float, seed: int) -> tuple[Subset, Subset]:
@@ -82,8 +91,17 @@ def lm_datasets(cfg: LMRunConfig, tokenizer: Any, positions: int | None) -> tupl
         # prompt/completion and chat records are never split (a split would orphan a reply)
         "overflow": d.overflow if d.format == "text" else "truncate",
         "max_positions": positions,
+        "truncation": d.truncation,
+        "cache_dir": default_token_cache() if d.token_cache else None,
     }
-    train = load_lm_dataset(list(d.text_files), tokenizer, **kwargs)
+    use_chat_template(tokenizer, d.chat_template)  # data.chat_template, before any row
+    source = None
+    if d.dataset is not None:  # a Hugging Face datasets dataset on disk
+        ds = d.dataset
+        fields = {"text": ds.text_field, "prompt": ds.prompt_field,
+                  "completion": ds.completion_field, "messages": ds.messages_field}  # fmt: skip
+        source = DatasetSource(ds.path, ds.split, tuple(fields.items()))
+    train = load_lm_dataset(list(d.text_files), tokenizer, source=source, **kwargs)
     val = None
     if d.val is not None and d.val.text_files:
         val = load_lm_dataset(list(d.val.text_files), tokenizer, **kwargs)
@@ -94,14 +112,16 @@ def build_lm_data(
     cfg: LMRunConfig, tokenizer: Any, positions: int | None, cache: Any = None, xtok: Any = None
 ) -> LMRunData:
     """Token rows of ``data.text_files`` (and the val source) in loaders; with a target source
-    ``cache`` (a :class:`kdkit.lm.cache.TopKCache`, a :class:`kdkit.lm.serve.ServedTeacher`)
-    every batch carries its teacher targets; with ``xtok`` (a teacher of another tokenizer,
-    :func:`kdkit.run.lm_xtok.cross_tokenizer`) every row its teacher tokens and pairs."""
+    ``cache`` (a top-k cache, a served teacher) every batch carries its teacher targets; with
+    ``xtok`` (:func:`kdkit.run.lm_xtok.cross_tokenizer`) every row its teacher's tokens."""
     d = cfg.data
     train, val = lm_datasets(cfg, xtok.source_tokenizer if xtok else tokenizer, positions)
     if xtok is not None:  # computed once per row, here, never in the step
         train, val = xtok.wrap(train), xtok.wrap(val)
     corpus = train.fingerprint + (val.fingerprint if val is not None else "")
+    notes = data_notes(train, val)
+    if d.format == "chat":
+        notes += (template_note(tokenizer, d.chat_template),)
     collate: Any = Aligner(pad_id=pad_id(tokenizer), max_length=d.max_length)
     if xtok is not None:
         collate = xtok.collate(collate, train, val)
@@ -118,15 +138,22 @@ def build_lm_data(
         seed=cfg.train.seed,
         shuffle=True,
     )
-    train_loader = DataLoader(train, batch_size=d.batch_size, sampler=sampler, collate_fn=collate)
+    # each loader its own generator: an iterator draws its base seed from the global RNG
+    # otherwise, and a mid-epoch resume would shift the on-policy samples (issue 38)
+    gen = [torch.Generator().manual_seed(cfg.train.seed + i) for i in range(2)]
+    train_loader = DataLoader(
+        train, batch_size=d.batch_size, sampler=sampler, collate_fn=collate, generator=gen[0]
+    )
     val_loader = None
     if val is not None:
-        val_loader = DataLoader(val, batch_size=d.batch_size, shuffle=False, collate_fn=collate)
+        val_loader = DataLoader(
+            val, batch_size=d.batch_size, shuffle=False, collate_fn=collate, generator=gen[1]
+        )
     if cache is not None:  # a served teacher's targets are fetched ahead of the step
         train_loader = cache.loader(train_loader)
         val_loader = None if val_loader is None else cache.loader(val_loader)
     corpus = hashlib.sha256(corpus.encode()).hexdigest()
-    return LMRunData(train_loader, val_loader, tokenizer, len(train), corpus)
+    return LMRunData(train_loader, val_loader, tokenizer, len(train), corpus, notes)
 
 
 def served_teacher(cfg: LMRunConfig, *, topk: int | None = None, temperature: float | None = None,
@@ -215,24 +242,22 @@ def build_lm_trainer(
     student, tokenizer = load_lm(
         sc.model, dtype=sc.dtype, tokenizer=sc.tokenizer, seed=t.seed, trust_code=trust_code
     )
+    student = prepare_student(
+        student, peft=sc.peft, gradient_checkpointing=t.gradient_checkpointing
+    )
     teacher, teacher_tok = load_lm_teacher(cfg, trust_code=trust_code)
+    if tokenizer is None and teacher_tok is not None:  # the teacher's, if the head fits it
+        check_borrowed_tokenizer(sc.model, output_head(student).out_features, teacher_tok)
     tokenizer = tokenizer or teacher_tok
     if tokenizer is None:
         raise KDError(
             "no tokenizer: the student folder has none and the teacher gives none (there is no "
             "teacher, or it is served); set student.tokenizer: DIR (a save_pretrained folder)"
         )
-    vocab_size = xtok = None
     # a target source (a top-k cache, a served teacher) makes its targets outside the step
     cache = None if teacher is None or isinstance(teacher, torch.nn.Module) else teacher
-    # a teacher (or a cache) of another tokenizer goes across (kdkit.lm.xtok); the same, as was
-    xtok = cross_tokenizer(cfg, student, teacher, tokenizer, teacher_tok)
-    if xtok is not None:
-        vocab_size = xtok.student_vocab
-    elif cache is not None:
-        cache.check_run(cfg.data, tokenizer, output_head(student).out_features)
-    else:
-        vocab_size = shared_vocab(student, teacher, tokenizer, teacher_tok)
+    # the shared vocabulary, the cache's check, or across tokenizers (kdkit.lm.xtok)
+    xtok, vocab_size = vocab_pairing(cfg, student, teacher, tokenizer, teacher_tok)
     if cfg.data.pack:  # a family that attends across packed documents: refused before any work
         for role, model in (("student", student), ("teacher", teacher)):
             if isinstance(model, torch.nn.Module):
@@ -271,6 +296,8 @@ def build_lm_trainer(
         on_policy=on_policy,
         router_aux_loss=dc.router_aux_loss,
         packed=cfg.data.pack,
+        layer_pairs=[LayerPair(p.student, p.teacher, p.weight, p.loss) for p in dc.pairs],
+        byte_lengths=eval_byte_lengths(tokenizer),
     )
     if t.fsdp and distributed.is_distributed():
         task.probe(data.train_loader.dataset[0])  # before sharding (the Trainer's is skipped)
@@ -294,27 +321,6 @@ def build_lm_trainer(
         },
     )
     return trainer, data
-
-
-def shared_vocab(student: Any, teacher: Any, tokenizer: Any, teacher_tokenizer: Any) -> int | None:
-    """The real vocabulary a student and a live teacher share (``vocab_size`` of the loss), or
-    None when their heads have the same rows and there is nothing to mask. Padded heads (more
-    rows than the tokenizer, e.g. Qwen2.5 7B vs 0.5B) need it: every path that pairs the two
-    models (``kdkit train``, ``kdkit eval``) asks here."""
-    if not isinstance(teacher, torch.nn.Module):
-        return None
-    s_rows, t_rows = output_head(student).out_features, output_head(teacher).out_features
-    if tokenizer is not None and teacher_tokenizer is not None:
-        return check_vocab(tokenizer, teacher_tokenizer, s_rows, t_rows)
-    if s_rows != t_rows:
-        tok = tokenizer or teacher_tokenizer
-        if tok is None:
-            raise KDError(
-                f"the student head has {s_rows} rows and the teacher's {t_rows}, and there is no "
-                "tokenizer to say which are real; set student.tokenizer: DIR"
-            )
-        return check_vocab(tok, tok, s_rows, t_rows)
-    return None
 
 
 def probe_first_row(model: Any, dataset: Any, role: str, *, packing: bool) -> Any:

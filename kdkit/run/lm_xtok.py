@@ -98,6 +98,11 @@ def cross_tokenizer(
     if cached:
         return _from_cache(cfg, student, teacher, tokenizer, teacher_tok)
     dc = cfg.distill
+    if dc.pairs:
+        raise KDError(
+            "the teacher's tokenizer differs from the student's: distill.pairs compares hidden "
+            "states position by position, which two tokenizations do not share; drop it"
+        )
     if dc.on_policy is not None and dc.on_policy.lam > 0:
         raise KDError(
             "the teacher's tokenizer differs from the student's: cross-tokenizer KD runs "

@@ -259,6 +259,9 @@ def check_fidelity(
     probe: np.ndarray,
     gate: FidelityGate,
     what: str,
+    *,
+    role: str = "teacher",
+    options: str | None = None,
 ) -> FidelityReport:
     """Compare ``candidate`` with ``reference`` on ``probe``; refuse below the gate's bounds."""
     tally = FidelityTally(gate.temperature)
@@ -269,8 +272,9 @@ def check_fidelity(
     report.refuse_below(
         gate.min_agreement,
         gate.max_kl,
-        what=f"{what} disagrees with the fp32 teacher",
-        options=(
+        what=f"{what} disagrees with the fp32 {role}",
+        options=options
+        or (
             "lower the threshold (gate={'min_agreement': ...}), "
             "calibrate on more or more typical images (the run's views and normalisation), "
             "or use precision='fp32' (fp16 with backend='tensorrt' on a GPU)"
@@ -299,9 +303,13 @@ def quantize_teacher(
     *,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     cache_dir: str | os.PathLike | None = None,
+    role: str = "teacher",
+    options: str | None = None,
 ) -> tuple[Int8Model, FidelityReport]:
     """Calibrate, quantize (or reuse the cache) and gate: what ``OnnxTeacher(precision='int8')``
-    runs. Returns the int8 model and the gate's report; raises :class:`KDError` below it."""
+    runs. Returns the int8 model and the gate's report; raises :class:`KDError` below it,
+    naming the ``role`` (``teacher``, or ``student`` for ``kdkit export --int8``) and the
+    caller's own ways out (``options``; default: the Python options of a teacher)."""
     cal, gate = as_calibration(calibration), as_gate(gate)
     arrays = draw_calibration(cal, transform)
     model = int8_model(fp32_path, arrays, cal, open_session, cache_dir=cache_dir)
@@ -312,5 +320,7 @@ def quantize_teacher(
         arrays.probe,
         gate,
         f"the int8 model {model.path.name}",
+        role=role,
+        options=options,
     )
     return model, report

@@ -10,7 +10,7 @@ gradients and never touches the frozen teacher, which every rank holds a copy of
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,7 @@ __all__ = [
     "world_size",
     "is_main",
     "wrap",
+    "StepModule",
     "barrier",
     "broadcast_state",
     "broadcast_buffers",
@@ -93,6 +94,22 @@ def is_main() -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+class StepModule(nn.Module):
+    """``task.step`` as a module's ``forward``, so DDP wraps the whole step.
+
+    Returns a dict, not the :class:`StepOutput` dataclass: DDP finds the tensors a step used
+    in dicts and sequences only (pytorch/pytorch#124666), and with ``find_unused_parameters``
+    it walks the graph from those outputs.
+    """
+
+    def __init__(self, task: nn.Module) -> None:
+        super().__init__()
+        self.task = task
+
+    def forward(self, batch: Any) -> dict[str, Any]:
+        return self.task.step(batch).as_dict()
 
 
 def wrap(

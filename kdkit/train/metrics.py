@@ -16,6 +16,12 @@ __all__ = ["MetricLog", "epoch_line", "report_epoch"]
 log = logging.getLogger(__name__)
 
 
+def _label(key: str) -> str:
+    """A column as the epoch line shows it: the total is ``loss`` (not ``loss_loss``), each
+    part its own name (``kd``, ``ce``, ``kl``); ``metrics.csv`` keeps the column names."""
+    return "loss" if key in ("loss_loss", "loss_total") else key.removeprefix("loss_")
+
+
 def epoch_line(row: dict, epochs: int) -> str:
     """One epoch's row as one line, the epoch counted from 1 like the progress bar and the
     report (``metrics.csv`` keeps ``epoch`` from 0, as checkpoints and resume do)."""
@@ -24,7 +30,7 @@ def epoch_line(row: dict, epochs: int) -> str:
     for k, v in row.items():
         if k in ("epoch", "epoch_time_s", *rates):
             continue
-        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+        parts.append(f"{_label(k)} {v:.4g}" if isinstance(v, float) else f"{_label(k)} {v}")
     parts += [f"{row[k]:,.0f} {k.removesuffix('_per_s')}/s" for k in rates]
     if "epoch_time_s" in row:
         parts.append(f"{row['epoch_time_s']:.1f} s")

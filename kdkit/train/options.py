@@ -26,12 +26,14 @@ from kdkit._optim import PLATEAU, optimizer_factory, scheduler_factory
 from kdkit.config import RunConfig, TrainConfig
 from kdkit.data.pipeline import InputPipeline
 from kdkit.errors import KDError
+from kdkit.train import distributed
 from kdkit.train.early_stopping import EarlyStopping
 from kdkit.train.resume import RUN_INFO_KEYS
 
 __all__ = [
     "LoopOptions",
     "loop_options",
+    "global_batch_line",
     "optimizer_factory",
     "scheduler_factory",
     "trainer_from_config",
@@ -154,6 +156,19 @@ def _early_stopping(train: TrainConfig) -> EarlyStopping | None:
     )
 
 
+def global_batch_line(per_process: int | None, grad_accum: int) -> str:
+    """What one optimizer step sees: ``data.batch_size`` is per process, so torchrun with N
+    processes multiplies it by N (and ``grad_accum`` by its own factor): said, not silent."""
+    world = distributed.world_size()
+    if per_process is None:
+        return f"global batch: the loader's batches x {world} process(es) x grad_accum {grad_accum}"
+    return (
+        f"global batch: {per_process * world * grad_accum} rows per optimizer step "
+        f"({per_process} per process x {world} process{'es' if world != 1 else ''} x "
+        f"grad_accum {grad_accum})"
+    )
+
+
 def trainer_from_config(
     trainer_cls: type,
     config: TrainConfig | RunConfig,
@@ -180,6 +195,7 @@ def trainer_from_config(
         steps_per_epoch = None
     device = kwargs.pop("device", None)
     options = loop_options(train, **({"device": device} if device is not None else {}))
+    log.info("%s", global_batch_line(getattr(train_loader, "batch_size", None), train.grad_accum))
     scheduler = scheduler_factory(
         train.scheduler, train.epochs, train.optimizer.lr, steps_per_epoch
     )

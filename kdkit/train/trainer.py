@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 import kdkit._sharding as fsdp
@@ -58,22 +57,6 @@ from kdkit.train.rundir import refuse_existing_run, run_lock
 __all__ = ["Trainer", "StepOutput", "LoopOptions"]
 
 log = logging.getLogger(__name__)
-
-
-class _StepModule(nn.Module):
-    """``task.step`` as a module's ``forward``, so DDP wraps the whole step.
-
-    Returns a dict, not the :class:`StepOutput` dataclass: DDP finds the tensors a step used
-    in dicts and sequences only (pytorch/pytorch#124666), and with ``find_unused_parameters``
-    it walks the graph from those outputs.
-    """
-
-    def __init__(self, task: nn.Module) -> None:
-        super().__init__()
-        self.task = task
-
-    def forward(self, batch: Any) -> dict[str, Any]:
-        return self.task.step(batch).as_dict()
 
 
 def _default_device() -> torch.device:
@@ -170,7 +153,7 @@ class Trainer:
             )
         # DDP wraps the step of the trainable part; a teacher is not in the task's module tree
         self._ddp_step = distributed.wrap(
-            _StepModule(task),
+            distributed.StepModule(task),
             self.device,
             find_unused_parameters=task.has_idle_parameters,
         )
@@ -377,8 +360,9 @@ class Trainer:
                 self.scheduler.step()
             if steps % 20 == 0:
                 rate = items / (time.perf_counter() - start)
-                # float(out.loss) is a host sync, taken on purpose once every 20 steps
-                bar.set_postfix({"loss": f"{float(out.loss):.4f}", f"{unit}_s": f"{rate:.0f}"})
+                # a host sync, on purpose once every 20 steps; per token, as the epoch line says
+                loss = float(out.loss) / (out.normalizer or 1)
+                bar.set_postfix({"loss": f"{loss:.4f}", f"{unit}_s": f"{rate:.0f}"})
             for cb in self.callbacks:
                 on_step = getattr(cb, "on_step", None)
                 if callable(on_step):
@@ -389,15 +373,13 @@ class Trainer:
             at_boundary = self.precision.at_step_boundary  # never save half-accumulated grads
             if every and self.step % every == 0 and at_boundary:
                 self.save("last.pt")
-        if (
-            self.scheduler is not None
-            and self.options.scheduler_interval == "epoch"
-            and not self._plateau
-        ):
+        interval = self.options.scheduler_interval
+        if self.scheduler is not None and interval == "epoch" and not self._plateau:
             self.scheduler.step()
         elapsed = time.perf_counter() - start
         row: dict[str, Any] = {"epoch": self.epoch, "step": self.step}
         row.update({f"loss_{k}": float(v) / max(done + steps, 1) for k, v in sums.items()})
+        row.update(self.task.epoch_stats())  # e.g. an on-policy run's sample statistics
         row["epoch_time_s"] = elapsed
         row[f"{unit}_per_s"] = items / elapsed if elapsed > 0 else 0.0
         row["lr"] = self.optimizer.param_groups[0]["lr"]

@@ -59,7 +59,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 ALIGNMENT = "next_token: entry j of a row is p(x[j+1] | x[<=j]) at each trained position j"
 #: the data settings a cache is bound to, with the config key that sets each
-DATA_KEYS = ("format", "max_length", "pack", "loss_on", "overflow")
+DATA_KEYS = ("format", "max_length", "pack", "loss_on", "overflow", "truncation")
 
 
 def row_hash(row: TokenRow) -> int:
@@ -94,8 +94,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
 
 
 def data_settings(data_cfg: Any) -> dict[str, Any]:
-    """The ``data:`` keys a cache's rows depend on (``DATA_KEYS``)."""
-    return {k: getattr(data_cfg, k) for k in DATA_KEYS}
+    """The ``data:`` keys a cache's rows depend on (``DATA_KEYS``): ``overflow`` for plain text
+    only, ``truncation`` for the other formats only (a key that does not apply is left out,
+    so ``kdkit cache info`` never reports a setting the rows did not use)."""
+    text = getattr(data_cfg, "format", "text") == "text"
+    skip = "truncation" if text else "overflow"
+    return {k: getattr(data_cfg, k, None) for k in DATA_KEYS if k != skip}
 
 
 def read_manifest(cache_dir: str | Path, *, complete: bool = True) -> dict[str, Any]:

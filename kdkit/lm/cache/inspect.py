@@ -31,6 +31,8 @@ def info_lines(cache_dir: str | Path) -> list[str]:
         for a, b, c in zip(edges, edges[1:], counts, strict=False)
     )
     t, cap = m["teacher"], m["capture"]
+    # overflow applies to plain text only (older caches recorded it for every format)
+    data = {k: v for k, v in m["data"].items() if k != "overflow" or m["data"]["format"] == "text"}
     return [
         f"cache           {cache.dir} ({m['format']}/{m['version']})",
         f"teacher         {t['model']} ({t['dtype']}, vocab {t['vocab']} of {t['vocab_rows']} "
@@ -39,7 +41,7 @@ def info_lines(cache_dir: str | Path) -> list[str]:
         f"{m['tokenizer']['vocab_sha256'][:16]}...",
         f"capture         top-{cap['k']} at temperature {cap['temperature']:g}, ids "
         f"{cap['id_bits']} bits, log-probs {cap['encoding']}, tail {cap['tail']}",
-        f"data            {m['data']}",
+        f"data            {data}",
         f"rows / tokens   {m['num_rows']} rows, {m['entries']} trained tokens, "
         f"{len(m['shards'])} shards",
         f"size            {size / 2**20:.2f} MiB, {m['bytes_per_token']:.1f} bytes per token",

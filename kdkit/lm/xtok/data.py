@@ -128,6 +128,7 @@ class XTokDataset(Dataset):
             teacher_max_length=teacher_max_length,
             from_teacher=from_teacher,
         )
+        self.truncation = getattr(rows, "truncation", None)  # what the report says of it
         self.description = dict(getattr(rows, "description", {}))
         self.description["teacher_tokenizer"] = tokenizer_fingerprint(teacher_tok)
         n = sum(len(r) for r in self.rows)

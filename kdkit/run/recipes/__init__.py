@@ -10,7 +10,8 @@ on the task. The config side of the same table (schema, checks, path rule) is
 task       recipe                             builders it calls
 =========  =================================  ===========================================
 classify   :class:`ClassifyRecipe`            ``run/classify_job.py``, ``cache_job.py``,
-                                              ``evaluate.py``, ``export_run.py``, ``predict.py``
+                                              ``evaluate.py``, ``export_run.py``, ``predict.py``,
+                                              ``vision_demo.py``
 lm         :class:`LMRecipe`                  ``run/lm_job.py``, ``lm_tools.py``,
                                               ``lm_report.py``, ``lm_demo.py``
 =========  =================================  ===========================================

@@ -225,7 +225,7 @@ class ClassifyRecipe(Recipe):
 
     # -- kdkit demo ---------------------------------------------------------------------------
     def demo(self, options: Mapping[str, Any]) -> Path:
-        from kdkit.demo import DemoConfig, run_demo
+        from kdkit.run.vision_demo import DemoConfig, run_demo
 
         fields = ("seed", "n_labeled", "retrain", "augment", "progress", "teacher_epochs")
         fields += ("scratch_epochs", "kd_epochs", "temperature")

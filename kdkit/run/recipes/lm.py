@@ -49,12 +49,13 @@ class LMRecipe(Recipe):
     def report(
         self, cfg: Any, built: Built, result: RunResult, *, wall_s: float, extended: dict
     ) -> None:
-        from kdkit.run.lm_report import lm_teacher_ppl, write_lm_report
+        from kdkit.run.lm_report import lm_teacher_scores, write_lm_report
         from kdkit.train import distributed
 
-        result.teacher_score = lm_teacher_ppl(built.trainer, built.data)  # every rank
+        teacher = lm_teacher_scores(built.trainer, built.data)  # every rank
+        result.teacher_score = None if teacher is None else teacher["ppl"]
         if distributed.is_main():
-            write_lm_report(cfg, built.trainer, result, wall_s)
+            write_lm_report(cfg, built.trainer, result, wall_s, built.data, teacher)
 
     # -- caches -------------------------------------------------------------------------------
     def precompute(self, cfg: Any, out: Path | None, options: Mapping[str, Any]) -> list[str]:
@@ -139,7 +140,7 @@ class LMRecipe(Recipe):
         teacher: bool,
         trust_code: bool,
     ) -> dict[str, dict[str, float]]:
-        """Perplexity, top-1 agreement with the teacher and mean KL (``--data`` takes
+        """Perplexity, bits per byte, top-1 agreement with the teacher and mean KL (``--data`` takes
         ``text_files=GLOB``: other text than the run's val files)."""
         from kdkit.run.lm_tools import evaluate_lm_run
 
@@ -151,14 +152,23 @@ class LMRecipe(Recipe):
             files.append(value)
         return evaluate_lm_run(checkpoint, device, teacher=True, data=files, trust_code=trust_code)
 
-    def score_lines(self, scores: Mapping[str, Mapping[str, float]]) -> list[str]:
+    def score_lines(self, scores: Mapping[str, Any]) -> list[str]:
+        from kdkit.lm.generations import Generation
+        from kdkit.run.lm_report import generation_lines
+
         lines = []
         for who, s in scores.items():
+            if who == "samples":
+                continue
+            bpb = f"  bits/byte {s['bpb']:.4f}" if "bpb" in s else ""
             extra = f"  agreement {s['agree']:.2f}%  KL {s['kl']:.4f}" if "kl" in s else ""
+            n_bytes = f", {int(s['bytes']):,} bytes" if "bytes" in s else ""
             lines.append(
-                f"{who + ':':9} perplexity {s['ppl']:.3f}{extra}  ({int(s['tokens']):,} tokens)"
+                f"{who + ':':9} perplexity {s['ppl']:.3f}{bpb}{extra}  "
+                f"({int(s['tokens']):,} tokens{n_bytes})"
             )
-        return lines
+        gens = [Generation(**g) for g in scores.get("samples", ())]
+        return lines + ([""] + generation_lines(gens) if gens else [])
 
     def export(self, checkpoint: str, options: Mapping[str, Any]) -> list[str]:
         from kdkit.run.lm_tools import export_hf
@@ -169,7 +179,12 @@ class LMRecipe(Recipe):
                 "(AutoModelForCausalLM loads it; ONNX export of language models is not here)"
             )
         refuse_options(options, ("int8", "input_shape", "opset"), "--hf (a task: lm export)")
-        out = export_hf(checkpoint, options["hf"], trust_code=options["trust_code"])
+        adapter = bool(options.get("adapter"))
+        out = export_hf(
+            checkpoint, options["hf"], trust_code=options["trust_code"], adapter=adapter
+        )
+        if adapter:
+            return [f"wrote {out}: the LoRA adapter (peft.PeftModel.from_pretrained(base, DIR))"]
         return [f"wrote {out} (AutoModelForCausalLM.from_pretrained loads it without kdkit)"]
 
     def predict(self, model: str, options: Mapping[str, Any]) -> Any:
