@@ -19,7 +19,8 @@ against same-tokenizer KD with the same student (B, from a teacher of B's tokeni
 same shape) and against the A -> A pair (a student of 2,048 tokens: a cheaper head).
 ``quality``: test perplexity in the student's tokens and bits per byte (comparable across
 tokenizers), mean +- std over seeds: scratch and same-tokenizer KD on A (the reference),
-scratch, cross-tokenizer KD online, from a top-k cache (k 32) and ULD alone on B.
+scratch, cross-tokenizer KD online, from a top-k cache (k 32; tail bucket, the default, and
+prior) and ULD alone on B.
 """
 
 from __future__ import annotations
@@ -240,7 +241,8 @@ def bench_quality(out: Path, seeds: list[int]) -> None:
         "A: same-tokenizer KD": (a_dir, teacher, fkl),
         "B: scratch": (b_dir, None, {}),
         "B: cross-tokenizer KD, online": (b_dir, teacher, fkl),
-        "B: cross-tokenizer KD, cache k32": (b_dir, cache, fkl),
+        "B: cross-tokenizer KD, cache k32 (tail bucket)": (b_dir, cache, fkl),
+        "B: cross-tokenizer KD, cache k32 (tail prior)": (b_dir, cache, {**fkl, "tail": "prior"}),
         "B: ULD alone": (b_dir, teacher, {**fkl, "cross_tokenizer": {"method": "uld"}}),
     }
     rows: dict[str, list[tuple[float, float]]] = {k: [] for k in recipes}
@@ -248,7 +250,8 @@ def bench_quality(out: Path, seeds: list[int]) -> None:
         cfg = dataclasses.replace(base, seed=seed, out_dir=str(out / "runs"))
         for name, (student, source, distill) in recipes.items():
             run = f"s{seed}-{name.split(':')[0]}-{'-'.join(name.split(':')[1].split())}"
-            result, wall = train_demo_run(cfg, run.replace(",", ""), student, source, files,
+            run = run.replace(",", "").replace("(", "").replace(")", "")
+            result, wall = train_demo_run(cfg, run, student, source, files,
                                           epochs=base.student_epochs, **distill)  # fmt: skip
             ppl, bpb = bits_per_byte(result.run_dir, files[2], base.max_length, base.batch_size)
             rows[name].append((ppl, bpb))
