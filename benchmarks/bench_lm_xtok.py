@@ -17,6 +17,7 @@ against a loop that decodes each token (the GOLD / DSKD way); the pairs must be 
 and teacher shapes), interleaved, median ms per step: cross-tokenizer KD (teacher A, student B)
 against same-tokenizer KD with the same student (B, from a teacher of B's tokenizer and the
 same shape) and against the A -> A pair (a student of 2,048 tokens: a cheaper head).
+``quality --ce-mix``: scratch, online and cache (bucket) with ``ce_weight: 0.5``.
 ``quality``: test perplexity in the student's tokens and bits per byte (comparable across
 tokenizers), mean +- std over seeds: scratch and same-tokenizer KD on A (the reference),
 scratch, cross-tokenizer KD online, from a top-k cache (k 32; tail bucket, the default, and
@@ -230,7 +231,7 @@ def _capture(base, teacher: Path, student: Path, files, out: Path) -> str:
     return f"cache:{cache}"
 
 
-def bench_quality(out: Path, seeds: list[int]) -> None:
+def bench_quality(out: Path, seeds: list[int], ce_mix: bool = False) -> None:
     base, files, teacher, tok_a, tok_b = _setup(out)
     a_dir = llama_folder(out / "student-a", tok_a, base.student, base.max_length)
     b_dir = llama_folder(out / "student-b", tok_b, base.student, base.max_length)
@@ -245,6 +246,13 @@ def bench_quality(out: Path, seeds: list[int]) -> None:
         "B: cross-tokenizer KD, cache k32 (tail prior)": (b_dir, cache, {**fkl, "tail": "prior"}),
         "B: ULD alone": (b_dir, teacher, {**fkl, "cross_tokenizer": {"method": "uld"}}),
     }
+    if ce_mix:  # the hard-label mix beside the KD term (a weak teacher's top k loses the text)
+        ce = {"ce_weight": 0.5}
+        recipes = {
+            "B: scratch": (b_dir, None, {}),
+            "B: cross-tokenizer KD, online, ce 0.5": (b_dir, teacher, {**fkl, **ce}),
+            "B: cross-tokenizer KD, cache k32 (bucket), ce 0.5": (b_dir, cache, {**fkl, **ce}),
+        }
     rows: dict[str, list[tuple[float, float]]] = {k: [] for k in recipes}
     for seed in seeds:
         cfg = dataclasses.replace(base, seed=seed, out_dir=str(out / "runs"))
@@ -261,7 +269,7 @@ def bench_quality(out: Path, seeds: list[int]) -> None:
     t_ppl, t_bpb = _teacher_bpb(teacher, files[2], base, t_dir)
     sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
     mean = {k: statistics.mean(b for _, b in v) for k, v in rows.items()}
-    closed_a = mean["A: scratch"] - mean["A: same-tokenizer KD"]
+    closed_a = mean.get("A: scratch", 0.0) - mean.get("A: same-tokenizer KD", 0.0) or 1.0
     print(f"\nteacher (A) test ppl {t_ppl:.2f}, bpb {t_bpb:.4f}; seeds {seeds}\n")
     print("| recipe | test ppl (own tokens) | bits per byte | bpb closed vs same-tok KD |")
     print("|---|---:|---:|---:|")
@@ -298,6 +306,7 @@ def main() -> None:
     p.add_argument("part", choices=("align", "step", "quality"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="runs/bench-lm-xtok")
+    p.add_argument("--ce-mix", action="store_true", help="quality: the ce_weight 0.5 rows")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -307,7 +316,7 @@ def main() -> None:
     elif args.part == "step":
         bench_step(out)
     else:
-        bench_quality(out, args.seeds)
+        bench_quality(out, args.seeds, args.ce_mix)
 
 
 if __name__ == "__main__":
