@@ -1,4 +1,4 @@
-"""kdkit's defaults against the peers and against the student's own ceiling (issue 25).
+"""kdkit's defaults against the peers, the student's own ceiling and two bounds (issues 25, 39).
 
 One process, one thread count (``--threads``; run it once per count: OpenMP and ONNX Runtime
 take their thread count once per process), the demo's trained teacher and student, batch 128,
@@ -15,10 +15,14 @@ Rows (``id``):
                  nvidia-modelopt; skipped when it does not import)
   timm           timm's ``LogitDistillationTask`` (task_loss_weight 0.5)
   kdkit-default  ``kdkit train configs/fmnist_kd.yaml`` with no speed keys: its Trainer from
-                 ``kdkit.run.job.build_run``, ``teacher.backend: auto`` and
-                 ``train.channels_last: auto`` chosen on the first batch, every round anew
-  kdkit-int8-cl  the same config with the fast choices spelled out: ``teacher.backend: onnx``,
-                 ``teacher.precision: int8``, ``train.channels_last: true``
+                 ``kdkit.run.job.build_run``, ``teacher.backend: auto``,
+                 ``train.channels_last: auto`` and ``train.overlap: auto`` chosen on the first
+                 batch, every round anew; the batches run through the Trainer's epoch loop
+                 (``Overlap.batches`` + ``train_step``), so an overlapped teacher overlaps
+  kdkit-api      the Python API as README's quick start writes it: ``kdkit.make_teacher(
+                 module, backend="auto", calibration=train)``, ``Distiller``, ``Trainer`` with
+                 its defaults (the bench's views and normalisation as its InputPipeline), the
+                 first-batch choices made as ``fit()`` makes them (``trainer.plan()``)
   kdkit-cached   kdkit's Trainer on a ``kdkit.cache`` of one view per image (``teacher.model:
                  cache:DIR``, ``data.views.num_views: 1``): kdkit's machinery with the
                  teacher's logits read from memory, so ceiling - cached = kdkit's overhead
@@ -26,6 +30,16 @@ Rows (``id``):
   ceiling        the student's own step with the teacher's logits already in memory (the
                  same views, loss and optimizer; no teacher), in the memory format
                  kdkit-default chose in that round: what no KD tool can beat
+  teacher        the forward alone of the teacher kdkit-default chose (the fastest that passed
+                 the gates), on the prepared views
+  ceiling-1t, teacher-1t  (``--threads`` > 1 only) the same two at one thread, for the work
+                 bound
+
+The two bounds of issue 39, from the same run: the **sequential bound** (the student's step
+then the teacher's forward, one after the other: ``1 / (1/ceiling + 1/teacher)``) and the
+**work bound** (``N`` threads divided by the core-seconds per image of the student's step and of
+the teacher's forward, each at its most efficient thread count, 1 or N: the most any split of
+the cores can give).
 
     python benchmarks/bench_defaults.py --threads 1 --json runs/bench_defaults-t1.json
     python benchmarks/bench_defaults.py --threads 2 --json runs/bench_defaults-t2.json
@@ -48,11 +62,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _bounds import on_threads, sequential_bound, work_bound
 from torch import nn
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fmnist_kd.yaml"
 T, ALPHA, LR, WD = 1.0, 0.5, 3e-3, 5e-4
-ROWS = ("tutorial", "modelopt", "timm", "kdkit-default", "kdkit-int8-cl", "kdkit-cached", "ceiling")
+ROWS = (
+    "tutorial", "modelopt", "timm", "kdkit-default", "kdkit-api", "kdkit-cached", "ceiling",
+    "teacher", "ceiling-1t", "teacher-1t",
+)  # fmt: skip
 
 
 def say(msg: str) -> None:
@@ -86,7 +104,10 @@ class Bench:
 
         self.teacher_path = str(Path(teacher_path).resolve())
         self.tmp = Path(tempfile.mkdtemp(prefix="kdkit-bench-defaults-"))
-        trainer, _, _ = self.kdkit_run({"teacher.backend": "torch", "train.channels_last": "false"})
+        trainer, _, _ = self.kdkit_run(
+            {"teacher.backend": "torch", "train.channels_last": "false", "train.overlap": "false"}
+        )
+        self.loader = trainer.train_loader
         self.batches = list(itertools.islice(iter(trainer.train_loader), n_batches))
         self.student0 = copy.deepcopy(trainer.task.student).cpu()
         self.teacher = load_model(self.teacher_path)[0].eval()
@@ -94,8 +115,10 @@ class Bench:
         self.plain = InputPipeline(p.sampler, p.mean, p.std)  # the peers' input: contiguous
         with torch.no_grad():  # the ceiling's logits: the teacher on exactly these views, once
             self.logits = {id(b): self.teacher(self.plain(b, 0).x) for b in self.batches}
-        self.default_choices: list[str] = []
+        self.choices: dict[str, list[str]] = {"kdkit-default": [], "kdkit-api": []}
         self.cache: Path | None = None
+        self.cl = False
+        self.chosen_teacher = None
 
     def kdkit_run(self, sets: dict[str, str]):
         from kdkit.config import load_resolved
@@ -113,7 +136,29 @@ class Bench:
         m = self.plain(batch, 0)
         return m.x, m.labels
 
-    # -- the rows: each returns a step over one raw batch -------------------------------
+    @staticmethod
+    def each(step: Callable) -> Callable:
+        """A loop over raw batches from a per-batch step."""
+
+        def loop(batches: list) -> None:
+            for b in batches:
+                step(b)
+
+        return loop
+
+    @staticmethod
+    def trainer_loop(trainer) -> Callable:
+        """The batches through the Trainer's own epoch loop (an overlapped teacher overlaps)."""
+
+        def loop(batches: list) -> None:
+            prepare = lambda b: trainer.inputs(b, 0)  # noqa: E731
+            auto = trainer.precision.autocast
+            for b, inputs in trainer.overlap.batches(batches, prepare, trainer.task, auto):
+                trainer.train_step(b, inputs)
+
+        return loop
+
+    # -- the rows: each returns a loop over a list of raw batches -------------------------
     def tutorial(self) -> Callable:
         student, teacher = self.student(), self.teacher
         opt = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=WD)
@@ -127,7 +172,7 @@ class Bench:
             loss.backward()
             opt.step()
 
-        return step
+        return self.each(step)
 
     def modelopt(self) -> Callable:
         try:
@@ -151,7 +196,7 @@ class Bench:
             loss.backward()
             opt.step()
 
-        return step
+        return self.each(step)
 
     def timm(self) -> Callable:
         try:
@@ -178,18 +223,35 @@ class Bench:
             out["loss"].backward()
             opt.step()
 
-        return step
+        return self.each(step)
 
-    def kdkit(self, sets: dict[str, str], record: bool) -> Callable:
+    def kdkit_default(self) -> Callable:
         start = time.perf_counter()
-        trainer, _, choices = self.kdkit_run(sets)
-        if record:
-            self.cl = bool(trainer.inputs.channels_last)
-            self.default_choices.append(
-                "; ".join(c.line() for c in choices)
-                + f" [build {time.perf_counter() - start:.1f} s]"
-            )
-        return trainer.train_step
+        trainer, _, choices = self.kdkit_run({})
+        self.cl = bool(trainer.inputs.channels_last)
+        self.chosen_teacher = trainer.task.teacher
+        line = "; ".join(c.line() for c in choices)
+        self.choices["kdkit-default"].append(f"{line} [build {time.perf_counter() - start:.1f} s]")
+        return self.trainer_loop(trainer)
+
+    def kdkit_api(self) -> Callable:
+        """README's quick start, with the bench's views (``Trainer`` defaults otherwise)."""
+        import kdkit
+        from kdkit.data import load_fashion_mnist
+        from kdkit.data.pipeline import InputPipeline
+
+        start = time.perf_counter()
+        train = load_fashion_mnist("train")
+        module, _ = kdkit.load_model(self.teacher_path)
+        teacher = kdkit.make_teacher(module, backend="auto", calibration=train)
+        d = kdkit.Distiller(self.student(), teacher, kdkit.SoftTargetKL(temperature=T))
+        p = self.plain
+        inputs = InputPipeline(p.sampler, p.mean, p.std, dataset=self.loader.dataset)
+        trainer = kdkit.Trainer(d, self.loader, inputs=inputs, epochs=1, progress=False)
+        choices = trainer.plan()  # what fit() does before its first step
+        line = "; ".join(c.line() for c in choices)
+        self.choices["kdkit-api"].append(f"{line} [build {time.perf_counter() - start:.1f} s]")
+        return self.trainer_loop(trainer)
 
     def kdkit_cached(self) -> Callable:
         one_view = {"data.views.num_views": "1"}
@@ -212,9 +274,10 @@ class Bench:
                 device="cpu",
                 progress=False,
             )
-        return self.kdkit({"teacher.model": f"cache:{self.cache}", **one_view}, record=False)
+        trainer, _, _ = self.kdkit_run({"teacher.model": f"cache:{self.cache}", **one_view})
+        return self.trainer_loop(trainer)
 
-    def ceiling(self) -> Callable:
+    def ceiling(self, threads: int | None = None) -> Callable:
         """The student's step alone, against the teacher's logits for exactly these views
         (``self.logits``, computed before any clock: the views depend on the batch's indices
         and the epoch)."""
@@ -234,16 +297,20 @@ class Bench:
             loss.backward()
             opt.step()
 
-        return step
+        return on_threads(self.each(step), threads)
+
+    def teacher_forward(self, threads: int | None = None) -> Callable:
+        """The forward alone of the teacher kdkit-default chose, on the prepared views."""
+        teacher = self.chosen_teacher
+        xs = {id(b): self.plain(b, 0).x for b in self.batches}
+        return on_threads(self.each(lambda b: teacher(xs[id(b)])), threads)
 
 
-def timed(step: Callable, batches: list, warmup: int) -> float:
-    for b in batches[:warmup]:
-        step(b)
+def timed(loop: Callable, batches: list, warmup: int) -> float:
+    loop(batches[:warmup])
     n = sum(len(b[0]) if isinstance(b, (tuple, list)) else len(b) for b in batches[warmup:])
     start = time.perf_counter()
-    for b in batches[warmup:]:
-        step(b)
+    loop(batches[warmup:])
     return n / (time.perf_counter() - start)
 
 
@@ -254,14 +321,15 @@ def run(args: argparse.Namespace) -> dict:
         "tutorial": bench.tutorial,
         "modelopt": bench.modelopt,
         "timm": bench.timm,
-        "kdkit-default": lambda: bench.kdkit({}, record=True),
-        "kdkit-int8-cl": lambda: bench.kdkit(
-            {"teacher.backend": "onnx", "teacher.precision": "int8", "train.channels_last": "true"},
-            record=False,
-        ),
+        "kdkit-default": bench.kdkit_default,
+        "kdkit-api": bench.kdkit_api,
         "kdkit-cached": bench.kdkit_cached,
         "ceiling": bench.ceiling,  # after kdkit-default: its memory format
+        "teacher": bench.teacher_forward,  # after kdkit-default: its teacher
     }
+    if args.threads > 1:
+        makers["ceiling-1t"] = lambda: bench.ceiling(1)
+        makers["teacher-1t"] = lambda: bench.teacher_forward(1)
     rates: dict[str, list[float]] = {r: [] for r in makers}
     skipped: dict[str, str] = {}
     loads = []
@@ -270,12 +338,12 @@ def run(args: argparse.Namespace) -> dict:
             if name in skipped:
                 continue
             try:
-                step = make()
+                loop = make()
             except Skip as err:
                 skipped[name] = str(err)
                 say(f"{name}: skipped ({err})")
                 continue
-            rates[name].append(timed(step, bench.batches, args.warmup))
+            rates[name].append(timed(loop, bench.batches, args.warmup))
         loads.append(os.getloadavg()[0])
         say(
             f"threads={args.threads} round {r}: "
@@ -288,11 +356,23 @@ def run(args: argparse.Namespace) -> dict:
         "batch": len(bench.batches[0][0]),
         "rates": rates,
         "skipped": skipped,
-        "default_choices": bench.default_choices,
+        "choices": bench.choices,
         "load_1min": loads,
         "cpu": cpu_name(),
         "torch": torch.__version__,
     }
+
+
+def bounds(res: dict) -> tuple[float, float]:
+    """(sequential bound, work bound) in img/s from one result's medians (``_bounds.py``)."""
+    med = {k: statistics.median(v) for k, v in res["rates"].items() if v}
+    n = res["threads"]
+
+    def rates(row: str) -> dict[int, float]:
+        return {n: med[row], **({1: med[f"{row}-1t"]} if f"{row}-1t" in med else {})}
+
+    seq = sequential_bound(med["ceiling"], med["teacher"])
+    return seq, work_bound(n, rates("ceiling"), rates("teacher"))
 
 
 def cpu_name() -> str:
@@ -305,29 +385,41 @@ def cpu_name() -> str:
 
 def markdown(results: list[dict]) -> str:
     lines = [
-        "| threads | row | img/s (median) | x tutorial | % of ceiling | per round |",
-        "|---:|---|---:|---:|---:|---|",
+        "| threads | row | img/s (median) | x tutorial | % of ceiling | % of sequential bound "
+        "| % of work bound | per round |",
+        "|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for res in results:
         med = {k: statistics.median(v) for k, v in res["rates"].items() if v}
         base, ceil = med["tutorial"], med.get("ceiling")
+        seq, work = bounds(res)
         for name in ROWS:
             if name in res["skipped"]:
                 lines.append(
-                    f"| {res['threads']} | {name} | skipped: {res['skipped'][name]} | | | |"
+                    f"| {res['threads']} | {name} | skipped: {res['skipped'][name]} | | | | | |"
                 )
                 continue
             if name not in med:
                 continue
             pct = f"{100 * med[name] / ceil:.0f}%" if ceil else ""
             rounds = " / ".join(f"{v:,.0f}" for v in res["rates"][name])
+            shares = ["", "", ""]  # the teacher's forward alone is no training step
+            if not name.startswith("teacher"):
+                shares = [pct, f"{100 * med[name] / seq:.0f}%", f"{100 * med[name] / work:.0f}%"]
             lines.append(
                 f"| {res['threads']} | {name} | {med[name]:,.0f} | {med[name] / base:.2f}x "
-                f"| {pct} | {rounds} |"
+                f"| {' | '.join(shares)} | {rounds} |"
             )
+        lines.append(
+            f"| {res['threads']} | sequential bound | {seq:,.0f} | {seq / base:.2f}x | | 100% | | |"
+        )
+        lines.append(
+            f"| {res['threads']} | work bound | {work:,.0f} | {work / base:.2f}x | | | 100% | |"
+        )
     for res in results:
         lines.append(f"\n{res['threads']} thread(s), load {res['load_1min']}, {res['cpu']}:")
-        lines += [f"- {c}" for c in res["default_choices"]]
+        for row, lines_ in res.get("choices", {}).items():
+            lines += [f"- {row}: {c}" for c in lines_]
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "check_images",
     "check_not_the_student",
     "pairs_or_criterion",
+    "run_teacher",
     "target_device",
 ]
 
@@ -32,6 +33,23 @@ def as_teacher(teacher: nn.Module | Teacher | None) -> Teacher | None:
         f"the teacher must be an nn.Module or a kdkit Teacher, got {type(teacher).__name__}; "
         "build one from a path, engine or list with kdkit.make_teacher(...)"
     )
+
+
+def run_teacher(teacher: Teacher, x: torch.Tensor, index: Any, view: Any) -> Any:
+    """``teacher(x, index=, view=)``; a device or dtype mismatch is one KDError."""
+    try:
+        return teacher(x, index=index, view=view)
+    except RuntimeError as err:
+        text = str(err)
+        words = ("device", "dtype", "scalar type", "same type", "should be the same")
+        if not any(w in text for w in words):
+            raise
+        first = (text.strip().splitlines() or [""])[0]
+        raise KDError(
+            f"the teacher cannot run on this batch ({x.dtype} on {x.device}): {first[:200]}"
+            "; move it with distiller.to(device) (the Trainer does) and keep it in the "
+            "batch's dtype, or give TorchTeacher(precision=...)"
+        ) from None
 
 
 def check_not_the_student(student: nn.Module, teacher: Any) -> None:

@@ -26,6 +26,7 @@ from kdkit._distiller_checks import (
     check_images,
     check_not_the_student,
     pairs_or_criterion,
+    run_teacher,
     target_device,
 )
 from kdkit._embedding import best_metric_for, evaluate_embedding, output_pair
@@ -180,12 +181,16 @@ class Distiller(Task):
         view: torch.Tensor | None = None,
         *,
         with_teacher: bool = True,
+        ahead: Any = None,
     ) -> Forward:
-        """Teacher (only while distillation is active, and ``with_teacher``) and student on
-        ``x``, features taken out of the hooks so nothing of this batch stays behind in them."""
+        """Teacher (only while distillation is active, and ``with_teacher``; ``ahead``: its
+        output started earlier, waited for here) and student on ``x``, features taken out of
+        the hooks so nothing of this batch stays behind in them."""
         cap = self._student_capture()
         active = with_teacher and self.teacher is not None and self.balancer.active
-        teacher_out = self._teacher_forward(x, index, view) if active else None
+        teacher_out = None
+        if active:
+            teacher_out = ahead.result() if ahead else self.teacher_forward(x, index, view)
         cap.clear()
         try:
             out = pick_output(self.student(x), self.output_key, "student")
@@ -203,22 +208,22 @@ class Distiller(Task):
         self, x: torch.Tensor, index: torch.Tensor | None = None, view: torch.Tensor | None = None
     ) -> TeacherOutput:
         """The teacher's output on ``x`` (a device or dtype mismatch is one KDError)."""
-        return self._teacher_forward(x, index, view)
+        return run_teacher(self.teacher, x, index, view)
 
-    def _teacher_forward(self, x: torch.Tensor, index, view) -> TeacherOutput:
-        try:
-            return self.teacher(x, index=index, view=view)
-        except RuntimeError as err:
-            text = str(err)
-            words = ("device", "dtype", "scalar type", "same type", "should be the same")
-            if not any(w in text for w in words):
-                raise
-            first = (text.strip().splitlines() or [""])[0]
-            raise KDError(
-                f"the teacher cannot run on this batch ({x.dtype} on {x.device}): {first[:200]}"
-                "; move it with distiller.to(device) (the Trainer does) and keep it in the "
-                "batch's dtype, or give TorchTeacher(precision=...)"
-            ) from None
+    def teacher_ahead(self, batch: Any, worker: Any) -> Any:
+        """The next step's input with its teacher output started on ``worker`` (the loop's
+        overlapped teacher, :mod:`kdkit.train.overlap`): nothing while distillation is off."""
+        if not isinstance(batch, ModelInput) or self.teacher is None or not self.balancer.active:
+            return batch
+        args = (self.teacher, batch.x, batch.index, batch.view_ids)
+        return dataclasses.replace(batch, teacher=worker.submit(lambda: run_teacher(*args)))
+
+    def settle(self, example: Any, *, recorded: Any = None, **how: Any) -> list[Any]:
+        """A teacher made with ``backend="auto"`` picks its backend here (Task.settle)."""
+        settle = getattr(self.teacher, "settle", None)
+        if not callable(settle) or not isinstance(example, ModelInput):
+            return []
+        return [settle(example.x, recorded=(recorded or {}).get("teacher.backend"), **how)]
 
     def step(
         self,
@@ -236,7 +241,9 @@ class Distiller(Task):
         every pair's loss and the task loss are combined by the balancer. Keep ``labels`` on
         the CPU: whether any row is labeled is then decided without a device sync.
         """
+        ahead = None  # the teacher's output, computed beside the previous step
         if isinstance(x, ModelInput):
+            ahead = x.teacher
             labeled, labels, index, view, x = x.labeled, x.labels, x.index, x.view_ids, x.x
         else:
             check_images(x)
@@ -246,7 +253,7 @@ class Distiller(Task):
         if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 0:
             raise KDError("an empty batch (0 samples): check the loader (a filter or sampler "
                           "that left nothing)")  # fmt: skip
-        run = self.forward_both(x, index, view)
+        run = self.forward_both(x, index, view, ahead=ahead)
         task = None
         device_labels = None
         if labels is not None:

@@ -8,7 +8,9 @@ metrics, callbacks) knows nothing about images or tokens. It asks a task for thr
 - ``task.evaluate(batches, autocast) -> dict``: metrics on held-out input (the loop calls it
   with the pipeline's un-augmented batches and the run's autocast);
 - ``task.checkpoint_state()`` / ``task.load_checkpoint_state(state)``: the trainable weights,
-  by part (``"student"``, ``"adapters"``), as they go into ``last.pt`` / ``best.pt``.
+  by part (``"student"``, ``"adapters"``), as they go into ``last.pt`` / ``best.pt``;
+- ``task.teacher_ahead(batch, worker)``: start the teacher's work for the *next* step's input
+  while the current one steps (:mod:`kdkit.train.overlap`); the default has nothing to start.
 
 A task is a subclass of :class:`Task`, an ``nn.Module`` (the optimizer, DDP and
 ``.to(device)`` see its parameters; a frozen teacher stays outside its module tree) whose
@@ -112,6 +114,29 @@ class Task(nn.Module):
 
     def prepare(self, batch: Any) -> None:
         """One dry run on an example input, creating lazy parameters before the optimizer."""
+
+    def teacher_ahead(self, batch: Any, worker: Any) -> Any:
+        """``batch`` (a later step's model input) carrying its teacher's work, started on
+        ``worker`` (``worker.submit(fn)`` returns a pending result whose ``result()`` waits for
+        ``fn()``): the loop calls it with the next batch before stepping the current one, so the
+        teacher runs beside the student, and :meth:`step` reads the result instead of running
+        the teacher. The default (nothing to run ahead) returns ``batch`` unchanged."""
+        return batch
+
+    def settle(
+        self,
+        example: Any,
+        *,
+        inputs: Any = None,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        recorded: Mapping[str, Any] | None = None,
+    ) -> list[Any]:
+        """Choices measured on the run's first model input ``example`` before the first step
+        (a teacher made with ``backend="auto"`` picks its backend here, completing its
+        calibration with the input pipeline ``inputs``); ``recorded``: the records of a resumed
+        run (``{key: record}``), kept instead. Returns the choices made
+        (:class:`~kdkit.teachers.autotune.Choice`); the default has none."""
+        return []
 
     def check_inputs(self, dataset: Any, inputs: Any) -> None:
         """Refuse training data that does not fit the task (e.g. a teacher cache of another

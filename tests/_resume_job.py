@@ -1,6 +1,9 @@
 """Helper for test_trainer: train a tiny distillation; optionally SIGKILL itself mid-epoch.
 
-usage: python _resume_job.py CHECKPOINT_DIR OUT_WEIGHTS KILL_AT_STEP RESUME
+usage: python _resume_job.py CHECKPOINT_DIR OUT_WEIGHTS KILL_AT_STEP RESUME [OVERLAP]
+
+OVERLAP: the Trainer's ``overlap`` (default ``auto``: off on this one thread; ``1+1``: the
+teacher on its own thread beside the student's).
 """
 
 import os
@@ -32,6 +35,7 @@ def net(width, dropout=0.0):
 
 def main():
     ckpt_dir, out, kill_at, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+    overlap = sys.argv[5] if len(sys.argv) > 5 else "auto"
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (96, 1, 12, 12), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 4, (96,), generator=g)
@@ -56,6 +60,7 @@ def main():
         device="cpu",
         progress=False,
         callbacks=[killer],
+        overlap=overlap,
     )
     trainer.fit(resume=resume)
     torch.save(student.state_dict(), out)

@@ -71,6 +71,8 @@ TIMES = {
     "onnx-int8": 0.020,
     "channels_last=false": 0.020,
     "channels_last=true": 0.010,
+    "off": 0.010,  # train.overlap's splits (two threads: sequential, 1+1)
+    "1+1": 0.020,
 }
 
 
@@ -120,7 +122,9 @@ def test_explicit_backend_and_channels_last_are_not_measured(tmp_path, monkeypat
     from kdkit.teachers.torch_teacher import TorchTeacher
 
     photos = make_photos(tmp_path / "photos", broken=False)
-    raw = _config(photos, tmp_path / "run", teacher={"backend": "torch"}, channels_last=False)
+    raw = _config(
+        photos, tmp_path / "run", teacher={"backend": "torch"}, channels_last=False, overlap=False
+    )
     no_clock(monkeypatch)
     trainer, _, choices = build_run(load_config(data=raw))
     assert choices == []
@@ -186,7 +190,9 @@ def test_resume_of_a_run_from_before_auto_keeps_what_it_ran_with(tmp_path, monke
     from kdkit.run.job import train_run
 
     photos = make_photos(tmp_path / "photos", broken=False)
-    older = _config(photos, tmp_path / "run", teacher={"backend": "torch"}, channels_last=False)
+    older = _config(
+        photos, tmp_path / "run", teacher={"backend": "torch"}, channels_last=False, overlap=False
+    )
     no_clock(monkeypatch)
     train_run(load_config(data=older))  # what config.yaml said before auto was the default
     raw = _config(photos, tmp_path / "run", epochs=2)  # the same file, no keys: auto now

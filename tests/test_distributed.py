@@ -30,9 +30,10 @@ def net(width, channels=1):
     )
 
 
-def _distill(rank: int, world: int, mine: Path) -> dict:
+def _distill(rank: int, world: int, mine: Path, overlap: bool | str = "auto") -> dict:
     """A logit pair + a feature pair whose 4 -> 8 adapter is created lazily; distillation
-    starts at epoch 1, so the adapter idles (no gradient on any rank) through epoch 0."""
+    starts at epoch 1, so the adapter idles (no gradient on any rank) through epoch 0.
+    ``overlap``: the Trainer's (``"1+1"``: the teacher on a worker thread beside DDP's step)."""
     g = torch.Generator().manual_seed(0)
     data = ArrayDataset(
         torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8, generator=g),
@@ -52,6 +53,7 @@ def _distill(rank: int, world: int, mine: Path) -> dict:
         progress=False,
         device="cpu",
         checkpoint_dir=mine,  # one folder per rank, to see which rank writes
+        overlap=overlap,
         callbacks=[
             SimpleNamespace(on_epoch=lambda t, row: snapshots.append(_copy(d.state_dict())))
         ],
@@ -94,6 +96,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, root: str) -> N
         out = Path(out_dir)
         mine = out / f"rank{rank}"
         result = _distill(rank, world, mine)
+        result["overlapped"] = _distill(rank, world, out / f"overlap{rank}", "1+1")["final"]
         result.update(_image_folder(rank, Path(root)))
         _darklight(rank, Path(root), mine)
         result["lm_grads"] = _lm_grads(rank, world)
@@ -173,6 +176,14 @@ def test_ddp_student_and_adapter_stay_identical(ddp_run):
     for a, b in zip(r0["epochs"], r1["epochs"], strict=True):
         _assert_same(a, b)  # after every epoch, before any final broadcast
     _assert_same(r0["final"], r1["final"])
+
+
+def test_ddp_with_the_teacher_overlapped_ends_with_the_sequential_weights(ddp_run):
+    """overlap "1+1": each rank's teacher runs on its own thread beside the DDP step (the
+    student keeps one thread, as in the sequential run): the same weights, bitwise."""
+    _, results = ddp_run
+    for r in results:
+        _assert_same(r["final"], r["overlapped"])
 
 
 def test_adapter_idles_before_start_epoch_then_trains(ddp_run):

@@ -16,12 +16,13 @@ def test_fields_are_the_loop_options_in_order_with_their_defaults():
     assert LoopOptions.fields() == (
         "epochs", "precision", "grad_accum", "max_grad_norm", "scheduler_interval",
         "checkpoint_every", "nan_check_every", "progress", "device", "early_stopping",
-        "ema_decay",
+        "ema_decay", "overlap",
     )  # fmt: skip
     o = LoopOptions()
     assert (o.epochs, o.precision, o.grad_accum, o.scheduler_interval) == (1, "fp32", 1, "epoch")
     assert (o.max_grad_norm, o.checkpoint_every, o.nan_check_every, o.ema_decay) == (None,) * 4
     assert o.progress is True and o.device is None and o.early_stopping is None
+    assert o.overlap == "auto"  # the teacher beside the student when that measures faster
     with pytest.raises(dataclasses.FrozenInstanceError):
         o.epochs = 3
 

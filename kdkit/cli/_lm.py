@@ -16,6 +16,7 @@ import argparse
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from kdkit.cli._cache import add_lm_check_args, run_check, run_info, run_verify
     from kdkit.cli._checks import add_trust_code
+    from kdkit.cli._generate import add_generate_parser
     from kdkit.cli._precompute import add_lm_capture_args, run_config
 
     p = sub.add_parser(
@@ -36,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cap.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_trust_code(cap)
     cap.set_defaults(func=run_config)
+    add_generate_parser(cmds)
 
     cache = cmds.add_parser("cache", help="kdkit cache: describe, verify or check a cache")
     actions = cache.add_subparsers(dest="cache_action", required=True, metavar="ACTION")

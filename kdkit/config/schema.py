@@ -286,6 +286,8 @@ class TrainConfig:
     ``channels_last: auto`` (the default) times the student's step in both memory formats on
     the run's first batch and keeps the faster (recorded in ``choices.json``, kept by
     ``--resume``); ``true`` / ``false`` force one. Outside ``kdkit train`` auto means false.
+    ``overlap: auto`` (the default) times the teacher run beside the student against the
+    sequential step on the first batch, the same way (:mod:`kdkit.train.overlap`).
     """
 
     epochs: int = field(default=10, metadata=field_check(lambda v: v >= 1, "an integer >= 1"))
@@ -295,6 +297,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata=field_check(lambda v: 0 <= v < 2**63, _SEED))
     device: str | None = None
     channels_last: bool | Literal["auto"] = "auto"
+    overlap: bool | Literal["auto"] = "auto"
     compile: bool = False
     sync_batchnorm: bool = False  # torchrun on GPUs: the student's BatchNorm -> SyncBatchNorm
     grad_accum: int = field(default=1, metadata=field_check(lambda v: v >= 1, "an integer >= 1"))

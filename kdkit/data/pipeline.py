@@ -27,13 +27,16 @@ __all__ = ["ModelInput", "InputPipeline", "prepare_input", "unpack_batch"]
 @dataclass(frozen=True)
 class ModelInput:
     """One step's input: ``x`` on the device; ``labels`` (-1 = unlabeled), ``index`` and
-    ``view_ids`` on the CPU; ``labeled`` is whether any row has a label (a host bool)."""
+    ``view_ids`` on the CPU; ``labeled`` is whether any row has a label (a host bool);
+    ``teacher``: the teacher's output for ``x``, started beside an earlier step (a pending
+    result, :mod:`kdkit.train.overlap`), or None (the step runs the teacher)."""
 
     x: torch.Tensor
     labels: torch.Tensor | None = None
     labeled: bool = False
     index: torch.Tensor | None = None
     view_ids: torch.Tensor | None = None
+    teacher: Any = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -57,7 +60,10 @@ class InputPipeline:
             exactly the student's augmented view), or None for no augmentation.
         mean, std: per-channel normalisation of the [0, 1] images (None: skip).
         device: where ``x`` goes.
-        channels_last: give 4-D inputs the channels-last memory format.
+        channels_last: give 4-D inputs the channels-last memory format: True, False, or
+            ``"auto"`` (the default): the Trainer measures the student's step in both formats
+            on its first batch, as ``kdkit train`` does, and sets True or False here
+            (:func:`kdkit.teachers.autotune.choose_channels_last`); until then, False.
         pool: the partner images of mixing views (:class:`~kdkit.data.mixing.MixPool`);
             built from ``dataset`` on first use when not given.
         dataset: the training dataset, for the pool.
@@ -70,7 +76,7 @@ class InputPipeline:
         std: Sequence[float] | None = None,
         *,
         device: torch.device | str = "cpu",
-        channels_last: bool = False,
+        channels_last: bool | str = "auto",
         pool: MixPool | None = None,
         dataset: Any = None,
     ) -> None:
@@ -78,6 +84,8 @@ class InputPipeline:
         self.mean = None if mean is None else tuple(mean)
         self.std = None if std is None else tuple(std)
         self.device = torch.device(device)
+        if channels_last not in (True, False, "auto"):
+            raise KDError(f"channels_last must be True, False or 'auto', not {channels_last!r}")
         self.channels_last = channels_last
         self._pool = pool
         self._dataset = dataset
@@ -113,7 +121,7 @@ class InputPipeline:
             view_ids = sampler.view_ids(index, epoch)
         pool = self.pool() if sampler is not None else None
         x = prepare_input(images, index, view_ids, sampler, self.mean, self.std, self.device, pool)
-        if self.channels_last and x.dim() == 4:
+        if self.channels_last is True and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return ModelInput(x, labels, labeled, index, view_ids)
 

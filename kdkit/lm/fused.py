@@ -200,9 +200,11 @@ def _chunk(
             skew=plan.skew,
             grad_out=bufs[0],
         )
-        # a target may name its top-1 (in the student's ids) as a fourth value
-        top1 = top[0] if top else target.ids.index_select(0, rows.to(target.ids.device))[:, 0]
-        stats.agree += (lq.argmax(-1) == top1.to(lq.device)).sum()
+        if top:  # a target may name its top-1 (in the student's ids) as a fourth value
+            stats.agree += (lq.argmax(-1) == top[0].to(lq.device)).sum()
+        elif getattr(target, "ids", None) is not None:  # NoTeacher (scratch): no agreement
+            top1 = target.ids.index_select(0, rows.to(target.ids.device))[:, 0]
+            stats.agree += (lq.argmax(-1) == top1.to(lq.device)).sum()
         free = bufs[1:]
     else:
         # an explicit -inf teacher logit (DenseLogits) would make 0 * -inf; a finite floor

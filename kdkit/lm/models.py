@@ -42,6 +42,7 @@ __all__ = [
     "DecoderOutputs",
     "HiddenAndHead",
     "decoder_outputs",
+    "decoder_step",
     "freeze_teacher",
     "hidden_and_head",
     "load_lm",
@@ -275,6 +276,34 @@ def decoder_outputs(
         return DecoderOutputs(out.last_hidden_state, head, routers)
     hidden = _protocol_hidden(model, input_ids, position_ids, attention_mask)
     return DecoderOutputs(hidden, head, ())
+
+
+def decoder_step(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    past_key_values: Any = None,
+) -> tuple[torch.Tensor, Any]:
+    """One step of a Hugging Face causal LM's decoder with its KV cache: ``(hidden [B, L, H],
+    past_key_values)``, the final normed hidden states of the ``L`` new tokens (logits never
+    computed; project them with :func:`kdkit.lm.logits.project_logits`). ``attention_mask``
+    is ``[B, past + L]`` (1 = token, 0 = left padding). For sampling (``kdkit lm generate``);
+    a module without a decoder and a cache is a one-line KDError."""
+    decoder = _decoder_of(model)
+    if decoder is None or "past_key_values" not in inspect.signature(decoder.forward).parameters:
+        raise KDError(
+            f"{type(model).__name__} is not a Hugging Face causal LM with a KV cache "
+            "(past_key_values); sampling needs one"
+        )
+    out = decoder(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        past_key_values=past_key_values,
+        use_cache=True,
+    )
+    return out.last_hidden_state, out.past_key_values
 
 
 def _decoder_of(model: nn.Module) -> nn.Module | None:

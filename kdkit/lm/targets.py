@@ -10,7 +10,7 @@ precomputed logits are :class:`DenseLogits`. A cached top-k target plugs in thro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -19,7 +19,14 @@ from kdkit.errors import KDError
 from kdkit.lm.divergence import log_softmax_
 from kdkit.lm.logits import IDENTITY, OutputTransform
 
-__all__ = ["TeacherTarget", "DenseTeacher", "DenseLogits", "head_parts", "project_into"]
+__all__ = [
+    "TeacherTarget",
+    "DenseTeacher",
+    "DenseLogits",
+    "NoTeacher",
+    "head_parts",
+    "project_into",
+]
 
 
 @runtime_checkable
@@ -128,6 +135,27 @@ class DenseTeacher:
             project_into(out, h, weight[:vocab_size], b)
             self.transform.apply_(out)
             return log_softmax_(out, temperature, scratch)
+
+
+@dataclass(frozen=True)
+class NoTeacher:
+    """No teacher: the scratch baseline's target (``LMTask(student, None)``, ``ce_weight`` 1).
+    The loop skips the divergence (value, KL and gradient 0) and computes the hard-label
+    cross-entropy alone, instead of projecting the student a second time as its own teacher
+    for a term that weighs 0 (about 30% of the scratch step)."""
+
+    shape: tuple[int, ...]
+    vocab_rows: int
+    sparse: bool = True  # the loop asks value_and_grad, never log_probs
+
+    def value_and_grad(
+        self, divergence: str, log_q: torch.Tensor, rows: torch.Tensor, *, grad_out, **_: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        zero = log_q.new_zeros(log_q.shape[0])
+        return zero, zero, grad_out.zero_()
+
+    def log_probs(self, rows, *, vocab_size, temperature, out, scratch) -> torch.Tensor:
+        raise KDError("NoTeacher has no log-probabilities: it is the scratch baseline's target")
 
 
 @dataclass(frozen=True)

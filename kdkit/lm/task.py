@@ -46,7 +46,8 @@ from kdkit.lm.moe import router_aux
 from kdkit.lm.onpolicy import OnPolicy
 from kdkit.lm.packing import check_packing
 from kdkit.lm.probe import ProbeResult, probe_model
-from kdkit.lm.xtok.data import XTokBatch, XTokRow
+from kdkit.lm.targets import NoTeacher
+from kdkit.lm.xtok.data import XTokBatch, teacher_example
 from kdkit.load import restore_part
 from kdkit.task import StepOutput, Task
 
@@ -222,16 +223,13 @@ class LMTask(Task):
         teacher = contextlib.nullcontext()
         if self.cache is not None:  # targets made outside the step: the batch brings them
             target = batch.teacher if batch.teacher is not None else self.cache.target_of(batch)
-        elif self.teacher is None:  # the scratch baseline: ce_weight 1, the KD term weighs 0
-            target = DenseTeacher(hidden.detach(), s.head.weight.detach(), self.student_transform)
-        elif isinstance(batch.teacher, XTokBatch):  # another tokenizer: its own tokens
+        elif self.teacher is None:  # the scratch baseline: cross-entropy alone, no KD term
+            target = NoTeacher(tuple(hidden.shape[:-1]), s.head.weight.shape[0])
+        elif isinstance(batch.teacher, XTokBatch):  # another tokenizer: the teacher's own tokens
             teacher = fsdp.gathered(self._teacher_root)
-            with torch.no_grad():
-                t = self._teacher_root(batch.teacher.batch)
-            flat = t.hidden.reshape(-1, t.hidden.shape[-1])
-            target = batch.teacher.target(
-                DenseTeacher(flat, t.head, self.teacher_transform), mask, labels
-            )
+            target = batch.teacher.run(self._teacher_root, self.teacher_transform, mask, labels)
+        elif batch.teacher is not None:  # computed beside the previous step (teacher_ahead)
+            target = batch.teacher.result()
         else:
             # sharded, the teacher's head stays gathered until the fused loss has read it
             teacher = fsdp.gathered(self._teacher_root)
@@ -257,6 +255,26 @@ class LMTask(Task):
         return replace(
             out, loss=out.loss + weight * aux.to(out.loss.dtype), router_aux=aux.detach()
         )
+
+    def teacher_ahead(self, batch: TokenBatch, worker: Any) -> TokenBatch:
+        """The next step's batch with the live teacher's target started on ``worker``
+        (:mod:`kdkit.train.overlap`); not for a cache, on-policy samples (the student writes
+        them at the step), sharded models (the teacher's forward is collective) or hidden-state
+        pairs (their hooks catch the teacher's layers during the step itself)."""
+        if self.teacher is None or self.on_policy is not None or fsdp.is_sharded(self):
+            return batch
+        if self.hidden_pairs is not None:
+            return batch
+
+        def target() -> Any:
+            xt, mask = batch.teacher, batch.mask
+            if isinstance(xt, XTokBatch):  # a teacher of another tokenizer: its own tokens
+                return xt.run(self._teacher_root, self.teacher_transform, mask, batch.labels[mask])
+            with torch.no_grad():
+                t = self._teacher_root(batch)
+            return DenseTeacher(t.hidden[mask], t.head, self.teacher_transform)
+
+        return replace(batch, teacher=worker.submit(target))
 
     def forward(self, batch: TokenBatch, reduction: str = "sum") -> LossOutput:
         """The loss of ``batch`` (a module call, so FSDP2's hooks run around it when sharded);
@@ -308,7 +326,7 @@ class LMTask(Task):
         packing = self.packed or getattr(example, "packed", False)
         models = [("student", self.student, self.student_transform, first)]
         if self.teacher is not None:  # on its own tokens (another tokenizer: the row's)
-            t_ids, t_doc = _first_row(_teacher_example(example))
+            t_ids, t_doc = _first_row(teacher_example(example))
             t_first = t_ids[t_doc == t_doc[0]]
             models.append(("teacher", self.teacher, self.teacher_transform, t_first))
         if fsdp.is_sharded(self):
@@ -384,7 +402,7 @@ class LMTask(Task):
         it = iter(batches)
         first = next(it, None)
         cross = isinstance(getattr(first, "teacher", None), XTokBatch)
-        own = (_teacher_example(b) for b in itertools.chain([] if first is None else [first], it))
+        own = (teacher_example(b) for b in itertools.chain([] if first is None else [first], it))
         with fsdp.gathered(self._teacher_root):
             lengths = None if cross else self.byte_lengths
             task = LMTask(self.teacher, None, probe=False, byte_lengths=lengths)
@@ -417,16 +435,6 @@ def _label_bytes(byte_lengths: torch.Tensor, labels: torch.Tensor) -> int:
             f"{byte_lengths.numel()} ids: build it from the tokenizer of the data"
         )
     return int(byte_lengths[labels].sum())
-
-
-def _teacher_example(example: TokenBatch | TokenRow) -> TokenBatch | TokenRow:
-    """The teacher's tokens of ``example``: its own, unless a cross-tokenizer row or batch
-    carries the teacher's (:mod:`kdkit.lm.xtok`)."""
-    if isinstance(example, XTokRow):
-        return example.teacher_row()
-    if isinstance(example, TokenBatch) and isinstance(example.teacher, XTokBatch):
-        return example.teacher.batch
-    return example
 
 
 def _first_row(example: TokenBatch | TokenRow) -> tuple[torch.Tensor, torch.Tensor]:

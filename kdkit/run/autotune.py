@@ -12,10 +12,8 @@ inputs, the student's memory format and the record.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from torch import nn
 from kdkit.config import RunConfig
 from kdkit.errors import KDError
 from kdkit.teachers import autotune
-from kdkit.teachers.autotune import Choice
+from kdkit.teachers.autotune import Choice, choose_channels_last
 
 __all__ = [
     "CHOICES_FILE",
@@ -54,9 +52,10 @@ def keep_older_values(cfg: Any, saved: Any) -> Any:
     old_backend = getattr(old_t, "backend", "auto")
     if getattr(new_t, "backend", None) == "auto" and old_backend != "auto":
         cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(new_t, backend=old_backend))
-    if cfg.train.channels_last == "auto" and saved.train.channels_last != "auto":
-        train = dataclasses.replace(cfg.train, channels_last=saved.train.channels_last)
-        cfg = dataclasses.replace(cfg, train=train)
+    for key in ("channels_last", "overlap"):
+        if getattr(cfg.train, key) == "auto" and getattr(saved.train, key) != "auto":
+            train = dataclasses.replace(cfg.train, **{key: getattr(saved.train, key)})
+            cfg = dataclasses.replace(cfg, train=train)
     return cfg
 
 
@@ -148,49 +147,3 @@ def shared_choice(
         box = [out[1].to_dict()]
     torch.distributed.broadcast_object_list(box, src=0)
     return out if out is not None else make(box[0])
-
-
-def _student_step(student: nn.Module, x: torch.Tensor, autocast) -> Callable[[], None]:
-    def step() -> None:
-        with autocast():
-            out = student(x)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        if isinstance(out, dict):
-            out = next(iter(out.values()))
-        out.float().mean().backward()
-
-    return step
-
-
-def choose_channels_last(
-    student: nn.Module,
-    x: torch.Tensor,
-    *,
-    recorded: dict[str, Any] | None,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> Choice:
-    """``train.channels_last: auto``: forward + backward of a copy of the student in each
-    memory format on ``x``; channels_last is kept when it is at least
-    :data:`~kdkit.teachers.autotune.MARGIN` (5%) faster. The student itself and
-    the RNG are left as they were."""
-    if recorded is not None:
-        choice = Choice.recorded("train.channels_last", recorded)
-    elif x.dim() != 4:
-        choice = Choice("train.channels_last", False, skipped={"true": "inputs are not 4-D"})
-    elif not autotune.autotune_enabled():
-        choice = Choice("train.channels_last", False, skipped={"true": "KDKIT_AUTOTUNE=off"})
-    else:
-        start = time.perf_counter()
-        seconds = {}
-        devices = [x.device] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            for name, fmt in (("false", torch.contiguous_format), ("true", torch.channels_last)):
-                model = copy.deepcopy(student).to(x.device, memory_format=fmt).train()
-                step = _student_step(model, x.contiguous(memory_format=fmt), autocast)
-                seconds[name] = autotune.measure(f"channels_last={name}", step, x.device)
-                del model
-        value = autotune.pick_fastest(seconds) == "true"
-        choice = Choice("train.channels_last", value, seconds, cost_s=time.perf_counter() - start)
-    log.info("%s", choice.line())
-    return choice

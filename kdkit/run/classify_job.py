@@ -49,6 +49,7 @@ def build_run(
     from kdkit.run.data import build_data, build_views
     from kdkit.run.models import build_distiller, build_student
     from kdkit.train import Trainer, distributed
+    from kdkit.train.overlap import resumed_records
     from kdkit.train.precision import Precision
 
     device = device if device is not None else run_device(cfg.train)
@@ -137,4 +138,7 @@ def build_run(
             "val_files": data.val_files,  # kdkit eval scores the same split later
         },
     )
+    # train.overlap: the split, on the first batch (resumed: the recorded one)
+    split = trainer.plan(resumed_records(recorded) if resume else None)[-1]
+    choices += [split] if t.overlap == "auto" else []
     return trainer, data, choices

@@ -27,6 +27,7 @@ from kdkit.config import load_config, resolve_paths
 __all__ = [
     "LMDemoConfig",
     "demo_corpus",
+    "demo_teacher_dir",
     "llama_folder",
     "run_lm_demo",
     "student_test_ppl",
@@ -189,12 +190,8 @@ def run_lm_demo(cfg: LMDemoConfig) -> Path:
     data_dir = out / "data"
     data_dir.mkdir()
     train, val, test, source = write_splits(cfg, data_dir)
-    cache = Path(cfg.cache_dir)
-    shape = "x".join(map(str, cfg.teacher))
-    key = (
-        f"v1-{cfg.chars}c-{cfg.vocab}v-{cfg.max_length}l-{shape}-{cfg.teacher_epochs}e-{cfg.seed}s"
-    )
-    teacher_dir = cache / key / "teacher"
+    teacher_dir = demo_teacher_dir(cfg)
+    cache, key = teacher_dir.parent.parent, teacher_dir.parent.name
     start = time.perf_counter()
     if cfg.retrain or not (teacher_dir / "config.json").is_file():
         tok_dir = train_bpe_tokenizer([train], cfg.vocab, cache / key / "tokenizer")
@@ -226,6 +223,16 @@ def run_lm_demo(cfg: LMDemoConfig) -> Path:
         rows.append((name, scores["ppl"], scores.get("bpb"), tok_s, wall))
     teacher = teacher_test_scores(teacher_dir, test, cfg)
     return _report(cfg, out, source, rows, teacher, teacher_dir, student_dir, teacher_s)
+
+
+def demo_teacher_dir(cfg: LMDemoConfig) -> Path:
+    """Where the demo keeps the teacher it trained for ``cfg`` (corpus size, tokenizer, shape,
+    epochs and seed in the name), so benchmarks reuse it instead of training their own."""
+    shape = "x".join(map(str, cfg.teacher))
+    key = (
+        f"v1-{cfg.chars}c-{cfg.vocab}v-{cfg.max_length}l-{shape}-{cfg.teacher_epochs}e-{cfg.seed}s"
+    )
+    return Path(cfg.cache_dir) / key / "teacher"
 
 
 def teacher_test_scores(teacher_dir: Path, test: Path, cfg: LMDemoConfig) -> dict[str, float]:

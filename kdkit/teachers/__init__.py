@@ -3,6 +3,7 @@
 onnxruntime and tensorrt are imported only when an OnnxTeacher / TensorRTTeacher is made.
 """
 
+from kdkit.teachers.auto_teacher import AutoTeacher
 from kdkit.teachers.base import Teacher, TeacherOutput, TopK
 from kdkit.teachers.clip_teacher import ClipInput, ClipTeacher
 from kdkit.teachers.ensemble import EnsembleTeacher
@@ -15,6 +16,7 @@ __all__ = [
     "Teacher",
     "TeacherOutput",
     "TopK",
+    "AutoTeacher",
     "ClipTeacher",
     "ClipInput",
     "TorchTeacher",

@@ -17,6 +17,10 @@ Every candidate but the reference must also agree with the reference's top-1 on 
 batch at least ``gate.min_agreement`` (default 0.99): a fast wrong teacher is never chosen,
 and a later candidate must be :data:`MARGIN` (5%) faster to displace an earlier one.
 
+The student's memory format (``channels_last: auto``, :func:`choose_channels_last`) is measured
+the same way, on a copy of the student, by ``kdkit train``'s builder and by the Trainer for a
+Python-API :class:`~kdkit.data.pipeline.InputPipeline` whose ``channels_last`` is ``"auto"``.
+
 ``KDKIT_AUTOTUNE=off`` makes ``auto`` mean ``torch`` without measuring (runs that must pick
 the same backend every time, e.g. tests that compare two runs bit for bit).
 """
@@ -24,6 +28,7 @@ the same backend every time, e.g. tests that compare two runs bit for bit).
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import logging
 import os
@@ -48,6 +53,7 @@ __all__ = [
     "backend_candidates",
     "build_backend",
     "choose_backend",
+    "choose_channels_last",
     "measure",
     "pick_fastest",
 ]
@@ -309,3 +315,49 @@ def choose_backend(
             t.close()
     log.info("%s", choice.line())
     return teachers[choice.value], choice
+
+
+def _student_step(student: nn.Module, x: torch.Tensor, autocast) -> Callable[[], None]:
+    def step() -> None:
+        with autocast():
+            out = student(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if isinstance(out, dict):
+            out = next(iter(out.values()))
+        out.float().mean().backward()
+
+    return step
+
+
+def choose_channels_last(
+    student: nn.Module,
+    x: torch.Tensor,
+    *,
+    recorded: dict[str, Any] | None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Choice:
+    """``train.channels_last: auto``: forward + backward of a copy of the student in each
+    memory format on ``x``; channels_last is kept when it is at least
+    :data:`~kdkit.teachers.autotune.MARGIN` (5%) faster. The student itself and
+    the RNG are left as they were."""
+    if recorded is not None:
+        choice = Choice.recorded("train.channels_last", recorded)
+    elif x.dim() != 4:
+        choice = Choice("train.channels_last", False, skipped={"true": "inputs are not 4-D"})
+    elif not autotune_enabled():
+        choice = Choice("train.channels_last", False, skipped={"true": "KDKIT_AUTOTUNE=off"})
+    else:
+        start = time.perf_counter()
+        seconds = {}
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            for name, fmt in (("false", torch.contiguous_format), ("true", torch.channels_last)):
+                model = copy.deepcopy(student).to(x.device, memory_format=fmt).train()
+                step = _student_step(model, x.contiguous(memory_format=fmt), autocast)
+                seconds[name] = measure(f"channels_last={name}", step, x.device)
+                del model
+        value = pick_fastest(seconds) == "true"
+        choice = Choice("train.channels_last", value, seconds, cost_s=time.perf_counter() - start)
+    log.info("%s", choice.line())
+    return choice

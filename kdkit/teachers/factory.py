@@ -10,6 +10,7 @@ from torch import nn
 
 from kdkit.errors import KDError
 from kdkit.load import load_model
+from kdkit.teachers.auto_teacher import AutoTeacher
 from kdkit.teachers.base import Teacher
 from kdkit.teachers.ensemble import EnsembleTeacher
 from kdkit.teachers.onnx_teacher import OnnxTeacher
@@ -41,10 +42,13 @@ def make_teacher(
       (see :mod:`kdkit.registry`);
     - a list or tuple of any of these: :class:`EnsembleTeacher` (``weights=``, ``combine=``).
 
-    ``backend="auto"`` (a module or checkpoint): time each backend that runs here on
-    ``example=`` (a batch as the teacher will see it; or random inputs of ``input_shape=`` and
-    ``batch_size=``, default 64) and keep the fastest that agrees with eager torch
-    (:mod:`kdkit.teachers.autotune`; int8 is a candidate when ``calibration=`` is given). An
+    ``backend="auto"`` (a module or checkpoint): time each backend that runs here and keep the
+    fastest that agrees with eager torch (:mod:`kdkit.teachers.autotune`; int8 is a candidate
+    when ``calibration=`` is given), as ``kdkit train`` does: on the first real batch (an
+    :class:`~kdkit.teachers.AutoTeacher`, settled by the Trainer on its first training batch
+    with the run's views, normalisation and precision, which also draw a bare calibration
+    set; or by the first call), or now on ``example=`` (a batch as the teacher will see it),
+    or now on random inputs of ``input_shape=`` and ``batch_size=`` (default 64). An
     ``.onnx`` path with ``auto`` runs in ONNX Runtime.
 
     Other keyword arguments go to the backend's constructor (e.g. ``precision="bf16"``).
@@ -133,12 +137,13 @@ def _auto(module: nn.Module, kwargs: dict[str, Any]) -> Teacher:
     known = {"precision", "calibration", "gate", "features"}
     if set(kwargs) - known:
         raise KDError(f"backend='auto' takes {sorted(known)}, not {sorted(set(kwargs) - known)}")
-    if example is None:
-        if shape is None:
-            raise KDError("backend='auto' needs example=BATCH or input_shape=(C, H, W) to time on")
-        example = torch.randn(batch_size, *shape)
     if kwargs.get("precision") == "int8":
         raise KDError("backend='auto' chooses int8 itself when given calibration=; drop precision")
+    if example is None and shape is None:  # the first real batch decides (the Trainer's)
+        kwargs.pop("features", None)  # the Distiller's feature pairs ask for them
+        return AutoTeacher(module, **kwargs)
+    if example is None:
+        example = torch.randn(batch_size, *shape)
     teacher, _ = choose_backend(module, example, **kwargs)
     return teacher
 

@@ -59,9 +59,11 @@ def load_session(
     """An ``InferenceSession`` for ``path``; a file that does not load raises :class:`KDError`.
 
     ``threads``: ONNX Runtime's intra-op threads; by default as many as PyTorch's
-    (``torch.get_num_threads()``): the teacher alternates with the student's PyTorch step, so
-    both share the thread budget the user gave (``OMP_NUM_THREADS=1`` means one core for
-    both, not one for PyTorch and every core for ONNX Runtime, its own default).
+    (``torch.get_num_threads()``) in the calling thread: the teacher alternates with the
+    student's PyTorch step, so both share the thread budget the user gave
+    (``OMP_NUM_THREADS=1`` means one core for both, not one for PyTorch and every core for ONNX
+    Runtime, its own default); run beside the student (:mod:`kdkit.train.overlap`), it gets
+    the worker thread's own count.
     """
     path = Path(path)
     if not path.is_file():
@@ -88,7 +90,8 @@ class OnnxTeacher(Teacher):
     ``path_or_model``: an ``.onnx`` path, or an ``nn.Module`` that is exported (with
     :func:`kdkit.export_onnx`, dynamic batch, verified) to a temporary file; a module needs
     ``input_shape=(C, H, W)``. ``providers`` default to CUDA then CPU where available;
-    ``threads`` sets ONNX Runtime's intra-op threads on CPU (default: PyTorch's count).
+    ``threads`` sets ONNX Runtime's intra-op threads on CPU (default: PyTorch's count in the
+    thread that calls the teacher, followed when it changes: the session is reopened).
     Logits come back as float32 on the input's device. Only final outputs are available:
     :meth:`request_features` refuses intermediate layer names.
 
@@ -157,7 +160,9 @@ class OnnxTeacher(Teacher):
         self._open(self._user_providers or default_providers(self._ort))
 
     def _open(self, providers: Sequence[Provider]) -> None:
-        self.session = load_session(self.path, providers, self._ort, self._threads)
+        self._session_threads = int(self._threads or torch.get_num_threads())
+        self._providers = list(providers)
+        self.session = load_session(self.path, providers, self._ort, self._session_threads)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1:
             raise KDError(
@@ -207,6 +212,8 @@ class OnnxTeacher(Teacher):
         if x.is_cuda and self._cuda_index is not None:
             logits = self._run_cuda(x)
         else:
+            if self._threads is None and self._session_threads != torch.get_num_threads():
+                self._open(self._providers)  # this thread's budget (e.g. the overlap worker's)
             logits = self._run_numpy(x)
         return TeacherOutput(logits=logits.float())
 

@@ -24,6 +24,7 @@ from kdkit.errors import KDError
 from kdkit.load import load_checkpoint, restore_part
 from kdkit.registry import ModelSpec
 from kdkit.train import distributed
+from kdkit.train.overlap import resumed_records
 
 #: plain data a checkpoint stores beside the weights (``kdkit eval/export/bench`` read them)
 RUN_INFO_KEYS = (
@@ -128,6 +129,8 @@ def trainer_state(trainer: Any) -> dict[str, Any]:
         "best_score": trainer.best_score,  # of the task's best_metric (top1, ppl...)
         "best_metric": trainer.best_metric,
         "history": trainer.history,
+        # the first batch's measured choices (auto teacher backend, overlap split): kept
+        "choices": {c.key: c.to_dict() for c in getattr(trainer, "choices", ())},
     }
 
 
@@ -244,6 +247,7 @@ def resume_trainer(trainer: Any, required: bool = True) -> bool:
     if getattr(trainer, "ema", None) is not None:  # train.ema: the average continues too
         trainer.ema.load_state_dict(state.get("ema"), str(path))
     trainer._partial = state.get("epoch_partial")
+    trainer.recorded_choices = resumed_records(state.get("choices"))
     set_rng_state(state["rng"])
     trainer.epoch, trainer.step = state["epoch"], state["step"]
     trainer.batch_in_epoch = state["batch_in_epoch"]

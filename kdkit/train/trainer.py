@@ -44,6 +44,7 @@ from kdkit.train.metrics import MetricLog, epoch_line, report_epoch
 from kdkit.train.nan_guard import NanGuard
 from kdkit.train.optim import OptimizerArg, build_optimizer, build_scheduler
 from kdkit.train.options import LoopOptions, trainer_from_config
+from kdkit.train.overlap import Overlap, plan_first_batch
 from kdkit.train.precision import Precision
 from kdkit.train.resume import (
     check_run_info,
@@ -159,6 +160,9 @@ class Trainer:
         )
         self.is_main = distributed.is_main()
         self._sharded = fsdp.is_sharded(task)
+        self.overlap = Overlap(options.overlap, self.device)  # the teacher beside the student
+        self.choices: list[Any] = []  # made on the first batch (plan); a resume's are recorded
+        self.recorded_choices: dict[str, Any] = {}
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.history: list[dict[str, Any]] = []
         self.best_metric, self.higher_is_better = task.best_metric
@@ -180,8 +184,10 @@ class Trainer:
         batch = next(iter(self.train_loader), None)
         if batch is None:
             raise KDError("the training loader yielded no batch")
+        example = self.inputs(batch, 0)
+        self.task.settle(example, inputs=self.inputs, autocast=self.precision.autocast)
         with self.precision.autocast():
-            self.task.prepare(self.inputs(batch, 0))
+            self.task.prepare(example)
 
     @property
     def distiller(self) -> Task:
@@ -223,11 +229,18 @@ class Trainer:
         """
         return trainer_from_config(cls, config, task, train_loader, val_loader, **kwargs)
 
+    def plan(self, recorded: Mapping[str, Any] | None = None) -> list[Any]:
+        """The choices made on the first batch, once (:attr:`choices`): an ``auto`` teacher's
+        backend, the ``overlap`` split (:mod:`kdkit.train.overlap`); ``recorded``: a resumed
+        run's, kept. ``fit`` calls it; ``kdkit train``'s builder calls it first."""
+        return plan_first_batch(self, recorded)
+
     # -- one step -------------------------------------------------------------------------
-    def train_step(self, batch: Any) -> StepOutput:
-        """One optimisation step on a raw ``batch``: the task's step (through DDP when
-        distributed), the NaN guard, then backward and (at accumulation boundaries) step."""
-        inputs = self.inputs(batch, self.epoch)
+    def train_step(self, batch: Any, inputs: Any = None) -> StepOutput:
+        """One optimisation step on a raw ``batch`` (``inputs``: its model input, made ahead
+        by the overlapped loop): the task's step (through DDP when distributed), the NaN
+        guard, then backward and (at accumulation boundaries) step."""
+        inputs = self.inputs(batch, self.epoch) if inputs is None else inputs
         # DDP all-reduces gradients only on the micro-step that ends an accumulation
         sync = self.precision.steps_next or not hasattr(self._ddp_step, "no_sync")
         with (
@@ -269,6 +282,7 @@ class Trainer:
     def _fit(self, resume: bool | str, restore_best: bool) -> list[dict[str, Any]]:
         if resume:
             resume = self._resume(required=resume is True)
+        self.plan(self.recorded_choices if resume else None)
         if not resume and self.checkpoint_dir is not None:  # never train over a run
             refuse_existing_run(
                 self.checkpoint_dir,
@@ -296,6 +310,7 @@ class Trainer:
                 show = self.options.progress and self.is_main
                 report_epoch(epoch_line(row, self.epochs), show)  # printed without logging set up
         finally:
+            self.overlap.close()
             metrics.close()
             for cb in self.callbacks:  # trackers flush and close their files
                 close = getattr(cb, "close", None)
@@ -348,10 +363,11 @@ class Trainer:
             disable=not (self.options.progress and self.is_main),
             leave=False,
         )
-        for batch in bar:
+        prepare = lambda b: self.inputs(b, self.epoch)  # noqa: E731
+        for batch, inputs in self.overlap.batches(bar, prepare, self.task, self.precision.autocast):
             if n_batches:
                 self.task.set_epoch(self.epoch + self.batch_in_epoch / n_batches)
-            out = self.train_step(batch)
+            out = self.train_step(batch, inputs)
             self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
             steps, items = steps + 1, items + out.size
             for k, v in out.components.items():

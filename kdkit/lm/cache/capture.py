@@ -41,14 +41,44 @@ from kdkit.lm.cache.format import (
     shard_name,
     tokenizer_fingerprint,
 )
+from kdkit.lm.divergence import log1mexp
 from kdkit.lm.topk import ModuleTopK, TopKScorer
+from kdkit.lm.topk import teacher_topk as topk_of
 
-__all__ = ["KIND", "Provenance", "capture", "check_capture_options", "rows_fingerprint"]
+__all__ = [
+    "KIND",
+    "Provenance",
+    "cache_settings",
+    "capture",
+    "check_capture_options",
+    "rows_arrays",
+    "rows_fingerprint",
+    "teacher_topk",
+    "topk_entries",
+    "write_shard",
+]
 
 log = logging.getLogger(__name__)
 
 #: the kind of folder a capture makes (kdkit._kept: a run or an image cache is refused as --out)
 KIND = "LM teacher cache"
+
+
+def topk_entries(lp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ids [N, k], logp [N, k], tail [N])`` of log-probs ``lp`` ``[N, V]`` (fp32): the k
+    largest, sorted, and ``log(1 - sum of their p)`` computed in float64. The one rule of both
+    writers (a capture and ``kdkit lm generate``)."""
+    values, index = lp.topk(k, dim=-1)
+    return index, values, log1mexp(torch.logsumexp(values.double(), dim=-1)).float()
+
+
+def teacher_topk(
+    teacher: torch.nn.Module, batch: Any, vocab: int, k: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ids [E, k], logp [E, k], tail [E], mass [V])`` at the batch's trained positions, in
+    order (:func:`kdkit.lm.topk.teacher_topk` as a tuple, for ``kdkit lm generate``)."""
+    top = topk_of(teacher, batch, vocab, k, temperature, mass=True)
+    return top.ids, top.logp, top.tail, top.mass
 
 
 def _shard_arrays(
@@ -66,6 +96,21 @@ def _shard_arrays(
         logp.append(top.logp)
         tail.append(top.tail)
         entries.extend(batch.mask.sum(1).tolist())
+    return rows_arrays(rows, entries, ids, logp, tail, mass, settings)
+
+
+def rows_arrays(
+    rows: Sequence[Any],
+    entries: Sequence[int],
+    ids: Sequence[torch.Tensor],
+    logp: Sequence[torch.Tensor],
+    tail: Sequence[torch.Tensor],
+    mass: torch.Tensor,
+    settings: Mapping[str, Any],
+) -> dict[str, np.ndarray]:
+    """A shard's arrays (``docs/lm-cache-format.md``) for token ``rows`` with ``entries[r]``
+    targets each: ``ids`` / ``logp`` / ``tail`` are their top-k entries in row order (CPU
+    tensors, concatenated here), ``mass`` the summed distributions."""
     lengths = [len(r) for r in rows]
     arrays = {
         "row_offsets": np.concatenate([[0], np.cumsum(entries)]).astype(np.int64),
@@ -77,19 +122,23 @@ def _shard_arrays(
         ),
         "token_doc": np.concatenate([r.doc_ids.numpy() for r in rows]).astype(np.uint16),
         "row_hash": np.asarray([row_hash(r) for r in rows], dtype=np.uint64),
-        "topk_ids": pack_ids(torch.cat(ids).numpy(), settings["capture"]["id_bits"]),
-        "tail_logmass": torch.cat(tail).numpy().astype(np.float16),
+        "topk_ids": pack_ids(torch.cat(list(ids)).numpy(), settings["capture"]["id_bits"]),
+        "tail_logmass": torch.cat(list(tail)).numpy().astype(np.float16),
         "teacher_mass": mass.numpy(),  # float64 [V]: summed over the shard's entries
     }
-    arrays.update(encode_logp(torch.cat(logp).numpy(), settings["capture"]["encoding"]))
+    arrays.update(encode_logp(torch.cat(list(logp)).numpy(), settings["capture"]["encoding"]))
     return arrays
 
 
-def _write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``arrays`` as the safetensors file ``path``, atomically (temp file, fsync, rename)."""
     from safetensors.numpy import save_file
 
     with atomic_path(path) as tmp:
         save_file(arrays, str(tmp))
+
+
+_write_shard = write_shard  # the capture's writer (a test slows it down to kill it between)
 
 
 @dataclass(frozen=True)
@@ -200,26 +249,7 @@ def _capture(
         raise KDError(f"--topk {topk} is larger than the vocabulary ({vocab})")
     num_shards = max(1, math.ceil(len(rows) / shard_rows))
     settings = {
-        "format": FORMAT,
-        "version": VERSION,
-        "alignment": ALIGNMENT,
-        "teacher": {
-            "model": provenance.model,
-            "weights_sha256": provenance.weights_sha256,
-            "dtype": provenance.dtype,
-            "vocab_rows": provenance.vocab_rows,
-            "vocab": vocab,
-        },
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "capture": {
-            "k": topk,
-            "temperature": float(temperature),
-            "precision": f"teacher {provenance.engine}, fp32 log-softmax",
-            "encoding": encoding,
-            "id_bits": id_bits(vocab),
-            "tail": "float16",
-        },
-        "data": dict(provenance.data),
+        **cache_settings(provenance, tokenizer, topk, encoding, temperature),
         "num_rows": len(rows),
         "rows_sha256": rows_fingerprint(rows),
         "shard_rows": shard_rows,
@@ -259,6 +289,36 @@ def _capture(
         bar.update(hi - lo)
     bar.close()
     return read_manifest(out)
+
+
+def cache_settings(
+    provenance: Provenance, tokenizer: Any, topk: int, encoding: str, temperature: float
+) -> dict[str, Any]:
+    """The manifest's settings of a cache of ``provenance``'s teacher (format, teacher,
+    tokenizer, capture and data sections): what a resumed writer and every reader compare."""
+    vocab = min(provenance.vocab_rows, len(tokenizer))  # padded head rows are never a target
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "alignment": ALIGNMENT,
+        "teacher": {
+            "model": provenance.model,
+            "weights_sha256": provenance.weights_sha256,
+            "dtype": provenance.dtype,
+            "vocab_rows": provenance.vocab_rows,
+            "vocab": vocab,
+        },
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "capture": {
+            "k": topk,
+            "temperature": float(temperature),
+            "precision": f"teacher {provenance.engine}, fp32 log-softmax",
+            "encoding": encoding,
+            "id_bits": id_bits(vocab),
+            "tail": "float16",
+        },
+        "data": dict(provenance.data),
+    }
 
 
 def _resume(out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:

@@ -22,14 +22,14 @@ from torch.utils.data import Dataset
 
 from kdkit.lm.align import Aligner, TokenBatch
 from kdkit.lm.data import TokenRow
-from kdkit.lm.targets import TeacherTarget
+from kdkit.lm.targets import DenseTeacher, TeacherTarget
 from kdkit.lm.tokenizer import tokenizer_fingerprint
 from kdkit.lm.xtok.align import align_many
 from kdkit.lm.xtok.retokenize import teacher_ids
 from kdkit.lm.xtok.target import Projection, XTokTarget
 from kdkit.lm.xtok.tokenbytes import kind_tables, token_bytes
 
-__all__ = ["XTokBatch", "XTokCollate", "XTokDataset", "XTokRow"]
+__all__ = ["XTokBatch", "XTokCollate", "XTokDataset", "XTokRow", "teacher_example"]
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,17 @@ class XTokBatch:
             projection=self.projection.to(device, non_blocking=non_blocking),
         )
 
+    def run(
+        self, teacher: Any, transform: Any, mask: torch.Tensor, labels: torch.Tensor | None
+    ) -> XTokTarget:
+        """Run ``teacher`` (a module whose forward is ``hidden_and_head`` of a
+        :class:`~kdkit.lm.align.TokenBatch`) on this batch's teacher rows, under ``no_grad``,
+        and make the target (what the model does after its head: ``transform``)."""
+        with torch.no_grad():
+            t = teacher(self.batch)
+        flat = t.hidden.reshape(-1, t.hidden.shape[-1])
+        return self.target(DenseTeacher(flat, t.head, transform), mask, labels)
+
     def target(
         self, teacher: TeacherTarget, mask: torch.Tensor, labels: torch.Tensor | None
     ) -> XTokTarget:
@@ -210,3 +221,13 @@ class XTokCollate:
             index[b, r.pair_student] = b * width + r.pair_teacher
         xt = XTokBatch(t_batch, index, self.projection, self.method, self.uld_weight)
         return replace(batch, teacher=xt)
+
+
+def teacher_example(example: Any) -> Any:
+    """The teacher's tokens of a row or batch: its own, unless a cross-tokenizer row or batch
+    carries the teacher's (the probe and the teacher's scoring run on those)."""
+    if isinstance(example, XTokRow):
+        return example.teacher_row()
+    if isinstance(getattr(example, "teacher", None), XTokBatch):
+        return example.teacher.batch
+    return example

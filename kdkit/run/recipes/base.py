@@ -135,6 +135,15 @@ class Recipe:
         lines to print. ``options`` are the verb's flags (None where not given)."""
         raise self._missing("kdkit precompute")
 
+    def generate(
+        self, config: str, overrides: Sequence[str], options: Mapping[str, Any]
+    ) -> list[str]:
+        """``kdkit lm generate CONFIG``: the config's teacher writes completions and their
+        targets (``--prompts``), or scores completions it did not write (``--score``)."""
+        raise self._missing(
+            "kdkit lm generate", "it samples from a language model teacher: a task: lm config"
+        )
+
     def holds_cache(self, folder: Path) -> bool:
         """Is ``folder`` a cache of this task's format (read from its manifest file)?"""
         return False

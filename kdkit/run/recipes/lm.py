@@ -41,10 +41,14 @@ class LMRecipe(Recipe):
 
     # -- kdkit train ------------------------------------------------------------------------
     def build(self, cfg: Any, device: Any, *, resume: bool, trust_code: bool) -> Built:
+        from kdkit.run.autotune import read_choices
         from kdkit.run.lm_job import build_lm_trainer
+        from kdkit.train.overlap import resumed_records
 
         trainer, data = build_lm_trainer(cfg, device, trust_code=trust_code)
-        return Built(trainer, data)
+        # train.overlap: the live teacher beside the student, chosen on the first batch
+        choices = trainer.plan(resumed_records(read_choices(cfg.run_dir)) if resume else None)
+        return Built(trainer, data, choices if cfg.train.overlap == "auto" else [])
 
     def report(
         self, cfg: Any, built: Built, result: RunResult, *, wall_s: float, extended: dict
@@ -75,6 +79,28 @@ class LMRecipe(Recipe):
             f"{m['bytes_per_token']:.1f} bytes per token; train with teacher: "
             f"{{model: 'cache:{out}'}}"
         ]
+
+    def generate(
+        self, config: str, overrides: Sequence[str], options: Mapping[str, Any]
+    ) -> list[str]:
+        from kdkit.run.lm_generate import generate_config, generate_lines, generate_run, score_run
+
+        out = Path(options["out"])
+        if options.get("score") is not None:
+            sampling = ("n", "temperature", "top_p", "max_new_tokens", "seed", "batch_size")
+            refuse_options(options, (*sampling, "keep_unfinished", "keep_duplicates", "device",
+                                     "any_tokenization"),
+                           "--score (the teacher scores the file's completions)")  # fmt: skip
+            cfg = generate_config(config, list(overrides), options["score"])
+            m = score_run(cfg, out, options)
+            return [
+                f"scored {m['num_rows']} rows ({m['entries']} tokens) of {options['score']} into "
+                f"{out} at temperature {m['capture']['temperature']:g}; train with "
+                f"teacher: {{model: 'cache:{out}'}} on that file"
+            ]
+        cfg = generate_config(config, list(overrides), options["prompts"])
+        given = {**options, "dedup": not options.get("keep_duplicates")}
+        return generate_lines(generate_run(cfg, options["prompts"], out, given), out, config)
 
     def holds_cache(self, folder: Path) -> bool:
         return (folder / _MANIFEST).is_file()
