@@ -197,3 +197,21 @@ def test_the_cached_loss_equals_the_live_teachers_on_the_same_rows(xtok_run, tmp
     assert a.tokens == b.tokens
     assert a.loss.item() == pytest.approx(b.loss.item(), rel=2e-3)
     assert a.agree.item() == pytest.approx(b.agree.item(), abs=0.05)
+
+
+def test_the_teacher_ahead_of_the_step_gives_the_same_cross_tokenizer_loss(xtok_run):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kdkit.run.lm_job import build_lm_trainer
+
+    root, config = xtok_run
+    path = root / "ahead.yaml"
+    path.write_text(yaml.safe_dump({**config, "run_dir": str(root / "ahead")}))
+    trainer, data = build_lm_trainer(load_config(path), torch.device("cpu"))
+    batch = next(iter(data.train_loader))
+    task = trainer.task
+    with torch.no_grad():
+        direct = task(batch, reduction="sum")
+        with ThreadPoolExecutor(1) as worker:
+            ahead = task(task.teacher_ahead(batch, worker), reduction="sum")
+    assert ahead.loss.item() == pytest.approx(direct.loss.item(), rel=1e-6)
