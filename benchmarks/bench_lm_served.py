@@ -16,7 +16,11 @@ process pinned there), the student trains on core 0 (pinned, one thread), over l
    PyTorch, top 32) and the served teacher run by ONNX Runtime (``--backend onnx``). Ratios
    to the cache-fed row of the same round; medians over rounds. Beside them, what each
    server delivers alone (batches back to back, no student): a served run trains at most at
-   the slower of the student alone (the cache row) and its server alone.
+   the slower of the student alone (the cache row) and its server alone. On a machine shared
+   with other jobs the wall-clock rows favour the rows that use one core (the others' work
+   moves to the core the server leaves), so each row also reports the training process's
+   tokens per CPU second (its own threads, the client's included) and the share of its wall
+   time its loop waited for served targets: together, what the row would do on idle cores.
 3. Memory. The training process's peak RSS with a larger teacher (``--mem-hidden``,
    ``--mem-layers``) in the process and served: the served run must not hold its weights.
 
@@ -28,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -48,20 +51,56 @@ def _pin(cpu: int) -> None:
         os.sched_setaffinity(0, {cpu})
 
 
+def _peak_rss_mb(pid: str = "self") -> float:
+    """The process's peak RSS (``VmHWM``). Not ``getrusage``'s ``ru_maxrss``: across
+    ``exec`` Linux keeps the larger of it and the forking parent's, and the parent here held a
+    teacher (measured: a served child "peaked" at the parent's 1.26 GB)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _runqueue_s() -> float:
+    """Seconds this thread has waited for a core while runnable (``/proc`` schedstat)."""
+    try:
+        return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def child(config: str, cpu: int) -> None:
-    """One ``kdkit train`` of ``config`` on core ``cpu``; prints its epochs' tokens/s and RSS."""
+    """One ``kdkit train`` of ``config`` on core ``cpu``; prints its epochs' tokens/s, the CPU
+    seconds the process used, the seconds its loop waited for served targets, and its RSS."""
     _pin(cpu)
     torch.set_num_threads(1)
+    import kdkit.lm.serve.prefetch as prefetch
     from kdkit.config import load_resolved
     from kdkit.run.lm_job import build_lm_trainer
 
-    trainer, _ = build_lm_trainer(load_resolved(config), torch.device("cpu"))
-    start = time.perf_counter()
+    waited: list[float] = []
+    wait_for = prefetch.wait_for
+
+    def timed(*args):  # the loop blocked on the served teacher (the prefetch was not enough)
+        start = time.perf_counter()
+        out = wait_for(*args)
+        waited.append(time.perf_counter() - start)
+        return out
+
+    prefetch.wait_for = timed
+    run_dir = Path(config).parent / "runs" / f"{Path(config).stem}-{time.time_ns()}"
+    cfg = load_resolved(config, run_dir=str(run_dir))  # each round its own run directory
+    trainer, _ = build_lm_trainer(cfg, torch.device("cpu"))
+    start, cpu_start, queued = time.perf_counter(), time.process_time(), _runqueue_s()
     history = trainer.fit()
     print(json.dumps({
         "tok_per_s": [h["tok_per_s"] for h in history],
+        "tokens": sum(h["tok_per_s"] * h["epoch_time_s"] for h in history),
         "wall_s": time.perf_counter() - start,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cpu_s": time.process_time() - cpu_start,
+        "wait_s": sum(waited),
+        "runqueue_s": _runqueue_s() - queued,  # the training thread, runnable, not running
+        "peak_rss_mb": _peak_rss_mb(),
     }))  # fmt: skip
 
 
@@ -91,17 +130,22 @@ class Server:
                 return
             if time.monotonic() > deadline:
                 break
+        self.proc.kill()
         raise SystemExit(f"kdkit lm serve {model} did not start")
 
     def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        return _peak_rss_mb(str(self.proc.pid))
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()  # a benchmark that fails leaves no server behind
 
 
 def setup(root: Path, chars: int, vocab: int, length: int) -> dict:
@@ -160,7 +204,7 @@ def config(root: Path, name: str, teacher: dict, *, epochs: int, length: int, ba
         "distill": {"divergence": "fkl", "temperature": 1.0},
         "train": {"epochs": epochs, "optimizer": {"name": "AdamW", "lr": 0.001},
                   "progress": False, "seed": 0},
-        "run_dir": str(root / "runs" / f"{name}-{time.time_ns()}"),
+        "run_dir": str(root / "runs" / name),  # a child trains in a fresh one beside it
     }  # fmt: skip
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -221,7 +265,8 @@ def capacity(root: Path, url: str, length: int, batch: int, batches: int = 24) -
     rows = load_lm_dataset([str(root / "corpus.txt")], tok, max_length=length, pack=True,
                            overflow="split").rows  # fmt: skip
     align = Aligner(pad_id=tok.pad_token_id, max_length=length)
-    data = [align(rows[i : i + batch]) for i in range(0, batch * batches, batch)]
+    data = [align(rows[i : i + batch]) for i in range(0, len(rows) - batch + 1, batch)]
+    data = (data * (batches // len(data) + 1))[:batches]  # the corpus's batches, cycled
 
     class Data:
         max_length, pack = length, True
@@ -271,51 +316,75 @@ def run_all(root: Path, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     capture_run(load_resolved(online), root / "cache", topk=32, progress=False)
     print(f"capture (top 32, q8): {time.perf_counter() - start:.1f} s, not counted")
-    eager = Server(f"hf:{root / 'teacher'}")
-    onnx = Server(f"hf:{root / 'teacher'}", "--backend", "onnx")
-    results: dict = {"exactness": exactness(root, eager.url, args.length)}
-    print("exactness:", results["exactness"])
-    results["server_alone_tok_per_s"] = {
-        name: capacity(root, server.url, args.length, args.batch)
-        for name, server in (("served", eager), ("served-onnx", onnx))
-    }
-    print("the server alone:", results["server_alone_tok_per_s"])
-    configs = {
-        "cache": config(root, "cache", {"model": f"cache:{root / 'cache'}"}, **kw),
-        "online": online,
-        "served": config(root, "served", {"model": eager.url, "served": {"topk": 32}}, **kw),
-        "served-onnx": config(root, "served-onnx", {"model": onnx.url, "served": {"topk": 32}}, **kw),
-    }  # fmt: skip
-    rounds = []
-    for r in range(args.rounds):
+    results: dict = {}
+    with Server(f"hf:{root / 'teacher'}") as eager, \
+            Server(f"hf:{root / 'teacher'}", "--backend", "onnx") as onnx:  # fmt: skip
+        results["exactness"] = exactness(root, eager.url, args.length)
+        print("exactness:", results["exactness"])
+        results["server_alone_tok_per_s"] = {
+            name: capacity(root, server.url, args.length, args.batch)
+            for name, server in (("served", eager), ("served-onnx", onnx))
+        }
+        print("the server alone:", results["server_alone_tok_per_s"])
+        configs = {
+            "cache": config(root, "cache", {"model": f"cache:{root / 'cache'}"}, **kw),
+            "online": online,
+            "served": config(root, "served", {"model": eager.url, "served": {"topk": 32}}, **kw),
+            "served-onnx": config(root, "served-onnx", {"model": onnx.url, "served": {"topk": 32}}, **kw),
+        }  # fmt: skip
+        results.update(throughput(configs, args.rounds))
+    results["memory"] = memory(root, args, kw)
+    return results
+
+
+def throughput(configs: dict[str, Path], rounds: int) -> dict:
+    """``rounds`` rounds of the rows, interleaved; each round's 1-minute load average beside
+    it (other jobs on the machine show there)."""
+    rows = []
+    for r in range(rounds):
         row = {}
         for name in ROWS:
             out = _run_child(configs[name])
             row[name] = statistics.mean(out["tok_per_s"][1:] or out["tok_per_s"])
+            row[f"{name}_per_cpu_s"] = out["tokens"] / out["cpu_s"]  # the whole run's
+            row[f"{name}_wait"] = out["wait_s"] / out["wall_s"]  # blocked on the server
+            row[f"{name}_runqueue"] = out["runqueue_s"] / out["wall_s"]  # other jobs had its core
             row[f"{name}_rss_mb"] = out["peak_rss_mb"]
-        rounds.append(row)
-        print(f"round {r + 1}: " + ", ".join(f"{n} {row[n]:,.0f}" for n in ROWS) + " tokens/s")
-    results["rounds"] = rounds
-    results["median_tok_per_s"] = {n: statistics.median(x[n] for x in rounds) for n in ROWS}
-    results["median_vs_cache"] = {
-        n: statistics.median(x[n] / x["cache"] for x in rounds) for n in ROWS
+        row["load"] = os.getloadavg()[0]
+        rows.append(row)
+        print(f"round {r + 1}: " + ", ".join(f"{n} {row[n]:,.0f}" for n in ROWS)
+              + f" tokens/s (load {row['load']:.2f})")  # fmt: skip
+    return {
+        "rounds": rows,
+        "median_tok_per_s": {n: statistics.median(x[n] for x in rows) for n in ROWS},
+        "median_vs_cache": {n: statistics.median(x[n] / x["cache"] for x in rows) for n in ROWS},
+        "median_per_cpu_s_vs_cache": {
+            n: statistics.median(x[f"{n}_per_cpu_s"] / x["cache_per_cpu_s"] for x in rows)
+            for n in ROWS
+        },
+        "median_wait": {n: statistics.median(x[f"{n}_wait"] for x in rows) for n in ROWS},
+        "median_runqueue": {n: statistics.median(x[f"{n}_runqueue"] for x in rows) for n in ROWS},
     }
-    eager.stop(), onnx.stop()
+
+
+def memory(root: Path, args: argparse.Namespace, kw: dict) -> dict:
+    """Peak RSS of one epoch on the small text with a larger teacher in the process and
+    served (and the server's own)."""
     params = big_teacher(root, args.mem_hidden, args.mem_layers, args.length)
-    big = Server(f"hf:{root / 'big'}")
     small = dict(kw, epochs=1, text="small.txt")
-    mem = {
-        "teacher_params": params,
-        "online_rss_mb": _run_child(config(root, "mem-online", {"model": f"hf:{root / 'big'}"},
-                                           **small))["peak_rss_mb"],
-        "served_rss_mb": _run_child(config(root, "mem-served", {"model": big.url}, **small))[
-            "peak_rss_mb"],
-        "server_rss_mb": big.peak_rss_mb(),
-    }  # fmt: skip
-    big.stop()
-    results["memory"] = mem
+    with Server(f"hf:{root / 'big'}") as big:
+        mem = {
+            "teacher_params": params,
+            "online_rss_mb": _run_child(
+                config(root, "mem-online", {"model": f"hf:{root / 'big'}"}, **small)
+            )["peak_rss_mb"],
+            "served_rss_mb": _run_child(config(root, "mem-served", {"model": big.url}, **small))[
+                "peak_rss_mb"
+            ],
+            "server_rss_mb": big.peak_rss_mb(),
+        }
     print("memory:", mem)
-    return results
+    return mem
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ import torch
 from _lm_fixtures import tiny_llama
 
 from kdkit.lm.align import Aligner
-from kdkit.lm.cache.capture import teacher_topk
 from kdkit.lm.data import TokenRow
 from kdkit.lm.sampling import REDRAWS, SampleSettings, TeacherSampler, sample_seed
+from kdkit.lm.topk import teacher_topk
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 320
@@ -37,13 +37,14 @@ def test_targets_are_a_full_forward_at_the_kd_temperature(sampler):
         seq = o.sequence
         assert len(o.tokens) <= 10 and o.first == 0 and o.ids.shape == (len(seq), 8)
         batch = Aligner(pad_id=0, max_length=64)([TokenRow.of(seq + [0])])  # train every position
-        ids, lp, tail, _ = teacher_topk(sampler.model, batch, VOCAB, 8, 2.0)
+        top = teacher_topk(sampler.model, batch, VOCAB, 8, 2.0)
+        ids, lp, tail = top.ids, top.logp, top.tail
         assert torch.equal(ids, o.ids.long())
         torch.testing.assert_close(lp, o.logp, atol=1e-5, rtol=0)
         torch.testing.assert_close(tail, o.tail, atol=1e-5, rtol=0)
         # every position's distribution counted, but the last of a finished row (nothing follows)
         assert float(o.mass.sum()) == pytest.approx(len(seq) - o.finished, abs=1e-6)
-        _, hot, _, _ = teacher_topk(sampler.model, batch, VOCAB, 8, 1.0)
+        hot = teacher_topk(sampler.model, batch, VOCAB, 8, 1.0).logp
         assert not torch.allclose(hot, o.logp, atol=1e-3)  # not the sampling temperature's
 
 

@@ -270,3 +270,30 @@ def test_a_slow_server_pauses_the_client_which_retries(lm_tokenizer, caplog):  #
     said = caplog.text
     assert "does not answer (no answer within 0.5 s): the run is paused" in said
     assert "answers again after" in said
+
+
+def test_the_onnx_runtime_teacher_is_served_as_the_eager_one(lm_tokenizer, tmp_path, monkeypatch):  # noqa: F811
+    """``kdkit lm serve hf:DIR --backend onnx``: the same weights (the same ``weights_sha256``),
+    another engine (another fingerprint), the eager teacher's top k to float tolerance."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from kdkit.run.lm_serve import load_served
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the export lands in ~/.cache/kdkit/onnx
+    folder = tmp_path / "teacher"
+    tiny_llama(seed=1).save_pretrained(folder)
+    lm_tokenizer.save_pretrained(folder)
+    eager = load_served(f"hf:{folder}")
+    onnx = load_served(f"hf:{folder}", backend="onnx")
+    assert onnx.info["teacher"]["engine"] == "onnx fp32"
+    assert onnx.info["teacher"]["weights_sha256"] == eager.info["teacher"]["weights_sha256"]
+    assert onnx.fingerprint != eager.fingerprint  # a client pinned to one refuses the other
+    batch = _batch(lm_tokenizer)
+    with server_thread(onnx) as (url, _):
+        client = _client(url, lm_tokenizer, topk=8, temperature=2.0)
+        got = client.target_of(batch)
+        client.close()
+    ref = teacher_topk(eager.teacher, batch, VOCAB, 8, 2.0, mass=False)
+    assert torch.equal(got.ids, ref.ids)
+    torch.testing.assert_close(got.logp, ref.logp, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got.tail, ref.tail, rtol=0, atol=1e-4)

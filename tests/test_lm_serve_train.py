@@ -224,7 +224,7 @@ def test_on_policy_samples_are_scored_by_the_served_teacher(setup, tmp_path):
     path = _write(
         setup, tmp_path, teacher__served=served,
         data__text_files=[str(data)], data__format="prompt_completion",
-        data__loss_on="completion", data__pack=False, data__truncation="right",
+        data__loss_on="completion", data__pack=False, data__max_length=48,
         distill__on_policy={"lambda": 1.0, "max_new_tokens": 6},
         train__epochs=1,
     )  # fmt: skip

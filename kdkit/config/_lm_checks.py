@@ -250,8 +250,8 @@ def check_lm(cfg: LMRunConfig, check_paths: bool = True) -> None:
         if not live or (t.backend, t.precision) != ("torch", "fp32"):
             raise KDError(
                 "config key 'distill.pairs' pairs decoder layers of a live PyTorch teacher "
-                "(teacher.model hf:DIR, backend torch, precision fp32): a cache or an ONNX "
-                "Runtime teacher has no layers to read"
+                "(teacher.model hf:DIR, backend torch, precision fp32): a cache, a served "
+                "teacher or an ONNX Runtime teacher has no layers to read"
             )
         if cfg.train.fsdp:
             raise KDError("config key 'distill.pairs' does not run with train.fsdp: true yet")

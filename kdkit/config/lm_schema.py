@@ -180,7 +180,8 @@ class LMDataConfig:
     #: (default: the tokenizer's own); the exported tokenizer carries it
     chat_template: str | None = None
     #: keep the tokenized corpus under ~/.cache/kdkit/lm-tokens, keyed by the files' sha256,
-    #: the tokenizer and these settings: a second run with the same data skips tokenizing
+    #: the tokenizer and these settings: a second run with the same data skips tokenizing;
+    #: rows are streamed there and read back memory-mapped (a corpus larger than memory)
     token_cache: bool = True
     batch_size: int = field(
         default=8, metadata=field_check(lambda v: 1 <= v <= _BIG, "an integer in [1, 2**24]")

@@ -7,7 +7,6 @@ offset, because a corpus is usually many files and a traceback into ``json`` doe
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdkit._io import sha256_file
 from kdkit.errors import KDError
 
 __all__ = ["FORMAT_KEYS", "Record", "expand_paths", "file_info", "read_records"]
@@ -79,19 +79,41 @@ def _decode(path: Path) -> str:
         raise KDError(f"{path}: the file is empty")
     nul = data.find(b"\0")
     if nul >= 0:  # valid UTF-8, but no text holds NUL bytes: a binary or zero-filled file
-        line = data[:nul].count(b"\n") + 1
-        raise KDError(
-            f"{path}: a NUL byte at offset {nul} (line {line}): a binary, zero-filled or "
-            "UTF-16 file, not UTF-8 text; remove it from data.text_files (or re-encode it)"
-        )
+        raise _nul(path, nul, data[:nul].count(b"\n") + 1)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise KDError(
-            f"{path}: not UTF-8 at byte offset {e.start} (line {line}, byte 0x{data[e.start]:02x}); "
-            "re-encode the file as UTF-8 (e.g. iconv -t utf-8)"
-        ) from None
+        raise _not_utf8(path, e.start, data[: e.start].count(b"\n") + 1, data[e.start]) from None
+
+
+def _nul(path: Path, offset: int, line: int) -> KDError:
+    return KDError(
+        f"{path}: a NUL byte at offset {offset} (line {line}): a binary, zero-filled or "
+        "UTF-16 file, not UTF-8 text; remove it from data.text_files (or re-encode it)"
+    )
+
+
+def _not_utf8(path: Path, offset: int, line: int, byte: int) -> KDError:
+    return KDError(
+        f"{path}: not UTF-8 at byte offset {offset} (line {line}, byte 0x{byte:02x}); "
+        "re-encode the file as UTF-8 (e.g. iconv -t utf-8)"
+    )
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(number, text)`` of each line (ended by a newline), read one at a time with
+    :func:`_decode`'s checks: a JSONL file is never held whole, whatever its size."""
+    offset = 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            nul = raw.find(b"\0")
+            if nul >= 0:
+                raise _nul(path, offset + nul, n)
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, offset + e.start, n, raw[e.start]) from None
+            offset += len(raw)
 
 
 def _check_fields(where: str, obj: Any, fmt: str) -> dict[str, Any]:
@@ -129,13 +151,13 @@ def _check_fields(where: str, obj: Any, fmt: str) -> dict[str, Any]:
 
 def _jsonl(path: Path, fmt: str) -> Iterator[Record]:
     any_line = False
-    for n, line in enumerate(_decode(path).splitlines(), start=1):
+    for n, line in _lines(path):
         if not line.strip():
             continue
         any_line = True
         where = f"{path}:{n}"
         yield Record(where, _check_fields(where, _loads(line, where), fmt))
-    if not any_line:  # pragma: no cover - _decode already rejects blank files
+    if not any_line:
         raise KDError(f"{path}: the file is empty")
 
 
@@ -178,9 +200,8 @@ def read_records(paths: Iterable[Path], fmt: str) -> Iterator[Record]:
 
 
 def file_info(path: Path) -> dict[str, Any]:
-    """Path, size and sha256 of a data file, for the dataset's fingerprint."""
-    data = path.read_bytes()
-    return {"path": str(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    """Path, size and sha256 of a data file, for the dataset's fingerprint (read in blocks)."""
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 _BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json",

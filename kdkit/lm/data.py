@@ -17,7 +17,12 @@ long text into ``max_length`` pieces; a prompt/completion or chat document is ne
 ``truncation`` says what to do with one that is too long (:mod:`kdkit.lm._truncate`: by default
 its end is cut unless that loses more than 5% of the trainable tokens). ``pack`` fills rows of ``max_length`` with whole documents
 in order (next fit; no document is split across rows) and keeps their boundaries in ``doc_ids``.
-The dataset is tokenized once, in memory; ``fingerprint`` names files, tokenizer, settings and ids.
+
+The records are read, tokenized and packed a chunk at a time, each row handed on as it is made.
+With a token cache (``cache_dir``, ``data.token_cache``) the rows go straight to its file and are
+read back mapped, a row at a time (:mod:`kdkit.lm._token_cache`), so a corpus larger than memory
+trains; without one they are kept in a list. Either way the dataset is map-style with a known
+length, and ``fingerprint`` names files, tokenizer, settings and ids (the same for both).
 """
 
 from __future__ import annotations
@@ -26,18 +31,17 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.utils.data import Dataset
 
 from kdkit.errors import KDError, closest_names
 from kdkit.lm._chat import assistant_mode, render_chat
+from kdkit.lm._rows import TokenRow, update_digest
 from kdkit.lm._sources import DatasetSource, Record, expand_paths, file_info, read_records
-from kdkit.lm._token_cache import cache_key, read_rows, write_rows
+from kdkit.lm._token_cache import RowWriter, cache_key, open_rows
 from kdkit.lm._truncate import TRUNCATIONS, Truncation, cut
 from kdkit.lm.tokenizer import tokenizer_fingerprint
 
@@ -48,43 +52,20 @@ log = logging.getLogger(__name__)
 FORMATS = ("text", "prompt_completion", "chat")
 LOSS_ON = {"all": FORMATS, "completion": ("prompt_completion",), "assistant": ("chat",)}
 _ALIASES = {"assistant_spans": "assistant"}
-
-
-@dataclass(frozen=True)
-class TokenRow:
-    """One row: ``input_ids`` int64 [n], ``trainable`` bool [n] (token is a target), ``doc_ids``
-    int64 [n] (document index within the row, contiguous runs from 0)."""
-
-    input_ids: torch.Tensor
-    trainable: torch.Tensor
-    doc_ids: torch.Tensor
-
-    @classmethod
-    def of(
-        cls,
-        ids: Sequence[int],
-        trainable: Sequence[bool] | None = None,
-        doc_ids: Sequence[int] | None = None,
-    ) -> TokenRow:
-        n = len(ids)
-        return cls(
-            torch.as_tensor(list(ids), dtype=torch.long),
-            torch.as_tensor(
-                list(trainable) if trainable is not None else [True] * n, dtype=torch.bool
-            ),
-            torch.as_tensor(list(doc_ids) if doc_ids is not None else [0] * n, dtype=torch.long),
-        )
-
-    def __len__(self) -> int:
-        return int(self.input_ids.numel())
+#: records (and characters) tokenized per tokenizer call: what is held as token lists at once
+_CHUNK = 512
+_CHUNK_CHARS = 1 << 20
 
 
 class LMDataset(Dataset):
-    """Tokenized rows (:class:`TokenRow`) and the ``description`` they were built from."""
+    """Tokenized rows (:class:`TokenRow`) and the ``description`` they were built from.
+
+    ``rows`` is any sequence of rows: a list (built in memory) or the token cache's file,
+    mapped (:class:`~kdkit.lm._rows.MappedRows`, read a row at a time)."""
 
     def __init__(
         self,
-        rows: list[TokenRow],
+        rows: Sequence[TokenRow],
         description: dict[str, Any],
         truncation: dict[str, Any] | None = None,
     ) -> None:
@@ -103,10 +84,7 @@ class LMDataset(Dataset):
     def fingerprint(self) -> str:
         """sha256 of the description (files' sha256, tokenizer, settings) and every row's ids."""
         h = hashlib.sha256(json.dumps(self.description, sort_keys=True).encode())
-        for r in self.rows:
-            h.update(r.input_ids.numpy().tobytes())
-            h.update(r.trainable.numpy().tobytes())
-            h.update(r.doc_ids.numpy().tobytes())
+        update_digest(h, self.rows)
         return h.hexdigest()
 
 
@@ -167,29 +145,47 @@ def _tokenize(
     return docs
 
 
-def _places(records: list[Record]) -> list[str]:
-    """The first three files (or datasets) the records come from, for a message."""
-    return list(dict.fromkeys(r.where.split(":")[0].split("[")[0] for r in records))[:3]
+def _chunks(records: Iterable[Record], places: list[str]) -> Iterator[list[Record]]:
+    """``records`` in lists of ``_CHUNK`` records or ``_CHUNK_CHARS`` characters (one tokenizer
+    call each), noting in ``places`` the first three files (or datasets) they come from."""
+    chunk: list[Record] = []
+    chars = 0
+    for r in records:
+        if len(places) < 3:
+            place = r.where.split(":")[0].split("[")[0]
+            places += [] if place in places else [place]
+        chunk.append(r)
+        chars += sum(len(v) for v in r.fields.values() if isinstance(v, str))
+        chars += sum(len(m["content"]) for m in r.fields.get("messages", ()))
+        if len(chunk) >= _CHUNK or chars >= _CHUNK_CHARS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
 
 
-def _pack(docs: list[tuple[list[int], list[bool]]], max_length: int, pack: bool) -> list[TokenRow]:
+def _pack(
+    docs: Iterable[tuple[list[int], list[bool]]], max_length: int, pack: bool
+) -> Iterator[tuple[list[int], list[bool], list[int]]]:
+    """Rows ``(ids, trainable, doc_ids)`` as they fill (next fit: a row is given out when
+    the next document does not fit), so no more than one row is held."""
     if not pack:
-        return [TokenRow.of(ids, tr) for ids, tr in docs]
-    rows: list[TokenRow] = []
+        for ids, tr in docs:
+            yield ids, tr, [0] * len(ids)
+        return
     cur_ids: list[int] = []
     cur_tr: list[bool] = []
     cur_doc: list[int] = []
     for ids, tr in docs:
         if cur_ids and len(cur_ids) + len(ids) > max_length:
-            rows.append(TokenRow.of(cur_ids, cur_tr, cur_doc))
+            yield cur_ids, cur_tr, cur_doc
             cur_ids, cur_tr, cur_doc = [], [], []
         d = cur_doc[-1] + 1 if cur_doc else 0
         cur_ids += ids
         cur_tr += tr
         cur_doc += [d] * len(ids)
     if cur_ids:
-        rows.append(TokenRow.of(cur_ids, cur_tr, cur_doc))
-    return rows
+        yield cur_ids, cur_tr, cur_doc
 
 
 def load_lm_dataset(
@@ -234,30 +230,53 @@ def load_lm_dataset(
     settings = {"format": format, "loss_on": loss_on, "max_length": max_length, "pack": pack,
                 "overflow": overflow, "truncation": truncation,
                 "source": None if source is None else [source.split, list(source.fields)]}  # fmt: skip
-    key = None
+    args = (tokenizer, format, loss_on, max_length, pack, overflow, truncation)
+
+    def records() -> Iterator[Record]:
+        return read_records(files, format) if source is None else source.records(format)
+
     if cache_dir is not None:
         key = cache_key(infos, tokenizer_fingerprint(tokenizer), settings)
-        hit = read_rows(Path(cache_dir), key)
-        if hit is not None:
-            rows, meta = hit
-            ds = LMDataset([TokenRow(*r) for r in rows], meta["description"], meta["truncation"])
-            if ds.truncation and ds.truncation["over"]:
-                log.warning("lm data: %s", Truncation.of(ds.truncation).line())
-            log.info("lm data: %d rows from the token cache (%s...)", len(ds), key[:12])
+        ds = _from_cache(Path(cache_dir), key, records, infos, args)
+        if ds is not None:
             return ds
-    records = read_records(files, format) if source is None else source.records(format)
-    ds = _tokenized(
-        list(records), tokenizer, format, loss_on, max_length, pack, overflow, truncation
-    )
-    ds.description["files"] = infos
-    if key is not None:
-        meta = {"description": ds.description, "truncation": ds.truncation}
-        write_rows(Path(cache_dir), key, ds.rows, meta)
+    rows: list[TokenRow] = []
+    description, counts = _tokenized(records(), *args, add=lambda *r: rows.append(TokenRow.of(*r)))
+    description["files"] = infos
+    return LMDataset(rows, description, counts)
+
+
+def _from_cache(
+    folder: Path, key: str, records: Callable[[], Iterable[Record]], infos: list[Any],
+    args: tuple[Any, ...],
+) -> LMDataset | None:  # fmt: skip
+    """The rows stored as ``key``, tokenized into the cache first when it has none (streamed:
+    a row goes to disk as it is made), read back mapped; None where the disk refuses."""
+    hit = open_rows(folder, key)
+    fresh = hit is None
+    if fresh:
+        try:
+            with RowWriter(folder, key) as writer:
+                description, counts = _tokenized(records(), *args, add=writer.add)
+                description["files"] = infos
+                writer.commit({"description": description, "truncation": counts})
+        except OSError as e:  # a cache is a convenience: a full disk never stops the run
+            log.warning("lm data: token cache not written (%s); tokenizing in memory", e)
+            return None
+        hit = open_rows(folder, key)
+        if hit is None:
+            return None
+    rows, meta = hit
+    ds = LMDataset(rows, meta["description"], meta["truncation"])
+    if not fresh and ds.truncation and ds.truncation["over"]:  # as the first run said it
+        log.warning("lm data: %s", Truncation.of(ds.truncation).line())
+    how = "written to" if fresh else "read from"
+    log.info("lm data: %d rows %s the token cache (%s..., mapped)", len(ds), how, key[:12])
     return ds
 
 
 def _tokenized(
-    records: list[Record],
+    records: Iterable[Record],
     tokenizer: Any,
     format: str,  # noqa: A002
     loss_on: str,
@@ -265,49 +284,62 @@ def _tokenized(
     pack: bool,
     overflow: str,
     truncation: str | None,
-) -> LMDataset:
-    """The rows of ``records``: tokenized, truncated (``overflow``, ``truncation``), packed."""
+    *,
+    add: Callable[[list[int], list[bool], list[int]], None],
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Tokenize, truncate (``overflow``, ``truncation``) and pack ``records`` a chunk at a time,
+    giving each row to ``add`` as it is made; the ``description`` (its ``files`` left to the
+    caller) and the truncation counts. Nothing of the corpus is kept here."""
     counts = None if format == "text" else Truncation(truncation, max_length)
     bos = getattr(tokenizer, "bos_token_id", None)
     chat_mode = assistant_mode(tokenizer) if format == "chat" else None
-    docs: list[tuple[list[int], list[bool]]] = []
-    truncated = dropped = 0
-    for where, ids, tr in _tokenize(records, tokenizer, format, loss_on, chat_mode):
-        pieces = [(ids, tr)]
-        if counts is not None:
-            kept = cut(ids, tr, where, counts, bos)
-            pieces = [] if kept is None else [kept]
-            truncated += len(ids) - len(kept[0]) if kept is not None else 0
-        elif len(ids) > max_length:
-            if overflow == "split":
-                pieces = [
-                    (ids[i : i + max_length], tr[i : i + max_length])
-                    for i in range(0, len(ids), max_length)
-                ]
-            else:
-                truncated += len(ids) - max_length
-                pieces = [(ids[:max_length], tr[:max_length])]
-        for p_ids, p_tr in pieces:
-            if any(p_tr[1:]):  # position 0 of a document predicts nothing
-                docs.append((p_ids, p_tr))
-            else:
-                dropped += 1
-                log.debug("%s: no trainable target after truncation; dropped", where)
+    places: list[str] = []
+    tally = {"documents": 0, "truncated": 0, "dropped": 0}
+
+    def docs() -> Iterator[tuple[list[int], list[bool]]]:
+        for chunk in _chunks(records, places):
+            for where, ids, tr in _tokenize(chunk, tokenizer, format, loss_on, chat_mode):
+                pieces = [(ids, tr)]
+                if counts is not None:
+                    kept = cut(ids, tr, where, counts, bos)
+                    pieces = [] if kept is None else [kept]
+                    tally["truncated"] += len(ids) - len(kept[0]) if kept is not None else 0
+                elif len(ids) > max_length:
+                    if overflow == "split":
+                        pieces = [
+                            (ids[i : i + max_length], tr[i : i + max_length])
+                            for i in range(0, len(ids), max_length)
+                        ]
+                    else:
+                        tally["truncated"] += len(ids) - max_length
+                        pieces = [(ids[:max_length], tr[:max_length])]
+                for p_ids, p_tr in pieces:
+                    if any(p_tr[1:]):  # position 0 of a document predicts nothing
+                        tally["documents"] += 1
+                        yield p_ids, p_tr
+                    else:
+                        tally["dropped"] += 1
+                        log.debug("%s: no trainable target after truncation; dropped", where)
+
+    n_rows = n_tokens = 0
+    for ids, tr, doc in _pack(docs(), max_length, pack):
+        add(ids, tr, doc)
+        n_rows += 1
+        n_tokens += len(ids)
+    truncated, dropped = tally["truncated"], tally["dropped"]
     if counts is not None:
         counts.check()
         if counts.over:
             log.warning("lm data: %s", counts.line())
-    if not docs:
+    if not n_rows:
         raise KDError(
-            f"every token is masked: no document in {_places(records)} has a target "
+            f"every token is masked: no document in {places} has a target "
             f"(loss_on {loss_on!r}, max_length {max_length}); raise max_length or use loss_on all"
         )
     if (truncated and counts is None) or dropped:
         log.warning(
             "lm data: %d tokens truncated, %d documents without targets dropped", truncated, dropped
         )
-    rows = _pack(docs, max_length, pack)
-    n_tokens = sum(len(r) for r in rows)
     description = {
         "format": format,
         "loss_on": loss_on,
@@ -317,18 +349,18 @@ def _tokenized(
         "assistant_mask": chat_mode,
         "files": [],  # set by the caller (the sha256 of every file read)
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "documents": len(docs),
-        "rows": len(rows),
+        "documents": tally["documents"],
+        "rows": n_rows,
         "tokens": n_tokens,
         "truncated_tokens": truncated,
         "dropped_documents": dropped,
-        "fill": round(n_tokens / (len(rows) * max_length), 4),
+        "fill": round(n_tokens / (n_rows * max_length), 4),
     }
     log.info(
         "lm data: %d documents -> %d rows, %d tokens (fill %.2f)",
-        len(docs),
-        len(rows),
+        tally["documents"],
+        n_rows,
         n_tokens,
         description["fill"],
     )
-    return LMDataset(rows, description, None if counts is None else counts.as_dict())
+    return description, None if counts is None else counts.as_dict()

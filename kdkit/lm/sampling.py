@@ -12,7 +12,7 @@ distribution); then
   where a resumed run restarted;
 - the **target** is the top-k of ``log_softmax(f / T_kd)``, at the distillation temperature
   (``distill.temperature``, never the sampling one), with the log of the mass outside the top k
-  (:func:`kdkit.lm.cache.capture.topk_entries`, the capture's own rule), and the summed whole
+  (:func:`kdkit.lm.topk.topk_entries`, the capture's own rule), and the summed whole
   distributions (the cache's ``teacher_mass``).
 
 Positions: a sequence ``S`` = prompt ``P`` + sampled tokens ``c`` (the stop token included when
@@ -44,9 +44,9 @@ import torch
 from torch import nn
 
 from kdkit.errors import KDError
-from kdkit.lm.cache.capture import teacher_topk, topk_entries
 from kdkit.lm.logits import output_transform, project_logits
 from kdkit.lm.models import decoder_step, output_head
+from kdkit.lm.topk import teacher_topk, topk_entries
 
 __all__ = [
     "REDRAWS",
@@ -162,7 +162,8 @@ class TeacherSampler:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """A full forward over a :class:`~kdkit.lm.align.TokenBatch` (a row whose text is not
         what was sampled): the capture's own targets at its trained positions."""
-        return teacher_topk(self.model, batch.to(self.device), self.vocab, k, temperature)
+        top = teacher_topk(self.model, batch.to(self.device), self.vocab, k, temperature)
+        return top.ids, top.logp, top.tail, top.mass
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return project_logits(hidden, self.head, self.transform, self.vocab)

@@ -24,7 +24,7 @@ from kdkit.lm.logits import output_transform, project_logits
 from kdkit.lm.models import hidden_and_head
 from kdkit.lm.packing import check_packing
 
-__all__ = ["TopK", "TopKScorer", "ModuleTopK", "teacher_topk"]
+__all__ = ["TopK", "TopKScorer", "ModuleTopK", "teacher_topk", "topk_entries"]
 
 #: token rows projected onto the vocabulary at once (a [rows, V] fp32 block)
 CHUNK = 256
@@ -50,6 +50,14 @@ class TopK:
     mass: torch.Tensor | None = None
     label_logp: torch.Tensor | None = None
     label_rank: torch.Tensor | None = None
+
+
+def topk_entries(lp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ids [N, k], logp [N, k], tail [N])`` of log-probs ``lp`` ``[N, V]`` (fp32): the k
+    largest, sorted, and ``log(1 - sum of their p)`` computed in float64. The one rule of every
+    writer and sender of top-k targets (a capture, ``kdkit lm generate``, ``kdkit lm serve``)."""
+    values, index = lp.topk(k, dim=-1)
+    return index, values, log1mexp(torch.logsumexp(values.double(), dim=-1)).float()
 
 
 @torch.no_grad()
@@ -79,7 +87,7 @@ def teacher_topk(
     for start in range(0, hidden.shape[0], CHUNK):
         logits = project_logits(hidden[start : start + CHUNK], out.head, transform, vocab)
         lp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        values, index = lp.topk(k, dim=-1)
+        index, values, rest = topk_entries(lp, k)
         if total is not None:
             total += lp.double().exp().sum(0).cpu()
         if targets is not None:
@@ -88,7 +96,7 @@ def teacher_topk(
             label_rank.append((lp >= mine).sum(1))
         ids.append(index)
         logp.append(values)
-        tail.append(log1mexp(torch.logsumexp(values.double(), dim=-1)).float())
+        tail.append(rest)
     if not ids:  # no trained position: empty arrays of the right shapes
         empty = torch.zeros(0, k)
         extra = (torch.zeros(0), torch.zeros(0).long()) if labels else (None, None)

@@ -51,8 +51,11 @@ def generate_config(path: str | Path, overrides: list[str], data_file: str | Pat
 
 def _live_teacher(cfg: LMRunConfig) -> None:
     tc = cfg.teacher
-    if tc is None or tc.model.startswith("cache:"):
-        raise KDError("kdkit lm generate needs a live teacher: teacher: {model: 'hf:DIR'}")
+    if tc is None or tc.model.startswith(("cache:", "http://", "https://")):
+        raise KDError(
+            "kdkit lm generate needs a live teacher here: teacher: {model: 'hf:DIR'} (a cache "
+            "cannot sample, and a served teacher answers top-k targets, not samples)"
+        )
     if (tc.backend, tc.precision) != ("torch", "fp32"):
         raise KDError(
             "kdkit lm generate samples with the PyTorch teacher (a KV cache); set "

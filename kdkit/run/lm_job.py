@@ -22,6 +22,7 @@ from torch.utils.data.distributed import DistributedSampler
 from kdkit.config import LMRunConfig, to_dict
 from kdkit.errors import KDError
 from kdkit.lm._chat import template_note, use_chat_template
+from kdkit.lm._rows import ConcatRows
 from kdkit.lm._sources import DatasetSource
 from kdkit.lm._token_cache import default_token_cache
 from kdkit.lm.align import Aligner
@@ -36,6 +37,7 @@ from kdkit.lm.tokenizer import pad_id
 from kdkit.lm.vocab import check_borrowed_tokenizer, same_tokenization
 from kdkit.run.fingerprints import lm_run_fingerprints
 from kdkit.run.lm_report import data_notes
+from kdkit.run.lm_served import capture_served, served_teacher
 from kdkit.run.lm_vocab import eval_byte_lengths, shared_vocab, vocab_pairing
 from kdkit.train import Trainer, distributed
 
@@ -154,31 +156,6 @@ def build_lm_data(
         val_loader = None if val_loader is None else cache.loader(val_loader)
     corpus = hashlib.sha256(corpus.encode()).hexdigest()
     return LMRunData(train_loader, val_loader, tokenizer, len(train), corpus, notes)
-
-
-def served_teacher(cfg: LMRunConfig, *, topk: int | None = None, temperature: float | None = None,
-                   prefetch: int | None = None) -> Any:  # fmt: skip
-    """The :class:`~kdkit.lm.serve.ServedTeacher` at ``teacher.model`` (``http://HOST:PORT``),
-    asked as ``teacher.served`` says, at the run's KD temperature and tail policy (``topk`` /
-    ``temperature`` / ``prefetch``: a capture's own). The token is read from the environment."""
-    import os
-
-    from kdkit.config import LMServedConfig
-    from kdkit.lm.serve.client import ServedTeacher
-
-    s = cfg.teacher.served or LMServedConfig()
-    return ServedTeacher(
-        cfg.teacher.model,
-        protocol=s.protocol,
-        topk=s.topk if topk is None else topk,
-        temperature=cfg.distill.temperature if temperature is None else temperature,
-        tail=cfg.distill.tail,
-        token=os.environ.get(s.token_env) or None,
-        token_env=s.token_env,
-        timeout_s=s.timeout_s,
-        retry_s=s.retry_s,
-        prefetch=s.prefetch if prefetch is None else prefetch,
-    )
 
 
 def load_lm_teacher(cfg: LMRunConfig, *, trust_code: bool = False) -> tuple[Any, Any]:
@@ -370,7 +347,10 @@ def capture_run(
     if cfg.teacher is None or cfg.teacher.model.startswith("cache:"):
         raise KDError("kdkit lm capture needs a live teacher: teacher: {model: 'hf:DIR'}")
     if cfg.teacher.model.startswith(("http://", "https://")):  # a served teacher is asked
-        return _capture_served(cfg, out, topk, encoding, temperature, shard_rows, progress)
+        tokenizer = run_tokenizer(cfg)  # the run's: the served one stays where it runs
+        return capture_served(cfg, out, tokenizer, lambda n: lm_datasets(cfg, tokenizer, n),
+                              topk=topk, encoding=encoding, temperature=temperature,
+                              shard_rows=shard_rows, progress=progress)  # fmt: skip
     tc = cfg.teacher
     teacher, teacher_tok = load_lm(
         tc.model, dtype=tc.dtype, tokenizer=tc.tokenizer, trust_code=trust_code
@@ -385,7 +365,8 @@ def capture_run(
     train, val = lm_datasets(cfg, tokenizer, max_positions(teacher))
     # the cache stores the model's own distribution: kdkit's view of it is checked first
     probe_first_row(teacher, train, "teacher", packing=cfg.data.pack)
-    rows = list(train.rows) + (list(val.rows) if val is not None else [])
+    # read as one sequence, a row at a time: a mapped corpus is never copied into memory
+    rows = ConcatRows(train.rows, *([val.rows] if val is not None else []))
     weights = module_fingerprint(teacher)  # of the weights, whatever engine runs them
     aligner = Aligner(pad_id=pad_id(tokenizer), max_length=cfg.data.max_length)
     engine = f"{cfg.teacher.backend} {cfg.teacher.precision}"
@@ -415,36 +396,3 @@ def capture_run(
         batch_size=cfg.data.batch_size,
         progress=progress,
     )
-
-
-def _capture_served(
-    cfg: LMRunConfig, out: Any, topk: int, encoding: str, temperature: float, shard_rows: int,
-    progress: bool,
-) -> dict[str, Any]:  # fmt: skip
-    """``capture_run`` from a served teacher (``kdkit lm serve``): the rows are sent, the top k
-    and each shard's mass come back; the provenance is the one the server reports."""
-    from kdkit.lm.cache.capture import Provenance, capture
-    from kdkit.lm.cache.format import data_settings
-
-    served = served_teacher(cfg, topk=topk, temperature=temperature, prefetch=0)
-    try:
-        if served.info.temperature is not None:  # vLLM: no whole distribution, T = 1 only
-            raise KDError("kdkit lm capture asks kdkit lm serve (teacher.served.protocol: "
-                          "kdkit): vLLM's prompt_logprobs hold the top k only")  # fmt: skip
-        tokenizer = run_tokenizer(cfg)  # the run's: the served one stays where it runs
-        served.check_run(cfg.data, tokenizer, served.vocab)
-        train, val = lm_datasets(cfg, tokenizer, served.info.max_positions)
-        rows = list(train.rows) + (list(val.rows) if val is not None else [])
-        t = served.info.teacher
-        provenance = Provenance(
-            model=cfg.teacher.model, weights_sha256=str(t["weights_sha256"]),
-            dtype=str(t.get("dtype", "")), vocab_rows=int(t["vocab_rows"]),
-            engine=f"served {t.get('engine', '')}".strip(), data=data_settings(cfg.data),
-        )  # fmt: skip
-        aligner = Aligner(pad_id=pad_id(tokenizer), max_length=cfg.data.max_length)
-        return capture(served, rows, aligner, out, tokenizer=tokenizer, provenance=provenance,
-                       topk=topk, encoding=encoding, temperature=temperature,
-                       shard_rows=shard_rows, batch_size=cfg.data.batch_size,
-                       progress=progress)  # fmt: skip
-    finally:
-        served.close()

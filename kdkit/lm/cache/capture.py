@@ -41,9 +41,7 @@ from kdkit.lm.cache.format import (
     shard_name,
     tokenizer_fingerprint,
 )
-from kdkit.lm.divergence import log1mexp
-from kdkit.lm.topk import ModuleTopK, TopKScorer
-from kdkit.lm.topk import teacher_topk as topk_of
+from kdkit.lm.topk import ModuleTopK, TopKScorer, topk_entries
 
 __all__ = [
     "KIND",
@@ -53,7 +51,6 @@ __all__ = [
     "check_capture_options",
     "rows_arrays",
     "rows_fingerprint",
-    "teacher_topk",
     "topk_entries",
     "write_shard",
 ]
@@ -62,23 +59,6 @@ log = logging.getLogger(__name__)
 
 #: the kind of folder a capture makes (kdkit._kept: a run or an image cache is refused as --out)
 KIND = "LM teacher cache"
-
-
-def topk_entries(lp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(ids [N, k], logp [N, k], tail [N])`` of log-probs ``lp`` ``[N, V]`` (fp32): the k
-    largest, sorted, and ``log(1 - sum of their p)`` computed in float64. The one rule of both
-    writers (a capture and ``kdkit lm generate``)."""
-    values, index = lp.topk(k, dim=-1)
-    return index, values, log1mexp(torch.logsumexp(values.double(), dim=-1)).float()
-
-
-def teacher_topk(
-    teacher: torch.nn.Module, batch: Any, vocab: int, k: int, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(ids [E, k], logp [E, k], tail [E], mass [V])`` at the batch's trained positions, in
-    order (:func:`kdkit.lm.topk.teacher_topk` as a tuple, for ``kdkit lm generate``)."""
-    top = topk_of(teacher, batch, vocab, k, temperature, mass=True)
-    return top.ids, top.logp, top.tail, top.mass
 
 
 def _shard_arrays(
@@ -92,9 +72,9 @@ def _shard_arrays(
         batch = aligner(rows[start : start + batch_size])
         top = scorer.topk(batch, vocab=vocab, k=k, temperature=temperature, mass=True)
         mass += top.mass
-        ids.append(top.ids)
-        logp.append(top.logp)
-        tail.append(top.tail)
+        ids.append(top.ids.cpu())
+        logp.append(top.logp.cpu())
+        tail.append(top.tail.cpu())
         entries.extend(batch.mask.sum(1).tolist())
     return rows_arrays(rows, entries, ids, logp, tail, mass, settings)
 
