@@ -73,5 +73,3 @@ def shared_vocab(student: Any, teacher: Any, tokenizer: Any, teacher_tokenizer: 
             )
         return check_vocab(tok, tok, s_rows, t_rows)
     return None
-
-
