@@ -133,7 +133,10 @@ def test_cli_refuses_bad_lm_inputs_in_one_line_and_writes_nothing(lm_run, tmp_pa
             }  # fmt: skip
         },
         "too long for the model": {"data": {**config["data"], "max_length": 4096}},
-        "different tokenizers": {"teacher": {"model": f"hf:{other_tok}"}},
+        "another tokenizer with reverse KL": {
+            "teacher": {"model": f"hf:{other_tok}"},
+            "distill": {"divergence": "rkl", "cross_tokenizer": {"method": "project"}},
+        },
         "no file matches": {"data": {**config["data"], "text_files": [str(tmp_path / "*.md")]}},
     }
     capsys.readouterr()

@@ -1,5 +1,5 @@
-"""``kdkit lm capture CONFIG --out DIR``, ``kdkit lm cache info | verify | check DIR`` and
-``kdkit lm serve CONFIG|MODEL --port P``.
+"""``kdkit lm capture CONFIG --out DIR``, ``kdkit lm cache info | verify | check DIR``,
+``kdkit lm serve CONFIG|MODEL --port P`` and ``kdkit lm vocab-map TEACHER STUDENT``.
 
 Aliases kept from the release where the language-model verbs had their own tree: ``kdkit lm
 capture`` is ``kdkit precompute CONFIG`` and ``kdkit lm cache`` is ``kdkit cache`` (each
@@ -59,6 +59,43 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         add_trust_code(a)
         a.set_defaults(func=run_verify if name == "verify" else run_check)
     _add_serve(cmds, add_trust_code)
+    _add_vocab_map(cmds, add_trust_code)
+
+
+def _add_vocab_map(cmds: argparse._SubParsersAction, add_trust_code) -> None:
+    p = cmds.add_parser(
+        "vocab-map",
+        help="how a teacher's vocabulary maps onto a student's (cross-tokenizer KD coverage)",
+        description="The share of the teacher's probability mass that maps onto the student's "
+        "vocabulary exactly, through decomposition and not at all, over a sample of --data "
+        "(weighted by the teacher model's predictions when TEACHER has weights, else by token "
+        "counts), and the tokens that lose the most. docs/lm-xtok.md.",
+    )
+    p.add_argument("teacher", metavar="TEACHER", help="hf:DIR or a tokenizer folder")
+    p.add_argument("student", metavar="STUDENT", help="hf:DIR or a tokenizer folder")
+    p.add_argument("--data", nargs="+", default=[], metavar="FILE", help="text files or globs")
+    p.add_argument("--rows", type=int, default=64, help="rows of the sample (64)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per row (256)")
+    add_trust_code(p)
+    p.set_defaults(func=_run_vocab_map)
+
+
+def _run_vocab_map(args: argparse.Namespace) -> int:
+    from kdkit.errors import KDError
+    from kdkit.run.lm_xtok import vocab_map_report
+
+    if args.rows < 1 or args.max_length < 2:
+        raise KDError("--rows must be >= 1 and --max-length >= 2")
+    lines = vocab_map_report(
+        args.teacher,
+        args.student,
+        data=args.data,
+        rows=args.rows,
+        max_length=args.max_length,
+        trust_code=args.trust_code,
+    )
+    print("\n".join(lines))
+    return 0
 
 
 def _add_serve(cmds: argparse._SubParsersAction, add_trust_code) -> None:

@@ -35,6 +35,7 @@ from kdkit.config._paths import ConfigBase, config_base, diff
 from kdkit.config._tasks import SCHEMAS, TASKS, parse, resolve_paths, schema_for, validate
 from kdkit.config._yaml import apply_overrides, build_section, read_yaml, to_dict, to_yaml
 from kdkit.config.lm_schema import (
+    LMCrossTokenizerConfig,
     LMDataConfig,
     LMDatasetConfig,
     LMDistillConfig,
@@ -73,6 +74,7 @@ __all__ = [
     "LMValConfig",
     "LMDistillConfig",
     "LMOnPolicyConfig",
+    "LMCrossTokenizerConfig",
     "LMServedConfig",
     "LMLayerPairConfig",
     "LMPeftConfig",

@@ -207,12 +207,43 @@ def _check_served(cfg: LMRunConfig) -> None:
             )
 
 
+def _check_cross_tokenizer(cfg: LMRunConfig) -> None:
+    """``distill.cross_tokenizer``: a live or cached teacher, off-policy, a divergence that a
+    projection keeps finite. (Whether the tokenizers differ is known once they are loaded.)"""
+    xt, dc = cfg.distill.cross_tokenizer, cfg.distill
+    if xt is None:
+        return
+    key = "config key 'distill.cross_tokenizer'"
+    if cfg.teacher is None:
+        raise KDError(f"{key} needs a teacher (teacher.model) whose tokenizer differs")
+    if cfg.teacher.model.startswith(("http://", "https://")):
+        raise KDError(
+            f"{key}: a served teacher scores the student's own tokens; serve a teacher of the "
+            "student's tokenizer, or use teacher.model hf:DIR / cache:DIR"
+        )
+    if dc.on_policy is not None and dc.on_policy.lam > 0:
+        raise KDError(f"{key} runs off-policy only; set distill.on_policy.lambda: 0")
+    if dc.divergence == "rkl" and xt.method != "uld":
+        raise KDError(
+            f"{key}: method {xt.method!r} leaves student tokens with zero teacher mass, where "
+            "divergence rkl is infinite; use fkl, jsd, skew_rkl or tvd (or method: uld)"
+        )
+    if cfg.train.fsdp:
+        raise KDError(f"{key} does not run with train.fsdp: true yet; use one process or DDP")
+    if dc.pairs:
+        raise KDError(
+            f"{key}: distill.pairs compares hidden states position by position, which two "
+            "tokenizations do not share; drop distill.pairs"
+        )
+
+
 def check_lm(cfg: LMRunConfig, check_paths: bool = True) -> None:
     """The ``task: lm`` rules: model strings and folders, text globs, the val source, that
     ``loss_on`` fits ``format``, and ``distill.on_policy``; the train section as for every task."""
     _lm_model(cfg.student, "student", check_paths)
     _check_on_policy(cfg)
     _check_served(cfg)
+    _check_cross_tokenizer(cfg)
     if cfg.distill.pairs:
         t = cfg.teacher
         live = t is not None and not t.model.startswith(("cache:", "http://", "https://"))

@@ -14,7 +14,9 @@ the contract (``kdkit train`` with ``task: lm``)::
            pack: true, loss_on: all, batch_size: 8}
     distill: {divergence: fkl, temperature: 1.0, ce_weight: 0.0, memory_budget_mb: 256,
               on_policy: {lambda: 0.5, max_new_tokens: 64, temperature: 1.0},   # optional: GKD
-              router_aux_loss: true}     # a MoE student's router loss, as its own training
+              router_aux_loss: true,     # a MoE student's router loss, as its own training
+              cross_tokenizer: {method: project, uld_weight: 1.0}}  # a teacher of another
+                                           # tokenizer (teacher.tokenizer or its folder's)
     train: {epochs: 1, optimizer: {name: AdamW, lr: 0.001}}
 """
 
@@ -35,6 +37,7 @@ __all__ = [
     "LMDatasetConfig",
     "LMDataConfig",
     "LMOnPolicyConfig",
+    "LMCrossTokenizerConfig",
     "LMLayerPairConfig",
     "LMDistillConfig",
     "LMRunConfig",
@@ -203,6 +206,21 @@ class LMOnPolicyConfig:
 
 
 @dataclass(frozen=True)
+class LMCrossTokenizerConfig:
+    """``distill.cross_tokenizer`` (:mod:`kdkit.lm.xtok`, docs/lm-xtok.md): how a teacher whose
+    tokenizer differs from the student's is distilled. ``method``: ``project`` (the teacher's
+    distribution sent through the vocabulary map, exact and decomposed, P-KL; ULD on what the
+    map cannot place), ``exact`` (exact string matches only, GOLD's split) or ``uld`` (sorted
+    distributions alone); ``uld_weight``: the ULD term's weight. Used only when the tokenizers
+    differ (the default applies then); a same-tokenizer run keeps the exact path."""
+
+    method: Literal["project", "exact", "uld"] = "project"
+    uld_weight: float = field(
+        default=1.0, metadata=field_check(lambda v: 0 <= v < math.inf, "a finite number >= 0")
+    )
+
+
+@dataclass(frozen=True)
 class LMLayerPairConfig:
     """One ``distill.pairs`` entry: student decoder layer ``student`` learns teacher layer
     ``teacher`` (0-based, -1 the last) through a learned projection when the widths differ."""
@@ -234,6 +252,8 @@ class LMDistillConfig:
     #: a mixture-of-experts student's router load-balancing loss, weighted by its config's
     #: ``router_aux_loss_coef`` as its own training does (kdkit.lm.moe); logged as router_aux
     router_aux_loss: bool = True
+    #: a teacher of another tokenizer; None = the default, used only when the tokenizers differ
+    cross_tokenizer: LMCrossTokenizerConfig | None = None
     #: hidden-state pairs between decoder layers (kdkit.lm.hidden), beside the token loss
     pairs: tuple[LMLayerPairConfig, ...] = ()
 

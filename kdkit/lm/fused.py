@@ -99,17 +99,26 @@ class LossOutput:
 
 # -- the loop ----------------------------------------------------------------------------------
 def chunk_rows(
-    memory_budget_mb: float, vocab: int, *, tokens: int, hidden: int, head_rows: int, itemsize: int
+    memory_budget_mb: float,
+    vocab: int,
+    *,
+    tokens: int,
+    hidden: int,
+    head_rows: int,
+    itemsize: int,
+    extra_per_row: int = 0,
 ) -> int:
     """Rows per chunk so that the loss's working memory stays within ``memory_budget_mb``.
 
     The gradient accumulators (head ``[head_rows, hidden]``, hidden ``[tokens, hidden]``) are
-    charged first; the rest buys rows of ``_TEMPS`` ``[rows, vocab]`` temporaries. At least
-    ``_MIN_ROWS`` rows (logged when the budget asks for fewer), at most ``tokens``.
+    charged first; the rest buys rows of ``_TEMPS`` ``[rows, vocab]`` temporaries plus
+    ``extra_per_row`` elements a target allocates per row (a cross-tokenizer target's teacher
+    vocabulary). At least ``_MIN_ROWS`` rows (logged when the budget asks for fewer), at most
+    ``tokens``.
     """
     budget = memory_budget_mb * 2**20
     fixed = (head_rows + tokens) * hidden * itemsize
-    rows = int((budget - fixed) // (_TEMPS * vocab * itemsize))
+    rows = int((budget - fixed) // ((_TEMPS * vocab + extra_per_row) * itemsize))
     if rows < _MIN_ROWS:
         log.info(
             "memory_budget_mb=%s leaves room for %d rows at V=%d; using %d rows per chunk",
@@ -182,7 +191,7 @@ def _chunk(
     log_softmax_(lq, plan.temperature, bufs[0], shift=shift)
     if sparse is not None:
         target, rows = sparse
-        value, kl, grad = target.value_and_grad(
+        value, kl, grad, *top = target.value_and_grad(
             plan.divergence,
             lq,
             rows,
@@ -191,7 +200,9 @@ def _chunk(
             skew=plan.skew,
             grad_out=bufs[0],
         )
-        if getattr(target, "ids", None) is not None:  # NoTeacher (scratch): nothing to agree with
+        if top:  # a target may name its top-1 (in the student's ids) as a fourth value
+            stats.agree += (lq.argmax(-1) == top[0].to(lq.device)).sum()
+        elif getattr(target, "ids", None) is not None:  # NoTeacher (scratch): no agreement
             top1 = target.ids.index_select(0, rows.to(target.ids.device))[:, 0]
             stats.agree += (lq.argmax(-1) == top1.to(lq.device)).sum()
         free = bufs[1:]
@@ -402,6 +413,7 @@ def token_divergence(
             hidden=weight.shape[1],
             head_rows=weight.shape[0],
             itemsize=itemsize,
+            extra_per_row=int(getattr(target, "extra_per_row", 0)),
         ),
         need_h=grad_on and student_hidden.requires_grad,
         need_w=grad_on and weight.requires_grad,

@@ -20,6 +20,7 @@ from torch import nn
 
 from kdkit.lm.data import TokenRow
 from kdkit.lm.onpolicy import sample_completions
+from kdkit.lm.xtok.data import XTokRow
 
 __all__ = ["Generation", "sample_generations"]
 
@@ -82,6 +83,8 @@ def sample_generations(
         return [tokenizer.decode(c, skip_special_tokens=True) for c in out]
 
     said = run(student)
+    if any(isinstance(r, XTokRow) for r in rows):  # a teacher of another tokenizer: not its ids
+        teacher = None
     heard = run(teacher) if isinstance(teacher, nn.Module) and _can_generate(teacher) else None
     return [
         Generation(

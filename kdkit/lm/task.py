@@ -23,6 +23,7 @@ and 8x1 give the same gradient. Only positions the :class:`~kdkit.lm.align.Align
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -46,6 +47,7 @@ from kdkit.lm.onpolicy import OnPolicy
 from kdkit.lm.packing import check_packing
 from kdkit.lm.probe import ProbeResult, probe_model
 from kdkit.lm.targets import NoTeacher
+from kdkit.lm.xtok.data import XTokBatch, teacher_example
 from kdkit.load import restore_part
 from kdkit.task import StepOutput, Task
 
@@ -223,6 +225,9 @@ class LMTask(Task):
             target = batch.teacher if batch.teacher is not None else self.cache.target_of(batch)
         elif self.teacher is None:  # the scratch baseline: cross-entropy alone, no KD term
             target = NoTeacher(tuple(hidden.shape[:-1]), s.head.weight.shape[0])
+        elif isinstance(batch.teacher, XTokBatch):  # another tokenizer: the teacher's own tokens
+            teacher = fsdp.gathered(self._teacher_root)
+            target = batch.teacher.run(self._teacher_root, self.teacher_transform, mask, labels)
         elif batch.teacher is not None:  # computed beside the previous step (teacher_ahead)
             target = batch.teacher.result()
         else:
@@ -261,10 +266,13 @@ class LMTask(Task):
         if self.hidden_pairs is not None:
             return batch
 
-        def target() -> DenseTeacher:
+        def target() -> Any:
+            xt, mask = batch.teacher, batch.mask
+            if isinstance(xt, XTokBatch):  # a teacher of another tokenizer: its own tokens
+                return xt.run(self._teacher_root, self.teacher_transform, mask, batch.labels[mask])
             with torch.no_grad():
                 t = self._teacher_root(batch)
-            return DenseTeacher(t.hidden[batch.mask], t.head, self.teacher_transform)
+            return DenseTeacher(t.hidden[mask], t.head, self.teacher_transform)
 
         return replace(batch, teacher=worker.submit(target))
 
@@ -316,14 +324,16 @@ class LMTask(Task):
         ids, doc = _first_row(example)
         first = ids[doc == doc[0]]
         packing = self.packed or getattr(example, "packed", False)
-        models = [("student", self.student, self.student_transform)]
-        if self.teacher is not None:
-            models.append(("teacher", self.teacher, self.teacher_transform))
+        models = [("student", self.student, self.student_transform, first)]
+        if self.teacher is not None:  # on its own tokens (another tokenizer: the row's)
+            t_ids, t_doc = _first_row(teacher_example(example))
+            t_first = t_ids[t_doc == t_doc[0]]
+            models.append(("teacher", self.teacher, self.teacher_transform, t_first))
         if fsdp.is_sharded(self):
             raise KDError("probe the models before sharding them (LMTask.probe, then shard)")
         self.probe_results = [
-            probe_model(model, first, role=role, transform=transform, packing=packing)
-            for role, model, transform in models
+            probe_model(model, ids, role=role, transform=transform, packing=packing)
+            for role, model, transform, ids in models
         ]
         return self.probe_results
 
@@ -387,9 +397,16 @@ class LMTask(Task):
         student's (sharded: every rank calls it; the teacher's root stays gathered meanwhile)."""
         if self.teacher is None:
             raise KDError("this task has no teacher to score")
+        # a teacher of another tokenizer is scored on its own tokens of the same text (the
+        # student's byte lengths are not its: no bits per byte for it here)
+        it = iter(batches)
+        first = next(it, None)
+        cross = isinstance(getattr(first, "teacher", None), XTokBatch)
+        own = (teacher_example(b) for b in itertools.chain([] if first is None else [first], it))
         with fsdp.gathered(self._teacher_root):
-            task = LMTask(self.teacher, None, probe=False, byte_lengths=self.byte_lengths)
-            return task.evaluate(batches, autocast)
+            lengths = None if cross else self.byte_lengths
+            task = LMTask(self.teacher, None, probe=False, byte_lengths=lengths)
+            return task.evaluate(own, autocast)
 
     # -- checkpoint parts ------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, dict[str, torch.Tensor]]:

@@ -82,12 +82,19 @@ def train_bpe_tokenizer(
     special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
     min_frequency: int = 2,
     chat_template: str | None = CHATML_TEMPLATE,
+    split_digits: bool = False,
+    bos_token: str | None = None,
 ) -> Path:
     """Train a byte-level BPE tokenizer offline and save it as a ``save_pretrained`` folder.
 
     ``str`` items are training text; ``Path`` (``os.PathLike``) items are UTF-8 files read whole.
     The first special token is eos and bos, the second pad (``("<|endoftext|>", "<|pad|>",
     ...)``). Returns ``out_dir``; files are written to a temporary folder first and moved in.
+
+    Two switches make tokenizers that differ the way real ones do (the cross-tokenizer tests,
+    :mod:`kdkit.lm.xtok`): ``split_digits`` cuts every digit into its own token (Qwen3, Llama-2)
+    and ``bos_token`` is a separate special token that the tokenizer prepends to every encoded
+    text (Llama-3's ``<|begin_of_text|>``).
     """
     tk = require("tokenizers")
     special_tokens = list(special_tokens)
@@ -96,8 +103,15 @@ def train_bpe_tokenizer(
     floor = 256 + len(special_tokens)
     if vocab_size < floor:
         raise KDError(f"vocab_size {vocab_size} is below the 256 bytes + specials; use >= {floor}")
+    if bos_token is not None and bos_token not in special_tokens:
+        special_tokens.append(bos_token)
     tok = tk.Tokenizer(tk.models.BPE())
-    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (
+        tk.pre_tokenizers.Sequence([tk.pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
+    )
     tok.decoder = tk.decoders.ByteLevel()
     trainer = tk.trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -107,10 +121,16 @@ def train_bpe_tokenizer(
         show_progress=False,
     )
     tok.train_from_iterator(_texts(texts_or_files), trainer)
+    if bos_token is not None:
+        tok.post_processor = tk.processors.TemplateProcessing(
+            single=f"{bos_token} $A",
+            pair=f"{bos_token} $A $B",
+            special_tokens=[(bos_token, tok.token_to_id(bos_token))],
+        )
     fast = require("transformers").PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=special_tokens[0],
-        bos_token=special_tokens[0],
+        bos_token=bos_token or special_tokens[0],
         pad_token=special_tokens[1],
     )
     if chat_template is not None:

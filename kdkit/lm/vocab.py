@@ -5,8 +5,9 @@ Vocab mismatch is the most common LM-KD complaint, almost always the padded-head
 DistillKit truncates silently, Liger pads with zeros, torchtune and ModelOpt crash with a shape
 error (shared/LM-ANCHORS.md finding 7). kdkit verifies that the two tokenizers are the same (token
 strings id by id, then merges and normalizer) and returns ``len(tokenizer)``: the loss slices both
-heads to that many rows (rows past it are padding that no text produces). Different tokenizers
-are an error until the cross-tokenizer path exists.
+heads to that many rows (rows past it are padding that no text produces). Tokenizers that differ
+(:func:`same_tokenization` is False) take the cross-tokenizer path instead (:mod:`kdkit.lm.xtok`),
+which ``kdkit train`` chooses by itself; same-tokenizer runs never go there.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from typing import Any
 from kdkit.errors import KDError
 from kdkit.lm.tokenizer import tokenizer_json
 
-__all__ = ["check_borrowed_tokenizer", "check_vocab", "tokenization_fingerprint"]
+__all__ = [
+    "check_borrowed_tokenizer",
+    "check_vocab",
+    "same_tokenization",
+    "tokenization_fingerprint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,17 @@ def tokenization_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
 
 
+def same_tokenization(student_tokenizer: Any, teacher_tokenizer: Any) -> bool:
+    """True when the two tokenizers have the same vocabulary and split text alike (the
+    same-tokenizer path, bit for bit); False sends a run across tokenizers."""
+    if student_tokenizer is teacher_tokenizer:
+        return True
+    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        return False
+    s_json, t_json = tokenizer_json(student_tokenizer), tokenizer_json(teacher_tokenizer)
+    return all(s_json.get(k) == t_json.get(k) for k in _TOKENIZATION_KEYS)
+
+
 def _first_difference(s_vocab: dict[str, int], t_vocab: dict[str, int]) -> tuple[int, str, str]:
     s_inv = {i: t for t, i in s_vocab.items()}
     t_inv = {i: t for t, i in t_vocab.items()}
@@ -54,15 +71,15 @@ def check_vocab(
 
     ``student_rows`` / ``teacher_rows`` are the heads' output rows (``head.out_features``),
     which may exceed the tokenizer (padded heads). Raises KDError if the tokenizers differ
-    (cross-tokenizer KD is not supported yet) or a head has fewer rows than the tokenizer.
+    (that pair takes :mod:`kdkit.lm.xtok`) or a head has fewer rows than the tokenizer.
     """
     s_vocab, t_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
     if s_vocab != t_vocab:
         i, s_tok, t_tok = _first_difference(s_vocab, t_vocab)
         raise KDError(
             f"student and teacher tokenizers differ (sizes {len(s_vocab)} vs {len(t_vocab)}; "
-            f"first at id {i}: {s_tok!r} vs {t_tok!r}); cross-tokenizer KD is not supported "
-            "yet: use a student with the teacher's tokenizer"
+            f"first at id {i}: {s_tok!r} vs {t_tok!r}); distil across tokenizers with "
+            "kdkit.lm.xtok (kdkit train chooses it by itself when the tokenizers differ)"
         )
     s_json, t_json = tokenizer_json(student_tokenizer), tokenizer_json(teacher_tokenizer)
     for key in _TOKENIZATION_KEYS:

@@ -33,11 +33,12 @@ from kdkit.lm.onpolicy import OnPolicy, turn_end_id
 from kdkit.lm.packing import check_packing
 from kdkit.lm.student import prepare_student
 from kdkit.lm.task import LMTask, TokenInputs
-from kdkit.lm.tokenizer import pad_id, token_byte_lengths
-from kdkit.lm.vocab import check_borrowed_tokenizer, check_vocab
+from kdkit.lm.tokenizer import pad_id
+from kdkit.lm.vocab import check_borrowed_tokenizer, same_tokenization
 from kdkit.run.fingerprints import lm_run_fingerprints
 from kdkit.run.lm_report import data_notes
 from kdkit.run.lm_served import capture_served, served_teacher
+from kdkit.run.lm_vocab import eval_byte_lengths, shared_vocab, vocab_pairing
 from kdkit.train import Trainer, distributed
 
 __all__ = [
@@ -110,20 +111,24 @@ def lm_datasets(cfg: LMRunConfig, tokenizer: Any, positions: int | None) -> tupl
 
 
 def build_lm_data(
-    cfg: LMRunConfig, tokenizer: Any, positions: int | None, cache: Any = None
+    cfg: LMRunConfig, tokenizer: Any, positions: int | None, cache: Any = None, xtok: Any = None
 ) -> LMRunData:
     """Token rows of ``data.text_files`` (and the val source) in loaders; with a target source
-    ``cache`` (a :class:`kdkit.lm.cache.TopKCache`, a :class:`kdkit.lm.serve.ServedTeacher`)
-    every batch carries its teacher targets."""
+    ``cache`` (a top-k cache, a served teacher) every batch carries its teacher targets; with
+    ``xtok`` (:func:`kdkit.run.lm_xtok.cross_tokenizer`) every row its teacher's tokens."""
     d = cfg.data
-    train, val = lm_datasets(cfg, tokenizer, positions)
+    train, val = lm_datasets(cfg, xtok.source_tokenizer if xtok else tokenizer, positions)
+    if xtok is not None:  # computed once per row, here, never in the step
+        train, val = xtok.wrap(train), xtok.wrap(val)
     corpus = train.fingerprint + (val.fingerprint if val is not None else "")
     notes = data_notes(train, val)
     if d.format == "chat":
         notes += (template_note(tokenizer, d.chat_template),)
+    collate: Any = Aligner(pad_id=pad_id(tokenizer), max_length=d.max_length)
+    if xtok is not None:
+        collate = xtok.collate(collate, train, val)
     if d.val is not None and d.val.split is not None:
         train, val = _split(train, d.val.split, d.seed)
-    collate: Any = Aligner(pad_id=pad_id(tokenizer), max_length=d.max_length)
     if cache is not None:  # a top-k cache attaches targets here, a served teacher in loader()
         collate = cache.collate(collate, policy=cfg.distill.tail)
     # the order is a function of (seed, epoch) alone (the Trainer calls set_epoch), so a
@@ -226,19 +231,17 @@ def build_lm_trainer(
             "no tokenizer: the student folder has none and the teacher gives none (there is no "
             "teacher, or it is served); set student.tokenizer: DIR (a save_pretrained folder)"
         )
-    vocab_size = None
     # a target source (a top-k cache, a served teacher) makes its targets outside the step
     cache = None if teacher is None or isinstance(teacher, torch.nn.Module) else teacher
-    if cache is not None:
-        cache.check_run(cfg.data, tokenizer, output_head(student).out_features)
-    else:
-        vocab_size = shared_vocab(student, teacher, tokenizer, teacher_tok)
+    # the shared vocabulary, the cache's check, or across tokenizers (kdkit.lm.xtok)
+    xtok, vocab_size = vocab_pairing(cfg, student, teacher, tokenizer, teacher_tok)
     if cfg.data.pack:  # a family that attends across packed documents: refused before any work
         for role, model in (("student", student), ("teacher", teacher)):
             if isinstance(model, torch.nn.Module):
                 check_packing(model, role)
     positions = max_positions(student)
-    data = build_lm_data(cfg, tokenizer, positions, cache)
+    # a cache of the teacher's tokens is read by the cross-tokenizer collate
+    data = build_lm_data(cfg, tokenizer, positions, None if xtok else cache, xtok)
     # what resume compares (before the teacher becomes an ONNX engine or is sharded)
     fingerprints = lm_run_fingerprints(teacher, tokenizer, data.corpus_fingerprint)
     if cache is None:  # a cache is never a model to run
@@ -295,40 +298,6 @@ def build_lm_trainer(
         },
     )
     return trainer, data
-
-
-def eval_byte_lengths(tokenizer: Any) -> torch.Tensor | None:
-    """The run's per-token byte counts (:func:`kdkit.lm.tokenizer.token_byte_lengths`), so
-    evaluation reports bits per byte beside perplexity; None (logged) for a tokenizer without
-    a tokenizer.json: the run goes on with perplexity alone."""
-    if tokenizer is None:
-        return None
-    try:
-        return token_byte_lengths(tokenizer)
-    except KDError as e:
-        log.warning("no bits per byte: %s", e)
-        return None
-
-
-def shared_vocab(student: Any, teacher: Any, tokenizer: Any, teacher_tokenizer: Any) -> int | None:
-    """The real vocabulary a student and a live teacher share (``vocab_size`` of the loss), or
-    None when their heads have the same rows and there is nothing to mask. Padded heads (more
-    rows than the tokenizer, e.g. Qwen2.5 7B vs 0.5B) need it: every path that pairs the two
-    models (``kdkit train``, ``kdkit eval``) asks here."""
-    if not isinstance(teacher, torch.nn.Module):
-        return None
-    s_rows, t_rows = output_head(student).out_features, output_head(teacher).out_features
-    if tokenizer is not None and teacher_tokenizer is not None:
-        return check_vocab(tokenizer, teacher_tokenizer, s_rows, t_rows)
-    if s_rows != t_rows:
-        tok = tokenizer or teacher_tokenizer
-        if tok is None:
-            raise KDError(
-                f"the student head has {s_rows} rows and the teacher's {t_rows}, and there is no "
-                "tokenizer to say which are real; set student.tokenizer: DIR"
-            )
-        return check_vocab(tok, tok, s_rows, t_rows)
-    return None
 
 
 def probe_first_row(model: Any, dataset: Any, role: str, *, packing: bool) -> Any:
@@ -388,6 +357,10 @@ def capture_run(
     )
     freeze_teacher(teacher)
     tokenizer = run_tokenizer(cfg, teacher_tok, trust_code=trust_code)
+    if teacher_tok is not None and not same_tokenization(tokenizer, teacher_tok):
+        # a student of another tokenizer trains from the teacher's own tokens (kdkit.lm.xtok)
+        log.info("capture: the student tokenizes differently; capturing the teacher's own tokens")
+        tokenizer = teacher_tok
     head_rows = output_head(teacher).out_features
     train, val = lm_datasets(cfg, tokenizer, max_positions(teacher))
     # the cache stores the model's own distribution: kdkit's view of it is checked first

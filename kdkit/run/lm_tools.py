@@ -22,11 +22,12 @@ from kdkit.errors import KDError
 from kdkit.lm._chat import use_chat_template
 from kdkit.lm._hf import quiet_progress
 from kdkit.lm.generations import sample_generations
-from kdkit.lm.models import load_lm, load_tokenizer, max_positions, output_head
+from kdkit.lm.models import load_lm, load_tokenizer, max_positions
 from kdkit.lm.student import add_lora
 from kdkit.lm.task import LMTask, TokenInputs
 from kdkit.load import load_checkpoint
-from kdkit.run.lm_job import build_lm_data, eval_byte_lengths, load_lm_teacher, shared_vocab
+from kdkit.run.lm_job import build_lm_data, load_lm_teacher
+from kdkit.run.lm_vocab import eval_byte_lengths, vocab_pairing
 from kdkit.run.models import checkpoint_in
 
 __all__ = ["lm_run_config", "load_lm_student", "evaluate_lm_run", "export_hf"]
@@ -97,11 +98,9 @@ def evaluate_lm_run(
     cache = None if isinstance(teacher_model, torch.nn.Module) else teacher_model
     if cache is not None and data and cache.fixed_rows:  # other text than was captured
         teacher_model = cache = None  # the student's ppl only
-    if cache is not None:
-        cache.check_run(cfg.data, tokenizer, output_head(student).out_features)
-    # padded heads (more rows than the tokenizer): the real vocabulary, as training had it
-    vocab_size = shared_vocab(student, teacher_model, tokenizer, teacher_tok)
-    run_data = build_lm_data(cfg, tokenizer, max_positions(student), cache)
+    # as training had it: padded heads masked, a cache checked, or across tokenizers
+    xtok, vocab_size = vocab_pairing(cfg, student, teacher_model, tokenizer, teacher_tok)
+    run_data = build_lm_data(cfg, tokenizer, max_positions(student), None if xtok else cache, xtok)
     loader = run_data.val_loader if run_data.val_loader is not None else run_data.train_loader
     if loader is None:
         raise KDError("the run has no val data: pass --data FILES")

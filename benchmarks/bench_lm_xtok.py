@@ -1,0 +1,323 @@
+"""Cross-tokenizer distillation (kdkit.lm.xtok): alignment speed, step cost, quality.
+
+Tokenizer A is the LM demo's (byte-level BPE, 2,048 tokens, numbers merged, no BOS; its
+teacher is the demo's, trained once and cached); tokenizer B is trained here on the same train
+text, 3,000 tokens, every digit its own token and a BOS prepended (they differ the way Qwen's
+and Llama's do).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_lm_xtok.py align     # alignment vs a Python loop
+    OMP_NUM_THREADS=1 python benchmarks/bench_lm_xtok.py step      # step vs same-tokenizer KD
+    OMP_NUM_THREADS=1 python benchmarks/bench_lm_xtok.py quality --seeds 0 1 2
+
+``align``: pairs of every row of the train text, kdkit's vectorized ``align_many`` (what the
+data pipeline calls, all rows at once) and ``align_rows`` (one row at a time) against a
+per-token Python loop over the same per-id tables (the loop is given the tables: no decode), and
+against a loop that decodes each token (the GOLD / DSKD way); the pairs must be equal.
+``step``: the LM task's forward + backward (rows of 128 tokens, batch 16, the demo's student
+and teacher shapes), interleaved, median ms per step: cross-tokenizer KD (teacher A, student B)
+against same-tokenizer KD with the same student (B, from a teacher of B's tokenizer and the
+same shape) and against the A -> A pair (a student of 2,048 tokens: a cheaper head).
+``quality --ce-mix``: scratch, online and cache (bucket) with ``ce_weight: 0.5``.
+``quality``: test perplexity in the student's tokens and bits per byte (comparable across
+tokenizers), mean +- std over seeds: scratch and same-tokenizer KD on A (the reference),
+scratch, cross-tokenizer KD online, from a top-k cache (k 32; tail bucket, the default, and
+prior) and ULD alone on B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdkit.run.lm_demo import LMDemoConfig, llama_folder, train_demo_run, write_splits
+
+
+def _setup(out: Path):
+    from transformers import AutoTokenizer
+
+    from kdkit.lm.tokenizer import train_bpe_tokenizer
+    from kdkit.run import lm_demo
+
+    base = LMDemoConfig.quick(out_dir=str(out), progress=False)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    files = write_splits(base, out / "data")[:3]
+    key = "v1-400000c-2048v-128l-128x4x4-3e-0s"
+    teacher = Path(base.cache_dir) / key / "teacher"
+    if not (teacher / "config.json").is_file():  # train the demo's teacher once (cached)
+        lm_demo.run_lm_demo(dataclasses.replace(base, divergences=(), out_dir=str(out / "demo")))
+    tok_a = AutoTokenizer.from_pretrained(str(teacher), local_files_only=True)
+    b_dir = out / "tok-b"
+    if not (b_dir / "tokenizer.json").is_file():
+        train_bpe_tokenizer([files[0]], 3000, b_dir, split_digits=True,
+                            bos_token="<|begin_of_text|>")  # fmt: skip
+    tok_b = AutoTokenizer.from_pretrained(str(b_dir), local_files_only=True)
+    return base, files, teacher, tok_a, tok_b
+
+
+# -- align ----------------------------------------------------------------------------------
+def _loop_align(ids_s, ids_t, len_s, len_t, kind_s, kind_t, docs_s, docs_t):
+    """The per-token Python loop: the same keys, one token at a time."""
+
+    def keys(ids, lens, kinds, docs):
+        out, end = {}, 0
+        n = len(ids)
+        for i in range(n):
+            end += lens[ids[i]]
+            nxt = kinds[ids[i + 1]] if i + 1 < n else 4095
+            out[(docs[i], end, nxt)] = i
+        return out
+
+    ks, kt = keys(ids_s, len_s, kind_s, docs_s), keys(ids_t, len_t, kind_t, docs_t)
+    pairs = sorted((i, kt[k]) for k, i in ks.items() if k in kt)
+    return pairs
+
+
+def _decode_lengths(tok, ids):
+    """Byte length per token by decoding each one (what a decode-in-the-loop aligner does)."""
+    return [len(tok.decode([i]).encode("utf-8")) for i in ids]
+
+
+def bench_align(out: Path) -> None:
+    from kdkit.lm.data import load_lm_dataset
+    from kdkit.lm.xtok.align import align_many, align_rows
+    from kdkit.lm.xtok.retokenize import teacher_ids
+    from kdkit.lm.xtok.tokenbytes import kind_tables, token_bytes
+
+    base, files, _, tok_a, tok_b = _setup(out)
+    rows = load_lm_dataset([files[0]], tok_b, max_length=base.max_length, overflow="split").rows
+    s, t = token_bytes(tok_b), token_bytes(tok_a)
+    ks, kt = kind_tables(s, t)
+    start = time.perf_counter()
+    pairs_t = [teacher_ids(r.input_ids.numpy(), r.doc_ids.numpy(), s, t, tok_a) for r in rows]
+    retok_s = time.perf_counter() - start
+    data = [
+        (r.input_ids.numpy(), r.doc_ids.numpy(), ti, td)
+        for r, (ti, td) in zip(rows, pairs_t, strict=True)
+    ]
+    n_tok = sum(len(a) + len(c) for a, _, c, _ in data)
+    timing = {}
+    for rep in range(7):  # interleaved; the best of 7 (a shared machine)
+        start = time.perf_counter()
+        ours = align_many([(a, b) for a, b, _, _ in data], [(c, d) for _, _, c, d in data],
+                          (s.lengths, ks), (t.lengths, kt))  # fmt: skip
+        timing.setdefault("vectorized", []).append(time.perf_counter() - start)
+        start = time.perf_counter()
+        one = [align_rows(a, b, c, d, (s.lengths, ks), (t.lengths, kt)) for a, b, c, d in data]
+        timing.setdefault("per row", []).append(time.perf_counter() - start)
+        ls, lt, kss, ktt = s.lengths.tolist(), t.lengths.tolist(), ks.tolist(), kt.tolist()
+        start = time.perf_counter()
+        loop = [_loop_align(a.tolist(), c.tolist(), ls, lt, kss, ktt, b.tolist(), d.tolist())
+                for a, b, c, d in data]  # fmt: skip
+        timing.setdefault("python loop", []).append(time.perf_counter() - start)
+        if rep == 0:
+            for o, lp, o1 in zip(ours, loop, one, strict=True):
+                assert list(zip(o.student.tolist(), o.teacher.tolist(), strict=True)) == lp
+                assert list(zip(o1.student.tolist(), o1.teacher.tolist(), strict=True)) == lp
+            sub = data[:100]
+            start = time.perf_counter()
+            for a, _, c, _ in sub:
+                _decode_lengths(tok_b, a.tolist()), _decode_lengths(tok_a, c.tolist())
+            dec = (time.perf_counter() - start) * len(data) / len(sub)
+    best = {k: min(v) for k, v in timing.items()}
+    print(f"rows {len(data)}, tokens (both sides) {n_tok:,}; torch {torch.__version__}")
+    print("| aligner | tokens/s | vs kdkit |")
+    print("|---|---:|---:|")
+    for name, sec in (("kdkit align_many (all rows at once)", best["vectorized"]),
+                      ("kdkit align_rows (one row per call)", best["per row"]),
+                      ("per-token Python loop (tables)", best["python loop"]),
+                      ("decode per token, lengths only", dec)):  # fmt: skip
+        print(f"| {name} | {n_tok / sec:,.0f} | {sec / best['vectorized']:.1f}x |")
+    print(f"retokenize (teacher's tokens of each student row, once per row): "
+          f"{n_tok / 2 / retok_s:,.0f} student tokens/s")  # fmt: skip
+
+
+# -- step -----------------------------------------------------------------------------------
+def bench_step(out: Path, steps: int = 12) -> None:
+    from kdkit.config import load_config, resolve_paths
+    from kdkit.run.lm_job import build_lm_trainer
+
+    base, files, teacher, tok_a, tok_b = _setup(out)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    a_dir = llama_folder(out / "student-a", tok_a, base.student, base.max_length)
+    b_dir = llama_folder(out / "student-b", tok_b, base.student, base.max_length)
+    # a teacher of B's tokenizer, the demo teacher's shape (random weights: time only)
+    tb_dir = llama_folder(out / "teacher-b", tok_b, base.teacher, base.max_length)
+    if not (tb_dir / "model.safetensors").is_file():
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tb_dir)).save_pretrained(tb_dir)
+    tasks = {}
+    runs = (
+        ("same-tokenizer KD, A -> A", a_dir, teacher),
+        ("same-tokenizer KD, B -> B", b_dir, tb_dir),
+        ("cross-tokenizer KD, A -> B", b_dir, teacher),
+    )
+    for name, student, t_dir in runs:
+        raw = {
+            "task": "lm",
+            "student": {"model": f"hf-config:{student}"},
+            "teacher": {"model": f"hf:{t_dir}"},
+            "data": {
+                "text_files": [str(files[1])],
+                "max_length": base.max_length,
+                "batch_size": base.batch_size,
+            },  # fmt: skip
+            "run_dir": str(out / f"step-{len(tasks)}"),
+        }
+        trainer, data = build_lm_trainer(resolve_paths(load_config(data=raw)), torch.device("cpu"))
+        batches = [b for _, b in zip(range(steps), data.train_loader, strict=False)]
+        tasks[name] = (trainer.task, batches)
+    times: dict[str, list[float]] = {k: [] for k in tasks}
+    for i in range(steps):
+        for name, (task, batches) in tasks.items():
+            b = batches[i % len(batches)]
+            start = time.perf_counter()
+            out_ = task(b, reduction="mean")
+            out_.loss.backward()
+            times[name].append(time.perf_counter() - start)
+            task.student.zero_grad(set_to_none=True)
+    ref = statistics.median(times["same-tokenizer KD, B -> B"][2:])
+    print("| step (batch 16 x 128 tokens, fwd + bwd) | median ms | vs same-tokenizer B -> B |")
+    print("|---|---:|---:|")
+    for name, t in times.items():
+        m = statistics.median(t[2:])
+        print(f"| {name} | {1000 * m:.1f} | {m / ref:.2f}x |")
+
+
+# -- quality --------------------------------------------------------------------------------
+def bits_per_byte(run_dir: Path, test: Path, max_length: int, batch: int) -> tuple[float, float]:
+    """(test perplexity in the student's tokens, bits per byte of the predicted tokens)."""
+    from kdkit.lm.align import Aligner
+    from kdkit.lm.data import load_lm_dataset
+    from kdkit.lm.task import LMTask
+    from kdkit.lm.tokenizer import pad_id
+    from kdkit.lm.xtok.tokenbytes import token_bytes
+    from kdkit.run.lm_tools import load_lm_student
+
+    student, tok, _ = load_lm_student(run_dir)
+    ds = load_lm_dataset([test], tok, max_length=max_length, overflow="split")
+    aligner = Aligner(pad_id=pad_id(tok), max_length=max_length)
+    lens = torch.from_numpy(token_bytes(tok).lengths)
+    batches = [aligner(ds.rows[i : i + batch]) for i in range(0, len(ds), batch)]
+    scores = LMTask(student, None, probe=False).evaluate(batches)
+    n_bytes = sum(int(lens[b.labels[b.mask]].sum()) for b in batches)
+    return scores["ppl"], scores["ce"] * scores["tokens"] / (math.log(2) * n_bytes)
+
+
+def _capture(base, teacher: Path, student: Path, files, out: Path) -> str:
+    from kdkit.config import load_config, resolve_paths
+    from kdkit.run.lm_job import capture_run
+
+    cache = out / "cache-k32"
+    if not (cache / "manifest.json").is_file():
+        raw = {
+            "task": "lm",
+            "student": {"model": f"hf-config:{student}"},
+            "teacher": {"model": f"hf:{teacher}"},
+            "data": {
+                "text_files": [str(files[0])],
+                "val": {"text_files": [str(files[1])]},
+                "max_length": base.max_length,
+                "batch_size": base.batch_size,
+            },  # fmt: skip
+        }
+        capture_run(resolve_paths(load_config(data=raw)), cache, topk=32, progress=False)
+    return f"cache:{cache}"
+
+
+def bench_quality(out: Path, seeds: list[int], ce_mix: bool = False) -> None:
+    base, files, teacher, tok_a, tok_b = _setup(out)
+    a_dir = llama_folder(out / "student-a", tok_a, base.student, base.max_length)
+    b_dir = llama_folder(out / "student-b", tok_b, base.student, base.max_length)
+    cache = _capture(base, teacher, b_dir, files, out)
+    fkl = {"divergence": "fkl"}
+    recipes = {
+        "A: scratch": (a_dir, None, {}),
+        "A: same-tokenizer KD": (a_dir, teacher, fkl),
+        "B: scratch": (b_dir, None, {}),
+        "B: cross-tokenizer KD, online": (b_dir, teacher, fkl),
+        "B: cross-tokenizer KD, cache k32 (tail bucket)": (b_dir, cache, fkl),
+        "B: cross-tokenizer KD, cache k32 (tail prior)": (b_dir, cache, {**fkl, "tail": "prior"}),
+        "B: ULD alone": (b_dir, teacher, {**fkl, "cross_tokenizer": {"method": "uld"}}),
+    }
+    if ce_mix:  # the hard-label mix beside the KD term (a weak teacher's top k loses the text)
+        ce = {"ce_weight": 0.5}
+        recipes = {
+            "B: scratch": (b_dir, None, {}),
+            "B: cross-tokenizer KD, online, ce 0.5": (b_dir, teacher, {**fkl, **ce}),
+            "B: cross-tokenizer KD, cache k32 (bucket), ce 0.5": (b_dir, cache, {**fkl, **ce}),
+        }
+    rows: dict[str, list[tuple[float, float]]] = {k: [] for k in recipes}
+    for seed in seeds:
+        cfg = dataclasses.replace(base, seed=seed, out_dir=str(out / "runs"))
+        for name, (student, source, distill) in recipes.items():
+            run = f"s{seed}-{name.split(':')[0]}-{'-'.join(name.split(':')[1].split())}"
+            run = run.replace(",", "").replace("(", "").replace(")", "")
+            result, wall = train_demo_run(cfg, run, student, source, files,
+                                          epochs=base.student_epochs, **distill)  # fmt: skip
+            ppl, bpb = bits_per_byte(result.run_dir, files[2], base.max_length, base.batch_size)
+            rows[name].append((ppl, bpb))
+            print(f"seed {seed} {name}: test ppl {ppl:.2f}, bpb {bpb:.4f} ({wall:.0f} s)",
+                  flush=True)  # fmt: skip
+    t_dir = out / "teacher-run"
+    t_ppl, t_bpb = _teacher_bpb(teacher, files[2], base, t_dir)
+    sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
+    mean = {k: statistics.mean(b for _, b in v) for k, v in rows.items()}
+    closed_a = mean.get("A: scratch", 0.0) - mean.get("A: same-tokenizer KD", 0.0) or 1.0
+    print(f"\nteacher (A) test ppl {t_ppl:.2f}, bpb {t_bpb:.4f}; seeds {seeds}\n")
+    print("| recipe | test ppl (own tokens) | bits per byte | bpb closed vs same-tok KD |")
+    print("|---|---:|---:|---:|")
+    for name, vals in rows.items():
+        p = [a for a, _ in vals]
+        b = [x for _, x in vals]
+        scratch = mean["A: scratch"] if name.startswith("A") else mean["B: scratch"]
+        share = "-" if "scratch" in name else f"{(scratch - mean[name]) / closed_a:.0%}"
+        print(f"| {name} | {statistics.mean(p):.2f} ± {sd(p):.2f} | "
+              f"{statistics.mean(b):.4f} ± {sd(b):.4f} | {share} |")  # fmt: skip
+
+
+def _teacher_bpb(teacher: Path, test: Path, base, out: Path) -> tuple[float, float]:
+    """The teacher's test perplexity and bits per byte, as the students' are read."""
+    from kdkit.lm.align import Aligner
+    from kdkit.lm.data import load_lm_dataset
+    from kdkit.lm.models import load_lm
+    from kdkit.lm.task import LMTask
+    from kdkit.lm.tokenizer import pad_id
+    from kdkit.lm.xtok.tokenbytes import token_bytes
+
+    model, tok = load_lm(f"hf:{teacher}")
+    ds = load_lm_dataset([test], tok, max_length=base.max_length, overflow="split")
+    aligner = Aligner(pad_id=pad_id(tok), max_length=base.max_length)
+    lens = torch.from_numpy(token_bytes(tok).lengths)
+    batches = [aligner(ds.rows[i : i + 16]) for i in range(0, len(ds), 16)]
+    s = LMTask(model, None, probe=False).evaluate(batches)
+    n_bytes = sum(int(lens[b.labels[b.mask]].sum()) for b in batches)
+    return s["ppl"], s["ce"] * s["tokens"] / (math.log(2) * n_bytes)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("part", choices=("align", "step", "quality"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", default="runs/bench-lm-xtok")
+    p.add_argument("--ce-mix", action="store_true", help="quality: the ce_weight 0.5 rows")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.seterr(all="ignore")
+    if args.part == "align":
+        bench_align(out)
+    elif args.part == "step":
+        bench_step(out)
+    else:
+        bench_quality(out, args.seeds, args.ce_mix)
+
+
+if __name__ == "__main__":
+    main()

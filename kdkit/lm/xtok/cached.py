@@ -1,0 +1,80 @@
+"""Cross-tokenizer KD from a top-k cache captured in the teacher's own tokens.
+
+``kdkit lm capture`` of a cross-tokenizer config runs the teacher on *its* tokenization of the
+corpus and stores, as for any cache, the teacher's top k over its own vocabulary at each trained
+position, the row's token ids and the tokenizer itself (beside the shards). The byte offsets
+are the stored ids through the stored tokenizer's byte table (:mod:`.tokenbytes`): exact, and
+no new field in the cache format. Training re-reads the configured files with the cache's
+tokenizer: the cache finds each of those rows by its hash (the same provenance check as any
+cached run: another text, truncation or packing is refused, so the text is the same bytes), and
+the student's rows are the student's tokens of that same text (:func:`.data.xtok_rows`).
+
+:class:`XTokCacheCollate` attaches an :class:`~.target.XTokTarget` whose teacher is the
+batch's cached :class:`~kdkit.lm.cache.TopKTarget`; ``LMTask`` reads it like any cached target.
+The tail policy matters: ``bucket`` (the default) projects the top k and keeps the rest one
+bucket against the student's own rest (:mod:`.bucket`); ``prior``, ``uniform`` and ``renorm``
+give a whole distribution over the teacher's vocabulary, projected like a live teacher's. On the
+demo (a weak teacher, its top 32 holding well under all of its mass) ``renorm`` and ``prior``
+made the student worse than scratch (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from kdkit.lm.align import Aligner, TokenBatch
+from kdkit.lm.xtok.data import XTokRow
+from kdkit.lm.xtok.target import Projection, XTokTarget
+
+__all__ = ["DENSE_TAILS", "XTokCacheCollate"]
+
+#: tail policies that give a whole distribution over the teacher's vocabulary (projectable)
+DENSE_TAILS = ("renorm", "uniform", "prior")
+
+
+def _entry_ranks(row: Any) -> torch.Tensor:
+    """Per teacher position of ``row``, its entry in the cache (the row's trained positions in
+    order, as :class:`~kdkit.lm.align.Aligner` marks them), -1 where there is none."""
+    tr, doc = row.trainable, row.doc_ids
+    mask = torch.zeros(len(tr), dtype=torch.bool)
+    mask[:-1] = tr[1:] & (doc[1:] == doc[:-1])
+    ranks = torch.cumsum(mask.long(), 0) - 1
+    return torch.where(mask, ranks, torch.full_like(ranks, -1))
+
+
+@dataclass(frozen=True)
+class XTokCacheCollate:
+    """Collate :class:`~.data.XTokRow` s built from cached rows: the student's batch with an
+    :class:`~.target.XTokTarget` over the cached top k attached."""
+
+    student: Aligner
+    cache: Any
+    projection: Projection
+    method: str = "project"
+    uld_weight: float = 1.0
+    policy: str = "bucket"
+
+    def __call__(self, rows: list[XTokRow]) -> TokenBatch:
+        batch = self.student(rows)
+        t_rows = [r.teacher_row() for r in rows]
+        cached = self.cache.target(t_rows, self.policy)
+        index = torch.full(batch.input_ids.shape, -1, dtype=torch.long)
+        offset = 0
+        for b, (r, t) in enumerate(zip(rows, t_rows, strict=True)):
+            ranks = _entry_ranks(t)
+            entry = ranks[r.pair_teacher]
+            ok = entry >= 0
+            index[b, r.pair_student[ok]] = offset + entry[ok]
+            offset += int((ranks >= 0).sum())
+        target = XTokTarget(
+            cached,
+            index[batch.mask],
+            self.projection,
+            batch.labels[batch.mask],
+            self.method,
+            self.uld_weight,
+        )
+        return replace(batch, teacher=target)

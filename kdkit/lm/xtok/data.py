@@ -1,0 +1,233 @@
+"""Rows, dataset and collate of a cross-tokenizer run: the teacher's tokens ride with the batch.
+
+Everything the alignment needs is computed once per row, when the dataset is built
+(:class:`XTokDataset`): the teacher's tokens of the row's text (:mod:`.retokenize`) and the
+paired positions (:mod:`.align`). The collate (:class:`XTokCollate`) pads the teacher's rows
+like the student's (its own :class:`~kdkit.lm.align.Aligner`) and turns the pairs into one
+index per student position, ``[B, L]``: the flat teacher position it pairs with, or -1. The
+batch carries that as :class:`XTokBatch` in ``TokenBatch.teacher``; the step runs the teacher on
+``XTokBatch.batch`` and :meth:`XTokBatch.target` makes the fused loss's target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from kdkit.lm.align import Aligner, TokenBatch
+from kdkit.lm.data import TokenRow
+from kdkit.lm.targets import DenseTeacher, TeacherTarget
+from kdkit.lm.tokenizer import tokenizer_fingerprint
+from kdkit.lm.xtok.align import align_many
+from kdkit.lm.xtok.retokenize import teacher_ids
+from kdkit.lm.xtok.target import Projection, XTokTarget
+from kdkit.lm.xtok.tokenbytes import kind_tables, token_bytes
+
+__all__ = ["XTokBatch", "XTokCollate", "XTokDataset", "XTokRow", "teacher_example"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class XTokRow(TokenRow):
+    """A student row (the :class:`~kdkit.lm.data.TokenRow` fields) with the teacher's tokens
+    of the same text (``teacher_ids``, ``teacher_docs``) and the paired positions
+    (``pair_student[k]`` and ``pair_teacher[k]`` predict from the same prefix)."""
+
+    teacher_ids: torch.Tensor
+    teacher_docs: torch.Tensor
+    pair_student: torch.Tensor
+    pair_teacher: torch.Tensor
+    teacher_trainable: torch.Tensor | None = None
+
+    def teacher_row(self) -> TokenRow:
+        """The teacher's row (every token trainable, unless it came from a cached row)."""
+        n = int(self.teacher_ids.numel())
+        tr = self.teacher_trainable
+        return TokenRow(
+            self.teacher_ids,
+            torch.ones(n, dtype=torch.bool) if tr is None else tr,
+            self.teacher_docs,
+        )
+
+
+def xtok_rows(
+    rows: Sequence[TokenRow],
+    student_tok: Any,
+    teacher_tok: Any,
+    *,
+    teacher_max_length: int | None = None,
+    from_teacher: int | None = None,
+) -> list[XTokRow]:
+    """The :class:`XTokRow` s of student ``rows`` (the teacher's tokens cut at
+    ``teacher_max_length``), or, with ``from_teacher`` (the student's max_length), of *teacher*
+    rows (a cache's): the student's tokens of their text, cut there, every token trainable.
+    Pairs past a cut are dropped. One :func:`~.align.align_many` for all rows."""
+    s, t = token_bytes(student_tok), token_bytes(teacher_tok)
+    ks, kt = kind_tables(s, t)
+    sides = []  # (student ids, docs, trainable), (teacher ids, docs, trainable or None)
+    for row in rows:
+        ids, docs = row.input_ids.numpy(), row.doc_ids.numpy()
+        if from_teacher is None:
+            o_ids, o_docs = teacher_ids(ids, docs, s, t, teacher_tok)
+            if teacher_max_length is not None:
+                o_ids, o_docs = o_ids[:teacher_max_length], o_docs[:teacher_max_length]
+            sides.append(((ids, docs, row.trainable), (o_ids, o_docs, None)))
+        else:  # the same function, the other way: the student's tokens of a teacher row
+            o_ids, o_docs = teacher_ids(ids, docs, t, s, student_tok)
+            o_ids, o_docs = o_ids[:from_teacher], o_docs[:from_teacher]
+            keep = torch.ones(len(o_ids), dtype=torch.bool)
+            sides.append(((o_ids, o_docs, keep), (ids, docs, row.trainable)))
+    pairs = align_many(
+        [(a[0], a[1]) for a, _ in sides],
+        [(b[0], b[1]) for _, b in sides],
+        (s.lengths, ks),
+        (t.lengths, kt),
+    )
+    return [
+        XTokRow(
+            torch.as_tensor(a[0], dtype=torch.long),
+            a[2],
+            torch.as_tensor(a[1], dtype=torch.long),
+            torch.as_tensor(b[0], dtype=torch.long),
+            torch.as_tensor(b[1], dtype=torch.long),
+            torch.from_numpy(al.student),
+            torch.from_numpy(al.teacher),
+            b[2],
+        )
+        for (a, b), al in zip(sides, pairs, strict=True)
+    ]
+
+
+class XTokDataset(Dataset):
+    """A student :class:`~kdkit.lm.data.LMDataset` whose rows become :class:`XTokRow` s, all
+    computed here, once (``paired`` reports the share of student positions with a partner)."""
+
+    def __init__(
+        self,
+        rows: Any,
+        student_tok: Any,
+        teacher_tok: Any,
+        *,
+        teacher_max_length: int | None = None,
+        from_teacher: int | None = None,
+    ) -> None:
+        """``rows``: student rows; with ``from_teacher`` (the student's max_length) teacher
+        rows (a cache's), whose text the student tokenizes here."""
+        self.base = rows
+        self.rows = xtok_rows(
+            [rows[i] for i in range(len(rows))],
+            student_tok,
+            teacher_tok,
+            teacher_max_length=teacher_max_length,
+            from_teacher=from_teacher,
+        )
+        self.truncation = getattr(rows, "truncation", None)  # what the report says of it
+        self.description = dict(getattr(rows, "description", {}))
+        self.description["teacher_tokenizer"] = tokenizer_fingerprint(teacher_tok)
+        n = sum(len(r) for r in self.rows)
+        self.paired = sum(int(r.pair_student.numel()) for r in self.rows) / max(n, 1)
+        self.teacher_max = max((int(r.teacher_ids.numel()) for r in self.rows), default=1)
+        log.info(
+            "cross-tokenizer rows: %d, %.1f%% of student positions pair with a teacher position",
+            len(self.rows),
+            100 * self.paired,
+        )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> XTokRow:
+        return self.rows[i]
+
+    @property
+    def fingerprint(self) -> str:
+        """The student rows' fingerprint and the teacher tokenizer's."""
+        base = getattr(self.base, "fingerprint", "")
+        return hashlib.sha256((base + self.description["teacher_tokenizer"]).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class XTokBatch:
+    """What a cross-tokenizer batch carries for its teacher (``TokenBatch.teacher``).
+
+    ``batch``: the teacher's rows, collated; ``index``: ``[B, L]`` (the student batch's shape)
+    int64, the flat teacher position (``row * L_teacher + position``) each student position
+    pairs with, -1 = none; ``projection``, ``method``, ``uld_weight``: the loss's (see
+    :class:`~kdkit.lm.xtok.target.XTokTarget`)."""
+
+    batch: TokenBatch
+    index: torch.Tensor
+    projection: Projection
+    method: str = "project"
+    uld_weight: float = 1.0
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> XTokBatch:
+        return replace(
+            self,
+            batch=self.batch.to(device, non_blocking=non_blocking),
+            index=self.index.to(device, non_blocking=non_blocking),
+            projection=self.projection.to(device, non_blocking=non_blocking),
+        )
+
+    def run(
+        self, teacher: Any, transform: Any, mask: torch.Tensor, labels: torch.Tensor | None
+    ) -> XTokTarget:
+        """Run ``teacher`` (a module whose forward is ``hidden_and_head`` of a
+        :class:`~kdkit.lm.align.TokenBatch`) on this batch's teacher rows, under ``no_grad``,
+        and make the target (what the model does after its head: ``transform``)."""
+        with torch.no_grad():
+            t = teacher(self.batch)
+        flat = t.hidden.reshape(-1, t.hidden.shape[-1])
+        return self.target(DenseTeacher(flat, t.head, transform), mask, labels)
+
+    def target(
+        self, teacher: TeacherTarget, mask: torch.Tensor, labels: torch.Tensor | None
+    ) -> XTokTarget:
+        """The fused loss's target for the student's masked positions; ``teacher`` covers the
+        teacher batch's flat positions (e.g. ``DenseTeacher(hidden.flatten(0, 1), head)``)."""
+        return XTokTarget(
+            teacher,
+            self.index[mask],
+            self.projection,
+            labels,
+            self.method,
+            self.uld_weight,
+        )
+
+
+@dataclass(frozen=True)
+class XTokCollate:
+    """Collate :class:`XTokRow` s: the student's batch with an :class:`XTokBatch` attached."""
+
+    student: Aligner
+    teacher: Aligner
+    projection: Projection
+    method: str = "project"
+    uld_weight: float = 1.0
+
+    def __call__(self, rows: list[XTokRow]) -> TokenBatch:
+        batch = self.student(rows)
+        t_batch = self.teacher([r.teacher_row() for r in rows])
+        width = t_batch.input_ids.shape[1]
+        index = torch.full(batch.input_ids.shape, -1, dtype=torch.long)
+        for b, r in enumerate(rows):  # one vectorized write per row
+            index[b, r.pair_student] = b * width + r.pair_teacher
+        xt = XTokBatch(t_batch, index, self.projection, self.method, self.uld_weight)
+        return replace(batch, teacher=xt)
+
+
+def teacher_example(example: Any) -> Any:
+    """The teacher's tokens of a row or batch: its own, unless a cross-tokenizer row or batch
+    carries the teacher's (the probe and the teacher's scoring run on those)."""
+    if isinstance(example, XTokRow):
+        return example.teacher_row()
+    if isinstance(getattr(example, "teacher", None), XTokBatch):
+        return example.teacher.batch
+    return example

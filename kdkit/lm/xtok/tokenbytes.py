@@ -1,0 +1,181 @@
+"""The bytes of every token id of a tokenizer, as one table built once.
+
+Alignment works on byte offsets, and a fast tokenizer's ``offset_mapping`` cannot give them:
+it counts characters, and a byte-level BPE that splits one multi-byte character across two
+tokens gives both tokens the character's whole span (measured on ``"café"``: ``Ã`` and ``©``
+both get ``(21, 22)``). The bytes a token stands for are a property of the id alone, so they are
+read once from the vocabulary into a flat ``uint8`` array with per-id offsets; a row's byte
+lengths are then one gather (``lengths[ids]``) and its text one ``np.repeat``, with no
+``decode`` and no per-token Python.
+
+Two vocabularies are understood: byte-level BPE (GPT-2's byte-to-unicode alphabet: Llama-3,
+Qwen, GPT-2, kdkit's own) and SentencePiece-style pieces (``▁`` for a space, ``<0xNN>`` byte
+fallback: Llama-2, Gemma, Mistral). Special tokens (``<|endoftext|>``, BOS, chat markers) stand
+for no text: length 0, and a *class* (``"bos"``, ``"eos"`` or their string) that lets two
+tokenizers recognize each other's specials.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from kdkit.lm.tokenizer import tokenizer_json
+
+__all__ = ["TokenBytes", "byte_decoder", "kind_tables", "token_bytes"]
+
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+@lru_cache(maxsize=1)
+def byte_decoder() -> dict[str, int]:
+    """GPT-2's inverse byte-to-unicode map: the printable character that stands for each byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+def _is_byte_level(data: dict[str, Any]) -> bool:
+    text = str(data.get("pre_tokenizer")) + str(data.get("decoder"))
+    return "ByteLevel" in text
+
+
+def _piece_bytes(piece: str, byte_level: bool) -> bytes:
+    if byte_level:
+        table = byte_decoder()
+        try:
+            return bytes(table[c] for c in piece)
+        except KeyError:  # an added, non-special token written as plain text
+            return piece.encode("utf-8")
+    m = _BYTE_FALLBACK.match(piece)
+    if m:
+        return bytes([int(m.group(1), 16)])
+    return piece.replace("▁", " ").encode("utf-8")
+
+
+@dataclass(frozen=True)
+class TokenBytes:
+    """Per-id bytes of one tokenizer.
+
+    Attributes:
+        flat: ``uint8`` every token's bytes, concatenated by id.
+        starts: ``int64 [V]`` where each id's bytes start in ``flat``.
+        lengths: ``int64 [V]`` each id's byte length (0 for specials and unused ids).
+        special_class: ``{id: class}`` for special tokens: ``"bos"``, ``"eos"``, ``"pad"`` or
+            the token's string (chat markers), so two tokenizers can match each other's.
+        byte_level: the vocabulary is byte-level BPE (else SentencePiece-style pieces).
+        bos_id / eos_id: the tokenizer's BOS / EOS ids or None; ``adds_bos``: it prepends BOS.
+    """
+
+    flat: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+    special_class: dict[int, str]
+    byte_level: bool
+    bos_id: int | None
+    eos_id: int | None
+    adds_bos: bool
+
+    @property
+    def size(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def piece(self, token_id: int) -> bytes:
+        """The bytes of one id (for building maps and reports, not for the hot path)."""
+        s = int(self.starts[token_id])
+        return self.flat[s : s + int(self.lengths[token_id])].tobytes()
+
+    def text_bytes(self, ids: np.ndarray) -> bytes:
+        """The text bytes of a sequence of ids (specials add nothing), without a Python loop
+        over tokens: one ``np.repeat`` of starts and a gather."""
+        ids = np.asarray(ids, dtype=np.int64)
+        lens = self.lengths[ids]
+        total = int(lens.sum())
+        if total == 0:
+            return b""
+        first = np.repeat(self.starts[ids] - (np.cumsum(lens) - lens), lens)
+        return self.flat[first + np.arange(total)].tobytes()
+
+
+def kind_tables(a: TokenBytes, b: TokenBytes) -> tuple[np.ndarray, np.ndarray]:
+    """Per-id ``int64`` kinds of two tokenizers on one scale: 0 = text, and one shared number
+    per special class, so a ``"bos"`` / ``"eos"`` / ``"<|im_start|>"`` of either side is the
+    same number (a class only one side has gets a number the other side never shows)."""
+    classes: dict[str, int] = {}
+    out = []
+    for table in (a, b):
+        kinds = np.zeros(table.size, dtype=np.int64)
+        for tid, cls in table.special_class.items():
+            kinds[tid] = classes.setdefault(cls, len(classes) + 1)
+        out.append(kinds)
+    return out[0], out[1]
+
+
+def _special_classes(tokenizer: Any) -> dict[int, str]:
+    roles = {}
+    for role in ("pad", "bos", "eos"):  # later roles win: eos over a bos that is the same id
+        tid = getattr(tokenizer, f"{role}_token_id", None)
+        if tid is not None:
+            roles[int(tid)] = role
+    out: dict[int, str] = {}
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    for tid, tok in decoder.items():
+        if getattr(tok, "special", True):
+            out[int(tid)] = roles.get(int(tid), str(tok))
+    for tid in getattr(tokenizer, "all_special_ids", []) or []:
+        out.setdefault(int(tid), roles.get(int(tid), tokenizer.convert_ids_to_tokens(int(tid))))
+    return out
+
+
+def _adds_bos(tokenizer: Any, bos: int | None) -> bool:
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and int(ids[0]) == bos
+
+
+def token_bytes(tokenizer: Any) -> TokenBytes:
+    """Build the table of a Hugging Face fast tokenizer (once per tokenizer object)."""
+    cached = getattr(tokenizer, "_kdkit_token_bytes", None)
+    if cached is not None:
+        return cached
+    byte_level = _is_byte_level(tokenizer_json(tokenizer))
+    vocab = tokenizer.get_vocab()
+    size = max(len(tokenizer), max(vocab.values(), default=-1) + 1)
+    specials = _special_classes(tokenizer)
+    pieces = [b""] * size
+    for piece, tid in vocab.items():
+        if tid not in specials:
+            pieces[tid] = _piece_bytes(piece, byte_level)
+    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=size)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    flat = np.frombuffer(b"".join(pieces), dtype=np.uint8)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    bos = None if bos is None else int(bos)
+    table = TokenBytes(
+        flat=flat,
+        starts=starts,
+        lengths=lengths,
+        special_class=specials,
+        byte_level=byte_level,
+        bos_id=bos if bos is not None and specials.get(bos) == "bos" else None,
+        eos_id=None if eos is None else int(eos),
+        adds_bos=_adds_bos(tokenizer, bos) and specials.get(bos) == "bos",
+    )
+    try:
+        object.__setattr__(tokenizer, "_kdkit_token_bytes", table)
+    except (AttributeError, TypeError):  # pragma: no cover - a tokenizer without a __dict__
+        pass
+    return table

@@ -1,0 +1,197 @@
+"""Byte-offset alignment across tokenizers (kdkit.lm.xtok.align, tokenbytes, retokenize)."""
+
+from __future__ import annotations
+
+import random
+
+import _xtok_fixtures as fx
+import numpy as np
+import pytest
+
+from kdkit.lm.xtok.align import align_rows, spans
+from kdkit.lm.xtok.retokenize import teacher_ids
+from kdkit.lm.xtok.tokenbytes import kind_tables, token_bytes
+
+tok_a, tok_a_dir, tok_b, tok_b_dir = fx.tok_a, fx.tok_a_dir, fx.tok_b, fx.tok_b_dir  # fixtures
+
+
+def _encode(tok, text: str, eos: bool = True) -> np.ndarray:
+    ids = tok(text, add_special_tokens=True)["input_ids"]
+    return np.asarray(ids + ([tok.eos_token_id] if eos else []), dtype=np.int64)
+
+
+def _pair(tok_s, tok_t):
+    s, t = token_bytes(tok_s), token_bytes(tok_t)
+    ks, kt = kind_tables(s, t)
+    return s, t, (s.lengths, ks), (t.lengths, kt)
+
+
+def _texts(n: int = 60) -> list[str]:
+    rng = random.Random(1)
+    corpus = "\n".join(fx.xtok_corpus())
+    out = [fx.random_text(rng, rng.randrange(1, 60)) for _ in range(n)]
+    for _ in range(n):
+        a = rng.randrange(len(corpus) - 400)
+        out.append(corpus[a : a + rng.randrange(1, 400)])
+    return out
+
+
+def test_the_pair_differs_as_real_tokenizers_do(tok_a, tok_b):
+    a, b = token_bytes(tok_a), token_bytes(tok_b)
+    assert len(tok_a) == 2000 and len(tok_b) == 3000
+    assert not a.adds_bos and b.adds_bos
+    digits_a = [tok_a.convert_ids_to_tokens(i) for i in tok_a("x 12345")["input_ids"]]
+    digits_b = [tok_b.convert_ids_to_tokens(i) for i in tok_b("x 12345")["input_ids"]]
+    assert any(sum(c.isdigit() for c in p) > 1 for p in digits_a)
+    assert all(sum(c.isdigit() for c in p) <= 1 for p in digits_b)
+
+
+@pytest.mark.parametrize("which", ["a", "b"])
+def test_token_bytes_give_back_the_text_without_decode(which, tok_a, tok_b):
+    tok = tok_a if which == "a" else tok_b
+    table = token_bytes(tok)
+    for text in _texts(40):
+        ids = _encode(tok, text)
+        assert table.text_bytes(ids) == text.encode("utf-8")
+        assert int(table.lengths[ids].sum()) == len(text.encode("utf-8"))
+
+
+def test_multibyte_characters_split_across_tokens_have_their_own_byte_lengths(tok_a):
+    table = token_bytes(tok_a)
+    ids = _encode(tok_a, "🙂🚀日本", eos=False)
+    lens = table.lengths[ids]
+    assert lens.sum() == len("🙂🚀日本".encode())
+    assert (lens < 4).any()  # a 4-byte emoji split into pieces of fewer bytes
+
+
+@pytest.mark.parametrize("direction", ["a->b", "b->a"])
+def test_spans_cover_every_byte_exactly_once(direction, tok_a, tok_b):
+    tok_s, tok_t = (tok_a, tok_b) if direction == "a->b" else (tok_b, tok_a)
+    s, t, _, _ = _pair(tok_s, tok_t)
+    for text in _texts():
+        ls, lt = s.lengths[_encode(tok_s, text)], t.lengths[_encode(tok_t, text)]
+        b = spans(ls, lt)
+        total = len(text.encode("utf-8"))
+        assert b[-1] == total == ls.sum() == lt.sum()
+        widths = np.diff(np.concatenate([[0], b]))
+        assert (widths > 0).all() and widths.sum() == total  # a partition: each byte once
+        # every boundary of either side inside a span is not the other's boundary
+        ends_s, ends_t = set(np.cumsum(ls).tolist()), set(np.cumsum(lt).tolist())
+        assert set(b.tolist()) == (ends_s & ends_t) - {0}
+
+
+def _check_pairs(tok_s, tok_t, text):
+    s, t, ts, tt = _pair(tok_s, tok_t)
+    ids_s = _encode(tok_s, text)
+    docs_s = np.zeros_like(ids_s)
+    ids_t, docs_t = teacher_ids(ids_s, docs_s, s, t, tok_t)
+    al = align_rows(ids_s, docs_s, ids_t, docs_t, ts, tt)
+    ends_s, ends_t = np.cumsum(s.lengths[ids_s]), np.cumsum(t.lengths[ids_t])
+    # paired positions have read the same bytes...
+    assert (ends_s[al.student] == ends_t[al.teacher]).all()
+    # ...and the same text: the prefixes' bytes are equal
+    for i, j in zip(al.student[:5].tolist(), al.teacher[:5].tolist(), strict=True):
+        assert s.text_bytes(ids_s[: i + 1]) == t.text_bytes(ids_t[: j + 1])
+    # every boundary both sides have (before a text token) is paired
+    nxt_text_s = np.append(s.lengths[ids_s[1:]] > 0, False)
+    nxt_text_t = np.append(t.lengths[ids_t[1:]] > 0, False)
+    both = set(ends_s[nxt_text_s].tolist()) & set(ends_t[nxt_text_t].tolist())
+    assert both == set(ends_s[al.student][nxt_text_s[al.student]].tolist())
+    return s, t, ids_s, ids_t, al
+
+
+@pytest.mark.parametrize("direction", ["a->b", "b->a"])
+def test_pairs_predict_from_the_same_prefix(direction, tok_a, tok_b):
+    tok_s, tok_t = (tok_a, tok_b) if direction == "a->b" else (tok_b, tok_a)
+    for text in _texts(30):
+        _check_pairs(tok_s, tok_t, text)
+
+
+def test_bos_asymmetry_pairs_nothing_at_byte_zero(tok_a, tok_b):
+    # student b has a BOS, teacher a has none: b's BOS position has no partner
+    s, t, ids_s, ids_t, al = _check_pairs(tok_b, tok_a, "Hello world 123")
+    assert ids_s[0] == tok_b.bos_token_id and 0 not in al.student.tolist()
+    assert tok_b.bos_token_id not in ids_t.tolist()
+    assert al.student[0] == 1 and al.teacher[0] == 0  # the first text positions pair
+    # a row that starts with a BOS gives a teacher with one its BOS; pairs start after it
+    b = token_bytes(tok_b)
+    ids = _encode(tok_b, "Hello world 123")
+    ids_t, docs_t = teacher_ids(ids, np.zeros_like(ids), b, b, tok_b)
+    assert ids_t[0] == tok_b.bos_token_id
+    # student a, teacher b: no BOS where the row has none (a row cut mid-text has none)
+    s, t, ids_s, ids_t, al = _check_pairs(tok_a, tok_b, "Hello world 123")
+    assert tok_b.bos_token_id not in ids_t.tolist()
+    assert al.student[0] == 0 and al.teacher[0] == 0
+
+
+def test_eos_pairs_with_eos(tok_a, tok_b):
+    s, t, ids_s, ids_t, al = _check_pairs(tok_a, tok_b, "the end.")
+    last_s = len(ids_s) - 2  # predicts EOS
+    k = al.student.tolist().index(last_s)
+    assert ids_t[al.teacher[k] + 1] == tok_b.eos_token_id
+
+
+def test_chat_special_tokens_pair_by_class(tok_a, tok_b):
+    text = "<|im_start|>user\nAdd 12 and 30<|im_end|>\n<|im_start|>assistant\n42<|im_end|>\n"
+    s, t, ids_s, ids_t, al = _check_pairs(tok_a, tok_b, text)
+    im_end_s, im_end_t = (
+        tok_a.convert_tokens_to_ids("<|im_end|>"),
+        tok_b.convert_tokens_to_ids("<|im_end|>"),
+    )
+    before_s = np.flatnonzero(ids_s[1:] == im_end_s)
+    before_t = np.flatnonzero(ids_t[1:] == im_end_t)
+    assert len(before_s) == 2
+    pairs = dict(zip(al.student.tolist(), al.teacher.tolist(), strict=True))
+    assert [pairs[i] for i in before_s.tolist()] == before_t.tolist()
+
+
+def test_identical_tokenizers_align_as_the_identity(tok_a):
+    for text in _texts(20):
+        s, t, ids_s, ids_t, al = _check_pairs(tok_a, tok_a, text)
+        assert (ids_s == ids_t).all()
+        assert al.student.tolist() == al.teacher.tolist() == list(range(len(ids_s)))
+
+
+def test_packed_rows_align_document_by_document(tok_a, tok_b):
+    s, t, ts, tt = _pair(tok_a, tok_b)
+    one, two = _encode(tok_a, "first 1234 doc"), _encode(tok_a, "second doc 99")
+    ids = np.concatenate([one, two])
+    docs = np.concatenate([np.zeros(len(one), np.int64), np.ones(len(two), np.int64)])
+    ids_t, docs_t = teacher_ids(ids, docs, s, t, tok_b)
+    assert (ids_t == tok_b.bos_token_id).sum() == 0  # none where the student has none
+    assert (ids_t == tok_b.eos_token_id).sum() == 2  # each document's EOS
+    al = align_rows(ids, docs, ids_t, docs_t, ts, tt)
+    assert (docs[al.student] == docs_t[al.teacher]).all()
+    assert len(np.unique(docs[al.student])) == 2
+
+
+def test_a_row_truncated_inside_a_character_pairs_only_whole_bytes(tok_a, tok_b):
+    s, t, ts, tt = _pair(tok_a, tok_b)
+    ids = _encode(tok_a, "abc 🙂🙂", eos=False)
+    ids = ids[:-1]  # cut inside the last emoji
+    ids_t, docs_t = teacher_ids(ids, np.zeros_like(ids), s, t, tok_b)
+    al = align_rows(ids, np.zeros_like(ids), ids_t, docs_t, ts, tt)
+    assert len(al) > 0
+    assert t.text_bytes(ids_t) == s.text_bytes(ids)[: len(t.text_bytes(ids_t))]
+
+
+def test_aligning_many_rows_at_once_equals_one_row_at_a_time(tok_a, tok_b):
+    from kdkit.lm.xtok.align import align_many
+
+    s, t, ts, tt = _pair(tok_b, tok_a)
+    rows_s, rows_t = [], []
+    for k, text in enumerate(_texts(25)):
+        ids = _encode(tok_b, text)
+        docs = np.zeros_like(ids)
+        if k % 3 == 0:  # a packed row
+            more = _encode(tok_b, text[::-1])
+            ids, docs = np.concatenate([ids, more]), np.concatenate([docs, np.ones_like(more)])
+        rows_s.append((ids, docs))
+        rows_t.append(teacher_ids(ids, docs, s, t, tok_a))
+    rows_s.append((np.zeros(0, np.int64), np.zeros(0, np.int64)))  # an empty row
+    rows_t.append((np.zeros(0, np.int64), np.zeros(0, np.int64)))
+    many = align_many(rows_s, rows_t, ts, tt)
+    for (a, b), (c, d), al in zip(rows_s, rows_t, many, strict=True):
+        one = align_rows(a, b, c, d, ts, tt)
+        assert al.student.tolist() == one.student.tolist()
+        assert al.teacher.tolist() == one.teacher.tolist()
