@@ -133,7 +133,9 @@ def batches_of(tok, data) -> list:
     with tempfile.TemporaryDirectory() as out:
         path = Path(out) / "chat.jsonl"
         path.write_text("\n".join(json.dumps(e) for e in data) + "\n")
-        ds = load_lm_dataset([path], tok, format="chat", loss_on="assistant", max_length=128)
+        ds = load_lm_dataset(  # TRL's rows are cut at 128 too: the same tokens on both sides
+            [path], tok, format="chat", loss_on="assistant", max_length=128, truncation="right"
+        )
     return list(DataLoader(ds, batch_size=16, collate_fn=Aligner(tok.pad_token_id, 128)))
 
 
