@@ -26,7 +26,7 @@ from kdkit.lm.vocab import same_tokenization
 from kdkit.lm.xtok.cached import DENSE_TAILS, XTokCacheCollate
 from kdkit.lm.xtok.data import XTokCollate, XTokDataset
 from kdkit.lm.xtok.target import Projection
-from kdkit.lm.xtok.tokenbytes import token_bytes
+from kdkit.lm.xtok.tokenbytes import check_alignable, token_bytes
 from kdkit.lm.xtok.vocabmap import VocabMap, vocab_map
 
 __all__ = ["CrossTokenizer", "cross_tokenizer", "map_cache_dir"]
@@ -115,6 +115,8 @@ def cross_tokenizer(
             "(backend: torch, precision: fp32) for now"
         )
     s_table, t_table = token_bytes(tokenizer), token_bytes(teacher_tok)
+    check_alignable(s_table, "student")
+    check_alignable(t_table, "teacher")
     for who, model, table in (("student", student, s_table), ("teacher", teacher, t_table)):
         rows = output_head(model).out_features
         if rows < table.size:
