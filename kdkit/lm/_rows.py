@@ -10,6 +10,7 @@ page cache, which the kernel reclaims, not in the process' own heap.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,11 +59,11 @@ class RowSequence(Sequence[TokenRow]):
     """A read-only sequence of rows that is not a list: ``row(i)`` for ``0 <= i < len``; indexing
     (negative too) and slices (a list) are answered here."""
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int: ...
 
-    def row(self, i: int) -> TokenRow:
-        raise NotImplementedError
+    @abstractmethod
+    def row(self, i: int) -> TokenRow: ...
 
     @overload
     def __getitem__(self, i: int) -> TokenRow: ...

@@ -18,7 +18,7 @@ tokenizers recognize each other's specials.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -170,6 +170,7 @@ def token_bytes(tokenizer: Any) -> TokenBytes:
     eos = getattr(tokenizer, "eos_token_id", None)
     bos = getattr(tokenizer, "bos_token_id", None)
     bos = None if bos is None else int(bos)
+    probe = tokenizer("a", add_special_tokens=False)["input_ids"]
     table = TokenBytes(
         flat=flat,
         starts=starts,
@@ -179,9 +180,8 @@ def token_bytes(tokenizer: Any) -> TokenBytes:
         bos_id=bos if bos is not None and specials.get(bos) == "bos" else None,
         eos_id=None if eos is None else int(eos),
         adds_bos=_adds_bos(tokenizer, bos) and specials.get(bos) == "bos",
+        prepends_space=b"".join(pieces[int(i)] for i in probe) != b"a",
     )
-    ids = np.asarray(tokenizer("a", add_special_tokens=False)["input_ids"], dtype=np.int64)
-    table = replace(table, prepends_space=table.text_bytes(ids) != b"a")
     try:
         object.__setattr__(tokenizer, "_kdkit_token_bytes", table)
     except (AttributeError, TypeError):  # pragma: no cover - a tokenizer without a __dict__
