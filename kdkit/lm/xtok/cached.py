@@ -15,9 +15,9 @@ The tail policy matters: ``bucket`` (the default) projects the top k and keeps t
 bucket against the student's own rest, ``label`` projects the top k and trains on the student's
 next token where no top-k id reaches it (:mod:`.bucket`); ``prior``, ``uniform`` and ``renorm``
 give a whole distribution over the teacher's vocabulary, projected like a live teacher's. On the
-demo (a weak, flat teacher: its top 32 hold half of its mass) every policy but ``label`` made the
-student worse than scratch from a k=32 cache, and so did same-tokenizer KD from the same cache:
-the loss is the cache's, not the projection's (docs/benchmarks.md).
+demo (a weak, flat teacher: its top 32 hold half of its mass) ``bucket`` and ``prior`` made the
+student worse than scratch from a k=32 cache and ``label`` did not; same-tokenizer KD from the
+same cache was as bad: the loss is the cache's, not the projection's (docs/benchmarks.md).
 """
 
 from __future__ import annotations
