@@ -4,8 +4,8 @@ Position ``i`` of a row predicts token ``i + 1`` after reading tokens ``0..i``. 
 position and a teacher position can be compared when both have read the same text, i.e. the
 same bytes, and both are about to predict the same *kind* of thing: text, or the same special
 token (an EOS, a chat marker). So each position gets a key ``(document, bytes read, kind of
-the next token)`` and the pairs are the keys both sides have: one sorted intersection per row
-(``np.intersect1d``), no per-token Python and no ``decode``. Between two consecutive paired
+the next token)`` and the pairs are the keys both sides have: one merge of both sides' sorted
+keys for a block of rows, no per-token Python and no ``decode``. Between two consecutive paired
 byte boundaries lies an *aligned span*: the maximal groups of student and teacher tokens whose
 byte boundaries coincide (:func:`spans`).
 
@@ -23,8 +23,13 @@ What the key gets right, each pinned by ``tests/test_lm_xtok_align.py``:
 - **Identical tokenizers**: every position pairs with itself (the identity alignment).
 
 A key seen twice on one side (two specials of one class in a row) keeps its last position, the
-one that has read the most. :func:`align_many` aligns a whole dataset's rows in one pass (the row
-is part of the key), which is what the data pipeline calls.
+one that has read the most. :func:`align_many` aligns a whole dataset's rows in one call (the row
+is part of the key), which is what the data pipeline calls; :func:`align_flat` does the same
+for rows held flat (:class:`FlatRows`) and returns the pairs flat (:class:`FlatAlignment`).
+Speed (``benchmarks/bench_lm_xtok.py align``, docs/benchmarks.md): on a shared 2-core VM a page
+fault costs about as much as the arithmetic on 1k positions, and the first call of each numpy
+routine after other work tens of microseconds, so the code keeps fresh arrays few (blocks of
+``_BLOCK_POSITIONS`` reuse memory) and numpy calls per block few.
 """
 
 from __future__ import annotations
@@ -53,9 +58,8 @@ _ROW_BITS = 63 - _KIND_BITS - _BYTE_BITS - _DOC_BITS  # rows per block (32k)
 _END_KIND = (1 << _KIND_BITS) - 1  # the row's last position predicts nothing
 _DOC_SHIFT = _BYTE_BITS + _KIND_BITS
 _ROW_SHIFT = _DOC_BITS + _DOC_SHIFT
-#: positions per side of one block of :func:`align_many`: its arrays stay in the cache and
-#: the allocator hands the next block the same memory (a fresh array of ~100k positions costs
-#: as much in page faults as the arithmetic on it)
+#: student positions in one block of :func:`align_flat`: its arrays stay in the cache and the
+#: allocator hands the next block the same memory (fastest of 2**13..2**17 in the bench)
 _BLOCK_POSITIONS = 1 << 14
 
 
@@ -127,8 +131,7 @@ def position_keys(
     next token (one row when ``starts`` is None; else ``starts``, each row's first position in
     the concatenation; ``row``, each position's row, follows from them and may be left out).
 
-    ``lengths`` / ``kinds`` are the tokenizer's per-id tables (:mod:`.tokenbytes`). Two fresh
-    arrays of ``len(ids)``: the key and one scratch array."""
+    ``lengths`` / ``kinds`` are the tokenizer's per-id tables (:mod:`.tokenbytes`)."""
     del row  # each position's row follows from ``starts``
     ids = np.asarray(ids, dtype=np.int64)
     doc = np.asarray(doc_ids, dtype=np.int64)
@@ -150,7 +153,7 @@ def position_keys(
     key = lens
     key <<= _KIND_BITS
     key[first] += jump
-    torch.from_numpy(key).cumsum_(0)  # in place, ~5x numpy.s cumsum
+    torch.from_numpy(key).cumsum_(0)  # in place, ~5x faster than np.cumsum
     if np.count_nonzero(doc):
         key |= np.left_shift(doc, _DOC_SHIFT)
     key[:-1] |= kinds[ids[1:]]
@@ -208,6 +211,9 @@ def _align_block(
     s_st, t_st = s.starts[b0 : b1 + 1], t.starts[b0 : b1 + 1]
     lo_s, hi_s, lo_t, hi_t = int(s_st[0]), int(s_st[-1]), int(t_st[0]), int(t_st[-1])
     s_st, t_st = s_st[:-1] - lo_s, t_st[:-1] - lo_t
+    for docs in (s.docs[lo_s:hi_s], t.docs[lo_t:hi_t]):
+        if len(docs) and int(docs.max()) >= 1 << _DOC_BITS:
+            raise ValueError(f"a row holds more than {1 << _DOC_BITS} documents")
     ks, ps = _last_unique(position_keys(s.ids[lo_s:hi_s], s.docs[lo_s:hi_s], *s_tables,
                                         None, s_st))  # fmt: skip
     kt, pt = _last_unique(position_keys(t.ids[lo_t:hi_t], t.docs[lo_t:hi_t], *t_tables,
@@ -220,7 +226,10 @@ def _align_block(
     if ps is not None and not (i[1:] > i[:-1]).all():  # keys that were not sorted
         order = np.argsort(i, kind="stable")
         i, j = i[order], j[order]
-    per_row = np.diff(np.searchsorted(i, s_st), append=len(i))  # a pair stays in its row
+    cut = np.searchsorted(i, s_st)  # each row's first pair (a pair stays in its row)
+    per_row = np.empty_like(cut)  # (np.diff with append costs ~20 us a call)
+    np.subtract(cut[1:], cut[:-1], out=per_row[:-1])
+    per_row[-1] = len(i) - cut[-1]
     i -= np.repeat(s_st, per_row)
     j -= np.repeat(t_st, per_row)
     return i, j, per_row
@@ -240,9 +249,6 @@ def align_flat(
     n = len(student)
     if len(teacher) != n:
         raise ValueError(f"{n} student rows, {len(teacher)} teacher rows")
-    for docs in (student.docs, teacher.docs):
-        if len(docs) and int(docs.max()) >= 1 << _DOC_BITS:
-            raise ValueError(f"a row holds more than {1 << _DOC_BITS} documents")
     size = len(student.ids)  # at most one pair per student position
     out_i, out_j = np.empty(size, np.int64), np.empty(size, np.int64)  # pages touched: used
     cuts = np.zeros(n + 1, dtype=np.int64)
@@ -285,10 +291,11 @@ def align_rows(
 
     ``*_tables`` are ``(lengths, kinds)`` per id (:class:`~.tokenbytes.TokenBytes` ``.lengths``
     and :func:`~.tokenbytes.kind_tables`)."""
-    return align_many(
-        [(student_ids, student_docs)], [(teacher_ids, teacher_docs)], student_tables,
-        teacher_tables,
-    )[0]  # fmt: skip
+    s_ids, t_ids = np.asarray(student_ids, np.int64), np.asarray(teacher_ids, np.int64)
+    student = FlatRows(s_ids, np.asarray(student_docs, np.int64), np.array([0, len(s_ids)]))
+    teacher = FlatRows(t_ids, np.asarray(teacher_docs, np.int64), np.array([0, len(t_ids)]))
+    flat = align_flat(student, teacher, student_tables, teacher_tables)
+    return RowAlignment(flat.student, flat.teacher)
 
 
 def spans(student_lengths: np.ndarray, teacher_lengths: np.ndarray) -> np.ndarray:
