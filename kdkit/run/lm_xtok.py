@@ -146,6 +146,8 @@ def _from_cache(
             f"(loss_on: all), got {cfg.data.loss_on!r}; or use the live teacher (hf:DIR)"
         )
     cache.check_run(cfg.data, teacher_tok, cache.vocab)  # data settings as captured
+    check_alignable(token_bytes(tokenizer), "student")
+    check_alignable(token_bytes(teacher_tok), "teacher")
     rows = output_head(student).out_features
     if rows < token_bytes(tokenizer).size:
         raise KDError(

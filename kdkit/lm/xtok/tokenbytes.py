@@ -27,7 +27,14 @@ import numpy as np
 from kdkit.errors import KDError
 from kdkit.lm.tokenizer import tokenizer_json
 
-__all__ = ["TokenBytes", "byte_decoder", "check_alignable", "kind_tables", "token_bytes"]
+__all__ = [
+    "TokenBytes",
+    "align_tables",
+    "byte_decoder",
+    "check_alignable",
+    "kind_tables",
+    "token_bytes",
+]
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -79,8 +86,12 @@ class TokenBytes:
         bos_id / eos_id: the tokenizer's BOS / EOS ids or None; ``adds_bos``: it prepends BOS.
         prepends_space: it writes a space before every text (SentencePiece's dummy prefix,
             Metaspace ``prepend_scheme``: Llama-2, Mistral, Gemma), a byte the text does not
-            have; :func:`check_alignable` refuses such a tokenizer until the alignment takes
-            that byte off.
+            have: the alignment takes it off at the first text token of each run
+            (:func:`kdkit.lm.xtok.align.position_keys`).
+        lead: ``int64 [V]`` 1 where an id's first byte is a space that can be that dummy
+            prefix (only when ``prepends_space``; else None): the one table the alignment, the
+            teacher's tokens of a row and the map read the prefix from.
+        probe: the bytes of the tokens of ``"a b"`` (:func:`check_alignable` reads them).
     """
 
     flat: np.ndarray
@@ -92,6 +103,8 @@ class TokenBytes:
     eos_id: int | None
     adds_bos: bool
     prepends_space: bool = False
+    lead: np.ndarray | None = None
+    probe: bytes = b"a b"
 
     @property
     def size(self) -> int:
@@ -170,7 +183,10 @@ def token_bytes(tokenizer: Any) -> TokenBytes:
     eos = getattr(tokenizer, "eos_token_id", None)
     bos = getattr(tokenizer, "bos_token_id", None)
     bos = None if bos is None else int(bos)
-    probe = tokenizer("a", add_special_tokens=False)["input_ids"]
+    probe = tokenizer("a b", add_special_tokens=False)["input_ids"]
+    probed = b"".join(pieces[int(i)] for i in probe)
+    prepends = probed == b" a b"
+    first_byte = flat[np.minimum(starts, max(len(flat) - 1, 0))] if len(flat) else lengths * 0
     table = TokenBytes(
         flat=flat,
         starts=starts,
@@ -180,7 +196,9 @@ def token_bytes(tokenizer: Any) -> TokenBytes:
         bos_id=bos if bos is not None and specials.get(bos) == "bos" else None,
         eos_id=None if eos is None else int(eos),
         adds_bos=_adds_bos(tokenizer, bos) and specials.get(bos) == "bos",
-        prepends_space=b"".join(pieces[int(i)] for i in probe) != b"a",
+        prepends_space=prepends,
+        lead=((lengths > 0) & (first_byte == 0x20)).astype(np.int64) if prepends else None,
+        probe=probed,
     )
     try:
         object.__setattr__(tokenizer, "_kdkit_token_bytes", table)
@@ -190,14 +208,25 @@ def token_bytes(tokenizer: Any) -> TokenBytes:
 
 
 def check_alignable(table: TokenBytes, who: str) -> None:
-    """Refuse a tokenizer whose byte offsets are not the text's: one that prepends a space to
-    every text would shift every boundary by a byte, and the pairs would compare positions that
-    have read different text (found with a Metaspace fixture: right only for texts that start
-    with a space). Refused in one line rather than trained wrong."""
-    if table.prepends_space:
+    """Refuse a tokenizer whose token bytes are not the text it encodes: ``"a b"`` must read
+    back as ``"a b"`` or, with a dummy prefix (:attr:`TokenBytes.prepends_space`, taken off by
+    the alignment), ``" a b"``; anything else (a normalizer that rewrites text, a prefix other
+    than one space) would shift the byte offsets, and the pairs would compare different text."""
+    if table.probe not in (b"a b", b" a b"):
         raise KDError(
-            f"the {who} tokenizer writes a space before every text (SentencePiece's dummy "
-            "prefix / Metaspace prepend_scheme, as Llama-2, Mistral and Gemma do): "
-            "cross-tokenizer alignment does not take that byte off yet, so it is refused; "
-            "use a byte-level BPE tokenizer on that side, or one with prepend_scheme 'never'"
+            f"the {who} tokenizer encodes 'a b' as tokens whose bytes are {table.probe!r}, not the "
+            "text (or one space before it, SentencePiece's dummy prefix): cross-tokenizer "
+            "alignment reads byte offsets from the tokens, so it is refused; use a tokenizer "
+            "whose tokens spell the text"
         )
+
+
+def align_tables(
+    a: TokenBytes, b: TokenBytes
+) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """The per-id tables :func:`kdkit.lm.xtok.align.align_many` reads for two tokenizers:
+    ``(lengths, kinds)`` (:func:`kind_tables`), plus ``lead`` for one with a dummy prefix."""
+    ka, kb = kind_tables(a, b)
+    ta = (a.lengths, ka) if a.lead is None else (a.lengths, ka, a.lead)
+    tb = (b.lengths, kb) if b.lead is None else (b.lengths, kb, b.lead)
+    return ta, tb
