@@ -226,8 +226,10 @@ def token_byte_lengths(tokenizer: Any) -> torch.Tensor:
       content's bytes; the unknown token: 0 (the text it replaced is not in the id).
 
     A space the tokenizer prepends (SentencePiece's ``add_dummy_prefix`` / Metaspace's
-    ``prepend_scheme``, ``add_prefix_space``) counts as the space it spells: one byte more per
-    document than the text holds. Ids no token has are 0. Ids are counted alike wherever they
+    ``prepend_scheme``, ``add_prefix_space``) counts here as the space it spells (an id is
+    counted alike wherever it stands); evaluation's table
+    (:func:`kdkit.run.lm_vocab.eval_byte_lengths`) takes it off a text's first token after BOS.
+    Ids no token has are 0. Ids are counted alike wherever they
     stand, so the table is built once per tokenizer and never decodes.
     """
     data = tokenizer_json(tokenizer)
