@@ -181,3 +181,56 @@ def test_a_tokenizer_whose_tokens_do_not_spell_the_text_is_refused(tok_a):
     check_alignable(token_bytes(fx._sp_cached("metaspace")), "teacher")
     with pytest.raises(KDError, match="not the text"):
         check_alignable(token_bytes(_wordpiece()), "teacher")  # drops the space between words
+
+
+@pytest.mark.parametrize("side", ["teacher", "student"])
+def test_kdkit_train_with_a_sentencepiece_tokenizer_on_either_side(side, tok_a, tmp_path, capsys):
+    """The refusal is gone: a Llama-2-like tokenizer (``<s>``, normalizer ``Prepend``) on
+    either side trains end to end, and most student positions have a partner."""
+    import json
+    import textwrap
+    from pathlib import Path
+
+    import torch
+    import yaml
+    from _lm_fixtures import PARAGRAPH, tiny_llama
+
+    from kdkit.cli import main
+    from kdkit.config import load_config
+    from kdkit.run.lm_job import build_lm_trainer
+
+    sp = fx._sp_cached("prepend")
+    tok_t, tok_s = (sp, tok_a) if side == "teacher" else (tok_a, sp)
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
+    tiny_llama(vocab=len(tok_t), seed=1).save_pretrained(teacher_dir)
+    tok_t.save_pretrained(teacher_dir)
+    student = tiny_llama(vocab=len(tok_s), seed=2, hidden_size=16, intermediate_size=32)
+    student.config.save_pretrained(student_dir)
+    tok_s.save_pretrained(student_dir)
+    text = tmp_path / "corpus.txt"
+    text.write_text(Path(textwrap.__file__).read_text(encoding="utf-8")[:3000] + PARAGRAPH)
+    config = {
+        "task": "lm",
+        "student": {"model": f"hf-config:{student_dir}"},
+        "teacher": {"model": f"hf:{teacher_dir}"},
+        "data": {
+            "text_files": [str(text)],
+            "val": {"split": 0.25},
+            "max_length": 32,
+            "overflow": "split",
+            "batch_size": 4,
+        },  # fmt: skip
+        "distill": {"divergence": "fkl", "ce_weight": 0.1},
+        "train": {"epochs": 1, "progress": False},
+        "run_dir": str(tmp_path / "run"),
+    }
+    path = tmp_path / "xtok.yaml"
+    path.write_text(yaml.safe_dump(config))
+    trainer, data = build_lm_trainer(load_config(path), torch.device("cpu"))
+    batch = next(iter(data.train_loader))
+    assert (batch.teacher.index[batch.mask] >= 0).float().mean().item() > 0.5
+    assert main(["train", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert "bpb" in scores["student"] and "kl" in scores["student"]
