@@ -21,6 +21,9 @@ What the key gets right, each pinned by ``tests/test_lm_xtok_align.py``:
 - **Digit splitting, different merges**: only coinciding boundaries pair; a teacher ``123``
   against a student ``1 2 3`` pairs the positions before ``123`` / ``1`` and after.
 - **Identical tokenizers**: every position pairs with itself (the identity alignment).
+- **A space written before every text** (SentencePiece's dummy prefix, either side): the first
+  token of each run reads one byte less (:func:`dummy_prefix`), and the position before it pairs
+  only with a side that writes one too (``tests/test_lm_xtok_spm.py``).
 
 A key seen twice on one side (two specials of one class in a row) keeps its last position, the
 one that has read the most. :func:`align_many` aligns a whole dataset's rows in one pass (the row

@@ -10,7 +10,9 @@ where the row has none: a row cut from the middle of a text (``overflow: split``
 and a BOS at every row start would teach a student that every row starts a text (measured: a
 student trained from a cache with a BOS added at every row scored worse than scratch on test
 rows that mostly start mid-text). A special the teacher lacks is left out (it stands for no
-text). A run cut inside a multi-byte
+text) and the text around it is one run. With a dummy prefix (SentencePiece: a space written
+before every text) the text is read less the student's, and every teacher run carries its own
+(:func:`~.align.dummy_prefix`, docs/lm-xtok.md). A run cut inside a multi-byte
 character (truncation) keeps its complete characters; the bytes of the cut one have no teacher
 token and pair with nothing.
 """
