@@ -157,6 +157,27 @@ def test_the_demo_tokenizer_on_the_demo_corpus(tmp_path):
     assert _bytes(tok, chat) == len("user\né 🙂\n".encode())  # ChatML markers: 0 bytes
 
 
+def test_bits_per_byte_and_the_alignment_read_one_table():
+    """``token_byte_lengths`` (bits per byte) and ``TokenBytes.lengths`` (cross-tokenizer
+    alignment) are the same numbers for every kind here: one set of rules
+    (:func:`kdkit.lm.tokenizer.token_pieces`)."""
+    import _xtok_fixtures as fx
+
+    from kdkit.lm.xtok.tokenbytes import token_bytes
+    from kdkit.run.lm_vocab import eval_byte_lengths
+
+    kinds = [
+        _byte_level_bpe(),
+        _sentencepiece_like(),
+        _wordpiece(),
+        fx.sentencepiece_like("prepend"),
+    ]
+    for tok in kinds:
+        table = token_byte_lengths(tok)
+        assert table.tolist() == token_bytes(tok).lengths.tolist()
+        assert eval_byte_lengths(tok).reshape(-1, len(table))[0].tolist() == table.tolist()
+
+
 def test_table_size_covers_the_tokenizer_and_padded_ids_are_zero():
     tok = _byte_level_bpe()
     table = token_byte_lengths(tok)

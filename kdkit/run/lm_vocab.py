@@ -17,7 +17,6 @@ import torch
 from kdkit.config import LMRunConfig
 from kdkit.errors import KDError
 from kdkit.lm.models import output_head
-from kdkit.lm.tokenizer import token_byte_lengths
 from kdkit.lm.vocab import check_vocab
 from kdkit.lm.xtok.tokenbytes import token_bytes
 from kdkit.run.lm_xtok import CrossTokenizer, cross_tokenizer
@@ -43,8 +42,9 @@ def vocab_pairing(
 
 
 def eval_byte_lengths(tokenizer: Any) -> torch.Tensor | None:
-    """The run's per-token byte counts (:func:`kdkit.lm.tokenizer.token_byte_lengths`), so
-    evaluation reports bits per byte beside perplexity; None (logged) for a tokenizer without
+    """The run's per-token byte counts (:attr:`kdkit.lm.xtok.tokenbytes.TokenBytes.lengths`: the
+    numbers of :func:`kdkit.lm.tokenizer.token_byte_lengths`, one table with the alignment's),
+    so evaluation reports bits per byte beside perplexity; None (logged) for a tokenizer without
     a tokenizer.json: the run goes on with perplexity alone.
 
     A tokenizer that writes a space before every text (SentencePiece's dummy prefix:
@@ -55,17 +55,14 @@ def eval_byte_lengths(tokenizer: Any) -> torch.Tensor | None:
     if tokenizer is None:
         return None
     try:
-        table = token_byte_lengths(tokenizer)
-        lead = token_bytes(tokenizer).lead
+        tb = token_bytes(tokenizer)  # the table the cross-tokenizer alignment reads
     except KDError as e:
         log.warning("no bits per byte: %s", e)
         return None
-    if lead is None:
+    table = torch.from_numpy(tb.lengths.copy())
+    if tb.lead is None:
         return table
-    first = table.clone()
-    n = min(len(lead), len(first))
-    first[:n] = (first[:n] - torch.from_numpy(lead[:n])).clamp_min(0)
-    return torch.stack([table, first])
+    return torch.stack([table, table - torch.from_numpy(tb.lead)])
 
 
 def shared_vocab(student: Any, teacher: Any, tokenizer: Any, teacher_tokenizer: Any) -> int | None:

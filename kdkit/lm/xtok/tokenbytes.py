@@ -8,24 +8,22 @@ read once from the vocabulary into a flat ``uint8`` array with per-id offsets; a
 lengths are then one gather (``lengths[ids]``) and its text one ``np.repeat``, with no
 ``decode`` and no per-token Python.
 
-Two vocabularies are understood: byte-level BPE (GPT-2's byte-to-unicode alphabet: Llama-3,
-Qwen, GPT-2, kdkit's own) and SentencePiece-style pieces (``▁`` for a space, ``<0xNN>`` byte
-fallback: Llama-2, Gemma, Mistral). Special tokens (``<|endoftext|>``, BOS, chat markers) stand
+The pieces are read by :func:`kdkit.lm.tokenizer.token_pieces`, the rules bits per byte reads
+too (one table: byte-level BPE's alphabet undone, SentencePiece's ``▁`` and ``<0xNN>`` byte
+fallback, WordPiece's ``##``). Special tokens (``<|endoftext|>``, BOS, chat markers) stand
 for no text: length 0, and a *class* (``"bos"``, ``"eos"`` or their string) that lets two
 tokenizers recognize each other's specials.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
 from kdkit.errors import KDError
-from kdkit.lm.tokenizer import tokenizer_json
+from kdkit.lm.tokenizer import byte_decoder, token_pieces, tokenizer_json
 
 __all__ = [
     "TokenBytes",
@@ -36,40 +34,10 @@ __all__ = [
     "token_bytes",
 ]
 
-_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-
-
-@lru_cache(maxsize=1)
-def byte_decoder() -> dict[str, int]:
-    """GPT-2's inverse byte-to-unicode map: the printable character that stands for each byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
-
 
 def _is_byte_level(data: dict[str, Any]) -> bool:
     text = str(data.get("pre_tokenizer")) + str(data.get("decoder"))
     return "ByteLevel" in text
-
-
-def _piece_bytes(piece: str, byte_level: bool) -> bytes:
-    if byte_level:
-        table = byte_decoder()
-        try:
-            return bytes(table[c] for c in piece)
-        except KeyError:  # an added, non-special token written as plain text
-            return piece.encode("utf-8")
-    m = _BYTE_FALLBACK.match(piece)
-    if m:
-        return bytes([int(m.group(1), 16)])
-    return piece.replace("▁", " ").encode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -170,13 +138,12 @@ def token_bytes(tokenizer: Any) -> TokenBytes:
     if cached is not None:
         return cached
     byte_level = _is_byte_level(tokenizer_json(tokenizer))
-    vocab = tokenizer.get_vocab()
-    size = max(len(tokenizer), max(vocab.values(), default=-1) + 1)
     specials = _special_classes(tokenizer)
-    pieces = [b""] * size
-    for piece, tid in vocab.items():
-        if tid not in specials:
-            pieces[tid] = _piece_bytes(piece, byte_level)
+    pieces = token_pieces(tokenizer)  # the rules bits per byte reads too
+    for tid in specials:
+        if tid < len(pieces):
+            pieces[tid] = b""
+    size = len(pieces)
     lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=size)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     flat = np.frombuffer(b"".join(pieces), dtype=np.uint8)
