@@ -54,6 +54,8 @@ def _encode(tokenizer: Any, table: TokenBytes, texts: list[str]) -> list[list[in
     space gets none from Metaspace's ``prepend_scheme: first`` (measured, tokenizers 0.23:
     ``" hello"`` -> ``▁ he llo``, as ``"hello"``), so it is encoded with one more space
     before it (``▁ ▁ he llo``: SentencePiece's own ``add_dummy_prefix`` tokens)."""
+    if not texts:
+        return []
     encoded = [list(e) for e in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     if table.lead is None:
         return encoded
