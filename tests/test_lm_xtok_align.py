@@ -195,20 +195,3 @@ def test_aligning_many_rows_at_once_equals_one_row_at_a_time(tok_a, tok_b):
         one = align_rows(a, b, c, d, ts, tt)
         assert al.student.tolist() == one.student.tolist()
         assert al.teacher.tolist() == one.teacher.tolist()
-
-
-def test_a_tokenizer_that_prepends_a_space_is_refused_not_misaligned(tok_a):
-    """A SentencePiece-style tokenizer with a dummy prefix (Metaspace, as Llama-2, Mistral and
-    Gemma) writes a space the text does not have: every byte offset would be one off, so the
-    pairs would compare different prefixes. Until the alignment takes that byte off, it is
-    refused in one line; the byte-level pair is not."""
-    from test_lm_bpb import _sentencepiece_like
-
-    from kdkit.errors import KDError
-    from kdkit.lm.xtok.tokenbytes import check_alignable
-
-    sp = token_bytes(_sentencepiece_like())
-    assert sp.prepends_space and not token_bytes(tok_a).prepends_space
-    check_alignable(token_bytes(tok_a), "student")
-    with pytest.raises(KDError, match="writes a space before every text"):
-        check_alignable(sp, "teacher")
