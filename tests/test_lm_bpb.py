@@ -157,6 +157,27 @@ def test_the_demo_tokenizer_on_the_demo_corpus(tmp_path):
     assert _bytes(tok, chat) == len("user\né 🙂\n".encode())  # ChatML markers: 0 bytes
 
 
+def test_bits_per_byte_and_the_alignment_read_one_table():
+    """``token_byte_lengths`` (bits per byte) and ``TokenBytes.lengths`` (cross-tokenizer
+    alignment) are the same numbers for every kind here: one set of rules
+    (:func:`kdkit.lm.tokenizer.token_pieces`)."""
+    import _xtok_fixtures as fx
+
+    from kdkit.lm.xtok.tokenbytes import token_bytes
+    from kdkit.run.lm_vocab import eval_byte_lengths
+
+    kinds = [
+        _byte_level_bpe(),
+        _sentencepiece_like(),
+        _wordpiece(),
+        fx.sentencepiece_like("prepend"),
+    ]
+    for tok in kinds:
+        table = token_byte_lengths(tok)
+        assert table.tolist() == token_bytes(tok).lengths.tolist()
+        assert eval_byte_lengths(tok).reshape(-1, len(table))[0].tolist() == table.tolist()
+
+
 def test_table_size_covers_the_tokenizer_and_padded_ids_are_zero():
     tok = _byte_level_bpe()
     table = token_byte_lengths(tok)
@@ -198,6 +219,32 @@ def test_bpb_is_the_summed_cross_entropy_in_bits_over_the_bytes_by_hand():
     assert "bpb" not in LMTask(_uniform_lm(), None, probe=False).evaluate([batch])
     with pytest.raises(KDError, match="byte-length table"):
         LMTask(_uniform_lm(), None, probe=False, byte_lengths=table[:5]).evaluate([batch])
+
+
+@pytest.mark.parametrize("variant", ["metaspace", "prepend"])
+def test_bpb_does_not_count_the_dummy_prefix(variant):
+    """A tokenizer that writes a space before every text (SentencePiece's dummy prefix): the
+    per-id table counts that ``▁`` as the space it spells, so evaluation's table
+    (``eval_byte_lengths``) has a second row for the first token after BOS, without it: the
+    scored bytes are the text's. Both Llama-2 forms (Metaspace, normalizer ``Prepend``)."""
+    import _xtok_fixtures as fx
+
+    from kdkit.lm import Aligner, LMTask, TokenRow
+    from kdkit.run.lm_vocab import eval_byte_lengths
+
+    tok = fx.sentencepiece_like(variant)
+    table = eval_byte_lengths(tok)
+    assert table.shape == (2, len(tok))
+    texts = ["Hello world", "naïve café 🙂\n\tx = 12345", "x", PARAGRAPH[:200]]
+    rows = []
+    for text in texts:  # BOS, the text's tokens (the first with the prefix), EOS
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.convert_ids_to_tokens(ids[0]).startswith("▁")
+        rows.append(TokenRow.of([tok.bos_token_id, *ids, tok.eos_token_id]))
+    batch = Aligner(pad_id=0, max_length=128)(rows)
+    scores = LMTask(_uniform_lm(len(tok)), None, probe=False, byte_lengths=table).evaluate([batch])
+    assert scores["bytes"] == sum(len(t.encode()) for t in texts)
+    assert eval_byte_lengths(_byte_level_bpe()).dim() == 1  # no prefix: the per-id table
 
 
 def test_eval_and_report_show_bpb_beside_ppl(tmp_path, capsys):

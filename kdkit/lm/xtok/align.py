@@ -21,6 +21,9 @@ What the key gets right, each pinned by ``tests/test_lm_xtok_align.py``:
 - **Digit splitting, different merges**: only coinciding boundaries pair; a teacher ``123``
   against a student ``1 2 3`` pairs the positions before ``123`` / ``1`` and after.
 - **Identical tokenizers**: every position pairs with itself (the identity alignment).
+- **A space written before every text** (SentencePiece's dummy prefix, either side): the first
+  token of each run reads one byte less (:func:`dummy_prefix`), and the position before it pairs
+  only with a side that writes one too (``tests/test_lm_xtok_spm.py``).
 
 A key seen twice on one side (two specials of one class in a row) keeps its last position, the
 one that has read the most. :func:`align_many` aligns a whole dataset's rows in one call (the row
@@ -47,6 +50,7 @@ __all__ = [
     "align_flat",
     "align_many",
     "align_rows",
+    "dummy_prefix",
     "position_keys",
     "spans",
 ]
@@ -56,6 +60,7 @@ _BYTE_BITS = 24  # bytes per row (16 MiB)
 _DOC_BITS = 12  # documents per row
 _ROW_BITS = 63 - _KIND_BITS - _BYTE_BITS - _DOC_BITS  # rows per block (32k)
 _END_KIND = (1 << _KIND_BITS) - 1  # the row's last position predicts nothing
+_START_KIND = _END_KIND - 1  # the next token starts a run with a dummy prefix (position_keys)
 _DOC_SHIFT = _BYTE_BITS + _KIND_BITS
 _ROW_SHIFT = _DOC_BITS + _DOC_SHIFT
 #: student positions in one block of :func:`align_flat`: its arrays stay in the cache and the
@@ -123,15 +128,36 @@ class FlatAlignment:
         return [RowAlignment(s[a:b], t[a:b]) for a, b in zip(c[:-1], c[1:], strict=True)]
 
 
+def dummy_prefix(
+    ids: np.ndarray, doc_ids: np.ndarray, kinds: np.ndarray, lead: np.ndarray,
+    starts: np.ndarray,
+) -> np.ndarray:  # fmt: skip
+    """``int64`` 1 at each position whose token carries the space a SentencePiece-style
+    tokenizer writes before a text (``lead``, :attr:`~.tokenbytes.TokenBytes.lead`): the first
+    token of each *run*, a run starting a row (``starts``), a document, or after a special.
+    That space is not text, so the position reads one byte less. The teacher's runs are encoded
+    that way (:mod:`.retokenize`); a student row cut from the middle of a text loses a space
+    its first token really had, and the teacher's text of that row does not have it either."""
+    first = np.zeros(len(ids), dtype=bool)
+    first[starts[starts < len(ids)]] = True
+    first[1:] |= (doc_ids[1:] != doc_ids[:-1]) | (kinds[ids[:-1]] != 0)
+    return lead[ids] * first
+
+
 def position_keys(
     ids: np.ndarray, doc_ids: np.ndarray, lengths: np.ndarray, kinds: np.ndarray,
     row: np.ndarray | None = None, starts: np.ndarray | None = None,
+    lead: np.ndarray | None = None,
 ) -> np.ndarray:  # fmt: skip
     """``int64`` key per position: row, document, bytes read through this token, kind of the
     next token (one row when ``starts`` is None; else ``starts``, each row's first position in
     the concatenation; ``row``, each position's row, follows from them and may be left out).
 
-    ``lengths`` / ``kinds`` are the tokenizer's per-id tables (:mod:`.tokenbytes`)."""
+    ``lengths`` / ``kinds`` / ``lead`` are the tokenizer's per-id tables (:mod:`.tokenbytes`;
+    ``lead`` for one with a dummy prefix: :func:`dummy_prefix` bytes are not read, and a next
+    token that carries one is of its own kind, text *starting a run*, so it pairs only with a
+    side that predicts one too: a teacher's ``▁foo`` there is the student's ``foo``, not
+    ``Ġfoo``, which the vocabulary map cannot say)."""
     del row  # each position's row follows from ``starts``
     ids = np.asarray(ids, dtype=np.int64)
     doc = np.asarray(doc_ids, dtype=np.int64)
@@ -140,6 +166,9 @@ def position_keys(
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     lens = lengths[ids].astype(np.int64, copy=False)
+    drop = None if lead is None else dummy_prefix(ids, doc, kinds, lead, starts)
+    if drop is not None:
+        lens -= drop
     # one cumulative sum gives every position its (row, bytes read) fields: the first position
     # of a row adds the step in row number and takes back the bytes of the row before it
     filled = np.empty(len(starts), dtype=bool)  # (np.diff and np.append cost ~20 us a call)
@@ -157,6 +186,9 @@ def position_keys(
     if np.count_nonzero(doc):
         key |= np.left_shift(doc, _DOC_SHIFT)
     key[:-1] |= kinds[ids[1:]]
+    if drop is not None:  # the next token starts a run: that kind, whatever its own
+        run = np.flatnonzero(drop[1:])
+        key[run] = (key[run] & ~_END_KIND) | _START_KIND
     key[first[1:] - 1] |= _END_KIND  # a row's last position predicts nothing
     key[-1] |= _END_KIND
     return key
@@ -205,7 +237,7 @@ def _intersect(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _align_block(
     s: FlatRows, t: FlatRows, b0: int, b1: int,
-    s_tables: tuple[np.ndarray, np.ndarray], t_tables: tuple[np.ndarray, np.ndarray],
+    s_tables: tuple[np.ndarray, ...], t_tables: tuple[np.ndarray, ...],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """Rows ``b0:b1``: the pairs' positions within their rows and each row's count."""
     s_st, t_st = s.starts[b0 : b1 + 1], t.starts[b0 : b1 + 1]
@@ -214,10 +246,14 @@ def _align_block(
     for docs in (s.docs[lo_s:hi_s], t.docs[lo_t:hi_t]):
         if len(docs) and int(docs.max()) >= 1 << _DOC_BITS:
             raise ValueError(f"a row holds more than {1 << _DOC_BITS} documents")
-    ks, ps = _last_unique(position_keys(s.ids[lo_s:hi_s], s.docs[lo_s:hi_s], *s_tables,
-                                        None, s_st))  # fmt: skip
-    kt, pt = _last_unique(position_keys(t.ids[lo_t:hi_t], t.docs[lo_t:hi_t], *t_tables,
-                                        None, t_st))  # fmt: skip
+    ks, ps = _last_unique(  # tables: (lengths, kinds[, lead])
+        position_keys(s.ids[lo_s:hi_s], s.docs[lo_s:hi_s], *s_tables[:2], None, s_st,
+                      *s_tables[2:])
+    )  # fmt: skip
+    kt, pt = _last_unique(
+        position_keys(t.ids[lo_t:hi_t], t.docs[lo_t:hi_t], *t_tables[:2], None, t_st,
+                      *t_tables[2:])
+    )  # fmt: skip
     i, j = _intersect(ks, kt)
     if ps is not None:
         i = ps[i]
@@ -238,8 +274,8 @@ def _align_block(
 def align_flat(
     student: FlatRows,
     teacher: FlatRows,
-    student_tables: tuple[np.ndarray, np.ndarray],
-    teacher_tables: tuple[np.ndarray, np.ndarray],
+    student_tables: tuple[np.ndarray, ...],
+    teacher_tables: tuple[np.ndarray, ...],
 ) -> FlatAlignment:
     """:func:`align_many` of rows held flat, with the pairs returned flat: no per-row Python
     step at all. One key computation and one sorted intersection per block of rows (about
@@ -268,8 +304,8 @@ def align_flat(
 def align_many(
     student_rows: Sequence[tuple[np.ndarray, np.ndarray]],
     teacher_rows: Sequence[tuple[np.ndarray, np.ndarray]],
-    student_tables: tuple[np.ndarray, np.ndarray],
-    teacher_tables: tuple[np.ndarray, np.ndarray],
+    student_tables: tuple[np.ndarray, ...],
+    teacher_tables: tuple[np.ndarray, ...],
 ) -> list[RowAlignment]:
     """:func:`align_rows` of many rows at once (``(ids, doc_ids)`` per row, both sides):
     :func:`align_flat` of their concatenation, so the cost per row is a list entry and two
@@ -284,13 +320,14 @@ def align_rows(
     student_docs: np.ndarray,
     teacher_ids: np.ndarray,
     teacher_docs: np.ndarray,
-    student_tables: tuple[np.ndarray, np.ndarray],
-    teacher_tables: tuple[np.ndarray, np.ndarray],
+    student_tables: tuple[np.ndarray, ...],
+    teacher_tables: tuple[np.ndarray, ...],
 ) -> RowAlignment:
     """Pair the positions of one student row and the teacher's row of the same text.
 
     ``*_tables`` are ``(lengths, kinds)`` per id (:class:`~.tokenbytes.TokenBytes` ``.lengths``
-    and :func:`~.tokenbytes.kind_tables`)."""
+    and :func:`~.tokenbytes.kind_tables`), plus ``lead`` for a tokenizer with a dummy prefix
+    (:func:`~.tokenbytes.align_tables` makes all of them)."""
     s_ids, t_ids = np.asarray(student_ids, np.int64), np.asarray(teacher_ids, np.int64)
     student = FlatRows(s_ids, np.asarray(student_docs, np.int64), np.array([0, len(s_ids)]))
     teacher = FlatRows(t_ids, np.asarray(teacher_docs, np.int64), np.array([0, len(t_ids)]))
