@@ -294,7 +294,7 @@ def test_position_keys_take_the_rows_from_their_starts():
 
 
 def test_flat_rows_are_checked_and_made_from_rows():
-    from kdkit.lm.xtok.align import FlatRows
+    from kdkit.lm.xtok.align import FlatRows, align_flat
 
     rows = [(np.arange(3), np.zeros(3, np.int64)), ([], []), (np.arange(2), np.ones(2))]
     flat = FlatRows.of(rows)
@@ -303,3 +303,9 @@ def test_flat_rows_are_checked_and_made_from_rows():
     assert flat.ids.tolist() == [0, 1, 2, 0, 1] and flat.docs.tolist() == [0, 0, 0, 1, 1]
     with pytest.raises(ValueError, match="differ in length"):
         FlatRows(np.arange(3), np.zeros(2, np.int64), np.array([0, 3]))
+    tables = np.ones(3, np.int64), np.zeros(3, np.int64)
+    one = FlatRows.of([(np.arange(3), np.zeros(3))])
+    assert align_flat(one, one, tables, tables).rows()[0].student.tolist() == [0, 1, 2]
+    bad = FlatRows(np.arange(3), np.array([0, -1, -1]), np.array([0, 3]))
+    with pytest.raises(ValueError, match="negative"):  # keys must stay below 2**63
+        align_flat(bad, one, tables, tables)

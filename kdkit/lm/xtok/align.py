@@ -243,9 +243,11 @@ def _align_block(
     s_st, t_st = s.starts[b0 : b1 + 1], t.starts[b0 : b1 + 1]
     lo_s, hi_s, lo_t, hi_t = int(s_st[0]), int(s_st[-1]), int(t_st[0]), int(t_st[-1])
     s_st, t_st = s_st[:-1] - lo_s, t_st[:-1] - lo_t
-    for docs in (s.docs[lo_s:hi_s], t.docs[lo_t:hi_t]):
+    for docs in (s.docs[lo_s:hi_s], t.docs[lo_t:hi_t]):  # keys stay in 0 .. 2**63 - 1
         if len(docs) and int(docs.max()) >= 1 << _DOC_BITS:
             raise ValueError(f"a row holds more than {1 << _DOC_BITS} documents")
+        if len(docs) and int(docs.min()) < 0:
+            raise ValueError("a document id is negative")
     ks, ps = _last_unique(  # tables: (lengths, kinds[, lead])
         position_keys(s.ids[lo_s:hi_s], s.docs[lo_s:hi_s], *s_tables[:2], None, s_st,
                       *s_tables[2:])
