@@ -197,14 +197,12 @@ def position_keys(
 def _last_unique(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Unique keys (sorted) and the last position holding each (None: the keys are unique and
     sorted, position ``i`` holds key ``i``). Keys come sorted but around zero-length special
-    tokens (a special's key and the one before it share their bytes), so sorted keys (one
-    comparison pass) skip the sort; the rest take a stable sort (timsort: about linear on
-    nearly sorted keys)."""
-    step = keys[1:] != keys[:-1]
+    tokens (a special's key and the one before it share their bytes), so sorted keys skip the
+    sort; the rest take a stable sort (timsort: about linear on nearly sorted keys)."""
+    if (keys[1:] > keys[:-1]).all():  # sorted and unique: the usual case, one pass
+        return keys, None
     if (keys[1:] >= keys[:-1]).all():
-        if step.all():
-            return keys, None
-        last = np.append(step, True)
+        last = np.append(keys[1:] != keys[:-1], True)
         return keys[last], np.flatnonzero(last)
     order = np.argsort(keys, kind="stable")
     k = keys[order]
@@ -238,8 +236,10 @@ def _intersect(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _align_block(
     s: FlatRows, t: FlatRows, b0: int, b1: int,
     s_tables: tuple[np.ndarray, ...], t_tables: tuple[np.ndarray, ...],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """Rows ``b0:b1``: the pairs' positions within their rows and each row's count."""
+    out: tuple[np.ndarray, np.ndarray], k: int,
+) -> np.ndarray:  # fmt: skip
+    """Rows ``b0:b1``: their pairs' positions within their rows written to ``out`` from ``k``
+    on; each row's count of pairs."""
     s_st, t_st = s.starts[b0 : b1 + 1], t.starts[b0 : b1 + 1]
     lo_s, hi_s, lo_t, hi_t = int(s_st[0]), int(s_st[-1]), int(t_st[0]), int(t_st[-1])
     s_st, t_st = s_st[:-1] - lo_s, t_st[:-1] - lo_t
@@ -268,9 +268,9 @@ def _align_block(
     per_row = np.empty_like(cut)  # (np.diff with append costs ~20 us a call)
     np.subtract(cut[1:], cut[:-1], out=per_row[:-1])
     per_row[-1] = len(i) - cut[-1]
-    i -= np.repeat(s_st, per_row)
-    j -= np.repeat(t_st, per_row)
-    return i, j, per_row
+    np.subtract(i, np.repeat(s_st, per_row), out=out[0][k : k + len(i)])
+    np.subtract(j, np.repeat(t_st, per_row), out=out[1][k : k + len(i)])
+    return per_row
 
 
 def align_flat(
@@ -288,19 +288,18 @@ def align_flat(
     if len(teacher) != n:
         raise ValueError(f"{n} student rows, {len(teacher)} teacher rows")
     size = len(student.ids)  # at most one pair per student position
-    out_i, out_j = np.empty(size, np.int64), np.empty(size, np.int64)  # pages touched: used
+    out = np.empty(size, np.int64), np.empty(size, np.int64)  # pages touched: those used
     cuts = np.zeros(n + 1, dtype=np.int64)
     b0 = 0
     while b0 < n:  # at least one row per block, at most 2**_ROW_BITS
         b1 = int(np.searchsorted(student.starts, student.starts[b0] + _BLOCK_POSITIONS, "right"))
         b1 = min(max(b1 - 1, b0 + 1), b0 + (1 << _ROW_BITS), n)
-        i, j, per_row = _align_block(student, teacher, b0, b1, student_tables, teacher_tables)
         k = int(cuts[b0])
-        out_i[k : k + len(i)], out_j[k : k + len(i)] = i, j
+        per_row = _align_block(student, teacher, b0, b1, student_tables, teacher_tables, out, k)
         np.cumsum(per_row, out=cuts[b0 + 1 : b1 + 1])
         cuts[b0 + 1 : b1 + 1] += k
         b0 = b1
-    return FlatAlignment(out_i[: cuts[-1]], out_j[: cuts[-1]], cuts)
+    return FlatAlignment(out[0][: cuts[-1]], out[1][: cuts[-1]], cuts)
 
 
 def align_many(
