@@ -101,13 +101,15 @@ class FlatRows:
     def of(cls, rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> FlatRows:
         """One ``np.concatenate`` per field, so a row costs a list entry, not numpy calls."""
         starts = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, (r[0] for r in rows)), np.int64, len(rows)),
-                  out=starts[1:])  # fmt: skip
         if not rows:
             return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), starts)
-        ids = np.concatenate([r[0] for r in rows], dtype=np.int64, casting="unsafe")
-        docs = np.concatenate([r[1] for r in rows], dtype=np.int64, casting="unsafe")
-        return cls(ids, docs, starts)
+        ids, docs = zip(*rows, strict=True)
+        np.cumsum(np.fromiter(map(len, ids), np.int64, len(rows)), out=starts[1:])
+        return cls(
+            np.concatenate(ids, dtype=np.int64, casting="unsafe"),
+            np.concatenate(docs, dtype=np.int64, casting="unsafe"),
+            starts,
+        )
 
 
 @dataclass(frozen=True)
