@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from _lm_fixtures import PARAGRAPH, corpus, tiny_llama
+from _xtok_fixtures import sentencepiece_like
 
 pytest.importorskip("tokenizers")
 
@@ -61,41 +62,9 @@ def _byte_level_bpe():
 
 
 def _sentencepiece_like():
-    """A Llama-2-like BPE: Metaspace (``▁`` prepended to the first word), an ASCII alphabet and
-    ``<0x00>``..``<0xFF>`` byte fallback for everything else."""
-    import tokenizers as tk
-
-    tok = tk.Tokenizer(tk.models.BPE())
-    tok.pre_tokenizer = tk.pre_tokenizers.Metaspace(prepend_scheme="first")
-    alphabet = [chr(c) for c in range(32, 127)] + ["\n", "\t", "▁"]
-    trainer = tk.trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=alphabet,
-        limit_alphabet=len(alphabet),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus(), trainer)
-    data = json.loads(tok.to_str())
-    vocab = data["model"]["vocab"]
-    for b in range(256):
-        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
-    data["model"]["byte_fallback"] = True
-    data["decoder"] = {
-        "type": "Sequence",
-        "decoders": [
-            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
-            {"type": "ByteFallback"},
-            {"type": "Fuse"},
-            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
-        ],
-    }
-    return _fast(
-        tk.Tokenizer.from_str(json.dumps(data)),
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-    )
+    """A Llama-2-like BPE (Metaspace, ``prepend_scheme: first``, byte fallback): the fixtures'
+    own, at this file's vocabulary size."""
+    return sentencepiece_like("metaspace", vocab=400)
 
 
 def _wordpiece():
