@@ -103,3 +103,92 @@ def tok_a(tok_a_dir: Path):
 @pytest.fixture(scope="session")
 def tok_b(tok_b_dir: Path):
     return _load(tok_b_dir)
+
+
+#: SentencePiece-style tokenizers with a dummy prefix (:func:`sentencepiece_like`)
+SP_VARIANTS = ("metaspace", "always", "prepend")
+
+
+def sentencepiece_like(variant: str = "metaspace", vocab: int = 1000):
+    """A SentencePiece-style BPE that writes a space before every text, Llama-2-like: an ASCII
+    alphabet with ``<0x00>``..``<0xFF>`` byte fallback, ``▁`` for a space, trained on
+    :func:`xtok_corpus`. ``metaspace``: a Metaspace pre-tokenizer, ``prepend_scheme: first``
+    (the space only at a text's start, and not before a text that starts with one);
+    ``always``: the same with ``prepend_scheme: always`` (also after a special token);
+    ``prepend``: the normalizer ``Prepend("▁")`` + ``Replace(" ", "▁")`` of Llama-2's
+    tokenizer.json (always, even before a space) and ``<s>`` prepended to every text."""
+    import json
+
+    import tokenizers as tk
+    from transformers import PreTrainedTokenizerFast
+
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.pre_tokenizer = tk.pre_tokenizers.Metaspace(prepend_scheme="first")
+    alphabet = [chr(c) for c in range(32, 127)] + ["\n", "\t", "▁"]
+    trainer = tk.trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet),
+        show_progress=False,
+    )
+    tok.train_from_iterator(xtok_corpus(), trainer)
+    data = json.loads(tok.to_str())
+    vocab_ids = data["model"]["vocab"]
+    for b in range(256):
+        vocab_ids.setdefault(f"<0x{b:02X}>", len(vocab_ids))
+    data["model"]["byte_fallback"] = True
+    data["decoder"] = {
+        "type": "Sequence",
+        "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+        ],
+    }
+    if variant == "always":
+        data["pre_tokenizer"]["prepend_scheme"] = "always"
+    elif variant == "prepend":
+        data["pre_tokenizer"] = None
+        data["normalizer"] = {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": "▁"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+            ],
+        }
+        bos = vocab_ids["<s>"]
+        data["post_processor"] = {
+            "type": "TemplateProcessing",
+            "single": [
+                {"SpecialToken": {"id": "<s>", "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+            ],
+            "pair": [
+                {"SpecialToken": {"id": "<s>", "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [bos], "tokens": ["<s>"]}},
+        }
+    elif variant != "metaspace":
+        raise ValueError(variant)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk.Tokenizer.from_str(json.dumps(data)),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+
+
+@pytest.fixture(scope="session", params=SP_VARIANTS)
+def sp_tok(request: pytest.FixtureRequest):
+    """Each :func:`sentencepiece_like` variant (built once per session)."""
+    return _sp_cached(request.param)
+
+
+def _sp_cached(variant: str, _memo: dict = {}):  # noqa: B006 - a per-session memo
+    if variant not in _memo:
+        _memo[variant] = sentencepiece_like(variant)
+    return _memo[variant]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from _lm_fixtures import PARAGRAPH, corpus, tiny_llama
+from _xtok_fixtures import sentencepiece_like
 
 pytest.importorskip("tokenizers")
 
@@ -61,41 +62,9 @@ def _byte_level_bpe():
 
 
 def _sentencepiece_like():
-    """A Llama-2-like BPE: Metaspace (``▁`` prepended to the first word), an ASCII alphabet and
-    ``<0x00>``..``<0xFF>`` byte fallback for everything else."""
-    import tokenizers as tk
-
-    tok = tk.Tokenizer(tk.models.BPE())
-    tok.pre_tokenizer = tk.pre_tokenizers.Metaspace(prepend_scheme="first")
-    alphabet = [chr(c) for c in range(32, 127)] + ["\n", "\t", "▁"]
-    trainer = tk.trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=alphabet,
-        limit_alphabet=len(alphabet),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus(), trainer)
-    data = json.loads(tok.to_str())
-    vocab = data["model"]["vocab"]
-    for b in range(256):
-        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
-    data["model"]["byte_fallback"] = True
-    data["decoder"] = {
-        "type": "Sequence",
-        "decoders": [
-            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
-            {"type": "ByteFallback"},
-            {"type": "Fuse"},
-            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
-        ],
-    }
-    return _fast(
-        tk.Tokenizer.from_str(json.dumps(data)),
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-    )
+    """A Llama-2-like BPE (Metaspace, ``prepend_scheme: first``, byte fallback): the fixtures'
+    own, at this file's vocabulary size."""
+    return sentencepiece_like("metaspace", vocab=400)
 
 
 def _wordpiece():
@@ -157,6 +126,27 @@ def test_the_demo_tokenizer_on_the_demo_corpus(tmp_path):
     assert _bytes(tok, chat) == len("user\né 🙂\n".encode())  # ChatML markers: 0 bytes
 
 
+def test_bits_per_byte_and_the_alignment_read_one_table():
+    """``token_byte_lengths`` (bits per byte) and ``TokenBytes.lengths`` (cross-tokenizer
+    alignment) are the same numbers for every kind here: one set of rules
+    (:func:`kdkit.lm.tokenizer.token_pieces`)."""
+    import _xtok_fixtures as fx
+
+    from kdkit.lm.xtok.tokenbytes import token_bytes
+    from kdkit.run.lm_vocab import eval_byte_lengths
+
+    kinds = [
+        _byte_level_bpe(),
+        _sentencepiece_like(),
+        _wordpiece(),
+        fx.sentencepiece_like("prepend"),
+    ]
+    for tok in kinds:
+        table = token_byte_lengths(tok)
+        assert table.tolist() == token_bytes(tok).lengths.tolist()
+        assert eval_byte_lengths(tok).reshape(-1, len(table))[0].tolist() == table.tolist()
+
+
 def test_table_size_covers_the_tokenizer_and_padded_ids_are_zero():
     tok = _byte_level_bpe()
     table = token_byte_lengths(tok)
@@ -198,6 +188,32 @@ def test_bpb_is_the_summed_cross_entropy_in_bits_over_the_bytes_by_hand():
     assert "bpb" not in LMTask(_uniform_lm(), None, probe=False).evaluate([batch])
     with pytest.raises(KDError, match="byte-length table"):
         LMTask(_uniform_lm(), None, probe=False, byte_lengths=table[:5]).evaluate([batch])
+
+
+@pytest.mark.parametrize("variant", ["metaspace", "prepend"])
+def test_bpb_does_not_count_the_dummy_prefix(variant):
+    """A tokenizer that writes a space before every text (SentencePiece's dummy prefix): the
+    per-id table counts that ``▁`` as the space it spells, so evaluation's table
+    (``eval_byte_lengths``) has a second row for the first token after BOS, without it: the
+    scored bytes are the text's. Both Llama-2 forms (Metaspace, normalizer ``Prepend``)."""
+    import _xtok_fixtures as fx
+
+    from kdkit.lm import Aligner, LMTask, TokenRow
+    from kdkit.run.lm_vocab import eval_byte_lengths
+
+    tok = fx.sentencepiece_like(variant)
+    table = eval_byte_lengths(tok)
+    assert table.shape == (2, len(tok))
+    texts = ["Hello world", "naïve café 🙂\n\tx = 12345", "x", PARAGRAPH[:200]]
+    rows = []
+    for text in texts:  # BOS, the text's tokens (the first with the prefix), EOS
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.convert_ids_to_tokens(ids[0]).startswith("▁")
+        rows.append(TokenRow.of([tok.bos_token_id, *ids, tok.eos_token_id]))
+    batch = Aligner(pad_id=0, max_length=128)(rows)
+    scores = LMTask(_uniform_lm(len(tok)), None, probe=False, byte_lengths=table).evaluate([batch])
+    assert scores["bytes"] == sum(len(t.encode()) for t in texts)
+    assert eval_byte_lengths(_byte_level_bpe()).dim() == 1  # no prefix: the per-id table
 
 
 def test_eval_and_report_show_bpb_beside_ppl(tmp_path, capsys):

@@ -197,18 +197,115 @@ def test_aligning_many_rows_at_once_equals_one_row_at_a_time(tok_a, tok_b):
         assert al.teacher.tolist() == one.teacher.tolist()
 
 
-def test_a_tokenizer_that_prepends_a_space_is_refused_not_misaligned(tok_a):
-    """A SentencePiece-style tokenizer with a dummy prefix (Metaspace, as Llama-2, Mistral and
-    Gemma) writes a space the text does not have: every byte offset would be one off, so the
-    pairs would compare different prefixes. Until the alignment takes that byte off, it is
-    refused in one line; the byte-level pair is not."""
-    from test_lm_bpb import _sentencepiece_like
+def _reference_pairs(ids_s, docs_s, ids_t, docs_t, tables_s, tables_t):
+    """The pairs one token at a time (the per-token loop of ``bench_lm_xtok.py align``, with
+    a dummy prefix read as ``dummy_prefix`` says: the first token of a row, of a document or
+    after a special reads ``lead`` bytes less, and predicting one is a kind of its own)."""
 
-    from kdkit.errors import KDError
-    from kdkit.lm.xtok.tokenbytes import check_alignable
+    def keys(ids, docs, lens, kinds, lead=None):
+        def drop(i):
+            first = i == 0 or docs[i] != docs[i - 1] or kinds[ids[i - 1]] != 0
+            return int(lead[ids[i]]) if lead is not None and first else 0
 
-    sp = token_bytes(_sentencepiece_like())
-    assert sp.prepends_space and not token_bytes(tok_a).prepends_space
-    check_alignable(token_bytes(tok_a), "student")
-    with pytest.raises(KDError, match="writes a space before every text"):
-        check_alignable(sp, "teacher")
+        out, end = {}, 0
+        for i in range(len(ids)):
+            end += int(lens[ids[i]]) - drop(i)
+            nxt = -1 if i + 1 == len(ids) else "run" if drop(i + 1) else int(kinds[ids[i + 1]])
+            out[(int(docs[i]), end, nxt)] = i  # a repeated key keeps its last position
+        return out
+
+    ks, kt = keys(ids_s, docs_s, *tables_s), keys(ids_t, docs_t, *tables_t)
+    return sorted((i, kt[k]) for k, i in ks.items() if k in kt)
+
+
+def _random_rows(rng: np.random.Generator, n_rows: int, tables, max_len: int = 40):
+    """Rows of random ids: zero-length specials (runs of them, of one class or several, so
+    keys repeat and fall out of order), packed documents, empty rows."""
+    vocab = len(tables[0])
+    rows = []
+    for _ in range(n_rows):
+        n = int(rng.integers(0, max_len)) if rng.random() > 0.1 else 0
+        ids = rng.integers(0, vocab, n)
+        docs = np.sort(rng.integers(0, 3, n)) if rng.random() < 0.5 else np.zeros(n, np.int64)
+        rows.append((ids.astype(np.int64), docs.astype(np.int64)))
+    return rows
+
+
+def _random_tables(rng: np.random.Generator, vocab: int, specials: int, lead: bool = False):
+    """``(lengths, kinds)``, and ``lead`` (a SentencePiece-like dummy prefix on some text ids)."""
+    lens = rng.integers(1, 5, vocab).astype(np.int64)
+    kinds = np.zeros(vocab, np.int64)
+    lens[:specials] = 0  # the first ids are specials of a few classes
+    kinds[:specials] = rng.integers(1, 4, specials)
+    if not lead:
+        return lens, kinds
+    return lens, kinds, (rng.random(vocab) < 0.5) & (lens > 0)
+
+
+@pytest.mark.parametrize("block", [1 << 14, 40, 1])
+def test_align_many_equals_the_per_token_loop_on_random_rows(block, monkeypatch):
+    """Independent of the tokenizers: random tables with specials, rows of the same text or
+    not (pairs are whatever keys both have), blocks of one row up to all rows at once."""
+    from kdkit.lm.xtok import align as al
+
+    monkeypatch.setattr(al, "_BLOCK_POSITIONS", block)
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        ts, tt = (
+            _random_tables(rng, 30, 6, trial % 4 == 1),
+            _random_tables(rng, 25, 4, trial % 3 == 1),
+        )
+        rows_s = _random_rows(rng, 15, ts)
+        # the teacher's rows: random ones, or the student's text re-cut (many pairs)
+        rows_t = _random_rows(rng, 15, tt) if trial % 2 else [
+            (a % 25, b) for a, b in rows_s
+        ]  # fmt: skip
+        many = al.align_many(rows_s, rows_t, ts, tt)
+        flat = al.align_flat(al.FlatRows.of(rows_s), al.FlatRows.of(rows_t), ts, tt)
+        assert (
+            [len(r) for r in flat.rows()] == [len(r) for r in many] == np.diff(flat.cuts).tolist()
+        )
+        for (a, b), (c, d), got, got_flat in zip(rows_s, rows_t, many, flat.rows(), strict=True):
+            want = _reference_pairs(a, b, c, d, ts, tt)
+            assert list(zip(got.student.tolist(), got.teacher.tolist(), strict=True)) == want
+            assert got_flat.student.tolist() == got.student.tolist()
+            assert got_flat.teacher.tolist() == got.teacher.tolist()
+            assert got.student.dtype == got.teacher.dtype == np.int64
+
+
+def test_position_keys_take_the_rows_from_their_starts():
+    """The rows of a concatenation follow from ``starts``; a ``row`` array is still accepted."""
+    from kdkit.lm.xtok.align import position_keys
+
+    rng = np.random.default_rng(1)
+    lens, kinds = _random_tables(rng, 20, 3)
+    rows = _random_rows(rng, 8, (lens, kinds))
+    rows[2] = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # an empty row inside
+    ids = np.concatenate([r[0] for r in rows])
+    docs = np.concatenate([r[1] for r in rows])
+    sizes = np.array([len(r[0]) for r in rows])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    row = np.repeat(np.arange(len(rows)), sizes)
+    keys = position_keys(ids, docs, lens, kinds, None, starts)
+    assert (keys == position_keys(ids, docs, lens, kinds, row, starts)).all()
+    for r, (a, b) in enumerate(rows):  # each row's keys: its own, with its number on top
+        one = position_keys(a, b, lens, kinds)
+        assert (keys[starts[r] : starts[r] + len(a)] == one + (r << 48)).all()
+
+
+def test_flat_rows_are_checked_and_made_from_rows():
+    from kdkit.lm.xtok.align import FlatRows, align_flat
+
+    rows = [(np.arange(3), np.zeros(3, np.int64)), ([], []), (np.arange(2), np.ones(2))]
+    flat = FlatRows.of(rows)
+    assert len(flat) == 3 and flat.starts.tolist() == [0, 3, 3, 5]
+    assert flat.ids.dtype == flat.docs.dtype == np.int64
+    assert flat.ids.tolist() == [0, 1, 2, 0, 1] and flat.docs.tolist() == [0, 0, 0, 1, 1]
+    with pytest.raises(ValueError, match="differ in length"):
+        FlatRows(np.arange(3), np.zeros(2, np.int64), np.array([0, 3]))
+    tables = np.ones(3, np.int64), np.zeros(3, np.int64)
+    one = FlatRows.of([(np.arange(3), np.zeros(3))])
+    assert align_flat(one, one, tables, tables).rows()[0].student.tolist() == [0, 1, 2]
+    bad = FlatRows(np.arange(3), np.array([0, -1, -1]), np.array([0, 3]))
+    with pytest.raises(ValueError, match="negative"):  # keys must stay below 2**63
+        align_flat(bad, one, tables, tables)

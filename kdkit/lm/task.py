@@ -118,8 +118,9 @@ class LMTask(Task):
         layer_pairs: hidden-state pairs between decoder layers (:mod:`kdkit.lm.hidden`,
             ``distill.pairs``), with a learned projection where the widths differ.
         byte_lengths: ``[ids]`` the UTF-8 bytes each token id stands for
-            (:func:`kdkit.lm.tokenizer.token_byte_lengths`): :meth:`evaluate` then reports bits
-            per byte, which compares models across tokenizers.
+            (:func:`kdkit.lm.tokenizer.token_byte_lengths`), or ``[2, ids]`` for a tokenizer
+            with a dummy prefix (:func:`kdkit.run.lm_vocab.eval_byte_lengths`): :meth:`evaluate`
+            then reports bits per byte, which compares models across tokenizers.
     """
 
     best_metric = ("ppl", False)
@@ -378,7 +379,8 @@ class LMTask(Task):
                 agree_sum += float(out.agree) * n if out.agree is not None else 0.0
                 if table is not None:
                     table = table.to(batch.labels.device)  # once: a no-op after the first batch
-                    n_bytes += _label_bytes(table, batch.labels[batch.mask])
+                    m = batch.mask
+                    n_bytes += _label_bytes(table, batch.labels[m], batch.input_ids[m])
         finally:
             self.student.train(was)
         if tokens == 0:
@@ -426,15 +428,17 @@ class LMTask(Task):
             restore_part(where, "adapters", self.hidden_pairs, state.get("adapters"))
 
 
-def _label_bytes(byte_lengths: torch.Tensor, labels: torch.Tensor) -> int:
-    """The UTF-8 bytes the scored ``labels`` stand for (a KDError for an id the table lacks:
-    the table is another tokenizer's)."""
-    if labels.numel() and int(labels.max()) >= byte_lengths.numel():
+def _label_bytes(table: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor) -> int:
+    """The UTF-8 bytes the scored ``labels`` stand for (a KDError for an id the table lacks);
+    a ``[2, ids]`` table counts a label after a zero-byte input (BOS) by row 1 (dummy prefix)."""
+    if labels.numel() and int(labels.max()) >= table.shape[-1]:
         raise KDError(
             f"token id {int(labels.max())} is beyond the byte-length table's "
-            f"{byte_lengths.numel()} ids: build it from the tokenizer of the data"
+            f"{table.shape[-1]} ids: build it from the tokenizer of the data"
         )
-    return int(byte_lengths[labels].sum())
+    if table.dim() == 1:
+        return int(table[labels].sum())
+    return int(table[(table[0][inputs.clamp_max(table.shape[1] - 1)] == 0).long(), labels].sum())
 
 
 def _first_row(example: TokenBatch | TokenRow) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,10 @@ __all__ = [
     "CHATML_TEMPLATE",
     "DEFAULT_SPECIAL_TOKENS",
     "pad_id",
+    "byte_decoder",
     "tokenizer_fingerprint",
     "token_byte_lengths",
+    "token_pieces",
     "tokenizer_json",
     "train_bpe_tokenizer",
 ]
@@ -184,16 +187,23 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def _byte_level_chars() -> frozenset[str]:
-    """GPT-2's byte-to-unicode alphabet: a byte-level BPE token is spelt one character per byte
-    (printable bytes as themselves, the other 68 as ``chr(256 + n)``, e.g. space as ``Ġ``)."""
-    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    kept += range(ord("®"), ord("ÿ") + 1)
-    return frozenset([*map(chr, kept), *(chr(256 + n) for n in range(256 - len(kept)))])
+@lru_cache(maxsize=1)
+def byte_decoder() -> dict[str, int]:
+    """GPT-2's inverse byte-to-unicode map: a byte-level BPE token is spelt one character per
+    byte (printable bytes as themselves, the other 68 as ``chr(256 + n)``, e.g. space ``Ġ``)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
 
 
-_BYTE_LEVEL = _byte_level_chars()
-_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte fallback
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
 
 
 def _components(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -212,24 +222,25 @@ def _components(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return found
 
 
-def token_byte_lengths(tokenizer: Any) -> torch.Tensor:
-    """``[ids]`` int64: the UTF-8 bytes of text each token id stands for, from the fast
-    tokenizer's tokenizer.json (built once; the sum over a text's tokens is its byte count).
+def token_pieces(tokenizer: Any) -> list[bytes]:
+    """Per id, the UTF-8 bytes of text it stands for, read once from the fast tokenizer's
+    tokenizer.json (no ``decode``): the one set of rules behind :func:`token_byte_lengths` (bits
+    per byte) and :func:`kdkit.lm.xtok.tokenbytes.token_bytes` (cross-tokenizer alignment).
 
-    - byte-level BPE (GPT-2, Llama-3, Qwen): one byte per character of the token (``Ġ`` = space);
-    - SentencePiece (Metaspace, Llama-2, Gemma): ``▁`` is a space, ``<0xNN>`` (byte fallback) one
-      byte;
-    - WordPiece: ``##`` (the continuing-subword prefix) is no text; the whitespace its
-      pre-tokenizer drops is not counted (no token stands for it), and a normalizer's output
-      (lower-cased, accents stripped) is what is counted;
-    - special tokens (bos, eos, pad, chat markers): 0 bytes; a non-special added token: its
-      content's bytes; the unknown token: 0 (the text it replaced is not in the id).
+    - byte-level BPE (GPT-2, Llama-3, Qwen): GPT-2's byte alphabet undone (``Ġ`` = space); a
+      character outside it is its own UTF-8;
+    - SentencePiece (Metaspace, Llama-2, Gemma): ``▁`` (or the Metaspace replacement) is a
+      space, ``<0xNN>`` (byte fallback) one byte;
+    - WordPiece: ``##`` (the continuing-subword prefix) and an end-of-word suffix are no text;
+      the whitespace its pre-tokenizer drops is in no token, and a normalizer's output
+      (lower-cased, accents stripped) is what is read;
+    - special tokens (bos, eos, pad, chat markers, the tokenizer's special ids): ``b""``; a
+      non-special added token: its content; the unknown token: ``b""`` (the text it replaced is
+      not in the id); ids no token has: ``b""``.
 
-    A space the tokenizer prepends (SentencePiece's ``add_dummy_prefix`` / Metaspace's
-    ``prepend_scheme``, ``add_prefix_space``) counts as the space it spells: one byte more per
-    document than the text holds. Ids no token has are 0. Ids are counted alike wherever they
-    stand, so the table is built once per tokenizer and never decodes.
-    """
+    A space the tokenizer writes before every text (SentencePiece's dummy prefix) is read as the
+    space it spells: an id reads alike wherever it stands (the alignment and bits per byte take
+    that space off a text's first token: :attr:`kdkit.lm.xtok.tokenbytes.TokenBytes.lead`)."""
     data = tokenizer_json(tokenizer)
     model = data.get("model") or {}
     steps = _components(data)
@@ -238,32 +249,43 @@ def token_byte_lengths(tokenizer: Any) -> torch.Tensor:
     fallback = bool(model.get("byte_fallback"))
     prefix = model.get("continuing_subword_prefix") or ""
     suffix = model.get("end_of_word_suffix") or ""
+    table = byte_decoder()
 
-    def length(piece: str) -> int:
-        if fallback and _BYTE_PIECE.fullmatch(piece):
-            return 1
+    def read(piece: str) -> bytes:
+        m = _BYTE_PIECE.fullmatch(piece) if fallback else None
+        if m:
+            return bytes([int(m.group(1), 16)])
         if prefix and piece.startswith(prefix):
             piece = piece[len(prefix) :]
         if suffix and piece.endswith(suffix):
             piece = piece[: -len(suffix)]
-        if byte_level and _BYTE_LEVEL.issuperset(piece):
-            return len(piece)
-        if byte_level:  # a character outside the byte alphabet: its own UTF-8
-            return sum(1 if c in _BYTE_LEVEL else len(c.encode()) for c in piece)
-        return len(piece.replace(space, " ").encode())
+        if not byte_level:
+            return piece.replace(space, " ").encode()
+        try:
+            return bytes(table[c] for c in piece)
+        except KeyError:  # a character outside the byte alphabet: its own UTF-8
+            return b"".join(bytes([table[c]]) if c in table else c.encode() for c in piece)
 
     vocab = model.get("vocab") or {}
-    pieces = (
-        vocab.items() if isinstance(vocab, dict) else ((p, i) for i, (p, _) in enumerate(vocab))
-    )
-    lengths = {int(i): length(p) for p, i in pieces}
+    items = vocab.items() if isinstance(vocab, dict) else ((p, i) for i, (p, _) in enumerate(vocab))
+    pieces = {int(i): read(p) for p, i in items}
     unk = vocab.get(model.get("unk_token")) if isinstance(vocab, dict) else model.get("unk_id")
     if isinstance(unk, int):
-        lengths[unk] = 0
+        pieces[unk] = b""
     for added in data.get("added_tokens") or []:
-        lengths[int(added["id"])] = 0 if added.get("special") else len(added["content"].encode())
-    size = max([len(tokenizer), *(i + 1 for i in lengths)])
-    table = torch.zeros(size, dtype=torch.long)
-    if lengths:
-        table[torch.tensor(list(lengths))] = torch.tensor(list(lengths.values()))
-    return table
+        pieces[int(added["id"])] = b"" if added.get("special") else added["content"].encode()
+    for tid in getattr(tokenizer, "all_special_ids", []) or []:
+        pieces[int(tid)] = b""
+    out = [b""] * max([len(tokenizer), *(i + 1 for i in pieces)])
+    for tid, piece in pieces.items():
+        out[tid] = piece
+    return out
+
+
+def token_byte_lengths(tokenizer: Any) -> torch.Tensor:
+    """``[ids]`` int64: the UTF-8 bytes of text each token id stands for (:func:`token_pieces`'
+    rules; the sum over a text's tokens is its byte count, a dummy prefix counted as the space
+    it spells: evaluation takes it off, :func:`kdkit.run.lm_vocab.eval_byte_lengths`). Built
+    once per call, never decodes; the same numbers as
+    :attr:`kdkit.lm.xtok.tokenbytes.TokenBytes.lengths`."""
+    return torch.tensor([len(p) for p in token_pieces(tokenizer)], dtype=torch.long)

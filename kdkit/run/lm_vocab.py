@@ -17,8 +17,8 @@ import torch
 from kdkit.config import LMRunConfig
 from kdkit.errors import KDError
 from kdkit.lm.models import output_head
-from kdkit.lm.tokenizer import token_byte_lengths
 from kdkit.lm.vocab import check_vocab
+from kdkit.lm.xtok.tokenbytes import token_bytes
 from kdkit.run.lm_xtok import CrossTokenizer, cross_tokenizer
 
 __all__ = ["eval_byte_lengths", "shared_vocab", "vocab_pairing"]
@@ -42,16 +42,27 @@ def vocab_pairing(
 
 
 def eval_byte_lengths(tokenizer: Any) -> torch.Tensor | None:
-    """The run's per-token byte counts (:func:`kdkit.lm.tokenizer.token_byte_lengths`), so
-    evaluation reports bits per byte beside perplexity; None (logged) for a tokenizer without
-    a tokenizer.json: the run goes on with perplexity alone."""
+    """The run's per-token byte counts (:attr:`kdkit.lm.xtok.tokenbytes.TokenBytes.lengths`: the
+    numbers of :func:`kdkit.lm.tokenizer.token_byte_lengths`, one table with the alignment's),
+    so evaluation reports bits per byte beside perplexity; None (logged) for a tokenizer without
+    a tokenizer.json: the run goes on with perplexity alone.
+
+    A tokenizer that writes a space before every text (SentencePiece's dummy prefix:
+    Llama-2, Mistral) gets ``[2, ids]``: row 1 is each id's bytes less that space when it
+    starts with one (:attr:`kdkit.lm.xtok.tokenbytes.TokenBytes.lead`), the count of a text's
+    first token after BOS or a special, so the prefix is not scored as text (the rule the
+    cross-tokenizer alignment reads it by)."""
     if tokenizer is None:
         return None
     try:
-        return token_byte_lengths(tokenizer)
+        tb = token_bytes(tokenizer)  # the table the cross-tokenizer alignment reads
     except KDError as e:
         log.warning("no bits per byte: %s", e)
         return None
+    table = torch.from_numpy(tb.lengths.copy())
+    if tb.lead is None:
+        return table
+    return torch.stack([table, table - torch.from_numpy(tb.lead)])
 
 
 def shared_vocab(student: Any, teacher: Any, tokenizer: Any, teacher_tokenizer: Any) -> int | None:

@@ -146,6 +146,8 @@ def _from_cache(
             f"(loss_on: all), got {cfg.data.loss_on!r}; or use the live teacher (hf:DIR)"
         )
     cache.check_run(cfg.data, teacher_tok, cache.vocab)  # data settings as captured
+    check_alignable(token_bytes(tokenizer), "student")
+    check_alignable(token_bytes(teacher_tok), "teacher")
     rows = output_head(student).out_features
     if rows < token_bytes(tokenizer).size:
         raise KDError(
@@ -192,10 +194,11 @@ def vocab_map_report(
     s_tok = load_tokenizer_folder(_folder(student), required=True, trust_code=trust_code)
     vmap = vocab_map(t_tok, s_tok, cache_dir=map_cache_dir())
     t_bytes = token_bytes(t_tok)
+    note = _prefix_note(t_bytes, token_bytes(s_tok))
     if not data:
         c = coverage(vmap, np.ones(vmap.teacher_vocab), t_bytes, source="one per token",
                      positions=0)  # fmt: skip
-        return [f"map: {vmap.counts()}"] + format_coverage(c)[1:5]
+        return [f"map: {vmap.counts()}"] + format_coverage(c)[1:5] + note
     ds = load_lm_dataset(list(data), t_tok, max_length=max_length, overflow="split")
     sample = [ds[i] for i in range(min(rows, len(ds)))]
     mass = np.zeros(vmap.teacher_vocab)
@@ -217,7 +220,20 @@ def vocab_map_report(
                 : vmap.teacher_vocab
             ]
     c = coverage(vmap, mass, t_bytes, source=source, positions=positions)
-    return [f"map: {vmap.counts()}"] + format_coverage(c)
+    return [f"map: {vmap.counts()}"] + format_coverage(c) + note
+
+
+def _prefix_note(teacher: Any, student: Any) -> list[str]:
+    """A line when one side writes a space before every text (a dummy prefix) and the other
+    does not: the map holds inside a text; the first token of a text is not distilled."""
+    if teacher.prepends_space == student.prepends_space:
+        return []
+    who = "teacher" if teacher.prepends_space else "student"
+    return [
+        f"the {who} writes a space before every text (a dummy prefix), the other does not: "
+        "the map holds inside a text; the position that predicts a text's first token is "
+        "not paired (it trains on the text)"
+    ]
 
 
 def _folder(spec: str) -> Path:

@@ -27,7 +27,7 @@ from kdkit.lm.tokenizer import tokenizer_fingerprint
 from kdkit.lm.xtok.align import align_many
 from kdkit.lm.xtok.retokenize import teacher_ids
 from kdkit.lm.xtok.target import Projection, XTokTarget
-from kdkit.lm.xtok.tokenbytes import kind_tables, token_bytes
+from kdkit.lm.xtok.tokenbytes import align_tables, token_bytes
 
 __all__ = ["XTokBatch", "XTokCollate", "XTokDataset", "XTokRow", "teacher_example"]
 
@@ -70,7 +70,6 @@ def xtok_rows(
     rows (a cache's): the student's tokens of their text, cut there, every token trainable.
     Pairs past a cut are dropped. One :func:`~.align.align_many` for all rows."""
     s, t = token_bytes(student_tok), token_bytes(teacher_tok)
-    ks, kt = kind_tables(s, t)
     sides = []  # (student ids, docs, trainable), (teacher ids, docs, trainable or None)
     for row in rows:
         ids, docs = row.input_ids.numpy(), row.doc_ids.numpy()
@@ -87,8 +86,7 @@ def xtok_rows(
     pairs = align_many(
         [(a[0], a[1]) for a, _ in sides],
         [(b[0], b[1]) for _, b in sides],
-        (s.lengths, ks),
-        (t.lengths, kt),
+        *align_tables(s, t),
     )
     return [
         XTokRow(

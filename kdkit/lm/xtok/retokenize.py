@@ -10,7 +10,9 @@ where the row has none: a row cut from the middle of a text (``overflow: split``
 and a BOS at every row start would teach a student that every row starts a text (measured: a
 student trained from a cache with a BOS added at every row scored worse than scratch on test
 rows that mostly start mid-text). A special the teacher lacks is left out (it stands for no
-text). A run cut inside a multi-byte
+text) and the text around it is one run. With a dummy prefix (SentencePiece: a space written
+before every text) the text is read less the student's, and every teacher run carries its own
+(:func:`~.align.dummy_prefix`, docs/lm-xtok.md). A run cut inside a multi-byte
 character (truncation) keeps its complete characters; the bytes of the cut one have no teacher
 token and pair with nothing.
 """
@@ -21,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from kdkit.errors import KDError
 from kdkit.lm.xtok.tokenbytes import TokenBytes
 
 __all__ = ["teacher_ids"]
@@ -38,6 +41,43 @@ def _valid_prefix(data: bytes) -> str:
     )  # pragma: no cover - invalid inside, not at the end
 
 
+def _run_bytes(ids: np.ndarray, table: TokenBytes) -> bytes:
+    """The text of one run of ``table``'s tokens: its bytes less the dummy prefix its first
+    token carries (:func:`~.align.dummy_prefix`: every run starts a run)."""
+    data = table.text_bytes(ids)
+    return data[1:] if table.lead is not None and len(ids) and table.lead[ids[0]] else data
+
+
+def _encode(tokenizer: Any, table: TokenBytes, texts: list[str]) -> list[list[int]]:
+    """The teacher's ids of each text run. With a dummy prefix (:attr:`TokenBytes.lead`),
+    every run must start with it, as the alignment reads it off: a text that starts with a
+    space gets none from Metaspace's ``prepend_scheme: first`` (measured, tokenizers 0.23:
+    ``" hello"`` -> ``▁ he llo``, as ``"hello"``), so it is encoded with one more space
+    before it (``▁ ▁ he llo``: SentencePiece's own ``add_dummy_prefix`` tokens)."""
+    if not texts:
+        return []
+    encoded = [list(e) for e in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    if table.lead is None:
+        return encoded
+
+    def ok(k: int) -> bool:
+        e = np.asarray(encoded[k], dtype=np.int64)
+        return _run_bytes(e, table) == texts[k].encode() and len(e) > 0 and bool(table.lead[e[0]])
+
+    again = [k for k in range(len(texts)) if not ok(k)]
+    if again:
+        redo = tokenizer([" " + texts[k] for k in again], add_special_tokens=False)["input_ids"]
+        for k, e in zip(again, redo, strict=True):
+            encoded[k] = list(e)
+            if not ok(k):
+                raise KDError(
+                    f"the teacher tokenizer does not spell {texts[k][:40]!r} as its text after "
+                    "one dummy-prefix space (a normalizer that rewrites text, or an unknown "
+                    "token without byte fallback): its byte offsets would not be the text's"
+                )
+    return encoded
+
+
 def teacher_ids(
     ids: np.ndarray,
     doc_ids: np.ndarray,
@@ -45,7 +85,11 @@ def teacher_ids(
     teacher: TokenBytes,
     teacher_tokenizer: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(teacher ids, teacher doc ids)`` for one student row (``int64``)."""
+    """``(teacher ids, teacher doc ids)`` for one student row (``int64``).
+
+    The row's text is the student's bytes less its dummy prefixes; a special the teacher lacks
+    joins the text around it into one run, so every teacher run begins after a row start, a
+    document start or a teacher special, where the alignment looks for the teacher's prefix."""
     ids = np.asarray(ids, dtype=np.int64)
     doc_ids = np.asarray(doc_ids, dtype=np.int64)
     by_class = {cls: tid for tid, cls in teacher.special_class.items()}
@@ -57,7 +101,8 @@ def teacher_ids(
     cut[1:] = special[1:] | special[:-1] | (doc_ids[1:] != doc_ids[:-1])
     starts = np.flatnonzero(cut)
     ends = np.append(starts[1:], len(ids))
-    texts, plan = [], []  # plan: ("text", k) | ("id", teacher id), with the run's document
+    texts: list[bytes] = []
+    plan: list = []  # (("text", k) | teacher id, document)
     for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
         doc = int(doc_ids[a])
         if special[a]:
@@ -66,9 +111,19 @@ def teacher_ids(
             if tid is not None:
                 plan.append((tid, doc))
             continue
+        data = _run_bytes(ids[a:b], student)
+        if plan and isinstance(plan[-1][0], tuple) and plan[-1][1] == doc:
+            texts[plan[-1][0][1]] += data  # only a dropped special lay between
+            continue
         plan.append((("text", len(texts)), doc))
-        texts.append(_valid_prefix(student.text_bytes(ids[a:b])))
-    encoded = teacher_tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        texts.append(data)
+    decoded = [_valid_prefix(t) for t in texts]
+    todo = [k for k, t in enumerate(decoded) if t]
+    encoded: list[list[int]] = [[] for _ in decoded]
+    for k, e in zip(
+        todo, _encode(teacher_tokenizer, teacher, [decoded[k] for k in todo]), strict=True
+    ):
+        encoded[k] = e
     out_ids: list[np.ndarray] = []
     out_doc: list[np.ndarray] = []
     for what, doc in plan:

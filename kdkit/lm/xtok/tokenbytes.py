@@ -8,61 +8,36 @@ read once from the vocabulary into a flat ``uint8`` array with per-id offsets; a
 lengths are then one gather (``lengths[ids]``) and its text one ``np.repeat``, with no
 ``decode`` and no per-token Python.
 
-Two vocabularies are understood: byte-level BPE (GPT-2's byte-to-unicode alphabet: Llama-3,
-Qwen, GPT-2, kdkit's own) and SentencePiece-style pieces (``▁`` for a space, ``<0xNN>`` byte
-fallback: Llama-2, Gemma, Mistral). Special tokens (``<|endoftext|>``, BOS, chat markers) stand
+The pieces are read by :func:`kdkit.lm.tokenizer.token_pieces`, the rules bits per byte reads
+too (one table: byte-level BPE's alphabet undone, SentencePiece's ``▁`` and ``<0xNN>`` byte
+fallback, WordPiece's ``##``). Special tokens (``<|endoftext|>``, BOS, chat markers) stand
 for no text: length 0, and a *class* (``"bos"``, ``"eos"`` or their string) that lets two
 tokenizers recognize each other's specials.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
 from kdkit.errors import KDError
-from kdkit.lm.tokenizer import tokenizer_json
+from kdkit.lm.tokenizer import byte_decoder, token_pieces, tokenizer_json
 
-__all__ = ["TokenBytes", "byte_decoder", "check_alignable", "kind_tables", "token_bytes"]
-
-_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-
-
-@lru_cache(maxsize=1)
-def byte_decoder() -> dict[str, int]:
-    """GPT-2's inverse byte-to-unicode map: the printable character that stands for each byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+__all__ = [
+    "TokenBytes",
+    "align_tables",
+    "byte_decoder",
+    "check_alignable",
+    "kind_tables",
+    "token_bytes",
+]
 
 
 def _is_byte_level(data: dict[str, Any]) -> bool:
     text = str(data.get("pre_tokenizer")) + str(data.get("decoder"))
     return "ByteLevel" in text
-
-
-def _piece_bytes(piece: str, byte_level: bool) -> bytes:
-    if byte_level:
-        table = byte_decoder()
-        try:
-            return bytes(table[c] for c in piece)
-        except KeyError:  # an added, non-special token written as plain text
-            return piece.encode("utf-8")
-    m = _BYTE_FALLBACK.match(piece)
-    if m:
-        return bytes([int(m.group(1), 16)])
-    return piece.replace("▁", " ").encode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -79,8 +54,12 @@ class TokenBytes:
         bos_id / eos_id: the tokenizer's BOS / EOS ids or None; ``adds_bos``: it prepends BOS.
         prepends_space: it writes a space before every text (SentencePiece's dummy prefix,
             Metaspace ``prepend_scheme``: Llama-2, Mistral, Gemma), a byte the text does not
-            have; :func:`check_alignable` refuses such a tokenizer until the alignment takes
-            that byte off.
+            have: the alignment takes it off at the first text token of each run
+            (:func:`kdkit.lm.xtok.align.position_keys`).
+        lead: ``int64 [V]`` 1 where an id's first byte is a space that can be that dummy
+            prefix (only when ``prepends_space``; else None): the one table the alignment, the
+            teacher's tokens of a row and the map read the prefix from.
+        probe: the bytes of the tokens of ``"a b"`` (:func:`check_alignable` reads them).
     """
 
     flat: np.ndarray
@@ -92,6 +71,8 @@ class TokenBytes:
     eos_id: int | None
     adds_bos: bool
     prepends_space: bool = False
+    lead: np.ndarray | None = None
+    probe: bytes = b"a b"
 
     @property
     def size(self) -> int:
@@ -157,20 +138,22 @@ def token_bytes(tokenizer: Any) -> TokenBytes:
     if cached is not None:
         return cached
     byte_level = _is_byte_level(tokenizer_json(tokenizer))
-    vocab = tokenizer.get_vocab()
-    size = max(len(tokenizer), max(vocab.values(), default=-1) + 1)
     specials = _special_classes(tokenizer)
-    pieces = [b""] * size
-    for piece, tid in vocab.items():
-        if tid not in specials:
-            pieces[tid] = _piece_bytes(piece, byte_level)
+    pieces = token_pieces(tokenizer)  # the rules bits per byte reads too
+    for tid in specials:
+        if tid < len(pieces):
+            pieces[tid] = b""
+    size = len(pieces)
     lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=size)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     flat = np.frombuffer(b"".join(pieces), dtype=np.uint8)
     eos = getattr(tokenizer, "eos_token_id", None)
     bos = getattr(tokenizer, "bos_token_id", None)
     bos = None if bos is None else int(bos)
-    probe = tokenizer("a", add_special_tokens=False)["input_ids"]
+    probe = tokenizer("a b", add_special_tokens=False)["input_ids"]
+    probed = b"".join(pieces[int(i)] for i in probe)
+    prepends = probed == b" a b"
+    first_byte = flat[np.minimum(starts, max(len(flat) - 1, 0))] if len(flat) else lengths * 0
     table = TokenBytes(
         flat=flat,
         starts=starts,
@@ -180,7 +163,9 @@ def token_bytes(tokenizer: Any) -> TokenBytes:
         bos_id=bos if bos is not None and specials.get(bos) == "bos" else None,
         eos_id=None if eos is None else int(eos),
         adds_bos=_adds_bos(tokenizer, bos) and specials.get(bos) == "bos",
-        prepends_space=b"".join(pieces[int(i)] for i in probe) != b"a",
+        prepends_space=prepends,
+        lead=((lengths > 0) & (first_byte == 0x20)).astype(np.int64) if prepends else None,
+        probe=probed,
     )
     try:
         object.__setattr__(tokenizer, "_kdkit_token_bytes", table)
@@ -190,14 +175,25 @@ def token_bytes(tokenizer: Any) -> TokenBytes:
 
 
 def check_alignable(table: TokenBytes, who: str) -> None:
-    """Refuse a tokenizer whose byte offsets are not the text's: one that prepends a space to
-    every text would shift every boundary by a byte, and the pairs would compare positions that
-    have read different text (found with a Metaspace fixture: right only for texts that start
-    with a space). Refused in one line rather than trained wrong."""
-    if table.prepends_space:
+    """Refuse a tokenizer whose token bytes are not the text it encodes: ``"a b"`` must read
+    back as ``"a b"`` or, with a dummy prefix (:attr:`TokenBytes.prepends_space`, taken off by
+    the alignment), ``" a b"``; anything else (a normalizer that rewrites text, a prefix other
+    than one space) would shift the byte offsets, and the pairs would compare different text."""
+    if table.probe not in (b"a b", b" a b"):
         raise KDError(
-            f"the {who} tokenizer writes a space before every text (SentencePiece's dummy "
-            "prefix / Metaspace prepend_scheme, as Llama-2, Mistral and Gemma do): "
-            "cross-tokenizer alignment does not take that byte off yet, so it is refused; "
-            "use a byte-level BPE tokenizer on that side, or one with prepend_scheme 'never'"
+            f"the {who} tokenizer encodes 'a b' as tokens whose bytes are {table.probe!r}, not the "
+            "text (or one space before it, SentencePiece's dummy prefix): cross-tokenizer "
+            "alignment reads byte offsets from the tokens, so it is refused; use a tokenizer "
+            "whose tokens spell the text"
         )
+
+
+def align_tables(
+    a: TokenBytes, b: TokenBytes
+) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """The per-id tables :func:`kdkit.lm.xtok.align.align_many` reads for two tokenizers:
+    ``(lengths, kinds)`` (:func:`kind_tables`), plus ``lead`` for one with a dummy prefix."""
+    ka, kb = kind_tables(a, b)
+    ta = (a.lengths, ka) if a.lead is None else (a.lengths, ka, a.lead)
+    tb = (b.lengths, kb) if b.lead is None else (b.lengths, kb, b.lead)
+    return ta, tb

@@ -10,6 +10,11 @@ the first-token mass; Boizard et al.'s ULD takes what cannot be sent):
 - **decomposed**: otherwise, the first token of the student's own encoding of ``t``'s text
   (a teacher ``Ġ123`` to a digit-splitting student's ``Ġ``), or, when ``t`` is part of a
   multi-byte character (not valid UTF-8 alone), the student's longest token that is a prefix.
+  The map says what the student writes *inside* a text: a student's dummy prefix (the space a
+  SentencePiece-style tokenizer writes before every text) is taken off its encoding. At the
+  first token of a text the map would be wrong where one side writes that prefix (a teacher
+  ``▁foo`` there is the student's ``foo``, not ``Ġfoo``): those positions are not paired
+  (:func:`~.align.position_keys`).
 - **special**: specials by class (:mod:`.tokenbytes`): EOS to EOS, a chat marker to the same
   marker; a special the student lacks (a BOS it never predicts) stays **unmapped**.
 
@@ -41,7 +46,7 @@ log = logging.getLogger(__name__)
 
 UNMAPPED, EXACT, DECOMPOSED, SPECIAL = 0, 1, 2, 3
 KIND_NAMES = {UNMAPPED: "unmapped", EXACT: "exact", DECOMPOSED: "decomposed", SPECIAL: "special"}
-_FORMAT = 1
+_FORMAT = 2  # 2: a student's dummy prefix is taken off (decomposed)
 _MEMO: dict[str, VocabMap] = {}
 
 
@@ -90,6 +95,16 @@ def _key(teacher: Any, student: Any, t: TokenBytes, s: TokenBytes) -> str:
     return h.hexdigest()[:32]
 
 
+def _inside_a_text(s: TokenBytes, ids: np.ndarray, text: bytes) -> np.ndarray | None:
+    """The student's tokens of ``text`` as they stand inside a text: its own encoding, less
+    the dummy prefix a SentencePiece-style student writes before it (``▁``, a token of its
+    own, is dropped); None where that space merged with the text (``▁foo``), which leaves the
+    longest student token that is a prefix of ``text``."""
+    if s.lead is None or not len(ids) or not s.lead[ids[0]] or s.text_bytes(ids) == text:
+        return ids
+    return ids[1:] if s.piece(int(ids[0])) == b" " else None
+
+
 def _build(teacher: Any, student: Any, t: TokenBytes, s: TokenBytes, key: str) -> VocabMap:
     vt = t.size
     first = np.full(vt, -1, dtype=np.int64)
@@ -121,7 +136,10 @@ def _build(teacher: Any, student: Any, t: TokenBytes, s: TokenBytes, key: str) -
     if texts:
         encoded = student(texts, add_special_tokens=False)["input_ids"]
         for tid, ids in zip(text_ids, encoded, strict=True):
-            if ids:
+            ids = _inside_a_text(s, np.asarray(ids, dtype=np.int64), t.piece(tid))
+            if ids is None:
+                partial.append(tid)
+            elif len(ids):
                 first[tid], kind[tid], pieces[tid] = int(ids[0]), DECOMPOSED, len(ids)
     longest = max((len(b) for b in student_by_bytes), default=0)
     for tid in partial:  # part of a character: the longest student token that is a prefix
