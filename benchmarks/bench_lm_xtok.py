@@ -45,7 +45,8 @@ import torch
 from kdkit.run.lm_demo import LMDemoConfig, llama_folder, train_demo_run, write_splits
 
 
-def _setup(out: Path):
+def setup_pair(out: Path):
+    """(demo config, train / val / test files, teacher A folder, tokenizer A, tokenizer B)."""
     from transformers import AutoTokenizer
 
     from kdkit.lm.tokenizer import train_bpe_tokenizer
@@ -106,7 +107,7 @@ def bench_align(out: Path) -> None:
     from kdkit.lm.xtok.retokenize import teacher_ids
     from kdkit.lm.xtok.tokenbytes import kind_tables, token_bytes
 
-    base, files, _, tok_a, tok_b = _setup(out)
+    base, files, _, tok_a, tok_b = setup_pair(out)
     rows = load_lm_dataset([files[0]], tok_b, max_length=base.max_length, overflow="split").rows
     s, t = token_bytes(tok_b), token_bytes(tok_a)
     ks, kt = kind_tables(s, t)
@@ -178,7 +179,7 @@ def bench_step(out: Path, steps: int = 12) -> None:
     from kdkit.config import load_config, resolve_paths
     from kdkit.run.lm_job import build_lm_trainer
 
-    base, files, teacher, tok_a, tok_b = _setup(out)
+    base, files, teacher, tok_a, tok_b = setup_pair(out)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     a_dir = llama_folder(out / "student-a", tok_a, base.student, base.max_length)
@@ -322,7 +323,7 @@ def bench_quality(
     run already trained in ``out/runs`` instead of training it again."""
     import re
 
-    base, files, teacher, tok_a, tok_b = _setup(out)
+    base, files, teacher, tok_a, tok_b = setup_pair(out)
     a_dir = llama_folder(out / "student-a", tok_a, base.student, base.max_length)
     b_dir = llama_folder(out / "student-b", tok_b, base.student, base.max_length)
     caches = {k: _capture(base, teacher, b_dir, files, out, k) for k in sorted({32, *ks})}
