@@ -70,12 +70,13 @@ def label_projected(
     logp: torch.Tensor,
     first: torch.Tensor,
     labels: torch.Tensor,
+    grad_out: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(value, top-k forward KL, dD/dz [rows, Vs], top-1)`` of the ``label`` tail: the top k
-    sent through the map (unmapped ids: left out with the tail), and the student's next token
-    ``labels`` where none of them reaches it (:func:`kdkit.lm.cache.target.label_value_and_grad`).
-    The top-1 is the student id of the teacher's most likely token (-1 if it maps nowhere)."""
+    """``(value, top-k forward KL, dD/dz written into grad_out [rows, Vs], top-1)`` of the
+    ``label`` tail: the top k sent through the map (unmapped ids: left out with the tail), and
+    the student's next token ``labels`` where none of them reaches it
+    (:func:`kdkit.lm.cache.target.label_value_and_grad`). The top-1 is the student id of the
+    teacher's most likely token (-1 if it maps nowhere)."""
     sid = first[ids]
-    grad = torch.empty_like(log_q)
-    value, kl, grad = label_value_and_grad(divergence, log_q, sid, logp.exp(), labels, grad)
+    value, kl, grad = label_value_and_grad(divergence, log_q, sid, logp.exp(), labels, grad_out)
     return value, kl, grad, sid[:, 0]

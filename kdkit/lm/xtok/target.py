@@ -252,7 +252,9 @@ class XTokTarget:
             if self.labels is None:
                 raise KDError("tail policy 'label' needs the student's labels in the target")
             labels = self.labels.index_select(0, rows.to(self.labels.device)).to(log_q.device)
-            value, kl, grad, top1 = label_projected(divergence, log_q, ids, logp, first, labels)
+            value, kl, grad, top1 = label_projected(
+                divergence, log_q, ids, logp, first, labels, grad_out
+            )
         else:
             value, kl, grad, top1 = bucket_value_and_grad(
                 divergence, log_q, ids, logp, tail, first, beta=beta, skew=skew
@@ -263,7 +265,8 @@ class XTokTarget:
         mass.index_add_(0, kind[paired].reshape(-1), logp.exp()[paired].reshape(-1).to(mass.dtype))
         mass[0] += tail.exp()[paired].sum().to(mass.dtype)  # the tail: unmapped, as far as known
         self.mass.add_(mass.to(self.mass.device))
-        grad_out.copy_(grad)
+        if grad.data_ptr() != grad_out.data_ptr():  # label writes into grad_out itself
+            grad_out.copy_(grad)
         if lone.numel():
             kl[lone] = 0.0
             value[lone], grad_out[lone], top1[lone] = lone_out
