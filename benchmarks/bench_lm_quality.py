@@ -51,6 +51,7 @@ CACHE_RECIPES = {
     "cache k32 renorm": {"divergence": "fkl", "tail": "renorm", "k": 32, "one_seed": True},
     "cache k32 uniform": {"divergence": "fkl", "tail": "uniform", "k": 32, "one_seed": True},
     "cache k32 drop": {"divergence": "fkl", "tail": "drop", "k": 32, "one_seed": True},
+    "cache k32 label": {"divergence": "fkl", "tail": "label", "k": 32},
 }
 
 

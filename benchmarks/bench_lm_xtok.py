@@ -19,11 +19,15 @@ token (the GOLD / DSKD way); the pairs must be equal.
 and teacher shapes), interleaved, median ms per step: cross-tokenizer KD (teacher A, student B)
 against same-tokenizer KD with the same student (B, from a teacher of B's tokenizer and the
 same shape) and against the A -> A pair (a student of 2,048 tokens: a cheaper head).
-``quality --ce-mix``: scratch, online and cache (bucket) with ``ce_weight: 0.5``.
 ``quality``: test perplexity in the student's tokens and bits per byte (comparable across
-tokenizers), mean +- std over seeds: scratch and same-tokenizer KD on A (the reference),
-scratch, cross-tokenizer KD online, from a top-k cache (k 32; tail bucket, the default, and
-prior) and ULD alone on B.
+tokenizers), mean +- std over seeds: scratch and same-tokenizer KD on A (the reference), and
+same-tokenizer KD from each top-k cache (``--cache-k``, 32 always; tail bucket, the default, and
+label); scratch, cross-tokenizer KD online, from the same caches (bucket, label; prior at k 32)
+and ULD alone on B. "closed" is against same-tokenizer KD online and against same-tokenizer KD
+from the same cache and tail. ``quality --ce-mix``: the k=32 cache rows and online with
+``ce_weight: 0.5``.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_lm_xtok.py quality --cache-k 32 128 512
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ import torch
 from kdkit.run.lm_demo import LMDemoConfig, llama_folder, train_demo_run, write_splits
 
 
-def _setup(out: Path):
+def setup_pair(out: Path):
+    """(demo config, train / val / test files, teacher A folder, tokenizer A, tokenizer B)."""
     from transformers import AutoTokenizer
 
     from kdkit.lm.tokenizer import train_bpe_tokenizer
@@ -102,7 +107,7 @@ def bench_align(out: Path) -> None:
     from kdkit.lm.xtok.retokenize import teacher_ids
     from kdkit.lm.xtok.tokenbytes import kind_tables, token_bytes
 
-    base, files, _, tok_a, tok_b = _setup(out)
+    base, files, _, tok_a, tok_b = setup_pair(out)
     rows = load_lm_dataset([files[0]], tok_b, max_length=base.max_length, overflow="split").rows
     s, t = token_bytes(tok_b), token_bytes(tok_a)
     ks, kt = kind_tables(s, t)
@@ -174,7 +179,7 @@ def bench_step(out: Path, steps: int = 12) -> None:
     from kdkit.config import load_config, resolve_paths
     from kdkit.run.lm_job import build_lm_trainer
 
-    base, files, teacher, tok_a, tok_b = _setup(out)
+    base, files, teacher, tok_a, tok_b = setup_pair(out)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     a_dir = llama_folder(out / "student-a", tok_a, base.student, base.max_length)
@@ -241,11 +246,13 @@ def bits_per_byte(run_dir: Path, test: Path, max_length: int, batch: int) -> tup
     return scores["ppl"], scores["ce"] * scores["tokens"] / (math.log(2) * n_bytes)
 
 
-def _capture(base, teacher: Path, student: Path, files, out: Path) -> str:
+def _capture(base, teacher: Path, student: Path, files, out: Path, k: int = 32) -> str:
+    """``kdkit lm capture`` of the A teacher over the train and val text, top ``k``, q8 (one
+    cache serves both students: it is in the teacher's tokens)."""
     from kdkit.config import load_config, resolve_paths
     from kdkit.run.lm_job import capture_run
 
-    cache = out / "cache-k32"
+    cache = out / f"cache-k{k}"
     if not (cache / "manifest.json").is_file():
         raw = {
             "task": "lm",
@@ -258,59 +265,114 @@ def _capture(base, teacher: Path, student: Path, files, out: Path) -> str:
                 "batch_size": base.batch_size,
             },  # fmt: skip
         }
-        capture_run(resolve_paths(load_config(data=raw)), cache, topk=32, progress=False)
+        capture_run(resolve_paths(load_config(data=raw)), cache, topk=k, progress=False)
     return f"cache:{cache}"
 
 
-def bench_quality(out: Path, seeds: list[int], ce_mix: bool = False) -> None:
-    base, files, teacher, tok_a, tok_b = _setup(out)
+def _recipes(a_dir, b_dir, teacher, caches: dict[int, str], ce_mix: bool) -> dict:
+    """name -> (student, teacher source, distill settings, the same-tokenizer cache row it is
+    compared with or None). Each cache (one per k) serves both students."""
+    fkl = {"divergence": "fkl"}
+    xkd = "B: cross-tokenizer KD"
+    if ce_mix:  # the hard-label mix beside the KD term (a weak teacher's top k loses the text)
+        ce = {**fkl, "ce_weight": 0.5}
+        return {
+            "A: scratch": (a_dir, None, {}, None),
+            "A: same-tokenizer KD": (a_dir, teacher, fkl, None),
+            "A: same-tokenizer KD, cache k32, ce 0.5": (a_dir, caches[32], ce, None),
+            "B: scratch": (b_dir, None, {}, None),
+            f"{xkd}, online, ce 0.5": (b_dir, teacher, ce, None),
+            f"{xkd}, cache k32 (bucket), ce 0.5": (
+                b_dir, caches[32], ce, "A: same-tokenizer KD, cache k32, ce 0.5"),
+            "A: same-tokenizer KD, cache k32 (label), ce 0.5": (
+                a_dir, caches[32], {**ce, "tail": "label"}, None),
+            f"{xkd}, cache k32 (label), ce 0.5": (b_dir, caches[32], {**ce, "tail": "label"},
+                "A: same-tokenizer KD, cache k32 (label), ce 0.5"),
+        }  # fmt: skip
+    label = {**fkl, "tail": "label"}
+    recipes = {
+        "A: scratch": (a_dir, None, {}, None),
+        "A: same-tokenizer KD": (a_dir, teacher, fkl, None),
+    }
+    for k, c in caches.items():
+        recipes[f"A: same-tokenizer KD, cache k{k} (tail bucket)"] = (a_dir, c, fkl, None)
+        recipes[f"A: same-tokenizer KD, cache k{k} (tail label)"] = (a_dir, c, label, None)
+    recipes["B: scratch"] = (b_dir, None, {}, None)
+    recipes[f"{xkd}, online"] = (b_dir, teacher, fkl, None)
+    for k, c in caches.items():
+        ref = f"A: same-tokenizer KD, cache k{k} (tail bucket)"
+        recipes[f"{xkd}, cache k{k} (tail bucket)"] = (b_dir, c, fkl, ref)
+        if k == 32:
+            recipes[f"{xkd}, cache k32 (tail prior)"] = (b_dir, c, {**fkl, "tail": "prior"}, ref)
+        ref = f"A: same-tokenizer KD, cache k{k} (tail label)"
+        recipes[f"{xkd}, cache k{k} (tail label)"] = (b_dir, c, label, ref)
+    recipes["B: ULD alone"] = (b_dir, teacher, {**fkl, "cross_tokenizer": {"method": "uld"}}, None)
+    return recipes
+
+
+def bench_quality(
+    out: Path,
+    seeds: list[int],
+    ce_mix: bool = False,
+    ks: tuple[int, ...] = (32,),
+    only: str | None = None,
+    reuse: bool = False,
+) -> None:
+    """The quality table; ``only`` (a regular expression) keeps the matching recipes (the
+    scratch and same-tokenizer KD rows that "closed" needs are always kept); ``reuse`` reads a
+    run already trained in ``out/runs`` instead of training it again."""
+    import re
+
+    base, files, teacher, tok_a, tok_b = setup_pair(out)
     a_dir = llama_folder(out / "student-a", tok_a, base.student, base.max_length)
     b_dir = llama_folder(out / "student-b", tok_b, base.student, base.max_length)
-    cache = _capture(base, teacher, b_dir, files, out)
-    fkl = {"divergence": "fkl"}
-    recipes = {
-        "A: scratch": (a_dir, None, {}),
-        "A: same-tokenizer KD": (a_dir, teacher, fkl),
-        "B: scratch": (b_dir, None, {}),
-        "B: cross-tokenizer KD, online": (b_dir, teacher, fkl),
-        "B: cross-tokenizer KD, cache k32 (tail bucket)": (b_dir, cache, fkl),
-        "B: cross-tokenizer KD, cache k32 (tail prior)": (b_dir, cache, {**fkl, "tail": "prior"}),
-        "B: ULD alone": (b_dir, teacher, {**fkl, "cross_tokenizer": {"method": "uld"}}),
-    }
-    if ce_mix:  # the hard-label mix beside the KD term (a weak teacher's top k loses the text)
-        ce = {"ce_weight": 0.5}
-        recipes = {
-            "B: scratch": (b_dir, None, {}),
-            "B: cross-tokenizer KD, online, ce 0.5": (b_dir, teacher, {**fkl, **ce}),
-            "B: cross-tokenizer KD, cache k32 (bucket), ce 0.5": (b_dir, cache, {**fkl, **ce}),
-        }
+    caches = {k: _capture(base, teacher, b_dir, files, out, k) for k in sorted({32, *ks})}
+    recipes = _recipes(a_dir, b_dir, teacher, caches, ce_mix)
+    keep = {"A: scratch", "A: same-tokenizer KD", "B: scratch"}
+    if only:
+        wanted = {k for k in recipes if re.search(only, k)}
+        keep |= wanted | {v[3] for k, v in recipes.items() if k in wanted and v[3]}
+        recipes = {k: v for k, v in recipes.items() if k in keep}
     rows: dict[str, list[tuple[float, float]]] = {k: [] for k in recipes}
     for seed in seeds:
         cfg = dataclasses.replace(base, seed=seed, out_dir=str(out / "runs"))
-        for name, (student, source, distill) in recipes.items():
+        for name, (student, source, distill, _) in recipes.items():
             run = f"s{seed}-{name.split(':')[0]}-{'-'.join(name.split(':')[1].split())}"
             run = run.replace(",", "").replace("(", "").replace(")", "")
-            result, wall = train_demo_run(cfg, run, student, source, files,
-                                          epochs=base.student_epochs, **distill)  # fmt: skip
-            ppl, bpb = bits_per_byte(result.run_dir, files[2], base.max_length, base.batch_size)
+            run_dir, wall = Path(cfg.out_dir) / run, 0.0
+            if not (reuse and (run_dir / "last.pt").is_file()):
+                result, wall = train_demo_run(cfg, run, student, source, files,
+                                              epochs=base.student_epochs, **distill)  # fmt: skip
+                run_dir = result.run_dir
+            ppl, bpb = bits_per_byte(run_dir, files[2], base.max_length, base.batch_size)
             rows[name].append((ppl, bpb))
             print(f"seed {seed} {name}: test ppl {ppl:.2f}, bpb {bpb:.4f} ({wall:.0f} s)",
                   flush=True)  # fmt: skip
-    t_dir = out / "teacher-run"
-    t_ppl, t_bpb = _teacher_bpb(teacher, files[2], base, t_dir)
+    t_ppl, t_bpb = _teacher_bpb(teacher, files[2], base, out / "teacher-run")
     sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
     mean = {k: statistics.mean(b for _, b in v) for k, v in rows.items()}
-    closed_a = mean.get("A: scratch", 0.0) - mean.get("A: same-tokenizer KD", 0.0) or 1.0
+
+    def closed(name: str, ref: str) -> str:
+        """The share of what ``ref`` closes on A (from A scratch) that ``name`` closes on its
+        own tokenizer (from its scratch), in bits per byte."""
+        gain = mean["A: scratch"] - mean[ref]
+        if gain <= 0:
+            return "n/a (ref. below scratch)"
+        scratch = mean["A: scratch"] if name.startswith("A") else mean["B: scratch"]
+        return f"{(scratch - mean[name]) / gain:.0%}"
+
     print(f"\nteacher (A) test ppl {t_ppl:.2f}, bpb {t_bpb:.4f}; seeds {seeds}\n")
-    print("| recipe | test ppl (own tokens) | bits per byte | bpb closed vs same-tok KD |")
-    print("|---|---:|---:|---:|")
+    print("| recipe | test ppl (own tokens) | bits per byte | closed vs same-tok KD online "
+          "| closed vs same-tok KD, same cache |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|")
     for name, vals in rows.items():
         p = [a for a, _ in vals]
         b = [x for _, x in vals]
-        scratch = mean["A: scratch"] if name.startswith("A") else mean["B: scratch"]
-        share = "-" if "scratch" in name else f"{(scratch - mean[name]) / closed_a:.0%}"
+        ref = recipes[name][3]
+        online = "-" if "scratch" in name else closed(name, "A: same-tokenizer KD")
+        cached = closed(name, ref) if ref else "-"
         print(f"| {name} | {statistics.mean(p):.2f} ± {sd(p):.2f} | "
-              f"{statistics.mean(b):.4f} ± {sd(b):.4f} | {share} |")  # fmt: skip
+              f"{statistics.mean(b):.4f} ± {sd(b):.4f} | {online} | {cached} |")  # fmt: skip
 
 
 def _teacher_bpb(teacher: Path, test: Path, base, out: Path) -> tuple[float, float]:
@@ -338,6 +400,23 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="runs/bench-lm-xtok")
     p.add_argument("--ce-mix", action="store_true", help="quality: the ce_weight 0.5 rows")
+    p.add_argument(
+        "--cache-k",
+        type=int,
+        nargs="+",
+        default=[32],
+        help="quality: the cache rows' k (one capture each; 32 is always there)",
+    )
+    p.add_argument(
+        "--only",
+        help="quality: the recipes matching this regular expression "
+        "(and the rows their 'closed' needs)",
+    )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="quality: read runs already trained in OUT/runs instead of training",
+    )
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -347,7 +426,7 @@ def main() -> None:
     elif args.part == "step":
         bench_step(out)
     else:
-        bench_quality(out, args.seeds, args.ce_mix)
+        bench_quality(out, args.seeds, args.ce_mix, tuple(args.cache_k), args.only, args.reuse)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ CASES: list[Case] = cli_rows([
     Case("served-with-tokenizer", _train("s5", {"model": URL, "tokenizer": "/tmp"}), "chosen where it runs"),
     Case("served-section-on-local-teacher", lambda fx: _train("s6", {"model": f"hf:{fx.lm.teacher}", "served": {"topk": 4}})(fx), "teacher.served.*served teacher"),
     Case("served-tail-prior", _train("s7", {"model": URL}, distill={"tail": "prior"}), "prior"),
+    Case("served-tail-label", _train("s14", {"model": URL}, distill={"tail": "label"}), "'label' reads the text"),
     Case("served-vllm-at-t2-bucket", _train("s8", {"model": URL, "served": {"protocol": "vllm"}}, distill={"temperature": 2.0}), "renorm"),
     Case("served-topk-zero", _train("s9", {"model": URL, "served": {"topk": 0}}), "teacher.served.topk"),
     Case("served-token-env-not-a-name", _train("s10", {"model": URL, "served": {"token_env": "1 X"}}), "token_env"),

@@ -137,3 +137,75 @@ def test_logp_encodings_stay_within_their_bounds():
     assert (err <= span / 255 / 2 + 2e-2).all()  # half a step, plus the fp16 top value
     with pytest.raises(KDError, match="unknown log-prob encoding"):
         encode_logp(logp, "q4")
+
+
+def _label_reference(name, h, head, ids, logp, labels):
+    """``label``: the sparse forward KL of the top k plus the label's cross-entropy where the
+    label is not among them (float64, autograd)."""
+    lq = torch.log_softmax(head(h), -1)
+    p = logp.exp()
+    lq_k = lq.gather(1, ids)
+    top = (p * (logp - lq_k)).sum(1) if name == "fkl" else -(p * lq_k).sum(1)
+    out = (labels >= 0) & ~(ids == labels.unsqueeze(1)).any(1)
+    return top - torch.where(out, lq.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
+
+
+def _labels(t_logits, ids):
+    """Half the labels inside the top k, half outside, one without a label (-100)."""
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::2] = ids[::2, 1]
+    labels[5] = -100
+    assert ((ids == labels.unsqueeze(1)).any(1) == False).sum() >= N // 3  # noqa: E712
+    return labels
+
+
+@pytest.mark.parametrize("name", ["fkl", "ce"])
+def test_label_tail_equals_float64_reference(name):
+    h, head, t_logits = _setup()
+    ids, logp, tail = _topk(t_logits)
+    labels = _labels(t_logits, ids)
+    ref = _label_reference(name, h, head, ids, logp, labels).sum()
+    g_h, g_w = torch.autograd.grad(ref, (h, head.weight))
+    target = TopKTarget(ids, logp, tail, V, policy="label", labels=labels)
+    out = token_divergence(
+        h, head, target, divergence=name, reduction="sum", memory_budget_mb=0.002, **PARAMS
+    )
+    out.loss.backward()
+    assert float(out.loss.detach()) == pytest.approx(float(ref), rel=1e-9)
+    torch.testing.assert_close(h.grad, g_h, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(head.weight.grad, g_w, rtol=1e-9, atol=1e-12)
+
+
+def test_label_tail_is_the_forward_kl_in_expectation_and_at_the_whole_vocabulary():
+    """With the label drawn from the teacher, the expected gradient is the full forward KL's
+    (q - p); with k = V the label is always inside and the loss is the forward KL itself."""
+    from kdkit.lm.cache.target import label_value_and_grad
+
+    _, _, t_logits = _setup()
+    lp = torch.log_softmax(t_logits[:1], -1)  # one position, every possible label
+    lq = torch.log_softmax(torch.randn(1, V, dtype=torch.float64), -1).expand(V, V).contiguous()
+    ids, logp, _ = _topk(t_logits[:1])
+    _, _, grad = label_value_and_grad(
+        "fkl", lq, ids.expand(V, K), logp.exp().expand(V, K), torch.arange(V), torch.empty_like(lq)
+    )
+    expected = (lp.exp().T * grad).sum(0)  # sum over labels x of p(x) * grad(x)
+    torch.testing.assert_close(expected, lq[0].exp() - lp[0].exp(), rtol=1e-12, atol=1e-14)
+    h, head, t_logits = _setup()
+    full = torch.log_softmax(t_logits, -1)
+    ids = torch.arange(V).expand(N, V)
+    labels = _labels(t_logits, ids[:, :K])
+    target = TopKTarget(ids, full, torch.full((N,), -30.0), V, policy="label", labels=labels)
+    out = token_divergence(h, head, target, divergence="fkl", reduction="sum")
+    ref = divergence_value("fkl", torch.log_softmax(head(h), -1), full).sum()
+    assert float(out.loss.detach()) == pytest.approx(float(ref), rel=1e-9)
+
+
+def test_label_tail_needs_labels_and_a_forward_divergence():
+    h, head, t_logits = _setup()
+    ids, logp, tail = _topk(t_logits)
+    with pytest.raises(KDError, match="needs labels="):
+        TopKTarget(ids, logp, tail, V, policy="label")
+    target = TopKTarget(ids, logp, tail, V, policy="label", labels=_labels(t_logits, ids))
+    with pytest.raises(KDError, match="sparse forward KL"):
+        token_divergence(h, head, target, divergence="jsd")

@@ -210,3 +210,58 @@ def test_a_cached_top_k_with_a_bucket_tail_equals_its_dense_reference(div):
     assert out.loss.item() == pytest.approx(ref.item(), rel=1e-9)
     assert torch.allclose(g_h, r_h, rtol=1e-7, atol=1e-10)
     assert torch.allclose(g_w, r_w, rtol=1e-7, atol=1e-10)
+
+
+def _label_reference(h, w, index, labels, ids, logp, m: VocabMap, div):
+    """The label target written densely with autograd, float64: the projected top k (unmapped
+    ids left out) as a sparse forward KL, plus the label's cross-entropy where no top-k id
+    reaches it; rows without a partner: cross-entropy."""
+    lq = torch.log_softmax(h @ w.T, -1)
+    first = torch.from_numpy(m.first)
+    total = h.new_zeros(())
+    for i in range(h.shape[0]):
+        j = int(index[i])
+        if j < 0:
+            total = total - lq[i, labels[i]]
+            continue
+        sid = first[ids[j]]
+        ok = sid >= 0
+        proj = torch.zeros(VS, dtype=torch.float64).index_add(0, sid[ok], logp[j].exp()[ok])
+        on = proj > 0
+        total = total - (proj[on] * lq[i][on]).sum()
+        if div == "fkl":
+            total = total + (proj[on] * proj[on].log()).sum()
+        if not bool(on[labels[i]]):
+            total = total - lq[i, labels[i]]
+    return total / h.shape[0]
+
+
+@pytest.mark.parametrize("div", ["fkl", "ce"])
+def test_a_cached_top_k_with_a_label_tail_equals_its_dense_reference(div):
+    from kdkit.lm.cache import TopKTarget
+
+    m = _map(2)
+    g = torch.Generator().manual_seed(5)
+    h, w, _, _, index, labels = _problem(2, nt=20)
+    k = 6
+    logits = torch.randn(20, VT, generator=g, dtype=torch.float64)
+    top = torch.log_softmax(logits, -1).topk(k, dim=1)
+    ids, logp = top.indices, top.values
+    first = torch.from_numpy(m.first)
+    some = (index >= 0).nonzero().squeeze(1)[::2]
+    labels[some] = first[ids[index[some], 0]].clamp(min=0)  # some labels reached by the top k
+    reached = (first[ids[index.clamp(min=0)]] == labels.unsqueeze(1)).any(1) & (index >= 0)
+    assert 0 < int(reached.sum()) < int((index >= 0).sum())
+    tail = torch.log1p(-logp.exp().sum(1))
+    teacher_labels = torch.zeros(20, dtype=torch.long)  # the teacher rows' own (unread here)
+    cached = TopKTarget(ids, logp, tail, VT, policy="label", labels=teacher_labels)
+    target = XTokTarget(cached, index, Projection.of(m), labels)
+    out = token_divergence(h, w, target, divergence=div, memory_budget_mb=0.02)
+    g_h, g_w = torch.autograd.grad(out.loss, (h, w))
+    ref = _label_reference(h, w, index, labels, ids, logp, m, div)
+    r_h, r_w = torch.autograd.grad(ref, (h, w))
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-9)
+    assert torch.allclose(g_h, r_h, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(g_w, r_w, rtol=1e-9, atol=1e-12)
+    with pytest.raises(KDError, match="sparse forward KL"):
+        token_divergence(h, w, target, divergence="jsd")

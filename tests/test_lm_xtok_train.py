@@ -132,6 +132,7 @@ def test_config_refuses_what_cross_tokenizer_kd_cannot_do(xtok_run, tmp_path, ch
 def test_a_student_of_another_tokenizer_trains_from_a_cache_of_the_teachers_tokens(
     xtok_run, tmp_path, capsys
 ):
+    from kdkit.lm.align import Aligner
     from kdkit.lm.cache import TopKCache
     from kdkit.lm.xtok.target import XTokTarget
     from kdkit.run.lm_job import build_lm_trainer
@@ -160,6 +161,19 @@ def test_a_student_of_another_tokenizer_trains_from_a_cache_of_the_teachers_toke
     assert main(["eval", str(tmp_path / "r"), "--json"]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert {"ppl", "kl", "agree"} <= set(scores["student"])
+    # tail: label, the same cache: the student's next token where no top-k id reaches it
+    labelled = {**cached, "distill": {**cached["distill"], "tail": "label", "ce_weight": 0.0}}
+    path.write_text(yaml.safe_dump(labelled))
+    trainer, data = build_lm_trainer(load_config(path), torch.device("cpu"))
+    rows = [data.train_loader.dataset[i] for i in range(3)]
+    batch = data.train_loader.collate_fn(rows)
+    t = batch.teacher.teacher
+    assert t.policy == "label"
+    # the teacher rows' own next tokens at the cached entries (what the Aligner trains on)
+    t_batch = Aligner(pad_id=0, max_length=64)([r.teacher_row() for r in rows])
+    assert torch.equal(t.labels, t_batch.labels[t_batch.mask])
+    out = trainer.task(batch, reduction="mean")
+    assert torch.isfinite(out.loss) and out.loss.item() > 0
 
 
 def test_the_cached_loss_equals_the_live_teachers_on_the_same_rows(xtok_run, tmp_path):

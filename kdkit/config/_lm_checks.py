@@ -198,6 +198,12 @@ def _check_served(cfg: LMRunConfig) -> None:
             "distribution over a captured corpus, which a served teacher does not have; use "
             "bucket, renorm, uniform or drop (or capture a cache: kdkit lm capture)"
         )
+    if dc.tail == "label":
+        raise KDError(
+            "config key 'distill.tail': 'label' reads the text's next token beside the cached "
+            "top k; a served teacher's targets come without it: use bucket, renorm, uniform "
+            "or drop (or capture a cache: kdkit lm capture)"
+        )
     if served is not None and served.protocol == "vllm" and dc.temperature != 1.0:
         if dc.tail != "renorm":
             raise KDError(

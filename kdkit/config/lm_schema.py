@@ -246,7 +246,7 @@ class LMDistillConfig:
     ce_weight: float = field(default=0.0, metadata=field_check(lambda v: 0 <= v <= 1, "in [0, 1]"))
     memory_budget_mb: float = field(default=256, metadata=field_check(_finite_positive, _POSITIVE))
     #: beyond a cached or served teacher's top k (``cache:DIR``, ``http://``), see kdkit.lm.cache
-    tail: Literal["bucket", "renorm", "uniform", "prior", "drop"] = "bucket"
+    tail: Literal["bucket", "renorm", "uniform", "prior", "drop", "label"] = "bucket"
     #: on-policy distillation (GKD); absent or ``lambda: 0`` = off
     on_policy: LMOnPolicyConfig | None = None
     #: a mixture-of-experts student's router load-balancing loss, weighted by its config's

@@ -154,12 +154,13 @@ def _from_cache(
             f"the student head has {rows} rows but its tokenizer has "
             f"{token_bytes(tokenizer).size} tokens; resize its embeddings"
         )
-    # bucket (the default) projects the top k and keeps the tail one bucket (lm/xtok/bucket.py);
-    # drop, and bucket for ULD (which sorts whole distributions), become prior
+    # bucket (the default) projects the top k and keeps the tail one bucket, label puts the text's
+    # token for it (lm/xtok/bucket.py); drop, and bucket / label for ULD (which sorts whole
+    # distributions), become prior
     options = cfg.distill.cross_tokenizer or LMCrossTokenizerConfig()
     tail = cfg.distill.tail
-    policy = tail if tail in DENSE_TAILS or tail == "bucket" else "prior"
-    if policy == "bucket" and options.method == "uld":
+    policy = tail if tail in (*DENSE_TAILS, "bucket", "label") else "prior"
+    if policy in ("bucket", "label") and options.method == "uld":
         policy = "prior"
     if policy != tail:
         log.info("cross-tokenizer KD from a cache: tail %s -> %s", tail, policy)

@@ -216,8 +216,11 @@ class TopKCache:
             self._prior = torch.from_numpy((total / total.sum()).astype(np.float32))
         return self._prior
 
-    def target(self, rows: list[TokenRow], policy: str = "bucket") -> TopKTarget:
-        """The cached targets of ``rows``' trained positions, concatenated in row order."""
+    def target(
+        self, rows: list[TokenRow], policy: str = "bucket", labels: torch.Tensor | None = None
+    ) -> TopKTarget:
+        """The cached targets of ``rows``' trained positions, concatenated in row order
+        (``labels``: their next tokens, for the ``label`` policy)."""
         parts = [self.entries(r) for r in rows]
         return TopKTarget(
             torch.from_numpy(np.concatenate([p[0] for p in parts])),
@@ -227,6 +230,7 @@ class TopKCache:
             policy=policy,
             capture_temperature=self.temperature,
             prior=self.prior() if policy == "prior" else None,
+            labels=labels,
         )
 
     # -- as a target source of the LM task (kdkit.lm.serve.ServedTeacher is the other) --------
@@ -267,7 +271,8 @@ class CachedAligner:
 
     def __call__(self, rows: list[TokenRow]) -> Any:
         batch = self.aligner(rows)
-        target = self.cache.target(list(rows), self.policy)
+        labels = batch.labels[batch.mask] if self.policy == "label" else None
+        target = self.cache.target(list(rows), self.policy, labels)
         if target.shape[0] != batch.n_tokens:
             raise KDError(
                 f"the teacher cache holds {target.shape[0]} entries for this batch, which trains "

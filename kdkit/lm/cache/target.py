@@ -13,10 +13,18 @@ against beyond the top k is the *tail policy*; each is a definition, computed ex
   proportion to the student's own probability there. Every divergence.
 - ``drop``: the sparse forward term ``sum_k p_i log(p_i / q_i)`` (teacher not renormalized, as
   DistillKit's sparse KL); its gradient is ``q * sum_k p - p``. ``fkl`` and ``ce`` only.
+- ``label``: ``drop`` plus, where the text's own next token ``x`` is not among the top k, its
+  cross-entropy ``-log q_x`` (weight 1; :func:`label_value_and_grad`). The text is a sample of
+  the distribution the teacher models: if ``x ~ p``, then ``E[1(x outside the top k) onehot(x)]``
+  is exactly the teacher's tail, so the expected gradient is the full forward KL's, ``q - p``,
+  and a top k holding little of a flat teacher's mass still trains every position on a token
+  (``bucket`` leaves the tail's shape to the student). ``fkl`` and ``ce`` only; it needs the
+  batch's labels (a cache's collate passes them). At k = the whole vocabulary it is the exact
+  forward KL.
 
 ``renorm`` and ``uniform`` are full distributions over the vocabulary, written into the loop's
-buffer like any :class:`~kdkit.lm.targets.TeacherTarget`. ``bucket`` and ``drop`` are not, so
-they give the loop the value and gradient themselves (:meth:`TopKTarget.value_and_grad`).
+buffer like any :class:`~kdkit.lm.targets.TeacherTarget`. ``bucket``, ``drop`` and ``label`` are
+not, so they give the loop the value and gradient themselves (:meth:`TopKTarget.value_and_grad`).
 
 The cache holds log-probabilities at its capture temperature. At another KD temperature only
 ``renorm`` stays exact (the top-k logits are known up to a constant; the tail's shape is not),
@@ -36,11 +44,47 @@ from kdkit.lm.divergence import divergence_value, log1mexp, value_and_grad
 __all__ = [
     "TAIL_POLICIES",
     "TopKTarget",
+    "label_value_and_grad",
     "log1mexp",
 ]
 
-TAIL_POLICIES = ("bucket", "renorm", "uniform", "prior", "drop")
-_SPARSE = ("bucket", "drop")
+TAIL_POLICIES = ("bucket", "renorm", "uniform", "prior", "drop", "label")
+_SPARSE = ("bucket", "drop", "label")
+
+
+def label_value_and_grad(
+    divergence: str,
+    log_q: torch.Tensor,
+    sid: torch.Tensor,
+    p: torch.Tensor,
+    labels: torch.Tensor,
+    grad_out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``label`` tail: ``(value, top-k forward KL, dD/dz into grad_out)`` per row.
+
+    ``sid`` ``[rows, k]``: the student ids the top k land on (-1 = nowhere: that mass is left
+    out, as the tail's); ``p`` ``[rows, k]`` their teacher probabilities (ids may repeat: their
+    mass adds up); ``labels`` ``[rows]`` the text's next token (< 0: none). With ``P`` the
+    mass per student id and ``o = 1`` where the label is not among the ids reached::
+
+        value = sum_P P (log P - log q) + o * (-log q_label)     (ce: without sum P log P)
+        dD/dz = (sum P + o) q - P - o * onehot(label)
+    """
+    n = log_q.shape[0]
+    mapped = sid >= 0
+    safe = sid.clamp(min=0)
+    p = torch.where(mapped, p, 0.0)
+    lab = labels.clamp(min=0).unsqueeze(1)
+    out = ((labels >= 0) & ~((sid == lab) & mapped).any(1)).to(log_q.dtype)
+    # sum over ids of P log P = sum over entries of p log P(its id); grad_out is the scratch
+    big_p = grad_out.zero_().scatter_add_(1, safe, p).gather(1, safe)
+    cross = -(p * log_q.gather(1, safe)).sum(1)
+    kl = cross + (p * big_p.clamp_(min=torch.finfo(p.dtype).tiny).log()).sum(1)
+    value = (cross if divergence == "ce" else kl) - out * log_q.gather(1, lab).squeeze(1)
+    grad = torch.exp(log_q, out=grad_out).mul_((p.sum(1) + out).unsqueeze(1))
+    grad.scatter_add_(1, safe, -p)
+    grad[torch.arange(n, device=grad.device), lab.squeeze(1)] -= out
+    return value, kl, grad
 
 
 @dataclass(frozen=True)
@@ -55,6 +99,7 @@ class TopKTarget:
         policy: one of :data:`TAIL_POLICIES`.
         capture_temperature: the temperature the teacher's distribution was captured at.
         prior: ``[vocab]`` probabilities, the shape of the ``prior`` policy's tail.
+        labels: ``[N]`` the text's next token at each entry (``label`` only).
     """
 
     ids: torch.Tensor
@@ -64,6 +109,7 @@ class TopKTarget:
     policy: str = "bucket"
     capture_temperature: float = 1.0
     prior: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in TAIL_POLICIES:
@@ -72,6 +118,12 @@ class TopKTarget:
             )
         if self.policy == "prior" and (self.prior is None or self.prior.shape != (self.vocab,)):
             raise KDError(f"tail policy 'prior' needs prior= a [{self.vocab}] distribution")
+        if self.policy == "label" and (self.labels is None or self.labels.shape != self.tail.shape):
+            have = "none" if self.labels is None else tuple(self.labels.shape)
+            raise KDError(
+                f"tail policy 'label' needs labels= the text's next token at each of the "
+                f"{self.tail.shape[0]} entries, got {have}"
+            )
         if self.ids.shape != self.logp.shape or self.tail.shape != self.ids.shape[:1]:
             raise KDError(
                 f"top-k target arrays disagree: ids {tuple(self.ids.shape)}, logp "
@@ -95,7 +147,7 @@ class TopKTarget:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TopKTarget:
         moved = {
             k: getattr(self, k).to(device, non_blocking=non_blocking)
-            for k in ("ids", "logp", "tail", "prior")
+            for k in ("ids", "logp", "tail", "prior", "labels")
             if getattr(self, k) is not None
         }
         return replace(self, **moved)
@@ -107,10 +159,10 @@ class TopKTarget:
                 "tail policy 'renorm' puts zero teacher mass outside the top k, where reverse KL "
                 "is infinite; use distill.tail: bucket or uniform with divergence 'rkl'"
             )
-        if self.policy == "drop" and divergence not in ("fkl", "ce"):
+        if self.policy in ("drop", "label") and divergence not in ("fkl", "ce"):
             raise KDError(
-                f"tail policy 'drop' is the sparse forward KL; divergence {divergence!r} needs "
-                "distill.tail: renorm, uniform or bucket"
+                f"tail policy {self.policy!r} is the sparse forward KL; divergence "
+                f"{divergence!r} needs distill.tail: renorm, uniform or bucket"
             )
         if temperature != self.capture_temperature and self.policy != "renorm":
             raise KDError(
@@ -174,6 +226,9 @@ class TopKTarget:
         """``(value [rows], forward KL [rows], dD/dz)`` with ``dD/dz`` written into ``grad_out``
         (``[rows, V]``; z = student logits / T), for ``log_q = log_softmax(z)``."""
         ids, logp, tail = self._top(rows, temperature, log_q.dtype)
+        if self.policy == "label":
+            labels = self.labels.index_select(0, rows.to(self.labels.device)).to(log_q.device)
+            return label_value_and_grad(divergence, log_q, ids, logp.exp(), labels, grad_out)
         lq_k = log_q.gather(1, ids)
         if self.policy == "bucket":
             # the student's rest as a logsumexp over the other ids (no 1 - Q cancellation when

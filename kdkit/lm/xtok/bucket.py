@@ -1,4 +1,5 @@
-"""A cached top k projected onto the student's vocabulary with its tail as one "rest" bucket.
+"""A cached top k projected onto the student's vocabulary: its tail as one "rest" bucket, or
+the text's own token standing in for it (``label``).
 
 A top-k cache knows the teacher's k most likely ids and the mass outside them, not how that
 mass is shared. The projection sends the k ids to the student ids their text starts with
@@ -6,17 +7,20 @@ mass is shared. The projection sends the k ids to the student ids their text sta
 mass of top-k ids the map cannot place) is one bucket, compared with the student's own mass on
 all the other ids, exactly as the same-tokenizer ``bucket`` policy does
 (:class:`kdkit.lm.cache.TopKTarget`): no assumption about the tail's shape. On the demo, the
-dense tail policies (``renorm``, ``prior``) made a cross-tokenizer student from a k=32 cache
-worse than scratch; this one does not (docs/benchmarks.md).
+dense tail policies (``renorm``, ``prior``) and this one made a cross-tokenizer student from a
+k=32 cache worse than scratch; ``label`` (:func:`label_projected`: the top k as the sparse
+forward KL, plus the student's next token where no top-k id reaches it, as the same-tokenizer
+policy of :mod:`kdkit.lm.cache.target`) did not (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import torch
 
+from kdkit.lm.cache.target import label_value_and_grad
 from kdkit.lm.divergence import divergence_value, value_and_grad
 
-__all__ = ["bucket_value_and_grad"]
+__all__ = ["bucket_value_and_grad", "label_projected"]
 
 
 def bucket_value_and_grad(
@@ -57,3 +61,22 @@ def bucket_value_and_grad(
     scale = torch.nan_to_num(g_b[:, -1:] * torch.exp(-lq_b[:, -1:]), nan=0.0, posinf=0.0)
     grad = torch.where(known, g_b[:, :-1], log_q.exp() * scale)
     return value, kl, grad, proj.argmax(1)
+
+
+def label_projected(
+    divergence: str,
+    log_q: torch.Tensor,
+    ids: torch.Tensor,
+    logp: torch.Tensor,
+    first: torch.Tensor,
+    labels: torch.Tensor,
+    grad_out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(value, top-k forward KL, dD/dz written into grad_out [rows, Vs], top-1)`` of the
+    ``label`` tail: the top k sent through the map (unmapped ids: left out with the tail), and
+    the student's next token ``labels`` where none of them reaches it
+    (:func:`kdkit.lm.cache.target.label_value_and_grad`). The top-1 is the student id of the
+    teacher's most likely token (-1 if it maps nowhere)."""
+    sid = first[ids]
+    value, kl, grad = label_value_and_grad(divergence, log_q, sid, logp.exp(), labels, grad_out)
+    return value, kl, grad, sid[:, 0]

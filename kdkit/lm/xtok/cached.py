@@ -12,10 +12,12 @@ the student's rows are the student's tokens of that same text (:func:`.data.xtok
 :class:`XTokCacheCollate` attaches an :class:`~.target.XTokTarget` whose teacher is the
 batch's cached :class:`~kdkit.lm.cache.TopKTarget`; ``LMTask`` reads it like any cached target.
 The tail policy matters: ``bucket`` (the default) projects the top k and keeps the rest one
-bucket against the student's own rest (:mod:`.bucket`); ``prior``, ``uniform`` and ``renorm``
+bucket against the student's own rest, ``label`` projects the top k and trains on the student's
+next token where no top-k id reaches it (:mod:`.bucket`); ``prior``, ``uniform`` and ``renorm``
 give a whole distribution over the teacher's vocabulary, projected like a live teacher's. On the
-demo (a weak teacher, its top 32 holding well under all of its mass) ``renorm`` and ``prior``
-made the student worse than scratch (docs/benchmarks.md).
+demo (a weak, flat teacher: its top 32 hold half of its mass) ``bucket`` and ``prior`` made the
+student worse than scratch from a k=32 cache and ``label`` did not; same-tokenizer KD from the
+same cache was as bad: the loss is the cache's, not the projection's (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -60,11 +62,15 @@ class XTokCacheCollate:
     def __call__(self, rows: list[XTokRow]) -> TokenBatch:
         batch = self.student(rows)
         t_rows = [r.teacher_row() for r in rows]
-        cached = self.cache.target(t_rows, self.policy)
+        t_ranks = [_entry_ranks(t) for t in t_rows]
+        labels = None  # the teacher rows' own next tokens (label; the loss reads the student's)
+        if self.policy == "label":
+            pairs = zip(t_rows, t_ranks, strict=True)
+            labels = torch.cat([t.input_ids[1:][k[:-1] >= 0] for t, k in pairs])
+        cached = self.cache.target(t_rows, self.policy, labels)
         index = torch.full(batch.input_ids.shape, -1, dtype=torch.long)
         offset = 0
-        for b, (r, t) in enumerate(zip(rows, t_rows, strict=True)):
-            ranks = _entry_ranks(t)
+        for b, (r, ranks) in enumerate(zip(rows, t_ranks, strict=True)):
             entry = ranks[r.pair_teacher]
             ok = entry >= 0
             index[b, r.pair_student[ok]] = offset + entry[ok]

@@ -35,7 +35,7 @@ import torch
 from kdkit.errors import KDError
 from kdkit.lm.divergence import value_and_grad
 from kdkit.lm.targets import TeacherTarget
-from kdkit.lm.xtok.bucket import bucket_value_and_grad
+from kdkit.lm.xtok.bucket import bucket_value_and_grad, label_projected
 from kdkit.lm.xtok.vocabmap import VocabMap
 
 __all__ = ["METHODS", "Projection", "XTokTarget", "uld_value_and_grad"]
@@ -160,8 +160,9 @@ class XTokTarget:
                 "divergence fkl, jsd, skew_rkl or tvd"
             )
         check = getattr(self.teacher, "check_use", None)
-        if check is not None:
-            check(temperature, "fkl")
+        if check is not None:  # the projection runs the forward KL, unless the text's token does
+            label = getattr(self.teacher, "policy", None) == "label"
+            check(temperature, divergence if label else "fkl")
 
     def log_probs(self, *args, **kwargs) -> torch.Tensor:
         raise KDError("a cross-tokenizer target gives a value and gradient, not log_probs")
@@ -192,7 +193,7 @@ class XTokTarget:
             self._lone(log_q, rows, lone, value, grad_out, top1)
             return value, kl, grad_out, top1
         pr = self.projection
-        if getattr(self.teacher, "policy", None) == "bucket":  # a cached top k, its tail a bucket
+        if getattr(self.teacher, "policy", None) in ("bucket", "label"):  # a cached top k
             return self._bucket(divergence, log_q, rows, trow, lone, beta, skew, grad_out)
         vt = pr.teacher_vocab
         buf = torch.empty(2, n, vt, dtype=dt, device=dev)
@@ -239,23 +240,33 @@ class XTokTarget:
         return value, kl, grad_out, top1
 
     def _bucket(self, divergence, log_q, rows, trow, lone, beta, skew, grad_out):
-        """A cached top k with the ``bucket`` tail (:mod:`.bucket`)."""
+        """A cached top k with the ``bucket`` or ``label`` tail (:mod:`.bucket`)."""
         t = self.teacher
         lone_out = self._lone_values(log_q, rows, lone)
         safe = trow.clamp(min=0).to(t.ids.device)
         ids = t.ids.index_select(0, safe).to(log_q.device)
         logp = t.logp.index_select(0, safe).to(log_q.dtype).to(log_q.device)
         tail = t.tail.index_select(0, safe).to(log_q.dtype).to(log_q.device)
-        value, kl, grad, top1 = bucket_value_and_grad(
-            divergence, log_q, ids, logp, tail, self.projection.first, beta=beta, skew=skew
-        )
+        first = self.projection.first
+        if t.policy == "label":
+            if self.labels is None:
+                raise KDError("tail policy 'label' needs the student's labels in the target")
+            labels = self.labels.index_select(0, rows.to(self.labels.device)).to(log_q.device)
+            value, kl, grad, top1 = label_projected(
+                divergence, log_q, ids, logp, first, labels, grad_out
+            )
+        else:
+            value, kl, grad, top1 = bucket_value_and_grad(
+                divergence, log_q, ids, logp, tail, first, beta=beta, skew=skew
+            )
         paired = trow >= 0
         kind = self.projection.kind[ids].to(log_q.device)
         mass = torch.zeros(4, dtype=self.mass.dtype, device=log_q.device)
         mass.index_add_(0, kind[paired].reshape(-1), logp.exp()[paired].reshape(-1).to(mass.dtype))
         mass[0] += tail.exp()[paired].sum().to(mass.dtype)  # the tail: unmapped, as far as known
         self.mass.add_(mass.to(self.mass.device))
-        grad_out.copy_(grad)
+        if grad.data_ptr() != grad_out.data_ptr():  # label writes into grad_out itself
+            grad_out.copy_(grad)
         if lone.numel():
             kl[lone] = 0.0
             value[lone], grad_out[lone], top1[lone] = lone_out
