@@ -96,7 +96,7 @@ def main() -> None:
     (out / "data").mkdir(parents=True, exist_ok=True)
     files = write_splits(base, out / "data")[:3]
     lm_demo.run_lm_demo(dataclasses.replace(base, divergences=(), out_dir=str(out / "demo")))
-    teacher = next(Path(base.cache_dir).glob("*/teacher/config.json")).parent
+    teacher = lm_demo.demo_teacher_dir(base)  # this config's teacher, not any cached one
     tok = AutoTokenizer.from_pretrained(str(teacher), local_files_only=True)
     student = llama_folder(out / "student-init", tok, base.student, base.max_length)
     recipes = CACHE_RECIPES if args.cache else RECIPES
