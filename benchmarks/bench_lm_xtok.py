@@ -18,7 +18,8 @@ token (the GOLD / DSKD way); the pairs must be equal.
 ``step``: the LM task's forward + backward (rows of 128 tokens, batch 16, the demo's student
 and teacher shapes), interleaved, median ms per step: cross-tokenizer KD (teacher A, student B)
 against same-tokenizer KD with the same student (B, from a teacher of B's tokenizer and the
-same shape) and against the A -> A pair (a student of 2,048 tokens: a cheaper head).
+same shape) and against the A -> A pair (a student of 2,048 tokens: a cheaper head);
+``step --cache`` adds the rows from a k=32 cache of the A teacher (tail bucket and label).
 ``quality``: test perplexity in the student's tokens and bits per byte (comparable across
 tokenizers), mean +- std over seeds: scratch and same-tokenizer KD on A (the reference), and
 same-tokenizer KD from each top-k cache (``--cache-k``, 32 always; tail bucket, the default, and
@@ -175,7 +176,7 @@ def bench_align(out: Path) -> None:
 
 
 # -- step -----------------------------------------------------------------------------------
-def bench_step(out: Path, steps: int = 12) -> None:
+def bench_step(out: Path, steps: int = 12, cached: bool = False) -> None:
     from kdkit.config import load_config, resolve_paths
     from kdkit.run.lm_job import build_lm_trainer
 
@@ -188,22 +189,28 @@ def bench_step(out: Path, steps: int = 12) -> None:
     tb_dir = llama_folder(out / "teacher-b", tok_b, base.teacher, base.max_length)
     if not (tb_dir / "model.safetensors").is_file():
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tb_dir)).save_pretrained(tb_dir)
+    cache = _capture(base, teacher, b_dir, files, out) if cached else None  # k 32, A's tokens
     tasks = {}
     runs = (
-        ("same-tokenizer KD, A -> A", a_dir, teacher),
-        ("same-tokenizer KD, B -> B", b_dir, tb_dir),
-        ("cross-tokenizer KD, A -> B", b_dir, teacher),
-    )
-    for name, student, t_dir in runs:
+        ("same-tokenizer KD, A -> A", a_dir, f"hf:{teacher}", {}),
+        ("same-tokenizer KD, B -> B", b_dir, f"hf:{tb_dir}", {}),
+        ("cross-tokenizer KD, A -> B", b_dir, f"hf:{teacher}", {}),
+    ) + (
+        ("same-tokenizer KD, A -> A, cache k32 (tail bucket)", a_dir, cache, {}),
+        ("cross-tokenizer KD, A -> B, cache k32 (tail bucket)", b_dir, cache, {}),
+        ("cross-tokenizer KD, A -> B, cache k32 (tail label)", b_dir, cache, {"tail": "label"}),
+    ) * cached
+    for name, student, source, distill in runs:
         raw = {
             "task": "lm",
             "student": {"model": f"hf-config:{student}"},
-            "teacher": {"model": f"hf:{t_dir}"},
+            "teacher": {"model": source},
             "data": {
                 "text_files": [str(files[1])],
                 "max_length": base.max_length,
                 "batch_size": base.batch_size,
             },  # fmt: skip
+            "distill": {"divergence": "fkl", **distill},
             "run_dir": str(out / f"step-{len(tasks)}"),
         }
         trainer, data = build_lm_trainer(resolve_paths(load_config(data=raw)), torch.device("cpu"))
@@ -400,6 +407,10 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="runs/bench-lm-xtok")
     p.add_argument("--ce-mix", action="store_true", help="quality: the ce_weight 0.5 rows")
+    p.add_argument("--cache", action="store_true", help="step: the k=32 cache rows too")
+    p.add_argument(
+        "--steps", type=int, default=12, help="step: steps per row (median of all but 2)"
+    )
     p.add_argument(
         "--cache-k",
         type=int,
@@ -424,7 +435,7 @@ def main() -> None:
     if args.part == "align":
         bench_align(out)
     elif args.part == "step":
-        bench_step(out)
+        bench_step(out, args.steps, args.cache)
     else:
         bench_quality(out, args.seeds, args.ce_mix, tuple(args.cache_k), args.only, args.reuse)
 

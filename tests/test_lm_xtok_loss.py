@@ -10,6 +10,7 @@ from kdkit.errors import KDError
 from kdkit.lm import token_divergence
 from kdkit.lm.divergence import divergence_value
 from kdkit.lm.targets import DenseTeacher
+from kdkit.lm.xtok.bucket import bucket_value_and_grad
 from kdkit.lm.xtok.target import Projection, XTokTarget
 from kdkit.lm.xtok.vocabmap import DECOMPOSED, EXACT, SPECIAL, UNMAPPED, VocabMap
 
@@ -168,12 +169,18 @@ def test_an_identity_map_and_alignment_give_the_same_tokenizer_loss():
 def _bucket_reference(h, w, index, labels, ids, logp, tail, m: VocabMap, div):
     """The bucket target written densely with autograd, float64."""
     lq = torch.log_softmax(h @ w.T, -1)
+    return sum(_bucket_rows(lq, index, labels, ids, logp, tail, m, div)[0]) / h.shape[0]
+
+
+def _bucket_rows(lq, index, labels, ids, logp, tail, m: VocabMap, div):
+    """Per row, the bucket target's value (dense, with autograd) and the projection's top-1."""
     first = torch.from_numpy(m.first)
-    total = h.new_zeros(())
-    for i in range(h.shape[0]):
+    values, tops = [], []
+    for i in range(lq.shape[0]):
         j = int(index[i])
         if j < 0:
-            total = total - lq[i, labels[i]]
+            values.append(-lq[i, labels[i]])
+            tops.append(-1)
             continue
         p = logp[j].exp()
         all_mass = p.sum() + tail[j].exp()
@@ -185,8 +192,9 @@ def _bucket_reference(h, w, index, labels, ids, logp, tail, m: VocabMap, div):
         rest = (tail[j].exp() + p[~ok].sum()) / all_mass
         lp_b = torch.cat([proj[known].log(), rest.log()[None]])
         lq_b = torch.cat([lq[i][known], torch.logsumexp(lq[i][~known], 0)[None]])
-        total = total + divergence_value(div, lq_b[None], lp_b[None])[0]
-    return total / h.shape[0]
+        values.append(divergence_value(div, lq_b[None], lp_b[None])[0])
+        tops.append(int(proj.argmax()))
+    return values, tops
 
 
 @pytest.mark.parametrize("div", ["fkl", "jsd", "tvd"])
@@ -210,6 +218,48 @@ def test_a_cached_top_k_with_a_bucket_tail_equals_its_dense_reference(div):
     assert out.loss.item() == pytest.approx(ref.item(), rel=1e-9)
     assert torch.allclose(g_h, r_h, rtol=1e-7, atol=1e-10)
     assert torch.allclose(g_w, r_w, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("div", ["fkl", "jsd", "skew_rkl"])
+def test_the_sparse_bucket_equals_its_dense_reference_at_the_edges(div, dtype):
+    """The bucket on ``[rows, k + 1]`` (:func:`bucket_value_and_grad`) against the dense
+    reference, on what the sparse form must get right: many top-k ids on one student id, unmapped
+    ids, a row whose top k map nowhere, and rows whose rest holds almost nothing (q summed there
+    would meet subnormals: the logsumexp fallback), in float64 and float32."""
+    m = _map(4)
+    g = torch.Generator().manual_seed(7)
+    n, k = 12, 9
+    logits = torch.randn(n, VT, generator=g, dtype=torch.float64)
+    logits[0, [3, 7, 11]] += 30.0  # row 0: its top k mostly unmapped
+    top = torch.log_softmax(logits, -1).topk(k, dim=1)
+    ids, logp = top.indices, top.values
+    ids[1] = torch.tensor([3, 7, 11, 3, 7, 11, 3, 7, 11])  # row 1: maps nowhere
+    tail = torch.log1p(-logp.exp().sum(1))
+    first = torch.from_numpy(m.first)
+    z = torch.randn(n, VS, generator=g, dtype=torch.float64)
+    low = -690.0 if dtype == torch.float64 else -70.0  # below the fallback's threshold
+    for i in (2, 3):  # the rest all but empty: every id the top k do not reach far below
+        reached = torch.zeros(VS, dtype=torch.bool)
+        reached[first[ids[i]][first[ids[i]] >= 0]] = True
+        z[i, ~reached] = low + torch.rand(int((~reached).sum()), generator=g, dtype=z.dtype)
+    z.requires_grad_(True)
+    lq = torch.log_softmax(z, -1)
+    index, labels = torch.arange(n), torch.zeros(n, dtype=torch.long)
+    values, tops = _bucket_rows(lq, index, labels, ids, logp, tail, m, div)
+    r_grad = torch.autograd.grad(sum(values), z)[0]
+    lq_t = lq.detach().to(dtype)
+    grad_out = torch.empty_like(lq_t)
+    value, kl, grad, top1 = bucket_value_and_grad(
+        div, lq_t, ids, logp.to(dtype), tail.to(dtype), first, grad_out, beta=0.5, skew=0.1
+    )
+    tol = {"rtol": 1e-9, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-6}
+    assert grad.data_ptr() == grad_out.data_ptr()
+    assert torch.allclose(value.double(), torch.stack(values).detach(), **tol)
+    assert torch.allclose(grad.double(), r_grad, **tol)
+    assert top1.tolist() == [max(t, 0) for t in tops]  # no top-k id maps: 0, as the argmax
+    ref_kl, _ = _bucket_rows(lq.detach(), index, labels, ids, logp, tail, m, "fkl")
+    assert torch.allclose(kl.double(), torch.stack(ref_kl), **tol)
 
 
 def _label_reference(h, w, index, labels, ids, logp, m: VocabMap, div):

@@ -149,7 +149,13 @@ class XTokTarget:
 
     @property
     def extra_per_row(self) -> int:
-        """``[rows, *]`` elements this target allocates per row beyond the loop's own."""
+        """``[rows, *]`` elements this target allocates per row beyond the loop's own: a
+        teacher's ``[rows, Vt]`` distribution and its projection, or, from a cached top k
+        with the ``bucket`` or ``label`` tail (:mod:`.bucket`, in the loop's gradient
+        buffer), the rows without a partner (their log q and gradient) and the rare rows
+        whose rest needs a logsumexp (one copy)."""
+        if getattr(self.teacher, "policy", None) in ("bucket", "label"):
+            return 3 * self.projection.student_vocab
         return 2 * self.projection.teacher_vocab + 3 * self.projection.student_vocab
 
     def check_use(self, temperature: float, divergence: str) -> None:
@@ -257,7 +263,7 @@ class XTokTarget:
             )
         else:
             value, kl, grad, top1 = bucket_value_and_grad(
-                divergence, log_q, ids, logp, tail, first, beta=beta, skew=skew
+                divergence, log_q, ids, logp, tail, first, grad_out, beta=beta, skew=skew
             )
         paired = trow >= 0
         kind = self.projection.kind[ids].to(log_q.device)
@@ -265,8 +271,6 @@ class XTokTarget:
         mass.index_add_(0, kind[paired].reshape(-1), logp.exp()[paired].reshape(-1).to(mass.dtype))
         mass[0] += tail.exp()[paired].sum().to(mass.dtype)  # the tail: unmapped, as far as known
         self.mass.add_(mass.to(self.mass.device))
-        if grad.data_ptr() != grad_out.data_ptr():  # label writes into grad_out itself
-            grad_out.copy_(grad)
         if lone.numel():
             kl[lone] = 0.0
             value[lone], grad_out[lone], top1[lone] = lone_out
