@@ -48,6 +48,20 @@ def _own(tok, texts: list[str], first_starts: bool = True) -> tuple[list[int], l
     return ids, docs
 
 
+def _want(t_row: TokenRow, t_table, tok, t_eos: int, first: bool):
+    """The student's own tokens of each document of a teacher row (its text read from the
+    teacher's byte table), with the loader's EOS after a document's text where the teacher
+    row has it; the first document a continuation (no BOS) when not ``first``."""
+    ids, doc = t_row.input_ids.numpy(), t_row.doc_ids.numpy()
+    texts = [t_table.text_bytes(ids[doc == d]).decode() for d in range(int(doc[-1]) + 1)]
+    want_ids, want_docs = _own(tok, texts, first)
+    for k in np.flatnonzero(ids == t_eos):
+        j = max(i for i, d in enumerate(want_docs) if d == doc[k]) + 1
+        want_ids.insert(j, tok.eos_token_id)
+        want_docs.insert(j, int(doc[k]))
+    return want_ids, want_docs
+
+
 @pytest.mark.parametrize("pack", [False, True])
 def test_cached_student_rows_are_the_students_own_rows(tmp_path, tok_a, tok_b, pack):
     """(a) one document per row, (b) several documents packed in one row: the rows from the
@@ -67,13 +81,21 @@ def test_cached_student_rows_are_the_students_own_rows(tmp_path, tok_a, tok_b, p
 
 
 def test_the_reverse_pair_adds_nothing(tmp_path, tok_a, tok_b):
-    """A teacher with BOS and a student without: the teacher's BOS is not carried over."""
+    """A teacher with BOS and a student without: the teacher's BOS is not carried over (also
+    over split rows: nothing added at a continuation)."""
     files = _files(tmp_path, DOCS)
     for pack in (False, True):
         teacher = load_lm_dataset(files, tok_b, max_length=512, pack=pack)
         student = load_lm_dataset(files, tok_a, max_length=512, pack=pack)
         cached = XTokDataset(teacher, tok_a, tok_b, from_teacher=512)
         assert _rows(cached) == _rows(student)
+    teacher = load_lm_dataset(files, tok_b, max_length=16, pack=True, overflow="split")
+    cached = XTokDataset(teacher, tok_a, tok_b, from_teacher=512)
+    assert len(cached) > len(DOCS)
+    starts = text_starts(list(teacher), teacher.description, tok_b.eos_token_id)
+    for row, t_row, first in zip(cached, teacher, starts, strict=True):
+        want = _want(t_row, token_bytes(tok_b), tok_a, tok_b.eos_token_id, first)
+        assert (row.input_ids.tolist(), row.doc_ids.tolist()) == want
 
 
 def test_split_rows_get_a_bos_at_text_starts_only(tmp_path, tok_a, tok_b):
@@ -86,20 +108,12 @@ def test_split_rows_get_a_bos_at_text_starts_only(tmp_path, tok_a, tok_b):
     size = 48
     teacher = load_lm_dataset(files, tok_a, max_length=size, pack=True, overflow="split")
     cached = XTokDataset(teacher, tok_b, tok_a, from_teacher=4096)
-    text = token_bytes(tok_a)
     n_starts = 0
     starts = text_starts(list(teacher), teacher.description, tok_a.eos_token_id)
     for row, t_row, first in zip(cached, teacher, starts, strict=True):
-        ids, doc = t_row.input_ids.numpy(), t_row.doc_ids.numpy()
-        texts = [text.text_bytes(ids[doc == d]).decode() for d in range(int(doc[-1]) + 1)]
-        want_ids, want_docs = _own(tok_b, texts, first)
-        eos = [k for k, d in enumerate(doc) if ids[k] == tok_a.eos_token_id]
-        for k in eos:  # the loader's EOS, after the text of its document
-            j = max(i for i, d in enumerate(want_docs) if d == doc[k]) + 1
-            want_ids.insert(j, tok_b.eos_token_id)
-            want_docs.insert(j, int(doc[k]))
-        assert (row.input_ids.tolist(), row.doc_ids.tolist()) == (want_ids, want_docs)
-        n_starts += int(first) + int(doc[-1])
+        want = _want(t_row, token_bytes(tok_a), tok_b, tok_a.eos_token_id, first)
+        assert (row.input_ids.tolist(), row.doc_ids.tolist()) == want
+        n_starts += int(first) + int(t_row.doc_ids[-1])
     assert n_starts == len(docs)  # each text starts once, and not at a continuation row
     assert starts.count(False) >= 3  # the long text spans several rows
     bos = tok_b.bos_token_id
@@ -117,6 +131,8 @@ def test_text_starts_reads_the_loaders_cuts():
     assert text_starts([full, short], {**split, "overflow": "truncate"}, 9) == [True, True]
     assert text_starts([full, short], {**split, "format": "chat"}, 9) is None
     assert text_starts([], split, 9) == []
+    with_bos = [TokenRow.of([1, 5, 5, 5]), TokenRow.of([5, 9]), TokenRow.of([1, 9])]
+    assert text_starts(with_bos, split, 9, bos=1) == [True, False, True]
 
 
 def test_with_student_bos_adds_and_takes_off_by_what_the_student_writes(tok_b):

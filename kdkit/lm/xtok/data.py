@@ -146,21 +146,27 @@ def with_student_bos(
 
 
 def text_starts(
-    rows: Sequence[TokenRow], description: Mapping[str, Any], eos: int | None
+    rows: Sequence[TokenRow],
+    description: Mapping[str, Any],
+    eos: int | None,
+    bos: int | None = None,
 ) -> list[bool] | None:
     """Per row of a loader's rows, in its order (:func:`kdkit.lm.data.load_lm_dataset`:
-    ``description`` its settings, ``eos`` its tokenizer's EOS id), whether its first document
-    starts a text; the documents after it always do (packing never splits a document). Only
-    ``overflow: split`` cuts a text across rows: its pieces after the first start rows, each
-    after a row that holds one document of exactly ``max_length`` tokens not ending with EOS
-    (every text ends with one). Inexact in one case: a text of ``k * max_length + 1`` tokens
-    loses its last piece (its EOS alone trains nothing) and the text after it is read as a
-    continuation (no BOS). None for chat rows: their BOS is the chat template's text, which
-    is not re-rendered per tokenizer."""
+    ``description`` its settings, ``eos`` its tokenizer's EOS id, ``bos`` its BOS id where the
+    tokenizer writes one), whether its first document starts a text; the documents after it
+    always do (packing never splits a document). Only ``overflow: split`` cuts a text across
+    rows. With ``bos`` a row starts a text exactly when it starts with it. Without, a piece
+    after a text's first starts the row after a row that holds one document of exactly
+    ``max_length`` tokens not ending with EOS (every text ends with one); inexact in one case:
+    a text of ``k * max_length + 1`` tokens loses its last piece (its EOS alone trains nothing)
+    and the text after it reads as a continuation (no BOS). None for chat rows: their BOS is
+    the chat template's text, which is not re-rendered per tokenizer."""
     if description.get("format", "text") == "chat":
         return None
     if description.get("overflow") != "split":
         return [True] * len(rows)
+    if bos is not None:
+        return [len(r) > 0 and int(r.input_ids[0]) == bos for r in rows]
     size = description["max_length"]
     out = [True] * min(len(rows), 1)
     for prev in rows[:-1]:  # a piece of a text starts the row after the piece before it
@@ -188,8 +194,10 @@ class XTokDataset(Dataset):
         listed = [rows[i] for i in range(len(rows))]
         starts = None
         if from_teacher is not None:  # the student's BOS where its own rows would have one
+            t = token_bytes(teacher_tok)
             eos = getattr(teacher_tok, "eos_token_id", None)
-            starts = text_starts(listed, getattr(rows, "description", {}), eos)
+            bos = t.bos_id if t.adds_bos else None
+            starts = text_starts(listed, getattr(rows, "description", {}), eos, bos)
         self.rows = xtok_rows(
             listed,
             student_tok,
