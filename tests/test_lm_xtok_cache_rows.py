@@ -149,3 +149,18 @@ def test_with_student_bos_adds_and_takes_off_by_what_the_student_writes(tok_b):
     out = with_student_bos(np.array([bos, 7, 8, bos, 9]), np.array([0, 0, 0, 1, 1]), silent, True)
     assert out[0].tolist() == [7, 8, 9] and out[1].tolist() == [0, 0, 1]
     assert with_student_bos(np.zeros(0), np.zeros(0), s, True)[0].tolist() == []
+
+
+def test_a_sentencepiece_student_with_bos_gets_its_own_rows(tmp_path, tok_a):
+    """A Llama-2-like student (a space before every text, ``<s>`` written): its rows from the
+    teacher's are its own rows, and its BOS positions pair with nothing."""
+    sp = fx._sp_cached("prepend")
+    files = _files(tmp_path, DOCS)
+    teacher = load_lm_dataset(files, tok_a, max_length=512, pack=True)
+    student = load_lm_dataset(files, sp, max_length=512, pack=True)
+    cached = XTokDataset(teacher, sp, tok_a, from_teacher=512)
+    assert _rows(cached) == _rows(student)
+    (row,) = list(cached)
+    assert row.input_ids.tolist().count(sp.bos_token_id) == len(DOCS)
+    assert sp.bos_token_id not in row.input_ids[row.pair_student].tolist()
+    assert cached.paired > 0.5
