@@ -130,7 +130,7 @@ def test_config_refuses_what_cross_tokenizer_kd_cannot_do(xtok_run, tmp_path, ch
 
 
 def test_a_student_of_another_tokenizer_trains_from_a_cache_of_the_teachers_tokens(
-    xtok_run, tmp_path, capsys
+    xtok_run, tmp_path, capsys, tok_b
 ):
     from kdkit.lm.align import Aligner
     from kdkit.lm.cache import TopKCache
@@ -151,6 +151,13 @@ def test_a_student_of_another_tokenizer_trains_from_a_cache_of_the_teachers_toke
     path = tmp_path / "cached.yaml"
     path.write_text(yaml.safe_dump(cached))
     trainer, data = build_lm_trainer(load_config(path), torch.device("cpu"))
+    # one text cut into rows (overflow: split): the student's BOS starts its first row only,
+    # as the student's own tokenization puts it (the teacher, tokenizer A, writes none)
+    ds = data.train_loader.dataset
+    ds = getattr(ds, "dataset", ds)  # the val split's Subset
+    firsts = [int(r.input_ids[0]) for r in ds.rows]
+    assert firsts[0] == tok_b.bos_token_id and tok_b.bos_token_id not in firsts[1:]
+    assert sum(int((r.input_ids == tok_b.bos_token_id).sum()) for r in ds.rows) == 1
     batch = next(iter(data.train_loader))
     assert isinstance(batch.teacher, XTokTarget) and batch.teacher.shape == (batch.n_tokens,)
     assert (batch.teacher.index >= 0).float().mean() > 0.3

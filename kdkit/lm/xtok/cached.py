@@ -7,7 +7,8 @@ are the stored ids through the stored tokenizer's byte table (:mod:`.tokenbytes`
 no new field in the cache format. Training re-reads the configured files with the cache's
 tokenizer: the cache finds each of those rows by its hash (the same provenance check as any
 cached run: another text, truncation or packing is refused, so the text is the same bytes), and
-the student's rows are the student's tokens of that same text (:func:`.data.xtok_rows`).
+the student's rows are the student's tokens of that same text (:func:`.data.xtok_rows`), with
+the student's BOS where its own tokenization of the files puts one (:func:`.data.text_starts`).
 
 :class:`XTokCacheCollate` attaches an :class:`~.target.XTokTarget` whose teacher is the
 batch's cached :class:`~kdkit.lm.cache.TopKTarget`; ``LMTask`` reads it like any cached target.

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -27,9 +28,17 @@ from kdkit.lm.tokenizer import tokenizer_fingerprint
 from kdkit.lm.xtok.align import align_many
 from kdkit.lm.xtok.retokenize import teacher_ids
 from kdkit.lm.xtok.target import Projection, XTokTarget
-from kdkit.lm.xtok.tokenbytes import align_tables, token_bytes
+from kdkit.lm.xtok.tokenbytes import TokenBytes, align_tables, token_bytes
 
-__all__ = ["XTokBatch", "XTokCollate", "XTokDataset", "XTokRow", "teacher_example"]
+__all__ = [
+    "XTokBatch",
+    "XTokCollate",
+    "XTokDataset",
+    "XTokRow",
+    "teacher_example",
+    "text_starts",
+    "with_student_bos",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +73,19 @@ def xtok_rows(
     *,
     teacher_max_length: int | None = None,
     from_teacher: int | None = None,
+    starts: Sequence[bool] | None = None,
 ) -> list[XTokRow]:
     """The :class:`XTokRow` s of student ``rows`` (the teacher's tokens cut at
     ``teacher_max_length``), or, with ``from_teacher`` (the student's max_length), of *teacher*
     rows (a cache's): the student's tokens of their text, cut there, every token trainable.
-    Pairs past a cut are dropped. One :func:`~.align.align_many` for all rows."""
+    ``starts`` (with ``from_teacher``; :func:`text_starts`): per row, whether its first
+    document starts a text; then each document that does begins with the student's BOS
+    exactly when the student's tokenizer writes one (:func:`with_student_bos`; None: the BOS
+    of the teacher's rows, carried over, as is). Pairs past a cut are dropped (a BOS takes a
+    slot). One :func:`~.align.align_many` for all rows."""
     s, t = token_bytes(student_tok), token_bytes(teacher_tok)
     sides = []  # (student ids, docs, trainable), (teacher ids, docs, trainable or None)
-    for row in rows:
+    for i, row in enumerate(rows):
         ids, docs = row.input_ids.numpy(), row.doc_ids.numpy()
         if from_teacher is None:
             o_ids, o_docs = teacher_ids(ids, docs, s, t, teacher_tok)
@@ -80,6 +94,8 @@ def xtok_rows(
             sides.append(((ids, docs, row.trainable), (o_ids, o_docs, None)))
         else:  # the same function, the other way: the student's tokens of a teacher row
             o_ids, o_docs = teacher_ids(ids, docs, t, s, student_tok)
+            if starts is not None:
+                o_ids, o_docs = with_student_bos(o_ids, o_docs, s, bool(starts[i]))
             o_ids, o_docs = o_ids[:from_teacher], o_docs[:from_teacher]
             keep = torch.ones(len(o_ids), dtype=torch.bool)
             sides.append(((o_ids, o_docs, keep), (ids, docs, row.trainable)))
@@ -103,6 +119,62 @@ def xtok_rows(
     ]
 
 
+def with_student_bos(
+    ids: np.ndarray, docs: np.ndarray, student: TokenBytes, starts: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The student's tokens of a teacher row (``ids``, ``docs``) with a BOS at each document
+    that starts a text (every document after the row's first; the first when ``starts``)
+    exactly when the student's tokenizer writes one (:attr:`TokenBytes.adds_bos`), as its own
+    tokenization of the files would: added where the teacher had none (a Qwen-like teacher
+    for a Llama-3-like student), taken off where the teacher's BOS was carried over to a
+    student that writes none. A row whose first document continues a text gets none there."""
+    ids = np.asarray(ids, dtype=np.int64)
+    docs = np.asarray(docs, dtype=np.int64)
+    if not len(ids):
+        return ids, docs
+    heads = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1]])
+    if not starts:
+        heads = heads[docs[heads] != docs[0]]
+    if student.adds_bos:
+        add = heads[ids[heads] != student.bos_id]
+        return np.insert(ids, add, student.bos_id), np.insert(docs, add, docs[add])
+    if student.bos_id is None:
+        return ids, docs
+    keep = np.ones(len(ids), dtype=bool)
+    keep[heads[ids[heads] == student.bos_id]] = False
+    return ids[keep], docs[keep]
+
+
+def text_starts(
+    rows: Sequence[TokenRow],
+    description: Mapping[str, Any],
+    eos: int | None,
+    bos: int | None = None,
+) -> list[bool] | None:
+    """Per row of a loader's rows, in its order (:func:`kdkit.lm.data.load_lm_dataset`:
+    ``description`` its settings, ``eos`` its tokenizer's EOS id, ``bos`` its BOS id where the
+    tokenizer writes one), whether its first document starts a text; the documents after it
+    always do (packing never splits a document). Only ``overflow: split`` cuts a text across
+    rows. With ``bos`` a row starts a text exactly when it starts with it. Without, a piece
+    after a text's first starts the row after a row that holds one document of exactly
+    ``max_length`` tokens not ending with EOS (every text ends with one); inexact in one case:
+    a text of ``k * max_length + 1`` tokens loses its last piece (its EOS alone trains nothing)
+    and the text after it reads as a continuation (no BOS). None for chat rows: their BOS is
+    the chat template's text, which is not re-rendered per tokenizer."""
+    if description.get("format", "text") == "chat":
+        return None
+    if description.get("overflow") != "split":
+        return [True] * len(rows)
+    if bos is not None:
+        return [len(r) > 0 and int(r.input_ids[0]) == bos for r in rows]
+    size = description["max_length"]
+    out = [True] * min(len(rows), 1)
+    for prev in rows[:-1]:  # a piece of a text starts the row after the piece before it
+        cut = len(prev) == size and int(prev.doc_ids[-1]) == 0
+        out.append(not (cut and (eos is None or int(prev.input_ids[-1]) != eos)))
+    return out
+
+
 class XTokDataset(Dataset):
     """A student :class:`~kdkit.lm.data.LMDataset` whose rows become :class:`XTokRow` s, all
     computed here, once (``paired`` reports the share of student positions with a partner)."""
@@ -119,12 +191,20 @@ class XTokDataset(Dataset):
         """``rows``: student rows; with ``from_teacher`` (the student's max_length) teacher
         rows (a cache's), whose text the student tokenizes here."""
         self.base = rows
+        listed = [rows[i] for i in range(len(rows))]
+        starts = None
+        if from_teacher is not None:  # the student's BOS where its own rows would have one
+            t = token_bytes(teacher_tok)
+            eos = getattr(teacher_tok, "eos_token_id", None)
+            bos = t.bos_id if t.adds_bos else None
+            starts = text_starts(listed, getattr(rows, "description", {}), eos, bos)
         self.rows = xtok_rows(
-            [rows[i] for i in range(len(rows))],
+            listed,
             student_tok,
             teacher_tok,
             teacher_max_length=teacher_max_length,
             from_teacher=from_teacher,
+            starts=starts,
         )
         self.truncation = getattr(rows, "truncation", None)  # what the report says of it
         self.description = dict(getattr(rows, "description", {}))
