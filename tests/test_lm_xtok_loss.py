@@ -197,18 +197,23 @@ def _bucket_rows(lq, index, labels, ids, logp, tail, m: VocabMap, div):
     return values, tops
 
 
+def _cached_problem():
+    """A map, a student problem and a teacher's top 6 over 20 rows (float64), for the cached
+    tails: ``(map, h, w, index, labels, ids, logp, tail)``."""
+    m = _map(2)
+    g = torch.Generator().manual_seed(5)
+    h, w, _, _, index, labels = _problem(2, nt=20)
+    logits = torch.randn(20, VT, generator=g, dtype=torch.float64)
+    top = torch.log_softmax(logits, -1).topk(6, dim=1)
+    ids, logp = top.indices, top.values
+    return m, h, w, index, labels, ids, logp, torch.log1p(-logp.exp().sum(1))
+
+
 @pytest.mark.parametrize("div", ["fkl", "jsd", "tvd"])
 def test_a_cached_top_k_with_a_bucket_tail_equals_its_dense_reference(div):
     from kdkit.lm.cache import TopKTarget
 
-    m = _map(2)
-    g = torch.Generator().manual_seed(5)
-    h, w, _, _, index, labels = _problem(2, nt=20)
-    k = 6
-    logits = torch.randn(20, VT, generator=g, dtype=torch.float64)
-    top = torch.log_softmax(logits, -1).topk(k, dim=1)
-    ids, logp = top.indices, top.values
-    tail = torch.log1p(-logp.exp().sum(1))
+    m, h, w, index, labels, ids, logp, tail = _cached_problem()
     cached = TopKTarget(ids, logp, tail, VT, policy="bucket")
     target = XTokTarget(cached, index, Projection.of(m), labels)
     out = token_divergence(h, w, target, divergence=div, memory_budget_mb=0.02)
@@ -290,19 +295,12 @@ def _label_reference(h, w, index, labels, ids, logp, m: VocabMap, div):
 def test_a_cached_top_k_with_a_label_tail_equals_its_dense_reference(div):
     from kdkit.lm.cache import TopKTarget
 
-    m = _map(2)
-    g = torch.Generator().manual_seed(5)
-    h, w, _, _, index, labels = _problem(2, nt=20)
-    k = 6
-    logits = torch.randn(20, VT, generator=g, dtype=torch.float64)
-    top = torch.log_softmax(logits, -1).topk(k, dim=1)
-    ids, logp = top.indices, top.values
+    m, h, w, index, labels, ids, logp, tail = _cached_problem()
     first = torch.from_numpy(m.first)
     some = (index >= 0).nonzero().squeeze(1)[::2]
     labels[some] = first[ids[index[some], 0]].clamp(min=0)  # some labels reached by the top k
     reached = (first[ids[index.clamp(min=0)]] == labels.unsqueeze(1)).any(1) & (index >= 0)
     assert 0 < int(reached.sum()) < int((index >= 0).sum())
-    tail = torch.log1p(-logp.exp().sum(1))
     teacher_labels = torch.zeros(20, dtype=torch.long)  # the teacher rows' own (unread here)
     cached = TopKTarget(ids, logp, tail, VT, policy="label", labels=teacher_labels)
     target = XTokTarget(cached, index, Projection.of(m), labels)
