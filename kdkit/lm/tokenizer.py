@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_SPECIAL_TOKENS",
     "pad_id",
     "byte_decoder",
+    "is_byte_level",
     "tokenizer_fingerprint",
     "token_byte_lengths",
     "token_pieces",
@@ -222,6 +223,12 @@ def _components(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return found
 
 
+def is_byte_level(data: dict[str, Any]) -> bool:
+    """Whether a tokenizer.json reads its pieces in GPT-2's byte alphabet (a ``ByteLevel``
+    normalizer, pre-tokenizer or decoder step): how :func:`token_pieces` reads them."""
+    return "ByteLevel" in _components(data)
+
+
 def token_pieces(tokenizer: Any) -> list[bytes]:
     """Per id, the UTF-8 bytes of text it stands for, read once from the fast tokenizer's
     tokenizer.json (no ``decode``): the one set of rules behind :func:`token_byte_lengths` (bits
@@ -244,7 +251,7 @@ def token_pieces(tokenizer: Any) -> list[bytes]:
     data = tokenizer_json(tokenizer)
     model = data.get("model") or {}
     steps = _components(data)
-    byte_level = "ByteLevel" in steps
+    byte_level = is_byte_level(data)
     space = (steps.get("Metaspace") or {}).get("replacement") or "▁"
     fallback = bool(model.get("byte_fallback"))
     prefix = model.get("continuing_subword_prefix") or ""

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from kdkit.errors import KDError
-from kdkit.lm.tokenizer import byte_decoder, token_pieces, tokenizer_json
+from kdkit.lm.tokenizer import byte_decoder, is_byte_level, token_pieces, tokenizer_json
 
 __all__ = [
     "TokenBytes",
@@ -33,11 +33,6 @@ __all__ = [
     "kind_tables",
     "token_bytes",
 ]
-
-
-def _is_byte_level(data: dict[str, Any]) -> bool:
-    text = str(data.get("pre_tokenizer")) + str(data.get("decoder"))
-    return "ByteLevel" in text
 
 
 @dataclass(frozen=True)
@@ -137,7 +132,7 @@ def token_bytes(tokenizer: Any) -> TokenBytes:
     cached = getattr(tokenizer, "_kdkit_token_bytes", None)
     if cached is not None:
         return cached
-    byte_level = _is_byte_level(tokenizer_json(tokenizer))
+    byte_level = is_byte_level(tokenizer_json(tokenizer))  # as token_pieces reads them
     specials = _special_classes(tokenizer)
     pieces = token_pieces(tokenizer)  # the rules bits per byte reads too
     for tid in specials:
