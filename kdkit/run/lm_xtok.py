@@ -114,16 +114,7 @@ def cross_tokenizer(
             "config key 'teacher.backend': a teacher of another tokenizer runs in PyTorch "
             "(backend: torch, precision: fp32) for now"
         )
-    s_table, t_table = token_bytes(tokenizer), token_bytes(teacher_tok)
-    check_alignable(s_table, "student")
-    check_alignable(t_table, "teacher")
-    for who, model, table in (("student", student, s_table), ("teacher", teacher, t_table)):
-        rows = output_head(model).out_features
-        if rows < table.size:
-            raise KDError(
-                f"the {who} head has {rows} rows but its tokenizer has {table.size} tokens; "
-                f"resize its embeddings (model.resize_token_embeddings({table.size}))"
-            )
+    _check_pair(tokenizer, teacher_tok, student=student, teacher=teacher)
     vmap = vocab_map(teacher_tok, tokenizer, cache_dir=map_cache_dir())
     options = dc.cross_tokenizer or LMCrossTokenizerConfig()
     log.info(
@@ -136,6 +127,21 @@ def cross_tokenizer(
     return CrossTokenizer(tokenizer, teacher_tok, vmap, options, max_positions(teacher))
 
 
+def _check_pair(tokenizer: Any, teacher_tok: Any, **models: Any) -> None:
+    """Both tokenizers alignable, and each of ``models`` (``student=``, ``teacher=``) with a
+    head as large as its tokenizer: the checks of a live teacher and of a cache, in one place."""
+    tables = {"student": token_bytes(tokenizer), "teacher": token_bytes(teacher_tok)}
+    for who, table in tables.items():
+        check_alignable(table, who)
+    for who, model in models.items():
+        rows, size = output_head(model).out_features, tables[who].size
+        if rows < size:
+            raise KDError(
+                f"the {who} head has {rows} rows but its tokenizer has {size} tokens; "
+                f"resize its embeddings (model.resize_token_embeddings({size}))"
+            )
+
+
 def _from_cache(
     cfg: LMRunConfig, student: Any, cache: Any, tokenizer: Any, teacher_tok: Any
 ) -> CrossTokenizer:
@@ -146,14 +152,7 @@ def _from_cache(
             f"(loss_on: all), got {cfg.data.loss_on!r}; or use the live teacher (hf:DIR)"
         )
     cache.check_run(cfg.data, teacher_tok, cache.vocab)  # data settings as captured
-    check_alignable(token_bytes(tokenizer), "student")
-    check_alignable(token_bytes(teacher_tok), "teacher")
-    rows = output_head(student).out_features
-    if rows < token_bytes(tokenizer).size:
-        raise KDError(
-            f"the student head has {rows} rows but its tokenizer has "
-            f"{token_bytes(tokenizer).size} tokens; resize its embeddings"
-        )
+    _check_pair(tokenizer, teacher_tok, student=student)  # the cache has no head
     # bucket (the default) projects the top k and keeps the tail one bucket, label puts the text's
     # token for it (lm/xtok/bucket.py); drop, and bucket / label for ULD (which sorts whole
     # distributions), become prior
